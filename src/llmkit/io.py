@@ -1,0 +1,108 @@
+"""Atomic file writes, hashing and line-checked JSONL reading.
+
+Every file llmkit writes goes to a temporary name in the same directory and is
+moved into place with ``os.replace``, so an interrupted run never leaves a
+half-written file where a complete one used to be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmkit.errors import InputError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_directory(final: str | Path) -> "AtomicDirectory":
+    """Context manager: build a directory under a temporary name, rename it into place on success."""
+    return AtomicDirectory(Path(final))
+
+
+class AtomicDirectory:
+    def __init__(self, final: Path):
+        self.final = final
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.temporary = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".tmp"))
+        return self.temporary
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.temporary, ignore_errors=True)
+            return
+        if self.final.exists():
+            # Move the old copy aside first so there is never a moment without a complete directory.
+            stale = self.final.with_name(f".{self.final.name}.old")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(self.final, stale)
+            os.replace(self.temporary, self.final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(self.temporary, self.final)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read ({error})") from None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-blank line; a bad line raises naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            yield line_number, record

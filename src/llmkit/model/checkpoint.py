@@ -1,0 +1,76 @@
+"""Checkpoint directories: ``config.json`` + ``model.safetensors`` (+ tokenizer files).
+
+A run directory holds ``checkpoints/step_NNNNNNNN/`` folders and a ``latest`` file naming the newest
+complete one; :func:`resolve_checkpoint` accepts either a run directory or a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmkit import __version__
+from llmkit.errors import InputError, MismatchError
+from llmkit.io import atomic_write_json, read_json
+from llmkit.model.config import ModelConfig
+from llmkit.model.transformer import Transformer
+
+LATEST = "latest"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder that ``path`` names directly or through its ``latest`` pointer."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    pointer = path / LATEST
+    if pointer.is_file():
+        target = path / pointer.read_text(encoding="utf-8").strip()
+        if (target / "model.safetensors").is_file():
+            return target
+        raise InputError(f"{pointer}: points at {target}, which holds no model.safetensors")
+    if not path.exists():
+        raise InputError(f"{path}: checkpoint not found")
+    raise InputError(f"{path}: not a checkpoint (no model.safetensors and no '{LATEST}' pointer)")
+
+
+def write_model(directory: Path, state_dict: dict[str, torch.Tensor], config: ModelConfig, metadata: dict) -> None:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (itself being built atomically)."""
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # stored once, as the embedding (safetensors forbids aliases)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_json(directory / "config.json", {"model": dataclasses.asdict(config), "llmkit_version": __version__, **metadata})
+
+
+def read_config(checkpoint: Path) -> dict:
+    config = read_json(checkpoint / "config.json")
+    if "model" not in config:
+        raise InputError(f"{checkpoint / 'config.json'}: no 'model' section")
+    return config
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, dict]:
+    """The model of a checkpoint (a run directory or a checkpoint folder) and its ``config.json``."""
+    checkpoint = resolve_checkpoint(path)
+    config = read_config(checkpoint)
+    model_config = ModelConfig(**config["model"])
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    state = load_file(str(checkpoint / "model.safetensors"))
+    if model_config.tie_embeddings:
+        state["lm_head.weight"] = state["token_embedding.weight"]
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise MismatchError(f"{checkpoint / 'model.safetensors'}: weights do not match config.json "
+                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.load_state_dict(state, assign=True)
+    if model_config.tie_embeddings:
+        model.lm_head.weight = model.token_embedding.weight
+    model.reset_rope(device)
+    model.to(device=device, dtype=dtype)
+    return model.eval(), config

@@ -1,0 +1,122 @@
+"""ModelConfig: every architectural choice of the one Transformer, plus named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from llmkit.config import check
+from llmkit.errors import ConfigError
+
+Norm = Literal["layernorm", "rmsnorm"]
+NormPlacement = Literal["pre", "post"]
+Position = Literal["learned", "rope", "none"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = field(default=8192, metadata={"help": "vocabulary size (set from the tokenizer when training)"})
+    context_length: int = field(default=256, metadata={"help": "maximum sequence length"})
+    n_layer: int = field(default=4, metadata={"help": "number of Transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention (query) heads"})
+    n_kv_head: int | None = field(default=None, metadata={"help": "key/value heads: n_head = MHA, 1 = MQA, between = GQA (default n_head)"})
+    n_embd: int = field(default=256, metadata={"help": "model width"})
+    ffn_hidden: int | None = field(default=None, metadata={"help": "feed-forward width (default 4*n_embd; 2/3 of that for SwiGLU)"})
+    ffn_multiple_of: int = field(default=1, metadata={"help": "round the default feed-forward width up to a multiple of this (LLaMA: 256)"})
+    norm: Norm = field(default="layernorm", metadata={"help": "normalisation layer"})
+    norm_placement: NormPlacement = field(default="pre", metadata={"help": "pre-LN (GPT-2) or post-LN (original Transformer, GPT-1)"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the normalisation layers"})
+    position: Position = field(default="learned", metadata={"help": "position encoding"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
+    activation: Activation = field(default="gelu", metadata={"help": "feed-forward activation"})
+    bias: bool = field(default=True, metadata={"help": "biases in linear and norm layers"})
+    tie_embeddings: bool = field(default=True, metadata={"help": "share the input embedding and the output head"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
+    init_std: float = field(default=0.02, metadata={"help": "standard deviation of the normal weight init"})
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "ffn_multiple_of"):
+            check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+        check(self.n_embd % self.n_head == 0, "n_embd", self.n_embd, f"must be divisible by n_head={self.n_head}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        check(self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head, f"must divide n_head={self.n_head}")
+        if self.position == "rope":
+            check(self.head_dim % 2 == 0, "n_embd", self.n_embd, "RoPE needs an even head size (n_embd / n_head)")
+        if self.ffn_hidden is None:
+            hidden = 4 * self.n_embd
+            if self.activation == "swiglu":
+                # SwiGLU has three matrices instead of two; 2/3 keeps the parameter count (Shazeer 2020, LLaMA).
+                hidden = int(2 * hidden / 3)
+            self.ffn_hidden = self.ffn_multiple_of * ((hidden + self.ffn_multiple_of - 1) // self.ffn_multiple_of)
+        check(self.ffn_hidden > 0, "ffn_hidden", self.ffn_hidden, "must be positive")
+        check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be positive")
+        check(self.init_std > 0, "init_std", self.init_std, "must be positive")
+        check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def replace(self, **changes) -> "ModelConfig":
+        values = dataclasses.asdict(self)
+        if "n_embd" in changes or "activation" in changes or "ffn_multiple_of" in changes:
+            values["ffn_hidden"] = None  # derived: recompute unless given
+        if "n_head" in changes and "n_kv_head" not in changes and values["n_kv_head"] == values["n_head"]:
+            values["n_kv_head"] = None
+        values.update(changes)
+        return ModelConfig(**values)
+
+
+def _gpt(n_layer: int, n_embd: int, n_head: int, vocab_size: int, context_length: int, **extra) -> dict:
+    return dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size, context_length=context_length,
+                norm="layernorm", position="learned", activation="gelu_tanh", bias=True, tie_embeddings=True, **extra)
+
+
+def _llama(n_layer: int, n_embd: int, n_head: int) -> dict:
+    return dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=32000, context_length=2048,
+                norm="rmsnorm", norm_eps=1e-6, position="rope", activation="swiglu", ffn_multiple_of=256,
+                bias=False, tie_embeddings=False)
+
+
+# Shapes from the papers: GPT-1 (Radford et al. 2018), GPT-2 (2019), GPT-3 Table 2.1 (Brown et al. 2020),
+# LLaMA Table 2 (Touvron et al. 2023). GPT-3 XL and 13B list widths that their head counts do not divide
+# (2048/24, 5140/40); we keep the 128-wide heads, which gives 16 heads and width 5120.
+PRESETS: dict[str, dict] = {
+    "gpt1": _gpt(12, 768, 12, vocab_size=40478, context_length=512, norm_placement="post"),
+    "gpt2": _gpt(12, 768, 12, vocab_size=50257, context_length=1024),
+    "gpt2-medium": _gpt(24, 1024, 16, vocab_size=50257, context_length=1024),
+    "gpt2-large": _gpt(36, 1280, 20, vocab_size=50257, context_length=1024),
+    "gpt2-xl": _gpt(48, 1600, 25, vocab_size=50257, context_length=1024),
+    "gpt3-125m": _gpt(12, 768, 12, vocab_size=50257, context_length=2048),
+    "gpt3-350m": _gpt(24, 1024, 16, vocab_size=50257, context_length=2048),
+    "gpt3-760m": _gpt(24, 1536, 16, vocab_size=50257, context_length=2048),
+    "gpt3-1.3b": _gpt(24, 2048, 16, vocab_size=50257, context_length=2048),
+    "gpt3-2.7b": _gpt(32, 2560, 32, vocab_size=50257, context_length=2048),
+    "gpt3-6.7b": _gpt(32, 4096, 32, vocab_size=50257, context_length=2048),
+    "gpt3-13b": _gpt(40, 5120, 40, vocab_size=50257, context_length=2048),
+    "gpt3-175b": _gpt(96, 12288, 96, vocab_size=50257, context_length=2048),
+    "llama-7b": _llama(32, 4096, 32),
+    "llama-13b": _llama(40, 5120, 40),
+    "llama-33b": _llama(60, 6656, 52),
+    "llama-65b": _llama(80, 8192, 64),
+    # nanoGPT's CPU "baby GPT" for Tiny Shakespeare (character level).
+    "baby-gpt": _gpt(4, 128, 4, vocab_size=65, context_length=64),
+    # Small modern (LLaMA-style) models that train in minutes on a laptop CPU.
+    "cpu-tiny": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=8192, context_length=128,
+                     norm="rmsnorm", position="rope", activation="swiglu", bias=False, tie_embeddings=True),
+    "cpu-small": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, vocab_size=8192, context_length=256,
+                      norm="rmsnorm", position="rope", activation="swiglu", bias=False, tie_embeddings=True),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The named preset with ``overrides`` applied (``None`` values are ignored)."""
+    if name not in PRESETS:
+        raise ConfigError("preset", name, f"unknown preset; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return ModelConfig(**values)

@@ -1,0 +1,75 @@
+"""TrainConfig: everything the one training loop needs, shared by every stage that trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from llmkit.config import check, parse_duration
+
+
+@dataclass
+class TrainConfig:
+    out: str = field(default="runs/base", metadata={"help": "run directory: checkpoints, metrics.csv, plots"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of the peak"})
+    schedule: Literal["cosine", "wsd", "constant"] = field(default="cosine", metadata={"help": "learning-rate schedule after warmup"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    decay_fraction: float = field(default=0.2, metadata={"help": "WSD: fraction of the run spent decaying"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="bfloat16", metadata={"help": "autocast dtype (float16 on CUDA only, with loss scaling)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute block activations in the backward pass"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    max_tokens: int | None = field(default=None, metadata={"help": "stop after this many training tokens"})
+    max_time: str | None = field(default=None, metadata={"help": "stop after this wall time, e.g. 90s, 10m, 2h"})
+    eval_interval: int = field(default=100, metadata={"help": "validate every this many steps (0 = only at the end)"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation"})
+    log_interval: int = field(default=10, metadata={"help": "write a metrics row every this many steps"})
+    checkpoint_interval: int = field(default=500, metadata={"help": "checkpoint every this many steps (and at the end)"})
+    keep_last: int = field(default=3, metadata={"help": "checkpoints kept on disk"})
+    seed: int = field(default=1337, metadata={"help": "seed of initialisation, data order and dropout"})
+    resume: bool = field(default=False, metadata={"help": "continue from the run directory's latest checkpoint"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    parallelism: Literal["ddp", "fsdp"] = field(default="ddp", metadata={"help": "under torchrun: DDP replicas or FSDP2 sharding"})
+    spike_ratio: float = field(default=2.0, metadata={"help": "a loss above this times its running mean is a spike"})
+    rollback_after: int = field(default=3, metadata={"help": "consecutive spikes before rolling back to the last checkpoint"})
+    max_rollbacks: int = field(default=3, metadata={"help": "give up after this many rollbacks"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "eval_batches", "log_interval", "checkpoint_interval", "keep_last", "rollback_after"):
+            check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+        check(self.lr > 0, "lr", self.lr, "must be positive")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        check(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "must be in (0, 1]")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
+        check(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
+        check(self.eval_interval >= 0, "eval_interval", self.eval_interval, "must be >= 0")
+        check(self.spike_ratio > 1, "spike_ratio", self.spike_ratio, "must be > 1")
+        check(self.max_rollbacks >= 0, "max_rollbacks", self.max_rollbacks, "must be >= 0")
+        for name in ("max_steps", "max_tokens"):
+            value = getattr(self, name)
+            check(value is None or value > 0, name, value, "must be positive")
+        try:
+            seconds = parse_duration(self.max_time)
+        except ValueError as error:
+            check(False, "max_time", self.max_time, str(error))
+        check(seconds is None or seconds > 0, "max_time", self.max_time, "must be positive")
+        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "must be auto, cpu, cuda or cuda:N")
+
+    def check_budget(self) -> None:
+        check(bool(self.max_steps or self.max_tokens or self.max_time), "max_steps", self.max_steps,
+              "give a budget: max_steps, max_tokens or max_time")
+
+    @property
+    def max_seconds(self) -> float | None:
+        return parse_duration(self.max_time)

@@ -1,0 +1,107 @@
+"""Throughput accounting (MFU against a measured peak), the metrics CSV and loss-curve plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from llmkit.io import atomic_write_bytes, atomic_write_text
+
+CSV_COLUMNS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_bpb", "elapsed_s", "event"]
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "llmkit" / "peak_flops.json"
+
+
+def measured_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048) -> float:
+    """Matmul FLOP/s this machine reaches for ``dtype``, measured once and cached per machine.
+
+    MFU (Chowdhery et al. 2022) divides achieved model FLOP/s by a peak; a datasheet peak means little
+    on a CPU, so we use the best square matmul we can time ourselves.
+    """
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    key = f"{device.type}|{name}|{torch.get_num_threads()}|{torch.__version__}|{dtype}"
+    path = _cache_path()
+    cache = {}
+    if path.is_file():
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            cache = {}
+    if key in cache:
+        return cache[key]
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    cache[key] = 2 * size**3 / best
+    try:
+        atomic_write_text(path, json.dumps(cache, indent=1))
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return cache[key]
+
+
+class MetricsLog:
+    """``metrics.csv`` in the run directory; on resume, rows past the resumed step are dropped so the
+    curve continues exactly where the checkpoint left off."""
+
+    def __init__(self, directory: Path, resume_step: int | None):
+        self.path = directory / "metrics.csv"
+        self.rows: list[dict] = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as file:
+                self.rows = [row for row in csv.DictReader(file) if int(row["step"]) <= resume_step]
+
+    def add(self, **values) -> None:
+        self.rows.append({column: values.get(column, "") for column in CSV_COLUMNS})
+
+    def flush(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buffer.getvalue())
+
+    def plot(self, path: Path, title: str = "") -> None:
+        """Training and validation loss against tokens seen."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        def series(column: str):
+            points = [(float(row["tokens"]), float(row[column])) for row in self.rows if row.get(column) not in ("", None)]
+            return [p[0] for p in points], [p[1] for p in points]
+
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for column, label in (("loss", "train"), ("val_loss", "validation")):
+            x, y = series(column)
+            if x:
+                axis.plot(x, y, label=label, marker="o" if column == "val_loss" else None, markersize=3)
+        axis.set_xlabel("tokens")
+        axis.set_ylabel("loss (nats/token)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend()
+        buffer = io.BytesIO()
+        figure.tight_layout()
+        figure.savefig(buffer, format="png", dpi=110)
+        plt.close(figure)
+        atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,60 @@
+"""``llmkit pretrain``: a token data directory in, a trained base model out."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmkit.config import check
+from llmkit.data.shards import check_tokenizer, load_manifest
+from llmkit.errors import ConfigError
+from llmkit.model.config import PRESETS, ModelConfig, preset
+from llmkit.model.transformer import Transformer
+from llmkit.tokenizer import Tokenizer
+from llmkit.train.batches import TokenBatches
+from llmkit.train.config import TrainConfig
+from llmkit.train.trainer import Trainer
+
+# Every ModelConfig field, optional: the ones given override the preset.
+ModelOverrides = dataclasses.make_dataclass(
+    "ModelOverrides",
+    [(f.name, typing.Optional[typing.get_type_hints(ModelConfig)[f.name]], field(default=None, metadata=f.metadata))
+     for f in dataclasses.fields(ModelConfig)],
+)
+
+
+@dataclass
+class PretrainConfig:
+    data: str = field(default="runs/data", metadata={"help": "token data directory from `llmkit data prepare`"})
+    preset: str = field(default="cpu-small", metadata={"help": f"model preset: {', '.join(PRESETS)}"})
+    model: ModelOverrides = field(default_factory=ModelOverrides)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check(self.preset in PRESETS, "preset", self.preset, f"unknown preset; choose one of {', '.join(PRESETS)}")
+
+
+def build_model_config(config: PretrainConfig, vocab_size: int) -> ModelConfig:
+    overrides = {key: value for key, value in dataclasses.asdict(config.model).items() if value is not None}
+    if overrides.get("vocab_size", vocab_size) < vocab_size:
+        raise ConfigError("vocab_size", overrides["vocab_size"], f"smaller than the tokenizer's vocabulary ({vocab_size})")
+    overrides.setdefault("vocab_size", vocab_size)
+    return preset(config.preset, **overrides)
+
+
+def pretrain(config: PretrainConfig) -> dict:
+    """Train a model from scratch (or resume) on a prepared data directory; returns the run summary."""
+    manifest = load_manifest(config.data)
+    tokenizer = Tokenizer.load(manifest["tokenizer"]["path"])
+    check_tokenizer(manifest, tokenizer)
+    model_config = build_model_config(config, tokenizer.vocab_size)
+    train = config.train
+    model = Transformer(model_config)
+    train_batches = TokenBatches(config.data, "train", train.batch_size, model_config.context_length, seed=train.seed)
+    val_batches = TokenBatches(config.data, "val", train.batch_size, model_config.context_length, seed=train.seed)
+    metadata = {"stage": "pretrain", "stage_config": dataclasses.asdict(config), "tokenizer_sha256": tokenizer.sha256,
+                "data": str(Path(config.data).resolve())}
+    summary = Trainer(model, train_batches, train, val_batches=val_batches, tokenizer=tokenizer, metadata=metadata).run()
+    return {"preset": config.preset, "model": dataclasses.asdict(model_config), **summary}

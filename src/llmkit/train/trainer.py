@@ -1,0 +1,337 @@
+"""The one training loop.
+
+Pretraining, instruction tuning, reward modelling and DPO differ only in the batches they feed and the
+``loss_fn`` (model, batch) -> (loss, metrics) they pass; everything else lives here: optimizer groups and
+schedule, mixed precision, gradient accumulation and clipping, the loss-spike guard with rollback,
+checkpoints and exact resume, validation, logging, budgets and DDP/FSDP2 under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmkit.errors import ConfigError, LlmkitError
+from llmkit.model.checkpoint import LATEST
+from llmkit.train import distributed
+from llmkit.train.checkpoint import decode_rng, encode_rng, gather_state, load_training_checkpoint, save_training_checkpoint
+from llmkit.train.config import TrainConfig
+from llmkit.train.metrics import MetricsLog, measured_peak_flops
+from llmkit.train.objectives import causal_lm_loss
+from llmkit.train.optim import build_optimizer, learning_rate
+
+LossFunction = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BatchSource(Protocol):
+    def get_batch(self, index: int) -> dict[str, torch.Tensor]: ...
+
+
+class TrainingDiverged(LlmkitError):
+    """The loss kept spiking after every allowed rollback."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", name, "CUDA is not available on this machine")
+    return torch.device(name)
+
+
+class SpikeGuard:
+    """Loss-spike and NaN detection (the survey's §4.3; PaLM restarts ~100 steps earlier and skips
+    the offending batches). A step is bad when its loss or gradient norm is not finite, or its loss
+    exceeds ``ratio`` times the running mean of accepted losses."""
+
+    def __init__(self, ratio: float, warmup: int = 10, momentum: float = 0.9):
+        self.ratio, self.warmup, self.momentum = ratio, warmup, momentum
+        self.mean: float | None = None
+        self.accepted = 0
+        self.consecutive = 0
+
+    def is_bad(self, loss: float, grad_norm: float, check_grad: bool = True) -> bool:
+        bad = not math.isfinite(loss) or (check_grad and not math.isfinite(grad_norm))
+        if not bad and self.mean is not None and self.accepted >= self.warmup:
+            bad = loss > self.ratio * self.mean
+        if bad:
+            self.consecutive += 1
+            return True
+        self.consecutive = 0
+        self.accepted += 1
+        self.mean = loss if self.mean is None else self.momentum * self.mean + (1 - self.momentum) * loss
+        return False
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "accepted": self.accepted, "consecutive": self.consecutive}
+
+    def load(self, state: dict) -> None:
+        self.mean, self.accepted, self.consecutive = state["mean"], state["accepted"], state["consecutive"]
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, train_batches: BatchSource, config: TrainConfig, *,
+                 val_batches=None, loss_fn: LossFunction = causal_lm_loss, tokenizer=None,
+                 metadata: dict | None = None, tokens_per_batch: int | None = None):
+        """``model`` is the bare :class:`~llmkit.model.Transformer`; the trainer wraps it for DDP/FSDP and
+        ``torch.compile``. ``tokens_per_batch`` counts the tokens of one micro-batch (for throughput);
+        by default batch_size * context_length. ``metadata`` goes into every checkpoint's config.json."""
+        config.check_budget()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        if self.dtype == torch.float16 and self.device.type != "cuda":
+            raise ConfigError("dtype", config.dtype, "float16 training needs CUDA; use bfloat16 on the CPU")
+        self.world = distributed.init_world(self.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.world.local_rank)
+        self.model = model.to(self.device)
+        self.model_config = model.config
+        self.model.gradient_checkpointing = config.activation_checkpointing
+        self.wrapped = distributed.wrap_model(self.model, self.world, config.parallelism, self.device)
+        self.forward_model = torch.compile(self.wrapped) if config.compile else self.wrapped
+        self.optimizer = build_optimizer(self.wrapped, config.lr, config.weight_decay, (config.beta1, config.beta2))
+        # float16 has too little range for small gradients: scale the loss up, unscale before the step.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.train_batches, self.val_batches, self.loss_fn = train_batches, val_batches, loss_fn
+        self.tokenizer, self.metadata = tokenizer, metadata or {}
+        self.run_directory = Path(config.out)
+        self.micro_batches_per_step = config.grad_accum * self.world.world_size
+        self.tokens_per_step = (tokens_per_batch or config.batch_size * self.model_config.context_length) * self.micro_batches_per_step
+        self.guard = SpikeGuard(config.spike_ratio)
+        self.step = 0
+        self.data_position = 0
+        self.tokens_seen = 0
+        self.elapsed_before = 0.0
+        self.skipped = 0
+        self.rollbacks = 0
+        self.best_val: float | None = None
+        self.stop_requested = False
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        config = self.config
+        resume_step = self._resume_or_start()
+        log = MetricsLog(self.run_directory, resume_step)
+        peak = measured_peak_flops(self.dtype if self.dtype != torch.float16 else torch.bfloat16, self.device)
+        flops_per_token = self.model.flops_per_token()
+        start_time = time.perf_counter()
+        window_start, window_tokens = start_time, 0
+        last_loss = float("nan")
+        val_loss = val_bpb = None
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not (config.progress and self.world.is_main),
+                   desc="train", unit="step", dynamic_ncols=True)
+        previous_handler = self._catch_interrupts()
+        try:
+            while not self._budget_spent(time.perf_counter() - start_time) and not self.stop_requested:
+                elapsed = time.perf_counter() - start_time
+                lr = learning_rate(self.step, self._budget_used(elapsed), config.lr, config.warmup_steps,
+                                   config.schedule, config.min_lr_ratio, config.decay_fraction)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss, grad_norm = self._forward_backward()
+                self.data_position += 1
+                self.tokens_seen += self.tokens_per_step
+                window_tokens += self.tokens_per_step
+                if self.guard.is_bad(loss, grad_norm, check_grad=not self.scaler.is_enabled()):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.skipped += 1
+                    log.add(step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr, event="skipped")
+                    if self.guard.consecutive >= config.rollback_after:
+                        self._roll_back(log)
+                    continue
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                last_loss = loss
+                bar.update(1)
+                evaluate_now = config.eval_interval and self.step % config.eval_interval == 0
+                if self.step % config.log_interval == 0 or evaluate_now:
+                    now = time.perf_counter()
+                    tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+                    mfu = flops_per_token * tokens_per_s / (peak * self.world.world_size)
+                    row = dict(step=self.step, tokens=self.tokens_seen, loss=f"{loss:.5f}", lr=f"{lr:.3e}",
+                               grad_norm=f"{grad_norm:.4f}", tokens_per_s=f"{tokens_per_s:.1f}", mfu=f"{mfu:.4f}",
+                               elapsed_s=f"{self.elapsed_before + now - start_time:.1f}")
+                    if evaluate_now:
+                        val_loss, val_bpb = self.evaluate()
+                        row.update(val_loss=f"{val_loss:.5f}", val_bpb="" if val_bpb is None else f"{val_bpb:.4f}")
+                    log.add(**row)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}",
+                                    **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+                    window_start, window_tokens = time.perf_counter(), 0
+                if self.step % config.checkpoint_interval == 0:
+                    self.save(time.perf_counter() - start_time)
+                    log.flush()
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+            bar.close()
+        elapsed = time.perf_counter() - start_time
+        if not self.stop_requested or val_loss is None:
+            val_loss, val_bpb = self.evaluate()
+        log.add(step=self.step, tokens=self.tokens_seen, val_loss=f"{val_loss:.5f}" if val_loss is not None else "",
+                val_bpb="" if val_bpb is None else f"{val_bpb:.4f}", elapsed_s=f"{self.elapsed_before + elapsed:.1f}",
+                event="interrupted" if self.stop_requested else "end")
+        checkpoint = self.save(elapsed)
+        if self.world.is_main:
+            log.flush()
+            log.plot(self.run_directory / "loss.png", title=self.metadata.get("stage", "training"))
+        trained_tokens = self.tokens_seen - (resume_step or 0) * self.tokens_per_step
+        tokens_per_s = trained_tokens / max(elapsed, 1e-9)
+        return {
+            "steps": self.step, "tokens": self.tokens_seen, "seconds": round(self.elapsed_before + elapsed, 2),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "mfu": round(flops_per_token * tokens_per_s / (peak * self.world.world_size), 4),
+            "train_loss": round(last_loss, 5), "val_loss": None if val_loss is None else round(val_loss, 5),
+            "val_bpb": None if val_bpb is None else round(val_bpb, 5), "skipped_batches": self.skipped,
+            "rollbacks": self.rollbacks, "interrupted": self.stop_requested, "checkpoint": str(checkpoint),
+            "parameters": self.model.num_parameters(), "peak_flops": peak,
+        }
+
+    def _forward_backward(self) -> tuple[float, float]:
+        """One optimizer step's worth of micro-batches; returns the global mean loss and gradient norm."""
+        accumulate = self.config.grad_accum
+        total = torch.zeros((), device=self.device)
+        for micro in range(accumulate):
+            # Rank r takes micro-batches r*accumulate .. of each global step, so N ranks with accumulation
+            # A see exactly the batches one process sees with accumulation N*A.
+            index = self.data_position * self.micro_batches_per_step + self.world.rank * accumulate + micro
+            batch = {key: value.to(self.device, non_blocking=True) for key, value in self.train_batches.get_batch(index).items()}
+            # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
+            sync = micro == accumulate - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
+                loss, _ = self.loss_fn(self.forward_model, batch)
+            self.scaler.scale(loss / accumulate).backward()
+            total += loss.detach()
+        loss = distributed.all_reduce_mean(total / accumulate, self.world).item()
+        self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.config.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.wrapped.parameters() if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        return loss, float(grad_norm)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float | None, float | None]:
+        """Mean validation loss over a fixed set of windows, and bits per byte when the data knows its bytes."""
+        if self.val_batches is None:
+            return None, None
+        self.forward_model.eval()
+        total = torch.zeros(2, device=self.device)
+        for index in range(self.world.rank, self.config.eval_batches, self.world.world_size):
+            batch = {key: value.to(self.device) for key, value in self.val_batches.sequential_batch(index).items()}
+            with self._autocast():
+                loss, _ = self.loss_fn(self.forward_model, batch)
+            total += torch.stack([loss.float(), torch.ones((), device=self.device)])
+        if self.world.distributed:
+            torch.distributed.all_reduce(total)
+        self.forward_model.train()
+        val_loss = (total[0] / total[1]).item()
+        self.best_val = val_loss if self.best_val is None else min(self.best_val, val_loss)
+        bytes_per_token = getattr(self.val_batches, "bytes_per_token", None)
+        val_bpb = val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
+        return val_loss, val_bpb
+
+    # ------------------------------------------------------------ budgets
+    def _budget_used(self, elapsed: float) -> float | None:
+        fractions = []
+        if self.config.max_steps:
+            fractions.append(self.step / self.config.max_steps)
+        if self.config.max_tokens:
+            fractions.append(self.tokens_seen / self.config.max_tokens)
+        if self.config.max_seconds:
+            fractions.append((self.elapsed_before + elapsed) / self.config.max_seconds)
+        return max(fractions) if fractions else None
+
+    def _budget_spent(self, elapsed: float) -> bool:
+        used = self._budget_used(elapsed)
+        spent = torch.tensor(float(used is not None and used >= 1.0))
+        # Ranks' clocks differ: stop together when any one of them is out of time.
+        return bool(distributed.all_reduce_mean(spent, self.world).item() > 0)
+
+    # ------------------------------------------------------- checkpoints
+    def trainer_state(self, elapsed: float) -> dict:
+        rng = encode_rng(torch.get_rng_state())
+        states = [None] * self.world.world_size
+        if self.world.distributed:
+            torch.distributed.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        return {"step": self.step, "data_position": self.data_position, "tokens_seen": self.tokens_seen,
+                "elapsed_s": self.elapsed_before + elapsed, "skipped": self.skipped, "rollbacks": self.rollbacks,
+                "best_val": self.best_val, "guard": self.guard.state(), "world_size": self.world.world_size,
+                "rng": states, "config": vars(self.config)}
+
+    def save(self, elapsed: float) -> Path:
+        model_state, optimizer_state = gather_state(self.wrapped, self.optimizer)
+        state = self.trainer_state(elapsed)
+        path = self.run_directory / "checkpoints" / f"step_{self.step:08d}"
+        if self.world.is_main:
+            path = save_training_checkpoint(self.run_directory, self.step, model_state, optimizer_state, self.model_config,
+                                            state, self.metadata, self.tokenizer, self.config.keep_last)
+        distributed.barrier(self.world)
+        return path
+
+    def _resume_or_start(self) -> int | None:
+        """Load the latest checkpoint when resuming; refuse to write over a previous run otherwise."""
+        torch.manual_seed(self.config.seed + self.world.rank)
+        has_checkpoint = (self.run_directory / LATEST).is_file()
+        if not self.config.resume:
+            if has_checkpoint:
+                raise ConfigError("out", self.config.out, "already holds a run; pass --resume to continue it or choose another --out")
+            return None
+        if not has_checkpoint:
+            raise ConfigError("resume", True, f"no checkpoint in {self.run_directory} to resume from")
+        self._load_state(load_training_checkpoint(self.run_directory, self.wrapped, self.optimizer, self.model_config))
+        return self.step
+
+    def _load_state(self, state: dict) -> None:
+        self.step, self.data_position, self.tokens_seen = state["step"], state["data_position"], state["tokens_seen"]
+        self.elapsed_before, self.skipped, self.rollbacks = state["elapsed_s"], state["skipped"], state["rollbacks"]
+        self.best_val = state["best_val"]
+        self.guard.load(state["guard"])
+        if state["world_size"] == self.world.world_size:
+            torch.set_rng_state(decode_rng(state["rng"][self.world.rank]))
+
+    def _roll_back(self, log: MetricsLog) -> None:
+        """Return to the last good checkpoint but keep the data position: the batches since then,
+        which produced the spikes, are skipped (Chowdhery et al. 2022, §5.1)."""
+        if self.rollbacks >= self.config.max_rollbacks or not (self.run_directory / LATEST).is_file():
+            raise TrainingDiverged(f"{self.run_directory}: loss spiked {self.guard.consecutive} times in a row at step "
+                                   f"{self.step} after {self.rollbacks} rollbacks; lower --lr or inspect the data")
+        kept = self.data_position, self.tokens_seen, self.skipped, self.rollbacks + 1
+        self._load_state(load_training_checkpoint(self.run_directory, self.wrapped, self.optimizer, self.model_config))
+        self.data_position, self.tokens_seen, self.skipped, self.rollbacks = kept
+        self.guard.consecutive = 0
+        log.add(step=self.step, tokens=self.tokens_seen, event=f"rollback to step {self.step}")
+
+    def _catch_interrupts(self):
+        """First Ctrl-C: finish the step, save a checkpoint, stop. Second: stop at once."""
+        if not self.world.is_main or self.world.distributed:
+            return None
+
+        def handler(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+
+        try:
+            return signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            return None

@@ -1,0 +1,174 @@
+"""The Transformer against independent computations: Hugging Face's GPT-2 and LLaMA, the closed-form
+parameter count, and its own uncached forward pass for the KV cache."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from llmkit.errors import ConfigError
+from llmkit.model import ModelConfig, Transformer, preset
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(**changes) -> ModelConfig:
+    values = dict(vocab_size=97, context_length=32, n_layer=2, n_head=4, n_embd=32)
+    values.update(changes)
+    return ModelConfig(**values)
+
+
+def test_matches_huggingface_gpt2_logits():
+    config = tiny(activation="gelu_tanh", norm="layernorm", position="learned", bias=True, tie_embeddings=True)
+    torch.manual_seed(0)
+    ours = Transformer(config).eval()
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, layer_norm_epsilon=1e-5,
+        activation_function="gelu_new", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
+    state = {"transformer.wte.weight": ours.token_embedding.weight, "transformer.wpe.weight": ours.position_embedding.weight,
+             "transformer.ln_f.weight": ours.final_norm.weight, "transformer.ln_f.bias": ours.final_norm.bias}
+    for index, block in enumerate(ours.blocks):
+        prefix = f"transformer.h.{index}."
+        # GPT-2 stores linear layers as Conv1D: weight transposed.
+        state.update({
+            prefix + "ln_1.weight": block.attention_norm.weight, prefix + "ln_1.bias": block.attention_norm.bias,
+            prefix + "attn.c_attn.weight": block.attention.qkv.weight.T, prefix + "attn.c_attn.bias": block.attention.qkv.bias,
+            prefix + "attn.c_proj.weight": block.attention.out.weight.T, prefix + "attn.c_proj.bias": block.attention.out.bias,
+            prefix + "ln_2.weight": block.feed_forward_norm.weight, prefix + "ln_2.bias": block.feed_forward_norm.bias,
+            prefix + "mlp.c_fc.weight": block.feed_forward.up.weight.T, prefix + "mlp.c_fc.bias": block.feed_forward.up.bias,
+            prefix + "mlp.c_proj.weight": block.feed_forward.down.weight.T, prefix + "mlp.c_proj.bias": block.feed_forward.down.bias,
+        })
+    theirs.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    ids = torch.randint(0, 97, (3, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_matches_huggingface_llama_logits_with_gqa():
+    config = tiny(norm="rmsnorm", norm_eps=1e-6, position="rope", activation="swiglu", bias=False,
+                  tie_embeddings=False, n_kv_head=2, ffn_hidden=48)
+    torch.manual_seed(0)
+    ours = Transformer(config).eval()
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-6, rope_theta=10000.0,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).eval()
+    state = {"model.embed_tokens.weight": ours.token_embedding.weight, "model.norm.weight": ours.final_norm.weight,
+             "lm_head.weight": ours.lm_head.weight}
+    for index, block in enumerate(ours.blocks):
+        prefix = f"model.layers.{index}."
+        q, k, v = block.attention.qkv.weight.split([32, 16, 16])
+        gate, up = block.feed_forward.up.weight.chunk(2)
+        state.update({
+            prefix + "input_layernorm.weight": block.attention_norm.weight,
+            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": block.attention.out.weight,
+            prefix + "post_attention_layernorm.weight": block.feed_forward_norm.weight,
+            prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
+            prefix + "mlp.down_proj.weight": block.feed_forward.down.weight,
+        })
+    missing, unexpected = theirs.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    assert not unexpected and all("rotary" in name for name in missing)
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(),
+    dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False, n_kv_head=2),
+    dict(position="rope", n_kv_head=1, tie_embeddings=False),
+    dict(norm_placement="post", activation="relu"),
+])
+def test_kv_cache_gives_the_same_logits_as_full_forward(variant):
+    torch.manual_seed(0)
+    model = Transformer(tiny(**variant)).eval()
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2)
+        pieces = [model(ids[:, :7], cache=cache), model(ids[:, 7:12], cache=cache)]
+        pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_left_padding_does_not_change_a_row(position):
+    torch.manual_seed(0)
+    model = Transformer(tiny(position=position)).eval()
+    short = torch.randint(0, 97, (1, 5))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)
+    with torch.no_grad():
+        alone = model(short)
+        cache = model.new_cache(1, capacity=8)
+        cache.padding = torch.tensor([[False] * 3 + [True] * 5])
+        batched = model(padded, cache=cache)
+    torch.testing.assert_close(batched[:, 3:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    torch.manual_seed(0)
+    grouped = Transformer(tiny(n_kv_head=2)).eval()
+    full = Transformer(tiny()).eval()
+    full.load_state_dict({k: v for k, v in grouped.state_dict().items() if "qkv" not in k}, strict=False)
+    for g_block, f_block in zip(grouped.blocks, full.blocks):
+        q, k, v = g_block.attention.qkv.weight.split([32, 16, 16])
+        qb, kb, vb = g_block.attention.qkv.bias.split([32, 16, 16])
+        repeat = lambda w: w.view(2, 8, *w.shape[1:]).repeat_interleave(2, dim=0).reshape(32, *w.shape[1:])
+        with torch.no_grad():
+            f_block.attention.qkv.weight.copy_(torch.cat([q, repeat(k), repeat(v)]))
+            f_block.attention.qkv.bias.copy_(torch.cat([qb, repeat(kb), repeat(vb)]))
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(ids), full(ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt3-125m", "gpt3-175b", "gpt1"])
+def test_gpt_presets_equal_the_closed_form_count(name):
+    config = preset(name)
+    with torch.device("meta"):
+        model = Transformer(config)
+    layers, width, vocab = config.n_layer, config.n_embd, config.vocab_size
+    closed_form = layers * (12 * width**2 + 13 * width) + vocab * width
+    positions = config.context_length * width
+    final_norm = 2 * width if config.norm_placement == "pre" else 0
+    assert model.num_parameters() == closed_form + positions + final_norm
+
+
+def test_meta_count_equals_materialised_count():
+    config = preset("cpu-small", vocab_size=1000)
+    with torch.device("meta"):
+        meta = Transformer(config)
+    assert meta.num_parameters() == sum(p.numel() for p in Transformer(config).parameters())
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(n_embd=30, n_head=4), "n_embd"),
+    (dict(n_kv_head=3), "n_kv_head"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(n_layer=0), "n_layer"),
+])
+def test_invalid_config_names_the_field(changes, field):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        tiny(**changes)
+
+
+def test_post_ln_has_no_final_norm_and_preset_replace_recomputes_ffn():
+    assert isinstance(Transformer(tiny(norm_placement="post")).final_norm, torch.nn.Identity)
+    config = preset("llama-7b")
+    assert config.ffn_hidden == 11008
+    assert config.replace(n_embd=5120, n_head=40).ffn_hidden == 13824
+    assert dataclasses.asdict(config.replace())["ffn_hidden"] == 11008
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = Transformer(tiny(position="rope"))
+    ids = torch.randint(0, 97, (2, 16))
+    model(ids).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model(ids).sum().backward()
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
