@@ -1,0 +1,106 @@
+"""``llmkit``: the command line. Thin by design: flags and YAML become a config dataclass, then one
+public function of the package runs; its summary is printed. User errors print as one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from llmkit import __version__
+from llmkit.config import add_dataclass_arguments, config_from_args
+from llmkit.errors import LlmkitError
+
+
+@dataclass
+class GenerateCommand:
+    """``llmkit generate``: complete a prompt with a trained checkpoint."""
+
+    checkpoint: str = field(default="runs/base", metadata={"help": "run directory or checkpoint folder"})
+    prompt: str = field(default="", metadata={"help": "text to continue"})
+    max_new_tokens: int = field(default=100, metadata={"help": "tokens to generate at most"})
+    temperature: float = field(default=0.8, metadata={"help": "softmax temperature; 0 = greedy"})
+    top_k: int | None = field(default=None, metadata={"help": "sample among the k most likely tokens"})
+    top_p: float | None = field(default=None, metadata={"help": "nucleus sampling probability mass"})
+    stop: str | None = field(default=None, metadata={"help": "a string that ends generation"})
+    seed: int | None = field(default=None, metadata={"help": "random seed"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+
+
+def _generate(config: GenerateCommand) -> None:
+    from llmkit.infer import Engine, GenerationConfig
+
+    engine = Engine.from_checkpoint(config.checkpoint, device=config.device)
+    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+                                  top_p=config.top_p, stop=[config.stop] if config.stop else [], seed=config.seed)
+    sys.stdout.write(config.prompt)
+    for delta in engine.stream(config.prompt, generation):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _print_summary(summary: dict) -> None:
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, str]]:
+    """(command words) -> (config class, function, printer of its result, help)."""
+    from llmkit.data.shards import PrepareConfig, prepare_data
+    from llmkit.plan.estimate import EstimateConfig, estimate, format_estimate
+    from llmkit.speedrun import SpeedrunConfig, speedrun
+    from llmkit.tokenizer import TokenizerConfig, train_tokenizer
+    from llmkit.train.pretrain import PretrainConfig, pretrain
+
+    return {
+        ("tokenizer", "train"): (TokenizerConfig, train_tokenizer, _print_summary, "train a BPE or character tokenizer"),
+        ("data", "prepare"): (PrepareConfig, prepare_data, _print_summary, "tokenize a corpus into memmap shards"),
+        ("pretrain",): (PretrainConfig, pretrain, _print_summary, "train a model from scratch on token shards"),
+        ("generate",): (GenerateCommand, _generate, None, "complete a prompt with a checkpoint"),
+        ("estimate",): (EstimateConfig, estimate, lambda result: print(format_estimate(result)), "parameters, memory, FLOPs and time of a model"),
+        ("speedrun",): (SpeedrunConfig, speedrun, _print_summary, "every stage on the embedded default, with a report card"),
+    }
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="llmkit", description="The whole life of a GPT-style language model.")
+    parser.add_argument("--version", action="version", version=f"llmkit {__version__}")
+    groups = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = _commands()
+    nested: dict[str, argparse._SubParsersAction] = {}
+    for words, (config_class, _, _, help_text) in commands.items():
+        if len(words) == 1:
+            sub = groups.add_parser(words[0], help=help_text, description=help_text)
+        else:
+            if words[0] not in nested:
+                holder = groups.add_parser(words[0], help=f"{words[0]} commands")
+                nested[words[0]] = holder.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+            sub = nested[words[0]].add_parser(words[1], help=help_text, description=help_text)
+        sub.add_argument("--config", metavar="YAML", help="YAML file of this command's fields (flags override it)")
+        add_dataclass_arguments(sub, config_class)
+        sub.set_defaults(words=words)
+    return parser, commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, commands = build_parser()
+    arguments = parser.parse_args(argv)
+    config_class, function, printer, _ = commands[arguments.words]
+    try:
+        config = config_from_args(config_class, arguments, arguments.config)
+        result = function(config)
+    except LlmkitError as error:
+        print(f"llmkit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmkit: interrupted; the last complete checkpoint is intact (resume with --resume)", file=sys.stderr)
+        return 130
+    if printer is not None:
+        printer(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""``llmkit speedrun``: every stage on the embedded default corpus, ending in a report card.
+
+tokenizer -> data -> pretrain -> sample generations, each in its own folder under ``out``; each stage
+adds its section to ``out/report.md`` and ``out/report.json``. With ``--resume`` finished stages are
+kept and an interrupted pretraining continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmkit.config import check
+from llmkit.data.shards import PrepareConfig, load_manifest, prepare_data
+from llmkit.infer import Engine, GenerationConfig
+from llmkit.model.checkpoint import LATEST
+from llmkit.report import add_section
+from llmkit.tokenizer import TokenizerConfig, train_tokenizer
+from llmkit.train.config import TrainConfig
+from llmkit.train.pretrain import ModelOverrides, PretrainConfig, pretrain
+
+DEFAULT_PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef ", "class Stack:\n    \"\"\""]
+
+
+@dataclass
+class SpeedrunConfig:
+    out: str = field(default="runs/speedrun", metadata={"help": "folder for every stage's output and the report card"})
+    source: str = field(default="stdlib", metadata={"help": "corpus: 'stdlib' (embedded default) or a file/folder/.jsonl/.parquet"})
+    max_bytes: int | None = field(default=None, metadata={"help": "use at most this many bytes of the corpus"})
+    vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size"})
+    preset: str = field(default="cpu-small", metadata={"help": "model preset"})
+    max_time: str = field(default="10m", metadata={"help": "pretraining wall-time budget"})
+    max_steps: int | None = field(default=None, metadata={"help": "pretraining step budget (instead of or with max_time)"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=50, metadata={"help": "learning-rate warmup steps"})
+    dtype: str = field(default="bfloat16", metadata={"help": "float32 or bfloat16"})
+    eval_interval: int = field(default=100, metadata={"help": "validate every this many steps"})
+    samples: int = field(default=3, metadata={"help": "sample generations in the report"})
+    resume: bool = field(default=False, metadata={"help": "keep finished stages and resume an interrupted pretraining"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        check(self.samples >= 0, "samples", self.samples, "must be >= 0")
+
+
+def speedrun(config: SpeedrunConfig) -> dict:
+    out = Path(config.out)
+    started = time.perf_counter()
+    summary: dict = {}
+
+    tokenizer_directory = out / "tokenizer"
+    if config.resume and (tokenizer_directory / "tokenizer.json").is_file():
+        tokenizer_summary = {"reused": str(tokenizer_directory)}
+    else:
+        tokenizer_summary = train_tokenizer(TokenizerConfig(source=config.source, out=str(tokenizer_directory),
+                                                            vocab_size=config.vocab_size, max_bytes=config.max_bytes))
+        add_section(out, "tokenizer", tokenizer_summary, "Byte-level BPE trained with Hugging Face `tokenizers`; "
+                    "compression measured on held-out documents.")
+    summary["tokenizer"] = tokenizer_summary
+
+    data_directory = out / "data"
+    if config.resume and (data_directory / "manifest.json").is_file():
+        data_summary = load_manifest(data_directory)
+    else:
+        data_summary = prepare_data(PrepareConfig(source=config.source, tokenizer=str(tokenizer_directory),
+                                                  out=str(data_directory), max_bytes=config.max_bytes))
+        add_section(out, "data", _data_metrics(data_summary), "Documents tokenized into uint16 memmap shards, "
+                    "split into train/validation by a hash of each document's id.")
+    summary["data"] = _data_metrics(data_summary)
+
+    model_directory = out / "base"
+    train = TrainConfig(out=str(model_directory), batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
+                        max_time=config.max_time, max_steps=config.max_steps, dtype=config.dtype,
+                        eval_interval=config.eval_interval, resume=config.resume and (model_directory / LATEST).is_file(),
+                        progress=config.progress)
+    pretrain_summary = pretrain(PretrainConfig(data=str(data_directory), preset=config.preset, model=ModelOverrides(), train=train))
+    pretrain_metrics = {key: value for key, value in pretrain_summary.items() if key != "model"}
+    add_section(out, "pretrain", pretrain_metrics,
+                f"Preset `{config.preset}`: {pretrain_summary['parameters']:,} parameters. Validation loss in nats/token "
+                f"and bits/byte (comparable across tokenizers).", images=["base/loss.png"])
+    summary["pretrain"] = pretrain_metrics
+
+    engine = Engine.from_checkpoint(str(model_directory))
+    generation = GenerationConfig(max_new_tokens=80, temperature=0.7, top_k=50, seed=0)
+    completions = engine.generate(DEFAULT_PROMPTS[:config.samples], generation) if config.samples else []
+    samples_text = "\n\n".join(f"```python\n{prompt}{completion.text}\n```" for prompt, completion in zip(DEFAULT_PROMPTS, completions))
+    add_section(out, "samples", {"prompts": len(completions), "temperature": 0.7, "top_k": 50}, samples_text)
+    summary["samples"] = [prompt + completion.text for prompt, completion in zip(DEFAULT_PROMPTS, completions)]
+
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["report"] = str(out / "report.md")
+    add_section(out, "speedrun", {"total_seconds": summary["seconds"]})
+    return summary
+
+
+def _data_metrics(manifest: dict) -> dict:
+    splits = manifest["splits"]
+    return {f"{split}_{key}": splits[split][key] for split in ("train", "val") for key in ("documents", "tokens", "bytes")}
