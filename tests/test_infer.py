@@ -1,0 +1,116 @@
+"""The inference engine against naive references: full-forward greedy decoding, per-row sampling filters,
+one-at-a-time generation for padded batches, and text-level stop strings and streaming."""
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from llmkit.infer import Engine, GenerationConfig
+from llmkit.infer.sampling import next_tokens, top_k_filter, top_p_filter
+from llmkit.model import Transformer
+from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 20 + "0123456789 (){}[]:;,'\"\n"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "a.txt").write_text(TEXT)
+    (folder / "b.txt").write_text(TEXT[::-1])
+    out = folder / "tokenizer"
+    train_tokenizer(TokenizerConfig(source=str(folder), out=str(out), kind="char", vocab_size=200, held_out_fraction=0))
+    tokenizer = Tokenizer.load(out)
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=64))
+    return Engine(model, tokenizer)
+
+
+def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_decoding_matches_a_full_forward_loop(engine):
+    prompt = engine.tokenizer.encode("the lazy")
+    config = GenerationConfig(max_new_tokens=20, temperature=0)
+    cached = [int(t) for t in torch.cat(list(engine.decode_steps([prompt], config)))]
+    assert cached == naive_greedy(engine.model, prompt, 20)
+
+
+def test_cache_and_no_cache_sample_the_same_tokens(engine):
+    prompt = engine.tokenizer.encode("quick")
+    sample = dict(max_new_tokens=15, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    cached = torch.stack(list(engine.decode_steps([prompt], GenerationConfig(**sample))))
+    uncached = torch.stack(list(engine.decode_steps([prompt], GenerationConfig(**sample, use_cache=False))))
+    assert torch.equal(cached, uncached)
+
+
+def test_padded_batch_decodes_each_row_as_alone(engine):
+    prompts = [engine.tokenizer.encode(text) for text in ("fox", "over the lazy", "0123")]
+    config = GenerationConfig(max_new_tokens=12, temperature=0)
+    batched = torch.stack(list(engine.decode_steps(prompts, config)), dim=1)
+    for row, prompt in enumerate(prompts):
+        assert batched[row].tolist() == naive_greedy(engine.model, prompt, 12)
+
+
+def test_top_k_and_top_p_match_a_naive_filter():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 30)
+    for row in range(4):
+        kept_k = set(torch.topk(logits[row], 5).indices.tolist())
+        assert set(torch.isfinite(top_k_filter(logits, 5)[row]).nonzero().flatten().tolist()) == kept_k
+        probabilities = logits[row].softmax(-1)
+        order = probabilities.argsort(descending=True).tolist()
+        kept_p, mass = set(), 0.0
+        for index in order:  # smallest prefix whose mass reaches 0.7
+            kept_p.add(index)
+            mass += float(probabilities[index])
+            if mass >= 0.7:
+                break
+        assert set(torch.isfinite(top_p_filter(logits, 0.7)[row]).nonzero().flatten().tolist()) == kept_p
+
+
+def test_temperature_sampling_follows_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(20000, 1)
+    generator = torch.Generator().manual_seed(0)
+    draws = next_tokens(logits, GenerationConfig(temperature=2.0), generator)
+    frequencies = torch.bincount(draws, minlength=3).float() / len(draws)
+    torch.testing.assert_close(frequencies, (logits[0] / 2.0).softmax(-1), atol=0.015, rtol=0)
+
+
+def test_stop_string_truncates_and_streaming_matches(engine):
+    config = dict(max_new_tokens=30, temperature=0)
+    full = engine.generate("the ", GenerationConfig(**config))[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 30
+    stop = full.text[6:9]
+    stopped = engine.generate("the ", GenerationConfig(**config, stop=[stop]))[0]
+    assert stopped.text == full.text[:full.text.find(stop)] and stopped.finish_reason == "stop"
+    assert "".join(engine.stream("the ", GenerationConfig(**config, stop=[stop]))) == stopped.text
+    assert "".join(engine.stream("the ", GenerationConfig(**config))) == full.text
+
+
+def test_end_of_text_stops_a_row(engine):
+    eot = engine.tokenizer.eot_id
+
+    def favour_end_of_text(module, inputs, logits):
+        logits[..., eot] += 100.0
+        return logits
+
+    hook = engine.model.lm_head.register_forward_hook(favour_end_of_text)
+    try:
+        completion = engine.generate("fox", GenerationConfig(max_new_tokens=10, temperature=0))[0]
+    finally:
+        hook.remove()
+    assert completion.finish_reason == "stop" and completion.text == "" and completion.token_ids == []
+
+
+def test_generation_is_limited_by_the_context(engine):
+    prompt = engine.tokenizer.encode("the quick brown fox jumps over the lazy dog. " * 2)[:60]
+    steps = list(engine.decode_steps([prompt], GenerationConfig(max_new_tokens=50, temperature=0)))
+    assert len(steps) == 64 - 60
+    with pytest.raises(ValueError, match="context"):
+        list(engine.decode_steps([list(range(64))], GenerationConfig(temperature=0)))
