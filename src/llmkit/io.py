@@ -17,12 +17,16 @@ from typing import Any, Iterator
 
 from llmkit.errors import InputError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual mode
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
