@@ -169,3 +169,20 @@ def test_failed_run_leaves_the_previous_data_directory_intact(corpus, tokenizer_
     assert not list(tmp_path.glob(".*.tmp"))
     assert load_manifest(tmp_path)["splits"] == manifest["splits"]
     assert (tmp_path / "train_000.bin").read_bytes() == (out / "train_000.bin").read_bytes()
+
+
+def test_tail_split_holds_out_the_end_of_each_document(tmp_path):
+    from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+
+    text = "".join(chr(ord("a") + (i * 7) % 26) for i in range(1000))
+    (tmp_path / "corpus.txt").write_text(text)
+    train_tokenizer(TokenizerConfig(source=str(tmp_path / "corpus.txt"), out=str(tmp_path / "tok"), kind="char",
+                                    vocab_size=64, held_out_fraction=0))
+    manifest = prepare_data(PrepareConfig(source=str(tmp_path / "corpus.txt"), tokenizer=str(tmp_path / "tok"),
+                                          out=str(tmp_path / "data"), val_fraction=0.1, split="tail", workers=1))
+    tokenizer = Tokenizer.load(tmp_path / "tok")
+    train, val = (np.concatenate(open_split(tmp_path / "data", split)).tolist() for split in ("train", "val"))
+    eot = tokenizer.eot_id
+    assert train == tokenizer.encode(text[:900]) + [eot]
+    assert val == tokenizer.encode(text[900:]) + [eot]
+    assert manifest["splits"]["val"]["bytes"] == 100 and manifest["split"] == "tail"

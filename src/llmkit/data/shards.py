@@ -8,7 +8,9 @@ span two shards). ``manifest.json`` describes them; readers open shards as
 read-only memmaps through :func:`open_split`.
 
 Documents go to the validation split by a hash of their id (:func:`is_held_out`),
-so the split is the same whatever the file order or the number of workers.
+so the split is the same whatever the file order or the number of workers. A corpus of
+one or a few long documents (Tiny Shakespeare) uses ``split="tail"`` instead: the last
+``val_fraction`` of every document's characters is validation, as in nanoGPT.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -49,6 +51,7 @@ class PrepareConfig:
     shard_tokens: int = field(default=50_000_000, metadata={"help": "tokens per shard file"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0 = one per CPU)"})
     max_bytes: int | None = field(default=None, metadata={"help": "read at most this many UTF-8 bytes of text (quick runs)"})
+    split: Literal["document", "tail"] = field(default="document", metadata={"help": "validation = whole documents chosen by hash, or the tail of every document"})
 
     def __post_init__(self) -> None:
         check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
@@ -78,10 +81,12 @@ def prepare_data(config: PrepareConfig) -> dict:
     statistics = {split: _empty_statistics() for split in SPLITS}
     sources: list[str] = []
     documents = iter_documents(config.source, config.text_field, config.max_bytes)
+    if config.split == "tail":
+        documents = _split_tails(documents, config.val_fraction)
     progress = tqdm(total=config.max_bytes, desc="data: tokenizing", unit="B", unit_scale=True)
     try:
         for document, tokens in _tokenize(documents, tokenizer, config.tokenizer, config.workers or os.cpu_count() or 1):
-            split = "val" if is_held_out(document.id, config.val_fraction) else "train"
+            split = _split_of(document, config)
             writers[split].write(tokens)
             size = len(document.text.encode("utf-8"))
             for counts in (statistics[split], statistics[split]["sources"].setdefault(document.source, _counts())):
@@ -114,6 +119,7 @@ def prepare_data(config: PrepareConfig) -> dict:
         "sources": sources,
         "text_field": config.text_field,
         "val_fraction": config.val_fraction,
+        "split": config.split,
         "max_bytes": config.max_bytes,
         "shard_tokens": config.shard_tokens,
         "splits": statistics,
@@ -209,6 +215,24 @@ def check_tokenizer(manifest: dict, tokenizer: Tokenizer) -> None:
             f"data was tokenized with tokenizer sha256 {data_sha256[:12]} (vocab {data_vocab}, {manifest['tokenizer']['path']}), "
             f"but the tokenizer given is sha256 {tokenizer.sha256[:12]} (vocab {tokenizer.vocab_size})"
         )
+
+
+TAIL_MARK = "#val-tail"
+
+
+def _split_tails(documents: Iterator[Document], fraction: float) -> Iterator[Document]:
+    """Each document becomes its head (train) and its last ``fraction`` of characters (validation)."""
+    for document in documents:
+        cut = int(len(document.text) * (1 - fraction))
+        yield Document(document.text[:cut], document.source, document.id)
+        if cut < len(document.text):
+            yield Document(document.text[cut:], document.source, document.id + TAIL_MARK)
+
+
+def _split_of(document: Document, config: PrepareConfig) -> str:
+    if config.split == "tail":
+        return "val" if document.id.endswith(TAIL_MARK) else "train"
+    return "val" if is_held_out(document.id, config.val_fraction) else "train"
 
 
 def _counts() -> dict:

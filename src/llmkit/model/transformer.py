@@ -100,8 +100,15 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             repeats = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # The CPU flash-attention kernel's bfloat16 backward is ~2.5x slower than its float32 one
+            # (benchmarks/train_speed.py); the projections around it keep their bfloat16 speed.
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
+                                                   dropout_p=self.dropout if self.training else 0.0).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(batch, length, -1))
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8,
+                    fused: bool = True) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) decaying only matrices: decaying biases and norm gains
     pulls them towards zero for no regularisation benefit (GPT-3, nanoGPT)."""
     decay, no_decay = [], []
@@ -16,8 +17,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
         if parameter.requires_grad:
             (decay if parameter.dim() >= 2 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach=True: one multi-tensor kernel per group instead of a Python loop over parameters.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    # fused: one kernel for the whole update instead of a Python loop over parameters (sharded FSDP
+    # parameters take the multi-tensor foreach path instead).
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {"foreach": True}))
 
 
 def learning_rate(step: int, budget_used: float | None, peak: float, warmup_steps: int, schedule: str,

@@ -99,7 +99,8 @@ class Trainer:
         self.model.gradient_checkpointing = config.activation_checkpointing
         self.wrapped = distributed.wrap_model(self.model, self.world, config.parallelism, self.device)
         self.forward_model = torch.compile(self.wrapped) if config.compile else self.wrapped
-        self.optimizer = build_optimizer(self.wrapped, config.lr, config.weight_decay, (config.beta1, config.beta2))
+        self.optimizer = build_optimizer(self.wrapped, config.lr, config.weight_decay, (config.beta1, config.beta2),
+                                         fused=not (self.world.distributed and config.parallelism == "fsdp"))
         # float16 has too little range for small gradients: scale the loss up, unscale before the step.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.train_batches, self.val_batches, self.loss_fn = train_batches, val_batches, loss_fn
@@ -128,11 +129,12 @@ class Trainer:
         window_start, window_tokens = start_time, 0
         last_loss = float("nan")
         val_loss = val_bpb = None
+        target_reached = False
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not (config.progress and self.world.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
         previous_handler = self._catch_interrupts()
         try:
-            while not self._budget_spent(time.perf_counter() - start_time) and not self.stop_requested:
+            while not (target_reached or self.stop_requested or self._budget_spent(time.perf_counter() - start_time)):
                 elapsed = time.perf_counter() - start_time
                 lr = learning_rate(self.step, self._budget_used(elapsed), config.lr, config.warmup_steps,
                                    config.schedule, config.min_lr_ratio, config.decay_fraction)
@@ -166,6 +168,8 @@ class Trainer:
                     if evaluate_now:
                         val_loss, val_bpb = self.evaluate()
                         row.update(val_loss=f"{val_loss:.5f}", val_bpb="" if val_bpb is None else f"{val_bpb:.4f}")
+                        if config.target_val_bpb and val_bpb is not None and val_bpb <= config.target_val_bpb:
+                            target_reached = True
                     log.add(**row)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}",
                                     **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
@@ -178,7 +182,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous_handler)
             bar.close()
         elapsed = time.perf_counter() - start_time
-        if not self.stop_requested or val_loss is None:
+        if not (self.stop_requested or target_reached) or val_loss is None:
             val_loss, val_bpb = self.evaluate()
         log.add(step=self.step, tokens=self.tokens_seen, val_loss=f"{val_loss:.5f}" if val_loss is not None else "",
                 val_bpb="" if val_bpb is None else f"{val_bpb:.4f}", elapsed_s=f"{self.elapsed_before + elapsed:.1f}",
@@ -195,7 +199,7 @@ class Trainer:
             "mfu": round(flops_per_token * tokens_per_s / (peak * self.world.world_size), 4),
             "train_loss": round(last_loss, 5), "val_loss": None if val_loss is None else round(val_loss, 5),
             "val_bpb": None if val_bpb is None else round(val_bpb, 5), "skipped_batches": self.skipped,
-            "rollbacks": self.rollbacks, "interrupted": self.stop_requested, "checkpoint": str(checkpoint),
+            "rollbacks": self.rollbacks, "interrupted": self.stop_requested, "target_reached": target_reached, "checkpoint": str(checkpoint),
             "parameters": self.model.num_parameters(), "peak_flops": peak,
         }
 

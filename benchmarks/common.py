@@ -1,0 +1,54 @@
+"""Shared pieces of the benchmarks: JSON-lines output, the Tiny Shakespeare reference data, timing."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+
+def emit(metric: str, value, unit: str, **context) -> None:
+    """One JSON object per line: the benchmarks' output contract."""
+    print(json.dumps({"metric": metric, "value": value, "unit": unit, **context}), flush=True)
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        emit("skipped", 0, "", reason=f"{path} not found (the shared datasets live beside the repository)")
+        sys.exit(0)
+    return path
+
+
+def prepare_shakespeare(directory: Path) -> Path:
+    """nanoGPT's shakespeare_char: character tokenizer, first 90 % train, last 10 % validation."""
+    from llmkit.data.shards import PrepareConfig, prepare_data
+    from llmkit.tokenizer import TokenizerConfig, train_tokenizer
+
+    source = str(require(SHAKESPEARE))
+    train_tokenizer(TokenizerConfig(source=source, out=str(directory / "tokenizer"), kind="char", vocab_size=128,
+                                    held_out_fraction=0))
+    prepare_data(PrepareConfig(source=source, tokenizer=str(directory / "tokenizer"), out=str(directory / "data"),
+                               val_fraction=0.1, split="tail", workers=1))
+    return directory / "data"
+
+
+def interleaved_rates(runs: dict, repeats: int) -> dict[str, float]:
+    """Median rate of each named callable, run round-robin so machine noise hits all of them alike."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            rates[name].append(run())
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+class Stopwatch:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
