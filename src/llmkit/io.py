@@ -57,6 +57,7 @@ class AtomicDirectory:
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.temporary = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".tmp"))
+        os.chmod(self.temporary, 0o777 & ~_UMASK)  # mkdtemp makes owner-only folders
         return self.temporary
 
     def __exit__(self, exc_type, exc, traceback) -> None:

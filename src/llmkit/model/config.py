@@ -107,9 +107,9 @@ PRESETS: dict[str, dict] = {
     "baby-gpt": _gpt(4, 128, 4, vocab_size=65, context_length=64),
     # Small modern (LLaMA-style) models that train in minutes on a laptop CPU.
     "cpu-tiny": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=8192, context_length=128,
-                     norm="rmsnorm", position="rope", activation="swiglu", bias=False, tie_embeddings=True),
+                     norm="rmsnorm", position="rope", activation="swiglu", ffn_multiple_of=64, bias=False, tie_embeddings=True),
     "cpu-small": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, vocab_size=8192, context_length=256,
-                      norm="rmsnorm", position="rope", activation="swiglu", bias=False, tie_embeddings=True),
+                      norm="rmsnorm", position="rope", activation="swiglu", ffn_multiple_of=64, bias=False, tie_embeddings=True),
 }
 
 
