@@ -28,6 +28,7 @@ class SpeedrunConfig:
     out: str = field(default="runs/speedrun", metadata={"help": "folder for every stage's output and the report card"})
     source: str = field(default="stdlib", metadata={"help": "corpus: 'stdlib' (embedded default) or a file/folder/.jsonl/.parquet"})
     max_bytes: int | None = field(default=None, metadata={"help": "use at most this many bytes of the corpus"})
+    val_fraction: float = field(default=0.01, metadata={"help": "fraction of documents held out for validation (and from tokenizer training)"})
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size"})
     preset: str = field(default="cpu-small", metadata={"help": "model preset"})
     max_time: str = field(default="10m", metadata={"help": "pretraining wall-time budget"})
@@ -55,7 +56,8 @@ def speedrun(config: SpeedrunConfig) -> dict:
         tokenizer_summary = {"reused": str(tokenizer_directory)}
     else:
         tokenizer_summary = train_tokenizer(TokenizerConfig(source=config.source, out=str(tokenizer_directory),
-                                                            vocab_size=config.vocab_size, max_bytes=config.max_bytes))
+                                                            vocab_size=config.vocab_size, max_bytes=config.max_bytes,
+                                                            held_out_fraction=config.val_fraction))
         add_section(out, "tokenizer", tokenizer_summary, "Byte-level BPE trained with Hugging Face `tokenizers`; "
                     "compression measured on held-out documents.")
     summary["tokenizer"] = tokenizer_summary
@@ -65,7 +67,8 @@ def speedrun(config: SpeedrunConfig) -> dict:
         data_summary = load_manifest(data_directory)
     else:
         data_summary = prepare_data(PrepareConfig(source=config.source, tokenizer=str(tokenizer_directory),
-                                                  out=str(data_directory), max_bytes=config.max_bytes))
+                                                  out=str(data_directory), max_bytes=config.max_bytes,
+                                                  val_fraction=config.val_fraction))
         add_section(out, "data", _data_metrics(data_summary), "Documents tokenized into uint16 memmap shards, "
                     "split into train/validation by a hash of each document's id.")
     summary["data"] = _data_metrics(data_summary)

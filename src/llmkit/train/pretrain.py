@@ -34,6 +34,7 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check(self.preset in PRESETS, "preset", self.preset, f"unknown preset; choose one of {', '.join(PRESETS)}")
+        build_model_config(self, vocab_size=1)  # a bad field combination fails now, before any file is read
 
 
 def build_model_config(config: PretrainConfig, vocab_size: int) -> ModelConfig:

@@ -1,0 +1,79 @@
+"""The command line end to end on a tiny corpus, its one-line errors, and YAML/flag precedence."""
+
+import json
+
+import pytest
+
+from llmkit.cli import main
+from llmkit.config import parse_duration, parse_number
+
+CORPUS = "\n".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for part in range(6):
+        (folder / f"part{part}.py").write_text(CORPUS[part * 1000:] + CORPUS[:part * 1000])
+    return folder
+
+
+def test_every_stage_from_the_command_line(tmp_path, corpus, capsys):
+    tok, data, run = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
+    assert main(["tokenizer", "train", "--source", str(corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
+    assert main(["data", "prepare", "--source", str(corpus), "--tokenizer", str(tok), "--out", str(data),
+                 "--val-fraction", "0.3", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--preset", "cpu-tiny", "--context-length", "32", "--data", str(data), "--out", str(run),
+                 "--max-steps", "6", "--batch-size", "4", "--eval-interval", "3", "--no-progress", "--dtype", "float32"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 6 and summary["model"]["vocab_size"] == 300 and summary["model"]["context_length"] == 32
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert main(["estimate", "--preset", "llama-7b", "--tokens", "1e12", "--gpus", "8"]) == 0
+    assert "6.7 B" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["pretrain", "--data", "{tmp}/missing", "--max-steps", "1"], "missing/manifest.json: file not found"),
+    (["pretrain", "--n-embd", "30", "--max-steps", "1"], "'n_embd' = 30"),
+    (["pretrain", "--preset", "gpt5", "--max-steps", "1"], "'preset' = 'gpt5'"),
+    (["generate", "--checkpoint", "{tmp}/nothing"], "nothing: checkpoint not found"),
+    (["tokenizer", "train", "--source", "{tmp}/bad.jsonl", "--out", "{tmp}/tok"], "bad.jsonl:2: not valid JSON"),
+    (["estimate", "--gpu", "abacus"], "'gpu' = 'abacus'"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, arguments, message):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    arguments = [argument.replace("{tmp}", str(tmp_path)) for argument in arguments]
+    assert main(arguments) == 2
+    stderr = capsys.readouterr().err
+    error = stderr.strip().splitlines()[-1]  # progress bars may come before it
+    assert error.startswith("llmkit: error:") and message.replace("{tmp}", str(tmp_path)) in error
+    assert "Traceback" not in stderr
+
+
+def test_yaml_is_overridden_by_flags(tmp_path, corpus, capsys):
+    config = tmp_path / "tok.yaml"
+    config.write_text(f"source: {corpus}\nvocab_size: 280\nout: {tmp_path / 'from_yaml'}\nkind: bpe\n")
+    assert main(["tokenizer", "train", "--config", str(config), "--vocab-size", "290"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["vocab_size"] == 290 and summary["out"].endswith("from_yaml")
+    config.write_text("vocab_sise: 280\n")
+    assert main(["tokenizer", "train", "--config", str(config)]) == 2
+    assert "vocab_sise" in capsys.readouterr().err
+
+
+def test_nested_yaml_sections_for_pretrain(tmp_path):
+    from llmkit.config import build
+    from llmkit.train.pretrain import PretrainConfig
+
+    config = build(PretrainConfig, {"preset": "cpu-tiny", "model": {"n_layer": 3}, "train": {"lr": "2e-3", "max_time": "5m"}})
+    assert config.model.n_layer == 3 and config.train.lr == 2e-3 and config.train.max_seconds == 300
+
+
+def test_number_and_duration_parsing():
+    assert parse_number("300e9", int) == 300_000_000_000 and parse_number("2.5k", int) == 2500
+    assert parse_duration("10m") == 600 and parse_duration("1.5h") == 5400 and parse_duration(90) == 90
+    with pytest.raises(ValueError):
+        parse_number("1.5", int)

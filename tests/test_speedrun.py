@@ -1,0 +1,41 @@
+"""The speedrun chains every stage and writes the report card; --resume keeps finished stages."""
+
+import json
+
+from llmkit.report import add_section, render
+from llmkit.speedrun import SpeedrunConfig, speedrun
+
+
+def test_speedrun_writes_a_complete_report(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(12):
+        (corpus / f"module_{index}.py").write_text(f"def f{index}(x):\n    return x + {index}\n" * 60)
+    config = SpeedrunConfig(out=str(tmp_path / "run"), source=str(corpus), vocab_size=300, val_fraction=0.25, preset="cpu-tiny", max_steps=4,
+                            batch_size=2, eval_interval=2, samples=2, progress=False, dtype="float32")
+    summary = speedrun(config)
+    report = json.loads((tmp_path / "run/report.json").read_text())
+    assert list(report["stages"]) == ["tokenizer", "data", "pretrain", "samples", "speedrun"]
+    assert report["stages"]["pretrain"]["metrics"]["steps"] == 4
+    assert summary["data"]["train_tokens"] + summary["data"]["val_tokens"] > 0
+    assert len(summary["samples"]) == 2 and summary["samples"][0].startswith("def fibonacci(n):")
+    markdown = (tmp_path / "run/report.md").read_text()
+    assert "| val_bpb |" in markdown and "![pretrain](base/loss.png)" in markdown
+    assert (tmp_path / "run/base/loss.png").is_file()
+
+    tokenizer_json = (tmp_path / "run/tokenizer/tokenizer.json").stat().st_mtime_ns
+    config.resume, config.max_steps = True, 6
+    resumed = speedrun(config)
+    assert resumed["tokenizer"] == {"reused": str(tmp_path / "run/tokenizer")}
+    assert (tmp_path / "run/tokenizer/tokenizer.json").stat().st_mtime_ns == tokenizer_json
+    assert resumed["pretrain"]["steps"] == 6
+
+
+def test_report_sections_replace_and_render(tmp_path):
+    add_section(tmp_path, "a", {"loss": 1.23456, "tokens": 1234567}, "first")
+    add_section(tmp_path, "b", {"big": 3.2e23})
+    add_section(tmp_path, "a", {"loss": 0.5}, "again")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["stages"]) == ["a", "b"] and report["stages"]["a"]["metrics"] == {"loss": 0.5}
+    text = render(report)
+    assert "| loss | 0.5 |" in text and "| big | 3.200e+23 |" in text and "again" in text
