@@ -67,8 +67,8 @@ def main() -> None:
         for name in ("cpu-small", "gpt2"):
             torch.manual_seed(0)
             model = Transformer(preset(name)).eval()
-            engines = {"float32": Engine(model, tokenizer),
-                       "bfloat16": Engine(Transformer(preset(name)).to(torch.bfloat16).eval(), tokenizer)}
+            engines = {"float32": Engine(model, tokenizer, decoding_layout=True),
+                       "bfloat16": Engine(Transformer(preset(name)).to(torch.bfloat16).eval(), tokenizer, decoding_layout=True)}
             runs = {}
             for batch in (1, 8):
                 for dtype, engine in engines.items():

@@ -114,3 +114,19 @@ def test_generation_is_limited_by_the_context(engine):
     assert len(steps) == 64 - 60
     with pytest.raises(ValueError, match="context"):
         list(engine.decode_steps([list(range(64))], GenerationConfig(temperature=0)))
+
+
+def test_decoding_layout_keeps_logits_parameters_and_ties():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(tie_embeddings=True)).eval()
+    ids = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        before = model(ids)
+    parameters = [id(p) for p in model.parameters()]
+    from llmkit.infer.engine import use_decoding_layout
+
+    use_decoding_layout(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+    assert [id(p) for p in model.parameters()] == parameters
+    assert model.lm_head.weight is model.token_embedding.weight and not model.lm_head.weight.is_contiguous()

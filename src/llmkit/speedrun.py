@@ -28,7 +28,7 @@ class SpeedrunConfig:
     out: str = field(default="runs/speedrun", metadata={"help": "folder for every stage's output and the report card"})
     source: str = field(default="stdlib", metadata={"help": "corpus: 'stdlib' (embedded default) or a file/folder/.jsonl/.parquet"})
     max_bytes: int | None = field(default=None, metadata={"help": "use at most this many bytes of the corpus"})
-    val_fraction: float = field(default=0.01, metadata={"help": "fraction of documents held out for validation (and from tokenizer training)"})
+    val_fraction: float = field(default=0.03, metadata={"help": "fraction of documents held out for validation (and from tokenizer training)"})
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size"})
     preset: str = field(default="cpu-small", metadata={"help": "model preset"})
     max_time: str = field(default="10m", metadata={"help": "pretraining wall-time budget"})
