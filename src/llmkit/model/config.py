@@ -103,8 +103,8 @@ PRESETS: dict[str, dict] = {
     "llama-13b": _llama(40, 5120, 40),
     "llama-33b": _llama(60, 6656, 52),
     "llama-65b": _llama(80, 8192, 64),
-    # nanoGPT's CPU "baby GPT" for Tiny Shakespeare (character level).
-    "baby-gpt": _gpt(4, 128, 4, vocab_size=65, context_length=64),
+    # nanoGPT's CPU "baby GPT" for Tiny Shakespeare (character level); nanoGPT's MLP uses exact GELU.
+    "baby-gpt": {**_gpt(4, 128, 4, vocab_size=65, context_length=64), "activation": "gelu"},
     # Small modern (LLaMA-style) models that train in minutes on a laptop CPU.
     "cpu-tiny": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=8192, context_length=128,
                      norm="rmsnorm", position="rope", activation="swiglu", ffn_multiple_of=64, bias=False, tie_embeddings=True),
