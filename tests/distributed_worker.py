@@ -7,6 +7,7 @@ import torch
 from helpers import SyntheticBatches, tiny_config
 from llmkit.model import Transformer
 from llmkit.train.config import TrainConfig
+from llmkit.train.distributed import shutdown
 from llmkit.train.trainer import Trainer
 
 if __name__ == "__main__":
@@ -18,5 +19,4 @@ if __name__ == "__main__":
                          eval_interval=3, eval_batches=2, log_interval=1, checkpoint_interval=3, dtype="float32",
                          progress=False, parallelism=parallelism, device="cpu")
     Trainer(model, SyntheticBatches(), config, val_batches=SyntheticBatches()).run()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown()

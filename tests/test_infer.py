@@ -130,3 +130,19 @@ def test_decoding_layout_keeps_logits_parameters_and_ties():
         torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
     assert [id(p) for p in model.parameters()] == parameters
     assert model.lm_head.weight is model.token_embedding.weight and not model.lm_head.weight.is_contiguous()
+
+
+def test_checkpoint_with_a_different_tokenizer_is_refused(tmp_path, engine):
+    from llmkit.errors import MismatchError
+    from llmkit.model.checkpoint import write_model
+
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    write_model(checkpoint, engine.model.state_dict(), engine.model.config, {"tokenizer_sha256": engine.tokenizer.sha256})
+    engine.tokenizer.save(checkpoint)
+    assert Engine.from_checkpoint(str(checkpoint)).tokenizer.sha256 == engine.tokenizer.sha256
+    (tmp_path / "other.txt").write_text("completely different characters: ÆØÅ€ " * 5)
+    train_tokenizer(TokenizerConfig(source=str(tmp_path / "other.txt"), out=str(checkpoint), kind="char", vocab_size=60,
+                                    held_out_fraction=0))
+    with pytest.raises(MismatchError, match="not the one the model was trained with"):
+        Engine.from_checkpoint(str(checkpoint))

@@ -182,3 +182,10 @@ def test_weight_decay_applies_to_matrices_only():
 def test_invalid_train_config_names_the_field(tmp_path, field, value):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         train_config(tmp_path, **{field: value})
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    eager = run(tmp_path / "eager", max_steps=3, eval_interval=0)
+    compiled = run(tmp_path / "compiled", max_steps=3, eval_interval=0, compile=True)
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -12,6 +13,7 @@ from typing import Callable
 from llmkit import __version__
 from llmkit.config import add_dataclass_arguments, config_from_args
 from llmkit.errors import LlmkitError
+from llmkit.train.distributed import shutdown
 
 
 @dataclass
@@ -91,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(config_class, arguments, arguments.config)
         result = function(config)
+        shutdown()
     except LlmkitError as error:
         print(f"llmkit: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmkit: interrupted; the last complete checkpoint is intact (resume with --resume)", file=sys.stderr)
         return 130
-    if printer is not None:
+    if printer is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         printer(result)
     return 0
 

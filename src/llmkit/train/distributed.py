@@ -67,3 +67,11 @@ def all_reduce_mean(values: torch.Tensor, world: World) -> torch.Tensor:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: every rank waits for the others first, since a rank that tears
+    down gloo while a peer still talks to it can abort the process."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -122,6 +122,7 @@ class Trainer:
     def run(self) -> dict:
         config = self.config
         resume_step = self._resume_or_start()
+        tokens_at_start = self.tokens_seen
         log = MetricsLog(self.run_directory, resume_step)
         peak = measured_peak_flops(self.dtype if self.dtype != torch.float16 else torch.bfloat16, self.device)
         flops_per_token = self.model.flops_per_token()
@@ -191,8 +192,7 @@ class Trainer:
         if self.world.is_main:
             log.flush()
             log.plot(self.run_directory / "loss.png", title=self.metadata.get("stage", "training"))
-        trained_tokens = self.tokens_seen - (resume_step or 0) * self.tokens_per_step
-        tokens_per_s = trained_tokens / max(elapsed, 1e-9)
+        tokens_per_s = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
         return {
             "steps": self.step, "tokens": self.tokens_seen, "seconds": round(self.elapsed_before + elapsed, 2),
             "tokens_per_s": round(tokens_per_s, 1),
