@@ -186,3 +186,18 @@ def test_tail_split_holds_out_the_end_of_each_document(tmp_path):
     assert train == tokenizer.encode(text[:900]) + [eot]
     assert val == tokenizer.encode(text[900:]) + [eot]
     assert manifest["splits"]["val"]["bytes"] == 100 and manifest["split"] == "tail"
+
+
+def test_shakespeare_char_split_matches_nanogpt(tmp_path, shared_data):
+    """nanoGPT's shakespeare_char/prepare.py reports 65 characters, 1,003,854 train and 111,540 val tokens."""
+    source = str(shared_data / "tinyshakespeare" / "input.txt")
+    summary = train_tokenizer(TokenizerConfig(source=source, out=str(tmp_path / "tok"), kind="char", vocab_size=128,
+                                              held_out_fraction=0))
+    from llmkit.tokenizer import SPECIAL_TOKENS
+
+    assert summary["vocab_size"] - len(SPECIAL_TOKENS) == 65
+    manifest = prepare_data(PrepareConfig(source=source, tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "data"),
+                                          val_fraction=0.1, split="tail", workers=1))
+    # +1: the end-of-text token after each part
+    assert manifest["splits"]["train"]["tokens"] == 1_003_854 + 1
+    assert manifest["splits"]["val"]["tokens"] == 111_540 + 1
