@@ -77,3 +77,20 @@ def test_number_and_duration_parsing():
     assert parse_duration("10m") == 600 and parse_duration("1.5h") == 5400 and parse_duration(90) == 90
     with pytest.raises(ValueError):
         parse_number("1.5", int)
+
+
+def test_pretraining_is_reproducible_from_its_seed(tmp_path, corpus):
+    from safetensors.torch import load_file
+
+    tok, data = tmp_path / "tok", tmp_path / "data"
+    assert main(["tokenizer", "train", "--source", str(corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
+    assert main(["data", "prepare", "--source", str(corpus), "--tokenizer", str(tok), "--out", str(data),
+                 "--val-fraction", "0.3", "--workers", "1"]) == 0
+    weights = []
+    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        assert main(["pretrain", "--preset", "cpu-tiny", "--context-length", "32", "--data", str(data), "--out",
+                     str(tmp_path / name), "--max-steps", "2", "--batch-size", "2", "--seed", seed, "--no-progress",
+                     "--dtype", "float32"]) == 0
+        weights.append(load_file(tmp_path / name / "checkpoints/step_00000002/model.safetensors"))
+    assert all(weights[0][key].equal(weights[1][key]) for key in weights[0])
+    assert not weights[0]["token_embedding.weight"].equal(weights[2]["token_embedding.weight"])

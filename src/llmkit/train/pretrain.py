@@ -7,6 +7,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from llmkit.config import check
 from llmkit.data.shards import check_tokenizer, load_manifest
 from llmkit.errors import ConfigError
@@ -52,6 +54,8 @@ def pretrain(config: PretrainConfig) -> dict:
     check_tokenizer(manifest, tokenizer)
     model_config = build_model_config(config, tokenizer.vocab_size)
     train = config.train
+    # Same seed on every rank: FSDP shards each rank's own initialisation, so all must build the same model.
+    torch.manual_seed(train.seed)
     model = Transformer(model_config)
     train_batches = TokenBatches(config.data, "train", train.batch_size, model_config.context_length, seed=train.seed)
     val_batches = TokenBatches(config.data, "val", train.batch_size, model_config.context_length, seed=train.seed)
