@@ -58,6 +58,27 @@ def measured_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 20
     return cache[key]
 
 
+class ThroughputMeter:
+    """Tokens per second over a window of steps (evaluations excluded) and the MFU they amount to."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float):
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def mfu(self, tokens_per_s: float) -> float:
+        return self.flops_per_token * tokens_per_s / self.peak_flops
+
+    def window(self) -> dict[str, str]:
+        tokens_per_s = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        return {"tokens_per_s": f"{tokens_per_s:.1f}", "mfu": f"{self.mfu(tokens_per_s):.4f}"}
+
+
 class MetricsLog:
     """``metrics.csv`` in the run directory; on resume, rows past the resumed step are dropped so the
     curve continues exactly where the checkpoint left off."""

@@ -24,7 +24,7 @@ from llmkit.model.checkpoint import LATEST
 from llmkit.train import distributed
 from llmkit.train.checkpoint import decode_rng, encode_rng, gather_state, load_training_checkpoint, save_training_checkpoint
 from llmkit.train.config import TrainConfig
-from llmkit.train.metrics import MetricsLog, measured_peak_flops
+from llmkit.train.metrics import MetricsLog, ThroughputMeter, measured_peak_flops
 from llmkit.train.objectives import causal_lm_loss
 from llmkit.train.optim import build_optimizer, learning_rate
 
@@ -78,6 +78,10 @@ class SpikeGuard:
         self.mean, self.accepted, self.consecutive = state["mean"], state["accepted"], state["consecutive"]
 
 
+def _format_validation(val_loss: float | None, val_bpb: float | None) -> dict:
+    return {"val_loss": "" if val_loss is None else f"{val_loss:.5f}", "val_bpb": "" if val_bpb is None else f"{val_bpb:.4f}"}
+
+
 class Trainer:
     def __init__(self, model: nn.Module, train_batches: BatchSource, config: TrainConfig, *,
                  val_batches=None, loss_fn: LossFunction = causal_lm_loss, tokenizer=None,
@@ -124,27 +128,23 @@ class Trainer:
         resume_step = self._resume_or_start()
         tokens_at_start = self.tokens_seen
         log = MetricsLog(self.run_directory, resume_step)
-        peak = measured_peak_flops(self.dtype if self.dtype != torch.float16 else torch.bfloat16, self.device)
-        flops_per_token = self.model.flops_per_token()
+        meter = ThroughputMeter(self.model.flops_per_token(), self.world.world_size *
+                                measured_peak_flops(self.dtype if self.dtype != torch.float16 else torch.bfloat16, self.device))
         start_time = time.perf_counter()
-        window_start, window_tokens = start_time, 0
-        last_loss = float("nan")
-        val_loss = val_bpb = None
-        target_reached = False
+        last_loss, validation, target_reached = float("nan"), (None, None), False
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not (config.progress and self.world.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
         previous_handler = self._catch_interrupts()
         try:
             while not (target_reached or self.stop_requested or self._budget_spent(time.perf_counter() - start_time)):
-                elapsed = time.perf_counter() - start_time
-                lr = learning_rate(self.step, self._budget_used(elapsed), config.lr, config.warmup_steps,
-                                   config.schedule, config.min_lr_ratio, config.decay_fraction)
+                lr = learning_rate(self.step, self._budget_used(time.perf_counter() - start_time), config.lr,
+                                   config.warmup_steps, config.schedule, config.min_lr_ratio, config.decay_fraction)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss, grad_norm = self._forward_backward()
                 self.data_position += 1
                 self.tokens_seen += self.tokens_per_step
-                window_tokens += self.tokens_per_step
+                meter.add(self.tokens_per_step)
                 if self.guard.is_bad(loss, grad_norm, check_grad=not self.scaler.is_enabled()):
                     self.optimizer.zero_grad(set_to_none=True)
                     self.skipped += 1
@@ -160,21 +160,18 @@ class Trainer:
                 bar.update(1)
                 evaluate_now = config.eval_interval and self.step % config.eval_interval == 0
                 if self.step % config.log_interval == 0 or evaluate_now:
-                    now = time.perf_counter()
-                    tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-                    mfu = flops_per_token * tokens_per_s / (peak * self.world.world_size)
                     row = dict(step=self.step, tokens=self.tokens_seen, loss=f"{loss:.5f}", lr=f"{lr:.3e}",
-                               grad_norm=f"{grad_norm:.4f}", tokens_per_s=f"{tokens_per_s:.1f}", mfu=f"{mfu:.4f}",
-                               elapsed_s=f"{self.elapsed_before + now - start_time:.1f}")
+                               grad_norm=f"{grad_norm:.4f}", elapsed_s=f"{self.elapsed_before + time.perf_counter() - start_time:.1f}",
+                               **meter.window())
                     if evaluate_now:
-                        val_loss, val_bpb = self.evaluate()
-                        row.update(val_loss=f"{val_loss:.5f}", val_bpb="" if val_bpb is None else f"{val_bpb:.4f}")
-                        if config.target_val_bpb and val_bpb is not None and val_bpb <= config.target_val_bpb:
-                            target_reached = True
+                        validation = self.evaluate()
+                        row.update(_format_validation(*validation))
+                        target_reached = bool(config.target_val_bpb and validation[1] is not None
+                                              and validation[1] <= config.target_val_bpb)
                     log.add(**row)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}",
-                                    **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
-                    window_start, window_tokens = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{float(row['tokens_per_s']):,.0f}", mfu=f"{float(row['mfu']):.1%}",
+                                    **({"val": f"{validation[0]:.3f}"} if validation[0] is not None else {}))
+                    meter.restart()
                 if self.step % config.checkpoint_interval == 0:
                     self.save(time.perf_counter() - start_time)
                     log.flush()
@@ -183,24 +180,23 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous_handler)
             bar.close()
         elapsed = time.perf_counter() - start_time
-        if not (self.stop_requested or target_reached) or val_loss is None:
-            val_loss, val_bpb = self.evaluate()
-        log.add(step=self.step, tokens=self.tokens_seen, val_loss=f"{val_loss:.5f}" if val_loss is not None else "",
-                val_bpb="" if val_bpb is None else f"{val_bpb:.4f}", elapsed_s=f"{self.elapsed_before + elapsed:.1f}",
-                event="interrupted" if self.stop_requested else "end")
+        if not (self.stop_requested or target_reached) or validation[0] is None:
+            validation = self.evaluate()
+        log.add(step=self.step, tokens=self.tokens_seen, elapsed_s=f"{self.elapsed_before + elapsed:.1f}",
+                event="interrupted" if self.stop_requested else "end", **_format_validation(*validation))
         checkpoint = self.save(elapsed)
         if self.world.is_main:
             log.flush()
             log.plot(self.run_directory / "loss.png", title=self.metadata.get("stage", "training"))
         tokens_per_s = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+        val_loss, val_bpb = validation
         return {
             "steps": self.step, "tokens": self.tokens_seen, "seconds": round(self.elapsed_before + elapsed, 2),
-            "tokens_per_s": round(tokens_per_s, 1),
-            "mfu": round(flops_per_token * tokens_per_s / (peak * self.world.world_size), 4),
+            "tokens_per_s": round(tokens_per_s, 1), "mfu": round(meter.mfu(tokens_per_s), 4),
             "train_loss": round(last_loss, 5), "val_loss": None if val_loss is None else round(val_loss, 5),
             "val_bpb": None if val_bpb is None else round(val_bpb, 5), "skipped_batches": self.skipped,
-            "rollbacks": self.rollbacks, "interrupted": self.stop_requested, "target_reached": target_reached, "checkpoint": str(checkpoint),
-            "parameters": self.model.num_parameters(), "peak_flops": peak,
+            "rollbacks": self.rollbacks, "interrupted": self.stop_requested, "target_reached": target_reached,
+            "checkpoint": str(checkpoint), "parameters": self.model.num_parameters(), "peak_flops": meter.peak_flops,
         }
 
     def _forward_backward(self) -> tuple[float, float]:
