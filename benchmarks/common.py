@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -44,11 +43,3 @@ def interleaved_rates(runs: dict, repeats: int) -> dict[str, float]:
         for name, run in runs.items():
             rates[name].append(run())
     return {name: statistics.median(values) for name, values in rates.items()}
-
-
-class Stopwatch:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start

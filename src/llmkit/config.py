@@ -91,35 +91,34 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def _leaf_fields(cls) -> list[tuple[tuple[str, ...], dataclasses.Field]]:
-    """Every non-dataclass field, with its path of section names."""
+def _leaf_fields(cls) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    """Every non-dataclass field, with its path of section names and its resolved type."""
     hints = typing.get_type_hints(cls)
     leaves = []
     for field in dataclasses.fields(cls):
         annotation = hints[field.name]
         if dataclasses.is_dataclass(annotation):
-            leaves += [((field.name, *path), leaf) for path, leaf in _leaf_fields(annotation)]
+            leaves += [((field.name, *path), leaf, kind) for path, leaf, kind in _leaf_fields(annotation)]
         else:
-            field.type = annotation
-            leaves.append(((field.name,), field))
+            leaves.append(((field.name,), field, annotation))
     return leaves
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """Add one flag per leaf field of ``cls``; defaults stay unset so YAML can fill them."""
     seen: dict[str, tuple[str, ...]] = {}
-    for path, field in _leaf_fields(cls):
+    for path, field, annotation in _leaf_fields(cls):
         name = field.name
         if name in seen:
             raise TypeError(f"{cls.__name__}: field name {name!r} appears in {seen[name]} and {path}")
         seen[name] = path
-        base, _ = _unwrap_optional(field.type)
+        base, _ = _unwrap_optional(annotation)
         help_text = field.metadata.get("help", "")
         kwargs: dict[str, Any] = {"dest": ".".join(path), "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _converter(field.type)
+            kwargs["type"] = _converter(annotation)
             kwargs["metavar"] = name.upper()
             if typing.get_origin(base) is Literal:
                 kwargs["choices"] = list(typing.get_args(base))
@@ -211,10 +210,6 @@ def config_from_args(cls, arguments: argparse.Namespace, yaml_path: str | Path |
     given = {key: value for key, value in vars(arguments).items() if "." in key or key in {f.name for f in dataclasses.fields(cls)}}
     values = _merge(values, _nest(given))
     return build(cls, values, source=str(yaml_path) if yaml_path else "command line")
-
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
 
 
 def check(condition: bool, field: str, value, reason: str) -> None:

@@ -52,10 +52,6 @@ def wrap_model(model: nn.Module, world: World, parallelism: str, device: torch.d
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def all_reduce_mean(values: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         values = values.clone()
