@@ -169,12 +169,15 @@ class Trainer:
                         target_reached = bool(config.target_val_bpb and validation[1] is not None
                                               and validation[1] <= config.target_val_bpb)
                     log.add(**row)
+                    if evaluate_now and self.world.is_main:
+                        log.flush()
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{float(row['tokens_per_s']):,.0f}", mfu=f"{float(row['mfu']):.1%}",
                                     **({"val": f"{validation[0]:.3f}"} if validation[0] is not None else {}))
                     meter.restart()
                 if self.step % config.checkpoint_interval == 0:
                     self.save(time.perf_counter() - start_time)
-                    log.flush()
+                    if self.world.is_main:
+                        log.flush()
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
