@@ -94,3 +94,17 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path, corpus):
         weights.append(load_file(tmp_path / name / "checkpoints/step_00000002/model.safetensors"))
     assert all(weights[0][key].equal(weights[1][key]) for key in weights[0])
     assert not weights[0]["token_embedding.weight"].equal(weights[2]["token_embedding.weight"])
+
+
+def test_a_moved_data_directory_still_trains(tmp_path, corpus):
+    import shutil
+
+    tok, data = tmp_path / "tok", tmp_path / "data"
+    assert main(["tokenizer", "train", "--source", str(corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
+    assert main(["data", "prepare", "--source", str(corpus), "--tokenizer", str(tok), "--out", str(data),
+                 "--val-fraction", "0.3", "--workers", "1"]) == 0
+    shutil.rmtree(tok)
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(data), str(moved))
+    assert main(["pretrain", "--preset", "cpu-tiny", "--context-length", "32", "--data", str(moved), "--out",
+                 str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--no-progress"]) == 0

@@ -99,7 +99,7 @@ def test_rerun_replaces_old_shards(corpus, tokenizer_directory, tmp_path):
     small_shards = prepare_data(PrepareConfig(**config, shard_tokens=300))
     assert len(small_shards["splits"]["train"]["shards"]) > 1
     prepare_data(PrepareConfig(**config, shard_tokens=1_000_000))
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json", "train_000.bin", "val_000.bin"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json", "tokenizer", "train_000.bin", "val_000.bin"]
 
 
 def test_token_dtype_fits_the_vocabulary():
@@ -110,7 +110,7 @@ def test_token_dtype_fits_the_vocabulary():
 
 
 def test_mismatched_tokenizer_is_refused(corpus, prepared, tmp_path):
-    manifest, _ = prepared
+    manifest, out = prepared
     other_directory = tmp_path / "other"
     train_tokenizer(TokenizerConfig(source=corpus, out=str(other_directory), vocab_size=300))
     other = Tokenizer.load(other_directory)
@@ -119,7 +119,7 @@ def test_mismatched_tokenizer_is_refused(corpus, prepared, tmp_path):
     message = str(error.value)
     assert manifest["tokenizer"]["sha256"][:12] in message and other.sha256[:12] in message
     assert "vocab 300" in message and f"vocab {manifest['vocab_size']}" in message
-    check_tokenizer(manifest, Tokenizer.load(manifest["tokenizer"]["path"]))
+    check_tokenizer(manifest, Tokenizer.load(out / manifest["tokenizer"]["path"]))  # the data's own copy
 
 
 def test_damaged_data_directory_errors_name_the_file(prepared, tmp_path):
@@ -161,7 +161,8 @@ def test_config_validation():
 def test_failed_run_leaves_the_previous_data_directory_intact(corpus, tokenizer_directory, prepared, tmp_path):
     manifest, out = prepared
     for path in out.iterdir():
-        (tmp_path / path.name).write_bytes(path.read_bytes())
+        if path.is_file():
+            (tmp_path / path.name).write_bytes(path.read_bytes())
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n", encoding="utf-8")
     with pytest.raises(InputError, match="bad.jsonl:2: missing field 'text'"):

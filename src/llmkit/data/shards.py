@@ -35,6 +35,7 @@ from llmkit.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+TOKENIZER_FOLDER = "tokenizer"
 SPLITS = ("train", "val")
 # Documents are sent to workers in chunks of about this many characters: large
 # enough to amortise the inter-process traffic, small enough for a smooth progress bar.
@@ -115,7 +116,8 @@ def prepare_data(config: PrepareConfig) -> dict:
         "dtype": dtype.name,
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
-        "tokenizer": {"path": str(Path(config.tokenizer).resolve()), "sha256": tokenizer.sha256},
+        # A copy of the tokenizer travels with the data, so the folder stays usable when moved.
+        "tokenizer": {"path": TOKENIZER_FOLDER, "source": str(Path(config.tokenizer).resolve()), "sha256": tokenizer.sha256},
         "sources": sources,
         "text_field": config.text_field,
         "val_fraction": config.val_fraction,
@@ -124,6 +126,7 @@ def prepare_data(config: PrepareConfig) -> dict:
         "shard_tokens": config.shard_tokens,
         "splits": statistics,
     }
+    tokenizer.save(out / TOKENIZER_FOLDER)
     atomic_write_json(out / MANIFEST_FILE, manifest)
     _remove_stale_shards(out, manifest)
     return {**manifest, "seconds": time.perf_counter() - start}
@@ -205,6 +208,14 @@ def open_split(directory: str | Path, split: str) -> list[np.memmap]:
         raise InputError(f"{Path(directory) / MANIFEST_FILE}: split '{split}' has no tokens (corpus too small or val_fraction 0?)")
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     return [np.memmap(Path(directory) / shard["file"], dtype=dtype, mode="r", shape=(shard["tokens"],)) for shard in shards]
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer a data directory was made with (its own copy), checked against the manifest."""
+    manifest = load_manifest(directory)
+    tokenizer = Tokenizer.load(Path(directory) / manifest["tokenizer"]["path"])
+    check_tokenizer(manifest, tokenizer)
+    return tokenizer
 
 
 def check_tokenizer(manifest: dict, tokenizer: Tokenizer) -> None:

@@ -10,11 +10,10 @@ from pathlib import Path
 import torch
 
 from llmkit.config import check
-from llmkit.data.shards import check_tokenizer, load_manifest
+from llmkit.data.shards import load_tokenizer
 from llmkit.errors import ConfigError
 from llmkit.model.config import PRESETS, ModelConfig, preset
 from llmkit.model.transformer import Transformer
-from llmkit.tokenizer import Tokenizer
 from llmkit.train.batches import TokenBatches
 from llmkit.train.config import TrainConfig
 from llmkit.train.trainer import Trainer
@@ -49,9 +48,7 @@ def build_model_config(config: PretrainConfig, vocab_size: int) -> ModelConfig:
 
 def pretrain(config: PretrainConfig) -> dict:
     """Train a model from scratch (or resume) on a prepared data directory; returns the run summary."""
-    manifest = load_manifest(config.data)
-    tokenizer = Tokenizer.load(manifest["tokenizer"]["path"])
-    check_tokenizer(manifest, tokenizer)
+    tokenizer = load_tokenizer(config.data)
     model_config = build_model_config(config, tokenizer.vocab_size)
     train = config.train
     # Same seed on every rank: FSDP shards each rank's own initialisation, so all must build the same model.
