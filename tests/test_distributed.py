@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,13 @@ def launch(out: Path, parallelism: str, processes: int, grad_accum: int) -> None
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *worker]
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and "exitcode: -6" in result.stderr:
+        # gloo has been seen (about 1 run in 20 on a loaded 2-core machine) to abort a rank with
+        # "terminate called without an active exception" while the process exits; one fresh try. A
+        # deterministic abort fails again, and the results are compared all the same.
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
