@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import tiny_config
+from llmkit.errors import InputError
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.sampling import next_tokens, top_k_filter, top_p_filter
 from llmkit.model import Transformer
@@ -112,8 +113,14 @@ def test_generation_is_limited_by_the_context(engine):
     prompt = engine.tokenizer.encode("the quick brown fox jumps over the lazy dog. " * 2)[:60]
     steps = list(engine.decode_steps([prompt], GenerationConfig(max_new_tokens=50, temperature=0)))
     assert len(steps) == 64 - 60
-    with pytest.raises(ValueError, match="context"):
+    with pytest.raises(InputError, match="context"):
         list(engine.decode_steps([list(range(64))], GenerationConfig(temperature=0)))
+
+
+def test_empty_prompt_generates_a_new_document(engine):
+    completion = engine.generate("", GenerationConfig(max_new_tokens=8, temperature=0))[0]
+    expected = naive_greedy(engine.model, [engine.tokenizer.eot_id], 8)
+    assert completion.prompt_tokens == 1 and completion.token_ids == expected[:len(completion.token_ids)]
 
 
 def test_decoding_layout_keeps_logits_parameters_and_ties():

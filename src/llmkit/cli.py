@@ -37,8 +37,10 @@ def _generate(config: GenerateCommand) -> None:
     engine = Engine.from_checkpoint(config.checkpoint, device=config.device)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
                                   top_p=config.top_p, stop=[config.stop] if config.stop else [], seed=config.seed)
-    sys.stdout.write(config.prompt)
-    for delta in engine.stream(config.prompt, generation):
+    pieces = engine.stream(config.prompt, generation)
+    first = next(pieces, "")  # a prompt that does not fit fails here, before anything is printed
+    sys.stdout.write(config.prompt + first)
+    for delta in pieces:
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")

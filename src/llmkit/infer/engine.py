@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from llmkit.errors import MismatchError
+from llmkit.errors import InputError, MismatchError
 from llmkit.infer.sampling import GenerationConfig, next_tokens
 from llmkit.model.checkpoint import load_model, resolve_checkpoint
 from llmkit.model.transformer import Transformer
@@ -108,7 +108,7 @@ class Engine:
         context = self.model.config.context_length
         longest = max(len(prompt) for prompt in prompts)
         if longest >= context:
-            raise ValueError(f"a prompt of {longest} tokens leaves no room in the context of {context}")
+            raise InputError(f"a prompt of {longest} tokens leaves no room in the model's context of {context} tokens")
         steps = min(config.max_new_tokens, context - longest)
         generator = torch.Generator(device=self.device).manual_seed(config.seed) if config.seed is not None else None
         padded = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=self.device)
@@ -155,7 +155,8 @@ class Engine:
         return results
 
     def _run(self, prompts: list[str], config: GenerationConfig, results: list[Completion] | None):
-        encoded = [self.tokenizer.encode(prompt) for prompt in prompts]
+        # An empty prompt starts a new document: unconditional generation.
+        encoded = [self.tokenizer.encode(prompt) or [self.tokenizer.eot_id] for prompt in prompts]
         trackers = [_TextTracker(self.tokenizer, config.stop) for _ in prompts]
         finish = ["length"] * len(prompts)
         done = [False] * len(prompts)
