@@ -25,6 +25,9 @@ class TokenBatches:
             raise InputError(f"{data_dir}: the {split} split has no shard longer than context_length+1 = {context_length + 1} tokens")
         starts = np.array([len(shard) - context_length - 1 for shard in self.shards], dtype=np.float64)
         self.shard_probabilities = starts / starts.sum()
+        # Non-overlapping windows per shard, for the fixed evaluation set of sequential_batch.
+        self.window_starts = [(shard, start) for shard, length in enumerate(starts.astype(int))
+                              for start in range(0, max(1, length // context_length) * context_length, context_length)]
         split_stats = self.manifest["splits"][split]
         self.tokens = int(split_stats["tokens"])
         # Bits per byte (Gao et al. 2020, The Pile) make losses comparable across tokenizers.
@@ -43,16 +46,6 @@ class TokenBatches:
 
     def sequential_batch(self, index: int) -> dict[str, torch.Tensor]:
         """Non-overlapping windows in order, wrapping around: a fixed, deterministic evaluation set."""
-        lengths = [len(shard) - self.context_length - 1 for shard in self.shards]
-        windows_per_shard = [max(1, length // self.context_length) for length in lengths]
-        total = sum(windows_per_shard)
-        shard_indices, offsets = [], []
-        for row in range(self.batch_size):
-            window = (index * self.batch_size + row) % total
-            shard = 0
-            while window >= windows_per_shard[shard]:
-                window -= windows_per_shard[shard]
-                shard += 1
-            shard_indices.append(shard)
-            offsets.append(window * self.context_length)
+        rows = [self.window_starts[(index * self.batch_size + row) % len(self.window_starts)] for row in range(self.batch_size)]
+        shard_indices, offsets = zip(*rows)
         return self._windows(np.array(shard_indices), np.array(offsets))

@@ -264,9 +264,11 @@ class Trainer:
 
     def _budget_spent(self, elapsed: float) -> bool:
         used = self._budget_used(elapsed)
-        spent = torch.tensor(float(used is not None and used >= 1.0))
+        spent = used is not None and used >= 1.0
+        if not (self.world.distributed and self.config.max_seconds):
+            return spent  # steps and tokens advance identically on every rank
         # Ranks' clocks differ: stop together when any one of them is out of time.
-        return bool(distributed.all_reduce_mean(spent, self.world).item() > 0)
+        return bool(distributed.all_reduce_mean(torch.tensor(float(spent)), self.world).item() > 0)
 
     # ------------------------------------------------------- checkpoints
     def trainer_state(self, elapsed: float) -> dict:
