@@ -52,6 +52,7 @@ def _print_summary(summary: dict) -> None:
 
 def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, str]]:
     """(command words) -> (config class, function, printer of its result, help)."""
+    from llmkit.data.pipeline import PipelineConfig, run_pipeline
     from llmkit.data.shards import PrepareConfig, prepare_data
     from llmkit.plan.estimate import EstimateConfig, estimate, format_estimate
     from llmkit.speedrun import SpeedrunConfig, speedrun
@@ -61,6 +62,8 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
     return {
         ("tokenizer", "train"): (TokenizerConfig, train_tokenizer, _print_summary, "train a BPE or character tokenizer"),
         ("data", "prepare"): (PrepareConfig, prepare_data, _print_summary, "tokenize a corpus into memmap shards"),
+        ("data", "run"): (PipelineConfig, run_pipeline, _print_summary,
+                          "clean, filter, de-duplicate, mask PII, decontaminate, mix and tokenize a corpus, with a data report"),
         ("pretrain",): (PretrainConfig, pretrain, _print_summary, "train a model from scratch on token shards"),
         ("generate",): (GenerateCommand, _generate, None, "complete a prompt with a checkpoint"),
         ("estimate",): (EstimateConfig, estimate, lambda result: print(format_estimate(result)), "parameters, memory, FLOPs and time of a model"),
@@ -82,7 +85,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                 holder = groups.add_parser(words[0], help=f"{words[0]} commands")
                 nested[words[0]] = holder.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
             sub = nested[words[0]].add_parser(words[1], help=help_text, description=help_text)
-        sub.add_argument("--config", metavar="YAML", help="YAML file of this command's fields (flags override it)")
+        sub.add_argument("config_file", nargs="?", metavar="YAML", help="YAML file of this command's fields (flags override it)")
+        sub.add_argument("--config", metavar="YAML", help="the same YAML file, as a flag")
         add_dataclass_arguments(sub, config_class)
         sub.set_defaults(words=words)
     return parser, commands
@@ -93,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     config_class, function, printer, _ = commands[arguments.words]
     try:
-        config = config_from_args(config_class, arguments, arguments.config)
+        if arguments.config and arguments.config_file:
+            raise LlmkitError(f"give the YAML file once (got {arguments.config_file} and --config {arguments.config})")
+        config = config_from_args(config_class, arguments, arguments.config or arguments.config_file)
         result = function(config)
         shutdown()
     except LlmkitError as error:

@@ -63,8 +63,17 @@ def parse_duration(text: str | float | int | None) -> float | None:
     return float(match.group(1)) * unit
 
 
+def _parse_list(text) -> list:
+    """A YAML list as is; on the command line, comma-separated items."""
+    if isinstance(text, list):
+        return text
+    return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
 def _converter(annotation):
     base, _ = _unwrap_optional(annotation)
+    if base is list or typing.get_origin(base) is list:
+        return _parse_list
     if isinstance(base, list):  # e.g. str | float: keep the text, the dataclass interprets it
         return str
     if base is bool:

@@ -7,13 +7,14 @@ half-written file where a complete one used to be.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from llmkit.errors import InputError
 
@@ -95,19 +96,34 @@ def read_json(path: str | Path) -> Any:
         raise InputError(f"{path}: cannot read ({error})") from None
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` for each non-blank line; a bad line raises naming file and line."""
+def iter_jsonl(path: str | Path, on_error: Callable[[str], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-blank line (of a gzipped file when it ends in ``.gz``).
+
+    A bad line (not UTF-8, not JSON, not an object) raises naming file and line, or,
+    when ``on_error`` is given, is passed to it as that message and skipped.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as file:
+        for line_number, raw in enumerate(file, start=1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            yield line_number, record
+                if not isinstance(record, dict):
+                    raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            except UnicodeDecodeError:
+                error = InputError(f"{path}:{line_number}: not valid UTF-8")
+            except json.JSONDecodeError as decode_error:
+                error = InputError(f"{path}:{line_number}: not valid JSON ({decode_error.msg})")
+            except InputError as input_error:
+                error = input_error
+            else:
+                yield line_number, record
+                continue
+            if on_error is None:
+                raise error
+            on_error(str(error))

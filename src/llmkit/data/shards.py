@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -74,20 +74,36 @@ def prepare_data(config: PrepareConfig) -> dict:
     leaves an existing data directory as it was.
     """
     start = time.perf_counter()
-    tokenizer = Tokenizer.load(config.tokenizer)
-    dtype = token_dtype(tokenizer.vocab_size)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    writers = {split: ShardWriter(out, split, dtype, config.shard_tokens) for split in SPLITS}
-    statistics = {split: _empty_statistics() for split in SPLITS}
-    sources: list[str] = []
     documents = iter_documents(config.source, config.text_field, config.max_bytes)
     if config.split == "tail":
         documents = _split_tails(documents, config.val_fraction)
-    progress = tqdm(total=config.max_bytes, desc="data: tokenizing", unit="B", unit_scale=True)
+    manifest = write_token_data(
+        documents, lambda document: _split_of(document, config), config.tokenizer, config.out, config.shard_tokens,
+        config.workers, expected_bytes=config.max_bytes,
+        description={"text_field": config.text_field, "val_fraction": config.val_fraction, "split": config.split,
+                     "max_bytes": config.max_bytes})
+    return {**manifest, "seconds": time.perf_counter() - start}
+
+
+def write_token_data(documents: Iterable[Document], split_of: Callable[[Document], str], tokenizer_directory: str | Path,
+                     out: str | Path, shard_tokens: int, workers: int, expected_bytes: int | None = None,
+                     description: dict | None = None) -> dict:
+    """Tokenize ``documents`` in order into the shards of ``out`` (split chosen by ``split_of``) and write the manifest.
+
+    ``description`` adds fields to the manifest (how the data was made). Every
+    split's statistics count documents, tokens and UTF-8 bytes in total and per source.
+    """
+    tokenizer = Tokenizer.load(tokenizer_directory)
+    dtype = token_dtype(tokenizer.vocab_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split in SPLITS}
+    statistics = {split: _empty_statistics() for split in SPLITS}
+    sources: list[str] = []
+    progress = tqdm(total=expected_bytes, desc="data: tokenizing", unit="B", unit_scale=True)
     try:
-        for document, tokens in _tokenize(documents, tokenizer, config.tokenizer, config.workers or os.cpu_count() or 1):
-            split = _split_of(document, config)
+        for document, tokens in _tokenize(iter(documents), tokenizer, str(tokenizer_directory), workers or os.cpu_count() or 1):
+            split = split_of(document)
             writers[split].write(tokens)
             size = len(document.text.encode("utf-8"))
             for counts in (statistics[split], statistics[split]["sources"].setdefault(document.source, _counts())):
@@ -117,19 +133,16 @@ def prepare_data(config: PrepareConfig) -> dict:
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
         # A copy of the tokenizer travels with the data, so the folder stays usable when moved.
-        "tokenizer": {"path": TOKENIZER_FOLDER, "source": str(Path(config.tokenizer).resolve()), "sha256": tokenizer.sha256},
+        "tokenizer": {"path": TOKENIZER_FOLDER, "source": str(Path(tokenizer_directory).resolve()), "sha256": tokenizer.sha256},
         "sources": sources,
-        "text_field": config.text_field,
-        "val_fraction": config.val_fraction,
-        "split": config.split,
-        "max_bytes": config.max_bytes,
-        "shard_tokens": config.shard_tokens,
+        **(description or {}),
+        "shard_tokens": shard_tokens,
         "splits": statistics,
     }
     tokenizer.save(out / TOKENIZER_FOLDER)
     atomic_write_json(out / MANIFEST_FILE, manifest)
     _remove_stale_shards(out, manifest)
-    return {**manifest, "seconds": time.perf_counter() - start}
+    return manifest
 
 
 class ShardWriter:

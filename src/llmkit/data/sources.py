@@ -13,9 +13,9 @@ import hashlib
 import logging
 import os
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from llmkit.errors import InputError
 from llmkit.io import iter_jsonl
@@ -36,10 +36,16 @@ class Document:
     text: str
     source: str  # the source string it came from, e.g. "stdlib" or "data/web.jsonl"
     id: str  # stable within its source: a relative path, or "file:line" / "file:row"
+    meta: dict = field(default_factory=dict)  # what the data pipeline learns about it: profile, language, scores
 
 
-def iter_documents(source: str, text_field: str = "text", max_bytes: int | None = None) -> Iterator[Document]:
+def iter_documents(source: str, text_field: str = "text", max_bytes: int | None = None,
+                   on_error: Callable[[str], None] | None = None) -> Iterator[Document]:
     """Yield the non-blank documents of one or more comma-separated sources, in a deterministic order.
+
+    A bad record or file (malformed JSONL line, missing field, binary file named
+    explicitly) raises :class:`InputError`; with ``on_error`` it is passed to it
+    as a message naming the file and line, and skipped, so a long run carries on.
 
     ``max_bytes`` stops after that many UTF-8 bytes in total; the document that
     crosses the limit is cut at a character boundary so the total never exceeds it.
@@ -51,7 +57,7 @@ def iter_documents(source: str, text_field: str = "text", max_bytes: int | None 
     remaining = max_bytes
     for name in names:
         found_any = False
-        for document in _documents_of(name, text_field):
+        for document in _documents_of(name, text_field, on_error):
             if remaining is not None:
                 encoded = document.text.encode("utf-8")
                 if len(encoded) >= remaining:
@@ -82,21 +88,32 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _documents_of(name: str, text_field: str) -> Iterator[Document]:
+def _documents_of(name: str, text_field: str, on_error: Callable[[str], None] | None) -> Iterator[Document]:
     if name == STDLIB:
         # The literal wins over a folder called "stdlib"; name such a folder "./stdlib".
-        yield from _walk_folder(stdlib_root(), STDLIB, text_field, suffixes=STDLIB_SUFFIXES, skipped_folders=STDLIB_SKIPPED_FOLDERS)
+        yield from _walk_folder(stdlib_root(), STDLIB, text_field, STDLIB_SUFFIXES, STDLIB_SKIPPED_FOLDERS, on_error)
         return
     path = Path(name)
     if path.is_dir():
-        yield from _walk_folder(path, name, text_field, suffixes=None, skipped_folders=())
+        yield from _walk_folder(path, name, text_field, None, (), on_error)
     elif path.is_file():
-        yield from _documents_of_file(path, name, path.name, text_field, skip_binary=False)
+        documents = _documents_of_file(path, name, path.name, text_field, on_error)
+        if documents is None:
+            _report(on_error, f"{path}: not a UTF-8 text file (binary or another encoding)")
+        else:
+            yield from documents
     else:
         raise InputError(f"{name}: no such file or folder (and not the literal source '{STDLIB}')")
 
 
-def _walk_folder(root: Path, name: str, text_field: str, suffixes: tuple[str, ...] | None, skipped_folders: tuple[str, ...]) -> Iterator[Document]:
+def _report(on_error: Callable[[str], None] | None, message: str) -> None:
+    if on_error is None:
+        raise InputError(message)
+    on_error(message)
+
+
+def _walk_folder(root: Path, name: str, text_field: str, suffixes: tuple[str, ...] | None, skipped_folders: tuple[str, ...],
+                 on_error: Callable[[str], None] | None) -> Iterator[Document]:
     """Every file under ``root`` in sorted order; hidden entries (.git, ...) are skipped, binaries counted and skipped."""
     skipped = 0
     for folder, subfolders, files in os.walk(root):
@@ -107,26 +124,27 @@ def _walk_folder(root: Path, name: str, text_field: str, suffixes: tuple[str, ..
                 continue
             path = Path(folder, file_name)
             relative = path.relative_to(root).as_posix()
-            documents = _documents_of_file(path, name, relative, text_field, skip_binary=True)
+            documents = _documents_of_file(path, name, relative, text_field, on_error)
             if documents is None:
                 skipped += 1
+                if on_error is not None:
+                    on_error(f"{path}: binary or not UTF-8, skipped")
                 continue
             yield from documents
     if skipped:
         logger.warning("%s: skipped %d binary or non-UTF-8 files", name, skipped)
 
 
-def _documents_of_file(path: Path, name: str, document_id: str, text_field: str, skip_binary: bool) -> Iterator[Document] | None:
-    """Documents of one file, chosen by its suffix; ``None`` for a binary file when ``skip_binary``."""
+def _documents_of_file(path: Path, name: str, document_id: str, text_field: str,
+                       on_error: Callable[[str], None] | None) -> Iterator[Document] | None:
+    """Documents of one file, chosen by its suffix; ``None`` for a binary or non-UTF-8 file."""
     if path.suffix == ".jsonl":
-        return _documents_of_jsonl(path, name, document_id, text_field)
+        return _documents_of_jsonl(path, name, document_id, text_field, on_error)
     if path.suffix == ".parquet":
-        return _documents_of_parquet(path, name, document_id, text_field)
+        return _documents_of_parquet(path, name, document_id, text_field, on_error)
     text = _read_text(path)
     if text is None:
-        if skip_binary:
-            return None
-        raise InputError(f"{path}: not a UTF-8 text file (binary or another encoding)")
+        return None
     return iter([Document(text, name, document_id)] if text.strip() else [])
 
 
@@ -144,21 +162,20 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def _documents_of_jsonl(path: Path, name: str, document_id: str, text_field: str) -> Iterator[Document]:
-    try:
-        for line_number, record in iter_jsonl(path):
-            if text_field not in record:
-                raise InputError(f"{path}:{line_number}: missing field '{text_field}'")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise InputError(f"{path}:{line_number}: field '{text_field}' is {type(text).__name__}, expected a string")
-            if text.strip():
-                yield Document(text, name, f"{document_id}:{line_number}")
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not valid UTF-8") from None
+def _documents_of_jsonl(path: Path, name: str, document_id: str, text_field: str,
+                        on_error: Callable[[str], None] | None) -> Iterator[Document]:
+    for line_number, record in iter_jsonl(path, on_error):
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            problem = f"missing field '{text_field}'" if text_field not in record else \
+                f"field '{text_field}' is {type(text).__name__}, expected a string"
+            _report(on_error, f"{path}:{line_number}: {problem}")
+        elif text.strip():
+            yield Document(text, name, f"{document_id}:{line_number}")
 
 
-def _documents_of_parquet(path: Path, name: str, document_id: str, text_field: str) -> Iterator[Document]:
+def _documents_of_parquet(path: Path, name: str, document_id: str, text_field: str,
+                          on_error: Callable[[str], None] | None) -> Iterator[Document]:
     try:
         import pyarrow
         import pyarrow.parquet
@@ -179,7 +196,7 @@ def _documents_of_parquet(path: Path, name: str, document_id: str, text_field: s
     for batch in parquet_file.iter_batches(columns=[text_field]):
         for text in batch.column(0).to_pylist():
             if text is None:
-                raise InputError(f"{path}: row {row}: field '{text_field}' is null, expected a string")
-            if text.strip():
+                _report(on_error, f"{path}: row {row}: field '{text_field}' is null, expected a string")
+            elif text.strip():
                 yield Document(text, name, f"{document_id}:{row}")
             row += 1
