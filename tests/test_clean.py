@@ -71,7 +71,7 @@ def test_binary_junk_is_dropped_but_a_few_stray_controls_are_not():
     assert clean_text("\ufffd\ufffd\ufffdPNG\ufffd\x1a", CleanConfig()) == (None, "clean:binary")
     assert clean_text("A normal sentence with one stray \x07 bell in it.", CleanConfig()) == ("A normal sentence with one stray  bell in it.", None)
     # A coloured terminal log is text: ftfy removes its escape sequences.
-    assert clean_text("\x1b[32mINFO\x1b[0m ok\n" * 3, CleanConfig()) == ("INFO ok\nINFO ok\nINFO ok", None)
+    assert clean_text("\x1b[32mINFO\x1b[0m ok\n" * 3, CleanConfig()) == ("INFO ok\nINFO ok\nINFO ok\n", None)
 
 
 def test_mojibake_is_repaired_and_typography_kept():
@@ -92,7 +92,7 @@ def test_entities_unescaped_only_in_escaped_plain_text():
 
 def test_whitespace_normalisation_exact():
     raw = "\ufeffTitle\u00a0line  \r\nsecond\tline\x00\x1b\u200b!\rthird\u2028fourth\x0cfifth\n\n\n\n\n\n    indented code\t \n\n"
-    expected = "Title line\nsecond\tline!\nthird\nfourth\nfifth\n\n\n    indented code"
+    expected = "Title line\nsecond\tline!\nthird\nfourth\nfifth\n\n\n    indented code\n"  # one final newline kept
     assert normalize_whitespace(raw) == expected
     assert clean_text(raw, CleanConfig(fix_unicode=False)) == (expected, None)
     assert normalize_whitespace("a\n\n\nb\n\nc") == "a\n\n\nb\n\nc"  # up to two blank lines stay
@@ -137,7 +137,7 @@ second line with <b>bold</b> and <a href="https://example.com">a link</a>.
 def test_code_and_markdown_are_not_taken_for_html(text):
     assert not looks_like_html(text)
     if text.strip():
-        assert clean_text(text, CleanConfig()) == (text.strip("\n"), None)
+        assert clean_text(text, CleanConfig()) == (text, None)
 
 
 @pytest.mark.parametrize(
@@ -157,7 +157,7 @@ def test_pages_and_fragments_are_taken_for_html(text):
 def test_html_mode_never_and_always():
     fragment = "Intro line\nA <b>bold</b> word\n<p>One paragraph</p>\nOutro\n"
     assert not looks_like_html(fragment)  # one line in four starts with a tag
-    assert clean_text(fragment, CleanConfig(html="never")) == (fragment.strip(), None)
+    assert clean_text(fragment, CleanConfig(html="never")) == (fragment, None)
     # HTML ignores line breaks in text; block elements make paragraphs.
     assert clean_text(fragment, CleanConfig(html="always")) == ("Intro line A bold word\n\nOne paragraph\n\nOutro", None)
     assert clean_text(PAGE, CleanConfig(html="never"))[0].startswith("<!DOCTYPE html>")

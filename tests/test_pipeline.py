@@ -110,7 +110,7 @@ def test_every_planted_problem_is_removed_or_masked_for_its_reason(corpus, tmp_p
     assert sorted(kept) == sorted(
         [text for name, text in documents.items() if name not in ("too_short", "exact_copy", "near_copy", "contaminated", "with_email")]
         + [documents["with_email"].replace("jane.doe@example.com", "<EMAIL>"), corpus["page_text"],
-           "def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))"])  # cleaning drops the final newline
+           "def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n"])
     assert summary["bad_records"] == 1 and summary["documents_read"] == len(documents) + 2
     assert summary["documents_kept"] == len(kept)
     manifest = load_manifest(out)

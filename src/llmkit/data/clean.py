@@ -159,11 +159,14 @@ def extract_html(html: str, main_content: bool = True) -> str:
 def normalize_whitespace(text: str) -> str:
     """Control and invisible characters removed, line breaks unified to ``\\n``, spaces to ``" "``, trailing spaces and excess blank lines gone.
 
-    Tabs and leading indentation are kept (code); so are up to two blank lines in a row.
+    Tabs and leading indentation are kept (code); so are up to two blank lines in a row,
+    and one final newline when the text ended with a line break (as text files do).
     """
     text = text.replace("\r\n", "\n").translate(_WHITESPACE_TABLE)
     text = _TRAILING_SPACE.sub("", text)
-    return _EXCESS_BLANK_LINES.sub("\n\n\n", text).strip("\n")
+    ends_with_newline = text.endswith("\n")
+    text = _EXCESS_BLANK_LINES.sub("\n\n\n", text).strip("\n")
+    return text + "\n" if ends_with_newline and text else text
 
 
 def clean_text(text: str, config: CleanConfig) -> tuple[str | None, str | None]:

@@ -5,37 +5,39 @@ whitespace collapsed), so copies that differ only in formatting share one 16-byt
 
 *Near-duplicate documents* use MinHash with locality-sensitive hashing (Broder 1997;
 Leskovec, Rajaraman & Ullman, *Mining of Massive Datasets*, ch. 3). A document is the set of
-its word n-grams ("shingles", lowercased words split on whitespace, 5-grams as in Gopher and
-datatrove). Its signature holds, for each of ``bands * rows`` random permutations of the
-64-bit hash space, the smallest permuted shingle hash; two signatures agree in one position
-with probability equal to the Jaccard similarity of the two sets. LSH cuts the signature into
-``bands`` bands of ``rows`` values: documents sharing a whole band are candidates, which happens
-with probability ``1 - (1 - s**rows) ** bands`` at similarity ``s`` (the S-curve). Candidates
-whose estimated similarity (the fraction of equal signature values) reaches ``threshold`` are
-merged, and a union-find turns the merged pairs into clusters.
+its word n-grams ("shingles", of lowercased words split on whitespace). Its signature holds,
+for each of ``bands * rows`` random permutations of the 64-bit hash space, the smallest
+permuted shingle hash; two signatures agree in one position with probability equal to the
+Jaccard similarity of the two sets. LSH cuts the signature into ``bands`` bands of ``rows``
+values: documents sharing a whole band are candidates, which happens with probability
+``1 - (1 - s**rows) ** bands`` at similarity ``s`` (the S-curve). Candidates whose estimated
+similarity (the fraction of equal signature values) reaches ``threshold`` are merged, and a
+union-find turns the merged pairs into clusters. The defaults, 5-grams and 14 bands of 8 rows,
+are datatrove's, used for FineWeb (Penedo et al. 2024).
 
-Every step is vectorised with numpy so no Python code runs per word or per shingle:
+Every step is vectorised with numpy, so no Python code runs per word or per shingle:
 
-- words are hashed from the UTF-8 bytes of a whole batch of documents at once: a polynomial
-  hash ``sum(byte_j * P**j)`` (modulo 2**64 by the wrap-around of ``uint64``) summed per word
-  with ``np.add.reduceat``, then avalanched with MurmurHash3's 64-bit finaliser;
+- the words of a whole batch of documents are hashed at once from their UTF-8 bytes: a
+  polynomial hash ``sum(byte_j * P**j)`` (modulo 2**64 by the wrap-around of ``uint64``) read
+  off prefix sums, then avalanched with MurmurHash3's 64-bit finaliser;
 - an n-gram's hash combines the hashes of its words from shifted copies of the word array;
 - each permutation is the affine map ``a * h + b`` modulo 2**64 with ``a`` odd (a bijection, so
   it adds no collisions), applied to the whole batch and reduced per document with
   ``np.minimum.reduceat``; the signature keeps the high 32 bits of each minimum (the bits a
-  multiply-add hash mixes best; half the memory of 64-bit values);
-- LSH groups each band's hashed rows with a sort, not a dictionary.
+  multiply-add hash mixes best) in half the memory of 64-bit values;
+- LSH groups each band's rows with a sort of their hashes, not a dictionary.
 
 Hashes depend only on the text and ``seed`` (never on Python's randomised ``hash()``), so
 signatures computed in worker processes, one shard each, can be clustered in the driver.
 
-A text without words has no shingles: its signature is all ``EMPTY_SIGNATURE_VALUE`` and it is
-never a near-duplicate of anything (exact de-duplication is the step that catches copies of it).
+A text without words has no shingles: its signature is all ``EMPTY_SIGNATURE_VALUE`` (which a
+non-empty text reaches with probability below 2**-32 per value) and it is never a near-duplicate
+of anything (exact de-duplication is the step that catches copies of it).
 
-*Repeated lines* follow CCNet (Wenzek et al. 2020, §3.3): a line (normalised: lowercased, digits
-replaced by 0, punctuation removed) that appears in several documents is boilerplate (cookie
-banners, navigation, licence footers) and is removed everywhere except in the first document
-that has it. Lines shorter than ``MIN_LINE_CHARACTERS`` after normalisation are never removed:
+*Repeated lines* follow CCNet's paragraph de-duplication (Wenzek et al. 2020): a line
+(normalised: lowercased, digits replaced by 0, punctuation removed) that appears in several
+documents is boilerplate (cookie banners, navigation, licence footers) and is removed
+everywhere except in the first document that has it. Lines shorter than ``MIN_LINE_CHARACTERS`` after normalisation are never removed:
 "}" or "Thanks!" repeat across documents because they are short, not because they are
 boilerplate, and removing them breaks the text around them. This step is meant for web text;
 on source code, common lines ("return None") repeat legitimately across files.
@@ -99,7 +101,9 @@ def exact_fingerprint(text: str) -> bytes:
 
 @dataclass
 class MinHashConfig:
-    ngram: int = field(default=5, metadata={"help": "words per shingle (Gopher and datatrove use 5)"})
+    """MinHash-LSH near-duplicate detection; the defaults are datatrove's (FineWeb)."""
+
+    ngram: int = field(default=5, metadata={"help": "words per shingle"})
     bands: int = field(default=14, metadata={"help": "LSH bands: more bands find less similar pairs"})
     rows: int = field(default=8, metadata={"help": "signature values per band: more rows make the S-curve steeper"})
     threshold: float = field(default=0.8, metadata={"help": "merge LSH candidates whose estimated Jaccard similarity is at least this (0 = every candidate)"})
@@ -145,20 +149,20 @@ def near_duplicate_clusters(signatures: np.ndarray, config: MinHashConfig) -> np
     Rows sharing all ``rows`` values of at least one band are candidates; a candidate pair is
     merged when its estimated Jaccard similarity reaches ``config.threshold``; clusters are the
     connected components of the merged pairs, so chains (a~b, b~c) end in one cluster even when
-    the ends are not similar themselves. A band of ``m`` rows costs ``m * (m - 1) / 2`` pair
-    checks, so exact copies should be removed first (:func:`exact_fingerprint`).
+    the ends are not similar themselves. ``m`` rows with equal values in one band cost
+    ``m * (m - 1) / 2`` pair checks, so exact copies should be removed first (:func:`exact_fingerprint`).
     """
     signatures = np.asarray(signatures)
     if signatures.ndim != 2 or signatures.shape[1] != config.num_perm:
         raise InputError(f"signatures have shape {signatures.shape}, expected (documents, {config.num_perm}) "
                          f"for bands={config.bands} x rows={config.rows}")
-    candidates = np.flatnonzero((signatures != EMPTY_SIGNATURE_VALUE).any(axis=1))
+    non_empty = np.flatnonzero((signatures != EMPTY_SIGNATURE_VALUE).any(axis=1))
     left_parts, right_parts = [], []
     for band in range(config.bands):
-        keys = _row_keys(signatures[candidates, band * config.rows:(band + 1) * config.rows])
+        keys = _row_keys(signatures[non_empty, band * config.rows:(band + 1) * config.rows])
         left, right = _pairs_sharing_a_key(keys, every_pair=config.threshold > 0)
-        left_parts.append(candidates[left])
-        right_parts.append(candidates[right])
+        left_parts.append(non_empty[left])
+        right_parts.append(non_empty[right])
     left, right = np.concatenate(left_parts), np.concatenate(right_parts)
     if config.threshold > 0:
         # A pair found in several bands is verified once.
@@ -202,10 +206,10 @@ def _separated_lowercase(text: str) -> bytes:
 def _word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """The ``uint64`` hash of every word of ``texts`` in order, and the number of words of each text.
 
-    A word's hash is ``mix(sum((1 + byte_j) * P**j))`` over its bytes ``j = 0, 1, ...`` (1 + so
-    that a NUL byte still counts). Computed for the whole batch at once from prefix sums of
-    ``(1 + byte) * P**position``: a word's slice of them is its sum times ``P**start``, which
-    ``P**-start`` cancels (``P`` is odd, so invertible modulo 2**64).
+    A word's hash is ``mix(sum((1 + byte_j) * P**j))`` over its bytes ``j = 0, 1, ...`` (bytes
+    count from 1 so that a NUL byte still changes the sum). It is computed for the whole batch
+    at once from prefix sums of ``(1 + byte) * P**position``: a word's slice of them is its sum
+    times ``P**start``, which ``P**-start`` cancels (``P`` is odd, so invertible modulo 2**64).
     """
     encoded = [_separated_lowercase(text) for text in texts]
     # One separator between texts keeps a word from running into the next text.
@@ -370,7 +374,7 @@ def line_hashes(text: str, min_line_characters: int = MIN_LINE_CHARACTERS) -> np
     return np.array(sorted(_line_hash(key) for key in keys if len(key) >= min_line_characters), dtype=np.uint64)
 
 
-@dataclass
+@dataclass(eq=False)  # arrays have no single truth value to compare by
 class RepeatedLines:
     """Lines found in several documents, each with its owner: the first document (smallest key) that has it."""
 

@@ -70,7 +70,9 @@ class SourceConfig:
     name: str
     path: str  # llmkit source syntax: 'stdlib', a file, a folder, .jsonl, .parquet
     text_field: str = "text"
-    format: Literal["auto", "dialogue"] = "auto"  # dialogue: JSONL messages with reply-to ids, rendered as reply trees
+    # auto: by file suffix (a text file is one document); lines: every non-blank line of a text file is a document;
+    # dialogue: JSONL messages with reply-to ids, rendered as reply trees
+    format: Literal["auto", "lines", "dialogue"] = "auto"
     dialogue: dict = field(default_factory=dict)  # DialogueFields overrides (id, parent, thread, author, text)
     profile: Literal["auto", "prose", "code"] = "auto"  # auto: code for source-code file suffixes
     weight: float | None = None  # share of the training mixture (GPT-3 style); unset everywhere = natural sizes
@@ -90,7 +92,7 @@ class PipelineConfig:
     tokenizer: str = field(default="runs/tokenizer", metadata={"help": "tokenizer directory for the output shards"})
     out: str = field(default="runs/data", metadata={"help": "output directory: shards, manifest.json, report"})
     work: str | None = field(default=None, metadata={"help": "work directory for intermediate shards (default: <out>/work)"})
-    documents_per_shard: int = field(default=5000, metadata={"help": "documents per work shard (the unit of parallelism and resumption)"})
+    documents_per_shard: int = field(default=250, metadata={"help": "documents per work shard (the unit of parallelism and resumption)"})
     workers: int = field(default=0, metadata={"help": "worker processes (0 = one per CPU)"})
     executor: Literal["local", "dask"] = field(default="local", metadata={"help": "run shards in a local process pool or on a Dask cluster"})
     scheduler: str | None = field(default=None, metadata={"help": "Dask scheduler address (tcp://host:8786); unset = a local Dask cluster"})
@@ -219,7 +221,9 @@ def run_shard(work_root: str, phase: int, shard: int) -> dict:
             size = len(document.text.encode("utf-8"))
             counts["documents_in"] += 1
             counts["bytes_in"] += size
+            started = time.perf_counter()
             reason = step.apply(document)
+            counts["seconds"] += time.perf_counter() - started
             if reason is not None:
                 removal = counts["removed"].setdefault(reason, {"documents": 0, "bytes": 0})
                 removal["documents"] += 1
@@ -234,8 +238,11 @@ def run_shard(work_root: str, phase: int, shard: int) -> dict:
         statistics[step.label]["changes"] = dict(step.counts)
 
     kept_file = _TemporaryJsonl(work.output(phase, shard, "kept.jsonl"))
+    measure_seconds = 0.0
     if measured is not None:
+        started = time.perf_counter()
         measurements = measured.measure(kept)
+        measure_seconds = time.perf_counter() - started
         temporary = work.output(phase, shard, "measure.tmp.npz")
         np.savez(temporary, **measurements)
         os.replace(temporary, work.output(phase, shard, "measure.npz"))
@@ -243,13 +250,14 @@ def run_shard(work_root: str, phase: int, shard: int) -> dict:
         kept_file.write({"id": document.id, "source": document.source, "text": document.text, "meta": document.meta})
     kept_file.commit()
     removed_file.commit()
-    result = {"shard": shard, "phase": phase, "kept": len(kept), "steps": statistics}
+    result = {"shard": shard, "phase": phase, "kept": len(kept), "steps": statistics,
+              "measured": {measured.label: measure_seconds} if measured is not None else {}}
     atomic_write_json(work.output(phase, shard, "stats.json"), result)
     return result
 
 
 def _step_statistics() -> dict:
-    return {"documents_in": 0, "bytes_in": 0, "bytes_out": 0, "skipped_profile": 0, "removed": {}}
+    return {"documents_in": 0, "bytes_in": 0, "bytes_out": 0, "skipped_profile": 0, "seconds": 0.0, "removed": {}}
 
 
 class _TemporaryJsonl:
@@ -426,7 +434,12 @@ def _source_documents(source: SourceConfig, on_error: Callable[[str], None]) -> 
         return
     for document in iter_documents(source.path, source.text_field, source.max_bytes, on_error=on_error):
         document.source = source.name
-        yield document
+        if source.format == "lines":
+            for number, line in enumerate(document.text.splitlines(), start=1):
+                if line.strip():
+                    yield Document(line, source.name, f"{document.id}:{number}")
+        else:
+            yield document
 
 
 def _dialogue_documents(source: SourceConfig, on_error: Callable[[str], None]) -> Iterator[Document]:
@@ -491,13 +504,16 @@ def _gather_measurements(work: Work, phase: int, shards: int) -> dict[str, np.nd
 
 
 def _merge_statistics(work: Work, phases: int, shards: int) -> dict:
-    """Every step's statistics summed over shards, in pipeline order."""
+    """Every step's statistics summed over shards, in pipeline order (``seconds``: measuring and applying it)."""
     merged: dict = {}
     for phase in range(phases):
         for shard in range(shards):
-            for label, counts in read_json(work.output(phase, shard, "stats.json"))["steps"].items():
+            shard_statistics = read_json(work.output(phase, shard, "stats.json"))
+            for label, seconds in shard_statistics["measured"].items():
+                merged.setdefault(label, {**_step_statistics(), "changes": {}})["seconds"] += seconds
+            for label, counts in shard_statistics["steps"].items():
                 total = merged.setdefault(label, {**_step_statistics(), "changes": {}})
-                for name in ("documents_in", "bytes_in", "bytes_out", "skipped_profile"):
+                for name in ("documents_in", "bytes_in", "bytes_out", "skipped_profile", "seconds"):
                     total[name] += counts[name]
                 for reason, removal in counts["removed"].items():
                     into = total["removed"].setdefault(reason, {"documents": 0, "bytes": 0})

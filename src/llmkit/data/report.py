@@ -38,7 +38,8 @@ def write_data_report(config, work, manifest: dict, kept_meta: list[dict], inges
         step_rows.append({"step": label, "documents_in": counts["documents_in"], "removed_documents": removed_documents,
                           "removed_bytes": removed_bytes, "removed_tokens_estimate": round(removed_bytes * tokens_per_byte),
                           "bytes_changed": counts["bytes_in"] - removed_bytes - counts["bytes_out"],
-                          "skipped_profile": counts["skipped_profile"], "reasons": counts["removed"], "changes": counts["changes"]})
+                          "skipped_profile": counts["skipped_profile"], "seconds": counts["seconds"], "reasons": counts["removed"],
+                          "changes": counts["changes"]})
     summary = {
         "out": str(out),
         "documents_read": ingest["documents"],
@@ -50,8 +51,8 @@ def write_data_report(config, work, manifest: dict, kept_meta: list[dict], inges
         "bad_records": ingest["errors"],
         "steps": {row["step"]: row["removed_documents"] for row in step_rows},
         "mixture_epochs": {name: source["epochs"] for name, source in manifest["mixture"].items()},
-        **{f"{label}_{name}": value for label, metrics in {**setup, **decisions}.items() for name, value in metrics.items()
-           if isinstance(value, (int, float))},
+        **{f"{label}_{name}": value for results in (setup, decisions) for label, metrics in results.items()
+           for name, value in metrics.items() if isinstance(value, (int, float))},
     }
     add_section(out, "data", {key: value for key, value in summary.items() if not isinstance(value, dict)},
                 _markdown(step_rows, ingest, manifest, tokens_per_byte), [Path(image).name for image in images])
@@ -78,14 +79,14 @@ def _collect_removed(work, phases: int, shards: int, side_file: Path | None) -> 
 def _markdown(rows: list[dict], ingest: dict, manifest: dict, tokens_per_byte: float) -> str:
     lines = [f"Read {ingest['documents']:,} documents in {ingest['shards']} shards"
              + (f"; {ingest['errors']:,} bad records skipped (e.g. {ingest['error_examples'][0]})" if ingest["errors"] else "") + ".",
-             "", "| step | documents in | removed | removed % | bytes removed | ≈ tokens removed | top reasons |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| step | documents in | removed | removed % | bytes removed | ≈ tokens removed | CPU seconds | top reasons |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         share = 100 * row["removed_documents"] / row["documents_in"] if row["documents_in"] else 0.0
         reasons = sorted(row["reasons"].items(), key=lambda item: -item[1]["documents"])[:3]
         reason_text = ", ".join(f"{reason} ({removal['documents']:,})" for reason, removal in reasons) or "-"
         lines.append(f"| {row['step']} | {row['documents_in']:,} | {row['removed_documents']:,} | {share:.1f} | "
-                     f"{row['removed_bytes']:,} | {row['removed_tokens_estimate']:,} | {reason_text} |")
+                     f"{row['removed_bytes']:,} | {row['removed_tokens_estimate']:,} | {row['seconds']:.2f} | {reason_text} |")
     changes = {row["step"]: row["changes"] for row in rows if row["changes"]}
     if changes:
         lines += ["", "Changes made without removing documents: "

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from llmkit.config import build
+from llmkit.config import build, check
 from llmkit.data import clean, decontam, dedup, filters, langid, pii, quality
 from llmkit.data.sources import Document, iter_documents
 from llmkit.errors import ConfigError
@@ -236,21 +236,25 @@ class MinHashDedup(DropKeys):
 @dataclass
 class LineDedupOptions:
     min_documents: int = 2  # a line is repeated when this many documents hold it; the first one keeps it
+    min_line_characters: int = dedup.MIN_LINE_CHARACTERS  # shorter lines ("}", "Thanks!") are never removed
 
     def __post_init__(self):
-        if self.min_documents < 2:
-            raise ConfigError("min_documents", self.min_documents, "must be at least 2")
+        check(self.min_documents >= 2, "min_documents", self.min_documents, "must be at least 2")
+        check(self.min_line_characters >= 1, "min_line_characters", self.min_line_characters, "must be at least 1")
 
 
 class LineDedup(CorpusStep):
     name = "line_dedup"
     config_class = LineDedupOptions
+    # Lines such as "return None" legitimately repeat across source files; removing them would break the code.
+    profiles = ("prose",)
 
     def _decision_path(self) -> Path:
         return self.artifacts.with_name(self.artifacts.name + "_lines.npz")
 
     def measure(self, documents):
-        hashes = [dedup.line_hashes(document.text) for document in documents]
+        documents = [document for document in documents if document.meta["profile"] in self.profiles]
+        hashes = [dedup.line_hashes(document.text, self.config.min_line_characters) for document in documents]
         keys = np.repeat(_keys(documents), [len(h) for h in hashes])
         return {"keys": keys, "hashes": np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)}
 
