@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmkit: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("llmkit: interrupted; the last complete checkpoint is intact (resume with --resume)", file=sys.stderr)
+        resume = "run the same command again" if arguments.words == ("data", "run") else "resume with --resume"
+        print(f"llmkit: interrupted; the work done so far is intact ({resume})", file=sys.stderr)
         return 130
     if printer is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         printer(result)

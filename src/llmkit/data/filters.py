@@ -24,9 +24,12 @@ import functools
 import math
 import re
 import string
-from collections import Counter, defaultdict
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from llmkit.config import check
 from llmkit.errors import InputError
@@ -261,40 +264,14 @@ def gopher_repetition(text: str, config: GopherRepetitionConfig) -> str | None:
     duplicate. Here every copy does (as in Dolma; datatrove counts only the later
     copies), the reading that agrees with "characters contained within all duplicate
     n-grams". Character fractions are over the characters of the lines, paragraphs or
-    words themselves, so whitespace and layout do not dilute them.
+    words themselves, so whitespace and layout do not dilute them. N-grams are runs of
+    n words compared as :func:`bare_word` keys and measured as written; where copies
+    overlap ("ha ha ha" holds "ha ha" twice) each character counts once, so every
+    fraction stays in [0, 1]. A document without a repeated n-gram has fraction 0.
     """
-    lines = _lines(text)
-    paragraphs = [paragraph.strip() for paragraph in PARAGRAPH_BREAK.split(text) if paragraph.strip()]
-    line_fraction, line_character_fraction = _duplicate_fractions(lines)
-    paragraph_fraction, paragraph_character_fraction = _duplicate_fractions(paragraphs)
-    measures = (
-        ("duplicate_line_fraction", line_fraction, config.max_duplicate_line_fraction),
-        ("duplicate_paragraph_fraction", paragraph_fraction, config.max_duplicate_paragraph_fraction),
-        ("duplicate_line_character_fraction", line_character_fraction, config.max_duplicate_line_character_fraction),
-        ("duplicate_paragraph_character_fraction", paragraph_character_fraction, config.max_duplicate_paragraph_character_fraction),
-    )
-    for name, value, limit in measures:
+    for name, value, limit in _repetition_measures(text, config):
         if _above(value, limit):
             return f"gopher_repetition:{name}"
-    words = split_words(text)
-    # Characters are counted on the words as written.
-    keys = [bare_word(word) for word in words]
-    lengths = [len(word) for word in words]
-    total = sum(lengths)
-    for n, limit in sorted(config.max_top_ngram_character_fractions.items()):
-        repeated = {gram: starts for gram, starts in _ngram_starts(keys, n).items() if len(starts) > 1}
-        if not repeated:
-            continue  # without a repeated n-gram there is no repetition to measure
-        # Ties between equally frequent n-grams go to the longest, the strictest reading.
-        top = max(repeated, key=lambda gram: (len(repeated[gram]), sum(map(len, gram))))
-        # Overlapping occurrences ("ha ha ha") cover each character once, so the fraction stays in [0, 1].
-        if _above(_covered_fraction(lengths, repeated[top], n, total), limit):
-            return f"gopher_repetition:top_{n}gram_character_fraction"
-    for n, limit in sorted(config.max_duplicate_ngram_character_fractions.items()):
-        starts = [start for occurrences in _ngram_starts(keys, n).values() if len(occurrences) > 1 for start in occurrences]
-        # "Taking care not to count characters that occur in overlapping n-grams more than once."
-        if _above(_covered_fraction(lengths, starts, n, total), limit):
-            return f"gopher_repetition:duplicate_{n}gram_character_fraction"
     return None
 
 
@@ -416,20 +393,99 @@ def _duplicate_fractions(segments: list[str]) -> tuple[float, float]:
     return _ratio(len(duplicated), len(segments)), _ratio(sum(map(len, duplicated)), sum(map(len, segments)))
 
 
-def _ngram_starts(keys: list[str], n: int) -> dict[tuple[str, ...], list[int]]:
-    starts: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for start in range(len(keys) - n + 1):
-        starts[tuple(keys[start : start + n])].append(start)
-    return starts
+def _repetition_measures(text: str, config: GopherRepetitionConfig) -> Iterator[tuple[str, float, float | None]]:
+    """(rule, measured fraction, limit) in the order of table A1, each measured only once the rules before it passed."""
+    lines = _lines(text)
+    paragraphs = [paragraph.strip() for paragraph in PARAGRAPH_BREAK.split(text) if paragraph.strip()]
+    line_fraction, line_character_fraction = _duplicate_fractions(lines)
+    paragraph_fraction, paragraph_character_fraction = _duplicate_fractions(paragraphs)
+    yield "duplicate_line_fraction", line_fraction, config.max_duplicate_line_fraction
+    yield "duplicate_paragraph_fraction", paragraph_fraction, config.max_duplicate_paragraph_fraction
+    yield "duplicate_line_character_fraction", line_character_fraction, config.max_duplicate_line_character_fraction
+    yield "duplicate_paragraph_character_fraction", paragraph_character_fraction, config.max_duplicate_paragraph_character_fraction
+    ngrams = _RepeatedNgrams(split_words(text))
+    for n, limit in sorted(config.max_top_ngram_character_fractions.items()):
+        yield f"top_{n}gram_character_fraction", ngrams.covered_fraction(ngrams.most_frequent(n), n), limit
+    for n, limit in sorted(config.max_duplicate_ngram_character_fractions.items()):
+        # "Taking care not to count characters that occur in overlapping n-grams more than once."
+        starts, _ = ngrams.repeated(n)
+        yield f"duplicate_{n}gram_character_fraction", ngrams.covered_fraction(starts, n), limit
 
 
-def _covered_fraction(lengths: list[int], starts: list[int], n: int, total: int) -> float:
-    """Fraction of ``total`` characters in the words covered by n-grams starting at ``starts``, each word counted once."""
-    covered = bytearray(len(lengths))
-    span = b"\x01" * n
-    for start in starts:
-        covered[start : start + n] = span
-    return _ratio(sum(length for length, is_covered in zip(lengths, covered) if is_covered), total)
+class _RepeatedNgrams:
+    """The n-grams of one document that occur more than once, found for n = 1, 2, ... as they are asked for.
+
+    Each distinct word key gets a number, and each n-gram the rank of the pair (number of
+    its first n - 1 words, number of its last word): exact numbers, so unlike hashed
+    n-grams two different n-grams never collide. An n-gram can only repeat where the
+    (n - 1)-grams at its first and second word both repeat, so each size looks only at the
+    repeats of the size before, which thin out fast in natural text.
+    """
+
+    def __init__(self, words: list[str]):
+        # Each distinct word is normalised and measured once.
+        word_numbers, distinct_words = _numbered(words)
+        key_numbers, distinct_keys = _numbered(list(map(bare_word, distinct_words)))
+        self.keys = key_numbers[word_numbers]
+        self.lengths = _lengths(distinct_words)[word_numbers]
+        self.total = int(self.lengths.sum())
+        # Key characters before each word: an n-gram's key characters are a difference of two.
+        self.key_characters_before = np.concatenate(([0], np.cumsum(_lengths(distinct_keys)[self.keys])))
+        repeated = np.flatnonzero(np.bincount(self.keys)[self.keys] > 1)
+        self._by_size = [(repeated, self.keys[repeated])]
+
+    def repeated(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The starts (ascending) of the n-grams that occur more than once, and each one's n-gram number."""
+        while len(self._by_size) < n:
+            starts, numbers = self._by_size[-1]
+            size = len(self._by_size) + 1
+            if len(starts):  # else no n-gram repeats, nor any longer one
+                is_repeat_start = np.zeros(len(self.keys) + 1, dtype=bool)
+                is_repeat_start[starts] = True
+                followed_by_repeat = is_repeat_start[starts + 1]
+                starts, numbers = starts[followed_by_repeat], numbers[followed_by_repeat]
+                # Numbers and keys are below the word count, so the pair's code is exact.
+                pairs = numbers * len(self.keys) + self.keys[starts + size - 1]
+                _, numbers, counts = np.unique(pairs, return_inverse=True, return_counts=True)
+                repeats = counts[numbers] > 1
+                starts, numbers = starts[repeats], numbers[repeats]
+            self._by_size.append((starts, numbers))
+        return self._by_size[n - 1]
+
+    def most_frequent(self, n: int) -> np.ndarray:
+        """The starts of the repeated n-gram with the most copies (none when no n-gram repeats).
+
+        Ties go to the n-gram of most key characters, the strictest reading, then to the
+        one that appears first.
+        """
+        starts, numbers = self.repeated(n)
+        if not len(starts):
+            return starts
+        grams, first_copies, counts = np.unique(numbers, return_index=True, return_counts=True)
+        first_starts = starts[first_copies]
+        key_characters = self.key_characters_before[first_starts + n] - self.key_characters_before[first_starts]
+        best = np.lexsort((-first_starts, key_characters, counts))[-1]
+        return starts[numbers == grams[best]]
+
+    def covered_fraction(self, starts: np.ndarray, n: int) -> float:
+        """Fraction of the words' characters in n-grams starting at ``starts``, each word counted once."""
+        # +1 where an n-gram begins, -1 one word past its end: a word is covered where the running sum is positive.
+        if not len(starts):
+            return 0.0
+        size = len(self.keys) + 1
+        covering = np.cumsum(np.bincount(starts, minlength=size) - np.bincount(starts + n, minlength=size))
+        return _ratio(int(self.lengths[covering[:-1] > 0].sum()), self.total)
+
+
+def _numbered(items: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Each item's number (distinct items numbered in order of first appearance) and the distinct items."""
+    numbers: dict[str, int] = {}
+    item_numbers = np.array([numbers.setdefault(item, len(numbers)) for item in items], dtype=np.int64)
+    return item_numbers, list(numbers)
+
+
+def _lengths(items: list[str]) -> np.ndarray:
+    return np.fromiter(map(len, items), dtype=np.int64, count=len(items))
 
 
 def _union_length(spans: list[tuple[int, int]]) -> int:
