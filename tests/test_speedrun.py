@@ -21,6 +21,10 @@ def test_speedrun_writes_a_complete_report(tmp_path):
     assert len(summary["samples"]) == 2 and summary["samples"][0].startswith("def fibonacci(n):")
     markdown = (tmp_path / "run/report.md").read_text()
     assert "| val_bpb |" in markdown and "![pretrain](base/loss.png)" in markdown
+    # the data stage is the pipeline: every 5-gram of a module holds its own number, so none is a near-duplicate
+    data = report["stages"]["data"]["metrics"]
+    assert data["documents_read"] == data["documents_kept"] == 12 == summary["data"]["train_documents"] + summary["data"]["val_documents"]
+    assert "| minhash_dedup | 12 | 0 |" in markdown and "![data](data/data_steps.png)" in markdown
     assert (tmp_path / "run/base/loss.png").is_file()
 
     tokenizer_json = (tmp_path / "run/tokenizer/tokenizer.json").stat().st_mtime_ns

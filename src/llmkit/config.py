@@ -218,7 +218,12 @@ def config_from_args(cls, arguments: argparse.Namespace, yaml_path: str | Path |
     values = load_yaml(yaml_path) if yaml_path else {}
     given = {key: value for key, value in vars(arguments).items() if "." in key or key in {f.name for f in dataclasses.fields(cls)}}
     values = _merge(values, _nest(given))
-    return build(cls, values, source=str(yaml_path) if yaml_path else "command line")
+    try:
+        return build(cls, values, source=str(yaml_path) if yaml_path else "command line")
+    except ConfigError as error:
+        if not yaml_path or str(yaml_path) in error.reason:
+            raise
+        raise ConfigError(error.field, error.value, f"{error.reason} (config file {yaml_path} or flags)") from None
 
 
 def check(condition: bool, field: str, value, reason: str) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmkit.config import check
-from llmkit.data.shards import PrepareConfig, load_manifest, prepare_data
+from llmkit.data.pipeline import PipelineConfig, run_pipeline
+from llmkit.data.shards import load_manifest
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.model.checkpoint import LATEST
 from llmkit.report import add_section
@@ -66,11 +67,12 @@ def speedrun(config: SpeedrunConfig) -> dict:
     if config.resume and (data_directory / "manifest.json").is_file():
         data_summary = load_manifest(data_directory)
     else:
-        data_summary = prepare_data(PrepareConfig(source=config.source, tokenizer=str(tokenizer_directory),
-                                                  out=str(data_directory), max_bytes=config.max_bytes,
-                                                  val_fraction=config.val_fraction))
-        add_section(out, "data", _data_metrics(data_summary), "Documents tokenized into uint16 memmap shards, "
-                    "split into train/validation by a hash of each document's id.")
+        sources = [{"name": Path(name).name or name, "path": name, "max_bytes": config.max_bytes} for name in config.source.split(",")]
+        # The data pipeline's default steps (cleaning, language, Gopher and code filters, exact and
+        # near-duplicate removal, PII masking) add its section, with plots, to this report card.
+        run_pipeline(PipelineConfig(sources=sources, tokenizer=str(tokenizer_directory), out=str(data_directory),
+                                    val_fraction=config.val_fraction, report=str(out)))
+        data_summary = load_manifest(data_directory)
     summary["data"] = _data_metrics(data_summary)
 
     model_directory = out / "base"

@@ -453,25 +453,22 @@ class _RepeatedNgrams:
         return self._by_size[n - 1]
 
     def most_frequent(self, n: int) -> np.ndarray:
-        """The starts of the repeated n-gram with the most copies (none when no n-gram repeats).
-
-        Ties go to the n-gram of most key characters, the strictest reading, then to the
-        one that appears first.
-        """
+        """The starts of the repeated n-gram with the most copies (none when no n-gram repeats)."""
         starts, numbers = self.repeated(n)
         if not len(starts):
             return starts
         grams, first_copies, counts = np.unique(numbers, return_index=True, return_counts=True)
         first_starts = starts[first_copies]
         key_characters = self.key_characters_before[first_starts + n] - self.key_characters_before[first_starts]
-        best = np.lexsort((-first_starts, key_characters, counts))[-1]
+        # Ties go to the n-gram of most key characters, the strictest reading, then to the first one in the text.
+        best = np.lexsort((first_starts, key_characters, counts))[-1]
         return starts[numbers == grams[best]]
 
     def covered_fraction(self, starts: np.ndarray, n: int) -> float:
         """Fraction of the words' characters in n-grams starting at ``starts``, each word counted once."""
-        # +1 where an n-gram begins, -1 one word past its end: a word is covered where the running sum is positive.
         if not len(starts):
             return 0.0
+        # +1 where an n-gram begins, -1 one word past its end: a word is covered where the running sum is positive.
         size = len(self.keys) + 1
         covering = np.cumsum(np.bincount(starts, minlength=size) - np.bincount(starts + n, minlength=size))
         return _ratio(int(self.lengths[covering[:-1] > 0].sum()), self.total)

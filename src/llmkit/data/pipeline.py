@@ -101,6 +101,7 @@ class PipelineConfig:
     mixture_bytes: int | None = field(default=None, metadata={"help": "training bytes of the weighted mixture (default: the kept corpus's size)"})
     curriculum: mixture.Curriculum = field(default="none", metadata={"help": "training order: shuffled (none) or easy first by length, perplexity or quality"})
     seed: int = field(default=0, metadata={"help": "shuffling and sampling seed"})
+    report: str | None = field(default=None, metadata={"help": "report card directory the data section is added to (default: out)"})
     write_removed: bool = field(default=True, metadata={"help": "write removed documents with their reason to <out>/removed.jsonl"})
     restart: bool = field(default=False, metadata={"help": "discard a work directory made by a different pipeline"})
 

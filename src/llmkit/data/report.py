@@ -54,8 +54,10 @@ def write_data_report(config, work, manifest: dict, kept_meta: list[dict], inges
         **{f"{label}_{name}": value for results in (setup, decisions) for label, metrics in results.items()
            for name, value in metrics.items() if isinstance(value, (int, float))},
     }
-    add_section(out, "data", {key: value for key, value in summary.items() if not isinstance(value, dict)},
-                _markdown(step_rows, ingest, manifest, tokens_per_byte), [Path(image).name for image in images])
+    card = Path(config.report) if config.report else out
+    add_section(card, "data", {key: value for key, value in summary.items() if not isinstance(value, dict)},
+                _markdown(step_rows, ingest, manifest, tokens_per_byte),
+                [Path(os.path.relpath(image, card)).as_posix() for image in images])
     return summary
 
 

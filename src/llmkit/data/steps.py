@@ -363,5 +363,8 @@ def parse_steps(entries: list, source: str) -> list[tuple[str, object]]:
             raise ConfigError(f"steps[{position}]", name, f"unknown step; known: {', '.join(STEPS)}")
         if not isinstance(options, dict):
             raise ConfigError(f"steps[{position}].{name}", options, "expected a mapping of options")
-        parsed.append((name, build(STEPS[name].config_class, options, source=f"{source} steps[{position}].{name}")))
+        try:
+            parsed.append((name, build(STEPS[name].config_class, options, source=f"{source} steps[{position}].{name}")))
+        except ConfigError as error:  # name the step, not only its option
+            raise ConfigError(f"steps[{position}].{name}.{error.field}", error.value, error.reason) from None
     return parsed
