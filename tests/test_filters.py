@@ -1,6 +1,9 @@
 import base64
 import importlib
 import inspect
+import math
+import random
+from collections import Counter
 from dataclasses import replace
 from itertools import cycle, islice
 
@@ -13,6 +16,7 @@ from llmkit.data.filters import (
     GopherQualityConfig,
     GopherRepetitionConfig,
     KeywordConfig,
+    bare_word,
     c4,
     code_quality,
     gopher_quality,
@@ -263,6 +267,58 @@ def test_ngrams_match_ignoring_case_and_punctuation_and_unrepeated_ngrams_are_no
     config = repetition_only(max_top_ngram_character_fractions={2: 0.5})
     assert gopher_repetition("Rain falls, rain falls.", config) == "gopher_repetition:top_2gram_character_fraction"
     assert gopher_repetition("no bigram here repeats", repetition_only(max_top_ngram_character_fractions={2: 0.0})) is None
+
+
+def test_top_ngram_ties_go_to_the_most_key_characters_then_the_first():
+    top_bigram = repetition_only(max_top_ngram_character_fractions={2: 0.5})
+    # "aa bb" and "ccc ddd" both occur twice: "ccc ddd" has more key characters, and covers 12 of 23 characters.
+    assert gopher_repetition("aa bb x aa bb y ccc ddd z ccc ddd", top_bigram) == "gopher_repetition:top_2gram_character_fraction"
+    # Equal key characters: the first n-gram wins, "aa, bb," (12 of 23) here and "cc dd" (8 of 23) once swapped.
+    assert gopher_repetition("aa, bb, x aa, bb, y cc dd z cc dd", top_bigram) == "gopher_repetition:top_2gram_character_fraction"
+    assert gopher_repetition("cc dd z cc dd y aa, bb, x aa, bb,", top_bigram) is None
+
+
+def reference_ngram_fractions(text: str, n: int) -> tuple[float, float]:
+    """Naive top and duplicate n-gram character fractions: sets of covered word positions."""
+    words = text.split()
+    keys = [bare_word(word) for word in words]
+    grams = [tuple(keys[start : start + n]) for start in range(len(keys) - n + 1)]
+    counts = Counter(grams)  # in order of first appearance, so max() breaks the last ties by position
+
+    def covered(starts) -> float:
+        return sum(len(words[position]) for position in {start + offset for start in starts for offset in range(n)}) / sum(map(len, words))
+
+    repeated = [gram for gram in counts if counts[gram] > 1]
+    if not repeated:
+        return 0.0, 0.0
+    top = max(repeated, key=lambda gram: (counts[gram], sum(map(len, gram))))
+    return covered(start for start, gram in enumerate(grams) if gram == top), covered(start for start, gram in enumerate(grams) if counts[gram] > 1)
+
+
+def repetitive_text(rng: random.Random) -> str:
+    vocabulary = [rng.choice(["the", "The", "ha", "a", "cat", "sat", "-", "é"]) + rng.choice(["", "", ".", ",", "…"]) for _ in range(rng.randint(2, 8))]
+    words = []
+    while len(words) < 80:
+        if words and rng.random() < 0.3:  # a copy of an earlier run, which may overlap itself
+            start = rng.randrange(len(words))
+            words += words[start : start + rng.randint(1, 12)]
+        else:
+            words.append(rng.choice(vocabulary))
+    return " ".join(words)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ngram_character_fractions_match_a_naive_reference(seed):
+    rng = random.Random(seed)
+    for _ in range(10):
+        text = repetitive_text(rng)
+        for n in range(1, 9):
+            for kind, fraction in zip(("top", "duplicate"), reference_ngram_fractions(text, n)):
+                thresholds = f"max_{kind}_ngram_character_fractions"
+                assert gopher_repetition(text, repetition_only(**{thresholds: {n: fraction}})) is None
+                if fraction > 0:
+                    just_below = repetition_only(**{thresholds: {n: math.nextafter(fraction, 0)}})
+                    assert gopher_repetition(text, just_below) == f"gopher_repetition:{kind}_{n}gram_character_fraction"
 
 
 # --- C4 ---------------------------------------------------------------------------------

@@ -461,7 +461,7 @@ class _RepeatedNgrams:
         first_starts = starts[first_copies]
         key_characters = self.key_characters_before[first_starts + n] - self.key_characters_before[first_starts]
         # Ties go to the n-gram of most key characters, the strictest reading, then to the first one in the text.
-        best = np.lexsort((first_starts, key_characters, counts))[-1]
+        best = np.lexsort((-first_starts, key_characters, counts))[-1]
         return starts[numbers == grams[best]]
 
     def covered_fraction(self, starts: np.ndarray, n: int) -> float:

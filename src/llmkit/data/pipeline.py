@@ -34,55 +34,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Iterator, Literal
 
 import numpy as np
-from tqdm import tqdm
 
 from llmkit.config import build, check
 from llmkit.data import mixture
-from llmkit.data.clean import DialogueFields, render_threads
+from llmkit.data.executors import DaskExecutor, LocalExecutor
+from llmkit.data.ingest import ingest_sources, source_config
 from llmkit.data.report import write_data_report
 from llmkit.data.shards import write_token_data
-from llmkit.data.sources import Document, is_held_out, iter_documents
-from llmkit.data.steps import CorpusStep, Step, STEPS, parse_steps, Classifier
+from llmkit.data.sources import Document, is_held_out
+from llmkit.data.steps import STEPS, Classifier, CorpusStep, Step, parse_steps
+from llmkit.data.work import TemporaryJsonl, Work, read_records
 from llmkit.errors import InputError
-from llmkit.io import atomic_write_json, atomic_write_text, iter_jsonl, read_json
+from llmkit.io import atomic_write_json, read_json
 
 WORK_FORMAT_VERSION = 1
-# File suffixes whose documents get the ``code`` profile when a source's profile is ``auto``.
-CODE_SUFFIXES = (".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts", ".go", ".rs", ".rb", ".php",
-                 ".sh", ".cs", ".swift", ".kt", ".scala", ".lua", ".pl", ".r", ".sql", ".m", ".jl")
 DEFAULT_STEPS = ["clean", "language", "gopher_quality", "gopher_repetition", "code_quality", "exact_dedup",
                  "minhash_dedup", "pii"]
-
-
-@dataclass
-class SourceConfig:
-    """One named source of the pipeline (a YAML mapping; a plain string is a path named by itself)."""
-
-    name: str
-    path: str  # llmkit source syntax: 'stdlib', a file, a folder, .jsonl, .parquet
-    text_field: str = "text"
-    # auto: by file suffix (a text file is one document); lines: every non-blank line of a text file is a document;
-    # dialogue: JSONL messages with reply-to ids, rendered as reply trees
-    format: Literal["auto", "lines", "dialogue"] = "auto"
-    dialogue: dict = field(default_factory=dict)  # DialogueFields overrides (id, parent, thread, author, text)
-    profile: Literal["auto", "prose", "code"] = "auto"  # auto: code for source-code file suffixes
-    weight: float | None = None  # share of the training mixture (GPT-3 style); unset everywhere = natural sizes
-    max_bytes: int | None = None  # read at most this many bytes of the source
-
-    def __post_init__(self) -> None:
-        check(bool(self.name) and "/" not in self.name, "name", self.name, "must be a non-empty name without '/'")
-        check(self.weight is None or self.weight > 0, "weight", self.weight, "must be positive")
-        check(self.max_bytes is None or self.max_bytes > 0, "max_bytes", self.max_bytes, "must be positive")
-        self.dialogue_fields = build(DialogueFields, self.dialogue, source=f"sources.{self.name}.dialogue")
 
 
 @dataclass
@@ -112,7 +87,7 @@ class PipelineConfig:
         check(self.shard_tokens >= 1, "shard_tokens", self.shard_tokens, "must be at least 1")
         check(self.mixture_bytes is None or self.mixture_bytes > 0, "mixture_bytes", self.mixture_bytes, "must be positive")
         check(bool(self.sources), "sources", self.sources, "name at least one source")
-        self.source_configs = [_source_config(entry, position) for position, entry in enumerate(self.sources)]
+        self.source_configs = [source_config(entry, position) for position, entry in enumerate(self.sources)]
         names = [source.name for source in self.source_configs]
         check(len(set(names)) == len(names), "sources", names, "source names must be unique")
         self.step_configs = parse_steps(self.steps, "pipeline")
@@ -130,39 +105,6 @@ class PipelineConfig:
         return {"format_version": WORK_FORMAT_VERSION, "sources": [dataclasses.asdict(s) for s in self.source_configs],
                 "steps": [[name, dataclasses.asdict(options)] for name, options in self.step_configs],
                 "documents_per_shard": self.documents_per_shard, "write_removed": self.write_removed}
-
-
-def _source_config(entry, position: int) -> SourceConfig:
-    if isinstance(entry, str):
-        return SourceConfig(name=entry.strip().rstrip("/").replace("/", "_") or entry, path=entry.strip())
-    if isinstance(entry, dict):
-        return build(SourceConfig, entry, source=f"sources[{position}]")
-    raise InputError(f"sources[{position}]: expected a path or a mapping with name and path, got {entry!r}")
-
-
-# ---------------------------------------------------------------------------- the work directory
-class Work:
-    """Paths of the work directory; one place so driver and workers agree."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def ingest(self, shard: int) -> Path:
-        return self.root / "ingest" / f"shard_{shard:05d}.jsonl"
-
-    def output(self, phase: int, shard: int, kind: str) -> Path:
-        # kind: "kept.jsonl", "removed.jsonl", "measure.npz", "stats.json" (written last: the shard is done)
-        return self.root / f"phase_{phase}" / f"shard_{shard:05d}.{kind}"
-
-    def input(self, phase: int, shard: int) -> Path:
-        return self.ingest(shard) if phase == 0 else self.output(phase - 1, shard, "kept.jsonl")
-
-    def artifacts(self, index: int, name: str) -> Path:
-        return self.root / "steps" / f"{index:02d}_{name}"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "pipeline.json"
 
 
 def build_steps(config: PipelineConfig, work: Work) -> list[Step]:
@@ -211,8 +153,8 @@ def run_shard(work_root: str, phase: int, shard: int) -> dict:
     for step in applied:
         step.counts.clear()
     kept: list[Document] = []
-    removed_file = _TemporaryJsonl(work.output(phase, shard, "removed.jsonl"))
-    for record in _read_records(work.input(phase, shard)):
+    removed_file = TemporaryJsonl(work.output(phase, shard, "removed.jsonl"))
+    for record in read_records(work.input(phase, shard)):
         document = Document(record["text"], record["source"], record["id"], record["meta"])
         for step in applied:
             counts = statistics[step.label]
@@ -238,7 +180,7 @@ def run_shard(work_root: str, phase: int, shard: int) -> dict:
     for step in applied:
         statistics[step.label]["changes"] = dict(step.counts)
 
-    kept_file = _TemporaryJsonl(work.output(phase, shard, "kept.jsonl"))
+    kept_file = TemporaryJsonl(work.output(phase, shard, "kept.jsonl"))
     measure_seconds = 0.0
     if measured is not None:
         started = time.perf_counter()
@@ -261,107 +203,24 @@ def _step_statistics() -> dict:
     return {"documents_in": 0, "bytes_in": 0, "bytes_out": 0, "skipped_profile": 0, "seconds": 0.0, "removed": {}}
 
 
-class _TemporaryJsonl:
-    """A JSONL file written under a temporary name and renamed into place by ``commit``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.temporary = path.with_name(path.name + ".tmp")
-        self.file = open(self.temporary, "w", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def commit(self) -> None:
-        self.file.close()
-        os.replace(self.temporary, self.path)
-
-
-def _read_records(path: Path) -> Iterator[dict]:
-    for _, record in iter_jsonl(path):
-        yield record
-
-
-# ---------------------------------------------------------------------------- executors
-class LocalExecutor:
-    """Shards in a process pool (fork), or in this process when one worker is asked for."""
-
-    def __init__(self, workers: int):
-        self.workers = workers
-
-    def run(self, work_root: str, phase: int, shards: list[int], description: str) -> None:
-        progress = tqdm(total=len(shards), desc=description, unit="shard")
-        if self.workers == 1 or len(shards) == 1:
-            for shard in shards:
-                run_shard(work_root, phase, shard)
-                progress.update()
-        else:
-            with multiprocessing.Pool(min(self.workers, len(shards)), initializer=_limit_threads) as pool:
-                for _ in pool.imap_unordered(_run_shard_arguments, [(work_root, phase, shard) for shard in shards]):
-                    progress.update()
-        progress.close()
-
-    def close(self) -> None:
-        pass
-
-
-def _limit_threads() -> None:
-    # The processes are the parallelism; threads inside each (torch, tokenizers) would oversubscribe the CPUs.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _run_shard_arguments(arguments: tuple[str, int, int]) -> dict:
-    return run_shard(*arguments)
-
-
-class DaskExecutor:
-    """Shards as tasks of a Dask cluster: a scheduler address, or a local cluster of ``workers`` processes."""
-
-    def __init__(self, workers: int, scheduler: str | None):
-        try:
-            from dask.distributed import Client, LocalCluster
-        except ImportError:
-            raise InputError("executor 'dask' needs dask.distributed (pip install 'llmkit[dask]')") from None
-        if scheduler:
-            self.client = Client(scheduler)
-        else:
-            self.client = Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None))
-
-    def run(self, work_root: str, phase: int, shards: list[int], description: str) -> None:
-        from dask.distributed import as_completed
-
-        futures = [self.client.submit(run_shard, work_root, phase, shard, pure=False) for shard in shards]
-        for future in tqdm(as_completed(futures), total=len(futures), desc=description, unit="shard"):
-            future.result()  # a failed task raises here, with its traceback
-
-    def close(self) -> None:
-        cluster = self.client.cluster
-        self.client.close()
-        if cluster is not None:
-            cluster.close()
-
-
 # ---------------------------------------------------------------------------- the driver
 def run_pipeline(config: PipelineConfig) -> dict:
     """Run the whole pipeline (resuming a previous run of the same pipeline); return the summary."""
     start = time.perf_counter()
     work = _open_work(config)
     steps = build_steps(config, work)
-    ingest = _ingest(config, work)
+    ingest = ingest_sources(config.source_configs, config.documents_per_shard, work)
     setup = _setup(steps, work, ingest)
     phases = phases_of(steps)
     workers = config.workers or os.cpu_count() or 1
     executor = DaskExecutor(workers, config.scheduler) if config.executor == "dask" else LocalExecutor(workers)
+    work_root = str(work.root)
     decisions = _load_json(work.root / "decisions.json")
     try:
         for phase, (_, measured) in enumerate(phases):
             pending = [shard for shard in range(ingest["shards"]) if not work.output(phase, shard, "stats.json").is_file()]
             if pending:
-                executor.run(str(work.root), phase, pending, f"data: phase {phase + 1}/{len(phases)}")
+                executor.run(run_shard, [(work_root, phase, shard) for shard in pending], f"data: phase {phase + 1}/{len(phases)}")
             if measured is not None and measured.label not in decisions:
                 decisions[measured.label] = measured.decide(_gather_measurements(work, phase, ingest["shards"]))
                 atomic_write_json(work.root / "decisions.json", decisions)
@@ -397,78 +256,6 @@ def _load_json(path: Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-def _ingest(config: PipelineConfig, work: Work) -> dict:
-    """Cut the sources into input shards of keyed documents; skipped when a previous run finished it."""
-    done = work.root / "ingest.json"
-    if done.is_file():
-        return read_json(done)
-    errors: list[str] = []
-    counts = {source.name: {"documents": 0, "bytes": 0} for source in config.source_configs}
-    shard, buffer, key = 0, [], 0
-    progress = tqdm(desc="data: reading sources", unit="doc")
-    for source in config.source_configs:
-        for document in _source_documents(source, errors.append):
-            size = len(document.text.encode("utf-8"))
-            document.meta.update(key=key, profile=_profile(source, document), bytes=size)
-            buffer.append(document)
-            counts[source.name]["documents"] += 1
-            counts[source.name]["bytes"] += size
-            key += 1
-            progress.update()
-            if len(buffer) == config.documents_per_shard:
-                _write_ingest_shard(work, shard, buffer)
-                shard, buffer = shard + 1, []
-    progress.close()
-    if buffer or shard == 0:
-        _write_ingest_shard(work, shard, buffer)
-        shard += 1
-    if errors:
-        atomic_write_text(work.root / "ingest_errors.txt", "\n".join(errors) + "\n")
-    result = {"shards": shard, "documents": key, "sources": counts, "errors": len(errors), "error_examples": errors[:5]}
-    atomic_write_json(done, result)
-    return result
-
-
-def _source_documents(source: SourceConfig, on_error: Callable[[str], None]) -> Iterator[Document]:
-    if source.format == "dialogue":
-        yield from _dialogue_documents(source, on_error)
-        return
-    for document in iter_documents(source.path, source.text_field, source.max_bytes, on_error=on_error):
-        document.source = source.name
-        if source.format == "lines":
-            for number, line in enumerate(document.text.splitlines(), start=1):
-                if line.strip():
-                    yield Document(line, source.name, f"{document.id}:{number}")
-        else:
-            yield document
-
-
-def _dialogue_documents(source: SourceConfig, on_error: Callable[[str], None]) -> Iterator[Document]:
-    """One document per thread of every JSONL file of the source, each reply after the message it answers."""
-    path = Path(source.path)
-    files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
-    for file in files:
-        records = (record for _, record in iter_jsonl(file, on_error))
-        for thread, text in render_threads(records, source.dialogue_fields):
-            yield Document(text, source.name, f"{file.name}:{thread}")
-
-
-def _profile(source: SourceConfig, document: Document) -> str:
-    if source.profile != "auto":
-        return source.profile
-    return "code" if document.id.lower().endswith(CODE_SUFFIXES) else "prose"
-
-
-def _write_ingest_shard(work: Work, shard: int, documents: list[Document]) -> None:
-    path = work.ingest(shard)
-    if path.is_file():  # written by an interrupted earlier run from the same sources
-        return
-    writer = _TemporaryJsonl(path)
-    for document in documents:
-        writer.write({"id": document.id, "source": document.source, "text": document.text, "meta": document.meta})
-    writer.commit()
-
-
 def _setup(steps: list[Step], work: Work, ingest: dict) -> dict:
     """Driver-side preparation of each step (classifier training, evaluation index), once per work directory."""
     path = work.root / "setup.json"
@@ -489,7 +276,7 @@ def _sample_pool(work: Work, ingest: dict, count: int) -> list[Document]:
     every = max(1, ingest["documents"] // count)
     pool = []
     for shard in range(ingest["shards"]):
-        for record in _read_records(work.ingest(shard)):
+        for record in read_records(work.ingest(shard)):
             if record["meta"]["key"] % every == 0 and len(pool) < count:
                 pool.append(Document(record["text"], record["source"], record["id"], record["meta"]))
     return pool
