@@ -78,7 +78,7 @@ class PipelineConfig:
     seed: int = field(default=0, metadata={"help": "shuffling and sampling seed"})
     report: str | None = field(default=None, metadata={"help": "report card directory the data section is added to (default: out)"})
     write_removed: bool = field(default=True, metadata={"help": "write removed documents with their reason to <out>/removed.jsonl"})
-    restart: bool = field(default=False, metadata={"help": "discard a work directory made by a different pipeline"})
+    restart: bool = field(default=False, metadata={"help": "discard the work directory of an earlier run (needed when the pipeline or the source files changed)"})
 
     def __post_init__(self) -> None:
         check(self.documents_per_shard >= 1, "documents_per_shard", self.documents_per_shard, "must be at least 1")
@@ -239,13 +239,12 @@ def run_pipeline(config: PipelineConfig) -> dict:
 def _open_work(config: PipelineConfig) -> Work:
     work = Work(config.work_directory)
     identity = config.identity()
-    if work.state.is_file():
-        previous = read_json(work.state)
-        if previous.get("identity") != identity:
-            if not config.restart:
-                raise InputError(f"{work.root}: made by a different pipeline (sources, steps or shard size changed); "
-                                 f"pass --restart to discard it, or choose another --work")
+    if work.state.is_file():  # only a directory holding pipeline.json is ever deleted
+        if config.restart:
             shutil.rmtree(work.root)
+        elif read_json(work.state).get("identity") != identity:
+            raise InputError(f"{work.root}: made by a different pipeline (sources, steps or shard size changed); "
+                             f"pass --restart to discard it, or choose another --work")
     work.root.mkdir(parents=True, exist_ok=True)
     state = {"identity": identity, "config": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}}
     atomic_write_json(work.state, state)
