@@ -5,14 +5,16 @@ the published thresholds, and returns the name of the first rule the document fa
 (``"gopher_quality:mean_word_length"``) or ``None`` when it passes. C4 also rewrites
 the text (it drops lines), so :func:`c4` returns a :class:`C4Result`. A threshold set
 to ``None`` (a switch set to ``False``) turns its rule off. Prose rules throw source
-code away, so code documents get their own profile, :func:`code_quality`.
+code away, so code documents get their own profile, :func:`code_quality`. Gopher's
+repetition rules are in :mod:`llmkit.data.repetition`, which measures words and lines
+as this module does, with the helpers it makes public here.
 
 Words: every rule uses one tokenisation, :func:`split_words`, a whitespace split, as
 Dolma's Gopher rules and C4's code do (Gopher does not say how it split words). A
 token keeps the punctuation around it ("end." is a word of 4 characters), and a
 token of symbols alone ("-", "•", "=") is a word without a letter, which is what
 Gopher's "80% of words contain an alphabetic character" rule is there to catch.
-Stop words and n-grams are matched ignoring case and the punctuation around a word.
+Stop words are matched ignoring case and the punctuation around a word (:func:`bare_word`).
 The symbols Gopher counts per word (``#`` and the ellipsis) are counted in the raw
 text. Lines are the non-blank lines, stripped. Where a paper is ambiguous, the
 choice made is noted at the rule.
@@ -25,11 +27,8 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from llmkit.config import check
 from llmkit.errors import InputError
@@ -42,8 +41,6 @@ GOPHER_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 # (datatrove counts "•" and "-", Dolma "*" and "-").
 BULLET_CHARACTERS = "•‣◦⁃●○▪▫■□➢➤►▶–-*"
 ELLIPSES = ("...", "…")
-# Paragraphs are separated by blank lines (lines of whitespace count as blank).
-PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 # Punctuation that clings to words in prose, stripped before comparing words.
 WORD_PUNCTUATION = string.punctuation + "“”‘’«»…–—¡¿"
 
@@ -102,34 +99,11 @@ class GopherQualityConfig:
 
     def __post_init__(self) -> None:
         _check_at_least_zero(self, "min_words", "max_words", "min_mean_word_length", "max_mean_word_length", "max_symbol_to_word_ratio", "min_stop_words")
-        _check_fractions(self, "max_bullet_line_fraction", "max_ellipsis_line_fraction", "min_alphabetic_word_fraction")
+        check_fractions(self, "max_bullet_line_fraction", "max_ellipsis_line_fraction", "min_alphabetic_word_fraction")
         _check_ordered(self, "min_words", "max_words")
         _check_ordered(self, "min_mean_word_length", "max_mean_word_length")
         self.stop_words = _phrases(self, "stop_words")
         check(bool(self.bullet_characters), "bullet_characters", self.bullet_characters, "must name at least one character")
-
-
-@dataclass
-class GopherRepetitionConfig:
-    """Rae et al. 2021 (Gopher), appendix A.1.1 "repetition removal", thresholds of table A1."""
-
-    max_duplicate_line_fraction: float | None = field(default=0.30, metadata={"help": "drop documents with a larger fraction of lines that occur more than once"})
-    max_duplicate_paragraph_fraction: float | None = field(default=0.30, metadata={"help": "drop documents with a larger fraction of paragraphs that occur more than once"})
-    max_duplicate_line_character_fraction: float | None = field(default=0.20, metadata={"help": "drop documents with a larger fraction of characters in duplicated lines"})
-    max_duplicate_paragraph_character_fraction: float | None = field(default=0.20, metadata={"help": "drop documents with a larger fraction of characters in duplicated paragraphs"})
-    max_top_ngram_character_fractions: dict[int, float] = field(
-        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
-        metadata={"help": "n -> largest fraction of word characters covered by the most frequent n-gram"},
-    )
-    max_duplicate_ngram_character_fractions: dict[int, float] = field(
-        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
-        metadata={"help": "n -> largest fraction of word characters covered by n-grams that occur more than once"},
-    )
-
-    def __post_init__(self) -> None:
-        _check_fractions(self, "max_duplicate_line_fraction", "max_duplicate_paragraph_fraction", "max_duplicate_line_character_fraction", "max_duplicate_paragraph_character_fraction")
-        self.max_top_ngram_character_fractions = _ngram_thresholds(self, "max_top_ngram_character_fractions")
-        self.max_duplicate_ngram_character_fractions = _ngram_thresholds(self, "max_duplicate_ngram_character_fractions")
 
 
 @dataclass
@@ -183,7 +157,7 @@ class CodeConfig:
 
     def __post_init__(self) -> None:
         _check_at_least_zero(self, "max_line_length", "max_mean_line_length", "auto_generated_scan_lines", "max_encoded_match_length")
-        _check_fractions(self, "min_alphanumeric_fraction", "max_encoded_fraction")
+        check_fractions(self, "min_alphanumeric_fraction", "max_encoded_fraction")
         self.auto_generated_markers = _phrases(self, "auto_generated_markers")
 
 
@@ -198,7 +172,7 @@ class KeywordConfig:
 
     def __post_init__(self) -> None:
         _check_at_least_zero(self, "max_html_remnant_ratio")
-        _check_fractions(self, "max_boilerplate_line_fraction")
+        check_fractions(self, "max_boilerplate_line_fraction")
         self.boilerplate_phrases = _phrases(self, "boilerplate_phrases")
         _check_file(self, "blocklist_path")
 
@@ -213,12 +187,34 @@ def bare_word(word: str) -> str:
     return word.strip(WORD_PUNCTUATION).lower()
 
 
+def split_lines(text: str) -> list[str]:
+    """The lines of every rule: the non-blank lines, stripped."""
+    return [stripped for line in text.splitlines() if (stripped := line.strip())]
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``; 0 for 0/0, and infinite for something per nothing, so a ratio rule still fires."""
+    if denominator:
+        return numerator / denominator
+    return math.inf if numerator else 0.0
+
+
+def above_limit(value: float, limit: float | None) -> bool:
+    """Whether a measure breaks a maximum; a limit of None is a rule turned off."""
+    return limit is not None and value > limit
+
+
+def below_limit(value: float, limit: float | None) -> bool:
+    """Whether a measure breaks a minimum; a limit of None is a rule turned off."""
+    return limit is not None and value < limit
+
+
 def text_statistics(text: str) -> dict[str, float]:
     """Per-document numbers for the data report's histograms, measured as the filters measure them."""
     words = split_words(text)
     return {
         "characters": len(text),
-        "lines": len(_lines(text)),
+        "lines": len(split_lines(text)),
         "words": len(words),
         "mean_word_length": _mean_word_length(words),
         "alphabetic_word_fraction": _alphabetic_word_fraction(words),
@@ -228,50 +224,32 @@ def text_statistics(text: str) -> dict[str, float]:
 def gopher_quality(text: str, config: GopherQualityConfig) -> str | None:
     """Gopher's quality rules, in the paper's order; the first one failed, or None."""
     words = split_words(text)
-    lines = _lines(text)
-    if _below(len(words), config.min_words) or _above(len(words), config.max_words):
+    lines = split_lines(text)
+    if below_limit(len(words), config.min_words) or above_limit(len(words), config.max_words):
         return "gopher_quality:word_count"
     mean_word_length = _mean_word_length(words)
-    if _below(mean_word_length, config.min_mean_word_length) or _above(mean_word_length, config.max_mean_word_length):
+    if below_limit(mean_word_length, config.min_mean_word_length) or above_limit(mean_word_length, config.max_mean_word_length):
         return "gopher_quality:mean_word_length"
     # "A symbol-to-word ratio greater than 0.1 for either the hash symbol or the
     # ellipsis": two ratios, each against the threshold. "..." and "…" are both ellipses.
     hashes = text.count("#")
     ellipses = sum(text.count(ellipsis) for ellipsis in ELLIPSES)
-    if _above(max(_ratio(hashes, len(words)), _ratio(ellipses, len(words))), config.max_symbol_to_word_ratio):
+    if above_limit(max(ratio(hashes, len(words)), ratio(ellipses, len(words))), config.max_symbol_to_word_ratio):
         return "gopher_quality:symbol_to_word_ratio"
     bullets = tuple(config.bullet_characters)
     bullet_lines = sum(line.startswith(bullets) for line in lines)
-    if _above(_ratio(bullet_lines, len(lines)), config.max_bullet_line_fraction):
+    if above_limit(ratio(bullet_lines, len(lines)), config.max_bullet_line_fraction):
         return "gopher_quality:bullet_lines"
     ellipsis_lines = sum(line.endswith(ELLIPSES) for line in lines)
-    if _above(_ratio(ellipsis_lines, len(lines)), config.max_ellipsis_line_fraction):
+    if above_limit(ratio(ellipsis_lines, len(lines)), config.max_ellipsis_line_fraction):
         return "gopher_quality:ellipsis_lines"
-    if _below(_alphabetic_word_fraction(words), config.min_alphabetic_word_fraction):
+    if below_limit(_alphabetic_word_fraction(words), config.min_alphabetic_word_fraction):
         return "gopher_quality:alphabetic_words"
     # "At least two of the following English words": occurrences are counted, as
     # datatrove and Dolma do, so "the ... the" passes.
     stop_words = set(config.stop_words)
-    if _below(sum(bare_word(word) in stop_words for word in words), config.min_stop_words):
+    if below_limit(sum(bare_word(word) in stop_words for word in words), config.min_stop_words):
         return "gopher_quality:stop_words"
-    return None
-
-
-def gopher_repetition(text: str, config: GopherRepetitionConfig) -> str | None:
-    """Gopher's repetition rules, in the order of table A1; the first one failed, or None.
-
-    The paper leaves open whether the first copy of a repeated line counts as a
-    duplicate. Here every copy does (as in Dolma; datatrove counts only the later
-    copies), the reading that agrees with "characters contained within all duplicate
-    n-grams". Character fractions are over the characters of the lines, paragraphs or
-    words themselves, so whitespace and layout do not dilute them. N-grams are runs of
-    n words compared as :func:`bare_word` keys and measured as written; where copies
-    overlap ("ha ha ha" holds "ha ha" twice) each character counts once, so every
-    fraction stays in [0, 1]. A document without a repeated n-gram has fraction 0.
-    """
-    for name, value, limit in _repetition_measures(text, config):
-        if _above(value, limit):
-            return f"gopher_repetition:{name}"
     return None
 
 
@@ -288,7 +266,7 @@ def c4(text: str, config: C4Config) -> C4Result:
     removed: Counter[str] = Counter()
     kept = []
     sentences = 0
-    for line in _lines(text):
+    for line in split_lines(text):
         if config.remove_citations:
             line = CITATION.sub("", line).strip()
             if not line:
@@ -326,11 +304,11 @@ def code_quality(text: str, config: CodeConfig) -> str | None:
     """The Stack / StarCoder basic file filter, Codex's auto-generated test and StarCoder2's encoded-data test."""
     lines = text.splitlines()
     line_lengths = [len(line) for line in lines] or [0]
-    if _above(max(line_lengths), config.max_line_length):
+    if above_limit(max(line_lengths), config.max_line_length):
         return "code_quality:max_line_length"
-    if _above(_ratio(sum(line_lengths), len(line_lengths)), config.max_mean_line_length):
+    if above_limit(ratio(sum(line_lengths), len(line_lengths)), config.max_mean_line_length):
         return "code_quality:mean_line_length"
-    if _below(_ratio(sum(map(str.isalnum, text)), len(text)), config.min_alphanumeric_fraction):
+    if below_limit(ratio(sum(map(str.isalnum, text)), len(text)), config.min_alphanumeric_fraction):
         return "code_quality:alphanumeric_fraction"
     header = "\n".join(lines[: config.auto_generated_scan_lines]).lower()
     if any(marker in header for marker in config.auto_generated_markers):
@@ -338,20 +316,20 @@ def code_quality(text: str, config: CodeConfig) -> str | None:
     # StarCoder2: drop a file when one match is longer than 1024 characters or matches
     # cover more than half of it; overlapping matches of the three patterns count once.
     spans = [match.span() for pattern in ENCODED_DATA for match in pattern.finditer(text)]
-    if _above(max((end - start for start, end in spans), default=0), config.max_encoded_match_length):
+    if above_limit(max((end - start for start, end in spans), default=0), config.max_encoded_match_length):
         return "code_quality:encoded_match_length"
-    if _above(_ratio(_union_length(spans), len(text)), config.max_encoded_fraction):
+    if above_limit(ratio(_union_length(spans), len(text)), config.max_encoded_fraction):
         return "code_quality:encoded_fraction"
     return None
 
 
 def keyword_filter(text: str, config: KeywordConfig) -> str | None:
     """HTML remnants per word, the fraction of boilerplate lines, then the user's blocklist."""
-    if _above(_ratio(len(HTML_REMNANT.findall(text)), len(split_words(text))), config.max_html_remnant_ratio):
+    if above_limit(ratio(len(HTML_REMNANT.findall(text)), len(split_words(text))), config.max_html_remnant_ratio):
         return "keyword:html_remnants"
-    lines = _lines(text)
+    lines = split_lines(text)
     boilerplate = _phrase_pattern(config.boilerplate_phrases)
-    if boilerplate is not None and _above(_ratio(sum(bool(boilerplate.search(line.lower())) for line in lines), len(lines)), config.max_boilerplate_line_fraction):
+    if boilerplate is not None and above_limit(ratio(sum(bool(boilerplate.search(line.lower())) for line in lines), len(lines)), config.max_boilerplate_line_fraction):
         return "keyword:boilerplate_lines"
     blocklist = _word_list_pattern(config.blocklist_path) if config.blocklist_path else None
     if blocklist is not None and blocklist.search(text.lower()):
@@ -359,130 +337,12 @@ def keyword_filter(text: str, config: KeywordConfig) -> str | None:
     return None
 
 
-def _lines(text: str) -> list[str]:
-    return [stripped for line in text.splitlines() if (stripped := line.strip())]
-
-
 def _mean_word_length(words: list[str]) -> float:
-    return _ratio(sum(map(len, words)), len(words))
+    return ratio(sum(map(len, words)), len(words))
 
 
 def _alphabetic_word_fraction(words: list[str]) -> float:
-    return _ratio(sum(any(character.isalpha() for character in word) for word in words), len(words))
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    """``numerator / denominator``; 0 for 0/0, and infinite for something per nothing, so a ratio rule still fires."""
-    if denominator:
-        return numerator / denominator
-    return math.inf if numerator else 0.0
-
-
-def _above(value: float, limit: float | None) -> bool:
-    return limit is not None and value > limit
-
-
-def _below(value: float, limit: float | None) -> bool:
-    return limit is not None and value < limit
-
-
-def _duplicate_fractions(segments: list[str]) -> tuple[float, float]:
-    """Fraction of segments, and of their characters, in segments that occur more than once (every copy counted)."""
-    counts = Counter(segments)
-    duplicated = [segment for segment in segments if counts[segment] > 1]
-    return _ratio(len(duplicated), len(segments)), _ratio(sum(map(len, duplicated)), sum(map(len, segments)))
-
-
-def _repetition_measures(text: str, config: GopherRepetitionConfig) -> Iterator[tuple[str, float, float | None]]:
-    """(rule, measured fraction, limit) in the order of table A1, each measured only once the rules before it passed."""
-    lines = _lines(text)
-    paragraphs = [paragraph.strip() for paragraph in PARAGRAPH_BREAK.split(text) if paragraph.strip()]
-    line_fraction, line_character_fraction = _duplicate_fractions(lines)
-    paragraph_fraction, paragraph_character_fraction = _duplicate_fractions(paragraphs)
-    yield "duplicate_line_fraction", line_fraction, config.max_duplicate_line_fraction
-    yield "duplicate_paragraph_fraction", paragraph_fraction, config.max_duplicate_paragraph_fraction
-    yield "duplicate_line_character_fraction", line_character_fraction, config.max_duplicate_line_character_fraction
-    yield "duplicate_paragraph_character_fraction", paragraph_character_fraction, config.max_duplicate_paragraph_character_fraction
-    ngrams = _RepeatedNgrams(split_words(text))
-    for n, limit in sorted(config.max_top_ngram_character_fractions.items()):
-        yield f"top_{n}gram_character_fraction", ngrams.covered_fraction(ngrams.most_frequent(n), n), limit
-    for n, limit in sorted(config.max_duplicate_ngram_character_fractions.items()):
-        # "Taking care not to count characters that occur in overlapping n-grams more than once."
-        starts, _ = ngrams.repeated(n)
-        yield f"duplicate_{n}gram_character_fraction", ngrams.covered_fraction(starts, n), limit
-
-
-class _RepeatedNgrams:
-    """The n-grams of one document that occur more than once, found for n = 1, 2, ... as they are asked for.
-
-    Each distinct word key gets a number, and each n-gram the rank of the pair (number of
-    its first n - 1 words, number of its last word): exact numbers, so unlike hashed
-    n-grams two different n-grams never collide. An n-gram can only repeat where the
-    (n - 1)-grams at its first and second word both repeat, so each size looks only at the
-    repeats of the size before, which thin out fast in natural text.
-    """
-
-    def __init__(self, words: list[str]):
-        # Each distinct word is normalised and measured once.
-        word_numbers, distinct_words = _numbered(words)
-        key_numbers, distinct_keys = _numbered(list(map(bare_word, distinct_words)))
-        self.keys = key_numbers[word_numbers]
-        self.lengths = _lengths(distinct_words)[word_numbers]
-        self.total = int(self.lengths.sum())
-        # Key characters before each word: an n-gram's key characters are a difference of two.
-        self.key_characters_before = np.concatenate(([0], np.cumsum(_lengths(distinct_keys)[self.keys])))
-        repeated = np.flatnonzero(np.bincount(self.keys)[self.keys] > 1)
-        self._by_size = [(repeated, self.keys[repeated])]
-
-    def repeated(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The starts (ascending) of the n-grams that occur more than once, and each one's n-gram number."""
-        while len(self._by_size) < n:
-            starts, numbers = self._by_size[-1]
-            size = len(self._by_size) + 1
-            if len(starts):  # else no n-gram repeats, nor any longer one
-                is_repeat_start = np.zeros(len(self.keys) + 1, dtype=bool)
-                is_repeat_start[starts] = True
-                followed_by_repeat = is_repeat_start[starts + 1]
-                starts, numbers = starts[followed_by_repeat], numbers[followed_by_repeat]
-                # Numbers and keys are below the word count, so the pair's code is exact.
-                pairs = numbers * len(self.keys) + self.keys[starts + size - 1]
-                _, numbers, counts = np.unique(pairs, return_inverse=True, return_counts=True)
-                repeats = counts[numbers] > 1
-                starts, numbers = starts[repeats], numbers[repeats]
-            self._by_size.append((starts, numbers))
-        return self._by_size[n - 1]
-
-    def most_frequent(self, n: int) -> np.ndarray:
-        """The starts of the repeated n-gram with the most copies (none when no n-gram repeats)."""
-        starts, numbers = self.repeated(n)
-        if not len(starts):
-            return starts
-        grams, first_copies, counts = np.unique(numbers, return_index=True, return_counts=True)
-        first_starts = starts[first_copies]
-        key_characters = self.key_characters_before[first_starts + n] - self.key_characters_before[first_starts]
-        # Ties go to the n-gram of most key characters, the strictest reading, then to the first one in the text.
-        best = np.lexsort((-first_starts, key_characters, counts))[-1]
-        return starts[numbers == grams[best]]
-
-    def covered_fraction(self, starts: np.ndarray, n: int) -> float:
-        """Fraction of the words' characters in n-grams starting at ``starts``, each word counted once."""
-        if not len(starts):
-            return 0.0
-        # +1 where an n-gram begins, -1 one word past its end: a word is covered where the running sum is positive.
-        size = len(self.keys) + 1
-        covering = np.cumsum(np.bincount(starts, minlength=size) - np.bincount(starts + n, minlength=size))
-        return _ratio(int(self.lengths[covering[:-1] > 0].sum()), self.total)
-
-
-def _numbered(items: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Each item's number (distinct items numbered in order of first appearance) and the distinct items."""
-    numbers: dict[str, int] = {}
-    item_numbers = np.array([numbers.setdefault(item, len(numbers)) for item in items], dtype=np.int64)
-    return item_numbers, list(numbers)
-
-
-def _lengths(items: list[str]) -> np.ndarray:
-    return np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+    return ratio(sum(any(character.isalpha() for character in word) for word in words), len(words))
 
 
 def _union_length(spans: list[tuple[int, int]]) -> int:
@@ -519,7 +379,8 @@ def _check_at_least_zero(config, *names: str) -> None:
         check(value is None or value >= 0, name, value, "must be at least 0 (or null to turn the rule off)")
 
 
-def _check_fractions(config, *names: str) -> None:
+def check_fractions(config, *names: str) -> None:
+    """Check that each named threshold of a config is a fraction in [0, 1] or None."""
     for name in names:
         value = getattr(config, name)
         check(value is None or 0 <= value <= 1, name, value, "must be a fraction in [0, 1] (or null to turn the rule off)")
@@ -540,16 +401,3 @@ def _phrases(config, name: str) -> tuple[str, ...]:
     value = getattr(config, name)
     check(isinstance(value, (list, tuple)) and all(isinstance(phrase, str) and phrase.strip() for phrase in value), name, value, "must be a list of non-empty strings")
     return tuple(phrase.strip().lower() for phrase in value)
-
-
-def _ngram_thresholds(config, name: str) -> dict[int, float]:
-    """``{n: fraction}`` with n >= 1 and fractions in [0, 1]; YAML may spell the keys as strings."""
-    value = getattr(config, name)
-    check(isinstance(value, dict), name, value, "must map n-gram sizes to fractions, e.g. {2: 0.2}")
-    thresholds = {}
-    for n, limit in value.items():
-        size = int(n) if isinstance(n, str) and n.strip().isdigit() else n
-        check(isinstance(size, int) and not isinstance(size, bool) and size >= 1, name, value, f"n-gram size {n!r} must be a whole number >= 1")
-        check(isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 <= limit <= 1, name, value, f"the fraction for {size}-grams must be in [0, 1]")
-        thresholds[size] = float(limit)
-    return thresholds

@@ -7,8 +7,8 @@ needs the whole corpus before deciding (de-duplication, score quantiles): it
 ``measure``\\ s every shard in parallel, ``decide``\\ s once in the driver from all
 measurements (saving the decision beside the work files), then ``apply``\\ s the
 decision per document in the next parallel pass. The rules themselves live in
-their own modules (``clean``, ``filters``, ``langid``, ``dedup``, ``pii``,
-``decontam``, ``quality``); this file only wires them to documents.
+their own modules (``clean``, ``filters``, ``repetition``, ``langid``, ``dedup``,
+``pii``, ``decontam``, ``quality``); this file only wires them to documents.
 
 Every step names the document profiles it applies to: prose rules (Gopher, C4,
 language) leave source code alone, the code rules leave prose alone.
@@ -26,7 +26,7 @@ from typing import ClassVar
 import numpy as np
 
 from llmkit.config import build, check
-from llmkit.data import clean, decontam, dedup, filters, langid, pii, quality
+from llmkit.data import clean, decontam, dedup, filters, langid, pii, quality, repetition
 from llmkit.data.sources import Document, iter_documents
 from llmkit.errors import ConfigError
 from llmkit.io import atomic_write_json, read_json
@@ -103,7 +103,7 @@ class Language(Step):
 
 
 class RuleFilter(Step):
-    """A pure ``rule(text, config) -> reason | None`` from :mod:`llmkit.data.filters`."""
+    """A pure ``rule(text, config) -> reason | None`` (:mod:`llmkit.data.filters`, :mod:`llmkit.data.repetition`)."""
 
     rule: ClassVar
 
@@ -116,7 +116,7 @@ class GopherQuality(RuleFilter):
 
 
 class GopherRepetition(RuleFilter):
-    name, config_class, profiles, rule = "gopher_repetition", filters.GopherRepetitionConfig, ("prose",), filters.gopher_repetition
+    name, config_class, profiles, rule = "gopher_repetition", repetition.GopherRepetitionConfig, ("prose",), repetition.gopher_repetition
 
 
 class Keyword(RuleFilter):
