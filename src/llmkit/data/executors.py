@@ -39,11 +39,14 @@ class LocalExecutor:
 
 
 def _limit_threads() -> None:
-    # The processes are the parallelism; threads inside each (torch, tokenizers) would oversubscribe the CPUs.
+    # The processes are the parallelism; threads inside each (torch, tokenizers, numpy's BLAS) would
+    # oversubscribe the CPUs: langid's matrix-vector products ran 3-5x slower with two BLAS threads per worker.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import threadpoolctl
     import torch
 
     torch.set_num_threads(1)
+    threadpoolctl.threadpool_limits(1)
 
 
 def _call(function_and_arguments: tuple[Callable, tuple]):
@@ -63,6 +66,7 @@ class DaskExecutor:
             self.client = Client(scheduler)
         else:
             self.client = Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None))
+        self.client.run(_limit_threads)
 
     def run(self, function: Callable, arguments: list[tuple], description: str) -> None:
         from dask.distributed import as_completed
