@@ -119,6 +119,8 @@ def test_mixture_epochs_follow_the_weights():
     # a gets 3/4 of 400 bytes = 300 from 100 (3 epochs), b gets 100 of its 300 (1/3 epoch)
     assert mixture_epochs({"a": 100, "b": 300}, {"a": 3.0, "b": 1.0}) == pytest.approx({"a": 3.0, "b": 1 / 3})
     assert mixture_epochs({"a": 100, "b": 300}, {"a": 1.0, "b": 1.0}, total_bytes=800) == pytest.approx({"a": 4.0, "b": 4 / 3})
+    # a source the filters emptied gets no epochs; the others split the whole mixture
+    assert mixture_epochs({"a": 100, "b": 0}, {"a": 1.0, "b": 3.0}) == {"a": 1.0, "b": 0.0}
     with pytest.raises(ConfigError, match="missing for b"):
         mixture_epochs({"a": 100, "b": 300}, {"a": 1.0, "b": None})
 

@@ -30,12 +30,9 @@ def mixture_epochs(source_bytes: dict[str, int], weights: dict[str, float | None
         missing = sorted(set(source_bytes) - set(given))
         raise ConfigError("weight", None, f"give every source a weight or none (missing for {', '.join(missing)})")
     total = total_bytes if total_bytes is not None else sum(source_bytes.values())
-    weight_sum = sum(given.values())
-    epochs = {}
-    for name, size in source_bytes.items():
-        share = given[name] / weight_sum
-        epochs[name] = share * total / size if size else 0.0
-    return epochs
+    # A source the filters emptied cannot take its share: the others split the whole mixture.
+    weight_sum = sum(weight for name, weight in given.items() if source_bytes[name])
+    return {name: given[name] / weight_sum * total / size if size else 0.0 for name, size in source_bytes.items()}
 
 
 def sample_mixture(sources: Sequence[str], sizes: Sequence[int], epochs: dict[str, float], seed: int) -> list[int]:

@@ -227,7 +227,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     finally:
         executor.close()
 
-    statistics = _merge_statistics(work, len(phases), ingest["shards"])
+    statistics = _merge_statistics(work, [step.label for step in steps], len(phases), ingest["shards"])
     description = {"pipeline": {"steps": [name for name, _ in config.step_configs], "curriculum": config.curriculum,
                                 "seed": config.seed, "val_fraction": config.val_fraction},
                    "filter_statistics": statistics, "step_setup": setup, "step_decisions": decisions}
@@ -290,16 +290,16 @@ def _gather_measurements(work: Work, phase: int, shards: int) -> dict[str, np.nd
     return {name: np.concatenate(arrays) for name, arrays in parts.items()}
 
 
-def _merge_statistics(work: Work, phases: int, shards: int) -> dict:
+def _merge_statistics(work: Work, labels: list[str], phases: int, shards: int) -> dict:
     """Every step's statistics summed over shards, in pipeline order (``seconds``: measuring and applying it)."""
-    merged: dict = {}
+    merged: dict = {label: {**_step_statistics(), "changes": {}} for label in labels}
     for phase in range(phases):
         for shard in range(shards):
             shard_statistics = read_json(work.output(phase, shard, "stats.json"))
             for label, seconds in shard_statistics["measured"].items():
-                merged.setdefault(label, {**_step_statistics(), "changes": {}})["seconds"] += seconds
+                merged[label]["seconds"] += seconds
             for label, counts in shard_statistics["steps"].items():
-                total = merged.setdefault(label, {**_step_statistics(), "changes": {}})
+                total = merged[label]
                 for name in ("documents_in", "bytes_in", "bytes_out", "skipped_profile", "seconds"):
                     total[name] += counts[name]
                 for reason, removal in counts["removed"].items():

@@ -93,6 +93,10 @@ def _markdown(rows: list[dict], ingest: dict, manifest: dict, tokens_per_byte: f
     if changes:
         lines += ["", "Changes made without removing documents: "
                   + "; ".join(f"{step}: " + ", ".join(f"{k} {v:,}" for k, v in c.items()) for step, c in changes.items()) + "."]
+    emptied = [name for name, source in manifest["mixture"].items() if not source["kept_train_bytes"]]
+    if emptied:
+        lines += ["", f"**No training documents left from {', '.join(emptied)}**: every document was removed (see the "
+                  "reasons above); the other sources share the mixture."]
     lines += ["", f"Removed tokens are estimated at the kept corpus's {tokens_per_byte:.3f} tokens per byte.", "",
               "| source | weight | epochs | kept training bytes |", "|---|---|---|---|"]
     for name, source in manifest["mixture"].items():
