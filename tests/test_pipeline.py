@@ -53,6 +53,7 @@ def corpus(tmp_path_factory):
     documents["contaminated"] = english_document(rng) + " " + evaluation + " " + english_document(rng, 2)
     lines = [json.dumps({"text": text, "name": name}) for name, text in documents.items()]
     lines.insert(5, "{not json")
+    lines.insert(8, json.dumps({"text": "  \n ", "name": "blank"}))
     (root / "web.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     html_folder = root / "pages"
     html_folder.mkdir()
@@ -111,15 +112,16 @@ def test_every_planted_problem_is_removed_or_masked_for_its_reason(corpus, tmp_p
         [text for name, text in documents.items() if name not in ("too_short", "exact_copy", "near_copy", "contaminated", "with_email")]
         + [documents["with_email"].replace("jane.doe@example.com", "<EMAIL>"), corpus["page_text"],
            "def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n"])
-    assert summary["bad_records"] == 1 and summary["documents_read"] == len(documents) + 2
+    assert summary["skipped_records"] == 2 and summary["documents_read"] == len(documents) + 2
     assert summary["documents_kept"] == len(kept)
     manifest = load_manifest(out)
     assert manifest["filter_statistics"]["pii"]["changes"] == {"modified_documents": 1, "masked_email": 1}
     assert manifest["splits"]["train"]["documents"] == len(kept)
 
     report = (out / "report.md").read_text()
-    assert "| exact_dedup | " in report and "decontaminate:gsm8k_test (1)" in report and "1 bad records skipped" in report
+    assert "| exact_dedup | " in report and "decontaminate:gsm8k_test (1)" in report and "2 records skipped" in report
     assert "web.jsonl:6: not valid JSON" in report
+    assert (out / "work" / "ingest_errors.txt").read_text().splitlines()[1].endswith("web.jsonl:9: empty document, skipped")
     assert (out / "data_steps.png").stat().st_size > 0 and (out / "data_histograms.png").stat().st_size > 0
 
 

@@ -48,7 +48,7 @@ def write_data_report(config, work, manifest: dict, kept_meta: list[dict], inges
         "bytes_kept": kept_bytes,
         "train_tokens": splits["train"]["tokens"],
         "val_tokens": splits["val"]["tokens"],
-        "bad_records": ingest["errors"],
+        "skipped_records": ingest["errors"],
         "steps": {row["step"]: row["removed_documents"] for row in step_rows},
         "mixture_epochs": {name: source["epochs"] for name, source in manifest["mixture"].items()},
         **{f"{label}_{name}": value for results in (setup, decisions) for label, metrics in results.items()
@@ -80,7 +80,8 @@ def _collect_removed(work, phases: int, shards: int, side_file: Path | None) -> 
 
 def _markdown(rows: list[dict], ingest: dict, manifest: dict, tokens_per_byte: float) -> str:
     lines = [f"Read {ingest['documents']:,} documents in {ingest['shards']} shards"
-             + (f"; {ingest['errors']:,} bad records skipped (e.g. {ingest['error_examples'][0]})" if ingest["errors"] else "") + ".",
+             + (f"; {ingest['errors']:,} records skipped: malformed, binary or empty (e.g. {ingest['error_examples'][0]}; "
+                f"all in work/ingest_errors.txt)" if ingest["errors"] else "") + ".",
              "", "| step | documents in | removed | removed % | bytes removed | ≈ tokens removed | CPU seconds | top reasons |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -112,6 +112,12 @@ def _report(on_error: Callable[[str], None] | None, message: str) -> None:
     on_error(message)
 
 
+def _note_empty(on_error: Callable[[str], None] | None, where: str) -> None:
+    """Blank documents are skipped; a caller that counts skipped records hears of them too."""
+    if on_error is not None:
+        on_error(f"{where}: empty document, skipped")
+
+
 def _walk_folder(root: Path, name: str, text_field: str, suffixes: tuple[str, ...] | None, skipped_folders: tuple[str, ...],
                  on_error: Callable[[str], None] | None) -> Iterator[Document]:
     """Every file under ``root`` in sorted order; hidden entries (.git, ...) are skipped, binaries counted and skipped."""
@@ -145,7 +151,10 @@ def _documents_of_file(path: Path, name: str, document_id: str, text_field: str,
     text = _read_text(path)
     if text is None:
         return None
-    return iter([Document(text, name, document_id)] if text.strip() else [])
+    if not text.strip():
+        _note_empty(on_error, str(path))
+        return iter([])
+    return iter([Document(text, name, document_id)])
 
 
 def _read_text(path: Path) -> str | None:
@@ -172,6 +181,8 @@ def _documents_of_jsonl(path: Path, name: str, document_id: str, text_field: str
             _report(on_error, f"{path}:{line_number}: {problem}")
         elif text.strip():
             yield Document(text, name, f"{document_id}:{line_number}")
+        else:
+            _note_empty(on_error, f"{path}:{line_number}")
 
 
 def _documents_of_parquet(path: Path, name: str, document_id: str, text_field: str,
@@ -199,4 +210,6 @@ def _documents_of_parquet(path: Path, name: str, document_id: str, text_field: s
                 _report(on_error, f"{path}: row {row}: field '{text_field}' is null, expected a string")
             elif text.strip():
                 yield Document(text, name, f"{document_id}:{row}")
+            else:
+                _note_empty(on_error, f"{path}: row {row}")
             row += 1

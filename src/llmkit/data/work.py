@@ -4,7 +4,7 @@
 work/
   pipeline.json            the pipeline that made it (a different one is refused)
   ingest/shard_NNNNN.jsonl the sources cut into shards of keyed documents
-  ingest.json              ingest finished: shard count, documents per source, bad records
+  ingest.json              ingest finished: shard count, documents per source, skipped records
   steps/NN_name_*          step artefacts: decisions, classifier, evaluation index
   setup.json decisions.json  step set-up and decision metrics
   phase_P/shard_NNNNN.{kept.jsonl, removed.jsonl, measure.npz, stats.json}
