@@ -216,7 +216,7 @@ def test_loading_a_missing_or_foreign_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="contamination index not found"):
         ContaminationIndex.load(tmp_path / "absent.npz")
     (tmp_path / "foreign.npz").write_bytes(b"not a zip archive")
-    with pytest.raises(InputError, match="foreign.npz: not a contamination index"):
+    with pytest.raises(InputError, match="foreign.npz: not a valid contamination index"):
         ContaminationIndex.load(tmp_path / "foreign.npz")
 
 

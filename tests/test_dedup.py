@@ -337,10 +337,10 @@ def test_repeated_lines_save_and_load(tmp_path):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(repeated, name))
     assert loaded.remove(CORPUS[20], 20) == repeated.remove(CORPUS[20], 20)
     assert [path.name for path in tmp_path.iterdir()] == ["lines.npz"]
-    with pytest.raises(InputError, match="missing.npz: file not found"):
+    with pytest.raises(InputError, match="missing.npz: repeated-lines file not found"):
         RepeatedLines.load(tmp_path / "missing.npz")
     np.savez(tmp_path / "other.npz", something=np.zeros(3))
-    with pytest.raises(InputError, match="other.npz: not a repeated-lines file"):
+    with pytest.raises(InputError, match="other.npz: not a valid repeated-lines file"):
         RepeatedLines.load(tmp_path / "other.npz")
 
 

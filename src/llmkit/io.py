@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -127,3 +128,29 @@ def iter_jsonl(path: str | Path, on_error: Callable[[str], None] | None = None) 
             if on_error is None:
                 raise error
             on_error(str(error))
+
+
+def atomic_write_arrays(path: str | Path, **arrays) -> None:
+    """Named numpy arrays as an ``.npz`` file, written atomically."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def read_arrays(path: str | Path, what: str, names: tuple[str, ...]) -> dict:
+    """The arrays ``names`` of an ``.npz`` file; a missing or malformed file raises naming ``what`` it should be."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {name: arrays[name] for name in names}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise InputError(f"{path}: not a valid {what} ({error})") from None
+

@@ -39,10 +39,8 @@ with any benchmark, after dropping case and punctuation; we follow it:
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,8 +49,9 @@ import numpy as np
 import xxhash
 
 from llmkit.config import check
+from llmkit.data.sources import open_parquet
 from llmkit.errors import InputError
-from llmkit.io import atomic_write_bytes, iter_jsonl, read_json
+from llmkit.io import atomic_write_arrays, iter_jsonl, read_arrays, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +213,8 @@ class ContaminationIndex:
 
     def save(self, path: str | Path) -> None:
         """Write the index as one ``.npz`` file, atomically, for worker processes to :meth:`load`."""
-        buffer = io.BytesIO()
-        np.savez(
-            buffer,
+        atomic_write_arrays(
+            path,
             format=np.int64(INDEX_FORMAT),
             hashes=self.hashes,
             set_ids=self.set_ids,
@@ -225,27 +223,14 @@ class ContaminationIndex:
             min_words=np.int64(self.min_words),
             lengths=np.array(sorted(self.lengths), dtype=np.int64),
         )
-        atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> "ContaminationIndex":
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: contamination index not found")
-        try:
-            with np.load(path, allow_pickle=False) as arrays:
-                if int(arrays["format"]) != INDEX_FORMAT:
-                    raise InputError(f"{path}: contamination index format {int(arrays['format'])}, expected {INDEX_FORMAT}; rebuild it")
-                return cls(
-                    arrays["hashes"],
-                    arrays["set_ids"],
-                    [str(name) for name in arrays["set_names"]],
-                    int(arrays["ngram"]),
-                    int(arrays["min_words"]),
-                    [int(length) for length in arrays["lengths"]],
-                )
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-            raise InputError(f"{path}: not a contamination index ({error})") from None
+        arrays = read_arrays(path, "contamination index", ("format", "hashes", "set_ids", "set_names", "ngram", "min_words", "lengths"))
+        if int(arrays["format"]) != INDEX_FORMAT:
+            raise InputError(f"{path}: contamination index format {int(arrays['format'])}, expected {INDEX_FORMAT}; rebuild it")
+        return cls(arrays["hashes"], arrays["set_ids"], [str(name) for name in arrays["set_names"]], int(arrays["ngram"]),
+                   int(arrays["min_words"]), [int(length) for length in arrays["lengths"]])
 
 
 def iter_strings(value: Any) -> Iterator[str]:
@@ -299,15 +284,7 @@ def _csv_texts(path: Path) -> Iterator[str]:
 
 
 def _parquet_texts(path: Path) -> Iterator[str]:
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise InputError(f"{path}: reading Parquet needs pyarrow (pip install 'llmkit[parquet]')") from None
-    try:
-        parquet_file = pyarrow.parquet.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as error:
-        raise InputError(f"{path}: not a readable Parquet file ({error})") from None
+    parquet_file = open_parquet(path)
     # Record batches keep memory bounded; nested columns come back as dicts and lists.
     for batch in parquet_file.iter_batches():
         yield from iter_strings(batch.to_pylist())

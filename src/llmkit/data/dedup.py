@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ import numpy as np
 
 from llmkit.config import check
 from llmkit.errors import InputError
-from llmkit.io import atomic_write_bytes
+from llmkit.io import atomic_write_arrays, read_arrays
 
 # The value of every position of an empty document's signature: no shingle was ever smaller.
 EMPTY_SIGNATURE_VALUE = np.iinfo(np.uint32).max
@@ -419,17 +418,9 @@ class RepeatedLines:
         return "".join(line for line, drop in zip(lines, dropped) if not drop), int(dropped.sum())
 
     def save(self, path: str | Path) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, hashes=self.hashes, owners=self.owners, document_counts=self.document_counts)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_arrays(path, hashes=self.hashes, owners=self.owners, document_counts=self.document_counts)
 
     @classmethod
     def load(cls, path: str | Path) -> "RepeatedLines":
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: file not found")
-        try:
-            with np.load(path, allow_pickle=False) as arrays:
-                return cls(arrays["hashes"], arrays["owners"], arrays["document_counts"])
-        except (KeyError, ValueError, OSError) as error:
-            raise InputError(f"{path}: not a repeated-lines file ({error})") from None
+        arrays = read_arrays(path, "repeated-lines file", ("hashes", "owners", "document_counts"))
+        return cls(arrays["hashes"], arrays["owners"], arrays["document_counts"])

@@ -53,7 +53,7 @@ from llmkit.data.sources import Document, is_held_out
 from llmkit.data.steps import STEPS, Classifier, CorpusStep, Step, parse_steps
 from llmkit.data.work import TemporaryJsonl, Work, read_records
 from llmkit.errors import InputError
-from llmkit.io import atomic_write_json, read_json
+from llmkit.io import atomic_write_arrays, atomic_write_json, read_json
 
 WORK_FORMAT_VERSION = 1
 DEFAULT_STEPS = ["clean", "language", "gopher_quality", "gopher_repetition", "code_quality", "exact_dedup",
@@ -186,9 +186,7 @@ def run_shard(work_root: str, phase: int, shard: int) -> dict:
         started = time.perf_counter()
         measurements = measured.measure(kept)
         measure_seconds = time.perf_counter() - started
-        temporary = work.output(phase, shard, "measure.tmp.npz")
-        np.savez(temporary, **measurements)
-        os.replace(temporary, work.output(phase, shard, "measure.npz"))
+        atomic_write_arrays(work.output(phase, shard, "measure.npz"), **measurements)
     for document in kept:
         kept_file.write({"id": document.id, "source": document.source, "text": document.text, "meta": document.meta})
     kept_file.commit()

@@ -185,17 +185,24 @@ def _documents_of_jsonl(path: Path, name: str, document_id: str, text_field: str
             _note_empty(on_error, f"{path}:{line_number}")
 
 
-def _documents_of_parquet(path: Path, name: str, document_id: str, text_field: str,
-                          on_error: Callable[[str], None] | None) -> Iterator[Document]:
+def open_parquet(path: Path):
+    """A ``pyarrow.parquet.ParquetFile``, with one-line errors when pyarrow is missing or the file is not Parquet."""
     try:
         import pyarrow
         import pyarrow.parquet
     except ImportError:
         raise InputError(f"{path}: reading Parquet needs pyarrow (pip install 'llmkit[parquet]')") from None
     try:
-        parquet_file = pyarrow.parquet.ParquetFile(path)
+        return pyarrow.parquet.ParquetFile(path)
     except (pyarrow.ArrowException, OSError) as error:
         raise InputError(f"{path}: not a readable Parquet file ({error})") from None
+
+
+def _documents_of_parquet(path: Path, name: str, document_id: str, text_field: str,
+                          on_error: Callable[[str], None] | None) -> Iterator[Document]:
+    import pyarrow
+
+    parquet_file = open_parquet(path)
     schema = parquet_file.schema_arrow
     if text_field not in schema.names:
         raise InputError(f"{path}: missing column '{text_field}' (columns: {', '.join(schema.names)})")

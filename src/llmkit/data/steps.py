@@ -29,7 +29,7 @@ from llmkit.config import build, check
 from llmkit.data import clean, decontam, dedup, filters, langid, pii, quality, repetition
 from llmkit.data.sources import Document, iter_documents
 from llmkit.errors import ConfigError
-from llmkit.io import atomic_write_json, read_json
+from llmkit.io import atomic_write_arrays, atomic_write_json, read_arrays, read_json
 
 PROFILES = ("prose", "code")
 
@@ -187,16 +187,14 @@ class DropKeys(CorpusStep):
     """A corpus step whose decision is a set of document keys to drop."""
 
     def _decision_path(self) -> Path:
-        return self.artifacts.with_name(self.artifacts.name + "_drop.npy")
+        return self.artifacts.with_name(self.artifacts.name + "_drop.npz")
 
     def _save_drops(self, keys: np.ndarray) -> None:
-        temporary = self._decision_path().with_suffix(".tmp.npy")
-        np.save(temporary, np.sort(keys.astype(np.int64)))
-        temporary.replace(self._decision_path())
+        atomic_write_arrays(self._decision_path(), keys=np.sort(keys.astype(np.int64)))
 
     def apply(self, document):
         if not hasattr(self, "dropped"):
-            self.dropped = set(np.load(self._decision_path()).tolist())
+            self.dropped = set(read_arrays(self._decision_path(), "de-duplication decision", ("keys",))["keys"].tolist())
         return self.name if document.meta["key"] in self.dropped else None
 
 
