@@ -16,7 +16,7 @@ import yaml
 from llmkit.cli import main
 from llmkit.data.pipeline import PipelineConfig, run_pipeline
 from llmkit.data.shards import load_manifest, open_split
-from llmkit.errors import ConfigError
+from llmkit.errors import ConfigError, InputError
 from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point government "
@@ -195,6 +195,13 @@ def test_unknown_step_and_bad_threshold_are_config_errors_naming_them(corpus, tm
     config_file = tmp_path / "pipeline.yaml"
     config_file.write_text(yaml.safe_dump({"sources": ["stdlib"], "steps": ["clean", {"gopher_quality": {"min_words": -3}}]}))
     assert main(["data", "run", str(config_file)]) == 2
+
+
+def test_a_missing_tokenizer_fails_before_any_work(corpus, tmp_path):
+    out = tmp_path / "data"
+    with pytest.raises(InputError, match="no_tokenizer/tokenizer.json: file not found"):
+        run_pipeline(pipeline_config(corpus, out, tokenizer=str(tmp_path / "no_tokenizer")))
+    assert not out.exists()
 
 
 def test_a_different_pipeline_in_the_same_work_directory_is_refused(corpus, tmp_path):

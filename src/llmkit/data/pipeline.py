@@ -53,6 +53,7 @@ from llmkit.data.sources import Document, is_held_out
 from llmkit.data.steps import STEPS, Classifier, CorpusStep, Step, parse_steps
 from llmkit.data.work import TemporaryJsonl, Work, read_records
 from llmkit.errors import InputError
+from llmkit.tokenizer import Tokenizer
 from llmkit.io import atomic_write_arrays, atomic_write_json, read_json
 
 WORK_FORMAT_VERSION = 1
@@ -205,6 +206,7 @@ def _step_statistics() -> dict:
 def run_pipeline(config: PipelineConfig) -> dict:
     """Run the whole pipeline (resuming a previous run of the same pipeline); return the summary."""
     start = time.perf_counter()
+    Tokenizer.load(config.tokenizer)  # a missing tokenizer fails now, not after hours of filtering
     work = _open_work(config)
     steps = build_steps(config, work)
     ingest = ingest_sources(config.source_configs, config.documents_per_shard, work)
