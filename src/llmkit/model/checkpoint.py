@@ -71,6 +71,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model.load_state_dict(state, assign=True)
     if model_config.tie_embeddings:
         model.lm_head.weight = model.token_embedding.weight
-    model.reset_rope(device)
+    model.reset_position_tables(device)
     model.to(device=device, dtype=dtype)
     return model.eval(), config

@@ -10,9 +10,10 @@ from llmkit.config import check
 from llmkit.errors import ConfigError
 
 Norm = Literal["layernorm", "rmsnorm"]
-NormPlacement = Literal["pre", "post"]
-Position = Literal["learned", "rope", "none"]
-Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
+NormPlacement = Literal["pre", "post", "sandwich", "deepnorm"]
+Position = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "relu2", "swiglu", "geglu"]
+GATED_ACTIVATIONS = ("swiglu", "geglu")
 
 
 @dataclass
@@ -26,11 +27,19 @@ class ModelConfig:
     ffn_hidden: int | None = field(default=None, metadata={"help": "feed-forward width (default 4*n_embd; 2/3 of that for SwiGLU)"})
     ffn_multiple_of: int = field(default=1, metadata={"help": "round the default feed-forward width up to a multiple of this (LLaMA: 256)"})
     norm: Norm = field(default="layernorm", metadata={"help": "normalisation layer"})
-    norm_placement: NormPlacement = field(default="pre", metadata={"help": "pre-LN (GPT-2) or post-LN (original Transformer, GPT-1)"})
+    norm_placement: NormPlacement = field(default="pre", metadata={"help": "pre-LN (GPT-2), post-LN (GPT-1), sandwich-LN (CogView) or DeepNorm (DeepNet)"})
+    embedding_norm: bool = field(default=False, metadata={"help": "normalise the embeddings before the first block (BLOOM)"})
     norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the normalisation layers"})
     position: Position = field(default="learned", metadata={"help": "position encoding"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
     activation: Activation = field(default="gelu", metadata={"help": "feed-forward activation"})
+    qk_norm: bool = field(default=False, metadata={"help": "RMS-normalise queries and keys per head before attention"})
+    logit_softcap: float | None = field(default=None, metadata={"help": "squash output logits to (-cap, cap) with cap*tanh(x/cap) (Gemma 2)"})
+    zero_init_projections: bool = field(default=False, metadata={"help": "initialise the projections into the residual stream at zero"})
+    moe_experts: int = field(default=0, metadata={"help": "Mixture-of-Experts feed-forward with this many experts (0 = dense)"})
+    moe_top_k: int = field(default=2, metadata={"help": "experts each token is routed to"})
+    moe_capacity_factor: float = field(default=1.25, metadata={"help": "expert capacity = factor * tokens * top_k / experts; overflow is dropped"})
+    moe_aux_loss_weight: float = field(default=0.01, metadata={"help": "weight of the load-balancing auxiliary loss"})
     bias: bool = field(default=True, metadata={"help": "biases in linear and norm layers"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share the input embedding and the output head"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
@@ -45,10 +54,12 @@ class ModelConfig:
         check(self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head, f"must divide n_head={self.n_head}")
         if self.position == "rope":
             check(self.head_dim % 2 == 0, "n_embd", self.n_embd, "RoPE needs an even head size (n_embd / n_head)")
+        if self.position == "sinusoidal":
+            check(self.n_embd % 2 == 0, "n_embd", self.n_embd, "sinusoidal positions need an even width")
         if self.ffn_hidden is None:
             hidden = 4 * self.n_embd
-            if self.activation == "swiglu":
-                # SwiGLU has three matrices instead of two; 2/3 keeps the parameter count (Shazeer 2020, LLaMA).
+            if self.activation in GATED_ACTIVATIONS:
+                # A gated unit has three matrices instead of two; 2/3 keeps the parameter count (Shazeer 2020, LLaMA).
                 hidden = int(2 * hidden / 3)
             self.ffn_hidden = self.ffn_multiple_of * ((hidden + self.ffn_multiple_of - 1) // self.ffn_multiple_of)
         check(self.ffn_hidden > 0, "ffn_hidden", self.ffn_hidden, "must be positive")
@@ -56,6 +67,12 @@ class ModelConfig:
         check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be positive")
         check(self.init_std > 0, "init_std", self.init_std, "must be positive")
         check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
+        check(self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap", self.logit_softcap, "must be positive")
+        check(self.moe_experts >= 0, "moe_experts", self.moe_experts, "must be 0 (dense) or more")
+        if self.moe_experts:
+            check(1 <= self.moe_top_k <= self.moe_experts, "moe_top_k", self.moe_top_k, f"must be in 1..moe_experts={self.moe_experts}")
+            check(self.moe_capacity_factor > 0, "moe_capacity_factor", self.moe_capacity_factor, "must be positive")
+            check(self.moe_aux_loss_weight >= 0, "moe_aux_loss_weight", self.moe_aux_loss_weight, "must be >= 0")
 
     @property
     def head_dim(self) -> int:

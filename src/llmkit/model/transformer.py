@@ -1,8 +1,9 @@
 """The one decoder-only Transformer.
 
-Read top to bottom: token embedding -> (learned positions) -> blocks of
-[attention, feed-forward] with the configured normalisation placement ->
-final norm -> output head. Every architectural variant is a field of
+Read top to bottom: token embedding -> (learned or sinusoidal positions) ->
+(embedding norm) -> blocks of [attention (RoPE or ALiBi, QK-norm, causal or
+prefix mask), feed-forward (dense or Mixture-of-Experts)] with the configured
+normalisation placement -> final norm -> output head (-> logit soft-cap). Every architectural variant is a field of
 :class:`ModelConfig` that selects a small function or module here; there are no
 subclasses. Training, full-sequence scoring and incremental decoding share one
 code path: attention takes an optional :class:`KVCache`.
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.model.config import ModelConfig
+from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
+from llmkit.model.moe import MixtureOfExperts
 
 
 class RMSNorm(nn.Module):
@@ -76,6 +78,27 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
+def sinusoidal_table(config: ModelConfig, length: int, device=None) -> torch.Tensor:
+    """Vaswani et al. 2017 §3.5: sin on even and cos on odd dimensions, wavelengths 2π .. 10000·2π."""
+    positions = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, config.n_embd, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / config.n_embd))
+    table = torch.zeros(length, config.n_embd, device=device)
+    table[:, 0::2] = torch.sin(positions * frequency)
+    table[:, 1::2] = torch.cos(positions * frequency)
+    return table
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Press et al. 2022: head h of H gets slope 2^(-8h/H); for H not a power of two, the slopes of the
+    next lower power of two followed by every other slope of twice that many heads (their reference code)."""
+    def powers(count: int) -> list[float]:
+        return [2 ** (-8 * (head + 1) / count) for head in range(count)]
+
+    lower = 2 ** math.floor(math.log2(n_head))
+    slopes = powers(lower) + powers(2 * lower)[0::2][: n_head - lower]
+    return torch.tensor(slopes)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -85,6 +108,10 @@ class Attention(nn.Module):
         # (Ainslie et al. 2023) k and v have n_kv_head heads each, shared by n_head / n_kv_head queries.
         self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
         self.out = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # QK-norm (Dehghani et al. 2023; OLMo 2, modded-nanogpt): bounded attention logits, so larger
+        # learning rates do not blow up the softmax.
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
     def forward(self, x, rope, cache: KVCache | None, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
@@ -93,6 +120,8 @@ class Attention(nn.Module):
         q = q.view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -116,8 +145,8 @@ class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.activation = config.activation
-        gated = config.activation == "swiglu"
-        # SwiGLU (Shazeer 2020): gate and up projections fused into one matmul, split after.
+        gated = config.activation in GATED_ACTIVATIONS
+        # Gated units (Shazeer 2020): gate and up projections fused into one matmul, split after.
         self.up = nn.Linear(config.n_embd, (2 if gated else 1) * config.ffn_hidden, bias=config.bias)
         self.down = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
 
@@ -126,34 +155,75 @@ class FeedForward(nn.Module):
         if self.activation == "swiglu":
             gate, up = hidden.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
+        elif self.activation == "geglu":
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = F.gelu(gate) * up
         elif self.activation == "gelu_tanh":  # GPT-2's approximation; keeps logits equal to theirs
             hidden = F.gelu(hidden, approximate="tanh")
         elif self.activation == "gelu":
             hidden = F.gelu(hidden)
+        elif self.activation == "relu2":  # squared ReLU (So et al. 2021, Primer; modded-nanogpt)
+            hidden = F.relu(hidden).square()
         else:
             hidden = F.relu(hidden)
         return self.down(hidden)
 
 
+def make_feed_forward(config: ModelConfig) -> nn.Module:
+    if config.moe_experts:
+        return MixtureOfExperts(config.n_embd, config.moe_experts, config.moe_top_k, config.moe_capacity_factor,
+                                lambda: FeedForward(config))
+    return FeedForward(config)
+
+
+def deepnorm_constants(n_layer: int) -> tuple[float, float]:
+    """DeepNet (Wang et al. 2022, table 1, decoder-only): residual scale alpha = (2N)^(1/4) and
+    init scale beta = (8N)^(-1/4) for N layers."""
+    return (2 * n_layer) ** 0.25, (8 * n_layer) ** -0.25
+
+
+def experts_of(feed_forward: nn.Module) -> list[FeedForward]:
+    """The dense feed-forward itself, or every expert of a mixture."""
+    return list(feed_forward.experts) if isinstance(feed_forward, MixtureOfExperts) else [feed_forward]
+
+
+def feed_forward_linears(feed_forward: nn.Module) -> list[nn.Linear]:
+    return [linear for expert in experts_of(feed_forward) for linear in (expert.up, expert.down)]
+
+
+def residual_projections(block: "Block") -> list[nn.Linear]:
+    """The projections that write into the residual stream: attention output and feed-forward down."""
+    return [block.attention.out] + [expert.down for expert in experts_of(block.feed_forward)]
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
-        self.pre_norm = config.norm_placement == "pre"
+        self.placement = config.norm_placement
         self.attention_norm = make_norm(config)
         self.attention = Attention(config, layer_index)
         self.feed_forward_norm = make_norm(config)
-        self.feed_forward = FeedForward(config)
+        self.feed_forward = make_feed_forward(config)
+        # Sandwich-LN (Ding et al. 2021, CogView) also normalises each sub-layer's output.
+        sandwich = config.norm_placement == "sandwich"
+        self.attention_output_norm = make_norm(config) if sandwich else None
+        self.feed_forward_output_norm = make_norm(config) if sandwich else None
+        self.residual_scale = deepnorm_constants(config.n_layer)[0] if config.norm_placement == "deepnorm" else 1.0
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, cache, mask, is_causal):
-        if self.pre_norm:
+        if self.placement == "pre":
             # Pre-LN (GPT-2, Xiong et al. 2020): the residual stream stays an identity path, which
             # trains stably without a long warmup.
             x = x + self.dropout(self.attention(self.attention_norm(x), rope, cache, mask, is_causal))
             return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
-        # Post-LN (Vaswani et al. 2017, GPT-1): normalise after each residual addition.
-        x = self.attention_norm(x + self.dropout(self.attention(x, rope, cache, mask, is_causal)))
-        return self.feed_forward_norm(x + self.dropout(self.feed_forward(x)))
+        if self.placement == "sandwich":
+            x = x + self.dropout(self.attention_output_norm(self.attention(self.attention_norm(x), rope, cache, mask, is_causal)))
+            return x + self.dropout(self.feed_forward_output_norm(self.feed_forward(self.feed_forward_norm(x))))
+        # Post-LN (Vaswani et al. 2017, GPT-1): normalise after each residual addition. DeepNorm
+        # up-weights the residual by alpha > 1 so deep post-LN stacks keep their updates bounded.
+        x = self.attention_norm(self.residual_scale * x + self.dropout(self.attention(x, rope, cache, mask, is_causal)))
+        return self.feed_forward_norm(self.residual_scale * x + self.dropout(self.feed_forward(x)))
 
 
 class Transformer(nn.Module):
@@ -162,25 +232,34 @@ class Transformer(nn.Module):
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
         self.position_embedding = nn.Embedding(config.context_length, config.n_embd) if config.position == "learned" else None
+        self.embedding_norm = make_norm(config) if config.embedding_norm else None
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, index) for index in range(config.n_layer))
-        # Post-LN blocks already end in a norm; pre-LN needs one before the head (GPT-2).
-        self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
+        # Post-LN blocks already end in a norm; pre-LN and sandwich-LN need one before the head (GPT-2).
+        self.final_norm = make_norm(config) if config.norm_placement in ("pre", "sandwich") else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             # Press & Wolf 2017: one matrix for input and output embeddings.
             self.lm_head.weight = self.token_embedding.weight
         self.gradient_checkpointing = False
+        # Tables derived from the config, so not saved with the weights (persistent=False).
         if config.position == "rope":
-            # Derived from the config, so not saved with the weights (persistent=False).
             self.register_buffer("rope_cos", torch.empty(0), persistent=False)
             self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        if config.position == "sinusoidal":
+            self.register_buffer("sinusoids", torch.empty(0), persistent=False)
+        if config.position == "alibi":
+            self.register_buffer("alibi", torch.empty(0), persistent=False)
+        self.aux_loss = torch.zeros(())  # MoE load balancing, weighted; set by every forward
+        self.expert_utilisation: torch.Tensor | None = None  # (n_layer, experts) routed-token fractions
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, init_std) everywhere, with the projections that write into the
-        residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth."""
-        std = self.config.init_std
+        residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth
+        (zero with ``zero_init_projections``, as modded-nanogpt does: every block starts as the identity).
+        DeepNorm instead scales the value, output and feed-forward weights by beta (Wang et al. 2022)."""
+        config, std = self.config, self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -191,36 +270,60 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         for block in self.blocks:
-            for projection in (block.attention.out, block.feed_forward.down):
-                nn.init.normal_(projection.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
-        self.reset_rope(self.token_embedding.weight.device)
+            if config.norm_placement == "deepnorm":
+                beta = deepnorm_constants(config.n_layer)[1]
+                with torch.no_grad():
+                    block.attention.qkv.weight[(config.n_head + config.n_kv_head) * config.head_dim:] *= beta
+                    for linear in [block.attention.out, *feed_forward_linears(block.feed_forward)]:
+                        linear.weight *= beta
+                continue
+            for projection in residual_projections(block):
+                if config.zero_init_projections:
+                    nn.init.zeros_(projection.weight)
+                else:
+                    nn.init.normal_(projection.weight, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
+        self.reset_position_tables(self.token_embedding.weight.device)
 
-    def reset_rope(self, device) -> None:
+    def reset_position_tables(self, device) -> None:
+        """(Re)compute the position tables that are not weights: after construction on another device
+        (checkpoint loading builds the model on the meta device)."""
         if self.config.position == "rope":
             self.rope_cos, self.rope_sin = rope_tables(self.config, self.config.context_length, device=device)
+        if self.config.position == "sinusoidal":
+            self.sinusoids = sinusoidal_table(self.config, self.config.context_length, device=device)
+        if self.config.position == "alibi":
+            self.alibi = alibi_slopes(self.config.n_head).to(device)
 
     def new_cache(self, batch_size: int, capacity: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         capacity = capacity or self.config.context_length
         weight = self.token_embedding.weight
         return KVCache(self.config, batch_size, capacity, dtype or weight.dtype, weight.device)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, length, vocab) for ``input_ids`` (batch, length).
 
         With a ``cache``, ``input_ids`` continue the sequences already in it: their keys and values are
-        appended and attention covers everything cached so far.
+        appended and attention covers everything cached so far. ``prefix_lengths`` (batch,) makes a
+        prefix decoder (Raffel et al. 2020 §3.2.1): the first ``prefix_lengths[b]`` tokens of row b
+        attend to each other in both directions, the rest causally.
         """
         batch, length = input_ids.shape
         start = cache.length if cache is not None else 0
         end = start + length
         if end > self.config.context_length:
             raise ValueError(f"sequence of {end} tokens exceeds context_length={self.config.context_length}")
+        if prefix_lengths is not None and cache is not None:
+            raise ValueError("prefix_lengths is for whole sequences, not for incremental decoding with a cache")
         positions = self._positions(batch, start, end, cache)
-        mask, is_causal = self._attention_mask(length, start, end, cache)
+        mask, is_causal = self._attention_mask(batch, length, start, end, cache, prefix_lengths)
 
         x = self.token_embedding(input_ids)
         if self.position_embedding is not None:
             x = x + self.position_embedding(positions)
+        if self.config.position == "sinusoidal":
+            x = x + self.sinusoids[positions].to(x.dtype)
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
         x = self.embedding_dropout(x)
         rope = None
         if self.config.position == "rope":
@@ -236,7 +339,21 @@ class Transformer(nn.Module):
                 x = block(x, rope, cache, mask, is_causal)
         if cache is not None:
             cache.length = end
-        return self.lm_head(self.final_norm(x))
+        self._collect_expert_statistics(x)
+        logits = self.lm_head(self.final_norm(x))
+        if self.config.logit_softcap is not None:
+            # Gemma 2 (Team et al. 2024): a smooth bound on the logits that keeps early training stable.
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def _collect_expert_statistics(self, like: torch.Tensor) -> None:
+        if not self.config.moe_experts:
+            self.aux_loss = like.new_zeros((), dtype=torch.float32)
+            return
+        layers = [block.feed_forward for block in self.blocks]
+        self.aux_loss = self.config.moe_aux_loss_weight * torch.stack([layer.aux_loss for layer in layers]).sum()
+        self.expert_utilisation = torch.stack([layer.utilisation for layer in layers])
 
     def _positions(self, batch: int, start: int, end: int, cache: KVCache | None) -> torch.Tensor:
         device = self.token_embedding.weight.device
@@ -246,21 +363,40 @@ class Transformer(nn.Module):
         filled = cache.padding[:, :end].long().cumsum(dim=1) - 1
         return filled[:, start:end].clamp(min=0)
 
-    @staticmethod
-    def _attention_mask(length: int, start: int, end: int, cache: KVCache | None) -> tuple[torch.Tensor | None, bool]:
-        if cache is None or (cache.padding is None and start == 0):
-            return None, True
-        if cache.padding is None and length == 1:
-            return None, False  # one new token attends to everything cached
-        device = cache.keys.device
-        query_positions = torch.arange(start, end, device=device).unsqueeze(1)
-        key_positions = torch.arange(end, device=device).unsqueeze(0)
-        mask = (key_positions <= query_positions).unsqueeze(0)  # (1, length, end)
-        if cache.padding is not None:
-            mask = mask & cache.padding[:, None, :end]
+    def _attention_mask(self, batch: int, length: int, start: int, end: int, cache: KVCache | None,
+                        prefix_lengths: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+        """``(mask, is_causal)`` for scaled_dot_product_attention: a boolean mask of allowed keys, or a
+        float bias when ALiBi adds its distance penalty; ``(None, True)`` for the plain causal case."""
+        alibi = self.config.position == "alibi"
+        padding = cache.padding if cache is not None else None
+        if not alibi and prefix_lengths is None and padding is None:
+            if start == 0:
+                return None, True
+            if length == 1:
+                return None, False  # one new token attends to everything cached
+        device = self.token_embedding.weight.device
+        query_index = torch.arange(start, end, device=device).view(1, -1, 1)
+        key_index = torch.arange(end, device=device).view(1, 1, -1)
+        allowed = key_index <= query_index  # (1, length, end)
+        if prefix_lengths is not None:
+            prefix = prefix_lengths.to(device).view(-1, 1, 1)
+            allowed = allowed | ((key_index < prefix) & (query_index < prefix))
+        if padding is not None:
+            allowed = allowed & padding[:, None, :end]
             # A padding query would otherwise see no key at all and produce NaN; let it see itself.
-            mask = mask | (key_positions == query_positions).unsqueeze(0)
-        return mask.unsqueeze(1), False
+            allowed = allowed | (key_index == query_index)
+        allowed = allowed.unsqueeze(1)  # a head axis
+        if not alibi:
+            return allowed, False
+        # ALiBi (Press et al. 2022): no position embedding; each head penalises attention linearly in the
+        # distance between query and key positions (symmetric, so prefix tokens look both ways alike).
+        key_positions = self._positions(batch, 0, end, cache).float()
+        query_positions = key_positions[..., start:end]
+        distance = (query_positions.unsqueeze(-1) - key_positions.unsqueeze(-2)).abs()  # ([batch,] length, end)
+        if distance.dim() == 2:
+            distance = distance.unsqueeze(0)
+        bias = -self.alibi.view(1, -1, 1, 1) * distance.unsqueeze(1)
+        return bias.masked_fill(~allowed, float("-inf")), False
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied head is counted once)."""
@@ -278,4 +414,8 @@ class Transformer(nn.Module):
         weights = self.num_parameters(exclude_embeddings=True)
         if self.config.tie_embeddings:
             weights += self.lm_head.weight.numel()  # the head is a matmul even when tied
+        if self.config.moe_experts:
+            # A token passes through top_k experts, not all of them.
+            per_expert = sum(p.numel() for p in experts_of(self.blocks[0].feed_forward)[0].parameters())
+            weights -= self.config.n_layer * (self.config.moe_experts - self.config.moe_top_k) * per_expert
         return 6 * weights + 12 * self.config.n_layer * self.config.n_embd * length

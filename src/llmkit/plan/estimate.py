@@ -133,7 +133,7 @@ def estimate(config: EstimateConfig, model: ModelConfig | None = None) -> dict:
     closed = closed_form_parameters(model)
     position = model.context_length * model.n_embd if model.position == "learned" else 0
     final_norm = 0
-    if model.norm_placement == "pre":
+    if model.norm_placement in ("pre", "sandwich"):
         final_norm = model.n_embd * (2 if model.norm == "layernorm" and model.bias else 1)
     if gpt_layout:
         closed_label = "GPT layout l(12h²+13h)+Vh (excludes position embeddings and final norm)"
