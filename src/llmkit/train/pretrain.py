@@ -6,6 +6,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -16,6 +17,7 @@ from llmkit.model.config import PRESETS, ModelConfig, preset
 from llmkit.model.transformer import Transformer
 from llmkit.train.batches import TokenBatches
 from llmkit.train.config import TrainConfig
+from llmkit.train.objectives import OBJECTIVES, SpanCorruption, build_objective
 from llmkit.train.trainer import Trainer
 
 # Every ModelConfig field, optional: the ones given override the preset.
@@ -30,12 +32,19 @@ ModelOverrides = dataclasses.make_dataclass(
 class PretrainConfig:
     data: str = field(default="runs/data", metadata={"help": "token data directory from `llmkit data prepare`"})
     preset: str = field(default="cpu-small", metadata={"help": f"model preset: {', '.join(PRESETS)}"})
+    objective: Literal["causal", "prefix", "span"] = field(default="causal", metadata={
+        "help": "causal LM, prefix LM (loss after a random prefix) or T5 span corruption (docs/train.md)"})
     model: ModelOverrides = field(default_factory=ModelOverrides)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         check(self.preset in PRESETS, "preset", self.preset, f"unknown preset; choose one of {', '.join(PRESETS)}")
-        build_model_config(self, vocab_size=1)  # a bad field combination fails now, before any file is read
+        check(self.objective in OBJECTIVES, "objective", self.objective, f"choose one of {', '.join(OBJECTIVES)}")
+        model_config = build_model_config(self, vocab_size=1)  # a bad field combination fails now, before any file is read
+        if self.objective == "span":
+            SpanCorruption.layout(model_config.context_length)
+            check(self.train.target_val_bpb is None, "target_val_bpb", self.train.target_val_bpb,
+                  "span corruption reports no bits per byte; use objective causal or prefix")
 
 
 def build_model_config(config: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -54,9 +63,11 @@ def pretrain(config: PretrainConfig) -> dict:
     # Same seed on every rank: FSDP shards each rank's own initialisation, so all must build the same model.
     torch.manual_seed(train.seed)
     model = Transformer(model_config)
-    train_batches = TokenBatches(config.data, "train", train.batch_size, model_config.context_length, seed=train.seed)
-    val_batches = TokenBatches(config.data, "val", train.batch_size, model_config.context_length, seed=train.seed)
+    (train_batches, loss_fn), (val_batches, _) = [
+        build_objective(config.objective, TokenBatches(config.data, split, train.batch_size, model_config.context_length, seed=train.seed),
+                        tokenizer, model_config.context_length, train.seed) for split in ("train", "val")]
     metadata = {"stage": "pretrain", "stage_config": dataclasses.asdict(config), "tokenizer_sha256": tokenizer.sha256,
                 "data": str(Path(config.data).resolve())}
-    summary = Trainer(model, train_batches, train, val_batches=val_batches, tokenizer=tokenizer, metadata=metadata).run()
-    return {"preset": config.preset, "model": dataclasses.asdict(model_config), **summary}
+    summary = Trainer(model, train_batches, train, val_batches=val_batches, loss_fn=loss_fn, tokenizer=tokenizer,
+                      metadata=metadata).run()
+    return {"preset": config.preset, "objective": config.objective, "model": dataclasses.asdict(model_config), **summary}
