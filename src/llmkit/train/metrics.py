@@ -81,21 +81,26 @@ class ThroughputMeter:
 
 class MetricsLog:
     """``metrics.csv`` in the run directory; on resume, rows past the resumed step are dropped so the
-    curve continues exactly where the checkpoint left off."""
+    curve continues exactly where the checkpoint left off. Values other than :data:`CSV_COLUMNS` (the
+    loss function's metrics) become extra columns after them, in order of first appearance."""
 
     def __init__(self, directory: Path, resume_step: int | None):
         self.path = directory / "metrics.csv"
         self.rows: list[dict] = []
+        self.columns = list(CSV_COLUMNS)
         if resume_step is not None and self.path.is_file():
             with open(self.path, newline="") as file:
-                self.rows = [row for row in csv.DictReader(file) if int(row["step"]) <= resume_step]
+                reader = csv.DictReader(file)
+                self.rows = [row for row in reader if int(row["step"]) <= resume_step]
+                self.columns += [column for column in reader.fieldnames or [] if column not in self.columns]
 
     def add(self, **values) -> None:
-        self.rows.append({column: values.get(column, "") for column in CSV_COLUMNS})
+        self.columns += [column for column in values if column not in self.columns]
+        self.rows.append(values)
 
     def flush(self) -> None:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, restval="")
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.path, buffer.getvalue())

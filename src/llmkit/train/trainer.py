@@ -2,8 +2,9 @@
 
 Pretraining, instruction tuning, reward modelling and DPO differ only in the batches they feed and the
 ``loss_fn`` (model, batch) -> (loss, metrics) they pass; everything else lives here: optimizer groups and
-schedule, mixed precision, gradient accumulation and clipping, the loss-spike guard with rollback,
-checkpoints and exact resume, validation, logging, budgets and DDP/FSDP2 under ``torchrun``.
+schedule, batch-size warmup, mixed precision, gradient accumulation and clipping, the loss-spike guard
+with rollback, checkpoints and exact resume, validation, logging (with the loss function's metrics),
+budgets and DDP/FSDP2 under ``torchrun``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from llmkit.train.checkpoint import decode_rng, encode_rng, gather_state, load_t
 from llmkit.train.config import TrainConfig
 from llmkit.train.metrics import MetricsLog, ThroughputMeter, measured_peak_flops
 from llmkit.train.objectives import causal_lm_loss
-from llmkit.train.optim import build_optimizer, learning_rate
+from llmkit.train.optim import build_muon, build_optimizer, learning_rate
 
 LossFunction = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,8 +104,15 @@ class Trainer:
         self.model.gradient_checkpointing = config.activation_checkpointing
         self.wrapped = distributed.wrap_model(self.model, self.world, config.parallelism, self.device)
         self.forward_model = torch.compile(self.wrapped) if config.compile else self.wrapped
-        self.optimizer = build_optimizer(self.wrapped, config.lr, config.weight_decay, (config.beta1, config.beta2),
-                                         fused=not (self.world.distributed and config.parallelism == "fsdp"))
+        fused = not (self.world.distributed and config.parallelism == "fsdp")
+        betas = (config.beta1, config.beta2)
+        if config.optimizer == "muon":
+            self.optimizer = build_muon(self.model, config.lr, config.weight_decay, betas, config.muon_lr,
+                                        config.muon_momentum, config.muon_weight_decay, fused=fused)
+        else:
+            self.optimizer = build_optimizer(self.wrapped, config.lr, config.weight_decay, betas, fused=fused)
+        # The schedule scales every group by one factor of its own peak (AdamW's and Muon's differ).
+        self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         # float16 has too little range for small gradients: scale the loss up, unscale before the step.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.train_batches, self.val_batches, self.loss_fn = train_batches, val_batches, loss_fn
@@ -131,20 +139,23 @@ class Trainer:
         meter = ThroughputMeter(self.model.flops_per_token(), self.world.world_size *
                                 measured_peak_flops(self.dtype if self.dtype != torch.float16 else torch.bfloat16, self.device))
         start_time = time.perf_counter()
-        last_loss, validation, target_reached = float("nan"), (None, None), False
+        last_loss, last_metrics, validation, target_reached = float("nan"), {}, (None, None), False
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not (config.progress and self.world.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
         previous_handler = self._catch_interrupts()
         try:
             while not (target_reached or self.stop_requested or self._budget_spent(time.perf_counter() - start_time)):
-                lr = learning_rate(self.step, self._budget_used(time.perf_counter() - start_time), config.lr,
-                                   config.warmup_steps, config.schedule, config.min_lr_ratio, config.decay_fraction)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                loss, grad_norm = self._forward_backward()
+                factor = learning_rate(self.step, self._budget_used(time.perf_counter() - start_time), 1.0,
+                                       config.warmup_steps, config.schedule, config.min_lr_ratio, config.decay_fraction)
+                for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+                    group["lr"] = peak * factor
+                lr = config.lr * factor
+                rows = self.rows_per_batch()
+                loss, grad_norm, metrics = self._forward_backward(rows)
                 self.data_position += 1
-                self.tokens_seen += self.tokens_per_step
-                meter.add(self.tokens_per_step)
+                step_tokens = self.tokens_per_step * rows // config.batch_size
+                self.tokens_seen += step_tokens
+                meter.add(step_tokens)
                 if self.guard.is_bad(loss, grad_norm, check_grad=not self.scaler.is_enabled()):
                     self.optimizer.zero_grad(set_to_none=True)
                     self.skipped += 1
@@ -156,13 +167,14 @@ class Trainer:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                last_loss = loss
+                last_loss, last_metrics = loss, metrics
                 bar.update(1)
                 evaluate_now = config.eval_interval and self.step % config.eval_interval == 0
                 if self.step % config.log_interval == 0 or evaluate_now:
-                    row = dict(step=self.step, tokens=self.tokens_seen, loss=f"{loss:.5f}", lr=f"{lr:.3e}",
-                               grad_norm=f"{grad_norm:.4f}", elapsed_s=f"{self.elapsed_before + time.perf_counter() - start_time:.1f}",
-                               **meter.window())
+                    # The loss function's metrics first: a metric named like a trainer column does not replace it.
+                    row = {**{name: f"{value:.6g}" for name, value in metrics.items()},
+                           **dict(step=self.step, tokens=self.tokens_seen, loss=f"{loss:.5f}", lr=f"{lr:.3e}", grad_norm=f"{grad_norm:.4f}",
+                                  elapsed_s=f"{self.elapsed_before + time.perf_counter() - start_time:.1f}", **meter.window())}
                     if evaluate_now:
                         validation = self.evaluate()
                         row.update(_format_validation(*validation))
@@ -200,24 +212,45 @@ class Trainer:
             "val_bpb": None if val_bpb is None else round(val_bpb, 5), "skipped_batches": self.skipped,
             "rollbacks": self.rollbacks, "interrupted": self.stop_requested, "target_reached": target_reached,
             "checkpoint": str(checkpoint), "parameters": self.model.num_parameters(), "peak_flops": meter.peak_flops,
+            "train_metrics": {name: round(value, 6) for name, value in last_metrics.items()},
         }
 
-    def _forward_backward(self) -> tuple[float, float]:
-        """One optimizer step's worth of micro-batches; returns the global mean loss and gradient norm."""
+    def rows_per_batch(self) -> int:
+        """Batch-size warmup (GPT-3, Brown et al. 2020 §2.3): the batch grows linearly in the tokens seen,
+        from ``batch_warmup_start`` rows of each micro-batch to all ``batch_size`` after ``batch_warmup_tokens``.
+        A function of ``tokens_seen`` alone, so a resumed run ramps exactly as an uninterrupted one."""
+        config = self.config
+        if not config.batch_warmup_tokens:
+            return config.batch_size
+        wanted = math.ceil(config.batch_size * self.tokens_seen / config.batch_warmup_tokens)
+        return min(config.batch_size, max(config.batch_warmup_start, wanted))
+
+    def _forward_backward(self, rows: int) -> tuple[float, float, dict[str, float]]:
+        """One optimizer step's worth of micro-batches, each cut to its first ``rows`` rows; returns the
+        global mean loss, the gradient norm and the loss function's numeric metrics (means over the
+        micro-batches of every rank)."""
         accumulate = self.config.grad_accum
         total = torch.zeros((), device=self.device)
+        metric_totals: dict[str, torch.Tensor] = {}
+        kept = slice(rows) if rows < self.config.batch_size else slice(None)
         for micro in range(accumulate):
             # Rank r takes micro-batches r*accumulate .. of each global step, so N ranks with accumulation
             # A see exactly the batches one process sees with accumulation N*A.
             index = self.data_position * self.micro_batches_per_step + self.world.rank * accumulate + micro
-            batch = {key: value.to(self.device, non_blocking=True) for key, value in self.train_batches.get_batch(index).items()}
+            batch = {key: value[kept].to(self.device, non_blocking=True) for key, value in self.train_batches.get_batch(index).items()}
             # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
             sync = micro == accumulate - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
             with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
-                loss, _ = self.loss_fn(self.forward_model, batch)
+                loss, metrics = self.loss_fn(self.forward_model, batch)
             self.scaler.scale(loss / accumulate).backward()
             total += loss.detach()
-        loss = distributed.all_reduce_mean(total / accumulate, self.world).item()
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+                    value = torch.as_tensor(value, dtype=torch.float32, device=self.device).detach().reshape(())
+                    metric_totals[name] = metric_totals.get(name, 0) + value
+        # One all-reduce for the loss and the metrics together.
+        means = distributed.all_reduce_mean(torch.stack([total, *metric_totals.values()]) / accumulate, self.world).tolist()
+        loss, metrics = means[0], dict(zip(metric_totals, means[1:]))
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.config.grad_clip)
@@ -225,7 +258,7 @@ class Trainer:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.wrapped.parameters() if p.grad is not None])
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
-        return loss, float(grad_norm)
+        return loss, float(grad_norm), metrics
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
