@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 from llmkit.config import check
@@ -31,11 +32,13 @@ class SpeedrunConfig:
     max_bytes: int | None = field(default=None, metadata={"help": "use at most this many bytes of the corpus"})
     val_fraction: float = field(default=0.03, metadata={"help": "fraction of documents held out for validation (and from tokenizer training)"})
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size"})
-    preset: str = field(default="cpu-small", metadata={"help": "model preset"})
+    preset: str = field(default="cpu-fast", metadata={"help": "model preset"})
     max_time: str = field(default="10m", metadata={"help": "pretraining wall-time budget"})
     max_steps: int | None = field(default=None, metadata={"help": "pretraining step budget (instead of or with max_time)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per step"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (of the AdamW groups under Muon)"})
+    optimizer: Literal["adamw", "muon"] = field(default="muon", metadata={"help": "adamw, or muon (hidden matrices) + AdamW (the rest)"})
+    muon_lr: float = field(default=0.02, metadata={"help": "Muon's peak learning rate"})
     warmup_steps: int = field(default=50, metadata={"help": "learning-rate warmup steps"})
     dtype: str = field(default="bfloat16", metadata={"help": "float32 or bfloat16"})
     eval_interval: int = field(default=100, metadata={"help": "validate every this many steps"})
@@ -77,6 +80,7 @@ def speedrun(config: SpeedrunConfig) -> dict:
 
     model_directory = out / "base"
     train = TrainConfig(out=str(model_directory), batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
+                        optimizer=config.optimizer, muon_lr=config.muon_lr,
                         max_time=config.max_time, max_steps=config.max_steps, dtype=config.dtype,
                         eval_interval=config.eval_interval, resume=config.resume and (model_directory / LATEST).is_file(),
                         progress=config.progress)
