@@ -54,7 +54,9 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
     """(command words) -> (config class, function, printer of its result, help)."""
     from llmkit.data.pipeline import PipelineConfig, run_pipeline
     from llmkit.data.shards import PrepareConfig, prepare_data
+    from llmkit.plan.ablate import AblateConfig, ablate, format_ablation
     from llmkit.plan.estimate import EstimateConfig, estimate, format_estimate
+    from llmkit.plan.sweep import ScalingConfig, run_scaling
     from llmkit.speedrun import SpeedrunConfig, speedrun
     from llmkit.tokenizer import TokenizerConfig, train_tokenizer
     from llmkit.train.pretrain import PretrainConfig, pretrain
@@ -67,6 +69,10 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
         ("pretrain",): (PretrainConfig, pretrain, _print_summary, "train a model from scratch on token shards"),
         ("generate",): (GenerateCommand, _generate, None, "complete a prompt with a checkpoint"),
         ("estimate",): (EstimateConfig, estimate, lambda result: print(format_estimate(result)), "parameters, memory, FLOPs and time of a model"),
+        ("ablate",): (AblateConfig, ablate, lambda result: print(format_ablation(result)),
+                      "train model variants on the same data, budget and seed; table and validation curves"),
+        ("scaling",): (ScalingConfig, run_scaling, _print_summary,
+                       "IsoFLOP sweep, Kaplan and Chinchilla fits, compute-optimal N and D, and a checked loss prediction"),
         ("speedrun",): (SpeedrunConfig, speedrun, _print_summary, "every stage on the embedded default, with a report card"),
     }
 
