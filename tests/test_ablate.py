@@ -3,7 +3,9 @@
 import csv
 import json
 import math
+import os
 import random
+import signal
 import statistics
 
 import pytest
@@ -15,6 +17,7 @@ from llmkit.errors import ConfigError
 from llmkit.model import ModelConfig, Transformer
 from llmkit.plan.ablate import AblateConfig, Variant, ablate, parse_variant
 from llmkit.tokenizer import TokenizerConfig, train_tokenizer
+from llmkit.train.batches import TokenBatches
 
 TINY = dict(n_layer=1, n_embd=16, n_head=2, context_length=16)  # on top of cpu-tiny
 BATCH = 4
@@ -110,6 +113,28 @@ def test_rerun_skips_finished_runs_and_refuses_a_changed_variant(data, finished)
     changed[2]["train"] = {"lr": 1e-3}
     with pytest.raises(ConfigError, match=r"variants\[post\]\.train\.lr' = 0\.001.*with 0\.002"):
         ablate(config(data, out, changed))
+
+
+def test_an_interrupted_ablation_resumes_to_the_uninterrupted_result(data, finished, tmp_path, monkeypatch):
+    out, summary = finished
+    straight = summary["variants"][2]["runs"][0]  # "post", trained without interruption
+    original, interrupted = TokenBatches.get_batch, []
+
+    def interrupt_at_step_three(self, index):
+        if index == 3 and not interrupted:
+            interrupted.append(index)
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+        return original(self, index)
+
+    monkeypatch.setattr(TokenBatches, "get_batch", interrupt_at_step_three)
+    variants = [token_variants()[2]]
+    with pytest.raises(KeyboardInterrupt):
+        ablate(config(data, tmp_path, variants))
+    assert not (tmp_path / "runs/post/seed_3/result.json").exists() and (tmp_path / "runs/post/seed_3/latest").is_file()
+    monkeypatch.setattr(TokenBatches, "get_batch", original)
+    resumed = ablate(config(data, tmp_path, variants))["variants"][0]["runs"][0]
+    assert (resumed["tokens"], resumed["val_bpb"]) == (straight["tokens"], straight["val_bpb"])
+    assert [point["val_loss"] for point in resumed["curve"]] == [point["val_loss"] for point in straight["curve"]]
 
 
 def test_a_flops_budget_becomes_a_token_budget_per_variant(data, tmp_path):

@@ -17,7 +17,7 @@ from llmkit.errors import ConfigError, MismatchError
 from llmkit.model import Transformer
 from llmkit.plan.scaling import (ChinchillaLaw, KaplanLaw, _huber_objective, fit_chinchilla, fit_kaplan, isoflop_minimum,
                                  lower_envelope)
-from llmkit.plan.sweep import GRIDS, ScalingConfig, ShapeRule, run_scaling
+from llmkit.plan.sweep import GRIDS, ScalingConfig, ShapeRule, plan_sweep, run_scaling
 from llmkit.tokenizer import TokenizerConfig, train_tokenizer
 
 # Hoffmann et al. 2022 eq. (10), and the refit of the same data by Besiroglu et al. 2024.
@@ -160,7 +160,7 @@ def tiny(data, out, **changes) -> ScalingConfig:
     # baby-gpt blocks with 8-wide heads: shapes (1, 8), (1, 16), (1, 32) of 888, 3,312 and 12,768 parameters,
     # trained for 10 to 390 steps of 8 x 32 tokens.
     values = dict(data=data, out=str(out), preset="baby-gpt", head_dim=8, context_length=32, batch_size=8, budgets=[2e8, 6e8],
-                  sizes=[1_000, 3_000, 10_000], aspect_ratio=16, min_tokens_per_parameter=0.1, max_tokens_per_parameter=1000,
+                  sizes=[1_000, 3_000, 10_000], aspect_ratio=16, min_tokens_per_parameter=0.1, max_tokens_per_parameter=1000, min_steps=1,
                   lr=1e-2, eval_batches=4, dtype="float32", device="cpu", fit_grid="coarse", progress=False, seed=5)
     values.update(changes)
     return ScalingConfig(**values)
@@ -249,11 +249,21 @@ def test_rerun_trains_nothing_and_keeps_the_prediction(data, finished, monkeypat
     ({"preset": "gpt5"}, "preset"),
     ({"context_length": 0}, "context_length"),
     ({"head_dim": 0}, "head_dim"),
+    ({"min_steps": 0}, "min_steps"),
 ])
 def test_bad_values_are_config_errors_naming_the_field(data, tmp_path, changes, field):
     with pytest.raises(ConfigError) as error:
         tiny(data, tmp_path, **changes)
     assert error.value.field == field
+
+
+def test_runs_shorter_than_min_steps_are_left_out(data, tmp_path):
+    config = tiny(data, tmp_path, min_steps=30)
+    rule = ShapeRule(config, vocab_size=64)
+    steps = {run.name: run.tokens // 256 for run in plan_sweep(config, rule)}
+    # At 2e8 FLOPs the 12,768-parameter model would get 2e8 / (6 · 12,768) / 256 = 10 steps; 3,312 gets 39.
+    assert "C2.00e08_L1_H32" not in steps and steps["C2.00e08_L1_H16"] == 39
+    assert len(steps) == 5 and min(steps.values()) >= 30
 
 
 def test_a_budget_with_too_few_sizes_is_named(data, tmp_path):

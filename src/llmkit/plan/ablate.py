@@ -282,6 +282,8 @@ def train_run(run: PlannedRun, vocab_size: int) -> dict:
     atomic_write_json(plan_path, {"config": fingerprint})
     resume = (run.directory / LATEST).is_file()  # an interrupted run continues where it stopped
     summary = pretrain(dataclasses.replace(run.config, train=dataclasses.replace(run.config.train, resume=resume)))
+    if summary["interrupted"]:  # Ctrl-C: the trainer saved a checkpoint; the next run of the command resumes it
+        raise KeyboardInterrupt
     curve, tokens_per_s = read_curve(run.directory)
     result = {"variant": run.variant.name, "seed": run.seed, "parameters": run.parameters,
               "non_embedding_parameters": run.non_embedding_parameters,

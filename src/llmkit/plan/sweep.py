@@ -9,9 +9,12 @@ overstate the loss of the larger budgets (Chinchilla §3's correction of Kaplan 
 the seed, hence the data order, and are evaluated on the same validation windows.
 
 Which sizes at which budget: every size of the grid whose tokens per parameter ``D/N`` lie in
-``[min_tokens_per_parameter, max_tokens_per_parameter]``. The window moves with ``√C`` as the
-compute-optimal size does, so each IsoFLOP curve straddles its minimum without spending runs far
-from it.
+``[min_tokens_per_parameter, max_tokens_per_parameter]`` and which trains for at least ``min_steps``
+optimizer steps. The window moves with ``√C`` as the compute-optimal size does, so each IsoFLOP curve
+straddles its minimum without spending runs far from it. Runs of a few hundred steps end in the
+optimisation transient (warmup, the first rapid fall of the loss), which the laws do not describe
+(Kaplan et al. §5 model it with a separate step term); on Tiny Shakespeare they pulled the fit's
+predictions low (docs/scaling.md).
 
 Model shapes (the fixed aspect-ratio rule): width/depth ``a = n_embd / n_layer`` is held near
 ``aspect_ratio`` (Kaplan et al. §3.1: at fixed N the loss depends only weakly on shape for a wide range
@@ -90,6 +93,7 @@ class ScalingConfig:
         "help": "grid of target non-embedding parameter counts (shapes by the aspect-ratio rule); each budget trains those in the window"})
     min_tokens_per_parameter: float = field(default=1.0, metadata={"help": "a size trains at a budget if D/N is at least this"})
     max_tokens_per_parameter: float = field(default=400.0, metadata={"help": "... and if D/N is at most this"})
+    min_steps: int = field(default=300, metadata={"help": "a size trains at a budget only with at least this many optimizer steps"})
     aspect_ratio: float = field(default=32.0, metadata={"help": "target n_embd / n_layer of every shape"})
     head_dim: int | None = field(default=None, metadata={"help": "attention head size; n_head = n_embd / head_dim (default: the preset's)"})
     context_length: int | None = field(default=None, metadata={"help": "sequence length (default: the preset's)"})
@@ -118,6 +122,7 @@ class ScalingConfig:
         check(self.min_tokens_per_parameter > 0, "min_tokens_per_parameter", self.min_tokens_per_parameter, "must be positive")
         check(self.max_tokens_per_parameter > self.min_tokens_per_parameter, "max_tokens_per_parameter", self.max_tokens_per_parameter,
               f"must exceed min_tokens_per_parameter={self.min_tokens_per_parameter}")
+        check(self.min_steps >= 1, "min_steps", self.min_steps, "must be at least 1")
         check(self.context_length is None or self.context_length > 0, "context_length", self.context_length, "must be positive")
         check(self.head_dim is None or self.head_dim > 0, "head_dim", self.head_dim, "must be positive")
         check(self.aspect_ratio > 0, "aspect_ratio", self.aspect_ratio, "must be positive")
@@ -215,7 +220,8 @@ def run_name(budget: float, shape: dict) -> str:
 
 
 def plan_sweep(config: ScalingConfig, rule: ShapeRule) -> list[Run]:
-    """Every (budget, size) run whose tokens per parameter lie in the configured window."""
+    """Every (budget, size) run whose tokens per parameter lie in the configured window and that takes at
+    least ``min_steps`` optimizer steps."""
     runs, shapes = [], {}
     for target in config.sizes:
         shapes.setdefault(tuple(rule(target)[key] for key in SHAPE_FIELDS), target)  # two targets of one shape: one size
@@ -224,11 +230,12 @@ def plan_sweep(config: ScalingConfig, rule: ShapeRule) -> list[Run]:
         for shape, target in shapes.items():
             name = run_name(budget, dict(zip(SHAPE_FIELDS, shape)))
             run = plan_run(config, rule, name, budget, target, Path(config.out) / "runs" / name)
-            if config.min_tokens_per_parameter <= run.tokens / run.non_embedding_parameters <= config.max_tokens_per_parameter:
+            in_window = config.min_tokens_per_parameter <= run.tokens / run.non_embedding_parameters <= config.max_tokens_per_parameter
+            if in_window and run.tokens >= config.min_steps * _tokens_per_step(config):
                 chosen.append(run)
         check(len(chosen) >= 2, "budgets", budget,
               f"only {len(chosen)} of the sizes train on {config.min_tokens_per_parameter:g}-{config.max_tokens_per_parameter:g} "
-              "tokens per parameter at this budget; add sizes or widen the window")
+              f"tokens per parameter in at least {config.min_steps} steps at this budget; add sizes, widen the window or lower min_steps")
         runs += chosen
     check(len(runs) >= 5, "sizes", config.sizes, f"the sweep has {len(runs)} runs; the Chinchilla law's 5 parameters need at least 5")
     return runs
