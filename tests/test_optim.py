@@ -60,12 +60,12 @@ def test_muon_step_matches_a_naive_reference():
         optimizer.step()
     expected = naive_muon(start, grads, lr=0.02, momentum=0.9, weight_decay=0.1)
     moved = (expected - start.double()).abs().max()
-    # Newton-Schulz in bfloat16 against float64: off by about 1 % of the distance moved (27 % without Nesterov).
-    assert (ours.double() - expected).abs().max() < 0.03 * moved
+    # Newton-Schulz in float32 on the CPU against float64.
+    assert (ours.double() - expected).abs().max() < 1e-4 * moved
 
 
 @pytest.mark.parametrize("nesterov, adjust_lr_fn", [(True, None), (False, "original"), (True, "match_rms_adamw")])
-def test_muon_on_a_plain_matrix_is_torch_optim_muon_bit_for_bit(nesterov, adjust_lr_fn):
+def test_muon_on_a_plain_matrix_is_torch_optim_muon_up_to_its_bfloat16(nesterov, adjust_lr_fn):
     torch.manual_seed(0)
     start, grads = torch.randn(24, 40), [torch.randn(24, 40) for _ in range(3)]
     ours, peer = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
@@ -75,7 +75,10 @@ def test_muon_on_a_plain_matrix_is_torch_optim_muon_bit_for_bit(nesterov, adjust
         for parameter, optimizer in zip((ours, peer), optimizers):
             parameter.grad = grad.clone()
             optimizer.step()
-    torch.testing.assert_close(ours.detach(), peer.detach(), rtol=0, atol=0)
+    # torch.optim.Muon iterates in bfloat16, ours in float32 on the CPU: the same update up to its rounding
+    # (about 1 % of the distance moved; a wrong scale, decay or momentum would be off by far more).
+    moved = (peer.detach() - start).abs().max()
+    assert (ours.detach() - peer.detach()).abs().max() < 0.03 * moved
 
 
 def test_fused_blocks_are_orthogonalised_like_separate_matrices():

@@ -58,23 +58,26 @@ def _adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {"foreach": True}))
 
 
-def newton_schulz(matrix: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NEWTON_SCHULZ_COEFFICIENTS,
+def newton_schulz(matrices: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NEWTON_SCHULZ_COEFFICIENTS,
                   eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U V^T for ``matrix`` = U S V^T, in bfloat16 (Jordan et al. 2024).
+    """Approximately U V^T for each ``matrix`` = U S V^T of a (rows, cols) or (batch, rows, cols) tensor
+    (Jordan et al. 2024).
 
     Dividing by the Frobenius norm, an upper bound of the spectral norm, puts every singular value in
     [0, 1]; each step maps the singular values through p(s) = a s + b s^3 + c s^5 and leaves the
-    singular vectors alone. Works on the wide orientation so the Gram matrix is the smaller one."""
+    singular vectors alone. Works on the wide orientation so the Gram matrix is the smaller one. In
+    bfloat16 on accelerators (as Jordan et al.); in float32 on the CPU, whose bfloat16 matrix products
+    are slower than its float32 ones at these sizes."""
     a, b, c = coefficients
-    x = matrix.bfloat16()
-    tall = x.size(0) > x.size(1)
+    x = matrices.to(torch.float32 if matrices.device.type == "cpu" else torch.bfloat16)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
 
 
 def update_scale(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
@@ -98,6 +101,10 @@ class Muon(torch.optim.Muon):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
+            # Blocks of one shape are orthogonalised together, one batched iteration per shape: a small
+            # model has dozens of small matrices, and one call each spends more time in dispatch than in
+            # the products.
+            by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for parameter in group["params"]:
                 if parameter.grad is None:
                     continue
@@ -111,8 +118,13 @@ class Muon(torch.optim.Muon):
                 parameter.mul_(1 - lr * group["weight_decay"])  # decoupled, as AdamW's
                 sizes = group.get("blocks") or [parameter.size(0)]
                 for rows, block in zip(parameter.split(sizes), update.split(sizes)):
-                    scale = update_scale(*block.shape, group["adjust_lr_fn"])
-                    rows.add_(newton_schulz(block, group["ns_steps"], group["ns_coefficients"], group["eps"]), alpha=-lr * scale)
+                    by_shape.setdefault(tuple(block.shape), []).append((rows, block))
+            for (rows_count, cols_count), pairs in by_shape.items():
+                scale = update_scale(rows_count, cols_count, group["adjust_lr_fn"])
+                orthogonal = newton_schulz(torch.stack([block for _, block in pairs]), group["ns_steps"],
+                                           group["ns_coefficients"], group["eps"])
+                for (rows, _), step in zip(pairs, orthogonal):
+                    rows.add_(step.to(rows.dtype), alpha=-lr * scale)
         return loss
 
 
