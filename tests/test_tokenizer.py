@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from llmkit.chat import CHAT_TEMPLATE
 from llmkit.data.sources import is_held_out, iter_documents
 from llmkit.errors import ConfigError, InputError
 from llmkit.io import sha256_file
@@ -55,7 +56,7 @@ def test_special_tokens_have_fixed_ids(bpe):
     assert tokenizer.encode("<|user|>hi<|end|>")[-1] == expected["<|end|>"]
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["special_token_ids"] == expected
-    assert config["chat_template"] is None
+    assert config["chat_template"] == CHAT_TEMPLATE
     assert (config["kind"], config["bos_token"], config["eos_token"], config["pad_token"]) == ("bpe", "<|endoftext|>", "<|endoftext|>", "<|pad|>")
 
 

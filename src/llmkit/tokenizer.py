@@ -113,10 +113,17 @@ class Tokenizer:
             raise InputError(f"{tokenizer_path}: not a valid tokenizer.json ({error})") from None
 
     def save(self, directory: str | Path) -> None:
-        """Write both files into ``directory`` (e.g. a checkpoint), byte-identical so the sha256 is kept."""
+        """Write both files into ``directory`` (e.g. a checkpoint), byte-identical so the sha256 is kept.
+
+        A config without a chat template gets llmkit's (``llmkit.chat.CHAT_TEMPLATE``), and the
+        bos/eos/pad tokens transformers reads, so ``apply_chat_template`` renders llmkit's chat format."""
+        from llmkit.chat import CHAT_TEMPLATE  # llmkit.chat imports this module
+
         directory = Path(directory)
+        config = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "pad_token": PAD, **self.config}
+        config["chat_template"] = config.get("chat_template") or CHAT_TEMPLATE
         atomic_write_bytes(directory / TOKENIZER_FILE, self.tokenizer_json)
-        atomic_write_json(directory / CONFIG_FILE, self.config)
+        atomic_write_json(directory / CONFIG_FILE, config)
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -178,7 +185,6 @@ def train_tokenizer(config: TokenizerConfig) -> dict:
         "unk_token": UNK,
         # transformers would otherwise "clean up" spaces before punctuation and break round trips.
         "clean_up_tokenization_spaces": False,
-        "chat_template": None,  # filled by the instruction-tuning stage
         "source": config.source,
         "bytes_per_token": bytes_per_token,
         "llmkit_version": __version__,
