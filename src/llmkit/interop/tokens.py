@@ -1,0 +1,118 @@
+"""Tokenizer files across the llmkit / Hugging Face boundary.
+
+An llmkit tokenizer is already a Hugging Face ``tokenizer.json``; export copies it byte for byte and
+writes the ``tokenizer_config.json`` and ``generation_config.json`` that ``AutoTokenizer`` and
+``generate`` read. Import goes the other way and has one real job: llmkit's stages find their special
+tokens (``<|endoftext|>``, ``<|pad|>``, the chat roles, ...) by name, and a foreign tokenizer lacks
+most of them. They are added at the end of the vocabulary (the source's own ids stay as they are),
+and :func:`grow_embeddings` gives them the mean of the existing embedding rows, which keeps the new
+tokens' initial logits near the average instead of random (Hewitt 2021, "Initializing New Word
+Embeddings for Pretrained Language Models"), ready to be learned by fine-tuning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tokenizers
+import torch
+
+from llmkit import __version__
+from llmkit.chat import CHAT_TEMPLATE
+from llmkit.errors import InputError
+from llmkit.io import read_json
+from llmkit.model.config import ModelConfig
+from llmkit.tokenizer import CONFIG_FILE, END, ENDOFTEXT, PAD, SPECIAL_TOKENS, TOKENIZER_FILE, UNK, Tokenizer
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves the template
+SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+LLMKIT_DEFAULTS = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "pad_token": PAD, "unk_token": UNK}
+
+
+def chat_template(tokenizer: Tokenizer) -> str:
+    """The tokenizer's own template, else llmkit's chat format (tokenizers saved before it existed)."""
+    return tokenizer.config.get("chat_template") or CHAT_TEMPLATE
+
+
+def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    """bos/eos/pad/unk token strings: the ones the tokenizer config names, llmkit's otherwise."""
+    return {role: tokenizer.config.get(role) or default for role, default in LLMKIT_DEFAULTS.items()}
+
+
+def hf_tokenizer_config(tokenizer: Tokenizer, context_length: int) -> dict:
+    """``tokenizer_config.json`` for ``AutoTokenizer``: llmkit's own keys kept, the Hugging Face ones set."""
+    return {**tokenizer.config, **special_tokens(tokenizer), "tokenizer_class": "PreTrainedTokenizerFast",
+            # transformers would otherwise "clean up" spaces before punctuation and break round trips.
+            "clean_up_tokenization_spaces": False, "model_max_length": context_length,
+            "chat_template": chat_template(tokenizer)}
+
+
+def generation_token_ids(tokenizer: Tokenizer) -> dict:
+    """bos, pad and the end-of-generation ids: the declared eos plus the two llmkit's engine stops at."""
+    ids = {role: tokenizer.backend.token_to_id(token) for role, token in special_tokens(tokenizer).items()}
+    ends = [ids["eos_token"], tokenizer.eot_id, tokenizer.special_ids[END]]
+    return {"bos": ids["bos_token"], "eos": list(dict.fromkeys(ends)), "pad": ids["pad_token"]}
+
+
+def _token_string(value) -> str | None:
+    # Older transformers save special tokens as AddedToken dicts.
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _load_backend(directory: Path) -> tuple[tokenizers.Tokenizer, bytes]:
+    """The source's fast tokenizer and its file's bytes."""
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: file not found (llmkit imports fast tokenizers; transformers writes one with "
+                         "AutoTokenizer.from_pretrained(directory).save_pretrained(directory))")
+    data = path.read_bytes()
+    try:
+        return tokenizers.Tokenizer.from_str(data.decode("utf-8")), data
+    except Exception as error:  # the Rust parser raises a plain Exception
+        raise InputError(f"{path}: not a valid tokenizer.json ({error})") from None
+
+
+def import_tokenizer(directory: Path) -> tuple[Tokenizer, list[str], int]:
+    """The source's tokenizer with llmkit's missing special tokens added; also the added tokens and the
+    source's vocabulary size (the ids below it are the source's own)."""
+    backend, original = _load_backend(directory)
+    source_size = backend.get_vocab_size(with_added_tokens=True)
+    missing = [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is None]
+    if missing:
+        backend.add_special_tokens(missing)
+    tokenizer_json = backend.to_str().encode("utf-8") if missing else original  # unchanged: same sha256
+    source_config = read_json(directory / CONFIG_FILE) if (directory / CONFIG_FILE).is_file() else {}
+    template = source_config.get("chat_template")
+    if not template and (directory / CHAT_TEMPLATE_FILE).is_file():
+        template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "kind": source_config.get("kind") or type(backend.model).__name__.lower(),  # "bpe", "unigram", ...
+        "vocab_size": backend.get_vocab_size(with_added_tokens=True),
+        "special_token_ids": {token: backend.token_to_id(token) for token in SPECIAL_TOKENS},
+        # The source's own bos/eos/... stay what its chat template and users expect.
+        **{role: _token_string(source_config.get(role)) or LLMKIT_DEFAULTS[role] for role in SPECIAL_ROLES},
+        "clean_up_tokenization_spaces": source_config.get("clean_up_tokenization_spaces", False),
+        "chat_template": template,
+        "source": str(directory),
+        "added_special_tokens": missing,
+        "llmkit_version": __version__,
+    }
+    return Tokenizer(tokenizer_json, config), missing, source_size
+
+
+def grow_embeddings(state: dict[str, torch.Tensor], config: ModelConfig, tokenizer: Tokenizer, added: list[str],
+                    source_size: int) -> ModelConfig:
+    """Make room for the tokenizer's ids and set the rows of the ``added`` tokens to the mean of the
+    source tokens' rows (in place in ``state``); return the config with the new vocabulary size."""
+    vocab_size = max(config.vocab_size, tokenizer.vocab_size)
+    ids = torch.tensor([tokenizer.special_ids[token] for token in added], dtype=torch.long)
+    names = ["token_embedding.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
+    for name in names:
+        weight = state[name]
+        # Rows past the source tokenizer are padding that was never trained; they do not enter the mean.
+        mean = weight[: min(source_size, weight.shape[0])].float().mean(dim=0).to(weight.dtype)
+        grown = torch.cat([weight, mean.expand(vocab_size - weight.shape[0], -1)])
+        grown[ids] = mean
+        state[name] = grown
+    return config.replace(vocab_size=vocab_size)
