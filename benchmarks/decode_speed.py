@@ -38,10 +38,10 @@ def small_tokenizer(directory: Path) -> Tokenizer:
 def engine_rate(engine: Engine, batch: int, new_tokens: int, use_cache: bool) -> float:
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, engine.model.config.vocab_size, (batch, PROMPT_TOKENS), generator=generator).tolist()
-    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0, use_cache=use_cache)
+    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0, use_cache=use_cache, stop_at_end_of_text=False)
     start = time.perf_counter()
-    produced = sum(1 for _ in engine.decode_steps(prompts, config))
-    return batch * produced / (time.perf_counter() - start)
+    produced = sum(len(completion.token_ids) for completion in engine.generate_ids(prompts, config))
+    return produced / (time.perf_counter() - start)
 
 
 def huggingface_rate(model, batch: int, new_tokens: int) -> float:

@@ -1,5 +1,5 @@
 """The inference engine against naive references: full-forward greedy decoding, per-row sampling filters,
-one-at-a-time generation for padded batches, and text-level stop strings and streaming."""
+one-at-a-time generation for batches of different prompt lengths, and text-level stop strings and streaming."""
 
 import pytest
 import torch
@@ -37,25 +37,23 @@ def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
 
 def test_greedy_decoding_matches_a_full_forward_loop(engine):
     prompt = engine.tokenizer.encode("the lazy")
-    config = GenerationConfig(max_new_tokens=20, temperature=0)
-    cached = [int(t) for t in torch.cat(list(engine.decode_steps([prompt], config)))]
-    assert cached == naive_greedy(engine.model, prompt, 20)
+    config = GenerationConfig(max_new_tokens=20, temperature=0, stop_at_end_of_text=False)
+    assert engine.generate_ids([prompt], config)[0].token_ids == naive_greedy(engine.model, prompt, 20)
 
 
 def test_cache_and_no_cache_sample_the_same_tokens(engine):
     prompt = engine.tokenizer.encode("quick")
-    sample = dict(max_new_tokens=15, temperature=1.0, top_k=20, top_p=0.9, seed=3)
-    cached = torch.stack(list(engine.decode_steps([prompt], GenerationConfig(**sample))))
-    uncached = torch.stack(list(engine.decode_steps([prompt], GenerationConfig(**sample, use_cache=False))))
-    assert torch.equal(cached, uncached)
+    sample = dict(max_new_tokens=15, temperature=1.0, top_k=20, top_p=0.9, seed=3, stop_at_end_of_text=False)
+    cached = engine.generate_ids([prompt], GenerationConfig(**sample))[0].token_ids
+    uncached = engine.generate_ids([prompt], GenerationConfig(**sample, use_cache=False))[0].token_ids
+    assert cached == uncached and len(cached) == 15
 
 
-def test_padded_batch_decodes_each_row_as_alone(engine):
+def test_batch_of_different_lengths_decodes_each_row_as_alone(engine):
     prompts = [engine.tokenizer.encode(text) for text in ("fox", "over the lazy", "0123")]
-    config = GenerationConfig(max_new_tokens=12, temperature=0)
-    batched = torch.stack(list(engine.decode_steps(prompts, config)), dim=1)
-    for row, prompt in enumerate(prompts):
-        assert batched[row].tolist() == naive_greedy(engine.model, prompt, 12)
+    config = GenerationConfig(max_new_tokens=12, temperature=0, stop_at_end_of_text=False)
+    for prompt, completion in zip(prompts, engine.generate_ids(prompts, config)):
+        assert completion.token_ids == naive_greedy(engine.model, prompt, 12)
 
 
 def test_top_k_and_top_p_match_a_naive_filter():
@@ -111,10 +109,11 @@ def test_end_of_text_stops_a_row(engine):
 
 def test_generation_is_limited_by_the_context(engine):
     prompt = engine.tokenizer.encode("the quick brown fox jumps over the lazy dog. " * 2)[:60]
-    steps = list(engine.decode_steps([prompt], GenerationConfig(max_new_tokens=50, temperature=0)))
-    assert len(steps) == 64 - 60
+    config = GenerationConfig(max_new_tokens=50, temperature=0, stop_at_end_of_text=False)
+    completion = engine.generate_ids([prompt], config)[0]
+    assert len(completion.token_ids) == 64 - 60 and completion.finish_reason == "length"
     with pytest.raises(InputError, match="context"):
-        list(engine.decode_steps([list(range(64))], GenerationConfig(temperature=0)))
+        engine.generate_ids([list(range(64))], GenerationConfig(temperature=0))
 
 
 def test_empty_prompt_generates_a_new_document(engine):

@@ -92,20 +92,6 @@ def test_kv_cache_gives_the_same_logits_as_full_forward(variant):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("position", ["learned", "rope"])
-def test_left_padding_does_not_change_a_row(position):
-    torch.manual_seed(0)
-    model = Transformer(tiny(position=position)).eval()
-    short = torch.randint(0, 97, (1, 5))
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)
-    with torch.no_grad():
-        alone = model(short)
-        cache = model.new_cache(1, capacity=8)
-        cache.padding = torch.tensor([[False] * 3 + [True] * 5])
-        batched = model(padded, cache=cache)
-    torch.testing.assert_close(batched[:, 3:], alone, atol=1e-5, rtol=1e-5)
-
-
 def test_gqa_equals_mha_with_repeated_kv_heads():
     torch.manual_seed(0)
     grouped = Transformer(tiny(n_kv_head=2)).eval()

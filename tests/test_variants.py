@@ -48,16 +48,20 @@ def test_kv_cache_gives_the_same_logits_as_full_forward(variant):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("position", ["alibi", "rope", "learned"])
-def test_left_padding_does_not_change_a_row(position):
-    model = model_of(position=position)
-    short = torch.randint(0, VOCAB, (1, 5))
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)
+@pytest.mark.parametrize("variant", [dict(position="alibi"), dict(position="rope", n_kv_head=2),
+                                     dict(position="learned"), dict(position="sinusoidal")])
+def test_cached_rows_at_different_positions_decode_as_alone(variant):
+    model = model_of(**variant)
+    ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
-        alone = model(short)
-        cache = model.new_cache(1, capacity=8)
-        cache.padding = torch.tensor([[False] * 3 + [True] * 5])
-        torch.testing.assert_close(model(padded, cache=cache)[:, 3:], alone, atol=1e-5, rtol=1e-5)
+        alone = model(ids)
+        cache = model.new_cache(2, capacity=12)
+        model(ids[:1, :5], cache=cache.rows(0, 1))  # row 0 holds 5 tokens, row 1 holds 3
+        model(ids[1:, :3], cache=cache.rows(1, 2))
+        two = model(torch.stack([ids[0, 5:7], ids[1, 3:5]]), cache=cache)
+        one = model(torch.stack([ids[0, 7:8], ids[1, 5:6]]), cache=cache)
+    torch.testing.assert_close(torch.cat([two[0], one[0]]), alone[0, 5:8], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([two[1], one[1]]), alone[1, 3:6], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("position", ["learned", "alibi"])
@@ -93,7 +97,7 @@ def test_prefix_mask_per_row_and_zero_prefix_is_causal():
 def shifted_logits(model: Transformer, ids: torch.Tensor, shift: int) -> torch.Tensor:
     """Logits with every absolute position moved by ``shift`` (the model's position lookup, offset)."""
     original = model._positions
-    model._positions = lambda batch, start, end, cache: original(batch, start, end, cache) + shift
+    model._positions = lambda start, length: original(start, length) + shift
     try:
         with torch.no_grad():
             return model(ids)

@@ -1,6 +1,9 @@
-"""The one inference engine: KV-cached decoding, sampling, stop conditions, streaming."""
+"""The one inference engine: a continuous-batching scheduler over KV-cache slots, sampling, stop
+conditions, tool calls, log-probabilities, streaming."""
 
-from llmkit.infer.engine import Completion, Engine
+from llmkit.infer.completion import Completion
+from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
+from llmkit.infer.scheduler import Event, Request, Scheduler
 
-__all__ = ["Completion", "Engine", "GenerationConfig"]
+__all__ = ["Completion", "Engine", "Event", "GenerationConfig", "Request", "Scheduler"]

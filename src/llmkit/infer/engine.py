@@ -1,66 +1,26 @@
-"""Engine: a model and its tokenizer, decoding batches of sequences with a KV cache.
+"""Engine: a model and its tokenizer, generating through one continuous-batching scheduler.
 
-Prompts of different lengths are left-padded into one batch; the cache's padding mask keeps the pad
-positions out of attention and the position ids, so every row decodes exactly as it would alone.
+``generate``, ``generate_ids`` and ``stream`` submit requests to the engine's
+:class:`~llmkit.infer.scheduler.Scheduler` (KV-cache slots, per-request settings, stop strings, tool calls,
+log-probabilities); so do evaluation, RL rollouts and the HTTP server. Requests of one call share decode
+steps, and requests from several threads share them too once the scheduler runs in the background.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from llmkit.errors import InputError, MismatchError
-from llmkit.infer.sampling import GenerationConfig, next_tokens
+from llmkit.errors import MismatchError
+from llmkit.infer.completion import Completion, Tools
+from llmkit.infer.sampling import GenerationConfig
+from llmkit.infer.scheduler import Request, Scheduler
 from llmkit.model.checkpoint import load_model, resolve_checkpoint
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import Tokenizer
 
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (end-of-text or a stop string) or "length"
-    prompt_tokens: int
-
-
-class _TextTracker:
-    """Incremental detokenisation of one row: finds stop strings and emits only text that is final
-    (no half-decoded UTF-8 character, no prefix of a stop string that may still complete)."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.stopped = False
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids)
-        for stop in self.stop:
-            position = self.text.find(stop)
-            if position != -1:
-                self.text, self.stopped = self.text[:position], True
-        safe = len(self.text)
-        if not self.stopped:
-            if self.text.endswith("\ufffd"):
-                safe = len(self.text.rstrip("\ufffd"))
-            for stop in self.stop:
-                for size in range(min(len(stop) - 1, safe), 0, -1):
-                    if self.text[:safe].endswith(stop[:size]):
-                        safe -= size
-                        break
-        delta = self.text[self.emitted:safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
-        return delta
-
-    def finish(self) -> str:
-        delta = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return delta
+__all__ = ["Completion", "Engine", "use_decoding_layout"]
 
 
 def use_decoding_layout(model: Transformer) -> None:
@@ -75,9 +35,10 @@ def use_decoding_layout(model: Transformer) -> None:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, decoding_layout: bool = False):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, decoding_layout: bool = False, max_batch_size: int = 16):
         """``decoding_layout``: re-lay the weights for faster decoding (see :func:`use_decoding_layout`);
-        leave it off when the model is also being trained (PPO/GRPO rollouts)."""
+        leave it off when the model is also being trained (PPO/GRPO rollouts). ``max_batch_size``: how
+        many requests decode together; more wait for a free slot."""
         if tokenizer.vocab_size > model.config.vocab_size:
             raise MismatchError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
         if decoding_layout:
@@ -85,7 +46,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.token_embedding.weight.device
-        self.end_ids = {tokenizer.eot_id, tokenizer.special_ids.get("<|end|>", tokenizer.eot_id)}
+        self.scheduler = Scheduler(self, max_batch_size)
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> "Engine":
@@ -98,85 +59,40 @@ class Engine:
                                 f"was trained with (sha256 {expected[:12]})")
         return cls(model, tokenizer, decoding_layout=True)
 
-    # ------------------------------------------------------------------ token level
-    @torch.inference_mode()
-    def decode_steps(self, prompts: list[list[int]], config: GenerationConfig) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row, step after step, until ``max_new_tokens`` or the context is
-        full. Rows are not retired here; callers decide when a row is done."""
-        if not prompts or any(len(prompt) == 0 for prompt in prompts):
-            raise ValueError("every prompt needs at least one token")
-        context = self.model.config.context_length
-        longest = max(len(prompt) for prompt in prompts)
-        if longest >= context:
-            raise InputError(f"a prompt of {longest} tokens leaves no room in the model's context of {context} tokens")
-        steps = min(config.max_new_tokens, context - longest)
-        generator = torch.Generator(device=self.device).manual_seed(config.seed) if config.seed is not None else None
-        padded = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=self.device)
-        valid = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts], device=self.device)
-        if not config.use_cache:
-            yield from self._decode_without_cache(padded, valid, steps, config, generator)
-            return
-        cache = self.model.new_cache(len(prompts), capacity=longest + steps)
-        if not bool(valid.all()):
-            cache.padding = torch.ones(len(prompts), longest + steps, dtype=torch.bool, device=self.device)
-            cache.padding[:, :longest] = valid
-        logits = self.model(padded, cache=cache)[:, -1]
-        for step in range(steps):
-            token = next_tokens(logits, config, generator)
-            yield token
-            if step + 1 < steps:
-                logits = self.model(token.unsqueeze(1), cache=cache)[:, -1]
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt ids; an empty prompt starts a new document (unconditional generation)."""
+        return self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
 
-    def _decode_without_cache(self, padded, valid, steps, config, generator) -> Iterator[torch.Tensor]:
-        """The reference path: re-run the whole sequence every step (what the KV cache saves)."""
-        sequence = padded
-        for _ in range(steps):
-            cache = None
-            if not bool(valid.all()):
-                cache = self.model.new_cache(sequence.shape[0], capacity=sequence.shape[1])
-                cache.padding = valid
-            token = next_tokens(self.model(sequence, cache=cache)[:, -1], config, generator)
-            yield token
-            sequence = torch.cat([sequence, token.unsqueeze(1)], dim=1)
-            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
-
-    # ------------------------------------------------------------------- text level
-    def stream(self, prompt: str, config: GenerationConfig | None = None) -> Iterator[str]:
-        """Text deltas of one completion as they are decided."""
-        for row, delta in self._run([prompt], config or GenerationConfig(), results=None):
-            yield delta
-
-    def generate(self, prompts: str | list[str], config: GenerationConfig | None = None) -> list[Completion]:
-        """Complete each prompt; one batch, one decode loop."""
+    def generate(self, prompts: str | list[str], config: GenerationConfig | list[GenerationConfig] | None = None,
+                 tools: Tools | None = None) -> list[Completion]:
+        """Complete each prompt (one config for all, or one per prompt); completions in prompt order."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        results: list[Completion] = []
-        for _ in self._run(prompts, config or GenerationConfig(), results):
-            pass
-        return results
+        return self.generate_ids([self.encode(prompt) for prompt in prompts], config, tools)
 
-    def _run(self, prompts: list[str], config: GenerationConfig, results: list[Completion] | None):
-        # An empty prompt starts a new document: unconditional generation.
-        encoded = [self.tokenizer.encode(prompt) or [self.tokenizer.eot_id] for prompt in prompts]
-        trackers = [_TextTracker(self.tokenizer, config.stop) for _ in prompts]
-        finish = ["length"] * len(prompts)
-        done = [False] * len(prompts)
-        for tokens in self.decode_steps(encoded, config):
-            for row, token in enumerate(tokens.tolist()):
-                if done[row]:
-                    continue
-                if config.stop_at_end_of_text and token in self.end_ids:
-                    done[row], finish[row] = True, "stop"
-                    continue
-                delta = trackers[row].add(token)
-                if delta:
-                    yield row, delta
-                if trackers[row].stopped:
-                    done[row], finish[row] = True, "stop"
-            if all(done):
-                break
-        for row, tracker in enumerate(trackers):
-            tail = tracker.finish()
-            if tail:
-                yield row, tail
-            if results is not None:
-                results.append(Completion(tracker.text, tracker.ids, finish[row], len(encoded[row])))
+    def generate_ids(self, prompts: list[list[int]], config: GenerationConfig | list[GenerationConfig] | None = None,
+                     tools: Tools | None = None) -> list[Completion]:
+        """Complete token-id prompts, all decoding together (``max_batch_size`` at a time)."""
+        configs = config if isinstance(config, list) else [config or GenerationConfig()] * len(prompts)
+        if len(configs) != len(prompts):
+            raise ValueError(f"{len(configs)} generation configs for {len(prompts)} prompts")
+        requests: list[Request] = []
+        try:
+            for prompt, prompt_config in zip(prompts, configs):
+                requests.append(self.scheduler.submit(prompt, prompt_config, tools))
+            return [request.result() for request in requests]
+        finally:
+            for request in requests:
+                if request.completion is None:
+                    request.cancel()  # a prompt was refused or the caller interrupted: free the others' slots
+
+    def stream(self, prompt: str, config: GenerationConfig | None = None, tools: Tools | None = None) -> Iterator[str]:
+        """Text deltas of one completion as they become final (never half a UTF-8 character, never a stop
+        string or a prefix of one); closing the iterator early cancels the request."""
+        request = self.scheduler.submit(self.encode(prompt), config, tools)
+        try:
+            for event in request.events():
+                if event.text:
+                    yield event.text
+        finally:
+            if request.completion is None:
+                request.cancel()

@@ -53,13 +53,15 @@ def read_config(checkpoint: Path) -> dict:
     return config
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, dict]:
-    """The model of a checkpoint (a run directory or a checkpoint folder) and its ``config.json``."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               model_class: type[Transformer] = Transformer) -> tuple[Transformer, dict]:
+    """The model of a checkpoint (a run directory or a checkpoint folder) and its ``config.json``;
+    ``model_class`` builds it: a subclass that adds heads to the Transformer, such as the reward model."""
     checkpoint = resolve_checkpoint(path)
     config = read_config(checkpoint)
     model_config = ModelConfig(**config["model"])
     with torch.device("meta"):
-        model = Transformer(model_config)
+        model = model_class(model_config)
     state = load_file(str(checkpoint / "model.safetensors"))
     if model_config.tie_embeddings:
         state["lm_head.weight"] = state["token_embedding.weight"]

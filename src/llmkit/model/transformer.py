@@ -3,7 +3,8 @@
 Read top to bottom: token embedding -> (learned or sinusoidal positions) ->
 (embedding norm) -> blocks of [attention (RoPE or ALiBi, QK-norm, causal or
 prefix mask), feed-forward (dense or Mixture-of-Experts)] with the configured
-normalisation placement -> final norm -> output head (-> logit soft-cap). Every architectural variant is a field of
+normalisation placement -> final norm -> output head (-> logit soft-cap); ``hidden_states`` stops
+before the head, for the reward and value heads of alignment. Every architectural variant is a field of
 :class:`ModelConfig` that selects a small function or module here; there are no
 subclasses. Training, full-sequence scoring and incremental decoding share one
 code path: attention takes an optional :class:`KVCache`.
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
+from llmkit.model.kv_cache import KVCache
 from llmkit.model.moe import MixtureOfExperts
 
 
@@ -59,26 +61,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).type_as(x)
 
 
-class KVCache:
-    """Pre-allocated keys and values of every layer for a batch of sequences decoded in lock-step.
-
-    ``length`` is how many positions are filled. ``padding`` (batch, capacity), when set, marks the
-    positions that hold real tokens; left-padded prompts of different lengths use it.
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, dtype: torch.dtype, device):
-        shape = (config.n_layer, batch_size, config.n_kv_head, capacity, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.capacity = capacity
-        self.length = 0
-        self.padding: torch.Tensor | None = None
-
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + keys.shape[2]
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its document, for rows (batch, length) of consecutive documents."""
+    index = torch.arange(document_ids.shape[-1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=-1).values
 
 
 def sinusoidal_table(config: ModelConfig, length: int, device=None) -> torch.Tensor:
@@ -302,23 +290,43 @@ class Transformer(nn.Module):
         weight = self.token_embedding.weight
         return KVCache(self.config, batch_size, capacity, dtype or weight.dtype, weight.device)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, length, vocab) for ``input_ids`` (batch, length).
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, prefix_lengths: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, length, vocab) for ``input_ids`` (batch, length): the output head on
+        :meth:`hidden_states` (same arguments)."""
+        logits = self.lm_head(self.hidden_states(input_ids, cache, prefix_lengths, document_ids))
+        if self.config.logit_softcap is not None:
+            # Gemma 2 (Team et al. 2024): a smooth bound on the logits that keeps early training stable.
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
-        With a ``cache``, ``input_ids`` continue the sequences already in it: their keys and values are
-        appended and attention covers everything cached so far. ``prefix_lengths`` (batch,) makes a
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, prefix_lengths: torch.Tensor | None = None,
+                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's outputs after the final norm (batch, length, n_embd): what the output head
+        reads, and what reward and value heads read instead (Ouyang et al. 2022 §3.5).
+
+        With a ``cache``, ``input_ids`` continue the sequences already in it: each row's keys and values
+        are appended after that row's cached ones (rows may sit at different positions) and attention
+        covers everything the row has cached so far. ``prefix_lengths`` (batch,) makes a
         prefix decoder (Raffel et al. 2020 §3.2.1): the first ``prefix_lengths[b]`` tokens of row b
-        attend to each other in both directions, the rest causally.
+        attend to each other in both directions, the rest causally. ``document_ids`` (batch, length) packs
+        several documents into a row: a token attends only to earlier tokens of its own document, and
+        positions restart at 0 where a document starts, so each document computes what it would alone.
         """
-        batch, length = input_ids.shape
-        start = cache.length if cache is not None else 0
-        end = start + length
-        if end > self.config.context_length:
-            raise ValueError(f"sequence of {end} tokens exceeds context_length={self.config.context_length}")
+        length = input_ids.shape[1]
         if prefix_lengths is not None and cache is not None:
             raise ValueError("prefix_lengths is for whole sequences, not for incremental decoding with a cache")
-        positions = self._positions(batch, start, end, cache)
-        mask, is_causal = self._attention_mask(batch, length, start, end, cache, prefix_lengths)
+        if document_ids is not None and (cache is not None or prefix_lengths is not None):
+            raise ValueError("document_ids is for whole causal sequences, without a cache or prefix_lengths")
+        start, end = cache.begin(length) if cache is not None else (0, length)
+        if end > self.config.context_length:
+            raise ValueError(f"sequence of {end} tokens exceeds context_length={self.config.context_length}")
+        positions = self._positions(start, length)
+        mask, is_causal = self._attention_mask(positions, start if isinstance(start, int) else None, end, prefix_lengths,
+                                               document_ids)
+        if document_ids is not None:
+            positions = document_positions(document_ids)
 
         x = self.token_embedding(input_ids)
         if self.position_embedding is not None:
@@ -330,7 +338,7 @@ class Transformer(nn.Module):
         x = self.embedding_dropout(x)
         rope = None
         if self.config.position == "rope":
-            # (length,) positions broadcast over batch and heads; per-row positions (padding) get a head axis.
+            # (length,) positions broadcast over batch and heads; per-row positions (cached rows apart) get a head axis.
             rope = (self.rope_cos[positions], self.rope_sin[positions])
             if positions.dim() == 2:
                 rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))
@@ -341,14 +349,9 @@ class Transformer(nn.Module):
             else:
                 x = block(x, rope, cache, mask, is_causal)
         if cache is not None:
-            cache.length = end
+            cache.advance(length)
         self._collect_expert_statistics(x)
-        logits = self.lm_head(self.final_norm(x))
-        if self.config.logit_softcap is not None:
-            # Gemma 2 (Team et al. 2024): a smooth bound on the logits that keeps early training stable.
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
-        return logits
+        return self.final_norm(x)
 
     def _collect_expert_statistics(self, like: torch.Tensor) -> None:
         if not self.config.moe_experts:
@@ -358,47 +361,38 @@ class Transformer(nn.Module):
         self.aux_loss = self.config.moe_aux_loss_weight * torch.stack([layer.aux_loss for layer in layers]).sum()
         self.expert_utilisation = torch.stack([layer.utilisation for layer in layers])
 
-    def _positions(self, batch: int, start: int, end: int, cache: KVCache | None) -> torch.Tensor:
-        device = self.token_embedding.weight.device
-        if cache is None or cache.padding is None:
-            return torch.arange(start, end, device=device)
-        # Left padding: a row's first real token is position 0.
-        filled = cache.padding[:, :end].long().cumsum(dim=1) - 1
-        return filled[:, start:end].clamp(min=0)
+    def _positions(self, start: int | torch.Tensor, length: int) -> torch.Tensor:
+        """Positions of ``length`` tokens from ``start``: (length,), or (batch, length) from (batch, 1) row starts."""
+        return start + torch.arange(length, device=self.token_embedding.weight.device)
 
-    def _attention_mask(self, batch: int, length: int, start: int, end: int, cache: KVCache | None,
-                        prefix_lengths: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
-        """``(mask, is_causal)`` for scaled_dot_product_attention: a boolean mask of allowed keys, or a
-        float bias when ALiBi adds its distance penalty; ``(None, True)`` for the plain causal case."""
+    def _attention_mask(self, positions: torch.Tensor, start: int | None, end: int, prefix_lengths: torch.Tensor | None,
+                        document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+        """``(mask, is_causal)`` for scaled_dot_product_attention over keys 0..end-1, for queries at
+        ``positions`` (length,), or per row (batch, length) when cached rows sit at different positions
+        (``start`` None): a boolean mask of allowed keys, or a float bias when ALiBi adds its distance
+        penalty; ``(None, True)`` / ``(None, False)`` for the plain causal cases. ``document_ids`` (batch, end)
+        keeps each query to the keys of its own document (block-diagonal causal attention)."""
         alibi = self.config.position == "alibi"
-        padding = cache.padding if cache is not None else None
-        if not alibi and prefix_lengths is None and padding is None:
+        if not alibi and prefix_lengths is None and document_ids is None and start is not None:
             if start == 0:
                 return None, True
-            if length == 1:
+            if positions.shape[-1] == 1:
                 return None, False  # one new token attends to everything cached
-        device = self.token_embedding.weight.device
-        query_index = torch.arange(start, end, device=device).view(1, -1, 1)
-        key_index = torch.arange(end, device=device).view(1, 1, -1)
-        allowed = key_index <= query_index  # (1, length, end)
+        key_positions = self._positions(0, end)
+        query_positions = positions.unsqueeze(-1)  # ([batch,] length, 1)
+        allowed = key_positions <= query_positions  # ([batch,] length, end)
         if prefix_lengths is not None:
-            prefix = prefix_lengths.to(device).view(-1, 1, 1)
-            allowed = allowed | ((key_index < prefix) & (query_index < prefix))
-        if padding is not None:
-            allowed = allowed & padding[:, None, :end]
-            # A padding query would otherwise see no key at all and produce NaN; let it see itself.
-            allowed = allowed | (key_index == query_index)
-        allowed = allowed.unsqueeze(1)  # a head axis
+            prefix = prefix_lengths.to(positions.device).view(-1, 1, 1)
+            allowed = allowed | ((key_positions < prefix) & (query_positions < prefix))
+        if document_ids is not None:
+            allowed = allowed & (document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2))
+        allowed = allowed.unsqueeze(-3)  # a head axis
         if not alibi:
             return allowed, False
         # ALiBi (Press et al. 2022): no position embedding; each head penalises attention linearly in the
         # distance between query and key positions (symmetric, so prefix tokens look both ways alike).
-        key_positions = self._positions(batch, 0, end, cache).float()
-        query_positions = key_positions[..., start:end]
-        distance = (query_positions.unsqueeze(-1) - key_positions.unsqueeze(-2)).abs()  # ([batch,] length, end)
-        if distance.dim() == 2:
-            distance = distance.unsqueeze(0)
-        bias = -self.alibi.view(1, -1, 1, 1) * distance.unsqueeze(1)
+        distance = (query_positions - key_positions).abs().float().unsqueeze(-3)  # ([batch,] 1, length, end)
+        bias = -self.alibi.view(-1, 1, 1) * distance
         return bias.masked_fill(~allowed, float("-inf")), False
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
