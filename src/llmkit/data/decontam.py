@@ -130,7 +130,7 @@ def ngram_hashes(words: list[str], lengths: set[int]) -> dict[int, np.ndarray]:
     return result
 
 
-def _evaluation_ngrams(text: str, ngram: int, min_words: int) -> tuple[int, np.ndarray] | None:
+def evaluation_ngrams(text: str, ngram: int, min_words: int) -> tuple[int, np.ndarray] | None:
     """(n-gram length, hashes) of one evaluation string, or ``None`` when it is shorter than ``min_words``."""
     words = normalized_words(text)
     length = min(len(words), ngram)
@@ -175,7 +175,7 @@ class ContaminationIndex:
                 raise InputError(f"{path}: another evaluation file is also named '{name}'; set names come from file names, so rename one")
             parts = [np.empty(0, dtype=np.uint64)]
             for text in _evaluation_texts(path):
-                ngrams = _evaluation_ngrams(text, ngram, min_words)
+                ngrams = evaluation_ngrams(text, ngram, min_words)
                 if ngrams is not None:
                     lengths.add(ngrams[0])
                     parts.append(ngrams[1])
