@@ -1,0 +1,107 @@
+"""``llmkit grpo``: group relative policy optimisation (Shao et al. 2024, DeepSeekMath §4.1) with
+verifiable rewards.
+
+Each prompt gets a *group* of G sampled completions. A completion's advantage is its reward
+normalised within its group, ``(r - mean(r_group)) / (std(r_group) + eps)``, the same for every one
+of its tokens (outcome supervision, §4.1.2): the group mean replaces PPO's learned value function as
+the baseline, so there is no critic. ``std`` is the sample standard deviation (``torch.std``'s
+default, as TRL computes it); with ``--no-scale-rewards`` the advantage is ``r - mean`` alone, which
+Liu et al. 2025 ("Understanding R1-Zero-like training", Dr. GRPO) recommend because the division
+weights groups whose rewards barely differ the most. A group whose completions all earn the same
+reward has zero advantages and teaches nothing; the share of such groups is logged
+(``uniform_groups``).
+
+The loss per token is the clipped surrogate (:func:`llmkit.align.policy_gradient.clipped_policy_loss`)
+plus ``beta`` times the k3 estimate of KL(pi || pi_ref) against the frozen reference, which GRPO puts
+in the loss instead of the reward (eq. 3-4). Tokens are aggregated per sequence then over sequences by
+default, as eq. 3 is written; ``--loss-aggregation token`` takes DAPO's token mean (Yu et al. 2025).
+With one epoch and one minibatch per batch the ratio is 1 and the update is the plain policy gradient
+(the paper's "iterative" setting reuses the batch for several minibatches, where the clip matters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from llmkit.align.policy_gradient import aggregate, kl_k3
+from llmkit.align.rl_loop import Algorithm, RLOptimConfig, RLRunConfig, RolloutConfig
+from llmkit.align.rl_stage import run_policy_stage
+from llmkit.align.rollout import RolloutBatch
+from llmkit.config import check
+
+__all__ = ["GRPO", "GRPOConfig", "group_advantages", "grpo"]
+
+
+@dataclass
+class GRPORunConfig(RLRunConfig):
+    out: str = field(default="runs/grpo", metadata={"help": "run directory: checkpoints, metrics.csv, curves"})
+
+
+@dataclass
+class GRPORolloutConfig(RolloutConfig):
+    prompts_per_iteration: int = field(default=8, metadata={"help": "prompts sampled per iteration (each gets a group)"})
+
+
+@dataclass
+class GRPOOptimConfig(RLOptimConfig):
+    epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
+    minibatch_size: int = field(default=16, metadata={"help": "sequences per optimizer step"})
+    loss_aggregation: Literal["token", "sequence"] = field(default="sequence", metadata={
+        "help": "sequence: per-sequence mean, then mean (DeepSeekMath eq. 3); token: mean over all tokens (DAPO)"})
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
+    kl_coef: float = field(default=0.04, metadata={"help": "beta of the k3 KL term to the reference in the loss (0 = none)"})
+    scale_rewards: bool = field(default=True, metadata={"help": "divide by the group's reward std (off: Dr. GRPO)"})
+    advantage_eps: float = field(default=1e-4, metadata={"help": "added to the group std before dividing"})
+    run: GRPORunConfig = field(default_factory=GRPORunConfig)
+    rollout: GRPORolloutConfig = field(default_factory=GRPORolloutConfig)
+    optim: GRPOOptimConfig = field(default_factory=GRPOOptimConfig)
+
+    def __post_init__(self) -> None:
+        check(self.group_size >= 2, "group_size", self.group_size, "must be at least 2 (a group is its own baseline)")
+        check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")
+        check(self.advantage_eps > 0, "advantage_eps", self.advantage_eps, "must be positive")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """``(r - group mean) / (group std + eps)`` per completion, for rewards laid out group after group."""
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+class GRPO(Algorithm):
+    def __init__(self, config: GRPOConfig):
+        super().__init__(config.optim, config.rollout.temperature)
+        self.config = config
+        self.samples_per_prompt = config.group_size
+
+    def advantages(self, batch: RolloutBatch) -> dict[str, float]:
+        per_completion = group_advantages(batch.rewards, self.config.group_size, self.config.scale_rewards, self.config.advantage_eps)
+        batch.advantages = per_completion[:, None] * batch.action_mask
+        spread = batch.rewards.view(-1, self.config.group_size)
+        return {"uniform_groups": float((spread.max(dim=1).values == spread.min(dim=1).values).float().mean())}
+
+    def loss(self, policy: nn.Module, minibatch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        outputs, loss, metrics = self.policy_terms(policy, minibatch)
+        mask = minibatch.action_mask
+        # The reference's log-probabilities exist on actions only: elsewhere the estimate is set to exactly 0.
+        logprobs = torch.where(mask, outputs.logprobs, minibatch.reference_logprobs)
+        kl = aggregate(kl_k3(logprobs, minibatch.reference_logprobs), mask, self.aggregation)
+        metrics["kl_k3"] = float(kl.detach())
+        return loss + self.config.kl_coef * kl, metrics
+
+
+def grpo(config: GRPOConfig) -> dict:
+    """Train ``config.run.policy`` with GRPO on the task's prompts; returns the run summary (greedy
+    held-out accuracy and reward before and after, rollout rewards, final KL, checkpoint)."""
+    return run_policy_stage("grpo", config, config.run, config.rollout, config.optim, lambda policy, tokenizer: GRPO(config))

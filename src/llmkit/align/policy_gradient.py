@@ -1,0 +1,123 @@
+"""The policy-gradient pieces PPO and GRPO share: token log-probabilities, KL estimators, the clipped
+surrogate objective, masked statistics and minibatches.
+
+Every tensor here is laid out per *target position* of a padded batch of rows (prompt + completion):
+index ``t`` of a ``(rows, length - 1)`` tensor belongs to the prediction of token ``t + 1`` from the
+tokens before it, and a boolean ``mask`` of that shape is True where that token is an *action* (a
+token the policy sampled: completion tokens, not the prompt, not padding, not tool results injected by
+the engine). Log-probabilities, values, rewards and advantages all use this one layout.
+
+Two ways to reduce a per-token loss to a scalar (``aggregate``):
+
+- ``"token"``: the mean over every action token of the batch (PPO implementations such as TRL and
+  OpenAI's lm-human-preferences; DAPO, Yu et al. 2025 §3.3, argues for it in GRPO too, because a
+  per-sequence mean gives each token of a long answer less weight than each token of a short one);
+- ``"sequence"``: the mean over each sequence's action tokens, then the mean over sequences, which is
+  DeepSeekMath's GRPO objective as written (Shao et al. 2024, eq. 3: ``1/G sum_i 1/|o_i| sum_t``).
+
+Both are taken over a minibatch, so their gradients are those of one optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AGGREGATIONS = ("token", "sequence")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` where ``mask`` is True (0 when nothing is). Selected, not multiplied: an
+    estimator may be infinite outside the mask (k3 where no reference log-probability was taken)."""
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(values - mean) / std`` over the masked entries (zero elsewhere): advantage normalisation at
+    the batch level (Huang et al. 2024, "The N+ implementation details of RLHF with PPO")."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    return torch.where(mask, (values - mean) * torch.rsqrt(variance + eps), torch.zeros_like(values))
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """A per-token loss ``(rows, positions)`` reduced to a scalar over the masked tokens (module docstring)."""
+    if mode == "token":
+        return masked_mean(per_token, mask)
+    if mode == "sequence":
+        per_sequence = torch.where(mask, per_token, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return per_sequence[mask.any(dim=1)].mean() if mask.any() else per_token.new_zeros(())
+    raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
+
+
+# --------------------------------------------------------------------------------- KL estimators
+def kl_k1(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """``log pi - log pi_ref`` per sampled token: the unbiased, high-variance estimator of KL(pi || pi_ref)
+    whose sum over a completion is InstructGPT's KL penalty (Ouyang et al. 2022, eq. 2)."""
+    return logprobs - reference_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, other_logprobs: torch.Tensor) -> torch.Tensor:
+    """``r - log r - 1`` with ``r = p_other / p`` for tokens sampled from ``p``: an unbiased estimate of
+    KL(p || p_other) that is never negative and has low variance (Schulman 2020, "Approximating KL
+    divergence"). GRPO's KL term with ``p`` the policy and ``p_other`` the reference (Shao et al. 2024,
+    eq. 4); with ``p`` the rollout policy and ``p_other`` the updated one, PPO's ``approx_kl``."""
+    log_ratio = other_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+# -------------------------------------------------------------------------------- the objective
+@dataclass
+class PolicyOutputs:
+    """One forward pass of the policy over a batch, in the target-position layout."""
+
+    logprobs: torch.Tensor  # (rows, length - 1) log pi(token t+1 | tokens <= t)
+    entropy: torch.Tensor  # (rows, length - 1) entropy of the whole next-token distribution
+    values: torch.Tensor | None  # (rows, length - 1) value-head estimates, when a head was given
+
+
+def policy_forward(model: nn.Module, input_ids: torch.Tensor, temperature: float,
+                   value_head: nn.Module | None = None) -> PolicyOutputs:
+    """Log-probabilities of each row's next tokens (and entropies, and values) in one forward pass.
+
+    The logits are divided by the sampling temperature, so the probabilities are those of the
+    distribution the rollouts were drawn from (Huang et al. 2024). With a value head, the
+    head reads the same hidden states the output head does (a shared trunk: Schulman et al. 2017, eq. 9)."""
+    hidden = model.hidden_states(input_ids)
+    logits = model.lm_head(hidden)
+    cap = model.config.logit_softcap
+    if cap is not None:  # the model's own soft-cap (Transformer.forward), applied to the head's output
+        logits = cap * torch.tanh(logits / cap)
+    # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
+    log_distribution = F.log_softmax(logits[:, :-1].float() / max(temperature, 1e-6), dim=-1)
+    logprobs = log_distribution.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    entropy = -(log_distribution.exp() * log_distribution).sum(dim=-1)
+    values = value_head(hidden[:, :-1]).squeeze(-1).float() if value_head is not None else None
+    return PolicyOutputs(logprobs, entropy, values)
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, clip: float, aggregation: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
+    ``max(-A r, -A clip(r, 1 - clip, 1 + clip))`` per action token with ``r = pi / pi_old``, aggregated.
+
+    Metrics: ``clip_fraction``, the share of tokens where the clipped term is the larger (its gradient
+    is zero there), and ``approx_kl``, the k3 estimate of KL(pi_old || pi) (how far the update moved)."""
+    # Ratio 1 off the mask: nothing there may overflow into the gradient (0 * inf is NaN).
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation)
+    with torch.no_grad():
+        metrics = {"clip_fraction": float(masked_mean((clipped > unclipped).float(), mask)),
+                   "approx_kl": float(masked_mean(kl_k3(old_logprobs, old_logprobs + log_ratio), mask))}
+    return loss, metrics
+
+
+def minibatches(count: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A random partition of ``range(count)`` into minibatches of ``size`` (the last may be smaller)."""
+    return list(torch.randperm(count, generator=generator).split(size))

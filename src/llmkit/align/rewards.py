@@ -1,0 +1,157 @@
+"""Rewards for PPO and GRPO, and the embedded tasks that supply their prompts.
+
+A reward is a callable ``reward(prompt_messages, completion_text) -> float``; :meth:`Reward.score`
+rates a whole rollout batch at once, which lets the function checker run one sandbox per task and the
+reward model batch its forward passes.
+
+- :class:`ArithmeticReward`: verifiable (RL with verifiable rewards, Lambert et al. 2024 "Tülu 3";
+  DeepSeekMath's rule-based rewards): 1 when :func:`llmkit.tasks.arithmetic.check_answer` accepts
+  the answer after the last ``####``, else ``format_bonus`` when there is a well-formed ``#### N``
+  (DeepSeek-R1's format reward, Guo et al. 2025 §2.2.2), else 0.
+- :class:`FunctionTaskReward`: 1 when the docstring -> function checker passes every recorded
+  example, else ``format_bonus`` when the answer parses with the right signature, else 0.
+- :class:`ModelReward`: a reward model trained by ``llmkit reward`` (:func:`llmkit.align.reward.load_reward_model`),
+  scoring the token ids of prompt + completion, tool calls included.
+
+A prompt is recognised by its last user message (the problem's question, or the function's request),
+so the verifiable rewards need nothing but the conversation, as the interface promises.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+from llmkit.align.reward import load_reward_model
+from llmkit.align.rollout import Rollout
+from llmkit.config import check
+from llmkit.errors import InputError, MismatchError
+from llmkit.tasks import arithmetic, functions
+from llmkit.tokenizer import Tokenizer
+
+TASKS = ("arithmetic", "arithmetic_plain", "functions")
+
+
+def _question(messages: list[dict]) -> str:
+    return next(message["content"] for message in reversed(messages) if message["role"] == "user")
+
+
+class Reward:
+    """``reward(prompt_messages, completion_text) -> float``; ``score(rollouts)`` for a batch."""
+
+    def __call__(self, prompt_messages: list[dict], completion_text: str) -> float:
+        raise NotImplementedError
+
+    def score(self, rollouts: list[Rollout]) -> list[float]:
+        return [float(self(rollout.prompt.messages, rollout.text)) for rollout in rollouts]
+
+
+class FunctionReward(Reward):
+    """Any plain ``(prompt_messages, completion_text) -> float`` function as a :class:`Reward`."""
+
+    def __init__(self, function: Callable[[list[dict], str], float]):
+        self.function = function
+
+    def __call__(self, prompt_messages: list[dict], completion_text: str) -> float:
+        return float(self.function(prompt_messages, completion_text))
+
+
+def as_reward(reward: Reward | Callable[[list[dict], str], float]) -> Reward:
+    return reward if isinstance(reward, Reward) else FunctionReward(reward)
+
+
+class ArithmeticReward(Reward):
+    def __init__(self, problems: list[arithmetic.Problem], format_bonus: float = 0.0):
+        self.format_bonus = format_bonus
+        self.problems = {problem.question: problem for problem in problems}
+
+    def _problem(self, messages: list[dict]):
+        question = _question(messages)
+        if question not in self.problems:
+            raise InputError(f"no arithmetic problem has the question {question[:60]!r}")
+        return self.problems[question]
+
+    def correct(self, prompt_messages: list[dict], completion_text: str) -> bool:
+        return arithmetic.check_answer(self._problem(prompt_messages), completion_text)
+
+    def __call__(self, prompt_messages: list[dict], completion_text: str) -> float:
+        if self.correct(prompt_messages, completion_text):
+            return 1.0
+        return self.format_bonus if arithmetic.final_answer(completion_text) is not None else 0.0
+
+
+class FunctionTaskReward(Reward):
+    def __init__(self, tasks: list[functions.FunctionTask], format_bonus: float = 0.0):
+        self.format_bonus = format_bonus
+        self.tasks = {_question(functions.prompt_messages(task)): task for task in tasks}
+
+    def _task(self, messages: list[dict]):
+        request = _question(messages)
+        if request not in self.tasks:
+            raise InputError(f"no function task has the request {request[:60]!r}")
+        return self.tasks[request]
+
+    def _value(self, result: functions.FunctionCheck) -> float:
+        return 1.0 if result.passed else self.format_bonus if result.signature_matches else 0.0
+
+    def __call__(self, prompt_messages: list[dict], completion_text: str) -> float:
+        return self._value(functions.check_solution(self._task(prompt_messages), completion_text))
+
+    def score(self, rollouts: list[Rollout]) -> list[float]:
+        """One sandbox run per task for all of its completions (a GRPO group shares one)."""
+        by_request: dict[str, list[int]] = {}
+        for index, rollout in enumerate(rollouts):
+            by_request.setdefault(_question(rollout.prompt.messages), []).append(index)
+        rewards = [0.0] * len(rollouts)
+        for indices in by_request.values():
+            task = self._task(rollouts[indices[0]].prompt.messages)
+            for index, result in zip(indices, functions.check_solutions(task, [rollouts[i].text for i in indices])):
+                rewards[index] = self._value(result)
+        return rewards
+
+
+class ModelReward(Reward):
+    """A trained reward model's score of prompt + completion."""
+
+    def __init__(self, path: str, tokenizer: Tokenizer, device: str = "cpu", batch_size: int = 16):
+        self.scorer = load_reward_model(path, device=device, batch_size=batch_size)
+        if self.scorer.tokenizer.sha256 != tokenizer.sha256:
+            raise MismatchError(f"{path}: the reward model's tokenizer (sha256 {self.scorer.tokenizer.sha256[:12]}) is not "
+                                f"the policy's (sha256 {tokenizer.sha256[:12]})")
+
+    def __call__(self, prompt_messages: list[dict], completion_text: str) -> float:
+        return self.scorer(prompt_messages, completion_text)
+
+    def score(self, rollouts: list[Rollout]) -> list[float]:
+        """By token ids: a completion with tool calls holds special tokens that message text may not."""
+        return self.scorer.score_ids([rollout.prompt.ids + rollout.token_ids for rollout in rollouts])
+
+
+# ----------------------------------------------------------------------------------- tasks
+@dataclass
+class RLTask:
+    """An embedded task's prompts and its exact checker (``checker`` returns 1 for a correct answer)."""
+
+    name: str
+    train: list[list[dict]]
+    heldout: list[list[dict]]
+    checker: Reward
+    make_reward: Callable[[float], Reward]  # format_bonus -> the verifiable training reward
+
+
+def load_task(name: str, train_count: int, heldout_count: int, seed: int) -> RLTask:
+    """``train_count`` training prompts and ``heldout_count`` held-out ones of an embedded task
+    (``functions`` has a fixed number of tasks and gives at most that many)."""
+    check(name in TASKS, "task", name, f"choose one of {', '.join(TASKS)}")
+    if name == "functions":
+        train, heldout = functions.function_tasks("train")[:train_count], functions.function_tasks("heldout")[:heldout_count]
+        prompt_of, reward_class = functions.prompt_messages, FunctionTaskReward
+    else:
+        train = arithmetic.generate_problems(train_count, seed=seed, split="train")
+        heldout = arithmetic.generate_problems(heldout_count, seed=seed, split="heldout")
+        prompt_of = functools.partial(arithmetic.prompt_messages, with_tools=name == "arithmetic")
+        reward_class = ArithmeticReward
+    items = train + heldout
+    return RLTask(name, [prompt_of(item) for item in train], [prompt_of(item) for item in heldout],
+                  reward_class(items, 0.0), functools.partial(reward_class, items))

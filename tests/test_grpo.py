@@ -1,0 +1,146 @@
+"""GRPO by behaviour: group-normalised advantages against the formula worked by hand, broadcast to
+exactly the action tokens; the k1 and k3 estimators against the exact KL of small distributions and
+zero while the policy is the reference; the two loss aggregations by hand; the verifiable arithmetic
+reward; prompt order; a toy task whose rewarded first token GRPO makes clearly more likely; and a
+whole ``llmkit grpo`` run."""
+
+import pytest
+import torch
+
+from llmkit.align.grpo import GRPO, GRPOConfig, GRPOOptimConfig, GRPORunConfig, group_advantages, grpo
+from llmkit.align.policy_gradient import aggregate, kl_k1, kl_k3
+from llmkit.align.rewards import ArithmeticReward, FunctionTaskReward, as_reward
+from llmkit.align.rl_loop import PolicyLoop, RolloutConfig, prompt_indices
+from llmkit.align.rollout import Prompt, Rollout, RolloutBatch, build_batch, chat_prompt, generate_rollouts, score_rollouts
+from llmkit.errors import InputError
+from llmkit.infer import Completion, GenerationConfig
+from llmkit.infer.engine import Engine
+from llmkit.model.checkpoint import read_config, resolve_checkpoint
+from llmkit.tasks import arithmetic, functions
+from llmkit.tasks.functions import FunctionTask
+from rl_helpers import (TOY_MESSAGES, char_tokenizer, first_letter_probabilities, frozen_copy, save_checkpoint, starts_with_a,
+                        warm_policy)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread; two spin-waiting threads crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return char_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    return warm_policy(tokenizer, context_length=384)
+
+
+def test_group_advantages_worked_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    # Group 1: mean 0.5, sample std sqrt(1/3); group 2: mean 0.75, std 0.5; group 3: all equal, std 0.
+    third = 3 ** -0.5
+    expected = [0.5 / (third + 1e-4), -0.5 / (third + 1e-4), -0.5 / (third + 1e-4), 0.5 / (third + 1e-4),
+                0.25 / 0.5001, 0.25 / 0.5001, 0.25 / 0.5001, -0.75 / 0.5001, 0.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(group_advantages(rewards, 4), torch.tensor(expected))
+    unscaled = [0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75, 0.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(group_advantages(rewards, 4, scale=False), torch.tensor(unscaled))
+
+
+def test_advantages_reach_exactly_the_action_tokens_of_their_sequence():
+    mask = torch.tensor([[False, True, True], [True, True, False], [False, False, True], [False, True, True]])
+    batch = RolloutBatch(torch.zeros(4, 4, dtype=torch.long), mask, torch.tensor([1.0, 0.0, 2.0, 2.0]))
+    metrics = GRPO(GRPOConfig(group_size=2)).advantages(batch)
+    value = 0.5 / (0.5**0.5 + 1e-4)
+    torch.testing.assert_close(batch.advantages, torch.tensor([[0.0, value, value], [-value, -value, 0.0], [0.0] * 3, [0.0] * 3]))
+    assert metrics["uniform_groups"] == 0.5
+
+
+def test_kl_estimators_are_unbiased_and_k3_is_never_negative():
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.1, 0.3, 0.3, 0.2, 0.1])
+    exact = float((p * (p / q).log()).sum())
+    # The expectation over tokens drawn from p, taken exactly over the support.
+    assert float((p * kl_k1(p.log(), q.log())).sum()) == pytest.approx(exact)
+    assert float((p * kl_k3(p.log(), q.log())).sum()) == pytest.approx(exact)
+    assert (kl_k3(p.log(), q.log()) >= 0).all() and not (kl_k1(p.log(), q.log()) >= 0).all()
+    assert torch.equal(kl_k3(p.log(), p.log()), torch.zeros(5))
+
+
+def test_token_and_sequence_aggregation_by_hand():
+    losses = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, float("inf")]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    assert aggregate(losses, mask, "token").item() == pytest.approx((1 + 2 + 3 + 10) / 4)
+    assert aggregate(losses, mask, "sequence").item() == pytest.approx((2.0 + 10.0) / 2)
+
+
+def test_grpo_kl_term_is_zero_while_the_policy_is_the_reference(tokenizer, policy):
+    prompt = chat_prompt(tokenizer, TOY_MESSAGES)
+    rollouts = generate_rollouts(Engine(policy, tokenizer), [prompt, prompt], 2, GenerationConfig(max_new_tokens=4, temperature=1.0),
+                                 None, 0, 0)
+    algorithm = GRPO(GRPOConfig(group_size=2))
+    for reference, zero in ((frozen_copy(policy), True), (warm_policy(tokenizer, steps=1), False)):
+        batch = score_rollouts(build_batch(rollouts, [1.0, 0.0, 0.0, 1.0], tokenizer.pad_id), policy, reference, None, 1.0, 4)
+        algorithm.advantages(batch)
+        _, metrics = algorithm.loss(policy, batch)
+        assert (metrics["kl_k3"] == 0.0) is zero and metrics["kl_k3"] >= 0
+
+
+def test_arithmetic_reward_checks_the_final_answer_and_the_format():
+    problem = arithmetic.generate_problems(1, seed=3)[0]
+    reward = ArithmeticReward([problem], format_bonus=0.1)
+    messages = arithmetic.prompt_messages(problem)
+    assert reward(messages, f"Steps...\n#### {problem.answer}") == 1.0
+    assert reward(messages, f"#### {problem.answer + 1}") == 0.1
+    assert reward(messages, f"the answer is {problem.answer}") == 0.0
+    with pytest.raises(InputError, match="no arithmetic problem"):
+        reward([{"role": "user", "content": "What is 2+2?"}], "#### 4")
+
+
+def test_function_reward_runs_the_checker_once_per_task_and_grades_the_format():
+    task = FunctionTask("string", "double", 'def double(x):\n    """Twice x."""', "def double(x):\n    return 2 * x",
+                        (("[2]", "4"), ("[5]", "10"), ("[0]", "0")))
+    reward = FunctionTaskReward([task], format_bonus=0.2)
+    prompt = Prompt(functions.prompt_messages(task), [1])
+    replies = ["```python\ndef double(x):\n    return x + x\n```", "def double(x):\n    return x * x", "def double(y):\n    return 2 * y",
+               "def double(x) return"]
+    rollouts = [Rollout(prompt, Completion(text, [], "stop", 1), [], []) for text in replies]
+    # Correct; right signature but wrong on 2 and 5; wrong parameter name; does not parse.
+    assert reward.score(rollouts) == [1.0, 0.2, 0.0, 0.0]
+    assert reward(prompt.messages, replies[0]) == 1.0
+
+
+def test_prompts_come_in_seeded_epochs_and_are_a_function_of_the_iteration():
+    stream = [index for iteration in range(5) for index in prompt_indices(6, 3, seed=1, iteration=iteration)]
+    assert sorted(stream[:6]) == sorted(stream[6:12]) == list(range(6))
+    assert stream[:6] != stream[6:12]  # a new order every epoch
+    assert prompt_indices(6, 3, seed=1, iteration=4) == stream[12:15]
+
+
+def test_grpo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, policy):
+    model = frozen_copy(policy).requires_grad_(True)
+    before = first_letter_probabilities(model, tokenizer)
+    config = GRPOConfig(group_size=8, kl_coef=0.01, rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, tools="none"),
+                        optim=GRPOOptimConfig(lr=3e-3, epochs=2, minibatch_size=8))
+    loop = PolicyLoop(model, frozen_copy(policy), tokenizer, GRPO(config), as_reward(starts_with_a),
+                      [chat_prompt(tokenizer, TOY_MESSAGES)], config.rollout, config.optim, iterations=4)
+    rewards = [loop.iterate(iteration)["reward"] for iteration in range(4)]
+    after = first_letter_probabilities(model, tokenizer)
+    assert before["a"] < 0.3 and after["a"] > 0.6, (before, after)
+    assert all(after[letter] < before[letter] for letter in "bcd")
+    assert rewards[-1] > rewards[0]
+
+
+def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_path):
+    (tmp_path / "sft").mkdir()
+    run = GRPORunConfig(policy=str(save_checkpoint(tmp_path / "sft", policy, tokenizer)), out=str(tmp_path / "grpo"),
+                        task="arithmetic_plain", iterations=1, train_problems=4, eval_problems=2, device="cpu", progress=False)
+    summary = grpo(GRPOConfig(group_size=2, run=run, rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, tools="none")))
+    assert summary["iterations"] == 1 and summary["stage"] == "grpo" and summary["eval_prompts"] == 2
+    assert summary["accuracy_before"] == summary["accuracy_after"] == 0.0  # a letter-answering policy solves nothing
+    assert read_config(resolve_checkpoint(tmp_path / "grpo"))["stage_config"]["group_size"] == 2
