@@ -1,0 +1,65 @@
+"""``llmkit serve``'s settings and entry point, apart from the app so that the command line (and
+``llmkit chat``) need no FastAPI: :class:`ServeConfig`, :func:`load_engine` and :func:`serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from llmkit.config import check
+from llmkit.infer.engine import Engine
+from llmkit.infer.scheduler import Scheduler
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str = field(default="runs/sft", metadata={"help": "run directory or checkpoint folder to serve"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 exposes the server to the network)"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' (default: $LLMKIT_API_KEY if set)"})
+    model_name: str | None = field(default=None, metadata={"help": "model id clients send (default: the checkpoint folder's name)"})
+    max_messages: int = field(default=256, metadata={"help": "most messages in one chat request"})
+    max_prompt_tokens: int | None = field(default=None, metadata={"help": "longest prompt in tokens (default and cap: the model's context - 1)"})
+    max_tokens: int = field(default=2048, metadata={"help": "largest max_tokens a request may ask for"})
+    max_concurrent_requests: int = field(default=128, metadata={"help": "generation requests answered at once; more get 429"})
+    max_body_bytes: int = field(default=2_000_000, metadata={"help": "largest request body; larger get 413"})
+    max_batch_size: int = field(default=64, metadata={"help": "requests decoding together (KV-cache slots); more wait for a slot"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for the model's arithmetic (default: torch's choice; 1 on a busy shared machine)"})
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = field(default="info", metadata={"help": "uvicorn's log level"})
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535 (0: any free port)")
+        check(self.api_key is None or len(self.api_key) > 0, "api_key", self.api_key, "must not be empty")
+        for name in ("max_messages", "max_tokens", "max_concurrent_requests", "max_body_bytes", "max_batch_size"):
+            check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+        check(self.max_prompt_tokens is None or self.max_prompt_tokens > 0, "max_prompt_tokens", self.max_prompt_tokens, "must be positive")
+        check(self.threads is None or self.threads > 0, "threads", self.threads, "must be positive")
+
+
+def load_engine(config: ServeConfig) -> Engine:
+    import torch
+
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype))
+    if config.max_batch_size != engine.scheduler.max_batch_size:
+        engine.scheduler = Scheduler(engine, config.max_batch_size)  # nothing submitted yet: a fresh one is equivalent
+    return engine
+
+
+def serve(config: ServeConfig) -> None:
+    """Load the checkpoint and serve it until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    if config.api_key is None and os.environ.get("LLMKIT_API_KEY"):
+        config.api_key = os.environ["LLMKIT_API_KEY"]  # a key on the command line would show in `ps`
+    from llmkit.serve.app import create_app  # FastAPI only when serving: the rest of llmkit runs without it
+
+    app = create_app(load_engine(config), config)
+    print(json.dumps({"serving": app.state.service.model_name, "url": f"http://{config.host}:{config.port}/",
+                      "api_key": "required" if config.api_key else "none"}))
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
