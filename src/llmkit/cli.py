@@ -52,11 +52,21 @@ def _print_summary(summary: dict) -> None:
 
 def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, str]]:
     """(command words) -> (config class, function, printer of its result, help)."""
+    from llmkit.align.dpo import DPOConfig, dpo
+    from llmkit.align.grpo import GRPOConfig, grpo
+    from llmkit.align.ppo import PPOConfig, ppo
+    from llmkit.align.reward import RewardConfig, train_reward
+    from llmkit.align.sft import SFTConfig, sft
     from llmkit.data.pipeline import PipelineConfig, run_pipeline
     from llmkit.data.shards import PrepareConfig, prepare_data
+    from llmkit.eval.run import EvalConfig, run_eval
+    from llmkit.infer.prompting import SelfImproveConfig, run_self_improvement
+    from llmkit.interop import ExportConfig, ImportConfig, export_checkpoint, import_checkpoint
     from llmkit.plan.ablate import AblateConfig, ablate, format_ablation
     from llmkit.plan.estimate import EstimateConfig, estimate, format_estimate
     from llmkit.plan.sweep import ScalingConfig, run_scaling
+    from llmkit.serve.server import ServeConfig, serve
+    from llmkit.serve.chat_repl import ChatConfig, run_chat
     from llmkit.speedrun import SpeedrunConfig, speedrun
     from llmkit.tokenizer import TokenizerConfig, train_tokenizer
     from llmkit.train.pretrain import PretrainConfig, pretrain
@@ -68,6 +78,25 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
                           "clean, filter, de-duplicate, mask PII, decontaminate, mix and tokenize a corpus, with a data report"),
         ("pretrain",): (PretrainConfig, pretrain, _print_summary, "train a model from scratch on token shards"),
         ("generate",): (GenerateCommand, _generate, None, "complete a prompt with a checkpoint"),
+        ("sft",): (SFTConfig, sft, _print_summary,
+                   "supervised fine-tuning on conversations (files and embedded tasks), full or LoRA, packed, with task mixing"),
+        ("reward",): (RewardConfig, train_reward, _print_summary,
+                      "train a reward model (scalar head on the LM) from preference pairs or ranked responses; held-out pair accuracy"),
+        ("ppo",): (PPOConfig, ppo, _print_summary,
+                   "RLHF with PPO: engine rollouts, KL-penalised reward, value head, GAE, clipped losses"),
+        ("grpo",): (GRPOConfig, grpo, _print_summary, "group relative policy optimisation with verifiable rewards"),
+        ("dpo",): (DPOConfig, dpo, _print_summary, "tune a policy on preference pairs with the DPO, IPO or hinge loss against a frozen reference"),
+        ("self-improve",): (SelfImproveConfig, run_self_improvement, _print_summary,
+                            "sample chain-of-thought paths on unlabeled questions; keep the majority-voted ones as an SFT dataset"),
+        ("eval",): (EvalConfig, run_eval, _print_summary,
+                    "perplexity, multiple choice, GSM8K exact match (CoT, self-consistency, tools), code pass@k and BLEU/ROUGE, "
+                    "with a decontamination check and a report card"),
+        ("serve",): (ServeConfig, serve, None, "OpenAI-compatible HTTP API and browser chat page for a checkpoint"),
+        ("chat",): (ChatConfig, run_chat, None, "chat with a checkpoint in the terminal (/system, /reset, /save, /quit)"),
+        ("export",): (ExportConfig, export_checkpoint, _print_summary,
+                      "a checkpoint as a Hugging Face directory (--format hf) or a GGUF file for llama.cpp (--format gguf)"),
+        ("import",): (ImportConfig, import_checkpoint, _print_summary,
+                      "a local Hugging Face model directory (Llama, Qwen3, GPT-2) as an llmkit checkpoint"),
         ("estimate",): (EstimateConfig, estimate, lambda result: print(format_estimate(result)), "parameters, memory, FLOPs and time of a model"),
         ("ablate",): (AblateConfig, ablate, lambda result: print(format_ablation(result)),
                       "train model variants on the same data, budget and seed; table and validation curves"),

@@ -54,7 +54,7 @@ def export_checkpoint(config: ExportConfig) -> dict:
     try:  # imported on use: only GGUF export needs the optional package
         from llmkit.interop.gguf import export_gguf
     except ImportError as error:
-        raise ConfigError("format", "gguf", f"needs the 'gguf' package: pip install 'llmkit[gguf]' ({error})") from None
+        raise ConfigError("format", "gguf", f"needs the 'gguf' package: pip install 'llmkit[interop]' ({error})") from None
     return export_gguf(config.checkpoint, config.out, config.dtype)
 
 
