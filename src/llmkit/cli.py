@@ -13,6 +13,7 @@ from typing import Callable
 from llmkit import __version__
 from llmkit.config import add_dataclass_arguments, config_from_args
 from llmkit.errors import LlmkitError
+from llmkit.infer.sampling import GenerationConfig
 from llmkit.train.distributed import shutdown
 
 
@@ -22,22 +23,15 @@ class GenerateCommand:
 
     checkpoint: str = field(default="runs/base", metadata={"help": "run directory or checkpoint folder"})
     prompt: str = field(default="", metadata={"help": "text to continue"})
-    max_new_tokens: int = field(default=100, metadata={"help": "tokens to generate at most"})
-    temperature: float = field(default=0.8, metadata={"help": "softmax temperature; 0 = greedy"})
-    top_k: int | None = field(default=None, metadata={"help": "sample among the k most likely tokens"})
-    top_p: float | None = field(default=None, metadata={"help": "nucleus sampling probability mass"})
-    stop: str | None = field(default=None, metadata={"help": "a string that ends generation"})
-    seed: int | None = field(default=None, metadata={"help": "random seed"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 def _generate(config: GenerateCommand) -> None:
-    from llmkit.infer import Engine, GenerationConfig
+    from llmkit.infer import Engine
 
     engine = Engine.from_checkpoint(config.checkpoint, device=config.device)
-    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
-                                  top_p=config.top_p, stop=[config.stop] if config.stop else [], seed=config.seed)
-    pieces = engine.stream(config.prompt, generation)
+    pieces = engine.stream(config.prompt, config.generation)
     first = next(pieces, "")  # a prompt that does not fit fails here, before anything is printed
     sys.stdout.write(config.prompt + first)
     for delta in pieces:
