@@ -1,4 +1,8 @@
-"""Small shared fixtures for tests: synthetic batches and a tiny model config."""
+"""Small shared fixtures for tests: synthetic batches, a tiny model config, a naive greedy decoder and
+lm-evaluation-harness task configs over local files."""
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -27,3 +31,48 @@ class SyntheticBatches:
 
     def sequential_batch(self, index: int) -> dict:
         return self.get_batch(10_000_000 + index)
+
+
+def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """``steps`` greedy tokens after ``prompt``, a full forward pass per token (no cache): the reference
+    the decoders are checked against."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+HARNESS_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: {output_type}
+{document_fields}"""
+CHOICE_FIELDS = """doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def write_harness_task(folder: Path, name: str, records: list[dict], output_type: str, document_fields: str) -> Path:
+    """An lm-evaluation-harness task ``name`` over ``records`` in a local JSONL file (no hub access):
+    writes ``<folder>/<name>.jsonl`` and ``<folder>/<name>.yaml`` and returns the data file."""
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    (folder / f"{name}.yaml").write_text(HARNESS_TASK.format(name=name, data=data, cache=folder / "cache", output_type=output_type,
+                                                             document_fields=document_fields))
+    return data
+
+
+def write_choice_task(folder: Path, name: str, questions: list[tuple[str, list[str], int]]) -> Path:
+    """A multiple-choice task (accuracy and length-normalised accuracy) over ``(question, choices, answer
+    index)`` triples, as :func:`write_harness_task`."""
+    records = [{"question": question, "choices": choices, "answer": answer} for question, choices, answer in questions]
+    return write_harness_task(folder, name, records, "multiple_choice", CHOICE_FIELDS)

@@ -1,12 +1,18 @@
 """Shared fixtures of the PPO and GRPO tests: a character tokenizer, a tiny policy warmed up to answer
-one of four letters, and the toy task "the reply starts with 'a'"."""
+one of four letters, and the toy task "the reply starts with 'a'".
+
+A test module uses the pytest fixtures here (:func:`one_thread`, :func:`tokenizer`, :func:`policy`) by
+importing them and naming them in its ``__all__``: pytest finds fixtures among a module's names."""
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import tiny_config
+from llmkit.align.rewards import as_reward
+from llmkit.align.rl_loop import PolicyLoop
 from llmkit.align.rollout import chat_prompt
 from llmkit.chat import render_ids
 from llmkit.model import Transformer
@@ -16,6 +22,25 @@ from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 
 LETTERS = "abcd"
 TOY_MESSAGES = [{"role": "user", "content": "go"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread; two spin-waiting threads crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return char_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    return warm_policy(tokenizer, context_length=384)
 
 
 def char_tokenizer(folder) -> Tokenizer:
@@ -66,3 +91,17 @@ def save_checkpoint(folder, model: Transformer, tokenizer: Tokenizer):
     write_model(folder, model.state_dict(), model.config, {"stage": "sft", "tokenizer_sha256": tokenizer.sha256})
     tokenizer.save(folder)
     return folder
+
+
+def assert_learns_toy_task(model: Transformer, policy: Transformer, tokenizer: Tokenizer, algorithm, config) -> None:
+    """Four iterations of ``algorithm`` (with ``config``'s rollout and optimizer settings) on the toy task,
+    from ``policy`` as the reference, make the rewarded first letter clearly more likely (from near 1/4 to
+    above 0.6), every other letter less likely, and the rollouts' reward grow."""
+    before = first_letter_probabilities(model, tokenizer)
+    loop = PolicyLoop(model, frozen_copy(policy), tokenizer, algorithm, as_reward(starts_with_a),
+                      [chat_prompt(tokenizer, TOY_MESSAGES)], config.rollout, config.optim, iterations=4)
+    rewards = [loop.iterate(iteration)["reward"] for iteration in range(4)]
+    after = first_letter_probabilities(model, tokenizer)
+    assert before["a"] < 0.3 and after["a"] > 0.6, (before, after)
+    assert all(after[letter] < before[letter] for letter in "bcd")
+    assert rewards[-1] > rewards[0]

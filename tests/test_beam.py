@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import naive_greedy, tiny_config
 from llmkit.errors import InputError
 from llmkit.infer.beam import beam_search
 from llmkit.infer.scoring import score_sequences
@@ -53,14 +53,6 @@ def brute_force(model, prompt: list[int], length: int, end_ids: set[int], length
         tokens = sequence[:-1] if sequence[-1] in end_ids else sequence
         hypotheses.append((logprob / len(sequence) ** length_penalty, tokens, logprob))
     return sorted(hypotheses, key=lambda hypothesis: -hypothesis[0])
-
-
-def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def test_width_one_is_greedy_decoding():

@@ -9,8 +9,8 @@ import torch
 
 from llmkit.align.grpo import GRPO, GRPOConfig, GRPOOptimConfig, GRPORunConfig, group_advantages, grpo
 from llmkit.align.policy_gradient import aggregate, kl_k1, kl_k3
-from llmkit.align.rewards import ArithmeticReward, FunctionTaskReward, as_reward
-from llmkit.align.rl_loop import PolicyLoop, RolloutConfig, prompt_indices
+from llmkit.align.rewards import ArithmeticReward, FunctionTaskReward
+from llmkit.align.rl_loop import RolloutConfig, prompt_indices
 from llmkit.align.rollout import Prompt, Rollout, RolloutBatch, build_batch, chat_prompt, generate_rollouts, score_rollouts
 from llmkit.errors import InputError
 from llmkit.infer import Completion, GenerationConfig
@@ -18,27 +18,10 @@ from llmkit.infer.engine import Engine
 from llmkit.model.checkpoint import read_config, resolve_checkpoint
 from llmkit.tasks import arithmetic, functions
 from llmkit.tasks.functions import FunctionTask
-from rl_helpers import (TOY_MESSAGES, char_tokenizer, first_letter_probabilities, frozen_copy, save_checkpoint, starts_with_a,
+from rl_helpers import (TOY_MESSAGES, assert_learns_toy_task, frozen_copy, one_thread, policy, save_checkpoint, tokenizer,
                         warm_policy)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread; two spin-waiting threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return char_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def policy(tokenizer):
-    return warm_policy(tokenizer, context_length=384)
+__all__ = ["one_thread", "policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
 
 
 def test_group_advantages_worked_by_hand():
@@ -124,16 +107,9 @@ def test_prompts_come_in_seeded_epochs_and_are_a_function_of_the_iteration():
 
 def test_grpo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, policy):
     model = frozen_copy(policy).requires_grad_(True)
-    before = first_letter_probabilities(model, tokenizer)
     config = GRPOConfig(group_size=8, kl_coef=0.01, rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, tools="none"),
                         optim=GRPOOptimConfig(lr=3e-3, epochs=2, minibatch_size=8))
-    loop = PolicyLoop(model, frozen_copy(policy), tokenizer, GRPO(config), as_reward(starts_with_a),
-                      [chat_prompt(tokenizer, TOY_MESSAGES)], config.rollout, config.optim, iterations=4)
-    rewards = [loop.iterate(iteration)["reward"] for iteration in range(4)]
-    after = first_letter_probabilities(model, tokenizer)
-    assert before["a"] < 0.3 and after["a"] > 0.6, (before, after)
-    assert all(after[letter] < before[letter] for letter in "bcd")
-    assert rewards[-1] > rewards[0]
+    assert_learns_toy_task(model, policy, tokenizer, GRPO(config), config)
 
 
 def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_path):

@@ -2,14 +2,12 @@
 accuracy and bits per byte as ``llmkit eval``'s functions; its rolling windows are lm-eval's; its
 ``generate_until`` is greedy decoding cut at the stop strings; lm-eval finds it by name."""
 
-import json
-
 import pytest
 import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from helpers import tiny_config  # noqa: E402
+from helpers import tiny_config, write_choice_task, write_harness_task  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows  # noqa: E402
@@ -32,30 +30,7 @@ QUESTIONS = [("the sky is", ["blue", "green", "a"], 0), ("the snow is", ["white"
              ("the end", [".", "is near."], 1), ("snow", ["is white.", "is cold"], 0)]
 TEXTS = ["the sky is blue. the grass is green. the snow is white. " * 3, "coal is black.", "é0é the sun is yellow."]
 
-CHOICE_TASK = """task: llmkit_tiny_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-ROLLING_TASK = """task: llmkit_tiny_rolling
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
+ROLLING_FIELDS = """doc_to_text: ""
 doc_to_target: text
 """
 
@@ -75,11 +50,8 @@ def engine(tokenizer) -> Engine:
 def tasks(tmp_path_factory):
     """A folder of lm-eval task configs over local JSONL files (no hub access)."""
     folder = tmp_path_factory.mktemp("tasks")
-    choice_data, rolling_data = folder / "choice.jsonl", folder / "texts.jsonl"
-    choice_data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
-    rolling_data.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
-    (folder / "choice.yaml").write_text(CHOICE_TASK.format(data=choice_data, cache=folder / "cache"))
-    (folder / "rolling.yaml").write_text(ROLLING_TASK.format(data=rolling_data, cache=folder / "cache"))
+    write_choice_task(folder, "llmkit_tiny_choice", QUESTIONS)
+    write_harness_task(folder, "llmkit_tiny_rolling", [{"text": text} for text in TEXTS], "loglikelihood_rolling", ROLLING_FIELDS)
     return folder
 
 
@@ -153,7 +125,7 @@ def test_lm_eval_on_a_checkpoint_scores_as_llmkit_eval(engine, tasks, tmp_path):
                                       task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
                                       bootstrap_iters=1)
     choice, rolling = results["results"]["llmkit_tiny_choice"], results["results"]["llmkit_tiny_rolling"]
-    ours = evaluate_choice(engine.model, engine.tokenizer, load_choice_task(tasks / "choice.jsonl"))
+    ours = evaluate_choice(engine.model, engine.tokenizer, load_choice_task(tasks / "llmkit_tiny_choice.jsonl"))
     assert ours["accuracy"] != ours["accuracy_norm"]  # the data tells the two metrics apart
     assert (choice["acc,none"], choice["acc_norm,none"]) == (ours["accuracy"], ours["accuracy_norm"])
     assert choice["acc_stderr,none"] == pytest.approx(ours["stderr"], rel=1e-12)

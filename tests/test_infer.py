@@ -4,7 +4,7 @@ one-at-a-time generation for batches of different prompt lengths, and text-level
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import naive_greedy, tiny_config
 from llmkit.errors import InputError
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.sampling import next_tokens, top_k_filter, top_p_filter
@@ -25,14 +25,6 @@ def engine(tmp_path_factory) -> Engine:
     torch.manual_seed(0)
     model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=64))
     return Engine(model, tokenizer)
-
-
-def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def test_greedy_decoding_matches_a_full_forward_loop(engine):

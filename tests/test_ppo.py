@@ -13,8 +13,8 @@ import torch
 from llmkit.align.policy_gradient import clipped_policy_loss
 from llmkit.align.ppo import PPO, KLController, PPOConfig, PPORunConfig, clipped_value_loss, gae, kl_penalised_rewards, ppo
 from llmkit.align.reward import RewardModel
-from llmkit.align.rewards import ModelReward, as_reward
-from llmkit.align.rl_loop import PolicyLoop, RLOptimConfig, RolloutConfig
+from llmkit.align.rewards import ModelReward
+from llmkit.align.rl_loop import RLOptimConfig, RolloutConfig
 from llmkit.align.rl_stage import evaluate_checkpoint
 from llmkit.align.rollout import (Prompt, Rollout, build_batch, chat_prompt, completion_tokens, generate_rollouts,
                                   score_rollouts)
@@ -23,27 +23,9 @@ from llmkit.infer import Completion, GenerationConfig
 from llmkit.infer.engine import Engine
 from llmkit.model.checkpoint import load_model, read_config, resolve_checkpoint, write_model
 from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
-from rl_helpers import (TOY_MESSAGES, char_tokenizer, first_letter_probabilities, frozen_copy, save_checkpoint, starts_with_a,
-                        warm_policy)
+from rl_helpers import TOY_MESSAGES, assert_learns_toy_task, frozen_copy, one_thread, policy, save_checkpoint, tokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread; two spin-waiting threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return char_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def policy(tokenizer):
-    return warm_policy(tokenizer, context_length=384)
+__all__ = ["one_thread", "policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
 
 
 def naive_gae(rewards, values, mask, gamma, gae_lambda):
@@ -196,16 +178,9 @@ def test_a_reward_model_scores_the_token_ids_of_prompt_and_completion(tokenizer,
 
 def test_ppo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, policy):
     model = frozen_copy(policy).requires_grad_(True)
-    before = first_letter_probabilities(model, tokenizer)
     config = PPOConfig(kl_coef=0.01, rollout=RolloutConfig(prompts_per_iteration=16, max_new_tokens=3, tools="none"),
                        optim=RLOptimConfig(lr=3e-3, epochs=2, minibatch_size=8))
-    loop = PolicyLoop(model, frozen_copy(policy), tokenizer, PPO(config, model), as_reward(starts_with_a),
-                      [chat_prompt(tokenizer, TOY_MESSAGES)], config.rollout, config.optim, iterations=4)
-    rewards = [loop.iterate(iteration)["reward"] for iteration in range(4)]
-    after = first_letter_probabilities(model, tokenizer)
-    assert before["a"] < 0.3 and after["a"] > 0.6, (before, after)
-    assert all(after[letter] < before[letter] for letter in "bcd")
-    assert rewards[-1] > rewards[0]
+    assert_learns_toy_task(model, policy, tokenizer, PPO(config, model), config)
 
 
 def test_a_ppo_run_writes_a_checkpoint_metrics_and_curves_and_resumes(tokenizer, policy, tmp_path):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import uvicorn
 from fastapi.testclient import TestClient
 
-from helpers import tiny_config
+from helpers import tiny_config, write_choice_task
 from llmkit.chat import render_ids
 from llmkit.errors import ConfigError
 from llmkit.eval.choice import evaluate_choice
@@ -46,21 +46,6 @@ PLAIN_CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "
 GREETING = "<|endoftext|><|user|>Hi<|end|><|assistant|>"  # as raw text: special-token strings encode to their ids
 QUESTIONS = [("the sky is", ["blue", "green", "a"], 0), ("snow is", ["white", "cold"], 1), ("Hi", ["Hello", "there"], 0),
              ("coal is", ["black", "blue", "white", "no"], 2), ("grass is", ["green", "grey"], 1), ("0123 is", ["4567", "89"], 0)]
-CHOICE_TASK = """task: serve_tiny_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 
 
 def trained_engine(folder) -> Engine:
@@ -212,9 +197,7 @@ def test_lm_eval_local_completions_scores_as_llmkit_eval(server, engine, tmp_pat
         pytest.importorskip(package, reason=f"lm-eval's local-completions model needs {package} (pip install 'lm-eval[api]')")
     from lm_eval.tasks import TaskManager
 
-    data = tmp_path / "choice.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
-    (tmp_path / "choice.yaml").write_text(CHOICE_TASK.format(data=data, cache=tmp_path / "cache"))
+    data = write_choice_task(tmp_path, "serve_tiny_choice", QUESTIONS)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # what local-completions sends as its bearer token
     results = lm_eval.simple_evaluate(
         model="local-completions", tasks=["serve_tiny_choice"], bootstrap_iters=1,

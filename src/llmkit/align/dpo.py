@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmkit.align.preference import (PreferenceBatches, build_preference_batches, check_preference_training,
+from llmkit.align.preference import (PreferenceBatches, build_preference_batches, check_preference_config,
                                      heldout_pair_scores, plot_metrics, sequence_logprobs, with_epochs)
-from llmkit.align.sft import BUILTIN_TASKS, _dataset_source, _load_base
+from llmkit.align.sft import BUILTIN_TASKS, load_base
 from llmkit.config import check
 from llmkit.errors import MismatchError
 from llmkit.train.config import TrainConfig
@@ -172,29 +172,21 @@ class DPOConfig:
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
 
     def __post_init__(self) -> None:
-        check(len(self.datasets) > 0, "datasets", self.datasets, "name at least one preference file or embedded task")
-        for entry in self.datasets:
-            _dataset_source(entry, self.generated_pairs)  # a bad count fails now
-        check(self.generated_pairs > 0, "generated_pairs", self.generated_pairs, "must be positive")
-        check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
+        check_preference_config(self)
         check(self.loss in LOSSES, "loss", self.loss, f"choose one of {', '.join(LOSSES)}")
         check(self.beta > 0, "beta", self.beta, "must be positive")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
         check(self.label_smoothing == 0 or self.loss == "dpo", "label_smoothing", self.label_smoothing,
               "label smoothing (cDPO) is defined for the dpo loss only")
-        check(self.epochs is None or self.epochs > 0, "epochs", self.epochs, "must be positive")
-        check(bool(self.epochs or self.train.max_steps or self.train.max_tokens or self.train.max_time), "epochs", self.epochs,
-              "give a budget: epochs, max_steps, max_tokens or max_time")
-        check_preference_training(self.train)
 
 
 def dpo(config: DPOConfig) -> dict:
     """Tune ``config.base`` on the preference pairs of ``config.datasets``; returns the run summary."""
     train = config.train
-    policy, tokenizer, base = _load_base(config.base)
+    policy, tokenizer, base = load_base(config.base)
     reference, reference_path = policy, base
     if config.reference is not None:
-        reference, reference_tokenizer, reference_path = _load_base(config.reference)
+        reference, reference_tokenizer, reference_path = load_base(config.reference)
         if reference_tokenizer.sha256 != tokenizer.sha256:
             raise MismatchError(f"{reference_path}: the reference's tokenizer is not the policy's ({base})")
     batches, val_batches, counts = build_preference_batches(config.datasets, config.generated_pairs, config.val_fraction,

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmkit.align.sft import BUILTIN_TASKS, _dataset_source
+from llmkit.align.sft import BUILTIN_TASKS, dataset_source
 from llmkit.chat import Preference, Ranking, render_completion
 from llmkit.config import check
 from llmkit.errors import InputError
@@ -88,7 +88,7 @@ def load_preference_datasets(entries: list[str], generated_pairs: int, val_fract
     train: list[PreferenceRow] = []
     validation: list[PreferenceRow] = []
     for entry in entries:
-        source, count = _dataset_source(entry, generated_pairs)
+        source, count = dataset_source(entry, generated_pairs)
         if count is not None:
             train += builtin_preferences(source, count, seed, "train")
             if val_fraction:
@@ -212,8 +212,19 @@ def build_preference_batches(entries: list[str], generated_pairs: int, val_fract
     return batches, val_batches, counts
 
 
-def check_preference_training(train: TrainConfig) -> None:
-    """Refuse the training-loop settings that preference batches cannot honour."""
+def check_preference_config(config) -> None:
+    """The checks a preference stage's config (reward model, DPO) makes of its ``datasets``,
+    ``generated_pairs``, ``val_fraction``, ``epochs`` and ``train``: the data it names, a budget, and
+    no training-loop setting that preference batches cannot honour."""
+    check(len(config.datasets) > 0, "datasets", config.datasets, "name at least one preference file or embedded task")
+    for entry in config.datasets:
+        dataset_source(entry, config.generated_pairs)  # a bad count fails now
+    check(config.generated_pairs > 0, "generated_pairs", config.generated_pairs, "must be positive")
+    check(0 <= config.val_fraction < 1, "val_fraction", config.val_fraction, "must be in [0, 1)")
+    check(config.epochs is None or config.epochs > 0, "epochs", config.epochs, "must be positive")
+    train = config.train
+    check(bool(config.epochs or train.max_steps or train.max_tokens or train.max_time), "epochs", config.epochs,
+          "give a budget: epochs, max_steps, max_tokens or max_time")
     check(train.batch_warmup_tokens is None, "batch_warmup_tokens", train.batch_warmup_tokens,
           "preference batches pair rows with each other and cannot be cut to their first rows; leave batch-size warmup off")
     check(train.target_val_bpb is None, "target_val_bpb", train.target_val_bpb,
@@ -271,30 +282,39 @@ def heldout_pair_scores(model: nn.Module, batches: PreferenceBatches, pair_score
             "heldout_rejected": round(float(rejected.mean()), 4)}
 
 
-def plot_metrics(run_directory: Path, columns: list[str], title: str) -> Path | None:
-    """``<run>/preference.png``: the loss function's metrics ``columns`` of metrics.csv against the step."""
+def plot_metrics(run_directory: Path, columns: list[str], title: str, filename: str = "preference.png", x_label: str = "step",
+                 panel_rows: int = 1, with_events: bool = False, marked: tuple[str, ...] = ()) -> Path | None:
+    """``<run>/<filename>``: each of ``columns`` of metrics.csv that has values, against the step, one panel
+    each in ``panel_rows`` rows; the rows of events (evaluations before and after training) only
+    ``with_events``, and the ``marked`` columns (sparse ones, such as periodic evaluations) with markers."""
     path = Path(run_directory) / "metrics.csv"
     if not path.is_file():
         return None
     with open(path, newline="") as file:
-        rows = [row for row in csv.DictReader(file) if row.get("event", "") == ""]
+        rows = [row for row in csv.DictReader(file) if with_events or row.get("event", "") == ""]
+    columns = [column for column in columns if any(row.get(column) not in ("", None) for row in rows)]
+    if not columns:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3.4), squeeze=False)
-    for axis, column in zip(axes[0], columns):
+    panel_columns = -(-len(columns) // panel_rows)
+    figure, axes = plt.subplots(panel_rows, panel_columns, figsize=(3.5 * panel_columns, 3.3 * panel_rows), squeeze=False)
+    for axis in axes.flat[len(columns):]:
+        axis.axis("off")
+    for axis, column in zip(axes.flat, columns):
         points = [(int(row["step"]), float(row[column])) for row in rows if row.get(column) not in ("", None)]
-        axis.plot([step for step, _ in points], [value for _, value in points])
+        axis.plot([step for step, _ in points], [value for _, value in points], marker="o" if column in marked else None, markersize=3)
         axis.set_title(column)
-        axis.set_xlabel("step")
+        axis.set_xlabel(x_label)
         axis.grid(alpha=0.3)
     figure.suptitle(title)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    output = Path(run_directory) / "preference.png"
+    output = Path(run_directory) / filename
     atomic_write_bytes(output, buffer.getvalue())
     return output

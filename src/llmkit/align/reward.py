@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.align.preference import (PreferenceBatches, build_preference_batches, check_preference_training,
+from llmkit.align.preference import (PreferenceBatches, build_preference_batches, check_preference_config,
                                      heldout_pair_scores, plot_metrics, with_epochs)
-from llmkit.align.sft import BUILTIN_TASKS, _dataset_source, _load_base
+from llmkit.align.sft import BUILTIN_TASKS, load_base
 from llmkit.chat import render_completion
 from llmkit.config import check
 from llmkit.errors import InputError
@@ -210,18 +210,10 @@ class RewardConfig:
     train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
 
     def __post_init__(self) -> None:
-        check(len(self.datasets) > 0, "datasets", self.datasets, "name at least one preference file or embedded task")
-        for entry in self.datasets:
-            _dataset_source(entry, self.generated_pairs)  # a bad count fails now
-        check(self.generated_pairs > 0, "generated_pairs", self.generated_pairs, "must be positive")
-        check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
+        check_preference_config(self)
         check(self.margin >= 0, "margin", self.margin, "must be >= 0")
-        check(self.epochs is None or self.epochs > 0, "epochs", self.epochs, "must be positive")
-        check(bool(self.epochs or self.train.max_steps or self.train.max_tokens or self.train.max_time), "epochs", self.epochs,
-              "give a budget: epochs, max_steps, max_tokens or max_time")
         check(self.train.optimizer == "adamw", "optimizer", self.train.optimizer,
               "Muon is for hidden matrices, not the scalar reward head; use adamw")
-        check_preference_training(self.train)
 
 
 def _normalize(model: RewardModel, tokenizer: Tokenizer, batches: PreferenceBatches, seed: int) -> float:
@@ -249,7 +241,7 @@ def _rewrite_model(checkpoint: Path, state: dict, config: ModelConfig, metadata:
 def train_reward(config: RewardConfig) -> dict:
     """Train a reward model on ``config.datasets`` from ``config.base``; returns the run summary."""
     train = config.train
-    language_model, tokenizer, base = _load_base(config.base)
+    language_model, tokenizer, base = load_base(config.base)
     batches, val_batches, counts = build_preference_batches(config.datasets, config.generated_pairs, config.val_fraction,
                                                             tokenizer, language_model.config.context_length, train.batch_size, train.seed)
     torch.manual_seed(train.seed)  # the head's initialisation

@@ -17,9 +17,7 @@ the task's exact checker (accuracy) and by the training reward.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,18 +26,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmkit.align.preference import plot_metrics
 from llmkit.align.rewards import ModelReward, Reward, load_task
 from llmkit.align.rl_loop import Algorithm, PolicyLoop, RLOptimConfig, RLRunConfig, RolloutConfig
 from llmkit.align.rollout import (Prompt, Rollout, build_batch, chat_prompt, completion_tokens, generate_rollouts,
                                   score_rollouts)
-from llmkit.align.sft import _load_base
+from llmkit.align.sft import load_base
 from llmkit.config import parse_duration
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer.completion import Tools
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.infer.tools import ToolBox, calculator_tool, default_toolbox
-from llmkit.io import atomic_write_bytes, read_json
+from llmkit.io import read_json
 from llmkit.model.checkpoint import LATEST, load_model, read_config, resolve_checkpoint
 from llmkit.tokenizer import END, Tokenizer
 from llmkit.train.checkpoint import decode_rng, encode_rng, save_training_checkpoint
@@ -82,7 +81,7 @@ def evaluate_checkpoint(path: str, reference: str | None = None, task: str = "ar
     reward on the task's held-out prompts, as the RL stages measure them, and with a ``reference``
     checkpoint the KL(policy || reference) of one sampled completion per prompt (nats per completion)."""
     device = resolve_device(device)
-    model, tokenizer, _ = _load_base(path)
+    model, tokenizer, _ = load_base(path)
     model.to(device)
     rl_task = load_task(task, 1, eval_problems, seed)
     prompts = fitting_prompts(tokenizer, rl_task.heldout, model.config.context_length, max_new_tokens, f"{task} held-out prompts")
@@ -95,35 +94,6 @@ def evaluate_checkpoint(path: str, reference: str | None = None, task: str = "ar
         batch = build_batch(rollouts, [0.0] * len(rollouts), tokenizer.pad_id).to(device)
         result["kl"] = score_rollouts(batch, model, reference_model, None, 1.0, 16).sequence_kl()
     return result
-
-
-def plot_curves(run_directory: Path, title: str) -> Path:
-    """``<run>/curves.png``: the iteration metrics of metrics.csv, one panel each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(run_directory / "metrics.csv", newline="") as file:
-        rows = list(csv.DictReader(file))
-    columns = [column for column in CURVES if any(row.get(column) not in ("", None) for row in rows)]
-    figure, axes = plt.subplots(2, (len(columns) + 1) // 2, figsize=(3.4 * ((len(columns) + 1) // 2), 6.4), squeeze=False)
-    for axis in axes.flat[len(columns):]:
-        axis.axis("off")
-    for axis, column in zip(axes.flat, columns):
-        points = [(int(row["step"]), float(row[column])) for row in rows if row.get(column) not in ("", None)]
-        axis.plot([step for step, _ in points], [value for _, value in points], marker="o" if column == "accuracy" else None, markersize=3)
-        axis.set_title(column)
-        axis.set_xlabel("iteration")
-        axis.grid(alpha=0.3)
-    figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    path = run_directory / "curves.png"
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
 
 
 def _save(loop: PolicyLoop, out: Path, iteration: int, state: dict, metadata: dict, keep_last: int) -> Path:
@@ -164,7 +134,7 @@ def run_policy_stage(stage: str, config, run: RLRunConfig, rollout: RolloutConfi
         raise ConfigError("out", run.out, f"holds a {read_config(resolve_checkpoint(out)).get('stage')} run, not a {stage} run to resume")
     device, dtype = resolve_device(run.device), DTYPES[run.dtype]
     # Resuming continues the policy of the run; the reference is always the starting policy.
-    policy, tokenizer, _ = _load_base(out if resuming else run.policy)
+    policy, tokenizer, _ = load_base(out if resuming else run.policy)
     base = resolve_checkpoint(run.policy)
     reference, _ = load_model(base, device=device)
     policy.to(device)
@@ -216,7 +186,8 @@ def run_policy_stage(stage: str, config, run: RLRunConfig, rollout: RolloutConfi
     log.add(step=completed, tokens=state["tokens"], elapsed_s=f"{elapsed():.1f}", **_format(after), event="end")
     checkpoint = _save(loop, out, completed, {**state, "elapsed_s": elapsed()}, metadata, run.keep_last)
     log.flush()
-    curves = plot_curves(out, f"{stage}: {run.task}")
+    curves = plot_metrics(out, list(CURVES), f"{stage}: {run.task}", "curves.png", x_label="iteration", panel_rows=2,
+                          with_events=True, marked=("accuracy",))
     return {"stage": stage, "policy": str(base), "task": run.task, "reward_source": "model" if run.reward_model else "verifiable",
             "iterations": completed, "generated_tokens": state["tokens"], "seconds": round(elapsed(), 1),
             "accuracy_before": state["before"]["accuracy"], "accuracy_after": after["accuracy"],

@@ -47,7 +47,7 @@ from llmkit.train.config import TrainConfig
 from llmkit.train.objectives import IGNORE_INDEX, _with_auxiliary_loss
 from llmkit.train.trainer import Trainer
 
-__all__ = ["ConversationBatches", "SFTConfig", "SFTTrainConfig", "load_datasets", "sft", "sft_loss"]
+__all__ = ["ConversationBatches", "SFTConfig", "SFTTrainConfig", "dataset_source", "load_base", "load_datasets", "sft", "sft_loss"]
 
 BUILTIN_TASKS = ("arithmetic", "arithmetic_plain", "functions")
 ADAPTERS_DIRECTORY = "adapters"
@@ -88,7 +88,7 @@ class SFTConfig:
     def __post_init__(self) -> None:
         check(len(self.datasets) > 0, "datasets", self.datasets, "name at least one dataset file or embedded task")
         for entry in self.datasets:
-            _dataset_source(entry, self.generated_examples)  # a bad count fails now
+            dataset_source(entry, self.generated_examples)  # a bad count fails now
         check(self.generated_examples > 0, "generated_examples", self.generated_examples, "must be positive")
         check(self.task_cap is None or self.task_cap > 0, "task_cap", self.task_cap, "must be positive")
         check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
@@ -112,8 +112,9 @@ class SFTConfig:
 
 
 # --------------------------------------------------------------------------------- data
-def _dataset_source(entry: str, default_count: int) -> tuple[str, int | None]:
-    """``(embedded task, count)`` for ``name`` or ``name:N``; ``(path, None)`` for a file."""
+def dataset_source(entry: str, default_count: int) -> tuple[str, int | None]:
+    """``(embedded task, count)`` for ``name`` or ``name:N``; ``(path, None)`` for a file. Every stage
+    that reads datasets (SFT, reward model, DPO) names them so."""
     name, _, count = entry.partition(":")
     if name not in BUILTIN_TASKS:
         return entry, None
@@ -143,7 +144,7 @@ def load_datasets(entries: list[str], default_count: int, seed: int) -> list[Con
 
     conversations = []
     for entry in entries:
-        source, count = _dataset_source(entry, default_count)
+        source, count = dataset_source(entry, default_count)
         if count is not None:
             conversations += builtin_conversations(source, count, seed)
             continue
@@ -192,7 +193,9 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
 
 # ------------------------------------------------------------------------------ the stage
-def _load_base(path: str) -> tuple[nn.Module, Tokenizer, Path]:
+def load_base(path: str | Path) -> tuple[nn.Module, Tokenizer, Path]:
+    """The model, tokenizer and resolved checkpoint folder a stage starts from, refused when the
+    tokenizer is not the one the model was trained with or has more tokens than the model embeds."""
     checkpoint = resolve_checkpoint(path)
     model, config = load_model(checkpoint)
     tokenizer = Tokenizer.load(checkpoint)
@@ -202,6 +205,9 @@ def _load_base(path: str) -> tuple[nn.Module, Tokenizer, Path]:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise MismatchError(f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     return model, tokenizer, checkpoint
+
+
+_load_base = load_base  # the old private name, until llmkit.align.posttrain and posttrain_eval import load_base
 
 
 def _check_resume(config: SFTConfig) -> None:
@@ -252,7 +258,7 @@ def sft(config: SFTConfig) -> dict:
     """Fine-tune ``config.base`` on the conversations of ``config.datasets``; returns the run summary."""
     train = config.train
     _check_resume(config)
-    model, tokenizer, base = _load_base(config.base)
+    model, tokenizer, base = load_base(config.base)
     context_length = model.config.context_length
     conversations = load_datasets(config.datasets, config.generated_examples, train.seed)
     train_conversations, val_conversations = split_validation(conversations, config.val_fraction, train.seed)
