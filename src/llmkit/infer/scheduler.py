@@ -254,14 +254,23 @@ class Scheduler:
                             max(capacity, min(2 * self.cache.capacity, self.context_length)))
 
     def _prefill(self) -> None:
-        """Bring every slot up to its sequence but the last token, one forward pass per slot. Only the
-        cache is wanted, so the pass stops before the output head (no logits for every prompt position)."""
+        """Bring every slot up to its sequence but the last token. Adjacent slots at the same position
+        with as many tokens to take (a batch of equal-length prompts) share one pass, the others get
+        their own. Only the cache is wanted, so a pass stops before the output head."""
         if not self._slots:
             return
-        for row, (filled, (_, state)) in enumerate(zip(self.cache.lengths.tolist(), self._slots)):
-            if filled < len(state.sequence) - 1:
-                new = torch.tensor([state.sequence[filled:-1]], device=self.device)
-                self.model.hidden_states(new, cache=self.cache.rows(row, row + 1))
+        pending = [(row, filled, state.sequence[filled:-1])
+                   for row, (filled, (_, state)) in enumerate(zip(self.cache.lengths.tolist(), self._slots))
+                   if filled < len(state.sequence) - 1]
+        while pending:
+            first, filled, tokens = pending[0]
+            size = 1
+            while (size < len(pending) and pending[size][0] == first + size and pending[size][1] == filled
+                   and len(pending[size][2]) == len(tokens)):
+                size += 1
+            ids = torch.tensor([new for _, _, new in pending[:size]], device=self.device)
+            self.model.hidden_states(ids, cache=self.cache.rows(first, first + size))
+            pending = pending[size:]
 
     def _next_logits(self) -> torch.Tensor:
         """(running, vocab) logits of every running request's next token."""
