@@ -2,20 +2,33 @@
 
 import json
 
+from llmkit import speedrun as speedrun_module
 from llmkit.report import add_section, render
 from llmkit.speedrun import SpeedrunConfig, speedrun
 
 
-def test_speedrun_writes_a_complete_report(tmp_path):
+def test_speedrun_writes_a_complete_report(tmp_path, monkeypatch):
+    post_training = []
+
+    def fake_posttrain(config):
+        """Post-training has its own tests (test_posttrain.py); here: what the speedrun hands it."""
+        post_training.append(config)
+        add_section(config.report, "posttrain", {"rl_gain_over_sft": 0.0})
+        return {"table": [], "rl_gain_over_sft": 0.0, "seconds": 0.0}
+
+    monkeypatch.setattr(speedrun_module, "posttrain", fake_posttrain)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for index in range(12):
         (corpus / f"module_{index}.py").write_text(f"def f{index}(x):\n    return x + {index}\n" * 60)
     config = SpeedrunConfig(out=str(tmp_path / "run"), source=str(corpus), vocab_size=300, val_fraction=0.25, preset="cpu-tiny", max_steps=4,
-                            batch_size=2, eval_interval=2, samples=2, progress=False, dtype="float32")
+                            max_time="2m", batch_size=2, eval_interval=2, samples=2, progress=False, dtype="float32")
     summary = speedrun(config)
     report = json.loads((tmp_path / "run/report.json").read_text())
-    assert list(report["stages"]) == ["tokenizer", "data", "pretrain", "samples", "speedrun"]
+    assert list(report["stages"]) == ["tokenizer", "data", "pretrain", "samples", "posttrain", "speedrun"]
+    # post-training starts from the pretrained model, with a fifth of its budgets after 2 of the default 10 minutes
+    assert post_training[0].base == str(tmp_path / "run/base") and post_training[0].scale == 0.2
+    assert post_training[0].out == post_training[0].report == str(tmp_path / "run") and not post_training[0].resume
     assert report["stages"]["pretrain"]["metrics"]["steps"] == 4
     assert summary["data"]["train_tokens"] + summary["data"]["val_tokens"] > 0
     assert len(summary["samples"]) == 2 and summary["samples"][0].startswith("def fibonacci(n):")
@@ -28,8 +41,9 @@ def test_speedrun_writes_a_complete_report(tmp_path):
     assert (tmp_path / "run/base/loss.png").is_file()
 
     tokenizer_json = (tmp_path / "run/tokenizer/tokenizer.json").stat().st_mtime_ns
-    config.resume, config.max_steps = True, 6
+    config.resume, config.max_steps, config.posttrain = True, 6, False
     resumed = speedrun(config)
+    assert len(post_training) == 1 and "posttrain" not in resumed
     assert resumed["tokenizer"] == {"reused": str(tmp_path / "run/tokenizer")}
     assert (tmp_path / "run/tokenizer/tokenizer.json").stat().st_mtime_ns == tokenizer_json
     assert resumed["pretrain"]["steps"] == 6

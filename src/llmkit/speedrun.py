@@ -1,8 +1,13 @@
 """``llmkit speedrun``: every stage on the embedded default corpus, ending in a report card.
 
-tokenizer -> data -> pretrain -> sample generations, each in its own folder under ``out``; each stage
-adds its section to ``out/report.md`` and ``out/report.json``. With ``--resume`` finished stages are
-kept and an interrupted pretraining continues from its last checkpoint.
+tokenizer -> data -> pretrain -> sample generations -> post-training (SFT -> reward model -> GRPO or
+PPO -> DPO on the embedded arithmetic task, :mod:`llmkit.align.posttrain`), each in its own folder under
+``out``; each stage adds its section to ``out/report.md`` and ``out/report.json``. With ``--resume``
+finished stages are kept and an interrupted one continues from its last checkpoint.
+
+Post-training's budgets are step counts that take about 8 minutes on 2 CPU cores, next to the default
+10 minutes of pretraining; a shorter pretraining scales them down in proportion (``--max-time 2m``
+gives a fifth of them), so a quick run stays quick. ``--no-posttrain`` stops after the samples.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
 
-from llmkit.config import check
+from llmkit.align.posttrain import PosttrainConfig, posttrain
+from llmkit.config import check, parse_duration
 from llmkit.data.pipeline import PipelineConfig, run_pipeline
 from llmkit.data.shards import load_manifest
 from llmkit.infer import Engine, GenerationConfig
@@ -23,6 +29,7 @@ from llmkit.train.config import TrainConfig
 from llmkit.train.pretrain import ModelOverrides, PretrainConfig, pretrain
 
 DEFAULT_PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef ", "class Stack:\n    \"\"\""]
+FULL_PRETRAINING_SECONDS = 600.0  # the pretraining time for which post-training gets its full budgets
 
 
 @dataclass
@@ -43,11 +50,28 @@ class SpeedrunConfig:
     dtype: str = field(default="bfloat16", metadata={"help": "float32 or bfloat16"})
     eval_interval: int = field(default=100, metadata={"help": "validate every this many steps"})
     samples: int = field(default=3, metadata={"help": "sample generations in the report"})
-    resume: bool = field(default=False, metadata={"help": "keep finished stages and resume an interrupted pretraining"})
+    posttrain: bool = field(default=True, metadata={"help": "continue with SFT -> reward model -> GRPO/PPO -> DPO on the embedded arithmetic task"})
+    rl: Literal["grpo", "ppo"] = field(default="grpo", metadata={"help": "the post-training RL stage"})
+    posttrain_scale: float | None = field(default=None, metadata={
+        "help": "multiplies the post-training step budgets (default: pretraining max_time / 10m, at most 1)"})
+    resume: bool = field(default=False, metadata={"help": "keep finished stages and resume an interrupted one"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         check(self.samples >= 0, "samples", self.samples, "must be >= 0")
+        check(self.posttrain_scale is None or self.posttrain_scale > 0, "posttrain_scale", self.posttrain_scale, "must be positive")
+        try:
+            parse_duration(self.max_time)
+        except ValueError as error:
+            check(False, "max_time", self.max_time, str(error))
+
+    @property
+    def scale(self) -> float:
+        """The post-training budgets' multiplier: as given, else the pretraining time over the default 10 minutes."""
+        if self.posttrain_scale is not None:
+            return self.posttrain_scale
+        seconds = parse_duration(self.max_time)
+        return 1.0 if seconds is None else min(1.0, seconds / FULL_PRETRAINING_SECONDS)
 
 
 def speedrun(config: SpeedrunConfig) -> dict:
@@ -97,6 +121,11 @@ def speedrun(config: SpeedrunConfig) -> dict:
     samples_text = "\n\n".join(f"```python\n{prompt}{completion.text}\n```" for prompt, completion in zip(DEFAULT_PROMPTS, completions))
     add_section(out, "samples", {"prompts": len(completions), "temperature": 0.7, "top_k": 50}, samples_text)
     summary["samples"] = [prompt + completion.text for prompt, completion in zip(DEFAULT_PROMPTS, completions)]
+
+    if config.posttrain:
+        result = posttrain(PosttrainConfig(base=str(model_directory), out=str(out), report=str(out), rl=config.rl, scale=config.scale,
+                                           dtype=config.dtype, resume=config.resume, progress=config.progress))
+        summary["posttrain"] = {"table": result["table"], "rl_gain_over_sft": result["rl_gain_over_sft"], "seconds": result["seconds"]}
 
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["report"] = str(out / "report.md")

@@ -119,7 +119,7 @@ P0, P1, P2 = Previous(0), Previous(1), Previous(2)
 def _shopping(rng: random.Random) -> tuple[str, list[Step]]:
     (name, _), (first, second) = rng.choice(NAMES), rng.sample(ITEMS, 2)
     a, p, b, q = rng.randint(2, 9), rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 12)
-    bill = next(bill for bill in (20, 50, 100, 200) if bill >= a * p + b * q)
+    bill = next(bill for bill in (20, 50, 100, 200, 500) if bill >= a * p + b * q)  # the cost is at most 2 * 9 * 12
     question = (f"{name} buys {a} {first}s at ${p} each and {b} {second}s at ${q} each. "
                 f"{name} pays with a ${bill} bill. How much change does {name} get?")
     return question, [Step(f"Cost of the {first}s", "*", a, p), Step(f"Cost of the {second}s", "*", b, q),

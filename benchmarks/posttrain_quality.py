@@ -1,0 +1,107 @@
+"""Post-training quality on the embedded arithmetic task, from a model pretrained by ``llmkit speedrun``.
+
+Runs the post-training chain (:mod:`llmkit.align.posttrain`: SFT -> reward model -> GRPO or PPO ->
+DPO) from the pretrained model, then the RL stage a second time from the same SFT model with another
+seed, and prints one JSON object per line:
+
+- ``accuracy`` with ``stage`` (``base`` few-shot, ``sft``, ``grpo``/``ppo``, ``dpo``, and the second
+  RL seed as ``grpo_seed1``) and ``tool`` (``on``: the calculator runs; ``off``: inline arithmetic,
+  no tools): greedy held-out accuracy;
+- ``rl_gain_over_sft``: the RL model's accuracy minus the SFT model's (calculator on), the mean over
+  the two seeds, with each seed's gain; ``seed_noise``: the difference between the two seeds' RL
+  accuracies. The goal is a gain larger than the noise;
+- ``reward_model_accuracy`` with ``data``: the reward model's accuracy on held-out generated pairs
+  (problems of the held-out split), and on a held-out tenth of the HH-RLHF harmless-base pairs in
+  ``../shared/data/hh_rlhf`` for a second reward model trained on the other nine tenths (skipped, with
+  the reason, when the data is absent).
+
+Usage:
+    python benchmarks/posttrain_quality.py --base runs/speedrun/base   # a model from `llmkit speedrun`
+    python benchmarks/posttrain_quality.py                             # pretrains one first (10 minutes)
+    python benchmarks/posttrain_quality.py --quick                     # a short run that shows it works
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import SHARED_DATA, emit  # noqa: E402
+
+HH_RLHF = SHARED_DATA / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
+TOOLS = {"calculator": "on", "plain": "off"}
+
+
+def pretrained_base(out: Path, max_time: str) -> Path:
+    """A model pretrained by ``llmkit speedrun`` (post-training left to this benchmark)."""
+    from llmkit.speedrun import SpeedrunConfig, speedrun
+
+    speedrun(SpeedrunConfig(out=str(out / "speedrun"), max_time=max_time, samples=0, posttrain=False, progress=False))
+    return out / "speedrun" / "base"
+
+
+def second_seed_accuracy(config, out: Path, seed: int) -> float:
+    """The RL stage again from the same SFT model with another seed, evaluated like the first."""
+    from llmkit.align.posttrain import evaluation_settings, train_rl
+    from llmkit.align.posttrain_eval import evaluate_model, load_reference
+
+    stage = f"{config.rl}_seed{seed}"
+    train_rl(dataclasses.replace(config, seed=seed), out / "sft", out / stage, out / "reward")
+    settings = evaluation_settings(config, out)
+    metrics = evaluate_model(out / stage, stage, settings, None, load_reference(out / "sft", settings.device))
+    for mode, tool in TOOLS.items():
+        emit("accuracy", metrics[f"accuracy_{mode}"], "fraction", stage=stage, tool=tool, problems=metrics["problems"])
+    return metrics["accuracy_calculator"]
+
+
+def hh_rlhf_accuracy(out: Path, steps: int) -> None:
+    """A reward model from the SFT model on nine tenths of HH-RLHF harmless-base; accuracy on the rest."""
+    if not HH_RLHF.is_file():
+        emit("skipped", 0, "", what="reward_model_accuracy on hh_rlhf", reason=f"{HH_RLHF} not found (the shared datasets live beside the repository)")
+        return
+    from llmkit.align.reward import RewardConfig, RewardTrainConfig, train_reward
+
+    summary = train_reward(RewardConfig(base=str(out / "sft"), datasets=[str(HH_RLHF)], val_fraction=0.1, epochs=1.0,
+                                        train=RewardTrainConfig(out=str(out / "reward_hh"), max_steps=steps, eval_interval=0,
+                                                                progress=False)))
+    emit("reward_model_accuracy", summary["heldout_accuracy"], "fraction", data="hh_rlhf", heldout_pairs=summary["heldout_pairs"],
+         train_pairs=summary["train_pairs"], dropped_pairs=summary["dropped_pairs"], steps=summary["steps"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", help="pretrained checkpoint from `llmkit speedrun` (default: pretrain one)")
+    parser.add_argument("--out", help="working folder (default: a temporary one)")
+    parser.add_argument("--rl", choices=["grpo", "ppo"], default="grpo")
+    parser.add_argument("--quick", action="store_true", help="small budgets: shows the benchmark works, not the quality")
+    arguments = parser.parse_args()
+
+    from llmkit.align.posttrain import PosttrainConfig, posttrain
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(arguments.out or scratch)
+        base = Path(arguments.base) if arguments.base else pretrained_base(out, "1m" if arguments.quick else "10m")
+        quick = dict(scale=0.15, eval_problems=60) if arguments.quick else {}
+        config = PosttrainConfig(base=str(base), out=str(out / "posttrain"), rl=arguments.rl, progress=False, **quick)
+        result = posttrain(config)
+        for row in result["table"]:
+            for mode, tool in TOOLS.items():
+                shots = {"shots": row["shots"]} if row["stage"] == "base" else {}
+                emit("accuracy", row[f"accuracy_{mode}"], "fraction", stage=row["stage"], tool=tool, problems=result["eval_problems"], **shots)
+        sft_accuracy, first_rl = result["table"][1]["accuracy_calculator"], result["table"][2]["accuracy_calculator"]
+        second_rl = second_seed_accuracy(config, out / "posttrain", seed=config.seed + 1)
+        gains = [round(first_rl - sft_accuracy, 4), round(second_rl - sft_accuracy, 4)]
+        emit("rl_gain_over_sft", round(sum(gains) / 2, 4), "fraction", stage=arguments.rl, tool="on", per_seed=gains)
+        emit("seed_noise", round(abs(first_rl - second_rl), 4), "fraction", stage=arguments.rl, tool="on",
+             note="difference between the RL accuracies of two seeds; the goal is rl_gain_over_sft above it")
+        emit("reward_model_accuracy", result["stages"]["reward"]["heldout_accuracy"], "fraction", data="generated_pairs",
+             heldout_pairs=result["stages"]["reward"]["heldout_pairs"])
+        hh_rlhf_accuracy(out / "posttrain", 20 if arguments.quick else 200)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The post-training chain by behaviour: a tiny model goes through SFT, reward model, GRPO and DPO with
+tiny budgets; every stage leaves a checkpoint of its kind; the report's table holds the four models,
+and its accuracies and rewards are recomputed here from the per-answer records with the task's own
+checker; the SFT model's KL to itself (the reference) comes out 0; and a resumed run does not touch a
+finished stage again but reruns the one that is missing."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from llmkit.align import posttrain as posttrain_module
+from llmkit.align.posttrain import PosttrainConfig, posttrain
+from llmkit.align.posttrain_eval import few_shot_prompts, solution_ids
+from llmkit.chat import render_ids
+from llmkit.errors import ConfigError
+from llmkit.model import Transformer
+from llmkit.model.checkpoint import read_config, resolve_checkpoint, write_model
+from llmkit.tasks import arithmetic
+from llmkit.tokenizer import END, TOOL_CALL, Tokenizer, TokenizerConfig, train_tokenizer
+
+STAGES = {"sft": "sft", "reward": "reward", "grpo": "grpo", "dpo": "dpo"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; a second one only spin-waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    """A small BPE over the arithmetic conversations, so a problem is about a hundred tokens."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    problems = arithmetic.generate_problems(300, seed=1) + arithmetic.generate_problems(30, seed=1, split="heldout")
+    texts = [message.get("content") or "" for problem in problems for message in arithmetic.to_conversation(problem, False).messages]
+    (folder / "text.txt").write_text("\n".join(texts + [arithmetic.TOOL_SYSTEM_PROMPT, "calculator(4*3)"]))
+    train_tokenizer(TokenizerConfig(source=str(folder / "text.txt"), out=str(folder / "tokenizer"), vocab_size=600, held_out_fraction=0))
+    return Tokenizer.load(folder / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=256, n_embd=32))
+    write_model(folder, model.state_dict(), model.config, {"stage": "pretrain", "tokenizer_sha256": tokenizer.sha256})
+    tokenizer.save(folder)
+    return folder
+
+
+def tiny_run(base, out, **changes) -> PosttrainConfig:
+    values = dict(base=str(base), out=str(out), sft_examples=16, sft_steps=2, sft_batch_size=2, reward_pairs=8, reward_steps=2,
+                  rl_iterations=1, rl_samples=4, group_size=2, dpo_pairs=8, dpo_steps=2, preference_batch_size=2,
+                  eval_problems=6, max_new_tokens=12, dtype="float32", device="cpu", progress=False)
+    values.update(changes)
+    return PosttrainConfig(**values)
+
+
+def records(out, stage: str, mode: str) -> list[dict]:
+    return [json.loads(line) for line in (out / "evaluation" / f"{stage}_{mode}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, base):
+    out = tmp_path_factory.mktemp("posttrain")
+    config = tiny_run(base, out)
+    return config, posttrain(config)
+
+
+def test_every_stage_writes_its_checkpoint_and_the_table_recomputes_from_the_records(finished):
+    config, summary = finished
+    out = Path(config.out)
+    for directory, stage in STAGES.items():
+        assert read_config(resolve_checkpoint(out / directory))["stage"] == stage
+    # DPO tunes the RL model, which starts from the SFT model
+    assert read_config(resolve_checkpoint(out / "dpo"))["base"] == str(resolve_checkpoint(out / "grpo").resolve())
+
+    report = json.loads((out / "report.json").read_text())["stages"]["posttrain"]
+    table = report["metrics"]["table"]
+    assert [row["stage"] for row in table] == ["base", "sft", "grpo", "dpo"] == [row["stage"] for row in summary["table"]]
+    problems = {problem.question: problem for problem in arithmetic.generate_problems(config.eval_problems, seed=config.seed, split="heldout")}
+    for row in table:
+        for mode in ("calculator", "plain"):
+            answers = records(out, row["stage"], mode)
+            assert [answer["question"] for answer in answers] == list(problems)
+            correct = [arithmetic.check_answer(problems[answer["question"]], answer["completion"]) for answer in answers]
+            assert row[f"accuracy_{mode}"] == sum(correct) / len(correct)
+        rewards = [answer["reward"] for answer in records(out, row["stage"], "calculator")]
+        assert row["reward"] == pytest.approx(sum(rewards) / len(rewards))
+    assert table[0]["kl"] is None and table[1]["kl"] == 0.0  # the SFT model is the reference itself
+    assert summary["rl_gain_over_sft"] == table[2]["accuracy_calculator"] - table[1]["accuracy_calculator"]
+    markdown = (out / "report.md").read_text()
+    assert "| dpo |" in markdown and f"![posttrain]({posttrain_module.FIGURE})" in markdown
+    assert (out / posttrain_module.FIGURE).stat().st_size > 0
+
+
+def test_resume_keeps_finished_stages_and_reruns_a_missing_one(finished, tmp_path, monkeypatch):
+    config, _ = finished
+    out = tmp_path / "copy"
+    shutil.copytree(config.out, out)
+    state = json.loads((out / "posttrain.json").read_text())
+    for part in ("stages", "evaluations"):
+        del state[part]["dpo"]
+    (out / "posttrain.json").write_text(json.dumps(state))
+    shutil.rmtree(out / "dpo")
+
+    def must_not_run(*arguments):
+        raise AssertionError("a finished stage ran again")
+
+    for stage in ("sft", "reward", "rl"):
+        monkeypatch.setitem(posttrain_module.STAGE_FUNCTIONS, stage, must_not_run)
+    resumed = posttrain(tiny_run(config.base, out, resume=True))
+    assert read_config(resolve_checkpoint(out / "dpo"))["stage"] == "dpo"
+    assert [row["stage"] for row in resumed["table"]] == ["base", "sft", "grpo", "dpo"]
+    assert resumed["table"][:3] == finished[1]["table"][:3]
+    with pytest.raises(ConfigError, match="rl"):
+        posttrain(tiny_run(config.base, out, resume=True, rl="ppo"))
+
+
+def test_few_shot_prompt_is_demonstrations_in_the_chat_stream_then_the_question(tokenizer):
+    problems = arithmetic.generate_problems(2, seed=3, split="heldout")
+    prompts, shots = few_shot_prompts(tokenizer, problems, with_tools=True, shots=1, context_length=1024, max_new_tokens=50, seed=0)
+    assert shots == 1
+    demonstration = min(arithmetic.generate_problems(64, seed=0),
+                        key=lambda problem: len(tokenizer.encode(f"Question: {problem.question}\nAnswer: "))
+                        + len(solution_ids(tokenizer, problem, True)))
+    text = tokenizer.decode(prompts[0])
+    assert text.startswith(f"<|endoftext|>Question: {demonstration.question}\nAnswer: ")
+    assert text.endswith(f"\n\nQuestion: {problems[0].question}\nAnswer: ")
+    # the demonstration's solution is the assistant's token stream of the chat format, tool calls included
+    full, _ = render_ids(tokenizer, arithmetic.to_conversation(demonstration).messages)
+    assert tokenizer.decode(solution_ids(tokenizer, demonstration, True)) in tokenizer.decode(full)
+    assert f"{TOOL_CALL}calculator(" in text and f"#### {demonstration.answer}\n\n" in text and text.count(END) >= 2
+    # a context without room for a demonstration gives the bare question
+    longest_question = max(len(tokenizer.encode(f"Question: {problem.question}\nAnswer: ")) for problem in problems)
+    bare, none = few_shot_prompts(tokenizer, problems, with_tools=False, shots=3, context_length=longest_question + 1 + 10 + 5,
+                                  max_new_tokens=10, seed=0)
+    assert none == 0 and tokenizer.decode(bare[1]) == f"<|endoftext|>Question: {problems[1].question}\nAnswer: "
