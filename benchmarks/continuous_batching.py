@@ -61,6 +61,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(preset("cpu-small", **MODEL)).eval()
     with tempfile.TemporaryDirectory() as directory:
+        # The weight layout that Engine.from_checkpoint (and so the server) uses.
         engine = Engine(model, small_tokenizer(Path(directory)), decoding_layout=True, max_batch_size=arguments.max_batch_size)
     requests = mixed_requests(arguments.requests, model.config.vocab_size)
     generated = sum(config.max_new_tokens for _, config in requests)

@@ -48,7 +48,7 @@ from llmkit.align.posttrain_eval import EvaluationSettings, evaluate_model, held
 from llmkit.align.ppo import PPOConfig, PPORunConfig, ppo
 from llmkit.align.reward import RewardConfig, RewardTrainConfig, load_reward_model, train_reward
 from llmkit.align.rl_loop import RLOptimConfig, RolloutConfig
-from llmkit.align.sft import SFTConfig, SFTTrainConfig, _load_base, sft
+from llmkit.align.sft import SFTConfig, SFTTrainConfig, load_base, sft
 from llmkit.config import check
 from llmkit.errors import ConfigError
 from llmkit.io import atomic_write_bytes, atomic_write_json, read_json
@@ -209,7 +209,7 @@ def _scalars(summary: dict) -> dict:
 
 def evaluation_settings(config: PosttrainConfig, out: Path) -> EvaluationSettings:
     """The held-out problems and decoding settings every model of the table is evaluated with."""
-    base_model, tokenizer, _ = _load_base(config.base)
+    base_model, tokenizer, _ = load_base(config.base)
     problems = heldout_problems(tokenizer, config.eval_problems, config.seed, base_model.config.context_length, config.max_new_tokens)
     return EvaluationSettings(problems, config.max_new_tokens, config.shots, config.seed, resolve_device(config.device),
                               out / EVALUATION_DIRECTORY)

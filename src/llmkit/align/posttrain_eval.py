@@ -48,7 +48,7 @@ import torch
 from llmkit.align.reward import RewardScorer
 from llmkit.align.rl_stage import toolbox
 from llmkit.align.rollout import Prompt, build_batch, chat_prompt, completion_tokens, generate_rollouts, score_rollouts
-from llmkit.align.sft import _load_base
+from llmkit.align.sft import load_base
 from llmkit.chat import render_ids
 from llmkit.errors import InputError
 from llmkit.infer.engine import Engine
@@ -119,7 +119,7 @@ def evaluate_model(path: str | Path, stage: str, settings: EvaluationSettings, r
                    reference: torch.nn.Module | None) -> dict:
     """Accuracy with the calculator and without, the reward and KL(stage || reference) of the model at
     ``path`` (``stage == "base"``: the few-shot prompt); writes the per-answer records."""
-    model, tokenizer, _ = _load_base(path)
+    model, tokenizer, _ = load_base(path)
     model.to(settings.device)
     engine = Engine(model, tokenizer, max_batch_size=64)
     end_id = tokenizer.special_ids[END]

@@ -207,9 +207,6 @@ def load_base(path: str | Path) -> tuple[nn.Module, Tokenizer, Path]:
     return model, tokenizer, checkpoint
 
 
-_load_base = load_base  # the old private name, until llmkit.align.posttrain and posttrain_eval import load_base
-
-
 def _check_resume(config: SFTConfig) -> None:
     """A resumed run must use the adapters it was started with and must not have merged them yet."""
     out = Path(config.train.out)
