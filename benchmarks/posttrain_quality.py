@@ -16,6 +16,7 @@ seed, and prints one JSON object per line:
   the reason, when the data is absent).
 
 Usage:
+    python benchmarks/posttrain_quality.py --from-speedrun runs/speedrun  # reuse a finished speedrun's stages
     python benchmarks/posttrain_quality.py --base runs/speedrun/base   # a model from `llmkit speedrun`
     python benchmarks/posttrain_quality.py                             # pretrains one first (10 minutes)
     python benchmarks/posttrain_quality.py --quick                     # a short run that shows it works
@@ -76,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", help="pretrained checkpoint from `llmkit speedrun` (default: pretrain one)")
     parser.add_argument("--out", help="working folder (default: a temporary one)")
+    parser.add_argument("--from-speedrun", help="a finished `llmkit speedrun` folder: its base model and post-training "
+                                                "stages are reused (resumed), only the second RL seed and HH-RLHF run")
     parser.add_argument("--rl", choices=["grpo", "ppo"], default="grpo")
     parser.add_argument("--quick", action="store_true", help="small budgets: shows the benchmark works, not the quality")
     arguments = parser.parse_args()
@@ -84,23 +87,30 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(arguments.out or scratch)
-        base = Path(arguments.base) if arguments.base else pretrained_base(out, "1m" if arguments.quick else "10m")
         quick = dict(scale=0.15, eval_problems=60) if arguments.quick else {}
-        config = PosttrainConfig(base=str(base), out=str(out / "posttrain"), rl=arguments.rl, progress=False, **quick)
+        if arguments.from_speedrun:
+            # The settings `llmkit speedrun` runs post-training with (its defaults).
+            speedrun = Path(arguments.from_speedrun)
+            config = PosttrainConfig(base=str(speedrun / "base"), out=str(speedrun), report=str(speedrun), rl=arguments.rl,
+                                     dtype="bfloat16", resume=True, progress=False, **quick)
+        else:
+            base = Path(arguments.base) if arguments.base else pretrained_base(out, "1m" if arguments.quick else "10m")
+            config = PosttrainConfig(base=str(base), out=str(out / "posttrain"), rl=arguments.rl, progress=False, **quick)
         result = posttrain(config)
+        out = Path(config.out)
         for row in result["table"]:
             for mode, tool in TOOLS.items():
                 shots = {"shots": row["shots"]} if row["stage"] == "base" else {}
                 emit("accuracy", row[f"accuracy_{mode}"], "fraction", stage=row["stage"], tool=tool, problems=result["eval_problems"], **shots)
         sft_accuracy, first_rl = result["table"][1]["accuracy_calculator"], result["table"][2]["accuracy_calculator"]
-        second_rl = second_seed_accuracy(config, out / "posttrain", seed=config.seed + 1)
+        second_rl = second_seed_accuracy(config, out, seed=config.seed + 1)
         gains = [round(first_rl - sft_accuracy, 4), round(second_rl - sft_accuracy, 4)]
         emit("rl_gain_over_sft", round(sum(gains) / 2, 4), "fraction", stage=arguments.rl, tool="on", per_seed=gains)
         emit("seed_noise", round(abs(first_rl - second_rl), 4), "fraction", stage=arguments.rl, tool="on",
              note="difference between the RL accuracies of two seeds; the goal is rl_gain_over_sft above it")
         emit("reward_model_accuracy", result["stages"]["reward"]["heldout_accuracy"], "fraction", data="generated_pairs",
              heldout_pairs=result["stages"]["reward"]["heldout_pairs"])
-        hh_rlhf_accuracy(out / "posttrain", 20 if arguments.quick else 200)
+        hh_rlhf_accuracy(out, 20 if arguments.quick else 200)
 
 
 if __name__ == "__main__":

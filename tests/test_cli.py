@@ -31,6 +31,9 @@ def test_every_stage_from_the_command_line(tmp_path, corpus, capsys):
     assert summary["steps"] == 6 and summary["model"]["vocab_size"] == 300 and summary["model"]["context_length"] == 32
     assert main(["generate", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0",
+                 "--quantize", "int8"]) == 0
+    assert len(capsys.readouterr().out.rstrip("\n")) > len("def ")
     assert main(["estimate", "--preset", "llama-7b", "--tokens", "1e12", "--gpus", "8"]) == 0
     assert "6.7 B" in capsys.readouterr().out
 

@@ -13,6 +13,7 @@ from typing import Callable
 from llmkit import __version__
 from llmkit.config import add_dataclass_arguments, config_from_args
 from llmkit.errors import LlmkitError
+from llmkit.infer.quantize import Quantization, quantize_field
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.train.distributed import shutdown
 
@@ -24,13 +25,14 @@ class GenerateCommand:
     checkpoint: str = field(default="runs/base", metadata={"help": "run directory or checkpoint folder"})
     prompt: str = field(default="", metadata={"help": "text to continue"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    quantize: Quantization = quantize_field()
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 def _generate(config: GenerateCommand) -> None:
     from llmkit.infer import Engine
 
-    engine = Engine.from_checkpoint(config.checkpoint, device=config.device)
+    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, quantize=config.quantize)
     pieces = engine.stream(config.prompt, config.generation)
     first = next(pieces, "")  # a prompt that does not fit fails here, before anything is printed
     sys.stdout.write(config.prompt + first)

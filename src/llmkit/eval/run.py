@@ -39,6 +39,7 @@ from llmkit.eval.contamination import check_contamination
 from llmkit.eval.report import write_report
 from llmkit.eval.kinds import KINDS as TASK_KINDS, headline
 from llmkit.infer import Engine
+from llmkit.infer.quantize import Quantization, quantize_field
 from llmkit.model.checkpoint import read_config, resolve_checkpoint
 
 
@@ -120,6 +121,7 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass / generation batch"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype for evaluation"})
+    quantize: Quantization = quantize_field()
     training_data: list[str] = field(default_factory=list, metadata={
         "help": "training data to check the tasks against: token data dirs or raw text/JSONL sources (default: the checkpoint's pretraining data)"})
     decontamination: bool = field(default=True, metadata={"help": "check every evaluated example against the training data"})
@@ -216,7 +218,8 @@ def run_eval(config: EvalConfig) -> dict:
                            for name, (spec, _, examples) in loaded.items()}
         contamination = check_contamination(evaluation_sets, sources, ngram=config.ngram)
 
-    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype))
+    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype),
+                                    quantize=config.quantize)
     tasks, samples = {}, {}
     for name, (spec, settings, examples) in loaded.items():
         tasks[name], samples[name] = _evaluate_task(engine, spec, settings, examples, contamination.get(name))

@@ -24,6 +24,7 @@ from llmkit.chat import render_ids
 from llmkit.config import check
 from llmkit.infer.completion import Tools
 from llmkit.infer.engine import Engine
+from llmkit.infer.quantize import Quantization, quantize_field
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.infer.tools import default_toolbox
 from llmkit.io import atomic_write_text
@@ -43,6 +44,7 @@ class ChatConfig:
     tools: bool = field(default=False, metadata={"help": "run the calculator and the Python sandbox when the model calls them"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype"})
+    quantize: Quantization = quantize_field()
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be positive")
@@ -133,7 +135,8 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
 def run_chat(config: ChatConfig) -> None:
     import torch
 
-    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype))
+    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype),
+                                    quantize=config.quantize)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, seed=config.seed)
     repl(ChatSession(engine, generation, config.system, default_toolbox() if config.tools else None))

@@ -10,6 +10,7 @@ from typing import Literal
 
 from llmkit.config import check
 from llmkit.infer.engine import Engine
+from llmkit.infer.quantize import Quantization, quantize_field
 from llmkit.infer.scheduler import Scheduler
 
 
@@ -28,6 +29,7 @@ class ServeConfig:
     max_batch_size: int = field(default=64, metadata={"help": "requests decoding together (KV-cache slots); more wait for a slot"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype"})
+    quantize: Quantization = quantize_field()
     threads: int | None = field(default=None, metadata={"help": "CPU threads for the model's arithmetic (default: torch's choice; 1 on a busy shared machine)"})
     log_level: Literal["critical", "error", "warning", "info", "debug"] = field(default="info", metadata={"help": "uvicorn's log level"})
 
@@ -45,7 +47,8 @@ def load_engine(config: ServeConfig) -> Engine:
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype))
+    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype),
+                                    quantize=config.quantize)
     if config.max_batch_size != engine.scheduler.max_batch_size:
         engine.scheduler = Scheduler(engine, config.max_batch_size)  # nothing submitted yet: a fresh one is equivalent
     return engine
