@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 from llmkit import __version__
 from llmkit.config import add_dataclass_arguments, config_from_args
@@ -25,14 +25,18 @@ class GenerateCommand:
     checkpoint: str = field(default="runs/base", metadata={"help": "run directory or checkpoint folder"})
     prompt: str = field(default="", metadata={"help": "text to continue"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype"})
     quantize: Quantization = quantize_field()
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 def _generate(config: GenerateCommand) -> None:
+    import torch
+
     from llmkit.infer import Engine
 
-    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, quantize=config.quantize)
+    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype),
+                                    quantize=config.quantize)
     pieces = engine.stream(config.prompt, config.generation)
     first = next(pieces, "")  # a prompt that does not fit fails here, before anything is printed
     sys.stdout.write(config.prompt + first)
