@@ -75,6 +75,30 @@ def test_nested_yaml_sections_for_pretrain(tmp_path):
     assert config.model.n_layer == 3 and config.train.lr == 2e-3 and config.train.max_seconds == 300
 
 
+def test_a_section_keeps_its_fields_default_instance():
+    """A field ``default_factory=lambda: Section(x=...)`` sets the defaults of its flags: giving one
+    field of the section keeps the others at the enclosing default, not at the section class's."""
+    import argparse
+    from dataclasses import dataclass, field
+
+    from llmkit.config import add_dataclass_arguments, build, config_from_args
+
+    @dataclass
+    class Section:
+        width: int = 1
+        style: str = "plain"
+
+    @dataclass
+    class Command:
+        section: Section = field(default_factory=lambda: Section(width=7, style="fancy"))
+
+    assert build(Command, {"section": {"width": 3}}).section == Section(width=3, style="fancy")
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Command)
+    assert config_from_args(Command, parser.parse_args(["--style", "bold"])).section == Section(width=7, style="bold")
+    assert "(default: fancy)" in parser.format_help()
+
+
 def test_number_and_duration_parsing():
     assert parse_number("300e9", int) == 300_000_000_000 and parse_number("2.5k", int) == 2500
     assert parse_duration("10m") == 600 and parse_duration("1.5h") == 5400 and parse_duration(90) == 90

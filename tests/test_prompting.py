@@ -376,5 +376,7 @@ def test_self_improve_config_reads_nested_flags():
     config = config_from_args(SelfImproveConfig, arguments)
     assert (config.questions, config.prompt.chain_of_thought, config.consistency.paths, config.min_vote_share) == \
         ("q.jsonl", "zero_shot", 3, 0.7)
+    # zero-shot CoT by default (it needs no demonstrations); no chain of thought is refused
+    assert config_from_args(SelfImproveConfig, parser.parse_args(["--questions", "q.jsonl"])).prompt.chain_of_thought == "zero_shot"
     with pytest.raises(ConfigError, match="chain_of_thought"):
-        config_from_args(SelfImproveConfig, parser.parse_args(["--questions", "q.jsonl"]))
+        config_from_args(SelfImproveConfig, parser.parse_args(["--questions", "q.jsonl", "--chain-of-thought", "none"]))

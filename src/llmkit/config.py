@@ -100,23 +100,27 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def _leaf_fields(cls) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
-    """Every non-dataclass field, with its path of section names and its resolved type."""
+def _leaf_fields(cls, defaults=None) -> list[tuple[tuple[str, ...], dataclasses.Field, Any, Any]]:
+    """Every non-dataclass field, with its path of section names, its resolved type and its default:
+    a section's default comes from the enclosing field's default instance when there is one (a
+    ``default_factory=lambda: Section(x=1)`` changes the flag's default too)."""
     hints = typing.get_type_hints(cls)
     leaves = []
     for field in dataclasses.fields(cls):
         annotation = hints[field.name]
+        default = _default_of(field) if defaults is None else getattr(defaults, field.name)
         if dataclasses.is_dataclass(annotation):
-            leaves += [((field.name, *path), leaf, kind) for path, leaf, kind in _leaf_fields(annotation)]
+            section = default if dataclasses.is_dataclass(default) else None
+            leaves += [((field.name, *path), leaf, kind, value) for path, leaf, kind, value in _leaf_fields(annotation, section)]
         else:
-            leaves.append(((field.name,), field, annotation))
+            leaves.append(((field.name,), field, annotation, default))
     return leaves
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """Add one flag per leaf field of ``cls``; defaults stay unset so YAML can fill them."""
     seen: dict[str, tuple[str, ...]] = {}
-    for path, field, annotation in _leaf_fields(cls):
+    for path, field, annotation, default in _leaf_fields(cls):
         name = field.name
         if name in seen:
             raise TypeError(f"{cls.__name__}: field name {name!r} appears in {seen[name]} and {path}")
@@ -131,7 +135,6 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kwargs["metavar"] = name.upper()
             if typing.get_origin(base) is Literal:
                 kwargs["choices"] = list(typing.get_args(base))
-        default = _default_of(field)
         if default is not dataclasses.MISSING and help_text is not None:
             kwargs["help"] = f"{help_text} (default: {default})".strip()
         parser.add_argument(flag_name(name), **kwargs)
@@ -179,8 +182,9 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def build(cls, values: dict, source: str = "config"):
-    """Instantiate ``cls`` from a nested dict, converting values and naming unknown keys."""
+def build(cls, values: dict, source: str = "config", defaults=None):
+    """Instantiate ``cls`` from a nested dict, converting values and naming unknown keys; fields the dict
+    leaves out keep their values in ``defaults`` (an instance of ``cls``) when it is given."""
     hints = typing.get_type_hints(cls)
     known = {field.name: field for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
@@ -192,7 +196,8 @@ def build(cls, values: dict, source: str = "config"):
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
                 raise ConfigError(name, value, f"expected a section of {annotation.__name__} fields in {source}")
-            kwargs[name] = build(annotation, value, source)
+            section = _default_of(known[name])
+            kwargs[name] = build(annotation, value, source, section if dataclasses.is_dataclass(section) else None)
             continue
         if value is None:
             kwargs[name] = None
@@ -205,7 +210,7 @@ def build(cls, values: dict, source: str = "config"):
         if typing.get_origin(base) is Literal and converted not in typing.get_args(base):
             raise ConfigError(name, value, f"must be one of {', '.join(map(str, typing.get_args(base)))}")
         kwargs[name] = converted
-    return cls(**kwargs)
+    return cls(**kwargs) if defaults is None else dataclasses.replace(defaults, **kwargs)
 
 
 def _needs_cast(annotation, value) -> bool:

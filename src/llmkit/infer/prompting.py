@@ -345,7 +345,8 @@ class SelfImproveConfig:
     out: str = field(default="runs/self_improve.jsonl", metadata={"help": "output JSONL of SFT rows (messages format), the input of llmkit sft"})
     min_vote_share: float = field(default=0.5, metadata={"help": "keep a question only when its majority answer has at least this share of the paths"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    # Zero-shot CoT by default: it needs no demonstrations, and self-improvement needs reasoning paths.
+    prompt: PromptConfig = field(default_factory=lambda: PromptConfig(chain_of_thought="zero_shot"))
     consistency: SelfConsistencyConfig = field(default_factory=SelfConsistencyConfig)
 
     def __post_init__(self) -> None:
