@@ -69,6 +69,31 @@ def test_plain_solutions_write_correct_arithmetic_inline(problems):
         assert lines[-1] == f"#### {problem.answer}"
 
 
+def test_gsm8k_records_read_back_through_the_eval_loader_with_checkable_calculator_calls(problems, tmp_path):
+    from llmkit.eval.generative import load_gsm8k, rationale
+    from llmkit.infer.tools import find_tool_calls, parse_tool_call
+
+    path = tmp_path / "arithmetic.jsonl"
+    path.write_text("".join(json.dumps(arithmetic.gsm8k_record(problem)) + "\n" for problem in problems))
+    examples = load_gsm8k(path)
+    assert [example.question for example in examples] == [problem.question for problem in problems]
+    for problem, example in zip(problems, examples):
+        assert example.target == str(problem.answer)
+        # With the calculator: one call per step, each evaluating to the result the annotation gives.
+        exchanges = find_tool_calls(rationale(example.solution, calculator=True))
+        assert len(exchanges) == len(problem.steps)
+        for exchange in exchanges:
+            call = parse_tool_call(exchange.payload)
+            assert call.name == "calculator" and calculate(call.arguments) == exchange.result
+        assert exchanges[-1].result == str(problem.answer)
+        # Without it: inline arithmetic that is correct, and no trace of the annotations.
+        plain = rationale(example.solution, calculator=False)
+        assert "<<" not in plain and "<|" not in plain
+        for expression, value in re.findall(r": ([\d+\-*/]+) = (\d+)\.", plain):
+            assert calculate(expression) == value
+        assert len(re.findall(r": ([\d+\-*/]+) = (\d+)\.", plain)) == len(problem.steps)
+
+
 NAIVE_SOLVERS = {
     # Independent re-solutions from the question text alone.
     "shopping": (r"buys (\d+) \w+ at \$(\d+) each and (\d+) \w+ at \$(\d+) each\. \w+ pays with a \$(\d+) bill",

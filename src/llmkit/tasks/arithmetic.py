@@ -16,7 +16,9 @@ the inference engine produces when it runs the call (see :mod:`llmkit.chat`)::
 
 The plain form writes the arithmetic inline (``Cost of the pens: 4*3 = 12``). Intermediate results
 are whole and non-negative by construction, and computed exactly here (``fractions.Fraction``), not by
-the calculator: the tests hold the two against each other.
+the calculator: the tests hold the two against each other. :func:`gsm8k_record` writes a problem as a
+GSM8K record (``Cost of the pens: 4*3 = <<4*3=12>>12.`` ... ``#### 22``) for ``llmkit eval``'s generative
+tasks.
 
 Splits: a problem is held out when the hash of its text falls in the first ``HELDOUT_FRACTION`` of
 the hash range, so the train and held-out sets are disjoint whatever the seeds.
@@ -252,6 +254,23 @@ def solution_messages(steps: tuple[Step, ...] | list[Step], with_tools: bool = T
         messages.append({"role": "tool", "content": str(value.numerator)})
     messages.append({"role": "assistant", "content": "\n" + final})
     return messages
+
+
+def gsm8k_record(problem: Problem) -> dict[str, str]:
+    """The problem in GSM8K's format (Cobbe et al. 2021): ``{"question", "answer"}``, the answer one line per
+    step with the step's arithmetic as a calculator annotation, then ``#### N``::
+
+        Cost of the pens: 4*3 = <<4*3=12>>12.
+        ...
+        #### 22
+
+    so :func:`llmkit.eval.generative.load_gsm8k` and its ``rationale()`` read it as they read GSM8K: with
+    the calculator every annotation becomes the call ``calculator(4*3)`` and its result, without it the
+    line reads ``Cost of the pens: 4*3 = 12.`` (the plain form of :func:`solution_messages`)."""
+    values, written = step_values(problem.steps), expressions(problem.steps)
+    lines = [f"{step.label}: {expression} = <<{expression}={value.numerator}>>{value.numerator}."
+             for step, expression, value in zip(problem.steps, written, values)]
+    return {"question": problem.question, "answer": "\n".join(lines + [f"{ANSWER_MARKER} {problem.answer}"])}
 
 
 def prompt_messages(problem: Problem, with_tools: bool = True) -> list[dict]:
