@@ -1,7 +1,7 @@
 """Shared fixtures of the PPO and GRPO tests: a character tokenizer, a tiny policy warmed up to answer
 one of four letters, and the toy task "the reply starts with 'a'".
 
-A test module uses the pytest fixtures here (:func:`one_thread`, :func:`tokenizer`, :func:`policy`) by
+A test module uses the pytest fixtures here (:func:`tokenizer`, :func:`policy`) by
 importing them and naming them in its ``__all__``: pytest finds fixtures among a module's names."""
 
 import copy
@@ -23,14 +23,6 @@ from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 LETTERS = "abcd"
 TOY_MESSAGES = [{"role": "user", "content": "go"}]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread; two spin-waiting threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from importlib import resources
 import httpx
 import openai
 import pytest
-import torch
 
 from llmkit.serve.app import create_app
 from llmkit.serve.server import ServeConfig
@@ -35,12 +34,9 @@ streamChat({baseUrl: url, body, signal: controller.signal, onDelta: (delta) => {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread only waits
     engine = trained_engine(tmp_path_factory.mktemp("page"))
     with LiveServer(create_app(engine, ServeConfig(model_name=MODEL))) as live:
         yield live
-    torch.set_num_threads(threads)
 
 
 def test_page_and_its_files_are_served_and_fetch_nothing_from_elsewhere(server):

@@ -18,10 +18,10 @@ from llmkit.infer.engine import Engine
 from llmkit.model.checkpoint import read_config, resolve_checkpoint
 from llmkit.tasks import arithmetic, functions
 from llmkit.tasks.functions import FunctionTask
-from rl_helpers import (TOY_MESSAGES, assert_learns_toy_task, frozen_copy, one_thread, policy, save_checkpoint, tokenizer,
+from rl_helpers import (TOY_MESSAGES, assert_learns_toy_task, frozen_copy, policy, save_checkpoint, tokenizer,
                         warm_policy)
 
-__all__ = ["one_thread", "policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
+__all__ = ["policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
 
 
 def test_group_advantages_worked_by_hand():

@@ -25,14 +25,6 @@ from llmkit.tokenizer import END, TOOL_CALL, Tokenizer, TokenizerConfig, train_t
 STAGES = {"sft": "sft", "reward": "reward", "grpo": "grpo", "dpo": "dpo"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; a second one only spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Tokenizer:

@@ -23,9 +23,9 @@ from llmkit.infer import Completion, GenerationConfig
 from llmkit.infer.engine import Engine
 from llmkit.model.checkpoint import load_model, read_config, resolve_checkpoint, write_model
 from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
-from rl_helpers import TOY_MESSAGES, assert_learns_toy_task, frozen_copy, one_thread, policy, save_checkpoint, tokenizer
+from rl_helpers import TOY_MESSAGES, assert_learns_toy_task, frozen_copy, policy, save_checkpoint, tokenizer
 
-__all__ = ["one_thread", "policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
+__all__ = ["policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
 
 
 def naive_gae(rewards, values, mask, gamma, gae_lambda):

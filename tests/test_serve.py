@@ -97,11 +97,7 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Engine:
-    # One thread: these matrices are tiny, and on a busy machine two threads spend their time waiting for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield trained_engine(tmp_path_factory.mktemp("serve"))
-    torch.set_num_threads(threads)
+    return trained_engine(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
