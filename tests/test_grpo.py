@@ -2,17 +2,19 @@
 exactly the action tokens; the k1 and k3 estimators against the exact KL of small distributions and
 zero while the policy is the reference; the two loss aggregations by hand; the verifiable arithmetic
 reward; prompt order; a toy task whose rewarded first token GRPO makes clearly more likely; and a
-whole ``llmkit grpo`` run."""
+whole ``llmkit grpo`` run. Process supervision: steps split at tool results, the arithmetic step
+rewards, their place in the batch, and the advantages by hand, against a naive loop and against outcome
+advantages when every completion is one step."""
 
 import pytest
 import torch
 
-from llmkit.align.grpo import GRPO, GRPOConfig, GRPOOptimConfig, GRPORunConfig, group_advantages, grpo
+from llmkit.align.grpo import GRPO, GRPOConfig, GRPOOptimConfig, GRPORunConfig, group_advantages, grpo, process_advantages
 from llmkit.align.policy_gradient import aggregate, kl_k1, kl_k3
-from llmkit.align.rewards import ArithmeticReward, FunctionTaskReward
+from llmkit.align.rewards import ArithmeticReward, FunctionTaskReward, as_reward
 from llmkit.align.rl_loop import RolloutConfig, prompt_indices
 from llmkit.align.rollout import Prompt, Rollout, RolloutBatch, build_batch, chat_prompt, generate_rollouts, score_rollouts
-from llmkit.errors import InputError
+from llmkit.errors import ConfigError, InputError
 from llmkit.infer import Completion, GenerationConfig
 from llmkit.infer.engine import Engine
 from llmkit.model.checkpoint import read_config, resolve_checkpoint
@@ -42,6 +44,67 @@ def test_advantages_reach_exactly_the_action_tokens_of_their_sequence():
     value = 0.5 / (0.5**0.5 + 1e-4)
     torch.testing.assert_close(batch.advantages, torch.tensor([[0.0, value, value], [-value, -value, 0.0], [0.0] * 3, [0.0] * 3]))
     assert metrics["uniform_groups"] == 0.5
+
+
+def test_process_advantages_worked_by_hand():
+    # One group of two completions: steps with rewards 1, 0 (first) and 1 (second) -> mean 2/3, sample std sqrt(1/3).
+    step_rewards = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    step_mask = torch.tensor([[False, True, False, True], [False, False, False, True]])
+    high, low = (1 / 3) / (3**-0.5 + 1e-4), (-2 / 3) / (3**-0.5 + 1e-4)
+    # A token's advantage sums the normalised rewards of the steps ending at or after it.
+    expected = torch.tensor([[high + low, high + low, low, low], [high, high, high, high]])
+    torch.testing.assert_close(process_advantages(step_rewards, step_mask, group_size=2), expected)
+    unscaled = torch.tensor([[-1 / 3] * 2 + [-2 / 3] * 2, [1 / 3] * 4])
+    torch.testing.assert_close(process_advantages(step_rewards, step_mask, group_size=2, scale=False), unscaled)
+
+
+def test_process_advantages_match_a_naive_loop_and_equal_outcome_ones_for_single_steps():
+    generator = torch.Generator().manual_seed(0)
+    rows, positions, group = 6, 9, 3
+    step_mask = torch.rand(rows, positions, generator=generator) < 0.4
+    step_mask[:, -1] = True
+    step_rewards = torch.randint(0, 3, (rows, positions), generator=generator).float() * step_mask
+    advantages = process_advantages(step_rewards, step_mask, group)
+    for first in range(0, rows, group):
+        values = [float(step_rewards[row, t]) for row in range(first, first + group) for t in range(positions) if step_mask[row, t]]
+        mean = sum(values) / len(values)
+        std = (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+        for row in range(first, first + group):
+            for t in range(positions):
+                naive = sum((float(step_rewards[row, s]) - mean) / (std + 1e-4) for s in range(t, positions) if step_mask[row, s])
+                assert float(advantages[row, t]) == pytest.approx(naive, abs=1e-5)
+    # One step per completion, ending at its last token: the outcome advantage on every earlier token.
+    outcome = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    last = torch.zeros(rows, positions, dtype=torch.bool)
+    last[:, -1] = True
+    expected = group_advantages(outcome, group)[:, None].expand(rows, positions)
+    torch.testing.assert_close(process_advantages(outcome[:, None] * last, last, group), expected)
+
+
+def test_steps_end_where_tool_results_are_injected_and_their_rewards_land_there():
+    problem = arithmetic.generate_problems(1, seed=3)[0]
+    values = [str(value.numerator) for value in arithmetic.step_values(problem.steps)]
+    prompt = Prompt(arithmetic.prompt_messages(problem), [7, 7, 7])
+    # Tokens: call one (2 sampled) + its result (2 injected), call two (1 sampled) + result (1 injected), answer (2 sampled).
+    injected = [False, False, True, True, False, True, False, False]
+    calls = [{"payload": "x", "result": values[0]}, {"payload": "y", "result": "Error: division by zero"}]
+    answers = [f"#### {problem.answer}", f"#### {problem.answer + 1}"]
+    rollouts = [Rollout(prompt, Completion(text, [5] * 8, "stop", 3, tool_calls=calls, injected=injected), [5] * 8, injected)
+                for text in answers]
+    assert rollouts[0].step_ends() == [1, 4, 7]
+    reward = ArithmeticReward([problem])
+    assert reward.score_steps(rollouts) == [[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    # Cut off inside the second call, before it closed: the unfinished last step earns the outcome reward, 0.
+    cut = Rollout(prompt, Completion("", [5] * 5, "length", 3, tool_calls=calls[:1], injected=injected[:5]), [5] * 5, injected[:5])
+    assert cut.step_ends() == [1, 4] and reward.score_steps([cut]) == [[1.0, 0.0]]
+    batch = build_batch(rollouts, [1.0, 0.0], pad_id=0, step_rewards=reward.score_steps(rollouts))
+    # Token i of the completion is predicted at position len(prompt) - 1 + i.
+    assert batch.step_mask[0].nonzero().flatten().tolist() == [3, 6, 9]
+    assert batch.step_rewards[0, [3, 6, 9]].tolist() == [1.0, 0.0, 1.0] and batch.step_rewards[1, 9] == 0.0
+    with pytest.raises(ValueError, match="3 steps but 2 step rewards"):
+        build_batch(rollouts[:1], [1.0], pad_id=0, step_rewards=[[1.0, 0.0]])
+    with pytest.raises(ConfigError, match="process supervision needs a reward with step rewards"):
+        as_reward(lambda messages, text: 1.0).score_steps(rollouts)
 
 
 def test_kl_estimators_are_unbiased_and_k3_is_never_negative():
@@ -112,11 +175,13 @@ def test_grpo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, poli
     assert_learns_toy_task(model, policy, tokenizer, GRPO(config), config)
 
 
-def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_path):
+@pytest.mark.parametrize("supervision", ["outcome", "process"])
+def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_path, supervision):
     (tmp_path / "sft").mkdir()
     run = GRPORunConfig(policy=str(save_checkpoint(tmp_path / "sft", policy, tokenizer)), out=str(tmp_path / "grpo"),
                         task="arithmetic_plain", iterations=1, train_problems=4, eval_problems=2, device="cpu", progress=False)
-    summary = grpo(GRPOConfig(group_size=2, run=run, rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, tools="none")))
+    summary = grpo(GRPOConfig(group_size=2, supervision=supervision, run=run,
+                              rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, tools="none")))
     assert summary["iterations"] == 1 and summary["stage"] == "grpo" and summary["eval_prompts"] == 2
     assert summary["accuracy_before"] == summary["accuracy_after"] == 0.0  # a letter-answering policy solves nothing
     assert read_config(resolve_checkpoint(tmp_path / "grpo"))["stage_config"]["group_size"] == 2

@@ -135,3 +135,10 @@ def test_few_shot_prompt_is_demonstrations_in_the_chat_stream_then_the_question(
     bare, none = few_shot_prompts(tokenizer, problems, with_tools=False, shots=3, context_length=longest_question + 1 + 10 + 5,
                                   max_new_tokens=10, seed=0)
     assert none == 0 and tokenizer.decode(bare[1]) == f"<|endoftext|>Question: {problems[1].question}\nAnswer: "
+
+
+def test_process_supervision_needs_grpo_and_the_verifiable_reward():
+    assert PosttrainConfig(rl="grpo", rl_supervision="process").rl_supervision == "process"
+    for changed in ({"rl": "ppo"}, {"rl_reward": "model"}):
+        with pytest.raises(ConfigError, match="rl_supervision"):
+            PosttrainConfig(rl_supervision="process", **changed)

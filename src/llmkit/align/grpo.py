@@ -11,6 +11,14 @@ weights groups whose rewards barely differ the most. A group whose completions a
 reward has zero advantages and teaches nothing; the share of such groups is logged
 (``uniform_groups``).
 
+**Process supervision** (``--supervision process``, §4.1.3) rates each *step* of a completion instead
+(its calculator calls and its final answer, :meth:`llmkit.align.rewards.Reward.score_steps`). Every
+step reward is normalised by the mean and std of all the step rewards of its group, and a token's
+advantage is the sum of the normalised rewards of the steps that end at or after it: a wrong call
+lowers the tokens that led to it, while the correct calls before it keep their credit. A small policy
+whose answers fail on one mis-copied number among several right ones gets a signal from every group,
+where outcome rewards leave most groups uniform.
+
 The loss per token is the clipped surrogate (:func:`llmkit.align.policy_gradient.clipped_policy_loss`)
 plus ``beta`` times the k3 estimate of KL(pi || pi_ref) against the frozen reference, which GRPO puts
 in the loss instead of the reward (eq. 3-4). Tokens are aggregated per sequence then over sequences by
@@ -33,7 +41,7 @@ from llmkit.align.rl_stage import run_policy_stage
 from llmkit.align.rollout import RolloutBatch
 from llmkit.config import check
 
-__all__ = ["GRPO", "GRPOConfig", "group_advantages", "grpo"]
+__all__ = ["GRPO", "GRPOConfig", "group_advantages", "grpo", "process_advantages"]
 
 
 @dataclass
@@ -58,6 +66,8 @@ class GRPOOptimConfig(RLOptimConfig):
 class GRPOConfig:
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
     kl_coef: float = field(default=0.04, metadata={"help": "beta of the k3 KL term to the reference in the loss (0 = none)"})
+    supervision: Literal["outcome", "process"] = field(default="outcome", metadata={
+        "help": "outcome: one reward per completion; process: one per step (tool call, answer), DeepSeekMath §4.1.3"})
     scale_rewards: bool = field(default=True, metadata={"help": "divide by the group's reward std (off: Dr. GRPO)"})
     advantage_eps: float = field(default=1e-4, metadata={"help": "added to the group std before dividing"})
     run: GRPORunConfig = field(default_factory=GRPORunConfig)
@@ -67,6 +77,7 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         check(self.group_size >= 2, "group_size", self.group_size, "must be at least 2 (a group is its own baseline)")
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")
+        check(self.supervision in ("outcome", "process"), "supervision", self.supervision, "choose outcome or process")
         check(self.advantage_eps > 0, "advantage_eps", self.advantage_eps, "must be positive")
 
 
@@ -79,17 +90,41 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     return centred.reshape(-1)
 
 
+def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int, scale: bool = True,
+                       eps: float = 1e-4) -> torch.Tensor:
+    """Per position, the sum of the group-normalised rewards of the steps ending at or after it
+    (module docstring), for ``(rows, positions)`` step tensors laid out group after group."""
+    rows, positions = step_rewards.shape
+    rewards, mask = step_rewards.view(-1, group_size * positions), step_mask.view(-1, group_size * positions)
+    counts = mask.sum(dim=1, keepdim=True)
+    mean = torch.where(mask, rewards, 0.0).sum(dim=1, keepdim=True) / counts.clamp(min=1)
+    normalised = torch.where(mask, rewards - mean, 0.0)
+    if scale:  # the sample std over the group's steps, as for outcome rewards
+        std = (normalised.pow(2).sum(dim=1, keepdim=True) / (counts - 1).clamp(min=1)).sqrt()
+        normalised = normalised / (std + eps)
+    normalised = normalised.view(rows, positions)
+    return normalised.flip(1).cumsum(1).flip(1)
+
+
 class GRPO(Algorithm):
     def __init__(self, config: GRPOConfig):
         super().__init__(config.optim, config.rollout.temperature)
         self.config = config
         self.samples_per_prompt = config.group_size
+        self.process_supervision = config.supervision == "process"
 
     def advantages(self, batch: RolloutBatch) -> dict[str, float]:
-        per_completion = group_advantages(batch.rewards, self.config.group_size, self.config.scale_rewards, self.config.advantage_eps)
-        batch.advantages = per_completion[:, None] * batch.action_mask
-        spread = batch.rewards.view(-1, self.config.group_size)
-        return {"uniform_groups": float((spread.max(dim=1).values == spread.min(dim=1).values).float().mean())}
+        group, scale, eps = self.config.group_size, self.config.scale_rewards, self.config.advantage_eps
+        if self.process_supervision:
+            batch.advantages = process_advantages(batch.step_rewards, batch.step_mask, group, scale, eps) * batch.action_mask
+            width = group * batch.step_rewards.shape[1]
+            rewards, mask = batch.step_rewards.view(-1, width), batch.step_mask.view(-1, width)
+            uniform = torch.where(mask, rewards, -torch.inf).amax(1) == torch.where(mask, rewards, torch.inf).amin(1)
+        else:
+            batch.advantages = group_advantages(batch.rewards, group, scale, eps)[:, None] * batch.action_mask
+            spread = batch.rewards.view(-1, group)
+            uniform = spread.max(dim=1).values == spread.min(dim=1).values
+        return {"uniform_groups": float(uniform.float().mean())}
 
     def loss(self, policy: nn.Module, minibatch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         outputs, loss, metrics = self.policy_terms(policy, minibatch)

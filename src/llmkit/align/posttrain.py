@@ -84,6 +84,8 @@ class PosttrainConfig:
     rl_lr: float = field(default=5e-5, metadata={"help": "RL peak learning rate"})
     rl_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the RL rollouts"})
     rl_kl_coef: float = field(default=0.04, metadata={"help": "RL KL coefficient (GRPO's loss term, PPO's reward penalty)"})
+    rl_supervision: Literal["outcome", "process"] = field(default="outcome", metadata={
+        "help": "GRPO with the verifiable reward: one reward per answer, or one per step (calculator calls, answer)"})
     dpo_pairs: int = field(default=200, metadata={
         "help": "problems of each solution form whose generated pairs tune DPO (their reference log-probs are computed first)"})
     dpo_steps: int = field(default=40, metadata={"help": "DPO optimizer steps"})
@@ -108,6 +110,8 @@ class PosttrainConfig:
         for name in ("sft_lr", "reward_lr", "rl_lr", "rl_temperature", "dpo_beta"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
         check(self.rl_kl_coef >= 0, "rl_kl_coef", self.rl_kl_coef, "must be >= 0")
+        check(self.rl_supervision == "outcome" or (self.rl == "grpo" and self.rl_reward == "verifiable"), "rl_supervision",
+              self.rl_supervision, "process supervision needs rl=grpo and rl_reward=verifiable (the step checker)")
         check(self.shots >= 0, "shots", self.shots, "must be >= 0")
         check(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "must be float32 or bfloat16")
         check(self.group_size >= 2, "group_size", self.group_size, "must be at least 2")
@@ -171,7 +175,8 @@ def train_rl(config: PosttrainConfig, policy: Path, directory: Path, reward_mode
                device=config.device, resume=_resume(config, directory), progress=config.progress)
     rollout = dict(max_new_tokens=config.max_new_tokens, temperature=config.rl_temperature, tools="calculator")
     if config.rl == "grpo":
-        return grpo(GRPOConfig(group_size=config.group_size, kl_coef=config.rl_kl_coef, run=GRPORunConfig(**run),
+        return grpo(GRPOConfig(group_size=config.group_size, kl_coef=config.rl_kl_coef, supervision=config.rl_supervision,
+                               run=GRPORunConfig(**run),
                                rollout=GRPORolloutConfig(prompts_per_iteration=config.rl_samples // config.group_size, **rollout),
                                optim=GRPOOptimConfig(lr=config.rl_lr, minibatch_size=16)))
     return ppo(PPOConfig(kl_coef=config.rl_kl_coef, run=PPORunConfig(**run),

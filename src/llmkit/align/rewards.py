@@ -7,7 +7,10 @@ reward model batch its forward passes.
 - :class:`ArithmeticReward`: verifiable (RL with verifiable rewards, Lambert et al. 2024 "Tülu 3";
   DeepSeekMath's rule-based rewards): 1 when :func:`llmkit.tasks.arithmetic.check_answer` accepts
   the answer after the last ``####``, else ``format_bonus`` when there is a well-formed ``#### N``
-  (DeepSeek-R1's format reward, Guo et al. 2025 §2.2.2), else 0.
+  (DeepSeek-R1's format reward, Guo et al. 2025 §2.2.2), else 0. Per step (:meth:`Reward.score_steps`,
+  for process-supervised GRPO): a calculator call earns 1 when its result is one of the values the
+  reference solution computes (a rule-based process reward in the spirit of Lightman et al. 2023's
+  step labels: the step reached a number the solution needs), the final answer step its outcome reward.
 - :class:`FunctionTaskReward`: 1 when the docstring -> function checker passes every recorded
   example, else ``format_bonus`` when the answer parses with the right signature, else 0.
 - :class:`ModelReward`: a reward model trained by ``llmkit reward`` (:func:`llmkit.align.reward.load_reward_model`),
@@ -20,13 +23,14 @@ so the verifiable rewards need nothing but the conversation, as the interface pr
 from __future__ import annotations
 
 import functools
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Callable
 
 from llmkit.align.reward import load_reward_model
 from llmkit.align.rollout import Rollout
 from llmkit.config import check
-from llmkit.errors import InputError, MismatchError
+from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.tasks import arithmetic, functions
 from llmkit.tokenizer import Tokenizer
 
@@ -45,6 +49,11 @@ class Reward:
 
     def score(self, rollouts: list[Rollout]) -> list[float]:
         return [float(self(rollout.prompt.messages, rollout.text)) for rollout in rollouts]
+
+    def score_steps(self, rollouts: list[Rollout]) -> list[list[float]]:
+        """One reward per step of each rollout (:meth:`Rollout.step_ends`), for process supervision."""
+        raise ConfigError("supervision", "process", f"{type(self).__name__} rates whole completions only; "
+                                                    f"process supervision needs a reward with step rewards (the arithmetic task's)")
 
 
 class FunctionReward(Reward):
@@ -79,6 +88,27 @@ class ArithmeticReward(Reward):
         if self.correct(prompt_messages, completion_text):
             return 1.0
         return self.format_bonus if arithmetic.final_answer(completion_text) is not None else 0.0
+
+    def score_steps(self, rollouts: list[Rollout]) -> list[list[float]]:
+        """Step ``k`` is the ``k``-th calculator call while there are calls (1 when its result is a value of
+        the reference solution), and the outcome reward on the last step when it is not a call."""
+        scores = []
+        for rollout in rollouts:
+            needed = set(arithmetic.step_values(self._problem(rollout.prompt.messages).steps))
+            calls = rollout.completion.tool_calls
+            steps = [1.0 if _number(call["result"]) in needed else 0.0 for call in calls]
+            if len(rollout.step_ends()) > len(calls):  # the answer after the last call, a step of its own
+                steps.append(self(rollout.prompt.messages, rollout.text))
+            scores.append(steps)
+        return scores
+
+
+def _number(text: str | None) -> Fraction | None:
+    """A calculator result as an exact number (None for an error or no result)."""
+    try:
+        return Fraction(text.strip()) if text is not None else None
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 class FunctionTaskReward(Reward):

@@ -7,7 +7,8 @@ One iteration (:meth:`PolicyLoop.iterate`):
 1. choose ``prompts_per_iteration`` training prompts: epochs over the prompt set, each in its own
    seeded order, so iteration ``i`` sees a pure function of ``(seed, i)``;
 2. generate ``samples_per_prompt`` completions each through the inference engine, with tools
-   (:mod:`llmkit.align.rollout`), and rate them with the reward;
+   (:mod:`llmkit.align.rollout`), and rate them with the reward (and each of their steps, when the
+   algorithm asks for step rewards);
 3. one no-grad pass of the policy (old log-probabilities, values) and of the frozen reference;
 4. the algorithm's advantages (PPO: KL-penalised rewards and GAE; GRPO: group-normalised rewards);
 5. ``epochs`` passes over the batch in random minibatches, one AdamW step each
@@ -129,6 +130,7 @@ class Algorithm:
 
     samples_per_prompt: int = 1
     value_head: nn.Module | None = None
+    process_supervision: bool = False  # whether the advantages need a reward per step
 
     def __init__(self, optim: RLOptimConfig, temperature: float):
         self.clip, self.aggregation, self.temperature = optim.clip, optim.loss_aggregation, temperature
@@ -206,9 +208,12 @@ class PolicyLoop:
                   prompt_indices(len(self.prompts), self.rollout.prompts_per_iteration, self.seed, iteration)]
         rollouts = generate_rollouts(self.engine, chosen, self.algorithm.samples_per_prompt, self.generation, self.tools,
                                      self.seed, iteration)
-        rewards = [reward - (0.0 if rollout.finished else self.missing_end_penalty)
-                   for reward, rollout in zip(self.reward.score(rollouts), rollouts)]
-        batch = build_batch(rollouts, rewards, self.tokenizer.pad_id).to(self.device)
+        penalties = [0.0 if rollout.finished else self.missing_end_penalty for rollout in rollouts]
+        rewards = [reward - penalty for reward, penalty in zip(self.reward.score(rollouts), penalties)]
+        steps = None
+        if self.algorithm.process_supervision:  # the penalty lands on the step that was cut off
+            steps = [values[:-1] + [values[-1] - penalty] for values, penalty in zip(self.reward.score_steps(rollouts), penalties)]
+        batch = build_batch(rollouts, rewards, self.tokenizer.pad_id, steps).to(self.device)
         return score_rollouts(batch, self.policy, self.reference, self.algorithm.value_head, self.rollout.temperature,
                               self.rollout.forward_batch_size, self.dtype)
 

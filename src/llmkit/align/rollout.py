@@ -18,6 +18,11 @@ Prompt tokens, padding and the tool results the engine injected (``Completion.in
 policy did not choose them, so they carry no log-probability ratio, no KL and no advantage (they
 remain context, and the value of the state after them is still estimated at the next action).
 
+A completion with tool calls falls into *steps*: the maximal runs of tokens the policy sampled between
+the tool results the engine injected (each call is one step, the final answer the last). With process
+supervision (:mod:`llmkit.align.grpo`) a reward rates each step, and the batch holds it at the action
+position of the step's last token (``step_rewards``, where ``step_mask`` is True).
+
 Old log-probabilities are recomputed with a training-style forward pass instead of taken from the
 sampler: the two differ numerically (KV-cache decoding vs one full pass), and the PPO ratio must be
 exactly 1 before the first update (Huang et al. 2024, "The N+ implementation details of RLHF with PPO").
@@ -71,6 +76,12 @@ class Rollout:
     def finished(self) -> bool:
         return self.completion.finish_reason in FINISHED
 
+    def step_ends(self) -> list[int]:
+        """The index in ``token_ids`` of each step's last token: a sampled token followed by an injected
+        one or by the end of the completion (module docstring)."""
+        flags = self.injected + [True]
+        return [index for index in range(len(self.token_ids)) if not flags[index] and flags[index + 1]]
+
 
 def completion_tokens(completion: Completion, end_id: int) -> tuple[list[int], list[bool]]:
     """The completion's tokens and injected flags, with the sampled end token restored (module docstring)."""
@@ -103,6 +114,8 @@ class RolloutBatch:
     input_ids: torch.Tensor  # (rows, length)
     action_mask: torch.Tensor  # (rows, length - 1) bool
     rewards: torch.Tensor  # (rows,) the scalar reward of each completion
+    step_rewards: torch.Tensor | None = None  # (rows, length - 1) a step's reward at its last action, 0 elsewhere
+    step_mask: torch.Tensor | None = None  # (rows, length - 1) bool: where a step ends
     old_logprobs: torch.Tensor | None = None
     reference_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -139,8 +152,10 @@ class RolloutBatch:
                                for field in dataclasses.fields(self)})
 
 
-def build_batch(rollouts: list[Rollout], rewards: list[float], pad_id: int) -> RolloutBatch:
-    """Rows ``prompt + completion`` right-padded with ``pad_id``, and the action mask (module docstring)."""
+def build_batch(rollouts: list[Rollout], rewards: list[float], pad_id: int,
+                step_rewards: list[list[float]] | None = None) -> RolloutBatch:
+    """Rows ``prompt + completion`` right-padded with ``pad_id``, and the action mask; with
+    ``step_rewards`` (one per step of each rollout, :meth:`Rollout.step_ends`) the step tensors too."""
     lengths = [len(rollout.prompt.ids) + len(rollout.token_ids) for rollout in rollouts]
     width = max(lengths)
     input_ids = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
@@ -150,7 +165,18 @@ def build_batch(rollouts: list[Rollout], rewards: list[float], pad_id: int) -> R
         input_ids[row, :lengths[row]] = torch.tensor(rollout.prompt.ids + rollout.token_ids)
         # Token start + i is predicted at position start + i - 1.
         action_mask[row, start - 1:lengths[row] - 1] = ~torch.tensor(rollout.injected, dtype=torch.bool)
-    return RolloutBatch(input_ids, action_mask, torch.tensor(rewards, dtype=torch.float32))
+    batch = RolloutBatch(input_ids, action_mask, torch.tensor(rewards, dtype=torch.float32))
+    if step_rewards is not None:
+        batch.step_rewards = torch.zeros(action_mask.shape)
+        batch.step_mask = torch.zeros(action_mask.shape, dtype=torch.bool)
+        for row, (rollout, values) in enumerate(zip(rollouts, step_rewards)):
+            ends = rollout.step_ends()
+            if len(values) != len(ends):
+                raise ValueError(f"a completion has {len(ends)} steps but {len(values)} step rewards")
+            positions = [len(rollout.prompt.ids) - 1 + end for end in ends]
+            batch.step_rewards[row, positions] = torch.tensor(values, dtype=torch.float32)
+            batch.step_mask[row, positions] = True
+    return batch
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
