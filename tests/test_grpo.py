@@ -56,6 +56,10 @@ def test_process_advantages_worked_by_hand():
     torch.testing.assert_close(process_advantages(step_rewards, step_mask, group_size=2), expected)
     unscaled = torch.tensor([[-1 / 3] * 2 + [-2 / 3] * 2, [1 / 3] * 4])
     torch.testing.assert_close(process_advantages(step_rewards, step_mask, group_size=2, scale=False), unscaled)
+    # Discounted: the first step's tokens weigh the second step's -2/3 by 0.5 (-> 0), or not at all (-> 1/3).
+    for discount, first in ((0.5, 0.0), (0.0, 1 / 3)):
+        expected = torch.tensor([[first] * 2 + [-2 / 3] * 2, [1 / 3] * 4])
+        torch.testing.assert_close(process_advantages(step_rewards, step_mask, 2, scale=False, discount=discount), expected)
 
 
 def test_process_advantages_match_a_naive_loop_and_equal_outcome_ones_for_single_steps():

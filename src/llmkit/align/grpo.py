@@ -68,6 +68,9 @@ class GRPOConfig:
     kl_coef: float = field(default=0.04, metadata={"help": "beta of the k3 KL term to the reference in the loss (0 = none)"})
     supervision: Literal["outcome", "process"] = field(default="outcome", metadata={
         "help": "outcome: one reward per completion; process: one per step (tool call, answer), DeepSeekMath §4.1.3"})
+    step_discount: float = field(default=1.0, metadata={
+        "help": "process supervision: weight of the k-th later step's reward in a token's advantage is this ** k "
+                "(1: DeepSeekMath's sum; 0: the token's own step alone)"})
     scale_rewards: bool = field(default=True, metadata={"help": "divide by the group's reward std (off: Dr. GRPO)"})
     advantage_eps: float = field(default=1e-4, metadata={"help": "added to the group std before dividing"})
     run: GRPORunConfig = field(default_factory=GRPORunConfig)
@@ -78,6 +81,7 @@ class GRPOConfig:
         check(self.group_size >= 2, "group_size", self.group_size, "must be at least 2 (a group is its own baseline)")
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")
         check(self.supervision in ("outcome", "process"), "supervision", self.supervision, "choose outcome or process")
+        check(0 <= self.step_discount <= 1, "step_discount", self.step_discount, "must be in [0, 1]")
         check(self.advantage_eps > 0, "advantage_eps", self.advantage_eps, "must be positive")
 
 
@@ -91,9 +95,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
 
 
 def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int, scale: bool = True,
-                       eps: float = 1e-4) -> torch.Tensor:
+                       eps: float = 1e-4, discount: float = 1.0) -> torch.Tensor:
     """Per position, the sum of the group-normalised rewards of the steps ending at or after it
-    (module docstring), for ``(rows, positions)`` step tensors laid out group after group."""
+    (module docstring), for ``(rows, positions)`` step tensors laid out group after group; the
+    ``k``-th step after the position's own is weighted by ``discount ** k``."""
     rows, positions = step_rewards.shape
     rewards, mask = step_rewards.view(-1, group_size * positions), step_mask.view(-1, group_size * positions)
     counts = mask.sum(dim=1, keepdim=True)
@@ -103,7 +108,13 @@ def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, grou
         std = (normalised.pow(2).sum(dim=1, keepdim=True) / (counts - 1).clamp(min=1)).sqrt()
         normalised = normalised / (std + eps)
     normalised = normalised.view(rows, positions)
-    return normalised.flip(1).cumsum(1).flip(1)
+    if discount == 1.0:
+        return normalised.flip(1).cumsum(1).flip(1)
+    advantages, later = torch.zeros_like(normalised), torch.zeros(rows)
+    for position in range(positions - 1, -1, -1):  # a step's end passes on the discounted sum of the steps after it
+        later = normalised[:, position] + torch.where(step_mask[:, position], discount, 1.0) * later
+        advantages[:, position] = later
+    return advantages
 
 
 class GRPO(Algorithm):
@@ -116,7 +127,8 @@ class GRPO(Algorithm):
     def advantages(self, batch: RolloutBatch) -> dict[str, float]:
         group, scale, eps = self.config.group_size, self.config.scale_rewards, self.config.advantage_eps
         if self.process_supervision:
-            batch.advantages = process_advantages(batch.step_rewards, batch.step_mask, group, scale, eps) * batch.action_mask
+            advantages = process_advantages(batch.step_rewards, batch.step_mask, group, scale, eps, self.config.step_discount)
+            batch.advantages = advantages * batch.action_mask
             width = group * batch.step_rewards.shape[1]
             rewards, mask = batch.step_rewards.view(-1, width), batch.step_mask.view(-1, width)
             uniform = torch.where(mask, rewards, -torch.inf).amax(1) == torch.where(mask, rewards, torch.inf).amin(1)
