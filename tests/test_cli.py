@@ -45,6 +45,7 @@ def test_every_stage_from_the_command_line(tmp_path, corpus, capsys):
     (["generate", "--checkpoint", "{tmp}/nothing"], "nothing: checkpoint not found"),
     (["tokenizer", "train", "--source", "{tmp}/bad.jsonl", "--out", "{tmp}/tok"], "bad.jsonl:2: not valid JSON"),
     (["estimate", "--gpu", "abacus"], "'gpu' = 'abacus'"),
+    (["posttrain", "--rl", "ppo", "--rl-supervision", "process"], "'rl_supervision' = 'process'"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, arguments, message):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')

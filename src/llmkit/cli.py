@@ -54,6 +54,7 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
     """(command words) -> (config class, function, printer of its result, help)."""
     from llmkit.align.dpo import DPOConfig, dpo
     from llmkit.align.grpo import GRPOConfig, grpo
+    from llmkit.align.posttrain import PosttrainConfig, posttrain
     from llmkit.align.ppo import PPOConfig, ppo
     from llmkit.align.reward import RewardConfig, train_reward
     from llmkit.align.sft import SFTConfig, sft
@@ -85,6 +86,9 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
         ("ppo",): (PPOConfig, ppo, _print_summary,
                    "RLHF with PPO: engine rollouts, KL-penalised reward, value head, GAE, clipped losses"),
         ("grpo",): (GRPOConfig, grpo, _print_summary, "group relative policy optimisation with verifiable rewards"),
+        ("posttrain",): (PosttrainConfig, posttrain, _print_summary,
+                         "SFT -> reward model -> GRPO/PPO -> DPO on the embedded arithmetic from a pretrained checkpoint, "
+                         "with the before/after table"),
         ("dpo",): (DPOConfig, dpo, _print_summary, "tune a policy on preference pairs with the DPO, IPO or hinge loss against a frozen reference"),
         ("self-improve",): (SelfImproveConfig, run_self_improvement, _print_summary,
                             "sample chain-of-thought paths on unlabeled questions; keep the majority-voted ones as an SFT dataset"),
