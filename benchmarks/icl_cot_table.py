@@ -77,8 +77,9 @@ QUICK = dict(FULL, train_problems=2_000, pool_problems=100, eval_problems=4, n_l
 
 # ----------------------------------------------------------------------------------- corpus
 def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    from llmkit.io import atomic_write_jsonl
+
+    atomic_write_jsonl(path, records)
     return path
 
 

@@ -94,24 +94,27 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     return centred.reshape(-1)
 
 
+def steps_by_group(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(rows, positions)`` step tensors as one row per group: ``(groups, group_size * positions)``."""
+    width = group_size * step_rewards.shape[1]
+    return step_rewards.view(-1, width), step_mask.view(-1, width)
+
+
 def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int, scale: bool = True,
                        eps: float = 1e-4, discount: float = 1.0) -> torch.Tensor:
     """Per position, the sum of the group-normalised rewards of the steps ending at or after it
     (module docstring), for ``(rows, positions)`` step tensors laid out group after group; the
     ``k``-th step after the position's own is weighted by ``discount ** k``."""
-    rows, positions = step_rewards.shape
-    rewards, mask = step_rewards.view(-1, group_size * positions), step_mask.view(-1, group_size * positions)
+    rewards, mask = steps_by_group(step_rewards, step_mask, group_size)
     counts = mask.sum(dim=1, keepdim=True)
     mean = torch.where(mask, rewards, 0.0).sum(dim=1, keepdim=True) / counts.clamp(min=1)
     normalised = torch.where(mask, rewards - mean, 0.0)
     if scale:  # the sample std over the group's steps, as for outcome rewards
         std = (normalised.pow(2).sum(dim=1, keepdim=True) / (counts - 1).clamp(min=1)).sqrt()
         normalised = normalised / (std + eps)
-    normalised = normalised.view(rows, positions)
-    if discount == 1.0:
-        return normalised.flip(1).cumsum(1).flip(1)
-    advantages, later = torch.zeros_like(normalised), torch.zeros(rows)
-    for position in range(positions - 1, -1, -1):  # a step's end passes on the discounted sum of the steps after it
+    normalised = normalised.view_as(step_rewards)
+    advantages, later = torch.zeros_like(normalised), normalised.new_zeros(normalised.shape[0])
+    for position in range(normalised.shape[1] - 1, -1, -1):  # a step's end passes on the discounted sum of the steps after it
         later = normalised[:, position] + torch.where(step_mask[:, position], discount, 1.0) * later
         advantages[:, position] = later
     return advantages
@@ -129,8 +132,7 @@ class GRPO(Algorithm):
         if self.process_supervision:
             advantages = process_advantages(batch.step_rewards, batch.step_mask, group, scale, eps, self.config.step_discount)
             batch.advantages = advantages * batch.action_mask
-            width = group * batch.step_rewards.shape[1]
-            rewards, mask = batch.step_rewards.view(-1, width), batch.step_mask.view(-1, width)
+            rewards, mask = steps_by_group(batch.step_rewards, batch.step_mask, group)
             uniform = torch.where(mask, rewards, -torch.inf).amax(1) == torch.where(mask, rewards, torch.inf).amin(1)
         else:
             batch.advantages = group_advantages(batch.rewards, group, scale, eps)[:, None] * batch.action_mask

@@ -39,7 +39,6 @@ are not the chat prompts the SFT model answers.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from llmkit.chat import render_ids
 from llmkit.errors import InputError
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
-from llmkit.io import atomic_write_text
+from llmkit.io import atomic_write_jsonl
 from llmkit.model.checkpoint import load_model
 from llmkit.tasks import arithmetic
 from llmkit.tokenizer import END, Tokenizer
@@ -147,7 +146,7 @@ def evaluate_model(path: str | Path, stage: str, settings: EvaluationSettings, r
                 record["reward"] = score
             metrics["reward"] = sum(record["reward"] for record in records) / len(records)
         metrics[f"accuracy_{mode}"] = sum(record["correct"] for record in records) / len(records)
-        _write_records(settings.records / f"{stage}_{mode}.jsonl", records)
+        atomic_write_jsonl(settings.records / f"{stage}_{mode}.jsonl", records)
     if reference is not None and stage != "base":
         metrics["kl"] = sampled_kl(engine, model, reference, chat_prompts["calculator"], settings)
     return metrics
@@ -172,5 +171,3 @@ def _parsed(text: str) -> str | None:
     return None if answer is None else str(answer)
 
 
-def _write_records(path: Path, records: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))

@@ -8,13 +8,12 @@ into memory first, so no display is needed and no half-written PNG is ever seen.
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
 from llmkit import __version__
 from llmkit.eval.kinds import KINDS, headline
-from llmkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from llmkit.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from llmkit.report import add_section
 
 SCORES_PLOT = "eval.png"
@@ -155,7 +154,7 @@ def write_report(out: Path, summary: dict, samples: dict[str, list[dict]]) -> No
             atomic_write_bytes(out / name, data)
             images.append(name)
     for name, records in samples.items():
-        atomic_write_text(out / "samples" / f"{name}.jsonl", "".join(json.dumps(record) + "\n" for record in records))
+        atomic_write_jsonl(out / "samples" / f"{name}.jsonl", records)
     atomic_write_json(out / "eval.json", summary)
     atomic_write_text(out / "eval.md", render_markdown(summary, images))
     metrics = {f"{name}/{metric}": value for name, entry in summary["tasks"].items()

@@ -26,7 +26,6 @@ majority as supervised fine-tuning rows for ``llmkit sft``.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
@@ -43,7 +42,7 @@ from llmkit.errors import ConfigError, InputError
 from llmkit.infer.answers import EXTRACTORS, majority_vote
 from llmkit.infer.retrieval import BM25
 from llmkit.infer.sampling import GenerationConfig
-from llmkit.io import atomic_write_text, iter_jsonl
+from llmkit.io import atomic_write_jsonl, iter_jsonl
 
 Selection = Literal["random", "bm25", "embedding"]
 Ordering = Literal["given", "random", "similarity_ascending", "similarity_descending"]
@@ -332,7 +331,7 @@ def self_improvement_dataset(engine, builder: PromptBuilder, questions: list[str
 
 def write_self_improvement(path: str | Path, rows: list[dict]) -> None:
     """The rows as JSONL, written atomically (the input of ``llmkit sft``)."""
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_jsonl(path, rows)
 
 
 @dataclass
