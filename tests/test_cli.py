@@ -46,6 +46,7 @@ def test_every_stage_from_the_command_line(tmp_path, corpus, capsys):
     (["tokenizer", "train", "--source", "{tmp}/bad.jsonl", "--out", "{tmp}/tok"], "bad.jsonl:2: not valid JSON"),
     (["estimate", "--gpu", "abacus"], "'gpu' = 'abacus'"),
     (["posttrain", "--rl", "ppo", "--rl-supervision", "process"], "'rl_supervision' = 'process'"),
+    (["grpo", "--dynamic-sampling", "--max-sampling-rounds", "0"], "'max_sampling_rounds' = 0"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, arguments, message):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')

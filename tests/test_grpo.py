@@ -12,7 +12,7 @@ import torch
 from llmkit.align.grpo import GRPO, GRPOConfig, GRPOOptimConfig, GRPORunConfig, group_advantages, grpo, process_advantages
 from llmkit.align.policy_gradient import aggregate, kl_k1, kl_k3
 from llmkit.align.rewards import ArithmeticReward, FunctionTaskReward, as_reward
-from llmkit.align.rl_loop import RolloutConfig, prompt_indices
+from llmkit.align.rl_loop import PolicyLoop, RolloutConfig, prompt_indices
 from llmkit.align.rollout import Prompt, Rollout, RolloutBatch, build_batch, chat_prompt, generate_rollouts, score_rollouts
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer import Completion, GenerationConfig
@@ -40,10 +40,16 @@ def test_group_advantages_worked_by_hand():
 def test_advantages_reach_exactly_the_action_tokens_of_their_sequence():
     mask = torch.tensor([[False, True, True], [True, True, False], [False, False, True], [False, True, True]])
     batch = RolloutBatch(torch.zeros(4, 4, dtype=torch.long), mask, torch.tensor([1.0, 0.0, 2.0, 2.0]))
-    metrics = GRPO(GRPOConfig(group_size=2)).advantages(batch)
+    GRPO(GRPOConfig(group_size=2)).advantages(batch)
     value = 0.5 / (0.5**0.5 + 1e-4)
     torch.testing.assert_close(batch.advantages, torch.tensor([[0.0, value, value], [-value, -value, 0.0], [0.0] * 3, [0.0] * 3]))
-    assert metrics["uniform_groups"] == 0.5
+
+
+def test_a_group_is_informative_when_its_rewards_or_step_rewards_differ():
+    assert GRPO(GRPOConfig(group_size=2)).informative([1.0, 0.0, 2.0, 2.0, 0.0, 0.0], None) == [True, False, False]
+    process = GRPO(GRPOConfig(group_size=2, supervision="process"))
+    # Equal outcomes, but the first group's steps differ (1 then 0 against 1): informative per step.
+    assert process.informative([1.0, 1.0, 0.0, 0.0], [[1.0, 0.0], [1.0], [0.0], [0.0, 0.0]]) == [True, False]
 
 
 def test_process_advantages_worked_by_hand():
@@ -179,12 +185,54 @@ def test_grpo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, poli
     assert_learns_toy_task(model, policy, tokenizer, GRPO(config), config)
 
 
-@pytest.mark.parametrize("supervision", ["outcome", "process"])
-def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_path, supervision):
+def alternating_reward():
+    """Reward 0, 1, 0, 1... in call order for "mixed" prompts (so each group of an even size is
+    informative), always 1 for the others (so their groups are uniform)."""
+    calls = iter(range(10**6))
+    return as_reward(lambda messages, text: float(next(calls) % 2) if messages[-1]["content"].startswith("mixed") else 1.0)
+
+
+def test_dynamic_sampling_keeps_only_informative_groups_over_rounds_of_the_prompt_stream(tokenizer, policy):
+    contents = ["mixed a", "same b", "same c", "mixed d", "same e", "mixed f"]
+    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": content}]) for content in contents]
+    config = GRPOConfig(group_size=2, dynamic_sampling=True, max_sampling_rounds=3,
+                        rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=2, tools="none"))
+    for iteration in range(3):
+        loop = PolicyLoop(frozen_copy(policy).requires_grad_(True), frozen_copy(policy), tokenizer, GRPO(config),
+                          alternating_reward(), prompts, config.rollout, config.optim, iterations=3, seed=5)
+        batch, metrics = loop.collect(iteration)
+        # Independently: walk the rounds' prompts (stream positions iteration * 3 + round) in order.
+        drawn, expected = [], []
+        for round_index in range(3):
+            drawn += prompt_indices(len(prompts), 2, seed=5, iteration=iteration * 3 + round_index)
+            expected = [index for index in drawn if contents[index].startswith("mixed")][:2]
+            if len(expected) == 2:
+                break
+        assert metrics["sampling_rounds"] == round_index + 1 and metrics["kept_groups"] == len(expected)
+        assert metrics["uniform_groups"] == pytest.approx(1 - sum(contents[i].startswith("mixed") for i in drawn) / len(drawn))
+        rows = [prompts[index].ids for index in expected for _ in range(2)]
+        assert [batch.input_ids[row, :len(ids)].tolist() for row, ids in enumerate(rows)] == rows
+        assert batch.rewards.tolist() == [0.0, 1.0] * len(expected)
+
+
+def test_dynamic_sampling_without_an_informative_group_makes_no_update(tokenizer, policy):
+    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": "same"}])]
+    config = GRPOConfig(group_size=2, dynamic_sampling=True, max_sampling_rounds=2,
+                        rollout=RolloutConfig(prompts_per_iteration=1, max_new_tokens=2, tools="none"))
+    model = frozen_copy(policy).requires_grad_(True)
+    loop = PolicyLoop(model, frozen_copy(policy), tokenizer, GRPO(config), alternating_reward(), prompts,
+                      config.rollout, config.optim, iterations=1)
+    metrics = loop.iterate(0)
+    assert metrics["kept_groups"] == 0 and metrics["uniform_groups"] == 1.0 and metrics["sampling_rounds"] == 2
+    assert all(torch.equal(parameter, original) for parameter, original in zip(model.parameters(), policy.parameters()))
+
+
+@pytest.mark.parametrize("supervision, dynamic_sampling", [("outcome", False), ("process", False), ("outcome", True)])
+def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_path, supervision, dynamic_sampling):
     (tmp_path / "sft").mkdir()
     run = GRPORunConfig(policy=str(save_checkpoint(tmp_path / "sft", policy, tokenizer)), out=str(tmp_path / "grpo"),
                         task="arithmetic_plain", iterations=1, train_problems=4, eval_problems=2, device="cpu", progress=False)
-    summary = grpo(GRPOConfig(group_size=2, supervision=supervision, run=run,
+    summary = grpo(GRPOConfig(group_size=2, supervision=supervision, dynamic_sampling=dynamic_sampling, run=run,
                               rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, tools="none")))
     assert summary["iterations"] == 1 and summary["stage"] == "grpo" and summary["eval_prompts"] == 2
     assert summary["accuracy_before"] == summary["accuracy_after"] == 0.0  # a letter-answering policy solves nothing

@@ -9,7 +9,10 @@ default, as TRL computes it); with ``--no-scale-rewards`` the advantage is ``r -
 Liu et al. 2025 ("Understanding R1-Zero-like training", Dr. GRPO) recommend because the division
 weights groups whose rewards barely differ the most. A group whose completions all earn the same
 reward has zero advantages and teaches nothing; the share of such groups is logged
-(``uniform_groups``).
+(``uniform_groups``). **Dynamic sampling** (``--dynamic-sampling``, DAPO §3.2, Yu et al. 2025) drops
+them before the update and samples further prompts, up to ``--max-sampling-rounds`` rounds of
+``prompts_per_iteration``, until the batch holds ``prompts_per_iteration`` informative groups: every
+sequence of the update then carries a signal, and the dropped groups cost no training forward pass.
 
 **Process supervision** (``--supervision process``, §4.1.3) rates each *step* of a completion instead
 (its calculator calls and its final answer, :meth:`llmkit.align.rewards.Reward.score_steps`). Every
@@ -73,6 +76,10 @@ class GRPOConfig:
                 "(1: DeepSeekMath's sum; 0: the token's own step alone)"})
     scale_rewards: bool = field(default=True, metadata={"help": "divide by the group's reward std (off: Dr. GRPO)"})
     advantage_eps: float = field(default=1e-4, metadata={"help": "added to the group std before dividing"})
+    dynamic_sampling: bool = field(default=False, metadata={
+        "help": "drop groups whose rewards are all equal and sample more prompts until the batch is full (DAPO)"})
+    max_sampling_rounds: int = field(default=4, metadata={
+        "help": "dynamic sampling: at most this many rounds of prompts_per_iteration prompts per iteration"})
     run: GRPORunConfig = field(default_factory=GRPORunConfig)
     rollout: GRPORolloutConfig = field(default_factory=GRPORolloutConfig)
     optim: GRPOOptimConfig = field(default_factory=GRPOOptimConfig)
@@ -83,6 +90,7 @@ class GRPOConfig:
         check(self.supervision in ("outcome", "process"), "supervision", self.supervision, "choose outcome or process")
         check(0 <= self.step_discount <= 1, "step_discount", self.step_discount, "must be in [0, 1]")
         check(self.advantage_eps > 0, "advantage_eps", self.advantage_eps, "must be positive")
+        check(self.max_sampling_rounds > 0, "max_sampling_rounds", self.max_sampling_rounds, "must be positive")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
@@ -94,18 +102,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     return centred.reshape(-1)
 
 
-def steps_by_group(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(rows, positions)`` step tensors as one row per group: ``(groups, group_size * positions)``."""
-    width = group_size * step_rewards.shape[1]
-    return step_rewards.view(-1, width), step_mask.view(-1, width)
-
-
 def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int, scale: bool = True,
                        eps: float = 1e-4, discount: float = 1.0) -> torch.Tensor:
     """Per position, the sum of the group-normalised rewards of the steps ending at or after it
     (module docstring), for ``(rows, positions)`` step tensors laid out group after group; the
     ``k``-th step after the position's own is weighted by ``discount ** k``."""
-    rewards, mask = steps_by_group(step_rewards, step_mask, group_size)
+    width = group_size * step_rewards.shape[1]  # one row per group
+    rewards, mask = step_rewards.view(-1, width), step_mask.view(-1, width)
     counts = mask.sum(dim=1, keepdim=True)
     mean = torch.where(mask, rewards, 0.0).sum(dim=1, keepdim=True) / counts.clamp(min=1)
     normalised = torch.where(mask, rewards - mean, 0.0)
@@ -126,19 +129,24 @@ class GRPO(Algorithm):
         self.config = config
         self.samples_per_prompt = config.group_size
         self.process_supervision = config.supervision == "process"
+        self.sampling_rounds = config.max_sampling_rounds if config.dynamic_sampling else 1
+        self.dynamic_sampling = config.dynamic_sampling
+
+    def informative(self, rewards: list[float], step_rewards: list[list[float]] | None) -> list[bool]:
+        """Per group: whether its rewards (its step rewards, under process supervision) differ."""
+        size = self.config.group_size
+        values = step_rewards if self.process_supervision else [[reward] for reward in rewards]
+        groups = [sum(values[first:first + size], []) for first in range(0, len(values), size)]
+        return [max(group) != min(group) for group in groups]
 
     def advantages(self, batch: RolloutBatch) -> dict[str, float]:
         group, scale, eps = self.config.group_size, self.config.scale_rewards, self.config.advantage_eps
         if self.process_supervision:
             advantages = process_advantages(batch.step_rewards, batch.step_mask, group, scale, eps, self.config.step_discount)
             batch.advantages = advantages * batch.action_mask
-            rewards, mask = steps_by_group(batch.step_rewards, batch.step_mask, group)
-            uniform = torch.where(mask, rewards, -torch.inf).amax(1) == torch.where(mask, rewards, torch.inf).amin(1)
         else:
             batch.advantages = group_advantages(batch.rewards, group, scale, eps)[:, None] * batch.action_mask
-            spread = batch.rewards.view(-1, group)
-            uniform = spread.max(dim=1).values == spread.min(dim=1).values
-        return {"uniform_groups": float(uniform.float().mean())}
+        return {}
 
     def loss(self, policy: nn.Module, minibatch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         outputs, loss, metrics = self.policy_terms(policy, minibatch)

@@ -8,7 +8,8 @@ One iteration (:meth:`PolicyLoop.iterate`):
    seeded order, so iteration ``i`` sees a pure function of ``(seed, i)``;
 2. generate ``samples_per_prompt`` completions each through the inference engine, with tools
    (:mod:`llmkit.align.rollout`), and rate them with the reward (and each of their steps, when the
-   algorithm asks for step rewards);
+   algorithm asks for step rewards); with dynamic sampling (GRPO) the prompts whose samples all earn
+   the same reward are dropped and further rounds of prompts sampled until the batch is full;
 3. one no-grad pass of the policy (old log-probabilities, values) and of the frozen reference;
 4. the algorithm's advantages (PPO: KL-penalised rewards and GAE; GRPO: group-normalised rewards);
 5. ``epochs`` passes over the batch in random minibatches, one AdamW step each
@@ -31,7 +32,7 @@ from torch import nn
 
 from llmkit.align.policy_gradient import AGGREGATIONS, PolicyOutputs, clipped_policy_loss, masked_mean, minibatches, policy_forward
 from llmkit.align.rewards import TASKS, Reward
-from llmkit.align.rollout import Prompt, RolloutBatch, autocast, build_batch, generate_rollouts, score_rollouts
+from llmkit.align.rollout import Prompt, Rollout, RolloutBatch, autocast, build_batch, generate_rollouts, score_rollouts
 from llmkit.config import check, parse_duration
 from llmkit.infer.completion import Tools
 from llmkit.infer.engine import Engine
@@ -131,9 +132,15 @@ class Algorithm:
     samples_per_prompt: int = 1
     value_head: nn.Module | None = None
     process_supervision: bool = False  # whether the advantages need a reward per step
+    dynamic_sampling: bool = False  # drop the prompts whose samples are not informative, and sample more
+    sampling_rounds: int = 1  # rounds of prompts_per_iteration prompts an iteration may sample
 
     def __init__(self, optim: RLOptimConfig, temperature: float):
         self.clip, self.aggregation, self.temperature = optim.clip, optim.loss_aggregation, temperature
+
+    def informative(self, rewards: list[float], step_rewards: list[list[float]] | None) -> list[bool] | None:
+        """Per prompt, whether its rated samples can teach anything (None: the question does not apply)."""
+        return None
 
     def advantages(self, batch: RolloutBatch) -> dict[str, float]:
         """Set ``batch.advantages`` (and ``batch.returns`` for a critic); return metrics."""
@@ -202,29 +209,68 @@ class PolicyLoop:
             group["lr"] = peak * factor
         return self.optim.lr * factor
 
-    def collect(self, iteration: int) -> RolloutBatch:
-        """Steps 1-3: the scored rollout batch of ``iteration``."""
-        chosen = [self.prompts[index] for index in
-                  prompt_indices(len(self.prompts), self.rollout.prompts_per_iteration, self.seed, iteration)]
-        rollouts = generate_rollouts(self.engine, chosen, self.algorithm.samples_per_prompt, self.generation, self.tools,
-                                     self.seed, iteration)
+    def rate(self, rollouts: list[Rollout]) -> tuple[list[float], list[list[float]] | None]:
+        """The rewards of ``rollouts`` (and of each of their steps, when the algorithm asks for them)."""
         penalties = [0.0 if rollout.finished else self.missing_end_penalty for rollout in rollouts]
         rewards = [reward - penalty for reward, penalty in zip(self.reward.score(rollouts), penalties)]
         steps = None
         if self.algorithm.process_supervision:  # the penalty lands on the step that was cut off
             steps = [values[:-1] + [values[-1] - penalty] for values, penalty in zip(self.reward.score_steps(rollouts), penalties)]
-        batch = build_batch(rollouts, rewards, self.tokenizer.pad_id, steps).to(self.device)
-        return score_rollouts(batch, self.policy, self.reference, self.algorithm.value_head, self.rollout.temperature,
-                              self.rollout.forward_batch_size, self.dtype)
+        return rewards, steps
+
+    def collect(self, iteration: int) -> tuple[RolloutBatch | None, dict[str, float]]:
+        """Steps 1-3: the scored rollout batch of ``iteration`` and the metrics of everything sampled.
+
+        With dynamic sampling, round ``r`` of the iteration takes the prompts (and sampling seeds) of
+        position ``iteration * rounds + r`` of the prompt stream, so a resumed run samples what an
+        uninterrupted one would; the batch is None when no round found an informative prompt."""
+        rounds, per_iteration = self.algorithm.sampling_rounds, self.rollout.prompts_per_iteration
+        group = self.algorithm.samples_per_prompt
+        kept: list[Rollout] = []
+        kept_rewards: list[float] = []
+        kept_steps: list[list[float]] = []
+        sampled_rewards: list[float] = []
+        informative_flags: list[bool] = []
+        generated_tokens = 0
+        for round_index in range(rounds):
+            stream = iteration * rounds + round_index
+            chosen = [self.prompts[index] for index in prompt_indices(len(self.prompts), per_iteration, self.seed, stream)]
+            rollouts = generate_rollouts(self.engine, chosen, group, self.generation, self.tools, self.seed, stream)
+            rewards, steps = self.rate(rollouts)
+            sampled_rewards += rewards
+            generated_tokens += sum(rollout.injected.count(False) for rollout in rollouts)
+            informative = self.algorithm.informative(rewards, steps)
+            informative_flags += informative or []
+            keep = informative if self.algorithm.dynamic_sampling else [True] * len(chosen)
+            for prompt_index in [index for index, flag in enumerate(keep) if flag][:per_iteration - len(kept) // group]:
+                rows = slice(prompt_index * group, (prompt_index + 1) * group)
+                kept += rollouts[rows]
+                kept_rewards += rewards[rows]
+                kept_steps += steps[rows] if steps is not None else []
+            if len(kept) == per_iteration * group:
+                break
+        sampled = torch.tensor(sampled_rewards)
+        metrics = {"reward": float(sampled.mean()), "reward_std": float(sampled.std(unbiased=False)),
+                   "generated_tokens": float(generated_tokens)}
+        if informative_flags:
+            metrics["uniform_groups"] = 1 - sum(informative_flags) / len(informative_flags)
+        if self.algorithm.dynamic_sampling:
+            metrics.update(sampling_rounds=float(round_index + 1), kept_groups=float(len(kept) // group))
+        if not kept:
+            return None, metrics
+        batch = build_batch(kept, kept_rewards, self.tokenizer.pad_id, kept_steps if self.algorithm.process_supervision else None)
+        batch = score_rollouts(batch.to(self.device), self.policy, self.reference, self.algorithm.value_head,
+                               self.rollout.temperature, self.rollout.forward_batch_size, self.dtype)
+        return batch, metrics
 
     def iterate(self, iteration: int) -> dict[str, float]:
         """One iteration (module docstring); returns its metrics."""
         lr = self.set_learning_rate(iteration)
-        batch = self.collect(iteration)
-        metrics = {"reward": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std(unbiased=False)),
-                   "kl": batch.sequence_kl(),
-                   "response_length": float(batch.response_lengths.float().mean()), "lr": lr,
-                   "generated_tokens": float(batch.response_lengths.sum())}
+        batch, metrics = self.collect(iteration)
+        metrics["lr"] = lr
+        if batch is None:  # nothing to learn from: no update
+            return metrics
+        metrics.update(kl=batch.sequence_kl(), response_length=float(batch.response_lengths.float().mean()))
         metrics.update(self.algorithm.advantages(batch))
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence((self.seed, iteration, 1)).generate_state(1)[0]))
         totals: dict[str, float] = {}

@@ -174,7 +174,7 @@ def run_policy_stage(stage: str, config, run: RLRunConfig, rollout: RolloutConfi
         if run.eval_interval and (iteration + 1) % run.eval_interval == 0:
             metrics.update(evaluation())
         log.add(step=iteration + 1, tokens=state["tokens"], elapsed_s=f"{elapsed():.1f}", **_format(metrics))
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', float('nan')):.3f}")
         if (iteration + 1) % run.checkpoint_interval == 0:
             _save(loop, out, iteration + 1, {**state, "elapsed_s": elapsed()}, metadata, run.keep_last)
             log.flush()
