@@ -10,6 +10,12 @@ seed, and prints one JSON object per line:
 - ``rl_gain_over_sft``: the RL model's accuracy minus the SFT model's (calculator on), the mean over
   the two seeds, with each seed's gain; ``seed_noise``: the difference between the two seeds' RL
   accuracies. The goal is a gain larger than the noise;
+- ``sampled_accuracy``, ``majority_accuracy`` and ``pass_at_k`` with ``stage`` (``sft`` and the RL
+  stage), ``samples`` and ``temperature``: over ``k`` completions sampled per held-out problem (the
+  calculator on), the share that is right (pass@1 as RL's rollouts see it), the share of problems
+  whose most frequent answer is right (maj@k, self-consistency) and the share with at least one right
+  answer (pass@k). RL mostly moves pass@1 towards maj@k (DeepSeekMath §5.2.2; Yue et al. 2025), so
+  ``majority_accuracy`` minus the greedy accuracy is the headroom RL has on greedy decoding;
 - ``reward_model_accuracy`` with ``data``: the reward model's accuracy on held-out generated pairs
   (problems of the held-out split), and on a held-out tenth of the HH-RLHF harmless-base pairs in
   ``../shared/data/hh_rlhf`` for a second reward model trained on the other nine tenths (skipped, with
@@ -28,6 +34,7 @@ import argparse
 import dataclasses
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,6 +64,34 @@ def second_seed_accuracy(config, out: Path, seed: int) -> float:
     for mode, tool in TOOLS.items():
         emit("accuracy", metrics[f"accuracy_{mode}"], "fraction", stage=stage, tool=tool, problems=metrics["problems"])
     return metrics["accuracy_calculator"]
+
+
+def sampling_headroom(path: Path, stage: str, settings, samples: int, temperature: float) -> None:
+    """pass@1, maj@k and pass@k of ``samples`` completions per held-out problem, with the calculator."""
+    from llmkit.align.rl_stage import toolbox
+    from llmkit.align.rollout import chat_prompt, generate_rollouts
+    from llmkit.align.sft import load_base
+    from llmkit.infer.engine import Engine
+    from llmkit.infer.sampling import GenerationConfig
+    from llmkit.tasks import arithmetic
+
+    model, tokenizer, _ = load_base(path)
+    model.to(settings.device)
+    prompts = [chat_prompt(tokenizer, arithmetic.prompt_messages(problem, True)) for problem in settings.problems]
+    rollouts = generate_rollouts(Engine(model, tokenizer, max_batch_size=64), prompts, samples,
+                                 GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=temperature),
+                                 toolbox("calculator"), settings.seed, 0)
+    right = majority = any_right = 0
+    for index, problem in enumerate(settings.problems):
+        texts = [rollout.text for rollout in rollouts[index * samples:(index + 1) * samples]]
+        correct = [arithmetic.check_answer(problem, text) for text in texts]
+        right, any_right = right + sum(correct), any_right + any(correct)
+        answers = Counter(answer for answer in map(arithmetic.final_answer, texts) if answer is not None)
+        majority += bool(answers) and answers.most_common(1)[0][0] == problem.answer
+    context = dict(stage=stage, tool="on", samples=samples, temperature=temperature, problems=len(settings.problems))
+    emit("sampled_accuracy", round(right / len(rollouts), 4), "fraction", **context)
+    emit("majority_accuracy", round(majority / len(settings.problems), 4), "fraction", **context)
+    emit("pass_at_k", round(any_right / len(settings.problems), 4), "fraction", **context)
 
 
 def hh_rlhf_accuracy(out: Path, steps: int) -> None:
@@ -108,6 +143,10 @@ def main() -> None:
         emit("rl_gain_over_sft", round(sum(gains) / 2, 4), "fraction", stage=arguments.rl, tool="on", per_seed=gains)
         emit("seed_noise", round(abs(first_rl - second_rl), 4), "fraction", stage=arguments.rl, tool="on",
              note="difference between the RL accuracies of two seeds; the goal is rl_gain_over_sft above it")
+        from llmkit.align.posttrain import evaluation_settings
+
+        for stage in ("sft", arguments.rl):
+            sampling_headroom(out / stage, stage, evaluation_settings(config, out), 4 if arguments.quick else 16, 1.0)
         emit("reward_model_accuracy", result["stages"]["reward"]["heldout_accuracy"], "fraction", data="generated_pairs",
              heldout_pairs=result["stages"]["reward"]["heldout_pairs"])
         hh_rlhf_accuracy(out, 20 if arguments.quick else 200)
