@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -71,6 +70,7 @@ def sampling_headroom(path: Path, stage: str, settings, samples: int, temperatur
     from llmkit.align.rl_stage import toolbox
     from llmkit.align.rollout import chat_prompt, generate_rollouts
     from llmkit.align.sft import load_base
+    from llmkit.infer.answers import majority_vote
     from llmkit.infer.engine import Engine
     from llmkit.infer.sampling import GenerationConfig
     from llmkit.tasks import arithmetic
@@ -86,8 +86,8 @@ def sampling_headroom(path: Path, stage: str, settings, samples: int, temperatur
         texts = [rollout.text for rollout in rollouts[index * samples:(index + 1) * samples]]
         correct = [arithmetic.check_answer(problem, text) for text in texts]
         right, any_right = right + sum(correct), any_right + any(correct)
-        answers = Counter(answer for answer in map(arithmetic.final_answer, texts) if answer is not None)
-        majority += bool(answers) and answers.most_common(1)[0][0] == problem.answer
+        winner, _ = majority_vote([arithmetic.final_answer(text) for text in texts])  # exact numbers, not their spelling
+        majority += winner is not None and winner == problem.answer
     context = dict(stage=stage, tool="on", samples=samples, temperature=temperature, problems=len(settings.problems))
     emit("sampled_accuracy", round(right / len(rollouts), 4), "fraction", **context)
     emit("majority_accuracy", round(majority / len(settings.problems), 4), "fraction", **context)
