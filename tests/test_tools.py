@@ -1,17 +1,18 @@
-"""The calculator, the tool-call protocol, schema validation, tool boxes and the built-in tools."""
+"""The tool-call protocol, schema validation, tool boxes (time and size limits included) and the built-in tools."""
 
-import math
+import threading
 import time
 
 import pytest
 
 from llmkit.errors import ConfigError, InputError
-from llmkit.infer.calculator import CalculatorError, calculate, evaluate
 from llmkit.infer.tools import (
     Tool,
     ToolBox,
     ToolCall,
     ToolCallError,
+    MAX_ABANDONED_CALLS,
+    MAX_QUERY_TERMS,
     calculator_tool,
     default_toolbox,
     find_tool_calls,
@@ -24,85 +25,6 @@ from llmkit.infer.tools import (
     subset_schema_errors,
 )
 from llmkit.tokenizer import END, TOOL_CALL, TOOL_RESULT
-
-# Trusted literals: Python's own evaluation of them is the independent reference.
-ARITHMETIC = [
-    "3*4+2", "(1+2)*(3-4)", "2**10", "-2**2", "(-2)**3", "7//2", "-7//2", "7 % 3", "-7 % 3", "5/2", "1/3",
-    "2**-3", "1e3 + 0.5", "12.0", "3.5*4", "100 - 99.9", "0.1 + 0.2", "2**0.5", "9**0.5", "abs(-3.25)", "round(7/3)",
-    "round(3.14159, 3)", "min(4, 2.5, 3)", "max(1, 2**3, 7)", "sqrt(2)", "sqrt(144)", "sqrt(6.25)", "10**50 + 1",
-    "123456789 * 987654321", "((48 / 2) + 48) * 3", "17 * 0.15", "-(+5)", "1_000 * 3", "7.5 % 2", "2 ** 3 ** 2",
-]
-
-
-@pytest.mark.parametrize("expression", ARITHMETIC)
-def test_calculator_agrees_with_python_on_arithmetic(expression):
-    expected = eval(expression, {"__builtins__": {}}, {"sqrt": math.sqrt, "abs": abs, "round": round, "min": min, "max": max})
-    value = evaluate(expression)
-    if isinstance(expected, int):
-        assert calculate(expression) == str(expected)  # exact, and printed as a whole number
-    else:
-        assert float(value) == pytest.approx(expected, rel=1e-12)
-        assert float(calculate(expression)) == pytest.approx(expected, rel=1e-11)
-
-
-@pytest.mark.parametrize(
-    "expression, shown",
-    [("12.0", "12"), ("5/2", "2.5"), ("0.1 + 0.2", "0.3"), ("7 / 2 * 2", "7"), ("-7/4", "-1.75"), ("1/1024", "0.0009765625"),
-     ("1/3", "0.333333333333"), ("2/3", "0.666666666667"), ("sqrt(2)", "1.41421356237"), ("2**0.5 * 2**0.5", "2"),
-     ("-0.0", "0"), ("17 * 0.15", "2.55"), ("round(2.675, 2)", "2.68"), ("10**20", "100000000000000000000")],
-)
-def test_calculator_results_read_the_way_a_person_writes_them(expression, shown):
-    # Exact decimals: 0.1 is one tenth here (so 2.675 rounds up), unlike the binary floats of eval.
-    assert calculate(expression) == shown
-
-
-@pytest.mark.parametrize(
-    "expression, message",
-    [
-        ("__import__('os')", "function '__import__' is not available"),
-        ("__import__('os').system('echo hi')", "attribute access"),
-        ("x + 1", "a name ('x')"),
-        ("pi * 2", "a name ('pi')"),
-        ("(1).real", "attribute access"),
-        ("(lambda: 1)()", "a lambda"),
-        ("[i for i in range(3)]", "a list comprehension"),
-        ("sum(i for i in range(3))", "function 'sum' is not available"),
-        ("open('/etc/passwd')", "function 'open' is not available"),
-        ("'a' * 3", "'a' is not a number"),
-        ("True + 1", "True is not a number"),
-        ("1j * 2", "1j is not a number"),
-        ("2 ^ 3", "write ** for a power"),
-        ("1,000 + 1", "write 1000, not 1,000"),
-        ("1 < 2", "a comparison"),
-        ("[1, 2][0]", "indexing"),
-        ("(x := 3)", "an assignment"),
-        ("round(2.5, ndigits=1)", "positional arguments only"),
-        ("max()", "max() cannot take 0 argument(s)"),
-        ("9**9**9", "too large"),
-        ("10**1001", "too large"),
-        ("(10**999) * 10**5", "too large"),
-        ("2.0 ** 10000", "too large"),
-        ("1e999", "too large"),
-        ("1 / 0", "division by zero"),
-        ("0 ** -1", "division by zero"),
-        ("sqrt(-4)", "square root of a negative number"),
-        ("(-8) ** (1/3)", "not a real number"),
-        ("3 +", "not a valid expression"),
-        ("", "empty"),
-        ("(" * 5000 + "1" + ")" * 5000, "longer than"),
-    ],
-)
-def test_calculator_refuses_anything_but_arithmetic(expression, message):
-    started = time.monotonic()
-    with pytest.raises(CalculatorError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*").replace("^", r"\^")):
-        evaluate(expression)
-    assert time.monotonic() - started < 0.5  # refused before any huge computation
-
-
-def test_calculator_allows_results_up_to_the_digit_limit():
-    assert calculate("10**999") == "1" + "0" * 999
-    assert calculate("-(2**3000) // 2**2999") == "-2"
-    assert calculate("1 / 10**999") == "1e-999"  # exact, but with no short decimal form
 
 
 def test_payload_forms_parse():
@@ -203,10 +125,10 @@ def test_toolbox_runs_calls_and_turns_every_failure_into_an_error_result():
 
     box = ToolBox([calculator_tool(), Tool("weather", "Weather now.", WEATHER_SCHEMA, weather),
                    Tool("explode", "Fails.", {"type": "object", "properties": {"text": {"type": "string"}}}, explode)],
-                  max_result_chars=30)
+                  max_result_chars=100)
     assert box.run("calculator(3*4+2)") == "14"
     assert box.run('{"name": "calculator", "arguments": {"expression": "48/2 + 48"}}') == "72"
-    assert box.run('{"name": "weather", "arguments": {"city": "Oslo", "unit": "celsius"}}') == '{"city": "Oslo", "temperature": 21, "days": 1}'[:30] + " ... [cut at 30 characters]"
+    assert box.run('{"name": "weather", "arguments": {"city": "Oslo", "unit": "celsius"}}') == '{"city": "Oslo", "temperature": 21, "days": 1}'
     assert box.run("calculator(__import__('os'))").startswith("error: calculator failed: CalculatorError: function '__import__'")
     assert box.run("calc(1)") == "error: unknown tool 'calc'; the tools are calculator, weather, explode"
     assert box.run("weather(Oslo)").startswith("error: weather takes structured arguments")
@@ -222,6 +144,79 @@ def test_tools_and_toolboxes_check_their_definitions():
         Tool("f", "", {"type": "string"}, print)
     with pytest.raises(ConfigError, match="unique"):
         ToolBox([calculator_tool(), calculator_tool()])
+    with pytest.raises(ConfigError, match="timeout_s"):
+        ToolBox([calculator_tool()], timeout_s=0)
+
+
+TEXT_PARAMETER = {"type": "object", "properties": {"text": {"type": "string"}}}
+
+
+def test_a_tool_that_hangs_times_out_quickly_and_cannot_pile_up_threads():
+    release = threading.Event()
+
+    def hang(text):
+        release.wait(30)
+        return "late"
+
+    box = ToolBox([calculator_tool(), Tool("hang", "Never answers in time.", TEXT_PARAMETER, hang)], timeout_s=0.2)
+    try:
+        for _ in range(MAX_ABANDONED_CALLS):
+            started = time.perf_counter()
+            assert box.run("hang(x)") == "error: hang timed out: no result within 0.2 s"
+            assert time.perf_counter() - started < 1.0
+        started = time.perf_counter()
+        assert box.run("hang(x)") == f"error: hang is unavailable: {MAX_ABANDONED_CALLS} earlier calls timed out and are still running"
+        assert time.perf_counter() - started < 0.1  # refused without waiting
+        assert box.run("calculator(6*7)") == "42"  # the other tools are unaffected
+    finally:
+        release.set()
+    for thread in box.abandoned["hang"]:
+        thread.join(5)
+    assert box.run("hang(x)") == "late"  # the earlier calls ended, so the tool runs again
+
+
+def test_a_calculator_violation_is_a_prompt_one_line_error_result():
+    box = ToolBox([calculator_tool()])
+    started = time.perf_counter()
+    result = box.run("calculator(round(1/3, 10**9))")
+    assert time.perf_counter() - started < 0.1
+    assert result == "error: calculator failed: CalculatorError: round(x, digits) takes digits from -1000 to 1000"
+
+
+def test_oversized_results_and_failures_are_cut_and_odd_ones_reported():
+    def shout(text):
+        return "a" * 10**7
+
+    def fail_loudly(text):
+        raise ValueError("b" * 10**6)
+
+    def cyclic(text):
+        loop = []
+        loop.append(loop)
+        return loop
+
+    def leave(text):
+        raise SystemExit(3)
+
+    box = ToolBox([Tool(function.__name__, "", TEXT_PARAMETER, function) for function in (shout, fail_loudly, cyclic, leave)],
+                  max_result_chars=100)
+    assert box.run("shout(x)") == "a" * 100 + " ... [cut at 100 characters]"
+    assert box.run("fail_loudly(x)") == ("error: fail_loudly failed: ValueError: " + "b" * 100)[:100] + " ... [cut at 100 characters]"
+    assert box.run("cyclic(x)") == "error: cyclic failed: ValueError: Circular reference detected"
+    assert box.run("leave(x)") == "error: leave failed: SystemExit: 3"
+
+
+class Indescribable(Exception):
+    def __str__(self):
+        raise RuntimeError("no words")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failure_that_cannot_be_described_is_still_an_error_result():
+    def mute(text):
+        raise Indescribable()
+
+    assert ToolBox([Tool("mute", "", TEXT_PARAMETER, mute)]).run("mute(x)") == "error: mute failed, and so did describing its error"
 
 
 def test_a_malformed_schema_is_refused_when_jsonschema_can_check_it():
@@ -267,6 +262,9 @@ def test_retrieval_tool_returns_the_best_passages_in_bm25_order(tmp_path):
     assert tool.function(query="quantum chromodynamics") == "no passage matches the query"
     (tmp_path / "corpus.txt").write_text("\n\n".join(passages), encoding="utf-8")
     assert retrieval_tool(tmp_path / "corpus.txt", k=1).function(query="river") == "[1] The Nile is a river in Africa."
+    long_query = " ".join(["Paris"] * (MAX_QUERY_TERMS + 1))
+    assert tool.function(query=long_query) == f"error: the query has {MAX_QUERY_TERMS + 1} words; search takes at most {MAX_QUERY_TERMS} keywords"
+    assert tool.function(query=" ".join(["Paris"] * MAX_QUERY_TERMS)).startswith("[1] Paris is the capital of France.")
 
 
 def test_default_toolbox_has_calculator_and_python():

@@ -13,9 +13,17 @@ one tenth, not the nearest binary float), so ``0.1 + 0.2`` is ``0.3`` and ``7 / 
 ``float``. Results print the way a person writes them: ``12`` not ``12.0``, ``2.5`` for
 ``5/2``, at most 12 significant digits for a value with no finite decimal form.
 
-Exact integers can grow without bound, so every result is held to ``MAX_DIGITS`` and a
-power is refused *before* it is computed when its size (exponent times the digits of the
-base) would pass that (``9**9**9`` would take gigabytes).
+The calculator runs inside the chat and RL processes, in their threads, so nothing it is
+given may take long. Exact integers can grow without bound, so every value is held to
+``MAX_DIGITS``; the operands of ``+ - * / // %`` are therefore at most that size too, and
+those operations take microseconds (``<<``, string repetition and factorials are not
+available at all). The two operations whose result can dwarf their operands are refused
+*before* they are computed: a power whose size (exponent times the bits of the base) would
+pass the limit (``9**9**9`` would take gigabytes), and ``round(x, digits)`` with more than
+``MAX_DIGITS`` digits (it computes ``10**digits`` first, so ``round(1/3, 10**9)`` would take
+hours). ``MAX_EXPRESSION_CHARS`` bounds the number of operations, and ``TIME_LIMIT_S``,
+checked at every node of the walk (a thread cannot be interrupted from outside), bounds
+their total.
 """
 
 from __future__ import annotations
@@ -23,11 +31,14 @@ from __future__ import annotations
 import ast
 import decimal
 import math
+import time
 from fractions import Fraction
 
-MAX_DIGITS = 1000
+MAX_DIGITS = 1000  # far beyond any word problem, and small enough that every operation on such values is instant
 _TOO_LARGE = 10**MAX_DIGITS
-MAX_EXPRESSION_CHARS = 2000
+_TOO_LARGE_BITS = _TOO_LARGE.bit_length()  # 2**_TOO_LARGE_BITS is past MAX_DIGITS
+MAX_EXPRESSION_CHARS = 2000  # bounds the number of operations: each node of the tree takes at least one character
+TIME_LIMIT_S = 1.0  # a backstop for a long expression on a busy machine; typical calls take well under a millisecond
 _SIGNIFICANT_DIGITS = 12
 
 Number = int | Fraction | float
@@ -52,6 +63,8 @@ def _round(value: Number, digits: Number | None = None) -> Number:
         return round(value)
     if not (isinstance(digits, Fraction) and digits.denominator == 1):
         raise CalculatorError("round(x, digits) needs a whole number of digits")
+    if abs(digits) > MAX_DIGITS:  # round() computes 10**digits first, before any result check could apply
+        raise CalculatorError(f"round(x, digits) takes digits from -{MAX_DIGITS} to {MAX_DIGITS}")
     return round(value, int(digits))
 
 
@@ -102,11 +115,12 @@ def _checked(value) -> Number:
 
 def _power(base: Number, exponent: Number) -> Number:
     if isinstance(exponent, Fraction) and exponent.denominator == 1:
-        # Exact: the result has about |exponent| * digits(base) digits, so refuse before computing it
-        # (the margin covers the logarithm's rounding; _checked then applies the exact limit).
+        # Exact: the larger of numerator and denominator, m >= 2**(bits - 1), becomes m**|exponent|, so a lower
+        # bound on the result's size refuses it before computing, in integers that cannot overflow; what passes
+        # has at most twice the limit's bits and _checked then applies the exact limit.
         if isinstance(base, Fraction) and abs(base) not in (0, 1):
-            digits = max(math.log10(abs(base.numerator)), math.log10(base.denominator))
-            if abs(exponent) * digits > MAX_DIGITS + 1:
+            bits = max(abs(base.numerator), base.denominator).bit_length()
+            if abs(exponent.numerator) * (bits - 1) >= _TOO_LARGE_BITS:
                 raise CalculatorError(f"the result is too large (more than {MAX_DIGITS} digits)")
         return base ** int(exponent)
     if base < 0:
@@ -114,38 +128,50 @@ def _power(base: Number, exponent: Number) -> Number:
     return float(base) ** float(exponent)
 
 
-def _evaluate(node: ast.AST, expression: str) -> Number:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        value = _checked(node.value)
-        # repr() is the float's shortest round-trip decimal, i.e. the literal as written.
-        return _checked(Fraction(repr(value))) if isinstance(value, float) else value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = _evaluate(node.operand, expression)
-        return -operand if isinstance(node.op, ast.USub) else operand
-    if isinstance(node, ast.BinOp) and (type(node.op) in _BINARY or isinstance(node.op, ast.Pow)):
-        left, right = _evaluate(node.left, expression), _evaluate(node.right, expression)
-        if isinstance(node.op, ast.Pow):
-            return _checked(_power(left, right))
-        return _checked(_BINARY[type(node.op)](left, right))
-    if isinstance(node, ast.Call):
+class _Walk:
+    """One evaluation: the source text (for messages) and the deadline that every node checks."""
+
+    def __init__(self, expression: str, time_limit_s: float):
+        self.expression, self.time_limit_s = expression, time_limit_s
+        self.deadline = time.monotonic() + time_limit_s
+
+    def value(self, node: ast.AST) -> Number:
+        if time.monotonic() > self.deadline:
+            raise CalculatorError(f"the expression took longer than the calculator's {self.time_limit_s} s")
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            value = _checked(node.value)
+            # repr() is the float's shortest round-trip decimal, i.e. the literal as written.
+            return _checked(Fraction(repr(value))) if isinstance(value, float) else value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            operand = self.value(node.operand)
+            return -operand if isinstance(node.op, ast.USub) else operand
+        if isinstance(node, ast.BinOp) and (type(node.op) in _BINARY or isinstance(node.op, ast.Pow)):
+            left, right = self.value(node.left), self.value(node.right)
+            if isinstance(node.op, ast.Pow):
+                return _checked(_power(left, right))
+            return _checked(_BINARY[type(node.op)](left, right))
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        if isinstance(node, ast.Constant):
+            raise CalculatorError(f"{node.value!r} is not a number")
+        raise _refuse(node.op if isinstance(node, (ast.BinOp, ast.UnaryOp)) else node, self.expression)
+
+    def call(self, node: ast.Call) -> Number:
         if not isinstance(node.func, ast.Name):
-            raise _refuse(node.func, expression)
+            raise _refuse(node.func, self.expression)
         if node.func.id not in FUNCTIONS:
             raise CalculatorError(f"function '{node.func.id}' is not available; the functions are {', '.join(FUNCTIONS)}")
         if node.keywords:
             raise CalculatorError(f"{node.func.id}() takes positional arguments only")
-        arguments = [_evaluate(argument, expression) for argument in node.args]
+        arguments = [self.value(argument) for argument in node.args]
         try:
             return _checked(FUNCTIONS[node.func.id](*arguments))
         except TypeError:
             raise CalculatorError(f"{node.func.id}() cannot take {len(arguments)} argument(s)") from None
-    if isinstance(node, ast.Constant):
-        raise CalculatorError(f"{node.value!r} is not a number")
-    raise _refuse(node.op if isinstance(node, (ast.BinOp, ast.UnaryOp)) else node, expression)
 
 
-def evaluate(expression: str) -> Number:
-    """The value of an arithmetic expression: a ``Fraction`` when exact, else a ``float``."""
+def evaluate(expression: str, time_limit_s: float = TIME_LIMIT_S) -> Number:
+    """The value of an arithmetic expression: a ``Fraction`` when exact, else a ``float``; refused past ``time_limit_s``."""
     expression = expression.strip()
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise CalculatorError(f"the expression is longer than {MAX_EXPRESSION_CHARS} characters")
@@ -158,7 +184,7 @@ def evaluate(expression: str) -> Number:
     except (RecursionError, MemoryError):
         raise CalculatorError("the expression is nested too deeply") from None
     try:
-        return _evaluate(tree.body, expression)
+        return _Walk(expression, time_limit_s).value(tree.body)
     except ZeroDivisionError:
         raise CalculatorError("division by zero") from None
     except OverflowError:

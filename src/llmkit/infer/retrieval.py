@@ -21,6 +21,7 @@ selection for in-context learning (``llmkit.infer.prompting``).
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from collections import Counter
@@ -72,7 +73,8 @@ class BM25:
         """Indices of the ``k`` best documents, best first; equal scores keep corpus order."""
         check(k >= 0, "k", k, "must be >= 0")
         scores = self.scores(query)
-        return sorted(range(len(scores)), key=lambda index: (-scores[index], index))[:k]
+        # A partial sort, O(N log k): a full sort would cost O(N log N) on every query of a large corpus.
+        return heapq.nsmallest(k, range(len(scores)), key=lambda index: (-scores[index], index))
 
 
 def _paragraphs(path: Path) -> list[str]:

@@ -19,6 +19,12 @@ that break the tool's JSON schema or a tool that fails all come back as a short
 are cut to ``max_result_chars`` and special-token strings in them are defused, so
 a tool's output can never close the call or end the turn by itself.
 
+Every call runs in a worker thread that the engine waits on for at most ``timeout_s``: a
+tool that hangs costs the batch that long and comes back as an ``error: ... timed out``
+result. Python cannot kill a thread, so the timed-out call runs on in its (daemon) thread;
+after ``MAX_ABANDONED_CALLS`` such calls of one tool still running, that tool is refused
+rather than started again. Nothing bounds a tool's memory.
+
 Arguments are checked against the tool's JSON schema with the ``jsonschema`` package
 when it is installed (it is not a dependency of llmkit), else with a small validator
 for the subset OpenAI function schemas use (``type``, ``properties``, ``required``,
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +43,7 @@ from typing import Any, Callable
 from llmkit.config import check
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer.calculator import MAX_DIGITS, calculate
-from llmkit.infer.retrieval import BM25, load_corpus
+from llmkit.infer.retrieval import BM25, load_corpus, tokenize
 from llmkit.infer.sandbox import run_python
 from llmkit.tokenizer import END, SPECIAL_TOKENS, TOOL_CALL, TOOL_RESULT
 
@@ -45,6 +52,8 @@ try:
 except ImportError:
     jsonschema = None
 
+MAX_ABANDONED_CALLS = 4  # timed-out calls of one tool still running; past this it is refused, so hangs cannot pile up threads
+MAX_QUERY_TERMS = 64  # a search is a few keywords, and scoring costs time in every term's postings
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _COMPACT_CALL = re.compile(r"\s*([A-Za-z0-9_-]{1,64})\s*\((.*)\)\s*", re.DOTALL)
 _SPECIAL_TOKEN = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
@@ -204,12 +213,17 @@ class Tool:
 class ToolBox:
     tools: list[Tool]
     max_result_chars: int = field(default=2000, metadata={"help": "longer tool results are cut (they go into the context)"})
+    timeout_s: float = field(default=10.0, metadata={
+        "help": "a call still running after this many seconds is reported as timed out; generation waits this long at most "
+                "(keep it above a python_tool's own timeout_s)"})
 
     def __post_init__(self) -> None:
         names = [tool.name for tool in self.tools]
         check(len(set(names)) == len(names), "tools", names, "tool names must be unique")
         check(self.max_result_chars > 0, "max_result_chars", self.max_result_chars, "must be positive")
+        check(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be positive")
         self.by_name = {tool.name: tool for tool in self.tools}
+        self.abandoned: dict[str, list[threading.Thread]] = {name: [] for name in names}
 
     @classmethod
     def from_openai(cls, tools: list[dict], functions: dict[str, Callable[..., Any]], **options) -> ToolBox:
@@ -255,14 +269,34 @@ class ToolBox:
         errors = schema_errors(tool.parameters, arguments)
         if errors:
             return f"error: bad arguments for {tool.name}: " + "; ".join(errors)
-        try:
-            result = tool.function(**arguments)
-        except Exception as error:  # a tool's failure is the model's feedback, not the engine's crash
-            return f"error: {tool.name} failed: {type(error).__name__}: {error}"
-        text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+        text = self._call(tool, arguments)
         if len(text) > self.max_result_chars:
             text = text[: self.max_result_chars] + f" ... [cut at {self.max_result_chars} characters]"
         return defuse_special_tokens(text)
+
+    def _call(self, tool: Tool, arguments: dict) -> str:
+        """The tool's result text, run in a worker thread so that a tool that hangs cannot hang generation."""
+        running = self.abandoned[tool.name] = [thread for thread in self.abandoned[tool.name] if thread.is_alive()]
+        if len(running) >= MAX_ABANDONED_CALLS:
+            return f"error: {tool.name} is unavailable: {len(running)} earlier calls timed out and are still running"
+        outcome: list[str] = []
+        # A daemon thread: a call that never returns must not keep the process from exiting either.
+        worker = threading.Thread(target=lambda: outcome.append(_result_text(tool, arguments)), name=tool.name, daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            running.append(worker)
+            return f"error: {tool.name} timed out: no result within {self.timeout_s} s"
+        return outcome[0] if outcome else f"error: {tool.name} failed, and so did describing its error"
+
+
+def _result_text(tool: Tool, arguments: dict) -> str:
+    """Call the tool and turn its result into text; in the worker thread, so a huge result's conversion is timed too."""
+    try:
+        result = tool.function(**arguments)
+        return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+    except BaseException as error:  # a tool's failure is the model's feedback; in a thread, even SystemExit would vanish
+        return f"error: {tool.name} failed: {type(error).__name__}: {error}"
 
 
 def _string_parameter(name: str, description: str) -> dict:
@@ -305,6 +339,9 @@ def retrieval_tool(corpus: list[str] | str | Path, k: int = 3) -> Tool:
     index = BM25(passages)
 
     def search(query: str) -> str:
+        terms = len(tokenize(query))
+        if terms > MAX_QUERY_TERMS:
+            return f"error: the query has {terms} words; search takes at most {MAX_QUERY_TERMS} keywords"
         scores = index.scores(query)
         best = [position for position in index.top(query, k) if scores[position] > 0]
         if not best:
