@@ -98,3 +98,23 @@ def test_humaneval_canonical_solutions_pass(shared_data):
     result = evaluate_code(ScriptedEngine(lambda prompt, config: by_prompt[prompt]), problems, temperature=0, workers=2)
     assert [record["passed"] for record in result["per_example"]] == [1] * 5
     assert result["pass@1"] == 1.0
+
+
+@pytest.mark.parametrize("forgery", ["    raise SystemExit\n", "    import os; os._exit(0)\n", "    import sys; sys.exit(0)\n",
+                                     "    pass\nimport os\nos._exit(0)\n",
+                                     "    class Yes(int):\n        __eq__ = lambda self, other: True\n    return Yes()\n"])
+def test_early_exits_and_lying_objects_fail(problem_file, forgery):
+    problems = load_code_problems(problem_file)
+    result = score_completions(problems, [[forgery] for _ in problems], ks=[1], timeout_s=5, workers=2)
+    assert result["pass@1"] == 0.0
+    assert all(not sample["passed"] for record in result["per_example"] for sample in record["completions"])
+
+
+def test_every_canonical_humaneval_solution_passes_and_an_early_exit_fails(shared_data):
+    problems = load_code_problems(shared_data / "humaneval" / "HumanEval.jsonl.gz")
+    completions = [[problem.canonical_solution, "    import os; os._exit(0)\n"] for problem in problems]
+    result = score_completions(problems, completions, ks=[1], timeout_s=10, workers=2)
+    failing = [(record["id"], record["completions"][0]["error"]) for record in result["per_example"]
+               if not record["completions"][0]["passed"]]
+    assert failing == []
+    assert not any(record["completions"][1]["passed"] for record in result["per_example"])

@@ -6,6 +6,7 @@ import json
 import re
 from ast import literal_eval
 from fractions import Fraction
+from types import SimpleNamespace
 
 import pytest
 
@@ -368,3 +369,25 @@ def test_shared_datasets_load(shared_data):
     assert all(row.prompt_messages[-1]["role"] == "user" and row.chosen_messages[0]["role"] == row.rejected_messages[0]["role"] == "assistant"
                for row in hh)
     assert sum(len(row.chosen_messages) == len(row.rejected_messages) == 1 for row in hh) >= 2300
+
+
+def test_a_forged_verdict_earns_nothing_and_leaves_its_group_mates_alone(function_tasks):
+    from llmkit.align.rewards import FunctionTaskReward
+
+    escape = next(task for task in function_tasks if (task.module, task.name) == ("html", "escape"))
+    forgeries = [  # the old harness trusted the JSON its process printed
+        'def escape(s, quote=True):\n    import sys\n    print(\'[{"passed": 64, "error": null}]\' * 64)\n    sys.exit(0)',
+        "import os\nos._exit(0)\ndef escape(s, quote=True):\n    return s",
+        "def escape(s, quote=True):\n    class Same(str):\n        __eq__ = lambda self, other: True\n    return Same(s)",
+    ]
+    identity = "def escape(s, quote=True):\n    return s"
+    alone = functions.check_solution(escape, identity)
+    group = [escape.reference, *forgeries, identity]
+    results = functions.check_solutions(escape, group)
+    assert [result.passed for result in results] == [True, False, False, False, False]
+    assert [result.examples_passed for result in results[1:4]] == [0, 0, 0]
+    assert (results[4].examples_passed, results[4].error) == (alone.examples_passed, alone.error)
+    reward = FunctionTaskReward([escape], format_bonus=0.0)
+    prompt = SimpleNamespace(messages=functions.prompt_messages(escape))
+    rollouts = [SimpleNamespace(prompt=prompt, text=text) for text in group]  # what a reward reads of a Rollout
+    assert reward.score(rollouts) == [1.0, 0.0, 0.0, 0.0, 0.0]

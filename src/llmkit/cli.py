@@ -15,6 +15,7 @@ from llmkit.config import add_dataclass_arguments, config_from_args
 from llmkit.errors import LlmkitError
 from llmkit.infer.quantize import Quantization, quantize_field
 from llmkit.infer.sampling import GenerationConfig
+from llmkit.sandbox import allow_unisolated
 from llmkit.train.distributed import shutdown
 
 
@@ -113,6 +114,9 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="llmkit", description="The whole life of a GPT-style language model.")
     parser.add_argument("--version", action="version", version=f"llmkit {__version__}")
+    parser.add_argument("--allow-unisolated-code", action="store_true",
+                        help="where bubblewrap is missing, run model-written code without isolation (it can read your "
+                             "files and write where you can; a warning is printed on every run)")
     groups = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = _commands()
     nested: dict[str, argparse._SubParsersAction] = {}
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser, commands = build_parser()
     arguments = parser.parse_args(argv)
     config_class, function, printer, _ = commands[arguments.words]
+    if arguments.allow_unisolated_code:
+        allow_unisolated()
     try:
         if arguments.config and arguments.config_file:
             raise LlmkitError(f"give the YAML file once (got {arguments.config_file} and --config {arguments.config})")

@@ -1,8 +1,10 @@
 """Rewards for PPO and GRPO, and the embedded tasks that supply their prompts.
 
 A reward is a callable ``reward(prompt_messages, completion_text) -> float``; :meth:`Reward.score`
-rates a whole rollout batch at once, which lets the function checker run one sandbox per task and the
-reward model batch its forward passes.
+rates a whole rollout batch at once, which lets the function checker run a group's candidates side by
+side and the reward model batch its forward passes.
+
+A policy learns whatever earns reward, forgeries included, so each reward says what it trusts:
 
 - :class:`ArithmeticReward`: verifiable (RL with verifiable rewards, Lambert et al. 2024 "Tülu 3";
   DeepSeekMath's rule-based rewards): 1 when :func:`llmkit.tasks.arithmetic.check_answer` accepts
@@ -11,10 +13,18 @@ reward model batch its forward passes.
   for process-supervised GRPO): a calculator call earns 1 when its result is one of the values the
   reference solution computes (a rule-based process reward in the spirit of Lightman et al. 2023's
   step labels: the step reached a number the solution needs), the final answer step its outcome reward.
+  Trusts: nothing the completion runs (it is read as text); step rewards compare the results that
+  the engine's bounded calculator (:mod:`llmkit.infer.calculator`) computed for the policy's calls.
 - :class:`FunctionTaskReward`: 1 when the docstring -> function checker passes every recorded
   example, else ``format_bonus`` when the answer parses with the right signature, else 0.
+  Trusts: only the values the candidate's function returns, as plain data, to a checker process the
+  candidate cannot reach (:func:`llmkit.tasks.functions.check_solutions`): each candidate of a group
+  runs in its own sandbox, so printing a fake verdict, exiting early or returning an object that
+  equals everything earns 0 and changes no group mate's reward. Agreement on the recorded examples is
+  necessary, not sufficient: a body that special-cases them passes.
 - :class:`ModelReward`: a reward model trained by ``llmkit reward`` (:func:`llmkit.align.reward.load_reward_model`),
-  scoring the token ids of prompt + completion, tool calls included.
+  scoring the token ids of prompt + completion, tool calls included. Trusts: the reward model, which
+  is a learned proxy that a policy can over-optimise (Gao et al. 2022); the KL penalty is the guard.
 
 A prompt is recognised by its last user message (the problem's question, or the function's request),
 so the verifiable rewards need nothing but the conversation, as the interface promises.
@@ -129,7 +139,7 @@ class FunctionTaskReward(Reward):
         return self._value(functions.check_solution(self._task(prompt_messages), completion_text))
 
     def score(self, rollouts: list[Rollout]) -> list[float]:
-        """One sandbox run per task for all of its completions (a GRPO group shares one)."""
+        """A task's completions (a GRPO group) are checked together, each in its own sandboxes."""
         by_request: dict[str, list[int]] = {}
         for index, rollout in enumerate(rollouts):
             by_request.setdefault(_question(rollout.prompt.messages), []).append(index)

@@ -1,9 +1,15 @@
 """Code generation scored by running it: HumanEval format, pass@k (Chen et al. 2021).
 
 A problem is a function signature with its docstring (``prompt``); the model writes the body. Sampling
-stops where a new top-level statement would begin (the Codex paper's stop sequences), the program
-``prompt + completion + test + check(entry_point)`` runs in :func:`llmkit.infer.sandbox.run_python`
-(separate process, time and memory limits, no network), and a sample passes when it exits cleanly.
+stops where a new top-level statement would begin (the Codex paper's stop sequences). The completion
+and the test never share a process (:func:`llmkit.sandbox.run_checked`): ``prompt + completion``
+runs in one sandbox, and ``prompt + test + check(entry_point)`` in another, where the entry point is
+a proxy that calls the completion's function and gets plain data back. A sample passes when the test
+process ran to its end and exited cleanly: the completion's ``sys.exit(0)``, ``os._exit(0)``, an
+object whose ``__eq__`` always agrees, or anything it prints cannot make a failing test pass, and it
+cannot read the test's expected values (they are in the other process). The price: arguments and
+results must be plain data (numbers, strings, bytes, lists, tuples, dicts, sets, None), as they are
+in HumanEval, and a test cannot see the completion mutate an argument in place.
 
 pass@k is the probability that at least one of k samples passes. Drawing exactly k samples per problem
 gives a high-variance estimate; Chen et al. draw n >= k, count the c that pass and use the unbiased
@@ -24,8 +30,8 @@ from tqdm import tqdm
 from llmkit.errors import ConfigError, InputError
 from llmkit.eval.generation import EvaluationGenerator, seeded
 from llmkit.infer import Engine, GenerationConfig
-from llmkit.infer.sandbox import run_python
 from llmkit.io import iter_jsonl
+from llmkit.sandbox import run_checked
 
 # Codex (Chen et al. 2021, section 2.3): a completion ends where the next top-level block would start.
 STOP_SEQUENCES = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
@@ -55,9 +61,15 @@ def load_code_problems(path: str | Path) -> list[CodeProblem]:
     return problems
 
 
-def program(problem: CodeProblem, completion: str) -> str:
-    """The script that tests one completion, assembled as OpenAI's human-eval ``check_correctness`` does."""
-    return f"{problem.prompt}{completion}\n{problem.test}\ncheck({problem.entry_point})\n"
+def candidate_program(problem: CodeProblem, completion: str) -> str:
+    """The completion where it was written: after its prompt (as OpenAI's human-eval assembles it)."""
+    return f"{problem.prompt}{completion}\n"
+
+
+def checker_program(problem: CodeProblem) -> str:
+    """The prompt (its imports and helpers, which tests call), the entry point bound to the proxy,
+    the test, and the call of ``check``."""
+    return f"{problem.prompt}\n{problem.entry_point} = __candidate__\n{problem.test}\ncheck({problem.entry_point})\n"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -71,15 +83,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def run_programs(programs: list[str], timeout_s: float, memory_mb: int, workers: int | None = None) -> list[dict]:
-    """Run each program in the sandbox, several at a time (each is its own process, so threads suffice)."""
-    def run(source: str) -> dict:
-        result = run_python(source, timeout_s=timeout_s, memory_mb=memory_mb)
-        return {"passed": result.status == "ok" and result.returncode == 0, "status": result.status,
-                "error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""}
+def run_tests(runs: list[tuple[CodeProblem, str]], timeout_s: float, memory_mb: int, workers: int | None = None) -> list[dict]:
+    """Test each (problem, completion), several at a time (each is its own processes, so threads suffice)."""
+    def run(item: tuple[CodeProblem, str]) -> dict:
+        problem, completion = item
+        result = run_checked(candidate_program(problem, completion), checker_program(problem), problem.entry_point,
+                             timeout_s=timeout_s, memory_mb=memory_mb)
+        verdict = result.checker
+        return {"passed": verdict.status == "ok", "status": verdict.status, "error": _last_line(verdict.stderr)}
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(tqdm(pool.map(run, programs), total=len(programs), desc="code: running tests", unit="program"))
+        return list(tqdm(pool.map(run, runs), total=len(runs), desc="code: running tests", unit="program"))
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1] if text.strip() else ""
 
 
 def score_completions(problems: list[CodeProblem], completions: list[list[str]], ks: list[int], timeout_s: float = 5.0,
@@ -92,8 +110,8 @@ def score_completions(problems: list[CodeProblem], completions: list[list[str]],
     for k in ks:
         if not 1 <= k <= n:
             raise ConfigError("k", k, f"pass@{k} needs at least {k} samples per problem, but only {n} were drawn (raise 'samples')")
-    flat = [program(problem, completion) for problem, row in zip(problems, completions) for completion in row]
-    outcomes = run_programs(flat, timeout_s, memory_mb, workers)
+    flat = [(problem, completion) for problem, row in zip(problems, completions) for completion in row]
+    outcomes = run_tests(flat, timeout_s, memory_mb, workers)
     per_problem = []
     for index, (problem, row) in enumerate(zip(problems, completions)):
         results = outcomes[index * n:(index + 1) * n]

@@ -44,7 +44,7 @@ from llmkit.config import check
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer.calculator import MAX_DIGITS, calculate
 from llmkit.infer.retrieval import BM25, load_corpus, tokenize
-from llmkit.infer.sandbox import run_python
+from llmkit.sandbox import isolated, run_python
 from llmkit.tokenizer import END, SPECIAL_TOKENS, TOOL_CALL, TOOL_RESULT
 
 try:
@@ -53,6 +53,7 @@ except ImportError:
     jsonschema = None
 
 MAX_ABANDONED_CALLS = 4  # timed-out calls of one tool still running; past this it is refused, so hangs cannot pile up threads
+SANDBOX_START_S = 5.0  # on top of a sandboxed tool's own limit: bubblewrap and the interpreter starting on a busy machine
 MAX_QUERY_TERMS = 64  # a search is a few keywords, and scoring costs time in every term's postings
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _COMPACT_CALL = re.compile(r"\s*([A-Za-z0-9_-]{1,64})\s*\((.*)\)\s*", re.DOTALL)
@@ -184,6 +185,7 @@ class Tool:
     description: str
     parameters: dict  # JSON schema of the arguments object
     function: Callable[..., Any]  # called with the arguments as keywords; its result becomes text
+    timeout_s: float | None = None  # its own limit, when it keeps one (the sandbox); else the ToolBox's
 
     def __post_init__(self) -> None:
         check(bool(_TOOL_NAME.fullmatch(self.name)), "name", self.name, "a tool name is 1-64 letters, digits, '_' or '-'")
@@ -215,7 +217,7 @@ class ToolBox:
     max_result_chars: int = field(default=2000, metadata={"help": "longer tool results are cut (they go into the context)"})
     timeout_s: float = field(default=10.0, metadata={
         "help": "a call still running after this many seconds is reported as timed out; generation waits this long at most "
-                "(keep it above a python_tool's own timeout_s)"})
+                "(a tool with a limit of its own, the Python sandbox, gets that limit plus its start-up time)"})
 
     def __post_init__(self) -> None:
         names = [tool.name for tool in self.tools]
@@ -283,10 +285,11 @@ class ToolBox:
         # A daemon thread: a call that never returns must not keep the process from exiting either.
         worker = threading.Thread(target=lambda: outcome.append(_result_text(tool, arguments)), name=tool.name, daemon=True)
         worker.start()
-        worker.join(self.timeout_s)
+        timeout_s = self.timeout_s if tool.timeout_s is None else tool.timeout_s + SANDBOX_START_S
+        worker.join(timeout_s)
         if worker.is_alive():
             running.append(worker)
-            return f"error: {tool.name} timed out: no result within {self.timeout_s} s"
+            return f"error: {tool.name} timed out: no result within {timeout_s} s"
         return outcome[0] if outcome else f"error: {tool.name} failed, and so did describing its error"
 
 
@@ -314,7 +317,10 @@ def calculator_tool() -> Tool:
 
 
 def python_tool(timeout_s: float = 5, memory_mb: int = 512) -> Tool:
-    """Runs a program in the sandbox; the result is what it prints, or why it failed."""
+    """Runs a program in the sandbox; the result is what it prints, or why it failed. Refuses at once
+    (:class:`llmkit.sandbox.SandboxUnavailable`) where code cannot run isolated and the user has not
+    accepted unisolated runs, rather than at the model's first call."""
+    isolated()
 
     def run_program(code: str) -> str:
         result = run_python(code, timeout_s=timeout_s, memory_mb=memory_mb)
@@ -329,7 +335,7 @@ def python_tool(timeout_s: float = 5, memory_mb: int = 512) -> Tool:
         return f"{printed}\nerror ({result.status}): {explanation}" if printed else f"error ({result.status}): {explanation}"
 
     return Tool("python", f"Run a Python program (standard library only, {timeout_s} s, no network) and return what it prints.",
-                _string_parameter("code", "a complete program; print the answer"), run_program)
+                _string_parameter("code", "a complete program; print the answer"), run_program, timeout_s=timeout_s)
 
 
 def retrieval_tool(corpus: list[str] | str | Path, k: int = 3) -> Tool:

@@ -1,16 +1,17 @@
-"""The program that :mod:`llmkit.tasks.functions` runs inside the sandbox (``llmkit.infer.sandbox``).
+"""The program that :mod:`llmkit.tasks.functions` runs inside the sandbox (:mod:`llmkit.sandbox`) to
+record the examples of reference functions.
 
 It is sent as source text and reads a JSON request on stdin, so it imports nothing but the standard
 library. Functions are defined from source text in a copy of their module's namespace, so a body
-may use the module's helpers and imports exactly as the original does. Two modes:
+may use the module's helpers and imports exactly as the original does.
 
-``record``: call each function on argument tuples drawn from a fixed pool of plain values and keep up
+It calls each function on argument tuples drawn from a fixed pool of plain values and keeps up
 to ``examples`` calls that return a literal value (``ast.literal_eval(repr(result)) == result``),
 within ``call_seconds``, without printing and without changing their arguments; calls whose results
 differ most are kept first. A function that changes an argument is impure and gets no examples.
 
-``check``: define each candidate and count the examples whose result equals the recorded one (same
-type, equal value).
+Candidates are never run here: a candidate shares no process with what judges it
+(``llmkit.tasks.functions.check_solutions``).
 
 The answer is one JSON object on stdout.
 """
@@ -113,27 +114,11 @@ def record(module, function, request):
     return chosen
 
 
-def check(module, candidate, request):
-    try:
-        defined = define(module, candidate["source"], candidate["name"], request["call_seconds"])
-    except BaseException as error:  # the candidate's top level may raise anything
-        return {"passed": 0, "error": f"{type(error).__name__}: {error}"}
-    passed = 0
-    for arguments, expected in candidate["examples"]:
-        ok, result, _ = call(defined, ast.literal_eval(arguments), request["call_seconds"])
-        wanted = ast.literal_eval(expected)
-        passed += ok and type(result) is type(wanted) and result == wanted
-    return {"passed": passed, "error": None}
-
-
 def main():
     request = json.loads(sys.stdin.read())
     signal.signal(signal.SIGALRM, _interrupt)
     module = importlib.import_module(request["module"])
-    if request["mode"] == "record":
-        answer = {function["name"]: record(module, function, request) for function in request["functions"]}
-    else:
-        answer = [check(module, candidate, request) for candidate in request["candidates"]]
+    answer = {function["name"]: record(module, function, request) for function in request["functions"]}
     sys.stdout.write(json.dumps(answer))
 
 

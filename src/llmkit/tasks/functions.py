@@ -10,7 +10,7 @@ required positional parameter. A task is
 - ``prompt``: the ``def`` line(s) and docstring as written in the module;
 - ``reference``: the function without its docstring, in ``ast.unparse``'s canonical layout (so a
   reference and its corrupted variant differ only in the corruption, never in formatting);
-- ``examples``: calls recorded by running the reference in the sandbox (:mod:`llmkit.infer.sandbox`,
+- ``examples``: calls recorded by running the reference in the sandbox (:mod:`llmkit.sandbox`,
   program :mod:`llmkit.tasks.function_harness`) on argument tuples drawn from a fixed pool of plain
   values. Only calls that return a literal value, within a time limit, without printing and
   without changing their arguments are kept, in two separate processes that must agree (string
@@ -40,8 +40,10 @@ import functools
 import importlib
 import inspect
 import json
+import os
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -50,7 +52,7 @@ from tqdm import tqdm
 
 from llmkit.chat import Conversation, Preference
 from llmkit.config import check
-from llmkit.infer.sandbox import run_python
+from llmkit.sandbox import run_checked, run_python
 from llmkit.tasks import function_harness
 
 # Modules whose small functions are mostly pure string, number and path manipulation.
@@ -68,6 +70,19 @@ _IMPURE_NAMES = {"open", "print", "input", "exec", "eval", "compile", "__import_
 _IO_ATTRIBUTES = {"stat", "lstat", "listdir", "scandir", "getcwd", "getcwdb", "environ", "getenv", "urandom", "readlink",
                   "access", "walk", "time", "monotonic"}
 _HARNESS = Path(function_harness.__file__).read_text(encoding="utf-8")
+# The checker's side of a checked run: the examples stay in its process; the candidate only answers calls.
+_CHECKER = """import ast, json
+passed, error, examples = 0, None, {examples}
+for arguments, expected in examples:
+    wanted = ast.literal_eval(expected)
+    try:
+        result = __candidate__(*ast.literal_eval(arguments))
+    except __CandidateError__ as failure:
+        error = error or str(failure)
+        continue
+    passed += type(result) is type(wanted) and result == wanted
+print(json.dumps({{"passed": passed, "total": len(examples), "error": error}}))
+"""
 _FENCED = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)```", re.DOTALL)
 # Mutation operators (the classic ones of mutation testing): each replaces one node by a near miss.
 _COMPARE_SWAPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
@@ -150,7 +165,7 @@ def mine_module(module: str) -> list[FunctionTask]:
     functions = [{"name": node.name, "source": ast.unparse(_without_docstring(node)),
                   "required": len(node.args.posonlyargs) + len(node.args.args) - len(node.args.defaults)}
                  for node, _ in candidates]
-    request = {"mode": "record", "functions": functions, "examples": EXAMPLES_PER_TASK}
+    request = {"functions": functions, "examples": EXAMPLES_PER_TASK}
     runs = []
     for _ in range(2):
         recorded, error = _harness(module, request, timeout_s=120)
@@ -204,21 +219,32 @@ def _static_check(task: FunctionTask, code: str) -> FunctionCheck:
 
 
 def check_solutions(task: FunctionTask, texts: list[str]) -> list[FunctionCheck]:
-    """Check several answers to one task; the ones that parse with the right signature run together."""
+    """Check several answers to one task; each that parses with the right signature runs in its own
+    sandbox, against a checker in another (:func:`llmkit.sandbox.run_checked`), several at a time."""
     codes = [extract_code(text) for text in texts]
     checks = [_static_check(task, code) for code in codes]
     runnable = [index for index, result in enumerate(checks) if result.signature_matches]
-    if not runnable:
-        return checks
-    candidates = [{"name": task.name, "source": codes[index], "examples": task.examples} for index in runnable]
-    answers, error = _harness(task.module, {"mode": "check", "candidates": candidates}, timeout_s=10 + len(candidates))
-    if answers is None and len(runnable) > 1:
-        # One answer that hangs or exhausts memory must not fail the others: run them one by one.
-        return [checks[index] if index not in runnable else check_solutions(task, [texts[index]])[0] for index in range(len(texts))]
-    for position, index in enumerate(runnable):
-        answer = answers[position] if answers is not None else {"passed": 0, "error": error}
-        checks[index].examples_passed, checks[index].error = answer["passed"], answer["error"]
+    with ThreadPoolExecutor(max_workers=min(len(runnable), os.cpu_count() or 1) or 1) as pool:
+        verdicts = pool.map(lambda index: _run_examples(task, codes[index]), runnable)
+        for index, (passed, error) in zip(runnable, verdicts):
+            checks[index].examples_passed, checks[index].error = passed, error
     return checks
+
+
+def _run_examples(task: FunctionTask, code: str) -> tuple[int, str | None]:
+    """How many recorded examples the candidate gets right, as the checker's process counts them."""
+    checker = _CHECKER.format(examples=repr(task.examples))
+    result = run_checked(code, checker, task.name, module=task.module, call_timeout_s=CALL_SECONDS, timeout_s=10)
+    verdict = result.checker
+    try:
+        answer = json.loads(verdict.stdout) if verdict.status == "ok" else None
+    except json.JSONDecodeError:
+        answer = None
+    if not (isinstance(answer, dict) and answer.get("total") == len(task.examples)
+            and isinstance(answer.get("passed"), int) and 0 <= answer["passed"] <= len(task.examples)):
+        last_line = verdict.stderr.strip().splitlines()[-1] if verdict.stderr.strip() else ""
+        return 0, f"the checker did not finish ({verdict.status}: {last_line})"
+    return answer["passed"], answer.get("error")
 
 
 def check_solution(task: FunctionTask, text: str) -> FunctionCheck:
