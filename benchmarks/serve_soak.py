@@ -4,22 +4,26 @@ The server runs in its own process (as in production) on a small model with rand
 robustness do not depend on them). Three phases, each printing JSON lines:
 
 1. Soak: ``--clients`` concurrent clients stream chat and text completions back to back for
-   ``--seconds``. A request fails when its status is not 200, it carries an error event, or it ends
-   without a finish reason and ``data: [DONE]`` (a truncated stream). Every ``--disconnect-every``-th
-   request hangs up after its first token on purpose; afterwards the scheduler must hold no request
-   (``leaked_slots``, goal 0). Metrics: ``failed_requests`` (goal 0), ``requests``, ``ttft_p50_ms`` and
-   ``ttft_p99_ms`` (time to the first generated text), ``tokens_per_s`` (generated tokens per second of
+   ``--seconds``, while ``--hostile-clients`` send the requests that once made the server do unbounded
+   work, in a loop: a 10,000-character stop string, 10^5 prompts in one request, a JSON body without a
+   Content-Type, a foreign Host header (each must get a 4xx). A normal request fails when its status is
+   not 200, it carries an error event, or it ends without a finish reason and ``data: [DONE]`` (a
+   truncated stream). Every ``--disconnect-every``-th request hangs up after its first token on purpose;
+   afterwards the scheduler must hold no request (``leaked_slots``, goal 0). Metrics of the normal
+   clients: ``failed_requests`` (goal 0), ``requests``, ``p50_ttft`` and ``p99_ttft`` (time to the first
+   generated text, with the hostile clients running), ``tokens_per_s`` (generated tokens per second of
    wall time, all clients together).
-2. Hostile requests: a fuzzer over the server's own OpenAPI schema (``/openapi.json``) takes a valid body
+2. More hostile requests, one at a time: a fuzzer over the server's own OpenAPI schema (``/openapi.json``) takes a valid body
    of every POST endpoint and breaks one thing at a time: each field (nested ones too) gets every JSON
    type its schema does not allow, numbers just past their bounds, strings outside their enums, and
    each required field goes missing; then hand-written attacks: invalid UTF-8, bodies over the size
    limit, broken and deeply nested JSON, NaN, negative and enormous ``max_tokens``, unknown roles,
    forged special tokens, unknown routes and methods. Every one must get a 4xx: ``hostile_non_4xx``
-   (goal 0) counts those that did not, ``hostile_requests`` all of them.
+   (goal 0) counts those of both phases that did not, ``hostile_requests`` all of them.
 3. ``serves_after_hostile`` (goal 1): a normal request still succeeds, and the process is still up.
 
-Usage: python benchmarks/serve_soak.py [--seconds 60] [--clients 64] [--preset cpu-tiny] [--server-threads 1]
+Usage: python benchmarks/serve_soak.py [--seconds 60] [--clients 64] [--hostile-clients 4] [--preset cpu-tiny]
+       [--server-threads 1]
 """
 
 from __future__ import annotations
@@ -100,10 +104,17 @@ class Tally:
         self.requests = self.failed = self.disconnects = self.tokens = 0
         self.ttft: list[float] = []
         self.failures: dict[str, int] = {}
+        self.hostile: Counter = Counter()  # (attack, status) -> count
+        self.hostile_not_4xx: list[str] = []
 
     def fail(self, reason: str) -> None:
         self.failed += 1
         self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def answered(self, attack: str, status: int | str) -> None:
+        self.hostile[(attack, status)] += 1
+        if not (isinstance(status, int) and 400 <= status < 500):
+            self.hostile_not_4xx.append(f"{attack} -> {status}")
 
 
 def soak_body(rng: random.Random) -> tuple[str, dict]:
@@ -147,7 +158,30 @@ async def one_stream(http: httpx.AsyncClient, path: str, body: dict, hang_up: bo
     tally.tokens += usage["completion_tokens"]
 
 
-async def soak(url: str, clients: int, seconds: float, disconnect_every: int) -> tuple[Tally, float]:
+def looped_attacks() -> list[tuple[str, bytes, dict]]:
+    """(name, body, headers) of the POST /v1/completions requests the hostile clients repeat."""
+    json_type = {"Content-Type": "application/json"}
+    valid = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 8}).encode()
+    return [
+        ("stop_10000_chars", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 64, "stop": ["x" * 10_000]}).encode(), json_type),
+        ("prompts_100000", json.dumps({"model": MODEL, "prompt": ["hi"] * 100_000, "max_tokens": 1}).encode(), json_type),
+        ("no_content_type", valid, {}),
+        ("foreign_host", valid, {**json_type, "Host": "attacker.example"}),
+    ]
+
+
+async def hostile_client(http: httpx.AsyncClient, deadline: float, tally: Tally) -> None:
+    attacks = looped_attacks()
+    while time.monotonic() < deadline:
+        for name, content, headers in attacks:
+            try:
+                status = (await http.post("/v1/completions", content=content, headers=headers)).status_code
+            except httpx.HTTPError as error:
+                status = type(error).__name__
+            tally.answered(name, status)
+
+
+async def soak(url: str, clients: int, hostile_clients: int, seconds: float, disconnect_every: int) -> tuple[Tally, float]:
     tally, deadline, counter = Tally(), time.monotonic() + seconds, [0]
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
 
@@ -160,8 +194,10 @@ async def soak(url: str, clients: int, seconds: float, disconnect_every: int) ->
             await one_stream(http, path, body, disconnect_every > 0 and counter[0] % disconnect_every == 0, tally)
 
     started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-        await asyncio.gather(*(client(index, http) for index in range(clients)))
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http, \
+            httpx.AsyncClient(base_url=url, timeout=120) as attacker:
+        await asyncio.gather(*(client(index, http) for index in range(clients)),
+                             *(hostile_client(attacker, deadline, tally) for _ in range(hostile_clients)))
     return tally, time.perf_counter() - started
 
 
@@ -335,29 +371,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--hostile-clients", type=int, default=4, help="clients sending hostile requests during the soak")
     parser.add_argument("--preset", default="cpu-tiny", help="model preset (random weights)")
     parser.add_argument("--server-threads", type=int, default=1,
                         help="the server's torch threads (1: the clients need the other core, and on a busy machine "
                              "more threads mostly wait for each other)")
     parser.add_argument("--disconnect-every", type=int, default=16, help="every Nth request hangs up after its first token (0: none)")
     arguments = parser.parse_args()
-    context = {"clients": arguments.clients, "seconds": arguments.seconds, "preset": arguments.preset,
-               "server_threads": arguments.server_threads}
+    context = {"clients": arguments.clients, "hostile_clients": arguments.hostile_clients, "seconds": arguments.seconds,
+               "preset": arguments.preset, "server_threads": arguments.server_threads}
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = make_checkpoint(Path(directory), arguments.preset)
         process, url = start_server(checkpoint, arguments.clients, arguments.server_threads)
         try:
-            tally, elapsed = asyncio.run(soak(url, arguments.clients, arguments.seconds, arguments.disconnect_every))
+            tally, elapsed = asyncio.run(soak(url, arguments.clients, arguments.hostile_clients, arguments.seconds,
+                                              arguments.disconnect_every))
             ttft = sorted(tally.ttft) or [float("nan")]
             emit("failed_requests", tally.failed, "requests", **context, reasons=tally.failures)
             emit("requests", tally.requests, "requests", **context, disconnects=tally.disconnects)
-            emit("ttft_p50_ms", round(1000 * statistics.median(ttft), 1), "ms", **context)
-            emit("ttft_p99_ms", round(1000 * ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 1), "ms", **context)
+            emit("p50_ttft", round(1000 * statistics.median(ttft), 1), "ms", **context)
+            emit("p99_ttft", round(1000 * ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 1), "ms", **context)
             emit("tokens_per_s", round(tally.tokens / elapsed, 1), "tokens/s", **context)
             emit("leaked_slots", leaked_slots(url), "requests", **context)
             count, not_4xx, statuses = hostile(url)
-            emit("hostile_requests", count, "requests", statuses=statuses)
-            emit("hostile_non_4xx", len(not_4xx), "requests", examples=not_4xx[:10])
+            during_soak = {f"{attack} {status}": number for (attack, status), number in sorted(tally.hostile.items(), key=str)}
+            emit("hostile_requests", count + sum(tally.hostile.values()), "requests", during_soak=during_soak,
+                 fuzzer=statuses)
+            emit("hostile_non_4xx", len(not_4xx) + len(tally.hostile_not_4xx), "requests",
+                 examples=(tally.hostile_not_4xx + not_4xx)[:10])
             emit("serves_after_hostile", int(serves(url) and process.poll() is None), "bool")
         finally:
             process.terminate()

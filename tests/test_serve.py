@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from helpers import tiny_config, write_choice_task
 from llmkit.chat import render_ids
+from llmkit.cli import main as cli_main
 from llmkit.errors import ConfigError
 from llmkit.eval.choice import evaluate_choice
 from llmkit.eval.choice_tasks import load_choice_task
@@ -34,7 +35,7 @@ from llmkit.serve.chat_repl import ChatSession, repl
 from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 
 MODEL, KEY = "tiny", "test-key"
-MAX_CONCURRENT, MAX_BODY = 3, 100_000
+MAX_CONCURRENT, MAX_BODY = 4, 100_000
 WEATHER_CALL = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
 WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "description": "today's weather in a city",
                                                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -394,6 +395,116 @@ def test_malformed_conversations_get_400(client, messages):
         client.chat.completions.create(model=MODEL, messages=messages)
 
 
+# ---------------------------------------------------------------------------------------- bounded serving
+@pytest.fixture(scope="module")
+def open_server(engine):
+    """A server without an API key, on its own scheduler over the same model."""
+    config = ServeConfig(model_name=MODEL, max_choices=8, max_stop_strings=4, max_stop_length=64)
+    with LiveServer(create_app(Engine(engine.model, engine.tokenizer), config)) as live:
+        yield live
+
+
+HOSTILE = {  # name -> (keyword arguments of the openai client's completions.create, raw httpx request)
+    "a 10,000-character stop string": ({"stop": ["x" * 10_000]}, {"json": {"model": MODEL, "prompt": "hi", "stop": ["x" * 10_000]}}),
+    "10^5 prompts": ({"prompt": ["hi"] * 100_000}, {"json": {"model": MODEL, "prompt": ["hi"] * 100_000}}),
+    "no Content-Type": ({"extra_headers": {"Content-Type": "text/plain"}},
+                        {"content": json.dumps({"model": MODEL, "prompt": "hi"}).encode()}),
+    "a foreign Host": ({"extra_headers": {"Host": "attacker.example"}},
+                       {"json": {"model": MODEL, "prompt": "hi"}, "headers": {"Host": "attacker.example"}}),
+}
+
+
+@pytest.mark.parametrize("attack", HOSTILE)
+def test_hostile_requests_get_4xx_and_the_server_keeps_serving(open_server, attack):
+    client = openai.OpenAI(base_url=f"{open_server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    arguments, raw = HOSTILE[attack]
+    with pytest.raises(openai.APIStatusError) as error:
+        client.completions.create(**{"model": MODEL, "prompt": "hi", "max_tokens": 1, **arguments})
+    assert 400 <= error.value.status_code < 500
+    response = httpx.post(f"{open_server.url}/v1/completions", timeout=30, **raw)
+    assert response.status_code == error.value.status_code and set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=1).choices[0].finish_reason in ("stop", "length")
+
+
+def test_limits_are_400s_naming_the_field(open_server):
+    client = openai.OpenAI(base_url=f"{open_server.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    for request, param, message in [
+            (lambda: client.completions.create(model=MODEL, prompt="hi", stop=["x" * 65]), "stop", "stop string of 65 characters"),
+            (lambda: client.chat.completions.create(**chat, stop=["a", "b", "c", "d", "e"]), "stop", "5 stop strings"),
+            (lambda: client.completions.create(model=MODEL, prompt=["a", "b", "c"], n=3), "prompt", "9 sequences"),
+            (lambda: client.chat.completions.create(**chat, n=9), "n", "9 sequences")]:
+        with pytest.raises(openai.BadRequestError, match=message) as error:
+            request()
+        assert error.value.body["param"] == param
+    assert len(client.completions.create(model=MODEL, prompt=["a", "b"], n=4, max_tokens=1, stop=["x" * 64] * 4).choices) == 8
+
+
+@pytest.mark.parametrize("host,status", [("localhost", 200), ("LOCALHOST:8000", 200), ("127.0.0.1", 200), ("[::1]:1", 200),
+                                         ("attacker.example", 421), ("localhost.attacker.example", 421),
+                                         ("127.0.0.1.nip.io:80", 421), ("[::1]x", 421), ("", 421)])
+def test_without_a_key_only_loopback_hosts_are_answered(open_server, server, host, status):
+    assert httpx.get(f"{open_server.url}/v1/models", headers={"Host": host}).status_code == status
+    keyed = httpx.get(f"{server.url}/v1/models", headers={"Host": host, "Authorization": f"Bearer {KEY}"})
+    assert keyed.status_code == 200  # with a key, any name
+
+
+def test_json_endpoints_need_a_json_content_type(server):
+    body = json.dumps({"prompt": "hi"}).encode()
+    for content_type, status in [(None, 415), ("text/plain", 415), ("application/x-www-form-urlencoded", 415),
+                                 ("application/json", 200), ("Application/JSON; charset=utf-8", 200)]:
+        headers = {"Authorization": f"Bearer {KEY}", **({"Content-Type": content_type} if content_type else {})}
+        response = httpx.post(f"{server.url}/tokenize", content=body, headers=headers)
+        assert response.status_code == status
+        assert status == 200 or response.json()["error"]["message"] == "Content-Type: must be application/json"
+
+
+def test_sequences_not_requests_count_against_the_concurrency_limit(client, engine, server):
+    gate = threading.Event()
+
+    def wait_for_the_gate(module, inputs) -> None:  # every decode step waits
+        gate.wait()
+
+    hook = engine.model.register_forward_pre_hook(wait_for_the_gate)
+    scheduler, results = server.app.state.service.scheduler, []
+    threads_before = threading.active_count()
+    first = threading.Thread(target=lambda: results.append(
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=3)))
+    try:
+        first.start()
+        deadline = time.monotonic() + 10
+        while scheduler.num_unfinished < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert threading.active_count() == threads_before + 1  # one request of three sequences, no thread of its own
+        with pytest.raises(openai.RateLimitError, match="holds 3 sequences and this request adds 2"):
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=2)  # 3 + 2 > 4: one HTTP request is in flight
+    finally:
+        gate.set()
+        hook.remove()
+        first.join(timeout=10)
+    assert len(results[0].choices) == 3 and scheduler.num_unfinished == 0
+    assert len(client.completions.create(model=MODEL, prompt=["a", "b"], n=2, max_tokens=1).choices) == MAX_CONCURRENT
+
+
+def test_a_public_address_without_a_key_needs_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LLMKIT_API_KEY", raising=False)
+    missing = str(tmp_path / "no-checkpoint")
+    assert cli_main(["serve", "--host", "0.0.0.0", "--checkpoint", missing]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "'host' = '0.0.0.0'" in error and "--allow-public-without-key" in error
+    # With the flag, or with a key, the host is accepted (the missing checkpoint is what stops these).
+    assert cli_main(["serve", "--host", "0.0.0.0", "--allow-public-without-key", "--checkpoint", missing]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("llmkit: warning: serving 0.0.0.0 without an API key") and "host" not in lines[1]
+    monkeypatch.setenv("LLMKIT_API_KEY", "secret")
+    assert cli_main(["serve", "--host", "0.0.0.0", "--checkpoint", missing]) == 2
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.delenv("LLMKIT_API_KEY")
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert cli_main(["serve", "--host", host, "--checkpoint", missing]) == 2
+        assert "'host'" not in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ the other endpoints
 def test_tokenize_detokenize_models_health_and_metrics(client, server, engine):
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -484,7 +595,7 @@ def test_serving_a_checkpoint_folder(engine, tmp_path):
     config = ServeConfig(checkpoint=str(checkpoint), max_batch_size=5, threads=1)
     loaded = load_engine(config)
     assert loaded.scheduler.max_batch_size == 5
-    with TestClient(create_app(loaded, config)) as http:  # runs the app's lifespan: the scheduler thread
+    with TestClient(create_app(loaded, config), base_url="http://localhost") as http:  # runs the app's lifespan
         assert http.get("/v1/models").json()["data"][0]["id"] == "my-model"
         reply = http.post("/v1/chat/completions", json={"model": "my-model", "messages": PLAIN_CONVERSATION[:1], "temperature": 0})
         assert reply.json()["choices"][0]["message"]["content"] == "Hello there."

@@ -21,7 +21,8 @@ admitted: beam search (``num_beams`` > 1, ``llmkit.infer.beam``) and ``use_cache
 path, re-running the whole sequence each step, which still shares everything else of the step).
 
 Requests are thread-safe to submit and cancel. Without :meth:`Scheduler.start`, whoever waits on a
-request's events drives the steps; with it, a background thread does (the HTTP server).
+request's events drives the steps; with it, a background thread does (the HTTP server, which gives each
+request a listener instead: the thread calls it with each event, so no thread waits per request).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -60,12 +61,14 @@ class Event:
 class Request:
     """A submitted generation: its prompt and settings, a queue of its events, and a way to cancel it."""
 
-    def __init__(self, scheduler: "Scheduler", prompt_ids: list[int], config: GenerationConfig, tools: Tools | None):
+    def __init__(self, scheduler: "Scheduler", prompt_ids: list[int], config: GenerationConfig, tools: Tools | None,
+                 on_event: Callable[[Event | BaseException], None] | None = None):
         self.prompt_ids, self.config, self.tools = prompt_ids, config, tools
         self.cancelled = False
         self.completion: Completion | None = None
         self._scheduler = scheduler
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._on_event = on_event
         self._closed = False  # the last event (or an error) has been taken
         self._error: BaseException | None = None
 
@@ -94,6 +97,14 @@ class Request:
             raise self._error
         return self.completion
 
+    def _put(self, event: Event | BaseException) -> None:
+        """Hand over an event, or the error that failed a step: to the listener if there is one, else to
+        the queue :meth:`events` reads."""
+        if self._on_event is not None:
+            self._on_event(event)
+        else:
+            self._events.put(event)
+
     def _next_event(self) -> Event | BaseException:
         while True:
             if self._scheduler.in_background:
@@ -121,14 +132,18 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._slots: list[tuple[Request, CompletionState]] = []  # index = cache row
         self._uncached: list[tuple[Request, CompletionState]] = []
+        self._unfinished = 0  # submitted requests that have not had their last event (guarded by _wakeup)
         self._step_lock = threading.Lock()
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
     # ------------------------------------------------------------------------------- requests
-    def submit(self, prompt_ids: list[int], config: GenerationConfig | None = None, tools: Tools | None = None) -> Request:
-        """Queue a request; it joins the running batch at the next step with a free slot."""
+    def submit(self, prompt_ids: list[int], config: GenerationConfig | None = None, tools: Tools | None = None,
+               on_event: Callable[[Event | BaseException], None] | None = None) -> Request:
+        """Queue a request; it joins the running batch at the next step with a free slot. ``on_event``, if
+        given, receives the request's events (and the error of a failed step) on the thread that runs the
+        steps, instead of :meth:`Request.events`; it must neither block nor raise."""
         prompt_ids = [int(token) for token in prompt_ids]
         if not prompt_ids:
             raise InputError("a prompt needs at least one token (an empty text prompt starts with <|endoftext|>)")
@@ -138,9 +153,10 @@ class Scheduler:
         vocab_size = self.model.config.vocab_size
         if not all(0 <= token < vocab_size for token in prompt_ids):
             raise InputError(f"prompt token ids must be in [0, {vocab_size}), got {min(prompt_ids)}..{max(prompt_ids)}")
-        request = Request(self, prompt_ids, config or GenerationConfig(), tools)
+        request = Request(self, prompt_ids, config or GenerationConfig(), tools, on_event)
         with self._wakeup:
             self._waiting.append(request)
+            self._unfinished += 1
             self._wakeup.notify()
         return request
 
@@ -151,6 +167,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted and not finished: waiting, running, or cancelled and not dropped yet."""
+        return self._unfinished
 
     @property
     def in_background(self) -> bool:
@@ -230,18 +251,27 @@ class Scheduler:
                 if not self._waiting:
                     return
                 request = self._waiting.popleft()
-            state = CompletionState(request.prompt_ids, request.config, self.tokenizer, request.tools,
-                                    self.context_length, self.device)
-            if request.config.echo:
-                self._score_prompt(request, state)
-            if request.config.num_beams > 1:
-                self._beam_search(request, state)
-            elif request.config.use_cache:
-                room = self.context_length if request.tools is not None else len(request.prompt_ids) + request.config.max_new_tokens
-                self._reserve(len(self._slots) + 1, min(room, self.context_length))
-                self._slots.append((request, state))
-            else:
-                self._uncached.append((request, state))
+            try:
+                self._start(request)
+            except BaseException:
+                with self._wakeup:
+                    self._waiting.appendleft(request)  # where _fail_all finds it and sends it the error
+                raise
+
+    def _start(self, request: Request) -> None:
+        """Give an admitted request a slot, or run it to the end now (beam search)."""
+        state = CompletionState(request.prompt_ids, request.config, self.tokenizer, request.tools,
+                                self.context_length, self.device)
+        if request.config.echo:
+            self._score_prompt(request, state)
+        if request.config.num_beams > 1:
+            self._beam_search(request, state)
+        elif request.config.use_cache:
+            room = self.context_length if request.tools is not None else len(request.prompt_ids) + request.config.max_new_tokens
+            self._reserve(len(self._slots) + 1, min(room, self.context_length))
+            self._slots.append((request, state))
+        else:
+            self._uncached.append((request, state))
 
     def _reserve(self, rows: int, capacity: int) -> None:
         """A cache with at least ``rows`` rows of ``capacity`` positions, grown by doubling (capped at the
@@ -299,7 +329,7 @@ class Scheduler:
             if state.finished:
                 self._finish(request, state, event)
             else:
-                request._events.put(event)
+                request._put(event)
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor,
                   states: list[CompletionState]) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
@@ -333,14 +363,19 @@ class Scheduler:
         request.completion = state.completion()
         event.text += state.tracker.finish()
         event.finished = request.completion
-        request._events.put(event)
+        with self._wakeup:
+            self._unfinished -= 1
+        request._put(event)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._wakeup:
-            waiting = list(self._waiting)
+            # A finished request may still hold its slot (retired after the step): it has had its last event.
+            failed = [request for request in [*self._waiting, *(request for request, _ in self._slots + self._uncached)]
+                      if request.completion is None]
             self._waiting.clear()
-        for request in waiting + [request for request, _ in self._slots + self._uncached]:
-            request._events.put(error)
+            self._unfinished -= len(failed)
+        for request in failed:
+            request._put(error)
         self._slots, self._uncached = [], []
         if self.cache is not None:
             self.cache.lengths.zero_()

@@ -15,14 +15,17 @@ same continuously batched decode steps. The endpoints:
 ``GET /``                      the chat page (``static/``: plain HTML, CSS and JavaScript)
 =============================  ========================================================================
 
-A guard in front of the app (:class:`Guard`, plain ASGI so that streaming is untouched) checks the API
-key, refuses bodies over ``max_body_bytes`` before reading more of them (413), refuses JSON that is
-not UTF-8 (400), and counts answers by endpoint and status for ``/metrics``.
+A guard in front of the app (:class:`Guard`, plain ASGI so that streaming is untouched) checks the Host
+header of a server without an API key (421 unless a loopback name), the API key (401), that JSON
+endpoints get ``Content-Type: application/json`` (415), refuses bodies over ``max_body_bytes`` before
+reading more of them (413) and JSON that is not UTF-8 (400), and counts answers by endpoint and status
+for ``/metrics``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -39,24 +42,30 @@ from llmkit.infer.engine import Engine
 from llmkit.infer.scheduler import Scheduler
 from llmkit.serve.chat_completions import conversation, create_chat_completion
 from llmkit.serve.completions import create_completion
-from llmkit.serve.openai_errors import APIError, error_body, install_error_handlers
+from llmkit.serve.openai_errors import APIError, error_body, error_response, install_error_handlers
 from llmkit.serve.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                                   ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
-from llmkit.serve.server import ServeConfig
+from llmkit.serve.server import ServeConfig, is_loopback
 from llmkit.serve.service import Limits, Service
 from llmkit.tokenizer import ENDOFTEXT, PAD
 
 STATIC = resources.files("llmkit.serve") / "static"
 PUBLIC_PATHS = ("/", "/health", "/favicon.ico")  # everything else needs the API key, when one is set
+LOOPBACK_HOST = re.compile(rb"(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?", re.IGNORECASE)
 logger = logging.getLogger("llmkit.serve")
 
 
 class Guard:
-    """ASGI middleware: API key, body size and encoding, answer counting."""
+    """ASGI middleware: Host header, API key, content type, body size and encoding, answer counting."""
 
-    def __init__(self, app, service: Service, api_key: str | None, max_body_bytes: int, endpoints: set[str]):
-        self.app, self.service, self.max_body_bytes, self.endpoints = app, service, max_body_bytes, endpoints
-        self.api_key = api_key.encode() if api_key else None
+    def __init__(self, app, service: Service, config: ServeConfig, endpoints: set[str], json_endpoints: set[str]):
+        self.app, self.service, self.max_body_bytes = app, service, config.max_body_bytes
+        self.endpoints, self.json_endpoints = endpoints, json_endpoints
+        self.api_key = config.api_key.encode() if config.api_key else None
+        # Without a key, a loopback server trusts whoever runs on this machine, and so would serve a web page
+        # whose host name the attacker re-resolves to 127.0.0.1 (DNS rebinding); the browser still sends that
+        # name as Host. Bound to the network without a key (--allow-public-without-key), it serves anyone anyway.
+        self.check_host = config.api_key is None and is_loopback(config.host)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -92,6 +101,10 @@ class Guard:
 
     def _refuse_early(self, scope, path: str) -> JSONResponse | None:
         headers = dict(scope["headers"])
+        host = headers.get(b"host", b"")
+        if self.check_host and not LOOPBACK_HOST.fullmatch(host):
+            return error_response(421, f"Host: {host.decode('latin-1')[:100]!r} is not localhost, 127.0.0.1 or [::1], "
+                                       "the only names this server answers without an API key", code="misdirected_request")
         if self.api_key is not None and path not in PUBLIC_PATHS and not path.startswith("/static/"):
             given = headers.get(b"authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
@@ -99,6 +112,10 @@ class Guard:
                 reason = "missing API key (send 'Authorization: Bearer KEY')" if not token else "incorrect API key"
                 return JSONResponse(error_body(401, reason, code="invalid_api_key"), status_code=401,
                                     headers={"WWW-Authenticate": "Bearer"})
+        # A web page may send any body cross-origin without asking first, but not one declared as JSON.
+        media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if scope["method"] == "POST" and path in self.json_endpoints and media_type != b"application/json":
+            return error_response(415, "Content-Type: must be application/json", code="unsupported_media_type")
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             return self._too_large()
@@ -143,7 +160,10 @@ def create_app(engine_or_scheduler: Engine | Scheduler, config: ServeConfig) -> 
     model_name = config.model_name or Path(config.checkpoint).resolve().name
     limits = Limits(max_messages=config.max_messages, max_tokens=config.max_tokens,
                     max_prompt_tokens=min(config.max_prompt_tokens or context - 1, context - 1),
-                    max_concurrent_requests=config.max_concurrent_requests)
+                    max_concurrent_requests=config.max_concurrent_requests,
+                    # More sequences than the scheduler may hold could never be admitted: a 400, not a 429 forever.
+                    max_choices=min(config.max_choices, config.max_concurrent_requests),
+                    max_stop_strings=config.max_stop_strings, max_stop_length=config.max_stop_length)
     service = Service(scheduler, model_name, limits)
     tokenizer = service.tokenizer
     created = int(time.time())
@@ -226,6 +246,6 @@ def create_app(engine_or_scheduler: Engine | Scheduler, config: ServeConfig) -> 
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     endpoints = {route.path for route in app.routes if "{" not in route.path}
-    app.add_middleware(Guard, service=service, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       endpoints=endpoints)
+    json_endpoints = {route.path for route in app.routes if "POST" in getattr(route, "methods", ())}
+    app.add_middleware(Guard, service=service, config=config, endpoints=endpoints, json_endpoints=json_endpoints)
     return app

@@ -1,14 +1,13 @@
-"""From the scheduler's threads to the server's event loop.
+"""From the scheduler's thread to the server's event loop.
 
-The scheduler (``llmkit.infer.scheduler``) decodes on a background thread and hands each request its
-events through a blocking iterator. The server must never block its event loop, so every request gets
-a small pump thread that waits on ``Request.events()`` and passes each event to the loop with
-``loop.call_soon_threadsafe`` into an ``asyncio.Queue``: the loop only ever awaits that queue. A thread
-per request is cheap next to a decode step, and the number of requests in flight is bounded by the
-server's concurrency limit.
+The scheduler (``llmkit.infer.scheduler``) decodes on one background thread. The server must never block
+its event loop, nor start a thread per job (one request of many prompts would start as many), so every
+job is submitted with a listener: the scheduler's thread calls it with each event, and it passes the
+event to the loop with ``loop.call_soon_threadsafe`` into the group's ``asyncio.Queue``, which only the
+loop awaits.
 
-:class:`RequestGroup` holds the requests of one HTTP call (``n`` choices of each prompt) and merges
-their events into one stream; :meth:`RequestGroup.cancel` cancels every request not yet finished, and
+:class:`RequestGroup` holds the jobs of one HTTP call (``n`` choices of each prompt) and merges
+their events into one stream; :meth:`RequestGroup.cancel` cancels every job not yet finished, and
 the server calls it however a call ends (finished, failed, or the client gone), so the batch slots are
 free at the scheduler's next step.
 """
@@ -16,8 +15,7 @@ free at the scheduler's next step.
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from llmkit.infer.completion import Completion
 from llmkit.infer.sampling import GenerationConfig
@@ -33,15 +31,12 @@ class RequestGroup:
         self._queue: asyncio.Queue = asyncio.Queue()
 
     def start(self) -> None:
-        """Submit every job and start its pump; called on the event loop. A refused job (a prompt the
-        scheduler rejects) cancels the ones already submitted and raises."""
+        """Submit every job; called on the event loop. A refused job (a prompt the scheduler rejects)
+        cancels the ones already submitted and raises."""
         loop = asyncio.get_running_loop()
         try:
             for index, (prompt_ids, config) in enumerate(self.jobs):
-                request = self.scheduler.submit(prompt_ids, config)
-                self.requests.append(request)
-                threading.Thread(target=self._pump, args=(index, request, loop), daemon=True,
-                                 name=f"llmkit-serve-pump-{index}").start()
+                self.requests.append(self.scheduler.submit(prompt_ids, config, on_event=self._listener(index, loop)))
         except BaseException:
             self.cancel()
             raise
@@ -52,21 +47,14 @@ class RequestGroup:
             if request.completion is None:
                 request.cancel()
 
-    def _pump(self, index: int, request: Request, loop: asyncio.AbstractEventLoop) -> None:
-        def deliver(item) -> bool:
+    def _listener(self, index: int, loop: asyncio.AbstractEventLoop) -> Callable[[Event | BaseException], None]:
+        def deliver(event: Event | BaseException) -> None:  # on the scheduler's thread
             try:
-                loop.call_soon_threadsafe(self._queue.put_nowait, item)
-                return True
+                loop.call_soon_threadsafe(self._queue.put_nowait, (index, event))
             except RuntimeError:  # the event loop has closed (server shutdown): nobody listens any more
-                request.cancel()
-                return False
+                self.requests[index].cancel()
 
-        try:
-            for event in request.events():
-                if not deliver((index, event)):
-                    return
-        except BaseException as error:  # the scheduler's step failed: the consumer re-raises it
-            deliver((index, error))
+        return deliver
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         """``(choice index, event)`` as they happen, until every choice has finished."""
@@ -79,9 +67,3 @@ class RequestGroup:
                 self.completions[index] = event.finished
                 unfinished -= 1
             yield index, event
-
-    async def results(self) -> list[Completion]:
-        """Wait for every choice; completions in job order."""
-        async for _ in self.events():
-            pass
-        return self.completions

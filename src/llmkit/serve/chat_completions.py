@@ -61,6 +61,8 @@ class ChatJob:
                                 f"{service.limits.max_messages}", "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs=true", "top_logprobs")
+        service.check_choices(1, body.n, "n")
+        service.check_stop(body.stop_strings)
         self.service, self.body, self.tokenizer = service, body, service.tokenizer
         self.tools = client_tools(body.tools)
         self.prefix = forced_prefix(body.tool_choice, self.tools)

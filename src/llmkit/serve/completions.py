@@ -55,9 +55,13 @@ def legacy_logprobs(tokenizer: Tokenizer, offsets: TokenOffsets, token_ids: list
                               text_offset=offsets.add(token_ids))
 
 
-def prompt_ids_of(service: Service, prompt) -> list[list[int]]:
-    """Every prompt of the request as token ids (text as the engine encodes it: empty text is <|endoftext|>)."""
-    prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+def prompts_of(prompt) -> list:
+    """The request's prompts as a list: a list of texts or of token-id lists as it is, one prompt in a list."""
+    return prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+
+
+def prompt_ids_of(service: Service, prompts: list) -> list[list[int]]:
+    """Every prompt as token ids (text as the engine encodes it: empty text is <|endoftext|>)."""
     ids = [service.tokenizer.encode(item) or [service.tokenizer.eot_id] if isinstance(item, str) else list(item)
            for item in prompts]
     for index, prompt_ids in enumerate(ids):
@@ -79,9 +83,12 @@ class CompletionJob:
         if max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens: 0 is only allowed with echo (scoring the prompt)", "max_tokens")
         service.check_max_tokens(max_tokens)
+        prompts = prompts_of(body.prompt)
+        service.check_choices(len(prompts), body.n, "prompt" if len(prompts) > 1 else "n")  # before encoding them
+        service.check_stop(body.stop_strings)
         self.service, self.body, self.tokenizer = service, body, service.tokenizer
         self.scoring_only = max_tokens == 0
-        self.prompts = prompt_ids_of(service, body.prompt)
+        self.prompts = prompt_ids_of(service, prompts)
         self.jobs = [(prompt, service.generation_config(body, max(max_tokens, 1), choice, body.logprobs, body.echo))
                      for prompt in self.prompts for choice in range(body.n)]
         self.id, self.created = new_id("cmpl"), now()

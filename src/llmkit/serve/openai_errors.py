@@ -3,8 +3,9 @@
 Clients branch on the status (the ``openai`` package raises ``BadRequestError`` for 400,
 ``AuthenticationError`` for 401, ``NotFoundError`` for 404, ``RateLimitError`` for 429 ...), so every
 failure the server can name gets the status OpenAI would give it: a malformed body is 400 (not
-FastAPI's 422), a missing or wrong key 401, an unknown model or route 404, a body over the limit 413,
-too many requests at once 429. Only a bug is a 500, and its message does not leak a traceback.
+FastAPI's 422), a missing or wrong key 401, an unknown model or route 404, a body over the limit 413, a
+body not declared as JSON 415, a Host header the server does not answer 421, too much work at once 429.
+Only a bug is a 500, and its message does not leak a traceback.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ extras (``user``, ``parallel_tool_calls``, ``service_tier``) work unchanged.
 
 The bounds are OpenAI's: ``temperature`` 0..2, ``top_p`` (0, 1], penalties -2..2, ``logprobs`` up to 20
 (``llmkit.infer.sampling.MAX_LOGPROBS``). The server's own limits (prompt length, ``max_tokens``,
-message count) depend on its configuration and are checked in :mod:`llmkit.serve.app`.
+message count, sequences per request, stop strings) depend on its configuration and are checked in
+:mod:`llmkit.serve.service`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from llmkit.infer.sampling import MAX_LOGPROBS
 
 MAX_CHOICES = 16  # ``n``: completions per prompt
-MAX_STOP_STRINGS = 16
 
 
 class Request(BaseModel):
@@ -53,8 +53,6 @@ class SamplingFields(Request):
     @classmethod
     def _stop_strings(cls, stop):
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if not all(stops):
             raise ValueError("stop strings must not be empty")
         return stops

@@ -1,10 +1,12 @@
 """What both generation endpoints share: the scheduler, the server's limits, sampling settings built from
 a request, usage counts, and the streaming plumbing (Server-Sent Events, the concurrency slot, metrics).
 
-A generation request is admitted only while fewer than ``max_concurrent_requests`` are in flight
-(429 otherwise), so a burst cannot queue unbounded work behind the batch. The slot is held until the
-last byte of the answer, whichever way the answer ends; a client that hangs up, streaming or not,
-cancels its requests, so their batch slots are free at the scheduler's next step.
+What a request may cost is bounded before anything runs: its sequences (prompts x ``n``), its stop
+strings' number and length (400 naming the field). A request is admitted only if its sequences fit
+in the scheduler beside the ones it holds, up to ``max_concurrent_requests`` (429 otherwise), so a burst
+cannot queue unbounded work behind the batch: sequences, not HTTP requests, are the work. A client that
+hangs up, streaming or not, cancels its sequences, so their batch slots are free at the scheduler's
+next step.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class Limits:
     max_prompt_tokens: int
     max_tokens: int
     max_concurrent_requests: int
+    max_choices: int
+    max_stop_strings: int
+    max_stop_length: int
 
 
 @dataclass
@@ -68,6 +73,21 @@ class Service:
         if max_tokens > self.limits.max_tokens:
             raise APIError(400, f"{param}: {max_tokens} is over this server's limit of {self.limits.max_tokens}", param)
 
+    def check_choices(self, prompts: int, n: int, param: str) -> None:
+        """A request asks for every prompt times ``n`` sequences."""
+        if prompts * n > self.limits.max_choices:
+            raise APIError(400, f"{param}: {prompts} prompt{'s' if prompts > 1 else ''} x n={n} is {prompts * n} sequences, "
+                                f"over this server's limit of {self.limits.max_choices} per request", param)
+
+    def check_stop(self, stops: list[str]) -> None:
+        if len(stops) > self.limits.max_stop_strings:
+            raise APIError(400, f"stop: {len(stops)} stop strings is over this server's limit of "
+                                f"{self.limits.max_stop_strings}", "stop")
+        longest = max(map(len, stops), default=0)
+        if longest > self.limits.max_stop_length:
+            raise APIError(400, f"stop: a stop string of {longest} characters is over this server's limit of "
+                                f"{self.limits.max_stop_length}", "stop")
+
     def room(self, prompt_ids: list[int]) -> int:
         """Tokens the context leaves after the prompt (at least one: check_prompt keeps prompts shorter)."""
         return max(1, self.context_length - len(prompt_ids))
@@ -96,10 +116,11 @@ class Service:
 
     # ---------------------------------------------------------------------------- concurrency
     def begin(self, jobs: list[tuple[list[int], GenerationConfig]], http_request: HTTPRequest) -> "Generation":
-        """Admit a generation request (429 when too many are in flight) and submit its jobs."""
-        if self.metrics.in_flight >= self.limits.max_concurrent_requests:
-            raise APIError(429, f"the server is answering {self.metrics.in_flight} requests, its limit; retry shortly",
-                           code="rate_limit_exceeded")
+        """Admit a generation request (429 when its jobs would take the scheduler over the limit) and submit them."""
+        held, limit = self.scheduler.num_unfinished, self.limits.max_concurrent_requests
+        if held + len(jobs) > limit:
+            raise APIError(429, f"the server holds {held} sequences and this request adds {len(jobs)}, over its limit "
+                                f"of {limit}; retry shortly", code="rate_limit_exceeded")
         self.metrics.in_flight += 1
         generation = Generation(self, RequestGroup(self.scheduler, jobs), http_request)
         try:
@@ -111,8 +132,8 @@ class Service:
 
 
 class Generation:
-    """One admitted request in flight: its slot, its scheduler requests, its timing. :meth:`close`
-    (cancel what still runs, give the slot back) runs however it ends."""
+    """One admitted request in flight: its scheduler requests, its timing. :meth:`close` (cancel what
+    still runs, count the request out of the in-flight gauge) runs however it ends."""
 
     def __init__(self, service: Service, group: RequestGroup, http_request: HTTPRequest):
         self.service, self.group, self.http_request = service, group, http_request
