@@ -107,6 +107,19 @@ def test_constructor_arguments_are_checked(engine):
         LlmkitLM(engine=engine, batch_size="auto")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the default on a machine without CUDA")
+def test_lm_evals_cuda_default_gives_way_to_the_cpu_without_cuda(engine, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    write_model(checkpoint, engine.model.state_dict(), engine.model.config, {"tokenizer_sha256": engine.tokenizer.sha256})
+    engine.tokenizer.save(checkpoint)
+    # What `llmkit-lm-eval --model llmkit --model_args checkpoint=...` passes: its own cuda:0 default.
+    model = LlmkitLM.create_from_arg_obj({"checkpoint": str(checkpoint)}, {"device": "cuda:0", "batch_size": 1})
+    assert model._device == torch.device("cpu") and model.batch_size == 1
+    with pytest.raises(ConfigError, match="CUDA is not available"):  # asked for in model_args: refused in one line
+        LlmkitLM.create_from_arg_obj({"checkpoint": str(checkpoint), "device": "cuda"}, {})
+
+
 def test_chat_prompts_use_llmkits_chat_format(engine):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     assert LlmkitLM(engine=engine).apply_chat_template(messages) == \

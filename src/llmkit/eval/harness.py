@@ -52,16 +52,17 @@ _SET_FROM_REQUEST = {"until", "max_gen_toks", "do_sample"}
 
 @register_model("llmkit")
 class LlmkitLM(LM):
-    def __init__(self, checkpoint: str | None = None, device: str = "cpu", batch_size: int | str = 16,
+    def __init__(self, checkpoint: str | None = None, device: str | None = None, batch_size: int | str = 16,
                  max_gen_toks: int = 256, dtype: str | None = None, engine: Engine | None = None):
-        """A checkpoint (a run directory or checkpoint folder) loaded on ``device`` (in ``dtype``, by default
-        the stored one), or a ready ``engine``."""
+        """A checkpoint (a run directory or checkpoint folder) loaded on ``device`` (by default the GPU when
+        there is one, else the CPU; in ``dtype``, by default the stored one), or a ready ``engine``."""
         super().__init__()
         check((checkpoint is None) != (engine is None), "checkpoint", checkpoint, "give exactly one of checkpoint or engine")
         check(str(batch_size).isdigit() and int(batch_size) > 0, "batch_size", batch_size, "must be a positive integer")
         check(int(max_gen_toks) > 0, "max_gen_toks", max_gen_toks, "must be positive")
         check(dtype is None or dtype in DTYPES, "dtype", dtype, f"must be one of {', '.join(DTYPES)}")
         if engine is None:
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             check(not str(device).startswith("cuda") or torch.cuda.is_available(), "device", device,
                   "CUDA is not available on this machine; pass device=cpu")
             engine = Engine.from_checkpoint(checkpoint, device=device, dtype=DTYPES.get(dtype))
@@ -81,6 +82,8 @@ class LlmkitLM(LM):
         # settings written in --model_args win over them, and max_batch_size (for batch_size=auto) has no use here.
         merged = {key: value for key, value in (additional_config or {}).items()
                   if key in ("device", "batch_size") and value is not None}
+        if str(merged.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            del merged["device"]  # lm-eval's default on a machine without CUDA: take what the machine has
         merged.update(arguments)
         return cls(**merged)
 
