@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+import llmkit.io
 from llmkit.cli import main
 from llmkit.data.pipeline import PipelineConfig, run_pipeline
 from llmkit.data.shards import load_manifest, open_split
@@ -246,3 +247,19 @@ def test_a_run_killed_half_way_resumes_without_losing_or_duplicating(corpus, tmp
     assert main(["data", "run", "--out", str(interrupted), *arguments]) == 0
     assert (interrupted / "train_000.bin").read_bytes() == (reference / "train_000.bin").read_bytes()
     assert load_manifest(interrupted)["splits"]["train"]["documents"] == 300
+
+
+def test_a_shard_is_on_disk_before_its_statistics_mark_it_done(corpus, tmp_path, monkeypatch):
+    """What a power loss needs: each JSONL file of a shard is fsynced, and its folder after the rename,
+    before the shard's stats.json (written last: the shard is done) is."""
+    synced = []
+    fsync = llmkit.io.fsync_path
+    monkeypatch.setattr(llmkit.io, "fsync_path", lambda path: synced.append(Path(path)) or fsync(path))
+    run_pipeline(pipeline_config(corpus, tmp_path / "out"))
+    stats_files = sorted((tmp_path / "out" / "work").glob("phase_*/*.stats.json"))
+    assert len(stats_files) > 2
+    for stats in stats_files:
+        done = next(index for index, path in enumerate(synced) if path.parent == stats.parent and path.name.startswith(f".{stats.name}."))
+        for kind in ("kept.jsonl", "removed.jsonl"):
+            data = synced.index(stats.parent / stats.name.replace("stats.json", f"{kind}.tmp"))
+            assert data < done and stats.parent in synced[data + 1:done], (stats, kind)

@@ -1,8 +1,12 @@
-"""Model-based quality scores (perplexity, classifier), score bands, and the mixture/curriculum arithmetic."""
+"""Model-based quality scores (perplexity, classifier, stored without pickle), score bands, and the
+mixture/curriculum arithmetic."""
 
 import json
 import math
+import os
+import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from llmkit.data.mixture import mixture_epochs, order_documents, sample_mixture
 from llmkit.data.pipeline import PipelineConfig, run_pipeline
 from llmkit.data.quality import ClassifierConfig, PerplexityConfig, PerplexityScorer, QualityClassifier, ScoreBand
 from llmkit.data.shards import load_manifest
-from llmkit.errors import ConfigError
+from llmkit.errors import ConfigError, InputError
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
 from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
@@ -80,6 +84,36 @@ def test_classifier_separates_reference_text_from_junk_with_a_high_held_out_auc(
     assert 0.75 < metrics["held_out_auc"] < 0.95 and metrics["held_out_documents"] == 24
     scores = classifier.score([prose(rng) for _ in range(10)] + [junk(rng) for _ in range(10)])
     assert scores[:10].min() > scores[10:].max()
+
+
+class Planted:
+    """A pickle whose loading creates ``marker``: the code a shared work folder could plant."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_the_classifier_round_trips_as_arrays_and_never_reads_a_pickle(tmp_path, monkeypatch):
+    rng = random.Random(3)
+    classifier, _ = QualityClassifier.train([prose(rng) for _ in range(30)], [junk(rng) for _ in range(30)],
+                                            ClassifierConfig(reference="unused", features=2**12, ngram=3))
+    classifier.save(tmp_path / "05_classifier_model.pkl")  # the pipeline step's name for it
+    assert os.listdir(tmp_path) == ["05_classifier_model.npz"]
+    marker = tmp_path / "code_ran"
+    (tmp_path / "05_classifier_model.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    monkeypatch.setattr(pickle, "load", None)  # any unpickling below fails loudly
+    monkeypatch.setattr(pickle, "loads", None)
+    loaded = QualityClassifier.load(tmp_path / "05_classifier_model.pkl")
+    texts = [prose(rng) for _ in range(5)] + [junk(rng) for _ in range(5)] + ["", "Mixed: the river and $$$ casino"]
+    assert np.array_equal(loaded.score(texts), classifier.score(texts))
+    assert loaded.vectorizer.get_params() == classifier.vectorizer.get_params()
+    (tmp_path / "05_classifier_model.npz").write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.raises(InputError, match="05_classifier_model.npz: not a valid quality classifier"):
+        QualityClassifier.load(tmp_path / "05_classifier_model.pkl")
+    assert not marker.exists()
 
 
 def test_roc_auc_matches_the_pairwise_definition():

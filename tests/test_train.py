@@ -1,6 +1,9 @@
-"""The training loop: exact resume, Ctrl-C, the spike guard, schedules, optimizer groups, budgets."""
+"""The training loop: exact resume, Ctrl-C and SIGTERM, damaged checkpoints, the spike guard, schedules,
+optimizer groups, budgets."""
 
 import csv
+import json
+import logging
 import math
 import os
 import signal
@@ -10,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import SyntheticBatches, tiny_config
-from llmkit.errors import ConfigError, MismatchError
+from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.model import Transformer
+from llmkit.model.checkpoint import load_model
 from llmkit.train.config import TrainConfig
 from llmkit.train.objectives import causal_lm_loss
 from llmkit.train.optim import build_optimizer, learning_rate
@@ -49,29 +53,125 @@ def test_loss_falls_and_files_are_written(tmp_path):
 
 
 class InterruptAt(SyntheticBatches):
-    """Sends the process a real SIGINT (as Ctrl-C does) when batch ``at`` is drawn."""
+    """Sends the process a real signal (SIGINT as Ctrl-C does, SIGTERM as SLURM does) when batch ``at`` is drawn."""
 
-    def __init__(self, at: int):
+    def __init__(self, at: int, signal_number: int = signal.SIGINT):
         super().__init__()
-        self.at = at
+        self.at, self.signal_number = at, signal_number
 
     def get_batch(self, index):
         if index == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.signal_number)
         return super().get_batch(index)
 
 
-def test_interrupt_then_resume_continues_the_same_loss_curve(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run(straight)
-    interrupted = run(split, batches=InterruptAt(5))
-    assert interrupted["interrupted"] and interrupted["steps"] == 6  # the step in flight finishes, then saves
-    run(split, resume=True)
-    assert losses(split) == losses(straight)
-    final = load_file(straight / "checkpoints/step_00000012/model.safetensors")
-    resumed = load_file(split / "checkpoints/step_00000012/model.safetensors")
+def assert_same_final_weights(run_a, run_b):
+    final = load_file(run_a / "checkpoints/step_00000012/model.safetensors")
+    resumed = load_file(run_b / "checkpoints/step_00000012/model.safetensors")
     for name in final:
         torch.testing.assert_close(resumed[name], final[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_then_resume_continues_the_same_loss_curve(tmp_path, signal_number):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(straight)
+    handler = signal.getsignal(signal_number)
+    interrupted = run(split, batches=InterruptAt(5, signal_number))
+    assert interrupted["interrupted"] and interrupted["steps"] == 6  # the step in flight finishes, then saves
+    assert (split / "latest").read_text().strip() == "checkpoints/step_00000006"
+    assert signal.getsignal(signal_number) == handler  # given back
+    run(split, resume=True)
+    assert losses(split) == losses(straight)
+    assert_same_final_weights(straight, split)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, bad_file, reason", [
+    (lambda folder: truncate(folder / "model.safetensors"), "model.safetensors", "truncated"),
+    (lambda folder: flip_a_byte(folder / "optimizer.pt"), "optimizer.pt", "sha256 differs"),
+    (lambda folder: (folder / "manifest.json").write_bytes(b"\xff{"), "manifest.json", "utf-8"),
+    (lambda folder: (folder / "trainer_state.json").unlink(), "trainer_state.json", "missing"),
+])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, damage, bad_file, reason):
+    straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+    run(straight)
+    run(damaged)
+    newest = damaged / "checkpoints/step_00000012"
+    damage(newest)
+    with caplog.at_level(logging.WARNING, logger="llmkit.train.checkpoint"):
+        run(damaged, resume=True)
+    [message] = [record.getMessage() for record in caplog.records]
+    assert message.startswith(f"{newest / bad_file}: ") and reason in message and "\n" not in message
+    assert message.endswith("resuming from step_00000008 instead")
+    assert losses(damaged) == losses(straight)  # steps 9-12 trained again, on the same curve
+    assert_same_final_weights(straight, damaged)
+
+
+def test_without_an_intact_checkpoint_resume_is_one_error_naming_the_newest_bad_file(tmp_path):
+    run(tmp_path, max_steps=4)
+    truncate(tmp_path / "checkpoints/step_00000004/model.safetensors")
+    with pytest.raises(InputError, match=r"no intact checkpoint to resume from \(.*step_00000004/model.safetensors: 100 bytes"):
+        run(tmp_path, max_steps=8, resume=True)
+
+
+@pytest.mark.parametrize("content", [b"../../..", b"/etc", b"checkpoints/../../..", b"checkpoints/step_4/../..",
+                                     b"checkpoints\\step_4", b"\xff\xfecheckpoints"])
+def test_latest_must_name_a_checkpoint_folder_in_utf8(tmp_path, content):
+    run(tmp_path, max_steps=4)
+    (tmp_path / "latest").write_bytes(content)
+    for attempt in (lambda: run(tmp_path, max_steps=4, resume=True), lambda: load_model(tmp_path)):
+        with pytest.raises(InputError) as error:
+            attempt()
+        assert str(error.value).startswith(f"{tmp_path / 'latest'}: ") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda config: config["model"].update(n_layers=3), "'n_layers' = 3: unknown field"),
+    (lambda config: config["model"].update(n_head=0), "'n_head' = 0"),
+    (lambda config: config.pop("model"), "no 'model' section"),
+])
+def test_a_bad_config_json_is_an_error_naming_the_file_and_field(tmp_path, damage, expected):
+    run(tmp_path, max_steps=4)
+    path = tmp_path / "checkpoints/step_00000004/config.json"
+    config = json.loads(path.read_text())
+    damage(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(InputError) as error:
+        load_model(tmp_path)
+    assert str(error.value).startswith(f"{path}: ") and expected in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("config.json", b"\xff\xfe{}", "cannot read"), ("config.json", b'{"model": ', "not valid JSON"),
+    ("model.safetensors", None, "not a readable safetensors file"),
+])
+def test_unreadable_checkpoint_files_are_errors_naming_them(tmp_path, name, content, expected):
+    run(tmp_path, max_steps=4)
+    path = tmp_path / "checkpoints/step_00000004" / name
+    truncate(path) if content is None else path.write_bytes(content)
+    with pytest.raises(InputError) as error:
+        load_model(tmp_path)
+    assert str(error.value).startswith(f"{path}") and expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_pruning_keeps_the_newest_checkpoints_and_clears_the_leftovers_of_killed_saves(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / ".step_00000002.x1y2.tmp").mkdir(parents=True)  # a save killed half-way
+    (checkpoints / "step_00000099").mkdir()  # a later step a fallback went past: overwritten when the run gets there
+    run(tmp_path, keep_last=2)
+    assert sorted(os.listdir(checkpoints)) == ["step_00000008", "step_00000012", "step_00000099"]
+    manifest = json.loads((checkpoints / "step_00000012/manifest.json").read_text())
+    assert set(manifest["files"]) == {"config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"}
 
 
 def test_resume_refuses_a_different_model_and_overwriting(tmp_path):

@@ -2,7 +2,10 @@
 
 Every file llmkit writes goes to a temporary name in the same directory and is
 moved into place with ``os.replace``, so an interrupted run never leaves a
-half-written file where a complete one used to be.
+half-written file where a complete one used to be. A rename alone survives a
+killed process but not a power loss: the kernel may persist the new name before
+the data behind it. So :func:`commit_file` (and :class:`AtomicDirectory` for whole
+folders) fsyncs the data before the rename and the folder after it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,23 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (the names created or renamed in it), to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def commit_file(temporary: str | Path, path: str | Path) -> None:
+    """Rename a finished temporary file to ``path`` durably: after a crash, even a power loss, ``path``
+    holds its old content or the new one, never an empty or partial file."""
+    fsync_path(temporary)
+    os.replace(temporary, path)
+    fsync_path(Path(path).parent)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,9 +51,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual mode
         with os.fdopen(handle, "wb") as file:
             file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
+        commit_file(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
@@ -71,6 +89,10 @@ class AtomicDirectory:
         if exc_type is not None:
             shutil.rmtree(self.temporary, ignore_errors=True)
             return
+        # Libraries (safetensors, torch.save) write without fsync: flush everything before the rename.
+        for path in self.temporary.rglob("*"):
+            fsync_path(path)
+        fsync_path(self.temporary)
         if self.final.exists():
             # Move the old copy aside first so there is never a moment without a complete directory.
             stale = self.final.with_name(f".{self.final.name}.old")
@@ -80,6 +102,7 @@ class AtomicDirectory:
             shutil.rmtree(stale, ignore_errors=True)
         else:
             os.replace(self.temporary, self.final)
+        fsync_path(self.final.parent)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -2,14 +2,16 @@
 reward, evaluate, iterate, checkpoint, evaluate again, plot, summarise.
 
 **Checkpoints** are the training loop's (:func:`llmkit.train.checkpoint.save_training_checkpoint`:
-written into a temporary folder, renamed into place, then the ``latest`` pointer replaced, so an
-interrupted write never leaves a broken checkpoint). ``model.safetensors`` + ``config.json`` (stage
+written into a temporary folder with a manifest of checksums, fsynced, renamed into place, then the
+``latest`` pointer replaced, so neither a kill nor a power loss leaves a broken checkpoint in force;
+resuming verifies it and falls back to the newest intact one). ``model.safetensors`` + ``config.json`` (stage
 ``ppo``/``grpo``) are the policy alone, which every later stage, the engine and the exporters load
 as is; ``optimizer.pt`` holds the optimizer state and PPO's value head (the training state that is not
 the language model); ``trainer_state.json`` the iteration, the algorithm's state (PPO's KL
 coefficient) and the evaluation before training. ``--resume`` reloads all of it: the policy from the
 run, the reference from ``--policy``, and continues from the next iteration with the same prompts
-and sampling seeds an uninterrupted run would have used.
+and sampling seeds an uninterrupted run would have used. SIGINT or SIGTERM finishes the iteration in
+flight, saves and ends the run, as the training loop does (:class:`llmkit.train.trainer.StopSignals`).
 
 **Evaluation** is greedy decoding (with the run's tools) on held-out prompts of the task, scored by
 the task's exact checker (accuracy) and by the training reward.
@@ -41,9 +43,10 @@ from llmkit.infer.tools import ToolBox, calculator_tool, default_toolbox
 from llmkit.io import read_json
 from llmkit.model.checkpoint import LATEST, load_model, read_config, resolve_checkpoint
 from llmkit.tokenizer import END, Tokenizer
-from llmkit.train.checkpoint import decode_rng, encode_rng, save_training_checkpoint
+from llmkit.train.checkpoint import (decode_rng, encode_rng, read_training_state, resumable_checkpoint,
+                                     save_training_checkpoint)
 from llmkit.train.metrics import MetricsLog
-from llmkit.train.trainer import resolve_device
+from llmkit.train.trainer import StopSignals, resolve_device
 
 CURVES = ("reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "response_length", "accuracy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -104,10 +107,9 @@ def _save(loop: PolicyLoop, out: Path, iteration: int, state: dict, metadata: di
                                     metadata, loop.tokenizer, keep_last)
 
 
-def _restore(loop: PolicyLoop, out: Path) -> dict:
-    """Optimizer, value head and algorithm state of the run's latest checkpoint (the policy is loaded from it already)."""
-    checkpoint = resolve_checkpoint(out)
-    training_state = torch.load(checkpoint / "optimizer.pt", map_location=loop.device, weights_only=True)
+def _restore(loop: PolicyLoop, checkpoint: Path) -> dict:
+    """Optimizer, value head and algorithm state of the checkpoint resumed from (the policy is loaded from it already)."""
+    training_state = read_training_state(checkpoint, loop.device)
     loop.optimizer.load_state_dict(training_state["optimizer"])
     if loop.algorithm.value_head is not None:
         loop.algorithm.value_head.load_state_dict(training_state["value_head"])
@@ -130,11 +132,12 @@ def run_policy_stage(stage: str, config, run: RLRunConfig, rollout: RolloutConfi
         raise ConfigError("out", run.out, "already holds a run; pass --resume to continue it or choose another --out")
     if run.resume and not resuming:
         raise ConfigError("resume", True, f"no checkpoint in {out} to resume from")
-    if resuming and read_config(resolve_checkpoint(out)).get("stage") != stage:
-        raise ConfigError("out", run.out, f"holds a {read_config(resolve_checkpoint(out)).get('stage')} run, not a {stage} run to resume")
+    resumed = resumable_checkpoint(out) if resuming else None
+    if resumed is not None and read_config(resumed).get("stage") != stage:
+        raise ConfigError("out", run.out, f"holds a {read_config(resumed).get('stage')} run, not a {stage} run to resume")
     device, dtype = resolve_device(run.device), DTYPES[run.dtype]
     # Resuming continues the policy of the run; the reference is always the starting policy.
-    policy, tokenizer, _ = load_base(out if resuming else run.policy)
+    policy, tokenizer, _ = load_base(resumed or run.policy)
     base = resolve_checkpoint(run.policy)
     reference, _ = load_model(base, device=device)
     policy.to(device)
@@ -152,7 +155,7 @@ def run_policy_stage(stage: str, config, run: RLRunConfig, rollout: RolloutConfi
     def evaluation() -> dict[str, float]:
         return evaluate(loop.engine, eval_prompts, task.checker, reward, rollout.max_new_tokens, tools)
 
-    state = _restore(loop, out) if resuming else {"tokens": 0, "elapsed_s": 0.0, "before": evaluation()}
+    state = _restore(loop, resumed) if resuming else {"tokens": 0, "elapsed_s": 0.0, "before": evaluation()}
     log = MetricsLog(out, state["iteration"] if resuming else None)
     log.rows = [row for row in log.rows if row.get("event") != "end"]  # the interrupted run's end is not this one's
     if not resuming:
@@ -167,24 +170,31 @@ def run_policy_stage(stage: str, config, run: RLRunConfig, rollout: RolloutConfi
     iteration = start_iteration
     bar = tqdm(range(start_iteration, run.iterations), initial=start_iteration, total=run.iterations, desc=stage,
                unit="it", disable=not run.progress, dynamic_ncols=True)
-    for iteration in bar:
-        metrics = loop.iterate(iteration)
-        first_metrics, last_metrics = first_metrics or metrics, metrics
-        state["tokens"] += int(metrics.pop("generated_tokens"))
-        if run.eval_interval and (iteration + 1) % run.eval_interval == 0:
-            metrics.update(evaluation())
-        log.add(step=iteration + 1, tokens=state["tokens"], elapsed_s=f"{elapsed():.1f}", **_format(metrics))
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', float('nan')):.3f}")
-        if (iteration + 1) % run.checkpoint_interval == 0:
-            _save(loop, out, iteration + 1, {**state, "elapsed_s": elapsed()}, metadata, run.keep_last)
-            log.flush()
-        if deadline is not None and elapsed() >= deadline:
-            break
-    bar.close()
-    completed = iteration + 1 if run.iterations > start_iteration else start_iteration
-    after = evaluation()
-    log.add(step=completed, tokens=state["tokens"], elapsed_s=f"{elapsed():.1f}", **_format(after), event="end")
-    checkpoint = _save(loop, out, completed, {**state, "elapsed_s": elapsed()}, metadata, run.keep_last)
+    signals = StopSignals().install()
+    try:
+        for iteration in bar:
+            metrics = loop.iterate(iteration)
+            first_metrics, last_metrics = first_metrics or metrics, metrics
+            state["tokens"] += int(metrics.pop("generated_tokens"))
+            if run.eval_interval and (iteration + 1) % run.eval_interval == 0:
+                metrics.update(evaluation())
+            log.add(step=iteration + 1, tokens=state["tokens"], elapsed_s=f"{elapsed():.1f}", **_format(metrics))
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', float('nan')):.3f}")
+            if (iteration + 1) % run.checkpoint_interval == 0:
+                log.flush()  # before the checkpoint, as in the Trainer: a crash between them loses no rows
+                _save(loop, out, iteration + 1, {**state, "elapsed_s": elapsed()}, metadata, run.keep_last)
+            if signals.requested or (deadline is not None and elapsed() >= deadline):
+                break
+        bar.close()
+        completed = iteration + 1 if run.iterations > start_iteration else start_iteration
+        # The checkpoint before the final evaluation, which may outlast a scheduler's grace period after SIGTERM.
+        log.flush()
+        checkpoint = _save(loop, out, completed, {**state, "elapsed_s": elapsed()}, metadata, run.keep_last)
+        after = evaluation()
+    finally:
+        signals.restore()
+    log.add(step=completed, tokens=state["tokens"], elapsed_s=f"{elapsed():.1f}", **_format(after),
+            event="interrupted" if signals.requested else "end")
     log.flush()
     curves = plot_metrics(out, list(CURVES), f"{stage}: {run.task}", "curves.png", x_label="iteration", panel_rows=2,
                           with_events=True, marked=("accuracy",))
@@ -194,4 +204,4 @@ def run_policy_stage(stage: str, config, run: RLRunConfig, rollout: RolloutConfi
             "reward_before": state["before"]["eval_reward"], "reward_after": after["eval_reward"],
             "rollout_reward_first": first_metrics.get("reward"), "rollout_reward_last": last_metrics.get("reward"),
             "final_kl": last_metrics.get("kl"), **loop.algorithm.state_dict(), "eval_prompts": len(eval_prompts),
-            "checkpoint": str(checkpoint), "curves": str(curves)}
+            "checkpoint": str(checkpoint), "curves": str(curves), "interrupted": signals.requested}

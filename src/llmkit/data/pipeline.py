@@ -13,7 +13,9 @@ How a run is organised (all under the work directory, by default ``<out>/work``)
    deciding. A phase reads each shard, applies the previous corpus step's
    decision and the document steps, measures the next corpus step, and writes
    the kept documents, the removed ones (with the step and reason) and its
-   statistics. The statistics file is written last and marks the shard done.
+   statistics. The statistics file is written last and marks the shard done,
+   once the shard's other files are fsynced (so a power loss cannot leave a
+   shard marked done with its documents missing).
    Shards run as tasks of a local process pool, or of a Dask cluster
    (``executor: dask``; every task only needs the work directory, which must be
    on a filesystem the Dask workers share).

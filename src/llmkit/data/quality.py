@@ -8,13 +8,15 @@ The classifier filter follows GPT-3 (Brown et al. 2020, appendix A): a linear
 classifier on hashed word n-grams learns "reference" (curated text, label 1)
 against the raw pool (label 0); its probability is the document's quality
 score. scikit-learn provides the hashing vectoriser, logistic regression and
-the held-out ROC AUC.
+the held-out ROC AUC. The trained classifier is stored as plain arrays (an
+``.npz`` read without pickle), so a work folder others can write to cannot make
+the pipeline run their code.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch
 
 from llmkit.config import check
 from llmkit.errors import InputError
-from llmkit.io import atomic_write_bytes
+from llmkit.io import atomic_write_arrays, read_arrays
 
 
 @dataclass
@@ -133,22 +135,20 @@ class ClassifierConfig(ScoreBand):
 class QualityClassifier:
     """Hashed word n-grams -> logistic regression probability of being reference text."""
 
-    def __init__(self, config: ClassifierConfig):
-        from sklearn.feature_extraction.text import HashingVectorizer
-
-        self.vectorizer = HashingVectorizer(ngram_range=(1, config.ngram), n_features=config.features, alternate_sign=False,
-                                            norm="l2", lowercase=True)
-        self.model = None
+    def __init__(self, vectorizer, model=None):
+        self.vectorizer, self.model = vectorizer, model
 
     @classmethod
     def train(cls, good: Sequence[str], pool: Sequence[str], config: ClassifierConfig) -> tuple["QualityClassifier", dict]:
         """Fit on ``good`` (label 1) against ``pool`` (label 0); return the classifier and its held-out metrics."""
+        from sklearn.feature_extraction.text import HashingVectorizer
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
 
         if len(good) < 2 or len(pool) < 2:
             raise InputError(f"classifier: need at least 2 reference and 2 pool documents (got {len(good)} and {len(pool)})")
-        classifier = cls(config)
+        classifier = cls(HashingVectorizer(ngram_range=(1, config.ngram), n_features=config.features, alternate_sign=False,
+                                           norm="l2", lowercase=True))
         texts = list(good) + list(pool)
         labels = np.array([1] * len(good) + [0] * len(pool))
         order = list(range(len(texts)))
@@ -168,9 +168,34 @@ class QualityClassifier:
         return self.model.predict_proba(self.vectorizer.transform(list(texts)))[:, 1]
 
     def save(self, path: str | Path) -> None:
-        atomic_write_bytes(Path(path), pickle.dumps(self))
+        """``path`` with the suffix ``.npz``: the model's coefficients, intercept and classes, and every
+        setting of the vectoriser (JSON) but its dtype (the default, float64)."""
+        settings = {name: value for name, value in self.vectorizer.get_params().items() if name != "dtype"}
+        atomic_write_arrays(_arrays_path(path), coef=self.model.coef_, intercept=self.model.intercept_,
+                            classes=self.model.classes_, vectorizer=np.array(json.dumps(settings)))
 
-    @staticmethod
-    def load(path: str | Path) -> "QualityClassifier":
-        with open(path, "rb") as file:
-            return pickle.load(file)
+    @classmethod
+    def load(cls, path: str | Path) -> "QualityClassifier":
+        """The classifier :meth:`save` wrote, rebuilt as the same scikit-learn objects (same predictions)."""
+        from sklearn.feature_extraction.text import HashingVectorizer
+        from sklearn.linear_model import LogisticRegression
+
+        path = _arrays_path(path)
+        arrays = read_arrays(path, "quality classifier", ("coef", "intercept", "classes", "vectorizer"))
+        try:
+            settings = json.loads(str(arrays["vectorizer"]))
+            vectorizer = HashingVectorizer(**{**settings, "ngram_range": tuple(settings["ngram_range"])})
+        except (ValueError, TypeError, KeyError) as error:
+            raise InputError(f"{path}: not a valid quality classifier (vectoriser settings: {error})") from None
+        if arrays["coef"].shape != (1, vectorizer.n_features) or arrays["intercept"].shape != (1,) or arrays["classes"].shape != (2,):
+            raise InputError(f"{path}: not a valid quality classifier (arrays of the wrong shapes)")
+        model = LogisticRegression()
+        model.coef_, model.intercept_, model.classes_ = arrays["coef"], arrays["intercept"], arrays["classes"]
+        model.n_features_in_ = vectorizer.n_features
+        return cls(vectorizer, model)
+
+
+def _arrays_path(path: str | Path) -> Path:
+    # Whatever suffix the caller names: work folders of earlier versions hold a pickle under ".pkl",
+    # which must never be read.
+    return Path(path).with_suffix(".npz")

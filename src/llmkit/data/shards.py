@@ -30,7 +30,7 @@ from llmkit import __version__
 from llmkit.config import check
 from llmkit.data.sources import Document, is_held_out, iter_documents
 from llmkit.errors import InputError, MismatchError
-from llmkit.io import atomic_write_json, read_json
+from llmkit.io import atomic_write_json, commit_file, read_json
 from llmkit.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -166,7 +166,7 @@ class ShardWriter:
         """Flush to disk and rename every shard into place; return their names and token counts."""
         self._close()
         for shard in self.shards:
-            os.replace(self._temporary_path(shard["file"]), self.directory / shard["file"])
+            commit_file(self._temporary_path(shard["file"]), self.directory / shard["file"])
         return self.shards
 
     def discard(self) -> None:
@@ -181,8 +181,6 @@ class ShardWriter:
 
     def _close(self) -> None:
         if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
             self.file.close()
             self.file = None
 

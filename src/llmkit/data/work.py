@@ -10,18 +10,18 @@ work/
   phase_P/shard_NNNNN.{kept.jsonl, removed.jsonl, measure.npz, stats.json}
 ```
 
-Every file is written under a temporary name and renamed into place; a shard's
-``stats.json`` is written last and marks it done.
+Every file is written under a temporary name, fsynced and renamed into place
+(:func:`llmkit.io.commit_file`); a shard's ``stats.json`` is written last and marks it
+done, so even after a power loss a shard marked done has its JSONL files on disk.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
-from llmkit.io import iter_jsonl
+from llmkit.io import commit_file, iter_jsonl
 
 
 class Work:
@@ -62,7 +62,7 @@ class TemporaryJsonl:
 
     def commit(self) -> None:
         self.file.close()
-        os.replace(self.temporary, self.path)
+        commit_file(self.temporary, self.path)
 
 
 def read_records(path: Path) -> Iterator[dict]:

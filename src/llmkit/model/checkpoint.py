@@ -2,23 +2,44 @@
 
 A run directory holds ``checkpoints/step_NNNNNNNN/`` folders and a ``latest`` file naming the newest
 complete one; :func:`resolve_checkpoint` accepts either a run directory or a checkpoint folder.
+A damaged file (truncated weights, bad JSON, an unknown config key) is a one-line error naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmkit import __version__
-from llmkit.errors import InputError, MismatchError
+from llmkit.config import build
+from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.io import atomic_write_json, read_json
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 
 LATEST = "latest"
+# What ``latest`` may hold: one folder directly inside checkpoints/, so a crafted pointer
+# ("../../..", an absolute path) cannot lead a resume or a server out of the run directory.
+LATEST_PATTERN = re.compile(r"checkpoints/step_[0-9]+")
+
+
+def read_latest(run_directory: Path) -> Path:
+    """The checkpoint folder named by the run's ``latest`` file (which may not exist any more)."""
+    pointer = run_directory / LATEST
+    if not pointer.is_file():
+        raise InputError(f"{pointer}: file not found")
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise InputError(f"{pointer}: not valid UTF-8") from None
+    if not LATEST_PATTERN.fullmatch(name):
+        raise InputError(f"{pointer}: must name a folder of checkpoints/ like checkpoints/step_00000100, not {name[:80]!r}")
+    return run_directory / name
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -28,7 +49,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     pointer = path / LATEST
     if pointer.is_file():
-        target = path / pointer.read_text(encoding="utf-8").strip()
+        target = read_latest(path)
         if (target / "model.safetensors").is_file():
             return target
         raise InputError(f"{pointer}: points at {target}, which holds no model.safetensors")
@@ -48,9 +69,26 @@ def write_model(directory: Path, state_dict: dict[str, torch.Tensor], config: Mo
 
 def read_config(checkpoint: Path) -> dict:
     config = read_json(checkpoint / "config.json")
-    if "model" not in config:
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise InputError(f"{checkpoint / 'config.json'}: no 'model' section")
     return config
+
+
+def model_config_of(checkpoint: Path, config: dict) -> ModelConfig:
+    """The :class:`ModelConfig` of a checkpoint's ``config.json`` (read as ``config``); an unknown or invalid
+    field is an error naming it and the file."""
+    try:
+        return build(ModelConfig, config["model"], source="its 'model' section")
+    except ConfigError as error:
+        raise InputError(f"{checkpoint / 'config.json'}: {error}") from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file; a truncated or foreign file is an error naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -59,10 +97,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     ``model_class`` builds it: a subclass that adds heads to the Transformer, such as the reward model."""
     checkpoint = resolve_checkpoint(path)
     config = read_config(checkpoint)
-    model_config = ModelConfig(**config["model"])
+    model_config = model_config_of(checkpoint, config)
     with torch.device("meta"):
         model = model_class(model_config)
-    state = load_file(str(checkpoint / "model.safetensors"))
+    state = read_weights(checkpoint / "model.safetensors")
     if model_config.tie_embeddings:
         state["lm_head.weight"] = state["token_embedding.weight"]
     expected = set(model.state_dict())

@@ -1,18 +1,26 @@
-"""Training checkpoints: the model files plus optimizer and trainer state, written atomically.
+"""Training checkpoints: the model files plus optimizer and trainer state, written atomically and durably.
 
 Layout of a run directory::
 
     latest                     -> "checkpoints/step_00000500"
     checkpoints/step_00000500/ config.json model.safetensors tokenizer files
-                               optimizer.pt trainer_state.json
+                               optimizer.pt trainer_state.json manifest.json
     metrics.csv loss.png
+
+A checkpoint is built in a temporary folder; ``manifest.json`` (size and sha256 of every other file)
+is written last, every file and the folder are fsynced, the folder is renamed into place, and only
+then does ``latest`` move and are older checkpoints pruned. Resuming verifies the manifest and, when
+the newest checkpoint is damaged anyway (a disk error, a copy cut short), falls back to the newest
+intact one before it.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
+import pickle
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch import nn
@@ -25,12 +33,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from llmkit.errors import InputError, MismatchError
-from llmkit.io import atomic_directory, atomic_write_json, atomic_write_text, read_json
-from llmkit.model.checkpoint import LATEST, read_config, resolve_checkpoint, write_model
+from llmkit.io import atomic_directory, atomic_write_json, atomic_write_text, read_json, sha256_file
+from llmkit.model.checkpoint import LATEST, model_config_of, read_config, read_latest, read_weights, write_model
 from llmkit.model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # Full (unsharded) state on the CPU: a checkpoint written by 4 FSDP ranks loads in 1 process and back.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+MANIFEST = "manifest.json"
+RESUME_FILES = {"config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"}
 
 
 def encode_rng(state: torch.Tensor) -> str:
@@ -58,37 +70,103 @@ def save_training_checkpoint(run_directory: Path, step: int, model_state: dict, 
         atomic_write_json(directory / "trainer_state.json", trainer_state)
         if tokenizer is not None:
             tokenizer.save(directory)
-    # The pointer moves only once the folder is complete: an interrupted save leaves the old one in force.
+        write_manifest(directory)
+    # The pointer moves only once the folder is complete and on disk: an interrupted save leaves the old one in force.
     atomic_write_text(run_directory / LATEST, f"checkpoints/{name}\n")
     _prune(run_directory / "checkpoints", keep_last, keep=final)
     return final
 
 
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name[len("step_"):])
+
+
+def _checkpoints_before(directory: Path, newest: Path) -> list[Path]:
+    """The checkpoint folders of ``directory`` older than ``newest``, newest first."""
+    older = [path for path in directory.glob("step_*") if path.is_dir() and path.name[len("step_"):].isdigit()
+             and _step_of(path) < _step_of(newest)]
+    return sorted(older, key=_step_of, reverse=True)
+
+
 def _prune(directory: Path, keep_last: int, keep: Path) -> None:
-    checkpoints = sorted(path for path in directory.glob("step_*") if path.is_dir())
-    for old in checkpoints[:-keep_last]:
-        if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
+    """Keep ``keep`` (just written, on disk and named by ``latest``: the newest intact checkpoint) and the
+    ``keep_last - 1`` before it. Later-numbered folders, left by a run that fell back past them, are kept
+    until the run overwrites them; the temporaries of saves killed half-way go."""
+    for old in _checkpoints_before(directory, keep)[keep_last - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in directory.glob(".step_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_manifest(directory: Path) -> None:
+    """``manifest.json``: the size and sha256 of every file of a checkpoint being built; written last."""
+    files = {path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+             for path in sorted(directory.rglob("*")) if path.is_file()}
+    atomic_write_json(directory / MANIFEST, {"files": files})
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Raise naming the first file a resume needs that is missing, truncated or altered (or the manifest,
+    when it is missing or malformed)."""
+    if not checkpoint.is_dir():
+        raise InputError(f"{checkpoint}: checkpoint folder not found")
+    manifest_path = checkpoint / MANIFEST
+    manifest = read_json(manifest_path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not RESUME_FILES <= set(files):
+        raise InputError(f"{manifest_path}: malformed manifest (needs a 'files' table listing {', '.join(sorted(RESUME_FILES))})")
+    for name, expected in files.items():
+        # Names stay inside the checkpoint: a crafted manifest cannot make a resume read elsewhere.
+        if not isinstance(expected, dict) or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            raise InputError(f"{manifest_path}: malformed entry {name!r}")
+        path = checkpoint / name
+        if not path.is_file():
+            raise InputError(f"{path}: missing (listed in {MANIFEST})")
+        if path.stat().st_size != expected.get("bytes"):
+            raise InputError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {expected.get('bytes')} (truncated?)")
+        if sha256_file(path) != expected.get("sha256"):
+            raise InputError(f"{path}: sha256 differs from {MANIFEST} (corrupted)")
+
+
+def resumable_checkpoint(run_directory: Path) -> Path:
+    """The checkpoint ``latest`` names when it is intact, else the newest intact one before it; each damaged
+    one passed over is logged in one line naming its bad file."""
+    newest = read_latest(run_directory)
+    damaged = []
+    for checkpoint in [newest, *_checkpoints_before(run_directory / "checkpoints", newest)]:
+        try:
+            verify_checkpoint(checkpoint)
+        except InputError as error:
+            damaged.append(str(error))
+            continue
+        for reason in damaged:
+            logger.warning("%s; resuming from %s instead", reason, checkpoint.name)
+        return checkpoint
+    raise InputError(f"{run_directory}: no intact checkpoint to resume from ({damaged[0]})")
+
+
+def read_training_state(checkpoint: Path, device: str | torch.device = "cpu"):
+    """``optimizer.pt``, tensors and plain containers only (``weights_only``: a planted file cannot run code)."""
+    path = checkpoint / "optimizer.pt"
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        reason = str(error).split("\n")[0]  # torch's refusals run to several paragraphs
+        raise InputError(f"{path}: not a readable training state ({reason})") from None
 
 
 def load_training_checkpoint(run_directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                              model_config: ModelConfig) -> dict:
-    """Restore model and optimizer in place from the run's latest checkpoint; return its trainer state."""
-    checkpoint = resolve_checkpoint(run_directory)
-    saved = ModelConfig(**read_config(checkpoint)["model"])
+    """Restore model and optimizer in place from the run's newest intact checkpoint; return its trainer state."""
+    checkpoint = resumable_checkpoint(run_directory)
+    saved = model_config_of(checkpoint, read_config(checkpoint))
     for field_name, value in vars(saved).items():
         if getattr(model_config, field_name) != value:
             raise MismatchError(f"{checkpoint / 'config.json'}: cannot resume, model field '{field_name}' was "
                                 f"{value!r} in the checkpoint but is {getattr(model_config, field_name)!r} now")
-    optimizer_path = checkpoint / "optimizer.pt"
-    if not optimizer_path.is_file():
-        raise InputError(f"{checkpoint}: not a training checkpoint (no optimizer.pt), cannot resume from it")
-    from safetensors.torch import load_file
-
-    model_state = load_file(str(checkpoint / "model.safetensors"))
+    model_state = read_weights(checkpoint / "model.safetensors")
     if model_config.tie_embeddings:
         model_state["lm_head.weight"] = model_state["token_embedding.weight"]
     set_model_state_dict(model, model_state, options=FULL_STATE)
-    optimizer_state = torch.load(optimizer_path, map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=FULL_STATE)
+    set_optimizer_state_dict(model, optimizer, read_training_state(checkpoint), options=FULL_STATE)
     return read_json(checkpoint / "trainer_state.json")

@@ -41,6 +41,35 @@ class TrainingDiverged(LlmkitError):
     """The loss kept spiking after every allowed rollback."""
 
 
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send some seconds before they kill a job):
+    the first sets ``requested``, so the loop finishes its step, saves a checkpoint and ends; a second
+    stops at once (KeyboardInterrupt), leaving the previous checkpoint intact."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous: dict = {}
+
+    def install(self) -> "StopSignals":
+        try:
+            self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        except ValueError:  # not the main thread: signals stay with whoever runs it
+            pass
+        return self
+
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,10 +157,20 @@ class Trainer:
         self.skipped = 0
         self.rollbacks = 0
         self.best_val: float | None = None
+        self.signals = StopSignals()
         self.stop_requested = False
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> dict:
+        """Train until a budget is spent or a stop signal comes; returns the summary. The signals stay
+        caught until the final checkpoint is written, so a SIGTERM during it does not cut it short."""
+        self.signals.install()
+        try:
+            return self._run()
+        finally:
+            self.signals.restore()
+
+    def _run(self) -> dict:
         config = self.config
         resume_step = self._resume_or_start()
         tokens_at_start = self.tokens_seen
@@ -142,9 +181,8 @@ class Trainer:
         last_loss, last_metrics, validation, target_reached = float("nan"), {}, (None, None), False
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not (config.progress and self.world.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
-        previous_handler = self._catch_interrupts()
         try:
-            while not (target_reached or self.stop_requested or self._budget_spent(time.perf_counter() - start_time)):
+            while not (target_reached or self._should_stop(time.perf_counter() - start_time)):
                 factor = learning_rate(self.step, self._budget_used(time.perf_counter() - start_time), 1.0,
                                        config.warmup_steps, config.schedule, config.min_lr_ratio, config.decay_fraction)
                 for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
@@ -187,21 +225,22 @@ class Trainer:
                                     **({"val": f"{validation[0]:.3f}"} if validation[0] is not None else {}))
                     meter.restart()
                 if self.step % config.checkpoint_interval == 0:
-                    self.save(time.perf_counter() - start_time)
+                    # Rows first: a crash between the two leaves rows past the checkpoint, which resume drops,
+                    # rather than a checkpoint whose rows are missing for good.
                     if self.world.is_main:
                         log.flush()
+                    self.save(time.perf_counter() - start_time)
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
             bar.close()
         elapsed = time.perf_counter() - start_time
         if not (self.stop_requested or target_reached) or validation[0] is None:
             validation = self.evaluate()
         log.add(step=self.step, tokens=self.tokens_seen, elapsed_s=f"{self.elapsed_before + elapsed:.1f}",
                 event="interrupted" if self.stop_requested else "end", **_format_validation(*validation))
-        checkpoint = self.save(elapsed)
         if self.world.is_main:
             log.flush()
+        checkpoint = self.save(elapsed)
+        if self.world.is_main:
             log.plot(self.run_directory / "loss.png", title=self.metadata.get("stage", "training"))
         tokens_per_s = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
         val_loss, val_bpb = validation
@@ -295,13 +334,16 @@ class Trainer:
             fractions.append((self.elapsed_before + elapsed) / self.config.max_seconds)
         return max(fractions) if fractions else None
 
-    def _budget_spent(self, elapsed: float) -> bool:
+    def _should_stop(self, elapsed: float) -> bool:
+        """Whether a stop signal came or the budget is spent. Under torchrun the ranks stop together when
+        any one must: their clocks differ, and a signal reaches them during different steps."""
         used = self._budget_used(elapsed)
-        spent = used is not None and used >= 1.0
-        if not (self.world.distributed and self.config.max_seconds):
-            return spent  # steps and tokens advance identically on every rank
-        # Ranks' clocks differ: stop together when any one of them is out of time.
-        return bool(distributed.all_reduce_mean(torch.tensor(float(spent)), self.world).item() > 0)
+        stop = [self.signals.requested, used is not None and used >= 1.0]
+        if self.world.distributed:
+            flags = torch.tensor(stop, dtype=torch.float32, device=self.device)
+            stop = (distributed.all_reduce_mean(flags, self.world) > 0).tolist()
+        self.stop_requested = stop[0]
+        return any(stop)
 
     # ------------------------------------------------------- checkpoints
     def trainer_state(self, elapsed: float) -> dict:
@@ -358,18 +400,3 @@ class Trainer:
         self.data_position, self.tokens_seen, self.skipped, self.rollbacks = kept
         self.guard.consecutive = 0
         log.add(step=self.step, tokens=self.tokens_seen, event=f"rollback to step {self.step}")
-
-    def _catch_interrupts(self):
-        """First Ctrl-C: finish the step, save a checkpoint, stop. Second: stop at once."""
-        if not self.world.is_main or self.world.distributed:
-            return None
-
-        def handler(signum, frame):
-            if self.stop_requested:
-                raise KeyboardInterrupt
-            self.stop_requested = True
-
-        try:
-            return signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            return None
