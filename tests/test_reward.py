@@ -18,6 +18,7 @@ from llmkit.chat import Preference, Ranking, render_completion
 from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import load_model, resolve_checkpoint
+from llmkit.train.checkpoint import verify_checkpoint
 from preference_helpers import char_tokenizer, repeat_digit_pairs, write_base, write_jsonl
 
 
@@ -131,6 +132,7 @@ def test_a_short_run_separates_chosen_from_rejected_on_held_out_pairs(tmp_path, 
         load_model(out)
     with pytest.raises(InputError, match="not a reward model"):
         load_reward_model(base)
+    verify_checkpoint(checkpoint)  # the normalised weights were written with their own checksums: resumable as is
 
 
 def test_tied_reward_model_resumes_and_loads(tmp_path, tokenizer):

@@ -35,7 +35,6 @@ with ``resume`` they are kept, and an interrupted stage continues from its last 
 from __future__ import annotations
 
 import csv
-import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -51,7 +50,8 @@ from llmkit.align.rl_loop import RLOptimConfig, RolloutConfig
 from llmkit.align.sft import SFTConfig, SFTTrainConfig, load_base, sft
 from llmkit.config import check
 from llmkit.errors import ConfigError
-from llmkit.io import atomic_write_bytes, atomic_write_json, read_json
+from llmkit.figures import pyplot, save_figure
+from llmkit.io import atomic_write_json, read_json
 from llmkit.model.checkpoint import LATEST, resolve_checkpoint
 from llmkit.report import add_section
 from llmkit.train.trainer import resolve_device
@@ -318,10 +318,7 @@ def _curve(metrics: Path, column: str) -> tuple[list[int], list[float]]:
 def plot_posttrain(out: Path, rows: list[dict], rl: str) -> Path:
     """``out/posttrain.png``: held-out accuracy of every model with and without the calculator, and the
     training curve of every stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, 1 + len(CURVES), figsize=(3.6 * (1 + len(CURVES)), 3.4))
     positions = range(len(rows))
@@ -337,10 +334,4 @@ def plot_posttrain(out: Path, rows: list[dict], rl: str) -> Path:
         axis.set_xlabel("iteration" if stage == "rl" else "step")
     for axis in axes:
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    path = out / FIGURE
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return save_figure(figure, out / FIGURE)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import math
 import os
 import random
@@ -51,7 +50,7 @@ from llmkit.align.sft import BUILTIN_TASKS, dataset_source
 from llmkit.chat import Preference, Ranking, render_completion
 from llmkit.config import check
 from llmkit.errors import InputError
-from llmkit.io import atomic_write_bytes
+from llmkit.figures import pyplot, save_figure
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.config import TrainConfig
 from llmkit.train.objectives import IGNORE_INDEX
@@ -295,10 +294,7 @@ def plot_metrics(run_directory: Path, columns: list[str], title: str, filename: 
     columns = [column for column in columns if any(row.get(column) not in ("", None) for row in rows)]
     if not columns:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panel_columns = -(-len(columns) // panel_rows)
     figure, axes = plt.subplots(panel_rows, panel_columns, figsize=(3.5 * panel_columns, 3.3 * panel_rows), squeeze=False)
@@ -311,10 +307,4 @@ def plot_metrics(run_directory: Path, columns: list[str], title: str, filename: 
         axis.set_xlabel(x_label)
         axis.grid(alpha=0.3)
     figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    output = Path(run_directory) / filename
-    atomic_write_bytes(output, buffer.getvalue())
-    return output
+    return save_figure(figure, Path(run_directory) / filename)

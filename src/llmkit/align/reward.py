@@ -49,7 +49,7 @@ from llmkit.model.checkpoint import load_model, read_config, resolve_checkpoint,
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.train.checkpoint import gather_state
+from llmkit.train.checkpoint import MANIFEST, gather_state, write_manifest
 from llmkit.train.config import TrainConfig
 from llmkit.train.objectives import _with_auxiliary_loss
 from llmkit.train.trainer import Trainer
@@ -233,9 +233,10 @@ def _rewrite_model(checkpoint: Path, state: dict, config: ModelConfig, metadata:
     """Replace a checkpoint's weights and config.json, keeping its other files (optimizer, trainer state, tokenizer)."""
     with atomic_directory(checkpoint) as building:
         for path in checkpoint.iterdir():
-            if path.name not in ("model.safetensors", "config.json"):
+            if path.name not in ("model.safetensors", "config.json", MANIFEST):
                 shutil.copy2(path, building / path.name)
         write_model(building, state, config, metadata)
+        write_manifest(building)  # last: the checksums of the new weights, so resume accepts it
 
 
 def train_reward(config: RewardConfig) -> dict:

@@ -14,7 +14,8 @@ import math
 import os
 from pathlib import Path
 
-from llmkit.io import iter_jsonl
+from llmkit.figures import pyplot, save_figure
+from llmkit.io import commit_file, iter_jsonl
 from llmkit.report import add_section
 
 
@@ -74,7 +75,7 @@ def _collect_removed(work, phases: int, shards: int, side_file: Path | None) -> 
                 records.append(record)
     if writer:
         writer.close()
-        os.replace(writer.name, side_file)
+        commit_file(writer.name, side_file)
     return records
 
 
@@ -107,10 +108,7 @@ def _markdown(rows: list[dict], ingest: dict, manifest: dict, tokens_per_byte: f
 
 
 def _plot_steps(out: Path, statistics: dict, documents_read: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(statistics)
     removed = [sum(r["documents"] for r in statistics[label]["removed"].values()) for label in labels]
@@ -122,17 +120,13 @@ def _plot_steps(out: Path, statistics: dict, documents_read: int) -> Path:
     axis.set_title(f"Documents removed per step (of {documents_read:,} read)")
     for position, value in enumerate(removed + [kept]):
         axis.text(value, position, f" {value:,}", va="center", fontsize=8)
-    figure.tight_layout()
     path = out / "data_steps.png"
-    _save(figure, path)
+    save_figure(figure, path)
     return path
 
 
 def _plot_histograms(out: Path, kept: list[dict], removed: list[dict]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("bytes", "document length (log10 bytes)", lambda value: math.log10(max(value, 1)))]
     for key, title in (("quality_score", "quality classifier score"), ("bits_per_byte", "perplexity (bits per byte)"),
@@ -153,16 +147,6 @@ def _plot_histograms(out: Path, kept: list[dict], removed: list[dict]) -> Path:
         top = languages.most_common(10)
         axis.bar([language for language, _ in top], [count for _, count in top], color="tab:blue")
         axis.set_title("language of kept documents", fontsize=9)
-    figure.tight_layout()
     path = out / "data_histograms.png"
-    _save(figure, path)
+    save_figure(figure, path)
     return path
-
-
-def _save(figure, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    os.replace(temporary, path)

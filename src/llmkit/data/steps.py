@@ -326,7 +326,7 @@ class Classifier(ScoreStep):
     name, config_class, meta_key = "classifier", quality.ClassifierConfig, "quality_score"
 
     def _model_path(self) -> Path:
-        return self.artifacts.with_name(self.artifacts.name + "_model.pkl")
+        return self.artifacts.with_name(self.artifacts.name + "_model.npz")
 
     def setup(self, pool):
         documents = iter_documents(self.config.reference, self.config.reference_text_field)

@@ -1,18 +1,18 @@
 """The evaluation report card: ``eval.json``, ``eval.md``, ``eval.png`` (and ``ablations.png``),
 ``samples/<task>.jsonl``, and an ``eval`` section in the directory's ``report.json``/``report.md``.
 
-Every file is written atomically (:mod:`llmkit.io`); plots are drawn with matplotlib's Agg backend
+Every file is written atomically (:mod:`llmkit.io`); plots are drawn by :mod:`llmkit.figures` (matplotlib's Agg backend)
 into memory first, so no display is needed and no half-written PNG is ever seen.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 from llmkit import __version__
 from llmkit.eval.kinds import KINDS, headline
+from llmkit.figures import figure_png, pyplot
 from llmkit.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from llmkit.report import add_section
 
@@ -79,19 +79,10 @@ def _decontamination_lines(summary: dict) -> list[str]:
     return lines + [""]
 
 
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    return buffer.getvalue()
-
-
 def plot_scores(tasks: dict) -> bytes | None:
     """Bars of every score on a 0-1 scale (BLEU divided by 100) with standard-error whiskers, and a
     second panel of bits per byte for perplexity tasks (lower is better); None when there is nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = score_rows(tasks)
     higher = [row for row in rows if not KINDS[row["kind"]].lower_is_better]
@@ -113,18 +104,12 @@ def plot_scores(tasks: dict) -> bytes | None:
         axis.set_xlabel("score (higher is better)" if panel is higher else "bits per byte (lower is better)")
         if panel is higher:
             axis.set_xlim(0, 1)
-    figure.tight_layout()
-    data = _png(figure)
-    plt.close(figure)
-    return data
+    return figure_png(figure)
 
 
 def plot_ablations(tasks: dict) -> bytes | None:
     """Accuracy of every ablation setting, one panel per generative task that ran the grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     grids = {name: entry["ablations"] for name, entry in tasks.items() if "ablations" in entry}
     if not grids:
@@ -140,10 +125,7 @@ def plot_ablations(tasks: dict) -> bytes | None:
         axis.set_xlim(0, 1)
         axis.set_xlabel("accuracy")
         axis.set_title(name)
-    figure.tight_layout()
-    data = _png(figure)
-    plt.close(figure)
-    return data
+    return figure_png(figure)
 
 
 def write_report(out: Path, summary: dict, samples: dict[str, list[dict]]) -> None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import math
 import re
@@ -53,7 +52,8 @@ from tqdm.auto import tqdm
 from llmkit.config import build, check
 from llmkit.data.shards import load_tokenizer
 from llmkit.errors import ConfigError
-from llmkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from llmkit.figures import pyplot, save_figure
+from llmkit.io import atomic_write_json, atomic_write_text, read_json
 from llmkit.model.checkpoint import LATEST
 from llmkit.model.config import PRESETS, ModelConfig
 from llmkit.model.moe import MixtureOfExperts
@@ -371,10 +371,7 @@ def format_ablation(summary: dict) -> str:
 def plot_ablation(summary: dict, path: Path) -> None:
     """One PNG, two panels: validation bits/byte against training tokens and against wall time, one curve
     per variant (the mean over its seeds, with a ±1 standard deviation band when there are several)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for row in summary["variants"]:
@@ -401,11 +398,7 @@ def plot_ablation(summary: dict, path: Path) -> None:
     figure.suptitle(f"ablation of {summary['preset']}: "
                     + (f"{budget['max_tokens']:,} tokens each" if "max_tokens" in budget else f"{budget['max_flops']:.2e} FLOPs each"))
     by_tokens.legend(fontsize=8)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(figure, path)
 
 
 def ablate(config: AblateConfig) -> dict:

@@ -41,7 +41,6 @@ prediction made under a different config is refused, naming the file and the fie
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -54,7 +53,8 @@ from tqdm.auto import tqdm
 from llmkit.config import check, parse_number
 from llmkit.data.shards import load_tokenizer
 from llmkit.errors import ConfigError, LlmkitError, MismatchError
-from llmkit.io import atomic_write_bytes, atomic_write_json, read_json
+from llmkit.figures import pyplot, save_figure
+from llmkit.io import atomic_write_json, read_json
 from llmkit.model.checkpoint import LATEST
 from llmkit.model.config import PRESETS, ModelConfig
 from llmkit.plan.ablate import count_parameters
@@ -428,10 +428,7 @@ def plot_scaling(summary: dict, path: Path) -> None:
     """One PNG, four panels: the IsoFLOP profiles with the fitted L(N, C/6N) and its compute-optimal points
     (the predicted run's budget dashed, its prediction a hollow star, the outcome a filled one); fitted
     against observed loss for every run; Kaplan's L(N) and L(D) on their envelopes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     law, runs, prediction, fits = law_of(summary["fits"]), summary["runs"], summary["prediction"], summary["fits"]
     n = np.array([run["non_embedding_parameters"] for run in runs], dtype=np.float64)
@@ -483,8 +480,4 @@ def plot_scaling(summary: dict, path: Path) -> None:
         axis.set(xscale="log", yscale="log", xlabel="non-embedding parameters N" if label == "N" else "training tokens D",
                  ylabel="validation loss (nats/token)", title=f"Kaplan L({label})")
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(figure, path)

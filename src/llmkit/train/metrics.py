@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from llmkit.io import atomic_write_bytes, atomic_write_text
+from llmkit.figures import pyplot, save_figure
+from llmkit.io import atomic_write_text
 
 CSV_COLUMNS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_bpb", "elapsed_s", "event"]
 
@@ -107,10 +108,7 @@ class MetricsLog:
 
     def plot(self, path: Path, title: str = "") -> None:
         """Training and validation loss against tokens seen."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         def series(column: str):
             points = [(float(row["tokens"]), float(row[column])) for row in self.rows if row.get(column) not in ("", None)]
@@ -126,8 +124,4 @@ class MetricsLog:
         axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend()
-        buffer = io.BytesIO()
-        figure.tight_layout()
-        figure.savefig(buffer, format="png", dpi=110)
-        plt.close(figure)
-        atomic_write_bytes(path, buffer.getvalue())
+        save_figure(figure, path)
