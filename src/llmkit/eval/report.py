@@ -15,6 +15,7 @@ from llmkit.eval.kinds import KINDS, headline
 from llmkit.figures import figure_png, pyplot
 from llmkit.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from llmkit.report import add_section
+from llmkit.tracking import open_trackers, parse_report_to
 
 SCORES_PLOT = "eval.png"
 ABLATIONS_PLOT = "ablations.png"
@@ -42,6 +43,16 @@ def score_rows(tasks: dict) -> list[dict]:
                          "count": metrics.get("count", metrics.get("documents")), "clean": clean.get(metric),
                          "contaminated": contamination["contaminated"] if contamination else None})
     return rows
+
+
+def log_scores(report_to: str, out: Path, tasks: dict, step: int) -> None:
+    """Every headline score as ``eval/<task>/<metric>`` at the checkpoint's training step, in the trackers
+    of ``report_to`` (:mod:`llmkit.tracking`), as training logs its losses."""
+    trackers = open_trackers(parse_report_to(report_to), out, None)
+    values = {f"eval/{row['task']}/{row['metric']}": float(row["value"]) for row in score_rows(tasks) if row["value"] is not None}
+    for tracker in trackers:
+        tracker.log(values, step)
+        tracker.close()
 
 
 def render_markdown(summary: dict, images: list[str]) -> str:

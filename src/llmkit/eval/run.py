@@ -24,6 +24,7 @@ section in the directory's ``report.json``/``report.md``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +37,12 @@ from llmkit.data.decontam import set_name
 from llmkit.data.shards import MANIFEST_FILE
 from llmkit.errors import ConfigError, InputError
 from llmkit.eval.contamination import check_contamination
-from llmkit.eval.report import write_report
+from llmkit.eval.report import log_scores, write_report
 from llmkit.eval.kinds import KINDS as TASK_KINDS, headline
 from llmkit.infer import Engine
 from llmkit.infer.quantize import Quantization, quantize_field
 from llmkit.model.checkpoint import read_config, resolve_checkpoint
+from llmkit.tracking import parse_report_to
 
 
 @dataclass
@@ -126,11 +128,14 @@ class EvalConfig:
         "help": "training data to check the tasks against: token data dirs or raw text/JSONL sources (default: the checkpoint's pretraining data)"})
     decontamination: bool = field(default=True, metadata={"help": "check every evaluated example against the training data"})
     ngram: int = field(default=13, metadata={"help": "decontamination: words per shared n-gram (GPT-3 used 13)"})
+    report_to: str = field(default="none", metadata={
+        "help": "experiment trackers that also get the scores: comma-separated tensorboard, wandb (offline), mlflow (local), or all/none"})
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, (str, dict)):
             self.tasks = [self.tasks]
         check(bool(self.tasks), "tasks", self.tasks, "name at least one task, e.g. generative:data/gsm8k.jsonl")
+        parse_report_to(self.report_to)
         self.task_specs = [parse_task(spec) for spec in self.tasks]
         for spec in self.task_specs:
             check("/" not in spec.name and not spec.name.startswith("."), "tasks", spec.name,
@@ -207,6 +212,12 @@ def _evaluate_task(engine: Engine, spec: TaskSpec, settings: dict, examples: lis
     return entry, records
 
 
+def checkpoint_step(path: str) -> int:
+    """The training step of a checkpoint folder (``step_00000500``), else 0: where trackers plot its scores."""
+    match = re.fullmatch(r"step_(\d+)", resolve_checkpoint(path).name)
+    return int(match.group(1)) if match else 0
+
+
 def run_eval(config: EvalConfig) -> dict:
     """Evaluate ``config.checkpoint`` on every task; write the results into ``config.out``; return a summary."""
     started = time.perf_counter()
@@ -228,5 +239,6 @@ def run_eval(config: EvalConfig) -> dict:
                "decontamination": {"checked": bool(sources), "training_data": sources, "source": origin, "ngram": config.ngram},
                "tasks": tasks, "config": dataclasses.asdict(config)}
     write_report(Path(config.out), summary, samples)
+    log_scores(config.report_to, Path(config.out), tasks, checkpoint_step(config.checkpoint))
     return {"out": config.out, "tasks": {name: headline(entry["kind"], entry["metrics"]) for name, entry in tasks.items()},
             "contaminated": {name: entry["contamination"]["contaminated"] for name, entry in tasks.items() if "contamination" in entry}}

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llmkit.config import check, parse_duration
+from llmkit.tracking import parse_report_to
 
 
 @dataclass
@@ -48,11 +49,14 @@ class TrainConfig:
     rollback_after: int = field(default=3, metadata={"help": "consecutive spikes before rolling back to the last checkpoint"})
     max_rollbacks: int = field(default=3, metadata={"help": "give up after this many rollbacks"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    report_to: str = field(default="csv", metadata={
+        "help": "experiment trackers besides metrics.csv: comma-separated csv, tensorboard, wandb (offline), mlflow (local), or all/none"})
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_batches", "log_interval", "checkpoint_interval", "keep_last", "rollback_after"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
         check(self.lr > 0, "lr", self.lr, "must be positive")
+        parse_report_to(self.report_to)
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         check(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "must be in (0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")

@@ -1,4 +1,5 @@
-"""Throughput accounting (MFU against a measured peak), the metrics CSV and loss-curve plots."""
+"""Throughput accounting (MFU against a measured peak), the metrics CSV (and the experiment trackers of
+:mod:`llmkit.tracking`) and loss-curve plots."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from llmkit.figures import pyplot, save_figure
 from llmkit.io import atomic_write_text
+from llmkit.tracking import numeric, open_trackers, parse_report_to
 
 CSV_COLUMNS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_bpb", "elapsed_s", "event"]
 
@@ -85,7 +87,8 @@ class MetricsLog:
     curve continues exactly where the checkpoint left off. Values other than :data:`CSV_COLUMNS` (the
     loss function's metrics) become extra columns after them, in order of first appearance."""
 
-    def __init__(self, directory: Path, resume_step: int | None):
+    def __init__(self, directory: Path, resume_step: int | None, report_to: str = "csv"):
+        self.trackers = open_trackers(parse_report_to(report_to), directory, resume_step)
         self.path = directory / "metrics.csv"
         self.rows: list[dict] = []
         self.columns = list(CSV_COLUMNS)
@@ -98,6 +101,15 @@ class MetricsLog:
     def add(self, **values) -> None:
         self.columns += [column for column in values if column not in self.columns]
         self.rows.append(values)
+        numbers = numeric(values)
+        step = int(numbers.pop("step", len(self.rows)))
+        for tracker in self.trackers:
+            tracker.log(numbers, step)
+
+    def close(self) -> None:
+        """Flush and close the experiment trackers (the CSV is written by :meth:`flush`)."""
+        for tracker in self.trackers:
+            tracker.close()
 
     def flush(self) -> None:
         buffer = io.StringIO()

@@ -174,7 +174,7 @@ class Trainer:
         config = self.config
         resume_step = self._resume_or_start()
         tokens_at_start = self.tokens_seen
-        log = MetricsLog(self.run_directory, resume_step)
+        log = MetricsLog(self.run_directory, resume_step, config.report_to if self.world.is_main else "none")
         meter = ThroughputMeter(self.model.flops_per_token(), self.world.world_size *
                                 measured_peak_flops(self.dtype if self.dtype != torch.float16 else torch.bfloat16, self.device))
         start_time = time.perf_counter()
@@ -242,6 +242,7 @@ class Trainer:
         checkpoint = self.save(elapsed)
         if self.world.is_main:
             log.plot(self.run_directory / "loss.png", title=self.metadata.get("stage", "training"))
+        log.close()
         tokens_per_s = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
         val_loss, val_bpb = validation
         return {
