@@ -26,7 +26,7 @@ def require(path: Path) -> Path:
 def prepare_shakespeare(directory: Path) -> Path:
     """nanoGPT's shakespeare_char: character tokenizer, first 90 % train, last 10 % validation."""
     from llmkit.data.shards import PrepareConfig, prepare_data
-    from llmkit.tokenizer import TokenizerConfig, train_tokenizer
+    from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
     source = str(require(SHAKESPEARE))
     train_tokenizer(TokenizerConfig(source=source, out=str(directory / "tokenizer"), kind="char", vocab_size=128,

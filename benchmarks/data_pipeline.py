@@ -26,7 +26,8 @@ from common import SHARED_DATA, emit  # noqa: E402
 
 from llmkit.data.pipeline import DEFAULT_STEPS, PipelineConfig, run_pipeline  # noqa: E402
 from llmkit.data.shards import load_manifest  # noqa: E402
-from llmkit.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
+from llmkit.tokenizer import train_tokenizer  # noqa: E402
+from llmkit.data.tokenizer_training import TokenizerConfig
 
 WEB_STEPS = ["clean", "language", "gopher_quality", "gopher_repetition", "c4", "exact_dedup", "minhash_dedup", "line_dedup", "pii"]
 EVALUATION_SETS = ["humaneval/HumanEval.jsonl.gz", "gsm8k/train.jsonl", "arc/ARC-Challenge/ARC-Challenge-Dev.jsonl",

@@ -23,7 +23,8 @@ from common import emit, interleaved_rates  # noqa: E402
 
 from llmkit.infer import Engine, GenerationConfig  # noqa: E402
 from llmkit.model import Transformer, preset  # noqa: E402
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer  # noqa: E402
+from llmkit.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from llmkit.data.tokenizer_training import TokenizerConfig
 
 PROMPT_TOKENS = 32
 

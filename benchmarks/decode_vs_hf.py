@@ -38,7 +38,8 @@ from llmkit.infer import Engine, GenerationConfig  # noqa: E402
 from llmkit.interop.hf_config import hf_config  # noqa: E402
 from llmkit.interop.layouts import GPT2, tensor_table  # noqa: E402
 from llmkit.model import Transformer, preset  # noqa: E402
-from llmkit.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerConfig, train_tokenizer  # noqa: E402
+from llmkit.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer  # noqa: E402
+from llmkit.data.tokenizer_training import TokenizerConfig
 
 PROMPT_TOKENS = 32
 TOLERANCE = 1e-4

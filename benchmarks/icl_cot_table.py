@@ -129,7 +129,7 @@ def special_token_counts(data: Path) -> dict:
     """How often each tool-protocol token id occurs in the shards of both splits."""
     import numpy as np
 
-    from llmkit.data.shards import load_tokenizer, open_split
+    from llmkit.token_data import load_tokenizer, open_split
     from llmkit.tokenizer import END, TOOL_CALL, TOOL_RESULT
 
     tokenizer = load_tokenizer(data)
@@ -145,7 +145,8 @@ def pretrained_model(out: Path, recipe: dict, log) -> dict:
     """Corpus -> tokenizer -> token shards -> pretraining, or the cached result of an earlier run with the
     same recipe in ``out``."""
     from llmkit.data.shards import PrepareConfig, prepare_data
-    from llmkit.tokenizer import END, TOOL_CALL, TOOL_RESULT, TokenizerConfig, train_tokenizer
+    from llmkit.tokenizer import END, TOOL_CALL, TOOL_RESULT
+    from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
     from llmkit.train.config import TrainConfig
     from llmkit.train.pretrain import ModelOverrides, PretrainConfig, pretrain
 

@@ -50,7 +50,8 @@ from common import emit  # noqa: E402
 
 from llmkit.model import Transformer, preset  # noqa: E402
 from llmkit.model.checkpoint import write_model  # noqa: E402
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer  # noqa: E402
+from llmkit.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from llmkit.data.tokenizer_training import TokenizerConfig
 
 MODEL = "soak"
 MAX_BODY = 2_000_000  # ServeConfig's default

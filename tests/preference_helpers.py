@@ -11,7 +11,8 @@ import torch
 from helpers import tiny_config
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 
 def char_tokenizer(folder: Path) -> Tokenizer:

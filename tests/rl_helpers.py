@@ -18,7 +18,8 @@ from llmkit.chat import render_ids
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
 from llmkit.tasks import arithmetic
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 LETTERS = "abcd"
 TOY_MESSAGES = [{"role": "user", "content": "go"}]

@@ -16,7 +16,7 @@ from llmkit.data.shards import PrepareConfig, prepare_data
 from llmkit.errors import ConfigError
 from llmkit.model import ModelConfig, Transformer
 from llmkit.plan.ablate import AblateConfig, Variant, ablate, parse_variant
-from llmkit.tokenizer import TokenizerConfig, train_tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.train.batches import TokenBatches
 
 TINY = dict(n_layer=1, n_embd=16, n_head=2, context_length=16)  # on top of cpu-tiny

@@ -3,7 +3,7 @@
 import numpy as np
 
 from llmkit.data.shards import PrepareConfig, prepare_data
-from llmkit.tokenizer import TokenizerConfig, train_tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.train.batches import TokenBatches
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from llmkit.chat import CHAT_TEMPLATE, Preference, Ranking, render_completion, render_ids, render_text, tool_call_payload
 from llmkit.errors import InputError
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

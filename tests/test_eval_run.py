@@ -19,7 +19,8 @@ from llmkit.infer import Engine
 from llmkit.infer.answers import extract_number, majority_vote
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 GSM8K = [
     {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell?",

@@ -17,7 +17,8 @@ from llmkit.eval.choice_tasks import ChoiceExample, load_choice_task
 from llmkit.eval.loglikelihood import loglikelihoods, rolling_loglikelihood, rolling_loglikelihoods, rolling_windows
 from llmkit.eval.perplexity import evaluate_perplexity, load_texts
 from llmkit.model import Transformer
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 FACTS = {"sky": "blue", "grass": "green", "snow": "white", "sun": "yellow", "coal": "black"}
 

@@ -9,7 +9,8 @@ from llmkit.errors import InputError
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.sampling import next_tokens, top_k_filter, top_p_filter
 from llmkit.model import Transformer
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 20 + "0123456789 (){}[]:;,'\"\n"
 

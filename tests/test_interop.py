@@ -19,7 +19,8 @@ from llmkit.infer import Engine, GenerationConfig
 from llmkit.interop import ExportConfig, ImportConfig, export_checkpoint, export_hf, import_checkpoint, import_hf
 from llmkit.model import ModelConfig, Transformer
 from llmkit.model.checkpoint import load_model, write_model
-from llmkit.tokenizer import END, SPECIAL_TOKENS, Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import END, SPECIAL_TOKENS, Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")

@@ -13,7 +13,8 @@ from helpers import SyntheticBatches, tiny_config
 from llmkit.cli import main
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer
-from llmkit.tokenizer import ENDOFTEXT, PAD, RESERVED, SPECIAL_TOKENS, Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import ENDOFTEXT, PAD, RESERVED, SPECIAL_TOKENS, Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.train.config import TrainConfig
 from llmkit.train.objectives import (IGNORE_INDEX, ObjectiveBatches, SpanCorruption, build_objective, causal_lm_loss,
                                      prefix_lm_loss, random_prefix, unwrap_model)

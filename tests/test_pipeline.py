@@ -16,9 +16,10 @@ import yaml
 import llmkit.io
 from llmkit.cli import main
 from llmkit.data.pipeline import PipelineConfig, run_pipeline
-from llmkit.data.shards import load_manifest, open_split
+from llmkit.token_data import load_manifest, open_split
 from llmkit.errors import ConfigError, InputError
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point government "
          "company number group problem fact water house river garden market letter morning evening window table story "

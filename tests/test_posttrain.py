@@ -20,7 +20,8 @@ from llmkit.errors import ConfigError
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import read_config, resolve_checkpoint, write_model
 from llmkit.tasks import arithmetic
-from llmkit.tokenizer import END, TOOL_CALL, Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import END, TOOL_CALL, Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 STAGES = {"sft": "sft", "reward": "reward", "grpo": "grpo", "dpo": "dpo"}
 

@@ -22,7 +22,8 @@ from llmkit.errors import ConfigError, MismatchError
 from llmkit.infer import Completion, GenerationConfig
 from llmkit.infer.engine import Engine
 from llmkit.model.checkpoint import load_model, read_config, resolve_checkpoint, write_model
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from rl_helpers import TOY_MESSAGES, assert_learns_toy_task, frozen_copy, policy, save_checkpoint, tokenizer
 
 __all__ = ["policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name

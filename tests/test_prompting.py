@@ -18,7 +18,8 @@ from llmkit.infer.prompting import (Example, PromptBuilder, PromptConfig, SelfCo
                                     write_self_improvement)
 from llmkit.io import iter_jsonl
 from llmkit.model import Transformer
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 POOL = [
     Example("How many apples does Tom have?", "3", "Tom has 1 + 2 = 3 apples."),

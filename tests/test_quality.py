@@ -16,11 +16,12 @@ from helpers import tiny_config
 from llmkit.data.mixture import mixture_epochs, order_documents, sample_mixture
 from llmkit.data.pipeline import PipelineConfig, run_pipeline
 from llmkit.data.quality import ClassifierConfig, PerplexityConfig, PerplexityScorer, QualityClassifier, ScoreBand
-from llmkit.data.shards import load_manifest
+from llmkit.token_data import load_manifest
 from llmkit.errors import ConfigError, InputError
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 TEXTS = ["the river runs to the sea", "a b c d e f g", "zzzz qqqq xxxx", "hello world, hello river", "x"]
 

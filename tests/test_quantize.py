@@ -14,7 +14,8 @@ from helpers import naive_greedy, tiny_config
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.quantize import FUSED_KERNEL_MAX_ROWS, Int8Linear, quantize_int8
 from llmkit.model import Transformer
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 
 def reference_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from llmkit.model import Transformer
 from llmkit.plan.scaling import (ChinchillaLaw, KaplanLaw, _huber_objective, fit_chinchilla, fit_kaplan, isoflop_minimum,
                                  lower_envelope)
 from llmkit.plan.sweep import GRIDS, ScalingConfig, ShapeRule, plan_sweep, run_scaling
-from llmkit.tokenizer import TokenizerConfig, train_tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 # Hoffmann et al. 2022 eq. (10), and the refit of the same data by Besiroglu et al. 2024.
 CHINCHILLA = ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)

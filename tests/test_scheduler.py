@@ -14,7 +14,8 @@ from helpers import tiny_config
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.beam import beam_search
 from llmkit.model import Transformer
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from test_infer import naive_greedy
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 20 + "0123456789 (){}[]:;,'\"\n"

@@ -32,7 +32,8 @@ from llmkit.model.checkpoint import write_model
 from llmkit.serve.app import create_app
 from llmkit.serve.server import ServeConfig, load_engine
 from llmkit.serve.chat_repl import ChatSession, repl
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 MODEL, KEY = "tiny", "test-key"
 MAX_CONCURRENT, MAX_BODY = 4, 100_000

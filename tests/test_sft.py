@@ -27,7 +27,8 @@ from llmkit.infer import Engine, GenerationConfig
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import load_model, write_model
 from llmkit.model.lora import LoRAConfig, load_adapters
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.train.objectives import IGNORE_INDEX
 
 DATASET = [

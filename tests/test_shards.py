@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 
 from llmkit.data import shards
-from llmkit.data.shards import PrepareConfig, check_tokenizer, load_manifest, open_split, prepare_data, token_dtype
+from llmkit.data.shards import PrepareConfig, prepare_data
+from llmkit.token_data import check_tokenizer, load_manifest, open_split, token_dtype
 from llmkit.data.sources import is_held_out, iter_documents
 from llmkit.errors import ConfigError, InputError, MismatchError
-from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa λάμδα 東京 😀 def return print(x)".split()
 
@@ -173,7 +175,8 @@ def test_failed_run_leaves_the_previous_data_directory_intact(corpus, tokenizer_
 
 
 def test_tail_split_holds_out_the_end_of_each_document(tmp_path):
-    from llmkit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+    from llmkit.tokenizer import Tokenizer
+    from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
     text = "".join(chr(ord("a") + (i * 7) % 26) for i in range(1000))
     (tmp_path / "corpus.txt").write_text(text)

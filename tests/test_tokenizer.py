@@ -7,7 +7,8 @@ from llmkit.chat import CHAT_TEMPLATE
 from llmkit.data.sources import is_held_out, iter_documents
 from llmkit.errors import ConfigError, InputError
 from llmkit.io import sha256_file
-from llmkit.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, TokenizerConfig, train_tokenizer
+from llmkit.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",

@@ -20,11 +20,11 @@ from pathlib import Path
 from llmkit.align.posttrain import PosttrainConfig, posttrain
 from llmkit.config import check, parse_duration
 from llmkit.data.pipeline import PipelineConfig, run_pipeline
-from llmkit.data.shards import load_manifest
+from llmkit.token_data import load_manifest
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.model.checkpoint import LATEST
 from llmkit.report import add_section
-from llmkit.tokenizer import TokenizerConfig, train_tokenizer
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.train.config import TrainConfig
 from llmkit.train.pretrain import ModelOverrides, PretrainConfig, pretrain
 

@@ -153,7 +153,7 @@ class PPO(Algorithm):
         self.kl = KLController(config.kl_coef, config.kl_target if config.adaptive_kl else None, config.kl_horizon)
         self.pretraining, self.pretraining_batches = None, 0
         if config.ptx_data is not None:
-            from llmkit.data.shards import check_tokenizer
+            from llmkit.token_data import check_tokenizer
             from llmkit.train.batches import TokenBatches
 
             self.pretraining = TokenBatches(config.ptx_data, "train", config.ptx_batch_size, policy.config.context_length,

@@ -34,7 +34,7 @@ from torch import nn
 from llmkit.align.conversation_batches import ConversationBatches, tokenize_conversations
 from llmkit.chat import Conversation
 from llmkit.config import check
-from llmkit.data.shards import check_tokenizer
+from llmkit.token_data import check_tokenizer
 from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.io import atomic_directory, atomic_write_json, read_json
 from llmkit.model.checkpoint import LATEST, load_model, read_config, resolve_checkpoint, write_model

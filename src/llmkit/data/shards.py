@@ -29,14 +29,10 @@ from tqdm import tqdm
 from llmkit import __version__
 from llmkit.config import check
 from llmkit.data.sources import Document, is_held_out, iter_documents
-from llmkit.errors import InputError, MismatchError
-from llmkit.io import atomic_write_json, commit_file, read_json
+from llmkit.io import atomic_write_json, commit_file
+from llmkit.token_data import FORMAT_VERSION, MANIFEST_FILE, SPLITS, TOKENIZER_FOLDER, token_dtype
 from llmkit.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-TOKENIZER_FOLDER = "tokenizer"
-SPLITS = ("train", "val")
 # Documents are sent to workers in chunks of about this many characters: large
 # enough to amortise the inter-process traffic, small enough for a smooth progress bar.
 CHUNK_CHARACTERS = 1 << 18
@@ -59,11 +55,6 @@ class PrepareConfig:
         check(self.shard_tokens >= 1, "shard_tokens", self.shard_tokens, "must be at least 1")
         check(self.workers >= 0, "workers", self.workers, "must be 0 (one per CPU) or more")
         check(self.max_bytes is None or self.max_bytes > 0, "max_bytes", self.max_bytes, "must be positive")
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned type that holds every id below ``vocab_size``, little-endian on every machine."""
-    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
 def prepare_data(config: PrepareConfig) -> dict:
@@ -186,57 +177,6 @@ class ShardWriter:
 
     def _temporary_path(self, name: str) -> Path:
         return self.directory / f".{name}.tmp"
-
-
-def load_manifest(directory: str | Path) -> dict:
-    """Read and check ``manifest.json``: every shard must exist with exactly the size it declares."""
-    path = Path(directory) / MANIFEST_FILE
-    manifest = read_json(path)
-    try:
-        if manifest["format_version"] != FORMAT_VERSION:
-            raise InputError(f"{path}: format_version {manifest['format_version']} is not {FORMAT_VERSION}; prepare the data again")
-        itemsize = np.dtype(manifest["dtype"]).itemsize
-        for split, statistics in manifest["splits"].items():
-            for shard in statistics["shards"]:
-                shard_path = Path(directory) / shard["file"]
-                if not shard_path.is_file():
-                    raise InputError(f"{shard_path}: shard listed in {path} is missing")
-                expected = shard["tokens"] * itemsize
-                if shard_path.stat().st_size != expected:
-                    raise InputError(f"{shard_path}: {shard_path.stat().st_size} bytes, {path} says {expected} ({shard['tokens']} tokens)")
-    except (KeyError, TypeError) as error:
-        raise InputError(f"{path}: malformed manifest (missing or wrong field {error})") from None
-    return manifest
-
-
-def open_split(directory: str | Path, split: str) -> list[np.memmap]:
-    """Read-only memmaps of every shard of ``split``, in order."""
-    manifest = load_manifest(directory)
-    if split not in manifest["splits"]:
-        raise InputError(f"{Path(directory) / MANIFEST_FILE}: no split '{split}' (have {', '.join(manifest['splits'])})")
-    shards = manifest["splits"][split]["shards"]
-    if not any(shard["tokens"] for shard in shards):
-        raise InputError(f"{Path(directory) / MANIFEST_FILE}: split '{split}' has no tokens (corpus too small or val_fraction 0?)")
-    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-    return [np.memmap(Path(directory) / shard["file"], dtype=dtype, mode="r", shape=(shard["tokens"],)) for shard in shards]
-
-
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """The tokenizer a data directory was made with (its own copy), checked against the manifest."""
-    manifest = load_manifest(directory)
-    tokenizer = Tokenizer.load(Path(directory) / manifest["tokenizer"]["path"])
-    check_tokenizer(manifest, tokenizer)
-    return tokenizer
-
-
-def check_tokenizer(manifest: dict, tokenizer: Tokenizer) -> None:
-    """Refuse to train on data tokenized by a different tokenizer."""
-    data_sha256, data_vocab = manifest["tokenizer"]["sha256"], manifest["vocab_size"]
-    if data_sha256 != tokenizer.sha256 or data_vocab != tokenizer.vocab_size:
-        raise MismatchError(
-            f"data was tokenized with tokenizer sha256 {data_sha256[:12]} (vocab {data_vocab}, {manifest['tokenizer']['path']}), "
-            f"but the tokenizer given is sha256 {tokenizer.sha256[:12]} (vocab {tokenizer.vocab_size})"
-        )
 
 
 TAIL_MARK = "#val-tail"

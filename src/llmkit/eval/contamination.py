@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llmkit.data.decontam import ContaminationIndex, evaluation_ngrams
-from llmkit.data.shards import MANIFEST_FILE, load_tokenizer, open_split
+from llmkit.token_data import MANIFEST_FILE, load_tokenizer, open_split
 from llmkit.data.sources import iter_documents
 
 

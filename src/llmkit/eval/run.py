@@ -34,7 +34,7 @@ import torch
 
 from llmkit.config import build, check
 from llmkit.data.decontam import set_name
-from llmkit.data.shards import MANIFEST_FILE
+from llmkit.token_data import MANIFEST_FILE
 from llmkit.errors import ConfigError, InputError
 from llmkit.eval.contamination import check_contamination
 from llmkit.eval.report import log_scores, write_report

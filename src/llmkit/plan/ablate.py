@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmkit.config import build, check
-from llmkit.data.shards import load_tokenizer
+from llmkit.token_data import load_tokenizer
 from llmkit.errors import ConfigError
 from llmkit.figures import pyplot, save_figure
 from llmkit.io import atomic_write_json, atomic_write_text, read_json

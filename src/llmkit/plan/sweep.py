@@ -51,7 +51,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmkit.config import check, parse_number
-from llmkit.data.shards import load_tokenizer
+from llmkit.token_data import load_tokenizer
 from llmkit.errors import ConfigError, LlmkitError, MismatchError
 from llmkit.figures import pyplot, save_figure
 from llmkit.io import atomic_write_json, read_json

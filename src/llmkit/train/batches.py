@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmkit.data.shards import load_manifest, open_split
+from llmkit.token_data import load_manifest, open_split
 from llmkit.errors import InputError
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from llmkit.config import check
-from llmkit.data.shards import load_tokenizer
+from llmkit.token_data import load_tokenizer
 from llmkit.errors import ConfigError
 from llmkit.model.config import PRESETS, ModelConfig, preset
 from llmkit.model.transformer import Transformer
