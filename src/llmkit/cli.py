@@ -70,7 +70,7 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
     from llmkit.serve.server import ServeConfig, serve
     from llmkit.serve.chat_repl import ChatConfig, run_chat
     from llmkit.speedrun import SpeedrunConfig, speedrun
-    from llmkit.tokenizer import TokenizerConfig, train_tokenizer
+    from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
     from llmkit.train.pretrain import PretrainConfig, pretrain
 
     return {
