@@ -148,7 +148,7 @@ def pretrained_model(out: Path, recipe: dict, log) -> dict:
     from llmkit.tokenizer import END, TOOL_CALL, TOOL_RESULT
     from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
     from llmkit.train.config import TrainConfig
-    from llmkit.train.pretrain import ModelOverrides, PretrainConfig, pretrain
+    from llmkit.pretrain import ModelOverrides, PretrainConfig, pretrain
 
     summary_path = out / "pretrain.json"
     if summary_path.is_file():

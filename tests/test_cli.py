@@ -71,7 +71,7 @@ def test_yaml_is_overridden_by_flags(tmp_path, corpus, capsys):
 
 def test_nested_yaml_sections_for_pretrain(tmp_path):
     from llmkit.config import build
-    from llmkit.train.pretrain import PretrainConfig
+    from llmkit.pretrain import PretrainConfig
 
     config = build(PretrainConfig, {"preset": "cpu-tiny", "model": {"n_layer": 3}, "train": {"lr": "2e-3", "max_time": "5m"}})
     assert config.model.n_layer == 3 and config.train.lr == 2e-3 and config.train.max_seconds == 300

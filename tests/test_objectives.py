@@ -18,7 +18,7 @@ from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.train.config import TrainConfig
 from llmkit.train.objectives import (IGNORE_INDEX, ObjectiveBatches, SpanCorruption, build_objective, causal_lm_loss,
                                      prefix_lm_loss, random_prefix, unwrap_model)
-from llmkit.train.pretrain import ModelOverrides, PretrainConfig
+from llmkit.pretrain import ModelOverrides, PretrainConfig
 from llmkit.train.trainer import Trainer
 
 CORPUS = "\n".join(f"the {i % 13} cat sat on the {i % 7} mat and saw {i % 5} birds." for i in range(600))

@@ -13,9 +13,9 @@ from helpers import tiny_config
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.answers import extract_choice, extract_number, extract_text, majority_vote, normalize_text
+from llmkit.align.self_improve import self_improvement_dataset, write_self_improvement
 from llmkit.infer.prompting import (Example, PromptBuilder, PromptConfig, SelfConsistencyConfig, hidden_state_embedder,
-                                    load_examples, reason, self_consistency, self_improvement_dataset,
-                                    write_self_improvement)
+                                    load_examples, reason, self_consistency)
 from llmkit.io import iter_jsonl
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
@@ -342,7 +342,7 @@ def test_self_consistency_plugs_into_the_real_engine(engine):
 
 
 def test_run_self_improvement_writes_the_rows_of_a_checkpoint(engine, tmp_path):
-    from llmkit.infer.prompting import SelfImproveConfig, run_self_improvement
+    from llmkit.align.self_improve import SelfImproveConfig, run_self_improvement
     from llmkit.model.checkpoint import write_model
 
     checkpoint = tmp_path / "checkpoint"
@@ -368,7 +368,7 @@ def test_self_improve_config_reads_nested_flags():
     import argparse
 
     from llmkit.config import add_dataclass_arguments, config_from_args
-    from llmkit.infer.prompting import SelfImproveConfig
+    from llmkit.align.self_improve import SelfImproveConfig
 
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, SelfImproveConfig)

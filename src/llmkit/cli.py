@@ -62,7 +62,7 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
     from llmkit.data.pipeline import PipelineConfig, run_pipeline
     from llmkit.data.shards import PrepareConfig, prepare_data
     from llmkit.eval.run import EvalConfig, run_eval
-    from llmkit.infer.prompting import SelfImproveConfig, run_self_improvement
+    from llmkit.align.self_improve import SelfImproveConfig, run_self_improvement
     from llmkit.interop import ExportConfig, ImportConfig, export_checkpoint, import_checkpoint
     from llmkit.plan.ablate import AblateConfig, ablate, format_ablation
     from llmkit.plan.estimate import EstimateConfig, estimate, format_estimate
@@ -71,7 +71,7 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
     from llmkit.serve.chat_repl import ChatConfig, run_chat
     from llmkit.speedrun import SpeedrunConfig, speedrun
     from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
-    from llmkit.train.pretrain import PretrainConfig, pretrain
+    from llmkit.pretrain import PretrainConfig, pretrain
 
     return {
         ("tokenizer", "train"): (TokenizerConfig, train_tokenizer, _print_summary, "train a BPE or character tokenizer"),
@@ -101,7 +101,7 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
         ("export",): (ExportConfig, export_checkpoint, _print_summary,
                       "a checkpoint as a Hugging Face directory (--format hf) or a GGUF file for llama.cpp (--format gguf)"),
         ("import",): (ImportConfig, import_checkpoint, _print_summary,
-                      "a local Hugging Face model directory (Llama, Qwen3, GPT-2) as an llmkit checkpoint"),
+                      "a local Hugging Face directory (Llama, Qwen3, GPT-2) or GGUF file (llama, qwen2, qwen3, gpt2) as an llmkit checkpoint"),
         ("estimate",): (EstimateConfig, estimate, lambda result: print(format_estimate(result)), "parameters, memory, FLOPs and time of a model"),
         ("ablate",): (AblateConfig, ablate, lambda result: print(format_ablation(result)),
                       "train model variants on the same data, budget and seed; table and validation curves"),
@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if arguments.config and arguments.config_file:
             raise LlmkitError(f"give the YAML file once (got {arguments.config_file} and --config {arguments.config})")
+        if arguments.words == ("import",) and arguments.config_file and not arguments.config_file.endswith((".yaml", ".yml")):
+            if hasattr(arguments, "source"):  # `llmkit import model.gguf --out DIR`: the positional is the source
+                raise LlmkitError(f"give the source once (got {arguments.config_file} and --source {arguments.source})")
+            arguments.source, arguments.config_file = arguments.config_file, None
         config = config_from_args(config_class, arguments, arguments.config or arguments.config_file)
         result = function(config)
         shutdown()

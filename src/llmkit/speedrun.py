@@ -26,7 +26,7 @@ from llmkit.model.checkpoint import LATEST
 from llmkit.report import add_section
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.train.config import TrainConfig
-from llmkit.train.pretrain import ModelOverrides, PretrainConfig, pretrain
+from llmkit.pretrain import ModelOverrides, PretrainConfig, pretrain
 
 DEFAULT_PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef ", "class Stack:\n    \"\"\""]
 FULL_PRETRAINING_SECONDS = 600.0  # the pretraining time for which post-training gets its full budgets

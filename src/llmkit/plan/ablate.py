@@ -59,7 +59,7 @@ from llmkit.model.config import PRESETS, ModelConfig
 from llmkit.model.moe import MixtureOfExperts
 from llmkit.model.transformer import Transformer
 from llmkit.train.config import TrainConfig
-from llmkit.train.pretrain import ModelOverrides, PretrainConfig, build_model_config, pretrain
+from llmkit.pretrain import ModelOverrides, PretrainConfig, build_model_config, pretrain
 
 EVAL_POINTS = 20
 # What every variant must share for the comparison to mean anything, or what ablate itself sets.

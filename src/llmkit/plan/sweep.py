@@ -61,7 +61,7 @@ from llmkit.plan.ablate import count_parameters
 from llmkit.plan.scaling import (CHINCHILLA_GRID, ChinchillaLaw, KaplanLaw, fit_chinchilla, fit_kaplan, isoflop_minimum,
                                  lower_envelope)
 from llmkit.train.config import TrainConfig
-from llmkit.train.pretrain import ModelOverrides, PretrainConfig, build_model_config, pretrain
+from llmkit.pretrain import ModelOverrides, PretrainConfig, build_model_config, pretrain
 
 # Every other value of each axis of the paper's grid: 243 L-BFGS starts instead of 4,500.
 GRIDS = {"chinchilla": CHINCHILLA_GRID, "coarse": {name: values[::2] for name, values in CHINCHILLA_GRID.items()}}
