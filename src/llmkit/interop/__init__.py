@@ -1,14 +1,15 @@
 """Interoperability: llmkit checkpoints to and from Hugging Face directories, and to GGUF for llama.cpp.
 
 ``llmkit export`` and ``llmkit import`` run :func:`export_checkpoint` and :func:`import_checkpoint`;
-the work is in :mod:`.hf` (both directions) and :mod:`.gguf` (export only). Only layouts that a
-Hugging Face or llama.cpp architecture computes exactly are converted; everything else is refused with
-an error naming the config field and value (see :mod:`.layouts`).
+the work is in :mod:`.hf` (both directions), :mod:`.gguf` (export) and :mod:`.gguf_import` (import).
+Only layouts that a Hugging Face or llama.cpp architecture computes exactly are converted; everything
+else is refused with an error naming the config field (or GGUF key) and value (see :mod:`.layouts`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from llmkit.config import check
@@ -36,15 +37,17 @@ class ExportConfig:
 
 @dataclass
 class ImportConfig:
-    """``llmkit import``: a local Hugging Face model directory as an llmkit checkpoint."""
+    """``llmkit import``: a local Hugging Face model directory or a GGUF file as an llmkit checkpoint."""
 
-    source: str = field(default="", metadata={"help": "local Hugging Face directory (config.json, model.safetensors, tokenizer)"})
+    source: str = field(default="", metadata={"help": "local Hugging Face directory (config.json, model.safetensors, "
+                                                      "tokenizer) or a GGUF file (llama, qwen2, qwen3, gpt2)"})
     out: str = field(default="runs/imported", metadata={"help": "output checkpoint directory"})
     dtype: Literal["float32", "float16", "bfloat16"] | None = field(
-        default="float32", metadata={"help": "weight precision of the checkpoint (None keeps the source's)"})
+        default="float32", metadata={"help": "weight precision of the checkpoint (None keeps the source's; "
+                                             "float32 for GGUF, whose tensors are dequantized)"})
 
     def __post_init__(self) -> None:
-        check(bool(self.source), "source", self.source, "give the Hugging Face model directory")
+        check(bool(self.source), "source", self.source, "give the Hugging Face model directory or GGUF file")
         check(self.dtype in (None, "float32", "float16", "bfloat16"), "dtype", self.dtype, "must be float32, float16 or bfloat16")
 
 
@@ -59,4 +62,12 @@ def export_checkpoint(config: ExportConfig) -> dict:
 
 
 def import_checkpoint(config: ImportConfig) -> dict:
-    return import_hf(config.source, config.out, config.dtype)
+    """A file (GGUF: checked by its magic) or a name ending in .gguf is read as GGUF; a directory as Hugging Face."""
+    source = Path(config.source)
+    if not (source.is_file() or source.suffix.lower() == ".gguf"):
+        return import_hf(source, config.out, config.dtype)
+    try:  # imported on use: only GGUF needs the optional package
+        from llmkit.interop.gguf_import import import_gguf
+    except ImportError as error:
+        raise ConfigError("source", config.source, f"a GGUF file needs the 'gguf' package: pip install 'llmkit[interop]' ({error})") from None
+    return import_gguf(source, config.out, config.dtype)

@@ -55,10 +55,13 @@ def gguf_architecture(config: ModelConfig) -> str:
     return architecture
 
 
-def interleave_rotary_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of a query/key projection reordered per head so that output 2j is the old j and 2j+1 the
-    old j + head_dim/2: the pairs that rotate-half RoPE rotates become adjacent, as llama.cpp rotates."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+def interleave_rotary_pairs(weight: torch.Tensor, heads: int, inverse: bool = False) -> torch.Tensor:
+    """Rows of a query/key projection (or its bias) reordered per head so that output 2j is the old j and
+    2j+1 the old j + head_dim/2: the pairs that rotate-half RoPE rotates become adjacent, as llama.cpp
+    rotates. ``inverse=True`` undoes it (GGUF import): row j comes back from 2j, row j + head_dim/2 from 2j+1."""
+    half = weight.shape[0] // heads // 2
+    grouped = (heads, half, 2) if inverse else (heads, 2, half)
+    return weight.reshape(*grouped, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:

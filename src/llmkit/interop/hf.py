@@ -30,6 +30,7 @@ from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 
 WEIGHTS_FILE, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+CHECKPOINT_FILES = {WEIGHTS_FILE, "config.json", TOKENIZER_FILE, CONFIG_FILE}  # what an import writes
 HF_FILES = {WEIGHTS_FILE, "config.json", "generation_config.json", TOKENIZER_FILE, CONFIG_FILE}
 # Buffers some Hugging Face checkpoints carry that are derived, not learned: GPT-2's causal mask and
 # older Llamas' rotary frequencies.
@@ -122,16 +123,19 @@ def read_hf_weights(directory: Path, architecture: str) -> dict[str, torch.Tenso
     return {name: tensor for name, tensor in state.items() if not name.endswith(DERIVED_SUFFIXES)}
 
 
-def llmkit_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, architecture: str, source: Path) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors -> the llmkit model's state dict, checked name by name and shape by shape."""
+def llmkit_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, architecture: str, source: Path,
+                 conv1d: bool = True, origin: str = "config.json") -> dict[str, torch.Tensor]:
+    """Hugging Face tensors -> the llmkit model's state dict, checked name by name and shape by shape.
+    ``conv1d=False``: GPT-2's matrices come in ``nn.Linear``'s (out, in) layout (as GGUF stores them);
+    ``origin`` names where the config came from in errors."""
     remaining = dict(hf_state)
     state: dict[str, torch.Tensor] = {}
     for entry in tensor_table(config, architecture):
         missing = [name for name in entry.theirs if name not in remaining]
         if missing:
-            raise MismatchError(f"{source}: tensor '{missing[0]}' is missing for the config in config.json")
+            raise MismatchError(f"{source}: tensor '{missing[0]}' is missing for the config in {origin}")
         pieces = [remaining.pop(name) for name in entry.theirs]
-        state[entry.ours] = torch.cat([piece.t() if entry.transpose else piece for piece in pieces]).contiguous()
+        state[entry.ours] = torch.cat([piece.t() if entry.transpose and conv1d else piece for piece in pieces]).contiguous()
     if config.tie_embeddings:
         remaining.pop("lm_head.weight", None)  # the embedding again
     if remaining:
@@ -141,7 +145,7 @@ def llmkit_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, archite
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise MismatchError(f"{source}: tensor for '{name}' has shape {tuple(tensor.shape)}, "
-                                f"config.json implies {tuple(expected[name].shape)}")
+                                f"{origin} implies {tuple(expected[name].shape)}")
     return state
 
 
@@ -151,18 +155,26 @@ def import_hf(directory: str | Path, out: str | Path, dtype: str | None = "float
     added at the end of its vocabulary with mean-initialised embedding rows (see :mod:`.tokens`)."""
     start = time.perf_counter()
     source, out = Path(directory), Path(out)
-    check_replaceable(out, {WEIGHTS_FILE, "config.json", TOKENIZER_FILE, CONFIG_FILE})
+    check_replaceable(out, CHECKPOINT_FILES)
     values = read_json(source / "config.json")
     config, architecture = model_config_from_hf(values, source / "config.json")
     state = llmkit_state(read_hf_weights(source, architecture), config, architecture, source)
+    tokenizer, added, source_size = import_tokenizer(source)
+    return write_import(out, source, state, config, architecture, dtype, tokenizer, added, source_size,
+                        {"model_type": values.get("model_type")}, start)
+
+
+def write_import(out: Path, source: Path, state: dict[str, torch.Tensor], config: ModelConfig, architecture: str,
+                 dtype: str | None, tokenizer: Tokenizer, added: list[str], source_size: int, imported_from: dict,
+                 start: float) -> dict:
+    """The end of every import: weights in ``dtype``, embeddings grown for llmkit's ``added`` special tokens
+    (see :mod:`.tokens`), the checkpoint folder ``out`` written atomically, and the summary."""
     if dtype:
         state = {name: tensor.to(getattr(torch, dtype)) for name, tensor in state.items()}
-    tokenizer, added, source_size = import_tokenizer(source)
     config = grow_embeddings(state, config, tokenizer, added, source_size)
     metadata = {"stage": "import", "stage_config": {"source": str(source), "out": str(out), "dtype": dtype},
                 "tokenizer_sha256": tokenizer.sha256,
-                "imported_from": {"architecture": architecture, "model_type": values.get("model_type"),
-                                  "added_special_tokens": added}}
+                "imported_from": {"architecture": architecture, **imported_from, "added_special_tokens": added}}
     with atomic_directory(out) as folder:
         write_model(folder, state, config, metadata)
         tokenizer.save(folder)

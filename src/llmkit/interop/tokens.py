@@ -76,15 +76,24 @@ def import_tokenizer(directory: Path) -> tuple[Tokenizer, list[str], int]:
     """The source's tokenizer with llmkit's missing special tokens added; also the added tokens and the
     source's vocabulary size (the ids below it are the source's own)."""
     backend, original = _load_backend(directory)
+    source_config = read_json(directory / CONFIG_FILE) if (directory / CONFIG_FILE).is_file() else {}
+    template = source_config.get("chat_template")
+    if not template and (directory / CHAT_TEMPLATE_FILE).is_file():
+        template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    return with_llmkit_special_tokens(backend, original, {**source_config, "chat_template": template}, str(directory))
+
+
+def with_llmkit_special_tokens(backend: tokenizers.Tokenizer, original: bytes, source_config: dict, source: str,
+                               extra: dict | None = None) -> tuple[Tokenizer, list[str], int]:
+    """An llmkit :class:`Tokenizer` from a foreign ``backend`` (whose file is ``original``) and the source's
+    tokenizer config (bos/eos/pad/unk tokens, chat template, ``kind``, ``clean_up_tokenization_spaces``):
+    llmkit's missing special tokens are added after the source's vocabulary; ``extra`` keys go into the
+    config as they are. Also returns the added tokens and the source's vocabulary size."""
     source_size = backend.get_vocab_size(with_added_tokens=True)
     missing = [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is None]
     if missing:
         backend.add_special_tokens(missing)
     tokenizer_json = backend.to_str().encode("utf-8") if missing else original  # unchanged: same sha256
-    source_config = read_json(directory / CONFIG_FILE) if (directory / CONFIG_FILE).is_file() else {}
-    template = source_config.get("chat_template")
-    if not template and (directory / CHAT_TEMPLATE_FILE).is_file():
-        template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "kind": source_config.get("kind") or type(backend.model).__name__.lower(),  # "bpe", "unigram", ...
@@ -93,9 +102,11 @@ def import_tokenizer(directory: Path) -> tuple[Tokenizer, list[str], int]:
         # The source's own bos/eos/... stay what its chat template and users expect.
         **{role: _token_string(source_config.get(role)) or LLMKIT_DEFAULTS[role] for role in SPECIAL_ROLES},
         "clean_up_tokenization_spaces": source_config.get("clean_up_tokenization_spaces", False),
-        "chat_template": template,
-        "source": str(directory),
+        # A model without a chat format of its own speaks llmkit's, through the tokens added above.
+        "chat_template": source_config.get("chat_template") or CHAT_TEMPLATE,
+        "source": source,
         "added_special_tokens": missing,
+        **(extra or {}),
         "llmkit_version": __version__,
     }
     return Tokenizer(tokenizer_json, config), missing, source_size
