@@ -87,13 +87,10 @@ class Tokenizer:
     def save(self, directory: str | Path) -> None:
         """Write both files into ``directory`` (e.g. a checkpoint), byte-identical so the sha256 is kept.
 
-        A config without a chat template gets llmkit's (``llmkit.chat.CHAT_TEMPLATE``), and the
-        bos/eos/pad tokens transformers reads, so ``apply_chat_template`` renders llmkit's chat format."""
-        from llmkit.chat import CHAT_TEMPLATE  # llmkit.chat imports this module
-
+        The config gets the bos/eos/pad tokens transformers reads where it names none; its chat template
+        is the one it was given (llmkit's, :data:`llmkit.chat.CHAT_TEMPLATE`, for tokenizers llmkit trains)."""
         directory = Path(directory)
         config = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "pad_token": PAD, **self.config}
-        config["chat_template"] = config.get("chat_template") or CHAT_TEMPLATE
         atomic_write_bytes(directory / TOKENIZER_FILE, self.tokenizer_json)
         atomic_write_json(directory / CONFIG_FILE, config)
 

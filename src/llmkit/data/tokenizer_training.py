@@ -17,6 +17,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from llmkit import __version__
+from llmkit.chat import CHAT_TEMPLATE
 from llmkit.config import check
 from llmkit.data.sources import is_held_out, iter_documents
 from llmkit.errors import InputError
@@ -86,6 +87,7 @@ def train_tokenizer(config: TokenizerConfig) -> dict:
         "unk_token": UNK,
         # transformers would otherwise "clean up" spaces before punctuation and break round trips.
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,  # transformers' apply_chat_template renders llmkit's chat format
         "source": config.source,
         "bytes_per_token": bytes_per_token,
         "llmkit_version": __version__,
