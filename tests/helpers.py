@@ -1,10 +1,14 @@
 """Small shared fixtures for tests: synthetic batches, a tiny model config, a naive greedy decoder and
-lm-evaluation-harness task configs over local files."""
+lm-evaluation-harness task configs over local files, and a live server on a loopback port."""
 
 import json
+import socket
+import threading
+import time
 from pathlib import Path
 
 import torch
+import uvicorn
 
 from llmkit.model import ModelConfig
 
@@ -76,3 +80,29 @@ def write_choice_task(folder: Path, name: str, questions: list[tuple[str, list[s
     index)`` triples, as :func:`write_harness_task`."""
     records = [{"question": question, "choices": choices, "answer": answer} for question, choices, answer in questions]
     return write_harness_task(folder, name, records, "multiple_choice", CHOICE_FIELDS)
+
+
+class LiveServer:
+    """uvicorn on a free loopback port in a background thread."""
+
+    def __init__(self, app):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.app, self.url = app, f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -15,7 +15,8 @@ import pytest
 
 from llmkit.serve.app import create_app
 from llmkit.serve.server import ServeConfig
-from test_serve import PLAIN_CONVERSATION, LiveServer, trained_engine
+from helpers import LiveServer
+from test_serve import PLAIN_CONVERSATION, trained_engine
 
 MODEL = "tiny"
 STATIC = resources.files("llmkit.serve") / "static"
@@ -84,7 +85,8 @@ def test_the_pages_stop_aborts_and_frees_the_slot(server):
         hook.remove()
 
 
-def test_chat_page_in_headless_chromium(server):
+def chromium_page(url: str, model: str):
+    """A page of the chat app in headless Chromium (Debian's, driven by Playwright), loaded and greedy."""
     playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser_path is None:
@@ -93,17 +95,39 @@ def test_chat_page_in_headless_chromium(server):
         browser = playwright.chromium.launch(executable_path=browser_path, headless=True)
         try:
             page = browser.new_page()
-            page.goto(f"{server.url}/")
-            page.wait_for_function("document.getElementById('model-name').textContent.startsWith('tiny')")
+            page.goto(f"{url}/")
+            page.wait_for_function(f"document.getElementById('model-name').textContent.startsWith('{model}')")
             page.evaluate("document.getElementById('temperature').value = '0'")  # greedy: the reply is known
-            page.fill("#user-input", "Hi")
-            page.press("#user-input", "Enter")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('finished')", timeout=20_000)
-            replies = page.locator(".message.assistant .content").all_text_contents()
-            assert replies == ["Hello there."]
-            page.evaluate("document.getElementById('status').textContent = ''")
-            page.click("#regenerate")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('finished')", timeout=20_000)
-            assert page.locator(".message.assistant .content").all_text_contents() == ["Hello there."]
+            yield page
         finally:
             browser.close()
+
+
+def send(page, text: str) -> list[str]:
+    """Type a message, wait for the streamed reply to finish; the assistant messages shown."""
+    page.evaluate("document.getElementById('status').textContent = ''")
+    page.fill("#user-input", text)
+    page.press("#user-input", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('finished')", timeout=60_000)
+    return page.locator(".message.assistant .content").all_text_contents()
+
+
+def test_chat_page_in_headless_chromium(server):
+    for page in chromium_page(server.url, "tiny"):
+        assert send(page, "Hi") == ["Hello there."]
+        page.evaluate("document.getElementById('status').textContent = ''")
+        page.click("#regenerate")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('finished')", timeout=20_000)
+        assert page.locator(".message.assistant .content").all_text_contents() == ["Hello there."]
+
+
+def test_the_chat_page_talks_to_smollm2_in_its_own_format(shared_data, tmp_path):
+    from llmkit.infer import Engine
+    from llmkit.interop.gguf_import import import_gguf
+
+    import_gguf(shared_data / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "smol")
+    engine = Engine.from_checkpoint(str(tmp_path / "smol"))
+    with LiveServer(create_app(engine, ServeConfig(model_name="smollm2"))) as live:
+        for page in chromium_page(live.url, "smollm2"):
+            (reply,) = send(page, "What is the capital of France?")
+            assert "Paris" in reply

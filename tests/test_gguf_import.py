@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmkit.chat import CHAT_TEMPLATE
+from llmkit.chat import CHAT_TEMPLATE, render_ids
 from llmkit.cli import main
 from llmkit.errors import InputError, MismatchError
 from llmkit.interop import ExportConfig, ImportConfig, export_checkpoint, import_checkpoint
@@ -440,7 +440,7 @@ def test_smollm2_q4_1_matches_transformers_gguf_loading(tmp_path, shared_data):
     peer.eval()
     ids = tokenizer.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     with torch.no_grad():
-        ours, theirs = model(torch.tensor([ids]))[0, :, :49152], peer(torch.tensor([ids])).logits[0]
+        ours, theirs = model(torch.tensor([ids]))[0], peer(torch.tensor([ids])).logits[0]
     difference = (ours - theirs).abs().max().item()
     print(f"SmolLM2-135M-Instruct Q4_1: max |llmkit - transformers| logit difference {difference:.3g} "
           f"(logits up to {theirs.abs().max().item():.3g})")
@@ -452,6 +452,12 @@ def test_smollm2_q4_1_matches_transformers_gguf_loading(tmp_path, shared_data):
         assert tokenizer.decode(tokenizer.encode(text)) == text
     assert tokenizer.config["eos_token"] == "<|im_end|>" and tokenizer.config["chat_template"].startswith("{% for message")
     assert saved["imported_from"]["special_token_ids"]["eos"] == 2
+    # A chat model keeps its vocabulary and speaks its own format: ChatML, ending at <|im_end|>.
+    assert model.config.vocab_size == tokenizer.vocab_size == 49152 and not tokenizer.llmkit_format
+    assert tokenizer.stop_ids == [2]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert render_ids(tokenizer, messages, add_generation_prompt=True)[0] == \
+        peer_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
 
 
 def _transformers_gguf_model(path, config: ModelConfig):

@@ -131,22 +131,30 @@ def hf_source(folder, kind: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen3"])
-def test_hf_model_imports_with_its_logits_and_llmkit_special_tokens(tmp_path, kind):
+def test_hf_model_imports_with_its_logits_and_its_own_chat_format_or_llmkits(tmp_path, kind):
     peer, hf_tokenizer = hf_source(tmp_path / "hf", kind)
     summary = import_hf(tmp_path / "hf", tmp_path / "imported")
     model, saved = load_model(tmp_path / "imported")
     ids = torch.randint(0, 280, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours, theirs = model(ids), peer(ids).logits
-    assert (ours[..., :280] - theirs[..., :280]).abs().max() <= 1e-4  # the rows after 280 now hold added tokens
+    assert (ours[..., :280] - theirs[..., :280]).abs().max() <= 1e-4
     tokenizer = Tokenizer.load(tmp_path / "imported")
     for text in SAMPLES[:2] + SAMPLES[3:]:
         assert tokenizer.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False)
     # The source's template is kept (it is how the source chats); without one, llmkit's chat format.
     assert tokenizer.config["chat_template"] == (hf_tokenizer.chat_template or CHAT_TEMPLATE)
     assert tokenizer.config["eos_token"] == hf_tokenizer.eos_token
+    if hf_tokenizer.chat_template:  # a chat model stays as it is: no token added, its eos ends generation
+        assert summary["added_special_tokens"] == saved["imported_from"]["added_special_tokens"] == []
+        assert not tokenizer.llmkit_format and tokenizer.vocab_size == 280 and model.config.vocab_size == peer.config.vocab_size
+        assert tokenizer.stop_ids == [hf_tokenizer.eos_token_id]
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+        assert render_ids(tokenizer, messages)[0] == hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        return
     added = [token for token in SPECIAL_TOKENS if token not in hf_tokenizer.get_vocab()]
     assert summary["added_special_tokens"] == saved["imported_from"]["added_special_tokens"] == added
+    assert tokenizer.llmkit_format
     # New tokens sit after the source's 280 and start at the mean of the source tokens' embedding rows.
     added_ids = [tokenizer.special_ids[token] for token in added]
     assert sorted(added_ids) == list(range(280, 280 + len(added)))

@@ -5,7 +5,6 @@ The model is trained for a moment on two conversations, one of them a tool call,
 exactly; everything else uses whatever it does on other inputs."""
 
 import json
-import socket
 import string
 import threading
 import time
@@ -16,10 +15,9 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
-import uvicorn
 from fastapi.testclient import TestClient
 
-from helpers import tiny_config, write_choice_task
+from helpers import LiveServer, tiny_config, write_choice_task
 from llmkit.chat import render_ids
 from llmkit.cli import main as cli_main
 from llmkit.errors import ConfigError
@@ -69,32 +67,6 @@ def trained_engine(folder) -> Engine:
         loss.backward()
         optimizer.step()
     return Engine(model.eval(), tokenizer)
-
-
-class LiveServer:
-    """uvicorn on a free loopback port in a background thread."""
-
-    def __init__(self, app):
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        self.app, self.url = app, f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from llmkit.chat_templates import template_ids
 from llmkit.errors import InputError
 from llmkit.tokenizer import ASSISTANT, END, ENDOFTEXT, SPECIAL_TOKENS, SYSTEM, TOOL_CALL, TOOL_RESULT, USER, Tokenizer
 
@@ -223,6 +224,17 @@ def _segments(messages: list[dict], add_generation_prompt: bool) -> list[tuple[s
     return segments
 
 
+def uses_own_template(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer's model has a chat format of its own (a template other than llmkit's);
+    a model with neither that nor llmkit's special tokens cannot hold a conversation."""
+    if tokenizer.chat_template and tokenizer.chat_template != CHAT_TEMPLATE:
+        return True
+    if not tokenizer.llmkit_format:
+        raise InputError("the model has neither a chat template nor llmkit's chat tokens: tokenizer_config.json "
+                         "chat_template is missing")
+    return False
+
+
 def render_text(messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The conversation as text (what :data:`CHAT_TEMPLATE` renders)."""
     check_messages(messages)
@@ -230,14 +242,18 @@ def render_text(messages: list[dict], add_generation_prompt: bool = False) -> st
 
 
 def render_ids(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
-               mask_from: int = 0) -> tuple[list[int], list[bool]]:
+               mask_from: int = 0, tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation and the assistant mask (True on tokens the assistant wrote).
 
     ``add_generation_prompt`` appends the ``<|assistant|>`` header that asks the model for a reply
     (nothing when the assistant's turn is still open after a tool result). Assistant tokens of the
     messages before index ``mask_from`` stay False: a preference pair scores only its continuation.
+    A model with a chat format of its own renders in it instead (:mod:`llmkit.chat_templates`), with
+    OpenAI-shaped ``tools`` given to its template; llmkit's format has no place for them.
     """
     check_messages(messages)
+    if uses_own_template(tokenizer):
+        return template_ids(tokenizer, messages, add_generation_prompt, mask_from, tools)
     ids: list[int] = []
     mask: list[bool] = []
     for text, special, by_assistant, index in _segments(messages, add_generation_prompt):

@@ -51,22 +51,50 @@ CONFIG_FILE = "tokenizer_config.json"
 
 
 class Tokenizer:
-    """An llmkit tokenizer: a Hugging Face ``tokenizers.Tokenizer`` plus llmkit's metadata."""
+    """A Hugging Face ``tokenizers.Tokenizer`` plus its ``tokenizer_config.json``.
+
+    Two kinds of tokenizer, told apart by their special tokens. **llmkit's own** (trained here, or
+    imported from a model without a chat format) holds every one of :data:`SPECIAL_TOKENS`: the chat
+    format is llmkit's (:mod:`llmkit.chat`), documents end with ``<|endoftext|>``, turns with
+    ``<|end|>``. **A model's own** (an imported chat model) keeps its vocabulary unchanged: its chat
+    template renders conversations, and its eos token (plus the end-of-turn ids its files name,
+    ``eos_token_ids``) ends documents and generation.
+    """
 
     def __init__(self, tokenizer_json: bytes, config: dict):
         # Keep the exact bytes: the sha256 identifies the tokenizer across data dirs and checkpoints.
         self.tokenizer_json = tokenizer_json
         self.config = config
         self.backend = tokenizers.Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-        self.special_ids = {token: self.backend.token_to_id(token) for token in SPECIAL_TOKENS}
-        missing = [token for token, token_id in self.special_ids.items() if token_id is None]
-        if missing:
-            raise InputError(f"tokenizer lacks the reserved special tokens {', '.join(missing)}")
+        found = {token: self.backend.token_to_id(token) for token in SPECIAL_TOKENS}
+        self.special_ids = {token: token_id for token, token_id in found.items() if token_id is not None}
+        self.llmkit_format = len(self.special_ids) == len(SPECIAL_TOKENS)
         self.kind: str = config.get("kind", "bpe")
         self.vocab_size: int = self.backend.get_vocab_size(with_added_tokens=True)
-        self.eot_id: int = self.special_ids[ENDOFTEXT]
-        self.pad_id: int = self.special_ids[PAD]
         self.sha256: str = hashlib.sha256(tokenizer_json).hexdigest()
+        model_ends = self._model_stop_ids()
+        if self.llmkit_format:
+            self.eot_id: int = self.special_ids[ENDOFTEXT]
+            self.pad_id: int = self.special_ids[PAD]
+            self.stop_ids: list[int] = list(dict.fromkeys([self.special_ids[END], self.eot_id, *model_ends]))
+        else:
+            if not model_ends:
+                raise InputError("a model without llmkit's special tokens needs an end-of-turn token, and "
+                                 f"{CONFIG_FILE} names no eos_token (or eos_token_ids) in its vocabulary")
+            self.stop_ids = model_ends
+            self.eot_id = model_ends[0]
+            self.pad_id = self._id_of(config.get("pad_token")) or self.eot_id
+        self.chat_template: str | None = config.get("chat_template")
+
+    def _id_of(self, token) -> int | None:
+        """The id of a token named in the config (a string, or transformers' ``{"content": ...}``)."""
+        text = token.get("content") if isinstance(token, dict) else token
+        return self.backend.token_to_id(text) if isinstance(text, str) else None
+
+    def _model_stop_ids(self) -> list[int]:
+        """The eos the config names first, then every other end-of-turn id it lists (``eos_token_ids``)."""
+        ids = [self._id_of(self.config.get("eos_token"))] + [int(i) for i in self.config.get("eos_token_ids") or []]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":

@@ -167,9 +167,10 @@ class CompletionState:
         self.tool_calls: list[dict] = []
         self.open_call: int | None = None  # index in token_ids of the payload's first token while a call is open
         self.finish_reason: str | None = None
+        # A model's own chat format has no in-turn tool protocol: its ids are None and never match.
         special = tokenizer.special_ids
-        self.end_of_turn, self.call_id, self.result_id = special[END], special[TOOL_CALL], special[TOOL_RESULT]
-        self.end_ids = {tokenizer.eot_id, self.end_of_turn}
+        self.end_of_turn, self.call_id, self.result_id = special.get(END), special.get(TOOL_CALL), special.get(TOOL_RESULT)
+        self.end_ids = set(tokenizer.stop_ids)
 
     @property
     def finished(self) -> bool:

@@ -39,7 +39,7 @@ from llmkit.interop.gguf import interleave_rotary_pairs
 from llmkit.interop.hf import CHECKPOINT_FILES, check_replaceable, llmkit_state, write_import
 from llmkit.interop.hf_config import model_config_from_hf
 from llmkit.interop.layouts import GPT2, LLAMA, QWEN3, tensor_table
-from llmkit.interop.tokens import with_llmkit_special_tokens
+from llmkit.interop.tokens import imported_tokenizer
 from llmkit.model.config import ModelConfig
 from llmkit.tokenizer import Tokenizer
 
@@ -367,8 +367,9 @@ def gguf_tokenizer(meta: _Metadata, vocab_size: int) -> tuple[Tokenizer, list[st
     source_config = {"kind": "bpe", "chat_template": meta.get("tokenizer.chat_template"),
                      "clean_up_tokenization_spaces": False,
                      **{role: tokens[token_id] for role, token_id in named.items() if token_id is not None}}
-    tokenizer, added, source_size = with_llmkit_special_tokens(
-        backend, backend.to_str().encode("utf-8"), source_config, str(meta.path),
+    ends = [ids[role] for role in ("eos", "eot", "eom") if ids[role] is not None]
+    tokenizer, added, source_size = imported_tokenizer(
+        backend, backend.to_str().encode("utf-8"), source_config, str(meta.path), ends,
         extra={"add_bos_token": add_bos, "add_eos_token": add_eos})
     return tokenizer, added, source_size, {"pre_tokenizer": pre, "special_token_ids": ids}
 

@@ -2,12 +2,14 @@
 
 An llmkit tokenizer is already a Hugging Face ``tokenizer.json``; export copies it byte for byte and
 writes the ``tokenizer_config.json`` and ``generation_config.json`` that ``AutoTokenizer`` and
-``generate`` read. Import goes the other way and has one real job: llmkit's stages find their special
-tokens (``<|endoftext|>``, ``<|pad|>``, the chat roles, ...) by name, and a foreign tokenizer lacks
-most of them. They are added at the end of the vocabulary (the source's own ids stay as they are),
-and :func:`grow_embeddings` gives them the mean of the existing embedding rows, which keeps the new
-tokens' initial logits near the average instead of random (Hewitt 2021, "Initializing New Word
-Embeddings for Pretrained Language Models"), ready to be learned by fine-tuning.
+``generate`` read. Import goes the other way. A model with a chat format of its own (a chat template)
+keeps its tokenizer and vocabulary unchanged: every stage renders its conversations with that template
+and stops at its end-of-turn ids (:class:`llmkit.tokenizer.Tokenizer`). A model without one gets
+llmkit's chat format: its special tokens (``<|endoftext|>``, ``<|pad|>``, the chat roles, ...) are
+added at the end of the vocabulary (the source's own ids stay as they are), and :func:`grow_embeddings`
+gives them the mean of the existing embedding rows, which keeps the new tokens' initial logits near
+the average instead of random (Hewitt 2021, "Initializing New Word Embeddings for Pretrained Language
+Models"), ready to be learned by fine-tuning.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from llmkit.chat import CHAT_TEMPLATE
 from llmkit.errors import InputError
 from llmkit.io import read_json
 from llmkit.model.config import ModelConfig
-from llmkit.tokenizer import CONFIG_FILE, END, ENDOFTEXT, PAD, SPECIAL_TOKENS, TOKENIZER_FILE, UNK, Tokenizer
+from llmkit.tokenizer import CONFIG_FILE, ENDOFTEXT, PAD, SPECIAL_TOKENS, TOKENIZER_FILE, UNK, Tokenizer
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves the template
 SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -48,10 +50,10 @@ def hf_tokenizer_config(tokenizer: Tokenizer, context_length: int) -> dict:
 
 
 def generation_token_ids(tokenizer: Tokenizer) -> dict:
-    """bos, pad and the end-of-generation ids: the declared eos plus the two llmkit's engine stops at."""
+    """bos, pad and the end-of-generation ids: the declared eos plus the ones llmkit's engine stops at."""
     ids = {role: tokenizer.backend.token_to_id(token) for role, token in special_tokens(tokenizer).items()}
-    ends = [ids["eos_token"], tokenizer.eot_id, tokenizer.special_ids[END]]
-    return {"bos": ids["bos_token"], "eos": list(dict.fromkeys(ends)), "pad": ids["pad_token"]}
+    ends = [ids["eos_token"], *tokenizer.stop_ids]
+    return {"bos": ids["bos_token"], "eos": [i for i in dict.fromkeys(ends) if i is not None], "pad": ids["pad_token"]}
 
 
 def _token_string(value) -> str | None:
@@ -73,39 +75,48 @@ def _load_backend(directory: Path) -> tuple[tokenizers.Tokenizer, bytes]:
 
 
 def import_tokenizer(directory: Path) -> tuple[Tokenizer, list[str], int]:
-    """The source's tokenizer with llmkit's missing special tokens added; also the added tokens and the
-    source's vocabulary size (the ids below it are the source's own)."""
+    """The source's tokenizer (:func:`imported_tokenizer`); its end-of-turn ids are the eos of its
+    ``generation_config.json`` (one id or a list), as ``generate`` reads them."""
     backend, original = _load_backend(directory)
     source_config = read_json(directory / CONFIG_FILE) if (directory / CONFIG_FILE).is_file() else {}
     template = source_config.get("chat_template")
     if not template and (directory / CHAT_TEMPLATE_FILE).is_file():
         template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-    return with_llmkit_special_tokens(backend, original, {**source_config, "chat_template": template}, str(directory))
+    generation_path = directory / "generation_config.json"
+    ends = read_json(generation_path).get("eos_token_id") if generation_path.is_file() else None
+    ends = [ends] if isinstance(ends, int) else list(ends or [])
+    return imported_tokenizer(backend, original, {**source_config, "chat_template": template}, str(directory), ends)
 
 
-def with_llmkit_special_tokens(backend: tokenizers.Tokenizer, original: bytes, source_config: dict, source: str,
-                               extra: dict | None = None) -> tuple[Tokenizer, list[str], int]:
-    """An llmkit :class:`Tokenizer` from a foreign ``backend`` (whose file is ``original``) and the source's
-    tokenizer config (bos/eos/pad/unk tokens, chat template, ``kind``, ``clean_up_tokenization_spaces``):
-    llmkit's missing special tokens are added after the source's vocabulary; ``extra`` keys go into the
-    config as they are. Also returns the added tokens and the source's vocabulary size."""
+def imported_tokenizer(backend: tokenizers.Tokenizer, original: bytes, source_config: dict, source: str,
+                       end_of_turn_ids: list[int], extra: dict | None = None) -> tuple[Tokenizer, list[str], int]:
+    """A :class:`Tokenizer` from a foreign ``backend`` (whose file is ``original``) and the source's
+    tokenizer config (bos/eos/pad/unk tokens, chat template, ``kind``, ``clean_up_tokenization_spaces``).
+    With a chat template the vocabulary stays the source's and ``end_of_turn_ids`` (besides eos) end
+    generation; without one, llmkit's missing special tokens are added after the source's vocabulary.
+    ``extra`` keys go into the config as they are. Also returns the added tokens and the source's
+    vocabulary size."""
     source_size = backend.get_vocab_size(with_added_tokens=True)
-    missing = [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is None]
+    own_format = bool(source_config.get("chat_template"))
+    missing = [] if own_format else [token for token in SPECIAL_TOKENS if backend.token_to_id(token) is None]
     if missing:
         backend.add_special_tokens(missing)
     tokenizer_json = backend.to_str().encode("utf-8") if missing else original  # unchanged: same sha256
+    roles = {role: _token_string(source_config.get(role)) for role in SPECIAL_ROLES}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "kind": source_config.get("kind") or type(backend.model).__name__.lower(),  # "bpe", "unigram", ...
         "vocab_size": backend.get_vocab_size(with_added_tokens=True),
-        "special_token_ids": {token: backend.token_to_id(token) for token in SPECIAL_TOKENS},
+        "special_token_ids": {token: backend.token_to_id(token) for token in SPECIAL_TOKENS if backend.token_to_id(token) is not None},
         # The source's own bos/eos/... stay what its chat template and users expect.
-        **{role: _token_string(source_config.get(role)) or LLMKIT_DEFAULTS[role] for role in SPECIAL_ROLES},
+        **({role: token for role, token in roles.items() if token} if own_format else
+           {role: token or LLMKIT_DEFAULTS[role] for role, token in roles.items()}),
         "clean_up_tokenization_spaces": source_config.get("clean_up_tokenization_spaces", False),
         # A model without a chat format of its own speaks llmkit's, through the tokens added above.
         "chat_template": source_config.get("chat_template") or CHAT_TEMPLATE,
         "source": source,
         "added_special_tokens": missing,
+        **({"eos_token_ids": list(dict.fromkeys(end_of_turn_ids))} if own_format and end_of_turn_ids else {}),
         **(extra or {}),
         "llmkit_version": __version__,
     }

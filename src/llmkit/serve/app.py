@@ -225,9 +225,12 @@ def create_app(engine_or_scheduler: Engine | Scheduler, config: ServeConfig) -> 
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
-        # llmkit documents start after <|endoftext|>, so it is both the bos and the eos token (as in GPT-2).
-        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT,
-                "pad_token": PAD, "chat_template": CHAT_TEMPLATE, "model_max_length": context,
+        # llmkit documents start after <|endoftext|>, so it is both the bos and the eos token (as in GPT-2);
+        # an imported model's tokens and chat template are its own.
+        config = tokenizer.config
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": config.get("bos_token", ENDOFTEXT),
+                "eos_token": config.get("eos_token", ENDOFTEXT), "pad_token": config.get("pad_token", PAD),
+                "chat_template": tokenizer.chat_template or CHAT_TEMPLATE, "model_max_length": context,
                 "vocab_size": tokenizer.vocab_size}
 
     @app.get("/health")

@@ -1,4 +1,4 @@
-"""``POST /v1/chat/completions``: messages rendered by llmkit's chat format, answered by the engine.
+"""``POST /v1/chat/completions``: messages rendered in the model's chat format, answered by the engine.
 
 The conversation goes through :func:`llmkit.chat.render_ids` with the generation prompt, exactly as SFT
 rendered training conversations: system, user, assistant and tool messages (``developer`` is OpenAI's
@@ -17,13 +17,13 @@ from __future__ import annotations
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
-from llmkit.chat import render_ids
+from llmkit.chat import render_ids, uses_own_template
 from llmkit.errors import InputError
 from llmkit.serve.openai_errors import APIError
 from llmkit.serve.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                                   ChatMessage, ChoiceLogprobs)
 from llmkit.serve.service import Generation, Service, new_id, now
-from llmkit.serve.tool_calls import AssistantTurn, calls_allowed, client_tools, forced_prefix
+from llmkit.serve.tool_calls import AssistantTurn, TemplateTurn, calls_allowed, client_tools, forced_prefix
 from llmkit.serve.turns import turn_stop_strings
 from llmkit.tokenizer import TOOL_CALL, Tokenizer
 
@@ -43,9 +43,9 @@ def conversation(messages: list[ChatMessage]) -> list[dict]:
     return rendered
 
 
-def prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
     try:
-        ids, _ = render_ids(tokenizer, conversation(messages), add_generation_prompt=True)
+        ids, _ = render_ids(tokenizer, conversation(messages), add_generation_prompt=True, tools=tools)
     except InputError as error:
         raise APIError(400, str(error), "messages") from None
     return ids
@@ -66,7 +66,12 @@ class ChatJob:
         self.service, self.body, self.tokenizer = service, body, service.tokenizer
         self.tools = client_tools(body.tools)
         self.prefix = forced_prefix(body.tool_choice, self.tools)
-        prompt = prompt_ids(self.tokenizer, body.messages)
+        own_format = uses_own_template(self.tokenizer)
+        if own_format and self.prefix is not None:
+            raise APIError(400, "tool_choice: this model has a chat format of its own; it takes 'auto' or 'none'",
+                           "tool_choice")
+        definitions = [tool.model_dump(exclude_none=True) for tool in body.tools] if own_format and body.tools else None
+        prompt = prompt_ids(self.tokenizer, body.messages, definitions)
         if self.prefix is not None:
             prompt += [self.tokenizer.special_ids[TOOL_CALL], *self.tokenizer.encode(self.prefix)]
         service.check_prompt(prompt, "messages")
@@ -79,11 +84,12 @@ class ChatJob:
             service.check_max_tokens(requested, param)
         max_new_tokens = requested or min(service.limits.max_tokens, service.room(prompt))
         self.detect_calls = calls_allowed(body.tool_choice, self.tools)
-        extra_stop = tuple(turn_stop_strings([], self.detect_calls))
+        extra_stop = () if own_format else tuple(turn_stop_strings([], self.detect_calls))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         self.jobs = [(prompt, service.generation_config(body, max_new_tokens, choice, logprobs, extra_stop=extra_stop))
                      for choice in range(body.n)]
-        self.turns = [AssistantTurn(self.tokenizer, self.tools, self.detect_calls, self.prefix, body.logprobs)
+        self.turns = [TemplateTurn(self.tokenizer, self.tools, self.detect_calls, body.logprobs) if own_format else
+                      AssistantTurn(self.tokenizer, self.tools, self.detect_calls, self.prefix, body.logprobs)
                       for _ in range(body.n)]
         self.id, self.created = new_id("chatcmpl"), now()
 

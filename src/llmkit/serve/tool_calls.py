@@ -23,11 +23,16 @@ call ``name(text)`` maps to a function whose only parameter is a string.
 The chat format has no place for tool definitions (llmkit's training data teaches a tool through the
 system prompt, e.g. ``llmkit.tasks.arithmetic.TOOL_SYSTEM_PROMPT``), so ``tools`` tells the server which
 calls to accept; describe them to the model in the system message, as in training.
+
+A model with a chat format of its own gets ``tools`` through its template (which places them where its
+training did, if it has a place for them) and writes calls in its own convention; :class:`TemplateTurn`
+reads Hermes/Qwen's ``<tool_call>`` JSON blocks, with ``tool_choice`` ``auto`` or ``none``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -172,3 +177,52 @@ class AssistantTurn:
         written = TOOL_CALL + payload if self.prefix is not None else self.tokenizer.decode(self.ids[self.call_start:])
         self.content += written
         return TurnResult(written, None, reason)
+
+
+TEMPLATE_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+TEMPLATE_CALL_START = "<tool_call>"
+
+
+@dataclass
+class TemplateTurn:
+    """One choice of a chat answer from a model with a chat format of its own, whose template's tool
+    convention is Hermes/Qwen's (SmolLM2's and Qwen's): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+    in the text. Content is released up to the first ``<tool_call>``; at the end the calls of offered
+    tools become OpenAI tool calls, and anything else is released as the text the model wrote."""
+
+    tokenizer: Tokenizer
+    tools: dict[str, Tool]
+    detect_calls: bool
+    want_logprobs: bool = False
+    text: str = ""
+    content: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def feed(self, event: Event) -> tuple[str, list[TokenLogprob]]:
+        self.text += event.text
+        cut = self.text.find(TEMPLATE_CALL_START) if self.detect_calls else -1
+        # Hold back whatever may be the start of a call: the whole marker, or a prefix of it at the end.
+        visible = self.text[:cut] if cut >= 0 else self.text[:len(self.text) - _marker_prefix(self.text) * self.detect_calls]
+        delta = visible[len(self.content):]
+        self.content += delta
+        entries = []
+        if self.want_logprobs and event.logprobs is not None and cut < 0:
+            entries = token_logprobs(self.tokenizer, event.token_ids, event.logprobs, event.top_logprobs)
+            self.logprobs += entries
+        return delta, entries
+
+    def finish(self, completion: Completion) -> TurnResult:
+        reason = "length" if completion.finish_reason == "length" else "stop"
+        calls = [openai_tool_call(payload, self.tools) for payload in TEMPLATE_CALL.findall(self.text)] if self.detect_calls else []
+        if calls and all(call is not None for call in calls) and reason == "stop":
+            self.content = self.content.rstrip()
+            return TurnResult("", calls, "tool_calls")
+        rest = self.text[len(self.content):]
+        self.content += rest
+        return TurnResult(rest, None, reason)
+
+
+def _marker_prefix(text: str) -> int:
+    """Length of the longest end of ``text`` that begins ``<tool_call>``."""
+    return next((size for size in range(min(len(text), len(TEMPLATE_CALL_START) - 1), 0, -1)
+                 if TEMPLATE_CALL_START.startswith(text[-size:])), 0)
