@@ -5,7 +5,9 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from helpers import tiny_config
 from llmkit.errors import ConfigError
 from llmkit.model import ModelConfig, Transformer, preset
 
@@ -158,3 +160,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(ids).sum().backward()
     for a, p in zip(plain, model.parameters()):
         torch.testing.assert_close(a, p.grad)
+
+
+def test_chunked_token_losses_equal_the_full_cross_entropy_and_its_gradients():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=61, context_length=64, logit_softcap=30.0))
+    ids, targets = torch.randint(0, 61, (3, 40)), torch.randint(0, 61, (3, 40))
+    targets[0, :5] = -100
+    chunked = model.token_losses(model.hidden_states(ids), targets, chunk_tokens=7)  # chunks cross rows
+    full = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none").view_as(targets)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-5)
+    assert chunked[0, :5].eq(0).all()
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for ours, theirs in zip(torch.autograd.grad(chunked.sum(), parameters), torch.autograd.grad(full.sum(), parameters)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

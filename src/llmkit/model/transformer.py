@@ -13,6 +13,7 @@ code path: attention takes an optional :class:`KVCache`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,25 @@ def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
     return index - torch.where(starts, index, 0).cummax(dim=-1).values
 
 
+@dataclass(frozen=True)
+class DocumentSpans:
+    """Packed rows as ``(row, start, end)`` spans of consecutive documents: attention runs causally inside
+    each span alone, so memory grows with the longest document, never with row length squared (a dense
+    block-diagonal mask is batch × length² and sends scaled_dot_product_attention to its unfused path)."""
+
+    spans: tuple[tuple[int, int, int], ...]
+
+    @classmethod
+    def of(cls, document_ids: torch.Tensor) -> "DocumentSpans":
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        spans = []
+        for row, row_starts in enumerate(starts.tolist()):
+            edges = [index for index, start in enumerate(row_starts) if start] + [len(row_starts)]
+            spans += [(row, begin, end) for begin, end in zip(edges, edges[1:])]
+        return cls(tuple(spans))
+
+
 def sinusoidal_table(config: ModelConfig, length: int, device=None) -> torch.Tensor:
     """Vaswani et al. 2017 §3.5: sin on even and cos on odd dimensions, wavelengths 2π .. 10000·2π."""
     positions = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
@@ -105,7 +125,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
-    def forward(self, x, rope, cache: KVCache | None, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    def forward(self, x, rope, cache: KVCache | None, mask: "torch.Tensor | DocumentSpans | None", is_causal: bool) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
         q = q.view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
@@ -120,16 +140,24 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             repeats = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        if isinstance(mask, DocumentSpans):
+            # Spans in (row, start) order, concatenated: (1, heads, batch * length, head_dim), rows one after another.
+            y = torch.cat([self._attend(q[row:row + 1, :, start:end], k[row:row + 1, :, start:end],
+                                        v[row:row + 1, :, start:end], None, True) for row, start, end in mask.spans], dim=2)
+            y = y.view(self.n_head, batch, length, self.head_dim).transpose(0, 1)
+        else:
+            y = self._attend(q, k, v, mask, is_causal)
+        return self.out(y.transpose(1, 2).reshape(batch, length, -1))
+
+    def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             # The CPU flash-attention kernel's bfloat16 backward is ~2.5x slower than its float32 one
             # (benchmarks/train_speed.py); the projections around it keep their bfloat16 speed.
             with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
-                                                   dropout_p=self.dropout if self.training else 0.0).to(q.dtype)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(batch, length, -1))
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
+                                                      dropout_p=dropout).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
 
 
 class FeedForward(nn.Module):
@@ -294,12 +322,32 @@ class Transformer(nn.Module):
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, length, vocab) for ``input_ids`` (batch, length): the output head on
         :meth:`hidden_states` (same arguments)."""
-        logits = self.lm_head(self.hidden_states(input_ids, cache, prefix_lengths, document_ids))
+        return self.output_logits(self.hidden_states(input_ids, cache, prefix_lengths, document_ids))
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on hidden states (..., n_embd) -> logits (..., vocab)."""
+        logits = self.lm_head(hidden)
         if self.config.logit_softcap is not None:
             # Gemma 2 (Team et al. 2024): a smooth bound on the logits that keeps early training stable.
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
         return logits
+
+    def token_losses(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
+        """Next-token cross-entropy per position (batch, length) of the head on ``hidden``, 0 where the
+        target is -100, computed ``chunk_tokens`` positions at a time. Each chunk's logits are recomputed
+        in the backward pass instead of kept (the idea of Liger Kernel's fused linear cross-entropy):
+        memory holds chunk × vocab logits, not batch × length × vocab, which for a 49k vocabulary
+        outweighs every activation of a small model."""
+        flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()
+        pieces = [torch.utils.checkpoint.checkpoint(self._chunk_losses, flat_hidden[start:start + chunk_tokens],
+                                                    flat_targets[start:start + chunk_tokens], use_reentrant=False)
+                  for start in range(0, flat_targets.numel(), chunk_tokens)]
+        return torch.cat(pieces).view_as(targets)
+
+    def _chunk_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
+        return F.cross_entropy(self.output_logits(hidden).float(), targets, ignore_index=-100, reduction="none")
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, prefix_lengths: torch.Tensor | None = None,
                       document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -371,7 +419,8 @@ class Transformer(nn.Module):
         ``positions`` (length,), or per row (batch, length) when cached rows sit at different positions
         (``start`` None): a boolean mask of allowed keys, or a float bias when ALiBi adds its distance
         penalty; ``(None, True)`` / ``(None, False)`` for the plain causal cases. ``document_ids`` (batch, end)
-        keeps each query to the keys of its own document (block-diagonal causal attention)."""
+        keeps each query to the keys of its own document (block-diagonal causal attention): as
+        :class:`DocumentSpans`, attended span by span, except under ALiBi, whose bias needs the dense mask."""
         alibi = self.config.position == "alibi"
         if not alibi and prefix_lengths is None and document_ids is None and start is not None:
             if start == 0:
@@ -385,6 +434,8 @@ class Transformer(nn.Module):
             prefix = prefix_lengths.to(positions.device).view(-1, 1, 1)
             allowed = allowed | ((key_positions < prefix) & (query_positions < prefix))
         if document_ids is not None:
+            if not alibi and prefix_lengths is None:
+                return DocumentSpans.of(document_ids), False
             allowed = allowed & (document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2))
         allowed = allowed.unsqueeze(-3)  # a head axis
         if not alibi:
