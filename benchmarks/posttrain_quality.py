@@ -67,8 +67,7 @@ def second_seed_accuracy(config, out: Path, seed: int) -> float:
 
 def sampling_headroom(path: Path, stage: str, settings, samples: int, temperature: float) -> None:
     """pass@1, maj@k and pass@k of ``samples`` completions per held-out problem, with the calculator."""
-    from llmkit.align.rl_stage import toolbox
-    from llmkit.align.rollout import chat_prompt, generate_rollouts
+    from llmkit.align.rollout import chat_prompt, generate_rollouts, toolbox
     from llmkit.align.sft import load_base
     from llmkit.infer.answers import majority_vote
     from llmkit.infer.engine import Engine

@@ -1,22 +1,44 @@
-"""Run by test_distributed.py under torchrun (or alone): train the tiny model on synthetic batches."""
+"""Run by test_distributed.py under torchrun (or alone): train the tiny model on synthetic batches, or
+(``grpo``) a tiny policy with GRPO on arithmetic prompts."""
 
 import sys
 
 import torch
 
 from helpers import SyntheticBatches, tiny_config
+from llmkit.align.grpo import GRPOConfig, GRPOTrainConfig, GRPOUpdateConfig, grpo
+from llmkit.align.rl_source import RolloutConfig
+from llmkit.align.rl_stage import RLStageConfig
 from llmkit.model import Transformer
 from llmkit.train.config import TrainConfig
 from llmkit.train.distributed import shutdown
 from llmkit.train.trainer import Trainer
 
-if __name__ == "__main__":
-    out, parallelism, grad_accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    torch.set_num_threads(1)
+
+def pretrain(out: str, parallelism: str, grad_accum: int) -> None:
     torch.manual_seed(0)
     model = Transformer(tiny_config())
     config = TrainConfig(out=out, batch_size=4, grad_accum=grad_accum, lr=3e-3, warmup_steps=2, max_steps=6,
                          eval_interval=3, eval_batches=2, log_interval=1, checkpoint_interval=3, dtype="float32",
                          progress=False, parallelism=parallelism, device="cpu")
     Trainer(model, SyntheticBatches(), config, val_batches=SyntheticBatches()).run()
+
+
+def train_grpo(out: str, grad_accum: int, policy: str) -> None:
+    """3 iterations of 4 prompts x 4 samples at a high temperature (rewards differ), 2 epochs of minibatches
+    of 8: 4 steps an iteration, with a held-out evaluation every iteration."""
+    stage = RLStageConfig(policy=policy, task="arithmetic_plain", train_problems=8, eval_problems=4, missing_end_penalty=0.5)
+    grpo(GRPOConfig(group_size=4, stage=stage, rollout=RolloutConfig(prompts_per_iteration=4, max_new_tokens=4, temperature=3.0, tools="none"),
+                    update=GRPOUpdateConfig(iterations=3, epochs=2, minibatch_size=8),
+                    train=GRPOTrainConfig(out=out, grad_accum=grad_accum, lr=3e-3, eval_interval=4, checkpoint_interval=4, device="cpu",
+                                          progress=False)))
+
+
+if __name__ == "__main__":
+    out, mode, grad_accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(1)
+    if mode == "grpo":
+        train_grpo(out, grad_accum, sys.argv[4])
+    else:
+        pretrain(out, mode, grad_accum)
     shutdown()

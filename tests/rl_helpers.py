@@ -1,18 +1,22 @@
 """Shared fixtures of the PPO and GRPO tests: a character tokenizer, a tiny policy warmed up to answer
-one of four letters, and the toy task "the reply starts with 'a'".
+one of four letters, the toy task "the reply starts with 'a'", and a run of the Trainer on rollouts of
+custom prompts and rewards.
 
 A test module uses the pytest fixtures here (:func:`tokenizer`, :func:`policy`) by
 importing them and naming them in its ``__all__``: pytest finds fixtures among a module's names."""
 
 import copy
+import csv
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import tiny_config
+from llmkit.align.policy_gradient import PolicyModel, value_head
 from llmkit.align.rewards import as_reward
-from llmkit.align.rl_loop import PolicyLoop
+from llmkit.align.rl_source import RolloutSource
 from llmkit.align.rollout import chat_prompt
 from llmkit.chat import render_ids
 from llmkit.model import Transformer
@@ -20,6 +24,7 @@ from llmkit.model.checkpoint import write_model
 from llmkit.tasks import arithmetic
 from llmkit.tokenizer import Tokenizer
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
+from llmkit.train.trainer import Trainer
 
 LETTERS = "abcd"
 TOY_MESSAGES = [{"role": "user", "content": "go"}]
@@ -86,15 +91,41 @@ def save_checkpoint(folder, model: Transformer, tokenizer: Tokenizer):
     return folder
 
 
-def assert_learns_toy_task(model: Transformer, policy: Transformer, tokenizer: Tokenizer, algorithm, config) -> None:
-    """Four iterations of ``algorithm`` (with ``config``'s rollout and optimizer settings) on the toy task,
-    from ``policy`` as the reference, make the rewarded first letter clearly more likely (from near 1/4 to
-    above 0.6), every other letter less likely, and the rollouts' reward grow."""
-    before = first_letter_probabilities(model, tokenizer)
-    loop = PolicyLoop(model, frozen_copy(policy), tokenizer, algorithm, as_reward(starts_with_a),
-                      [chat_prompt(tokenizer, TOY_MESSAGES)], config.rollout, config.optim, iterations=4)
-    rewards = [loop.iterate(iteration)["reward"] for iteration in range(4)]
-    after = first_letter_probabilities(model, tokenizer)
+def trainable(policy: Transformer, algorithm, config) -> PolicyModel:
+    """A trainable copy of ``policy`` (with a value head when the algorithm trains a critic)."""
+    torch.manual_seed(0)
+    head = value_head(policy.config) if algorithm.critic else None
+    return PolicyModel(frozen_copy(policy).requires_grad_(True), head, config.rollout.temperature).eval()
+
+
+def rl_run(policy: Transformer, tokenizer: Tokenizer, algorithm, reward, prompts, **trainer_options) -> tuple[PolicyModel, dict]:
+    """Train a copy of ``policy`` with ``algorithm`` (and its config) on ``prompts`` rated by ``reward``
+    through the Trainer, ``policy`` itself the frozen reference; returns the trained module and the summary."""
+    model = trainable(policy, algorithm, algorithm.config)
+    source = RolloutSource(model, frozen_copy(policy), tokenizer, algorithm, as_reward(reward), prompts)
+    summary = Trainer(model, source, algorithm.config.train, loss_fn=source.loss, hooks=source, **trainer_options).run()
+    return model, summary
+
+
+def metrics_rows(out) -> list[dict]:
+    """The training rows of a run's metrics.csv."""
+    with open(out / "metrics.csv", newline="") as file:
+        return [row for row in csv.DictReader(file) if not row["event"]]
+
+
+def iteration_rewards(out) -> list[float]:
+    """The mean rollout reward of every iteration of a run."""
+    return list({row["iteration"]: float(row["reward"]) for row in metrics_rows(out)}.values())
+
+
+def assert_learns_toy_task(policy: Transformer, tokenizer: Tokenizer, algorithm) -> None:
+    """Four iterations of ``algorithm`` (with its config's rollout, update and training settings) on the
+    toy task, from ``policy`` as the reference, make the rewarded first letter clearly more likely (from
+    near 1/4 to above 0.6), every other letter less likely, and the rollouts' reward grow."""
+    before = first_letter_probabilities(policy, tokenizer)
+    model, _ = rl_run(policy, tokenizer, algorithm, starts_with_a, [chat_prompt(tokenizer, TOY_MESSAGES)])
+    after = first_letter_probabilities(model.policy, tokenizer)
+    rewards = iteration_rewards(Path(algorithm.config.train.out))
     assert before["a"] < 0.3 and after["a"] > 0.6, (before, after)
     assert all(after[letter] < before[letter] for letter in "bcd")
-    assert rewards[-1] > rewards[0]
+    assert len(rewards) == 4 and rewards[-1] > rewards[0]

@@ -1,6 +1,7 @@
 """Crash-proof training: a run SIGKILLed again and again (many times inside checkpoint writes) and one
-stopped by SIGTERM each resume and continue the uninterrupted run's loss curve exactly, to the bit; the
-RL loop saves on SIGTERM too and shares the resume's fallback past a damaged checkpoint.
+stopped by SIGTERM each resume and continue the uninterrupted run's loss curve exactly, to the bit; a
+GRPO run stopped by Ctrl-C finishes the iteration in flight, saves, falls back past a damaged checkpoint
+and resumes to the uninterrupted run's metrics and weights.
 
 The runs are forked child processes, so a kill costs no interpreter start-up. A seeded RNG picks every
 kill: by the parent after a random delay, or by the child itself at a random training step or at a
@@ -21,8 +22,9 @@ import torch
 
 import llmkit.io
 from helpers import SyntheticBatches, tiny_config
-from llmkit.align.grpo import GRPOConfig, GRPORunConfig, grpo
-from llmkit.align.rl_loop import PolicyLoop, RolloutConfig
+from llmkit.align.grpo import GRPOConfig, GRPOTrainConfig, GRPOUpdateConfig, grpo
+from llmkit.align.rl_source import RolloutConfig, RolloutSource
+from llmkit.align.rl_stage import RLStageConfig
 from llmkit.model import Transformer
 from llmkit.train.checkpoint import resumable_checkpoint
 from llmkit.train.config import TrainConfig
@@ -144,41 +146,46 @@ def test_sigterm_saves_the_step_it_was_at_and_resume_continues_exactly(tmp_path)
     assert final_weights(stopped) == final_weights(reference)
 
 
-def grpo_run(start, out, **changes) -> dict:
-    run = GRPORunConfig(policy=str(start), out=str(out), task="arithmetic_plain", iterations=4, train_problems=4, eval_problems=2,
-                        checkpoint_interval=1, missing_end_penalty=0.5, device="cpu", progress=False, **changes)
-    return grpo(GRPOConfig(group_size=4, run=run, rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, temperature=3.0, tools="none")))
+def grpo_run(start, out, resume=False) -> dict:
+    """GRPO on 2 prompts x 4 samples an iteration in minibatches of 4: 2 steps an iteration, 4 iterations."""
+    stage = RLStageConfig(policy=str(start), task="arithmetic_plain", train_problems=4, eval_problems=2, missing_end_penalty=0.5)
+    return grpo(GRPOConfig(group_size=4, stage=stage,
+                           rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, temperature=3.0, tools="none"),
+                           update=GRPOUpdateConfig(iterations=4, minibatch_size=4),
+                           train=GRPOTrainConfig(out=str(out), checkpoint_interval=2, device="cpu", progress=False, resume=resume)))
 
 
-def test_the_rl_loop_saves_on_sigterm_and_falls_back_past_a_damaged_checkpoint(tokenizer, policy, tmp_path, monkeypatch, caplog):
+def test_ctrl_c_finishes_the_grpo_iteration_saves_and_resume_continues_exactly(tokenizer, policy, tmp_path, monkeypatch, caplog):
     (tmp_path / "sft").mkdir()
     start = save_checkpoint(tmp_path / "sft", policy, tokenizer)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     grpo_run(start, straight)
-    iterate = PolicyLoop.iterate
+    begin = RolloutSource._start_iteration
 
-    def terminated_during_the_second(loop, iteration):
+    def interrupted_in_the_second(source, iteration):
         if iteration == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return iterate(loop, iteration)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, during the iteration's sampling
+        return begin(source, iteration)
 
-    monkeypatch.setattr(PolicyLoop, "iterate", terminated_during_the_second)
+    monkeypatch.setattr(RolloutSource, "_start_iteration", interrupted_in_the_second)
     summary = grpo_run(start, stopped)
-    monkeypatch.setattr(PolicyLoop, "iterate", iterate)
-    assert summary["interrupted"] and summary["iterations"] == 2  # the iteration in flight finished, then saved
-    assert (stopped / "latest").read_text().strip() == "checkpoints/step_00000002"
-    damaged = stopped / "checkpoints/step_00000002/model.safetensors"
+    monkeypatch.setattr(RolloutSource, "_start_iteration", begin)
+    # The iteration in flight finished (both its steps), then the run saved and ended without evaluating again.
+    assert summary["interrupted"] and summary["iterations"] == 2 and summary["steps"] == 4 and summary["accuracy_after"] is None
+    assert (stopped / "latest").read_text().strip() == "checkpoints/step_00000004"
+    damaged = stopped / "checkpoints/step_00000004/model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-1])
     with caplog.at_level(logging.WARNING, logger="llmkit.train.checkpoint"):
-        grpo_run(start, stopped, resume=True)
+        resumed = grpo_run(start, stopped, resume=True)
     [message] = [record.getMessage() for record in caplog.records]
-    assert message.startswith(f"{damaged}: ") and message.endswith("resuming from step_00000001 instead")
+    assert message.startswith(f"{damaged}: ") and message.endswith("resuming from step_00000002 instead")
 
     def curve(out):
         with open(out / "metrics.csv", newline="") as file:
-            return [(row["step"], row["reward"], row["loss"], row["kl"]) for row in csv.DictReader(file) if not row["event"]]
+            return [(row["step"], row["reward"], row["loss"], row["kl"], row["lr"]) for row in csv.DictReader(file) if not row["event"]]
 
     assert curve(stopped) == curve(straight) and len({row[1] for row in curve(straight)}) > 1
-    last = "checkpoints/step_00000004/model.safetensors"
+    last = "checkpoints/step_00000008/model.safetensors"
     assert (stopped / last).read_bytes() == (straight / last).read_bytes()
     assert (straight / last).read_bytes() != (start / "model.safetensors").read_bytes()
+    assert resumed["accuracy_before"] == summary["accuracy_before"] and resumed["generated_tokens"] > 0

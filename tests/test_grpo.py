@@ -1,18 +1,23 @@
 """GRPO by behaviour: group-normalised advantages against the formula worked by hand, broadcast to
 exactly the action tokens; the k1 and k3 estimators against the exact KL of small distributions and
 zero while the policy is the reference; the two loss aggregations by hand; the verifiable arithmetic
-reward; prompt order; a toy task whose rewarded first token GRPO makes clearly more likely; and a
-whole ``llmkit grpo`` run. Process supervision: steps split at tool results, the arithmetic step
-rewards, their place in the batch, and the advantages by hand, against a naive loop and against outcome
-advantages when every completion is one step."""
+reward; prompt order; a toy task whose rewarded first token GRPO makes clearly more likely through the
+Trainer; the Trainer's spike guard skipping a forced spike with checkpoints still between iterations;
+a minibatch split into micro-batches giving the whole minibatch's loss; intervals that would cut an
+iteration refused; and a whole ``llmkit grpo`` run. Process supervision: steps split at tool results,
+the arithmetic step rewards, their place in the batch, and the advantages by hand, against a naive loop
+and against outcome advantages when every completion is one step."""
+
+import csv
 
 import pytest
 import torch
 
-from llmkit.align.grpo import GRPO, GRPOConfig, GRPOOptimConfig, GRPORunConfig, group_advantages, grpo, process_advantages
-from llmkit.align.policy_gradient import aggregate, kl_k1, kl_k3
+from llmkit.align.grpo import GRPO, GRPOConfig, GRPOTrainConfig, GRPOUpdateConfig, group_advantages, grpo, process_advantages
+from llmkit.align.policy_gradient import PolicyModel, aggregate, kl_k1, kl_k3
 from llmkit.align.rewards import ArithmeticReward, FunctionTaskReward, as_reward
-from llmkit.align.rl_loop import PolicyLoop, RolloutConfig, prompt_indices
+from llmkit.align.rl_source import RolloutConfig, RolloutSource, prompt_indices
+from llmkit.align.rl_stage import RLStageConfig
 from llmkit.align.rollout import Prompt, Rollout, RolloutBatch, build_batch, chat_prompt, generate_rollouts, score_rollouts
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer import Completion, GenerationConfig
@@ -20,8 +25,8 @@ from llmkit.infer.engine import Engine
 from llmkit.model.checkpoint import read_config, resolve_checkpoint
 from llmkit.tasks import arithmetic, functions
 from llmkit.tasks.functions import FunctionTask
-from rl_helpers import (TOY_MESSAGES, assert_learns_toy_task, frozen_copy, policy, save_checkpoint, tokenizer,
-                        warm_policy)
+from rl_helpers import (TOY_MESSAGES, assert_learns_toy_task, frozen_copy, metrics_rows, policy, rl_run, save_checkpoint,
+                        starts_with_a, tokenizer, trainable, warm_policy)
 
 __all__ = ["policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
 
@@ -40,7 +45,7 @@ def test_group_advantages_worked_by_hand():
 def test_advantages_reach_exactly_the_action_tokens_of_their_sequence():
     mask = torch.tensor([[False, True, True], [True, True, False], [False, False, True], [False, True, True]])
     batch = RolloutBatch(torch.zeros(4, 4, dtype=torch.long), mask, torch.tensor([1.0, 0.0, 2.0, 2.0]))
-    GRPO(GRPOConfig(group_size=2)).advantages(batch)
+    GRPO(GRPOConfig(group_size=2)).advantages([batch])
     value = 0.5 / (0.5**0.5 + 1e-4)
     torch.testing.assert_close(batch.advantages, torch.tensor([[0.0, value, value], [-value, -value, 0.0], [0.0] * 3, [0.0] * 3]))
 
@@ -142,8 +147,8 @@ def test_grpo_kl_term_is_zero_while_the_policy_is_the_reference(tokenizer, polic
     algorithm = GRPO(GRPOConfig(group_size=2))
     for reference, zero in ((frozen_copy(policy), True), (warm_policy(tokenizer, steps=1), False)):
         batch = score_rollouts(build_batch(rollouts, [1.0, 0.0, 0.0, 1.0], tokenizer.pad_id), policy, reference, None, 1.0, 4)
-        algorithm.advantages(batch)
-        _, metrics = algorithm.loss(policy, batch)
+        algorithm.advantages([batch])
+        _, metrics = algorithm.loss(PolicyModel(policy, None, 1.0), batch)
         assert (metrics["kl_k3"] == 0.0) is zero and metrics["kl_k3"] >= 0
 
 
@@ -178,11 +183,55 @@ def test_prompts_come_in_seeded_epochs_and_are_a_function_of_the_iteration():
     assert prompt_indices(6, 3, seed=1, iteration=4) == stream[12:15]
 
 
-def test_grpo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, policy):
-    model = frozen_copy(policy).requires_grad_(True)
-    config = GRPOConfig(group_size=8, kl_coef=0.01, rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, tools="none"),
-                        optim=GRPOOptimConfig(lr=3e-3, epochs=2, minibatch_size=8))
-    assert_learns_toy_task(model, policy, tokenizer, GRPO(config), config)
+def toy_config(out, **changes) -> GRPOConfig:
+    """GRPO on the toy task: 2 prompts x 8 samples, 2 epochs of minibatches of 8 (4 steps an iteration)."""
+    values = dict(group_size=8, kl_coef=0.01, rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, tools="none"),
+                  update=GRPOUpdateConfig(iterations=4, epochs=2, minibatch_size=8),
+                  train=GRPOTrainConfig(out=str(out), lr=3e-3, checkpoint_interval=8, device="cpu", progress=False))
+    return GRPOConfig(**{**values, **changes})
+
+
+def test_grpo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, policy, tmp_path):
+    assert_learns_toy_task(policy, tokenizer, GRPO(toy_config(tmp_path)))
+
+
+def test_the_spike_guard_skips_a_spiking_rl_step_and_checkpoints_stay_between_iterations(tokenizer, policy, tmp_path):
+    config = toy_config(tmp_path, update=GRPOUpdateConfig(iterations=4, epochs=2, minibatch_size=4))  # 8 steps an iteration
+    algorithm, spiking = GRPO(config), 13  # a step past the guard's 10 warm-up steps, inside the second iteration
+    terms, calls = algorithm.terms, iter(range(1, 10**6))
+
+    def spike(outputs, minibatch):
+        loss, metrics = terms(outputs, minibatch)
+        return (loss * 1000 if next(calls) == spiking else loss), metrics
+
+    algorithm.terms = spike
+    _, summary = rl_run(policy, tokenizer, algorithm, starts_with_a, [chat_prompt(tokenizer, TOY_MESSAGES)])
+    assert summary["skipped_batches"] == 1 and summary["rollbacks"] == 0 and summary["steps"] == 4 * 8 - 1
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        skipped = [row["step"] for row in csv.DictReader(file) if row["event"] == "skipped"]
+    assert skipped == [str(spiking - 1)]  # logged at the step count before it
+    # The step count lags the data by one from then on; checkpoints wait for the ends of iterations.
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step_00000023", "step_00000031"]
+    iterations = [float(row["iteration"]) for row in metrics_rows(tmp_path)]
+    assert iterations == [0.0] * 8 + [1.0] * 7 + [2.0] * 8 + [3.0] * 8
+
+
+def test_micro_batches_weigh_their_share_so_a_split_minibatch_is_the_whole_ones_loss(tokenizer, policy):
+    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": content}]) for content in ("mixed a", "mixed b")]
+    for aggregation in ("token", "sequence"):
+        losses, weights = [], []
+        for accumulation in (1, 2):
+            config = GRPOConfig(group_size=2, rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=6, temperature=3.0, tools="none"),
+                                update=GRPOUpdateConfig(minibatch_size=4, loss_aggregation=aggregation),
+                                train=GRPOTrainConfig(grad_accum=accumulation, device="cpu"))
+            algorithm = GRPO(config)
+            source = RolloutSource(trainable(policy, algorithm, config), frozen_copy(policy), tokenizer, algorithm, alternating_reward(), prompts)
+            batches = [source.get_batch(index) for index in range(accumulation)]
+            losses.append(sum(source.loss(source.model, batch)[0] for batch in batches) / accumulation)  # the Trainer's mean
+            weights.append([batch["weight"].item() for batch in batches])
+        # Split, each micro-batch is one prompt's group, weighted by its share of the minibatch's tokens or sequences.
+        assert weights[0] == [1.0] and sum(weights[1]) == pytest.approx(2.0)
+        torch.testing.assert_close(losses[1], losses[0])
 
 
 def alternating_reward():
@@ -196,11 +245,13 @@ def test_dynamic_sampling_keeps_only_informative_groups_over_rounds_of_the_promp
     contents = ["mixed a", "same b", "same c", "mixed d", "same e", "mixed f"]
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": content}]) for content in contents]
     config = GRPOConfig(group_size=2, dynamic_sampling=True, max_sampling_rounds=3,
-                        rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=2, tools="none"))
+                        rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=2, tools="none"),
+                        update=GRPOUpdateConfig(iterations=3), train=GRPOTrainConfig(seed=5, device="cpu"))
     for iteration in range(3):
-        loop = PolicyLoop(frozen_copy(policy).requires_grad_(True), frozen_copy(policy), tokenizer, GRPO(config),
-                          alternating_reward(), prompts, config.rollout, config.optim, iterations=3, seed=5)
-        batch, metrics = loop.collect(iteration)
+        algorithm = GRPO(config)
+        source = RolloutSource(trainable(policy, algorithm, config), frozen_copy(policy), tokenizer, algorithm, alternating_reward(), prompts)
+        source.get_batch(iteration * source.cycle)  # an iteration's first micro-batch samples it
+        batch, metrics = source.shards[0].batch, source.metrics
         # Independently: walk the rounds' prompts (stream positions iteration * 3 + round) in order.
         drawn, expected = [], []
         for round_index in range(3):
@@ -215,25 +266,40 @@ def test_dynamic_sampling_keeps_only_informative_groups_over_rounds_of_the_promp
         assert batch.rewards.tolist() == [0.0, 1.0] * len(expected)
 
 
-def test_dynamic_sampling_without_an_informative_group_makes_no_update(tokenizer, policy):
+def test_dynamic_sampling_without_an_informative_group_makes_no_update(tokenizer, policy, tmp_path):
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": "same"}])]
     config = GRPOConfig(group_size=2, dynamic_sampling=True, max_sampling_rounds=2,
-                        rollout=RolloutConfig(prompts_per_iteration=1, max_new_tokens=2, tools="none"))
-    model = frozen_copy(policy).requires_grad_(True)
-    loop = PolicyLoop(model, frozen_copy(policy), tokenizer, GRPO(config), alternating_reward(), prompts,
-                      config.rollout, config.optim, iterations=1)
-    metrics = loop.iterate(0)
-    assert metrics["kept_groups"] == 0 and metrics["uniform_groups"] == 1.0 and metrics["sampling_rounds"] == 2
-    assert all(torch.equal(parameter, original) for parameter, original in zip(model.parameters(), policy.parameters()))
+                        rollout=RolloutConfig(prompts_per_iteration=1, max_new_tokens=2, tools="none"),
+                        update=GRPOUpdateConfig(iterations=1), train=GRPOTrainConfig(out=str(tmp_path), device="cpu", progress=False))
+    model, summary = rl_run(policy, tokenizer, GRPO(config), alternating_reward(), prompts)
+    [row] = metrics_rows(tmp_path)
+    assert float(row["kept_groups"]) == 0 and float(row["uniform_groups"]) == 1.0 and float(row["sampling_rounds"]) == 2
+    assert float(row["grad_norm"]) == 0 and summary["steps"] == 1 and summary["skipped_batches"] == 0
+    assert all(torch.equal(parameter, original) for parameter, original in zip(model.policy.parameters(), policy.parameters()))
 
 
 @pytest.mark.parametrize("supervision, dynamic_sampling", [("outcome", False), ("process", False), ("outcome", True)])
 def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_path, supervision, dynamic_sampling):
     (tmp_path / "sft").mkdir()
-    run = GRPORunConfig(policy=str(save_checkpoint(tmp_path / "sft", policy, tokenizer)), out=str(tmp_path / "grpo"),
-                        task="arithmetic_plain", iterations=1, train_problems=4, eval_problems=2, device="cpu", progress=False)
-    summary = grpo(GRPOConfig(group_size=2, supervision=supervision, dynamic_sampling=dynamic_sampling, run=run,
-                              rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, tools="none")))
+    stage = RLStageConfig(policy=str(save_checkpoint(tmp_path / "sft", policy, tokenizer)), task="arithmetic_plain", train_problems=4,
+                          eval_problems=2)
+    summary = grpo(GRPOConfig(group_size=2, supervision=supervision, dynamic_sampling=dynamic_sampling, stage=stage,
+                              rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, tools="none"),
+                              update=GRPOUpdateConfig(iterations=1),
+                              train=GRPOTrainConfig(out=str(tmp_path / "grpo"), device="cpu", progress=False)))
     assert summary["iterations"] == 1 and summary["stage"] == "grpo" and summary["eval_prompts"] == 2
     assert summary["accuracy_before"] == summary["accuracy_after"] == 0.0  # a letter-answering policy solves nothing
     assert read_config(resolve_checkpoint(tmp_path / "grpo"))["stage_config"]["group_size"] == 2
+    assert (tmp_path / "grpo" / "loss.png").stat().st_size > 0 and (tmp_path / "grpo" / "curves.png").stat().st_size > 0
+
+
+def test_grpo_refuses_checkpoints_and_evaluations_inside_an_iteration():
+    update = GRPOUpdateConfig(epochs=7, minibatch_size=16)  # 8 prompts x 8 samples: 28 steps an iteration
+    with pytest.raises(ConfigError, match="'checkpoint_interval' = 240: must be a multiple of the 28 optimizer steps.*224 or 252"):
+        GRPOConfig(update=update)
+    with pytest.raises(ConfigError, match="'eval_interval' = 12: must be a multiple of the 28 optimizer steps.*28 or 56"):
+        GRPOConfig(update=update, train=GRPOTrainConfig(checkpoint_interval=56, eval_interval=12))
+    assert GRPOConfig(update=update, train=GRPOTrainConfig(checkpoint_interval=56, eval_interval=28)).steps_per_iteration == 28
+    for changes in ({"dtype": "float16"}, {"optimizer": "muon"}, {"parallelism": "fsdp"}):
+        with pytest.raises(ConfigError, match=next(iter(changes))):
+            GRPOConfig(train=GRPOTrainConfig(**changes))

@@ -1,6 +1,7 @@
 """Training objectives: prefix-LM masking of the loss, the prefix and span-corruption batch transforms,
 the MoE auxiliary loss, and the objectives through the Trainer and the command line."""
 
+import csv
 import json
 import math
 
@@ -16,8 +17,8 @@ from llmkit.model import Transformer
 from llmkit.tokenizer import ENDOFTEXT, PAD, RESERVED, SPECIAL_TOKENS, Tokenizer
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.train.config import TrainConfig
-from llmkit.train.objectives import (IGNORE_INDEX, ObjectiveBatches, SpanCorruption, build_objective, causal_lm_loss,
-                                     prefix_lm_loss, random_prefix, unwrap_model)
+from llmkit.train.objectives import (IGNORE_INDEX, ObjectiveBatches, SpanCorruption, auxiliary_loss, build_objective,
+                                     causal_lm_loss, prefix_lm_loss, random_prefix, unwrap_model)
 from llmkit.pretrain import ModelOverrides, PretrainConfig
 from llmkit.train.trainer import Trainer
 
@@ -125,27 +126,38 @@ def test_prefix_loss_on_the_transformer_sees_the_prefix_bidirectionally():
 
 
 @pytest.mark.parametrize("loss_fn", [causal_lm_loss, prefix_lm_loss])
-def test_moe_auxiliary_loss_is_added_while_training_only(loss_fn):
+def test_objectives_are_the_language_models_loss_and_auxiliary_loss_reads_the_router(loss_fn):
     logits, batch = random_prefix_batch(seed=3)
     utilisation = torch.tensor([[0.5, 0.25, 0.25], [0.7, 0.2, 0.1]])
     with_aux = FixedLogits(logits, aux_loss=torch.tensor(0.37), expert_utilisation=utilisation)
     without, no_metrics = loss_fn(FixedLogits(logits), batch)
     loss, metrics = loss_fn(with_aux, batch)
-    assert loss.item() - without.item() == pytest.approx(0.37, abs=1e-6)
-    assert no_metrics == {}
+    assert loss.item() == without.item() and metrics == no_metrics == {}  # the Trainer adds the router's loss
+    aux, metrics = auxiliary_loss(with_aux)
+    assert aux.item() == pytest.approx(0.37)
     assert metrics == {"aux_loss": pytest.approx(0.37), "expert_max_share": pytest.approx(0.6)}
-    with_aux.eval()  # validation measures the language model alone
-    assert loss_fn(with_aux, batch)[0].item() == without.item()
+    assert auxiliary_loss(FixedLogits(logits)) == (None, {})
 
 
-def test_auxiliary_loss_of_a_real_moe_model_reaches_the_loss():
+def test_the_trainer_adds_a_moe_models_auxiliary_loss_in_training_not_in_validation(tmp_path):
     torch.manual_seed(0)
     model = Transformer(tiny_config(moe_experts=4, moe_top_k=2, moe_aux_loss_weight=0.5))
-    batch = SyntheticBatches(batch_size=2).get_batch(0)
-    loss, metrics = causal_lm_loss(model, batch)
-    plain = torch.nn.functional.cross_entropy(model(batch["input_ids"]).flatten(0, 1), batch["targets"].flatten())
-    assert metrics["aux_loss"] > 0 and loss.item() == pytest.approx(plain.item() + metrics["aux_loss"], rel=1e-5)
-    assert 0.25 <= metrics["expert_max_share"] <= 1
+    batches = SyntheticBatches(batch_size=2)
+    plain = torch.nn.functional.cross_entropy(model(batches.get_batch(0)["input_ids"]).flatten(0, 1),
+                                              batches.get_batch(0)["targets"].flatten())
+    aux, _ = auxiliary_loss(model)
+    config = TrainConfig(out=str(tmp_path), batch_size=2, max_steps=1, eval_interval=0, eval_batches=1, log_interval=1,
+                         dtype="float32", progress=False, device="cpu")
+    summary = Trainer(model, batches, config, val_batches=batches).run()
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        row = next(row for row in csv.DictReader(file) if row["step"] == "1" and not row["event"])
+    assert aux.item() > 0 and float(row["aux_loss"]) == pytest.approx(aux.item(), rel=1e-4)
+    assert float(row["loss"]) == pytest.approx(plain.item() + aux.item(), abs=1e-5)  # the first step's, before its update
+    assert 0.25 <= float(row["expert_max_share"]) <= 1
+    validation = batches.sequential_batch(0)
+    with torch.no_grad():
+        validation_loss = torch.nn.functional.cross_entropy(model(validation["input_ids"]).flatten(0, 1), validation["targets"].flatten())
+    assert summary["val_loss"] == pytest.approx(validation_loss.item(), abs=1e-5)  # the language model alone
 
 
 def test_unwrap_model_sees_through_compile_and_ddp(tmp_path):

@@ -1,8 +1,9 @@
 """PPO by behaviour: GAE against a naive loop over the actions, the clipped policy and value losses and
 the KL-penalised rewards against numbers worked by hand, Ziegler et al.'s controller, a KL penalty of
 exactly zero while the policy is the reference, an action mask that leaves out prompt, padding and
-injected tool results, a toy task whose rewarded first token PPO makes clearly more likely, and a whole
-``llmkit ppo`` run that writes a loadable checkpoint, metrics and curves, and resumes."""
+injected tool results, advantages whitened over all of an iteration's shards, a toy task whose rewarded
+first token PPO makes clearly more likely, and a whole ``llmkit ppo`` run that writes a loadable
+checkpoint (the policy alone; the value head beside it), metrics and curves, and resumes exactly."""
 
 import csv
 import math
@@ -10,18 +11,18 @@ import math
 import pytest
 import torch
 
-from llmkit.align.policy_gradient import clipped_policy_loss
-from llmkit.align.ppo import PPO, KLController, PPOConfig, PPORunConfig, clipped_value_loss, gae, kl_penalised_rewards, ppo
+from llmkit.align.policy_gradient import clipped_policy_loss, masked_whiten
+from llmkit.align.ppo import PPO, KLController, PPOConfig, PPOTrainConfig, clipped_value_loss, gae, kl_penalised_rewards, ppo
 from llmkit.align.reward import RewardModel
 from llmkit.align.rewards import ModelReward
-from llmkit.align.rl_loop import RLOptimConfig, RolloutConfig
-from llmkit.align.rl_stage import evaluate_checkpoint
+from llmkit.align.rl_source import RolloutConfig, UpdateConfig
+from llmkit.align.rl_stage import RLStageConfig, evaluate_checkpoint
 from llmkit.align.rollout import (Prompt, Rollout, build_batch, chat_prompt, completion_tokens, generate_rollouts,
                                   score_rollouts)
 from llmkit.errors import ConfigError, MismatchError
 from llmkit.infer import Completion, GenerationConfig
 from llmkit.infer.engine import Engine
-from llmkit.model.checkpoint import load_model, read_config, resolve_checkpoint, write_model
+from llmkit.model.checkpoint import load_model, read_config, read_weights, resolve_checkpoint, write_model
 from llmkit.tokenizer import Tokenizer
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from rl_helpers import TOY_MESSAGES, assert_learns_toy_task, frozen_copy, policy, save_checkpoint, tokenizer
@@ -177,33 +178,51 @@ def test_a_reward_model_scores_the_token_ids_of_prompt_and_completion(tokenizer,
         ModelReward(str(tmp_path), Tokenizer.load(tmp_path / "other"))
 
 
-def test_ppo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, policy):
-    model = frozen_copy(policy).requires_grad_(True)
+def test_advantages_are_whitened_over_every_shard_together():
+    generator = torch.Generator().manual_seed(1)
+    parts = [torch.randn(3, 5, generator=generator), torch.randn(2, 7, generator=generator)]
+    masks = [torch.rand(3, 5, generator=generator) < 0.6, torch.rand(2, 7, generator=generator) < 0.6]
+    actions = torch.cat([part[mask] for part, mask in zip(parts, masks)])
+    expected = (actions - actions.mean()) / (actions.var(unbiased=False) + 1e-8).sqrt()
+    whitened = masked_whiten(parts, masks)
+    torch.testing.assert_close(torch.cat([part[mask] for part, mask in zip(whitened, masks)]), expected)
+    assert all((part[~mask] == 0).all() for part, mask in zip(whitened, masks))
+
+
+def test_ppo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, policy, tmp_path):
     config = PPOConfig(kl_coef=0.01, rollout=RolloutConfig(prompts_per_iteration=16, max_new_tokens=3, tools="none"),
-                       optim=RLOptimConfig(lr=3e-3, epochs=2, minibatch_size=8))
-    assert_learns_toy_task(model, policy, tokenizer, PPO(config, model), config)
+                       update=UpdateConfig(iterations=4, epochs=2, minibatch_size=8),
+                       train=PPOTrainConfig(out=str(tmp_path), lr=3e-3, checkpoint_interval=4, device="cpu", progress=False))
+    assert_learns_toy_task(policy, tokenizer, PPO(config))
+
+
+def ppo_config(start, out, iterations, **changes) -> PPOConfig:
+    """PPO on 2 arithmetic prompts an iteration, one step each."""
+    values = dict(stage=RLStageConfig(policy=str(start), train_problems=6, eval_problems=3),
+                  rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=6),
+                  update=UpdateConfig(iterations=iterations, epochs=1, minibatch_size=2),
+                  train=PPOTrainConfig(out=str(out), checkpoint_interval=1, device="cpu", progress=False))
+    return PPOConfig(**{**values, **changes})
 
 
 def test_a_ppo_run_writes_a_checkpoint_metrics_and_curves_and_resumes(tokenizer, policy, tmp_path):
     (tmp_path / "sft").mkdir()
     start = save_checkpoint(tmp_path / "sft", policy, tokenizer)
-    run = PPORunConfig(policy=str(start), out=str(tmp_path / "ppo"), iterations=2, train_problems=6, eval_problems=3,
-                       checkpoint_interval=1, device="cpu", progress=False)
     # The untrained policy earns no reward and its KL stays 0, so the adaptive coefficient falls by
     # a factor 1 - 0.2 * 2 / 10 every iteration.
-    config = PPOConfig(adaptive_kl=True, kl_horizon=10, run=run, rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=6),
-                       optim=RLOptimConfig(epochs=1, minibatch_size=2))
+    config = ppo_config(start, tmp_path / "ppo", 2, adaptive_kl=True, kl_horizon=10)
     summary = ppo(config)
     assert summary["iterations"] == 2 and summary["kl_coef"] == pytest.approx(0.05 * 0.96**2)
     assert {"accuracy_before", "accuracy_after", "reward_before", "reward_after", "final_kl"} <= set(summary)
     checkpoint = resolve_checkpoint(tmp_path / "ppo")
     assert read_config(checkpoint)["stage"] == "ppo"
-    loaded, _ = load_model(checkpoint)
+    loaded, _ = load_model(checkpoint)  # the policy alone; its value head beside it
+    assert set(read_weights(checkpoint / "extra_weights.safetensors")) == {"value_head.weight", "value_head.bias"}
     assert loaded.config == policy.config and (tmp_path / "ppo" / "curves.png").stat().st_size > 0
     with pytest.raises(ConfigError, match="--resume"):
         ppo(config)
 
-    run.resume, run.iterations = True, 3
+    config.train.resume, config.update.iterations = True, 3
     summary = ppo(config)
     assert summary["iterations"] == 3 and summary["kl_coef"] == pytest.approx(0.05 * 0.96**3)
     with open(tmp_path / "ppo" / "metrics.csv", newline="") as file:
@@ -214,3 +233,21 @@ def test_a_ppo_run_writes_a_checkpoint_metrics_and_curves_and_resumes(tokenizer,
     # The table row of a checkpoint measures what the run measured; no update happened, so no KL either.
     row = evaluate_checkpoint(str(tmp_path / "ppo"), reference=str(start), eval_problems=3, max_new_tokens=6, device="cpu")
     assert row == {"accuracy": summary["accuracy_after"], "eval_reward": summary["reward_after"], "kl": 0.0}
+
+
+def test_ppo_resumes_exactly_with_its_trained_value_head(tokenizer, policy, tmp_path):
+    (tmp_path / "sft").mkdir()
+    start = save_checkpoint(tmp_path / "sft", policy, tokenizer)
+    # Hot sampling and a penalty for running out of tokens: rewards differ, so policy and value head move.
+    changes = dict(stage=RLStageConfig(policy=str(start), train_problems=6, eval_problems=2, missing_end_penalty=1.0),
+                   rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, temperature=3.0, tools="none"))
+    ppo(ppo_config(start, tmp_path / "straight", 3, **changes))
+    ppo(ppo_config(start, tmp_path / "split", 2, **changes))
+    resumed = ppo_config(start, tmp_path / "split", 3, **changes)
+    resumed.train.resume = True
+    ppo(resumed)
+    final = "checkpoints/step_00000003"
+    for name in ("model.safetensors", "extra_weights.safetensors"):
+        assert (tmp_path / "split" / final / name).read_bytes() == (tmp_path / "straight" / final / name).read_bytes(), name
+    head = read_weights(tmp_path / "straight" / final / "extra_weights.safetensors")
+    assert head["value_head.weight"].abs().sum() > 0  # trained, not its zero initialisation

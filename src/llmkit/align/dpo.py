@@ -48,7 +48,6 @@ from llmkit.align.sft import BUILTIN_TASKS, load_base
 from llmkit.config import check
 from llmkit.errors import MismatchError
 from llmkit.train.config import TrainConfig
-from llmkit.train.objectives import _with_auxiliary_loss
 from llmkit.train.trainer import DTYPES, Trainer, resolve_device
 
 LOSSES = ("dpo", "ipo", "hinge")
@@ -113,12 +112,12 @@ class DPOObjective:
         policy, reference = self.logps(model, batch)
         chosen, rejected, weights = batch["chosen_index"], batch["rejected_index"], batch["pair_weight"]
         losses = self.loss_function(policy[chosen], policy[rejected], reference[chosen], reference[rejected], self.beta)
-        loss, metrics = _with_auxiliary_loss(model, (weights * losses).sum() / weights.sum())
+        loss = (weights * losses).sum() / weights.sum()
         rewards = self.beta * (policy - reference).detach()
         margins = rewards[chosen] - rewards[rejected]
-        metrics.update({"rewards/chosen": rewards[chosen].mean(), "rewards/rejected": rewards[rejected].mean(),
-                        "rewards/accuracies": (margins > 0).float().mean(), "rewards/margins": margins.mean(),
-                        "logps/chosen": policy[chosen].detach().mean(), "logps/rejected": policy[rejected].detach().mean()})
+        metrics = {"rewards/chosen": rewards[chosen].mean(), "rewards/rejected": rewards[rejected].mean(),
+                   "rewards/accuracies": (margins > 0).float().mean(), "rewards/margins": margins.mean(),
+                   "logps/chosen": policy[chosen].detach().mean(), "logps/rejected": policy[rejected].detach().mean()}
         return loss, metrics
 
 

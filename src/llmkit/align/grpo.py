@@ -36,20 +36,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import nn
 
-from llmkit.align.policy_gradient import aggregate, kl_k3
-from llmkit.align.rl_loop import Algorithm, RLOptimConfig, RLRunConfig, RolloutConfig
-from llmkit.align.rl_stage import run_policy_stage
+from llmkit.align.policy_gradient import PolicyOutputs, aggregate, identity, kl_k3
+from llmkit.align.rl_source import Algorithm, RolloutConfig, Total, UpdateConfig, steps_per_iteration
+from llmkit.align.rl_stage import RLStageConfig, RLTrainConfig, check_rl_config, run_policy_stage
 from llmkit.align.rollout import RolloutBatch
 from llmkit.config import check
 
 __all__ = ["GRPO", "GRPOConfig", "group_advantages", "grpo", "process_advantages"]
-
-
-@dataclass
-class GRPORunConfig(RLRunConfig):
-    out: str = field(default="runs/grpo", metadata={"help": "run directory: checkpoints, metrics.csv, curves"})
 
 
 @dataclass
@@ -58,11 +52,17 @@ class GRPORolloutConfig(RolloutConfig):
 
 
 @dataclass
-class GRPOOptimConfig(RLOptimConfig):
+class GRPOUpdateConfig(UpdateConfig):
     epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    minibatch_size: int = field(default=16, metadata={"help": "sequences per optimizer step"})
+    minibatch_size: int = field(default=16, metadata={
+        "help": "sequences per optimizer step (split into grad_accum x processes micro-batches)"})
     loss_aggregation: Literal["token", "sequence"] = field(default="sequence", metadata={
         "help": "sequence: per-sequence mean, then mean (DeepSeekMath eq. 3); token: mean over all tokens (DAPO)"})
+
+
+@dataclass
+class GRPOTrainConfig(RLTrainConfig):
+    out: str = field(default="runs/grpo", metadata={"help": "run directory: checkpoints, metrics.csv, curves"})
 
 
 @dataclass
@@ -80,9 +80,10 @@ class GRPOConfig:
         "help": "drop groups whose rewards are all equal and sample more prompts until the batch is full (DAPO)"})
     max_sampling_rounds: int = field(default=4, metadata={
         "help": "dynamic sampling: at most this many rounds of prompts_per_iteration prompts per iteration"})
-    run: GRPORunConfig = field(default_factory=GRPORunConfig)
+    stage: RLStageConfig = field(default_factory=RLStageConfig)
     rollout: GRPORolloutConfig = field(default_factory=GRPORolloutConfig)
-    optim: GRPOOptimConfig = field(default_factory=GRPOOptimConfig)
+    update: GRPOUpdateConfig = field(default_factory=GRPOUpdateConfig)
+    train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
 
     def __post_init__(self) -> None:
         check(self.group_size >= 2, "group_size", self.group_size, "must be at least 2 (a group is its own baseline)")
@@ -91,6 +92,15 @@ class GRPOConfig:
         check(0 <= self.step_discount <= 1, "step_discount", self.step_discount, "must be in [0, 1]")
         check(self.advantage_eps > 0, "advantage_eps", self.advantage_eps, "must be positive")
         check(self.max_sampling_rounds > 0, "max_sampling_rounds", self.max_sampling_rounds, "must be positive")
+        check_rl_config(self)
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.group_size
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return steps_per_iteration(self.rollout.prompts_per_iteration * self.group_size, self.update)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
@@ -125,8 +135,7 @@ def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, grou
 
 class GRPO(Algorithm):
     def __init__(self, config: GRPOConfig):
-        super().__init__(config.optim, config.rollout.temperature)
-        self.config = config
+        super().__init__(config)
         self.samples_per_prompt = config.group_size
         self.process_supervision = config.supervision == "process"
         self.sampling_rounds = config.max_sampling_rounds if config.dynamic_sampling else 1
@@ -139,17 +148,19 @@ class GRPO(Algorithm):
         groups = [sum(values[first:first + size], []) for first in range(0, len(values), size)]
         return [max(group) != min(group) for group in groups]
 
-    def advantages(self, batch: RolloutBatch) -> dict[str, float]:
+    def advantages(self, batches: list[RolloutBatch], total: Total = identity) -> dict[str, float]:
+        """Group-normalised advantages; a group lies in one batch, so nothing is summed over processes."""
         group, scale, eps = self.config.group_size, self.config.scale_rewards, self.config.advantage_eps
-        if self.process_supervision:
-            advantages = process_advantages(batch.step_rewards, batch.step_mask, group, scale, eps, self.config.step_discount)
-            batch.advantages = advantages * batch.action_mask
-        else:
-            batch.advantages = group_advantages(batch.rewards, group, scale, eps)[:, None] * batch.action_mask
+        for batch in batches:
+            if self.process_supervision:
+                advantages = process_advantages(batch.step_rewards, batch.step_mask, group, scale, eps, self.config.step_discount)
+                batch.advantages = advantages * batch.action_mask
+            else:
+                batch.advantages = group_advantages(batch.rewards, group, scale, eps)[:, None] * batch.action_mask
         return {}
 
-    def loss(self, policy: nn.Module, minibatch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        outputs, loss, metrics = self.policy_terms(policy, minibatch)
+    def terms(self, outputs: PolicyOutputs, minibatch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = self.policy_terms(outputs, minibatch)
         mask = minibatch.action_mask
         # The reference's log-probabilities exist on actions only: elsewhere the estimate is set to exactly 0.
         logprobs = torch.where(mask, outputs.logprobs, minibatch.reference_logprobs)
@@ -159,6 +170,6 @@ class GRPO(Algorithm):
 
 
 def grpo(config: GRPOConfig) -> dict:
-    """Train ``config.run.policy`` with GRPO on the task's prompts; returns the run summary (greedy
+    """Train ``config.stage.policy`` with GRPO on the task's prompts; returns the run summary (greedy
     held-out accuracy and reward before and after, rollout rewards, final KL, checkpoint)."""
-    return run_policy_stage("grpo", config, config.run, config.rollout, config.optim, lambda policy, tokenizer: GRPO(config))
+    return run_policy_stage("grpo", config, lambda tokenizer, context_length: GRPO(config))

@@ -1,5 +1,5 @@
-"""The policy-gradient pieces PPO and GRPO share: token log-probabilities, KL estimators, the clipped
-surrogate objective, masked statistics and minibatches.
+"""The policy-gradient pieces PPO and GRPO share: the trained module (:class:`PolicyModel`), token
+log-probabilities, KL estimators, the clipped surrogate objective and masked statistics.
 
 Every tensor here is laid out per *target position* of a padded batch of rows (prompt + completion):
 index ``t`` of a ``(rows, length - 1)`` tensor belongs to the prediction of token ``t + 1`` from the
@@ -15,12 +15,14 @@ Two ways to reduce a per-token loss to a scalar (``aggregate``):
 - ``"sequence"``: the mean over each sequence's action tokens, then the mean over sequences, which is
   DeepSeekMath's GRPO objective as written (Shao et al. 2024, eq. 3: ``1/G sum_i 1/|o_i| sum_t``).
 
-Both are taken over a minibatch, so their gradients are those of one optimizer step.
+Both are taken over a minibatch, so their gradients are those of one optimizer step (a minibatch split
+into micro-batches weighs each micro-batch's aggregate by its share: :mod:`llmkit.align.rl_source`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +37,23 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``(values - mean) / std`` over the masked entries (zero elsewhere): advantage normalisation at
-    the batch level (Huang et al. 2024, "The N+ implementation details of RLHF with PPO")."""
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    return torch.where(mask, (values - mean) * torch.rsqrt(variance + eps), torch.zeros_like(values))
+def identity(value: torch.Tensor) -> torch.Tensor:
+    return value
+
+
+def masked_whiten(values: list[torch.Tensor], masks: list[torch.Tensor], eps: float = 1e-8,
+                  total: Callable[[torch.Tensor], torch.Tensor] = identity) -> list[torch.Tensor]:
+    """``(values - mean) / std`` over the masked entries of every tensor (zero elsewhere): advantage
+    normalisation at the batch level (Huang et al. 2024, "The N+ implementation details of RLHF with
+    PPO"). ``total`` sums a statistic over the processes (the batch's parts on other ranks), so the
+    mean and std are the whole batch's."""
+    def masked_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return total(torch.stack([torch.where(mask, tensor, 0.0).sum() for tensor, mask in zip(tensors, masks)]).sum())
+
+    count = total(torch.stack([mask.sum() for mask in masks]).sum()).clamp(min=1)
+    mean = masked_sum(values) / count
+    variance = masked_sum([(tensor - mean) ** 2 for tensor in values]) / count
+    return [torch.where(mask, (tensor - mean) * torch.rsqrt(variance + eps), 0.0) for tensor, mask in zip(values, masks)]
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -49,7 +62,9 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.T
         return masked_mean(per_token, mask)
     if mode == "sequence":
         per_sequence = torch.where(mask, per_token, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        return per_sequence[mask.any(dim=1)].mean() if mask.any() else per_token.new_zeros(())
+        acting = mask.any(dim=1)
+        # A sum, not a mean of the selection: a minibatch without actions gives a zero still tied to the graph.
+        return per_sequence[acting].sum() / acting.sum().clamp(min=1)
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
 
 
@@ -77,6 +92,7 @@ class PolicyOutputs:
     logprobs: torch.Tensor  # (rows, length - 1) log pi(token t+1 | tokens <= t)
     entropy: torch.Tensor  # (rows, length - 1) entropy of the whole next-token distribution
     values: torch.Tensor | None  # (rows, length - 1) value-head estimates, when a head was given
+    language_logits: torch.Tensor | None = None  # (rows, length, vocab) of the rows PPO-ptx adds
 
 
 def policy_forward(model: nn.Module, input_ids: torch.Tensor, temperature: float,
@@ -99,6 +115,33 @@ def policy_forward(model: nn.Module, input_ids: torch.Tensor, temperature: float
     return PolicyOutputs(logprobs, entropy, values)
 
 
+class PolicyModel(nn.Module):
+    """What PPO and GRPO train: the policy and, for PPO, its value head, one module so that the Trainer's
+    optimizer, DDP wrapper and checkpoints hold both (the policy, ``policy``, is the checkpoint's
+    model). Its forward is :func:`policy_forward` at the sampling temperature; DDP synchronises gradients
+    through a module's forward, so everything a loss needs comes from one call, the language-model
+    logits of PPO-ptx's pretraining rows included."""
+
+    def __init__(self, policy: nn.Module, value_head: nn.Module | None, temperature: float):
+        super().__init__()
+        self.policy, self.value_head, self.temperature = policy, value_head, temperature
+
+    def forward(self, input_ids: torch.Tensor, language_ids: torch.Tensor | None = None) -> PolicyOutputs:
+        outputs = policy_forward(self.policy, input_ids, self.temperature, self.value_head)
+        if language_ids is not None:
+            outputs.language_logits = self.policy(language_ids)
+        return outputs
+
+
+def value_head(config) -> nn.Linear:
+    """PPO's critic, ``Linear(n_embd, 1)`` on the policy's final hidden states, zero-initialised: its
+    gradient into the shared trunk is proportional to its weights, so it is zero at the first step."""
+    head = nn.Linear(config.n_embd, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, clip: float, aggregation: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
@@ -116,8 +159,3 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
         metrics = {"clip_fraction": float(masked_mean((clipped > unclipped).float(), mask)),
                    "approx_kl": float(masked_mean(kl_k3(old_logprobs, old_logprobs + log_ratio), mask))}
     return loss, metrics
-
-
-def minibatches(count: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A random partition of ``range(count)`` into minibatches of ``size`` (the last may be smaller)."""
-    return list(torch.randperm(count, generator=generator).split(size))

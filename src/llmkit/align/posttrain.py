@@ -42,11 +42,12 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from llmkit.align.dpo import DPOConfig, DPOTrainConfig, dpo
-from llmkit.align.grpo import GRPOConfig, GRPOOptimConfig, GRPORolloutConfig, GRPORunConfig, grpo
+from llmkit.align.grpo import GRPOConfig, GRPORolloutConfig, GRPOTrainConfig, GRPOUpdateConfig, grpo
 from llmkit.align.posttrain_eval import EvaluationSettings, evaluate_model, heldout_problems, load_reference
-from llmkit.align.ppo import PPOConfig, PPORunConfig, ppo
+from llmkit.align.ppo import PPOConfig, PPOTrainConfig, ppo
 from llmkit.align.reward import RewardConfig, RewardTrainConfig, load_reward_model, train_reward
-from llmkit.align.rl_loop import RLOptimConfig, RolloutConfig
+from llmkit.align.rl_source import RolloutConfig, UpdateConfig, steps_per_iteration
+from llmkit.align.rl_stage import RLStageConfig
 from llmkit.align.sft import SFTConfig, SFTTrainConfig, load_base, sft
 from llmkit.config import check
 from llmkit.errors import ConfigError
@@ -168,20 +169,22 @@ def run_rl(config: PosttrainConfig, out: Path) -> dict:
 
 def train_rl(config: PosttrainConfig, policy: Path, directory: Path, reward_model: Path) -> dict:
     """The RL stage from ``policy`` into ``directory`` (``reward_model`` is used when ``rl_reward="model"``)."""
-    iterations = config.steps(config.rl_iterations)
-    run = dict(policy=str(policy), out=str(directory), task="arithmetic", iterations=iterations, train_problems=config.sft_examples,
-               reward_model=str(reward_model) if config.rl_reward == "model" else None,
-               eval_problems=min(config.eval_problems, 64), checkpoint_interval=5, keep_last=1, seed=config.seed,
-               device=config.device, resume=_resume(config, directory), progress=config.progress)
+    stage = RLStageConfig(policy=str(policy), task="arithmetic", train_problems=config.sft_examples,
+                          reward_model=str(reward_model) if config.rl_reward == "model" else None,
+                          eval_problems=min(config.eval_problems, 64))
     rollout = dict(max_new_tokens=config.max_new_tokens, temperature=config.rl_temperature, tools="calculator")
-    if config.rl == "grpo":
-        return grpo(GRPOConfig(group_size=config.group_size, kl_coef=config.rl_kl_coef, supervision=config.rl_supervision,
-                               run=GRPORunConfig(**run),
+    grpo_stage = config.rl == "grpo"
+    update = (GRPOUpdateConfig if grpo_stage else UpdateConfig)(iterations=config.steps(config.rl_iterations), minibatch_size=16,
+                                                                  epochs=1 if grpo_stage else 2)
+    # A checkpoint every 5 iterations.
+    train = dict(out=str(directory), lr=config.rl_lr, checkpoint_interval=5 * steps_per_iteration(config.rl_samples, update),
+                 keep_last=1, seed=config.seed, device=config.device, resume=_resume(config, directory), progress=config.progress)
+    if grpo_stage:
+        return grpo(GRPOConfig(group_size=config.group_size, kl_coef=config.rl_kl_coef, supervision=config.rl_supervision, stage=stage,
                                rollout=GRPORolloutConfig(prompts_per_iteration=config.rl_samples // config.group_size, **rollout),
-                               optim=GRPOOptimConfig(lr=config.rl_lr, minibatch_size=16)))
-    return ppo(PPOConfig(kl_coef=config.rl_kl_coef, run=PPORunConfig(**run),
-                         rollout=RolloutConfig(prompts_per_iteration=config.rl_samples, **rollout),
-                         optim=RLOptimConfig(lr=config.rl_lr, epochs=2, minibatch_size=16)))
+                               update=update, train=GRPOTrainConfig(**train)))
+    return ppo(PPOConfig(kl_coef=config.rl_kl_coef, stage=stage, rollout=RolloutConfig(prompts_per_iteration=config.rl_samples, **rollout),
+                         update=update, train=PPOTrainConfig(**train)))
 
 
 def run_dpo(config: PosttrainConfig, out: Path) -> dict:

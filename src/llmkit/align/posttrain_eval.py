@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 
 from llmkit.align.reward import RewardScorer
-from llmkit.align.rl_stage import toolbox
-from llmkit.align.rollout import Prompt, build_batch, chat_prompt, completion_tokens, generate_rollouts, score_rollouts
+from llmkit.align.rollout import (Prompt, build_batch, chat_prompt, completion_tokens, generate_rollouts, score_rollouts,
+                                  toolbox)
 from llmkit.align.sft import load_base
 from llmkit.chat import render_ids
 from llmkit.errors import InputError

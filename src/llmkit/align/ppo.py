@@ -11,7 +11,9 @@ completions whose mean KL was ``KL``.
 
 **Critic.** The value head is a ``Linear(n_embd, 1)`` on the policy's own final hidden states
 (:meth:`~llmkit.model.Transformer.hidden_states`): one forward pass gives log-probabilities and
-values, and the value loss joins the policy loss with the coefficient ``c1`` (Schulman et al. 2017,
+values (the head is :func:`llmkit.align.policy_gradient.value_head`, trained and checkpointed with the policy
+as one :class:`~llmkit.align.policy_gradient.PolicyModel`), and the value loss joins the policy loss with the
+coefficient ``c1`` (Schulman et al. 2017,
 eq. 9, the shared-parameter form of PPO; TRL's ``AutoModelForCausalLMWithValueHead``). A separate value
 model initialised from the reward model (InstructGPT) doubles the memory and the forward passes, which
 this toolkit's single-GPU and CPU scale cannot spare; the shared trunk is protected instead by a small
@@ -21,12 +23,13 @@ the first step (it is proportional to the head's weights).
 **Advantages.** GAE(gamma, lambda) (Schulman et al. 2016) over the action tokens of each completion,
 the value after its last action being 0; tool-result tokens inside a completion are skipped, so the
 recursion runs over the policy's decisions only. Returns are ``advantages + values``; advantages are
-whitened over the batch.
+whitened over the batch (all processes' parts of it under ``torchrun``).
 
 **Losses.** The clipped surrogate (:func:`llmkit.align.policy_gradient.clipped_policy_loss`), the
 clipped value loss ``0.5 max((V - G)^2, (V_clip - G)^2)`` with ``V_clip = V_old + clip(V - V_old, -c, c)``
 (Huang et al. 2024; OpenAI baselines), an optional entropy bonus, and with ``--ptx-data`` InstructGPT's
-PPO-ptx term ``gamma_ptx * L_LM`` on pretraining batches (eq. 2, the second line).
+PPO-ptx term ``gamma_ptx * L_LM`` on pretraining batches (eq. 2, the second line): ``ptx_batch_size``
+rows of the token data with every micro-batch, the rows of the Trainer's micro-batch index.
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from llmkit.align.policy_gradient import aggregate, clipped_policy_loss, kl_k1, masked_mean, masked_whiten
-from llmkit.align.rl_loop import Algorithm, RLOptimConfig, RLRunConfig, RolloutConfig
-from llmkit.align.rl_stage import run_policy_stage
+from llmkit.align.policy_gradient import (PolicyOutputs, aggregate, clipped_policy_loss, identity, kl_k1, masked_mean,
+                                          masked_whiten)
+from llmkit.align.rl_source import Algorithm, RolloutConfig, Total, UpdateConfig, steps_per_iteration
+from llmkit.align.rl_stage import RLStageConfig, RLTrainConfig, check_rl_config, run_policy_stage
 from llmkit.align.rollout import RolloutBatch
 from llmkit.config import check
 from llmkit.tokenizer import Tokenizer
@@ -47,7 +50,7 @@ __all__ = ["KLController", "PPO", "PPOConfig", "clipped_policy_loss", "clipped_v
 
 
 @dataclass
-class PPORunConfig(RLRunConfig):
+class PPOTrainConfig(RLTrainConfig):
     out: str = field(default="runs/ppo", metadata={"help": "run directory: checkpoints, metrics.csv, curves"})
 
 
@@ -65,10 +68,11 @@ class PPOConfig:
     whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages to mean 0, std 1 over the batch"})
     ptx_data: str | None = field(default=None, metadata={"help": "token data directory for the PPO-ptx pretraining loss"})
     ptx_coef: float = field(default=0.0, metadata={"help": "gamma_ptx: weight of the pretraining loss"})
-    ptx_batch_size: int = field(default=4, metadata={"help": "pretraining rows per optimizer step"})
-    run: PPORunConfig = field(default_factory=PPORunConfig)
+    ptx_batch_size: int = field(default=4, metadata={"help": "pretraining rows per micro-batch (per optimizer step without accumulation)"})
+    stage: RLStageConfig = field(default_factory=RLStageConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    optim: RLOptimConfig = field(default_factory=RLOptimConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
 
     def __post_init__(self) -> None:
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")
@@ -84,6 +88,13 @@ class PPOConfig:
         check((self.ptx_coef > 0) == (self.ptx_data is not None), "ptx_coef", self.ptx_coef,
               "give ptx_data together with a positive ptx_coef")
         check(self.ptx_batch_size > 0, "ptx_batch_size", self.ptx_batch_size, "must be positive")
+        check_rl_config(self)
+
+    samples_per_prompt = 1
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return steps_per_iteration(self.rollout.prompts_per_iteration, self.update)
 
 
 # ----------------------------------------------------------------------------------- pieces
@@ -143,67 +154,56 @@ class KLController:
 
 # -------------------------------------------------------------------------------- algorithm
 class PPO(Algorithm):
-    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Tokenizer | None = None):
-        super().__init__(config.optim, config.rollout.temperature)
-        self.config = config
-        device = policy.token_embedding.weight.device
-        self.value_head = nn.Linear(policy.config.n_embd, 1).to(device)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+    critic = True
+
+    def __init__(self, config: PPOConfig, tokenizer: Tokenizer | None = None, context_length: int | None = None):
+        """``tokenizer`` and ``context_length`` (the policy's) are needed with PPO-ptx's token data only."""
+        super().__init__(config)
         self.kl = KLController(config.kl_coef, config.kl_target if config.adaptive_kl else None, config.kl_horizon)
-        self.pretraining, self.pretraining_batches = None, 0
+        self.ptx_coef = config.ptx_coef
         if config.ptx_data is not None:
             from llmkit.token_data import check_tokenizer
             from llmkit.train.batches import TokenBatches
 
-            self.pretraining = TokenBatches(config.ptx_data, "train", config.ptx_batch_size, policy.config.context_length,
-                                            seed=config.run.seed)
-            if tokenizer is not None:
-                check_tokenizer(self.pretraining.manifest, tokenizer)
+            self.pretraining = TokenBatches(config.ptx_data, "train", config.ptx_batch_size, context_length, seed=config.train.seed)
+            check_tokenizer(self.pretraining.manifest, tokenizer)
 
-    def advantages(self, batch: RolloutBatch) -> dict[str, float]:
-        mask = batch.action_mask
-        rewards = kl_penalised_rewards(batch.rewards, batch.old_logprobs, batch.reference_logprobs, mask, self.kl.value)
-        advantages, batch.returns = gae(rewards, batch.values, mask, self.config.gamma, self.config.gae_lambda)
-        batch.advantages = masked_whiten(advantages, mask) if self.config.whiten_advantages else advantages
-        return {"kl_coef": self.kl.value, "value_mean": float(masked_mean(batch.values, mask)),
-                "return_mean": float(masked_mean(batch.returns, mask))}
+    def advantages(self, batches: list[RolloutBatch], total: Total = identity) -> dict[str, float]:
+        """KL-penalised rewards and GAE per batch, whitened and averaged over all of them (``total``)."""
+        for batch in batches:
+            rewards = kl_penalised_rewards(batch.rewards, batch.old_logprobs, batch.reference_logprobs, batch.action_mask, self.kl.value)
+            batch.advantages, batch.returns = gae(rewards, batch.values, batch.action_mask, self.config.gamma, self.config.gae_lambda)
+        masks = [batch.action_mask for batch in batches]
+        if self.config.whiten_advantages:
+            for batch, advantages in zip(batches, masked_whiten([batch.advantages for batch in batches], masks, total=total)):
+                batch.advantages = advantages
+        sums = [torch.stack([mask.sum().double(), torch.where(mask, batch.values, 0.0).sum().double(),
+                             torch.where(mask, batch.returns, 0.0).sum().double()]) for batch, mask in zip(batches, masks)]
+        count, values, returns = total(torch.stack(sums).sum(dim=0)).tolist()
+        return {"kl_coef": self.kl.value, "value_mean": values / max(count, 1), "return_mean": returns / max(count, 1)}
 
-    def loss(self, policy: nn.Module, minibatch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def terms(self, outputs: PolicyOutputs, minibatch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         mask = minibatch.action_mask
-        outputs, loss, metrics = self.policy_terms(policy, minibatch)
+        loss, metrics = self.policy_terms(outputs, minibatch)
         value_loss, value_metrics = clipped_value_loss(outputs.values, minibatch.values, minibatch.returns, mask,
                                                        self.config.value_clip, self.aggregation)
         loss = loss + self.config.value_coef * value_loss
         if self.config.entropy_coef:
             loss = loss - self.config.entropy_coef * masked_mean(outputs.entropy, mask)
         metrics.update(value_loss=float(value_loss.detach()), **value_metrics)
-        if self.pretraining is not None:
-            loss = loss + self.config.ptx_coef * self._pretraining_loss(policy, metrics)
         return loss, metrics
-
-    def _pretraining_loss(self, policy: nn.Module, metrics: dict[str, float]) -> torch.Tensor:
-        from llmkit.train.objectives import causal_lm_loss
-
-        device = policy.token_embedding.weight.device
-        batch = {key: value.to(device) for key, value in self.pretraining.get_batch(self.pretraining_batches).items()}
-        self.pretraining_batches += 1
-        loss, _ = causal_lm_loss(policy, batch)
-        metrics["ptx_loss"] = float(loss.detach())
-        return loss
 
     def end_iteration(self, metrics: dict[str, float]) -> None:
         self.kl.update(metrics["kl"], self.config.rollout.prompts_per_iteration)
 
     def state_dict(self) -> dict:
-        return {"kl_coef": self.kl.value, "pretraining_batches": self.pretraining_batches}
+        return {"kl_coef": self.kl.value}
 
     def load_state_dict(self, state: dict) -> None:
-        self.kl.value, self.pretraining_batches = state["kl_coef"], state["pretraining_batches"]
+        self.kl.value = state["kl_coef"]
 
 
 def ppo(config: PPOConfig) -> dict:
-    """Train ``config.run.policy`` with PPO on the task's prompts; returns the run summary (greedy
+    """Train ``config.stage.policy`` with PPO on the task's prompts; returns the run summary (greedy
     held-out accuracy and reward before and after, rollout rewards, final KL, checkpoint)."""
-    return run_policy_stage("ppo", config, config.run, config.rollout, config.optim,
-                            lambda policy, tokenizer: PPO(config, policy, tokenizer))
+    return run_policy_stage("ppo", config, lambda tokenizer, context_length: PPO(config, tokenizer, context_length))

@@ -51,7 +51,6 @@ from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.checkpoint import MANIFEST, gather_state, write_manifest
 from llmkit.train.config import TrainConfig
-from llmkit.train.objectives import _with_auxiliary_loss
 from llmkit.train.trainer import Trainer
 
 NORMALIZATION_RESPONSES = 1024  # best responses sampled to centre the rewards
@@ -116,10 +115,10 @@ def reward_pair_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 def reward_loss(model: nn.Module, batch: dict[str, torch.Tensor], margin: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The training loop's loss function: the pairwise loss, with pair accuracy, margin and mean rewards."""
     chosen, rejected = reward_pair_scores(model, batch)
-    loss, metrics = _with_auxiliary_loss(model, pairwise_reward_loss(chosen, rejected, margin, batch["pair_weight"]))
+    loss = pairwise_reward_loss(chosen, rejected, margin, batch["pair_weight"])
     margins = (chosen - rejected).detach()
-    metrics.update({"accuracy": (margins > 0).float().mean(), "margin": margins.mean(),
-                    "rewards/chosen": chosen.detach().mean(), "rewards/rejected": rejected.detach().mean()})
+    metrics = {"accuracy": (margins > 0).float().mean(), "margin": margins.mean(),
+               "rewards/chosen": chosen.detach().mean(), "rewards/rejected": rejected.detach().mean()}
     return loss, metrics
 
 

@@ -1,70 +1,145 @@
 """A PPO or GRPO run end to end: load the policy and its frozen reference, the task's prompts and the
-reward, evaluate, iterate, checkpoint, evaluate again, plot, summarise.
+reward, and train with the one :class:`~llmkit.train.trainer.Trainer` on a
+:class:`~llmkit.align.rl_source.RolloutSource`; plot, summarise.
 
-**Checkpoints** are the training loop's (:func:`llmkit.train.checkpoint.save_training_checkpoint`:
-written into a temporary folder with a manifest of checksums, fsynced, renamed into place, then the
-``latest`` pointer replaced, so neither a kill nor a power loss leaves a broken checkpoint in force;
-resuming verifies it and falls back to the newest intact one). ``model.safetensors`` + ``config.json`` (stage
-``ppo``/``grpo``) are the policy alone, which every later stage, the engine and the exporters load
-as is; ``optimizer.pt`` holds the optimizer state and PPO's value head (the training state that is not
-the language model); ``trainer_state.json`` the iteration, the algorithm's state (PPO's KL
-coefficient) and the evaluation before training. ``--resume`` reloads all of it: the policy from the
-run, the reference from ``--policy``, and continues from the next iteration with the same prompts
-and sampling seeds an uninterrupted run would have used. SIGINT or SIGTERM finishes the iteration in
-flight, saves and ends the run, as the training loop does (:class:`llmkit.train.trainer.StopSignals`).
+**Checkpoints, resume, signals, logs** are the Trainer's: ``model.safetensors`` + ``config.json``
+(stage ``ppo``/``grpo``) are the policy alone, which every later stage, the engine and the exporters
+load as is; PPO's value head is ``extra_weights.safetensors``; ``trainer_state.json`` holds the source's
+state (PPO's KL coefficient, the evaluation before training, the tokens generated). Checkpoints,
+evaluations and stops (SIGINT, SIGTERM, ``max_time``) fall between iterations, so ``--resume``
+continues exactly: the policy and value head from the run, the reference from ``--policy``, and the
+next iteration samples the prompts and seeds an uninterrupted run would have.
 
-**Evaluation** is greedy decoding (with the run's tools) on held-out prompts of the task, scored by
-the task's exact checker (accuracy) and by the training reward.
+**Evaluation** (the Trainer's evaluation hook, before training, every ``eval_interval`` steps and at
+the end) is greedy decoding, with the run's tools, of held-out prompts of the task, scored by the
+task's exact checker (accuracy) and by the training reward.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
+from llmkit.align.policy_gradient import PolicyModel, value_head
 from llmkit.align.preference import plot_metrics
-from llmkit.align.rewards import ModelReward, Reward, load_task
-from llmkit.align.rl_loop import Algorithm, PolicyLoop, RLOptimConfig, RLRunConfig, RolloutConfig
+from llmkit.align.rewards import TASKS, ModelReward, Reward, load_task
+from llmkit.align.rl_source import Algorithm, RolloutSource, Total
 from llmkit.align.rollout import (Prompt, Rollout, build_batch, chat_prompt, completion_tokens, generate_rollouts,
-                                  score_rollouts)
+                                  score_rollouts, toolbox)
 from llmkit.align.sft import load_base
-from llmkit.config import parse_duration
-from llmkit.errors import ConfigError, InputError
+from llmkit.config import check
+from llmkit.errors import InputError
 from llmkit.infer.completion import Tools
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
-from llmkit.infer.tools import ToolBox, calculator_tool, default_toolbox
-from llmkit.io import read_json
-from llmkit.model.checkpoint import LATEST, load_model, read_config, resolve_checkpoint
+from llmkit.model.checkpoint import load_model
 from llmkit.tokenizer import END, Tokenizer
-from llmkit.train.checkpoint import (decode_rng, encode_rng, read_training_state, resumable_checkpoint,
-                                     save_training_checkpoint)
-from llmkit.train.metrics import MetricsLog
-from llmkit.train.trainer import StopSignals, resolve_device
+from llmkit.train.config import TrainConfig
+from llmkit.train.distributed import World
+from llmkit.train.trainer import Trainer, process_device, resolve_device
 
 CURVES = ("reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "response_length", "accuracy")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def toolbox(name: str) -> Tools | None:
-    return {"calculator": lambda: ToolBox([calculator_tool()]), "default": default_toolbox, "none": lambda: None}[name]()
+@dataclass
+class RLStageConfig:
+    policy: str = field(default="runs/sft", metadata={"help": "checkpoint of the starting policy (and of the frozen reference)"})
+    task: Literal["arithmetic", "arithmetic_plain", "functions"] = field(default="arithmetic", metadata={
+        "help": "embedded task giving the prompts and the exact checker (arithmetic: with calculator calls)"})
+    reward_model: str | None = field(default=None, metadata={"help": "reward-model checkpoint (llmkit reward); default: the task's verifiable reward"})
+    format_bonus: float = field(default=0.0, metadata={"help": "verifiable reward of a well-formed but wrong answer (1 = correct)"})
+    missing_end_penalty: float = field(default=0.0, metadata={"help": "subtracted from the reward of a completion cut off before its end token"})
+    train_problems: int = field(default=2000, metadata={"help": "training prompts generated (functions: at most all tasks)"})
+    eval_problems: int = field(default=200, metadata={"help": "held-out prompts for the greedy before/after accuracy"})
+
+    def __post_init__(self) -> None:
+        check(self.task in TASKS, "task", self.task, f"choose one of {', '.join(TASKS)}")
+        check(self.missing_end_penalty >= 0, "missing_end_penalty", self.missing_end_penalty, "must be >= 0")
+        for name in ("train_problems", "eval_problems"):
+            check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+
+
+@dataclass
+class RLTrainConfig(TrainConfig):
+    """The training loop's settings with RL defaults: one row per step, constant small learning rate,
+    float32 (probability ratios need the precision), checkpoints and evaluations between iterations."""
+
+    out: str = field(default="runs/rl", metadata={"help": "run directory: checkpoints, metrics.csv, curves"})
+    batch_size: int = field(default=1, metadata={"help": "unused by PPO and GRPO: a step takes --minibatch-size sequences"})
+    lr: float = field(default=1e-5, metadata={"help": "peak AdamW learning rate (RLHF's range for models of hundreds of millions of "
+                                                      "parameters and more; tiny models need more)"})
+    schedule: Literal["cosine", "wsd", "constant"] = field(default="constant", metadata={"help": "learning-rate schedule after warmup"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={
+        "help": "autocast dtype of the training and scoring passes (float32 or bfloat16: probability ratios need the range)"})
+    eval_interval: int = field(default=0, metadata={
+        "help": "held-out greedy evaluation every this many steps, a multiple of an iteration's (0 = before and after only)"})
+    log_interval: int = field(default=1, metadata={"help": "write a metrics row every this many steps"})
+    checkpoint_interval: int = field(default=240, metadata={
+        "help": "checkpoint every this many steps, a multiple of an iteration's (and at the end; 240 is one of most iterations' step counts)"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    seed: int = field(default=0, metadata={"help": "seed of prompt order, sampling and minibatches"})
+    spike_ratio: float = field(default=10.0, metadata={
+        "help": "a gradient norm above this times its running mean is a spike (RL's gradient norms vary more than losses do)"})
+
+
+def check_rl_config(config) -> None:
+    """What PPO and GRPO need of the training loop's settings (``config`` has sections ``train`` and ``update``)."""
+    train, steps = config.train, config.steps_per_iteration
+    for name in ("checkpoint_interval", "eval_interval"):
+        value = getattr(train, name)
+        near = max(value // steps, 1) * steps
+        check(value % steps == 0, name, value, f"must be a multiple of the {steps} optimizer steps of an iteration "
+                                               f"(epochs x minibatches) to fall between iterations, e.g. {near} or {near + steps}")
+    check(train.dtype != "float16", "dtype", train.dtype, "use float32 or bfloat16: probability ratios need the range")
+    check(train.optimizer == "adamw", "optimizer", train.optimizer, "PPO and GRPO fine-tune with AdamW")
+    check(train.parallelism == "ddp", "parallelism", train.parallelism,
+          "every process samples through the whole policy, which FSDP shards; use ddp")
+    check(train.batch_warmup_tokens is None, "batch_warmup_tokens", train.batch_warmup_tokens, "RL minibatches do not ramp")
+    check(train.target_val_bpb is None, "target_val_bpb", train.target_val_bpb, "RL evaluates accuracy, not bits per byte")
+
+
+# -------------------------------------------------------------------------------- evaluation
+def greedy_scores(engine: Engine, prompts: list[Prompt], checker: Reward, reward: Reward, max_new_tokens: int,
+                  tools: Tools | None) -> tuple[list[float], list[float]]:
+    """The checker's and the reward's scores of greedy completions of ``prompts``."""
+    completions = engine.generate_ids([prompt.ids for prompt in prompts], GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0), tools)
+    end_id = engine.tokenizer.special_ids[END]
+    rollouts = [Rollout(prompt, completion, *completion_tokens(completion, end_id)) for prompt, completion in zip(prompts, completions)]
+    correct = checker.score(rollouts)
+    return correct, correct if reward is checker else reward.score(rollouts)
 
 
 def evaluate(engine: Engine, prompts: list[Prompt], checker: Reward, reward: Reward, max_new_tokens: int,
              tools: Tools | None) -> dict[str, float]:
     """Greedy completions of ``prompts``: the share the checker accepts and their mean reward."""
-    completions = engine.generate_ids([prompt.ids for prompt in prompts], GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0), tools)
-    end_id = engine.tokenizer.special_ids[END]
-    rollouts = [Rollout(prompt, completion, *completion_tokens(completion, end_id)) for prompt, completion in zip(prompts, completions)]
-    correct = checker.score(rollouts)
-    rewards = correct if reward is checker else reward.score(rollouts)
-    return {"accuracy": sum(value == 1.0 for value in correct) / len(rollouts), "eval_reward": sum(rewards) / len(rollouts)}
+    correct, rewards = greedy_scores(engine, prompts, checker, reward, max_new_tokens, tools)
+    return {"accuracy": sum(value == 1.0 for value in correct) / len(prompts), "eval_reward": sum(rewards) / len(prompts)}
+
+
+@dataclass
+class HeldOutEvaluation:
+    """The RL stages' evaluation hook: :func:`evaluate` on the held-out prompts; under ``torchrun`` each
+    process decodes every N-th prompt and the counts are summed."""
+
+    prompts: list[Prompt]
+    checker: Reward
+    reward: Reward
+    max_new_tokens: int
+    tools: Tools | None
+
+    def __call__(self, engine: Engine, world: World, total: Total) -> dict[str, float]:
+        mine = self.prompts[world.rank::world.world_size]
+        correct, rewards = greedy_scores(engine, mine, self.checker, self.reward, self.max_new_tokens, self.tools)
+        right, reward, count = total(torch.tensor([sum(value == 1.0 for value in correct), sum(rewards), len(mine)],
+                                                  dtype=torch.float64)).tolist()
+        return {"accuracy": right / count, "eval_reward": reward / count}
 
 
 def fitting_prompts(tokenizer, conversations: list[list[dict]], context_length: int, max_new_tokens: int, what: str) -> list[Prompt]:
@@ -99,109 +174,50 @@ def evaluate_checkpoint(path: str, reference: str | None = None, task: str = "ar
     return result
 
 
-def _save(loop: PolicyLoop, out: Path, iteration: int, state: dict, metadata: dict, keep_last: int) -> Path:
-    value_head = loop.algorithm.value_head
-    training_state = {"optimizer": loop.optimizer.state_dict(), "value_head": value_head.state_dict() if value_head is not None else None}
-    state = {**state, "iteration": iteration, "algorithm": loop.algorithm.state_dict(), "rng": encode_rng(torch.get_rng_state())}
-    return save_training_checkpoint(out, iteration, loop.policy.state_dict(), training_state, loop.policy.config, state,
-                                    metadata, loop.tokenizer, keep_last)
+# ------------------------------------------------------------------------------- the stage
+def _rollout_rows(out: Path) -> list[dict]:
+    """The training rows of the run's metrics.csv (the rollout metrics of every step)."""
+    with open(out / "metrics.csv", newline="") as file:
+        return [row for row in csv.DictReader(file) if not row["event"] and row.get("reward")]
 
 
-def _restore(loop: PolicyLoop, checkpoint: Path) -> dict:
-    """Optimizer, value head and algorithm state of the checkpoint resumed from (the policy is loaded from it already)."""
-    training_state = read_training_state(checkpoint, loop.device)
-    loop.optimizer.load_state_dict(training_state["optimizer"])
-    if loop.algorithm.value_head is not None:
-        loop.algorithm.value_head.load_state_dict(training_state["value_head"])
-    state = read_json(checkpoint / "trainer_state.json")
-    loop.algorithm.load_state_dict(state["algorithm"])
-    torch.set_rng_state(decode_rng(state["rng"]))
-    return state
-
-
-def _format(metrics: dict[str, float]) -> dict[str, str]:
-    return {name: f"{value:.6g}" for name, value in metrics.items()}
-
-
-def run_policy_stage(stage: str, config, run: RLRunConfig, rollout: RolloutConfig, optim: RLOptimConfig,
-                     make_algorithm: Callable[[nn.Module, Tokenizer], Algorithm]) -> dict:
-    """Train ``run.policy`` with the algorithm ``make_algorithm(policy, tokenizer)`` builds; returns the summary."""
-    out = Path(run.out)
-    resuming = (out / LATEST).is_file()
-    if resuming and not run.resume:
-        raise ConfigError("out", run.out, "already holds a run; pass --resume to continue it or choose another --out")
-    if run.resume and not resuming:
-        raise ConfigError("resume", True, f"no checkpoint in {out} to resume from")
-    resumed = resumable_checkpoint(out) if resuming else None
-    if resumed is not None and read_config(resumed).get("stage") != stage:
-        raise ConfigError("out", run.out, f"holds a {read_config(resumed).get('stage')} run, not a {stage} run to resume")
-    device, dtype = resolve_device(run.device), DTYPES[run.dtype]
-    # Resuming continues the policy of the run; the reference is always the starting policy.
-    policy, tokenizer, _ = load_base(resumed or run.policy)
-    base = resolve_checkpoint(run.policy)
-    reference, _ = load_model(base, device=device)
-    policy.to(device)
-    task = load_task(run.task, run.train_problems, run.eval_problems, run.seed)
-    reward = ModelReward(run.reward_model, tokenizer, str(device)) if run.reward_model else task.make_reward(run.format_bonus)
+def run_policy_stage(stage: str, config, make_algorithm: Callable[[Tokenizer, int], Algorithm]) -> dict:
+    """Train ``config.stage.policy`` with the algorithm ``make_algorithm(tokenizer, context_length)`` builds;
+    returns the summary."""
+    setup, rollout, train = config.stage, config.rollout, config.train
+    policy, tokenizer, base = load_base(setup.policy)
+    reference, _ = load_model(base)  # resuming continues the run's policy; the reference is always the starting one
+    device, world = process_device(train.device)
+    task = load_task(setup.task, setup.train_problems, setup.eval_problems, train.seed)
+    reward = ModelReward(setup.reward_model, tokenizer, str(device)) if setup.reward_model else task.make_reward(setup.format_bonus)
     context = policy.config.context_length
-    train_prompts = fitting_prompts(tokenizer, task.train, context, rollout.max_new_tokens, f"{run.task} training prompts")
-    eval_prompts = fitting_prompts(tokenizer, task.heldout, context, rollout.max_new_tokens, f"{run.task} held-out prompts")
-    tools = toolbox(rollout.tools)
-    loop = PolicyLoop(policy, reference, tokenizer, make_algorithm(policy, tokenizer), reward, train_prompts, rollout, optim,
-                      run.iterations, run.seed, tools, run.missing_end_penalty, dtype)
+    train_prompts = fitting_prompts(tokenizer, task.train, context, rollout.max_new_tokens, f"{setup.task} training prompts")
+    eval_prompts = fitting_prompts(tokenizer, task.heldout, context, rollout.max_new_tokens, f"{setup.task} held-out prompts")
+    algorithm = make_algorithm(tokenizer, context)
+    model = PolicyModel(policy, value_head(policy.config) if algorithm.critic else None, rollout.temperature).eval()
+    evaluation = HeldOutEvaluation(eval_prompts, task.checker, reward, rollout.max_new_tokens, toolbox(rollout.tools))
+    source = RolloutSource(model, reference, tokenizer, algorithm, reward, train_prompts, evaluation, world)
     metadata = {"stage": stage, "stage_config": dataclasses.asdict(config), "tokenizer_sha256": tokenizer.sha256,
                 "base": str(base.resolve())}
-
-    def evaluation() -> dict[str, float]:
-        return evaluate(loop.engine, eval_prompts, task.checker, reward, rollout.max_new_tokens, tools)
-
-    state = _restore(loop, resumed) if resuming else {"tokens": 0, "elapsed_s": 0.0, "before": evaluation()}
-    log = MetricsLog(out, state["iteration"] if resuming else None)
-    log.rows = [row for row in log.rows if row.get("event") != "end"]  # the interrupted run's end is not this one's
-    if not resuming:
-        log.add(step=0, tokens=0, **_format(state["before"]), event="before")
-    start_iteration = state.get("iteration", 0)
-    started, deadline = time.perf_counter(), parse_duration(run.max_time)
-
-    def elapsed() -> float:
-        return state["elapsed_s"] + time.perf_counter() - started
-
-    first_metrics = last_metrics = {}
-    iteration = start_iteration
-    bar = tqdm(range(start_iteration, run.iterations), initial=start_iteration, total=run.iterations, desc=stage,
-               unit="it", disable=not run.progress, dynamic_ncols=True)
-    signals = StopSignals().install()
-    try:
-        for iteration in bar:
-            metrics = loop.iterate(iteration)
-            first_metrics, last_metrics = first_metrics or metrics, metrics
-            state["tokens"] += int(metrics.pop("generated_tokens"))
-            if run.eval_interval and (iteration + 1) % run.eval_interval == 0:
-                metrics.update(evaluation())
-            log.add(step=iteration + 1, tokens=state["tokens"], elapsed_s=f"{elapsed():.1f}", **_format(metrics))
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', float('nan')):.3f}")
-            if (iteration + 1) % run.checkpoint_interval == 0:
-                log.flush()  # before the checkpoint, as in the Trainer: a crash between them loses no rows
-                _save(loop, out, iteration + 1, {**state, "elapsed_s": elapsed()}, metadata, run.keep_last)
-            if signals.requested or (deadline is not None and elapsed() >= deadline):
-                break
-        bar.close()
-        completed = iteration + 1 if run.iterations > start_iteration else start_iteration
-        # The checkpoint before the final evaluation, which may outlast a scheduler's grace period after SIGTERM.
-        log.flush()
-        checkpoint = _save(loop, out, completed, {**state, "elapsed_s": elapsed()}, metadata, run.keep_last)
-        after = evaluation()
-    finally:
-        signals.restore()
-    log.add(step=completed, tokens=state["tokens"], elapsed_s=f"{elapsed():.1f}", **_format(after),
-            event="interrupted" if signals.requested else "end")
-    log.flush()
-    curves = plot_metrics(out, list(CURVES), f"{stage}: {run.task}", "curves.png", x_label="iteration", panel_rows=2,
-                          with_events=True, marked=("accuracy",))
-    return {"stage": stage, "policy": str(base), "task": run.task, "reward_source": "model" if run.reward_model else "verifiable",
-            "iterations": completed, "generated_tokens": state["tokens"], "seconds": round(elapsed(), 1),
-            "accuracy_before": state["before"]["accuracy"], "accuracy_after": after["accuracy"],
-            "reward_before": state["before"]["eval_reward"], "reward_after": after["eval_reward"],
-            "rollout_reward_first": first_metrics.get("reward"), "rollout_reward_last": last_metrics.get("reward"),
-            "final_kl": last_metrics.get("kl"), **loop.algorithm.state_dict(), "eval_prompts": len(eval_prompts),
-            "checkpoint": str(checkpoint), "curves": str(curves), "interrupted": signals.requested}
+    # Throughput counts a micro-batch as its rows at the longest prompt plus every new token (an upper bound).
+    longest = max(len(prompt.ids) for prompt in train_prompts) + rollout.max_new_tokens
+    trainer = Trainer(model, source, train, loss_fn=source.loss, tokenizer=tokenizer, metadata=metadata,
+                      tokens_per_batch=config.update.minibatch_size // source.parts * longest, hooks=source)
+    summary = trainer.run()
+    out = Path(train.out)
+    curves = None
+    if trainer.world.is_main:
+        curves = plot_metrics(out, list(CURVES), f"{stage}: {setup.task}", "curves.png", panel_rows=2, with_events=True,
+                              marked=("accuracy",))
+    rows = _rollout_rows(out)
+    position, after = source.evaluated or (None, {})
+    after = after if position == trainer.data_position else {}  # none when a stop signal ended the run
+    before = source.before or {}
+    return {"stage": stage, "policy": str(base), "task": setup.task, "reward_source": "model" if setup.reward_model else "verifiable",
+            "iterations": trainer.data_position // source.cycle, "generated_tokens": source.generated_tokens,
+            "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
+            "reward_before": before.get("eval_reward"), "reward_after": after.get("eval_reward"),
+            "rollout_reward_first": float(rows[0]["reward"]) if rows else None,
+            "rollout_reward_last": float(rows[-1]["reward"]) if rows else None,
+            "final_kl": float(rows[-1]["kl"]) if rows and rows[-1].get("kl") else None,
+            **algorithm.state_dict(), "eval_prompts": len(eval_prompts), "curves": None if curves is None else str(curves), **summary}

@@ -2,8 +2,10 @@
 training tensors with their old log-probabilities, reference log-probabilities and values.
 
 Generation goes through :class:`~llmkit.infer.engine.Engine` (continuous batching, tool calls), with a
-seed per request derived from ``(seed, iteration)``, so a rollout batch is a pure function of the
-policy's weights and the iteration: a resumed run draws what an uninterrupted one would have.
+seed per request derived from ``(seed, iteration)`` and the request's position in the iteration, so a
+rollout batch is a pure function of the policy's weights and the iteration (a resumed run draws what
+an uninterrupted one would have), and a share of an iteration's prompts (a process's, under
+``torchrun``) samples the completions it would have sampled among all of them.
 
 A row is ``prompt + completion``, right-padded (causal attention keeps padding out of every earlier
 position, so no attention mask is needed). The completion is what the engine returned, tool results
@@ -43,6 +45,7 @@ from llmkit.chat import render_ids
 from llmkit.infer.completion import Completion, Tools
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
+from llmkit.infer.tools import ToolBox, calculator_tool, default_toolbox
 from llmkit.tokenizer import END, Tokenizer
 
 FINISHED = ("stop", "tool_calls")  # the policy sampled an end token (a turn's end, or a call's close)
@@ -90,20 +93,30 @@ def completion_tokens(completion: Completion, end_id: int) -> tuple[list[int], l
     return [*completion.token_ids, end_id], [*completion.injected, False]
 
 
-def request_seeds(seed: int, iteration: int, count: int) -> list[int]:
-    """Distinct sampling seeds for the requests of one iteration, a pure function of (seed, iteration)."""
-    return [int(value) for value in np.random.SeedSequence((seed, iteration)).generate_state(count)]
+def toolbox(name: str) -> Tools | None:
+    """The tools of ``--tools``: the calculator, the calculator and the Python sandbox, or none."""
+    return {"calculator": lambda: ToolBox([calculator_tool()]), "default": default_toolbox, "none": lambda: None}[name]()
+
+
+def request_seeds(seed: int, iteration: int, count: int, first: int = 0) -> list[int]:
+    """Distinct sampling seeds for requests ``first .. first + count - 1`` of one iteration, a pure function
+    of (seed, iteration, position): the first values of a longer draw are those of a shorter one."""
+    return [int(value) for value in np.random.SeedSequence((seed, iteration)).generate_state(first + count)[first:]]
 
 
 def generate_rollouts(engine: Engine, prompts: list[Prompt], samples_per_prompt: int, generation: GenerationConfig,
-                      tools: Tools | None, seed: int, iteration: int) -> list[Rollout]:
-    """``samples_per_prompt`` completions of every prompt (a prompt's samples next to each other)."""
+                      tools: Tools | None, seed: int, iteration: int, first_prompt: int = 0) -> list[Rollout]:
+    """``samples_per_prompt`` completions of every prompt (a prompt's samples next to each other);
+    ``prompts`` begin at position ``first_prompt`` of the iteration's prompts, whose sampling seeds they take."""
     requests = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
-    seeds = request_seeds(seed, iteration, len(requests))
+    seeds = request_seeds(seed, iteration, len(requests), first_prompt * samples_per_prompt)
     configs = [dataclasses.replace(generation, seed=request_seed) for request_seed in seeds]
     completions = engine.generate_ids([prompt.ids for prompt in requests], configs, tools)
     end_id = engine.tokenizer.special_ids[END]
     return [Rollout(prompt, completion, *completion_tokens(completion, end_id)) for prompt, completion in zip(requests, completions)]
+
+
+TRAINING_FIELDS = ("input_ids", "action_mask", "rewards", "old_logprobs", "reference_logprobs", "values", "advantages", "returns")
 
 
 @dataclass
@@ -129,10 +142,23 @@ class RolloutBatch:
     def response_lengths(self) -> torch.Tensor:
         return self.action_mask.sum(dim=1)
 
+    def sequence_kls(self) -> torch.Tensor:
+        """Per completion, sum(log pi_old - log pi_ref) over its actions: the k1 estimate of KL(pi || pi_ref)
+        that InstructGPT's penalty sums (needs the scored log-probabilities)."""
+        return torch.where(self.action_mask, self.old_logprobs - self.reference_logprobs, 0.0).sum(dim=1)
+
     def sequence_kl(self) -> float:
-        """The mean over completions of sum(log pi_old - log pi_ref) over their actions: the k1 estimate
-        of KL(pi || pi_ref) per completion that InstructGPT's penalty sums (needs the scored log-probabilities)."""
-        return float(torch.where(self.action_mask, self.old_logprobs - self.reference_logprobs, 0.0).sum(dim=1).mean())
+        """The mean of :meth:`sequence_kls` over the completions."""
+        return float(self.sequence_kls().mean())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields a loss reads, as a batch dict of the Trainer."""
+        return {name: getattr(self, name) for name in TRAINING_FIELDS if getattr(self, name) is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "RolloutBatch":
+        """The batch of :meth:`tensors` (other keys of ``tensors`` are left out)."""
+        return cls(**{name: tensors[name] for name in TRAINING_FIELDS if name in tensors})
 
     def rows(self, indices: torch.Tensor) -> "RolloutBatch":
         """The rows at ``indices``, cut to the longest of them (a minibatch pays for its own length only)."""

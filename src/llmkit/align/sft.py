@@ -44,7 +44,7 @@ from llmkit.tokenizer import Tokenizer
 from llmkit.train import distributed
 from llmkit.train.batches import TokenBatches
 from llmkit.train.config import TrainConfig
-from llmkit.train.objectives import IGNORE_INDEX, _with_auxiliary_loss
+from llmkit.train.objectives import IGNORE_INDEX
 from llmkit.train.trainer import Trainer
 
 __all__ = ["ConversationBatches", "SFTConfig", "SFTTrainConfig", "dataset_source", "load_base", "load_datasets", "sft", "sft_loss"]
@@ -182,8 +182,7 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     token_losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="none").view_as(targets)
     counted = targets != IGNORE_INDEX
-    loss = token_losses.sum() / counted.sum().clamp(min=1)
-    loss, metrics = _with_auxiliary_loss(model, loss)
+    loss, metrics = token_losses.sum() / counted.sum().clamp(min=1), {}
     pretraining = batch.get("pretraining")
     if pretraining is not None and bool(pretraining.any()):
         detached = token_losses.detach()

@@ -5,7 +5,11 @@ Layout of a run directory::
     latest                     -> "checkpoints/step_00000500"
     checkpoints/step_00000500/ config.json model.safetensors tokenizer files
                                optimizer.pt trainer_state.json manifest.json
+                               [extra_weights.safetensors]
     metrics.csv loss.png
+
+``model.safetensors`` is the language model alone, loadable as it is by every later stage; weights
+trained with it that are not part of it (PPO's value head) go to ``extra_weights.safetensors``.
 
 A checkpoint is built in a temporary folder; ``manifest.json`` (size and sha256 of every other file)
 is written last, every file and the folder are fsynced, the folder is renamed into place, and only
@@ -23,6 +27,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -42,6 +47,7 @@ logger = logging.getLogger(__name__)
 # Full (unsharded) state on the CPU: a checkpoint written by 4 FSDP ranks loads in 1 process and back.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 MANIFEST = "manifest.json"
+EXTRA_WEIGHTS = "extra_weights.safetensors"
 RESUME_FILES = {"config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"}
 
 
@@ -59,13 +65,32 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     return get_model_state_dict(model, options=FULL_STATE), get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
 
 
+def split_weights(state: dict, language_model: str) -> tuple[dict, dict]:
+    """(the language model's weights under their own names, the other weights) of a trained module's
+    state dict; ``language_model`` is the language model's attribute path in the module ("" : all of it)."""
+    if not language_model:
+        return state, {}
+    prefix = language_model + "."
+    inside = {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+    return inside, {name: tensor for name, tensor in state.items() if not name.startswith(prefix)}
+
+
+def join_weights(model_state: dict, extra: dict, language_model: str) -> dict:
+    """The trained module's state dict from the two parts :func:`split_weights` made."""
+    prefix = language_model + "." if language_model else ""
+    return {**{prefix + name: tensor for name, tensor in model_state.items()}, **extra}
+
+
 def save_training_checkpoint(run_directory: Path, step: int, model_state: dict, optimizer_state: dict,
                              model_config: ModelConfig, trainer_state: dict, metadata: dict, tokenizer=None,
-                             keep_last: int = 3) -> Path:
+                             keep_last: int = 3, extra_weights: dict | None = None) -> Path:
     name = f"step_{step:08d}"
     final = run_directory / "checkpoints" / name
     with atomic_directory(final) as directory:
         write_model(directory, model_state, model_config, metadata)
+        if extra_weights:
+            save_file({key: tensor.detach().cpu().contiguous() for key, tensor in extra_weights.items()},
+                      str(directory / EXTRA_WEIGHTS))
         torch.save(optimizer_state, directory / "optimizer.pt")
         atomic_write_json(directory / "trainer_state.json", trainer_state)
         if tokenizer is not None:
@@ -156,10 +181,15 @@ def read_training_state(checkpoint: Path, device: str | torch.device = "cpu"):
 
 
 def load_training_checkpoint(run_directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             model_config: ModelConfig) -> dict:
-    """Restore model and optimizer in place from the run's newest intact checkpoint; return its trainer state."""
+                             model_config: ModelConfig, language_model: str = "", stage: str | None = None) -> dict:
+    """Restore model and optimizer in place from the run's newest intact checkpoint; return its trainer state.
+    ``language_model``: where the checkpoint's model sits in ``model`` (:func:`split_weights`); ``stage``:
+    the stage resuming, refused when the checkpoint names another."""
     checkpoint = resumable_checkpoint(run_directory)
-    saved = model_config_of(checkpoint, read_config(checkpoint))
+    config = read_config(checkpoint)
+    if stage is not None and config.get("stage") != stage:
+        raise MismatchError(f"{checkpoint / 'config.json'}: cannot resume a {config.get('stage')} run as {stage}")
+    saved = model_config_of(checkpoint, config)
     for field_name, value in vars(saved).items():
         if getattr(model_config, field_name) != value:
             raise MismatchError(f"{checkpoint / 'config.json'}: cannot resume, model field '{field_name}' was "
@@ -167,6 +197,7 @@ def load_training_checkpoint(run_directory: Path, model: nn.Module, optimizer: t
     model_state = read_weights(checkpoint / "model.safetensors")
     if model_config.tie_embeddings:
         model_state["lm_head.weight"] = model_state["token_embedding.weight"]
-    set_model_state_dict(model, model_state, options=FULL_STATE)
+    extra = read_weights(checkpoint / EXTRA_WEIGHTS) if (checkpoint / EXTRA_WEIGHTS).is_file() else {}
+    set_model_state_dict(model, join_weights(model_state, extra, language_model), options=FULL_STATE)
     set_optimizer_state_dict(model, optimizer, read_training_state(checkpoint), options=FULL_STATE)
     return read_json(checkpoint / "trainer_state.json")

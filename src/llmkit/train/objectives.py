@@ -14,7 +14,8 @@ An objective is therefore a *batch transform* plus a *loss*. :class:`ObjectiveBa
 batch source (e.g. :class:`~llmkit.train.batches.TokenBatches`) and rewrites each causal batch with
 a generator seeded by ``(seed, index)``: batch ``i`` stays a pure function of ``i``, so resume,
 rollback and the split across ``torchrun`` ranks work unchanged. :func:`build_objective` returns the
-pair for a name. Every loss adds the model's Mixture-of-Experts load-balancing loss while training.
+pair for a name. The losses are the language model's alone: the :class:`~llmkit.train.trainer.Trainer`
+adds the Mixture-of-Experts load-balancing loss (:func:`auxiliary_loss`) to every stage's loss while training.
 """
 
 from __future__ import annotations
@@ -53,29 +54,25 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def _with_auxiliary_loss(model: nn.Module, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Add the MoE load-balancing loss of the forward just run (Fedus et al. 2021, Switch Transformer §2.2).
+def auxiliary_loss(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The MoE load-balancing loss of the forward just run (Fedus et al. 2021, Switch Transformer §2.2) and
+    its metrics: ``aux_loss`` and ``expert_max_share``.
 
-    Only in training mode: it is a regulariser of the router, and validation must measure the language
-    model alone so that dense and MoE runs compare in bits per byte. Models without experts (or from
-    before ``aux_loss`` existed) add nothing."""
+    The Trainer adds it to the loss of every training step, whatever the stage's loss function, and never
+    to validation: it is a regulariser of the router, and validation must measure the language model
+    alone so that dense and MoE runs compare in bits per byte. A model without experts (no
+    ``expert_utilisation``) gives ``(None, {})``."""
     bare = unwrap_model(model)
-    metrics: dict[str, float] = {}
-    aux = getattr(bare, "aux_loss", None)
-    if aux is not None:
-        metrics["aux_loss"] = float(aux.detach())
-        if bare.training:
-            loss = loss + aux
-    utilisation = getattr(bare, "expert_utilisation", None)
-    if utilisation is not None:
-        # (n_layer, experts) fractions of routed tokens: 1/experts is perfect balance, 1 is collapse.
-        metrics["expert_max_share"] = float(utilisation.detach().float().max(dim=-1).values.mean())
-    return loss, metrics
+    aux, utilisation = getattr(bare, "aux_loss", None), getattr(bare, "expert_utilisation", None)
+    if aux is None or utilisation is None:
+        return None, {}
+    # (n_layer, experts) fractions of routed tokens: 1/experts is perfect balance, 1 is collapse.
+    return aux, {"aux_loss": float(aux.detach()), "expert_max_share": float(utilisation.detach().float().max(dim=-1).values.mean())}
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token cross-entropy; targets equal to ``IGNORE_INDEX`` do not count."""
-    return _with_auxiliary_loss(model, _cross_entropy(model(batch["input_ids"]), batch["targets"]))
+    return _cross_entropy(model(batch["input_ids"]), batch["targets"]), {}
 
 
 def prefix_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -90,7 +87,7 @@ def prefix_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[s
     positions = torch.arange(targets.shape[1], device=targets.device)
     counted = positions[None, :] >= prefix_lengths[:, None] - 1
     logits = model(batch["input_ids"], prefix_lengths=prefix_lengths)
-    return _with_auxiliary_loss(model, _cross_entropy(logits, torch.where(counted, targets, IGNORE_INDEX)))
+    return _cross_entropy(logits, torch.where(counted, targets, IGNORE_INDEX)), {}
 
 
 # ------------------------------------------------------------------ batch transforms

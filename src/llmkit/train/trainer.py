@@ -1,10 +1,11 @@
 """The one training loop.
 
-Pretraining, instruction tuning, reward modelling and DPO differ only in the batches they feed and the
-``loss_fn`` (model, batch) -> (loss, metrics) they pass; everything else lives here: optimizer groups and
-schedule, batch-size warmup, mixed precision, gradient accumulation and clipping, the loss-spike guard
-with rollback, checkpoints and exact resume, validation, logging (with the loss function's metrics),
-budgets and DDP/FSDP2 under ``torchrun``.
+Pretraining, instruction tuning, reward modelling, DPO, PPO and GRPO differ only in the batches they feed,
+the ``loss_fn`` (model, batch) -> (loss, metrics) they pass and, for PPO and GRPO, the
+:class:`TrainingHooks` of their rollout source; everything else lives here: optimizer groups and
+schedule, batch-size warmup, mixed precision, gradient accumulation and clipping, the Mixture-of-Experts
+auxiliary loss, the loss-spike guard with rollback, checkpoints and exact resume, validation (or a
+stage's own evaluation), logging (with the loss function's metrics), budgets and DDP/FSDP2 under ``torchrun``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 from torch import nn
@@ -23,10 +24,11 @@ from tqdm.auto import tqdm
 from llmkit.errors import ConfigError, LlmkitError
 from llmkit.model.checkpoint import LATEST
 from llmkit.train import distributed
-from llmkit.train.checkpoint import decode_rng, encode_rng, gather_state, load_training_checkpoint, save_training_checkpoint
+from llmkit.train.checkpoint import (decode_rng, encode_rng, gather_state, load_training_checkpoint, save_training_checkpoint,
+                                     split_weights)
 from llmkit.train.config import TrainConfig
 from llmkit.train.metrics import MetricsLog, ThroughputMeter, measured_peak_flops
-from llmkit.train.objectives import causal_lm_loss
+from llmkit.train.objectives import auxiliary_loss, causal_lm_loss
 from llmkit.train.optim import build_muon, build_optimizer, learning_rate
 
 LossFunction = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
@@ -35,6 +37,44 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class BatchSource(Protocol):
     def get_batch(self, index: int) -> dict[str, torch.Tensor]: ...
+
+
+class TrainingHooks:
+    """What a stage adds to the loop besides its batches and loss; the defaults add nothing (pretraining,
+    SFT, the reward model and DPO), PPO and GRPO's rollout source uses every part.
+
+    - ``cycle``: steps (data positions) that belong together, such as one RL iteration's minibatches,
+      which share state a checkpoint does not hold (the rollouts): the loop checkpoints, evaluates and
+      stops only between cycles, so a resume always starts a cycle afresh.
+    - ``total_steps``: the data positions the source has; reaching them ends the run (a budget of its own,
+      beside ``max_steps``, ``max_tokens`` and ``max_time``).
+    - ``language_model``: the attribute path of the language model inside the trained module, when the
+      module holds more (PPO's value head): checkpoints hold it alone as ``model.safetensors``, which
+      later stages load as is, and the rest as ``extra_weights.safetensors``.
+    - ``spike_metric``: what the spike guard compares with its running mean: the loss (a cross-entropy,
+      positive), or the gradient norm for a loss whose value is no scale (a policy-gradient surrogate
+      centred on 0, whose ratio to its mean means nothing).
+    """
+
+    cycle: int = 1
+    total_steps: int | None = None
+    language_model: str = ""
+    spike_metric: Literal["loss", "grad_norm"] = "loss"
+
+    def after_step(self, trainer: "Trainer") -> None:
+        """Called after every step, whether it updated the model or the spike guard skipped it."""
+
+    def evaluate(self, trainer: "Trainer") -> dict[str, float] | None:
+        """Held-out metrics of the model, in place of the validation loss (None: the validation loss).
+        An evaluation hook also runs before the first step, so a run's first row is the starting model's."""
+        return None
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state a resumed run needs; saved in every checkpoint's trainer state."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class TrainingDiverged(LlmkitError):
@@ -78,27 +118,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def process_device(name: str) -> tuple[torch.device, distributed.World]:
+    """This process's device and its place in the ``torchrun`` world (joined here): ``cuda`` without an
+    index is the process's own GPU."""
+    device = resolve_device(name)
+    world = distributed.init_world(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world.local_rank)
+    return device, world
+
+
 class SpikeGuard:
     """Loss-spike and NaN detection (the survey's §4.3; PaLM restarts ~100 steps earlier and skips
-    the offending batches). A step is bad when its loss or gradient norm is not finite, or its loss
-    exceeds ``ratio`` times the running mean of accepted losses."""
+    the offending batches). A step is bad when its loss or gradient norm is not finite, or its
+    ``metric`` (the loss, or the gradient norm) exceeds ``ratio`` times the running mean of accepted ones."""
 
-    def __init__(self, ratio: float, warmup: int = 10, momentum: float = 0.9):
-        self.ratio, self.warmup, self.momentum = ratio, warmup, momentum
+    def __init__(self, ratio: float, warmup: int = 10, momentum: float = 0.9, metric: str = "loss"):
+        self.ratio, self.warmup, self.momentum, self.metric = ratio, warmup, momentum, metric
         self.mean: float | None = None
         self.accepted = 0
         self.consecutive = 0
 
     def is_bad(self, loss: float, grad_norm: float, check_grad: bool = True) -> bool:
+        value = grad_norm if self.metric == "grad_norm" else loss
         bad = not math.isfinite(loss) or (check_grad and not math.isfinite(grad_norm))
         if not bad and self.mean is not None and self.accepted >= self.warmup:
-            bad = loss > self.ratio * self.mean
+            bad = value > self.ratio * self.mean
         if bad:
             self.consecutive += 1
             return True
         self.consecutive = 0
         self.accepted += 1
-        self.mean = loss if self.mean is None else self.momentum * self.mean + (1 - self.momentum) * loss
+        self.mean = value if self.mean is None else self.momentum * self.mean + (1 - self.momentum) * value
         return False
 
     def state(self) -> dict:
@@ -108,29 +159,33 @@ class SpikeGuard:
         self.mean, self.accepted, self.consecutive = state["mean"], state["accepted"], state["consecutive"]
 
 
-def _format_validation(val_loss: float | None, val_bpb: float | None) -> dict:
-    return {"val_loss": "" if val_loss is None else f"{val_loss:.5f}", "val_bpb": "" if val_bpb is None else f"{val_bpb:.4f}"}
+EVALUATION_FORMATS = {"val_loss": "{:.5f}", "val_bpb": "{:.4f}"}
+
+
+def _format_evaluation(values: dict[str, float | None]) -> dict[str, str]:
+    return {name: "" if value is None else EVALUATION_FORMATS.get(name, "{:.6g}").format(value) for name, value in values.items()}
 
 
 class Trainer:
     def __init__(self, model: nn.Module, train_batches: BatchSource, config: TrainConfig, *,
                  val_batches=None, loss_fn: LossFunction = causal_lm_loss, tokenizer=None,
-                 metadata: dict | None = None, tokens_per_batch: int | None = None):
-        """``model`` is the bare :class:`~llmkit.model.Transformer`; the trainer wraps it for DDP/FSDP and
-        ``torch.compile``. ``tokens_per_batch`` counts the tokens of one micro-batch (for throughput);
-        by default batch_size * context_length. ``metadata`` goes into every checkpoint's config.json."""
-        config.check_budget()
+                 metadata: dict | None = None, tokens_per_batch: int | None = None, hooks: TrainingHooks | None = None):
+        """``model`` is the bare :class:`~llmkit.model.Transformer` (or a module holding one, named by
+        ``hooks.language_model``); the trainer wraps it for DDP/FSDP and ``torch.compile``.
+        ``tokens_per_batch`` counts the tokens of one micro-batch (for throughput); by default
+        batch_size * context_length. ``metadata`` goes into every checkpoint's config.json."""
+        self.hooks = hooks or TrainingHooks()
+        if self.hooks.total_steps is None:
+            config.check_budget()
         self.config = config
-        self.device = resolve_device(config.device)
         self.dtype = DTYPES[config.dtype]
-        if self.dtype == torch.float16 and self.device.type != "cuda":
+        if self.dtype == torch.float16 and resolve_device(config.device).type != "cuda":
             raise ConfigError("dtype", config.dtype, "float16 training needs CUDA; use bfloat16 on the CPU")
-        self.world = distributed.init_world(self.device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", self.world.local_rank)
+        self.device, self.world = process_device(config.device)
         self.model = model.to(self.device)
-        self.model_config = model.config
-        self.model.gradient_checkpointing = config.activation_checkpointing
+        self.language_model = model.get_submodule(self.hooks.language_model)
+        self.model_config = self.language_model.config
+        self.language_model.gradient_checkpointing = config.activation_checkpointing
         self.wrapped = distributed.wrap_model(self.model, self.world, config.parallelism, self.device)
         self.forward_model = torch.compile(self.wrapped) if config.compile else self.wrapped
         fused = not (self.world.distributed and config.parallelism == "fsdp")
@@ -149,7 +204,7 @@ class Trainer:
         self.run_directory = Path(config.out)
         self.micro_batches_per_step = config.grad_accum * self.world.world_size
         self.tokens_per_step = (tokens_per_batch or config.batch_size * self.model_config.context_length) * self.micro_batches_per_step
-        self.guard = SpikeGuard(config.spike_ratio)
+        self.guard = SpikeGuard(config.spike_ratio, metric=self.hooks.spike_metric)
         self.step = 0
         self.data_position = 0
         self.tokens_seen = 0
@@ -159,6 +214,9 @@ class Trainer:
         self.best_val: float | None = None
         self.signals = StopSignals()
         self.stop_requested = False
+        self.validation: dict[str, float | None] = {}  # the latest evaluation
+        # Evaluations and checkpoints fall due every so many steps and happen at the next end of a cycle.
+        self.evaluation_due = self.checkpoint_due = False
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -175,68 +233,63 @@ class Trainer:
         resume_step = self._resume_or_start()
         tokens_at_start = self.tokens_seen
         log = MetricsLog(self.run_directory, resume_step, config.report_to if self.world.is_main else "none")
-        meter = ThroughputMeter(self.model.flops_per_token(), self.world.world_size *
+        log.rows = [row for row in log.rows if row.get("event") != "end"]  # a run resumed after its end goes on past it
+        meter = ThroughputMeter(self.language_model.flops_per_token(), self.world.world_size *
                                 measured_peak_flops(self.dtype if self.dtype != torch.float16 else torch.bfloat16, self.device))
         start_time = time.perf_counter()
-        last_loss, last_metrics, validation, target_reached = float("nan"), {}, (None, None), False
-        bar = tqdm(total=config.max_steps, initial=self.step, disable=not (config.progress and self.world.is_main),
-                   desc="train", unit="step", dynamic_ncols=True)
+        last_loss, last_metrics, target_reached = float("nan"), {}, False
+        if resume_step is None:
+            self._evaluate_before(log)
+        bar = tqdm(total=config.max_steps or self.hooks.total_steps, initial=self.step,
+                   disable=not (config.progress and self.world.is_main), desc="train", unit="step", dynamic_ncols=True)
         try:
             while not (target_reached or self._should_stop(time.perf_counter() - start_time)):
-                factor = learning_rate(self.step, self._budget_used(time.perf_counter() - start_time), 1.0,
-                                       config.warmup_steps, config.schedule, config.min_lr_ratio, config.decay_fraction)
-                for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
-                    group["lr"] = peak * factor
-                lr = config.lr * factor
+                lr = self._set_learning_rate(time.perf_counter() - start_time)
                 rows = self.rows_per_batch()
                 loss, grad_norm, metrics = self._forward_backward(rows)
                 self.data_position += 1
                 step_tokens = self.tokens_per_step * rows // config.batch_size
                 self.tokens_seen += step_tokens
                 meter.add(step_tokens)
-                if self.guard.is_bad(loss, grad_norm, check_grad=not self.scaler.is_enabled()):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.skipped += 1
-                    log.add(step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr, event="skipped")
-                    if self.guard.consecutive >= config.rollback_after:
-                        self._roll_back(log)
+                updated = self._update(loss, grad_norm, lr, log)
+                self.hooks.after_step(self)
+                if not updated:
                     continue
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 last_loss, last_metrics = loss, metrics
                 bar.update(1)
-                evaluate_now = config.eval_interval and self.step % config.eval_interval == 0
+                self.evaluation_due |= bool(config.eval_interval and self.step % config.eval_interval == 0)
+                self.checkpoint_due |= self.step % config.checkpoint_interval == 0
+                evaluate_now = self.evaluation_due and self._between_cycles()
                 if self.step % config.log_interval == 0 or evaluate_now:
                     # The loss function's metrics first: a metric named like a trainer column does not replace it.
                     row = {**{name: f"{value:.6g}" for name, value in metrics.items()},
                            **dict(step=self.step, tokens=self.tokens_seen, loss=f"{loss:.5f}", lr=f"{lr:.3e}", grad_norm=f"{grad_norm:.4f}",
                                   elapsed_s=f"{self.elapsed_before + time.perf_counter() - start_time:.1f}", **meter.window())}
                     if evaluate_now:
-                        validation = self.evaluate()
-                        row.update(_format_validation(*validation))
-                        target_reached = bool(config.target_val_bpb and validation[1] is not None
-                                              and validation[1] <= config.target_val_bpb)
+                        self.validation, self.evaluation_due = self.evaluate(), False
+                        row.update(_format_evaluation(self.validation))
+                        target_reached = self._target_reached()
                     log.add(**row)
                     if evaluate_now and self.world.is_main:
                         log.flush()
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{float(row['tokens_per_s']):,.0f}", mfu=f"{float(row['mfu']):.1%}",
-                                    **({"val": f"{validation[0]:.3f}"} if validation[0] is not None else {}))
+                                    **({"val": f"{self.validation['val_loss']:.3f}"} if self.validation.get("val_loss") is not None else {}))
                     meter.restart()
-                if self.step % config.checkpoint_interval == 0:
+                if self.checkpoint_due and self._between_cycles():
                     # Rows first: a crash between the two leaves rows past the checkpoint, which resume drops,
                     # rather than a checkpoint whose rows are missing for good.
                     if self.world.is_main:
                         log.flush()
                     self.save(time.perf_counter() - start_time)
+                    self.checkpoint_due = False
         finally:
             bar.close()
         elapsed = time.perf_counter() - start_time
-        if not (self.stop_requested or target_reached) or validation[0] is None:
-            validation = self.evaluate()
+        if not (self.stop_requested or target_reached) or not self.validation:
+            self.validation = self.evaluate()
         log.add(step=self.step, tokens=self.tokens_seen, elapsed_s=f"{self.elapsed_before + elapsed:.1f}",
-                event="interrupted" if self.stop_requested else "end", **_format_validation(*validation))
+                event="interrupted" if self.stop_requested else "end", **_format_evaluation(self.validation))
         if self.world.is_main:
             log.flush()
         checkpoint = self.save(elapsed)
@@ -244,16 +297,61 @@ class Trainer:
             log.plot(self.run_directory / "loss.png", title=self.metadata.get("stage", "training"))
         log.close()
         tokens_per_s = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
-        val_loss, val_bpb = validation
+        val_loss, val_bpb = self.validation.get("val_loss"), self.validation.get("val_bpb")
         return {
             "steps": self.step, "tokens": self.tokens_seen, "seconds": round(self.elapsed_before + elapsed, 2),
             "tokens_per_s": round(tokens_per_s, 1), "mfu": round(meter.mfu(tokens_per_s), 4),
             "train_loss": round(last_loss, 5), "val_loss": None if val_loss is None else round(val_loss, 5),
             "val_bpb": None if val_bpb is None else round(val_bpb, 5), "skipped_batches": self.skipped,
             "rollbacks": self.rollbacks, "interrupted": self.stop_requested, "target_reached": target_reached,
-            "checkpoint": str(checkpoint), "parameters": self.model.num_parameters(), "peak_flops": meter.peak_flops,
+            "checkpoint": str(checkpoint), "parameters": self.language_model.num_parameters(), "peak_flops": meter.peak_flops,
             "train_metrics": {name: round(value, 6) for name, value in last_metrics.items()},
         }
+
+    def _evaluate_before(self, log: MetricsLog) -> None:
+        """A stage's own evaluation (:meth:`TrainingHooks.evaluate`) of the starting model, as the first row."""
+        with torch.no_grad():
+            before = self.hooks.evaluate(self)
+        if before is not None:
+            self.validation = before
+            log.add(step=0, tokens=0, event="before", **_format_evaluation(before))
+
+    def _set_learning_rate(self, elapsed: float) -> float:
+        """The schedule's rate for this step in every optimizer group; returns the one logged (of ``--lr``)."""
+        config = self.config
+        factor = learning_rate(self.step, self._budget_used(elapsed), 1.0, config.warmup_steps, config.schedule,
+                               config.min_lr_ratio, config.decay_fraction)
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+            group["lr"] = peak * factor
+        return config.lr * factor
+
+    def _update(self, loss: float, grad_norm: float, lr: float, log: MetricsLog) -> bool:
+        """The optimizer step on the accumulated gradients, unless the spike guard rejects them (then they
+        are dropped, the step is not counted, and repeated spikes roll back); returns whether it counts."""
+        if grad_norm == 0.0:
+            # Nothing to learn from (an RL minibatch without actions): AdamW would still move the weights
+            # by its momentum, so no optimizer step, and the guard's mean does not see it.
+            self.optimizer.zero_grad(set_to_none=True)
+            return True
+        if self.guard.is_bad(loss, grad_norm, check_grad=not self.scaler.is_enabled()):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            log.add(step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr, event="skipped")
+            if self.guard.consecutive >= self.config.rollback_after:
+                self._roll_back(log)
+            return False
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _between_cycles(self) -> bool:
+        """Whether the data position ends a cycle of the hooks (always, without cycles)."""
+        return self.data_position % self.hooks.cycle == 0
+
+    def _target_reached(self) -> bool:
+        val_bpb = self.validation.get("val_bpb")
+        return bool(self.config.target_val_bpb and val_bpb is not None and val_bpb <= self.config.target_val_bpb)
 
     def rows_per_batch(self) -> int:
         """Batch-size warmup (GPT-3, Brown et al. 2020 §2.3): the batch grows linearly in the tokens seen,
@@ -272,16 +370,21 @@ class Trainer:
         accumulate = self.config.grad_accum
         total = torch.zeros((), device=self.device)
         metric_totals: dict[str, torch.Tensor] = {}
-        kept = slice(rows) if rows < self.config.batch_size else slice(None)
         for micro in range(accumulate):
             # Rank r takes micro-batches r*accumulate .. of each global step, so N ranks with accumulation
             # A see exactly the batches one process sees with accumulation N*A.
             index = self.data_position * self.micro_batches_per_step + self.world.rank * accumulate + micro
-            batch = {key: value[kept].to(self.device, non_blocking=True) for key, value in self.train_batches.get_batch(index).items()}
+            batch = self.train_batches.get_batch(index)
+            if rows < self.config.batch_size:
+                batch = {key: value[:rows] for key, value in batch.items()}
+            batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
             # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
             sync = micro == accumulate - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
             with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
                 loss, metrics = self.loss_fn(self.forward_model, batch)
+                # The MoE balancing loss of whatever the loss function ran, added here once for every stage.
+                aux, aux_metrics = auxiliary_loss(self.language_model)
+                loss, metrics = (loss if aux is None else loss + aux), {**aux_metrics, **metrics}
             self.scaler.scale(loss / accumulate).backward()
             total += loss.detach()
             for name, value in metrics.items():
@@ -304,8 +407,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float | None, float | None]:
-        """Mean validation loss over a fixed set of windows, and bits per byte when the data knows its bytes."""
+    def evaluate(self) -> dict[str, float | None]:
+        """The hooks' evaluation (:meth:`TrainingHooks.evaluate`), or else ``val_loss``, the mean validation
+        loss over a fixed set of windows, and ``val_bpb``, bits per byte when the data knows its bytes."""
+        metrics = self.hooks.evaluate(self)
+        if metrics is not None:
+            return metrics
+        val_loss, val_bpb = self._validation_loss()
+        return {"val_loss": val_loss, "val_bpb": val_bpb}
+
+    def _validation_loss(self) -> tuple[float | None, float | None]:
         if self.val_batches is None:
             return None, None
         self.forward_model.eval()
@@ -333,11 +444,16 @@ class Trainer:
             fractions.append(self.tokens_seen / self.config.max_tokens)
         if self.config.max_seconds:
             fractions.append((self.elapsed_before + elapsed) / self.config.max_seconds)
+        if self.hooks.total_steps:
+            fractions.append(self.data_position / self.hooks.total_steps)
         return max(fractions) if fractions else None
 
     def _should_stop(self, elapsed: float) -> bool:
-        """Whether a stop signal came or the budget is spent. Under torchrun the ranks stop together when
-        any one must: their clocks differ, and a signal reaches them during different steps."""
+        """Whether a stop signal came or the budget is spent, asked between cycles only (a signal waits for
+        the cycle in flight). Under torchrun the ranks stop together when any one must: their clocks
+        differ, and a signal reaches them during different steps."""
+        if not self._between_cycles():
+            return False
         used = self._budget_used(elapsed)
         stop = [self.signals.requested, used is not None and used >= 1.0]
         if self.world.distributed:
@@ -357,15 +473,16 @@ class Trainer:
         return {"step": self.step, "data_position": self.data_position, "tokens_seen": self.tokens_seen,
                 "elapsed_s": self.elapsed_before + elapsed, "skipped": self.skipped, "rollbacks": self.rollbacks,
                 "best_val": self.best_val, "guard": self.guard.state(), "world_size": self.world.world_size,
-                "rng": states, "config": vars(self.config)}
+                "rng": states, "hooks": self.hooks.state_dict(), "config": vars(self.config)}
 
     def save(self, elapsed: float) -> Path:
         model_state, optimizer_state = gather_state(self.wrapped, self.optimizer)
+        model_state, extra_weights = split_weights(model_state, self.hooks.language_model)
         state = self.trainer_state(elapsed)
         path = self.run_directory / "checkpoints" / f"step_{self.step:08d}"
         if self.world.is_main:
             path = save_training_checkpoint(self.run_directory, self.step, model_state, optimizer_state, self.model_config,
-                                            state, self.metadata, self.tokenizer, self.config.keep_last)
+                                            state, self.metadata, self.tokenizer, self.config.keep_last, extra_weights)
         distributed.barrier(self.world)
         return path
 
@@ -379,8 +496,16 @@ class Trainer:
             return None
         if not has_checkpoint:
             raise ConfigError("resume", True, f"no checkpoint in {self.run_directory} to resume from")
-        self._load_state(load_training_checkpoint(self.run_directory, self.wrapped, self.optimizer, self.model_config))
+        state = self._load_checkpoint()
+        self.hooks.load_state_dict(state.get("hooks", {}))
         return self.step
+
+    def _load_checkpoint(self) -> dict:
+        """Model and optimizer from the newest intact checkpoint; its trainer state restored and returned."""
+        state = load_training_checkpoint(self.run_directory, self.wrapped, self.optimizer, self.model_config,
+                                         self.hooks.language_model, self.metadata.get("stage"))
+        self._load_state(state)
+        return state
 
     def _load_state(self, state: dict) -> None:
         self.step, self.data_position, self.tokens_seen = state["step"], state["data_position"], state["tokens_seen"]
@@ -397,7 +522,7 @@ class Trainer:
             raise TrainingDiverged(f"{self.run_directory}: loss spiked {self.guard.consecutive} times in a row at step "
                                    f"{self.step} after {self.rollbacks} rollbacks; lower --lr or inspect the data")
         kept = self.data_position, self.tokens_seen, self.skipped, self.rollbacks + 1
-        self._load_state(load_training_checkpoint(self.run_directory, self.wrapped, self.optimizer, self.model_config))
+        self._load_checkpoint()
         self.data_position, self.tokens_seen, self.skipped, self.rollbacks = kept
         self.guard.consecutive = 0
         log.add(step=self.step, tokens=self.tokens_seen, event=f"rollback to step {self.step}")
