@@ -300,6 +300,6 @@ def test_grpo_refuses_checkpoints_and_evaluations_inside_an_iteration():
     with pytest.raises(ConfigError, match="'eval_interval' = 12: must be a multiple of the 28 optimizer steps.*28 or 56"):
         GRPOConfig(update=update, train=GRPOTrainConfig(checkpoint_interval=56, eval_interval=12))
     assert GRPOConfig(update=update, train=GRPOTrainConfig(checkpoint_interval=56, eval_interval=28)).steps_per_iteration == 28
-    for changes in ({"dtype": "float16"}, {"optimizer": "muon"}, {"parallelism": "fsdp"}):
+    for changes in ({"dtype": "float16"}, {"optimizer": "muon"}, {"parallelism": "fsdp"}, {"batch_size": 8}):
         with pytest.raises(ConfigError, match=next(iter(changes))):
             GRPOConfig(train=GRPOTrainConfig(**changes))

@@ -19,13 +19,16 @@ from llmkit.align.rl_source import RolloutConfig, UpdateConfig
 from llmkit.align.rl_stage import RLStageConfig, evaluate_checkpoint
 from llmkit.align.rollout import (Prompt, Rollout, build_batch, chat_prompt, completion_tokens, generate_rollouts,
                                   score_rollouts)
+from llmkit.data.shards import PrepareConfig, prepare_data
 from llmkit.errors import ConfigError, MismatchError
 from llmkit.infer import Completion, GenerationConfig
 from llmkit.infer.engine import Engine
 from llmkit.model.checkpoint import load_model, read_config, read_weights, resolve_checkpoint, write_model
+from llmkit.tasks import arithmetic
 from llmkit.tokenizer import Tokenizer
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
-from rl_helpers import TOY_MESSAGES, assert_learns_toy_task, frozen_copy, policy, save_checkpoint, tokenizer
+from rl_helpers import (TOY_MESSAGES, assert_learns_toy_task, frozen_copy, metrics_rows, policy, rl_run, save_checkpoint,
+                        starts_with_a, tokenizer)
 
 __all__ = ["policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
 
@@ -251,3 +254,22 @@ def test_ppo_resumes_exactly_with_its_trained_value_head(tokenizer, policy, tmp_
         assert (tmp_path / "split" / final / name).read_bytes() == (tmp_path / "straight" / final / name).read_bytes(), name
     head = read_weights(tmp_path / "straight" / final / "extra_weights.safetensors")
     assert head["value_head.weight"].abs().sum() > 0  # trained, not its zero initialisation
+
+
+def test_ppo_ptx_adds_the_language_model_loss_of_each_micro_batchs_pretraining_rows(tokenizer, policy, tmp_path):
+    questions = [problem.question for problem in arithmetic.generate_problems(200, seed=0)]
+    (tmp_path / "corpus.txt").write_text("\n".join(questions))
+    tokenizer.save(tmp_path / "tok")
+    prepare_data(PrepareConfig(source=str(tmp_path / "corpus.txt"), tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "data"),
+                               val_fraction=0.1, split="tail", workers=1))
+    config = PPOConfig(ptx_data=str(tmp_path / "data"), ptx_coef=0.5, ptx_batch_size=2,
+                       rollout=RolloutConfig(prompts_per_iteration=4, max_new_tokens=3, tools="none"),
+                       update=UpdateConfig(iterations=1, epochs=1, minibatch_size=4),
+                       train=PPOTrainConfig(out=str(tmp_path / "run"), device="cpu", progress=False))
+    algorithm = PPO(config, tokenizer, policy.config.context_length)
+    rl_run(policy, tokenizer, algorithm, starts_with_a, [chat_prompt(tokenizer, TOY_MESSAGES)])
+    [row] = metrics_rows(tmp_path / "run")
+    batch = algorithm.pretraining.get_batch(0)  # the first step's rows, scored by the starting policy
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(policy(batch["input_ids"]).flatten(0, 1), batch["targets"].flatten())
+    assert float(row["ptx_loss"]) == pytest.approx(expected.item(), rel=1e-4)

@@ -70,7 +70,7 @@ class RLTrainConfig(TrainConfig):
     float32 (probability ratios need the precision), checkpoints and evaluations between iterations."""
 
     out: str = field(default="runs/rl", metadata={"help": "run directory: checkpoints, metrics.csv, curves"})
-    batch_size: int = field(default=1, metadata={"help": "unused by PPO and GRPO: a step takes --minibatch-size sequences"})
+    batch_size: int = field(default=1, metadata={"help": "not for PPO and GRPO (refused unless 1): a step takes --minibatch-size sequences"})
     lr: float = field(default=1e-5, metadata={"help": "peak AdamW learning rate (RLHF's range for models of hundreds of millions of "
                                                       "parameters and more; tiny models need more)"})
     schedule: Literal["cosine", "wsd", "constant"] = field(default="constant", metadata={"help": "learning-rate schedule after warmup"})
@@ -97,6 +97,8 @@ def check_rl_config(config) -> None:
         near = max(value // steps, 1) * steps
         check(value % steps == 0, name, value, f"must be a multiple of the {steps} optimizer steps of an iteration "
                                                f"(epochs x minibatches) to fall between iterations, e.g. {near} or {near + steps}")
+    check(train.batch_size == 1, "batch_size", train.batch_size,
+          "PPO and GRPO take --minibatch-size sequences per optimizer step, split into grad_accum x processes micro-batches")
     check(train.dtype != "float16", "dtype", train.dtype, "use float32 or bfloat16: probability ratios need the range")
     check(train.optimizer == "adamw", "optimizer", train.optimizer, "PPO and GRPO fine-tune with AdamW")
     check(train.parallelism == "ddp", "parallelism", train.parallelism,
