@@ -126,6 +126,11 @@ class PolicyModel(nn.Module):
         super().__init__()
         self.policy, self.value_head, self.temperature = policy, value_head, temperature
 
+    @property
+    def config(self):
+        """The policy's :class:`~llmkit.model.ModelConfig` (what is trained is that model and a head)."""
+        return self.policy.config
+
     def forward(self, input_ids: torch.Tensor, language_ids: torch.Tensor | None = None) -> PolicyOutputs:
         outputs = policy_forward(self.policy, input_ids, self.temperature, self.value_head)
         if language_ids is not None:
