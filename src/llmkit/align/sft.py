@@ -28,7 +28,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmkit.align.conversation_batches import ConversationBatches, tokenize_conversations
@@ -75,8 +74,11 @@ class SFTConfig:
     task_cap: int | None = field(default=None, metadata={
         "help": "examples-proportional mixing limit K: a task contributes at most K conversations per epoch (Raffel et al. 2020)"})
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of every task held out for the validation loss"})
+    sequence_length: int | None = field(default=1024, metadata={
+        "help": "tokens per training row, conversations packed to it (at most the model's context; none = the model's "
+                "context, e.g. 8,192 for SmolLM2, which a CPU may not hold)"})
     overlong: Literal["truncate", "drop"] = field(default="truncate", metadata={
-        "help": "conversations longer than the context: cut them to it, or leave them out"})
+        "help": "conversations longer than a training row: cut them to it, or leave them out"})
     epochs: float | None = field(default=3.0, metadata={
         "help": "passes over the task mixture (with max_steps, max_tokens or max_time: whichever ends first)"})
     pretrain_data: str | None = field(default=None, metadata={"help": "token data directory mixed in as a regulariser (loss on all its tokens)"})
@@ -90,6 +92,8 @@ class SFTConfig:
         for entry in self.datasets:
             dataset_source(entry, self.generated_examples)  # a bad count fails now
         check(self.generated_examples > 0, "generated_examples", self.generated_examples, "must be positive")
+        check(self.sequence_length is None or self.sequence_length > 1, "sequence_length", self.sequence_length,
+              "must be at least 2 tokens")
         check(self.task_cap is None or self.task_cap > 0, "task_cap", self.task_cap, "must be positive")
         check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
         check(self.epochs is None or self.epochs > 0, "epochs", self.epochs, "must be positive")
@@ -177,10 +181,7 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     pretraining rows), each packed conversation attending only to itself; with pretraining rows the
     two parts' losses are reported apart as ``sft_loss`` and ``pretrain_loss``."""
     targets = batch["targets"]
-    logits = model(batch["input_ids"], document_ids=batch["document_ids"])
-    # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
-    token_losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="none").view_as(targets)
+    token_losses = model(batch["input_ids"], document_ids=batch["document_ids"], targets=targets)
     counted = targets != IGNORE_INDEX
     loss, metrics = token_losses.sum() / counted.sum().clamp(min=1), {}
     pretraining = batch.get("pretraining")
@@ -255,13 +256,14 @@ def sft(config: SFTConfig) -> dict:
     train = config.train
     _check_resume(config)
     model, tokenizer, base = load_base(config.base)
-    context_length = model.config.context_length
+    context_length = min(config.sequence_length or model.config.context_length, model.config.context_length)
     conversations = load_datasets(config.datasets, config.generated_examples, train.seed)
     train_conversations, val_conversations = split_validation(conversations, config.val_fraction, train.seed)
     train_examples, fitted = tokenize_conversations(tokenizer, train_conversations, context_length, config.overlong)
     val_examples, val_fitted = tokenize_conversations(tokenizer, val_conversations, context_length, config.overlong)
     if not train_examples:
-        raise InputError(f"{', '.join(config.datasets)}: no conversation with assistant tokens fits the context of {context_length} tokens")
+        raise InputError(f"{', '.join(config.datasets)}: no conversation with assistant tokens fits a training row of "
+                         f"{context_length} tokens (sequence_length)")
     pretraining = None
     if config.pretraining_rows:
         pretraining = TokenBatches(config.pretrain_data, "train", config.pretraining_rows, context_length, seed=train.seed)
@@ -280,7 +282,8 @@ def sft(config: SFTConfig) -> dict:
     model.train()  # load_model returns it in evaluation mode, which would switch dropout off
     metadata = {"stage": "sft", "stage_config": dataclasses.asdict(config), "tokenizer_sha256": tokenizer.sha256,
                 "base": str(base.resolve()), "lora": dataclasses.asdict(config.lora) if config.lora.enabled else None}
-    trainer = Trainer(model, train_batches, train, val_batches=val_batches, loss_fn=sft_loss, tokenizer=tokenizer, metadata=metadata)
+    trainer = Trainer(model, train_batches, train, val_batches=val_batches, loss_fn=sft_loss, tokenizer=tokenizer, metadata=metadata,
+                      tokens_per_batch=train.batch_size * context_length)
     summary = trainer.run()
     lora = {"adapters": None, "merged": False}
     if config.lora.enabled and not summary["interrupted"]:

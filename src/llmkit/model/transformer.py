@@ -23,6 +23,8 @@ from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
 from llmkit.model.kv_cache import KVCache
 from llmkit.model.moe import MixtureOfExperts
 
+IGNORE_INDEX = -100  # a target position that counts for nothing (PyTorch's cross-entropy default)
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm without centring (Zhang & Sennrich 2019), as in LLaMA."""
@@ -319,10 +321,13 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, capacity, dtype or weight.dtype, weight.device)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, prefix_lengths: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, length, vocab) for ``input_ids`` (batch, length): the output head on
-        :meth:`hidden_states` (same arguments)."""
-        return self.output_logits(self.hidden_states(input_ids, cache, prefix_lengths, document_ids))
+        :meth:`hidden_states` (same arguments). With ``targets`` (batch, length), the per-position
+        cross-entropy of :meth:`token_losses` instead, without ever holding every position's logits
+        (through ``forward``, so DDP and FSDP see the call)."""
+        hidden = self.hidden_states(input_ids, cache, prefix_lengths, document_ids)
+        return self.output_logits(hidden) if targets is None else self.token_losses(hidden, targets)
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head on hidden states (..., n_embd) -> logits (..., vocab)."""
@@ -335,7 +340,7 @@ class Transformer(nn.Module):
 
     def token_losses(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
         """Next-token cross-entropy per position (batch, length) of the head on ``hidden``, 0 where the
-        target is -100, computed ``chunk_tokens`` positions at a time. Each chunk's logits are recomputed
+        target is :data:`IGNORE_INDEX`, computed ``chunk_tokens`` positions at a time. Each chunk's logits are recomputed
         in the backward pass instead of kept (the idea of Liger Kernel's fused linear cross-entropy):
         memory holds chunk × vocab logits, not batch × length × vocab, which for a 49k vocabulary
         outweighs every activation of a small model."""
@@ -347,7 +352,7 @@ class Transformer(nn.Module):
 
     def _chunk_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
-        return F.cross_entropy(self.output_logits(hidden).float(), targets, ignore_index=-100, reduction="none")
+        return F.cross_entropy(self.output_logits(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, prefix_lengths: torch.Tensor | None = None,
                       document_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -49,6 +49,8 @@ class TrainConfig:
     rollback_after: int = field(default=3, metadata={"help": "consecutive spikes before rolling back to the last checkpoint"})
     max_rollbacks: int = field(default=3, metadata={"help": "give up after this many rollbacks"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    memory_check: bool = field(default=True, metadata={
+        "help": "refuse before the first step when the estimated memory of a step exceeds what the device has free"})
     report_to: str = field(default="csv", metadata={
         "help": "experiment trackers besides metrics.csv: comma-separated csv, tensorboard, wandb (offline), mlflow (local), or all/none"})
 

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmkit.model.transformer import IGNORE_INDEX
 from llmkit.config import check
 from llmkit.errors import ConfigError
 from llmkit.tokenizer import RESERVED, Tokenizer
 
-IGNORE_INDEX = -100
 OBJECTIVES = ("causal", "prefix", "span")
 NOISE_DENSITY, MEAN_SPAN_LENGTH = 0.15, 3.0  # T5's defaults (Raffel et al. 2020 §3.3.4)
 Batch = dict[str, torch.Tensor]

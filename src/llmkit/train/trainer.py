@@ -27,6 +27,7 @@ from llmkit.train import distributed
 from llmkit.train.checkpoint import (decode_rng, encode_rng, gather_state, load_training_checkpoint, save_training_checkpoint,
                                      split_weights)
 from llmkit.train.config import TrainConfig
+from llmkit.train.memory import available_bytes, estimate_step_memory
 from llmkit.train.metrics import MetricsLog, ThroughputMeter, measured_peak_flops
 from llmkit.train.objectives import auxiliary_loss, causal_lm_loss
 from llmkit.train.optim import build_muon, build_optimizer, learning_rate
@@ -218,10 +219,27 @@ class Trainer:
         # Evaluations and checkpoints fall due every so many steps and happen at the next end of a cycle.
         self.evaluation_due = self.checkpoint_due = False
 
+    def check_memory(self) -> None:
+        """Refuse, naming the flags to change, a step the device cannot hold (:mod:`llmkit.train.memory`)."""
+        tokens = self.tokens_per_step // self.micro_batches_per_step
+        need = estimate_step_memory(self.model, tokens, self.dtype, self.config.activation_checkpointing)
+        free = available_bytes(self.device)
+        if free is not None and need.total > free:
+            gib = 2**30
+            raise ConfigError("batch_size", self.config.batch_size,
+                              f"a step of {tokens:,} tokens needs about {need.total / gib:.1f} GiB beyond the weights "
+                              f"(activations {need.activation_bytes / gib:.1f}, logits {need.logit_bytes / gib:.1f}, "
+                              f"gradients and optimizer {need.optimizer_bytes / gib:.1f}) and {self.device} has "
+                              f"{free / gib:.1f} GiB free: use --activation-checkpointing, a smaller --batch-size "
+                              f"(with --grad-accum for the same batch) or a shorter --sequence-length "
+                              f"(--memory-check false to try anyway)")
+
     # ----------------------------------------------------------------- the loop
     def run(self) -> dict:
         """Train until a budget is spent or a stop signal comes; returns the summary. The signals stay
         caught until the final checkpoint is written, so a SIGTERM during it does not cut it short."""
+        if self.config.memory_check:
+            self.check_memory()
         self.signals.install()
         try:
             return self._run()
