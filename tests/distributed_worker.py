@@ -25,11 +25,11 @@ def pretrain(out: str, parallelism: str, grad_accum: int) -> None:
 
 
 def train_grpo(out: str, grad_accum: int, policy: str) -> None:
-    """3 iterations of 4 prompts x 4 samples at a high temperature (rewards differ), 2 epochs of minibatches
+    """2 iterations of 4 prompts x 4 samples at a high temperature (rewards differ), 2 epochs of minibatches
     of 8: 4 steps an iteration, with a held-out evaluation every iteration."""
     stage = RLStageConfig(policy=policy, task="arithmetic_plain", train_problems=8, eval_problems=4, missing_end_penalty=0.5)
     grpo(GRPOConfig(group_size=4, stage=stage, rollout=RolloutConfig(prompts_per_iteration=4, max_new_tokens=4, temperature=3.0, tools="none"),
-                    update=GRPOUpdateConfig(iterations=3, epochs=2, minibatch_size=8),
+                    update=GRPOUpdateConfig(iterations=2, epochs=2, minibatch_size=8),
                     train=GRPOTrainConfig(out=out, grad_accum=grad_accum, lr=3e-3, eval_interval=4, checkpoint_interval=4, device="cpu",
                                           progress=False)))
 

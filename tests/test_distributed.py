@@ -83,12 +83,12 @@ def test_grpo_on_two_processes_matches_one(start, tmp_path):
     each request's seed from its position in the iteration, so the completions, rewards and held-out
     answers are the same as one process's (compared exactly). Losses and weights are compared to 1e-4:
     the gradient of the two micro-batches is summed by gloo's all-reduce instead of in place, which
-    rounds differently in the last bits of float32, and that difference grows over 12 optimizer steps."""
+    rounds differently in the last bits of float32, and that difference grows over 8 optimizer steps."""
     one, two = tmp_path / "one", tmp_path / "two"
     launch(one, "grpo", 1, 2, str(start))  # 1 process accumulating 2 micro-batches
     launch(two, "grpo", 2, 1, str(start))  # 2 processes of 1 micro-batch each
     first, second = rows(one), rows(two)
-    assert [row["step"] for row in first] == [row["step"] for row in second] == ["0"] + [str(step) for step in range(1, 13)]
+    assert [row["step"] for row in first] == [row["step"] for row in second] == ["0"] + [str(step) for step in range(1, 9)]
     for row_one, row_two in zip(first, second):
         for column in ("reward", "reward_std", "uniform_groups", "generated_tokens", "accuracy", "eval_reward"):
             assert row_one.get(column) == row_two.get(column), column
@@ -96,7 +96,7 @@ def test_grpo_on_two_processes_matches_one(start, tmp_path):
             if row_one.get(column):
                 assert float(row_two[column]) == pytest.approx(float(row_one[column]), rel=1e-4, abs=1e-6), column
     assert len({row["reward"] for row in first[1:]}) > 1  # the policy learned from differing rewards
-    final = "checkpoints/step_00000012/model.safetensors"
+    final = "checkpoints/step_00000008/model.safetensors"
     weights_one, weights_two = load_file(one / final), load_file(two / final)
     for name in weights_one:
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)
