@@ -145,3 +145,66 @@ def test_lm_eval_on_a_checkpoint_scores_as_llmkit_eval(engine, tasks, tmp_path):
     perplexity = evaluate_perplexity(engine.model, engine.tokenizer, TEXTS)
     assert rolling["bits_per_byte,none"] == pytest.approx(perplexity["bits_per_byte"], rel=1e-9)
     assert results["config"]["model_num_parameters"] == engine.model.num_parameters()
+
+
+ASCII_QUESTIONS = [("the sky is", ["blue", "green", "a"], 0), ("the snow is", ["white", "yellow"], 1),
+                   ("coal is", ["black", "blue", "white", "no"], 2), ("the sun is", ["yellow", "hot"], 0),
+                   ("0123 is", ["4567", "89", "0"], 0), ("the end", [".", "is near."], 1)]
+# Shorter than the context: lm-eval's hf model lets a window's predictions see context_length tokens, llmkit's
+# windows one fewer (loglikelihood.py), so longer documents differ slightly between the two by design.
+ASCII_TEXTS = ["the sky is blue. the grass is green.", "coal is black.", "0 the sun is yellow."]
+
+
+def own_format_tokenizer(adds_bos: bool):
+    """A character vocabulary with a model's own bos (<|im_start|>) and eos (<|im_end|>), none of llmkit's
+    tokens; ``adds_bos``: its tokenizer.json prepends bos, as Llama's do."""
+    import string
+
+    from tokenizers import Regex, Tokenizer as Backend, decoders, models, pre_tokenizers, processors
+
+    from llmkit.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE(vocab={character: index for index, character in enumerate(string.printable)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    if adds_bos:
+        bos = ("<|im_start|>", backend.token_to_id("<|im_start|>"))
+        backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[bos])
+    return Tokenizer(backend.to_str().encode(), {"kind": "char", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                                                  "chat_template": "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"})
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_lm_evals_hf_model_on_an_exported_chat_model_scores_as_llmkit(tmp_path, adds_bos):
+    """lm-eval's hf model conditions empty contexts (rolling documents) on the tokenizer's bos, not its eos,
+    and encodes contexts with what tokenizer.json adds; llmkit does the same, so an exported model with its
+    own vocabulary scores alike in both."""
+    pytest.importorskip("accelerate", reason="lm-eval's hf model imports accelerate (pip install accelerate)")
+    from llmkit.eval.loglikelihood import encode_pair, prefix_token_id
+    from llmkit.interop import export_hf
+
+    tokenizer = own_format_tokenizer(adds_bos)
+    bos = tokenizer.backend.token_to_id("<|im_start|>")
+    assert prefix_token_id(tokenizer) == bos != tokenizer.eot_id
+    assert encode_pair(tokenizer, "", "ab")[0] == [bos]
+    assert encode_pair(tokenizer, "x", " ab")[0] == [bos, tokenizer.encode("x")[0]][-1 - adds_bos:]
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=48)).eval()
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    write_model(checkpoint, model.state_dict(), model.config, {"tokenizer_sha256": tokenizer.sha256})
+    tokenizer.save(checkpoint)
+    export_hf(checkpoint, tmp_path / "hf")
+    write_choice_task(tmp_path, "own_choice", ASCII_QUESTIONS)
+    write_harness_task(tmp_path, "own_rolling", [{"text": text} for text in ASCII_TEXTS], "loglikelihood_rolling", ROLLING_FIELDS)
+    # lm-eval's hf model scores a tokenizer-added bos of a rolling document as its first token; llmkit does not.
+    names = ["own_choice"] + ([] if adds_bos else ["own_rolling"])
+    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32,device=cpu",
+                                      tasks=names, task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+                                      bootstrap_iters=0)["results"]
+    ours = evaluate_choice(model, tokenizer, load_choice_task(tmp_path / "own_choice.jsonl"))
+    assert (results["own_choice"]["acc,none"], results["own_choice"]["acc_norm,none"]) == (ours["accuracy"], ours["accuracy_norm"])
+    if not adds_bos:
+        perplexity = evaluate_perplexity(model, tokenizer, ASCII_TEXTS)
+        assert results["own_rolling"]["bits_per_byte,none"] == pytest.approx(perplexity["bits_per_byte"], rel=1e-5)

@@ -16,12 +16,13 @@ The three request types map onto llmkit's one scoring path and one engine:
 * ``loglikelihood`` -> :func:`llmkit.eval.loglikelihood.loglikelihoods` (lm-eval's own context /
   continuation tokenisation, so ``llmkit eval`` and this adapter give identical numbers);
 * ``loglikelihood_rolling`` -> :func:`llmkit.eval.loglikelihood.rolling_loglikelihoods` (each
-  document on its own after end-of-text, every token scored once);
+  document on its own after the prefix token, lm-eval's HF model's bos-else-eos, every token scored once);
 * ``generate_until`` -> :meth:`llmkit.infer.Engine.generate_ids`, with the task's stop strings
   (``until``), ``max_gen_toks`` and sampling settings; the prompt loses tokens from the left when it
   would leave fewer than ``max_gen_toks`` positions in the context window (as lm-eval's HF model).
 
-With ``--apply_chat_template`` (chat-tuned checkpoints) prompts are rendered in llmkit's chat format.
+With ``--apply_chat_template`` (chat-tuned checkpoints) prompts are rendered in the model's own chat template
+(imported chat models) or llmkit's chat format.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
-from llmkit.chat import CHAT_TEMPLATE, render_text
+from llmkit.chat import CHAT_TEMPLATE, render_text, uses_own_template
+from llmkit.chat_templates import render_template
 from llmkit.config import check
 from llmkit.errors import InputError
 from llmkit.eval.loglikelihood import loglikelihoods, rolling_loglikelihoods
@@ -97,10 +99,14 @@ class LlmkitLM(LM):
         return f"llmkit-{self.tokenizer.sha256[:16]}"
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        return CHAT_TEMPLATE
+        return self.tokenizer.chat_template if uses_own_template(self.tokenizer) else CHAT_TEMPLATE
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-        """``--apply_chat_template``: the conversation in llmkit's chat format (:mod:`llmkit.chat`)."""
+        """``--apply_chat_template``: the conversation in the model's own chat template when it has one (an
+        imported chat model such as SmolLM2, as ``transformers``' ``apply_chat_template`` renders it for
+        lm-eval's ``hf`` model), else in llmkit's chat format (:mod:`llmkit.chat`)."""
+        if uses_own_template(self.tokenizer):
+            return render_template(self.tokenizer, chat_history, add_generation_prompt)
         return render_text(chat_history, add_generation_prompt)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

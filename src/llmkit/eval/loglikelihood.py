@@ -4,16 +4,20 @@ Both are sums of :func:`llmkit.infer.scoring.score_sequences` log-probabilities,
 engine's echo log-probs and the lm-evaluation-harness adapter (:mod:`llmkit.eval.harness`) share one
 scoring path and agree to the last bit.
 
-Tokenisation follows lm-evaluation-harness (``TemplateLM._encode_pair``) so numbers are comparable
-with published ones: trailing whitespace of the context moves to the continuation, then
+Tokenisation follows lm-evaluation-harness's Hugging Face model (``HFLM``: ``TemplateLM._encode_pair``
+and ``prefix_token_id``) so numbers are comparable with published ones and with ``lm_eval --model hf``
+on an exported checkpoint: trailing whitespace of the context moves to the continuation, then
 ``context + continuation`` is encoded as one string and split at the length of the encoded context
-(a token merging across the boundary is counted with the continuation); an empty context is replaced
-by the end-of-text token, the token every training document follows. Too long a pair loses tokens
-from the left of the context.
+(a token merging across the boundary is counted with the continuation). Both encodings add what the
+tokenizer's own files add (a ``tokenizer.json`` post-processor that prepends bos, as Llama's do; the
+``Tokenizer.encode`` of the rest of llmkit never adds a token). An empty context is replaced by the
+prefix token (:func:`prefix_token_id`): the tokenizer's bos when it names one, else its end-of-text
+(for llmkit's own tokenizers both are ``<|endoftext|>``, the token every training document follows;
+for SmolLM2 it is ``<|im_start|>``). Too long a pair loses tokens from the left of the context.
 
 Documents longer than the context window are scored in rolling windows (lm-eval's
-``get_rolling_token_windows``): the document is preceded by end-of-text, every token is scored
-exactly once, and each window after the first ends ``stride`` tokens after the previous one, so
+``get_rolling_token_windows``): the document (encoded without special tokens) is preceded by the prefix
+token, every token is scored exactly once, and each window after the first ends ``stride`` tokens after the previous one, so
 consecutive full windows overlap by ``context_length - stride`` tokens of pure context. The default
 stride, ``context_length - 1``, makes windows overlap by the single token the next prediction needs
 (lm-eval's default); a smaller stride buys every token more context for more compute. A window is
@@ -52,18 +56,35 @@ def score_in_batches(model: Transformer, sequences: list[list[int]], batch_size:
     return results
 
 
+def prefix_token_id(tokenizer: Tokenizer) -> int:
+    """The token an empty context becomes and every rolling document follows: the tokenizer's bos when its
+    config names one in the vocabulary (lm-eval's ``HFLM.prefix_token_id``, which reads the exported
+    ``tokenizer_config.json``), else its end-of-text (``eot_id``)."""
+    bos = tokenizer.config.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    bos_id = tokenizer.backend.token_to_id(bos) if isinstance(bos, str) else None
+    return tokenizer.eot_id if bos_id is None else bos_id
+
+
+def _encode_as_model(tokenizer: Tokenizer, text: str) -> list[int]:
+    """``text`` with the special tokens the tokenizer's own post-processor adds (what ``transformers``'
+    ``tokenizer.encode`` gives lm-eval)."""
+    return tokenizer.backend.encode(text, add_special_tokens=True).ids
+
+
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) the way lm-evaluation-harness splits them (see the module notes)."""
     if context == "":
+        prefix = prefix_token_id(tokenizer)
         continuation_ids = tokenizer.encode(continuation)
-        if continuation_ids and continuation_ids[0] == tokenizer.eot_id:
+        if continuation_ids and continuation_ids[0] == prefix:
             return continuation_ids[:1], continuation_ids[1:]
-        return [tokenizer.eot_id], continuation_ids
+        return [prefix], continuation_ids
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    context_ids = tokenizer.encode(context)
-    return context_ids, tokenizer.encode(context + continuation)[len(context_ids):]
+    context_ids = _encode_as_model(tokenizer, context)
+    return context_ids, _encode_as_model(tokenizer, context + continuation)[len(context_ids):]
 
 
 def loglikelihoods(model: Transformer, tokenizer: Tokenizer, requests: list[tuple[str, str]],
@@ -89,7 +110,7 @@ def loglikelihoods(model: Transformer, tokenizer: Tokenizer, requests: list[tupl
 
 @dataclass(frozen=True)
 class Window:
-    """Positions ``start:end`` of the end-of-text-prefixed token stream form one scored sequence;
+    """Positions ``start:end`` of the prefix-token-led token stream form one scored sequence;
     only its last ``scored`` tokens count (the rest is context already scored by earlier windows)."""
 
     start: int
@@ -98,7 +119,7 @@ class Window:
 
 
 def rolling_windows(token_count: int, context_length: int, stride: int | None = None) -> list[Window]:
-    """Windows over a stream of ``token_count + 1`` positions (end-of-text, then the document) that
+    """Windows over a stream of ``token_count + 1`` positions (the prefix token, then the document) that
     score positions 1..token_count exactly once each, with as much left context as the window allows."""
     stride = context_length - 1 if stride is None else stride
     check(context_length >= 2, "context_length", context_length, "must be at least 2 to score anything")
@@ -121,9 +142,10 @@ def rolling_loglikelihoods(model: Transformer, tokenizer: Tokenizer, texts: list
     own (no document sees another as context); the windows of all documents share batches."""
     check_compatible(model, tokenizer)
     context_length = model.config.context_length
+    prefix = prefix_token_id(tokenizer)
     sequences, owners, scored = [], [], []
     for document, ids in enumerate(tokenizer.encode_batch(list(texts))):
-        stream = [tokenizer.eot_id] + ids
+        stream = [prefix] + ids
         for window in rolling_windows(len(ids), context_length, stride):
             sequences.append(stream[window.start:window.end])
             owners.append(document)

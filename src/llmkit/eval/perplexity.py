@@ -1,6 +1,7 @@
 """Perplexity and bits per byte of documents, over rolling windows.
 
-Each document is scored on its own, preceded by end-of-text, every token exactly once
+Each document is scored on its own, preceded by the prefix token (the tokenizer's bos, else end-of-text;
+:func:`llmkit.eval.loglikelihood.prefix_token_id`), every token exactly once
 (:func:`llmkit.eval.loglikelihood.rolling_loglikelihoods`). Three views of the same total:
 
 * nats per token and perplexity = exp(nats per token): comparable only between models that share a
