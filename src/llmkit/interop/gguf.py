@@ -10,9 +10,14 @@ rotates adjacent pairs (2i, 2i + 1). :func:`interleave_rotary_pairs` reorders th
 key projections accordingly (convert_hf_to_gguf.py's ``LlamaModel.permute``); queries and keys get the
 same order, so their dot products, and the model, are unchanged.
 
-The vocabulary goes in as a byte-level BPE (``tokenizer.ggml.model`` "gpt2" with GPT-2's pre-tokenizer
-regex, which is what llmkit trains): tokens, their types, merges and the bos/eos/end-of-turn/pad ids,
-plus the chat template.
+The vocabulary goes in as a byte-level BPE (``tokenizer.ggml.model`` "gpt2"): tokens, their types,
+merges, the chat template, and the pre-tokenizer llama.cpp names for the one in ``tokenizer.json``
+(``gpt-2`` for GPT-2's regex, which is what llmkit trains; ``smollm``, ``llama-bpe`` and ``qwen2`` for
+the ones GGUF import rebuilds, :data:`llmkit.interop.gguf_import.PRE_TOKENIZERS`; anything else is
+refused). The special ids are the model's own: its bos (when it has one), its eos, the other ids
+generation stops at (``Tokenizer.stop_ids``) as end-of-turn and end-of-message, and its pad; so a
+model that keeps its own vocabulary and chat template (an imported SmolLM2) stops in llama.cpp where
+it stops in llmkit. ``add_bos_token`` is true exactly when ``tokenizer.json`` prepends bos itself.
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ import torch
 from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.interop.hf import WEIGHTS_FILE, hf_tensors, read_checkpoint
 from llmkit.interop.layouts import GPT2, LLAMA, QWEN3, hf_architecture
-from llmkit.interop.tokens import chat_template, special_tokens
+from llmkit.interop.tokens import chat_template
 from llmkit.model.config import ModelConfig
-from llmkit.tokenizer import END, Tokenizer
+from llmkit.tokenizer import Tokenizer
 
 GGUF_ARCHITECTURES = {LLAMA: gguf.MODEL_ARCH.LLAMA, GPT2: gguf.MODEL_ARCH.GPT2}
 FILE_TYPES = {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16}
@@ -64,15 +69,63 @@ def interleave_rotary_pairs(weight: torch.Tensor, heads: int, inverse: bool = Fa
     return weight.reshape(*grouped, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+# Hugging Face's own spellings of the Llama 3 and Qwen2 split regexes (their tokenizer.json files), which
+# match what llama.cpp's "llama-bpe" and "qwen2" pre-tokenizers split.
+_HF_CONTRACTIONS = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_HF_SPLITS = {
+    "llama-bpe": _HF_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": _HF_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def _canonical(pre_tokenizer) -> object:
+    """A pre-tokenizer's JSON without the settings that change offsets only (``trim_offsets``)."""
+    if isinstance(pre_tokenizer, dict):
+        return {key: _canonical(value) for key, value in pre_tokenizer.items() if key != "trim_offsets"}
+    if isinstance(pre_tokenizer, list):
+        return [_canonical(value) for value in pre_tokenizer]
+    return pre_tokenizer
+
+
+def gguf_pre_tokenizer(data: dict) -> str:
+    """The ``tokenizer.ggml.pre`` of the pre-tokenizer in a ``tokenizer.json``, whose BPE model must also
+    use llama.cpp's ``ignore_merges`` setting for it."""
+    from tokenizers import Regex, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from llmkit.interop.gguf_import import PRE_TOKENIZERS  # imports this module: not at the top
+
+    def spelled(pre_tokenizer) -> object:
+        probe = Backend(models.BPE())
+        probe.pre_tokenizer = pre_tokenizer
+        return _canonical(json.loads(probe.to_str())["pre_tokenizer"])
+
+    candidates = [(name, spelled(build()), ignore_merges)
+                  for name, (build, ignore_merges, _) in PRE_TOKENIZERS.items() if name in ("gpt-2", "smollm", "llama-bpe", "qwen2")]
+    candidates += [(name, spelled(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
+                    name == "llama-bpe") for name, pattern in _HF_SPLITS.items()]
+    ours = _canonical(data.get("pre_tokenizer"))
+    for name, theirs, ignore_merges in candidates:
+        if ours == theirs:
+            if bool(data["model"].get("ignore_merges", False)) != ignore_merges:
+                raise MismatchError(f"tokenizer.json: model.ignore_merges = {data['model'].get('ignore_merges', False)} but "
+                                    f"llama.cpp's '{name}' pre-tokenizer has ignore_merges = {ignore_merges}")
+            return name
+    kind = (data.get("pre_tokenizer") or {}).get("type")
+    raise MismatchError(f"tokenizer.json: pre-tokenizer {kind!r} ({json.dumps(data.get('pre_tokenizer'))[:200]}) has no "
+                        "llama.cpp equivalent: GGUF export writes the pre-tokenizers gpt-2 (llmkit's), smollm, llama-bpe and qwen2")
+
+
 def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """Tokens (by id, padded to the model's ``vocab_size``), their llama.cpp token types and the merges
     of a byte-level BPE tokenizer."""
     data = json.loads(tokenizer.tokenizer_json)
     model, pre_tokenizer = data["model"], data.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre_tokenizer.get("type") != "ByteLevel" or not pre_tokenizer.get("use_regex", True):
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre_tokenizer):
         raise MismatchError(f"tokenizer (kind {tokenizer.kind!r}, model {model.get('type')!r}, pre-tokenizer "
                             f"{pre_tokenizer.get('type')!r}) has no GGUF equivalent: llmkit writes byte-level BPE "
-                            "with GPT-2's pre-tokenizer only (train one with --kind bpe)")
+                            "vocabularies only (train one with --kind bpe)")
     if tokenizer.vocab_size > vocab_size:
         raise MismatchError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
     tokens: list[str | None] = [None] * vocab_size
@@ -105,20 +158,56 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig, architect
     writer.add_rope_dimension_count(config.head_dim)
 
 
+def _named_id(tokenizer: Tokenizer, role: str) -> int | None:
+    """The id of the token ``tokenizer_config.json`` names for ``role`` (bos_token, ...), if in the vocabulary."""
+    token = tokenizer.config.get(role)
+    token = token.get("content") if isinstance(token, dict) else token
+    return tokenizer.backend.token_to_id(token) if isinstance(token, str) else None
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
+    """bos, eos, end-of-turn, end-of-message, pad (and unknown) ids for GGUF: the declared eos (else the
+    first stop id) is eos, the other ids generation stops at are end-of-turn then end-of-message (llmkit's
+    own tokenizers: eos ``<|endoftext|>``, eot ``<|end|>``; SmolLM2: eos ``<|im_end|>`` alone)."""
+    eos = _named_id(tokenizer, "eos_token")
+    eos = eos if eos in tokenizer.stop_ids else tokenizer.stop_ids[0]
+    others = [token_id for token_id in tokenizer.stop_ids if token_id != eos]
+    if len(others) > 2:
+        raise MismatchError(f"the model stops at {len(tokenizer.stop_ids)} token ids {tokenizer.stop_ids}; GGUF names "
+                            "three at most (eos, end-of-turn, end-of-message)")
+    return {"bos": _named_id(tokenizer, "bos_token"), "eos": eos, "eot": (others + [None])[0],
+            "eom": (others[1:] + [None])[0], "pad": tokenizer.pad_id, "unknown": _named_id(tokenizer, "unk_token")}
+
+
+def _added_by_tokenizer(tokenizer: Tokenizer, ids: dict) -> tuple[bool, bool]:
+    """Whether ``tokenizer.json``'s post-processor prepends bos / appends eos (llama.cpp's add_bos/add_eos)."""
+    plain = tokenizer.backend.encode("a", add_special_tokens=False).ids
+    full = tokenizer.backend.encode("a", add_special_tokens=True).ids
+    start = full.index(plain[0]) if plain and plain[0] in full else 0
+    prefix, suffix = full[:start], full[start + len(plain):]
+    for added, role in ((prefix, "bos"), (suffix, "eos")):
+        if added and added != [ids[role]]:
+            raise MismatchError(f"tokenizer.json's post-processor adds {added}, which is not the {role} token "
+                                f"({ids[role]}); llama.cpp can only add bos and eos")
+    return bool(prefix), bool(suffix)
+
+
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
     tokens, types, merges = vocabulary(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")  # llmkit's BPE splits with GPT-2's regex
+    writer.add_tokenizer_pre(gguf_pre_tokenizer(json.loads(tokenizer.tokenizer_json)))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    ids = {role: tokenizer.backend.token_to_id(token) for role, token in special_tokens(tokenizer).items()}
-    writer.add_bos_token_id(ids["bos_token"])
-    writer.add_eos_token_id(ids["eos_token"])
-    writer.add_eot_token_id(tokenizer.special_ids[END])  # end of a chat turn: llama.cpp stops there too
-    writer.add_pad_token_id(ids["pad_token"])
-    writer.add_add_bos_token(False)  # llmkit never prepends a token
-    writer.add_add_eos_token(False)
+    ids = special_token_ids(tokenizer)
+    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "eot": writer.add_eot_token_id,
+              "eom": writer.add_eom_token_id, "pad": writer.add_pad_token_id, "unknown": writer.add_unk_token_id}
+    for role, token_id in ids.items():
+        if token_id is not None:  # llama.cpp stops at eos, eot and eom
+            adders[role](token_id)
+    add_bos, add_eos = _added_by_tokenizer(tokenizer, ids)
+    writer.add_add_bos_token(add_bos)  # llmkit's own tokenizers add nothing; Llama 3's prepend bos
+    writer.add_add_eos_token(add_eos)
     writer.add_chat_template(chat_template(tokenizer))
 
 

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from llmkit.errors import InputError, MismatchError
 from llmkit.interop.hf_config import hf_config, model_config_from_hf
 from llmkit.interop.layouts import GPT2, hf_architecture, tensor_table
-from llmkit.interop.tokens import generation_token_ids, grow_embeddings, hf_tokenizer_config, import_tokenizer
+from llmkit.interop.tokens import (SPECIAL_ROLES, generation_token_ids, grow_embeddings, hf_tokenizer_config,
+                                  import_tokenizer)
 from llmkit.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
 from llmkit.model.checkpoint import read_config, resolve_checkpoint, write_model
 from llmkit.model.config import ModelConfig
@@ -75,6 +76,19 @@ def hf_tensors(state: dict[str, torch.Tensor], config: ModelConfig, architecture
     return tensors
 
 
+def export_token_settings(tokenizer: Tokenizer, context_length: int) -> tuple[dict, dict]:
+    """``tokenizer_config.json`` and the bos/eos/pad ids of ``config.json`` and ``generation_config.json``.
+    Only tokens of the vocabulary are named: a model that keeps its own vocabulary (an imported chat model)
+    has none of llmkit's default names (``<|pad|>``, ...), which ``transformers`` would otherwise add as new
+    tokens past the model's embedding; its padding is its pad token, else its eos (``Tokenizer.pad_id``)."""
+    config, ids = hf_tokenizer_config(tokenizer, context_length), generation_token_ids(tokenizer)
+    for role in SPECIAL_ROLES:
+        if isinstance(config.get(role), str) and tokenizer.backend.token_to_id(config[role]) is None:
+            del config[role]
+    config["pad_token"] = tokenizer.backend.id_to_token(tokenizer.pad_id)
+    return config, {**ids, "pad": tokenizer.pad_id}
+
+
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None) -> dict:
     """Write the checkpoint as a Hugging Face directory ``out``; ``dtype`` (float32, float16, bfloat16)
     converts the weights, ``None`` keeps the stored precision. Refuses (MismatchError, naming the field)
@@ -86,7 +100,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None)
     architecture = hf_architecture(config)
     target = getattr(torch, dtype) if dtype else state["token_embedding.weight"].dtype
     tensors = hf_tensors(state, config, architecture, folder / WEIGHTS_FILE, target)
-    token_ids = generation_token_ids(tokenizer) if tokenizer is not None else {}
+    tokenizer_config, token_ids = export_token_settings(tokenizer, config.context_length) if tokenizer is not None else ({}, {})
     with atomic_directory(out) as directory:
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         atomic_write_json(directory / "config.json", hf_config(config, architecture, token_ids, _dtype_name(target)))
@@ -95,7 +109,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None)
         atomic_write_json(directory / "generation_config.json", generation)
         if tokenizer is not None:
             atomic_write_bytes(directory / TOKENIZER_FILE, tokenizer.tokenizer_json)  # as is: same sha256
-            atomic_write_json(directory / CONFIG_FILE, hf_tokenizer_config(tokenizer, config.context_length))
+            atomic_write_json(directory / CONFIG_FILE, tokenizer_config)
     return {"out": str(out), "checkpoint": str(folder), "architecture": architecture, "dtype": _dtype_name(target),
             "tensors": len(tensors), "parameters": sum(tensor.numel() for tensor in tensors.values()),
             "tokenizer": tokenizer is not None,
