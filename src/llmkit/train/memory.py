@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 LOGIT_CHUNK_TOKENS = 2048  # llmkit.model.Transformer.token_losses' default
+FREE_MEMORY_SHARE = 0.8  # of the free memory a step may take; the rest is for what the estimate leaves out
 
 
 @dataclass
