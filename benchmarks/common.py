@@ -29,10 +29,21 @@ def prepare_shakespeare(directory: Path) -> Path:
     from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
     source = str(require(SHAKESPEARE))
-    train_tokenizer(TokenizerConfig(source=source, out=str(directory / "tokenizer"), kind="char", vocab_size=128,
-                                    held_out_fraction=0))
-    prepare_data(PrepareConfig(source=source, tokenizer=str(directory / "tokenizer"), out=str(directory / "data"),
-                               val_fraction=0.1, split="tail", workers=1))
+    train_tokenizer(
+        TokenizerConfig(
+            source=source, out=str(directory / "tokenizer"), kind="char", vocab_size=128, held_out_fraction=0
+        )
+    )
+    prepare_data(
+        PrepareConfig(
+            source=source,
+            tokenizer=str(directory / "tokenizer"),
+            out=str(directory / "data"),
+            val_fraction=0.1,
+            split="tail",
+            workers=1,
+        )
+    )
     return directory / "data"
 
 

@@ -38,9 +38,13 @@ def mixed_requests(count: int, vocab_size: int, seed: int = 0) -> list[tuple[lis
     generator = torch.Generator().manual_seed(seed)
     prompt_lengths = torch.linspace(8, 160, count).round().long()[torch.randperm(count, generator=generator)]
     output_lengths = torch.linspace(16, 128, count).round().long()[torch.randperm(count, generator=generator)]
-    return [(torch.randint(0, vocab_size, (int(prompt_length),), generator=generator).tolist(),
-             GenerationConfig(max_new_tokens=int(output_length), temperature=0, stop_at_end_of_text=False))
-            for prompt_length, output_length in zip(prompt_lengths, output_lengths)]
+    return [
+        (
+            torch.randint(0, vocab_size, (int(prompt_length),), generator=generator).tolist(),
+            GenerationConfig(max_new_tokens=int(output_length), temperature=0, stop_at_end_of_text=False),
+        )
+        for prompt_length, output_length in zip(prompt_lengths, output_lengths)
+    ]
 
 
 def continuous(engine: Engine, requests) -> list[list[int]]:
@@ -62,7 +66,9 @@ def main() -> None:
     model = Transformer(preset("cpu-small", **MODEL)).eval()
     with tempfile.TemporaryDirectory() as directory:
         # The weight layout that Engine.from_checkpoint (and so the server) uses.
-        engine = Engine(model, small_tokenizer(Path(directory)), decoding_layout=True, max_batch_size=arguments.max_batch_size)
+        engine = Engine(
+            model, small_tokenizer(Path(directory)), decoding_layout=True, max_batch_size=arguments.max_batch_size
+        )
     requests = mixed_requests(arguments.requests, model.config.vocab_size)
     generated = sum(config.max_new_tokens for _, config in requests)
     identical = continuous(engine, requests) == sequential(engine, requests)  # also warms both paths up
@@ -72,11 +78,19 @@ def main() -> None:
         run(engine, requests)
         return generated / (time.perf_counter() - start)
 
-    rates = interleaved_rates({"continuous": lambda: rate(continuous), "sequential": lambda: rate(sequential)},
-                              arguments.repeats)
-    context = {"model": "6x384 random, float32", "requests": arguments.requests, "max_batch_size": arguments.max_batch_size,
-               "generated_tokens": generated, "prompt_tokens": sum(len(prompt) for prompt, _ in requests),
-               "same_tokens": identical, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    rates = interleaved_rates(
+        {"continuous": lambda: rate(continuous), "sequential": lambda: rate(sequential)}, arguments.repeats
+    )
+    context = {
+        "model": "6x384 random, float32",
+        "requests": arguments.requests,
+        "max_batch_size": arguments.max_batch_size,
+        "generated_tokens": generated,
+        "prompt_tokens": sum(len(prompt) for prompt, _ in requests),
+        "same_tokens": identical,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     for mode, value in rates.items():
         emit("tokens_per_s", round(value, 1), "tokens/s", mode=mode, **context)
     emit("speedup_vs_sequential", round(rates["continuous"] / rates["sequential"], 2), "x", **context)

@@ -26,20 +26,36 @@ from common import SHARED_DATA, emit  # noqa: E402
 
 from llmkit.data.pipeline import DEFAULT_STEPS, PipelineConfig, run_pipeline  # noqa: E402
 from llmkit.data.shards import load_manifest  # noqa: E402
-from llmkit.tokenizer import train_tokenizer  # noqa: E402
 from llmkit.data.tokenizer_training import TokenizerConfig
+from llmkit.tokenizer import train_tokenizer  # noqa: E402
 
-WEB_STEPS = ["clean", "language", "gopher_quality", "gopher_repetition", "c4", "exact_dedup", "minhash_dedup", "line_dedup", "pii"]
-EVALUATION_SETS = ["humaneval/HumanEval.jsonl.gz", "gsm8k/train.jsonl", "arc/ARC-Challenge/ARC-Challenge-Dev.jsonl",
-                   "mmlu/dev/high_school_mathematics_dev.csv"]
+WEB_STEPS = [
+    "clean",
+    "language",
+    "gopher_quality",
+    "gopher_repetition",
+    "c4",
+    "exact_dedup",
+    "minhash_dedup",
+    "line_dedup",
+    "pii",
+]
+EVALUATION_SETS = [
+    "humaneval/HumanEval.jsonl.gz",
+    "gsm8k/train.jsonl",
+    "arc/ARC-Challenge/ARC-Challenge-Dev.jsonl",
+    "mmlu/dev/high_school_mathematics_dev.csv",
+]
 
 
 def web_sources() -> list[dict] | None:
     demo = SHARED_DATA / "llamafactory_demo"
     if not (demo / "c4_demo.jsonl").is_file():
         return None
-    return [{"name": "c4", "path": str(demo / "c4_demo.jsonl")},
-            {"name": "wikipedia", "path": str(demo / "wiki_demo.txt"), "format": "lines"}]
+    return [
+        {"name": "c4", "path": str(demo / "c4_demo.jsonl")},
+        {"name": "wikipedia", "path": str(demo / "wiki_demo.txt"), "format": "lines"},
+    ]
 
 
 def evaluation_sets() -> list[str]:
@@ -70,21 +86,41 @@ def main() -> None:
         for corpus, (sources, steps) in corpora.items():
             rates = []
             for repeat in range(arguments.repeats):
-                config = PipelineConfig(sources=sources, steps=steps, tokenizer=str(directory / "tokenizer"),
-                                        out=str(directory / f"{corpus}_{repeat}"), workers=arguments.workers)
+                config = PipelineConfig(
+                    sources=sources,
+                    steps=steps,
+                    tokenizer=str(directory / "tokenizer"),
+                    out=str(directory / f"{corpus}_{repeat}"),
+                    workers=arguments.workers,
+                )
                 seconds, summary = timed_run(config)
                 rates.append(summary["bytes_read"] / 1e6 / seconds / arguments.workers)
             rates.sort()
-            emit("mb_per_s_per_core", round(rates[len(rates) // 2], 3), "MB/s/core", corpus=corpus, workers=arguments.workers,
-                 steps=[step if isinstance(step, str) else next(iter(step)) for step in steps],
-                 documents_read=summary["documents_read"], documents_kept=summary["documents_kept"],
-                 mb_read=round(summary["bytes_read"] / 1e6, 2), seconds=round(seconds, 2), repeats=arguments.repeats,
-                 all_rates=[round(rate, 3) for rate in rates])
+            emit(
+                "mb_per_s_per_core",
+                round(rates[len(rates) // 2], 3),
+                "MB/s/core",
+                corpus=corpus,
+                workers=arguments.workers,
+                steps=[step if isinstance(step, str) else next(iter(step)) for step in steps],
+                documents_read=summary["documents_read"],
+                documents_kept=summary["documents_kept"],
+                mb_read=round(summary["bytes_read"] / 1e6, 2),
+                seconds=round(seconds, 2),
+                repeats=arguments.repeats,
+                all_rates=[round(rate, 3) for rate in rates],
+            )
             statistics = load_manifest(config.out)["filter_statistics"]
             total = sum(step["seconds"] for step in statistics.values())
             for label, step in statistics.items():
-                emit("step_seconds_share", round(step["seconds"] / total, 4), "fraction", corpus=corpus, step=label,
-                     seconds=round(step["seconds"], 3))
+                emit(
+                    "step_seconds_share",
+                    round(step["seconds"] / total, 4),
+                    "fraction",
+                    corpus=corpus,
+                    step=label,
+                    seconds=round(step["seconds"], 3),
+                )
 
 
 if __name__ == "__main__":

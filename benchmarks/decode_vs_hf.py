@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, interleaved_rates  # noqa: E402
 
+from llmkit.data.tokenizer_training import TokenizerConfig
 from llmkit.infer import Engine, GenerationConfig  # noqa: E402
 from llmkit.interop.hf_config import hf_config  # noqa: E402
 from llmkit.interop.layouts import GPT2, tensor_table  # noqa: E402
 from llmkit.model import Transformer, preset  # noqa: E402
 from llmkit.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer  # noqa: E402
-from llmkit.data.tokenizer_training import TokenizerConfig
 
 PROMPT_TOKENS = 32
 TOLERANCE = 1e-4
@@ -53,8 +53,15 @@ def whole_vocabulary_tokenizer(directory: Path, vocab_size: int) -> Tokenizer:
             characters.append(chr(code_point))
         code_point += 1
     (directory / "corpus.txt").write_text("".join(characters), encoding="utf-8")
-    train_tokenizer(TokenizerConfig(source=str(directory / "corpus.txt"), out=str(directory / "tokenizer"), kind="char",
-                                    vocab_size=vocab_size, held_out_fraction=0))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(directory / "corpus.txt"),
+            out=str(directory / "tokenizer"),
+            kind="char",
+            vocab_size=vocab_size,
+            held_out_fraction=0,
+        )
+    )
     return Tokenizer.load(directory / "tokenizer")
 
 
@@ -64,8 +71,10 @@ def huggingface_copy(model: Transformer):
 
     theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config(model.config, GPT2, {}, "float32")))
     ours = model.state_dict()
-    state = {entry.theirs[0]: (ours[entry.ours].T if entry.transpose else ours[entry.ours]).contiguous().clone()
-             for entry in tensor_table(model.config, GPT2)}
+    state = {
+        entry.theirs[0]: (ours[entry.ours].T if entry.transpose else ours[entry.ours]).contiguous().clone()
+        for entry in tensor_table(model.config, GPT2)
+    }
     missing = set(theirs.load_state_dict(state, strict=False).missing_keys)
     if missing - {"lm_head.weight"}:  # the head is tied to transformer.wte, as in llmkit
         raise RuntimeError(f"tensors not copied into GPT2LMHeadModel: {sorted(missing)}")
@@ -95,8 +104,15 @@ def huggingface_decode(model, batch: int, new_tokens: int) -> tuple[float, list[
     prompts = prompts_of(batch, model.config.vocab_size)
     start = time.perf_counter()
     with torch.inference_mode():
-        output = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+        output = model.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
     seconds = time.perf_counter() - start
     generated = output[:, PROMPT_TOKENS:]
     return generated.numel() / seconds, generated.tolist()
@@ -107,15 +123,22 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     arguments = parser.parse_args()
-    context = {"prompt_tokens": PROMPT_TOKENS, "new_tokens": arguments.new_tokens, "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "api": "Engine.generate_ids"}
+    context = {
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": arguments.new_tokens,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "api": "Engine.generate_ids",
+    }
     torch.manual_seed(0)
     model = Transformer(preset("gpt2")).eval()
     reference = huggingface_copy(model)
     difference = max_logit_difference(model, reference)
     emit("max_abs_logit_difference", difference, "logit", dtype="float32", tolerance=TOLERANCE)
     if difference > TOLERANCE:
-        sys.exit(f"the transformers copy computes other logits (max difference {difference:.2e} > {TOLERANCE}): not timing")
+        sys.exit(
+            f"the transformers copy computes other logits (max difference {difference:.2e} > {TOLERANCE}): not timing"
+        )
     ours = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16), "int8": copy.deepcopy(model)}
     theirs = {"float32": reference, "bfloat16": copy.deepcopy(reference).to(torch.bfloat16)}
     with tempfile.TemporaryDirectory() as directory:
@@ -141,11 +164,25 @@ def main() -> None:
         emit("decode_tokens_per_s", round(rate, 1), "tokens/s", recipe=recipe, batch=batch, dtype=dtype, **context)
     # int8 = int8 weights with bfloat16 activations; the goal line is float32 against float32 and int8
     # against transformers' float32 (the issue's reference), int8 against bfloat16 for the like-for-like view.
-    for dtype, reference_dtype in (("float32", "float32"), ("bfloat16", "bfloat16"), ("int8", "float32"), ("int8", "bfloat16")):
+    for dtype, reference_dtype in (
+        ("float32", "float32"),
+        ("bfloat16", "bfloat16"),
+        ("int8", "float32"),
+        ("int8", "bfloat16"),
+    ):
         same = tokens[("llmkit", dtype, 1)] == tokens[("hf", reference_dtype, 1)]
         for batch in (1, 8):
-            emit("speedup_vs_hf", round(rates[("llmkit", dtype, batch)] / rates[("hf", reference_dtype, batch)], 3), "x",
-                 batch=batch, dtype=dtype, hf_dtype=reference_dtype, same_greedy_tokens_batch_1=same, **context)
+            emit(
+                "speedup_vs_hf",
+                round(rates[("llmkit", dtype, batch)] / rates[("hf", reference_dtype, batch)], 3),
+                "x",
+                batch=batch,
+                dtype=dtype,
+                hf_dtype=reference_dtype,
+                same_greedy_tokens_batch_1=same,
+                **context,
+            )
+
 
 if __name__ == "__main__":
     main()

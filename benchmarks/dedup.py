@@ -49,7 +49,9 @@ PLANTED_FRACTION = 0.1  # of the documents are originals with a planted copy
 def generate_corpus(documents: int, rng: np.random.Generator) -> tuple[list[str], list[tuple[int, int, float]]]:
     """Shuffled texts and the planted ``(index, index, target)`` pairs."""
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    vocabulary = np.array(sorted({"".join(rng.choice(letters, int(rng.integers(3, 11)))) for _ in range(VOCABULARY_SIZE)}))
+    vocabulary = np.array(
+        sorted({"".join(rng.choice(letters, int(rng.integers(3, 11)))) for _ in range(VOCABULARY_SIZE)})
+    )
     pairs = int(documents * PLANTED_FRACTION)
     word_lists = [rng.integers(len(vocabulary), size=int(rng.integers(200, 401))) for _ in range(documents - pairs)]
     planted = []
@@ -87,7 +89,7 @@ def reformat(text: str, rng: np.random.Generator) -> str:
     words = text.split()
     for index in rng.choice(len(words), len(words) // 10, replace=False):
         words[index] = words[index].capitalize()
-    lines = [" ".join(words[start:start + 12]) for start in range(0, len(words), 12)]
+    lines = [" ".join(words[start : start + 12]) for start in range(0, len(words), 12)]
     return "\n".join(lines)
 
 
@@ -111,7 +113,11 @@ def llmkit_clusters(texts: list[str]) -> tuple[np.ndarray, dict]:
     signed = time.perf_counter()
     clusters = near_duplicate_clusters(signatures, config)
     end = time.perf_counter()
-    return clusters, {"seconds": end - start, "signature_s": round(signed - start, 2), "cluster_s": round(end - signed, 2)}
+    return clusters, {
+        "seconds": end - start,
+        "signature_s": round(signed - start, 2),
+        "cluster_s": round(end - signed, 2),
+    }
 
 
 def datasketch_clusters(texts: list[str]) -> tuple[np.ndarray, dict]:
@@ -156,24 +162,53 @@ def predicted_pairs(clusters: np.ndarray) -> list[tuple[int, int]]:
     return pairs
 
 
-def report_quality(system: str, clusters: np.ndarray, texts: list[str], planted: list[tuple[int, int, float]],
-                   planted_jaccard: list[float], context: dict) -> None:
+def report_quality(
+    system: str,
+    clusters: np.ndarray,
+    texts: list[str],
+    planted: list[tuple[int, int, float]],
+    planted_jaccard: list[float],
+    context: dict,
+) -> None:
     together = np.array([clusters[first] == clusters[second] for first, second, _ in planted])
     truth = np.array(planted_jaccard) >= THRESHOLD
-    emit("recall", round(float(together[truth].mean()), 4), "fraction", system=system, true_pairs=int(truth.sum()),
-         goal=0.95, **context)
+    emit(
+        "recall",
+        round(float(together[truth].mean()), 4),
+        "fraction",
+        system=system,
+        true_pairs=int(truth.sum()),
+        goal=0.95,
+        **context,
+    )
     predicted = predicted_pairs(clusters)
     correct = sum(exact_jaccard(texts, first, second) >= THRESHOLD for first, second in predicted)
-    emit("precision", round(correct / max(len(predicted), 1), 4), "fraction", system=system,
-         predicted_pairs=len(predicted), goal=0.95, **context)
+    emit(
+        "precision",
+        round(correct / max(len(predicted), 1), 4),
+        "fraction",
+        system=system,
+        predicted_pairs=len(predicted),
+        goal=0.95,
+        **context,
+    )
     targets = np.array([target for _, _, target in planted])
     for target in TARGETS:
         chosen = targets == target
         mean_jaccard = float(np.mean(np.array(planted_jaccard)[chosen]))
-        emit("merged_fraction", round(float(together[chosen].mean()), 4), "fraction", system=system, target=target,
-             mean_exact_jaccard=round(mean_jaccard, 4), min_exact_jaccard=round(float(np.min(np.array(planted_jaccard)[chosen])), 4),
-             max_exact_jaccard=round(float(np.max(np.array(planted_jaccard)[chosen])), 4), pairs=int(chosen.sum()),
-             s_curve=round(1 - (1 - mean_jaccard**ROWS) ** BANDS, 4), **context)
+        emit(
+            "merged_fraction",
+            round(float(together[chosen].mean()), 4),
+            "fraction",
+            system=system,
+            target=target,
+            mean_exact_jaccard=round(mean_jaccard, 4),
+            min_exact_jaccard=round(float(np.min(np.array(planted_jaccard)[chosen])), 4),
+            max_exact_jaccard=round(float(np.max(np.array(planted_jaccard)[chosen])), 4),
+            pairs=int(chosen.sum()),
+            s_curve=round(1 - (1 - mean_jaccard**ROWS) ** BANDS, 4),
+            **context,
+        )
 
 
 def main() -> None:
@@ -185,14 +220,27 @@ def main() -> None:
     documents = 5_000 if arguments.quick else arguments.documents
     texts, planted = generate_corpus(documents, np.random.default_rng(arguments.seed))
     planted_jaccard = [exact_jaccard(texts, first, second) for first, second, _ in planted]
-    context = {"documents": documents, "planted_pairs": len(planted), "ngram": NGRAM, "bands": BANDS, "rows": ROWS,
-               "threshold": THRESHOLD}
+    context = {
+        "documents": documents,
+        "planted_pairs": len(planted),
+        "ngram": NGRAM,
+        "bands": BANDS,
+        "rows": ROWS,
+        "threshold": THRESHOLD,
+    }
     ours, our_timing = llmkit_clusters(texts)
     theirs, their_timing = datasketch_clusters(texts)
     for system, clusters in (("llmkit", ours), ("datasketch", theirs)):
         report_quality(system, clusters, texts, planted, planted_jaccard, context)
-    emit("docs_per_s", round(documents / our_timing["seconds"], 1), "documents/s", system="llmkit",
-         signature_s=our_timing["signature_s"], cluster_s=our_timing["cluster_s"], **context)
+    emit(
+        "docs_per_s",
+        round(documents / our_timing["seconds"], 1),
+        "documents/s",
+        system="llmkit",
+        signature_s=our_timing["signature_s"],
+        cluster_s=our_timing["cluster_s"],
+        **context,
+    )
     emit("docs_per_s", round(documents / their_timing["seconds"], 1), "documents/s", system="datasketch", **context)
     emit("speedup_vs_datasketch", round(their_timing["seconds"] / our_timing["seconds"], 2), "x", goal=3, **context)
 

@@ -30,17 +30,78 @@ from common import emit, prepare_shakespeare  # noqa: E402
 
 TARGET_BPB = 2.72
 BUDGET_SECONDS = 80.0
-SHAPE = ["--n-layer", "4", "--n-head", "4", "--n-kv-head", "4", "--n-embd", "128", "--context-length", "64", "--batch-size", "12"]
-EVALUATION = ["--eval-batches", "40", "--log-interval", "25", "--checkpoint-interval", "100000", "--no-progress", "--dtype", "bfloat16"]
+SHAPE = [
+    "--n-layer",
+    "4",
+    "--n-head",
+    "4",
+    "--n-kv-head",
+    "4",
+    "--n-embd",
+    "128",
+    "--context-length",
+    "64",
+    "--batch-size",
+    "12",
+]
+EVALUATION = [
+    "--eval-batches",
+    "40",
+    "--log-interval",
+    "25",
+    "--checkpoint-interval",
+    "100000",
+    "--no-progress",
+    "--dtype",
+    "bfloat16",
+]
 RECIPES = {
     # cpu-fast's architecture (see docs/ablations.md) trained with Muon, at the baby-GPT size; the
     # schedule decays over 600 steps.
-    "fast": ["--preset", "cpu-fast", "--optimizer", "muon", "--muon-lr", "0.02", "--lr", "3e-3", "--warmup-steps", "50",
-             "--beta2", "0.99", "--max-steps", "600", *SHAPE, *EVALUATION, "--eval-interval", "50"],
+    "fast": [
+        "--preset",
+        "cpu-fast",
+        "--optimizer",
+        "muon",
+        "--muon-lr",
+        "0.02",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "50",
+        "--beta2",
+        "0.99",
+        "--max-steps",
+        "600",
+        *SHAPE,
+        *EVALUATION,
+        "--eval-interval",
+        "50",
+    ],
     # The foundation issue's recipe: LLaMA-style blocks with AdamW.
-    "baseline": ["--preset", "baby-gpt", "--position", "rope", "--norm", "layernorm", "--activation", "swiglu", "--no-bias",
-                 "--lr", "3e-3", "--warmup-steps", "50", "--beta2", "0.99", "--max-steps", "1000", *SHAPE, *EVALUATION,
-                 "--eval-interval", "50"],
+    "baseline": [
+        "--preset",
+        "baby-gpt",
+        "--position",
+        "rope",
+        "--norm",
+        "layernorm",
+        "--activation",
+        "swiglu",
+        "--no-bias",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "50",
+        "--beta2",
+        "0.99",
+        "--max-steps",
+        "1000",
+        *SHAPE,
+        *EVALUATION,
+        "--eval-interval",
+        "50",
+    ],
 }
 
 
@@ -53,8 +114,19 @@ def evaluations(metrics: Path) -> list[dict]:
 
 def time_to_target(data: Path, out: Path, recipe: list[str]) -> dict:
     """Start ``llmkit pretrain``; watch its metrics until validation reaches the target."""
-    command = [sys.executable, "-m", "llmkit.cli", "pretrain", "--data", str(data), "--out", str(out), *recipe,
-               "--target-val-bpb", str(TARGET_BPB)]
+    command = [
+        sys.executable,
+        "-m",
+        "llmkit.cli",
+        "pretrain",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *recipe,
+        "--target-val-bpb",
+        str(TARGET_BPB),
+    ]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     reached = None
@@ -70,24 +142,44 @@ def time_to_target(data: Path, out: Path, recipe: list[str]) -> dict:
         raise RuntimeError(f"target not reached: {error[-2000:]}")
     rows = evaluations(out / "metrics.csv")
     startup = seconds - float(reached["elapsed_s"])  # process start until the first training step, about
-    return {"seconds": seconds, "step": int(reached["step"]), "val_bpb": float(reached["val_bpb"]), "startup_s": startup,
-            "evaluations": len(rows)}
+    return {
+        "seconds": seconds,
+        "step": int(reached["step"]),
+        "val_bpb": float(reached["val_bpb"]),
+        "startup_s": startup,
+        "evaluations": len(rows),
+    }
 
 
 def bpb_in_budget(data: Path, out: Path, recipe: list[str], startup: float) -> dict:
     budget = BUDGET_SECONDS - startup
     # The time budget replaces the recipe's step budget, so the learning rate decays to the end of the 80 s.
     steps = recipe.index("--max-steps")
-    recipe = recipe[:steps] + recipe[steps + 2:]
-    command = [sys.executable, "-m", "llmkit.cli", "pretrain", "--data", str(data), "--out", str(out), *recipe,
-               "--max-time", f"{budget:.1f}s"]
+    recipe = recipe[:steps] + recipe[steps + 2 :]
+    command = [
+        sys.executable,
+        "-m",
+        "llmkit.cli",
+        "pretrain",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *recipe,
+        "--max-time",
+        f"{budget:.1f}s",
+    ]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
     final = evaluations(out / "metrics.csv")[-1]
-    return {"val_bpb": float(final["val_bpb"]), "steps": int(final["step"]), "training_budget_s": round(budget, 1),
-            "process_s": round(time.perf_counter() - start, 1)}
+    return {
+        "val_bpb": float(final["val_bpb"]),
+        "steps": int(final["step"]),
+        "training_budget_s": round(budget, 1),
+        "process_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def main() -> None:
@@ -99,14 +191,36 @@ def main() -> None:
         root = Path(directory)
         data = prepare_shakespeare(root)
         for name in [arguments.only] if arguments.only else ["fast", "baseline"]:
-            targets = sorted((time_to_target(data, root / f"{name}-target-{repeat}", RECIPES[name])
-                              for repeat in range(arguments.repeats)), key=lambda result: result["seconds"])
+            targets = sorted(
+                (
+                    time_to_target(data, root / f"{name}-target-{repeat}", RECIPES[name])
+                    for repeat in range(arguments.repeats)
+                ),
+                key=lambda result: result["seconds"],
+            )
             target = targets[len(targets) // 2]
-            emit("seconds_to_target", round(target["seconds"], 1), "s", recipe=name, goal=32 if name == "fast" else None,
-                 target_bpb=TARGET_BPB, nanogpt_seconds=80.8, step=target["step"], val_bpb=target["val_bpb"],
-                 startup_s=round(target["startup_s"], 1), all_seconds=[round(t["seconds"], 1) for t in targets])
+            emit(
+                "seconds_to_target",
+                round(target["seconds"], 1),
+                "s",
+                recipe=name,
+                goal=32 if name == "fast" else None,
+                target_bpb=TARGET_BPB,
+                nanogpt_seconds=80.8,
+                step=target["step"],
+                val_bpb=target["val_bpb"],
+                startup_s=round(target["startup_s"], 1),
+                all_seconds=[round(t["seconds"], 1) for t in targets],
+            )
             budget = bpb_in_budget(data, root / f"{name}-budget", RECIPES[name], target["startup_s"])
-            emit("val_bpb_at_80s", round(budget["val_bpb"], 4), "bits/byte", recipe=name, goal=f"< {TARGET_BPB}", **budget)
+            emit(
+                "val_bpb_at_80s",
+                round(budget["val_bpb"], 4),
+                "bits/byte",
+                recipe=name,
+                goal=f"< {TARGET_BPB}",
+                **budget,
+            )
 
 
 if __name__ == "__main__":

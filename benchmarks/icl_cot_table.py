@@ -68,11 +68,35 @@ from common import emit  # noqa: E402
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STYLES = {"direct": 0.3, "cot": 0.25, "cot_calculator": 0.3, "zero_shot_cot": 0.075, "zero_shot_cot_calculator": 0.075}
 
-FULL = dict(train_problems=40_000, pool_problems=1_000, eval_problems=100, vocab_size=2048, preset="cpu-small",
-            n_layer=4, n_embd=192, n_head=4, context_length=768, batch_size=8, steps=400, warmup_steps=50,
-            max_new_tokens=160, eval_batch_size=32)
-QUICK = dict(FULL, train_problems=2_000, pool_problems=100, eval_problems=4, n_layer=2, n_embd=64, context_length=256,
-             batch_size=8, steps=20, warmup_steps=5, max_new_tokens=24)
+FULL = dict(
+    train_problems=40_000,
+    pool_problems=1_000,
+    eval_problems=100,
+    vocab_size=2048,
+    preset="cpu-small",
+    n_layer=4,
+    n_embd=192,
+    n_head=4,
+    context_length=768,
+    batch_size=8,
+    steps=400,
+    warmup_steps=50,
+    max_new_tokens=160,
+    eval_batch_size=32,
+)
+QUICK = dict(
+    FULL,
+    train_problems=2_000,
+    pool_problems=100,
+    eval_problems=4,
+    n_layer=2,
+    n_embd=64,
+    context_length=256,
+    batch_size=8,
+    steps=20,
+    warmup_steps=5,
+    max_new_tokens=24,
+)
 
 
 # ----------------------------------------------------------------------------------- corpus
@@ -108,7 +132,9 @@ def build_corpus(out: Path, train_problems: int, seed: int = 0) -> dict:
     from llmkit.tokenizer import TOOL_CALL
 
     problems = arithmetic.generate_problems(train_problems, seed=seed, split="train")
-    examples = load_gsm8k(write_jsonl(out / "arithmetic_train.jsonl", [arithmetic.gsm8k_record(problem) for problem in problems]))
+    examples = load_gsm8k(
+        write_jsonl(out / "arithmetic_train.jsonl", [arithmetic.gsm8k_record(problem) for problem in problems])
+    )
     rng = random.Random(seed)
     separator = PromptConfig().separator
     styles, weights = list(STYLES), list(STYLES.values())
@@ -116,13 +142,17 @@ def build_corpus(out: Path, train_problems: int, seed: int = 0) -> dict:
     while position < len(examples):
         size = rng.randint(2, 6)
         style = rng.choices(styles, weights)[0]
-        items = [render(example, style) for example in examples[position:position + size]]
+        items = [render(example, style) for example in examples[position : position + size]]
         counts[style] += len(items)
         documents.append({"text": separator.join(items)})
         position += size
     write_jsonl(out / "corpus.jsonl", documents)
-    return {"documents": len(documents), "items": counts, "tool_calls": sum(document["text"].count(TOOL_CALL) for document in documents),
-            "bytes": sum(len(document["text"].encode("utf-8")) for document in documents)}
+    return {
+        "documents": len(documents),
+        "items": counts,
+        "tool_calls": sum(document["text"].count(TOOL_CALL) for document in documents),
+        "bytes": sum(len(document["text"].encode("utf-8")) for document in documents),
+    }
 
 
 def special_token_counts(data: Path) -> dict:
@@ -136,7 +166,9 @@ def special_token_counts(data: Path) -> dict:
     counts = {}
     for token in (TOOL_CALL, TOOL_RESULT, END):
         token_id = tokenizer.special_ids[token]
-        counts[token] = int(sum(np.count_nonzero(shard == token_id) for split in ("train", "val") for shard in open_split(data, split)))
+        counts[token] = int(
+            sum(np.count_nonzero(shard == token_id) for split in ("train", "val") for shard in open_split(data, split))
+        )
     return counts
 
 
@@ -145,10 +177,10 @@ def pretrained_model(out: Path, recipe: dict, log) -> dict:
     """Corpus -> tokenizer -> token shards -> pretraining, or the cached result of an earlier run with the
     same recipe in ``out``."""
     from llmkit.data.shards import PrepareConfig, prepare_data
-    from llmkit.tokenizer import END, TOOL_CALL, TOOL_RESULT
     from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
-    from llmkit.train.config import TrainConfig
     from llmkit.pretrain import ModelOverrides, PretrainConfig, pretrain
+    from llmkit.tokenizer import END, TOOL_CALL, TOOL_RESULT
+    from llmkit.train.config import TrainConfig
 
     summary_path = out / "pretrain.json"
     if summary_path.is_file():
@@ -162,27 +194,65 @@ def pretrained_model(out: Path, recipe: dict, log) -> dict:
     started = time.perf_counter()
     corpus = build_corpus(out, recipe["train_problems"])
     log(f"corpus: {corpus}")
-    tokenizer = train_tokenizer(TokenizerConfig(source=str(out / "corpus.jsonl"), out=str(out / "tokenizer"),
-                                                vocab_size=recipe["vocab_size"], held_out_fraction=0.02))
-    data = prepare_data(PrepareConfig(source=str(out / "corpus.jsonl"), tokenizer=str(out / "tokenizer"), out=str(out / "data"),
-                                      val_fraction=0.02, workers=1))
+    tokenizer = train_tokenizer(
+        TokenizerConfig(
+            source=str(out / "corpus.jsonl"),
+            out=str(out / "tokenizer"),
+            vocab_size=recipe["vocab_size"],
+            held_out_fraction=0.02,
+        )
+    )
+    data = prepare_data(
+        PrepareConfig(
+            source=str(out / "corpus.jsonl"),
+            tokenizer=str(out / "tokenizer"),
+            out=str(out / "data"),
+            val_fraction=0.02,
+            workers=1,
+        )
+    )
     specials = special_token_counts(out / "data")
     calls = corpus["tool_calls"]
     if not (specials[TOOL_CALL] == specials[TOOL_RESULT] == calls and specials[END] == 2 * calls):
-        sys.exit(f"the tool tokens are not single special tokens in the shards: {specials} for {calls} calls in the corpus")
+        sys.exit(
+            f"the tool tokens are not single special tokens in the shards: {specials} for {calls} calls in the corpus"
+        )
     preparation_seconds = time.perf_counter() - started
-    model = ModelOverrides(n_layer=recipe["n_layer"], n_embd=recipe["n_embd"], n_head=recipe["n_head"], n_kv_head=recipe["n_head"],
-                           context_length=recipe["context_length"])
+    model = ModelOverrides(
+        n_layer=recipe["n_layer"],
+        n_embd=recipe["n_embd"],
+        n_head=recipe["n_head"],
+        n_kv_head=recipe["n_head"],
+        context_length=recipe["context_length"],
+    )
     # The speedrun's recipe (Muon for the hidden matrices, AdamW for the rest), with a step budget.
-    train = TrainConfig(out=str(out / "base"), batch_size=recipe["batch_size"], lr=3e-3, optimizer="muon", muon_lr=0.02,
-                        warmup_steps=recipe["warmup_steps"], max_steps=recipe["steps"], dtype="bfloat16",
-                        eval_interval=0, checkpoint_interval=10**9, progress=False)
+    train = TrainConfig(
+        out=str(out / "base"),
+        batch_size=recipe["batch_size"],
+        lr=3e-3,
+        optimizer="muon",
+        muon_lr=0.02,
+        warmup_steps=recipe["warmup_steps"],
+        max_steps=recipe["steps"],
+        dtype="bfloat16",
+        eval_interval=0,
+        checkpoint_interval=10**9,
+        progress=False,
+    )
     result = pretrain(PretrainConfig(data=str(out / "data"), preset=recipe["preset"], model=model, train=train))
-    summary = {"recipe": recipe, "corpus": corpus, "special_token_counts": specials, "preparation_seconds": round(preparation_seconds, 1),
-               "tokenizer": {key: tokenizer[key] for key in ("vocab_size", "bytes_per_token")},
-               "data": {split: {key: data["splits"][split][key] for key in ("documents", "tokens", "bytes")} for split in ("train", "val")},
-               "pretrain": {key: value for key, value in result.items() if key not in ("model", "train_metrics")},
-               "model": result["model"]}
+    summary = {
+        "recipe": recipe,
+        "corpus": corpus,
+        "special_token_counts": specials,
+        "preparation_seconds": round(preparation_seconds, 1),
+        "tokenizer": {key: tokenizer[key] for key in ("vocab_size", "bytes_per_token")},
+        "data": {
+            split: {key: data["splits"][split][key] for key in ("documents", "tokens", "bytes")}
+            for split in ("train", "val")
+        },
+        "pretrain": {key: value for key, value in result.items() if key not in ("model", "train_metrics")},
+        "model": result["model"],
+    }
     summary_path.write_text(json.dumps(summary, indent=2))
     return {**summary, "reused": False}
 
@@ -193,9 +263,18 @@ def evaluation_sets(out: Path, shared: Path, count: int, pool_problems: int, log
     from llmkit.tasks import arithmetic
 
     heldout = arithmetic.generate_problems(count, seed=1, split="heldout")
-    sets = {"arithmetic": (write_jsonl(out / "arithmetic_heldout.jsonl", [arithmetic.gsm8k_record(problem) for problem in heldout]),
-                           write_jsonl(out / "arithmetic_pool.jsonl", [arithmetic.gsm8k_record(problem) for problem in
-                                                                       arithmetic.generate_problems(pool_problems, seed=0, split="train")]))}
+    sets = {
+        "arithmetic": (
+            write_jsonl(out / "arithmetic_heldout.jsonl", [arithmetic.gsm8k_record(problem) for problem in heldout]),
+            write_jsonl(
+                out / "arithmetic_pool.jsonl",
+                [
+                    arithmetic.gsm8k_record(problem)
+                    for problem in arithmetic.generate_problems(pool_problems, seed=0, split="train")
+                ],
+            ),
+        )
+    }
     gsm8k = shared / "data" / "gsm8k" / "train.jsonl"
     if not gsm8k.is_file():
         reason = f"{gsm8k} not found (the shared datasets live beside the repository; --shared names the folder)"
@@ -213,9 +292,13 @@ def evaluation_sets(out: Path, shared: Path, count: int, pool_problems: int, log
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", help="working folder; the trained model is kept there (default runs/icl_cot_table[_quick])")
+    parser.add_argument(
+        "--out", help="working folder; the trained model is kept there (default runs/icl_cot_table[_quick])"
+    )
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared folder (holds data/gsm8k/train.jsonl)")
-    parser.add_argument("--quick", action="store_true", help="a few steps and problems: shows the benchmark runs, not the quality")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few steps and problems: shows the benchmark runs, not the quality"
+    )
     parser.add_argument("--steps", type=int, help="pretraining steps (default 900; quick 20)")
     parser.add_argument("--problems", type=int, help="evaluated problems per dataset (default 100; quick 4)")
     arguments = parser.parse_args()
@@ -234,42 +317,97 @@ def main() -> None:
     evaluation = {key: recipe.pop(key) for key in ("eval_problems", "max_new_tokens", "eval_batch_size")}
     model = pretrained_model(out, recipe, log)
     pretraining = model["pretrain"]
-    log(f"model: {pretraining['parameters']:,} parameters, {pretraining['steps']} steps, {pretraining['tokens']:,} tokens, "
-        f"{pretraining['seconds']} s, validation {pretraining['val_bpb']} bits/byte")
+    log(
+        f"model: {pretraining['parameters']:,} parameters, {pretraining['steps']} steps, {pretraining['tokens']:,} tokens, "
+        f"{pretraining['seconds']} s, validation {pretraining['val_bpb']} bits/byte"
+    )
 
     from llmkit.eval.run import EvalConfig, run_eval
 
     sets = evaluation_sets(out, arguments.shared, evaluation["eval_problems"], recipe["pool_problems"], log)
-    tasks = [{"kind": "generative", "name": name, "path": str(path), "fewshot_file": str(pool), "num_fewshot": 4,
-              "chain_of_thought": True, "self_consistency": 5, "tools": "calculator", "ablations": True}
-             for name, (path, pool) in sets.items()]
-    config = EvalConfig(checkpoint=str(out / "base"), tasks=tasks, out=str(out / "eval"), max_new_tokens=evaluation["max_new_tokens"],
-                        batch_size=evaluation["eval_batch_size"], seed=0)
+    tasks = [
+        {
+            "kind": "generative",
+            "name": name,
+            "path": str(path),
+            "fewshot_file": str(pool),
+            "num_fewshot": 4,
+            "chain_of_thought": True,
+            "self_consistency": 5,
+            "tools": "calculator",
+            "ablations": True,
+        }
+        for name, (path, pool) in sets.items()
+    ]
+    config = EvalConfig(
+        checkpoint=str(out / "base"),
+        tasks=tasks,
+        out=str(out / "eval"),
+        max_new_tokens=evaluation["max_new_tokens"],
+        batch_size=evaluation["eval_batch_size"],
+        seed=0,
+    )
     evaluation_started = time.perf_counter()
     run_eval(config)
     evaluation_seconds = time.perf_counter() - evaluation_started
     report = json.loads((out / "eval" / "eval.json").read_text())
 
-    context = {"parameters": pretraining["parameters"], "n_layer": recipe["n_layer"], "n_embd": recipe["n_embd"],
-               "context_length": recipe["context_length"], "vocab_size": model["tokenizer"]["vocab_size"],
-               "pretrain_tokens": pretraining["tokens"], "pretrain_steps": pretraining["steps"],
-               "pretrain_seconds": pretraining["seconds"], "val_bpb": pretraining["val_bpb"]}
+    context = {
+        "parameters": pretraining["parameters"],
+        "n_layer": recipe["n_layer"],
+        "n_embd": recipe["n_embd"],
+        "context_length": recipe["context_length"],
+        "vocab_size": model["tokenizer"]["vocab_size"],
+        "pretrain_tokens": pretraining["tokens"],
+        "pretrain_steps": pretraining["steps"],
+        "pretrain_seconds": pretraining["seconds"],
+        "val_bpb": pretraining["val_bpb"],
+    }
     for name, task in report["tasks"].items():
         contamination = task.get("contamination", {})
         for row in task["ablations"]:
-            emit("accuracy", round(row["accuracy"], 4), "fraction", dataset=name, setting=row["setting"],
-                 shots=row["num_fewshot"], chain_of_thought=row["chain_of_thought"], tools=row["tools"],
-                 self_consistency=row["self_consistency"], stderr=round(row["stderr"], 4) if row["stderr"] is not None else None,
-                 count=row["count"], contaminated=contamination.get("contaminated"), **context)
+            emit(
+                "accuracy",
+                round(row["accuracy"], 4),
+                "fraction",
+                dataset=name,
+                setting=row["setting"],
+                shots=row["num_fewshot"],
+                chain_of_thought=row["chain_of_thought"],
+                tools=row["tools"],
+                self_consistency=row["self_consistency"],
+                stderr=round(row["stderr"], 4) if row["stderr"] is not None else None,
+                count=row["count"],
+                contaminated=contamination.get("contaminated"),
+                **context,
+            )
         # Only the task's own setting (one point of the grid) keeps its prompt statistics.
         own = task["settings"]
-        emit("truncated_prompts", task["metrics"]["truncated_prompts"], "prompts", dataset=name,
-             setting=f"{own['num_fewshot']}-shot, CoT, SC@{own['self_consistency']}, tools={own['tools']}",
-             prompts=task["metrics"]["count"] * own["self_consistency"], context_length=recipe["context_length"],
-             max_new_tokens=evaluation["max_new_tokens"], note="prompts cut from the left to fit the context")
-    emit("eval_report", str((out / "eval").resolve()), "folder", eval_seconds=round(evaluation_seconds, 1),
-         quick=arguments.quick)
-    emit("wall_seconds", round(time.perf_counter() - started, 1), "s", pretraining_reused=model["reused"], quick=arguments.quick)
+        emit(
+            "truncated_prompts",
+            task["metrics"]["truncated_prompts"],
+            "prompts",
+            dataset=name,
+            setting=f"{own['num_fewshot']}-shot, CoT, SC@{own['self_consistency']}, tools={own['tools']}",
+            prompts=task["metrics"]["count"] * own["self_consistency"],
+            context_length=recipe["context_length"],
+            max_new_tokens=evaluation["max_new_tokens"],
+            note="prompts cut from the left to fit the context",
+        )
+    emit(
+        "eval_report",
+        str((out / "eval").resolve()),
+        "folder",
+        eval_seconds=round(evaluation_seconds, 1),
+        quick=arguments.quick,
+    )
+    emit(
+        "wall_seconds",
+        round(time.perf_counter() - started, 1),
+        "s",
+        pretraining_reused=model["reused"],
+        quick=arguments.quick,
+    )
 
 
 if __name__ == "__main__":

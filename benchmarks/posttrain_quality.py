@@ -77,15 +77,23 @@ def sampling_headroom(path: Path, stage: str, settings, samples: int, temperatur
     model, tokenizer, _ = load_base(path)
     model.to(settings.device)
     prompts = [chat_prompt(tokenizer, arithmetic.prompt_messages(problem, True)) for problem in settings.problems]
-    rollouts = generate_rollouts(Engine(model, tokenizer, max_batch_size=64), prompts, samples,
-                                 GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=temperature),
-                                 toolbox("calculator"), settings.seed, 0)
+    rollouts = generate_rollouts(
+        Engine(model, tokenizer, max_batch_size=64),
+        prompts,
+        samples,
+        GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=temperature),
+        toolbox("calculator"),
+        settings.seed,
+        0,
+    )
     right = majority = any_right = 0
     for index, problem in enumerate(settings.problems):
-        texts = [rollout.text for rollout in rollouts[index * samples:(index + 1) * samples]]
+        texts = [rollout.text for rollout in rollouts[index * samples : (index + 1) * samples]]
         correct = [arithmetic.check_answer(problem, text) for text in texts]
         right, any_right = right + sum(correct), any_right + any(correct)
-        winner, _ = majority_vote([arithmetic.final_answer(text) for text in texts])  # exact numbers, not their spelling
+        winner, _ = majority_vote(
+            [arithmetic.final_answer(text) for text in texts]
+        )  # exact numbers, not their spelling
         majority += winner is not None and winner == problem.answer
     context = dict(stage=stage, tool="on", samples=samples, temperature=temperature, problems=len(settings.problems))
     emit("sampled_accuracy", round(right / len(rollouts), 4), "fraction", **context)
@@ -96,25 +104,50 @@ def sampling_headroom(path: Path, stage: str, settings, samples: int, temperatur
 def hh_rlhf_accuracy(out: Path, steps: int) -> None:
     """A reward model from the SFT model on nine tenths of HH-RLHF harmless-base; accuracy on the rest."""
     if not HH_RLHF.is_file():
-        emit("skipped", 0, "", what="reward_model_accuracy on hh_rlhf", reason=f"{HH_RLHF} not found (the shared datasets live beside the repository)")
+        emit(
+            "skipped",
+            0,
+            "",
+            what="reward_model_accuracy on hh_rlhf",
+            reason=f"{HH_RLHF} not found (the shared datasets live beside the repository)",
+        )
         return
     from llmkit.align.reward import RewardConfig, RewardTrainConfig, train_reward
 
-    summary = train_reward(RewardConfig(base=str(out / "sft"), datasets=[str(HH_RLHF)], val_fraction=0.1, epochs=1.0,
-                                        train=RewardTrainConfig(out=str(out / "reward_hh"), max_steps=steps, eval_interval=0,
-                                                                progress=False)))
-    emit("reward_model_accuracy", summary["heldout_accuracy"], "fraction", data="hh_rlhf", heldout_pairs=summary["heldout_pairs"],
-         train_pairs=summary["train_pairs"], dropped_pairs=summary["dropped_pairs"], steps=summary["steps"])
+    summary = train_reward(
+        RewardConfig(
+            base=str(out / "sft"),
+            datasets=[str(HH_RLHF)],
+            val_fraction=0.1,
+            epochs=1.0,
+            train=RewardTrainConfig(out=str(out / "reward_hh"), max_steps=steps, eval_interval=0, progress=False),
+        )
+    )
+    emit(
+        "reward_model_accuracy",
+        summary["heldout_accuracy"],
+        "fraction",
+        data="hh_rlhf",
+        heldout_pairs=summary["heldout_pairs"],
+        train_pairs=summary["train_pairs"],
+        dropped_pairs=summary["dropped_pairs"],
+        steps=summary["steps"],
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", help="pretrained checkpoint from `llmkit speedrun` (default: pretrain one)")
     parser.add_argument("--out", help="working folder (default: a temporary one)")
-    parser.add_argument("--from-speedrun", help="a finished `llmkit speedrun` folder: its base model and post-training "
-                                                "stages are reused (resumed), only the second RL seed and HH-RLHF run")
+    parser.add_argument(
+        "--from-speedrun",
+        help="a finished `llmkit speedrun` folder: its base model and post-training "
+        "stages are reused (resumed), only the second RL seed and HH-RLHF run",
+    )
     parser.add_argument("--rl", choices=["grpo", "ppo"], default="grpo")
-    parser.add_argument("--quick", action="store_true", help="small budgets: shows the benchmark works, not the quality")
+    parser.add_argument(
+        "--quick", action="store_true", help="small budgets: shows the benchmark works, not the quality"
+    )
     arguments = parser.parse_args()
 
     from llmkit.align.posttrain import PosttrainConfig, posttrain
@@ -125,29 +158,58 @@ def main() -> None:
         if arguments.from_speedrun:
             # The settings `llmkit speedrun` runs post-training with (its defaults).
             speedrun = Path(arguments.from_speedrun)
-            config = PosttrainConfig(base=str(speedrun / "base"), out=str(speedrun), report=str(speedrun), rl=arguments.rl,
-                                     dtype="bfloat16", resume=True, progress=False, **quick)
+            config = PosttrainConfig(
+                base=str(speedrun / "base"),
+                out=str(speedrun),
+                report=str(speedrun),
+                rl=arguments.rl,
+                dtype="bfloat16",
+                resume=True,
+                progress=False,
+                **quick,
+            )
         else:
             base = Path(arguments.base) if arguments.base else pretrained_base(out, "1m" if arguments.quick else "10m")
-            config = PosttrainConfig(base=str(base), out=str(out / "posttrain"), rl=arguments.rl, progress=False, **quick)
+            config = PosttrainConfig(
+                base=str(base), out=str(out / "posttrain"), rl=arguments.rl, progress=False, **quick
+            )
         result = posttrain(config)
         out = Path(config.out)
         for row in result["table"]:
             for mode, tool in TOOLS.items():
                 shots = {"shots": row["shots"]} if row["stage"] == "base" else {}
-                emit("accuracy", row[f"accuracy_{mode}"], "fraction", stage=row["stage"], tool=tool, problems=result["eval_problems"], **shots)
+                emit(
+                    "accuracy",
+                    row[f"accuracy_{mode}"],
+                    "fraction",
+                    stage=row["stage"],
+                    tool=tool,
+                    problems=result["eval_problems"],
+                    **shots,
+                )
         sft_accuracy, first_rl = result["table"][1]["accuracy_calculator"], result["table"][2]["accuracy_calculator"]
         second_rl = second_seed_accuracy(config, out, seed=config.seed + 1)
         gains = [round(first_rl - sft_accuracy, 4), round(second_rl - sft_accuracy, 4)]
         emit("rl_gain_over_sft", round(sum(gains) / 2, 4), "fraction", stage=arguments.rl, tool="on", per_seed=gains)
-        emit("seed_noise", round(abs(first_rl - second_rl), 4), "fraction", stage=arguments.rl, tool="on",
-             note="difference between the RL accuracies of two seeds; the goal is rl_gain_over_sft above it")
+        emit(
+            "seed_noise",
+            round(abs(first_rl - second_rl), 4),
+            "fraction",
+            stage=arguments.rl,
+            tool="on",
+            note="difference between the RL accuracies of two seeds; the goal is rl_gain_over_sft above it",
+        )
         from llmkit.align.posttrain import evaluation_settings
 
         for stage in ("sft", arguments.rl):
             sampling_headroom(out / stage, stage, evaluation_settings(config, out), 4 if arguments.quick else 16, 1.0)
-        emit("reward_model_accuracy", result["stages"]["reward"]["heldout_accuracy"], "fraction", data="generated_pairs",
-             heldout_pairs=result["stages"]["reward"]["heldout_pairs"])
+        emit(
+            "reward_model_accuracy",
+            result["stages"]["reward"]["heldout_accuracy"],
+            "fraction",
+            data="generated_pairs",
+            heldout_pairs=result["stages"]["reward"]["heldout_pairs"],
+        )
         hh_rlhf_accuracy(out, 20 if arguments.quick else 200)
 
 

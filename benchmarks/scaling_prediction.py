@@ -43,27 +43,61 @@ def main() -> None:
         summary = run_scaling(ScalingConfig(data=str(data), out=str(root / "scaling"), progress=False))
         seconds = time.perf_counter() - start
     prediction, fits, optimal = summary["prediction"], summary["fits"], summary["compute_optimal"]
-    context = {"n_layer": prediction["n_layer"], "n_embd": prediction["n_embd"],
-               "non_embedding_parameters": prediction["non_embedding_parameters"], "tokens": prediction["tokens"],
-               "budget_flops": prediction["budget"]}
+    context = {
+        "n_layer": prediction["n_layer"],
+        "n_embd": prediction["n_embd"],
+        "non_embedding_parameters": prediction["non_embedding_parameters"],
+        "tokens": prediction["tokens"],
+        "budget_flops": prediction["budget"],
+    }
     emit("predicted_loss", round(prediction["predicted_loss"], 5), "nats/token", **context)
     emit("actual_loss", round(prediction["actual_loss"], 5), "nats/token", **context)
     error = abs(prediction["relative_error"])
-    emit("relative_error", round(error, 5), "fraction", goal=GOAL, met=error <= GOAL,
-         signed=round(prediction["relative_error"], 5), multiplier=prediction["multiplier"])
+    emit(
+        "relative_error",
+        round(error, 5),
+        "fraction",
+        goal=GOAL,
+        met=error <= GOAL,
+        signed=round(prediction["relative_error"], 5),
+        multiplier=prediction["multiplier"],
+    )
     chinchilla = fits["chinchilla"]
-    emit("chinchilla_fit", round(chinchilla["huber_objective"], 8), "huber objective",
-         **{key: round(chinchilla[key], 5) for key in ("E", "A", "B", "alpha", "beta")}, points=chinchilla["points"],
-         starts=chinchilla["starts"])
-    emit("kaplan_fits", round(fits["kaplan_n"].get("exponent", float("nan")), 5), "alpha_N",
-         alpha_d=round(fits["kaplan_d"].get("exponent", float("nan")), 5), n_c=fits["kaplan_n"].get("scale"),
-         d_c=fits["kaplan_d"].get("scale"), isoflop_exponent=fits.get("isoflop_exponent"),
-         closed_form_exponent=round(optimal["exponent_n"], 5))
-    emit("compute_optimal", round(optimal["n_opt"]), "non-embedding parameters", d_opt=round(optimal["d_opt"]),
-         budget_flops=optimal["budget"], tokens_per_parameter=round(optimal["tokens_per_parameter"], 2))
-    emit("prediction_budget", prediction["budget"], "FLOPs (6ND)", largest_sweep_budget=prediction["largest_sweep_budget"],
-         sweep_runs=len(summary["runs"]), sweep_flops=summary["sweep_flops"],
-         sizes=sorted({run["non_embedding_parameters"] for run in summary["runs"]}))
+    emit(
+        "chinchilla_fit",
+        round(chinchilla["huber_objective"], 8),
+        "huber objective",
+        **{key: round(chinchilla[key], 5) for key in ("E", "A", "B", "alpha", "beta")},
+        points=chinchilla["points"],
+        starts=chinchilla["starts"],
+    )
+    emit(
+        "kaplan_fits",
+        round(fits["kaplan_n"].get("exponent", float("nan")), 5),
+        "alpha_N",
+        alpha_d=round(fits["kaplan_d"].get("exponent", float("nan")), 5),
+        n_c=fits["kaplan_n"].get("scale"),
+        d_c=fits["kaplan_d"].get("scale"),
+        isoflop_exponent=fits.get("isoflop_exponent"),
+        closed_form_exponent=round(optimal["exponent_n"], 5),
+    )
+    emit(
+        "compute_optimal",
+        round(optimal["n_opt"]),
+        "non-embedding parameters",
+        d_opt=round(optimal["d_opt"]),
+        budget_flops=optimal["budget"],
+        tokens_per_parameter=round(optimal["tokens_per_parameter"], 2),
+    )
+    emit(
+        "prediction_budget",
+        prediction["budget"],
+        "FLOPs (6ND)",
+        largest_sweep_budget=prediction["largest_sweep_budget"],
+        sweep_runs=len(summary["runs"]),
+        sweep_flops=summary["sweep_flops"],
+        sizes=sorted({run["non_embedding_parameters"] for run in summary["runs"]}),
+    )
     emit("seconds", round(seconds, 1), "s", predicted_run_seconds=prediction["trained_seconds"])
 
 

@@ -39,10 +39,40 @@ BATCH, CONTEXT = 12, 64
 TARGET_BPB = 2.72
 # The recipe of this issue: LLaMA-style blocks (RoPE, SwiGLU, no biases) at the baby-GPT size, bfloat16
 # autocast, a higher peak learning rate with a cosine decay sized to the budget, validation every 100 steps.
-RECIPE = ["--preset", "baby-gpt", "--position", "rope", "--norm", "layernorm", "--activation", "swiglu", "--no-bias",
-          "--batch-size", str(BATCH), "--lr", "3e-3", "--warmup-steps", "50", "--max-steps", "1000", "--beta2", "0.99",
-          "--dtype", "bfloat16", "--eval-interval", "100", "--eval-batches", "40", "--log-interval", "50",
-          "--checkpoint-interval", "100000", "--target-val-bpb", str(TARGET_BPB), "--no-progress"]
+RECIPE = [
+    "--preset",
+    "baby-gpt",
+    "--position",
+    "rope",
+    "--norm",
+    "layernorm",
+    "--activation",
+    "swiglu",
+    "--no-bias",
+    "--batch-size",
+    str(BATCH),
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "50",
+    "--max-steps",
+    "1000",
+    "--beta2",
+    "0.99",
+    "--dtype",
+    "bfloat16",
+    "--eval-interval",
+    "100",
+    "--eval-batches",
+    "40",
+    "--log-interval",
+    "50",
+    "--checkpoint-interval",
+    "100000",
+    "--target-val-bpb",
+    str(TARGET_BPB),
+    "--no-progress",
+]
 
 
 def trainer_rate(data: Path, root: Path, dtype: str, steps: int, compile: bool) -> float:
@@ -53,11 +83,26 @@ def trainer_rate(data: Path, root: Path, dtype: str, steps: int, compile: bool) 
     torch.manual_seed(0)
     model = Transformer(preset("baby-gpt", vocab_size=vocab))
     window = 10
-    config = TrainConfig(out=str(out), batch_size=BATCH, max_steps=steps + window, log_interval=window, eval_interval=0,
-                         eval_batches=1, checkpoint_interval=100000, dtype=dtype, compile=compile, progress=False,
-                         lr=1e-3, warmup_steps=10)
-    Trainer(model, TokenBatches(str(data), "train", BATCH, CONTEXT), config,
-            val_batches=TokenBatches(str(data), "val", BATCH, CONTEXT)).run()
+    config = TrainConfig(
+        out=str(out),
+        batch_size=BATCH,
+        max_steps=steps + window,
+        log_interval=window,
+        eval_interval=0,
+        eval_batches=1,
+        checkpoint_interval=100000,
+        dtype=dtype,
+        compile=compile,
+        progress=False,
+        lr=1e-3,
+        warmup_steps=10,
+    )
+    Trainer(
+        model,
+        TokenBatches(str(data), "train", BATCH, CONTEXT),
+        config,
+        val_batches=TokenBatches(str(data), "val", BATCH, CONTEXT),
+    ).run()
     with open(out / "metrics.csv") as file:
         rows = [row for row in csv.DictReader(file) if row["tokens_per_s"]]
     measured = rows[1:]  # drop the first window
@@ -73,9 +118,19 @@ def huggingface_rate(data: Path, steps: int, activation: str) -> float:
     batches = TokenBatches(str(data), "train", BATCH, CONTEXT)
     vocab = batches.manifest["vocab_size"]
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=vocab, n_positions=CONTEXT, n_embd=128, n_layer=4, n_head=4,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-                                     activation_function=activation)
+    config = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_positions=CONTEXT,
+        n_embd=128,
+        n_layer=4,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        activation_function=activation,
+    )
     model = transformers.GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
 
@@ -99,16 +154,23 @@ def huggingface_rate(data: Path, steps: int, activation: str) -> float:
 def seconds_to_target(data: Path, root: Path) -> dict:
     out = root / "target-run"
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "llmkit.cli", "pretrain", "--data", str(data), "--out", str(out), *RECIPE],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "llmkit.cli", "pretrain", "--data", str(data), "--out", str(out), *RECIPE],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
     with open(out / "metrics.csv") as file:
         evaluations = [row for row in csv.DictReader(file) if row["val_bpb"]]
     reached = [row for row in evaluations if float(row["val_bpb"]) <= TARGET_BPB]
-    return {"wall": wall, "reached": bool(reached), "step": int(reached[0]["step"]) if reached else None,
-            "val_bpb": float(reached[0]["val_bpb"]) if reached else float(evaluations[-1]["val_bpb"])}
+    return {
+        "wall": wall,
+        "reached": bool(reached),
+        "step": int(reached[0]["step"]) if reached else None,
+        "val_bpb": float(reached[0]["val_bpb"]) if reached else float(evaluations[-1]["val_bpb"]),
+    }
 
 
 def main() -> None:
@@ -118,8 +180,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure llmkit with torch.compile")
     parser.add_argument("--skip-target", action="store_true", help="skip the seconds_to_target run")
     arguments = parser.parse_args()
-    context = {"workload": "baby-gpt tinyshakespeare char", "batch": BATCH, "context": CONTEXT,
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    context = {
+        "workload": "baby-gpt tinyshakespeare char",
+        "batch": BATCH,
+        "context": CONTEXT,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
         data = prepare_shakespeare(root)
@@ -136,12 +203,29 @@ def main() -> None:
             emit("tokens_per_s", round(rate, 1), "tokens/s", system=name, **context)
         best_system = max((name for name in rates if name.startswith("llmkit")), key=rates.get)
         for reference in ("transformers float32", "transformers float32 exact-gelu"):
-            emit("speedup_vs_hf", round(rates[best_system] / rates[reference], 3), "x", system=best_system,
-                 reference=reference, goal=1.75, **context)
+            emit(
+                "speedup_vs_hf",
+                round(rates[best_system] / rates[reference], 3),
+                "x",
+                system=best_system,
+                reference=reference,
+                goal=1.75,
+                **context,
+            )
         if not arguments.skip_target:
             target = seconds_to_target(data, root)
-            emit("seconds_to_target", round(target["wall"], 1), "s", target_bpb=TARGET_BPB, reached=target["reached"],
-                 step=target["step"], val_bpb=target["val_bpb"], goal=60, recipe=" ".join(RECIPE), **context)
+            emit(
+                "seconds_to_target",
+                round(target["wall"], 1),
+                "s",
+                target_bpb=TARGET_BPB,
+                reached=target["reached"],
+                step=target["step"],
+                val_bpb=target["val_bpb"],
+                goal=60,
+                recipe=" ".join(RECIPE),
+                **context,
+            )
 
 
 if __name__ == "__main__":

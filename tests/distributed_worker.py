@@ -4,8 +4,8 @@
 import sys
 
 import torch
-
 from helpers import SyntheticBatches, tiny_config
+
 from llmkit.align.grpo import GRPOConfig, GRPOTrainConfig, GRPOUpdateConfig, grpo
 from llmkit.align.rl_source import RolloutConfig
 from llmkit.align.rl_stage import RLStageConfig
@@ -18,20 +18,48 @@ from llmkit.train.trainer import Trainer
 def pretrain(out: str, parallelism: str, grad_accum: int) -> None:
     torch.manual_seed(0)
     model = Transformer(tiny_config())
-    config = TrainConfig(out=out, batch_size=4, grad_accum=grad_accum, lr=3e-3, warmup_steps=2, max_steps=6,
-                         eval_interval=3, eval_batches=2, log_interval=1, checkpoint_interval=3, dtype="float32",
-                         progress=False, parallelism=parallelism, device="cpu")
+    config = TrainConfig(
+        out=out,
+        batch_size=4,
+        grad_accum=grad_accum,
+        lr=3e-3,
+        warmup_steps=2,
+        max_steps=6,
+        eval_interval=3,
+        eval_batches=2,
+        log_interval=1,
+        checkpoint_interval=3,
+        dtype="float32",
+        progress=False,
+        parallelism=parallelism,
+        device="cpu",
+    )
     Trainer(model, SyntheticBatches(), config, val_batches=SyntheticBatches()).run()
 
 
 def train_grpo(out: str, grad_accum: int, policy: str) -> None:
     """2 iterations of 4 prompts x 4 samples at a high temperature (rewards differ), 2 epochs of minibatches
     of 8: 4 steps an iteration, with a held-out evaluation every iteration."""
-    stage = RLStageConfig(policy=policy, task="arithmetic_plain", train_problems=8, eval_problems=4, missing_end_penalty=0.5)
-    grpo(GRPOConfig(group_size=4, stage=stage, rollout=RolloutConfig(prompts_per_iteration=4, max_new_tokens=4, temperature=3.0, tools="none"),
-                    update=GRPOUpdateConfig(iterations=2, epochs=2, minibatch_size=8),
-                    train=GRPOTrainConfig(out=out, grad_accum=grad_accum, lr=3e-3, eval_interval=4, checkpoint_interval=4, device="cpu",
-                                          progress=False)))
+    stage = RLStageConfig(
+        policy=policy, task="arithmetic_plain", train_problems=8, eval_problems=4, missing_end_penalty=0.5
+    )
+    grpo(
+        GRPOConfig(
+            group_size=4,
+            stage=stage,
+            rollout=RolloutConfig(prompts_per_iteration=4, max_new_tokens=4, temperature=3.0, tools="none"),
+            update=GRPOUpdateConfig(iterations=2, epochs=2, minibatch_size=8),
+            train=GRPOTrainConfig(
+                out=out,
+                grad_accum=grad_accum,
+                lr=3e-3,
+                eval_interval=4,
+                checkpoint_interval=4,
+                device="cpu",
+                progress=False,
+            ),
+        )
+    )
 
 
 if __name__ == "__main__":

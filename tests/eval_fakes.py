@@ -36,6 +36,9 @@ class ScriptedEngine:
         completions = []
         for text, ids, prompt_config in zip(texts, prompts, configs):
             reply = self.reply(text, prompt_config)
-            completions.append(Completion(text=reply, token_ids=self.tokenizer.encode(reply), finish_reason="stop",
-                                          prompt_tokens=len(ids)))
+            completions.append(
+                Completion(
+                    text=reply, token_ids=self.tokenizer.encode(reply), finish_reason="stop", prompt_tokens=len(ids)
+                )
+            )
         return completions

@@ -14,8 +14,17 @@ from llmkit.model import ModelConfig
 
 
 def tiny_config(**changes) -> ModelConfig:
-    values = dict(vocab_size=61, context_length=16, n_layer=2, n_head=2, n_embd=16, position="rope",
-                  norm="rmsnorm", activation="swiglu", bias=False)
+    values = dict(
+        vocab_size=61,
+        context_length=16,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        position="rope",
+        norm="rmsnorm",
+        activation="swiglu",
+        bias=False,
+    )
     values.update(changes)
     return ModelConfig(**values)
 
@@ -44,7 +53,7 @@ def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
     with torch.no_grad():
         for _ in range(steps):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 HARNESS_TASK = """task: {name}
@@ -70,8 +79,11 @@ def write_harness_task(folder: Path, name: str, records: list[dict], output_type
     writes ``<folder>/<name>.jsonl`` and ``<folder>/<name>.yaml`` and returns the data file."""
     data = folder / f"{name}.jsonl"
     data.write_text("".join(json.dumps(record) + "\n" for record in records))
-    (folder / f"{name}.yaml").write_text(HARNESS_TASK.format(name=name, data=data, cache=folder / "cache", output_type=output_type,
-                                                             document_fields=document_fields))
+    (folder / f"{name}.yaml").write_text(
+        HARNESS_TASK.format(
+            name=name, data=data, cache=folder / "cache", output_type=output_type, document_fields=document_fields
+        )
+    )
     return data
 
 

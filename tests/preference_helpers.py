@@ -7,18 +7,21 @@ import string
 from pathlib import Path
 
 import torch
-
 from helpers import tiny_config
+
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
 from llmkit.tokenizer import Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 
 def char_tokenizer(folder: Path) -> Tokenizer:
     (folder / "text.txt").write_text((string.ascii_letters + string.digits + string.punctuation + " \n") * 20)
-    train_tokenizer(TokenizerConfig(source=str(folder), out=str(folder / "tokenizer"), kind="char", vocab_size=200,
-                                    held_out_fraction=0))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(folder), out=str(folder / "tokenizer"), kind="char", vocab_size=200, held_out_fraction=0
+        )
+    )
     return Tokenizer.load(folder / "tokenizer")
 
 

@@ -12,23 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import tiny_config
+
 from llmkit.align.policy_gradient import PolicyModel, value_head
 from llmkit.align.rewards import as_reward
 from llmkit.align.rl_source import RolloutSource
 from llmkit.align.rollout import chat_prompt
 from llmkit.chat import render_ids
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
 from llmkit.tasks import arithmetic
 from llmkit.tokenizer import Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.train.trainer import Trainer
 
 LETTERS = "abcd"
 TOY_MESSAGES = [{"role": "user", "content": "go"}]
-
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +43,19 @@ def policy(tokenizer):
 def char_tokenizer(folder) -> Tokenizer:
     """Characters of the arithmetic task's conversations (so its prompts encode) and of the toy task."""
     problems = arithmetic.generate_problems(40, seed=0) + arithmetic.generate_problems(10, seed=0, split="heldout")
-    texts = [message.get("content") or "" for problem in problems for message in arithmetic.to_conversation(problem).messages]
+    texts = [
+        message.get("content") or "" for problem in problems for message in arithmetic.to_conversation(problem).messages
+    ]
     (folder / "text.txt").write_text("\n".join(texts + [arithmetic.PLAIN_SYSTEM_PROMPT, "calculator()#"]))
-    train_tokenizer(TokenizerConfig(source=str(folder / "text.txt"), out=str(folder / "tokenizer"), kind="char",
-                                    vocab_size=400, held_out_fraction=0))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(folder / "text.txt"),
+            out=str(folder / "tokenizer"),
+            kind="char",
+            vocab_size=400,
+            held_out_fraction=0,
+        )
+    )
     return Tokenizer.load(folder / "tokenizer")
 
 
@@ -55,8 +63,9 @@ def warm_policy(tokenizer: Tokenizer, context_length: int = 64, steps: int = 25)
     """A tiny model fine-tuned to answer "go" with one of a, b, c, d (equally likely) and <|end|>: the
     supervised start RL needs, with the rewarded letter at a probability near 1/4."""
     torch.manual_seed(0)
-    model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=context_length, n_embd=32,
-                                    tie_embeddings=False))
+    model = Transformer(
+        tiny_config(vocab_size=tokenizer.vocab_size, context_length=context_length, n_embd=32, tie_embeddings=False)
+    )
     rows = [render_ids(tokenizer, TOY_MESSAGES + [{"role": "assistant", "content": letter}]) for letter in LETTERS]
     ids = torch.tensor([row for row, _ in rows])
     targets = torch.where(torch.tensor([mask for _, mask in rows])[:, 1:], ids[:, 1:], -100)
@@ -98,7 +107,9 @@ def trainable(policy: Transformer, algorithm, config) -> PolicyModel:
     return PolicyModel(frozen_copy(policy).requires_grad_(True), head, config.rollout.temperature).eval()
 
 
-def rl_run(policy: Transformer, tokenizer: Tokenizer, algorithm, reward, prompts, **trainer_options) -> tuple[PolicyModel, dict]:
+def rl_run(
+    policy: Transformer, tokenizer: Tokenizer, algorithm, reward, prompts, **trainer_options
+) -> tuple[PolicyModel, dict]:
     """Train a copy of ``policy`` with ``algorithm`` (and its config) on ``prompts`` rated by ``reward``
     through the Trainer, ``policy`` itself the frozen reference; returns the trained module and the summary."""
     model = trainable(policy, algorithm, algorithm.config)

@@ -13,10 +13,10 @@ from PIL import Image
 
 from llmkit.cli import main
 from llmkit.data.shards import PrepareConfig, prepare_data
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError
 from llmkit.model import ModelConfig, Transformer
 from llmkit.plan.ablate import AblateConfig, Variant, ablate, parse_variant
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.train.batches import TokenBatches
 
 TINY = dict(n_layer=1, n_embd=16, n_head=2, context_length=16)  # on top of cpu-tiny
@@ -29,25 +29,54 @@ def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ablate_data")
     words = "the cat sat on a mat while one dog ran far from home".split()
     generator = random.Random(0)
-    (folder / "corpus.txt").write_text("\n".join(" ".join(generator.choice(words) for _ in range(10)) for _ in range(400)))
-    train_tokenizer(TokenizerConfig(source=str(folder / "corpus.txt"), out=str(folder / "tok"), kind="char", vocab_size=64,
-                                    held_out_fraction=0))
-    prepare_data(PrepareConfig(source=str(folder / "corpus.txt"), tokenizer=str(folder / "tok"), out=str(folder / "data"),
-                               val_fraction=0.2, split="tail", workers=1))
+    (folder / "corpus.txt").write_text(
+        "\n".join(" ".join(generator.choice(words) for _ in range(10)) for _ in range(400))
+    )
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(folder / "corpus.txt"), out=str(folder / "tok"), kind="char", vocab_size=64, held_out_fraction=0
+        )
+    )
+    prepare_data(
+        PrepareConfig(
+            source=str(folder / "corpus.txt"),
+            tokenizer=str(folder / "tok"),
+            out=str(folder / "data"),
+            val_fraction=0.2,
+            split="tail",
+            workers=1,
+        )
+    )
     return str(folder / "data")
 
 
 def config(data, out, variants, **changes) -> AblateConfig:
-    values = dict(data=data, out=str(out), preset="cpu-tiny", variants=variants, max_tokens=6 * TOKENS_PER_STEP, batch_size=BATCH,
-                  lr=3e-3, warmup_steps=2, eval_interval=2, eval_batches=1, dtype="float32", device="cpu", progress=False, seed=3)
+    values = dict(
+        data=data,
+        out=str(out),
+        preset="cpu-tiny",
+        variants=variants,
+        max_tokens=6 * TOKENS_PER_STEP,
+        batch_size=BATCH,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_interval=2,
+        eval_batches=1,
+        dtype="float32",
+        device="cpu",
+        progress=False,
+        seed=3,
+    )
     values.update(changes)
     return AblateConfig(**values)
 
 
 def token_variants() -> list:
-    return [{"name": "base", "model": TINY, "repeats": 2},
-            {"name": "layernorm", "model": {**TINY, "norm": "layernorm"}},
-            {"name": "post", "model": {**TINY, "norm_placement": "post"}, "train": {"lr": 2e-3}}]
+    return [
+        {"name": "base", "model": TINY, "repeats": 2},
+        {"name": "layernorm", "model": {**TINY, "norm": "layernorm"}},
+        {"name": "post", "model": {**TINY, "norm_placement": "post"}, "train": {"lr": 2e-3}},
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +126,9 @@ def test_table_delta_and_noise_equal_the_hand_computation_from_the_json(finished
     for row in others:
         delta = row["runs"][0]["val_bpb"] - base["val_bpb"]
         assert float(table[row["name"]][10]) == pytest.approx(delta, abs=0.5e-4 + 1e-9)
-        assert float(table[row["name"]][11]) == pytest.approx(delta / (sigma * math.sqrt(1 + 1 / 2)), abs=0.05 + 1e-3 * abs(delta / sigma))
+        assert float(table[row["name"]][11]) == pytest.approx(
+            delta / (sigma * math.sqrt(1 + 1 / 2)), abs=0.05 + 1e-3 * abs(delta / sigma)
+        )
         assert table[row["name"]][4] == f"{6 * TOKENS_PER_STEP:,}"
 
 
@@ -107,7 +138,9 @@ def test_rerun_skips_finished_runs_and_refuses_a_changed_variant(data, finished)
     before = {path: (path.stat().st_mtime_ns, (path.parent / "metrics.csv").stat().st_mtime_ns) for path in results}
     extended = token_variants() + [{"name": "learned", "model": {**TINY, "position": "learned"}}]
     again = ablate(config(data, out, extended))
-    assert {path: (path.stat().st_mtime_ns, (path.parent / "metrics.csv").stat().st_mtime_ns) for path in results} == before
+    assert {
+        path: (path.stat().st_mtime_ns, (path.parent / "metrics.csv").stat().st_mtime_ns) for path in results
+    } == before
     assert (out / "runs/learned/seed_3/result.json").is_file() and len(again["variants"]) == 4
     changed = token_variants()
     changed[2]["train"] = {"lr": 1e-3}
@@ -141,8 +174,19 @@ def test_a_flops_budget_becomes_a_token_budget_per_variant(data, tmp_path):
     wide = {**TINY, "n_embd": 32}
     moe = {**TINY, "moe_experts": 4, "moe_top_k": 1, "ffn_hidden": 64}
     budget = 1.5e7
-    summary = ablate(config(data, tmp_path, [{"name": "narrow", "model": {**TINY, "ffn_hidden": 64}}, {"name": "wide", "model": wide},
-                                             {"name": "moe", "model": moe}], max_tokens=None, max_flops=budget))
+    summary = ablate(
+        config(
+            data,
+            tmp_path,
+            [
+                {"name": "narrow", "model": {**TINY, "ffn_hidden": 64}},
+                {"name": "wide", "model": wide},
+                {"name": "moe", "model": moe},
+            ],
+            max_tokens=None,
+            max_flops=budget,
+        )
+    )
     rows = {row["name"]: row for row in summary["variants"]}
     for name, row in rows.items():
         run = row["runs"][0]
@@ -164,15 +208,18 @@ def test_a_flops_budget_becomes_a_token_budget_per_variant(data, tmp_path):
     assert "converted to a token budget per variant" in (tmp_path / "ablation.md").read_text()
 
 
-@pytest.mark.parametrize("variant, message", [
-    ({"name": "typo", "model": {"norm_placment": "post"}}, r"variants\[typo\]\.model\.norm_placment"),
-    ({"name": "bad", "model": {"norm_placement": "middle"}}, r"variants\[bad\]\.model\.norm_placement.*one of"),
-    ({"name": "odd", "model": {"n_embd": 30, "n_head": 4}}, r"variants\[odd\]\.model\.n_embd"),
-    ({"name": "slow", "train": {"lr_typo": 1}}, r"variants\[slow\]\.train\.lr_typo"),
-    ({"name": "lucky", "train": {"seed": 5}}, r"variants\[lucky\]\.train\.seed.*shared"),
-    ({"name": "extra", "models": {}}, r"variants\[extra\]\.models"),
-    ("cli:moe_experts=4 nonsense=1", r"variants\[cli\]\.nonsense"),
-])
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ({"name": "typo", "model": {"norm_placment": "post"}}, r"variants\[typo\]\.model\.norm_placment"),
+        ({"name": "bad", "model": {"norm_placement": "middle"}}, r"variants\[bad\]\.model\.norm_placement.*one of"),
+        ({"name": "odd", "model": {"n_embd": 30, "n_head": 4}}, r"variants\[odd\]\.model\.n_embd"),
+        ({"name": "slow", "train": {"lr_typo": 1}}, r"variants\[slow\]\.train\.lr_typo"),
+        ({"name": "lucky", "train": {"seed": 5}}, r"variants\[lucky\]\.train\.seed.*shared"),
+        ({"name": "extra", "models": {}}, r"variants\[extra\]\.models"),
+        ("cli:moe_experts=4 nonsense=1", r"variants\[cli\]\.nonsense"),
+    ],
+)
 def test_a_bad_variant_is_a_config_error_naming_it(data, tmp_path, variant, message):
     with pytest.raises(ConfigError, match=message):
         config(data, tmp_path, [{"name": "base"}, variant])
@@ -190,6 +237,20 @@ def test_budget_and_names_are_checked(data, tmp_path):
 def test_compact_command_line_variants(data, tmp_path, capsys):
     variant = parse_variant("moe:moe_experts=4 moe_top_k=1 lr=3e-3 repeats=2")
     assert variant == Variant(name="moe", model={"moe_experts": "4", "moe_top_k": "1"}, train={"lr": "3e-3"}, repeats=2)
-    assert main(["ablate", "--data", data, "--out", str(tmp_path), "--max-tokens", "100",
-                 "--variants", "base,post:norm_placement=post colour=red"]) == 2
+    assert (
+        main(
+            [
+                "ablate",
+                "--data",
+                data,
+                "--out",
+                str(tmp_path),
+                "--max-tokens",
+                "100",
+                "--variants",
+                "base,post:norm_placement=post colour=red",
+            ]
+        )
+        == 2
+    )
     assert "variants[post].colour" in capsys.readouterr().err

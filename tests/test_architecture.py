@@ -42,14 +42,19 @@ def imports() -> list[tuple[str, str, str]]:
                 names = [alias.name for alias in node.names]
             else:
                 continue
-            found += [(relative.as_posix(), source, unit_of(name)) for name in names if unit_of(name) not in (None, source)]
+            found += [
+                (relative.as_posix(), source, unit_of(name)) for name in names if unit_of(name) not in (None, source)
+            ]
     return found
 
 
 def test_the_map_names_every_unit_of_the_package_once():
     order, stages, allowed = documented_order()
-    units = {path.name.removesuffix(".py") for path in PACKAGE.iterdir()
-             if path.suffix == ".py" or (path.is_dir() and any(path.glob("*.py")))}
+    units = {
+        path.name.removesuffix(".py")
+        for path in PACKAGE.iterdir()
+        if path.suffix == ".py" or (path.is_dir() and any(path.glob("*.py")))
+    }
     assert len(order) == len(set(order)) and set(order) == units
     assert {"data", "align", "eval", "serve"} <= stages and ("eval", "data") in allowed
 
@@ -57,6 +62,9 @@ def test_the_map_names_every_unit_of_the_package_once():
 def test_every_import_follows_the_layer_order():
     order, stages, allowed = documented_order()
     rank = {unit: position for position, unit in enumerate(order)}
-    wrong = [f"{path}: {source} -> {target}" for path, source, target in imports()
-             if rank[target] > rank[source] or (source in stages and target in stages and (source, target) not in allowed)]
+    wrong = [
+        f"{path}: {source} -> {target}"
+        for path, source, target in imports()
+        if rank[target] > rank[source] or (source in stages and target in stages and (source, target) not in allowed)
+    ]
     assert wrong == []

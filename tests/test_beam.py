@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import naive_greedy, tiny_config
+
 from llmkit.errors import InputError
 from llmkit.infer.beam import beam_search
 from llmkit.infer.scoring import score_sequences
@@ -36,7 +36,7 @@ def bigram_model(probabilities: list[list[float]]) -> Transformer:
 
 
 def generated_logprob(model, prompt: list[int], tokens: list[int]) -> float:
-    return float(score_sequences(model, [prompt + tokens])[0].logprobs[len(prompt) - 1:].sum())
+    return float(score_sequences(model, [prompt + tokens])[0].logprobs[len(prompt) - 1 :].sum())
 
 
 def brute_force(model, prompt: list[int], length: int, end_ids: set[int], length_penalty: float) -> list[tuple]:
@@ -44,12 +44,16 @@ def brute_force(model, prompt: list[int], length: int, end_ids: set[int], length
     summed log-prob), best first: a sequence that closes with an end token, or one of exactly ``length``
     tokens with no end token in it."""
     vocab = model.config.vocab_size
-    sequences = [list(s) for n in range(1, length + 1) for s in itertools.product(range(vocab), repeat=n)
-                 if not end_ids & set(s[:-1]) and (n == length or s[-1] in end_ids)]
+    sequences = [
+        list(s)
+        for n in range(1, length + 1)
+        for s in itertools.product(range(vocab), repeat=n)
+        if not end_ids & set(s[:-1]) and (n == length or s[-1] in end_ids)
+    ]
     scores = score_sequences(model, [prompt + s for s in sequences], batch_size=256)
     hypotheses = []
     for sequence, score in zip(sequences, scores):
-        logprob = float(score.logprobs[len(prompt) - 1:].sum())
+        logprob = float(score.logprobs[len(prompt) - 1 :].sum())
         tokens = sequence[:-1] if sequence[-1] in end_ids else sequence
         hypotheses.append((logprob / len(sequence) ** length_penalty, tokens, logprob))
     return sorted(hypotheses, key=lambda hypothesis: -hypothesis[0])
@@ -81,7 +85,9 @@ def test_end_tokens_and_length_penalty_rank_like_brute_force(length_penalty):
     model, prompt = random_model(4), [2, 1]
     expected = brute_force(model, prompt, 3, {0}, length_penalty)
     # 64 beams never drop a candidate: all 1 + 3 + 36 hypotheses come back, ranked.
-    found = beam_search(model, prompt, num_beams=64, max_new_tokens=3, length_penalty=length_penalty, end_ids=frozenset({0}))
+    found = beam_search(
+        model, prompt, num_beams=64, max_new_tokens=3, length_penalty=length_penalty, end_ids=frozenset({0})
+    )
     assert [h.token_ids for h in found] == [tokens for _, tokens, _ in expected]
     assert [h.score for h in found] == pytest.approx([score for score, _, _ in expected], abs=1e-4)
     assert {h.finish_reason for h in found if len(h.token_ids) < 3} == {"stop"}
@@ -90,11 +96,15 @@ def test_end_tokens_and_length_penalty_rank_like_brute_force(length_penalty):
 def test_beam_search_avoids_the_greedy_trap():
     # From token 0, token 1 is the likeliest (0.5) but leads to a flat distribution; token 2 (0.4) leads
     # to 3 (0.9) and then 4 (0.8): 0.288 against greedy's 0.5 * 0.21 * 0.5 = 0.0525.
-    model = bigram_model([[0.02, 0.5, 0.4, 0.04, 0.04],
-                          [0.21, 0.2, 0.2, 0.2, 0.19],
-                          [0.02, 0.02, 0.02, 0.9, 0.04],
-                          [0.05, 0.05, 0.05, 0.05, 0.8],
-                          [0.8, 0.05, 0.05, 0.05, 0.05]])
+    model = bigram_model(
+        [
+            [0.02, 0.5, 0.4, 0.04, 0.04],
+            [0.21, 0.2, 0.2, 0.2, 0.19],
+            [0.02, 0.02, 0.02, 0.9, 0.04],
+            [0.05, 0.05, 0.05, 0.05, 0.8],
+            [0.8, 0.05, 0.05, 0.05, 0.05],
+        ]
+    )
     greedy = beam_search(model, [0], num_beams=1, max_new_tokens=3)[0]
     assert greedy.token_ids == naive_greedy(model, [0], 3) == [1, 0, 1]
     best = beam_search(model, [0], num_beams=2, max_new_tokens=3)[0]

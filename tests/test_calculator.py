@@ -11,19 +11,60 @@ from llmkit.infer.calculator import MAX_DIGITS, CalculatorError, calculate, eval
 
 # Trusted literals: Python's own evaluation of them is the independent reference.
 ARITHMETIC = [
-    "3*4+2", "(1+2)*(3-4)", "2**10", "-2**2", "(-2)**3", "7//2", "-7//2", "7 % 3", "-7 % 3", "5/2", "1/3",
-    "2**-3", "1e3 + 0.5", "12.0", "3.5*4", "100 - 99.9", "0.1 + 0.2", "2**0.5", "9**0.5", "abs(-3.25)", "round(7/3)",
-    "round(3.14159, 3)", "min(4, 2.5, 3)", "max(1, 2**3, 7)", "sqrt(2)", "sqrt(144)", "sqrt(6.25)", "10**50 + 1",
-    "123456789 * 987654321", "((48 / 2) + 48) * 3", "17 * 0.15", "-(+5)", "1_000 * 3", "7.5 % 2", "2 ** 3 ** 2",
+    "3*4+2",
+    "(1+2)*(3-4)",
+    "2**10",
+    "-2**2",
+    "(-2)**3",
+    "7//2",
+    "-7//2",
+    "7 % 3",
+    "-7 % 3",
+    "5/2",
+    "1/3",
+    "2**-3",
+    "1e3 + 0.5",
+    "12.0",
+    "3.5*4",
+    "100 - 99.9",
+    "0.1 + 0.2",
+    "2**0.5",
+    "9**0.5",
+    "abs(-3.25)",
+    "round(7/3)",
+    "round(3.14159, 3)",
+    "min(4, 2.5, 3)",
+    "max(1, 2**3, 7)",
+    "sqrt(2)",
+    "sqrt(144)",
+    "sqrt(6.25)",
+    "10**50 + 1",
+    "123456789 * 987654321",
+    "((48 / 2) + 48) * 3",
+    "17 * 0.15",
+    "-(+5)",
+    "1_000 * 3",
+    "7.5 % 2",
+    "2 ** 3 ** 2",
     # Near the bounds, where they must not change a value: 1000-digit results, round's widest digits, large powers.
-    "2**3321 - 1", "-(2**3321) // 3", "10**999 // 10**998", "(2**1000) * (3**600)", "3**-200 * 3**200", "(2/3)**100",
-    "round(1/7, 999)", "round(123456.789, -1000)", "round(987654321, -3)", "round(2**0.5, 1000)",
+    "2**3321 - 1",
+    "-(2**3321) // 3",
+    "10**999 // 10**998",
+    "(2**1000) * (3**600)",
+    "3**-200 * 3**200",
+    "(2/3)**100",
+    "round(1/7, 999)",
+    "round(123456.789, -1000)",
+    "round(987654321, -3)",
+    "round(2**0.5, 1000)",
 ]
 
 
 @pytest.mark.parametrize("expression", ARITHMETIC)
 def test_calculator_agrees_with_python_on_arithmetic(expression):
-    expected = eval(expression, {"__builtins__": {}}, {"sqrt": math.sqrt, "abs": abs, "round": round, "min": min, "max": max})
+    expected = eval(
+        expression, {"__builtins__": {}}, {"sqrt": math.sqrt, "abs": abs, "round": round, "min": min, "max": max}
+    )
     value = evaluate(expression)
     if isinstance(expected, int):
         assert calculate(expression) == str(expected)  # exact, and printed as a whole number
@@ -34,9 +75,22 @@ def test_calculator_agrees_with_python_on_arithmetic(expression):
 
 @pytest.mark.parametrize(
     "expression, shown",
-    [("12.0", "12"), ("5/2", "2.5"), ("0.1 + 0.2", "0.3"), ("7 / 2 * 2", "7"), ("-7/4", "-1.75"), ("1/1024", "0.0009765625"),
-     ("1/3", "0.333333333333"), ("2/3", "0.666666666667"), ("sqrt(2)", "1.41421356237"), ("2**0.5 * 2**0.5", "2"),
-     ("-0.0", "0"), ("17 * 0.15", "2.55"), ("round(2.675, 2)", "2.68"), ("10**20", "100000000000000000000")],
+    [
+        ("12.0", "12"),
+        ("5/2", "2.5"),
+        ("0.1 + 0.2", "0.3"),
+        ("7 / 2 * 2", "7"),
+        ("-7/4", "-1.75"),
+        ("1/1024", "0.0009765625"),
+        ("1/3", "0.333333333333"),
+        ("2/3", "0.666666666667"),
+        ("sqrt(2)", "1.41421356237"),
+        ("2**0.5 * 2**0.5", "2"),
+        ("-0.0", "0"),
+        ("17 * 0.15", "2.55"),
+        ("round(2.675, 2)", "2.68"),
+        ("10**20", "100000000000000000000"),
+    ],
 )
 def test_calculator_results_read_the_way_a_person_writes_them(expression, shown):
     # Exact decimals: 0.1 is one tenth here (so 2.675 rounds up), unlike the binary floats of eval.
@@ -81,7 +135,9 @@ def test_calculator_results_read_the_way_a_person_writes_them(expression, shown)
 )
 def test_calculator_refuses_anything_but_arithmetic(expression, message):
     started = time.monotonic()
-    with pytest.raises(CalculatorError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*").replace("^", r"\^")):
+    with pytest.raises(
+        CalculatorError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*").replace("^", r"\^")
+    ):
         evaluate(expression)
     assert time.monotonic() - started < 0.5  # refused before any huge computation
 

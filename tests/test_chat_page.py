@@ -12,11 +12,11 @@ from importlib import resources
 import httpx
 import openai
 import pytest
+from helpers import LiveServer
+from test_serve import PLAIN_CONVERSATION, trained_engine
 
 from llmkit.serve.app import create_app
 from llmkit.serve.server import ServeConfig
-from helpers import LiveServer
-from test_serve import PLAIN_CONVERSATION, trained_engine
 
 MODEL = "tiny"
 STATIC = resources.files("llmkit.serve") / "static"
@@ -56,8 +56,12 @@ def run_node_client(server, body: dict, abort_after: int = 0) -> dict:
     if node is None:
         pytest.skip("Node.js is not installed; it runs the page's chat.js outside a browser")
     with resources.as_file(STATIC / "chat.js") as script:
-        completed = subprocess.run([node, "-e", NODE_CLIENT, str(script), server.url, json.dumps(body), str(abort_after)],
-                                   capture_output=True, text=True, timeout=60)
+        completed = subprocess.run(
+            [node, "-e", NODE_CLIENT, str(script), server.url, json.dumps(body), str(abort_after)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert completed.returncode == 0, completed.stderr
     return json.loads(completed.stdout)
 
@@ -66,7 +70,10 @@ def test_the_pages_stream_reader_reassembles_the_answer(server):
     body = {"model": MODEL, "messages": PLAIN_CONVERSATION[:1], "temperature": 0}
     whole = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none").chat.completions.create(**body)
     streamed = run_node_client(server, body)
-    assert len(streamed["pieces"]) > 1 and "".join(streamed["pieces"]) == whole.choices[0].message.content == "Hello there."
+    assert (
+        len(streamed["pieces"]) > 1
+        and "".join(streamed["pieces"]) == whole.choices[0].message.content == "Hello there."
+    )
     assert streamed["result"]["content"] == "Hello there." and streamed["result"]["finishReason"] == "stop"
 
 
@@ -74,7 +81,12 @@ def test_the_pages_stop_aborts_and_frees_the_slot(server):
     scheduler = server.app.state.service.scheduler
     hook = scheduler.model.register_forward_pre_hook(lambda module, inputs: time.sleep(0.02))  # a slow answer
     try:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "the sky"}], "temperature": 0, "max_tokens": 100}
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "the sky"}],
+            "temperature": 0,
+            "max_tokens": 100,
+        }
         stopped = run_node_client(server, body, abort_after=1)
         assert stopped["error"] == "AbortError" and len(stopped["pieces"]) == 1
         deadline = time.monotonic() + 1.5  # the answer would take about two seconds more on its own
@@ -87,7 +99,9 @@ def test_the_pages_stop_aborts_and_frees_the_slot(server):
 
 def chromium_page(url: str, model: str):
     """A page of the chat app in headless Chromium (Debian's, driven by Playwright), loaded and greedy."""
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+    playwright_api = pytest.importorskip(
+        "playwright.sync_api", reason="Playwright is not installed (pip install playwright)"
+    )
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser_path is None:
         pytest.skip("no Chromium found on PATH (Debian: apt-get install chromium)")

@@ -6,7 +6,17 @@ import pytest
 from resiliparse.parse.html import HTMLParserException
 
 from llmkit.data import clean
-from llmkit.data.clean import CleanConfig, CleaningError, DialogueFields, DialogueStats, clean_text, extract_html, looks_like_html, normalize_whitespace, render_threads
+from llmkit.data.clean import (
+    CleanConfig,
+    CleaningError,
+    DialogueFields,
+    DialogueStats,
+    clean_text,
+    extract_html,
+    looks_like_html,
+    normalize_whitespace,
+    render_threads,
+)
 from llmkit.errors import ConfigError, InputError
 
 PAGE = """<!DOCTYPE html>
@@ -44,15 +54,33 @@ def test_page_without_main_content_filter_keeps_navigation_but_never_scripts():
     text, _ = clean_text(PAGE, CleanConfig(main_content=False))
     for kept in ("Home", "About us", "The history of bread", "Copyright 2024 Example Corp."):
         assert kept in text
-    for dropped in ("SECRET_SCRIPT", "SECRET_STYLE", "color: red", "ALT_TEXT_OF_IMAGE", "https://example.com", "JavaScript", "<p>", "href"):
+    for dropped in (
+        "SECRET_SCRIPT",
+        "SECRET_STYLE",
+        "color: red",
+        "ALT_TEXT_OF_IMAGE",
+        "https://example.com",
+        "JavaScript",
+        "<p>",
+        "href",
+    ):
         assert dropped not in text
 
 
 def test_broken_html_is_extracted_or_reported_never_raised():
-    assert clean_text("<html><body><p>unclosed paragraph <div><b>bold text", CleanConfig()) == ("unclosed paragraph\n\nbold text", None)
-    assert clean_text("<html><body><script>only()</script><style>p {}</style></body></html>", CleanConfig()) == (None, "clean:empty_after_extraction")
+    assert clean_text("<html><body><p>unclosed paragraph <div><b>bold text", CleanConfig()) == (
+        "unclosed paragraph\n\nbold text",
+        None,
+    )
+    assert clean_text("<html><body><script>only()</script><style>p {}</style></body></html>", CleanConfig()) == (
+        None,
+        "clean:empty_after_extraction",
+    )
     # A lone surrogate (legal in JSON "\ud800", not in UTF-8) would make the parser refuse the string.
-    assert clean_text("<html><body><p>half \ud800 a pair</p></body></html>", CleanConfig()) == ("half \ufffd a pair", None)
+    assert clean_text("<html><body><p>half \ud800 a pair</p></body></html>", CleanConfig()) == (
+        "half \ufffd a pair",
+        None,
+    )
     with pytest.raises(CleaningError, match="clean:empty_after_extraction"):
         extract_html("<p>   </p>")
 
@@ -69,7 +97,10 @@ def test_binary_junk_is_dropped_but_a_few_stray_controls_are_not():
     junk = bytes(range(256)).decode("latin-1") * 4
     assert clean_text(junk, CleanConfig(html="always")) == (None, "clean:binary")
     assert clean_text("\ufffd\ufffd\ufffdPNG\ufffd\x1a", CleanConfig()) == (None, "clean:binary")
-    assert clean_text("A normal sentence with one stray \x07 bell in it.", CleanConfig()) == ("A normal sentence with one stray  bell in it.", None)
+    assert clean_text("A normal sentence with one stray \x07 bell in it.", CleanConfig()) == (
+        "A normal sentence with one stray  bell in it.",
+        None,
+    )
     # A coloured terminal log is text: ftfy removes its escape sequences.
     assert clean_text("\x1b[32mINFO\x1b[0m ok\n" * 3, CleanConfig()) == ("INFO ok\nINFO ok\nINFO ok\n", None)
 
@@ -159,7 +190,10 @@ def test_html_mode_never_and_always():
     assert not looks_like_html(fragment)  # one line in four starts with a tag
     assert clean_text(fragment, CleanConfig(html="never")) == (fragment, None)
     # HTML ignores line breaks in text; block elements make paragraphs.
-    assert clean_text(fragment, CleanConfig(html="always")) == ("Intro line A bold word\n\nOne paragraph\n\nOutro", None)
+    assert clean_text(fragment, CleanConfig(html="always")) == (
+        "Intro line A bold word\n\nOne paragraph\n\nOutro",
+        None,
+    )
     assert clean_text(PAGE, CleanConfig(html="never"))[0].startswith("<!DOCTYPE html>")
     with pytest.raises(ConfigError, match="html"):
         CleanConfig(html="sometimes")
@@ -206,7 +240,10 @@ def test_threads_in_order_of_first_appearance_with_orphans():
     stats = DialogueStats()
     assert list(render_threads(records, DialogueFields(), stats)) == [
         ("tb", "prompter:\nSecond thread starts first\n\n  assistant (reply to prompter):\n  Reply"),
-        ("ta", "prompter:\nHi\n\n  assistant (reply to prompter):\n  Hello\n\nassistant:\nI answer a message that is gone"),
+        (
+            "ta",
+            "prompter:\nHi\n\n  assistant (reply to prompter):\n  Hello\n\nassistant:\nI answer a message that is gone",
+        ),
     ]
     assert stats == DialogueStats(messages=5, threads=2, orphans=1)
 
@@ -229,7 +266,9 @@ def test_threads_derived_from_roots_reddit_style():
 
 
 def test_reddit_ids_with_kind_prefixes():
-    fields = DialogueFields(id="id", parent="parent_id", thread="link_id", author="author", text="body", id_prefix="t1_")
+    fields = DialogueFields(
+        id="id", parent="parent_id", thread="link_id", author="author", text="body", id_prefix="t1_"
+    )
     records = [
         {"id": "c1", "parent_id": "t3_post", "link_id": "t3_post", "author": "ann", "body": "Top-level comment"},
         {"id": "c2", "parent_id": "t1_c1", "link_id": "t3_post", "author": "ben", "body": "Answer"},
@@ -249,7 +288,7 @@ def test_random_trees_render_in_depth_first_order():
         parent = generator.choice([None] + [record["message_id"] for record in records[-20:]])
         records.append(oasst(f"m{number}", parent, "t", "user", f"m{number}"))
     parent_of = {record["message_id"]: record["parent_id"] for record in records}
-    (_, text), = render_threads(records, DialogueFields())
+    ((_, text),) = render_threads(records, DialogueFields())
     blocks = [block.splitlines() for block in text.split("\n\n")]
     order = [lines[1].strip() for lines in blocks]
     depths = [(len(lines[0]) - len(lines[0].lstrip())) // 2 for lines in blocks]
@@ -267,21 +306,44 @@ def test_random_trees_render_in_depth_first_order():
 
 
 def test_deep_reply_chain_does_not_recurse():
-    records = [oasst("0", None, "t", "u", "start")] + [oasst(str(n), str(n - 1), "t", "u", "more") for n in range(1, 3000)]
-    (_, text), = render_threads(records, DialogueFields())
+    records = [oasst("0", None, "t", "u", "start")] + [
+        oasst(str(n), str(n - 1), "t", "u", "more") for n in range(1, 3000)
+    ]
+    ((_, text),) = render_threads(records, DialogueFields())
     assert text.count("(reply to u)") == 2999
 
 
 @pytest.mark.parametrize(
     "records, expected",
     [
-        ([oasst("a", None, "t", "u", "x"), {"message_id": "b", "parent_id": "a", "message_tree_id": "t", "text": "y"}], r"record 2: missing field 'role'"),
-        ([{"message_id": "a", "message_tree_id": "t", "role": "u", "text": "x"}], r"record 1: missing field 'parent_id'"),
-        ([oasst("a", None, "t", "u", None)], r"record 1: field 'text' is NoneType, expected str"),
-        ([oasst("a", None, "t", "u", "x"), oasst("a", None, "t", "u", "y")], r"record 2: duplicate message id 'a' \(first in record 1\)"),
-        ([oasst("a", None, "t1", "u", "x"), oasst("b", "a", "t2", "u", "y")], r"record 2: message 'b' of thread 't2' replies to 'a' of thread 't1'"),
         (
-            [oasst("r", None, "t", "u", "root"), oasst("a", "c", "t", "u", "x"), oasst("b", "a", "t", "u", "y"), oasst("c", "b", "t", "u", "z"), oasst("d", "b", "t", "u", "w")],
+            [
+                oasst("a", None, "t", "u", "x"),
+                {"message_id": "b", "parent_id": "a", "message_tree_id": "t", "text": "y"},
+            ],
+            r"record 2: missing field 'role'",
+        ),
+        (
+            [{"message_id": "a", "message_tree_id": "t", "role": "u", "text": "x"}],
+            r"record 1: missing field 'parent_id'",
+        ),
+        ([oasst("a", None, "t", "u", None)], r"record 1: field 'text' is NoneType, expected str"),
+        (
+            [oasst("a", None, "t", "u", "x"), oasst("a", None, "t", "u", "y")],
+            r"record 2: duplicate message id 'a' \(first in record 1\)",
+        ),
+        (
+            [oasst("a", None, "t1", "u", "x"), oasst("b", "a", "t2", "u", "y")],
+            r"record 2: message 'b' of thread 't2' replies to 'a' of thread 't1'",
+        ),
+        (
+            [
+                oasst("r", None, "t", "u", "root"),
+                oasst("a", "c", "t", "u", "x"),
+                oasst("b", "a", "t", "u", "y"),
+                oasst("c", "b", "t", "u", "z"),
+                oasst("d", "b", "t", "u", "w"),
+            ],
             r"cycle with no root: 'a' \(record 2\) -> 'c' \(record 4\) -> 'b' \(record 3\) -> 'a' \(record 2\)",
         ),
         ([oasst("self", "self", "t", "u", "x")], r"cycle with no root: 'self' \(record 1\) -> 'self' \(record 1\)"),

@@ -15,39 +15,101 @@ def corpus(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
     for part in range(6):
-        (folder / f"part{part}.py").write_text(CORPUS[part * 1000:] + CORPUS[:part * 1000])
+        (folder / f"part{part}.py").write_text(CORPUS[part * 1000 :] + CORPUS[: part * 1000])
     return folder
 
 
 def test_every_stage_from_the_command_line(tmp_path, corpus, capsys):
     tok, data, run = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
     assert main(["tokenizer", "train", "--source", str(corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
-    assert main(["data", "prepare", "--source", str(corpus), "--tokenizer", str(tok), "--out", str(data),
-                 "--val-fraction", "0.3", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--source",
+                str(corpus),
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(data),
+                "--val-fraction",
+                "0.3",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["pretrain", "--preset", "cpu-tiny", "--context-length", "32", "--data", str(data), "--out", str(run),
-                 "--max-steps", "6", "--batch-size", "4", "--eval-interval", "3", "--no-progress", "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--preset",
+                "cpu-tiny",
+                "--context-length",
+                "32",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--max-steps",
+                "6",
+                "--batch-size",
+                "4",
+                "--eval-interval",
+                "3",
+                "--no-progress",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 6 and summary["model"]["vocab_size"] == 300 and summary["model"]["context_length"] == 32
-    assert main(["generate", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert (
+        main(["generate", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0"])
+        == 0
+    )
     assert capsys.readouterr().out.startswith("def ")
-    assert main(["generate", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0",
-                 "--quantize", "int8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(run),
+                "--prompt",
+                "def ",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+                "--quantize",
+                "int8",
+            ]
+        )
+        == 0
+    )
     assert len(capsys.readouterr().out.rstrip("\n")) > len("def ")
     assert main(["estimate", "--preset", "llama-7b", "--tokens", "1e12", "--gpus", "8"]) == 0
     assert "6.7 B" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["pretrain", "--data", "{tmp}/missing", "--max-steps", "1"], "missing/manifest.json: file not found"),
-    (["pretrain", "--n-embd", "30", "--max-steps", "1"], "'n_embd' = 30"),
-    (["pretrain", "--preset", "gpt5", "--max-steps", "1"], "'preset' = 'gpt5'"),
-    (["generate", "--checkpoint", "{tmp}/nothing"], "nothing: checkpoint not found"),
-    (["tokenizer", "train", "--source", "{tmp}/bad.jsonl", "--out", "{tmp}/tok"], "bad.jsonl:2: not valid JSON"),
-    (["estimate", "--gpu", "abacus"], "'gpu' = 'abacus'"),
-    (["posttrain", "--rl", "ppo", "--rl-supervision", "process"], "'rl_supervision' = 'process'"),
-    (["grpo", "--dynamic-sampling", "--max-sampling-rounds", "0"], "'max_sampling_rounds' = 0"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["pretrain", "--data", "{tmp}/missing", "--max-steps", "1"], "missing/manifest.json: file not found"),
+        (["pretrain", "--n-embd", "30", "--max-steps", "1"], "'n_embd' = 30"),
+        (["pretrain", "--preset", "gpt5", "--max-steps", "1"], "'preset' = 'gpt5'"),
+        (["generate", "--checkpoint", "{tmp}/nothing"], "nothing: checkpoint not found"),
+        (["tokenizer", "train", "--source", "{tmp}/bad.jsonl", "--out", "{tmp}/tok"], "bad.jsonl:2: not valid JSON"),
+        (["estimate", "--gpu", "abacus"], "'gpu' = 'abacus'"),
+        (["posttrain", "--rl", "ppo", "--rl-supervision", "process"], "'rl_supervision' = 'process'"),
+        (["grpo", "--dynamic-sampling", "--max-sampling-rounds", "0"], "'max_sampling_rounds' = 0"),
+    ],
+)
 def test_user_errors_are_one_line(tmp_path, capsys, arguments, message):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
     arguments = [argument.replace("{tmp}", str(tmp_path)) for argument in arguments]
@@ -73,7 +135,9 @@ def test_nested_yaml_sections_for_pretrain(tmp_path):
     from llmkit.config import build
     from llmkit.pretrain import PretrainConfig
 
-    config = build(PretrainConfig, {"preset": "cpu-tiny", "model": {"n_layer": 3}, "train": {"lr": "2e-3", "max_time": "5m"}})
+    config = build(
+        PretrainConfig, {"preset": "cpu-tiny", "model": {"n_layer": 3}, "train": {"lr": "2e-3", "max_time": "5m"}}
+    )
     assert config.model.n_layer == 3 and config.train.lr == 2e-3 and config.train.max_seconds == 300
 
 
@@ -113,13 +177,52 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path, corpus):
 
     tok, data = tmp_path / "tok", tmp_path / "data"
     assert main(["tokenizer", "train", "--source", str(corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
-    assert main(["data", "prepare", "--source", str(corpus), "--tokenizer", str(tok), "--out", str(data),
-                 "--val-fraction", "0.3", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--source",
+                str(corpus),
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(data),
+                "--val-fraction",
+                "0.3",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     weights = []
     for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
-        assert main(["pretrain", "--preset", "cpu-tiny", "--context-length", "32", "--data", str(data), "--out",
-                     str(tmp_path / name), "--max-steps", "2", "--batch-size", "2", "--seed", seed, "--no-progress",
-                     "--dtype", "float32"]) == 0
+        assert (
+            main(
+                [
+                    "pretrain",
+                    "--preset",
+                    "cpu-tiny",
+                    "--context-length",
+                    "32",
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(tmp_path / name),
+                    "--max-steps",
+                    "2",
+                    "--batch-size",
+                    "2",
+                    "--seed",
+                    seed,
+                    "--no-progress",
+                    "--dtype",
+                    "float32",
+                ]
+            )
+            == 0
+        )
         weights.append(load_file(tmp_path / name / "checkpoints/step_00000002/model.safetensors"))
     assert all(weights[0][key].equal(weights[1][key]) for key in weights[0])
     assert not weights[0]["token_embedding.weight"].equal(weights[2]["token_embedding.weight"])
@@ -130,10 +233,46 @@ def test_a_moved_data_directory_still_trains(tmp_path, corpus):
 
     tok, data = tmp_path / "tok", tmp_path / "data"
     assert main(["tokenizer", "train", "--source", str(corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
-    assert main(["data", "prepare", "--source", str(corpus), "--tokenizer", str(tok), "--out", str(data),
-                 "--val-fraction", "0.3", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--source",
+                str(corpus),
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(data),
+                "--val-fraction",
+                "0.3",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     shutil.rmtree(tok)
     moved = tmp_path / "elsewhere"
     shutil.move(str(data), str(moved))
-    assert main(["pretrain", "--preset", "cpu-tiny", "--context-length", "32", "--data", str(moved), "--out",
-                 str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--preset",
+                "cpu-tiny",
+                "--context-length",
+                "32",
+                "--data",
+                str(moved),
+                "--out",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )

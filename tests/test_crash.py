@@ -19,9 +19,10 @@ import time
 
 import pytest
 import torch
+from helpers import SyntheticBatches, tiny_config
+from rl_helpers import policy, save_checkpoint, tokenizer
 
 import llmkit.io
-from helpers import SyntheticBatches, tiny_config
 from llmkit.align.grpo import GRPOConfig, GRPOTrainConfig, GRPOUpdateConfig, grpo
 from llmkit.align.rl_source import RolloutConfig, RolloutSource
 from llmkit.align.rl_stage import RLStageConfig
@@ -29,7 +30,6 @@ from llmkit.model import Transformer
 from llmkit.train.checkpoint import resumable_checkpoint
 from llmkit.train.config import TrainConfig
 from llmkit.train.trainer import Trainer
-from rl_helpers import policy, save_checkpoint, tokenizer
 
 __all__ = ["policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
 STEPS = 40
@@ -37,9 +37,21 @@ FORK = multiprocessing.get_context("fork")
 
 
 def train(out, batches=None) -> dict:
-    config = TrainConfig(out=str(out), batch_size=4, lr=3e-3, warmup_steps=3, max_steps=STEPS, eval_interval=0,
-                         log_interval=1, checkpoint_interval=1, keep_last=2, dtype="float32", progress=False, seed=7,
-                         resume=(out / "latest").is_file())
+    config = TrainConfig(
+        out=str(out),
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=3,
+        max_steps=STEPS,
+        eval_interval=0,
+        log_interval=1,
+        checkpoint_interval=1,
+        keep_last=2,
+        dtype="float32",
+        progress=False,
+        seed=7,
+        resume=(out / "latest").is_file(),
+    )
     torch.manual_seed(0)
     return Trainer(Transformer(tiny_config()), batches or SyntheticBatches(), config).run()
 
@@ -47,7 +59,11 @@ def train(out, batches=None) -> dict:
 def metrics(out) -> dict[int, tuple[str, str, str]]:
     """Step -> (loss, learning rate, tokens) of every training row of ``metrics.csv``."""
     with open(out / "metrics.csv", newline="") as file:
-        return {int(row["step"]): (row["loss"], row["lr"], row["tokens"]) for row in csv.DictReader(file) if not row["event"]}
+        return {
+            int(row["step"]): (row["loss"], row["lr"], row["tokens"])
+            for row in csv.DictReader(file)
+            if not row["event"]
+        }
 
 
 def final_weights(out) -> bytes:
@@ -93,7 +109,9 @@ def crash_child(out, kind: str, moment: int) -> None:
 def test_sigkill_at_random_moments_then_resume_continues_the_same_curve_exactly(tmp_path, monkeypatch):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     fsyncs = []
-    monkeypatch.setattr(llmkit.io, "fsync_path", lambda path, fsync=llmkit.io.fsync_path: fsyncs.append(path) or fsync(path))
+    monkeypatch.setattr(
+        llmkit.io, "fsync_path", lambda path, fsync=llmkit.io.fsync_path: fsyncs.append(path) or fsync(path)
+    )
     train(reference)
     monkeypatch.undo()
     curve = metrics(reference)
@@ -112,8 +130,12 @@ def test_sigkill_at_random_moments_then_resume_continues_the_same_curve_exactly(
         if child.is_alive():
             os.kill(child.pid, signal.SIGKILL)
             child.join()
-        assert child.exitcode == (0 if kind == "none" else -signal.SIGKILL), f"{kind} {moment}: exit code {child.exitcode}"
-        inside_saves += bool(set((crashed / "checkpoints").glob(".step_*")) - temporaries)  # a checkpoint was being built
+        assert child.exitcode == (0 if kind == "none" else -signal.SIGKILL), (
+            f"{kind} {moment}: exit code {child.exitcode}"
+        )
+        inside_saves += bool(
+            set((crashed / "checkpoints").glob(".step_*")) - temporaries
+        )  # a checkpoint was being built
         if (crashed / "metrics.csv").is_file():  # every row written so far lies on the uninterrupted curve
             assert all(curve[step] == row for step, row in metrics(crashed).items())
         if (crashed / "latest").is_file():
@@ -148,14 +170,23 @@ def test_sigterm_saves_the_step_it_was_at_and_resume_continues_exactly(tmp_path)
 
 def grpo_run(start, out, resume=False) -> dict:
     """GRPO on 2 prompts x 4 samples an iteration in minibatches of 4: 2 steps an iteration, 4 iterations."""
-    stage = RLStageConfig(policy=str(start), task="arithmetic_plain", train_problems=4, eval_problems=2, missing_end_penalty=0.5)
-    return grpo(GRPOConfig(group_size=4, stage=stage,
-                           rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, temperature=3.0, tools="none"),
-                           update=GRPOUpdateConfig(iterations=4, minibatch_size=4),
-                           train=GRPOTrainConfig(out=str(out), checkpoint_interval=2, device="cpu", progress=False, resume=resume)))
+    stage = RLStageConfig(
+        policy=str(start), task="arithmetic_plain", train_problems=4, eval_problems=2, missing_end_penalty=0.5
+    )
+    return grpo(
+        GRPOConfig(
+            group_size=4,
+            stage=stage,
+            rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, temperature=3.0, tools="none"),
+            update=GRPOUpdateConfig(iterations=4, minibatch_size=4),
+            train=GRPOTrainConfig(out=str(out), checkpoint_interval=2, device="cpu", progress=False, resume=resume),
+        )
+    )
 
 
-def test_ctrl_c_finishes_the_grpo_iteration_saves_and_resume_continues_exactly(tokenizer, policy, tmp_path, monkeypatch, caplog):
+def test_ctrl_c_finishes_the_grpo_iteration_saves_and_resume_continues_exactly(
+    tokenizer, policy, tmp_path, monkeypatch, caplog
+):
     (tmp_path / "sft").mkdir()
     start = save_checkpoint(tmp_path / "sft", policy, tokenizer)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
@@ -171,7 +202,12 @@ def test_ctrl_c_finishes_the_grpo_iteration_saves_and_resume_continues_exactly(t
     summary = grpo_run(start, stopped)
     monkeypatch.setattr(RolloutSource, "_start_iteration", begin)
     # The iteration in flight finished (both its steps), then the run saved and ended without evaluating again.
-    assert summary["interrupted"] and summary["iterations"] == 2 and summary["steps"] == 4 and summary["accuracy_after"] is None
+    assert (
+        summary["interrupted"]
+        and summary["iterations"] == 2
+        and summary["steps"] == 4
+        and summary["accuracy_after"] is None
+    )
     assert (stopped / "latest").read_text().strip() == "checkpoints/step_00000004"
     damaged = stopped / "checkpoints/step_00000004/model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-1])
@@ -182,7 +218,11 @@ def test_ctrl_c_finishes_the_grpo_iteration_saves_and_resume_continues_exactly(t
 
     def curve(out):
         with open(out / "metrics.csv", newline="") as file:
-            return [(row["step"], row["reward"], row["loss"], row["kl"], row["lr"]) for row in csv.DictReader(file) if not row["event"]]
+            return [
+                (row["step"], row["reward"], row["loss"], row["kl"], row["lr"])
+                for row in csv.DictReader(file)
+                if not row["event"]
+            ]
 
     assert curve(stopped) == curve(straight) and len({row[1] for row in curve(straight)}) > 1
     last = "checkpoints/step_00000008/model.safetensors"

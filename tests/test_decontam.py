@@ -29,7 +29,10 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 def write_sets(tmp_path: Path) -> list[str]:
-    math = write_jsonl(tmp_path / "math.jsonl", [{"question": QUESTION, "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"}])
+    math = write_jsonl(
+        tmp_path / "math.jsonl",
+        [{"question": QUESTION, "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"}],
+    )
     quiz = tmp_path / "quiz.csv"
     quiz.write_text(f'question,choice0,answer\n"{QUIZ_STEM}",carbon dioxide,0\n', encoding="utf-8")
     return [str(math), str(quiz)]
@@ -61,7 +64,9 @@ def test_planted_13_gram_is_found_and_reported_per_set(tmp_path):
     assert index.set_names == ["math", "quiz"]
     assert index.matches(f"{FILLER} {PLANTED_13} {FILLER}") == {"math": 1}
     # 15 consecutive words hold 15 - 13 + 1 = 3 distinct 13-grams.
-    assert index.matches(f"{FILLER} clips to 48 of her friends in April and then she sold half as many {FILLER}") == {"math": 3}
+    assert index.matches(f"{FILLER} clips to 48 of her friends in April and then she sold half as many {FILLER}") == {
+        "math": 3
+    }
     both = f"{FILLER} {PLANTED_13}. {FILLER} {QUIZ_STEM.upper()} {FILLER}"
     # QUIZ_STEM has 15 words: 3 distinct 13-grams.
     assert index.matches(both) == {"math": 1, "quiz": 3}
@@ -89,10 +94,24 @@ def test_min_matches_decides_contamination(tmp_path):
 
 
 def test_short_strings_match_whole_and_shorter_ones_are_ignored(tmp_path):
-    path = write_jsonl(tmp_path / "choices.jsonl", [{"choices": ["a bacterial population growing quickly inside the bloodstream", "carbon dioxide", "A", QUESTION]}])
+    path = write_jsonl(
+        tmp_path / "choices.jsonl",
+        [
+            {
+                "choices": [
+                    "a bacterial population growing quickly inside the bloodstream",
+                    "carbon dioxide",
+                    "A",
+                    QUESTION,
+                ]
+            }
+        ],
+    )
     index = ContaminationIndex.from_files([str(path)])
     # 9 words (>= min_words 8, < 13): the whole sequence is one n-gram.
-    assert index.matches(f"{FILLER} A Bacterial population growing quickly, inside the bloodstream! {FILLER}") == {"choices": 1}
+    assert index.matches(f"{FILLER} A Bacterial population growing quickly, inside the bloodstream! {FILLER}") == {
+        "choices": 1
+    }
     assert index.matches(f"{FILLER} a bacterial population growing quickly inside the {FILLER}") == {}
     # Shorter strings (answer labels, two-word choices) would match ordinary text by chance.
     assert index.matches("A student breathes out carbon dioxide.") == {}
@@ -103,13 +122,24 @@ def test_every_string_of_nested_records_is_indexed_but_keys_and_numbers_are_not(
     record = {
         "id": "hellaswag-1",
         "ctx": "A man is sitting on a roof with a hammer and a box of shingles next to him.",
-        "endings": ["he starts pulling up roofing from the roof and throwing it to the ground below.", "he is using a dry brush to sweep the leaves."],
-        "meta": {"source": [{"text": "The video shows a roofer working through a sunny afternoon in the suburbs of town."}]},
+        "endings": [
+            "he starts pulling up roofing from the roof and throwing it to the ground below.",
+            "he is using a dry brush to sweep the leaves.",
+        ],
+        "meta": {
+            "source": [{"text": "The video shows a roofer working through a sunny afternoon in the suburbs of town."}]
+        },
         "label": 0,
         long_key: "short",
     }
     path = write_jsonl(tmp_path / "hellaswag.jsonl", [record])
-    assert list(iter_strings(record)) == ["hellaswag-1", record["ctx"], *record["endings"], record["meta"]["source"][0]["text"], "short"]
+    assert list(iter_strings(record)) == [
+        "hellaswag-1",
+        record["ctx"],
+        *record["endings"],
+        record["meta"]["source"][0]["text"],
+        "short",
+    ]
     index = ContaminationIndex.from_files([str(path)])
     for text in [record["ctx"], record["endings"][0], record["meta"]["source"][0]["text"]]:
         assert index.matches(f"{FILLER} {text} {FILLER}").get("hellaswag", 0) >= 1, text
@@ -148,7 +178,10 @@ def test_matches_agree_with_a_tuple_based_reference(tmp_path):
         return " ".join(generator.choice(vocabulary) for _ in range(length))
 
     texts_by_set = {name: [sentence(generator.randint(1, 30)) for _ in range(40)] for name in ("alpha", "beta")}
-    paths = [write_jsonl(tmp_path / f"{name}.jsonl", [{"text": text} for text in texts]) for name, texts in texts_by_set.items()]
+    paths = [
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"text": text} for text in texts])
+        for name, texts in texts_by_set.items()
+    ]
     ngram, min_words = 6, 3
     index = ContaminationIndex.from_files([str(path) for path in paths], ngram=ngram, min_words=min_words)
     for _ in range(50):
@@ -161,7 +194,12 @@ def test_save_and_load_round_trip(tmp_path):
     index.save(tmp_path / "index" / "contamination.npz")
     loaded = ContaminationIndex.load(tmp_path / "index" / "contamination.npz")
     assert np.array_equal(loaded.hashes, index.hashes) and np.array_equal(loaded.set_ids, index.set_ids)
-    assert (loaded.set_names, loaded.ngram, loaded.min_words, loaded.lengths) == (index.set_names, index.ngram, index.min_words, index.lengths)
+    assert (loaded.set_names, loaded.ngram, loaded.min_words, loaded.lengths) == (
+        index.set_names,
+        index.ngram,
+        index.min_words,
+        index.lengths,
+    )
     document = f"{FILLER} {PLANTED_13} {QUIZ_STEM}"
     assert loaded.matches(document) == index.matches(document) == {"math": 1, "quiz": 3}
     assert [path.name for path in (tmp_path / "index").iterdir()] == ["contamination.npz"]  # no temporary file left
@@ -189,7 +227,11 @@ def test_a_hash_shared_by_two_sets_counts_for_both(tmp_path):
         ("eval.jsonl", json.dumps({"q": QUESTION}) + "\n{broken\n", r"eval.jsonl:2: not valid JSON"),
         ("eval.jsonl", json.dumps({"q": QUESTION}) + "\n[1, 2]\n", r"eval.jsonl:2: expected a JSON object"),
         ("eval.json", '{"q": "unterminated', r"eval.json:1: not valid JSON"),
-        ("eval.csv", f'question,answer\n"{QUESTION}",1\nonly one field\n', r"eval.csv:3: 1 fields, but the header has 2"),
+        (
+            "eval.csv",
+            f'question,answer\n"{QUESTION}",1\nonly one field\n',
+            r"eval.csv:3: 1 fields, but the header has 2",
+        ),
         ("eval.csv", 'question\n"unterminated\n', r"eval.csv:\d+: not valid CSV"),
         ("eval.xml", "<q/>", r"eval.xml: unsupported evaluation file suffix '.xml'"),
         ("eval.jsonl", json.dumps({"q": "too short", "label": "A"}) + "\n", r"eval.jsonl: no text of at least 8 words"),

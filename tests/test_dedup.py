@@ -26,7 +26,7 @@ def naive_shingles(text: str, ngram: int) -> set[tuple[str, ...]]:
     words = text.lower().split()
     if 0 < len(words) < ngram:
         return {tuple(words)}
-    return {tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1)}
+    return {tuple(words[i : i + ngram]) for i in range(len(words) - ngram + 1)}
 
 
 def jaccard(first: set, second: set) -> float:
@@ -42,7 +42,7 @@ def disjoint_pair(first_word: int, similarity: float, union: int = 200) -> tuple
     words = [f"w{first_word + k}" for k in range(union)]
     shared = round(similarity * union)
     half = (union - shared) // 2
-    return " ".join(words[:shared + half]), " ".join(words[:shared] + words[shared + half:])
+    return " ".join(words[: shared + half]), " ".join(words[:shared] + words[shared + half :])
 
 
 def random_text(rng: np.random.Generator, vocabulary: list[str], words: int) -> str:
@@ -130,7 +130,12 @@ def test_signatures_do_not_depend_on_batching(monkeypatch):
     rng = np.random.default_rng(1)
     vocabulary = [f"t{k}" for k in range(500)]
     # Short texts (one shingle of all their words) followed by others: n-grams must stop at a text's end.
-    texts = [random_text(rng, vocabulary, int(rng.integers(0, 60))) for _ in range(40)] + ["", "x", "two words", "and more words"]
+    texts = [random_text(rng, vocabulary, int(rng.integers(0, 60))) for _ in range(40)] + [
+        "",
+        "x",
+        "two words",
+        "and more words",
+    ]
     config = MinHashConfig(ngram=3)
     together = minhash_signatures(texts, config)
     one_by_one = np.stack([minhash_signatures([text], config)[0] for text in texts])
@@ -191,7 +196,11 @@ def test_candidate_rate_follows_the_s_curve(bands, rows):
         clusters = near_duplicate_clusters(minhash_signatures(texts, config), config)
         rate = (clusters[1::2] == clusters[0::2]).mean()
         expected = 1 - (1 - similarity**rows) ** bands
-        assert abs(rate - expected) <= 4 * math.sqrt(expected * (1 - expected) / pairs) + 0.02, (similarity, rate, expected)
+        assert abs(rate - expected) <= 4 * math.sqrt(expected * (1 - expected) / pairs) + 0.02, (
+            similarity,
+            rate,
+            expected,
+        )
 
 
 def signature_rows(*rows: list[int]) -> np.ndarray:
@@ -209,7 +218,9 @@ def test_chains_join_one_cluster_under_the_smallest_index():
     )
     np.testing.assert_array_equal(near_duplicate_clusters(signatures, config), [0, 1, 0, 0, 4])
     # Without verification every candidate is merged.
-    np.testing.assert_array_equal(near_duplicate_clusters(signatures, MinHashConfig(bands=4, rows=2, threshold=0)), [0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(
+        near_duplicate_clusters(signatures, MinHashConfig(bands=4, rows=2, threshold=0)), [0, 1, 0, 0, 0]
+    )
 
 
 def test_empty_documents_are_never_near_duplicates():
@@ -229,8 +240,10 @@ def naive_clusters(signatures: np.ndarray, bands: int, rows: int, threshold: flo
 
     for i in range(len(signatures)):
         for j in range(i + 1, len(signatures)):
-            shares_band = any((signatures[i, b * rows:(b + 1) * rows] == signatures[j, b * rows:(b + 1) * rows]).all()
-                              for b in range(bands))
+            shares_band = any(
+                (signatures[i, b * rows : (b + 1) * rows] == signatures[j, b * rows : (b + 1) * rows]).all()
+                for b in range(bands)
+            )
             if shares_band and (signatures[i] == signatures[j]).mean() >= threshold:
                 low, high = sorted((root(i), root(j)))
                 parent[high] = low
@@ -271,15 +284,22 @@ def test_planted_near_duplicates_found_and_unrelated_documents_kept():
 def test_signatures_are_the_same_in_another_process():
     texts = ["Déjà vu: the same five word shingles again and again", "short", ""]
     config = MinHashConfig(seed=7)
-    script = ("import json, sys; from llmkit.data.dedup import MinHashConfig, minhash_signatures, shingle_hashes\n"
-              "texts = json.loads(sys.argv[1])\n"
-              "print(json.dumps({'signatures': minhash_signatures(texts, MinHashConfig(seed=7)).tolist(),\n"
-              "                  'shingles': [shingle_hashes(t, 5).tolist() for t in texts]}))")
+    script = (
+        "import json, sys; from llmkit.data.dedup import MinHashConfig, minhash_signatures, shingle_hashes\n"
+        "texts = json.loads(sys.argv[1])\n"
+        "print(json.dumps({'signatures': minhash_signatures(texts, MinHashConfig(seed=7)).tolist(),\n"
+        "                  'shingles': [shingle_hashes(t, 5).tolist() for t in texts]}))"
+    )
     results = []
     for hash_seed in ["1", "2"]:
         environment = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        output = subprocess.run([sys.executable, "-c", script, json.dumps(texts)], env=environment,
-                                capture_output=True, text=True, check=True).stdout
+        output = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(texts)],
+            env=environment,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         results.append(json.loads(output))
     assert results[0] == results[1]
     assert results[0]["signatures"] == minhash_signatures(texts, config).tolist()
@@ -325,7 +345,9 @@ def test_min_documents_raises_the_bar():
 
 def test_find_counts_a_document_once_and_owner_is_smallest_key():
     repeated = RepeatedLines.find(np.array([5, 5, 3, 9]), np.array([7, 7, 7, 8], dtype=np.uint64))
-    assert repeated.hashes.tolist() == [7] and repeated.owners.tolist() == [3] and repeated.document_counts.tolist() == [2]
+    assert (
+        repeated.hashes.tolist() == [7] and repeated.owners.tolist() == [3] and repeated.document_counts.tolist() == [2]
+    )
     assert len(RepeatedLines.find(np.array([1, 1]), np.array([7, 7], dtype=np.uint64))) == 0
 
 
@@ -347,10 +369,17 @@ def test_repeated_lines_save_and_load(tmp_path):
 # --- validation ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"ngram": 0}, "ngram"), ({"bands": 0}, "bands"), ({"rows": 0}, "rows"),
-    ({"threshold": 1.5}, "threshold"), ({"threshold": -0.1}, "threshold"), ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"ngram": 0}, "ngram"),
+        ({"bands": 0}, "bands"),
+        ({"rows": 0}, "rows"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"threshold": -0.1}, "threshold"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_config_validation_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         MinHashConfig(**changes)

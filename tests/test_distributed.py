@@ -11,20 +11,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from rl_helpers import char_tokenizer, save_checkpoint, warm_policy
+from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 
 
 def launch(out: Path, mode: str, processes: int, grad_accum: int, *arguments: str) -> None:
-    environment = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    environment = {
+        **os.environ,
+        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
     worker = [str(HERE / "distributed_worker.py"), str(out), mode, str(grad_accum), *arguments]
     if processes == 1:
         command = [sys.executable, *worker]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *worker]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            *worker,
+        ]
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     if result.returncode != 0 and "exitcode: -6" in result.stderr:
         # gloo has been seen (about 1 run in 20 on a loaded 2-core machine) to abort a rank with
@@ -56,7 +66,9 @@ def test_two_processes_match_one(single, tmp_path, parallelism):
     assert state["world_size"] == 2 and state["config"]["parallelism"] == parallelism
     for (loss_one, val_one), (loss_two, val_two) in zip(curve(single), curve(tmp_path), strict=True):
         assert loss_two == pytest.approx(loss_one, rel=1e-4)
-        assert (val_one == "") == (val_two == "") and (not val_one or float(val_two) == pytest.approx(float(val_one), rel=1e-4))
+        assert (val_one == "") == (val_two == "") and (
+            not val_one or float(val_two) == pytest.approx(float(val_one), rel=1e-4)
+        )
     one = load_file(single / "checkpoints/step_00000006/model.safetensors")
     two = load_file(tmp_path / "checkpoints/step_00000006/model.safetensors")
     assert one.keys() == two.keys()
@@ -88,7 +100,9 @@ def test_grpo_on_two_processes_matches_one(start, tmp_path):
     launch(one, "grpo", 1, 2, str(start))  # 1 process accumulating 2 micro-batches
     launch(two, "grpo", 2, 1, str(start))  # 2 processes of 1 micro-batch each
     first, second = rows(one), rows(two)
-    assert [row["step"] for row in first] == [row["step"] for row in second] == ["0"] + [str(step) for step in range(1, 9)]
+    assert (
+        [row["step"] for row in first] == [row["step"] for row in second] == ["0"] + [str(step) for step in range(1, 9)]
+    )
     for row_one, row_two in zip(first, second):
         for column in ("reward", "reward_std", "uniform_groups", "generated_tokens", "accuracy", "eval_reward"):
             assert row_one.get(column) == row_two.get(column), column

@@ -8,15 +8,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import tiny_config
-from llmkit.align.dpo import DPOConfig, DPOObjective, DPOTrainConfig, dpo, dpo_loss, hinge_loss, ipo_loss, precompute_reference_logps
+from preference_helpers import char_tokenizer, repeat_digit_pairs, write_base, write_jsonl
+
+from llmkit.align.dpo import (
+    DPOConfig,
+    DPOObjective,
+    DPOTrainConfig,
+    dpo,
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    precompute_reference_logps,
+)
 from llmkit.align.preference import PreferenceBatches, load_preference_datasets, sequence_logprobs, tokenize_preferences
 from llmkit.errors import ConfigError
 from llmkit.infer.scoring import score_sequences
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import load_model, read_config, resolve_checkpoint
-from preference_helpers import char_tokenizer, repeat_digit_pairs, write_base, write_jsonl
 
 # Four pairs: log-probs of the policy and the reference on the chosen and rejected responses.
 POLICY_CHOSEN = torch.tensor([-1.0, -2.0, -4.0, -3.0])
@@ -75,15 +84,21 @@ def test_sequence_logprobs_equal_a_naive_per_token_sum(tokenizer, setup):
     lengths = batch["last_index"] + 1
     with torch.no_grad():
         summed = sequence_logprobs(model, ids, mask)
-    peer = score_sequences(model, [ids[row, :lengths[row]].tolist() for row in range(len(ids))])
+    peer = score_sequences(model, [ids[row, : lengths[row]].tolist() for row in range(len(ids))])
     for row in range(len(ids)):
-        sequence = ids[row, :lengths[row]]
+        sequence = ids[row, : lengths[row]]
         with torch.no_grad():  # alone, without padding
             logprobs = F.log_softmax(model(sequence[None])[0].double(), dim=-1)
-        naive = sum(logprobs[position - 1, sequence[position]].item() for position in range(1, len(sequence)) if mask[row, position])
-        assert mask[row, :lengths[row]].sum() >= 2  # the digit and <|end|>
+        naive = sum(
+            logprobs[position - 1, sequence[position]].item()
+            for position in range(1, len(sequence))
+            if mask[row, position]
+        )
+        assert mask[row, : lengths[row]].sum() >= 2  # the digit and <|end|>
         assert summed[row].item() == pytest.approx(naive, abs=1e-4)
-        assert summed[row].item() == pytest.approx(peer[row].logprobs[mask[row, 1:lengths[row]]].sum().item(), abs=1e-4)
+        assert summed[row].item() == pytest.approx(
+            peer[row].logprobs[mask[row, 1 : lengths[row]]].sum().item(), abs=1e-4
+        )
 
 
 def test_loss_is_log_two_while_the_policy_is_the_reference_and_on_the_fly_matches_precomputed(tokenizer, setup):
@@ -113,7 +128,9 @@ def _implicit_margins(checkpoint, base, batches, beta):
     policy, _ = load_model(checkpoint)
     reference, _ = load_model(base)
     objective = DPOObjective(beta=beta, reference=reference)
-    chosen, rejected = zip(*(objective.pair_scores(policy, batches.sequential_batch(index)) for index in range(batches.sequential_batches)))
+    chosen, rejected = zip(
+        *(objective.pair_scores(policy, batches.sequential_batch(index)) for index in range(batches.sequential_batches))
+    )
     margins = torch.cat(chosen) - torch.cat(rejected)
     return margins.mean().item(), (margins > 0).float().mean().item()
 
@@ -122,10 +139,27 @@ def _implicit_margins(checkpoint, base, batches, beta):
 def test_a_few_steps_move_the_policy_towards_the_chosen_responses(tokenizer, setup, loss_name, precompute):
     folder, base, data = setup
     out = folder / f"run_{loss_name}"
-    config = DPOConfig(base=str(base), datasets=[str(data)], val_fraction=0.2, loss=loss_name, beta=0.1, epochs=None,
-                       precompute_reference=precompute,
-                       train=DPOTrainConfig(out=str(out), max_steps=25, batch_size=16, lr=5e-3, warmup_steps=5, dtype="float32",
-                                            eval_interval=0, log_interval=5, progress=False, device="cpu"))
+    config = DPOConfig(
+        base=str(base),
+        datasets=[str(data)],
+        val_fraction=0.2,
+        loss=loss_name,
+        beta=0.1,
+        epochs=None,
+        precompute_reference=precompute,
+        train=DPOTrainConfig(
+            out=str(out),
+            max_steps=25,
+            batch_size=16,
+            lr=5e-3,
+            warmup_steps=5,
+            dtype="float32",
+            eval_interval=0,
+            log_interval=5,
+            progress=False,
+            device="cpu",
+        ),
+    )
     summary = dpo(config)
     assert read_config(resolve_checkpoint(out))["stage"] == "dpo"
     batches = _batches(tokenizer, data, batch_size=32)

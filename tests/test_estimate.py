@@ -9,8 +9,14 @@ import pytest
 
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer, preset
-from llmkit.plan.estimate import (DEVICES, EstimateConfig, closed_form_parameters, estimate,
-                                  exact_parameters, format_estimate)
+from llmkit.plan.estimate import (
+    DEVICES,
+    EstimateConfig,
+    closed_form_parameters,
+    estimate,
+    exact_parameters,
+    format_estimate,
+)
 
 DAY = 86400
 
@@ -68,8 +74,17 @@ def test_gpt3_34_days_with_recomputation():
 
 def test_gpt3_format():
     text = format_estimate(gpt3())
-    for fragment in ("174.6 B", "174,604,259,328", "174,579,068,928", "3.14e23 FLOPs", "24.6 days",
-                     "1,024 x a100-40gb", "46.2 %", "3.18 TiB", "20 bytes/param"):
+    for fragment in (
+        "174.6 B",
+        "174,604,259,328",
+        "174,579,068,928",
+        "3.14e23 FLOPs",
+        "24.6 days",
+        "1,024 x a100-40gb",
+        "46.2 %",
+        "3.18 TiB",
+        "20 bytes/param",
+    ):
         assert fragment in text, fragment
 
 
@@ -80,13 +95,16 @@ def test_result_is_json_serialisable():
 # ------------------------------------------------------------------------------ other classic sizes
 
 
-@pytest.mark.parametrize("name, exact, paper", [
-    # LLaMA Table 2 (Touvron et al. 2023) lists these sizes truncated to one decimal.
-    ("llama-7b", 6_738_415_616, 6.7),
-    ("llama-13b", 13_015_864_320, 13.0),
-    ("llama-33b", 32_528_943_616, 32.5),
-    ("llama-65b", 65_285_660_672, 65.2),
-])
+@pytest.mark.parametrize(
+    "name, exact, paper",
+    [
+        # LLaMA Table 2 (Touvron et al. 2023) lists these sizes truncated to one decimal.
+        ("llama-7b", 6_738_415_616, 6.7),
+        ("llama-13b", 13_015_864_320, 13.0),
+        ("llama-33b", 32_528_943_616, 32.5),
+        ("llama-65b", 65_285_660_672, 65.2),
+    ],
+)
 def test_llama_parameter_counts(name, exact, paper):
     config = preset(name)
     h, f, layers = config.n_embd, config.ffn_hidden, config.n_layer
@@ -136,7 +154,10 @@ def test_meta_count_equals_materialised_model():
         model = Transformer(config)
         assert total == model.num_parameters()
         assert non_embedding == model.num_parameters(exclude_embeddings=True)
-    assert estimate(EstimateConfig(preset="cpu-tiny", gpu="cpu"))["parameters"]["exact"] == Transformer(preset("cpu-tiny")).num_parameters()
+    assert (
+        estimate(EstimateConfig(preset="cpu-tiny", gpu="cpu"))["parameters"]["exact"]
+        == Transformer(preset("cpu-tiny")).num_parameters()
+    )
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -206,8 +227,17 @@ def test_mfu_out_of_range(mfu):
     EstimateConfig(mfu=1.0)
 
 
-@pytest.mark.parametrize("field, value", [("preset", "gpt5"), ("tokens", 0), ("gpus", 0), ("batch_size", 0),
-                                          ("sequence_length", 0), ("inference_bytes_per_param", 0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("preset", "gpt5"),
+        ("tokens", 0),
+        ("gpus", 0),
+        ("batch_size", 0),
+        ("sequence_length", 0),
+        ("inference_bytes_per_param", 0),
+    ],
+)
 def test_other_fields_are_validated(field, value):
     with pytest.raises(ConfigError) as error:
         EstimateConfig(**{field: value})

@@ -6,16 +6,26 @@ import json
 import math
 
 import pytest
-
 from eval_fakes import ScriptedEngine
+
 from llmkit.errors import ConfigError, InputError
 from llmkit.eval.code import STOP_SEQUENCES, evaluate_code, load_code_problems, pass_at_k, score_completions
 
 PROBLEMS = [
-    {"task_id": "Toy/0", "prompt": 'def add(a, b):\n    """Return a + b."""\n', "canonical_solution": "    return a + b\n",
-     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n", "entry_point": "add"},
-    {"task_id": "Toy/1", "prompt": 'def reverse(text):\n    """Reverse a string."""\n', "canonical_solution": "    return text[::-1]\n",
-     "test": "def check(candidate):\n    assert candidate('abc') == 'cba'\n    assert candidate('') == ''\n", "entry_point": "reverse"},
+    {
+        "task_id": "Toy/0",
+        "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+        "canonical_solution": "    return a + b\n",
+        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+        "entry_point": "add",
+    },
+    {
+        "task_id": "Toy/1",
+        "prompt": 'def reverse(text):\n    """Reverse a string."""\n',
+        "canonical_solution": "    return text[::-1]\n",
+        "test": "def check(candidate):\n    assert candidate('abc') == 'cba'\n    assert candidate('') == ''\n",
+        "entry_point": "reverse",
+    },
 ]
 WRONG = {"Toy/0": "    return a - b\n", "Toy/1": "    return text\n"}
 
@@ -29,8 +39,20 @@ def problem_file(tmp_path):
 
 
 def test_pass_at_k_equals_the_closed_form():
-    for n, c, k in [(1, 0, 1), (1, 1, 1), (5, 2, 1), (5, 2, 3), (5, 2, 4), (10, 3, 5), (20, 0, 10), (20, 20, 10),
-                    (200, 7, 1), (200, 7, 10), (200, 7, 100), (200, 150, 100)]:
+    for n, c, k in [
+        (1, 0, 1),
+        (1, 1, 1),
+        (5, 2, 1),
+        (5, 2, 3),
+        (5, 2, 4),
+        (10, 3, 5),
+        (20, 0, 10),
+        (20, 20, 10),
+        (200, 7, 1),
+        (200, 7, 10),
+        (200, 7, 100),
+        (200, 150, 100),
+    ]:
         closed_form = 1 - math.comb(n - c, k) / math.comb(n, k)
         assert pass_at_k(n, c, k) == pytest.approx(closed_form, abs=1e-12), (n, c, k)
 
@@ -44,7 +66,9 @@ def test_pass_at_k_needs_k_at_most_n():
 
 def test_right_solutions_pass_and_wrong_or_endless_ones_fail(problem_file):
     problems = load_code_problems(problem_file)
-    completions = [[problem.canonical_solution, WRONG[problem.task_id], "    while True:\n        pass\n"] for problem in problems]
+    completions = [
+        [problem.canonical_solution, WRONG[problem.task_id], "    while True:\n        pass\n"] for problem in problems
+    ]
     result = score_completions(problems, completions, ks=[1, 2], timeout_s=1.0, workers=2)
     for record in result["per_example"]:
         outcomes = [(sample["passed"], sample["status"]) for sample in record["completions"]]
@@ -100,9 +124,16 @@ def test_humaneval_canonical_solutions_pass(shared_data):
     assert result["pass@1"] == 1.0
 
 
-@pytest.mark.parametrize("forgery", ["    raise SystemExit\n", "    import os; os._exit(0)\n", "    import sys; sys.exit(0)\n",
-                                     "    pass\nimport os\nos._exit(0)\n",
-                                     "    class Yes(int):\n        __eq__ = lambda self, other: True\n    return Yes()\n"])
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        "    raise SystemExit\n",
+        "    import os; os._exit(0)\n",
+        "    import sys; sys.exit(0)\n",
+        "    pass\nimport os\nos._exit(0)\n",
+        "    class Yes(int):\n        __eq__ = lambda self, other: True\n    return Yes()\n",
+    ],
+)
 def test_early_exits_and_lying_objects_fail(problem_file, forgery):
     problems = load_code_problems(problem_file)
     result = score_completions(problems, [[forgery] for _ in problems], ks=[1], timeout_s=5, workers=2)
@@ -114,7 +145,10 @@ def test_every_canonical_humaneval_solution_passes_and_an_early_exit_fails(share
     problems = load_code_problems(shared_data / "humaneval" / "HumanEval.jsonl.gz")
     completions = [[problem.canonical_solution, "    import os; os._exit(0)\n"] for problem in problems]
     result = score_completions(problems, completions, ks=[1], timeout_s=10, workers=2)
-    failing = [(record["id"], record["completions"][0]["error"]) for record in result["per_example"]
-               if not record["completions"][0]["passed"]]
+    failing = [
+        (record["id"], record["completions"][0]["error"])
+        for record in result["per_example"]
+        if not record["completions"][0]["passed"]
+    ]
     assert failing == []
     assert not any(record["completions"][1]["passed"] for record in result["per_example"])

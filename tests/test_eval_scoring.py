@@ -9,8 +9,9 @@ import random
 
 import pytest
 import torch
-
 from helpers import tiny_config
+
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError, InputError
 from llmkit.eval.choice import evaluate_choice
 from llmkit.eval.choice_tasks import ChoiceExample, load_choice_task
@@ -18,7 +19,6 @@ from llmkit.eval.loglikelihood import loglikelihoods, rolling_loglikelihood, rol
 from llmkit.eval.perplexity import evaluate_perplexity, load_texts
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 FACTS = {"sky": "blue", "grass": "green", "snow": "white", "sun": "yellow", "coal": "black"}
 
@@ -31,8 +31,15 @@ def fact_text(seed: int, sentences: int) -> str:
 
 def char_tokenizer(folder) -> Tokenizer:
     (folder / "corpus.txt").write_text(fact_text(0, 50) + " Question: Answer:\né0123456789\n")
-    train_tokenizer(TokenizerConfig(source=str(folder / "corpus.txt"), out=str(folder / "tokenizer"), kind="char",
-                                    vocab_size=200, held_out_fraction=0))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(folder / "corpus.txt"),
+            out=str(folder / "tokenizer"),
+            kind="char",
+            vocab_size=200,
+            held_out_fraction=0,
+        )
+    )
     return Tokenizer.load(folder / "tokenizer")
 
 
@@ -78,13 +85,15 @@ def test_loglikelihoods_equal_a_naive_forward_sum(model, tokenizer):
     eot = tokenizer.eot_id
     # By hand: trailing spaces of the context belong to the continuation; an empty context is end-of-text;
     # a pair longer than the window keeps its last context_length tokens.
-    expected_pairs = [(tokenizer.encode("the sky"), tokenizer.encode(" is blue")),
-                      (tokenizer.encode("snow is"), tokenizer.encode(" white.")),
-                      ([eot], tokenizer.encode("the sun")),
-                      (tokenizer.encode("coal is black. " * 3)[:-1], tokenizer.encode("  the sky"))]
+    expected_pairs = [
+        (tokenizer.encode("the sky"), tokenizer.encode(" is blue")),
+        (tokenizer.encode("snow is"), tokenizer.encode(" white.")),
+        ([eot], tokenizer.encode("the sun")),
+        (tokenizer.encode("coal is black. " * 3)[:-1], tokenizer.encode("  the sky")),
+    ]
     for (logprob, _), (context_ids, continuation_ids) in zip(results, expected_pairs):
-        ids = (context_ids + continuation_ids)[-model.config.context_length:]
-        assert logprob == pytest.approx(sum(naive_logprobs(model, ids)[-len(continuation_ids):]), abs=1e-4)
+        ids = (context_ids + continuation_ids)[-model.config.context_length :]
+        assert logprob == pytest.approx(sum(naive_logprobs(model, ids)[-len(continuation_ids) :]), abs=1e-4)
 
 
 def test_greedy_flag_is_true_exactly_for_the_greedy_continuation(model, tokenizer):
@@ -94,7 +103,9 @@ def test_greedy_flag_is_true_exactly_for_the_greedy_continuation(model, tokenize
     assert tokenizer.encode(greedy_text) == greedy_ids
     other = next(token for token in tokenizer.encode("abcdefghij") if token != greedy_ids[-1])
     other_text = tokenizer.decode(greedy_ids[:-1] + [other])
-    (_, greedy), (_, not_greedy) = loglikelihoods(model, tokenizer, [("the grass", greedy_text), ("the grass", other_text)])
+    (_, greedy), (_, not_greedy) = loglikelihoods(
+        model, tokenizer, [("the grass", greedy_text), ("the grass", other_text)]
+    )
     assert greedy and not not_greedy
 
 
@@ -104,7 +115,9 @@ def test_a_continuation_that_fills_the_window_is_refused(model, tokenizer):
 
 
 # -------------------------------------------------------------- rolling windows
-@pytest.mark.parametrize("token_count,context_length,stride", [(1, 4, None), (3, 4, None), (10, 4, None), (37, 8, 3), (20, 5, 1)])
+@pytest.mark.parametrize(
+    "token_count,context_length,stride", [(1, 4, None), (3, 4, None), (10, 4, None), (37, 8, 3), (20, 5, 1)]
+)
 def test_rolling_windows_score_every_token_exactly_once(token_count, context_length, stride):
     windows = rolling_windows(token_count, context_length, stride)
     scored = [position for window in windows for position in range(window.end - window.scored, window.end)]
@@ -127,7 +140,9 @@ def test_stride_one_gives_every_token_the_full_window_of_context(model, tokenize
     ids = [tokenizer.eot_id] + tokenizer.encode(text)
     window = model.config.context_length
     # Independent spec: token p is predicted from the (at most window - 1) tokens right before it.
-    expected = sum(naive_logprobs(model, ids[max(0, position - window + 1):position + 1])[-1] for position in range(1, len(ids)))
+    expected = sum(
+        naive_logprobs(model, ids[max(0, position - window + 1) : position + 1])[-1] for position in range(1, len(ids))
+    )
     total, count = rolling_loglikelihood(model, tokenizer, text, stride=1)
     assert count == len(text)
     assert total == pytest.approx(expected, abs=1e-4)
@@ -181,26 +196,42 @@ def test_load_texts_reads_jsonl_records_and_whole_text_files(tmp_path):
 def test_raw_and_length_normalised_accuracy_worked_by_hand(uniform, tokenizer):
     # Under the uniform model a choice of n characters scores -(n + 1) log V (its leading space is a token):
     # the raw score prefers the shortest choice, the per-character score the longest, ties the first.
-    examples = [ChoiceExample("a", "sky", ["blue", "green", "white", "re"], 1, "jsonl"),
-                ChoiceExample("b", "sun", ["ab", "cd"], 0, "jsonl"),
-                ChoiceExample("c", "coal", ["black", "bk"], 1, "jsonl")]
+    examples = [
+        ChoiceExample("a", "sky", ["blue", "green", "white", "re"], 1, "jsonl"),
+        ChoiceExample("b", "sun", ["ab", "cd"], 0, "jsonl"),
+        ChoiceExample("c", "coal", ["black", "bk"], 1, "jsonl"),
+    ]
     result = evaluate_choice(uniform, tokenizer, examples, template="{context}")
     log_vocab = math.log(uniform.config.vocab_size)
-    assert result["per_example"][0]["logprobs"] == pytest.approx([-5 * log_vocab, -6 * log_vocab, -6 * log_vocab, -3 * log_vocab])
+    assert result["per_example"][0]["logprobs"] == pytest.approx(
+        [-5 * log_vocab, -6 * log_vocab, -6 * log_vocab, -3 * log_vocab]
+    )
     assert [(r["prediction"], r["prediction_norm"]) for r in result["per_example"]] == [(3, 1), (0, 0), (1, 0)]
     assert (result["accuracy"], result["accuracy_norm"]) == (2 / 3, 2 / 3)
 
 
 def test_accuracy_is_the_argmax_of_hand_computed_choice_loglikelihoods(model, tokenizer):
-    examples = [ChoiceExample(str(index), context, choices, answer, "jsonl") for index, (context, choices, answer) in enumerate([
-        ("sky", ["blue", "green sea"], 0), ("coal", ["black", "white", "a"], 2), ("sun", ["yellow", "ye"], 1),
-        ("the", ["snow", "grass is"], 0), ("is", ["b", "blue.", "black"], 1), ("0", ["12", "3456789"], 1)])]
+    examples = [
+        ChoiceExample(str(index), context, choices, answer, "jsonl")
+        for index, (context, choices, answer) in enumerate(
+            [
+                ("sky", ["blue", "green sea"], 0),
+                ("coal", ["black", "white", "a"], 2),
+                ("sun", ["yellow", "ye"], 1),
+                ("the", ["snow", "grass is"], 0),
+                ("is", ["b", "blue.", "black"], 1),
+                ("0", ["12", "3456789"], 1),
+            ]
+        )
+    ]
     result = evaluate_choice(model, tokenizer, examples, template="{context}")
     hits = hits_norm = 0
     for example, record in zip(examples, result["per_example"]):
         context_ids = tokenizer.encode(example.context)
-        scores = [sum(naive_logprobs(model, context_ids + tokenizer.encode(" " + choice))[len(context_ids) - 1:])
-                  for choice in example.choices]
+        scores = [
+            sum(naive_logprobs(model, context_ids + tokenizer.encode(" " + choice))[len(context_ids) - 1 :])
+            for choice in example.choices
+        ]
         assert record["logprobs"] == pytest.approx(scores, abs=1e-4)
         normalised = [score / len(choice) for score, choice in zip(scores, example.choices)]
         hits += scores.index(max(scores)) == example.answer
@@ -214,7 +245,9 @@ def test_accuracy_is_the_argmax_of_hand_computed_choice_loglikelihoods(model, to
 
 def fact_examples() -> list[ChoiceExample]:
     colours = sorted(set(FACTS.values()))
-    return [ChoiceExample(noun, f"the {noun} is", colours, colours.index(colour), "jsonl") for noun, colour in FACTS.items()]
+    return [
+        ChoiceExample(noun, f"the {noun} is", colours, colours.index(colour), "jsonl") for noun, colour in FACTS.items()
+    ]
 
 
 def test_fewshot_prompts_put_demonstrations_with_their_answers_first(model, tokenizer):
@@ -249,34 +282,64 @@ def write_lines(path, records) -> str:
 
 
 def test_hellaswag_both_layouts_cleaned_as_lm_eval(tmp_path):
-    path = write_lines(tmp_path / "hs.jsonl", [
-        {"ind": 4, "activity_label": "Removing ice", "ctx_a": "A man scrapes ice.", "ctx_b": "then he",
-         "endings": ["stops.", "sings [title] loudly.", "runs.", "sits."], "label": 1},
-        {"ctx": "A cat sits", "endings": ["down.", "up."], "label": "0"}])
+    path = write_lines(
+        tmp_path / "hs.jsonl",
+        [
+            {
+                "ind": 4,
+                "activity_label": "Removing ice",
+                "ctx_a": "A man scrapes ice.",
+                "ctx_b": "then he",
+                "endings": ["stops.", "sings [title] loudly.", "runs.", "sits."],
+                "label": 1,
+            },
+            {"ctx": "A cat sits", "endings": ["down.", "up."], "label": "0"},
+        ],
+    )
     first, second = load_choice_task(path)
-    assert first == ChoiceExample("4", "Removing ice: A man scrapes ice. Then he",
-                                  ["stops.", "sings. loudly.", "runs.", "sits."], 1, "hellaswag")
+    assert first == ChoiceExample(
+        "4", "Removing ice: A man scrapes ice. Then he", ["stops.", "sings. loudly.", "runs.", "sits."], 1, "hellaswag"
+    )
     assert (second.context, second.answer, second.id) == ("A cat sits", 0, "hs/2")
 
 
 def test_arc_labels_letters_and_digits(tmp_path):
-    path = write_lines(tmp_path / "arc.jsonl", [
-        {"id": "q1", "question": {"stem": "Which?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"},
-                                                                 {"text": "c", "label": "C"}]}, "answerKey": "C"},
-        {"id": "q2", "question": {"stem": "Num?", "choices": [{"text": "x", "label": "1"}, {"text": "y", "label": "2"}]},
-         "answerKey": "2"}])
-    assert load_choice_task(path) == [ChoiceExample("q1", "Which?", ["a", "b", "c"], 2, "arc"),
-                                      ChoiceExample("q2", "Num?", ["x", "y"], 1, "arc")]
+    path = write_lines(
+        tmp_path / "arc.jsonl",
+        [
+            {
+                "id": "q1",
+                "question": {
+                    "stem": "Which?",
+                    "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}, {"text": "c", "label": "C"}],
+                },
+                "answerKey": "C",
+            },
+            {
+                "id": "q2",
+                "question": {"stem": "Num?", "choices": [{"text": "x", "label": "1"}, {"text": "y", "label": "2"}]},
+                "answerKey": "2",
+            },
+        ],
+    )
+    assert load_choice_task(path) == [
+        ChoiceExample("q1", "Which?", ["a", "b", "c"], 2, "arc"),
+        ChoiceExample("q2", "Num?", ["x", "y"], 1, "arc"),
+    ]
 
 
 def test_mmlu_with_and_without_header_and_multiline_fields(tmp_path):
     body = 'What is 2+2?,3,4,5,6,B\n"A long\nquestion",w,x,y,z,3\n'
     (tmp_path / "math_test.csv").write_text(body)
-    (tmp_path / "math_dev.csv").write_text("question,choice0,choice1,choice2,choice3,answer\n" + body.replace(",B\n", ",1\n"))
+    (tmp_path / "math_dev.csv").write_text(
+        "question,choice0,choice1,choice2,choice3,answer\n" + body.replace(",B\n", ",1\n")
+    )
     for name in ("math_test.csv", "math_dev.csv"):
         examples = load_choice_task(tmp_path / name)
-        assert examples == [ChoiceExample("math/0", "What is 2+2?", ["3", "4", "5", "6"], 1, "mmlu"),
-                            ChoiceExample("math/1", "A long\nquestion", ["w", "x", "y", "z"], 3, "mmlu")]
+        assert examples == [
+            ChoiceExample("math/0", "What is 2+2?", ["3", "4", "5", "6"], 1, "mmlu"),
+            ChoiceExample("math/1", "A long\nquestion", ["w", "x", "y", "z"], 3, "mmlu"),
+        ]
     (tmp_path / "bad.csv").write_text(body + "Q,a,b,c,d,E\n")
     with pytest.raises(InputError, match=r"bad.csv:4: field 'answer' = 'E'"):
         load_choice_task(tmp_path / "bad.csv")
@@ -286,19 +349,29 @@ def test_mmlu_with_and_without_header_and_multiline_fields(tmp_path):
 
 
 def test_plain_jsonl_answer_as_index_or_letter(tmp_path):
-    path = write_lines(tmp_path / "plain.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": "b"},
-                                                  {"id": 7, "question": "r", "choices": ["c", "d", "e"], "answer": 2}])
-    assert load_choice_task(path) == [ChoiceExample("plain/1", "q", ["a", "b"], 1, "jsonl"),
-                                      ChoiceExample("7", "r", ["c", "d", "e"], 2, "jsonl")]
+    path = write_lines(
+        tmp_path / "plain.jsonl",
+        [
+            {"question": "q", "choices": ["a", "b"], "answer": "b"},
+            {"id": 7, "question": "r", "choices": ["c", "d", "e"], "answer": 2},
+        ],
+    )
+    assert load_choice_task(path) == [
+        ChoiceExample("plain/1", "q", ["a", "b"], 1, "jsonl"),
+        ChoiceExample("7", "r", ["c", "d", "e"], 2, "jsonl"),
+    ]
 
 
-@pytest.mark.parametrize("bad_line,message", [
-    ('{"question": "q", "choices": ["a", "b"], "answer": 2}', "out of range for 2 choices"),
-    ('{"question": "q", "choices": ["a", "b"]}', "missing field 'answer'"),
-    ('{"question": "q", "choices": "ab", "answer": 0}', "'choices' should be a list"),
-    ('{"question": "q", "choices": ["a", "b"], "answer": "Z"}', "neither a choice index nor a letter"),
-    ('{"question": "q", "choices": ["a", "b"], "answer": 0', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "bad_line,message",
+    [
+        ('{"question": "q", "choices": ["a", "b"], "answer": 2}', "out of range for 2 choices"),
+        ('{"question": "q", "choices": ["a", "b"]}', "missing field 'answer'"),
+        ('{"question": "q", "choices": "ab", "answer": 0}', "'choices' should be a list"),
+        ('{"question": "q", "choices": ["a", "b"], "answer": "Z"}', "neither a choice index nor a letter"),
+        ('{"question": "q", "choices": ["a", "b"], "answer": 0', "not valid JSON"),
+    ],
+)
 def test_malformed_rows_name_the_file_and_line(tmp_path, bad_line, message):
     path = write_lines(tmp_path / "task.jsonl", [{"question": "ok", "choices": ["a", "b"], "answer": 0}, "", bad_line])
     with pytest.raises(InputError, match=rf"task.jsonl:3: .*{message}"):
@@ -306,8 +379,15 @@ def test_malformed_rows_name_the_file_and_line(tmp_path, bad_line, message):
 
 
 def test_arc_row_with_an_unknown_answer_key_and_undetectable_files(tmp_path):
-    arc = write_lines(tmp_path / "arc.jsonl", [
-        {"question": {"stem": "s", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]}, "answerKey": "D"}])
+    arc = write_lines(
+        tmp_path / "arc.jsonl",
+        [
+            {
+                "question": {"stem": "s", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
+                "answerKey": "D",
+            }
+        ],
+    )
     with pytest.raises(InputError, match=r"arc.jsonl:1: answerKey 'D' is not one of"):
         load_choice_task(arc)
     other = write_lines(tmp_path / "other.jsonl", [{"text": "hello"}])

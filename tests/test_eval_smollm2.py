@@ -42,10 +42,17 @@ def smollm2(tmp_path_factory):
     examples = load_choice_task(arc)[:QUESTIONS]
     tasks = root / "tasks"
     tasks.mkdir()
-    write_choice_task(tasks, "smollm2_arc", [(example.context, example.choices, example.answer) for example in examples])
-    paragraphs = [line.strip() for line in (shared_data / "wikitext2" / "test.txt").read_text().splitlines()
-                  if 150 < len(line) < 400][:2]
-    wiki = write_harness_task(tasks, "smollm2_wiki", [{"text": text} for text in paragraphs], "loglikelihood_rolling", ROLLING_FIELDS)
+    write_choice_task(
+        tasks, "smollm2_arc", [(example.context, example.choices, example.answer) for example in examples]
+    )
+    paragraphs = [
+        line.strip()
+        for line in (shared_data / "wikitext2" / "test.txt").read_text().splitlines()
+        if 150 < len(line) < 400
+    ][:2]
+    wiki = write_harness_task(
+        tasks, "smollm2_wiki", [{"text": text} for text in paragraphs], "loglikelihood_rolling", ROLLING_FIELDS
+    )
     return root / "checkpoint", root / "hf", tasks, arc, wiki
 
 
@@ -54,20 +61,35 @@ def llmkit_eval(smollm2):
     """What `llmkit eval --tasks choice:ARC-Easy-Dev.jsonl,perplexity:wiki.jsonl --limit 20` reports."""
     checkpoint, _, _, arc, wiki = smollm2
     out = checkpoint.parent / "eval"
-    run_eval(EvalConfig(checkpoint=str(checkpoint), out=str(out), limit=QUESTIONS, decontamination=False,
-                        tasks=[f"choice:{arc}:name=arc", f"perplexity:{wiki}:name=wiki"]))
+    run_eval(
+        EvalConfig(
+            checkpoint=str(checkpoint),
+            out=str(out),
+            limit=QUESTIONS,
+            decontamination=False,
+            tasks=[f"choice:{arc}:name=arc", f"perplexity:{wiki}:name=wiki"],
+        )
+    )
     report = json.loads((out / "eval.json").read_text())["tasks"]
     records = [json.loads(line) for line in (out / "samples" / "arc.jsonl").read_text().splitlines()]
     return report["arc"]["metrics"], report["wiki"]["metrics"], [record["logprobs"] for record in records]
 
 
 def harness(model: str, model_args: str, tasks) -> tuple[dict, dict, list[list[float]]]:
-    results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["smollm2_arc", "smollm2_wiki"],
-                                      task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-                                      bootstrap_iters=0, log_samples=True)
+    results = lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=["smollm2_arc", "smollm2_wiki"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        bootstrap_iters=0,
+        log_samples=True,
+    )
     samples = sorted(results["samples"]["smollm2_arc"], key=lambda sample: int(sample["doc_id"]))
-    return (results["results"]["smollm2_arc"], results["results"]["smollm2_wiki"],
-            [[float(response[0]) for response in sample["filtered_resps"]] for sample in samples])
+    return (
+        results["results"]["smollm2_arc"],
+        results["results"]["smollm2_wiki"],
+        [[float(response[0]) for response in sample["filtered_resps"]] for sample in samples],
+    )
 
 
 def assert_same_scores(ours, theirs, tolerance: float) -> None:

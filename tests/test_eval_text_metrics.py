@@ -4,8 +4,8 @@ import json
 import math
 
 import pytest
-
 from eval_fakes import ScriptedEngine
+
 from llmkit.errors import InputError
 from llmkit.eval.text_metrics import corpus_bleu, evaluate_bleu_rouge, load_reference_pairs, rouge_scores
 
@@ -34,12 +34,17 @@ def test_rouge_f1_by_hand():
 
 
 def test_rouge_stems_words():
-    assert rouge_scores(["running dogs"], ["run dog"])[0] == pytest.approx({"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0})
+    assert rouge_scores(["running dogs"], ["run dog"])[0] == pytest.approx(
+        {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    )
 
 
 def test_evaluation_generates_one_line_and_scores_it(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": "Describe the cat:", "reference": REFERENCES[0]}, {"prompt": "Describe the dog:", "completion": REFERENCES[1]}]
+    rows = [
+        {"prompt": "Describe the cat:", "reference": REFERENCES[0]},
+        {"prompt": "Describe the dog:", "completion": REFERENCES[1]},
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     replies = {"Describe the cat:": " the cat sat on the mat", "Describe the dog:": " a dog runs"}
     engine = ScriptedEngine(lambda prompt, config: replies[prompt])

@@ -57,8 +57,20 @@ def test_text_statistics_hand_computed():
     text = "The cat sat.\n\n  - on 12 mats"
     statistics = text_statistics(text)
     # Words: The cat sat. - on 12 mats -> lengths 3 3 4 1 2 2 4; with a letter: 5 of 7.
-    assert statistics == {"characters": len(text), "lines": 2, "words": 7, "mean_word_length": 19 / 7, "alphabetic_word_fraction": 5 / 7}
-    assert text_statistics("") == {"characters": 0, "lines": 0, "words": 0, "mean_word_length": 0.0, "alphabetic_word_fraction": 0.0}
+    assert statistics == {
+        "characters": len(text),
+        "lines": 2,
+        "words": 7,
+        "mean_word_length": 19 / 7,
+        "alphabetic_word_fraction": 5 / 7,
+    }
+    assert text_statistics("") == {
+        "characters": 0,
+        "lines": 0,
+        "words": 0,
+        "mean_word_length": 0.0,
+        "alphabetic_word_fraction": 0.0,
+    }
 
 
 # --- Gopher quality ---------------------------------------------------------------------
@@ -67,7 +79,11 @@ def test_text_statistics_hand_computed():
 def test_gopher_defaults_are_the_papers():
     assert (GOPHER.min_words, GOPHER.max_words) == (50, 100_000)
     assert (GOPHER.min_mean_word_length, GOPHER.max_mean_word_length) == (3, 10)
-    assert (GOPHER.max_symbol_to_word_ratio, GOPHER.max_bullet_line_fraction, GOPHER.max_ellipsis_line_fraction) == (0.1, 0.9, 0.3)
+    assert (GOPHER.max_symbol_to_word_ratio, GOPHER.max_bullet_line_fraction, GOPHER.max_ellipsis_line_fraction) == (
+        0.1,
+        0.9,
+        0.3,
+    )
     assert (GOPHER.min_alphabetic_word_fraction, GOPHER.min_stop_words) == (0.8, 2)
     assert set(GOPHER.stop_words) == {"the", "be", "to", "of", "and", "that", "have", "with"}
 
@@ -156,7 +172,10 @@ def test_gopher_stop_words_counted_ignoring_case_and_punctuation():
     assert gopher_quality(" ".join(["The"] + words(48, plain) + ["with."]), GOPHER) is None
     assert gopher_quality(" ".join(["the"] + words(48, plain) + ["the"]), GOPHER) is None  # occurrences count
     assert gopher_quality(" ".join(["The"] + words(49, plain)), replace(GOPHER, min_stop_words=1)) is None
-    assert gopher_quality(" ".join(["cats"] + words(49, plain)), replace(GOPHER, stop_words=("Cats",), min_stop_words=1)) is None
+    assert (
+        gopher_quality(" ".join(["cats"] + words(49, plain)), replace(GOPHER, stop_words=("Cats",), min_stop_words=1))
+        is None
+    )
 
 
 # --- C4 ---------------------------------------------------------------------------------
@@ -183,7 +202,9 @@ def test_c4_terminal_punctuation():
     assert result.reason is None
     assert result.text == page(quoted)
     assert result.lines_removed == {"terminal_punctuation": 2}
-    assert c4(page("Read more about the old mill"), replace(C4, require_terminal_punctuation=False)).text == page("Read more about the old mill")
+    assert c4(page("Read more about the old mill"), replace(C4, require_terminal_punctuation=False)).text == page(
+        "Read more about the old mill"
+    )
     assert c4(page(quoted), replace(C4, terminal_punctuation=".")).lines_removed == {"terminal_punctuation": 1}
 
 
@@ -219,7 +240,9 @@ def test_c4_javascript_lines():
     assert c4(page(notice), replace(C4, remove_javascript_lines=False)).text == page(notice)
 
 
-@pytest.mark.parametrize("phrase", ["terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies"])
+@pytest.mark.parametrize(
+    "phrase", ["terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies"]
+)
 def test_c4_policy_lines(phrase):
     notice = f"Please read our {phrase.upper()} before you continue."
     result = c4(page(notice), C4)
@@ -307,7 +330,9 @@ def test_minified_and_encoded_files_fail():
     embedded = f'"""Icon data."""\n\nICON = """\n{blob}"""\n'
     assert code_quality(embedded, CODE) == "code_quality:encoded_match_length"
     dump = "\n".join(" ".join(f"{value:02x}" for value in range(row * 16, row * 16 + 16)) for row in range(16))
-    assert code_quality(f'DUMP = """\n{dump}\n"""\n', CODE) == "code_quality:encoded_fraction"  # a hex dump: most of the file
+    assert (
+        code_quality(f'DUMP = """\n{dump}\n"""\n', CODE) == "code_quality:encoded_fraction"
+    )  # a hex dump: most of the file
     escapes = 'TEXT = "' + "\\u0041" * 100 + '"\n'
     assert code_quality(escapes, code_only(max_encoded_fraction=0.5)) == "code_quality:encoded_fraction"
 
@@ -318,13 +343,18 @@ def test_code_line_length_rules():
     assert code_quality(text + "x", code_only(max_line_length=1000)) == "code_quality:max_line_length"
     lines = ["x" * 100] * 4
     assert code_quality("\n".join(lines) + "\n", code_only(max_mean_line_length=100)) is None
-    assert code_quality("\n".join(lines + ["x" * 101]), code_only(max_mean_line_length=100)) == "code_quality:mean_line_length"  # 501 / 5
+    assert (
+        code_quality("\n".join(lines + ["x" * 101]), code_only(max_mean_line_length=100))
+        == "code_quality:mean_line_length"
+    )  # 501 / 5
     assert code_quality("\n".join(lines + ["x" * 101]), code_only(max_mean_line_length=100.2)) is None
 
 
 def test_code_alphanumeric_fraction():
     assert code_quality("a...", code_only(min_alphanumeric_fraction=0.25)) is None  # 1 / 4
-    assert code_quality("a....", code_only(min_alphanumeric_fraction=0.25)) == "code_quality:alphanumeric_fraction"  # 1 / 5
+    assert (
+        code_quality("a....", code_only(min_alphanumeric_fraction=0.25)) == "code_quality:alphanumeric_fraction"
+    )  # 1 / 5
     assert code_quality("a....", code_only(min_alphanumeric_fraction=0.2)) is None
 
 
@@ -344,10 +374,16 @@ def test_code_encoded_data_thresholds():
     blob = base64.b64encode(bytes(range(256)) * 4).decode()  # 1368 characters, no newline
     text = f'"{blob[:1024]}"'
     assert code_quality(text, code_only(max_encoded_match_length=1024)) is None
-    assert code_quality(f'"{blob[:1025]}"', code_only(max_encoded_match_length=1024)) == "code_quality:encoded_match_length"
+    assert (
+        code_quality(f'"{blob[:1025]}"', code_only(max_encoded_match_length=1024))
+        == "code_quality:encoded_match_length"
+    )
     # 100 encoded characters in a file of 200, then of 199.
     assert code_quality(f'"{blob[:100]}"' + " " * 98, code_only(max_encoded_fraction=0.5)) is None
-    assert code_quality(f'"{blob[:100]}"' + " " * 97, code_only(max_encoded_fraction=0.5)) == "code_quality:encoded_fraction"
+    assert (
+        code_quality(f'"{blob[:100]}"' + " " * 97, code_only(max_encoded_fraction=0.5))
+        == "code_quality:encoded_fraction"
+    )
     # Hex pairs on their own lines match both the base64 and the hex pattern: the overlap counts once.
     pairs = "\n".join(["AB"] * 40)
     assert code_quality(pairs, code_only(max_encoded_fraction=1.0)) is None
@@ -370,7 +406,9 @@ def test_html_remnants_per_word():
 def test_boilerplate_line_fraction():
     def document(boilerplate: int) -> str:
         notices = ["All Rights Reserved.", "Click here to subscribe.", "Skip to content", "Share this:"]
-        return "\n".join(notices[:boilerplate] + [f"An ordinary sentence number {index}." for index in range(10 - boilerplate)])
+        return "\n".join(
+            notices[:boilerplate] + [f"An ordinary sentence number {index}." for index in range(10 - boilerplate)]
+        )
 
     assert keyword_filter(document(3), KeywordConfig()) is None  # 3 / 10
     assert keyword_filter(document(4), KeywordConfig()) == "keyword:boilerplate_lines"

@@ -12,17 +12,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_interop import SAMPLES, TEXT, llama_cpp_forward, perturbed, write_checkpoint
 
 from llmkit.chat import CHAT_TEMPLATE, render_ids
 from llmkit.cli import main
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import InputError, MismatchError
 from llmkit.interop import ExportConfig, ImportConfig, export_checkpoint, import_checkpoint
 from llmkit.interop.gguf import vocabulary
 from llmkit.model import ModelConfig
 from llmkit.model.checkpoint import load_model
 from llmkit.tokenizer import END, Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
-from test_interop import SAMPLES, TEXT, llama_cpp_forward, perturbed, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -41,27 +41,54 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 
 
 def llama_config(**changes) -> ModelConfig:
-    values = dict(vocab_size=320, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=48,
-                  norm="rmsnorm", position="rope", activation="swiglu", bias=False, tie_embeddings=False, rope_theta=500.0)
+    values = dict(
+        vocab_size=320,
+        context_length=64,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=32,
+        ffn_hidden=48,
+        norm="rmsnorm",
+        position="rope",
+        activation="swiglu",
+        bias=False,
+        tie_embeddings=False,
+        rope_theta=500.0,
+    )
     return ModelConfig(**{**values, **changes})
 
 
 def export_gguf_file(folder, config: ModelConfig, tokenizer: Tokenizer, dtype: str = "float32"):
     model = write_checkpoint(folder / "checkpoint", config, tokenizer)
-    export_checkpoint(ExportConfig(checkpoint=str(folder / "checkpoint"), format="gguf", out=str(folder / "model.gguf"), dtype=dtype))
+    export_checkpoint(
+        ExportConfig(checkpoint=str(folder / "checkpoint"), format="gguf", out=str(folder / "model.gguf"), dtype=dtype)
+    )
     return model, folder / "model.gguf"
 
 
 def read_back(path) -> tuple[dict, dict]:
     reader = gguf.GGUFReader(path)
     fields = {name: field.contents() for name, field in reader.fields.items()}
-    tensors = {tensor.name: torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
-               .reshape(tuple(reversed(tensor.shape.tolist()))) for tensor in reader.tensors}
+    tensors = {
+        tensor.name: torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)).reshape(
+            tuple(reversed(tensor.shape.tolist()))
+        )
+        for tensor in reader.tensors
+    }
     return fields, tensors
 
 
-def rewrite(source, target, *, kv: dict | None = None, drop: tuple = (), types=None, extra_tensors: dict | None = None,
-            architecture: str | None = None) -> None:
+def rewrite(
+    source,
+    target,
+    *,
+    kv: dict | None = None,
+    drop: tuple = (),
+    types=None,
+    extra_tensors: dict | None = None,
+    architecture: str | None = None,
+) -> None:
     """A copy of the GGUF file ``source`` with metadata changed (``kv``: key -> (value, GGUFValueType)),
     keys dropped, matrices stored as ``types(name)`` and tensors added."""
     reader = gguf.GGUFReader(source)
@@ -104,7 +131,7 @@ def quantized(weights: np.ndarray, kind) -> np.ndarray:
     blocks = generator.integers(0, 256, (weights.shape[0], weights.shape[1] // block, size), dtype=np.uint8)
     for offset in K_SCALES[kind]:
         scales = generator.uniform(2e-4, 6e-4, blocks.shape[:2]).astype(np.float16)
-        blocks[..., offset:offset + 2] = scales.view(np.uint8).reshape(*blocks.shape[:2], 2)
+        blocks[..., offset : offset + 2] = scales.view(np.uint8).reshape(*blocks.shape[:2], 2)
     return blocks.reshape(weights.shape[0], -1)
 
 
@@ -115,32 +142,55 @@ def reference_dequantize(raw: np.ndarray, kind) -> np.ndarray:
     blocks = raw.reshape(raw.shape[0], -1, size)
 
     def half(start):
-        return np.ascontiguousarray(blocks[..., start:start + 2]).view(np.float16).astype(np.float32)
+        return np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16).astype(np.float32)
 
     if kind == Q.Q8_0:
         values = half(0) * blocks[..., 2:].view(np.int8).astype(np.float32)
     else:
-        packed = blocks[..., 2 if kind == Q.Q4_0 else 4:]
+        packed = blocks[..., 2 if kind == Q.Q4_0 else 4 :]
         nibbles = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.float32)
         values = half(0) * (nibbles - 8) if kind == Q.Q4_0 else half(0) * nibbles + half(2)
     return values.reshape(raw.shape[0], -1)
 
 
-@pytest.mark.parametrize("name, changes, dtype", [
-    ("llama-untied", {}, "float32"), ("llama-tied", dict(tie_embeddings=True), "float32"),
-    ("llama-float16", {}, "float16"),
-    ("gpt2", dict(position="learned", norm="layernorm", activation="gelu_tanh", bias=True, n_kv_head=4, tie_embeddings=True,
-                  rope_theta=10000.0), "float32"),
-])
-def test_llmkit_gguf_export_imports_back_with_the_same_weights_config_and_tokenizer(tmp_path, tokenizer, name, changes, dtype):
+@pytest.mark.parametrize(
+    "name, changes, dtype",
+    [
+        ("llama-untied", {}, "float32"),
+        ("llama-tied", dict(tie_embeddings=True), "float32"),
+        ("llama-float16", {}, "float16"),
+        (
+            "gpt2",
+            dict(
+                position="learned",
+                norm="layernorm",
+                activation="gelu_tanh",
+                bias=True,
+                n_kv_head=4,
+                tie_embeddings=True,
+                rope_theta=10000.0,
+            ),
+            "float32",
+        ),
+    ],
+)
+def test_llmkit_gguf_export_imports_back_with_the_same_weights_config_and_tokenizer(
+    tmp_path, tokenizer, name, changes, dtype
+):
     config = llama_config(**changes)
     model, path = export_gguf_file(tmp_path, config, tokenizer, dtype)
     summary = import_checkpoint(ImportConfig(source=str(path), out=str(tmp_path / "back")))
-    assert summary["added_special_tokens"] == [] and summary["gguf_architecture"] == ("gpt2" if "gpt2" in name else "llama")
+    assert summary["added_special_tokens"] == [] and summary["gguf_architecture"] == (
+        "gpt2" if "gpt2" in name else "llama"
+    )
     restored, saved = load_model(tmp_path / "back")
     assert saved["model"] == dataclasses.asdict(config)  # eps 1e-05 survives float32 storage, rope_theta, tying, ...
-    assert sorted(path.name for path in (tmp_path / "back").iterdir()) == ["config.json", "model.safetensors",
-                                                                           "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(path.name for path in (tmp_path / "back").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     for key, before in model.state_dict().items():
         if key.startswith("rope_"):
             continue
@@ -154,7 +204,11 @@ def test_llmkit_gguf_export_imports_back_with_the_same_weights_config_and_tokeni
     for text in SAMPLES + MORE_SAMPLES:
         assert back.encode(text) == tokenizer.encode(text)
         assert back.decode(back.encode(text)) == text
-    assert (back.eot_id, back.pad_id, back.special_ids[END]) == (tokenizer.eot_id, tokenizer.pad_id, tokenizer.special_ids[END])
+    assert (back.eot_id, back.pad_id, back.special_ids[END]) == (
+        tokenizer.eot_id,
+        tokenizer.pad_id,
+        tokenizer.special_ids[END],
+    )
     assert back.config["chat_template"] == CHAT_TEMPLATE and back.config["add_bos_token"] is False
     assert saved["tokenizer_sha256"] == back.sha256
     assert saved["imported_from"]["special_token_ids"]["eot"] == tokenizer.special_ids[END]
@@ -162,11 +216,23 @@ def test_llmkit_gguf_export_imports_back_with_the_same_weights_config_and_tokeni
 
 def hf_model(kind: str):
     """A small random ``transformers`` model of ``kind`` (qwen2: biases on q/k/v only)."""
-    shape = dict(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64, rope_theta=1000.0, rms_norm_eps=1e-6,
-                 tie_word_embeddings=kind == "qwen2")
-    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-              "qwen3": lambda **values: transformers.Qwen3Config(head_dim=8, **values)}[kind](**shape)
+    shape = dict(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=1000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=kind == "qwen2",
+    )
+    config = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": lambda **values: transformers.Qwen3Config(head_dim=8, **values),
+    }[kind](**shape)
     torch.manual_seed(0)
     return perturbed(transformers.AutoModelForCausalLM.from_config(config), 0)
 
@@ -215,7 +281,11 @@ def test_transformers_models_written_as_gguf_import_with_their_logits(tmp_path, 
     write_hf_model_as_gguf(tmp_path / "model.gguf", peer, kind, tokenizer)
     import_checkpoint(ImportConfig(source=str(tmp_path / "model.gguf"), out=str(tmp_path / "imported")))
     model, _ = load_model(tmp_path / "imported")
-    assert (model.config.bias, model.config.qk_norm, model.config.tie_embeddings) == (kind == "qwen2", kind == "qwen3", kind == "qwen2")
+    assert (model.config.bias, model.config.qk_norm, model.config.tie_embeddings) == (
+        kind == "qwen2",
+        kind == "qwen3",
+        kind == "qwen2",
+    )
     ids = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (model(ids) - peer(ids).logits).abs().max() <= 1e-4
@@ -268,21 +338,30 @@ HF_SPLITS = {
 
 
 def source_tokenizer(pre: str):
-    from tokenizers import Regex, Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
 
     backend = Backend(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre in ("gpt-2", "smollm"))
     if pre in HF_SPLITS:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(HF_SPLITS[pre]), behavior="isolated"), byte_level])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(HF_SPLITS[pre]), behavior="isolated"), byte_level]
+        )
     elif pre == "smollm":
         backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     else:
         backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
     text = TEXT + " ".join(MORE_SAMPLES * 20) + " 1234567 2024 I'll we've THEY'RE\n\n"
-    backend.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.train_from_iterator(
+        [text],
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     backend.add_tokens(["<think>"])  # a user-defined token, matched whole but not special
     return backend
 
@@ -299,31 +378,50 @@ def test_rebuilt_tokenizer_gives_the_source_tokenizers_ids(tmp_path, pre):
         tokens[added["id"]] = added["content"]
         types[added["id"]] = int(gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED)
     writer = gguf.GGUFWriter(tmp_path / "model.gguf", "llama")
-    for add, value in ((writer.add_context_length, 16), (writer.add_embedding_length, 8), (writer.add_block_count, 1),
-                       (writer.add_feed_forward_length, 8), (writer.add_head_count, 2), (writer.add_layer_norm_rms_eps, 1e-5)):
+    for add, value in (
+        (writer.add_context_length, 16),
+        (writer.add_embedding_length, 8),
+        (writer.add_block_count, 1),
+        (writer.add_feed_forward_length, 8),
+        (writer.add_head_count, 2),
+        (writer.add_layer_norm_rms_eps, 1e-5),
+    ):
         add(value)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([" ".join(merge) if not isinstance(merge, str) else merge for merge in data["model"]["merges"]])
+    writer.add_token_merges(
+        [" ".join(merge) if not isinstance(merge, str) else merge for merge in data["model"]["merges"]]
+    )
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_chat_template("{{ messages[0]['content'] }}")
     if pre == "llama-bpe":
         writer.add_add_bos_token(True)
     generator = np.random.default_rng(0)
-    shapes = {"token_embd.weight": (size, 8), "output_norm.weight": (8,), "blk.0.attn_norm.weight": (8,),
-              "blk.0.ffn_norm.weight": (8,), "blk.0.attn_q.weight": (8, 8), "blk.0.attn_k.weight": (8, 8),
-              "blk.0.attn_v.weight": (8, 8), "blk.0.attn_output.weight": (8, 8), "blk.0.ffn_gate.weight": (8, 8),
-              "blk.0.ffn_up.weight": (8, 8), "blk.0.ffn_down.weight": (8, 8)}
+    shapes = {
+        "token_embd.weight": (size, 8),
+        "output_norm.weight": (8,),
+        "blk.0.attn_norm.weight": (8,),
+        "blk.0.ffn_norm.weight": (8,),
+        "blk.0.attn_q.weight": (8, 8),
+        "blk.0.attn_k.weight": (8, 8),
+        "blk.0.attn_v.weight": (8, 8),
+        "blk.0.attn_output.weight": (8, 8),
+        "blk.0.ffn_gate.weight": (8, 8),
+        "blk.0.ffn_up.weight": (8, 8),
+        "blk.0.ffn_down.weight": (8, 8),
+    }
     for name, shape in shapes.items():
         writer.add_tensor(name, generator.standard_normal(shape).astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert main(["import", str(tmp_path / "model.gguf"), "--out", str(tmp_path / "imported")]) == 0  # the positional form
+    assert (
+        main(["import", str(tmp_path / "model.gguf"), "--out", str(tmp_path / "imported")]) == 0
+    )  # the positional form
     ours = Tokenizer.load(tmp_path / "imported")
     peer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
     # (not SAMPLES[2]: its <|user|> and <|end|> are special tokens llmkit added, plain text to the source)
@@ -332,7 +430,9 @@ def test_rebuilt_tokenizer_gives_the_source_tokenizers_ids(tmp_path, pre):
         expected = source.encode(text, add_special_tokens=False).ids
         assert ours.encode(text) == expected, text
         assert ours.decode(expected) == text
-        if pre != "smollm":  # transformers splits digit runs with GPT-2's regex for "smollm"; llama.cpp isolates each digit
+        if (
+            pre != "smollm"
+        ):  # transformers splits digit runs with GPT-2's regex for "smollm"; llama.cpp isolates each digit
             assert peer.encode(text, add_special_tokens=False) == expected, text
     assert ours.encode("<think>")[0] == source.token_to_id("<think>")
     assert ours.config["chat_template"] == "{{ messages[0]['content'] }}"
@@ -352,22 +452,28 @@ def small_gguf(tmp_path_factory, tokenizer):
 V = gguf.GGUFValueType
 
 
-@pytest.mark.parametrize("change, key", [
-    (dict(architecture="falcon"), "general.architecture"),
-    (dict(kv={"llama.rope.scaling.type": ("linear", V.STRING), "llama.rope.scaling.factor": (2.0, V.FLOAT32)}), "llama.rope.scaling.type"),
-    (dict(kv={"llama.rope.scaling.factor": (4.0, V.FLOAT32)}), "llama.rope.scaling.factor"),
-    (dict(kv={"llama.attention.sliding_window": (16, V.UINT32)}), "llama.attention.sliding_window"),
-    (dict(kv={"llama.rope.dimension_count": (4, V.UINT32)}), "llama.rope.dimension_count"),
-    (dict(kv={"llama.attention.key_length": (16, V.UINT32)}), "llama.attention.key_length"),
-    (dict(kv={"llama.attention.layer_norm_epsilon": (1e-5, V.FLOAT32)}), "llama.attention.layer_norm_epsilon"),
-    (dict(kv={"llama.expert_count": (4, V.UINT32)}), "llama.expert_count"),
-    (dict(kv={"llama.logit_scale": (0.5, V.FLOAT32)}), "llama.logit_scale"),
-    (dict(drop=("llama.attention.layer_norm_rms_epsilon",)), "llama.attention.layer_norm_rms_epsilon"),
-    (dict(kv={"tokenizer.ggml.model": ("llama", V.STRING)}), "tokenizer.ggml.model"),
-    (dict(kv={"tokenizer.ggml.pre": ("deepseek-llm", V.STRING)}), "tokenizer.ggml.pre"),
-    (dict(extra_tensors={"rope_freqs.weight": np.ones(4, dtype=np.float32)}), "rope_freqs.weight"),
-    (dict(iq4_nl="blk.0.ffn_up.weight"), "blk.0.ffn_up.weight"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(architecture="falcon"), "general.architecture"),
+        (
+            dict(kv={"llama.rope.scaling.type": ("linear", V.STRING), "llama.rope.scaling.factor": (2.0, V.FLOAT32)}),
+            "llama.rope.scaling.type",
+        ),
+        (dict(kv={"llama.rope.scaling.factor": (4.0, V.FLOAT32)}), "llama.rope.scaling.factor"),
+        (dict(kv={"llama.attention.sliding_window": (16, V.UINT32)}), "llama.attention.sliding_window"),
+        (dict(kv={"llama.rope.dimension_count": (4, V.UINT32)}), "llama.rope.dimension_count"),
+        (dict(kv={"llama.attention.key_length": (16, V.UINT32)}), "llama.attention.key_length"),
+        (dict(kv={"llama.attention.layer_norm_epsilon": (1e-5, V.FLOAT32)}), "llama.attention.layer_norm_epsilon"),
+        (dict(kv={"llama.expert_count": (4, V.UINT32)}), "llama.expert_count"),
+        (dict(kv={"llama.logit_scale": (0.5, V.FLOAT32)}), "llama.logit_scale"),
+        (dict(drop=("llama.attention.layer_norm_rms_epsilon",)), "llama.attention.layer_norm_rms_epsilon"),
+        (dict(kv={"tokenizer.ggml.model": ("llama", V.STRING)}), "tokenizer.ggml.model"),
+        (dict(kv={"tokenizer.ggml.pre": ("deepseek-llm", V.STRING)}), "tokenizer.ggml.pre"),
+        (dict(extra_tensors={"rope_freqs.weight": np.ones(4, dtype=np.float32)}), "rope_freqs.weight"),
+        (dict(iq4_nl="blk.0.ffn_up.weight"), "blk.0.ffn_up.weight"),
+    ],
+)
 def test_unsupported_gguf_is_refused_in_one_line_naming_the_file_and_key(tmp_path, small_gguf, change, key):
     if "iq4_nl" in change:  # a type the gguf package decodes but llmkit does not take: raw blocks of it
         rewrite(small_gguf, tmp_path / "bad.gguf")
@@ -388,7 +494,9 @@ def _replace_tensor_type(path, name: str, kind) -> None:
     writer = gguf.GGUFWriter(str(path) + ".new", reader.fields["general.architecture"].contents())
     for key, field in reader.fields.items():
         if not key.startswith("GGUF.") and key != "general.architecture":
-            writer.add_key_value(key, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+            writer.add_key_value(
+                key, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None
+            )
     for tensor in reader.tensors:
         if tensor.name == name:
             rows, columns = tensor.shape[1], tensor.shape[0]
@@ -408,10 +516,14 @@ def test_truncated_or_foreign_files_are_refused_naming_the_file(tmp_path, small_
     data = small_gguf.read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: len(data) - 100])
-    with pytest.raises(InputError, match=r"cut\.gguf: truncated: tensor '[a-z_.0-9]+' ends at byte \d+ but the file has \d+ bytes"):
+    with pytest.raises(
+        InputError, match=r"cut\.gguf: truncated: tensor '[a-z_.0-9]+' ends at byte \d+ but the file has \d+ bytes"
+    ):
         import_checkpoint(ImportConfig(source=str(cut), out=str(tmp_path / "out")))
     cut.write_bytes(data[:300])  # inside the metadata
-    with pytest.raises(InputError, match=r"cut\.gguf: truncated or corrupt GGUF file \(reading failed after metadata key '[a-z_.]+'"):
+    with pytest.raises(
+        InputError, match=r"cut\.gguf: truncated or corrupt GGUF file \(reading failed after metadata key '[a-z_.]+'"
+    ):
         import_checkpoint(ImportConfig(source=str(cut), out=str(tmp_path / "out")))
     (tmp_path / "notes.gguf").write_text("hello")
     with pytest.raises(InputError, match=r"notes\.gguf: not a GGUF file"):
@@ -442,22 +554,35 @@ def test_smollm2_q4_1_matches_transformers_gguf_loading(tmp_path, shared_data):
     with torch.no_grad():
         ours, theirs = model(torch.tensor([ids]))[0], peer(torch.tensor([ids])).logits[0]
     difference = (ours - theirs).abs().max().item()
-    print(f"SmolLM2-135M-Instruct Q4_1: max |llmkit - transformers| logit difference {difference:.3g} "
-          f"(logits up to {theirs.abs().max().item():.3g})")
+    print(
+        f"SmolLM2-135M-Instruct Q4_1: max |llmkit - transformers| logit difference {difference:.3g} "
+        f"(logits up to {theirs.abs().max().item():.3g})"
+    )
     assert difference <= 1e-3 and torch.equal(ours.argmax(-1), theirs.argmax(-1))
     peer_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for text in ["Hello, world! It's 2024.", "def f(x):\n    return x ** 2  # square", "<|im_start|>system\nBe brief<|im_end|>",
-                 "naïve café – 東京 😀", "  two  spaces\t\ttabs\n\n"]:
+    for text in [
+        "Hello, world! It's 2024.",
+        "def f(x):\n    return x ** 2  # square",
+        "<|im_start|>system\nBe brief<|im_end|>",
+        "naïve café – 東京 😀",
+        "  two  spaces\t\ttabs\n\n",
+    ]:
         assert tokenizer.encode(text) == peer_tokenizer.encode(text, add_special_tokens=False), text
         assert tokenizer.decode(tokenizer.encode(text)) == text
-    assert tokenizer.config["eos_token"] == "<|im_end|>" and tokenizer.config["chat_template"].startswith("{% for message")
+    assert tokenizer.config["eos_token"] == "<|im_end|>" and tokenizer.config["chat_template"].startswith(
+        "{% for message"
+    )
     assert saved["imported_from"]["special_token_ids"]["eos"] == 2
     # A chat model keeps its vocabulary and speaks its own format: ChatML, ending at <|im_end|>.
     assert model.config.vocab_size == tokenizer.vocab_size == 49152 and not tokenizer.llmkit_format
     assert tokenizer.stop_ids == [2]
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    assert render_ids(tokenizer, messages, add_generation_prompt=True)[0] == \
-        peer_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert (
+        render_ids(tokenizer, messages, add_generation_prompt=True)[0]
+        == peer_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
 
 
 def _transformers_gguf_model(path, config: ModelConfig):
@@ -466,19 +591,48 @@ def _transformers_gguf_model(path, config: ModelConfig):
     shape llmkit read; the config transformers parses from the same file must agree with it."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    hf = transformers.LlamaConfig(vocab_size=49152, hidden_size=config.n_embd, intermediate_size=config.ffn_hidden,
-                                  num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-                                  num_key_value_heads=config.n_kv_head, max_position_embeddings=config.context_length,
-                                  rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=True)
+    hf = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=config.n_embd,
+        intermediate_size=config.ffn_hidden,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        max_position_embeddings=config.context_length,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):  # no random initialisation: every weight comes from the file
         peer = transformers.LlamaForCausalLM(hf)
     parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=peer)
     theirs = parsed["config"]
-    assert {key: theirs[key] for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                         "num_key_value_heads", "tie_word_embeddings", "vocab_size")} == \
-        {key: getattr(hf, key) for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                           "num_key_value_heads", "tie_word_embeddings", "vocab_size")}
-    assert theirs["rope_theta"] == pytest.approx(config.rope_theta) and theirs["rms_norm_eps"] == pytest.approx(config.norm_eps)
+    assert {
+        key: theirs[key]
+        for key in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "tie_word_embeddings",
+            "vocab_size",
+        )
+    } == {
+        key: getattr(hf, key)
+        for key in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "tie_word_embeddings",
+            "vocab_size",
+        )
+    }
+    assert theirs["rope_theta"] == pytest.approx(config.rope_theta) and theirs["rms_norm_eps"] == pytest.approx(
+        config.norm_eps
+    )
     missing, unexpected = peer.load_state_dict(parsed["tensors"], strict=False, assign=True)
     assert missing == ["lm_head.weight"] and unexpected == []  # tied: the embedding
     peer.tie_weights()

@@ -12,21 +12,48 @@ import csv
 
 import pytest
 import torch
+from rl_helpers import (
+    TOY_MESSAGES,
+    assert_learns_toy_task,
+    frozen_copy,
+    metrics_rows,
+    policy,
+    rl_run,
+    save_checkpoint,
+    starts_with_a,
+    tokenizer,
+    trainable,
+    warm_policy,
+)
 
-from llmkit.align.grpo import GRPO, GRPOConfig, GRPOTrainConfig, GRPOUpdateConfig, group_advantages, grpo, process_advantages
+from llmkit.align.grpo import (
+    GRPO,
+    GRPOConfig,
+    GRPOTrainConfig,
+    GRPOUpdateConfig,
+    group_advantages,
+    grpo,
+    process_advantages,
+)
 from llmkit.align.policy_gradient import PolicyModel, aggregate, kl_k1, kl_k3
 from llmkit.align.rewards import ArithmeticReward, FunctionTaskReward, as_reward
 from llmkit.align.rl_source import RolloutConfig, RolloutSource, prompt_indices
 from llmkit.align.rl_stage import RLStageConfig
-from llmkit.align.rollout import Prompt, Rollout, RolloutBatch, build_batch, chat_prompt, generate_rollouts, score_rollouts
+from llmkit.align.rollout import (
+    Prompt,
+    Rollout,
+    RolloutBatch,
+    build_batch,
+    chat_prompt,
+    generate_rollouts,
+    score_rollouts,
+)
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer import Completion, GenerationConfig
 from llmkit.infer.engine import Engine
 from llmkit.model.checkpoint import read_config, resolve_checkpoint
 from llmkit.tasks import arithmetic, functions
 from llmkit.tasks.functions import FunctionTask
-from rl_helpers import (TOY_MESSAGES, assert_learns_toy_task, frozen_copy, metrics_rows, policy, rl_run, save_checkpoint,
-                        starts_with_a, tokenizer, trainable, warm_policy)
 
 __all__ = ["policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
 
@@ -34,9 +61,21 @@ __all__ = ["policy", "tokenizer"]  # the shared fixtures of rl_helpers, which py
 def test_group_advantages_worked_by_hand():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5])
     # Group 1: mean 0.5, sample std sqrt(1/3); group 2: mean 0.75, std 0.5; group 3: all equal, std 0.
-    third = 3 ** -0.5
-    expected = [0.5 / (third + 1e-4), -0.5 / (third + 1e-4), -0.5 / (third + 1e-4), 0.5 / (third + 1e-4),
-                0.25 / 0.5001, 0.25 / 0.5001, 0.25 / 0.5001, -0.75 / 0.5001, 0.0, 0.0, 0.0, 0.0]
+    third = 3**-0.5
+    expected = [
+        0.5 / (third + 1e-4),
+        -0.5 / (third + 1e-4),
+        -0.5 / (third + 1e-4),
+        0.5 / (third + 1e-4),
+        0.25 / 0.5001,
+        0.25 / 0.5001,
+        0.25 / 0.5001,
+        -0.75 / 0.5001,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
     torch.testing.assert_close(group_advantages(rewards, 4), torch.tensor(expected))
     unscaled = [0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75, 0.0, 0.0, 0.0, 0.0]
     torch.testing.assert_close(group_advantages(rewards, 4, scale=False), torch.tensor(unscaled))
@@ -47,7 +86,9 @@ def test_advantages_reach_exactly_the_action_tokens_of_their_sequence():
     batch = RolloutBatch(torch.zeros(4, 4, dtype=torch.long), mask, torch.tensor([1.0, 0.0, 2.0, 2.0]))
     GRPO(GRPOConfig(group_size=2)).advantages([batch])
     value = 0.5 / (0.5**0.5 + 1e-4)
-    torch.testing.assert_close(batch.advantages, torch.tensor([[0.0, value, value], [-value, -value, 0.0], [0.0] * 3, [0.0] * 3]))
+    torch.testing.assert_close(
+        batch.advantages, torch.tensor([[0.0, value, value], [-value, -value, 0.0], [0.0] * 3, [0.0] * 3])
+    )
 
 
 def test_a_group_is_informative_when_its_rewards_or_step_rewards_differ():
@@ -70,7 +111,9 @@ def test_process_advantages_worked_by_hand():
     # Discounted: the first step's tokens weigh the second step's -2/3 by 0.5 (-> 0), or not at all (-> 1/3).
     for discount, first in ((0.5, 0.0), (0.0, 1 / 3)):
         expected = torch.tensor([[first] * 2 + [-2 / 3] * 2, [1 / 3] * 4])
-        torch.testing.assert_close(process_advantages(step_rewards, step_mask, 2, scale=False, discount=discount), expected)
+        torch.testing.assert_close(
+            process_advantages(step_rewards, step_mask, 2, scale=False, discount=discount), expected
+        )
 
 
 def test_process_advantages_match_a_naive_loop_and_equal_outcome_ones_for_single_steps():
@@ -81,12 +124,21 @@ def test_process_advantages_match_a_naive_loop_and_equal_outcome_ones_for_single
     step_rewards = torch.randint(0, 3, (rows, positions), generator=generator).float() * step_mask
     advantages = process_advantages(step_rewards, step_mask, group)
     for first in range(0, rows, group):
-        values = [float(step_rewards[row, t]) for row in range(first, first + group) for t in range(positions) if step_mask[row, t]]
+        values = [
+            float(step_rewards[row, t])
+            for row in range(first, first + group)
+            for t in range(positions)
+            if step_mask[row, t]
+        ]
         mean = sum(values) / len(values)
         std = (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
         for row in range(first, first + group):
             for t in range(positions):
-                naive = sum((float(step_rewards[row, s]) - mean) / (std + 1e-4) for s in range(t, positions) if step_mask[row, s])
+                naive = sum(
+                    (float(step_rewards[row, s]) - mean) / (std + 1e-4)
+                    for s in range(t, positions)
+                    if step_mask[row, s]
+                )
                 assert float(advantages[row, t]) == pytest.approx(naive, abs=1e-5)
     # One step per completion, ending at its last token: the outcome advantage on every earlier token.
     outcome = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
@@ -104,13 +156,17 @@ def test_steps_end_where_tool_results_are_injected_and_their_rewards_land_there(
     injected = [False, False, True, True, False, True, False, False]
     calls = [{"payload": "x", "result": values[0]}, {"payload": "y", "result": "Error: division by zero"}]
     answers = [f"#### {problem.answer}", f"#### {problem.answer + 1}"]
-    rollouts = [Rollout(prompt, Completion(text, [5] * 8, "stop", 3, tool_calls=calls, injected=injected), [5] * 8, injected)
-                for text in answers]
+    rollouts = [
+        Rollout(prompt, Completion(text, [5] * 8, "stop", 3, tool_calls=calls, injected=injected), [5] * 8, injected)
+        for text in answers
+    ]
     assert rollouts[0].step_ends() == [1, 4, 7]
     reward = ArithmeticReward([problem])
     assert reward.score_steps(rollouts) == [[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
     # Cut off inside the second call, before it closed: the unfinished last step earns the outcome reward, 0.
-    cut = Rollout(prompt, Completion("", [5] * 5, "length", 3, tool_calls=calls[:1], injected=injected[:5]), [5] * 5, injected[:5])
+    cut = Rollout(
+        prompt, Completion("", [5] * 5, "length", 3, tool_calls=calls[:1], injected=injected[:5]), [5] * 5, injected[:5]
+    )
     assert cut.step_ends() == [1, 4] and reward.score_steps([cut]) == [[1.0, 0.0]]
     batch = build_batch(rollouts, [1.0, 0.0], pad_id=0, step_rewards=reward.score_steps(rollouts))
     # Token i of the completion is predicted at position len(prompt) - 1 + i.
@@ -142,11 +198,14 @@ def test_token_and_sequence_aggregation_by_hand():
 
 def test_grpo_kl_term_is_zero_while_the_policy_is_the_reference(tokenizer, policy):
     prompt = chat_prompt(tokenizer, TOY_MESSAGES)
-    rollouts = generate_rollouts(Engine(policy, tokenizer), [prompt, prompt], 2, GenerationConfig(max_new_tokens=4, temperature=1.0),
-                                 None, 0, 0)
+    rollouts = generate_rollouts(
+        Engine(policy, tokenizer), [prompt, prompt], 2, GenerationConfig(max_new_tokens=4, temperature=1.0), None, 0, 0
+    )
     algorithm = GRPO(GRPOConfig(group_size=2))
     for reference, zero in ((frozen_copy(policy), True), (warm_policy(tokenizer, steps=1), False)):
-        batch = score_rollouts(build_batch(rollouts, [1.0, 0.0, 0.0, 1.0], tokenizer.pad_id), policy, reference, None, 1.0, 4)
+        batch = score_rollouts(
+            build_batch(rollouts, [1.0, 0.0, 0.0, 1.0], tokenizer.pad_id), policy, reference, None, 1.0, 4
+        )
         algorithm.advantages([batch])
         _, metrics = algorithm.loss(PolicyModel(policy, None, 1.0), batch)
         assert (metrics["kl_k3"] == 0.0) is zero and metrics["kl_k3"] >= 0
@@ -164,12 +223,21 @@ def test_arithmetic_reward_checks_the_final_answer_and_the_format():
 
 
 def test_function_reward_runs_the_checker_once_per_task_and_grades_the_format():
-    task = FunctionTask("string", "double", 'def double(x):\n    """Twice x."""', "def double(x):\n    return 2 * x",
-                        (("[2]", "4"), ("[5]", "10"), ("[0]", "0")))
+    task = FunctionTask(
+        "string",
+        "double",
+        'def double(x):\n    """Twice x."""',
+        "def double(x):\n    return 2 * x",
+        (("[2]", "4"), ("[5]", "10"), ("[0]", "0")),
+    )
     reward = FunctionTaskReward([task], format_bonus=0.2)
     prompt = Prompt(functions.prompt_messages(task), [1])
-    replies = ["```python\ndef double(x):\n    return x + x\n```", "def double(x):\n    return x * x", "def double(y):\n    return 2 * y",
-               "def double(x) return"]
+    replies = [
+        "```python\ndef double(x):\n    return x + x\n```",
+        "def double(x):\n    return x * x",
+        "def double(y):\n    return 2 * y",
+        "def double(x) return",
+    ]
     rollouts = [Rollout(prompt, Completion(text, [], "stop", 1), [], []) for text in replies]
     # Correct; right signature but wrong on 2 and 5; wrong parameter name; does not parse.
     assert reward.score(rollouts) == [1.0, 0.2, 0.0, 0.0]
@@ -185,9 +253,13 @@ def test_prompts_come_in_seeded_epochs_and_are_a_function_of_the_iteration():
 
 def toy_config(out, **changes) -> GRPOConfig:
     """GRPO on the toy task: 2 prompts x 8 samples, 2 epochs of minibatches of 8 (4 steps an iteration)."""
-    values = dict(group_size=8, kl_coef=0.01, rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, tools="none"),
-                  update=GRPOUpdateConfig(iterations=4, epochs=2, minibatch_size=8),
-                  train=GRPOTrainConfig(out=str(out), lr=3e-3, checkpoint_interval=8, device="cpu", progress=False))
+    values = dict(
+        group_size=8,
+        kl_coef=0.01,
+        rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, tools="none"),
+        update=GRPOUpdateConfig(iterations=4, epochs=2, minibatch_size=8),
+        train=GRPOTrainConfig(out=str(out), lr=3e-3, checkpoint_interval=8, device="cpu", progress=False),
+    )
     return GRPOConfig(**{**values, **changes})
 
 
@@ -196,7 +268,9 @@ def test_grpo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, poli
 
 
 def test_the_spike_guard_skips_a_spiking_rl_step_and_checkpoints_stay_between_iterations(tokenizer, policy, tmp_path):
-    config = toy_config(tmp_path, update=GRPOUpdateConfig(iterations=4, epochs=2, minibatch_size=4))  # 8 steps an iteration
+    config = toy_config(
+        tmp_path, update=GRPOUpdateConfig(iterations=4, epochs=2, minibatch_size=4)
+    )  # 8 steps an iteration
     algorithm, spiking = GRPO(config), 13  # a step past the guard's 10 warm-up steps, inside the second iteration
     terms, calls = algorithm.terms, iter(range(1, 10**6))
 
@@ -221,13 +295,25 @@ def test_micro_batches_weigh_their_share_so_a_split_minibatch_is_the_whole_ones_
     for aggregation in ("token", "sequence"):
         losses, weights = [], []
         for accumulation in (1, 2):
-            config = GRPOConfig(group_size=2, rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=6, temperature=3.0, tools="none"),
-                                update=GRPOUpdateConfig(minibatch_size=4, loss_aggregation=aggregation),
-                                train=GRPOTrainConfig(grad_accum=accumulation, device="cpu"))
+            config = GRPOConfig(
+                group_size=2,
+                rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=6, temperature=3.0, tools="none"),
+                update=GRPOUpdateConfig(minibatch_size=4, loss_aggregation=aggregation),
+                train=GRPOTrainConfig(grad_accum=accumulation, device="cpu"),
+            )
             algorithm = GRPO(config)
-            source = RolloutSource(trainable(policy, algorithm, config), frozen_copy(policy), tokenizer, algorithm, alternating_reward(), prompts)
+            source = RolloutSource(
+                trainable(policy, algorithm, config),
+                frozen_copy(policy),
+                tokenizer,
+                algorithm,
+                alternating_reward(),
+                prompts,
+            )
             batches = [source.get_batch(index) for index in range(accumulation)]
-            losses.append(sum(source.loss(source.model, batch)[0] for batch in batches) / accumulation)  # the Trainer's mean
+            losses.append(
+                sum(source.loss(source.model, batch)[0] for batch in batches) / accumulation
+            )  # the Trainer's mean
             weights.append([batch["weight"].item() for batch in batches])
         # Split, each micro-batch is one prompt's group, weighted by its share of the minibatch's tokens or sequences.
         assert weights[0] == [1.0] and sum(weights[1]) == pytest.approx(2.0)
@@ -238,18 +324,32 @@ def alternating_reward():
     """Reward 0, 1, 0, 1... in call order for "mixed" prompts (so each group of an even size is
     informative), always 1 for the others (so their groups are uniform)."""
     calls = iter(range(10**6))
-    return as_reward(lambda messages, text: float(next(calls) % 2) if messages[-1]["content"].startswith("mixed") else 1.0)
+    return as_reward(
+        lambda messages, text: float(next(calls) % 2) if messages[-1]["content"].startswith("mixed") else 1.0
+    )
 
 
 def test_dynamic_sampling_keeps_only_informative_groups_over_rounds_of_the_prompt_stream(tokenizer, policy):
     contents = ["mixed a", "same b", "same c", "mixed d", "same e", "mixed f"]
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": content}]) for content in contents]
-    config = GRPOConfig(group_size=2, dynamic_sampling=True, max_sampling_rounds=3,
-                        rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=2, tools="none"),
-                        update=GRPOUpdateConfig(iterations=3), train=GRPOTrainConfig(seed=5, device="cpu"))
+    config = GRPOConfig(
+        group_size=2,
+        dynamic_sampling=True,
+        max_sampling_rounds=3,
+        rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=2, tools="none"),
+        update=GRPOUpdateConfig(iterations=3),
+        train=GRPOTrainConfig(seed=5, device="cpu"),
+    )
     for iteration in range(3):
         algorithm = GRPO(config)
-        source = RolloutSource(trainable(policy, algorithm, config), frozen_copy(policy), tokenizer, algorithm, alternating_reward(), prompts)
+        source = RolloutSource(
+            trainable(policy, algorithm, config),
+            frozen_copy(policy),
+            tokenizer,
+            algorithm,
+            alternating_reward(),
+            prompts,
+        )
         source.get_batch(iteration * source.cycle)  # an iteration's first micro-batch samples it
         batch, metrics = source.shards[0].batch, source.metrics
         # Independently: walk the rounds' prompts (stream positions iteration * 3 + round) in order.
@@ -260,33 +360,53 @@ def test_dynamic_sampling_keeps_only_informative_groups_over_rounds_of_the_promp
             if len(expected) == 2:
                 break
         assert metrics["sampling_rounds"] == round_index + 1 and metrics["kept_groups"] == len(expected)
-        assert metrics["uniform_groups"] == pytest.approx(1 - sum(contents[i].startswith("mixed") for i in drawn) / len(drawn))
+        assert metrics["uniform_groups"] == pytest.approx(
+            1 - sum(contents[i].startswith("mixed") for i in drawn) / len(drawn)
+        )
         rows = [prompts[index].ids for index in expected for _ in range(2)]
-        assert [batch.input_ids[row, :len(ids)].tolist() for row, ids in enumerate(rows)] == rows
+        assert [batch.input_ids[row, : len(ids)].tolist() for row, ids in enumerate(rows)] == rows
         assert batch.rewards.tolist() == [0.0, 1.0] * len(expected)
 
 
 def test_dynamic_sampling_without_an_informative_group_makes_no_update(tokenizer, policy, tmp_path):
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": "same"}])]
-    config = GRPOConfig(group_size=2, dynamic_sampling=True, max_sampling_rounds=2,
-                        rollout=RolloutConfig(prompts_per_iteration=1, max_new_tokens=2, tools="none"),
-                        update=GRPOUpdateConfig(iterations=1), train=GRPOTrainConfig(out=str(tmp_path), device="cpu", progress=False))
+    config = GRPOConfig(
+        group_size=2,
+        dynamic_sampling=True,
+        max_sampling_rounds=2,
+        rollout=RolloutConfig(prompts_per_iteration=1, max_new_tokens=2, tools="none"),
+        update=GRPOUpdateConfig(iterations=1),
+        train=GRPOTrainConfig(out=str(tmp_path), device="cpu", progress=False),
+    )
     model, summary = rl_run(policy, tokenizer, GRPO(config), alternating_reward(), prompts)
     [row] = metrics_rows(tmp_path)
     assert float(row["kept_groups"]) == 0 and float(row["uniform_groups"]) == 1.0 and float(row["sampling_rounds"]) == 2
     assert float(row["grad_norm"]) == 0 and summary["steps"] == 1 and summary["skipped_batches"] == 0
-    assert all(torch.equal(parameter, original) for parameter, original in zip(model.policy.parameters(), policy.parameters()))
+    assert all(
+        torch.equal(parameter, original) for parameter, original in zip(model.policy.parameters(), policy.parameters())
+    )
 
 
 @pytest.mark.parametrize("supervision, dynamic_sampling", [("outcome", False), ("process", False), ("outcome", True)])
 def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_path, supervision, dynamic_sampling):
     (tmp_path / "sft").mkdir()
-    stage = RLStageConfig(policy=str(save_checkpoint(tmp_path / "sft", policy, tokenizer)), task="arithmetic_plain", train_problems=4,
-                          eval_problems=2)
-    summary = grpo(GRPOConfig(group_size=2, supervision=supervision, dynamic_sampling=dynamic_sampling, stage=stage,
-                              rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, tools="none"),
-                              update=GRPOUpdateConfig(iterations=1),
-                              train=GRPOTrainConfig(out=str(tmp_path / "grpo"), device="cpu", progress=False)))
+    stage = RLStageConfig(
+        policy=str(save_checkpoint(tmp_path / "sft", policy, tokenizer)),
+        task="arithmetic_plain",
+        train_problems=4,
+        eval_problems=2,
+    )
+    summary = grpo(
+        GRPOConfig(
+            group_size=2,
+            supervision=supervision,
+            dynamic_sampling=dynamic_sampling,
+            stage=stage,
+            rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, tools="none"),
+            update=GRPOUpdateConfig(iterations=1),
+            train=GRPOTrainConfig(out=str(tmp_path / "grpo"), device="cpu", progress=False),
+        )
+    )
     assert summary["iterations"] == 1 and summary["stage"] == "grpo" and summary["eval_prompts"] == 2
     assert summary["accuracy_before"] == summary["accuracy_after"] == 0.0  # a letter-answering policy solves nothing
     assert read_config(resolve_checkpoint(tmp_path / "grpo"))["stage_config"]["group_size"] == 2
@@ -295,11 +415,18 @@ def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_pa
 
 def test_grpo_refuses_checkpoints_and_evaluations_inside_an_iteration():
     update = GRPOUpdateConfig(epochs=7, minibatch_size=16)  # 8 prompts x 8 samples: 28 steps an iteration
-    with pytest.raises(ConfigError, match="'checkpoint_interval' = 240: must be a multiple of the 28 optimizer steps.*224 or 252"):
+    with pytest.raises(
+        ConfigError, match="'checkpoint_interval' = 240: must be a multiple of the 28 optimizer steps.*224 or 252"
+    ):
         GRPOConfig(update=update)
-    with pytest.raises(ConfigError, match="'eval_interval' = 12: must be a multiple of the 28 optimizer steps.*28 or 56"):
+    with pytest.raises(
+        ConfigError, match="'eval_interval' = 12: must be a multiple of the 28 optimizer steps.*28 or 56"
+    ):
         GRPOConfig(update=update, train=GRPOTrainConfig(checkpoint_interval=56, eval_interval=12))
-    assert GRPOConfig(update=update, train=GRPOTrainConfig(checkpoint_interval=56, eval_interval=28)).steps_per_iteration == 28
+    assert (
+        GRPOConfig(update=update, train=GRPOTrainConfig(checkpoint_interval=56, eval_interval=28)).steps_per_iteration
+        == 28
+    )
     for changes in ({"dtype": "float16"}, {"optimizer": "muon"}, {"parallelism": "fsdp"}, {"batch_size": 8}):
         with pytest.raises(ConfigError, match=next(iter(changes))):
             GRPOConfig(train=GRPOTrainConfig(**changes))

@@ -3,14 +3,14 @@ one-at-a-time generation for batches of different prompt lengths, and text-level
 
 import pytest
 import torch
-
 from helpers import naive_greedy, tiny_config
+
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import InputError
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.sampling import next_tokens, top_k_filter, top_p_filter
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 20 + "0123456789 (){}[]:;,'\"\n"
 
@@ -80,7 +80,7 @@ def test_stop_string_truncates_and_streaming_matches(engine):
     assert full.finish_reason == "length" and len(full.token_ids) == 30
     stop = full.text[6:9]
     stopped = engine.generate("the ", GenerationConfig(**config, stop=[stop]))[0]
-    assert stopped.text == full.text[:full.text.find(stop)] and stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.find(stop)] and stopped.finish_reason == "stop"
     assert "".join(engine.stream("the ", GenerationConfig(**config, stop=[stop]))) == stopped.text
     assert "".join(engine.stream("the ", GenerationConfig(**config))) == full.text
 
@@ -112,7 +112,7 @@ def test_generation_is_limited_by_the_context(engine):
 def test_empty_prompt_generates_a_new_document(engine):
     completion = engine.generate("", GenerationConfig(max_new_tokens=8, temperature=0))[0]
     expected = naive_greedy(engine.model, [engine.tokenizer.eot_id], 8)
-    assert completion.prompt_tokens == 1 and completion.token_ids == expected[:len(completion.token_ids)]
+    assert completion.prompt_tokens == 1 and completion.token_ids == expected[: len(completion.token_ids)]
 
 
 def test_decoding_layout_keeps_logits_parameters_and_ties():
@@ -137,11 +137,16 @@ def test_checkpoint_with_a_different_tokenizer_is_refused(tmp_path, engine):
 
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
-    write_model(checkpoint, engine.model.state_dict(), engine.model.config, {"tokenizer_sha256": engine.tokenizer.sha256})
+    write_model(
+        checkpoint, engine.model.state_dict(), engine.model.config, {"tokenizer_sha256": engine.tokenizer.sha256}
+    )
     engine.tokenizer.save(checkpoint)
     assert Engine.from_checkpoint(str(checkpoint)).tokenizer.sha256 == engine.tokenizer.sha256
     (tmp_path / "other.txt").write_text("completely different characters: ÆØÅ€ " * 5)
-    train_tokenizer(TokenizerConfig(source=str(tmp_path / "other.txt"), out=str(checkpoint), kind="char", vocab_size=60,
-                                    held_out_fraction=0))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(tmp_path / "other.txt"), out=str(checkpoint), kind="char", vocab_size=60, held_out_fraction=0
+        )
+    )
     with pytest.raises(MismatchError, match="not the one the model was trained with"):
         Engine.from_checkpoint(str(checkpoint))

@@ -11,9 +11,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import tiny_config
+
 from llmkit.chat import render_ids
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.interop import export_hf, import_hf
 from llmkit.interop.gguf import export_gguf
@@ -21,16 +22,22 @@ from llmkit.model import Transformer
 from llmkit.model.checkpoint import load_model, write_model
 from llmkit.model.lora import LoRAConfig, apply_lora, lora_layers, merge_lora
 from llmkit.tokenizer import END, Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-TEXT = ("Question: what is 12 + 30? Answer: 42. The quick brown fox jumps over the lazy dog 1234 times.\n"
-        "Über naïve café: 7 apples, 365 days, (x) {y} [z].\n") * 20
-CONVERSATION = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "12 + 30 = 42, the answer."}]
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TEXT = (
+    "Question: what is 12 + 30? Answer: 42. The quick brown fox jumps over the lazy dog 1234 times.\n"
+    "Über naïve café: 7 apples, 365 days, (x) {y} [z].\n"
+) * 20
+CONVERSATION = [
+    {"role": "user", "content": "What is 12 + 30?"},
+    {"role": "assistant", "content": "12 + 30 = 42, the answer."},
+]
 # float32 everywhere (llama.cpp's KV cache too); logits reach ~15. transformers runs llmkit's operations
 # (measured difference 0); llama.cpp's ggml kernels sum in another order (measured 5e-5).
 HF_TOLERANCE, LLAMA_CPP_TOLERANCE = 1e-4, 1e-3
@@ -38,21 +45,41 @@ HF_TOLERANCE, LLAMA_CPP_TOLERANCE = 1e-4, 1e-3
 
 def chat_model_source(folder) -> None:
     """A Hugging Face Llama with a SmolLM2-style tokenizer and chat template, random weights."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator([TEXT], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
-                                                        eos_token="<|im_end|>", unk_token="<|endoftext|>")
+    backend.train_from_iterator(
+        [TEXT],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
     hf_tokenizer.chat_template = CHATML
-    config = transformers.LlamaConfig(vocab_size=304, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                                      rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    config = transformers.LlamaConfig(
+        vocab_size=304,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     peer = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # weights far from their tiny initial scale, so that logits can be confident
@@ -79,8 +106,12 @@ def lora_tuned(imported, out, tokenizer: Tokenizer, steps: int = 60) -> Transfor
     assert lora_layers(model) and loss.item() < 0.05
     merge_lora(model).eval()
     out.mkdir()
-    write_model(out, model.state_dict(), model.config, {key: value for key, value in saved.items()
-                                                         if key not in ("model", "llmkit_version")})
+    write_model(
+        out,
+        model.state_dict(),
+        model.config,
+        {key: value for key, value in saved.items() if key not in ("model", "llmkit_version")},
+    )
     tokenizer.save(out)
     return model
 
@@ -113,13 +144,21 @@ def test_lora_tuned_import_exports_to_transformers_with_its_logits_and_chat_form
         assert (peer(ids).logits - model(ids)).abs().max() <= HF_TOLERANCE
     # The model's own tokens only: no llmkit default (<|pad|>, ...) is invented as a new token.
     assert len(hf_tokenizer) == tokenizer.vocab_size
-    assert (hf_tokenizer.bos_token, hf_tokenizer.eos_token, hf_tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
-    assert hf_tokenizer.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"] == prompt
+    assert (hf_tokenizer.bos_token, hf_tokenizer.eos_token, hf_tokenizer.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
+    assert (
+        hf_tokenizer.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+        == prompt
+    )
     assert hf_tokenizer.encode(TEXT[:120]) == tokenizer.encode(TEXT[:120])
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.stop_ids == [tokenizer.backend.token_to_id("<|im_end|>")]
-    reply = peer.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
+    reply = peer.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :]
     assert hf_tokenizer.decode(reply, skip_special_tokens=True) == CONVERSATION[1]["content"]
 
 
@@ -128,20 +167,36 @@ def test_lora_tuned_import_exports_to_gguf_with_its_own_tokens(tuned, tmp_path):
     export_gguf(folder, tmp_path / "tuned.gguf")
     fields = {name: field.contents() for name, field in gguf.GGUFReader(tmp_path / "tuned.gguf").fields.items()}
     token = tokenizer.backend.token_to_id
-    expected = {"tokenizer.ggml.pre": "smollm", "tokenizer.ggml.bos_token_id": token("<|im_start|>"),
-                "tokenizer.ggml.eos_token_id": token("<|im_end|>"), "tokenizer.ggml.padding_token_id": token("<|im_end|>"),
-                "tokenizer.ggml.unknown_token_id": token("<|endoftext|>"), "tokenizer.ggml.add_bos_token": False,
-                "tokenizer.chat_template": CHATML}
+    expected = {
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.bos_token_id": token("<|im_start|>"),
+        "tokenizer.ggml.eos_token_id": token("<|im_end|>"),
+        "tokenizer.ggml.padding_token_id": token("<|im_end|>"),
+        "tokenizer.ggml.unknown_token_id": token("<|endoftext|>"),
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.chat_template": CHATML,
+    }
     assert {key: fields.get(key) for key in expected} == expected
     assert "tokenizer.ggml.eot_token_id" not in fields  # its eos is its only end of turn
     assert fields["tokenizer.ggml.tokens"][300:] == [f"[PAD{index}]" for index in range(300, 304)]
 
 
 def llama_cpp_model(path, context: int):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)"
+    )
     # A float32 KV cache (llama.cpp's default is float16, which alone moves these logits by ~1e-2).
-    return llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, n_threads=1, logits_all=True,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False, seed=0)
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=context,
+        n_batch=context,
+        n_threads=1,
+        logits_all=True,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        verbose=False,
+        seed=0,
+    )
 
 
 def ends_generation(llm, token: int) -> bool:
@@ -170,9 +225,9 @@ def test_llama_cpp_runs_the_exported_gguf_to_llmkits_logits_and_greedy_reply(tun
     assert llm.tokenize(TEXT[:120].encode(), add_bos=False, special=False) == tokenizer.encode(TEXT[:120])
     llm.reset()
     llm.eval(prompt)
-    theirs = torch.tensor(llm.scores[:len(prompt)], dtype=torch.float32)
+    theirs = torch.tensor(llm.scores[: len(prompt)], dtype=torch.float32)
     with torch.no_grad():
-        ours = model(torch.tensor([prompt]))[0, :, :llm.n_vocab()]
+        ours = model(torch.tensor([prompt]))[0, :, : llm.n_vocab()]
     assert (theirs - ours).abs().max() <= LLAMA_CPP_TOLERANCE
     reply = Engine(model, tokenizer).generate_ids([prompt], GenerationConfig(max_new_tokens=24, temperature=0))[0]
     tokens = llama_cpp_greedy(llm, prompt, 24)  # both stop at <|im_end|>, which neither returns
@@ -183,8 +238,11 @@ def test_llama_cpp_runs_the_exported_gguf_to_llmkits_logits_and_greedy_reply(tun
 def test_llama_cpp_stops_an_llmkit_tokenizers_turn_at_end(tmp_path):
     """llmkit's own tokenizer: eos <|endoftext|> and end-of-turn <|end|> both end generation in llama.cpp."""
     (tmp_path / "a.txt").write_text(TEXT)
-    train_tokenizer(TokenizerConfig(source=str(tmp_path / "a.txt"), out=str(tmp_path / "tokenizer"), vocab_size=300,
-                                    held_out_fraction=0))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(tmp_path / "a.txt"), out=str(tmp_path / "tokenizer"), vocab_size=300, held_out_fraction=0
+        )
+    )
     tokenizer = Tokenizer.load(tmp_path / "tokenizer")
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the lazy dog"}]
     ids = render_ids(tokenizer, messages)[0]
@@ -214,7 +272,8 @@ def test_llama_cpp_stops_an_llmkit_tokenizers_turn_at_end(tmp_path):
 def test_gguf_export_names_the_pre_tokenizer_llama_cpp_splits_with(name):
     """The pre-tokenizers GGUF import rebuilds, and Llama 3's / Qwen2's own tokenizer.json spellings, map to
     llama.cpp's names; another one is refused."""
-    from tokenizers import Regex, Tokenizer as Backend, models, pre_tokenizers
+    from tokenizers import Regex, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
 
     from llmkit.errors import MismatchError
     from llmkit.interop.gguf import _HF_SPLITS, gguf_pre_tokenizer
@@ -225,9 +284,12 @@ def test_gguf_export_names_the_pre_tokenizer_llama_cpp_splits_with(name):
         backend.pre_tokenizer = PRE_TOKENIZERS[name][0]()
     elif name.endswith("-hf"):
         pattern = _HF_SPLITS["llama-bpe" if name.startswith("llama") else "qwen2"]
-        backend.pre_tokenizer = pre_tokenizers.Sequence([  # as those files have it: offsets trimmed
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [  # as those files have it: offsets trimmed
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+            ]
+        )
     else:
         backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     data = json.loads(backend.to_str())

@@ -34,7 +34,9 @@ def test_jsonl_records_are_written_one_per_line_and_read_back(tmp_path):
     path = tmp_path / "new" / "records.jsonl"
     records = [{"question": "Zoë has 3 €", "answer": 3}, {"nested": {"list": [1, 2]}}]
     atomic_write_jsonl(path, records)
-    assert path.read_text(encoding="utf-8") == '{"question": "Zoë has 3 €", "answer": 3}\n{"nested": {"list": [1, 2]}}\n'
+    assert (
+        path.read_text(encoding="utf-8") == '{"question": "Zoë has 3 €", "answer": 3}\n{"nested": {"list": [1, 2]}}\n'
+    )
     assert [record for _, record in iter_jsonl(path)] == records
     atomic_write_jsonl(path, records[1:])
     assert [record for _, record in iter_jsonl(path)] == records[1:]

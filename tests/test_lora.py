@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from helpers import tiny_config
+
 from llmkit.errors import ConfigError, MismatchError
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
@@ -70,8 +70,14 @@ def test_only_the_adapters_get_gradients_and_optimizer_slots():
     for name, parameter in model.named_parameters():
         is_adapter = name.endswith(("lora_A", "lora_B"))
         assert (parameter.grad is not None) == is_adapter, name
-    optimized = {id(p) for group in build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), fused=False).param_groups for p in group["params"]}
-    assert optimized == {id(layer.lora_A) for layer in lora_layers(model).values()} | {id(layer.lora_B) for layer in lora_layers(model).values()}
+    optimized = {
+        id(p)
+        for group in build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), fused=False).param_groups
+        for p in group["params"]
+    }
+    assert optimized == {id(layer.lora_A) for layer in lora_layers(model).values()} | {
+        id(layer.lora_B) for layer in lora_layers(model).values()
+    }
 
 
 def test_adapters_round_trip_through_files_and_check_their_base(tmp_path):

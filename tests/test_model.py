@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import tiny_config
+
 from llmkit.errors import ConfigError
 from llmkit.model import ModelConfig, Transformer, preset
 
@@ -24,22 +24,45 @@ def test_matches_huggingface_gpt2_logits():
     config = tiny(activation="gelu_tanh", norm="layernorm", position="learned", bias=True, tie_embeddings=True)
     torch.manual_seed(0)
     ours = Transformer(config).eval()
-    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, layer_norm_epsilon=1e-5,
-        activation_function="gelu_new", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
-    state = {"transformer.wte.weight": ours.token_embedding.weight, "transformer.wpe.weight": ours.position_embedding.weight,
-             "transformer.ln_f.weight": ours.final_norm.weight, "transformer.ln_f.bias": ours.final_norm.bias}
+    theirs = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=97,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            layer_norm_epsilon=1e-5,
+            activation_function="gelu_new",
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+        )
+    ).eval()
+    state = {
+        "transformer.wte.weight": ours.token_embedding.weight,
+        "transformer.wpe.weight": ours.position_embedding.weight,
+        "transformer.ln_f.weight": ours.final_norm.weight,
+        "transformer.ln_f.bias": ours.final_norm.bias,
+    }
     for index, block in enumerate(ours.blocks):
         prefix = f"transformer.h.{index}."
         # GPT-2 stores linear layers as Conv1D: weight transposed.
-        state.update({
-            prefix + "ln_1.weight": block.attention_norm.weight, prefix + "ln_1.bias": block.attention_norm.bias,
-            prefix + "attn.c_attn.weight": block.attention.qkv.weight.T, prefix + "attn.c_attn.bias": block.attention.qkv.bias,
-            prefix + "attn.c_proj.weight": block.attention.out.weight.T, prefix + "attn.c_proj.bias": block.attention.out.bias,
-            prefix + "ln_2.weight": block.feed_forward_norm.weight, prefix + "ln_2.bias": block.feed_forward_norm.bias,
-            prefix + "mlp.c_fc.weight": block.feed_forward.up.weight.T, prefix + "mlp.c_fc.bias": block.feed_forward.up.bias,
-            prefix + "mlp.c_proj.weight": block.feed_forward.down.weight.T, prefix + "mlp.c_proj.bias": block.feed_forward.down.bias,
-        })
+        state.update(
+            {
+                prefix + "ln_1.weight": block.attention_norm.weight,
+                prefix + "ln_1.bias": block.attention_norm.bias,
+                prefix + "attn.c_attn.weight": block.attention.qkv.weight.T,
+                prefix + "attn.c_attn.bias": block.attention.qkv.bias,
+                prefix + "attn.c_proj.weight": block.attention.out.weight.T,
+                prefix + "attn.c_proj.bias": block.attention.out.bias,
+                prefix + "ln_2.weight": block.feed_forward_norm.weight,
+                prefix + "ln_2.bias": block.feed_forward_norm.bias,
+                prefix + "mlp.c_fc.weight": block.feed_forward.up.weight.T,
+                prefix + "mlp.c_fc.bias": block.feed_forward.up.bias,
+                prefix + "mlp.c_proj.weight": block.feed_forward.down.weight.T,
+                prefix + "mlp.c_proj.bias": block.feed_forward.down.bias,
+            }
+        )
     theirs.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
     ids = torch.randint(0, 97, (3, 20))
     with torch.no_grad():
@@ -47,28 +70,56 @@ def test_matches_huggingface_gpt2_logits():
 
 
 def test_matches_huggingface_llama_logits_with_gqa():
-    config = tiny(norm="rmsnorm", norm_eps=1e-6, position="rope", activation="swiglu", bias=False,
-                  tie_embeddings=False, n_kv_head=2, ffn_hidden=48)
+    config = tiny(
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        position="rope",
+        activation="swiglu",
+        bias=False,
+        tie_embeddings=False,
+        n_kv_head=2,
+        ffn_hidden=48,
+    )
     torch.manual_seed(0)
     ours = Transformer(config).eval()
-    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-6, rope_theta=10000.0,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).eval()
-    state = {"model.embed_tokens.weight": ours.token_embedding.weight, "model.norm.weight": ours.final_norm.weight,
-             "lm_head.weight": ours.lm_head.weight}
+    theirs = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+        )
+    ).eval()
+    state = {
+        "model.embed_tokens.weight": ours.token_embedding.weight,
+        "model.norm.weight": ours.final_norm.weight,
+        "lm_head.weight": ours.lm_head.weight,
+    }
     for index, block in enumerate(ours.blocks):
         prefix = f"model.layers.{index}."
         q, k, v = block.attention.qkv.weight.split([32, 16, 16])
         gate, up = block.feed_forward.up.weight.chunk(2)
-        state.update({
-            prefix + "input_layernorm.weight": block.attention_norm.weight,
-            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
-            prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": block.attention.out.weight,
-            prefix + "post_attention_layernorm.weight": block.feed_forward_norm.weight,
-            prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
-            prefix + "mlp.down_proj.weight": block.feed_forward.down.weight,
-        })
+        state.update(
+            {
+                prefix + "input_layernorm.weight": block.attention_norm.weight,
+                prefix + "self_attn.q_proj.weight": q,
+                prefix + "self_attn.k_proj.weight": k,
+                prefix + "self_attn.v_proj.weight": v,
+                prefix + "self_attn.o_proj.weight": block.attention.out.weight,
+                prefix + "post_attention_layernorm.weight": block.feed_forward_norm.weight,
+                prefix + "mlp.gate_proj.weight": gate,
+                prefix + "mlp.up_proj.weight": up,
+                prefix + "mlp.down_proj.weight": block.feed_forward.down.weight,
+            }
+        )
     missing, unexpected = theirs.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
     assert not unexpected and all("rotary" in name for name in missing)
     ids = torch.randint(0, 97, (2, 24))
@@ -76,12 +127,15 @@ def test_matches_huggingface_llama_logits_with_gqa():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", [
-    dict(),
-    dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False, n_kv_head=2),
-    dict(position="rope", n_kv_head=1, tie_embeddings=False),
-    dict(norm_placement="post", activation="relu"),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(position="rope", norm="rmsnorm", activation="swiglu", bias=False, n_kv_head=2),
+        dict(position="rope", n_kv_head=1, tie_embeddings=False),
+        dict(norm_placement="post", activation="relu"),
+    ],
+)
 def test_kv_cache_gives_the_same_logits_as_full_forward(variant):
     torch.manual_seed(0)
     model = Transformer(tiny(**variant)).eval()
@@ -90,7 +144,7 @@ def test_kv_cache_gives_the_same_logits_as_full_forward(variant):
         full = model(ids)
         cache = model.new_cache(2)
         pieces = [model(ids[:, :7], cache=cache), model(ids[:, 7:12], cache=cache)]
-        pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)]
+        pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -130,12 +184,15 @@ def test_meta_count_equals_materialised_count():
     assert meta.num_parameters() == sum(p.numel() for p in Transformer(config).parameters())
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(n_embd=30, n_head=4), "n_embd"),
-    (dict(n_kv_head=3), "n_kv_head"),
-    (dict(dropout=1.5), "dropout"),
-    (dict(n_layer=0), "n_layer"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(n_embd=30, n_head=4), "n_embd"),
+        (dict(n_kv_head=3), "n_kv_head"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(n_layer=0), "n_layer"),
+    ],
+)
 def test_invalid_config_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         tiny(**changes)
@@ -168,9 +225,13 @@ def test_chunked_token_losses_equal_the_full_cross_entropy_and_its_gradients():
     ids, targets = torch.randint(0, 61, (3, 40)), torch.randint(0, 61, (3, 40))
     targets[0, :5] = -100
     chunked = model.token_losses(model.hidden_states(ids), targets, chunk_tokens=7)  # chunks cross rows
-    full = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none").view_as(targets)
+    full = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none").view_as(
+        targets
+    )
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-5)
     assert chunked[0, :5].eq(0).all()
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    for ours, theirs in zip(torch.autograd.grad(chunked.sum(), parameters), torch.autograd.grad(full.sum(), parameters)):
+    for ours, theirs in zip(
+        torch.autograd.grad(chunked.sum(), parameters), torch.autograd.grad(full.sum(), parameters)
+    ):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

@@ -8,18 +8,27 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import SyntheticBatches, tiny_config
 from torch import nn
 
-from helpers import SyntheticBatches, tiny_config
 from llmkit.cli import main
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer
-from llmkit.tokenizer import ENDOFTEXT, PAD, RESERVED, SPECIAL_TOKENS, Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
-from llmkit.train.config import TrainConfig
-from llmkit.train.objectives import (IGNORE_INDEX, ObjectiveBatches, SpanCorruption, auxiliary_loss, build_objective,
-                                     causal_lm_loss, prefix_lm_loss, random_prefix, unwrap_model)
 from llmkit.pretrain import ModelOverrides, PretrainConfig
+from llmkit.tokenizer import ENDOFTEXT, PAD, RESERVED, SPECIAL_TOKENS, Tokenizer
+from llmkit.train.config import TrainConfig
+from llmkit.train.objectives import (
+    IGNORE_INDEX,
+    ObjectiveBatches,
+    SpanCorruption,
+    auxiliary_loss,
+    build_objective,
+    causal_lm_loss,
+    prefix_lm_loss,
+    random_prefix,
+    unwrap_model,
+)
 from llmkit.train.trainer import Trainer
 
 CORPUS = "\n".join(f"the {i % 13} cat sat on the {i % 7} mat and saw {i % 5} birds." for i in range(600))
@@ -29,7 +38,9 @@ CORPUS = "\n".join(f"the {i % 13} cat sat on the {i % 7} mat and saw {i % 5} bir
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("objectives")
     (folder / "corpus.txt").write_text(CORPUS)
-    train_tokenizer(TokenizerConfig(source=str(folder / "corpus.txt"), kind="char", vocab_size=64, out=str(folder / "tok")))
+    train_tokenizer(
+        TokenizerConfig(source=str(folder / "corpus.txt"), kind="char", vocab_size=64, out=str(folder / "tok"))
+    )
     return Tokenizer.load(folder / "tok")
 
 
@@ -53,11 +64,20 @@ class TextTokens:
     corrupted output can only have come from the transform."""
 
     def __init__(self, batch_size, context_length, vocab_size=200, first_text_id=len(SPECIAL_TOKENS)):
-        self.batch_size, self.context_length, self.vocab_size, self.first = batch_size, context_length, vocab_size, first_text_id
+        self.batch_size, self.context_length, self.vocab_size, self.first = (
+            batch_size,
+            context_length,
+            vocab_size,
+            first_text_id,
+        )
 
     def get_batch(self, index):
-        rows = torch.randint(self.first, self.vocab_size, (self.batch_size, self.context_length + 1),
-                             generator=torch.Generator().manual_seed(index))
+        rows = torch.randint(
+            self.first,
+            self.vocab_size,
+            (self.batch_size, self.context_length + 1),
+            generator=torch.Generator().manual_seed(index),
+        )
         return {"input_ids": rows[:, :-1], "targets": rows[:, 1:]}
 
     def sequential_batch(self, index):
@@ -79,9 +99,11 @@ def hand_prefix_loss(logits, targets, prefix_lengths):
 def random_prefix_batch(seed=0, rows=3, length=7, vocab=11):
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(rows, length, vocab, generator=generator)
-    batch = {"input_ids": torch.randint(0, vocab, (rows, length), generator=generator),
-             "targets": torch.randint(0, vocab, (rows, length), generator=generator),
-             "prefix_lengths": torch.tensor([1, 4, 7])}
+    batch = {
+        "input_ids": torch.randint(0, vocab, (rows, length), generator=generator),
+        "targets": torch.randint(0, vocab, (rows, length), generator=generator),
+        "prefix_lengths": torch.tensor([1, 4, 7]),
+    }
     return logits, batch
 
 
@@ -102,14 +124,18 @@ def test_targets_inside_the_prefix_do_not_count_but_the_first_after_it_does():
     inside["targets"][2, :6] = (inside["targets"][2, :6] + 1) % 11
     assert prefix_lm_loss(FixedLogits(logits), inside)[0].item() == loss.item()
     first_predicted = {**batch, "targets": batch["targets"].clone()}
-    first_predicted["targets"][1, 3] = (first_predicted["targets"][1, 3] + 1) % 11  # predicts token 4, the first after the prefix
+    first_predicted["targets"][1, 3] = (
+        first_predicted["targets"][1, 3] + 1
+    ) % 11  # predicts token 4, the first after the prefix
     assert prefix_lm_loss(FixedLogits(logits), first_predicted)[0].item() != loss.item()
 
 
 def test_prefix_length_one_is_the_causal_loss():
     logits, batch = random_prefix_batch(seed=2)
     batch["prefix_lengths"] = torch.ones(3, dtype=torch.long)
-    assert prefix_lm_loss(FixedLogits(logits), batch)[0].item() == pytest.approx(causal_lm_loss(FixedLogits(logits), batch)[0].item())
+    assert prefix_lm_loss(FixedLogits(logits), batch)[0].item() == pytest.approx(
+        causal_lm_loss(FixedLogits(logits), batch)[0].item()
+    )
 
 
 def test_prefix_loss_on_the_transformer_sees_the_prefix_bidirectionally():
@@ -118,7 +144,9 @@ def test_prefix_loss_on_the_transformer_sees_the_prefix_bidirectionally():
     batch = {**SyntheticBatches(batch_size=2).get_batch(0), "prefix_lengths": torch.tensor([5, 9])}
     loss, _ = prefix_lm_loss(model, batch)
     logits = model(batch["input_ids"], prefix_lengths=batch["prefix_lengths"])
-    assert loss.item() == pytest.approx(hand_prefix_loss(logits.detach(), batch["targets"], batch["prefix_lengths"]), rel=1e-5)
+    assert loss.item() == pytest.approx(
+        hand_prefix_loss(logits.detach(), batch["targets"], batch["prefix_lengths"]), rel=1e-5
+    )
     # A change late in the prefix reaches the prefix's first position only through bidirectional attention.
     changed = batch["input_ids"].clone()
     changed[0, 4] = (changed[0, 4] + 1) % 61
@@ -143,20 +171,34 @@ def test_the_trainer_adds_a_moe_models_auxiliary_loss_in_training_not_in_validat
     torch.manual_seed(0)
     model = Transformer(tiny_config(moe_experts=4, moe_top_k=2, moe_aux_loss_weight=0.5))
     batches = SyntheticBatches(batch_size=2)
-    plain = torch.nn.functional.cross_entropy(model(batches.get_batch(0)["input_ids"]).flatten(0, 1),
-                                              batches.get_batch(0)["targets"].flatten())
+    plain = torch.nn.functional.cross_entropy(
+        model(batches.get_batch(0)["input_ids"]).flatten(0, 1), batches.get_batch(0)["targets"].flatten()
+    )
     aux, _ = auxiliary_loss(model)
-    config = TrainConfig(out=str(tmp_path), batch_size=2, max_steps=1, eval_interval=0, eval_batches=1, log_interval=1,
-                         dtype="float32", progress=False, device="cpu")
+    config = TrainConfig(
+        out=str(tmp_path),
+        batch_size=2,
+        max_steps=1,
+        eval_interval=0,
+        eval_batches=1,
+        log_interval=1,
+        dtype="float32",
+        progress=False,
+        device="cpu",
+    )
     summary = Trainer(model, batches, config, val_batches=batches).run()
     with open(tmp_path / "metrics.csv", newline="") as file:
         row = next(row for row in csv.DictReader(file) if row["step"] == "1" and not row["event"])
     assert aux.item() > 0 and float(row["aux_loss"]) == pytest.approx(aux.item(), rel=1e-4)
-    assert float(row["loss"]) == pytest.approx(plain.item() + aux.item(), abs=1e-5)  # the first step's, before its update
+    assert float(row["loss"]) == pytest.approx(
+        plain.item() + aux.item(), abs=1e-5
+    )  # the first step's, before its update
     assert 0.25 <= float(row["expert_max_share"]) <= 1
     validation = batches.sequential_batch(0)
     with torch.no_grad():
-        validation_loss = torch.nn.functional.cross_entropy(model(validation["input_ids"]).flatten(0, 1), validation["targets"].flatten())
+        validation_loss = torch.nn.functional.cross_entropy(
+            model(validation["input_ids"]).flatten(0, 1), validation["targets"].flatten()
+        )
     assert summary["val_loss"] == pytest.approx(validation_loss.item(), abs=1e-5)  # the language model alone
 
 
@@ -189,8 +231,8 @@ def test_random_prefix_is_deterministic_in_bounds_and_uniform():
 def restore(input_ids, targets, prefix_length, sentinels, eos):
     """Undo span corruption for one row: put each sentinel's span back in place of the sentinel."""
     length = int((targets != IGNORE_INDEX).sum()) + 1
-    sequence = [int(input_ids[0])] + targets[:length - 1].tolist()
-    assert input_ids[:length - 1].tolist() == sequence[:-1]
+    sequence = [int(input_ids[0])] + targets[: length - 1].tolist()
+    assert input_ids[: length - 1].tolist() == sequence[:-1]
     corrupted, spans = sequence[:prefix_length], sequence[prefix_length:]
     assert spans[-1] == eos
     replacement, current = {}, None
@@ -203,7 +245,13 @@ def restore(input_ids, targets, prefix_length, sentinels, eos):
     for token in corrupted:
         restored += replacement[token] if token in sentinels else [token]
     order = [token for token in corrupted if token in sentinels]
-    return restored, order, [token for token in spans if token in sentinels], [len(replacement[s]) for s in order], length
+    return (
+        restored,
+        order,
+        [token for token in spans if token in sentinels],
+        [len(replacement[s]) for s in order],
+        length,
+    )
 
 
 @pytest.mark.parametrize("context_length", [16, 64, 101, 512])
@@ -219,14 +267,15 @@ def test_span_corruption_reconstructs_the_original_tokens(tokenizer, context_len
         assert batch["input_ids"].shape == batch["targets"].shape == (6, context_length)
         for row in range(6):
             prefix = int(batch["prefix_lengths"][row])
-            restored, order, target_order, _, length = restore(batch["input_ids"][row], batch["targets"][row], prefix,
-                                                               set(sentinels), tokenizer.special_ids[ENDOFTEXT])
-            assert restored == original[row, :len(restored)].tolist()
-            assert order == target_order == sentinels[:len(order)]  # unique, in order, the same in both halves
+            restored, order, target_order, _, length = restore(
+                batch["input_ids"][row], batch["targets"][row], prefix, set(sentinels), tokenizer.special_ids[ENDOFTEXT]
+            )
+            assert restored == original[row, : len(restored)].tolist()
+            assert order == target_order == sentinels[: len(order)]  # unique, in order, the same in both halves
             assert 1 <= len(order) <= 8
             assert context_length - 2 <= length - 1 <= context_length  # fills the context up to rounding
-            assert (batch["input_ids"][row, length - 1:] == pad_id).all()
-            assert (batch["targets"][row, length - 1:] == IGNORE_INDEX).all()
+            assert (batch["input_ids"][row, length - 1 :] == pad_id).all()
+            assert (batch["targets"][row, length - 1 :] == IGNORE_INDEX).all()
     again = batches.get_batch(1)
     assert torch.equal(again["input_ids"], batches.get_batch(1)["input_ids"])
     assert not torch.equal(again["input_ids"], batches.get_batch(2)["input_ids"])
@@ -236,20 +285,27 @@ def test_span_corruption_reconstructs_the_original_tokens(tokenizer, context_len
 def test_span_corruption_noise_density_and_span_counts(tokenizer, context_length, expected_spans):
     transform = SpanCorruption.for_tokenizer(tokenizer, context_length)
     sentinels = set(tokenizer.special_ids[token] for token in RESERVED)
-    batches = ObjectiveBatches(TextTokens(batch_size=25, context_length=context_length), transform, seed=1, bytes_per_token=None)
+    batches = ObjectiveBatches(
+        TextTokens(batch_size=25, context_length=context_length), transform, seed=1, bytes_per_token=None
+    )
     densities, span_counts, span_lengths, noisy_positions = [], [], [], np.zeros(context_length + 1)
     for index in range(8):
         batch = batches.get_batch(index)
         for row in range(25):
-            restored, order, _, lengths, _ = restore(batch["input_ids"][row], batch["targets"][row], int(batch["prefix_lengths"][row]),
-                                                     sentinels, tokenizer.special_ids[ENDOFTEXT])
+            restored, order, _, lengths, _ = restore(
+                batch["input_ids"][row],
+                batch["targets"][row],
+                int(batch["prefix_lengths"][row]),
+                sentinels,
+                tokenizer.special_ids[ENDOFTEXT],
+            )
             densities.append(sum(lengths) / len(restored))
             span_counts.append(len(order))
             span_lengths += lengths
             position = 0
-            for token in batch["input_ids"][row, :batch["prefix_lengths"][row]].tolist():
+            for token in batch["input_ids"][row, : batch["prefix_lengths"][row]].tolist():
                 if token in sentinels:
-                    noisy_positions[position:position + lengths[order.index(token)]] += 1
+                    noisy_positions[position : position + lengths[order.index(token)]] += 1
                     position += lengths[order.index(token)]
                 else:
                     position += 1
@@ -259,7 +315,9 @@ def test_span_corruption_noise_density_and_span_counts(tokenizer, context_length
         assert np.mean(span_lengths) == pytest.approx(3.0, abs=0.25)
     assert min(span_lengths) == 1 and len(set(span_lengths)) > 3  # random lengths, not a fixed pattern
     window = len(restored)
-    assert noisy_positions[0] == 0 and noisy_positions[window // 10:window - 1].min() > 0  # T5: a row starts with kept text
+    assert (
+        noisy_positions[0] == 0 and noisy_positions[window // 10 : window - 1].min() > 0
+    )  # T5: a row starts with kept text
 
 
 def test_span_layout_fills_any_context_and_rejects_tiny_ones():
@@ -281,8 +339,19 @@ def test_span_objective_learns_a_repeated_batch(tokenizer, tmp_path):
     torch.manual_seed(0)
     model = Transformer(tiny_config(vocab_size=200, context_length=32, n_embd=32))
     batches, loss_fn = build_objective("span", OneBatch(4, 32), tokenizer, 32, seed=0)
-    config = TrainConfig(out=str(tmp_path / "run"), max_steps=20, lr=1e-2, warmup_steps=0, batch_size=4, eval_interval=0,
-                         eval_batches=2, dtype="float32", progress=False, device="cpu", log_interval=5)
+    config = TrainConfig(
+        out=str(tmp_path / "run"),
+        max_steps=20,
+        lr=1e-2,
+        warmup_steps=0,
+        batch_size=4,
+        eval_interval=0,
+        eval_batches=2,
+        dtype="float32",
+        progress=False,
+        device="cpu",
+        log_interval=5,
+    )
     trainer = Trainer(model, batches, config, val_batches=batches, loss_fn=loss_fn)
     first = loss_fn(model, batches.get_batch(0))[0].item()
     summary = trainer.run()
@@ -294,14 +363,72 @@ def test_span_objective_learns_a_repeated_batch(tokenizer, tmp_path):
 def test_pretrain_objective_from_the_command_line(tmp_path, capsys, objective):
     (tmp_path / "corpus.txt").write_text(CORPUS)
     tok, data, run = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
-    assert main(["tokenizer", "train", "--source", str(tmp_path / "corpus.txt"), "--kind", "char", "--vocab-size", "64",
-                 "--out", str(tok)]) == 0
-    assert main(["data", "prepare", "--source", str(tmp_path / "corpus.txt"), "--tokenizer", str(tok), "--out", str(data),
-                 "--split", "tail", "--val-fraction", "0.2", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--source",
+                str(tmp_path / "corpus.txt"),
+                "--kind",
+                "char",
+                "--vocab-size",
+                "64",
+                "--out",
+                str(tok),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--source",
+                str(tmp_path / "corpus.txt"),
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(data),
+                "--split",
+                "tail",
+                "--val-fraction",
+                "0.2",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["pretrain", "--preset", "cpu-tiny", "--objective", objective, "--context-length", "48", "--data", str(data),
-                 "--out", str(run), "--max-steps", "5", "--batch-size", "4", "--eval-batches", "2", "--no-progress",
-                 "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--preset",
+                "cpu-tiny",
+                "--objective",
+                objective,
+                "--context-length",
+                "48",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--max-steps",
+                "5",
+                "--batch-size",
+                "4",
+                "--eval-batches",
+                "2",
+                "--no-progress",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["objective"] == objective and summary["steps"] == 5
     assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["val_loss"])
@@ -310,7 +437,9 @@ def test_pretrain_objective_from_the_command_line(tmp_path, capsys, objective):
 
 def test_pretrain_config_rejects_what_span_corruption_cannot_do():
     with pytest.raises(ConfigError, match="context_length"):
-        PretrainConfig(preset="cpu-tiny", objective="span", model=ModelOverrides(context_length=3), train=TrainConfig(max_steps=1))
+        PretrainConfig(
+            preset="cpu-tiny", objective="span", model=ModelOverrides(context_length=3), train=TrainConfig(max_steps=1)
+        )
     with pytest.raises(ConfigError, match="target_val_bpb"):
         PretrainConfig(preset="cpu-tiny", objective="span", train=TrainConfig(max_steps=1, target_val_bpb=2.0))
     with pytest.raises(ConfigError, match="objective"):

@@ -6,15 +6,15 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-
 from helpers import SyntheticBatches, tiny_config
+from safetensors.torch import load_file
+from test_train import InterruptAt, losses, run, train_config
+
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer
 from llmkit.train.config import TrainConfig
 from llmkit.train.objectives import causal_lm_loss
 from llmkit.train.optim import NEWTON_SCHULZ_COEFFICIENTS, Muon, MuonAdamW, build_muon, build_optimizer, newton_schulz
-from test_train import InterruptAt, losses, run, train_config
 
 
 @pytest.mark.parametrize("shape", [(32, 64), (64, 32), (48, 48)])
@@ -88,7 +88,11 @@ def test_fused_blocks_are_orthogonalised_like_separate_matrices():
     fused = torch.nn.Parameter(start.clone())
     separate = [torch.nn.Parameter(block.clone()) for block in start.split(sizes)]
     whole = torch.nn.Parameter(start.clone())
-    optimizers = [Muon([{"params": [fused], "blocks": sizes}], lr=0.02), Muon(separate, lr=0.02), Muon([whole], lr=0.02)]
+    optimizers = [
+        Muon([{"params": [fused], "blocks": sizes}], lr=0.02),
+        Muon(separate, lr=0.02),
+        Muon([whole], lr=0.02),
+    ]
     for grad in grads:
         fused.grad, whole.grad = grad.clone(), grad.clone()
         for parameter, block in zip(separate, grad.split(sizes)):
@@ -100,8 +104,19 @@ def test_fused_blocks_are_orthogonalised_like_separate_matrices():
 
 
 def test_every_parameter_lands_in_exactly_one_group():
-    model = Transformer(tiny_config(bias=True, norm="layernorm", position="learned", tie_embeddings=False, n_head=4,
-                                    n_kv_head=2, activation="swiglu", moe_experts=2, moe_top_k=1))
+    model = Transformer(
+        tiny_config(
+            bias=True,
+            norm="layernorm",
+            position="learned",
+            tie_embeddings=False,
+            n_head=4,
+            n_kv_head=2,
+            activation="swiglu",
+            moe_experts=2,
+            moe_top_k=1,
+        )
+    )
     optimizer = build_muon(model, 1e-3, 0.1, (0.9, 0.95), 0.02, 0.95, 0.0)
     muon_groups, adamw_groups = optimizer.muon.param_groups, optimizer.adamw.param_groups
     assert optimizer.param_groups == muon_groups + adamw_groups
@@ -126,8 +141,11 @@ def test_muon_learns_a_repeated_batch_at_least_as_well_as_adamw():
     for name in ("adamw", "muon"):
         torch.manual_seed(0)
         model = Transformer(tiny_config(n_embd=32, n_head=4))
-        optimizer = (build_muon(model, 3e-3, 0.0, (0.9, 0.95), 0.02, 0.95, 0.0) if name == "muon"
-                     else build_optimizer(model, 3e-3, 0.0, (0.9, 0.95)))
+        optimizer = (
+            build_muon(model, 3e-3, 0.0, (0.9, 0.95), 0.02, 0.95, 0.0)
+            if name == "muon"
+            else build_optimizer(model, 3e-3, 0.0, (0.9, 0.95))
+        )
         for _ in range(30):
             loss, _ = causal_lm_loss(model, batch)
             loss.backward()
@@ -204,8 +222,11 @@ def test_trainer_logs_the_loss_functions_metrics(tmp_path):
         assert float(row["first_token"]) == pytest.approx(expected)
         assert float(row["twice"]) == pytest.approx(2 * expected)
         assert "note" not in row and float(row["loss"]) > 0  # the trainer's own columns win
-    assert summary["train_metrics"] == {"first_token": pytest.approx(float(rows[-1]["first_token"])),
-                                        "twice": pytest.approx(float(rows[-1]["twice"])), "loss": -1.0}
+    assert summary["train_metrics"] == {
+        "first_token": pytest.approx(float(rows[-1]["first_token"])),
+        "twice": pytest.approx(float(rows[-1]["twice"])),
+        "loss": -1.0,
+    }
 
 
 def test_muon_refuses_fsdp_and_bad_values(tmp_path):

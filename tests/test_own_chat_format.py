@@ -12,27 +12,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from tokenizers import Regex, Tokenizer as Backend, decoders, models, pre_tokenizers
-
 from helpers import LiveServer, tiny_config
+from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+
 from llmkit.chat import render_ids, uses_own_template
 from llmkit.errors import InputError
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.scheduler import Event
 from llmkit.model import Transformer
 from llmkit.serve.app import create_app
+from llmkit.serve.schemas import ToolDefinition
 from llmkit.serve.server import ServeConfig
 from llmkit.serve.tool_calls import TemplateTurn, client_tools
-from llmkit.serve.schemas import ToolDefinition
 from llmkit.tokenizer import Tokenizer
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
-          "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-          "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-                {"role": "assistant", "content": "See you."}]
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "See you."},
+]
 
 
 def chatml_tokenizer(template: str = CHATML, **config) -> Tokenizer:
@@ -42,13 +49,22 @@ def chatml_tokenizer(template: str = CHATML, **config) -> Tokenizer:
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    settings = {"kind": "char", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": template, **config}
+    settings = {
+        "kind": "char",
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "chat_template": template,
+        **config,
+    }
     return Tokenizer(backend.to_str().encode(), settings)
 
 
 def as_transformers(tokenizer: Tokenizer):
-    peer = transformers.PreTrainedTokenizerFast(tokenizer_object=Backend.from_str(tokenizer.tokenizer_json.decode()),
-                                                bos_token="<|im_start|>", eos_token="<|im_end|>")
+    peer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Backend.from_str(tokenizer.tokenizer_json.decode()),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+    )
     peer.chat_template = tokenizer.chat_template
     return peer
 
@@ -56,23 +72,34 @@ def as_transformers(tokenizer: Tokenizer):
 def test_a_conversation_renders_to_transformers_ids_and_assistant_mask():
     tokenizer = chatml_tokenizer()
     assert uses_own_template(tokenizer) and not tokenizer.llmkit_format and tokenizer.stop_ids == [tokenizer.eot_id]
-    rendered = as_transformers(tokenizer).apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
-                                                              return_assistant_tokens_mask=True)
+    rendered = as_transformers(tokenizer).apply_chat_template(
+        CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, mask = render_ids(tokenizer, CONVERSATION)
     assert ids == rendered["input_ids"] and mask == [bool(value) for value in rendered["assistant_masks"]]
     assert tokenizer.decode([token for token, keep in zip(ids, mask) if keep]) == "Hello!<|im_end|>See you.<|im_end|>"
     prompt, _ = render_ids(tokenizer, CONVERSATION[:2], add_generation_prompt=True)
-    assert prompt == as_transformers(tokenizer).apply_chat_template(CONVERSATION[:2], add_generation_prompt=True,
-                                                                    tokenize=True, return_dict=True)["input_ids"]
+    assert (
+        prompt
+        == as_transformers(tokenizer).apply_chat_template(
+            CONVERSATION[:2], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
     _, continuation = render_ids(tokenizer, CONVERSATION, mask_from=3)  # a preference pair scores its last turn only
     assert tokenizer.decode([token for token, keep in zip(ids, continuation) if keep]) == "See you.<|im_end|>"
 
 
-@pytest.mark.parametrize("template, message", [
-    ("{% for m in messages %}{{ m['content'] if loop.last else 'x' }}{% endfor %}", "renders earlier turns differently"),
-    ("{{ raise_exception('no system messages') }}", "does not render this conversation"),
-    ("{% for m in messages %}", "not a valid Jinja template"),
-])
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        (
+            "{% for m in messages %}{{ m['content'] if loop.last else 'x' }}{% endfor %}",
+            "renders earlier turns differently",
+        ),
+        ("{{ raise_exception('no system messages') }}", "does not render this conversation"),
+        ("{% for m in messages %}", "not a valid Jinja template"),
+    ],
+)
 def test_templates_that_cannot_be_trained_on_are_one_line_errors(template, message):
     with pytest.raises(InputError, match=message):
         render_ids(chatml_tokenizer(template), CONVERSATION)
@@ -112,8 +139,13 @@ def test_the_server_answers_in_the_models_format_streaming_as_whole(chatml_engin
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         messages = CONVERSATION[:2]
         whole = client.chat.completions.create(model="chatml", messages=messages, temperature=0, max_tokens=30)
-        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
-            model="chatml", messages=messages, temperature=0, max_tokens=30, stream=True) if chunk.choices)
+        streamed = "".join(
+            chunk.choices[0].delta.content or ""
+            for chunk in client.chat.completions.create(
+                model="chatml", messages=messages, temperature=0, max_tokens=30, stream=True
+            )
+            if chunk.choices
+        )
         assert whole.choices[0].message.content == streamed == "Hello!" and whole.choices[0].finish_reason == "stop"
         info = httpx.get(f"{server.url}/tokenizer_info").json()
         assert (info["eos_token"], info["chat_template"]) == ("<|im_end|>", CHATML)
@@ -124,14 +156,32 @@ def events(texts: list[str]) -> list[Event]:
 
 
 def test_hermes_tool_calls_are_read_from_the_text_and_held_back_from_the_content():
-    tools = client_tools([ToolDefinition.model_validate({"type": "function", "function": {
-        "name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})])
+    tools = client_tools(
+        [
+            ToolDefinition.model_validate(
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "weather",
+                        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                    },
+                }
+            )
+        ]
+    )
     turn = TemplateTurn(chatml_tokenizer(), tools, detect_calls=True)
-    pieces = ["Let me check.", " <tool", '_call>\n{"name": "weather", ', '"arguments": {"city": "Paris"}}\n</tool_call>']
+    pieces = [
+        "Let me check.",
+        " <tool",
+        '_call>\n{"name": "weather", ',
+        '"arguments": {"city": "Paris"}}\n</tool_call>',
+    ]
     shown = "".join(turn.feed(event)[0] for event in events(pieces))
     result = turn.finish(type("Done", (), {"finish_reason": "stop"})())
     assert shown == "Let me check. " and turn.content == "Let me check."
-    assert result.finish_reason == "tool_calls" and json.loads(result.tool_calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert result.finish_reason == "tool_calls" and json.loads(result.tool_calls[0]["function"]["arguments"]) == {
+        "city": "Paris"
+    }
     unknown = TemplateTurn(chatml_tokenizer(), tools, detect_calls=True)
     text = '<tool_call>{"name": "stocks", "arguments": {}}</tool_call>'
     shown = "".join(unknown.feed(event)[0] for event in events([text]))
@@ -148,7 +198,12 @@ def test_smollm2_answers_through_the_server_in_its_own_format(shared_data, tmp_p
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         whole = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=24)
-        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
-            model="smollm2", messages=messages, temperature=0, max_tokens=24, stream=True) if chunk.choices)
+        streamed = "".join(
+            chunk.choices[0].delta.content or ""
+            for chunk in client.chat.completions.create(
+                model="smollm2", messages=messages, temperature=0, max_tokens=24, stream=True
+            )
+            if chunk.choices
+        )
     assert "Paris" in whole.choices[0].message.content and streamed == whole.choices[0].message.content
     assert whole.choices[0].finish_reason == "stop"  # at <|im_end|>, not at the token limit

@@ -41,8 +41,16 @@ POSITIVES = [
     ("SSN: 123-45-6789.", "SSN: <ID>.", {"national_id": 1}),
     ("NI number AB123456C or AB 12 34 56 C", "NI number <ID> or <ID>", {"national_id": 2}),
     ("SIN 130 692 544 and 193-456-787", "SIN <ID> and <ID>", {"national_id": 2}),
-    ("git clone https://alice:s3cr3t@github.com/org/repo.git", "git clone https://<CREDENTIALS>@github.com/org/repo.git", {"url_credentials": 1}),
-    ("DATABASE_URL=postgres://admin:hunter2@db.example.com:5432/app", "DATABASE_URL=postgres://<CREDENTIALS>@db.example.com:5432/app", {"url_credentials": 1}),
+    (
+        "git clone https://alice:s3cr3t@github.com/org/repo.git",
+        "git clone https://<CREDENTIALS>@github.com/org/repo.git",
+        {"url_credentials": 1},
+    ),
+    (
+        "DATABASE_URL=postgres://admin:hunter2@db.example.com:5432/app",
+        "DATABASE_URL=postgres://<CREDENTIALS>@db.example.com:5432/app",
+        {"url_credentials": 1},
+    ),
     (f"aws_access_key_id = {AWS_KEY}", "aws_access_key_id = <SECRET>", {"secret": 1}),
     (f"push with {GITHUB_TOKEN} or {GITHUB_FINE_GRAINED}", "push with <SECRET> or <SECRET>", {"secret": 2}),
     (f"SLACK={SLACK_TOKEN}", "SLACK=<SECRET>", {"secret": 1}),
@@ -127,7 +135,10 @@ def test_counts_add_up_across_kinds_in_one_document():
 
 def test_only_the_configured_kinds_are_masked():
     text = "a@example.com +44 20 7946 0958 93.184.216.34"
-    assert mask_pii(text, PIIConfig(kinds=["email"])) == ("<EMAIL> +44 20 7946 0958 93.184.216.34", collections.Counter({"email": 1}))
+    assert mask_pii(text, PIIConfig(kinds=["email"])) == (
+        "<EMAIL> +44 20 7946 0958 93.184.216.34",
+        collections.Counter({"email": 1}),
+    )
     assert mask_pii(text, PIIConfig(kinds="phone,ipv4"))[0] == "a@example.com <PHONE> <IP_ADDRESS>"
     assert mask_pii(text, PIIConfig(kinds=[])) == (text, collections.Counter())
 
@@ -159,7 +170,9 @@ def reference_luhn(digits: str) -> bool:
 
 
 def test_luhn_matches_the_textbook_definition():
-    numbers = ["79927398713", "4111111111111111", "4111111111111112"] + [str(number) for number in range(10**12, 10**12 + 500)]
+    numbers = ["79927398713", "4111111111111111", "4111111111111112"] + [
+        str(number) for number in range(10**12, 10**12 + 500)
+    ]
     assert luhn_valid("79927398713")  # the worked example of ISO/IEC 7812-1
     assert [luhn_valid(number) for number in numbers] == [reference_luhn(number) for number in numbers]
 
@@ -181,7 +194,15 @@ def test_shannon_entropy_of_hand_worked_strings():
         "+1 " * 30_000,  # phone groups that never end
         "token=" * 20_000,  # assignments with no value
     ],
-    ids=["dotted letters", "dotted digits", "dashed digits", "colons", "local part only", "phone groups", "assignments"],
+    ids=[
+        "dotted letters",
+        "dotted digits",
+        "dashed digits",
+        "colons",
+        "local part only",
+        "phone groups",
+        "assignments",
+    ],
 )
 def test_no_catastrophic_backtracking(adversarial):
     start = time.perf_counter()

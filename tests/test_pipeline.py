@@ -16,16 +16,18 @@ import yaml
 import llmkit.io
 from llmkit.cli import main
 from llmkit.data.pipeline import PipelineConfig, run_pipeline
-from llmkit.token_data import load_manifest, open_split
-from llmkit.errors import ConfigError, InputError
-from llmkit.tokenizer import Tokenizer
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
+from llmkit.errors import ConfigError, InputError
+from llmkit.token_data import load_manifest, open_split
+from llmkit.tokenizer import Tokenizer
 
-WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point government "
-         "company number group problem fact water house river garden market letter morning evening window table story "
-         "music paper family friend teacher student question answer animal forest mountain village city road bridge "
-         "doctor summer winter season weather kitchen bread coffee breakfast dinner holiday journey station train "
-         "picture colour light sound voice language history science nature country ocean island harbour ship").split()
+WORDS = (
+    "time person year way day thing man world life hand part child eye woman place work week case point government "
+    "company number group problem fact water house river garden market letter morning evening window table story "
+    "music paper family friend teacher student question answer animal forest mountain village city road bridge "
+    "doctor summer winter season weather kitchen bread coffee breakfast dinner holiday journey station train "
+    "picture colour light sound voice language history science nature country ocean island harbour ship"
+).split()
 VERBS = "walked found made took gave told asked felt became left kept began seemed helped showed heard played moved lived believed".split()
 
 
@@ -34,8 +36,10 @@ def english_document(rng: random.Random, sentences: int = 8) -> str:
     out = []
     for _ in range(sentences):
         a, b, c = rng.sample(WORDS, 3)
-        out.append(f"The {a} {rng.choice(VERBS)} to the {b} of the {c}, and that {rng.choice(WORDS)} was with "
-                   f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.randint(2, 999)}.")
+        out.append(
+            f"The {a} {rng.choice(VERBS)} to the {b} of the {c}, and that {rng.choice(WORDS)} was with "
+            f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.randint(2, 999)}."
+        )
     return " ".join(out)
 
 
@@ -63,22 +67,46 @@ def corpus(tmp_path_factory):
     (html_folder / "page.html").write_text(
         f"<!DOCTYPE html><html><head><script>var tracking = 1;</script><style>p {{color: red}}</style></head>"
         f"<body><nav><a href='/'>Home</a> | <a href='/about'>About</a></nav><article><p>{page_text}</p></article>"
-        f"<footer>Copyright footer text</footer></body></html>", encoding="utf-8")
+        f"<footer>Copyright footer text</footer></body></html>",
+        encoding="utf-8",
+    )
     (html_folder / "module.py").write_text("def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n", encoding="utf-8")
-    (root / "gsm8k_test.jsonl").write_text(json.dumps({"question": evaluation + "?", "answer": "72"}) + "\n", encoding="utf-8")
+    (root / "gsm8k_test.jsonl").write_text(
+        json.dumps({"question": evaluation + "?", "answer": "72"}) + "\n", encoding="utf-8"
+    )
     (root / "tokenizer_corpus.txt").write_text("\n".join(documents.values()), encoding="utf-8")
-    train_tokenizer(TokenizerConfig(source=str(root / "tokenizer_corpus.txt"), out=str(root / "tokenizer"), vocab_size=300,
-                                    held_out_fraction=0))
-    return {"root": root, "documents": documents, "page_text": page_text, "names": [json.loads(l)["name"] for l in lines if l.startswith("{\"")]}
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(root / "tokenizer_corpus.txt"), out=str(root / "tokenizer"), vocab_size=300, held_out_fraction=0
+        )
+    )
+    return {
+        "root": root,
+        "documents": documents,
+        "page_text": page_text,
+        "names": [json.loads(l)["name"] for l in lines if l.startswith('{"')],
+    }
 
 
 def pipeline_config(corpus, out: Path, **changes) -> PipelineConfig:
     root = corpus["root"]
     values = dict(
         sources=[{"name": "web", "path": str(root / "web.jsonl")}, {"name": "pages", "path": str(root / "pages")}],
-        steps=["clean", "gopher_quality", "code_quality", "exact_dedup", {"minhash_dedup": {"threshold": 0.7}}, "pii",
-               {"decontaminate": {"sets": [str(root / "gsm8k_test.jsonl")]}}],
-        tokenizer=str(root / "tokenizer"), out=str(out), documents_per_shard=7, workers=1, val_fraction=0.0)
+        steps=[
+            "clean",
+            "gopher_quality",
+            "code_quality",
+            "exact_dedup",
+            {"minhash_dedup": {"threshold": 0.7}},
+            "pii",
+            {"decontaminate": {"sets": [str(root / "gsm8k_test.jsonl")]}},
+        ],
+        tokenizer=str(root / "tokenizer"),
+        out=str(out),
+        documents_per_shard=7,
+        workers=1,
+        val_fraction=0.0,
+    )
     values.update(changes)
     return PipelineConfig(**values)
 
@@ -111,9 +139,17 @@ def test_every_planted_problem_is_removed_or_masked_for_its_reason(corpus, tmp_p
     kept = decoded_documents(out)
     assert len(kept) == len(documents) - 4 + 2  # + the HTML page and the Python module
     assert sorted(kept) == sorted(
-        [text for name, text in documents.items() if name not in ("too_short", "exact_copy", "near_copy", "contaminated", "with_email")]
-        + [documents["with_email"].replace("jane.doe@example.com", "<EMAIL>"), corpus["page_text"],
-           "def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n"])
+        [
+            text
+            for name, text in documents.items()
+            if name not in ("too_short", "exact_copy", "near_copy", "contaminated", "with_email")
+        ]
+        + [
+            documents["with_email"].replace("jane.doe@example.com", "<EMAIL>"),
+            corpus["page_text"],
+            "def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n",
+        ]
+    )
     assert summary["skipped_records"] == 2 and summary["documents_read"] == len(documents) + 2
     assert summary["documents_kept"] == len(kept)
     manifest = load_manifest(out)
@@ -123,7 +159,12 @@ def test_every_planted_problem_is_removed_or_masked_for_its_reason(corpus, tmp_p
     report = (out / "report.md").read_text()
     assert "| exact_dedup | " in report and "decontaminate:gsm8k_test (1)" in report and "2 records skipped" in report
     assert "web.jsonl:6: not valid JSON" in report
-    assert (out / "work" / "ingest_errors.txt").read_text().splitlines()[1].endswith("web.jsonl:9: empty document, skipped")
+    assert (
+        (out / "work" / "ingest_errors.txt")
+        .read_text()
+        .splitlines()[1]
+        .endswith("web.jsonl:9: empty document, skipped")
+    )
     assert (out / "data_steps.png").stat().st_size > 0 and (out / "data_histograms.png").stat().st_size > 0
 
 
@@ -138,7 +179,10 @@ def test_prose_rules_leave_code_alone_and_profiles_are_reported(corpus, tmp_path
 def test_source_weights_set_epochs_and_validation_is_not_reweighted(corpus, tmp_path):
     out = tmp_path / "data"
     root = corpus["root"]
-    sources = [{"name": "web", "path": str(root / "web.jsonl"), "weight": 3.0}, {"name": "pages", "path": str(root / "pages"), "weight": 1.0}]
+    sources = [
+        {"name": "web", "path": str(root / "web.jsonl"), "weight": 3.0},
+        {"name": "pages", "path": str(root / "pages"), "weight": 1.0},
+    ]
     summary = run_pipeline(pipeline_config(corpus, out, sources=sources, steps=[], val_fraction=0.2))
     manifest = load_manifest(out)
     web, pages = manifest["mixture"]["web"], manifest["mixture"]["pages"]
@@ -167,23 +211,60 @@ def test_line_dedup_keeps_the_first_copy_of_boilerplate(tmp_path, corpus):
     source = tmp_path / "blog.jsonl"
     source.write_text("\n".join(json.dumps({"text": text}) for text in texts) + "\n")
     out = tmp_path / "data"
-    run_pipeline(PipelineConfig(sources=[str(source)], steps=["line_dedup"], tokenizer=str(corpus["root"] / "tokenizer"),
-                                out=str(out), workers=1, val_fraction=0.0, documents_per_shard=2))
-    assert sorted(decoded_documents(out)) == sorted([texts[0]] + [text.replace(footer + "\n", "") for text in texts[1:]])
+    run_pipeline(
+        PipelineConfig(
+            sources=[str(source)],
+            steps=["line_dedup"],
+            tokenizer=str(corpus["root"] / "tokenizer"),
+            out=str(out),
+            workers=1,
+            val_fraction=0.0,
+            documents_per_shard=2,
+        )
+    )
+    assert sorted(decoded_documents(out)) == sorted(
+        [texts[0]] + [text.replace(footer + "\n", "") for text in texts[1:]]
+    )
 
 
 def test_dialogue_threads_are_rendered_as_reply_trees(tmp_path, corpus):
     messages = [
-        {"message_id": "a", "parent_id": None, "message_tree_id": "t1", "role": "prompter", "text": "How do rivers form?"},
-        {"message_id": "b", "parent_id": "a", "message_tree_id": "t1", "role": "assistant", "text": "Rain collects in channels."},
-        {"message_id": "c", "parent_id": "a", "message_tree_id": "t1", "role": "assistant", "text": "Snow melts in spring."},
+        {
+            "message_id": "a",
+            "parent_id": None,
+            "message_tree_id": "t1",
+            "role": "prompter",
+            "text": "How do rivers form?",
+        },
+        {
+            "message_id": "b",
+            "parent_id": "a",
+            "message_tree_id": "t1",
+            "role": "assistant",
+            "text": "Rain collects in channels.",
+        },
+        {
+            "message_id": "c",
+            "parent_id": "a",
+            "message_tree_id": "t1",
+            "role": "assistant",
+            "text": "Snow melts in spring.",
+        },
         {"message_id": "d", "parent_id": "b", "message_tree_id": "t1", "role": "prompter", "text": "Which channels?"},
     ]
     source = tmp_path / "threads.jsonl"
     source.write_text("\n".join(json.dumps(message) for message in messages) + "\n")
     out = tmp_path / "data"
-    run_pipeline(PipelineConfig(sources=[{"name": "chat", "path": str(source), "format": "dialogue"}], steps=[],
-                                tokenizer=str(corpus["root"] / "tokenizer"), out=str(out), workers=1, val_fraction=0.0))
+    run_pipeline(
+        PipelineConfig(
+            sources=[{"name": "chat", "path": str(source), "format": "dialogue"}],
+            steps=[],
+            tokenizer=str(corpus["root"] / "tokenizer"),
+            out=str(out),
+            workers=1,
+            val_fraction=0.0,
+        )
+    )
     [text] = decoded_documents(out)
     order = [text.index(message["text"]) for message in messages]
     assert order[0] < order[1] < order[3] < order[2]  # a, its first reply b, b's reply d, then a's second reply c
@@ -195,7 +276,9 @@ def test_unknown_step_and_bad_threshold_are_config_errors_naming_them(corpus, tm
     with pytest.raises(ConfigError, match="threshold"):
         pipeline_config(corpus, tmp_path, steps=[{"minhash_dedup": {"threshold": 1.5}}])
     config_file = tmp_path / "pipeline.yaml"
-    config_file.write_text(yaml.safe_dump({"sources": ["stdlib"], "steps": ["clean", {"gopher_quality": {"min_words": -3}}]}))
+    config_file.write_text(
+        yaml.safe_dump({"sources": ["stdlib"], "steps": ["clean", {"gopher_quality": {"min_words": -3}}]})
+    )
     assert main(["data", "run", str(config_file)]) == 2
 
 
@@ -228,13 +311,28 @@ def test_a_run_killed_half_way_resumes_without_losing_or_duplicating(corpus, tmp
     rng = random.Random(2)
     source = tmp_path / "many.jsonl"
     source.write_text("\n".join(json.dumps({"text": english_document(rng, 4)}) for _ in range(300)) + "\n")
-    arguments = ["--sources", str(source), "--steps", "clean,language,exact_dedup,pii", "--tokenizer", str(corpus["root"] / "tokenizer"),
-                 "--documents-per-shard", "1", "--workers", "1", "--val-fraction", "0"]
+    arguments = [
+        "--sources",
+        str(source),
+        "--steps",
+        "clean,language,exact_dedup,pii",
+        "--tokenizer",
+        str(corpus["root"] / "tokenizer"),
+        "--documents-per-shard",
+        "1",
+        "--workers",
+        "1",
+        "--val-fraction",
+        "0",
+    ]
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     assert main(["data", "run", "--out", str(reference), *arguments]) == 0
 
-    process = subprocess.Popen([sys.executable, "-m", "llmkit.cli", "data", "run", "--out", str(interrupted), *arguments],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmkit.cli", "data", "run", "--out", str(interrupted), *arguments],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = interrupted / "work" / "phase_0" / "shard_00010.stats.json"
     deadline = time.time() + 120
     while not marker.exists() and process.poll() is None and time.time() < deadline:
@@ -260,7 +358,11 @@ def test_a_shard_is_on_disk_before_its_statistics_mark_it_done(corpus, tmp_path,
     stats_files = sorted((tmp_path / "out" / "work").glob("phase_*/*.stats.json"))
     assert len(stats_files) > 2
     for stats in stats_files:
-        done = next(index for index, path in enumerate(synced) if path.parent == stats.parent and path.name.startswith(f".{stats.name}."))
+        done = next(
+            index
+            for index, path in enumerate(synced)
+            if path.parent == stats.parent and path.name.startswith(f".{stats.name}.")
+        )
         for kind in ("kept.jsonl", "removed.jsonl"):
             data = synced.index(stats.parent / stats.name.replace("stats.json", f"{kind}.tmp"))
-            assert data < done and stats.parent in synced[data + 1:done], (stats, kind)
+            assert data < done and stats.parent in synced[data + 1 : done], (stats, kind)

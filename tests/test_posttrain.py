@@ -10,21 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import tiny_config
+
 from llmkit.align import posttrain as posttrain_module
 from llmkit.align.posttrain import PosttrainConfig, posttrain
 from llmkit.align.posttrain_eval import few_shot_prompts, solution_ids
 from llmkit.chat import render_ids
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import read_config, resolve_checkpoint, write_model
 from llmkit.tasks import arithmetic
 from llmkit.tokenizer import END, TOOL_CALL, Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 STAGES = {"sft": "sft", "reward": "reward", "grpo": "grpo", "dpo": "dpo"}
-
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +31,17 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     """A small BPE over the arithmetic conversations, so a problem is about a hundred tokens."""
     folder = tmp_path_factory.mktemp("tokenizer")
     problems = arithmetic.generate_problems(300, seed=1) + arithmetic.generate_problems(30, seed=1, split="heldout")
-    texts = [message.get("content") or "" for problem in problems for message in arithmetic.to_conversation(problem, False).messages]
+    texts = [
+        message.get("content") or ""
+        for problem in problems
+        for message in arithmetic.to_conversation(problem, False).messages
+    ]
     (folder / "text.txt").write_text("\n".join(texts + [arithmetic.TOOL_SYSTEM_PROMPT, "calculator(4*3)"]))
-    train_tokenizer(TokenizerConfig(source=str(folder / "text.txt"), out=str(folder / "tokenizer"), vocab_size=600, held_out_fraction=0))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(folder / "text.txt"), out=str(folder / "tokenizer"), vocab_size=600, held_out_fraction=0
+        )
+    )
     return Tokenizer.load(folder / "tokenizer")
 
 
@@ -49,9 +56,26 @@ def base(tmp_path_factory, tokenizer):
 
 
 def tiny_run(base, out, **changes) -> PosttrainConfig:
-    values = dict(base=str(base), out=str(out), sft_examples=16, sft_steps=2, sft_batch_size=2, reward_pairs=8, reward_steps=2,
-                  rl_iterations=1, rl_samples=4, group_size=2, dpo_pairs=8, dpo_steps=2, preference_batch_size=2,
-                  eval_problems=6, max_new_tokens=12, dtype="float32", device="cpu", progress=False)
+    values = dict(
+        base=str(base),
+        out=str(out),
+        sft_examples=16,
+        sft_steps=2,
+        sft_batch_size=2,
+        reward_pairs=8,
+        reward_steps=2,
+        rl_iterations=1,
+        rl_samples=4,
+        group_size=2,
+        dpo_pairs=8,
+        dpo_steps=2,
+        preference_batch_size=2,
+        eval_problems=6,
+        max_new_tokens=12,
+        dtype="float32",
+        device="cpu",
+        progress=False,
+    )
     values.update(changes)
     return PosttrainConfig(**values)
 
@@ -77,13 +101,20 @@ def test_every_stage_writes_its_checkpoint_and_the_table_recomputes_from_the_rec
 
     report = json.loads((out / "report.json").read_text())["stages"]["posttrain"]
     table = report["metrics"]["table"]
-    assert [row["stage"] for row in table] == ["base", "sft", "grpo", "dpo"] == [row["stage"] for row in summary["table"]]
-    problems = {problem.question: problem for problem in arithmetic.generate_problems(config.eval_problems, seed=config.seed, split="heldout")}
+    assert (
+        [row["stage"] for row in table] == ["base", "sft", "grpo", "dpo"] == [row["stage"] for row in summary["table"]]
+    )
+    problems = {
+        problem.question: problem
+        for problem in arithmetic.generate_problems(config.eval_problems, seed=config.seed, split="heldout")
+    }
     for row in table:
         for mode in ("calculator", "plain"):
             answers = records(out, row["stage"], mode)
             assert [answer["question"] for answer in answers] == list(problems)
-            correct = [arithmetic.check_answer(problems[answer["question"]], answer["completion"]) for answer in answers]
+            correct = [
+                arithmetic.check_answer(problems[answer["question"]], answer["completion"]) for answer in answers
+            ]
             assert row[f"accuracy_{mode}"] == sum(correct) / len(correct)
         rewards = [answer["reward"] for answer in records(out, row["stage"], "calculator")]
         assert row["reward"] == pytest.approx(sum(rewards) / len(rewards))
@@ -119,11 +150,17 @@ def test_resume_keeps_finished_stages_and_reruns_a_missing_one(finished, tmp_pat
 
 def test_few_shot_prompt_is_demonstrations_in_the_chat_stream_then_the_question(tokenizer):
     problems = arithmetic.generate_problems(2, seed=3, split="heldout")
-    prompts, shots = few_shot_prompts(tokenizer, problems, with_tools=True, shots=1, context_length=1024, max_new_tokens=50, seed=0)
+    prompts, shots = few_shot_prompts(
+        tokenizer, problems, with_tools=True, shots=1, context_length=1024, max_new_tokens=50, seed=0
+    )
     assert shots == 1
-    demonstration = min(arithmetic.generate_problems(64, seed=0),
-                        key=lambda problem: len(tokenizer.encode(f"Question: {problem.question}\nAnswer: "))
-                        + len(solution_ids(tokenizer, problem, True)))
+    demonstration = min(
+        arithmetic.generate_problems(64, seed=0),
+        key=lambda problem: (
+            len(tokenizer.encode(f"Question: {problem.question}\nAnswer: "))
+            + len(solution_ids(tokenizer, problem, True))
+        ),
+    )
     text = tokenizer.decode(prompts[0])
     assert text.startswith(f"<|endoftext|>Question: {demonstration.question}\nAnswer: ")
     assert text.endswith(f"\n\nQuestion: {problems[0].question}\nAnswer: ")
@@ -133,8 +170,15 @@ def test_few_shot_prompt_is_demonstrations_in_the_chat_stream_then_the_question(
     assert f"{TOOL_CALL}calculator(" in text and f"#### {demonstration.answer}\n\n" in text and text.count(END) >= 2
     # a context without room for a demonstration gives the bare question
     longest_question = max(len(tokenizer.encode(f"Question: {problem.question}\nAnswer: ")) for problem in problems)
-    bare, none = few_shot_prompts(tokenizer, problems, with_tools=False, shots=3, context_length=longest_question + 1 + 10 + 5,
-                                  max_new_tokens=10, seed=0)
+    bare, none = few_shot_prompts(
+        tokenizer,
+        problems,
+        with_tools=False,
+        shots=3,
+        context_length=longest_question + 1 + 10 + 5,
+        max_new_tokens=10,
+        seed=0,
+    )
     assert none == 0 and tokenizer.decode(bare[1]) == f"<|endoftext|>Question: {problems[1].question}\nAnswer: "
 
 

@@ -10,25 +10,50 @@ import math
 
 import pytest
 import torch
+from rl_helpers import (
+    TOY_MESSAGES,
+    assert_learns_toy_task,
+    frozen_copy,
+    metrics_rows,
+    policy,
+    rl_run,
+    save_checkpoint,
+    starts_with_a,
+    tokenizer,
+)
 
 from llmkit.align.policy_gradient import clipped_policy_loss, masked_whiten
-from llmkit.align.ppo import PPO, KLController, PPOConfig, PPOTrainConfig, clipped_value_loss, gae, kl_penalised_rewards, ppo
+from llmkit.align.ppo import (
+    PPO,
+    KLController,
+    PPOConfig,
+    PPOTrainConfig,
+    clipped_value_loss,
+    gae,
+    kl_penalised_rewards,
+    ppo,
+)
 from llmkit.align.reward import RewardModel
 from llmkit.align.rewards import ModelReward
 from llmkit.align.rl_source import RolloutConfig, UpdateConfig
 from llmkit.align.rl_stage import RLStageConfig, evaluate_checkpoint
-from llmkit.align.rollout import (Prompt, Rollout, build_batch, chat_prompt, completion_tokens, generate_rollouts,
-                                  score_rollouts)
+from llmkit.align.rollout import (
+    Prompt,
+    Rollout,
+    build_batch,
+    chat_prompt,
+    completion_tokens,
+    generate_rollouts,
+    score_rollouts,
+)
 from llmkit.data.shards import PrepareConfig, prepare_data
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError, MismatchError
 from llmkit.infer import Completion, GenerationConfig
 from llmkit.infer.engine import Engine
 from llmkit.model.checkpoint import load_model, read_config, read_weights, resolve_checkpoint, write_model
 from llmkit.tasks import arithmetic
 from llmkit.tokenizer import Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
-from rl_helpers import (TOY_MESSAGES, assert_learns_toy_task, frozen_copy, metrics_rows, policy, rl_run, save_checkpoint,
-                        starts_with_a, tokenizer)
 
 __all__ = ["policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
 
@@ -129,11 +154,18 @@ def test_the_action_mask_holds_exactly_the_sampled_completion_tokens():
     prompt = Prompt([], [5, 6, 7])
     # A tool call and its injected result (tokens 11, 12), a last sampled token and the end token restored;
     # a completion cut at the length limit (no end token); a closed tool call left for the caller.
-    completions = [fake_completion([10, 11, 12, 13], [False, True, True, False], "stop"),
-                   fake_completion([20], [False], "length"), fake_completion([30, 31], [False, False], "tool_calls")]
+    completions = [
+        fake_completion([10, 11, 12, 13], [False, True, True, False], "stop"),
+        fake_completion([20], [False], "length"),
+        fake_completion([30, 31], [False, False], "tool_calls"),
+    ]
     rollouts = [Rollout(prompt, completion, *completion_tokens(completion, end_id)) for completion in completions]
     batch = build_batch(rollouts, [1.0, 0.0, 0.5], pad_id=0)
-    assert batch.input_ids.tolist() == [[5, 6, 7, 10, 11, 12, 13, 99], [5, 6, 7, 20, 0, 0, 0, 0], [5, 6, 7, 30, 31, 99, 0, 0]]
+    assert batch.input_ids.tolist() == [
+        [5, 6, 7, 10, 11, 12, 13, 99],
+        [5, 6, 7, 20, 0, 0, 0, 0],
+        [5, 6, 7, 30, 31, 99, 0, 0],
+    ]
     # Position t predicts token t + 1: actions are 10, 13 and the end; 20; 30, 31 and the end.
     F, T = False, True
     assert batch.action_mask.tolist() == [[F, F, T, F, F, T, T], [F, F, T, F, F, F, F], [F, F, T, T, T, F, F]]
@@ -148,25 +180,35 @@ def test_the_action_mask_holds_exactly_the_sampled_completion_tokens():
 def test_kl_penalty_is_zero_while_the_policy_is_the_reference(tokenizer, policy):
     engine = Engine(policy, tokenizer)
     prompt = chat_prompt(tokenizer, TOY_MESSAGES)
-    rollouts = generate_rollouts(engine, [prompt, prompt], 3, GenerationConfig(max_new_tokens=4, temperature=1.0), None, 0, 0)
+    rollouts = generate_rollouts(
+        engine, [prompt, prompt], 3, GenerationConfig(max_new_tokens=4, temperature=1.0), None, 0, 0
+    )
     scores = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
-    batch = score_rollouts(build_batch(rollouts, scores.tolist(), tokenizer.pad_id), policy, frozen_copy(policy), None, 1.0, 4)
+    batch = score_rollouts(
+        build_batch(rollouts, scores.tolist(), tokenizer.pad_id), policy, frozen_copy(policy), None, 1.0, 4
+    )
     rewards = kl_penalised_rewards(batch.rewards, batch.old_logprobs, batch.reference_logprobs, batch.action_mask, 0.5)
     assert batch.action_mask.any(dim=1).all()
-    assert torch.equal(rewards, kl_penalised_rewards(batch.rewards, batch.old_logprobs, batch.old_logprobs, batch.action_mask, 0.5))
+    assert torch.equal(
+        rewards, kl_penalised_rewards(batch.rewards, batch.old_logprobs, batch.old_logprobs, batch.action_mask, 0.5)
+    )
     assert torch.equal(rewards.sum(dim=1), scores)  # nothing but the scores
     other = frozen_copy(policy)
     with torch.no_grad():
         other.lm_head.weight.mul_(1.5)
     moved = score_rollouts(build_batch(rollouts, scores.tolist(), tokenizer.pad_id), policy, other, None, 1.0, 4)
-    penalised = kl_penalised_rewards(moved.rewards, moved.old_logprobs, moved.reference_logprobs, moved.action_mask, 0.5)
+    penalised = kl_penalised_rewards(
+        moved.rewards, moved.old_logprobs, moved.reference_logprobs, moved.action_mask, 0.5
+    )
     assert not torch.allclose(penalised.sum(dim=1), scores)
     assert batch.sequence_kl() == 0.0 and moved.sequence_kl() != 0.0
 
 
 def test_a_reward_model_scores_the_token_ids_of_prompt_and_completion(tokenizer, policy, tmp_path):
     reward_model = RewardModel.from_language_model(policy)
-    write_model(tmp_path, reward_model.state_dict(), policy.config, {"stage": "reward", "tokenizer_sha256": tokenizer.sha256})
+    write_model(
+        tmp_path, reward_model.state_dict(), policy.config, {"stage": "reward", "tokenizer_sha256": tokenizer.sha256}
+    )
     tokenizer.save(tmp_path)
     prompt = chat_prompt(tokenizer, TOY_MESSAGES)
     completion = fake_completion(tokenizer.encode("ab"), [False, False], "stop")
@@ -176,7 +218,11 @@ def test_a_reward_model_scores_the_token_ids_of_prompt_and_completion(tokenizer,
         expected = reward_model(torch.tensor([ids]), torch.tensor([len(ids) - 1])).item()
     assert ModelReward(str(tmp_path), tokenizer).score([rollout]) == [pytest.approx(expected, abs=1e-6)]
     (tmp_path / "corpus.txt").write_text("another alphabet entirely: xyz 0123")
-    train_tokenizer(TokenizerConfig(source=str(tmp_path / "corpus.txt"), out=str(tmp_path / "other"), kind="char", held_out_fraction=0))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(tmp_path / "corpus.txt"), out=str(tmp_path / "other"), kind="char", held_out_fraction=0
+        )
+    )
     with pytest.raises(MismatchError, match="tokenizer"):
         ModelReward(str(tmp_path), Tokenizer.load(tmp_path / "other"))
 
@@ -193,18 +239,23 @@ def test_advantages_are_whitened_over_every_shard_together():
 
 
 def test_ppo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, policy, tmp_path):
-    config = PPOConfig(kl_coef=0.01, rollout=RolloutConfig(prompts_per_iteration=16, max_new_tokens=3, tools="none"),
-                       update=UpdateConfig(iterations=4, epochs=2, minibatch_size=8),
-                       train=PPOTrainConfig(out=str(tmp_path), lr=3e-3, checkpoint_interval=4, device="cpu", progress=False))
+    config = PPOConfig(
+        kl_coef=0.01,
+        rollout=RolloutConfig(prompts_per_iteration=16, max_new_tokens=3, tools="none"),
+        update=UpdateConfig(iterations=4, epochs=2, minibatch_size=8),
+        train=PPOTrainConfig(out=str(tmp_path), lr=3e-3, checkpoint_interval=4, device="cpu", progress=False),
+    )
     assert_learns_toy_task(policy, tokenizer, PPO(config))
 
 
 def ppo_config(start, out, iterations, **changes) -> PPOConfig:
     """PPO on 2 arithmetic prompts an iteration, one step each."""
-    values = dict(stage=RLStageConfig(policy=str(start), train_problems=6, eval_problems=3),
-                  rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=6),
-                  update=UpdateConfig(iterations=iterations, epochs=1, minibatch_size=2),
-                  train=PPOTrainConfig(out=str(out), checkpoint_interval=1, device="cpu", progress=False))
+    values = dict(
+        stage=RLStageConfig(policy=str(start), train_problems=6, eval_problems=3),
+        rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=6),
+        update=UpdateConfig(iterations=iterations, epochs=1, minibatch_size=2),
+        train=PPOTrainConfig(out=str(out), checkpoint_interval=1, device="cpu", progress=False),
+    )
     return PPOConfig(**{**values, **changes})
 
 
@@ -230,11 +281,19 @@ def test_a_ppo_run_writes_a_checkpoint_metrics_and_curves_and_resumes(tokenizer,
     assert summary["iterations"] == 3 and summary["kl_coef"] == pytest.approx(0.05 * 0.96**3)
     with open(tmp_path / "ppo" / "metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert [(row["step"], row["event"]) for row in rows] == [("0", "before"), ("1", ""), ("2", ""), ("3", ""), ("3", "end")]
+    assert [(row["step"], row["event"]) for row in rows] == [
+        ("0", "before"),
+        ("1", ""),
+        ("2", ""),
+        ("3", ""),
+        ("3", "end"),
+    ]
     for column in ("reward", "kl", "entropy", "clip_fraction", "value_loss", "approx_kl", "response_length"):
         assert all(row[column] != "" for row in rows[1:4]), column
     # The table row of a checkpoint measures what the run measured; no update happened, so no KL either.
-    row = evaluate_checkpoint(str(tmp_path / "ppo"), reference=str(start), eval_problems=3, max_new_tokens=6, device="cpu")
+    row = evaluate_checkpoint(
+        str(tmp_path / "ppo"), reference=str(start), eval_problems=3, max_new_tokens=6, device="cpu"
+    )
     assert row == {"accuracy": summary["accuracy_after"], "eval_reward": summary["reward_after"], "kl": 0.0}
 
 
@@ -242,8 +301,10 @@ def test_ppo_resumes_exactly_with_its_trained_value_head(tokenizer, policy, tmp_
     (tmp_path / "sft").mkdir()
     start = save_checkpoint(tmp_path / "sft", policy, tokenizer)
     # Hot sampling and a penalty for running out of tokens: rewards differ, so policy and value head move.
-    changes = dict(stage=RLStageConfig(policy=str(start), train_problems=6, eval_problems=2, missing_end_penalty=1.0),
-                   rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, temperature=3.0, tools="none"))
+    changes = dict(
+        stage=RLStageConfig(policy=str(start), train_problems=6, eval_problems=2, missing_end_penalty=1.0),
+        rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, temperature=3.0, tools="none"),
+    )
     ppo(ppo_config(start, tmp_path / "straight", 3, **changes))
     ppo(ppo_config(start, tmp_path / "split", 2, **changes))
     resumed = ppo_config(start, tmp_path / "split", 3, **changes)
@@ -251,7 +312,9 @@ def test_ppo_resumes_exactly_with_its_trained_value_head(tokenizer, policy, tmp_
     ppo(resumed)
     final = "checkpoints/step_00000003"
     for name in ("model.safetensors", "extra_weights.safetensors"):
-        assert (tmp_path / "split" / final / name).read_bytes() == (tmp_path / "straight" / final / name).read_bytes(), name
+        assert (tmp_path / "split" / final / name).read_bytes() == (
+            tmp_path / "straight" / final / name
+        ).read_bytes(), name
     head = read_weights(tmp_path / "straight" / final / "extra_weights.safetensors")
     assert head["value_head.weight"].abs().sum() > 0  # trained, not its zero initialisation
 
@@ -260,16 +323,30 @@ def test_ppo_ptx_adds_the_language_model_loss_of_each_micro_batchs_pretraining_r
     questions = [problem.question for problem in arithmetic.generate_problems(200, seed=0)]
     (tmp_path / "corpus.txt").write_text("\n".join(questions))
     tokenizer.save(tmp_path / "tok")
-    prepare_data(PrepareConfig(source=str(tmp_path / "corpus.txt"), tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "data"),
-                               val_fraction=0.1, split="tail", workers=1))
-    config = PPOConfig(ptx_data=str(tmp_path / "data"), ptx_coef=0.5, ptx_batch_size=2,
-                       rollout=RolloutConfig(prompts_per_iteration=4, max_new_tokens=3, tools="none"),
-                       update=UpdateConfig(iterations=1, epochs=1, minibatch_size=4),
-                       train=PPOTrainConfig(out=str(tmp_path / "run"), device="cpu", progress=False))
+    prepare_data(
+        PrepareConfig(
+            source=str(tmp_path / "corpus.txt"),
+            tokenizer=str(tmp_path / "tok"),
+            out=str(tmp_path / "data"),
+            val_fraction=0.1,
+            split="tail",
+            workers=1,
+        )
+    )
+    config = PPOConfig(
+        ptx_data=str(tmp_path / "data"),
+        ptx_coef=0.5,
+        ptx_batch_size=2,
+        rollout=RolloutConfig(prompts_per_iteration=4, max_new_tokens=3, tools="none"),
+        update=UpdateConfig(iterations=1, epochs=1, minibatch_size=4),
+        train=PPOTrainConfig(out=str(tmp_path / "run"), device="cpu", progress=False),
+    )
     algorithm = PPO(config, tokenizer, policy.config.context_length)
     rl_run(policy, tokenizer, algorithm, starts_with_a, [chat_prompt(tokenizer, TOY_MESSAGES)])
     [row] = metrics_rows(tmp_path / "run")
     batch = algorithm.pretraining.get_batch(0)  # the first step's rows, scored by the starting policy
     with torch.no_grad():
-        expected = torch.nn.functional.cross_entropy(policy(batch["input_ids"]).flatten(0, 1), batch["targets"].flatten())
+        expected = torch.nn.functional.cross_entropy(
+            policy(batch["input_ids"]).flatten(0, 1), batch["targets"].flatten()
+        )
     assert float(row["ptx_loss"]) == pytest.approx(expected.item(), rel=1e-4)

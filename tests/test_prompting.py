@@ -8,18 +8,26 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from helpers import tiny_config
+
+from llmkit.align.self_improve import self_improvement_dataset, write_self_improvement
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.answers import extract_choice, extract_number, extract_text, majority_vote, normalize_text
-from llmkit.align.self_improve import self_improvement_dataset, write_self_improvement
-from llmkit.infer.prompting import (Example, PromptBuilder, PromptConfig, SelfConsistencyConfig, hidden_state_embedder,
-                                    load_examples, reason, self_consistency)
+from llmkit.infer.prompting import (
+    Example,
+    PromptBuilder,
+    PromptConfig,
+    SelfConsistencyConfig,
+    hidden_state_embedder,
+    load_examples,
+    reason,
+    self_consistency,
+)
 from llmkit.io import iter_jsonl
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 POOL = [
     Example("How many apples does Tom have?", "3", "Tom has 1 + 2 = 3 apples."),
@@ -37,42 +45,53 @@ def questions_of(examples):
 def test_few_shot_prompt_equals_the_hand_written_string():
     builder = PromptBuilder(PromptConfig(shots=3, instruction="Answer the questions."), POOL)
     # The query is a pool question: it is left out, so the other three are the shots, in pool order.
-    expected = ("Answer the questions.\n\n"
-                "Q: How many apples does Tom have?\nA: 3\n\n"
-                "Q: How many legs does a spider have?\nA: 8\n\n"
-                "Q: Who wrote Hamlet?\nA: Shakespeare\n\n"
-                "Q: What is the capital of France?\nA:")
+    expected = (
+        "Answer the questions.\n\n"
+        "Q: How many apples does Tom have?\nA: 3\n\n"
+        "Q: How many legs does a spider have?\nA: 8\n\n"
+        "Q: Who wrote Hamlet?\nA: Shakespeare\n\n"
+        "Q: What is the capital of France?\nA:"
+    )
     assert builder.prompt("What is the capital of France?") == expected
     assert builder.stop == ["\n\nQ:"]
 
 
 def test_chain_of_thought_prompts_equal_the_hand_written_strings():
-    few_shot = PromptBuilder(PromptConfig(shots=1, chain_of_thought="few_shot", ordering="given", selection="bm25"), POOL)
+    few_shot = PromptBuilder(
+        PromptConfig(shots=1, chain_of_thought="few_shot", ordering="given", selection="bm25"), POOL
+    )
     assert few_shot.prompt("Who wrote Macbeth?") == (
         "Q: Who wrote Hamlet?\nA: Hamlet is a play by Shakespeare. The answer is Shakespeare.\n\n"
-        "Q: Who wrote Macbeth?\nA:")
+        "Q: Who wrote Macbeth?\nA:"
+    )
     zero_shot = PromptBuilder(PromptConfig(chain_of_thought="zero_shot"))
     prompt = zero_shot.prompt("What is 3+4?")
     assert prompt == "Q: What is 3+4?\nA: Let's think step by step."
     assert zero_shot.answer_prompt(prompt, " 3 plus 4 is 7.\n") == (
-        "Q: What is 3+4?\nA: Let's think step by step. 3 plus 4 is 7. Therefore, the answer is")
+        "Q: What is 3+4?\nA: Let's think step by step. 3 plus 4 is 7. Therefore, the answer is"
+    )
 
 
 def test_custom_template_and_separator():
     config = PromptConfig(shots=2, template="Question: {question}\nAnswer:\n{answer}", separator="\n###\n")
     builder = PromptBuilder(config, POOL[:2])
-    assert builder.prompt("Why?") == ("Question: How many apples does Tom have?\nAnswer:\n3\n###\n"
-                                      "Question: What is the capital of France?\nAnswer:\nParis\n###\n"
-                                      "Question: Why?\nAnswer:\n")
+    assert builder.prompt("Why?") == (
+        "Question: How many apples does Tom have?\nAnswer:\n3\n###\n"
+        "Question: What is the capital of France?\nAnswer:\nParis\n###\n"
+        "Question: Why?\nAnswer:\n"
+    )
     assert builder.stop == ["\n###\nQuestion:"]
 
 
 # ------------------------------------------------------------------------------ selection and ordering
-@pytest.mark.parametrize("ordering, expected", [
-    ("given", [0, 2]),  # pool order
-    ("similarity_descending", [0, 2]),
-    ("similarity_ascending", [2, 0]),  # the most similar example sits last, next to the query
-])
+@pytest.mark.parametrize(
+    "ordering, expected",
+    [
+        ("given", [0, 2]),  # pool order
+        ("similarity_descending", [0, 2]),
+        ("similarity_ascending", [2, 0]),  # the most similar example sits last, next to the query
+    ],
+)
 def test_bm25_picks_the_overlapping_questions(ordering, expected):
     # "apples" and "Mary" share nothing else; "how many ... does ... have" is shared by 0 and 2 only.
     builder = PromptBuilder(PromptConfig(shots=2, selection="bm25", ordering=ordering), POOL)
@@ -80,8 +99,13 @@ def test_bm25_picks_the_overlapping_questions(ordering, expected):
 
 
 def test_embedding_selection_uses_cosine_similarity():
-    vectors = {POOL[0].question: [1.0, 0.0], POOL[1].question: [0.0, 1.0], POOL[2].question: [1.0, 1.0],
-               POOL[3].question: [-1.0, 0.0], "query": [2.0, 1.0]}
+    vectors = {
+        POOL[0].question: [1.0, 0.0],
+        POOL[1].question: [0.0, 1.0],
+        POOL[2].question: [1.0, 1.0],
+        POOL[3].question: [-1.0, 0.0],
+        "query": [2.0, 1.0],
+    }
     calls = []
 
     def embed(texts):
@@ -89,11 +113,15 @@ def test_embedding_selection_uses_cosine_similarity():
         return torch.tensor([vectors[text] for text in texts])
 
     # cosines with (2, 1): [1,0] 0.894, [0,1] 0.447, [1,1] 0.949, [-1,0] -0.894: magnitudes do not matter.
-    descending = PromptBuilder(PromptConfig(shots=3, selection="embedding", ordering="similarity_descending"), POOL, embed)
+    descending = PromptBuilder(
+        PromptConfig(shots=3, selection="embedding", ordering="similarity_descending"), POOL, embed
+    )
     assert descending.select("query") == [POOL[2], POOL[0], POOL[1]]
     assert descending.select("query") == [POOL[2], POOL[0], POOL[1]]
     assert calls == [questions_of(POOL), ["query"], ["query"]]  # the pool is embedded once
-    ascending = PromptBuilder(PromptConfig(shots=2, selection="embedding", ordering="similarity_ascending"), POOL, embed)
+    ascending = PromptBuilder(
+        PromptConfig(shots=2, selection="embedding", ordering="similarity_ascending"), POOL, embed
+    )
     assert ascending.select("query") == [POOL[0], POOL[2]]
 
 
@@ -149,56 +177,72 @@ def test_bad_configurations_name_the_field():
 
 def test_load_examples_splits_gsm8k_answers(tmp_path):
     path = tmp_path / "pool.jsonl"
-    path.write_text(json.dumps({"question": "Q1?", "answer": "She sold 48/2 = <<48/2=24>>24 clips.\n\nThen 48.\n#### 72"}) + "\n"
-                    + json.dumps({"question": "Q2?", "answer": "B", "rationale": "Because."}) + "\n")
-    assert load_examples(path) == [Example("Q1?", "72", "She sold 48/2 = 24 clips. Then 48."), Example("Q2?", "B", "Because.")]
+    path.write_text(
+        json.dumps({"question": "Q1?", "answer": "She sold 48/2 = <<48/2=24>>24 clips.\n\nThen 48.\n#### 72"})
+        + "\n"
+        + json.dumps({"question": "Q2?", "answer": "B", "rationale": "Because."})
+        + "\n"
+    )
+    assert load_examples(path) == [
+        Example("Q1?", "72", "She sold 48/2 = 24 clips. Then 48."),
+        Example("Q2?", "B", "Because."),
+    ]
     path.write_text(json.dumps({"question": "Q1?"}) + "\n")
     with pytest.raises(InputError, match="pool.jsonl:1: .*'answer'"):
         load_examples(path)
 
 
 # ------------------------------------------------------------------------------ answers and votes
-@pytest.mark.parametrize("text, marked, expected", [
-    ("Natalia sold 48/2 = 24 clips in May.\n#### 72", False, "72"),
-    ("She has $1,200.50 left. The answer is 1200.5.", False, "1200.5"),
-    ("The answer is $42.00", False, "42"),
-    ("3 apples and 4 pears make 7 fruits", False, "7"),
-    ("The temperature fell to -5 degrees.", False, "-5"),
-    ("Take items 1, 2, 3", False, "3"),
-    ("The answer is 12, since 4 + 8 = 12 and 4 is small", False, "12"),
-    ("It costs .5 dollars", False, "0.5"),
-    ("The answer is 1,000,000.", False, "1000000"),
-    ("no numbers here", False, None),
-    ("I counted 3 but the answer is unclear", False, None),
-    (" 12 apples, or 3 times 4", True, "12"),
-    (" 12 apples, or 3 times 4", False, "4"),
-])
+@pytest.mark.parametrize(
+    "text, marked, expected",
+    [
+        ("Natalia sold 48/2 = 24 clips in May.\n#### 72", False, "72"),
+        ("She has $1,200.50 left. The answer is 1200.5.", False, "1200.5"),
+        ("The answer is $42.00", False, "42"),
+        ("3 apples and 4 pears make 7 fruits", False, "7"),
+        ("The temperature fell to -5 degrees.", False, "-5"),
+        ("Take items 1, 2, 3", False, "3"),
+        ("The answer is 12, since 4 + 8 = 12 and 4 is small", False, "12"),
+        ("It costs .5 dollars", False, "0.5"),
+        ("The answer is 1,000,000.", False, "1000000"),
+        ("no numbers here", False, None),
+        ("I counted 3 but the answer is unclear", False, None),
+        (" 12 apples, or 3 times 4", True, "12"),
+        (" 12 apples, or 3 times 4", False, "4"),
+    ],
+)
 def test_number_extraction(text, marked, expected):
     assert extract_number(text, marked=marked) == expected
 
 
-@pytest.mark.parametrize("text, marked, expected", [
-    ("The answer is (B).", False, "B"),
-    ("The answer is C because the others fail", False, "C"),
-    ("B) Paris", False, "B"),
-    ("(D)", False, "D"),
-    ("C", False, "C"),
-    ("A dog is an animal", False, None),
-    ("Between (A) and (C), I pick (C)", False, "C"),
-    (" D, since it is larger", True, "D"),
-    ("answer: e", False, None),
-])
+@pytest.mark.parametrize(
+    "text, marked, expected",
+    [
+        ("The answer is (B).", False, "B"),
+        ("The answer is C because the others fail", False, "C"),
+        ("B) Paris", False, "B"),
+        ("(D)", False, "D"),
+        ("C", False, "C"),
+        ("A dog is an animal", False, None),
+        ("Between (A) and (C), I pick (C)", False, "C"),
+        (" D, since it is larger", True, "D"),
+        ("answer: e", False, None),
+    ],
+)
 def test_choice_extraction(text, marked, expected):
     assert extract_choice(text, marked=marked) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("The answer is The Eiffel Tower.", "eiffel tower"),
-    ("  Paris!\nand then more text", "paris"),
-    ("The answer is an apple a day", "apple day"),
-    ("", None),
-    ("...", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is The Eiffel Tower.", "eiffel tower"),
+        ("  Paris!\nand then more text", "paris"),
+        ("The answer is an apple a day", "apple day"),
+        ("", None),
+        ("...", None),
+    ],
+)
 def test_text_extraction_normalises_like_squad(text, expected):
     assert extract_text(text) == expected
 
@@ -232,8 +276,13 @@ class ScriptedEngine:
 
 
 def test_self_consistency_votes_over_paths_sampled_in_one_call():
-    replies = {0: " 3 + 4 = 7. The answer is 7.", 1: " 3 + 4 = 8. The answer is 8.", 2: " 7\n#### 7",
-               3: " I do not know.", 4: " 3 + 4 is $7.00"}
+    replies = {
+        0: " 3 + 4 = 7. The answer is 7.",
+        1: " 3 + 4 = 8. The answer is 8.",
+        2: " 7\n#### 7",
+        3: " I do not know.",
+        4: " 3 + 4 is $7.00",
+    }
     engine = ScriptedEngine(lambda prompt, config: replies[config.seed])
     builder = PromptBuilder(PromptConfig(shots=1, chain_of_thought="few_shot"), POOL[:1])
     config = SelfConsistencyConfig(paths=5, temperature=0.7, top_k=None, max_new_tokens=40)
@@ -259,7 +308,9 @@ def test_zero_shot_chain_of_thought_reads_the_answer_from_a_second_prompt():
     builder = PromptBuilder(PromptConfig(chain_of_thought="zero_shot"))
     vote = self_consistency(engine, builder, "What is 3+4?", SelfConsistencyConfig(paths=3))
     assert len(engine.calls) == 2
-    assert engine.calls[1][0][0] == "Q: What is 3+4?\nA: Let's think step by step. 3 plus 4 is 7. Therefore, the answer is"
+    assert (
+        engine.calls[1][0][0] == "Q: What is 3+4?\nA: Let's think step by step. 3 plus 4 is 7. Therefore, the answer is"
+    )
     # The first number after the trigger counts, not the last one of the line.
     assert [path.answer for path in vote.paths] == ["7", "12", None]
     assert vote.paths[0].text == "Let's think step by step. 3 plus 4 is 7. Therefore, the answer is 7, with 2 left over"
@@ -269,8 +320,13 @@ def test_zero_shot_chain_of_thought_reads_the_answer_from_a_second_prompt():
 def test_reason_answers_many_questions_in_one_call():
     engine = ScriptedEngine(lambda prompt, config: " Paris" if "France" in prompt.splitlines()[-2] else " Shakespeare!")
     builder = PromptBuilder(PromptConfig(shots=1), POOL[2:3])
-    paths = reason(engine, builder, ["What is the capital of France?", "Who wrote Hamlet?"],
-                   GenerationConfig(temperature=0), answer_format="text")
+    paths = reason(
+        engine,
+        builder,
+        ["What is the capital of France?", "Who wrote Hamlet?"],
+        GenerationConfig(temperature=0),
+        answer_format="text",
+    )
     assert [path.answer for path in paths] == ["paris", "shakespeare"]
     assert len(engine.calls) == 1
     # A direct reply is the answer: its first number counts, not its last.
@@ -282,7 +338,12 @@ def test_reason_answers_many_questions_in_one_call():
 
 def test_self_improvement_keeps_agreeing_paths_of_confident_votes(tmp_path):
     replies = {
-        "What is 3+4?": ["3+4=7. The answer is 7.", "3+4=7. The answer is 7.", "4+3=7. The answer is 7.", "The answer is 8."],
+        "What is 3+4?": [
+            "3+4=7. The answer is 7.",
+            "3+4=7. The answer is 7.",
+            "4+3=7. The answer is 7.",
+            "The answer is 8.",
+        ],
         "What is 2+2?": ["The answer is 4.", "The answer is 5.", "The answer is 6.", "No idea."],
     }
     engine = ScriptedEngine(lambda prompt, config: " " + replies[prompt.splitlines()[-2][3:]][config.seed])
@@ -290,10 +351,23 @@ def test_self_improvement_keeps_agreeing_paths_of_confident_votes(tmp_path):
     rows = self_improvement_dataset(engine, builder, list(replies), SelfConsistencyConfig(paths=4), min_vote_share=0.5)
     # 3+4: 7 wins with 3/4; its two distinct paths are kept. 2+2: the best share is 1/4, dropped.
     assert rows == [
-        {"messages": [{"role": "user", "content": "What is 3+4?"}, {"role": "assistant", "content": "3+4=7. The answer is 7."}]},
-        {"messages": [{"role": "user", "content": "What is 3+4?"}, {"role": "assistant", "content": "4+3=7. The answer is 7."}]},
+        {
+            "messages": [
+                {"role": "user", "content": "What is 3+4?"},
+                {"role": "assistant", "content": "3+4=7. The answer is 7."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "What is 3+4?"},
+                {"role": "assistant", "content": "4+3=7. The answer is 7."},
+            ]
+        },
     ]
-    assert self_improvement_dataset(engine, builder, list(replies), SelfConsistencyConfig(paths=4), min_vote_share=0.8) == []
+    assert (
+        self_improvement_dataset(engine, builder, list(replies), SelfConsistencyConfig(paths=4), min_vote_share=0.8)
+        == []
+    )
     out = tmp_path / "sft" / "self_improve.jsonl"
     write_self_improvement(out, rows)
     assert [record for _, record in iter_jsonl(out)] == rows
@@ -347,17 +421,30 @@ def test_run_self_improvement_writes_the_rows_of_a_checkpoint(engine, tmp_path):
 
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
-    write_model(checkpoint, engine.model.state_dict(), engine.model.config, {"tokenizer_sha256": engine.tokenizer.sha256})
+    write_model(
+        checkpoint, engine.model.state_dict(), engine.model.config, {"tokenizer_sha256": engine.tokenizer.sha256}
+    )
     engine.tokenizer.save(checkpoint)
     questions = tmp_path / "questions.jsonl"
-    questions.write_text("".join(json.dumps({"question": q, "answer": "unused"}) + "\n" for q in ["How many apples?", "Who?"]))
-    config = SelfImproveConfig(checkpoint=str(checkpoint), questions=str(questions), out=str(tmp_path / "rows.jsonl"),
-                               min_vote_share=0.3, prompt=PromptConfig(chain_of_thought="zero_shot"),
-                               consistency=SelfConsistencyConfig(paths=3, max_new_tokens=6, answer_max_new_tokens=4))
+    questions.write_text(
+        "".join(json.dumps({"question": q, "answer": "unused"}) + "\n" for q in ["How many apples?", "Who?"])
+    )
+    config = SelfImproveConfig(
+        checkpoint=str(checkpoint),
+        questions=str(questions),
+        out=str(tmp_path / "rows.jsonl"),
+        min_vote_share=0.3,
+        prompt=PromptConfig(chain_of_thought="zero_shot"),
+        consistency=SelfConsistencyConfig(paths=3, max_new_tokens=6, answer_max_new_tokens=4),
+    )
     summary = run_self_improvement(config)
     rows = [record for _, record in iter_jsonl(tmp_path / "rows.jsonl")]
-    assert summary == {"questions": 2, "questions_kept": len({row["messages"][0]["content"] for row in rows}),
-                       "rows": len(rows), "out": config.out}
+    assert summary == {
+        "questions": 2,
+        "questions_kept": len({row["messages"][0]["content"] for row in rows}),
+        "rows": len(rows),
+        "out": config.out,
+    }
     assert all(row["messages"][1]["content"].startswith("Let's think step by step.") for row in rows)
     questions.write_text(json.dumps({"prompt": "no question field"}) + "\n")
     with pytest.raises(InputError, match="questions.jsonl:1: .*'question'"):
@@ -367,17 +454,25 @@ def test_run_self_improvement_writes_the_rows_of_a_checkpoint(engine, tmp_path):
 def test_self_improve_config_reads_nested_flags():
     import argparse
 
-    from llmkit.config import add_dataclass_arguments, config_from_args
     from llmkit.align.self_improve import SelfImproveConfig
+    from llmkit.config import add_dataclass_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, SelfImproveConfig)
-    arguments = parser.parse_args(["--questions", "q.jsonl", "--chain-of-thought", "zero_shot", "--paths", "3",
-                                   "--min-vote-share", "0.7"])
+    arguments = parser.parse_args(
+        ["--questions", "q.jsonl", "--chain-of-thought", "zero_shot", "--paths", "3", "--min-vote-share", "0.7"]
+    )
     config = config_from_args(SelfImproveConfig, arguments)
-    assert (config.questions, config.prompt.chain_of_thought, config.consistency.paths, config.min_vote_share) == \
-        ("q.jsonl", "zero_shot", 3, 0.7)
+    assert (config.questions, config.prompt.chain_of_thought, config.consistency.paths, config.min_vote_share) == (
+        "q.jsonl",
+        "zero_shot",
+        3,
+        0.7,
+    )
     # zero-shot CoT by default (it needs no demonstrations); no chain of thought is refused
-    assert config_from_args(SelfImproveConfig, parser.parse_args(["--questions", "q.jsonl"])).prompt.chain_of_thought == "zero_shot"
+    assert (
+        config_from_args(SelfImproveConfig, parser.parse_args(["--questions", "q.jsonl"])).prompt.chain_of_thought
+        == "zero_shot"
+    )
     with pytest.raises(ConfigError, match="chain_of_thought"):
         config_from_args(SelfImproveConfig, parser.parse_args(["--questions", "q.jsonl", "--chain-of-thought", "none"]))

@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_config
+
 from llmkit.data.mixture import mixture_epochs, order_documents, sample_mixture
 from llmkit.data.pipeline import PipelineConfig, run_pipeline
 from llmkit.data.quality import ClassifierConfig, PerplexityConfig, PerplexityScorer, QualityClassifier, ScoreBand
-from llmkit.token_data import load_manifest
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError, InputError
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
+from llmkit.token_data import load_manifest
 from llmkit.tokenizer import Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 TEXTS = ["the river runs to the sea", "a b c d e f g", "zzzz qqqq xxxx", "hello world, hello river", "x"]
 
@@ -31,8 +31,11 @@ def checkpoint(tmp_path_factory):
     """A random tiny model with a character tokenizer, saved as a checkpoint."""
     directory = tmp_path_factory.mktemp("checkpoint")
     (directory / "corpus.txt").write_text(" ".join(TEXTS) + " abcdefghijklmnopqrstuvwxyz,")
-    train_tokenizer(TokenizerConfig(source=str(directory / "corpus.txt"), out=str(directory), kind="char", vocab_size=64,
-                                    held_out_fraction=0))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(directory / "corpus.txt"), out=str(directory), kind="char", vocab_size=64, held_out_fraction=0
+        )
+    )
     tokenizer = Tokenizer.load(directory)
     torch.manual_seed(0)
     model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=32))
@@ -73,7 +76,9 @@ def prose(rng: random.Random) -> str:
 
 
 def junk(rng: random.Random) -> str:
-    return " ".join(rng.choice(["click", "here", "buy", "now", "$$$", "free", "win", ">>>", "casino", "!!!"]) for _ in range(30))
+    return " ".join(
+        rng.choice(["click", "here", "buy", "now", "$$$", "free", "win", ">>>", "casino", "!!!"]) for _ in range(30)
+    )
 
 
 def test_classifier_separates_reference_text_from_junk_with_a_high_held_out_auc():
@@ -99,8 +104,11 @@ class Planted:
 
 def test_the_classifier_round_trips_as_arrays_and_never_reads_a_pickle(tmp_path, monkeypatch):
     rng = random.Random(3)
-    classifier, _ = QualityClassifier.train([prose(rng) for _ in range(30)], [junk(rng) for _ in range(30)],
-                                            ClassifierConfig(reference="unused", features=2**12, ngram=3))
+    classifier, _ = QualityClassifier.train(
+        [prose(rng) for _ in range(30)],
+        [junk(rng) for _ in range(30)],
+        ClassifierConfig(reference="unused", features=2**12, ngram=3),
+    )
     classifier.save(tmp_path / "05_classifier_model.pkl")  # the pipeline step's name for it
     assert os.listdir(tmp_path) == ["05_classifier_model.npz"]
     marker = tmp_path / "code_ran"
@@ -132,12 +140,28 @@ def test_classifier_and_perplexity_steps_in_a_pipeline(tmp_path, checkpoint):
     reference = tmp_path / "reference.jsonl"
     reference.write_text("\n".join(json.dumps({"text": prose(rng)}) for _ in range(60)) + "\n")
     raw = tmp_path / "raw.jsonl"
-    raw.write_text("\n".join(json.dumps({"text": text}) for text in [prose(rng) for _ in range(10)] + [junk(rng) for _ in range(50)]) + "\n")
+    raw.write_text(
+        "\n".join(
+            json.dumps({"text": text}) for text in [prose(rng) for _ in range(10)] + [junk(rng) for _ in range(50)]
+        )
+        + "\n"
+    )
     out = tmp_path / "data"
-    summary = run_pipeline(PipelineConfig(
-        sources=[str(raw)], tokenizer=str(checkpoint), out=str(out), workers=1, val_fraction=0.0, documents_per_shard=16,
-        steps=[{"classifier": {"reference": str(reference), "features": 4096}},
-               {"perplexity": {"checkpoint": str(checkpoint), "upper_quantile": 0.5}}], curriculum="perplexity"))
+    summary = run_pipeline(
+        PipelineConfig(
+            sources=[str(raw)],
+            tokenizer=str(checkpoint),
+            out=str(out),
+            workers=1,
+            val_fraction=0.0,
+            documents_per_shard=16,
+            steps=[
+                {"classifier": {"reference": str(reference), "features": 4096}},
+                {"perplexity": {"checkpoint": str(checkpoint), "upper_quantile": 0.5}},
+            ],
+            curriculum="perplexity",
+        )
+    )
     # the pool is the raw corpus: a perfect junk detector scores AUC 50/60 + 10/60 * 0.5 = 0.92 against it
     assert summary["classifier_held_out_auc"] > 0.85
     manifest = load_manifest(out)
@@ -145,15 +169,23 @@ def test_classifier_and_perplexity_steps_in_a_pipeline(tmp_path, checkpoint):
     assert statistics["classifier"]["removed"]["classifier:below_band"]["documents"] == 50  # every junk document
     # the perplexity band keeps the better half of what is left
     assert statistics["perplexity"]["removed"]["perplexity:above_band"]["documents"] == 5
-    kept = [json.loads(line) for path in sorted((out / "work" / "phase_2").glob("*.kept.jsonl")) for line in path.read_text().splitlines()]
-    assert len(kept) == 5 and all(record["meta"]["bits_per_byte"] <= manifest["step_decisions"]["perplexity"]["keep_high"] for record in kept)
+    kept = [
+        json.loads(line)
+        for path in sorted((out / "work" / "phase_2").glob("*.kept.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    assert len(kept) == 5 and all(
+        record["meta"]["bits_per_byte"] <= manifest["step_decisions"]["perplexity"]["keep_high"] for record in kept
+    )
 
 
 def test_mixture_epochs_follow_the_weights():
     assert mixture_epochs({"a": 100, "b": 300}, {"a": None, "b": None}) == {"a": 1.0, "b": 1.0}
     # a gets 3/4 of 400 bytes = 300 from 100 (3 epochs), b gets 100 of its 300 (1/3 epoch)
     assert mixture_epochs({"a": 100, "b": 300}, {"a": 3.0, "b": 1.0}) == pytest.approx({"a": 3.0, "b": 1 / 3})
-    assert mixture_epochs({"a": 100, "b": 300}, {"a": 1.0, "b": 1.0}, total_bytes=800) == pytest.approx({"a": 4.0, "b": 4 / 3})
+    assert mixture_epochs({"a": 100, "b": 300}, {"a": 1.0, "b": 1.0}, total_bytes=800) == pytest.approx(
+        {"a": 4.0, "b": 4 / 3}
+    )
     # a source the filters emptied gets no epochs; the others split the whole mixture
     assert mixture_epochs({"a": 100, "b": 0}, {"a": 1.0, "b": 3.0}) == {"a": 1.0, "b": 0.0}
     with pytest.raises(ConfigError, match="missing for b"):

@@ -45,7 +45,9 @@ def naive_bm25(documents, query, k1, b):
 @pytest.mark.parametrize("k1, b", [(1.5, 0.75), (1.2, 0.0), (0.0, 1.0), (2.0, 0.3)])
 @pytest.mark.parametrize("query", ["the dog sat", "cat cat mat", "unknown words only", "sat"])
 def test_scores_match_a_literal_evaluation_of_the_formula(query, k1, b):
-    assert BM25(CORPUS, k1=k1, b=b).scores(query) == pytest.approx(naive_bm25(CORPUS, query, k1, b), rel=1e-12, abs=1e-15)
+    assert BM25(CORPUS, k1=k1, b=b).scores(query) == pytest.approx(
+        naive_bm25(CORPUS, query, k1, b), rel=1e-12, abs=1e-15
+    )
 
 
 def test_top_ranks_best_first_and_breaks_ties_by_index():

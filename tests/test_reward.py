@@ -8,18 +8,24 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_config
+from preference_helpers import char_tokenizer, repeat_digit_pairs, write_base, write_jsonl
 from safetensors.torch import load_file
 
-from helpers import tiny_config
-from llmkit.align.preference import (PreferenceBatches, comparison_pairs, load_preference_datasets, tokenize_preferences)
-from llmkit.align.reward import (RewardConfig, RewardModel, RewardTrainConfig, load_reward_model, pairwise_reward_loss,
-                                 train_reward)
+from llmkit.align.preference import PreferenceBatches, comparison_pairs, load_preference_datasets, tokenize_preferences
+from llmkit.align.reward import (
+    RewardConfig,
+    RewardModel,
+    RewardTrainConfig,
+    load_reward_model,
+    pairwise_reward_loss,
+    train_reward,
+)
 from llmkit.chat import Preference, Ranking, render_completion
 from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import load_model, resolve_checkpoint
 from llmkit.train.checkpoint import verify_checkpoint
-from preference_helpers import char_tokenizer, repeat_digit_pairs, write_base, write_jsonl
 
 
 def user(text):
@@ -36,8 +42,18 @@ def tokenizer(tmp_path_factory):
 
 
 def _train_config(out, **changes):
-    settings = dict(out=str(out), max_steps=60, batch_size=16, lr=3e-3, warmup_steps=5, dtype="float32", eval_interval=0,
-                    log_interval=5, progress=False, device="cpu")
+    settings = dict(
+        out=str(out),
+        max_steps=60,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=5,
+        dtype="float32",
+        eval_interval=0,
+        log_interval=5,
+        progress=False,
+        device="cpu",
+    )
     return RewardTrainConfig(**{**settings, **changes})
 
 
@@ -78,12 +94,17 @@ def test_rankings_expand_to_every_pair_of_a_prompt_in_one_batch(tokenizer):
     assert dropped == 2 and len(groups[0].sequences) == 2
     # Every group appears once per epoch of training batches, in an order that is a function of the seed.
     batches = PreferenceBatches(groups * 3, batch_size=1, pad_id=tokenizer.pad_id, seed=5)
-    assert torch.equal(batches.get_batch(4)["input_ids"], PreferenceBatches(groups * 3, 1, tokenizer.pad_id, seed=5).get_batch(4)["input_ids"])
+    assert torch.equal(
+        batches.get_batch(4)["input_ids"],
+        PreferenceBatches(groups * 3, 1, tokenizer.pad_id, seed=5).get_batch(4)["input_ids"],
+    )
 
 
 def test_reward_is_read_at_the_last_real_token_and_logits_are_the_head_on_the_hidden_states(tokenizer):
     torch.manual_seed(0)
-    language_model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=32, logit_softcap=3.0)).eval()
+    language_model = Transformer(
+        tiny_config(vocab_size=tokenizer.vocab_size, context_length=32, logit_softcap=3.0)
+    ).eval()
     ids = torch.randint(0, tokenizer.vocab_size, (2, 10))
     hidden = language_model.hidden_states(ids)
     assert hidden.shape == (2, 10, 16)
@@ -102,7 +123,9 @@ def test_reward_is_read_at_the_last_real_token_and_logits_are_the_head_on_the_hi
     changed = ids.clone()
     changed[1, 7:] = 0  # tokens after row 1's last one are padding: they change nothing
     assert torch.allclose(model(changed, last), rewards, atol=1e-6)
-    untied = RewardModel.from_language_model(Transformer(tiny_config(vocab_size=tokenizer.vocab_size, tie_embeddings=False)))
+    untied = RewardModel.from_language_model(
+        Transformer(tiny_config(vocab_size=tokenizer.vocab_size, tie_embeddings=False))
+    )
     assert untied.lm_head is None and "lm_head.weight" not in untied.state_dict()
 
 
@@ -110,7 +133,9 @@ def test_a_short_run_separates_chosen_from_rejected_on_held_out_pairs(tmp_path, 
     base = write_base(tmp_path / "base", tokenizer)
     data = write_jsonl(tmp_path / "pairs.jsonl", repeat_digit_pairs(400, seed=0))
     out = tmp_path / "reward"
-    summary = train_reward(RewardConfig(base=str(base), datasets=[str(data)], val_fraction=0.25, epochs=None, train=_train_config(out)))
+    summary = train_reward(
+        RewardConfig(base=str(base), datasets=[str(data)], val_fraction=0.25, epochs=None, train=_train_config(out))
+    )
     assert summary["train_pairs"] == 300 and summary["val_pairs"] == 100
     assert summary["heldout_accuracy"] >= 0.8 and summary["heldout_margin"] > 0.5
 
@@ -125,7 +150,9 @@ def test_a_short_run_separates_chosen_from_rejected_on_held_out_pairs(tmp_path, 
     assert scorer(fresh[0]["prompt"], fresh[0]["chosen"]) == pytest.approx(chosen[0], abs=1e-5)
     # Normalised: the chosen responses of the training rows score 0 on average.
     train_rows, _ = load_preference_datasets([str(data)], 1, 0.25, seed=1337)
-    train_chosen = scorer.score([row.prompt_messages for row in train_rows], [row.chosen_messages for row in train_rows])
+    train_chosen = scorer.score(
+        [row.prompt_messages for row in train_rows], [row.chosen_messages for row in train_rows]
+    )
     assert sum(train_chosen) / len(train_chosen) == pytest.approx(0.0, abs=1e-4)
 
     with pytest.raises(MismatchError, match="reward_head"):
@@ -141,7 +168,9 @@ def test_tied_reward_model_resumes_and_loads(tmp_path, tokenizer):
     out = tmp_path / "reward"
     settings = dict(base=str(base), datasets=[str(data)], val_fraction=0.0, epochs=None, normalize=False)
     train_reward(RewardConfig(**settings, train=_train_config(out, max_steps=2, batch_size=4, log_interval=1)))
-    resumed = train_reward(RewardConfig(**settings, train=_train_config(out, max_steps=4, batch_size=4, log_interval=1, resume=True)))
+    resumed = train_reward(
+        RewardConfig(**settings, train=_train_config(out, max_steps=4, batch_size=4, log_interval=1, resume=True))
+    )
     assert resumed["steps"] == 4 and "heldout_accuracy" not in resumed
     scorer = load_reward_model(out)
     assert scorer.model.lm_head.weight is scorer.model.token_embedding.weight

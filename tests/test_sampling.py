@@ -7,9 +7,20 @@ import pytest
 import torch
 
 from llmkit.errors import ConfigError
-from llmkit.infer.sampling import (TOP_P_CANDIDATES, GenerationConfig, SeenTokens, frequency_presence_filter, logprobs_of,
-                                   min_p_filter, next_tokens, process_logits, repetition_penalty_filter, sample_rows,
-                                   top_k_filter, top_p_filter)
+from llmkit.infer.sampling import (
+    TOP_P_CANDIDATES,
+    GenerationConfig,
+    SeenTokens,
+    frequency_presence_filter,
+    logprobs_of,
+    min_p_filter,
+    next_tokens,
+    process_logits,
+    repetition_penalty_filter,
+    sample_rows,
+    top_k_filter,
+    top_p_filter,
+)
 
 # Five tokens with probabilities 0.5, 0.2, 0.15, 0.1, 0.05: logits are their logarithms.
 PROBABILITIES = [0.5, 0.2, 0.15, 0.1, 0.05]
@@ -128,19 +139,25 @@ def test_draws_follow_the_filtered_distribution():
 def test_sample_rows_with_mixed_configs_equals_each_row_alone():
     torch.manual_seed(0)
     vocab = 40
-    configs = [GenerationConfig(temperature=0, repetition_penalty=1.3),
-               GenerationConfig(temperature=0.7, top_k=5),
-               GenerationConfig(temperature=1.0, top_p=0.8, presence_penalty=1.0),
-               GenerationConfig(temperature=0.7, top_k=5),
-               GenerationConfig(temperature=1.2, min_p=0.1, frequency_penalty=0.5),
-               GenerationConfig(temperature=0.9, repetition_penalty=1.5, top_k=10, top_p=0.9, min_p=0.05)]
+    configs = [
+        GenerationConfig(temperature=0, repetition_penalty=1.3),
+        GenerationConfig(temperature=0.7, top_k=5),
+        GenerationConfig(temperature=1.0, top_p=0.8, presence_penalty=1.0),
+        GenerationConfig(temperature=0.7, top_k=5),
+        GenerationConfig(temperature=1.2, min_p=0.1, frequency_penalty=0.5),
+        GenerationConfig(temperature=0.9, repetition_penalty=1.5, top_k=10, top_p=0.9, min_p=0.05),
+    ]
     histories = [torch.randint(0, vocab, (length,)).tolist() for length in (3, 0, 8, 5, 12, 6)]
     seeds = [11, 12, 13, 14, 15, 16]
     for _ in range(20):
         logits = torch.randn(len(configs), vocab) * 3
         together = sample_rows(logits, configs, [torch.Generator().manual_seed(s) for s in seeds], histories)
-        alone = [next_tokens(logits[row:row + 1], configs[row], torch.Generator().manual_seed(seeds[row]), [histories[row]])
-                 for row in range(len(configs))]
+        alone = [
+            next_tokens(
+                logits[row : row + 1], configs[row], torch.Generator().manual_seed(seeds[row]), [histories[row]]
+            )
+            for row in range(len(configs))
+        ]
         assert together.tolist() == torch.cat(alone).tolist()
         seeds = [seed + 100 for seed in seeds]
 
@@ -170,9 +187,20 @@ def test_logprobs_of_equals_log_softmax_worked_by_hand():
     assert logprobs_of(logits, torch.tensor([0, 0]), top=0)[1].shape == (2, 0)
 
 
-@pytest.mark.parametrize("field, value", [("min_p", 1.5), ("min_p", -0.1), ("repetition_penalty", 0.0),
-                                          ("frequency_penalty", 2.5), ("presence_penalty", -3.0), ("logprobs", 21),
-                                          ("logprobs", -1), ("num_beams", 0), ("length_penalty", float("nan"))])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("min_p", 1.5),
+        ("min_p", -0.1),
+        ("repetition_penalty", 0.0),
+        ("frequency_penalty", 2.5),
+        ("presence_penalty", -3.0),
+        ("logprobs", 21),
+        ("logprobs", -1),
+        ("num_beams", 0),
+        ("length_penalty", float("nan")),
+    ],
+)
 def test_out_of_range_settings_are_refused_with_their_field(field, value):
     with pytest.raises(ConfigError, match=field):
         GenerationConfig(**{field: value})

@@ -37,7 +37,9 @@ def sandbox_processes() -> list[int]:
 
 # ------------------------------------------------------------------------ ordinary programs
 def test_ordinary_program_returns_its_stdout_and_reads_stdin():
-    result = run_python("import sys\nwords = sys.stdin.read().split()\nprint(len(words), sorted(words)[0])", stdin="pear apple fig")
+    result = run_python(
+        "import sys\nwords = sys.stdin.read().split()\nprint(len(words), sorted(words)[0])", stdin="pear apple fig"
+    )
     assert (result.status, result.stdout, result.stderr, result.returncode) == ("ok", "3 apple\n", "", 0)
 
 
@@ -98,8 +100,10 @@ def test_infinite_loop_and_sleep_are_killed_at_the_deadline(program):
 
 
 def test_os_limits_are_set_in_the_child():
-    program = ("import resource\nfor name in ('RLIMIT_CPU', 'RLIMIT_AS', 'RLIMIT_FSIZE', 'RLIMIT_NOFILE', 'RLIMIT_CORE'):\n"
-               "    print(*resource.getrlimit(getattr(resource, name)))")
+    program = (
+        "import resource\nfor name in ('RLIMIT_CPU', 'RLIMIT_AS', 'RLIMIT_FSIZE', 'RLIMIT_NOFILE', 'RLIMIT_CORE'):\n"
+        "    print(*resource.getrlimit(getattr(resource, name)))"
+    )
     result = run_python(program, timeout_s=2.5, memory_mb=200)
     assert result.status == "ok"
     cpu, memory, file_size, open_files, core = (tuple(map(int, line.split())) for line in result.stdout.splitlines())
@@ -112,7 +116,9 @@ def test_files_larger_than_the_limit_cannot_be_written():
     assert result.status == "error" and "File too large" in result.stderr
 
 
-@pytest.mark.parametrize("program", ["x = bytearray(10**10)", "chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))"])
+@pytest.mark.parametrize(
+    "program", ["x = bytearray(10**10)", "chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))"]
+)
 def test_memory_bomb_ends_as_memory_limit_without_touching_the_parent(program):
     parent_peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = run_python(program, timeout_s=5, memory_mb=128)
@@ -126,7 +132,9 @@ def test_a_memory_error_the_program_handles_is_not_a_limit():
     assert (result.status, result.stdout) == ("ok", "handled\n")
 
 
-@pytest.mark.parametrize("program", ["print('x' * 10**7)", "while True:\n    print('spam')", "import sys\nsys.stderr.write('e' * 10**6)"])
+@pytest.mark.parametrize(
+    "program", ["print('x' * 10**7)", "while True:\n    print('spam')", "import sys\nsys.stderr.write('e' * 10**6)"]
+)
 def test_huge_output_is_truncated_and_stopped(program):
     result = run_python(program, timeout_s=5, max_output_bytes=1000)
     assert result.status == "output_limit" and result.returncode is None and result.seconds < 4
@@ -143,10 +151,12 @@ ATTACKS = {
     "_posixsubprocess.fork_exec": (
         "import _posixsubprocess, os, sys\n"
         "_posixsubprocess.fork_exec([sys.executable, '-c', f'open({MARKER!r}, \"w\")'], [os.fsencode(sys.executable)], True,"
-        " (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False, False, -1, None, None, None, -1, None, False)"),
+        " (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False, False, -1, None, None, None, -1, None, False)"
+    ),
     "multiprocessing spawn": (
         "import multiprocessing as mp\nctx = mp.get_context('spawn')\n"
-        "p = ctx.Process(target=open, args=(MARKER, 'w'))\np.start()\np.join()"),
+        "p = ctx.Process(target=open, args=(MARKER, 'w'))\np.start()\np.join()"
+    ),
     "os.system": "import os\nassert os.system('touch ' + MARKER) == 0",
 }
 
@@ -176,11 +186,13 @@ def test_dir_fd_unlink_cannot_delete_host_files(bubblewrap, tmp_path):
 
 def test_host_files_and_the_parents_environment_are_invisible(bubblewrap, monkeypatch):
     monkeypatch.setenv("LLMKIT_SANDBOX_SECRET", "s3cr3t-value")
-    program = ("import os\nfound = []\n"
-               "for path in ['/etc/passwd', '/etc/hostname', f'/proc/{os.getppid()}/environ', '/proc/1/environ',"
-               " '/proc/self/environ', os.path.expanduser('~root/.bashrc'), " + repr(__file__) + "]:\n"
-               "    try:\n        found.append(open(path, 'rb').read())\n    except OSError:\n        pass\n"
-               "print(len(found), b's3cr3t' in b''.join(found), dict(os.environ).get('LLMKIT_SANDBOX_SECRET'))")
+    program = (
+        "import os\nfound = []\n"
+        "for path in ['/etc/passwd', '/etc/hostname', f'/proc/{os.getppid()}/environ', '/proc/1/environ',"
+        " '/proc/self/environ', os.path.expanduser('~root/.bashrc'), " + repr(__file__) + "]:\n"
+        "    try:\n        found.append(open(path, 'rb').read())\n    except OSError:\n        pass\n"
+        "print(len(found), b's3cr3t' in b''.join(found), dict(os.environ).get('LLMKIT_SANDBOX_SECRET'))"
+    )
     result = run_python(program)
     assert result.stdout == "0 False None\n", result
 
@@ -198,24 +210,30 @@ def test_a_socket_to_a_listener_on_the_host_fails(tmp_path):
 
 
 def test_a_setsid_child_does_not_outlive_the_deadline():
-    program = ("import os, time\ntry:\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\n"
-               "except PermissionError:\n    pass\ntime.sleep(60)")
+    program = (
+        "import os, time\ntry:\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\n"
+        "except PermissionError:\n    pass\ntime.sleep(60)"
+    )
     result = run_python(program, timeout_s=1)
     assert result.status == "timeout" and sandbox_processes() == []
 
 
 def test_many_large_files_are_stopped_by_the_working_directory_cap():
-    program = ("written = 0\ntry:\n    for index in range(8):\n        with open(f'f{index}', 'wb') as file:\n"
-               "            for _ in range(64):\n                written += file.write(b'x' * (1 << 20))\n"
-               "except OSError as error:\n    print(written, error.strerror)")
+    program = (
+        "written = 0\ntry:\n    for index in range(8):\n        with open(f'f{index}', 'wb') as file:\n"
+        "            for _ in range(64):\n                written += file.write(b'x' * (1 << 20))\n"
+        "except OSError as error:\n    print(written, error.strerror)"
+    )
     result = run_python(program, timeout_s=10, memory_mb=256)
     written, reason = result.stdout.split(" ", 1)
     assert int(written) <= WORKDIR_BYTES and reason.strip() in {"No space left on device", "File too large"}
 
 
 def test_writing_ok_to_any_descriptor_cannot_beat_the_timeout():
-    program = ("import os\nfor fd in range(64):\n    try:\n        os.write(fd, b'ok')\n    except OSError:\n        pass\n"
-               "while True:\n    pass")
+    program = (
+        "import os\nfor fd in range(64):\n    try:\n        os.write(fd, b'ok')\n    except OSError:\n        pass\n"
+        "while True:\n    pass"
+    )
     assert run_python(program, timeout_s=1).status == "timeout"
 
 
@@ -242,16 +260,19 @@ def test_a_checked_candidate_passes_only_with_the_right_values():
     assert wrong.checker.status == "error" and "AssertionError" in wrong.checker.stderr
 
 
-@pytest.mark.parametrize("forgery", [
-    "import sys\nsys.exit(0)",
-    "import os\nos._exit(0)",
-    "raise SystemExit",
-    "print('all checks ran')\nimport os\nos._exit(0)",
-    # An object that claims to equal everything: only plain data crosses the pipe.
-    "class Anything(int):\n    def __eq__(self, other):\n        return True\ndef square(x):\n    return Anything(0)",
-    # Writing verdict-looking bytes to every descriptor, then exiting.
-    "import os\nfor fd in range(64):\n    try:\n        os.write(fd, b'all checks ran\\n')\n    except OSError:\n        pass\nos._exit(0)",
-])
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        "import sys\nsys.exit(0)",
+        "import os\nos._exit(0)",
+        "raise SystemExit",
+        "print('all checks ran')\nimport os\nos._exit(0)",
+        # An object that claims to equal everything: only plain data crosses the pipe.
+        "class Anything(int):\n    def __eq__(self, other):\n        return True\ndef square(x):\n    return Anything(0)",
+        # Writing verdict-looking bytes to every descriptor, then exiting.
+        "import os\nfor fd in range(64):\n    try:\n        os.write(fd, b'all checks ran\\n')\n    except OSError:\n        pass\nos._exit(0)",
+    ],
+)
 def test_a_candidate_cannot_forge_the_checkers_verdict(forgery):
     result = run_checked(forgery, SQUARE_CHECK, "square")
     assert result.checker.status != "ok" and "all checks ran" not in result.checker.stdout
@@ -260,19 +281,23 @@ def test_a_candidate_cannot_forge_the_checkers_verdict(forgery):
 def test_the_checkers_expected_values_are_out_of_the_candidates_reach():
     # The candidate searches its frames and every object the garbage collector knows for a large int
     # (the expected answer is one); in-process graders hand it over this way.
-    candidate = ("import gc, sys\ndef secret(x):\n    frame, seen = sys._getframe(), []\n    while frame:\n"
-                 "        seen += [v for v in frame.f_globals.values()] + [v for v in frame.f_locals.values()]\n"
-                 "        frame = frame.f_back\n    seen += [v for o in gc.get_objects() if isinstance(o, (dict, list, tuple))"
-                 " for v in (o.values() if isinstance(o, dict) else o)]\n"
-                 "    return max([v for v in seen if type(v) is int and v > 10**8], default=0)\n")
+    candidate = (
+        "import gc, sys\ndef secret(x):\n    frame, seen = sys._getframe(), []\n    while frame:\n"
+        "        seen += [v for v in frame.f_globals.values()] + [v for v in frame.f_locals.values()]\n"
+        "        frame = frame.f_back\n    seen += [v for o in gc.get_objects() if isinstance(o, (dict, list, tuple))"
+        " for v in (o.values() if isinstance(o, dict) else o)]\n"
+        "    return max([v for v in seen if type(v) is int and v > 10**8], default=0)\n"
+    )
     result = run_checked(candidate, "assert __candidate__(0) == 738261945\n", "secret")
     assert result.checker.status == "error" and "AssertionError" in result.checker.stderr
 
 
 def test_a_slow_call_fails_alone_and_later_calls_fail_fast():
     candidate = "def f(x):\n    while x:\n        pass\n    return 1\n"
-    checker = ("import time\nfor x in (1, 0):\n    started = time.monotonic()\n    try:\n        print(__candidate__(x))\n"
-               "    except __CandidateError__ as error:\n        print('failed', round(time.monotonic() - started, 1), error)\n")
+    checker = (
+        "import time\nfor x in (1, 0):\n    started = time.monotonic()\n    try:\n        print(__candidate__(x))\n"
+        "    except __CandidateError__ as error:\n        print('failed', round(time.monotonic() - started, 1), error)\n"
+    )
     result = run_checked(candidate, checker, "f", call_timeout_s=0.3, timeout_s=5)
     first, second = result.checker.stdout.splitlines()
     assert first.startswith("failed 0.3") and second == "failed 0.0 the candidate died or ran out of time"
@@ -281,10 +306,15 @@ def test_a_slow_call_fails_alone_and_later_calls_fail_fast():
 
 def test_a_raising_call_fails_alone_and_a_printing_call_fails():
     candidate = "def f(x):\n    if x == 0:\n        raise ValueError('zero')\n    if x == 1:\n        print('noise')\n    return x\n"
-    checker = ("for x in (0, 1, 2):\n    try:\n        print(__candidate__(x))\n"
-               "    except __CandidateError__ as error:\n        print('failed:', error)\n")
+    checker = (
+        "for x in (0, 1, 2):\n    try:\n        print(__candidate__(x))\n"
+        "    except __CandidateError__ as error:\n        print('failed:', error)\n"
+    )
     assert run_checked(candidate, checker, "f").checker.stdout.splitlines() == [
-        "failed: ValueError: zero", "failed: the candidate printed", "2"]
+        "failed: ValueError: zero",
+        "failed: the candidate printed",
+        "2",
+    ]
 
 
 def test_a_candidate_defined_in_a_modules_namespace_uses_its_helpers():

@@ -13,12 +13,19 @@ import llmkit.plan.sweep as sweep
 from llmkit.cli import build_parser, main
 from llmkit.config import config_from_args
 from llmkit.data.shards import PrepareConfig, prepare_data
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError, MismatchError
 from llmkit.model import Transformer
-from llmkit.plan.scaling import (ChinchillaLaw, KaplanLaw, _huber_objective, fit_chinchilla, fit_kaplan, isoflop_minimum,
-                                 lower_envelope)
+from llmkit.plan.scaling import (
+    ChinchillaLaw,
+    KaplanLaw,
+    _huber_objective,
+    fit_chinchilla,
+    fit_kaplan,
+    isoflop_minimum,
+    lower_envelope,
+)
 from llmkit.plan.sweep import GRIDS, ScalingConfig, ShapeRule, plan_sweep, run_scaling
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 # Hoffmann et al. 2022 eq. (10), and the refit of the same data by Besiroglu et al. 2024.
 CHINCHILLA = ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -56,8 +63,10 @@ def test_huber_objective_gradient_matches_finite_differences():
     naive = sum(0.5 * r * r if abs(r) <= 1e-3 else 1e-3 * (abs(r) - 0.5e-3) for r in residual)
     assert value == pytest.approx(naive, rel=1e-12)
     step = 1e-7
-    numeric = [(_huber_objective(theta + step * unit, *args)[0] - _huber_objective(theta - step * unit, *args)[0]) / (2 * step)
-               for unit in np.eye(5)]
+    numeric = [
+        (_huber_objective(theta + step * unit, *args)[0] - _huber_objective(theta - step * unit, *args)[0]) / (2 * step)
+        for unit in np.eye(5)
+    ]
     assert gradient == pytest.approx(numeric, rel=1e-5, abs=1e-9)
 
 
@@ -149,19 +158,48 @@ def data(tmp_path_factory):
             word = generator.choice(successors[word])
         lines.append(" ".join(line))
     (folder / "corpus.txt").write_text("\n".join(lines))
-    train_tokenizer(TokenizerConfig(source=str(folder / "corpus.txt"), out=str(folder / "tok"), kind="char", vocab_size=64,
-                                    held_out_fraction=0))
-    prepare_data(PrepareConfig(source=str(folder / "corpus.txt"), tokenizer=str(folder / "tok"), out=str(folder / "data"),
-                               val_fraction=0.1, split="tail", workers=1))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(folder / "corpus.txt"), out=str(folder / "tok"), kind="char", vocab_size=64, held_out_fraction=0
+        )
+    )
+    prepare_data(
+        PrepareConfig(
+            source=str(folder / "corpus.txt"),
+            tokenizer=str(folder / "tok"),
+            out=str(folder / "data"),
+            val_fraction=0.1,
+            split="tail",
+            workers=1,
+        )
+    )
     return str(folder / "data")
 
 
 def tiny(data, out, **changes) -> ScalingConfig:
     # baby-gpt blocks with 8-wide heads: shapes (1, 8), (1, 16), (1, 32) of 888, 3,312 and 12,768 parameters,
     # trained for 10 to 390 steps of 8 x 32 tokens.
-    values = dict(data=data, out=str(out), preset="baby-gpt", head_dim=8, context_length=32, batch_size=8, budgets=[2e8, 6e8],
-                  sizes=[1_000, 3_000, 10_000], aspect_ratio=16, min_tokens_per_parameter=0.1, max_tokens_per_parameter=1000, min_steps=1,
-                  lr=1e-2, eval_batches=4, dtype="float32", device="cpu", fit_grid="coarse", progress=False, seed=5)
+    values = dict(
+        data=data,
+        out=str(out),
+        preset="baby-gpt",
+        head_dim=8,
+        context_length=32,
+        batch_size=8,
+        budgets=[2e8, 6e8],
+        sizes=[1_000, 3_000, 10_000],
+        aspect_ratio=16,
+        min_tokens_per_parameter=0.1,
+        max_tokens_per_parameter=1000,
+        min_steps=1,
+        lr=1e-2,
+        eval_batches=4,
+        dtype="float32",
+        device="cpu",
+        fit_grid="coarse",
+        progress=False,
+        seed=5,
+    )
     values.update(changes)
     return ScalingConfig(**values)
 
@@ -185,7 +223,11 @@ def test_shapes_follow_the_aspect_ratio_rule_and_count_like_the_model(data, tmp_
         shape = rule(target)
         count = Transformer(rule.model_config(shape)).num_parameters(exclude_embeddings=True)
         assert rule.count(shape["n_layer"], shape["n_embd"]) == count
-        assert shape["n_embd"] % 32 == 0 and shape["n_head"] == 2 * shape["n_kv_head"] and shape["n_embd"] == 16 * shape["n_head"]
+        assert (
+            shape["n_embd"] % 32 == 0
+            and shape["n_head"] == 2 * shape["n_kv_head"]
+            and shape["n_embd"] == 16 * shape["n_head"]
+        )
         wider = rule.count(shape["n_layer"], shape["n_embd"] + 32)
         narrower = rule.count(shape["n_layer"], shape["n_embd"] - 32) if shape["n_embd"] > 32 else 0
         assert narrower < target < wider  # the nearest width at its depth
@@ -211,9 +253,13 @@ def test_tiny_sweep_writes_results_plot_and_a_prediction_made_before_training(fi
     predicted_run = json.loads((out / "predict" / "result.json").read_text())
     assert prediction["budget"] == 4 * 6e8 and prediction["predicted_at"] <= predicted_run["finished_at"]
     law = ChinchillaLaw(**prediction["law"])
-    assert prediction["predicted_loss"] == pytest.approx(law.loss(prediction["non_embedding_parameters"], prediction["tokens"]))
+    assert prediction["predicted_loss"] == pytest.approx(
+        law.loss(prediction["non_embedding_parameters"], prediction["tokens"])
+    )
     assert prediction["actual_loss"] == predicted_run["val_loss"]
-    assert prediction["relative_error"] == pytest.approx((prediction["predicted_loss"] - prediction["actual_loss"]) / prediction["actual_loss"])
+    assert prediction["relative_error"] == pytest.approx(
+        (prediction["predicted_loss"] - prediction["actual_loss"]) / prediction["actual_loss"]
+    )
     optimal = summary["compute_optimal"]
     assert optimal["budget"] == 2.4e9
     assert 6 * optimal["n_opt"] * optimal["d_opt"] == pytest.approx(2.4e9)
@@ -237,20 +283,23 @@ def test_rerun_trains_nothing_and_keeps_the_prediction(data, finished, monkeypat
         run_scaling(tiny(data, out, lr=5e-3))
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"budgets": [1e12]}, "budgets"),
-    ({"budgets": ["1e12", "lots"]}, "budgets"),
-    ({"sizes": [100_000, -5]}, "sizes"),
-    ({"prediction_multiplier": 2.0}, "prediction_multiplier"),
-    ({"max_tokens_per_parameter": 0.001}, "max_tokens_per_parameter"),
-    ({"warmup_fraction": 1.0}, "warmup_fraction"),
-    ({"aspect_ratio": 0.0}, "aspect_ratio"),
-    ({"lr": -1.0}, "lr"),
-    ({"preset": "gpt5"}, "preset"),
-    ({"context_length": 0}, "context_length"),
-    ({"head_dim": 0}, "head_dim"),
-    ({"min_steps": 0}, "min_steps"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"budgets": [1e12]}, "budgets"),
+        ({"budgets": ["1e12", "lots"]}, "budgets"),
+        ({"sizes": [100_000, -5]}, "sizes"),
+        ({"prediction_multiplier": 2.0}, "prediction_multiplier"),
+        ({"max_tokens_per_parameter": 0.001}, "max_tokens_per_parameter"),
+        ({"warmup_fraction": 1.0}, "warmup_fraction"),
+        ({"aspect_ratio": 0.0}, "aspect_ratio"),
+        ({"lr": -1.0}, "lr"),
+        ({"preset": "gpt5"}, "preset"),
+        ({"context_length": 0}, "context_length"),
+        ({"head_dim": 0}, "head_dim"),
+        ({"min_steps": 0}, "min_steps"),
+    ],
+)
 def test_bad_values_are_config_errors_naming_the_field(data, tmp_path, changes, field):
     with pytest.raises(ConfigError) as error:
         tiny(data, tmp_path, **changes)
@@ -279,11 +328,28 @@ def test_command_line_maps_flags_and_reports_bad_ones(data, tmp_path, capsys):
     assert main(["scaling", "--data", data, "--out", str(tmp_path), "--sizes", "10k,20x"]) == 2
     assert "config field 'sizes' = '20x'" in capsys.readouterr().err
     parser, _ = build_parser()
-    arguments = parser.parse_args(["scaling", "--budgets", "2e9,1e9", "--sizes", "20k,10k", "--prediction-multiplier", "8",
-                                   "--fit-grid", "coarse", "--no-predict"])
+    arguments = parser.parse_args(
+        [
+            "scaling",
+            "--budgets",
+            "2e9,1e9",
+            "--sizes",
+            "20k,10k",
+            "--prediction-multiplier",
+            "8",
+            "--fit-grid",
+            "coarse",
+            "--no-predict",
+        ]
+    )
     config = config_from_args(ScalingConfig, arguments)
     assert config.budgets == [1e9, 2e9] and config.sizes == [10_000, 20_000]
-    assert (config.prediction_multiplier, config.fit_grid, config.predict, config.prediction_budget) == (8.0, "coarse", False, 1.6e10)
+    assert (config.prediction_multiplier, config.fit_grid, config.predict, config.prediction_budget) == (
+        8.0,
+        "coarse",
+        False,
+        1.6e10,
+    )
 
 
 def test_fit_rejects_too_few_points():

@@ -9,22 +9,25 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from helpers import tiny_config
+from test_infer import naive_greedy
+
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.beam import beam_search
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
-from test_infer import naive_greedy
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 20 + "0123456789 (){}[]:;,'\"\n"
 
 
 def trained_tokenizer(folder, kind: str, vocab_size: int) -> Tokenizer:
     (folder / "a.txt").write_text(TEXT)
-    train_tokenizer(TokenizerConfig(source=str(folder / "a.txt"), out=str(folder / kind), kind=kind,
-                                    vocab_size=vocab_size, held_out_fraction=0))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(folder / "a.txt"), out=str(folder / kind), kind=kind, vocab_size=vocab_size, held_out_fraction=0
+        )
+    )
     return Tokenizer.load(folder / kind)
 
 
@@ -59,8 +62,15 @@ def following(model: Transformer, chain: list[int], otherwise: int):
         handle.remove()
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(position="learned", norm="layernorm", activation="gelu"),
-                                     dict(position="alibi"), dict(position="sinusoidal", n_kv_head=1)])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(position="learned", norm="layernorm", activation="gelu"),
+        dict(position="alibi"),
+        dict(position="sinusoidal", n_kv_head=1),
+    ],
+)
 def test_continuous_batching_equals_one_at_a_time_greedy(tokenizer, variant):
     engine = engine_of(tokenizer, max_batch_size=3, **variant)
     scheduler = engine.scheduler
@@ -87,9 +97,13 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(tokenizer):
     prompt = tokenizer.encode("the lazy")
     config = GenerationConfig(max_new_tokens=15, temperature=1.0, top_p=0.95, seed=7, stop_at_end_of_text=False)
     alone = engine.generate_ids([prompt], config)[0].token_ids
-    mates = [GenerationConfig(max_new_tokens=9, temperature=0.7, top_k=5, stop_at_end_of_text=False),
-             GenerationConfig(max_new_tokens=20, temperature=1.0, seed=7, stop_at_end_of_text=False)]
-    together = engine.generate_ids([tokenizer.encode("fox"), prompt, tokenizer.encode("0123 ")], [mates[0], config, mates[1]])
+    mates = [
+        GenerationConfig(max_new_tokens=9, temperature=0.7, top_k=5, stop_at_end_of_text=False),
+        GenerationConfig(max_new_tokens=20, temperature=1.0, seed=7, stop_at_end_of_text=False),
+    ]
+    together = engine.generate_ids(
+        [tokenizer.encode("fox"), prompt, tokenizer.encode("0123 ")], [mates[0], config, mates[1]]
+    )
     assert together[1].token_ids == alone
     assert engine.generate_ids([prompt], replace(config, seed=8))[0].token_ids != alone
 
@@ -141,19 +155,22 @@ def test_streamed_deltas_never_split_a_utf8_character(tmp_path):
 def test_echo_and_token_logprobs_equal_a_full_forward_pass(tokenizer):
     engine = engine_of(tokenizer)
     prompts = [tokenizer.encode("the lazy dog"), tokenizer.encode("fox")]
-    configs = [greedy(6, logprobs=3, echo=True), GenerationConfig(max_new_tokens=4, temperature=1.0, seed=1, logprobs=0)]
+    configs = [
+        greedy(6, logprobs=3, echo=True),
+        GenerationConfig(max_new_tokens=4, temperature=1.0, seed=1, logprobs=0),
+    ]
     for prompt, completion in zip(prompts, engine.generate_ids(prompts, configs)):
         sequence = prompt + completion.token_ids
         with torch.no_grad():
             logprobs = engine.model(torch.tensor([sequence]))[0].log_softmax(-1)
         expected = [float(logprobs[position - 1, sequence[position]]) for position in range(1, len(sequence))]
-        generated = expected[len(prompt) - 1:]
+        generated = expected[len(prompt) - 1 :]
         assert completion.logprobs == pytest.approx(generated, abs=1e-5)
         if completion.prompt_logprobs is None:
             assert completion.top_logprobs is None
             continue
         assert completion.prompt_logprobs[0] is None
-        assert completion.prompt_logprobs[1:] == pytest.approx(expected[:len(prompt) - 1], abs=1e-5)
+        assert completion.prompt_logprobs[1:] == pytest.approx(expected[: len(prompt) - 1], abs=1e-5)
         for position, alternatives in enumerate(completion.top_logprobs, start=len(prompt) - 1):
             best = logprobs[position].topk(3)
             assert list(alternatives) == [tokenizer.decode([token]) for token in best.indices.tolist()]

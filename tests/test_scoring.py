@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import tiny_config
+
 from llmkit.infer.scoring import score_sequences
 from llmkit.model import Transformer
 

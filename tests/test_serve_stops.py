@@ -48,9 +48,9 @@ def naive_released(data: bytes, stops: list[str]) -> tuple[str, bool]:
     text = data.decode("utf-8", errors="replace")
     matches = [text.find(stop) for stop in stops if stop in text]
     if matches:
-        return text[:min(matches)], True
+        return text[: min(matches)], True
     safe = text.rstrip("\ufffd")
-    return safe[:len(safe) - naive_held_back(safe, stops)], False
+    return safe[: len(safe) - naive_held_back(safe, stops)], False
 
 
 def test_released_text_equals_the_naive_reference():
@@ -70,6 +70,7 @@ def test_released_text_equals_the_naive_reference():
 
 def test_a_long_stop_string_costs_no_more_than_none():
     """The attack that made every step quadratic: a 10,000-character stop string the text keeps almost matching."""
+
     def seconds(stops: list[str]) -> float:
         tracker, started = TextTracker(ByteTokenizer(), stops), time.perf_counter()
         for _ in range(2048):

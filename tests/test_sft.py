@@ -14,30 +14,39 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_config
 from safetensors.torch import load_file
 
-from helpers import tiny_config
-from llmkit.align.conversation_batches import (ConversationBatches, Example, conversation_example,
-                                               pack_first_fit_decreasing, tokenize_conversations)
+from llmkit.align.conversation_batches import (
+    ConversationBatches,
+    Example,
+    conversation_example,
+    pack_first_fit_decreasing,
+    tokenize_conversations,
+)
 from llmkit.align.sft import SFTConfig, SFTTrainConfig, load_datasets, sft, sft_loss, split_validation
 from llmkit.chat import Conversation, render_ids
 from llmkit.data.shards import PrepareConfig, prepare_data
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import load_model, write_model
 from llmkit.model.lora import LoRAConfig, load_adapters
 from llmkit.tokenizer import Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.train.objectives import IGNORE_INDEX
 
 DATASET = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-                  {"role": "assistant", "content": "Paris."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ]
+    },
     {"prompt": "What is 2+3?", "completion": "5, since 2+3=5."},
     {"instruction": "Reverse the word.", "input": "stop", "output": "pots"},
 ]
-
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +60,9 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 
 def chat_model(tokenizer: Tokenizer, **changes) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=64, n_embd=32, tie_embeddings=False, **changes))
+    return Transformer(
+        tiny_config(vocab_size=tokenizer.vocab_size, context_length=64, n_embd=32, tie_embeddings=False, **changes)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +79,37 @@ def base(tmp_path_factory, tokenizer):
 
 def test_targets_are_the_next_assistant_tokens_worked_by_hand(tokenizer):
     special = tokenizer.special_ids
-    messages = [{"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "a", "tool_calls": [{"type": "custom", "custom": {"name": "f", "input": "1"}}]},
-                {"role": "tool", "content": "2"}, {"role": "assistant", "content": "b"}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": "a",
+            "tool_calls": [{"type": "custom", "custom": {"name": "f", "input": "1"}}],
+        },
+        {"role": "tool", "content": "2"},
+        {"role": "assistant", "content": "b"},
+    ]
     # The rendering, and which tokens the assistant writes (its text, its call, each closing <|end|>).
-    rendered = [("<|endoftext|>", False), ("<|user|>", False), ("h", False), ("i", False), ("<|end|>", False),
-                ("<|assistant|>", False), ("a", True), ("<|tool_call|>", True), ("f", True), ("(", True), ("1", True),
-                (")", True), ("<|end|>", True), ("<|tool_result|>", False), ("2", False), ("<|end|>", False),
-                ("b", True), ("<|end|>", True)]
+    rendered = [
+        ("<|endoftext|>", False),
+        ("<|user|>", False),
+        ("h", False),
+        ("i", False),
+        ("<|end|>", False),
+        ("<|assistant|>", False),
+        ("a", True),
+        ("<|tool_call|>", True),
+        ("f", True),
+        ("(", True),
+        ("1", True),
+        (")", True),
+        ("<|end|>", True),
+        ("<|tool_result|>", False),
+        ("2", False),
+        ("<|end|>", False),
+        ("b", True),
+        ("<|end|>", True),
+    ]
     ids = [special[token] if token in special else tokenizer.encode(token)[0] for token, _ in rendered]
     assert render_ids(tokenizer, messages) == (ids, [learned for _, learned in rendered])
     example = conversation_example(tokenizer, messages, "task")
@@ -111,19 +145,33 @@ def per_token_losses(model, input_ids, targets, **kwargs) -> torch.Tensor:
 @pytest.mark.parametrize("position", ["rope", "learned", "alibi"])
 def test_packed_rows_give_the_losses_of_the_conversations_one_by_one(tokenizer, position):
     model = chat_model(tokenizer, position=position).eval()
-    conversations = [Conversation(record, "t") for record in
-                     ([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"}],
-                      [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-                       {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}],
-                      [{"role": "system", "content": "Terse."}, {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "So."}],
-                      [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Red"}])]
+    conversations = [
+        Conversation(record, "t")
+        for record in (
+            [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"}],
+            [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "and 3+3?"},
+                {"role": "assistant", "content": "6"},
+            ],
+            [
+                {"role": "system", "content": "Terse."},
+                {"role": "user", "content": "Why?"},
+                {"role": "assistant", "content": "So."},
+            ],
+            [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Red"}],
+        )
+    ]
     examples, _ = tokenize_conversations(tokenizer, conversations, 64)
     batch = ConversationBatches(examples, 2, 64, tokenizer.pad_id).sequential_batch(0)
     assert batch["input_ids"].shape == (2, 64) and int(batch["document_ids"].max()) >= 2  # several per row
     with torch.no_grad():
         packed = per_token_losses(model, batch["input_ids"], batch["targets"], document_ids=batch["document_ids"])
-        alone = [per_token_losses(model, torch.from_numpy(example.input_ids)[None], torch.from_numpy(example.targets)[None])
-                 for example in examples]
+        alone = [
+            per_token_losses(model, torch.from_numpy(example.input_ids)[None], torch.from_numpy(example.targets)[None])
+            for example in examples
+        ]
         loss, _ = sft_loss(model, batch)
     counted = sum(int((example.targets != IGNORE_INDEX).sum()) for example in examples)
     assert int((batch["targets"] != IGNORE_INDEX).sum()) == counted
@@ -137,7 +185,7 @@ def test_packed_rows_give_the_losses_of_the_conversations_one_by_one(tokenizer, 
         start = 0
         for index in members:
             length = len(examples[index])
-            torch.testing.assert_close(flat[row, start:start + length], alone[index][0:length], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(flat[row, start : start + length], alone[index][0:length], atol=1e-5, rtol=1e-5)
             start += length
 
 
@@ -168,7 +216,7 @@ def test_capped_examples_proportional_mixing_matches_its_formula():
     # the rows of three mixture epochs, as the batches deliver them
     rows = batches.rows_in_epochs(3)
     drawn = [index for batch in range(rows // 8) for index in conversations_in(batches.get_batch(batch))]
-    drawn += conversations_in({key: value[:rows % 8] for key, value in batches.get_batch(rows // 8).items()})
+    drawn += conversations_in({key: value[: rows % 8] for key, value in batches.get_batch(rows // 8).items()})
     by_task = Counter(examples[index].task for index in drawn)
     assert {task: count / len(drawn) for task, count in by_task.items()} == pytest.approx(expected, abs=1e-12)
     assert by_task == {"large": 300, "medium": 180, "small": 15}
@@ -191,7 +239,9 @@ def test_pretraining_rows_are_marked_and_count_every_token():
     model = Transformer(tiny_config(vocab_size=61, context_length=16)).eval()
     with torch.no_grad():
         loss, metrics = sft_loss(model, batch)
-        losses = per_token_losses(model, batch["input_ids"], batch["targets"], document_ids=batch["document_ids"]).view(4, 16)
+        losses = per_token_losses(model, batch["input_ids"], batch["targets"], document_ids=batch["document_ids"]).view(
+            4, 16
+        )
     counted = batch["targets"] != IGNORE_INDEX
     assert metrics["pretrain_loss"] == pytest.approx(float(losses[2:].sum() / counted[2:].sum()), rel=1e-5)
     assert metrics["sft_loss"] == pytest.approx(float(losses[:2].sum() / counted[:2].sum()), rel=1e-5)
@@ -210,12 +260,30 @@ def test_embedded_tasks_and_files_become_labelled_conversations(base):
 def test_pretraining_mix_validation_split_and_dropped_conversations(base, tokenizer, tmp_path):
     (tmp_path / "corpus.txt").write_text("\n".join(f"line {number} of plain text." for number in range(300)))
     tokenizer.save(tmp_path / "tok")
-    prepare_data(PrepareConfig(source=str(tmp_path / "corpus.txt"), tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "data"),
-                               val_fraction=0.1, split="tail", workers=1))
+    prepare_data(
+        PrepareConfig(
+            source=str(tmp_path / "corpus.txt"),
+            tokenizer=str(tmp_path / "tok"),
+            out=str(tmp_path / "data"),
+            val_fraction=0.1,
+            split="tail",
+            workers=1,
+        )
+    )
     dataset = base[1]
     # the arithmetic system prompt alone outgrows the 64-token context: no assistant token fits, all 6 dropped
-    summary = sft(run_config(base, tmp_path / "run", epochs=None, pretrain_data=str(tmp_path / "data"), pretrain_fraction=0.5,
-                             datasets=[str(dataset), "arithmetic:6"], val_fraction=0.34, train={"max_steps": 3}))
+    summary = sft(
+        run_config(
+            base,
+            tmp_path / "run",
+            epochs=None,
+            pretrain_data=str(tmp_path / "data"),
+            pretrain_fraction=0.5,
+            datasets=[str(dataset), "arithmetic:6"],
+            val_fraction=0.34,
+            train={"max_steps": 3},
+        )
+    )
     assert summary["pretraining_rows"] == 2 and summary["steps"] == 3 and summary["dropped"] == 6
     assert summary["tasks"] == {"tiny": {"train": 2, "val": 1, "rate": 1.0}}
     with open(tmp_path / "run" / "metrics.csv") as file:
@@ -225,16 +293,30 @@ def test_pretraining_mix_validation_split_and_dropped_conversations(base, tokeni
     held_out = split_validation(load_datasets([str(dataset)], 1, 0), 0.34, seed=1)[1]
     examples, _ = tokenize_conversations(tokenizer, held_out, 64)
     with torch.no_grad():
-        expected = sft_loss(load_model(tmp_path / "run")[0], ConversationBatches(examples, 4, 64, tokenizer.pad_id).sequential_batch(0))[0]
+        expected = sft_loss(
+            load_model(tmp_path / "run")[0], ConversationBatches(examples, 4, 64, tokenizer.pad_id).sequential_batch(0)
+        )[0]
     assert summary["val_loss"] == pytest.approx(float(expected), abs=1e-5)
 
 
 def run_config(base, out, **changes) -> SFTConfig:
     folder, dataset = base
-    train = dict(out=str(out), batch_size=4, lr=1e-2, warmup_steps=5, dtype="float32", progress=False, eval_interval=0,
-                 log_interval=1, checkpoint_interval=1000, seed=1)
+    train = dict(
+        out=str(out),
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=5,
+        dtype="float32",
+        progress=False,
+        eval_interval=0,
+        log_interval=1,
+        checkpoint_interval=1000,
+        seed=1,
+    )
     train.update(changes.pop("train", {}))
-    values = dict(base=str(folder), datasets=[str(dataset)], val_fraction=0.0, lora=LoRAConfig(**changes.pop("lora", {})))
+    values = dict(
+        base=str(folder), datasets=[str(dataset)], val_fraction=0.0, lora=LoRAConfig(**changes.pop("lora", {}))
+    )
     values.update(changes)
     return SFTConfig(**values, train=SFTTrainConfig(**train))
 
@@ -242,7 +324,9 @@ def run_config(base, out, **changes) -> SFTConfig:
 def mean_assistant_loss(model, tokenizer, dataset) -> float:
     examples, _ = tokenize_conversations(tokenizer, load_datasets([str(dataset)], 1, 0), 64)
     with torch.no_grad():
-        return float(sft_loss(model.eval(), ConversationBatches(examples, 4, 64, tokenizer.pad_id).sequential_batch(0))[0])
+        return float(
+            sft_loss(model.eval(), ConversationBatches(examples, 4, 64, tokenizer.pad_id).sequential_batch(0))[0]
+        )
 
 
 def greedy_reply(model, tokenizer, messages) -> str:
@@ -272,12 +356,21 @@ def test_lora_fine_tuning_merges_into_a_plain_checkpoint(base, tokenizer, tmp_pa
     lora = {"rank": 8, "alpha": 16, "targets": ["qkv", "out", "up", "down", "lm_head"]}
     summary = sft(run_config(base, out, epochs=100, lora=lora))
     plain = chat_model(tokenizer)
-    adapted_layers = [plain.lm_head] + [layer for block in plain.blocks for layer in
-                                         (block.attention.qkv, block.attention.out, block.feed_forward.up, block.feed_forward.down)]
-    assert summary["merged"] and summary["trainable_parameters"] == sum(8 * (layer.in_features + layer.out_features) for layer in adapted_layers)
+    adapted_layers = [plain.lm_head] + [
+        layer
+        for block in plain.blocks
+        for layer in (block.attention.qkv, block.attention.out, block.feed_forward.up, block.feed_forward.down)
+    ]
+    assert summary["merged"] and summary["trainable_parameters"] == sum(
+        8 * (layer.in_features + layer.out_features) for layer in adapted_layers
+    )
     merged, config = load_model(out)  # plain: the adapters are in the weights
-    assert config["lora"]["merged"] and set(load_file(str(out / "checkpoints/step_00000050/model.safetensors"))) == set(plain.state_dict())
-    assert mean_assistant_loss(merged, tokenizer, dataset) < 0.5 * mean_assistant_loss(load_model(folder)[0], tokenizer, dataset)
+    assert config["lora"]["merged"] and set(load_file(str(out / "checkpoints/step_00000050/model.safetensors"))) == set(
+        plain.state_dict()
+    )
+    assert mean_assistant_loss(merged, tokenizer, dataset) < 0.5 * mean_assistant_loss(
+        load_model(folder)[0], tokenizer, dataset
+    )
     assert greedy_reply(merged, tokenizer, DATASET[0]["messages"][:2]) == "Paris."
     adapted = load_adapters(load_model(folder)[0], out / "adapters", base_checkpoint=folder).eval()
     ids = torch.tensor([render_ids(tokenizer, DATASET[0]["messages"])[0]])

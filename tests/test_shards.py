@@ -6,11 +6,11 @@ import pytest
 
 from llmkit.data import shards
 from llmkit.data.shards import PrepareConfig, prepare_data
-from llmkit.token_data import check_tokenizer, load_manifest, open_split, token_dtype
 from llmkit.data.sources import is_held_out, iter_documents
-from llmkit.errors import ConfigError, InputError, MismatchError
-from llmkit.tokenizer import Tokenizer
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
+from llmkit.errors import ConfigError, InputError, MismatchError
+from llmkit.token_data import check_tokenizer, load_manifest, open_split, token_dtype
+from llmkit.tokenizer import Tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa λάμδα 東京 😀 def return print(x)".split()
 
@@ -40,7 +40,11 @@ def tokenizer_directory(corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(corpus, tokenizer_directory, tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
-    manifest = prepare_data(PrepareConfig(source=corpus, tokenizer=tokenizer_directory, out=str(out), val_fraction=0.2, shard_tokens=500, workers=1))
+    manifest = prepare_data(
+        PrepareConfig(
+            source=corpus, tokenizer=tokenizer_directory, out=str(out), val_fraction=0.2, shard_tokens=500, workers=1
+        )
+    )
     return manifest, out
 
 
@@ -80,7 +84,9 @@ def test_manifest_counts_match_the_files_and_the_sources(corpus, prepared):
     documents = list(iter_documents(corpus))
     assert manifest["sources"] == corpus.split(",")
     assert sum(statistics["documents"] for statistics in manifest["splits"].values()) == len(documents)
-    assert sum(statistics["bytes"] for statistics in manifest["splits"].values()) == sum(len(d.text.encode()) for d in documents)
+    assert sum(statistics["bytes"] for statistics in manifest["splits"].values()) == sum(
+        len(d.text.encode()) for d in documents
+    )
     jsonl = corpus.split(",")[0]
     assert sum(s["sources"][jsonl]["documents"] for s in manifest["splits"].values()) == 120
 
@@ -89,7 +95,16 @@ def test_output_is_independent_of_worker_count(corpus, tokenizer_directory, prep
     manifest, out = prepared
     # Many small chunks, so two workers really interleave and the in-flight queue fills up.
     monkeypatch.setattr(shards, "CHUNK_CHARACTERS", 64)
-    parallel = prepare_data(PrepareConfig(source=corpus, tokenizer=tokenizer_directory, out=str(tmp_path), val_fraction=0.2, shard_tokens=500, workers=2))
+    parallel = prepare_data(
+        PrepareConfig(
+            source=corpus,
+            tokenizer=tokenizer_directory,
+            out=str(tmp_path),
+            val_fraction=0.2,
+            shard_tokens=500,
+            workers=2,
+        )
+    )
     assert parallel["splits"] == manifest["splits"]
     for split in ("train", "val"):
         for shard in manifest["splits"][split]["shards"]:
@@ -101,7 +116,12 @@ def test_rerun_replaces_old_shards(corpus, tokenizer_directory, tmp_path):
     small_shards = prepare_data(PrepareConfig(**config, shard_tokens=300))
     assert len(small_shards["splits"]["train"]["shards"]) > 1
     prepare_data(PrepareConfig(**config, shard_tokens=1_000_000))
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json", "tokenizer", "train_000.bin", "val_000.bin"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "manifest.json",
+        "tokenizer",
+        "train_000.bin",
+        "val_000.bin",
+    ]
 
 
 def test_token_dtype_fits_the_vocabulary():
@@ -146,7 +166,9 @@ def test_damaged_data_directory_errors_name_the_file(prepared, tmp_path):
 
 
 def test_empty_split_is_an_error(corpus, tokenizer_directory, tmp_path):
-    prepare_data(PrepareConfig(source=corpus, tokenizer=tokenizer_directory, out=str(tmp_path), val_fraction=0.0, workers=1))
+    prepare_data(
+        PrepareConfig(source=corpus, tokenizer=tokenizer_directory, out=str(tmp_path), val_fraction=0.0, workers=1)
+    )
     shards = open_split(tmp_path, "train")
     assert all(isinstance(shard, np.memmap) and not shard.flags.writeable for shard in shards)
     with pytest.raises(InputError, match="split 'val' has no tokens"):
@@ -168,22 +190,39 @@ def test_failed_run_leaves_the_previous_data_directory_intact(corpus, tokenizer_
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n", encoding="utf-8")
     with pytest.raises(InputError, match="bad.jsonl:2: missing field 'text'"):
-        prepare_data(PrepareConfig(source=f"{corpus},{bad}", tokenizer=tokenizer_directory, out=str(tmp_path), workers=2))
+        prepare_data(
+            PrepareConfig(source=f"{corpus},{bad}", tokenizer=tokenizer_directory, out=str(tmp_path), workers=2)
+        )
     assert not list(tmp_path.glob(".*.tmp"))
     assert load_manifest(tmp_path)["splits"] == manifest["splits"]
     assert (tmp_path / "train_000.bin").read_bytes() == (out / "train_000.bin").read_bytes()
 
 
 def test_tail_split_holds_out_the_end_of_each_document(tmp_path):
-    from llmkit.tokenizer import Tokenizer
     from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
+    from llmkit.tokenizer import Tokenizer
 
     text = "".join(chr(ord("a") + (i * 7) % 26) for i in range(1000))
     (tmp_path / "corpus.txt").write_text(text)
-    train_tokenizer(TokenizerConfig(source=str(tmp_path / "corpus.txt"), out=str(tmp_path / "tok"), kind="char",
-                                    vocab_size=64, held_out_fraction=0))
-    manifest = prepare_data(PrepareConfig(source=str(tmp_path / "corpus.txt"), tokenizer=str(tmp_path / "tok"),
-                                          out=str(tmp_path / "data"), val_fraction=0.1, split="tail", workers=1))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(tmp_path / "corpus.txt"),
+            out=str(tmp_path / "tok"),
+            kind="char",
+            vocab_size=64,
+            held_out_fraction=0,
+        )
+    )
+    manifest = prepare_data(
+        PrepareConfig(
+            source=str(tmp_path / "corpus.txt"),
+            tokenizer=str(tmp_path / "tok"),
+            out=str(tmp_path / "data"),
+            val_fraction=0.1,
+            split="tail",
+            workers=1,
+        )
+    )
     tokenizer = Tokenizer.load(tmp_path / "tok")
     train, val = (np.concatenate(open_split(tmp_path / "data", split)).tolist() for split in ("train", "val"))
     eot = tokenizer.eot_id
@@ -195,13 +234,22 @@ def test_tail_split_holds_out_the_end_of_each_document(tmp_path):
 def test_shakespeare_char_split_matches_nanogpt(tmp_path, shared_data):
     """nanoGPT's shakespeare_char/prepare.py reports 65 characters, 1,003,854 train and 111,540 val tokens."""
     source = str(shared_data / "tinyshakespeare" / "input.txt")
-    summary = train_tokenizer(TokenizerConfig(source=source, out=str(tmp_path / "tok"), kind="char", vocab_size=128,
-                                              held_out_fraction=0))
+    summary = train_tokenizer(
+        TokenizerConfig(source=source, out=str(tmp_path / "tok"), kind="char", vocab_size=128, held_out_fraction=0)
+    )
     from llmkit.tokenizer import SPECIAL_TOKENS
 
     assert summary["vocab_size"] - len(SPECIAL_TOKENS) == 65
-    manifest = prepare_data(PrepareConfig(source=source, tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "data"),
-                                          val_fraction=0.1, split="tail", workers=1))
+    manifest = prepare_data(
+        PrepareConfig(
+            source=source,
+            tokenizer=str(tmp_path / "tok"),
+            out=str(tmp_path / "data"),
+            val_fraction=0.1,
+            split="tail",
+            workers=1,
+        )
+    )
     # +1: the end-of-text token after each part
     assert manifest["splits"]["train"]["tokens"] == 1_003_854 + 1
     assert manifest["splits"]["val"]["tokens"] == 111_540 + 1

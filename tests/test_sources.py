@@ -105,7 +105,10 @@ def test_comma_separated_sources_keep_their_names(tmp_path):
     first = write(tmp_path / "one.txt", "one")
     second = write(tmp_path / "two.jsonl", json.dumps({"text": "two"}) + "\n")
     documents = list(iter_documents(f"{first}, {second}"))
-    assert [(d.source, d.id, d.text) for d in documents] == [(str(first), "one.txt", "one"), (str(second), "two.jsonl:1", "two")]
+    assert [(d.source, d.id, d.text) for d in documents] == [
+        (str(first), "one.txt", "one"),
+        (str(second), "two.jsonl:1", "two"),
+    ]
 
 
 def test_max_bytes_cuts_at_a_character_boundary(tmp_path):
@@ -126,7 +129,11 @@ def test_stdlib_source_reads_the_installed_standard_library():
     found = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = [name for name in subfolders if name not in skipped and not name.startswith(".")]
-        found += [Path(folder, name).relative_to(root) for name in files if name.endswith(STDLIB_SUFFIXES) and not name.startswith(".")]
+        found += [
+            Path(folder, name).relative_to(root)
+            for name in files
+            if name.endswith(STDLIB_SUFFIXES) and not name.startswith(".")
+        ]
     expected = sorted(found, key=lambda relative: (relative.parts[:-1], relative.name))
     assert len(documents) > 3
     assert sum(len(d.text.encode()) for d in documents) <= 300_000

@@ -21,8 +21,20 @@ def test_speedrun_writes_a_complete_report(tmp_path, monkeypatch):
     corpus.mkdir()
     for index in range(12):
         (corpus / f"module_{index}.py").write_text(f"def f{index}(x):\n    return x + {index}\n" * 60)
-    config = SpeedrunConfig(out=str(tmp_path / "run"), source=str(corpus), vocab_size=300, val_fraction=0.25, preset="cpu-tiny", max_steps=4,
-                            max_time="2m", batch_size=2, eval_interval=2, samples=2, progress=False, dtype="float32")
+    config = SpeedrunConfig(
+        out=str(tmp_path / "run"),
+        source=str(corpus),
+        vocab_size=300,
+        val_fraction=0.25,
+        preset="cpu-tiny",
+        max_steps=4,
+        max_time="2m",
+        batch_size=2,
+        eval_interval=2,
+        samples=2,
+        progress=False,
+        dtype="float32",
+    )
     summary = speedrun(config)
     report = json.loads((tmp_path / "run/report.json").read_text())
     assert list(report["stages"]) == ["tokenizer", "data", "pretrain", "samples", "posttrain", "speedrun"]
@@ -36,7 +48,12 @@ def test_speedrun_writes_a_complete_report(tmp_path, monkeypatch):
     assert "| val_bpb |" in markdown and "![pretrain](base/loss.png)" in markdown
     # the data stage is the pipeline: every 5-gram of a module holds its own number, so none is a near-duplicate
     data = report["stages"]["data"]["metrics"]
-    assert data["documents_read"] == data["documents_kept"] == 12 == summary["data"]["train_documents"] + summary["data"]["val_documents"]
+    assert (
+        data["documents_read"]
+        == data["documents_kept"]
+        == 12
+        == summary["data"]["train_documents"] + summary["data"]["val_documents"]
+    )
     assert "| minhash_dedup | 12 | 0 |" in markdown and "![data](data/data_steps.png)" in markdown
     assert (tmp_path / "run/base/loss.png").is_file()
 

@@ -38,7 +38,9 @@ def test_problems_are_a_pure_function_of_the_seed(problems):
 
 
 def test_train_and_heldout_never_share_a_problem(problems):
-    heldout = arithmetic.generate_problems(100, seed=0, split="heldout") + arithmetic.generate_problems(100, seed=7, split="heldout")
+    heldout = arithmetic.generate_problems(100, seed=0, split="heldout") + arithmetic.generate_problems(
+        100, seed=7, split="heldout"
+    )
     assert not {problem.question for problem in problems} & {problem.question for problem in heldout}
     assert all(arithmetic.split_of(problem.question) == "heldout" for problem in heldout)
     with pytest.raises(ConfigError, match="split"):
@@ -56,7 +58,9 @@ def test_every_calculator_call_evaluates_to_the_injected_result(problems):
         assert [toolbox.run(tool_call_payload(call)) for call in calls] == results
         assert results[-1] == str(problem.answer) and messages[-1]["content"].endswith(f"#### {problem.answer}")
         # Every number the solution starts from is stated in the question.
-        literals = [str(operand) for step in problem.steps for operand in (step.left, step.right) if isinstance(operand, int)]
+        literals = [
+            str(operand) for step in problem.steps for operand in (step.left, step.right) if isinstance(operand, int)
+        ]
         assert all(re.search(rf"(?<![\d]){literal}(?![\d])", problem.question) for literal in literals)
 
 
@@ -97,14 +101,22 @@ def test_gsm8k_records_read_back_through_the_eval_loader_with_checkable_calculat
 
 NAIVE_SOLVERS = {
     # Independent re-solutions from the question text alone.
-    "shopping": (r"buys (\d+) \w+ at \$(\d+) each and (\d+) \w+ at \$(\d+) each\. \w+ pays with a \$(\d+) bill",
-                 lambda a, p, b, q, bill: bill - (a * p + b * q)),
-    "sharing": (r"bakes (\d+) trays of (\d+) \w+\. \w+ keeps (\d+) \w+ and shares the rest equally among (\d+) friends",
-                lambda trays, per, kept, friends: Fraction(trays * per - kept, friends)),
-    "garden": (r"is (\d+) meters long and (\d+) meters wide\. A path covers (\d+) square meters of it, and the rest is planted with (\d+) flowers",
-               lambda length, width, path, density: (length * width - path) * density),
-    "tickets": (r"(\d+) rows of (\d+) seats, and (\d+) seats are already sold\. The remaining seats cost \$(\d+)",
-                lambda rows, seats, taken, price: (rows * seats - taken) * price),
+    "shopping": (
+        r"buys (\d+) \w+ at \$(\d+) each and (\d+) \w+ at \$(\d+) each\. \w+ pays with a \$(\d+) bill",
+        lambda a, p, b, q, bill: bill - (a * p + b * q),
+    ),
+    "sharing": (
+        r"bakes (\d+) trays of (\d+) \w+\. \w+ keeps (\d+) \w+ and shares the rest equally among (\d+) friends",
+        lambda trays, per, kept, friends: Fraction(trays * per - kept, friends),
+    ),
+    "garden": (
+        r"is (\d+) meters long and (\d+) meters wide\. A path covers (\d+) square meters of it, and the rest is planted with (\d+) flowers",
+        lambda length, width, path, density: (length * width - path) * density,
+    ),
+    "tickets": (
+        r"(\d+) rows of (\d+) seats, and (\d+) seats are already sold\. The remaining seats cost \$(\d+)",
+        lambda rows, seats, taken, price: (rows * seats - taken) * price,
+    ),
 }
 
 
@@ -122,7 +134,10 @@ def test_answers_match_naive_solvers_of_the_question_text(problems):
 def test_check_answer_reads_only_the_final_marked_number(problems):
     problem = problems[0]
     answer = problem.answer
-    for messages in (arithmetic.solution_messages(problem.steps), arithmetic.solution_messages(problem.steps, with_tools=False)):
+    for messages in (
+        arithmetic.solution_messages(problem.steps),
+        arithmetic.solution_messages(problem.steps, with_tools=False),
+    ):
         assert arithmetic.check_answer(problem, completion_text(messages))
     assert arithmetic.check_answer(problem, f"#### {answer + 1} wait, no.\n#### ${answer:,}")
     assert arithmetic.check_answer(problem, f"####{answer}.0")
@@ -140,7 +155,9 @@ def test_preference_pairs_put_a_correct_solution_against_a_plausible_wrong_one(p
         assert arithmetic.check_answer(problem, completion_text(pair.chosen_messages))
         assert not arithmetic.check_answer(problem, completion_text(pair.rejected_messages))
         # The wrong solution is wrong in its reasoning, not in its arithmetic.
-        calls = [call["custom"]["input"] for message in pair.rejected_messages for call in message.get("tool_calls", [])]
+        calls = [
+            call["custom"]["input"] for message in pair.rejected_messages for call in message.get("tool_calls", [])
+        ]
         results = [message["content"] for message in pair.rejected_messages if message["role"] == "tool"]
         assert [calculate(call) for call in calls] == results
     kinds = {kind for problem in problems for kind, _ in arithmetic.corruptions(problem.steps)}
@@ -150,8 +167,12 @@ def test_preference_pairs_put_a_correct_solution_against_a_plausible_wrong_one(p
 def test_corruptions_of_a_hand_made_problem():
     # 3 pens at $4 (12) plus 5 pads at $2 (10): total 22; change from 50 is 28.
     P = arithmetic.Previous
-    steps = (arithmetic.Step("Pens", "*", 3, 4), arithmetic.Step("Pads", "*", 5, 2),
-             arithmetic.Step("Total", "+", P(0), P(1)), arithmetic.Step("Change", "-", 50, P(2)))
+    steps = (
+        arithmetic.Step("Pens", "*", 3, 4),
+        arithmetic.Step("Pads", "*", 5, 2),
+        arithmetic.Step("Total", "+", P(0), P(1)),
+        arithmetic.Step("Change", "-", 50, P(2)),
+    )
     assert arithmetic.expressions(steps) == ["3*4", "5*2", "12+10", "50-22"]
     wrong = {(kind, tuple(arithmetic.expressions(variant))) for kind, variant in arithmetic.corruptions(steps)}
     assert ("dropped_step", ("5*2", "3+10", "50-13")) in wrong  # forgot to multiply the pens by their price
@@ -164,7 +185,9 @@ def test_corruptions_of_a_hand_made_problem():
 # ---------------------------------------------------------------------------------- functions
 @pytest.fixture(scope="module")
 def function_tasks():
-    return functions.function_tasks("train", modules=("html", "string", "email.quoprimime")) + functions.function_tasks("heldout", modules=("textwrap",))
+    return functions.function_tasks("train", modules=("html", "string", "email.quoprimime")) + functions.function_tasks(
+        "heldout", modules=("textwrap",)
+    )
 
 
 def test_mining_keeps_small_documented_pure_functions():
@@ -221,17 +244,19 @@ def test_splits_are_by_module(function_tasks):
 def test_checker_accepts_the_reference_and_a_different_correct_body_and_rejects_the_rest(function_tasks):
     escape = next(task for task in function_tasks if (task.module, task.name) == ("html", "escape"))
     assert all(functions.check_solution(task, task.reference).passed for task in function_tasks)
-    rewritten = '''Here it is:
+    rewritten = """Here it is:
 ```python
 def escape(s, quote=True):
     table = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
     if quote:
         table.update({'"': "&quot;", "'": "&#x27;"})
     return "".join(table.get(character, character) for character in s)
-```'''
+```"""
     identity = "def escape(s, quote=True):\n    return s"
     hangs = "def escape(s, quote=True):\n    while True:\n        pass"
-    results = functions.check_solutions(escape, [rewritten, identity, hangs, "def escape(s):\n    return s", "def escape(s, quote=True) return s"])
+    results = functions.check_solutions(
+        escape, [rewritten, identity, hangs, "def escape(s):\n    return s", "def escape(s, quote=True) return s"]
+    )
     assert [result.passed for result in results] == [True, False, False, False, False]
     assert results[1].examples_passed < results[1].examples_total and results[2].examples_passed == 0
     assert (results[3].parsed, results[3].signature_matches) == (True, False)
@@ -266,7 +291,9 @@ def test_function_preference_pairs_are_correct_versus_rejected_by_the_checker(fu
 
 # ---------------------------------------------------------------------------------- datasets
 def write(path, rows, jsonl=True):
-    path.write_text("\n".join(json.dumps(row) for row in rows) if jsonl else json.dumps(rows, indent=2), encoding="utf-8")
+    path.write_text(
+        "\n".join(json.dumps(row) for row in rows) if jsonl else json.dumps(rows, indent=2), encoding="utf-8"
+    )
     return path
 
 
@@ -274,13 +301,24 @@ def test_every_conversation_format_becomes_messages(tmp_path):
     call = {"name": "search", "arguments": {"query": "fox"}}
     rows = [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-        {"conversations": [{"from": "human", "value": "find"}, {"from": "function_call", "value": json.dumps(call)},
-                           {"from": "observation", "value": "a fox"}, {"from": "gpt", "value": "Found."}], "system": "Be kind."},
+        {
+            "conversations": [
+                {"from": "human", "value": "find"},
+                {"from": "function_call", "value": json.dumps(call)},
+                {"from": "observation", "value": "a fox"},
+                {"from": "gpt", "value": "Found."},
+            ],
+            "system": "Be kind.",
+        },
         {"prompt": "2+2?", "completion": "4"},
         {"prompt": [{"role": "user", "content": "2+3?"}], "completion": [{"role": "assistant", "content": "5"}]},
         {"instruction": "Add.", "input": "2 and 2", "output": "4"},
         {"instruction": "Greet.", "input": "", "output": "Hello!"},
-        {"name": "adding", "instruction": "Add the numbers.", "instances": [{"input": "1 2", "output": "3"}, {"input": "", "output": "0"}]},
+        {
+            "name": "adding",
+            "instruction": "Add the numbers.",
+            "instances": [{"input": "1 2", "output": "3"}, {"input": "", "output": "0"}],
+        },
     ]
     conversations = load_conversations(write(tmp_path / "data.jsonl", rows))
     texts = [render_text(conversation.messages) for conversation in conversations]
@@ -301,33 +339,55 @@ def test_every_conversation_format_becomes_messages(tmp_path):
 
 
 def test_instances_follow_the_super_natural_instructions_layout():
-    conversation = build_instance("Reverse the word.", "abc", "cba", demonstrations=[("dog", "god"), ("on", "no")], task="reverse")
-    assert conversation.messages[0]["content"] == ("Definition: Reverse the word.\n\nExample 1:\nInput: dog\nOutput: god\n\n"
-                                                   "Example 2:\nInput: on\nOutput: no\n\nNow complete the following example:\nInput: abc")
+    conversation = build_instance(
+        "Reverse the word.", "abc", "cba", demonstrations=[("dog", "god"), ("on", "no")], task="reverse"
+    )
+    assert conversation.messages[0]["content"] == (
+        "Definition: Reverse the word.\n\nExample 1:\nInput: dog\nOutput: god\n\n"
+        "Example 2:\nInput: on\nOutput: no\n\nNow complete the following example:\nInput: abc"
+    )
     assert conversation.messages[1] == {"role": "assistant", "content": "cba"} and conversation.task == "reverse"
 
 
 def test_every_preference_format_becomes_pairs(tmp_path):
-    user, good, bad = {"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}, {"role": "assistant", "content": "bad"}
+    user, good, bad = (
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "good"},
+        {"role": "assistant", "content": "bad"},
+    )
     rows = [
         {"prompt": "q", "chosen": "good", "rejected": "bad"},
         {"prompt": [user], "chosen": [good], "rejected": [bad]},
         {"chosen": [user, good], "rejected": [user, bad]},
         {"chosen": "\n\nHuman: q\n\nAssistant: good", "rejected": "\n\nHuman: q\n\nAssistant: bad"},
-        {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}},
+        {
+            "conversations": [{"from": "human", "value": "q"}],
+            "chosen": {"from": "gpt", "value": "good"},
+            "rejected": {"from": "gpt", "value": "bad"},
+        },
     ]
     rows_read = load_preferences(write(tmp_path / "pairs.jsonl", rows))
-    assert all((row.prompt_messages, row.chosen_messages, row.rejected_messages) == ([user], [good], [bad]) for row in rows_read)
-    ranking, = load_preferences(write(tmp_path / "ranked.jsonl", [{"prompt": "q", "responses": ["best", "middle", "worst"]}]))
+    assert all(
+        (row.prompt_messages, row.chosen_messages, row.rejected_messages) == ([user], [good], [bad])
+        for row in rows_read
+    )
+    (ranking,) = load_preferences(
+        write(tmp_path / "ranked.jsonl", [{"prompt": "q", "responses": ["best", "middle", "worst"]}])
+    )
     assert [(pair.chosen_messages[0]["content"], pair.rejected_messages[0]["content"]) for pair in ranking.pairs()] == [
-        ("best", "middle"), ("best", "worst"), ("middle", "worst")]
+        ("best", "middle"),
+        ("best", "worst"),
+        ("middle", "worst"),
+    ]
 
 
 def test_implicit_prompt_ends_where_the_assistant_answers():
     user, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
     follow_up = {"role": "user", "content": "and?"}
     # They first differ at a user turn: the shared assistant answer moves into both continuations.
-    prompt, chosen, rejected = extract_prompt([user, answer, follow_up], [user, answer, {"role": "user", "content": "but?"}])
+    prompt, chosen, rejected = extract_prompt(
+        [user, answer, follow_up], [user, answer, {"role": "user", "content": "but?"}]
+    )
     assert (prompt, chosen[0], rejected[0]) == ([user], answer, answer)
     with pytest.raises(InputError, match="same conversation"):
         extract_prompt([user, answer], [user, answer])
@@ -345,7 +405,12 @@ def test_bad_files_name_the_file_and_line(tmp_path):
     with pytest.raises(InputError, match=r"pairs\.jsonl:1: .*responses"):
         load_preferences(write(tmp_path / "pairs.jsonl", [{"prompt": "q", "responses": ["only one"]}]))
     with pytest.raises(InputError, match=r"calls\.jsonl:1: conversations\[1\]: a function_call value must be JSON"):
-        load_conversations(write(tmp_path / "calls.jsonl", [{"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "f(x)"}]}]))
+        load_conversations(
+            write(
+                tmp_path / "calls.jsonl",
+                [{"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "f(x)"}]}],
+            )
+        )
     with pytest.raises(InputError, match="file not found"):
         load_conversations(tmp_path / "missing.jsonl")
 
@@ -353,21 +418,31 @@ def test_bad_files_name_the_file_and_line(tmp_path):
 def test_shared_datasets_load(shared_data):
     alpaca = load_conversations(shared_data / "alpaca/alpaca_200.json")
     assert len(alpaca) == 200
-    assert render_text(alpaca[0].messages) == ("<|endoftext|><|user|>Give three tips for staying healthy.<|end|><|assistant|>1.Eat a balanced "
-                                               "diet and make sure to include plenty of fruits and vegetables. \n2. Exercise regularly to keep "
-                                               "your body active and strong. \n3. Get enough sleep and maintain a consistent sleep schedule.<|end|>")
+    assert render_text(alpaca[0].messages) == (
+        "<|endoftext|><|user|>Give three tips for staying healthy.<|end|><|assistant|>1.Eat a balanced "
+        "diet and make sure to include plenty of fruits and vegetables. \n2. Exercise regularly to keep "
+        "your body active and strong. \n3. Get enough sleep and maintain a consistent sleep schedule.<|end|>"
+    )
     assert len(load_conversations(shared_data / "llamafactory_demo/alpaca_en_demo.json")) == 999
     seed_tasks = load_conversations(shared_data / "alpaca/seed_tasks.jsonl")
     assert len(seed_tasks) == 175 and all(conversation.task for conversation in seed_tasks)  # one instance per task
     tool_dialogues = load_conversations(shared_data / "llamafactory_demo/glaive_toolcall_en_demo.json")
     assert len(tool_dialogues) == 300
-    assert sum(len(message.get("tool_calls") or []) for conversation in tool_dialogues for message in conversation.messages) == 211
+    assert (
+        sum(
+            len(message.get("tool_calls") or []) for conversation in tool_dialogues for message in conversation.messages
+        )
+        == 211
+    )
     dpo = load_preferences(shared_data / "llamafactory_demo/dpo_en_demo.json")
     assert len(dpo) == 300 and all(row.chosen_messages[0]["role"] == "assistant" for row in dpo)
     hh = load_preferences(shared_data / "hh_rlhf/harmless-base/test.jsonl.gz")
     assert len(hh) == 2312
-    assert all(row.prompt_messages[-1]["role"] == "user" and row.chosen_messages[0]["role"] == row.rejected_messages[0]["role"] == "assistant"
-               for row in hh)
+    assert all(
+        row.prompt_messages[-1]["role"] == "user"
+        and row.chosen_messages[0]["role"] == row.rejected_messages[0]["role"] == "assistant"
+        for row in hh
+    )
     assert sum(len(row.chosen_messages) == len(row.rejected_messages) == 1 for row in hh) >= 2300
 
 

@@ -5,10 +5,10 @@ import pytest
 
 from llmkit.chat import CHAT_TEMPLATE
 from llmkit.data.sources import is_held_out, iter_documents
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError, InputError
 from llmkit.io import sha256_file
 from llmkit.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -39,7 +39,13 @@ def test_bpe_round_trip_is_lossless_on_arbitrary_unicode(bpe):
     generator = random.Random(0)
     # Every code point except surrogates (which cannot be UTF-8 encoded).
     alphabet = [chr(code) for code in range(0x110000) if not 0xD800 <= code <= 0xDFFF]
-    samples = ["", "\x00\x01\x07\x1b[0m\t\r\n", "emoji 😀👩‍👩‍👧 flags 🇫🇷", "中文 日本語 한국어", "  leading and trailing  "]
+    samples = [
+        "",
+        "\x00\x01\x07\x1b[0m\t\r\n",
+        "emoji 😀👩‍👩‍👧 flags 🇫🇷",
+        "中文 日本語 한국어",
+        "  leading and trailing  ",
+    ]
     samples += ["".join(generator.choice(alphabet) for _ in range(200)) for _ in range(20)]
     for text in samples:
         ids = tokenizer.encode(text)
@@ -58,7 +64,12 @@ def test_special_tokens_have_fixed_ids(bpe):
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["special_token_ids"] == expected
     assert config["chat_template"] == CHAT_TEMPLATE
-    assert (config["kind"], config["bos_token"], config["eos_token"], config["pad_token"]) == ("bpe", "<|endoftext|>", "<|endoftext|>", "<|pad|>")
+    assert (config["kind"], config["bos_token"], config["eos_token"], config["pad_token"]) == (
+        "bpe",
+        "<|endoftext|>",
+        "<|endoftext|>",
+        "<|pad|>",
+    )
 
 
 def test_bytes_per_token_matches_a_hand_count(bpe, corpus):
@@ -70,7 +81,9 @@ def test_bytes_per_token_matches_a_hand_count(bpe, corpus):
     assert summary["held_out_documents"] == len(held_out)
     assert summary["held_out_bytes"] == total_bytes
     assert summary["bytes_per_token"] == pytest.approx(total_bytes / total_tokens)
-    assert json.loads((out / "tokenizer_config.json").read_text())["bytes_per_token"] == pytest.approx(total_bytes / total_tokens)
+    assert json.loads((out / "tokenizer_config.json").read_text())["bytes_per_token"] == pytest.approx(
+        total_bytes / total_tokens
+    )
     all_bytes = sum(len(d.text.encode("utf-8")) for d in iter_documents(corpus))
     assert summary["training_bytes"] == all_bytes - total_bytes
     text = "naïve 😀 code"
@@ -81,7 +94,9 @@ def test_bytes_per_token_matches_a_hand_count(bpe, corpus):
 
 def test_training_is_deterministic_and_save_keeps_the_hash(bpe, corpus, tmp_path):
     summary, tokenizer, out = bpe
-    again = train_tokenizer(TokenizerConfig(source=corpus, out=str(tmp_path / "again"), vocab_size=400, held_out_fraction=0.2))
+    again = train_tokenizer(
+        TokenizerConfig(source=corpus, out=str(tmp_path / "again"), vocab_size=400, held_out_fraction=0.2)
+    )
     assert again["sha256"] == summary["sha256"] == tokenizer.sha256 == sha256_file(out / "tokenizer.json")
     tokenizer.save(tmp_path / "checkpoint")
     copy = Tokenizer.load(tmp_path / "checkpoint")
@@ -106,7 +121,15 @@ def test_char_vocabulary_is_the_set_of_training_characters(corpus, tmp_path):
 
 def test_char_vocabulary_is_capped_by_frequency(tmp_path):
     (tmp_path / "text.txt").write_text("aaaa bbb cc d", encoding="utf-8")
-    train_tokenizer(TokenizerConfig(source=str(tmp_path / "text.txt"), out=str(tmp_path / "out"), kind="char", vocab_size=len(SPECIAL_TOKENS) + 3, held_out_fraction=0.0))
+    train_tokenizer(
+        TokenizerConfig(
+            source=str(tmp_path / "text.txt"),
+            out=str(tmp_path / "out"),
+            kind="char",
+            vocab_size=len(SPECIAL_TOKENS) + 3,
+            held_out_fraction=0.0,
+        )
+    )
     vocabulary = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["vocab"]
     # Counts: a=4, ' '=3, b=3, c=2, d=1; ties broken by code point (' ' < 'b').
     assert set(vocabulary) - set(SPECIAL_TOKENS) == {"a", " ", "b"}

@@ -7,12 +7,12 @@ import pytest
 
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer.tools import (
+    MAX_ABANDONED_CALLS,
+    MAX_QUERY_TERMS,
     Tool,
     ToolBox,
     ToolCall,
     ToolCallError,
-    MAX_ABANDONED_CALLS,
-    MAX_QUERY_TERMS,
     calculator_tool,
     default_toolbox,
     find_tool_calls,
@@ -28,21 +28,32 @@ from llmkit.tokenizer import END, TOOL_CALL, TOOL_RESULT
 
 
 def test_payload_forms_parse():
-    assert parse_tool_call('{"name": "calculator", "arguments": {"expression": "1+1"}}') == ToolCall("calculator", {"expression": "1+1"})
+    assert parse_tool_call('{"name": "calculator", "arguments": {"expression": "1+1"}}') == ToolCall(
+        "calculator", {"expression": "1+1"}
+    )
     assert parse_tool_call(' {"name": "f", "arguments": "{\\"a\\": [1, 2]}"} ') == ToolCall("f", {"a": [1, 2]})
     assert parse_tool_call('{"name": "f", "parameters": {"a": 1}}') == ToolCall("f", {"a": 1})
     assert parse_tool_call('{"name": "now"}') == ToolCall("now", {})
     assert parse_tool_call("calculator((1+2)*3)") == ToolCall("calculator", "(1+2)*3")
-    assert parse_tool_call("python(for i in range(2):\n    print(i))\n") == ToolCall("python", "for i in range(2):\n    print(i)")
+    assert parse_tool_call("python(for i in range(2):\n    print(i))\n") == ToolCall(
+        "python", "for i in range(2):\n    print(i)"
+    )
     assert parse_tool_call("search()") == ToolCall("search", "")
 
 
 @pytest.mark.parametrize(
     "payload, message",
-    [("", "expected"), ("just words", "expected"), ("calc(1", "expected"), ("two words(1)", "expected"),
-     ('{"name": "f", "arguments": {', "not valid JSON"), ('{"arguments": {}}', 'string "name"'),
-     ('{"name": 3}', 'string "name"'), ('{"name": "f", "arguments": [1]}', "must be a JSON object, not list"),
-     ('{"name": "f", "arguments": "{oops"}', "a string but not valid JSON")],
+    [
+        ("", "expected"),
+        ("just words", "expected"),
+        ("calc(1", "expected"),
+        ("two words(1)", "expected"),
+        ('{"name": "f", "arguments": {', "not valid JSON"),
+        ('{"arguments": {}}', 'string "name"'),
+        ('{"name": 3}', 'string "name"'),
+        ('{"name": "f", "arguments": [1]}', "must be a JSON object, not list"),
+        ('{"name": "f", "arguments": "{oops"}', "a string but not valid JSON"),
+    ],
 )
 def test_malformed_payloads_are_refused(payload, message):
     with pytest.raises(ToolCallError, match=message):
@@ -123,16 +134,28 @@ def test_toolbox_runs_calls_and_turns_every_failure_into_an_error_result():
     def explode(text):
         raise RuntimeError("the tool broke")
 
-    box = ToolBox([calculator_tool(), Tool("weather", "Weather now.", WEATHER_SCHEMA, weather),
-                   Tool("explode", "Fails.", {"type": "object", "properties": {"text": {"type": "string"}}}, explode)],
-                  max_result_chars=100)
+    box = ToolBox(
+        [
+            calculator_tool(),
+            Tool("weather", "Weather now.", WEATHER_SCHEMA, weather),
+            Tool("explode", "Fails.", {"type": "object", "properties": {"text": {"type": "string"}}}, explode),
+        ],
+        max_result_chars=100,
+    )
     assert box.run("calculator(3*4+2)") == "14"
     assert box.run('{"name": "calculator", "arguments": {"expression": "48/2 + 48"}}') == "72"
-    assert box.run('{"name": "weather", "arguments": {"city": "Oslo", "unit": "celsius"}}') == '{"city": "Oslo", "temperature": 21, "days": 1}'
-    assert box.run("calculator(__import__('os'))").startswith("error: calculator failed: CalculatorError: function '__import__'")
+    assert (
+        box.run('{"name": "weather", "arguments": {"city": "Oslo", "unit": "celsius"}}')
+        == '{"city": "Oslo", "temperature": 21, "days": 1}'
+    )
+    assert box.run("calculator(__import__('os'))").startswith(
+        "error: calculator failed: CalculatorError: function '__import__'"
+    )
     assert box.run("calc(1)") == "error: unknown tool 'calc'; the tools are calculator, weather, explode"
     assert box.run("weather(Oslo)").startswith("error: weather takes structured arguments")
-    assert box.run('{"name": "weather", "arguments": {"city": "Oslo", "unit": "K"}}').startswith("error: bad arguments for weather: arguments.unit")
+    assert box.run('{"name": "weather", "arguments": {"city": "Oslo", "unit": "K"}}').startswith(
+        "error: bad arguments for weather: arguments.unit"
+    )
     assert box.run("explode(x)") == "error: explode failed: RuntimeError: the tool broke"
     assert box.run("not a call") == 'error: expected {"name": ..., "arguments": {...}} or name(text)'
 
@@ -165,7 +188,10 @@ def test_a_tool_that_hangs_times_out_quickly_and_cannot_pile_up_threads():
             assert box.run("hang(x)") == "error: hang timed out: no result within 0.2 s"
             assert time.perf_counter() - started < 1.0
         started = time.perf_counter()
-        assert box.run("hang(x)") == f"error: hang is unavailable: {MAX_ABANDONED_CALLS} earlier calls timed out and are still running"
+        assert (
+            box.run("hang(x)")
+            == f"error: hang is unavailable: {MAX_ABANDONED_CALLS} earlier calls timed out and are still running"
+        )
         assert time.perf_counter() - started < 0.1  # refused without waiting
         assert box.run("calculator(6*7)") == "42"  # the other tools are unaffected
     finally:
@@ -198,10 +224,15 @@ def test_oversized_results_and_failures_are_cut_and_odd_ones_reported():
     def leave(text):
         raise SystemExit(3)
 
-    box = ToolBox([Tool(function.__name__, "", TEXT_PARAMETER, function) for function in (shout, fail_loudly, cyclic, leave)],
-                  max_result_chars=100)
+    box = ToolBox(
+        [Tool(function.__name__, "", TEXT_PARAMETER, function) for function in (shout, fail_loudly, cyclic, leave)],
+        max_result_chars=100,
+    )
     assert box.run("shout(x)") == "a" * 100 + " ... [cut at 100 characters]"
-    assert box.run("fail_loudly(x)") == ("error: fail_loudly failed: ValueError: " + "b" * 100)[:100] + " ... [cut at 100 characters]"
+    assert (
+        box.run("fail_loudly(x)")
+        == ("error: fail_loudly failed: ValueError: " + "b" * 100)[:100] + " ... [cut at 100 characters]"
+    )
     assert box.run("cyclic(x)") == "error: cyclic failed: ValueError: Circular reference detected"
     assert box.run("leave(x)") == "error: leave failed: SystemExit: 3"
 
@@ -216,7 +247,10 @@ def test_a_failure_that_cannot_be_described_is_still_an_error_result():
     def mute(text):
         raise Indescribable()
 
-    assert ToolBox([Tool("mute", "", TEXT_PARAMETER, mute)]).run("mute(x)") == "error: mute failed, and so did describing its error"
+    assert (
+        ToolBox([Tool("mute", "", TEXT_PARAMETER, mute)]).run("mute(x)")
+        == "error: mute failed, and so did describing its error"
+    )
 
 
 def test_a_malformed_schema_is_refused_when_jsonschema_can_check_it():
@@ -230,16 +264,28 @@ def test_from_openai_round_trips_openai_schema():
     functions = {tool.name: tool.function for tool in original.tools}
     rebuilt = ToolBox.from_openai(original.openai_schema(), functions)
     assert rebuilt.openai_schema() == original.openai_schema()
-    assert rebuilt.openai_schema()[1] == {"type": "function", "function": {"name": "weather", "description": "Weather now.", "parameters": WEATHER_SCHEMA}}
-    assert rebuilt.run('{"name": "weather", "arguments": "{\\"city\\": \\"Rome\\", \\"unit\\": \\"fahrenheit\\"}"}') == '{"city": "Rome", "temperature": 70, "days": 1}'
+    assert rebuilt.openai_schema()[1] == {
+        "type": "function",
+        "function": {"name": "weather", "description": "Weather now.", "parameters": WEATHER_SCHEMA},
+    }
+    assert (
+        rebuilt.run('{"name": "weather", "arguments": "{\\"city\\": \\"Rome\\", \\"unit\\": \\"fahrenheit\\"}"}')
+        == '{"city": "Rome", "temperature": 70, "days": 1}'
+    )
 
 
 @pytest.mark.parametrize(
     "tools, message",
-    [({"type": "function"}, "expected a list"), ([{"type": "retrieval"}], r"tools\[0\]: expected"),
-     ([{"type": "function", "function": {"description": "x"}}], r"tools\[0\].function.name: missing"),
-     ([{"type": "function", "function": {"name": "nobody"}}], "no function given for tool 'nobody'"),
-     ([{"type": "function", "function": {"name": "weather", "parameters": {"type": "array"}}}], r"tools\[0\].function: .*parameters")],
+    [
+        ({"type": "function"}, "expected a list"),
+        ([{"type": "retrieval"}], r"tools\[0\]: expected"),
+        ([{"type": "function", "function": {"description": "x"}}], r"tools\[0\].function.name: missing"),
+        ([{"type": "function", "function": {"name": "nobody"}}], "no function given for tool 'nobody'"),
+        (
+            [{"type": "function", "function": {"name": "weather", "parameters": {"type": "array"}}}],
+            r"tools\[0\].function: .*parameters",
+        ),
+    ],
 )
 def test_from_openai_errors_name_the_entry(tools, message):
     with pytest.raises(InputError, match=message):
@@ -256,14 +302,25 @@ def test_python_tool_returns_output_or_the_failure():
 
 
 def test_retrieval_tool_returns_the_best_passages_in_bm25_order(tmp_path):
-    passages = ["Paris is the capital of France.", "The Nile is a river in Africa.", "France borders Spain; Paris is large.", "Cats purr."]
+    passages = [
+        "Paris is the capital of France.",
+        "The Nile is a river in Africa.",
+        "France borders Spain; Paris is large.",
+        "Cats purr.",
+    ]
     tool = retrieval_tool(passages, k=2)
-    assert tool.function(query="Paris France") == "[1] Paris is the capital of France.\n\n[2] France borders Spain; Paris is large."
+    assert (
+        tool.function(query="Paris France")
+        == "[1] Paris is the capital of France.\n\n[2] France borders Spain; Paris is large."
+    )
     assert tool.function(query="quantum chromodynamics") == "no passage matches the query"
     (tmp_path / "corpus.txt").write_text("\n\n".join(passages), encoding="utf-8")
     assert retrieval_tool(tmp_path / "corpus.txt", k=1).function(query="river") == "[1] The Nile is a river in Africa."
     long_query = " ".join(["Paris"] * (MAX_QUERY_TERMS + 1))
-    assert tool.function(query=long_query) == f"error: the query has {MAX_QUERY_TERMS + 1} words; search takes at most {MAX_QUERY_TERMS} keywords"
+    assert (
+        tool.function(query=long_query)
+        == f"error: the query has {MAX_QUERY_TERMS + 1} words; search takes at most {MAX_QUERY_TERMS} keywords"
+    )
     assert tool.function(query=" ".join(["Paris"] * MAX_QUERY_TERMS)).startswith("[1] Paris is the capital of France.")
 
 

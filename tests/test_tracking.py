@@ -9,9 +9,9 @@ import types
 
 import pytest
 import torch
+from helpers import SyntheticBatches, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import SyntheticBatches, tiny_config
 from llmkit.errors import ConfigError
 from llmkit.eval.report import log_scores
 from llmkit.model import Transformer
@@ -22,15 +22,30 @@ from llmkit.train.trainer import Trainer
 
 def train(out, max_steps, report_to, resume=False):
     torch.manual_seed(0)
-    config = TrainConfig(out=str(out), batch_size=4, lr=3e-3, warmup_steps=2, max_steps=max_steps, eval_interval=0,
-                         eval_batches=1, log_interval=1, checkpoint_interval=3, dtype="float32", progress=False, seed=3,
-                         resume=resume, report_to=report_to)
+    config = TrainConfig(
+        out=str(out),
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        max_steps=max_steps,
+        eval_interval=0,
+        eval_batches=1,
+        log_interval=1,
+        checkpoint_interval=3,
+        dtype="float32",
+        progress=False,
+        seed=3,
+        resume=resume,
+        report_to=report_to,
+    )
     return Trainer(Transformer(tiny_config()), SyntheticBatches(), config, val_batches=SyntheticBatches()).run()
 
 
 def csv_losses(out) -> dict[int, float]:
     with open(out / "metrics.csv") as file:
-        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(file) if row["loss"] and not row["event"]}
+        return {
+            int(row["step"]): float(row["loss"]) for row in csv.DictReader(file) if row["loss"] and not row["event"]
+        }
 
 
 def tensorboard_scalars(out, tag) -> dict[int, float]:
@@ -65,7 +80,9 @@ def test_tensorboard_and_mlflow_hold_the_logged_losses_and_resume_continues_them
     assert set(tensorboard_scalars(tmp_path, "lr")) == set(expected)
     client = MlflowClient((tmp_path / "mlruns").resolve().as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("llmkit").experiment_id])
-    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda metric: (metric.timestamp, metric.step))
+    history = sorted(
+        client.get_metric_history(run.info.run_id, "loss"), key=lambda metric: (metric.timestamp, metric.step)
+    )
     newest = {metric.step: metric.value for metric in history}  # MLflow keeps superseded points; the newest counts
     assert newest == pytest.approx(expected, abs=1e-5) and len(history) == 7 + 2
 

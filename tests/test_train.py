@@ -10,9 +10,9 @@ import signal
 
 import pytest
 import torch
+from helpers import SyntheticBatches, tiny_config
 from safetensors.torch import load_file
 
-from helpers import SyntheticBatches, tiny_config
 from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import load_model
@@ -23,8 +23,20 @@ from llmkit.train.trainer import Trainer, TrainingDiverged
 
 
 def train_config(out, **changes) -> TrainConfig:
-    values = dict(out=str(out), batch_size=4, lr=3e-3, warmup_steps=3, max_steps=12, eval_interval=4, eval_batches=2,
-                  log_interval=1, checkpoint_interval=4, dtype="float32", progress=False, seed=7)
+    values = dict(
+        out=str(out),
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=3,
+        max_steps=12,
+        eval_interval=4,
+        eval_batches=2,
+        log_interval=1,
+        checkpoint_interval=4,
+        dtype="float32",
+        progress=False,
+        seed=7,
+    )
     values.update(changes)
     return TrainConfig(**values)
 
@@ -32,14 +44,21 @@ def train_config(out, **changes) -> TrainConfig:
 def run(out, batches=None, loss_fn=causal_lm_loss, model_config=None, **changes) -> dict:
     torch.manual_seed(0)
     model = Transformer(model_config or tiny_config())
-    trainer = Trainer(model, batches or SyntheticBatches(), train_config(out, **changes), val_batches=SyntheticBatches(),
-                      loss_fn=loss_fn)
+    trainer = Trainer(
+        model,
+        batches or SyntheticBatches(),
+        train_config(out, **changes),
+        val_batches=SyntheticBatches(),
+        loss_fn=loss_fn,
+    )
     return trainer.run()
 
 
 def losses(out) -> dict[int, float]:
     with open(out / "metrics.csv") as file:
-        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(file) if row["loss"] and not row["event"]}
+        return {
+            int(row["step"]): float(row["loss"]) for row in csv.DictReader(file) if row["loss"] and not row["event"]
+        }
 
 
 def test_loss_falls_and_files_are_written(tmp_path):
@@ -96,12 +115,15 @@ def flip_a_byte(path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage, bad_file, reason", [
-    (lambda folder: truncate(folder / "model.safetensors"), "model.safetensors", "truncated"),
-    (lambda folder: flip_a_byte(folder / "optimizer.pt"), "optimizer.pt", "sha256 differs"),
-    (lambda folder: (folder / "manifest.json").write_bytes(b"\xff{"), "manifest.json", "utf-8"),
-    (lambda folder: (folder / "trainer_state.json").unlink(), "trainer_state.json", "missing"),
-])
+@pytest.mark.parametrize(
+    "damage, bad_file, reason",
+    [
+        (lambda folder: truncate(folder / "model.safetensors"), "model.safetensors", "truncated"),
+        (lambda folder: flip_a_byte(folder / "optimizer.pt"), "optimizer.pt", "sha256 differs"),
+        (lambda folder: (folder / "manifest.json").write_bytes(b"\xff{"), "manifest.json", "utf-8"),
+        (lambda folder: (folder / "trainer_state.json").unlink(), "trainer_state.json", "missing"),
+    ],
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, damage, bad_file, reason):
     straight, damaged = tmp_path / "straight", tmp_path / "damaged"
     run(straight)
@@ -120,12 +142,23 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
 def test_without_an_intact_checkpoint_resume_is_one_error_naming_the_newest_bad_file(tmp_path):
     run(tmp_path, max_steps=4)
     truncate(tmp_path / "checkpoints/step_00000004/model.safetensors")
-    with pytest.raises(InputError, match=r"no intact checkpoint to resume from \(.*step_00000004/model.safetensors: 100 bytes"):
+    with pytest.raises(
+        InputError, match=r"no intact checkpoint to resume from \(.*step_00000004/model.safetensors: 100 bytes"
+    ):
         run(tmp_path, max_steps=8, resume=True)
 
 
-@pytest.mark.parametrize("content", [b"../../..", b"/etc", b"checkpoints/../../..", b"checkpoints/step_4/../..",
-                                     b"checkpoints\\step_4", b"\xff\xfecheckpoints"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"../../..",
+        b"/etc",
+        b"checkpoints/../../..",
+        b"checkpoints/step_4/../..",
+        b"checkpoints\\step_4",
+        b"\xff\xfecheckpoints",
+    ],
+)
 def test_latest_must_name_a_checkpoint_folder_in_utf8(tmp_path, content):
     run(tmp_path, max_steps=4)
     (tmp_path / "latest").write_bytes(content)
@@ -135,11 +168,14 @@ def test_latest_must_name_a_checkpoint_folder_in_utf8(tmp_path, content):
         assert str(error.value).startswith(f"{tmp_path / 'latest'}: ") and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (lambda config: config["model"].update(n_layers=3), "'n_layers' = 3: unknown field"),
-    (lambda config: config["model"].update(n_head=0), "'n_head' = 0"),
-    (lambda config: config.pop("model"), "no 'model' section"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda config: config["model"].update(n_layers=3), "'n_layers' = 3: unknown field"),
+        (lambda config: config["model"].update(n_head=0), "'n_head' = 0"),
+        (lambda config: config.pop("model"), "no 'model' section"),
+    ],
+)
 def test_a_bad_config_json_is_an_error_naming_the_file_and_field(tmp_path, damage, expected):
     run(tmp_path, max_steps=4)
     path = tmp_path / "checkpoints/step_00000004/config.json"
@@ -151,10 +187,14 @@ def test_a_bad_config_json_is_an_error_naming_the_file_and_field(tmp_path, damag
     assert str(error.value).startswith(f"{path}: ") and expected in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("config.json", b"\xff\xfe{}", "cannot read"), ("config.json", b'{"model": ', "not valid JSON"),
-    ("model.safetensors", None, "not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("config.json", b"\xff\xfe{}", "cannot read"),
+        ("config.json", b'{"model": ', "not valid JSON"),
+        ("model.safetensors", None, "not a readable safetensors file"),
+    ],
+)
 def test_unreadable_checkpoint_files_are_errors_naming_them(tmp_path, name, content, expected):
     run(tmp_path, max_steps=4)
     path = tmp_path / "checkpoints/step_00000004" / name
@@ -184,12 +224,14 @@ def test_resume_refuses_a_different_model_and_overwriting(tmp_path):
 
 def spiking_loss(bad_indices):
     """Loss that is 50x too large (or NaN) on the micro-batches whose first token marks them bad."""
+
     def loss_fn(model, batch):
         loss, metrics = causal_lm_loss(model, batch)
         marker = int(batch["input_ids"][0, 0])
         if marker in bad_indices:
             return (loss * 50 if bad_indices[marker] == "spike" else loss * float("nan")), metrics
         return loss, metrics
+
     return loss_fn
 
 
@@ -263,7 +305,9 @@ def test_learning_rate_schedules_by_hand():
     peak = 1.0
     assert learning_rate(0, 0.0, peak, 10, "cosine", 0.1, 0.2) == pytest.approx(0.1)
     assert learning_rate(9, 0.0, peak, 10, "cosine", 0.1, 0.2) == pytest.approx(1.0)
-    assert learning_rate(50, 0.5, peak, 10, "cosine", 0.1, 0.2) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
+    assert learning_rate(50, 0.5, peak, 10, "cosine", 0.1, 0.2) == pytest.approx(
+        0.1 + 0.45 * (1 + math.cos(math.pi / 2))
+    )
     assert learning_rate(99, 1.0, peak, 10, "cosine", 0.1, 0.2) == pytest.approx(0.1)
     assert learning_rate(50, 0.79, peak, 10, "wsd", 0.1, 0.2) == pytest.approx(1.0)
     assert learning_rate(90, 0.9, peak, 10, "wsd", 0.1, 0.2) == pytest.approx(1.0 - 0.9 * 0.5)
@@ -278,7 +322,9 @@ def test_weight_decay_applies_to_matrices_only():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("field, value", [("lr", 0), ("batch_size", 0), ("max_time", "ten minutes"), ("min_lr_ratio", 2)])
+@pytest.mark.parametrize(
+    "field, value", [("lr", 0), ("batch_size", 0), ("max_time", "ten minutes"), ("min_lr_ratio", 2)]
+)
 def test_invalid_train_config_names_the_field(tmp_path, field, value):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         train_config(tmp_path, **{field: value})
@@ -292,7 +338,8 @@ def test_compiled_training_matches_eager(tmp_path):
 
 
 def test_a_step_the_device_cannot_hold_is_refused_before_it_starts(tmp_path, monkeypatch):
-    from llmkit.train import memory, trainer as trainer_module
+    from llmkit.train import memory
+    from llmkit.train import trainer as trainer_module
 
     model = Transformer(tiny_config())
     config = model.config

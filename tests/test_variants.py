@@ -44,12 +44,14 @@ def test_kv_cache_gives_the_same_logits_as_full_forward(variant):
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(2)
-        pieces = [model(ids[:, :7], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(7, 20)]
+        pieces = [model(ids[:, :7], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(7, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", [dict(position="alibi"), dict(position="rope", n_kv_head=2),
-                                     dict(position="learned"), dict(position="sinusoidal")])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(position="alibi"), dict(position="rope", n_kv_head=2), dict(position="learned"), dict(position="sinusoidal")],
+)
 def test_cached_rows_at_different_positions_decode_as_alone(variant):
     model = model_of(**variant)
     ids = torch.randint(0, VOCAB, (2, 9))
@@ -105,7 +107,9 @@ def shifted_logits(model: Transformer, ids: torch.Tensor, shift: int) -> torch.T
         model._positions = original
 
 
-@pytest.mark.parametrize("position, invariant", [("rope", True), ("alibi", True), ("learned", False), ("sinusoidal", False)])
+@pytest.mark.parametrize(
+    "position, invariant", [("rope", True), ("alibi", True), ("learned", False), ("sinusoidal", False)]
+)
 def test_relative_positions_ignore_a_shift_of_absolute_position(position, invariant):
     # RoPE's q.k depends on positions only through their difference (Su et al. 2021, eq. 16); ALiBi's
     # bias is a function of the distance; learned and sinusoidal embeddings are absolute.
@@ -116,9 +120,9 @@ def test_relative_positions_ignore_a_shift_of_absolute_position(position, invari
 
 
 def test_alibi_slopes_follow_the_paper():
-    assert alibi_slopes(8).tolist() == [2 ** -k for k in range(1, 9)]
+    assert alibi_slopes(8).tolist() == [2**-k for k in range(1, 9)]
     # 6 heads: the 4-head slopes 2^-2, 2^-4, 2^-6, 2^-8, then the odd 8-head slopes 2^-1, 2^-3
-    assert alibi_slopes(6).tolist() == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]
+    assert alibi_slopes(6).tolist() == [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]
 
 
 def test_sinusoidal_table_is_the_formula():
@@ -131,7 +135,9 @@ def test_sinusoidal_table_is_the_formula():
 
 def block_outputs(model: Transformer, ids: torch.Tensor) -> list[torch.Tensor]:
     outputs = []
-    handles = [block.register_forward_hook(lambda module, args, output: outputs.append(output)) for block in model.blocks]
+    handles = [
+        block.register_forward_hook(lambda module, args, output: outputs.append(output)) for block in model.blocks
+    ]
     with torch.no_grad():
         model(ids)
     for handle in handles:
@@ -168,7 +174,7 @@ def test_logit_softcap_is_cap_times_tanh_of_the_raw_logits():
 
 def test_deepnorm_scales_residual_and_initialisation():
     alpha, beta = deepnorm_constants(6)
-    assert alpha == pytest.approx(12 ** 0.25) and beta == pytest.approx(48 ** -0.25)
+    assert alpha == pytest.approx(12**0.25) and beta == pytest.approx(48**-0.25)
     config = ModelConfig(vocab_size=97, n_layer=6, n_embd=256, n_head=4, norm_placement="deepnorm", init_std=0.02)
     torch.manual_seed(0)
     model = Transformer(config)
@@ -196,7 +202,10 @@ def test_mixture_of_experts_routes_each_token_to_k_experts():
     layer = model.blocks[0].feed_forward
     tokens = torch.randn(24, 32)
     seen = []
-    handles = [expert.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0])) for expert in layer.experts]
+    handles = [
+        expert.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+        for expert in layer.experts
+    ]
     with torch.no_grad():
         output = layer(tokens)
     for handle in handles:
@@ -287,12 +296,15 @@ def test_variants_match_the_closed_form_count(variant):
     assert Transformer(config).num_parameters() == closed_form_parameters(config)
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(moe_experts=4, moe_top_k=5), "moe_top_k"),
-    (dict(moe_experts=-1), "moe_experts"),
-    (dict(logit_softcap=0.0), "logit_softcap"),
-    (dict(position="sinusoidal", n_embd=33, n_head=3), "n_embd"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(moe_experts=4, moe_top_k=5), "moe_top_k"),
+        (dict(moe_experts=-1), "moe_experts"),
+        (dict(logit_softcap=0.0), "logit_softcap"),
+        (dict(position="sinusoidal", n_embd=33, n_head=3), "n_embd"),
+    ],
+)
 def test_invalid_variant_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         tiny(**changes)

@@ -118,8 +118,11 @@ class Ranking:
 
     def pairs(self) -> list[Preference]:
         """All K(K-1)/2 (better, worse) pairs; InstructGPT trains on every pair of one ranking together."""
-        return [Preference(self.prompt_messages, better, worse)
-                for index, better in enumerate(self.responses) for worse in self.responses[index + 1:]]
+        return [
+            Preference(self.prompt_messages, better, worse)
+            for index, better in enumerate(self.responses)
+            for worse in self.responses[index + 1 :]
+        ]
 
 
 def tool_call_payload(call: dict) -> str:
@@ -158,7 +161,9 @@ def check_messages(messages, where: str = "messages") -> None:
         previous = messages[index - 1] if index else None
         opens_call = previous is not None and (previous["role"] == "tool" or previous.get("tool_calls"))
         if role == "tool" and not opens_call:
-            raise InputError(f"{place}: a tool message must follow an assistant message with tool_calls or another tool message")
+            raise InputError(
+                f"{place}: a tool message must follow an assistant message with tool_calls or another tool message"
+            )
         if previous is not None and previous["role"] == "tool" and role not in ("tool", "assistant"):
             raise InputError(f"{place}: after tool results the assistant must finish its turn, got a {role} message")
 
@@ -171,8 +176,10 @@ def _check_text(text: str, where: str) -> None:
 
 def _check_tool_call(call, where: str) -> None:
     if not isinstance(call, dict) or ("function" in call) == ("custom" in call):
-        raise InputError(f"{where}: expected {{'type': 'function', 'function': {{name, arguments}}}} "
-                         f"or {{'type': 'custom', 'custom': {{name, input}}}}, got {call!r}")
+        raise InputError(
+            f"{where}: expected {{'type': 'function', 'function': {{name, arguments}}}} "
+            f"or {{'type': 'custom', 'custom': {{name, input}}}}, got {call!r}"
+        )
     kind = "custom" if "custom" in call else "function"
     if call.get("type", kind) != kind:
         raise InputError(f"{where}: type {call.get('type')!r} does not match its '{kind}' field")
@@ -181,7 +188,9 @@ def _check_tool_call(call, where: str) -> None:
         raise InputError(f"{where}: '{kind}' needs a string 'name'")
     if kind == "custom":
         if not _TOOL_NAME.fullmatch(body["name"]) or not isinstance(body.get("input"), str):
-            raise InputError(f"{where}: a custom call needs a 'name' of 1-64 letters, digits, '_' or '-' and a string 'input'")
+            raise InputError(
+                f"{where}: a custom call needs a 'name' of 1-64 letters, digits, '_' or '-' and a string 'input'"
+            )
         _check_text(body["input"], f"{where} input")
         return
     arguments = body.get("arguments")
@@ -206,17 +215,29 @@ def _segments(messages: list[dict], add_generation_prompt: bool) -> list[tuple[s
     for index, message in enumerate(messages):
         role = message["role"]
         if role == "tool":
-            segments += [(TOOL_RESULT, True, False, index), (message["content"], False, False, index), (END, True, False, index)]
+            segments += [
+                (TOOL_RESULT, True, False, index),
+                (message["content"], False, False, index),
+                (END, True, False, index),
+            ]
             continue
         if role != "assistant":
-            segments += [(_HEADERS[role], True, False, index), (message["content"], False, False, index), (END, True, False, index)]
+            segments += [
+                (_HEADERS[role], True, False, index),
+                (message["content"], False, False, index),
+                (END, True, False, index),
+            ]
             continue
         if index == 0 or messages[index - 1]["role"] != "tool":
             segments.append((ASSISTANT, True, False, index))
         segments.append((message.get("content") or "", False, True, index))
         calls = message.get("tool_calls") or []
         for call in calls:
-            segments += [(TOOL_CALL, True, True, index), (tool_call_payload(call), False, True, index), (END, True, True, index)]
+            segments += [
+                (TOOL_CALL, True, True, index),
+                (tool_call_payload(call), False, True, index),
+                (END, True, True, index),
+            ]
         if not calls:
             segments.append((END, True, True, index))
     if add_generation_prompt and not _turn_is_open(messages):
@@ -230,8 +251,10 @@ def uses_own_template(tokenizer: Tokenizer) -> bool:
     if tokenizer.chat_template and tokenizer.chat_template != CHAT_TEMPLATE:
         return True
     if not tokenizer.llmkit_format:
-        raise InputError("the model has neither a chat template nor llmkit's chat tokens: tokenizer_config.json "
-                         "chat_template is missing")
+        raise InputError(
+            "the model has neither a chat template nor llmkit's chat tokens: tokenizer_config.json "
+            "chat_template is missing"
+        )
     return False
 
 
@@ -241,8 +264,13 @@ def render_text(messages: list[dict], add_generation_prompt: bool = False) -> st
     return "".join(text for text, _, _, _ in _segments(messages, add_generation_prompt))
 
 
-def render_ids(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
-               mask_from: int = 0, tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
+def render_ids(
+    tokenizer: Tokenizer,
+    messages: list[dict],
+    add_generation_prompt: bool = False,
+    mask_from: int = 0,
+    tools: list[dict] | None = None,
+) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation and the assistant mask (True on tokens the assistant wrote).
 
     ``add_generation_prompt`` appends the ``<|assistant|>`` header that asks the model for a reply
@@ -263,7 +291,8 @@ def render_ids(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt
     return ids, mask
 
 
-def render_completion(tokenizer: Tokenizer, prompt_messages: list[dict],
-                      completion_messages: list[dict]) -> tuple[list[int], list[bool]]:
+def render_completion(
+    tokenizer: Tokenizer, prompt_messages: list[dict], completion_messages: list[dict]
+) -> tuple[list[int], list[bool]]:
     """Ids of prompt + completion with the mask on the completion's assistant tokens only."""
     return render_ids(tokenizer, prompt_messages + completion_messages, mask_from=len(prompt_messages))

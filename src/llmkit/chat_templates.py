@@ -51,8 +51,9 @@ def _raise(message: str):
 
 @functools.lru_cache(maxsize=16)
 def _compiled(template: str) -> jinja2.Template:
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[loopcontrols, _GenerationBlock])
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationBlock]
+    )
     environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     environment.globals["raise_exception"] = _raise
     environment.globals["strftime_now"] = lambda format: datetime.datetime.now().strftime(format)
@@ -67,40 +68,58 @@ def _token(tokenizer: Tokenizer, role: str) -> str:
     return (value.get("content") if isinstance(value, dict) else value) or ""
 
 
-def render_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
-                    tools: list[dict] | None = None) -> str:
+def render_template(
+    tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
+) -> str:
     """The conversation as the model's template renders it."""
     try:
         return _compiled(tokenizer.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
-            **{role: _token(tokenizer, role) for role in ROLES})
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            **{role: _token(tokenizer, role) for role in ROLES},
+        )
     except jinja2.TemplateError as error:
         raise InputError(f"tokenizer_config.json chat_template does not render this conversation ({error})") from None
 
 
-def template_ids(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
-                 mask_from: int = 0, tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
+def template_ids(
+    tokenizer: Tokenizer,
+    messages: list[dict],
+    add_generation_prompt: bool = False,
+    mask_from: int = 0,
+    tools: list[dict] | None = None,
+) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation in the model's format, and the mask that is True on the text of
     the assistant messages from index ``mask_from`` on (module docstring)."""
     refuse_special_text(tokenizer, messages)
     text = render_template(tokenizer, messages, add_generation_prompt, tools)
-    spans = [_assistant_span(tokenizer, messages, index, text, tools)
-             for index, message in enumerate(messages) if message["role"] == "assistant" and index >= mask_from]
+    spans = [
+        _assistant_span(tokenizer, messages, index, text, tools)
+        for index, message in enumerate(messages)
+        if message["role"] == "assistant" and index >= mask_from
+    ]
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     mask = [any(start <= begin < end for start, end in spans) for begin, _ in encoding.offsets]
     return encoding.ids, mask
 
 
-def _assistant_span(tokenizer: Tokenizer, messages: list[dict], index: int, full: str,
-                    tools: list[dict] | None) -> tuple[int, int]:
+def _assistant_span(
+    tokenizer: Tokenizer, messages: list[dict], index: int, full: str, tools: list[dict] | None
+) -> tuple[int, int]:
     before = render_template(tokenizer, messages[:index], add_generation_prompt=True, tools=tools)
-    through = render_template(tokenizer, messages[:index + 1], tools=tools)
+    through = render_template(tokenizer, messages[: index + 1], tools=tools)
     if not (through.startswith(before) and full.startswith(through)):
-        raise InputError("tokenizer_config.json chat_template renders earlier turns differently as the conversation "
-                         f"grows (at message {index}), so the assistant's tokens cannot be told apart for training")
+        raise InputError(
+            "tokenizer_config.json chat_template renders earlier turns differently as the conversation "
+            f"grows (at message {index}), so the assistant's tokens cannot be told apart for training"
+        )
     # Generation stops at the end-of-turn token: what the template writes after it is never sampled.
-    ends = [through.rfind(stop, len(before)) + len(stop) for stop in map(tokenizer.decode, ([i] for i in tokenizer.stop_ids))
-            if through.rfind(stop, len(before)) >= 0]
+    ends = [
+        through.rfind(stop, len(before)) + len(stop)
+        for stop in map(tokenizer.decode, ([i] for i in tokenizer.stop_ids))
+        if through.rfind(stop, len(before)) >= 0
+    ]
     return len(before), max(ends, default=len(through))
 
 

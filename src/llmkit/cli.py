@@ -36,8 +36,9 @@ def _generate(config: GenerateCommand) -> None:
 
     from llmkit.infer import Engine
 
-    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype),
-                                    quantize=config.quantize)
+    engine = Engine.from_checkpoint(
+        config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype), quantize=config.quantize
+    )
     pieces = engine.stream(config.prompt, config.generation)
     first = next(pieces, "")  # a prompt that does not fit fails here, before anything is printed
     sys.stdout.write(config.prompt + first)
@@ -58,65 +59,137 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
     from llmkit.align.posttrain import PosttrainConfig, posttrain
     from llmkit.align.ppo import PPOConfig, ppo
     from llmkit.align.reward import RewardConfig, train_reward
+    from llmkit.align.self_improve import SelfImproveConfig, run_self_improvement
     from llmkit.align.sft import SFTConfig, sft
     from llmkit.data.pipeline import PipelineConfig, run_pipeline
     from llmkit.data.shards import PrepareConfig, prepare_data
+    from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
     from llmkit.eval.run import EvalConfig, run_eval
-    from llmkit.align.self_improve import SelfImproveConfig, run_self_improvement
     from llmkit.interop import ExportConfig, ImportConfig, export_checkpoint, import_checkpoint
     from llmkit.plan.ablate import AblateConfig, ablate, format_ablation
     from llmkit.plan.estimate import EstimateConfig, estimate, format_estimate
     from llmkit.plan.sweep import ScalingConfig, run_scaling
-    from llmkit.serve.server import ServeConfig, serve
-    from llmkit.serve.chat_repl import ChatConfig, run_chat
-    from llmkit.speedrun import SpeedrunConfig, speedrun
-    from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
     from llmkit.pretrain import PretrainConfig, pretrain
+    from llmkit.serve.chat_repl import ChatConfig, run_chat
+    from llmkit.serve.server import ServeConfig, serve
+    from llmkit.speedrun import SpeedrunConfig, speedrun
 
     return {
-        ("tokenizer", "train"): (TokenizerConfig, train_tokenizer, _print_summary, "train a BPE or character tokenizer"),
+        ("tokenizer", "train"): (
+            TokenizerConfig,
+            train_tokenizer,
+            _print_summary,
+            "train a BPE or character tokenizer",
+        ),
         ("data", "prepare"): (PrepareConfig, prepare_data, _print_summary, "tokenize a corpus into memmap shards"),
-        ("data", "run"): (PipelineConfig, run_pipeline, _print_summary,
-                          "clean, filter, de-duplicate, mask PII, decontaminate, mix and tokenize a corpus, with a data report"),
+        ("data", "run"): (
+            PipelineConfig,
+            run_pipeline,
+            _print_summary,
+            "clean, filter, de-duplicate, mask PII, decontaminate, mix and tokenize a corpus, with a data report",
+        ),
         ("pretrain",): (PretrainConfig, pretrain, _print_summary, "train a model from scratch on token shards"),
         ("generate",): (GenerateCommand, _generate, None, "complete a prompt with a checkpoint"),
-        ("sft",): (SFTConfig, sft, _print_summary,
-                   "supervised fine-tuning on conversations (files and embedded tasks), full or LoRA, packed, with task mixing"),
-        ("reward",): (RewardConfig, train_reward, _print_summary,
-                      "train a reward model (scalar head on the LM) from preference pairs or ranked responses; held-out pair accuracy"),
-        ("ppo",): (PPOConfig, ppo, _print_summary,
-                   "RLHF with PPO: engine rollouts, KL-penalised reward, value head, GAE, clipped losses"),
+        ("sft",): (
+            SFTConfig,
+            sft,
+            _print_summary,
+            "supervised fine-tuning on conversations (files and embedded tasks), full or LoRA, packed, with task mixing",
+        ),
+        ("reward",): (
+            RewardConfig,
+            train_reward,
+            _print_summary,
+            "train a reward model (scalar head on the LM) from preference pairs or ranked responses; held-out pair accuracy",
+        ),
+        ("ppo",): (
+            PPOConfig,
+            ppo,
+            _print_summary,
+            "RLHF with PPO: engine rollouts, KL-penalised reward, value head, GAE, clipped losses",
+        ),
         ("grpo",): (GRPOConfig, grpo, _print_summary, "group relative policy optimisation with verifiable rewards"),
-        ("posttrain",): (PosttrainConfig, posttrain, _print_summary,
-                         "SFT -> reward model -> GRPO/PPO -> DPO on the embedded arithmetic from a pretrained checkpoint, "
-                         "with the before/after table"),
-        ("dpo",): (DPOConfig, dpo, _print_summary, "tune a policy on preference pairs with the DPO, IPO or hinge loss against a frozen reference"),
-        ("self-improve",): (SelfImproveConfig, run_self_improvement, _print_summary,
-                            "sample chain-of-thought paths on unlabeled questions; keep the majority-voted ones as an SFT dataset"),
-        ("eval",): (EvalConfig, run_eval, _print_summary,
-                    "perplexity, multiple choice, GSM8K exact match (CoT, self-consistency, tools), code pass@k and BLEU/ROUGE, "
-                    "with a decontamination check and a report card"),
+        ("posttrain",): (
+            PosttrainConfig,
+            posttrain,
+            _print_summary,
+            "SFT -> reward model -> GRPO/PPO -> DPO on the embedded arithmetic from a pretrained checkpoint, "
+            "with the before/after table",
+        ),
+        ("dpo",): (
+            DPOConfig,
+            dpo,
+            _print_summary,
+            "tune a policy on preference pairs with the DPO, IPO or hinge loss against a frozen reference",
+        ),
+        ("self-improve",): (
+            SelfImproveConfig,
+            run_self_improvement,
+            _print_summary,
+            "sample chain-of-thought paths on unlabeled questions; keep the majority-voted ones as an SFT dataset",
+        ),
+        ("eval",): (
+            EvalConfig,
+            run_eval,
+            _print_summary,
+            "perplexity, multiple choice, GSM8K exact match (CoT, self-consistency, tools), code pass@k and BLEU/ROUGE, "
+            "with a decontamination check and a report card",
+        ),
         ("serve",): (ServeConfig, serve, None, "OpenAI-compatible HTTP API and browser chat page for a checkpoint"),
-        ("chat",): (ChatConfig, run_chat, None, "chat with a checkpoint in the terminal (/system, /reset, /save, /quit)"),
-        ("export",): (ExportConfig, export_checkpoint, _print_summary,
-                      "a checkpoint as a Hugging Face directory (--format hf) or a GGUF file for llama.cpp (--format gguf)"),
-        ("import",): (ImportConfig, import_checkpoint, _print_summary,
-                      "a local Hugging Face directory (Llama, Qwen3, GPT-2) or GGUF file (llama, qwen2, qwen3, gpt2) as an llmkit checkpoint"),
-        ("estimate",): (EstimateConfig, estimate, lambda result: print(format_estimate(result)), "parameters, memory, FLOPs and time of a model"),
-        ("ablate",): (AblateConfig, ablate, lambda result: print(format_ablation(result)),
-                      "train model variants on the same data, budget and seed; table and validation curves"),
-        ("scaling",): (ScalingConfig, run_scaling, _print_summary,
-                       "IsoFLOP sweep, Kaplan and Chinchilla fits, compute-optimal N and D, and a checked loss prediction"),
-        ("speedrun",): (SpeedrunConfig, speedrun, _print_summary, "every stage on the embedded default, with a report card"),
+        ("chat",): (
+            ChatConfig,
+            run_chat,
+            None,
+            "chat with a checkpoint in the terminal (/system, /reset, /save, /quit)",
+        ),
+        ("export",): (
+            ExportConfig,
+            export_checkpoint,
+            _print_summary,
+            "a checkpoint as a Hugging Face directory (--format hf) or a GGUF file for llama.cpp (--format gguf)",
+        ),
+        ("import",): (
+            ImportConfig,
+            import_checkpoint,
+            _print_summary,
+            "a local Hugging Face directory (Llama, Qwen3, GPT-2) or GGUF file (llama, qwen2, qwen3, gpt2) as an llmkit checkpoint",
+        ),
+        ("estimate",): (
+            EstimateConfig,
+            estimate,
+            lambda result: print(format_estimate(result)),
+            "parameters, memory, FLOPs and time of a model",
+        ),
+        ("ablate",): (
+            AblateConfig,
+            ablate,
+            lambda result: print(format_ablation(result)),
+            "train model variants on the same data, budget and seed; table and validation curves",
+        ),
+        ("scaling",): (
+            ScalingConfig,
+            run_scaling,
+            _print_summary,
+            "IsoFLOP sweep, Kaplan and Chinchilla fits, compute-optimal N and D, and a checked loss prediction",
+        ),
+        ("speedrun",): (
+            SpeedrunConfig,
+            speedrun,
+            _print_summary,
+            "every stage on the embedded default, with a report card",
+        ),
     }
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="llmkit", description="The whole life of a GPT-style language model.")
     parser.add_argument("--version", action="version", version=f"llmkit {__version__}")
-    parser.add_argument("--allow-unisolated-code", action="store_true",
-                        help="where bubblewrap is missing, run model-written code without isolation (it can read your "
-                             "files and write where you can; a warning is printed on every run)")
+    parser.add_argument(
+        "--allow-unisolated-code",
+        action="store_true",
+        help="where bubblewrap is missing, run model-written code without isolation (it can read your "
+        "files and write where you can; a warning is printed on every run)",
+    )
     groups = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = _commands()
     nested: dict[str, argparse._SubParsersAction] = {}
@@ -128,7 +201,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                 holder = groups.add_parser(words[0], help=f"{words[0]} commands")
                 nested[words[0]] = holder.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
             sub = nested[words[0]].add_parser(words[1], help=help_text, description=help_text)
-        sub.add_argument("config_file", nargs="?", metavar="YAML", help="YAML file of this command's fields (flags override it)")
+        sub.add_argument(
+            "config_file", nargs="?", metavar="YAML", help="YAML file of this command's fields (flags override it)"
+        )
         sub.add_argument("--config", metavar="YAML", help="the same YAML file, as a flag")
         add_dataclass_arguments(sub, config_class)
         sub.set_defaults(words=words)
@@ -144,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if arguments.config and arguments.config_file:
             raise LlmkitError(f"give the YAML file once (got {arguments.config_file} and --config {arguments.config})")
-        if arguments.words == ("import",) and arguments.config_file and not arguments.config_file.endswith((".yaml", ".yml")):
+        if (
+            arguments.words == ("import",)
+            and arguments.config_file
+            and not arguments.config_file.endswith((".yaml", ".yml"))
+        ):
             if hasattr(arguments, "source"):  # `llmkit import model.gguf --out DIR`: the positional is the source
                 raise LlmkitError(f"give the source once (got {arguments.config_file} and --source {arguments.source})")
             arguments.source, arguments.config_file = arguments.config_file, None

@@ -111,7 +111,10 @@ def _leaf_fields(cls, defaults=None) -> list[tuple[tuple[str, ...], dataclasses.
         default = _default_of(field) if defaults is None else getattr(defaults, field.name)
         if dataclasses.is_dataclass(annotation):
             section = default if dataclasses.is_dataclass(default) else None
-            leaves += [((field.name, *path), leaf, kind, value) for path, leaf, kind, value in _leaf_fields(annotation, section)]
+            leaves += [
+                ((field.name, *path), leaf, kind, value)
+                for path, leaf, kind, value in _leaf_fields(annotation, section)
+            ]
         else:
             leaves.append(((field.name,), field, annotation, default))
     return leaves
@@ -189,7 +192,11 @@ def build(cls, values: dict, source: str = "config", defaults=None):
     known = {field.name: field for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(unknown[0], values[unknown[0]], f"unknown field in {source} for {cls.__name__}; known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            unknown[0],
+            values[unknown[0]],
+            f"unknown field in {source} for {cls.__name__}; known: {', '.join(sorted(known))}",
+        )
     kwargs = {}
     for name, value in values.items():
         annotation = hints[name]
@@ -203,7 +210,9 @@ def build(cls, values: dict, source: str = "config", defaults=None):
             kwargs[name] = None
             continue
         try:
-            converted = _converter(annotation)(value) if isinstance(value, str) or _needs_cast(annotation, value) else value
+            converted = (
+                _converter(annotation)(value) if isinstance(value, str) or _needs_cast(annotation, value) else value
+            )
         except (TypeError, ValueError) as error:
             raise ConfigError(name, value, f"cannot read as {annotation} ({error})") from None
         base, _ = _unwrap_optional(annotation)
@@ -221,7 +230,11 @@ def _needs_cast(annotation, value) -> bool:
 def config_from_args(cls, arguments: argparse.Namespace, yaml_path: str | Path | None = None):
     """Defaults < YAML file < flags actually given."""
     values = load_yaml(yaml_path) if yaml_path else {}
-    given = {key: value for key, value in vars(arguments).items() if "." in key or key in {f.name for f in dataclasses.fields(cls)}}
+    given = {
+        key: value
+        for key, value in vars(arguments).items()
+        if "." in key or key in {f.name for f in dataclasses.fields(cls)}
+    }
     values = _merge(values, _nest(given))
     try:
         return build(cls, values, source=str(yaml_path) if yaml_path else "command line")

@@ -181,4 +181,3 @@ def read_arrays(path: str | Path, what: str, names: tuple[str, ...]) -> dict:
             return {name: arrays[name] for name in names}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise InputError(f"{path}: not a valid {what} ({error})") from None
-

@@ -19,7 +19,9 @@ def _format(value) -> str:
     return str(value)
 
 
-def add_section(directory: str | Path, stage: str, metrics: dict, text: str = "", images: list[str] | None = None) -> None:
+def add_section(
+    directory: str | Path, stage: str, metrics: dict, text: str = "", images: list[str] | None = None
+) -> None:
     """Add or replace ``stage`` in the report of ``directory`` and re-render ``report.md``."""
     directory = Path(directory)
     path = directory / "report.json"

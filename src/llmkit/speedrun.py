@@ -14,52 +14,70 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 from llmkit.align.posttrain import PosttrainConfig, posttrain
 from llmkit.config import check, parse_duration
 from llmkit.data.pipeline import PipelineConfig, run_pipeline
-from llmkit.token_data import load_manifest
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.model.checkpoint import LATEST
-from llmkit.report import add_section
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
-from llmkit.train.config import TrainConfig
 from llmkit.pretrain import ModelOverrides, PretrainConfig, pretrain
+from llmkit.report import add_section
+from llmkit.token_data import load_manifest
+from llmkit.train.config import TrainConfig
 
-DEFAULT_PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef ", "class Stack:\n    \"\"\""]
+DEFAULT_PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef ", 'class Stack:\n    """']
 FULL_PRETRAINING_SECONDS = 600.0  # the pretraining time for which post-training gets its full budgets
 
 
 @dataclass
 class SpeedrunConfig:
     out: str = field(default="runs/speedrun", metadata={"help": "folder for every stage's output and the report card"})
-    source: str = field(default="stdlib", metadata={"help": "corpus: 'stdlib' (embedded default) or a file/folder/.jsonl/.parquet"})
+    source: str = field(
+        default="stdlib", metadata={"help": "corpus: 'stdlib' (embedded default) or a file/folder/.jsonl/.parquet"}
+    )
     max_bytes: int | None = field(default=None, metadata={"help": "use at most this many bytes of the corpus"})
-    val_fraction: float = field(default=0.03, metadata={"help": "fraction of documents held out for validation (and from tokenizer training)"})
+    val_fraction: float = field(
+        default=0.03, metadata={"help": "fraction of documents held out for validation (and from tokenizer training)"}
+    )
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size"})
     preset: str = field(default="cpu-fast", metadata={"help": "model preset"})
     max_time: str = field(default="10m", metadata={"help": "pretraining wall-time budget"})
-    max_steps: int | None = field(default=None, metadata={"help": "pretraining step budget (instead of or with max_time)"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "pretraining step budget (instead of or with max_time)"}
+    )
     batch_size: int = field(default=16, metadata={"help": "sequences per step"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (of the AdamW groups under Muon)"})
-    optimizer: Literal["adamw", "muon"] = field(default="muon", metadata={"help": "adamw, or muon (hidden matrices) + AdamW (the rest)"})
+    optimizer: Literal["adamw", "muon"] = field(
+        default="muon", metadata={"help": "adamw, or muon (hidden matrices) + AdamW (the rest)"}
+    )
     muon_lr: float = field(default=0.02, metadata={"help": "Muon's peak learning rate"})
     warmup_steps: int = field(default=50, metadata={"help": "learning-rate warmup steps"})
     dtype: str = field(default="bfloat16", metadata={"help": "float32 or bfloat16"})
     eval_interval: int = field(default=100, metadata={"help": "validate every this many steps"})
     samples: int = field(default=3, metadata={"help": "sample generations in the report"})
-    posttrain: bool = field(default=True, metadata={"help": "continue with SFT -> reward model -> GRPO/PPO -> DPO on the embedded arithmetic task"})
+    posttrain: bool = field(
+        default=True,
+        metadata={"help": "continue with SFT -> reward model -> GRPO/PPO -> DPO on the embedded arithmetic task"},
+    )
     rl: Literal["grpo", "ppo"] = field(default="grpo", metadata={"help": "the post-training RL stage"})
-    posttrain_scale: float | None = field(default=None, metadata={
-        "help": "multiplies the post-training step budgets (default: pretraining max_time / 10m, at most 1)"})
+    posttrain_scale: float | None = field(
+        default=None,
+        metadata={"help": "multiplies the post-training step budgets (default: pretraining max_time / 10m, at most 1)"},
+    )
     resume: bool = field(default=False, metadata={"help": "keep finished stages and resume an interrupted one"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         check(self.samples >= 0, "samples", self.samples, "must be >= 0")
-        check(self.posttrain_scale is None or self.posttrain_scale > 0, "posttrain_scale", self.posttrain_scale, "must be positive")
+        check(
+            self.posttrain_scale is None or self.posttrain_scale > 0,
+            "posttrain_scale",
+            self.posttrain_scale,
+            "must be positive",
+        )
         try:
             parse_duration(self.max_time)
         except ValueError as error:
@@ -83,49 +101,101 @@ def speedrun(config: SpeedrunConfig) -> dict:
     if config.resume and (tokenizer_directory / "tokenizer.json").is_file():
         tokenizer_summary = {"reused": str(tokenizer_directory)}
     else:
-        tokenizer_summary = train_tokenizer(TokenizerConfig(source=config.source, out=str(tokenizer_directory),
-                                                            vocab_size=config.vocab_size, max_bytes=config.max_bytes,
-                                                            held_out_fraction=config.val_fraction))
-        add_section(out, "tokenizer", tokenizer_summary, "Byte-level BPE trained with Hugging Face `tokenizers`; "
-                    "compression measured on held-out documents.")
+        tokenizer_summary = train_tokenizer(
+            TokenizerConfig(
+                source=config.source,
+                out=str(tokenizer_directory),
+                vocab_size=config.vocab_size,
+                max_bytes=config.max_bytes,
+                held_out_fraction=config.val_fraction,
+            )
+        )
+        add_section(
+            out,
+            "tokenizer",
+            tokenizer_summary,
+            "Byte-level BPE trained with Hugging Face `tokenizers`; compression measured on held-out documents.",
+        )
     summary["tokenizer"] = tokenizer_summary
 
     data_directory = out / "data"
     if config.resume and (data_directory / "manifest.json").is_file():
         data_summary = load_manifest(data_directory)
     else:
-        sources = [{"name": Path(name).name or name, "path": name, "max_bytes": config.max_bytes} for name in config.source.split(",")]
+        sources = [
+            {"name": Path(name).name or name, "path": name, "max_bytes": config.max_bytes}
+            for name in config.source.split(",")
+        ]
         # The data pipeline's default steps (cleaning, language, Gopher and code filters, exact and
         # near-duplicate removal, PII masking) add its section, with plots, to this report card.
-        run_pipeline(PipelineConfig(sources=sources, tokenizer=str(tokenizer_directory), out=str(data_directory),
-                                    val_fraction=config.val_fraction, report=str(out)))
+        run_pipeline(
+            PipelineConfig(
+                sources=sources,
+                tokenizer=str(tokenizer_directory),
+                out=str(data_directory),
+                val_fraction=config.val_fraction,
+                report=str(out),
+            )
+        )
         data_summary = load_manifest(data_directory)
     summary["data"] = _data_metrics(data_summary)
 
     model_directory = out / "base"
-    train = TrainConfig(out=str(model_directory), batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
-                        optimizer=config.optimizer, muon_lr=config.muon_lr,
-                        max_time=config.max_time, max_steps=config.max_steps, dtype=config.dtype,
-                        eval_interval=config.eval_interval, resume=config.resume and (model_directory / LATEST).is_file(),
-                        progress=config.progress)
-    pretrain_summary = pretrain(PretrainConfig(data=str(data_directory), preset=config.preset, model=ModelOverrides(), train=train))
+    train = TrainConfig(
+        out=str(model_directory),
+        batch_size=config.batch_size,
+        lr=config.lr,
+        warmup_steps=config.warmup_steps,
+        optimizer=config.optimizer,
+        muon_lr=config.muon_lr,
+        max_time=config.max_time,
+        max_steps=config.max_steps,
+        dtype=config.dtype,
+        eval_interval=config.eval_interval,
+        resume=config.resume and (model_directory / LATEST).is_file(),
+        progress=config.progress,
+    )
+    pretrain_summary = pretrain(
+        PretrainConfig(data=str(data_directory), preset=config.preset, model=ModelOverrides(), train=train)
+    )
     pretrain_metrics = {key: value for key, value in pretrain_summary.items() if key != "model"}
-    add_section(out, "pretrain", pretrain_metrics,
-                f"Preset `{config.preset}`: {pretrain_summary['parameters']:,} parameters. Validation loss in nats/token "
-                f"and bits/byte (comparable across tokenizers).", images=["base/loss.png"])
+    add_section(
+        out,
+        "pretrain",
+        pretrain_metrics,
+        f"Preset `{config.preset}`: {pretrain_summary['parameters']:,} parameters. Validation loss in nats/token "
+        f"and bits/byte (comparable across tokenizers).",
+        images=["base/loss.png"],
+    )
     summary["pretrain"] = pretrain_metrics
 
     engine = Engine.from_checkpoint(str(model_directory))
     generation = GenerationConfig(max_new_tokens=80, temperature=0.7, top_k=50, seed=0)
-    completions = engine.generate(DEFAULT_PROMPTS[:config.samples], generation) if config.samples else []
-    samples_text = "\n\n".join(f"```python\n{prompt}{completion.text}\n```" for prompt, completion in zip(DEFAULT_PROMPTS, completions))
+    completions = engine.generate(DEFAULT_PROMPTS[: config.samples], generation) if config.samples else []
+    samples_text = "\n\n".join(
+        f"```python\n{prompt}{completion.text}\n```" for prompt, completion in zip(DEFAULT_PROMPTS, completions)
+    )
     add_section(out, "samples", {"prompts": len(completions), "temperature": 0.7, "top_k": 50}, samples_text)
     summary["samples"] = [prompt + completion.text for prompt, completion in zip(DEFAULT_PROMPTS, completions)]
 
     if config.posttrain:
-        result = posttrain(PosttrainConfig(base=str(model_directory), out=str(out), report=str(out), rl=config.rl, scale=config.scale,
-                                           dtype=config.dtype, resume=config.resume, progress=config.progress))
-        summary["posttrain"] = {"table": result["table"], "rl_gain_over_sft": result["rl_gain_over_sft"], "seconds": result["seconds"]}
+        result = posttrain(
+            PosttrainConfig(
+                base=str(model_directory),
+                out=str(out),
+                report=str(out),
+                rl=config.rl,
+                scale=config.scale,
+                dtype=config.dtype,
+                resume=config.resume,
+                progress=config.progress,
+            )
+        )
+        summary["posttrain"] = {
+            "table": result["table"],
+            "rl_gain_over_sft": result["rl_gain_over_sft"],
+            "seconds": result["seconds"],
+        }
 
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["report"] = str(out / "report.md")
@@ -135,4 +205,6 @@ def speedrun(config: SpeedrunConfig) -> dict:
 
 def _data_metrics(manifest: dict) -> dict:
     splits = manifest["splits"]
-    return {f"{split}_{key}": splits[split][key] for split in ("train", "val") for key in ("documents", "tokens", "bytes")}
+    return {
+        f"{split}_{key}": splits[split][key] for split in ("train", "val") for key in ("documents", "tokens", "bytes")
+    }

@@ -35,7 +35,9 @@ def load_manifest(directory: str | Path) -> dict:
     manifest = read_json(path)
     try:
         if manifest["format_version"] != FORMAT_VERSION:
-            raise InputError(f"{path}: format_version {manifest['format_version']} is not {FORMAT_VERSION}; prepare the data again")
+            raise InputError(
+                f"{path}: format_version {manifest['format_version']} is not {FORMAT_VERSION}; prepare the data again"
+            )
         itemsize = np.dtype(manifest["dtype"]).itemsize
         for split, statistics in manifest["splits"].items():
             for shard in statistics["shards"]:
@@ -44,7 +46,9 @@ def load_manifest(directory: str | Path) -> dict:
                     raise InputError(f"{shard_path}: shard listed in {path} is missing")
                 expected = shard["tokens"] * itemsize
                 if shard_path.stat().st_size != expected:
-                    raise InputError(f"{shard_path}: {shard_path.stat().st_size} bytes, {path} says {expected} ({shard['tokens']} tokens)")
+                    raise InputError(
+                        f"{shard_path}: {shard_path.stat().st_size} bytes, {path} says {expected} ({shard['tokens']} tokens)"
+                    )
     except (KeyError, TypeError) as error:
         raise InputError(f"{path}: malformed manifest (missing or wrong field {error})") from None
     return manifest
@@ -54,12 +58,18 @@ def open_split(directory: str | Path, split: str) -> list[np.memmap]:
     """Read-only memmaps of every shard of ``split``, in order."""
     manifest = load_manifest(directory)
     if split not in manifest["splits"]:
-        raise InputError(f"{Path(directory) / MANIFEST_FILE}: no split '{split}' (have {', '.join(manifest['splits'])})")
+        raise InputError(
+            f"{Path(directory) / MANIFEST_FILE}: no split '{split}' (have {', '.join(manifest['splits'])})"
+        )
     shards = manifest["splits"][split]["shards"]
     if not any(shard["tokens"] for shard in shards):
-        raise InputError(f"{Path(directory) / MANIFEST_FILE}: split '{split}' has no tokens (corpus too small or val_fraction 0?)")
+        raise InputError(
+            f"{Path(directory) / MANIFEST_FILE}: split '{split}' has no tokens (corpus too small or val_fraction 0?)"
+        )
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-    return [np.memmap(Path(directory) / shard["file"], dtype=dtype, mode="r", shape=(shard["tokens"],)) for shard in shards]
+    return [
+        np.memmap(Path(directory) / shard["file"], dtype=dtype, mode="r", shape=(shard["tokens"],)) for shard in shards
+    ]
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:

@@ -79,8 +79,10 @@ class Tokenizer:
             self.stop_ids: list[int] = list(dict.fromkeys([self.special_ids[END], self.eot_id, *model_ends]))
         else:
             if not model_ends:
-                raise InputError("a model without llmkit's special tokens needs an end-of-turn token, and "
-                                 f"{CONFIG_FILE} names no eos_token (or eos_token_ids) in its vocabulary")
+                raise InputError(
+                    "a model without llmkit's special tokens needs an end-of-turn token, and "
+                    f"{CONFIG_FILE} names no eos_token (or eos_token_ids) in its vocabulary"
+                )
             self.stop_ids = model_ends
             self.eot_id = model_ends[0]
             self.pad_id = self._id_of(config.get("pad_token")) or self.eot_id

@@ -57,8 +57,9 @@ class TensorBoardTracker(Tracker):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events logged past the checkpoint by the interrupted run.
-        self.writer = SummaryWriter(str(directory / "tensorboard"),
-                                    purge_step=None if resume_step is None else resume_step + 1)
+        self.writer = SummaryWriter(
+            str(directory / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
+        )
 
     def log(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():
@@ -72,8 +73,9 @@ class WandbTracker(Tracker):
     def __init__(self, directory: Path, resume_step: int | None, name: str):
         import wandb
 
-        self.run = wandb.init(mode="offline", dir=str(directory), project="llmkit", name=name,
-                              id=_run_id(directory), resume="allow")
+        self.run = wandb.init(
+            mode="offline", dir=str(directory), project="llmkit", name=name, id=_run_id(directory), resume="allow"
+        )
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -98,7 +100,9 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, value, timestamp, step) for key, value in values.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(key, value, timestamp, step) for key, value in values.items()]
+        )
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
@@ -111,7 +115,9 @@ def open_trackers(names: list[str], directory: Path, resume_step: int | None) ->
         try:
             __import__(_PACKAGES[name])
         except ImportError:
-            raise ConfigError("report_to", name, f"needs the package '{_PACKAGES[name]}' (pip install 'llmkit[{name}]')") from None
+            raise ConfigError(
+                "report_to", name, f"needs the package '{_PACKAGES[name]}' (pip install 'llmkit[{name}]')"
+            ) from None
         directory.mkdir(parents=True, exist_ok=True)
         trackers.append(_CLASSES[name](directory, resume_step, directory.name))
     return trackers

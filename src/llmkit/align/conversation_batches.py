@@ -62,8 +62,9 @@ def conversation_example(tokenizer: Tokenizer, messages: list[dict], task: str) 
     return Example(ids_array[:-1], targets, task)
 
 
-def tokenize_conversations(tokenizer: Tokenizer, conversations: list[Conversation], context_length: int,
-                           overlong: str = "truncate") -> tuple[list[Example], dict[str, int]]:
+def tokenize_conversations(
+    tokenizer: Tokenizer, conversations: list[Conversation], context_length: int, overlong: str = "truncate"
+) -> tuple[list[Example], dict[str, int]]:
     """Examples of the conversations that fit ``context_length`` input tokens, and the counts of
     conversations ``truncated`` (cut to the context; ``overlong="truncate"``) and ``dropped`` (too long
     with ``overlong="drop"``, or without an assistant token left inside the context)."""
@@ -90,7 +91,7 @@ def pack_first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[in
         length = lengths[index]
         if length > capacity:
             raise ValueError(f"item {index} of length {length} exceeds the row capacity {capacity}")
-        fits = np.flatnonzero(room[:len(rows)] >= length)
+        fits = np.flatnonzero(room[: len(rows)] >= length)
         if len(fits):
             row = int(fits[0])
         else:
@@ -123,17 +124,36 @@ class ConversationBatches:
     every conversation exactly once.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, context_length: int, pad_id: int, seed: int = 0,
-                 task_cap: int | None = None, pretraining=None, pretraining_rows: int = 0):
+    def __init__(
+        self,
+        examples: list[Example],
+        batch_size: int,
+        context_length: int,
+        pad_id: int,
+        seed: int = 0,
+        task_cap: int | None = None,
+        pretraining=None,
+        pretraining_rows: int = 0,
+    ):
         if not examples:
             raise ValueError("no conversations to make batches of")
         if not 0 <= pretraining_rows < batch_size or (pretraining_rows > 0) != (pretraining is not None):
-            raise ValueError(f"pretraining_rows={pretraining_rows} needs a pretraining source and must be below batch_size={batch_size}")
-        self.examples, self.batch_size, self.context_length, self.pad_id, self.seed = examples, batch_size, context_length, pad_id, seed
+            raise ValueError(
+                f"pretraining_rows={pretraining_rows} needs a pretraining source and must be below batch_size={batch_size}"
+            )
+        self.examples, self.batch_size, self.context_length, self.pad_id, self.seed = (
+            examples,
+            batch_size,
+            context_length,
+            pad_id,
+            seed,
+        )
         self.pretraining, self.pretraining_rows = pretraining, pretraining_rows
         self.conversation_rows = batch_size - pretraining_rows
         self.tasks = sorted({example.task for example in examples})
-        self.members = [np.array([index for index, example in enumerate(examples) if example.task == task]) for task in self.tasks]
+        self.members = [
+            np.array([index for index, example in enumerate(examples) if example.task == task]) for task in self.tasks
+        ]
         sizes = {task: len(members) for task, members in zip(self.tasks, self.members)}
         self.per_epoch = capped_sizes(sizes, task_cap)
         self.rates = mixing_rates(sizes, task_cap)
@@ -150,17 +170,24 @@ class ConversationBatches:
             size, take = len(self.members[task_index]), self.per_epoch[task]
             first, last = epoch * take, (epoch + 1) * take
             passes = range(first // size, (last - 1) // size + 1)
-            cycle = np.concatenate([np.random.default_rng((self.seed, 0, task_index, number)).permutation(self.members[task_index])
-                                    for number in passes])
+            cycle = np.concatenate(
+                [
+                    np.random.default_rng((self.seed, 0, task_index, number)).permutation(self.members[task_index])
+                    for number in passes
+                ]
+            )
             offset = passes[0] * size
-            chosen += cycle[first - offset:last - offset].tolist()
+            chosen += cycle[first - offset : last - offset].tolist()
         return chosen
 
     def _pack_epoch(self, epoch: int) -> list[list[int]]:
         """The packed rows of an epoch (lists of example indices), in a seeded random order so that
         batches do not follow the packing's long-to-short order."""
         chosen = self.epoch_examples(epoch)
-        rows = [[chosen[item] for item in row] for row in pack_first_fit_decreasing([len(self.examples[i]) for i in chosen], self.context_length)]
+        rows = [
+            [chosen[item] for item in row]
+            for row in pack_first_fit_decreasing([len(self.examples[i]) for i in chosen], self.context_length)
+        ]
         order = np.random.default_rng((self.seed, 1, epoch)).permutation(len(rows))
         return [rows[index] for index in order]
 
@@ -193,11 +220,19 @@ class ConversationBatches:
             for document, index in enumerate(members):
                 example = self.examples[index]
                 end = start + len(example)
-                input_ids[row, start:end], targets[row, start:end], document_ids[row, start:end] = example.input_ids, example.targets, document
+                input_ids[row, start:end], targets[row, start:end], document_ids[row, start:end] = (
+                    example.input_ids,
+                    example.targets,
+                    document,
+                )
                 start = end
             document_ids[row, start:] = len(members)  # the padding is a document of its own
-        return {"input_ids": torch.from_numpy(input_ids), "targets": torch.from_numpy(targets),
-                "document_ids": torch.from_numpy(document_ids), "pretraining": torch.zeros(len(rows), dtype=torch.bool)}
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "targets": torch.from_numpy(targets),
+            "document_ids": torch.from_numpy(document_ids),
+            "pretraining": torch.zeros(len(rows), dtype=torch.bool),
+        }
 
     def get_batch(self, index: int) -> dict[str, torch.Tensor]:
         rows = []
@@ -208,15 +243,18 @@ class ConversationBatches:
         if not self.pretraining_rows:
             return batch
         windows = self.pretraining.get_batch(index)
-        text = {"input_ids": windows["input_ids"], "targets": windows["targets"],
-                "document_ids": torch.zeros_like(windows["input_ids"]),  # as in pretraining: one stream
-                "pretraining": torch.ones(self.pretraining_rows, dtype=torch.bool)}
+        text = {
+            "input_ids": windows["input_ids"],
+            "targets": windows["targets"],
+            "document_ids": torch.zeros_like(windows["input_ids"]),  # as in pretraining: one stream
+            "pretraining": torch.ones(self.pretraining_rows, dtype=torch.bool),
+        }
         return {key: torch.cat([batch[key], text[key]]) for key in batch}
 
     def sequential_batch(self, index: int) -> dict[str, torch.Tensor]:
         rows = self.epoch_rows(0)
         start = (index * self.batch_size) % len(rows)
-        return self._assemble(rows[start:start + self.batch_size])
+        return self._assemble(rows[start : start + self.batch_size])
 
     def statistics(self) -> dict:
         """Rows per epoch, and the fractions of row tokens that are conversation and that are trained on."""
@@ -225,5 +263,9 @@ class ConversationBatches:
         tokens = sum(len(self.examples[index]) for index in members)
         targets = sum(int((self.examples[index].targets != IGNORE_INDEX).sum()) for index in members)
         capacity = len(rows) * self.context_length
-        return {"rows_per_epoch": len(rows), "conversations_per_epoch": len(members),
-                "packing_efficiency": round(tokens / capacity, 4), "trained_token_fraction": round(targets / capacity, 4)}
+        return {
+            "rows_per_epoch": len(rows),
+            "conversations_per_epoch": len(members),
+            "packing_efficiency": round(tokens / capacity, 4),
+            "trained_token_fraction": round(targets / capacity, 4),
+        }

@@ -42,8 +42,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmkit.align.preference import (PreferenceBatches, build_preference_batches, check_preference_config,
-                                     heldout_pair_scores, plot_metrics, sequence_logprobs, with_epochs)
+from llmkit.align.preference import (
+    PreferenceBatches,
+    build_preference_batches,
+    check_preference_config,
+    heldout_pair_scores,
+    plot_metrics,
+    sequence_logprobs,
+    with_epochs,
+)
 from llmkit.align.sft import BUILTIN_TASKS, load_base
 from llmkit.config import check
 from llmkit.errors import MismatchError
@@ -53,30 +60,56 @@ from llmkit.train.trainer import DTYPES, Trainer, resolve_device
 LOSSES = ("dpo", "ipo", "hinge")
 
 
-def log_ratio_difference(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-                         reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor) -> torch.Tensor:
+def log_ratio_difference(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+) -> torch.Tensor:
     """h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), per pair."""
     return (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
 
 
-def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, reference_chosen_logps: torch.Tensor,
-             reference_rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Per-pair −(1−ε) log σ(β h) − ε log σ(−β h) (Rafailov et al. 2023 eq. 7; ε > 0: cDPO)."""
-    scaled = beta * log_ratio_difference(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    scaled = beta * log_ratio_difference(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     return -(1 - label_smoothing) * F.logsigmoid(scaled) - label_smoothing * F.logsigmoid(-scaled)
 
 
-def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, reference_chosen_logps: torch.Tensor,
-             reference_rejected_logps: torch.Tensor, beta: float) -> torch.Tensor:
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """Per-pair (h − 1/(2β))² (Azar et al. 2023 eq. 17, β their τ)."""
-    h = log_ratio_difference(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    h = log_ratio_difference(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     return (h - 1 / (2 * beta)) ** 2
 
 
-def hinge_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, reference_chosen_logps: torch.Tensor,
-               reference_rejected_logps: torch.Tensor, beta: float) -> torch.Tensor:
+def hinge_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """Per-pair max(0, 1 − β h) (SLiC-HF's calibration loss, Zhao et al. 2023, on reference-normalised log-probs as TRL)."""
-    h = log_ratio_difference(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    h = log_ratio_difference(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     return torch.relu(1 - beta * h)
 
 
@@ -87,10 +120,15 @@ class DPOObjective:
     none, from the frozen ``reference`` model, run without gradients under the loop's autocast.
     """
 
-    def __init__(self, loss: str = "dpo", beta: float = 0.1, label_smoothing: float = 0.0, reference: nn.Module | None = None):
+    def __init__(
+        self, loss: str = "dpo", beta: float = 0.1, label_smoothing: float = 0.0, reference: nn.Module | None = None
+    ):
         self.beta, self.reference = beta, reference
-        self.loss_function = functools.partial(dpo_loss, label_smoothing=label_smoothing) if loss == "dpo" else \
-            {"ipo": ipo_loss, "hinge": hinge_loss}[loss]
+        self.loss_function = (
+            functools.partial(dpo_loss, label_smoothing=label_smoothing)
+            if loss == "dpo"
+            else {"ipo": ipo_loss, "hinge": hinge_loss}[loss]
+        )
 
     def logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(policy, reference) sequence log-probs of every row."""
@@ -115,20 +153,27 @@ class DPOObjective:
         loss = (weights * losses).sum() / weights.sum()
         rewards = self.beta * (policy - reference).detach()
         margins = rewards[chosen] - rewards[rejected]
-        metrics = {"rewards/chosen": rewards[chosen].mean(), "rewards/rejected": rewards[rejected].mean(),
-                   "rewards/accuracies": (margins > 0).float().mean(), "rewards/margins": margins.mean(),
-                   "logps/chosen": policy[chosen].detach().mean(), "logps/rejected": policy[rejected].detach().mean()}
+        metrics = {
+            "rewards/chosen": rewards[chosen].mean(),
+            "rewards/rejected": rewards[rejected].mean(),
+            "rewards/accuracies": (margins > 0).float().mean(),
+            "rewards/margins": margins.mean(),
+            "logps/chosen": policy[chosen].detach().mean(),
+            "logps/rejected": policy[rejected].detach().mean(),
+        }
         return loss, metrics
 
 
 @torch.no_grad()
-def precompute_reference_logps(reference: nn.Module, batches: PreferenceBatches, device: torch.device, dtype: torch.dtype) -> None:
+def precompute_reference_logps(
+    reference: nn.Module, batches: PreferenceBatches, device: torch.device, dtype: torch.dtype
+) -> None:
     """Store the reference's sequence log-probs in every group of ``batches`` (computed as the training
     loop computes the policy's: same function, device and autocast)."""
     was_training = reference.training
     reference.eval()
     for index in tqdm(range(batches.sequential_batches), desc="dpo: reference log-probs", unit=" batches", leave=False):
-        members = batches.groups[index * batches.batch_size:(index + 1) * batches.batch_size]
+        members = batches.groups[index * batches.batch_size : (index + 1) * batches.batch_size]
         batch = batches.assemble(members)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logps = sequence_logprobs(reference, batch["input_ids"].to(device), batch["continuation_mask"].to(device))
@@ -145,7 +190,9 @@ class DPOTrainConfig(TrainConfig):
 
     out: str = field(default="runs/dpo", metadata={"help": "run directory: checkpoints, metrics.csv, plots"})
     batch_size: int = field(default=8, metadata={"help": "prompts (with all their compared responses) per micro-batch"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate (Rafailov et al. use 1e-6 on billion-parameter models)"})
+    lr: float = field(
+        default=1e-5, metadata={"help": "peak learning rate (Rafailov et al. use 1e-6 on billion-parameter models)"}
+    )
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
     eval_interval: int = field(default=50, metadata={"help": "validate every this many steps (0 = only at the end)"})
 
@@ -154,20 +201,41 @@ class DPOTrainConfig(TrainConfig):
 class DPOConfig:
     base: str = field(default="runs/sft", metadata={"help": "checkpoint of the policy to tune (usually the SFT model)"})
     reference: str | None = field(default=None, metadata={"help": "checkpoint of the frozen reference (default: base)"})
-    datasets: list[str] = field(default_factory=lambda: ["arithmetic"], metadata={
-        "help": f"preference files (prompt/chosen/rejected, chosen/rejected, prompt/responses ranked best first) and "
-                f"embedded tasks' generated pairs ({', '.join(BUILTIN_TASKS)}; name:N for N problems)"})
-    generated_pairs: int = field(default=2000, metadata={"help": "problems generated for an embedded task named without :N"})
-    val_fraction: float = field(default=0.1, metadata={
-        "help": "held-out share: of each file's rows, or problems of an embedded task's held-out split per training problem"})
-    loss: Literal["dpo", "ipo", "hinge"] = field(default="dpo", metadata={
-        "help": "dpo: -log sigmoid(beta h) (TRL's 'sigmoid'); ipo: (h - 1/(2 beta))^2; hinge: max(0, 1 - beta h)"})
-    beta: float = field(default=0.1, metadata={"help": "strength of the implicit KL penalty to the reference (IPO: its tau)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO: assumed probability that a pair's label is flipped"})
-    precompute_reference: bool = field(default=True, metadata={
-        "help": "compute the reference log-probs once before training (else a frozen copy runs every step)"})
-    epochs: float | None = field(default=1.0, metadata={
-        "help": "passes over the prompts; with max_steps or max_time, whichever ends first"})
+    datasets: list[str] = field(
+        default_factory=lambda: ["arithmetic"],
+        metadata={
+            "help": f"preference files (prompt/chosen/rejected, chosen/rejected, prompt/responses ranked best first) and "
+            f"embedded tasks' generated pairs ({', '.join(BUILTIN_TASKS)}; name:N for N problems)"
+        },
+    )
+    generated_pairs: int = field(
+        default=2000, metadata={"help": "problems generated for an embedded task named without :N"}
+    )
+    val_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "held-out share: of each file's rows, or problems of an embedded task's held-out split per training problem"
+        },
+    )
+    loss: Literal["dpo", "ipo", "hinge"] = field(
+        default="dpo",
+        metadata={
+            "help": "dpo: -log sigmoid(beta h) (TRL's 'sigmoid'); ipo: (h - 1/(2 beta))^2; hinge: max(0, 1 - beta h)"
+        },
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "strength of the implicit KL penalty to the reference (IPO: its tau)"}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "cDPO: assumed probability that a pair's label is flipped"}
+    )
+    precompute_reference: bool = field(
+        default=True,
+        metadata={"help": "compute the reference log-probs once before training (else a frozen copy runs every step)"},
+    )
+    epochs: float | None = field(
+        default=1.0, metadata={"help": "passes over the prompts; with max_steps or max_time, whichever ends first"}
+    )
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
 
     def __post_init__(self) -> None:
@@ -175,8 +243,12 @@ class DPOConfig:
         check(self.loss in LOSSES, "loss", self.loss, f"choose one of {', '.join(LOSSES)}")
         check(self.beta > 0, "beta", self.beta, "must be positive")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
-        check(self.label_smoothing == 0 or self.loss == "dpo", "label_smoothing", self.label_smoothing,
-              "label smoothing (cDPO) is defined for the dpo loss only")
+        check(
+            self.label_smoothing == 0 or self.loss == "dpo",
+            "label_smoothing",
+            self.label_smoothing,
+            "label smoothing (cDPO) is defined for the dpo loss only",
+        )
 
 
 def dpo(config: DPOConfig) -> dict:
@@ -188,8 +260,15 @@ def dpo(config: DPOConfig) -> dict:
         reference, reference_tokenizer, reference_path = load_base(config.reference)
         if reference_tokenizer.sha256 != tokenizer.sha256:
             raise MismatchError(f"{reference_path}: the reference's tokenizer is not the policy's ({base})")
-    batches, val_batches, counts = build_preference_batches(config.datasets, config.generated_pairs, config.val_fraction,
-                                                            tokenizer, policy.config.context_length, train.batch_size, train.seed)
+    batches, val_batches, counts = build_preference_batches(
+        config.datasets,
+        config.generated_pairs,
+        config.val_fraction,
+        tokenizer,
+        policy.config.context_length,
+        train.batch_size,
+        train.seed,
+    )
     device, dtype = resolve_device(train.device), DTYPES[train.dtype]
     if config.precompute_reference:
         reference.to(device)
@@ -204,13 +283,41 @@ def dpo(config: DPOConfig) -> dict:
     objective = DPOObjective(config.loss, config.beta, config.label_smoothing, reference)
 
     policy.train()  # load_model returns evaluation mode, which would switch dropout off
-    metadata = {"stage": "dpo", "stage_config": dataclasses.asdict(config), "tokenizer_sha256": tokenizer.sha256,
-                "base": str(base.resolve()), "reference": str(Path(reference_path).resolve())}
-    trainer = Trainer(policy, batches, with_epochs(train, config.epochs, batches, val_batches), val_batches=val_batches,
-                      loss_fn=objective, tokenizer=tokenizer, metadata=metadata, tokens_per_batch=batches.tokens_per_batch)
+    metadata = {
+        "stage": "dpo",
+        "stage_config": dataclasses.asdict(config),
+        "tokenizer_sha256": tokenizer.sha256,
+        "base": str(base.resolve()),
+        "reference": str(Path(reference_path).resolve()),
+    }
+    trainer = Trainer(
+        policy,
+        batches,
+        with_epochs(train, config.epochs, batches, val_batches),
+        val_batches=val_batches,
+        loss_fn=objective,
+        tokenizer=tokenizer,
+        metadata=metadata,
+        tokens_per_batch=batches.tokens_per_batch,
+    )
     summary = trainer.run()
-    heldout = (heldout_pair_scores(trainer.model, val_batches, objective.pair_scores, trainer.device, trainer.dtype)
-               if val_batches is not None else {})
+    heldout = (
+        heldout_pair_scores(trainer.model, val_batches, objective.pair_scores, trainer.device, trainer.dtype)
+        if val_batches is not None
+        else {}
+    )
     if trainer.world.is_main:
-        plot_metrics(Path(train.out), ["rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"], f"{config.loss} preference tuning")
-    return {"base": str(base), "reference": str(reference_path), "loss": config.loss, "beta": config.beta, **counts, **heldout, **summary}
+        plot_metrics(
+            Path(train.out),
+            ["rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"],
+            f"{config.loss} preference tuning",
+        )
+    return {
+        "base": str(base),
+        "reference": str(reference_path),
+        "loss": config.loss,
+        "beta": config.beta,
+        **counts,
+        **heldout,
+        **summary,
+    }

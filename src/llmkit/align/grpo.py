@@ -48,16 +48,23 @@ __all__ = ["GRPO", "GRPOConfig", "group_advantages", "grpo", "process_advantages
 
 @dataclass
 class GRPORolloutConfig(RolloutConfig):
-    prompts_per_iteration: int = field(default=8, metadata={"help": "prompts sampled per iteration (each gets a group)"})
+    prompts_per_iteration: int = field(
+        default=8, metadata={"help": "prompts sampled per iteration (each gets a group)"}
+    )
 
 
 @dataclass
 class GRPOUpdateConfig(UpdateConfig):
     epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    minibatch_size: int = field(default=16, metadata={
-        "help": "sequences per optimizer step (split into grad_accum x processes micro-batches)"})
-    loss_aggregation: Literal["token", "sequence"] = field(default="sequence", metadata={
-        "help": "sequence: per-sequence mean, then mean (DeepSeekMath eq. 3); token: mean over all tokens (DAPO)"})
+    minibatch_size: int = field(
+        default=16, metadata={"help": "sequences per optimizer step (split into grad_accum x processes micro-batches)"}
+    )
+    loss_aggregation: Literal["token", "sequence"] = field(
+        default="sequence",
+        metadata={
+            "help": "sequence: per-sequence mean, then mean (DeepSeekMath eq. 3); token: mean over all tokens (DAPO)"
+        },
+    )
 
 
 @dataclass
@@ -68,18 +75,34 @@ class GRPOTrainConfig(RLTrainConfig):
 @dataclass
 class GRPOConfig:
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt (G)"})
-    kl_coef: float = field(default=0.04, metadata={"help": "beta of the k3 KL term to the reference in the loss (0 = none)"})
-    supervision: Literal["outcome", "process"] = field(default="outcome", metadata={
-        "help": "outcome: one reward per completion; process: one per step (tool call, answer), DeepSeekMath §4.1.3"})
-    step_discount: float = field(default=1.0, metadata={
-        "help": "process supervision: weight of the k-th later step's reward in a token's advantage is this ** k "
-                "(1: DeepSeekMath's sum; 0: the token's own step alone)"})
+    kl_coef: float = field(
+        default=0.04, metadata={"help": "beta of the k3 KL term to the reference in the loss (0 = none)"}
+    )
+    supervision: Literal["outcome", "process"] = field(
+        default="outcome",
+        metadata={
+            "help": "outcome: one reward per completion; process: one per step (tool call, answer), DeepSeekMath §4.1.3"
+        },
+    )
+    step_discount: float = field(
+        default=1.0,
+        metadata={
+            "help": "process supervision: weight of the k-th later step's reward in a token's advantage is this ** k "
+            "(1: DeepSeekMath's sum; 0: the token's own step alone)"
+        },
+    )
     scale_rewards: bool = field(default=True, metadata={"help": "divide by the group's reward std (off: Dr. GRPO)"})
     advantage_eps: float = field(default=1e-4, metadata={"help": "added to the group std before dividing"})
-    dynamic_sampling: bool = field(default=False, metadata={
-        "help": "drop groups whose rewards are all equal and sample more prompts until the batch is full (DAPO)"})
-    max_sampling_rounds: int = field(default=4, metadata={
-        "help": "dynamic sampling: at most this many rounds of prompts_per_iteration prompts per iteration"})
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "drop groups whose rewards are all equal and sample more prompts until the batch is full (DAPO)"
+        },
+    )
+    max_sampling_rounds: int = field(
+        default=4,
+        metadata={"help": "dynamic sampling: at most this many rounds of prompts_per_iteration prompts per iteration"},
+    )
     stage: RLStageConfig = field(default_factory=RLStageConfig)
     rollout: GRPORolloutConfig = field(default_factory=GRPORolloutConfig)
     update: GRPOUpdateConfig = field(default_factory=GRPOUpdateConfig)
@@ -112,8 +135,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     return centred.reshape(-1)
 
 
-def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int, scale: bool = True,
-                       eps: float = 1e-4, discount: float = 1.0) -> torch.Tensor:
+def process_advantages(
+    step_rewards: torch.Tensor,
+    step_mask: torch.Tensor,
+    group_size: int,
+    scale: bool = True,
+    eps: float = 1e-4,
+    discount: float = 1.0,
+) -> torch.Tensor:
     """Per position, the sum of the group-normalised rewards of the steps ending at or after it
     (module docstring), for ``(rows, positions)`` step tensors laid out group after group; the
     ``k``-th step after the position's own is weighted by ``discount ** k``."""
@@ -127,7 +156,9 @@ def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, grou
         normalised = normalised / (std + eps)
     normalised = normalised.view_as(step_rewards)
     advantages, later = torch.zeros_like(normalised), normalised.new_zeros(normalised.shape[0])
-    for position in range(normalised.shape[1] - 1, -1, -1):  # a step's end passes on the discounted sum of the steps after it
+    for position in range(
+        normalised.shape[1] - 1, -1, -1
+    ):  # a step's end passes on the discounted sum of the steps after it
         later = normalised[:, position] + torch.where(step_mask[:, position], discount, 1.0) * later
         advantages[:, position] = later
     return advantages
@@ -145,7 +176,7 @@ class GRPO(Algorithm):
         """Per group: whether its rewards (its step rewards, under process supervision) differ."""
         size = self.config.group_size
         values = step_rewards if self.process_supervision else [[reward] for reward in rewards]
-        groups = [sum(values[first:first + size], []) for first in range(0, len(values), size)]
+        groups = [sum(values[first : first + size], []) for first in range(0, len(values), size)]
         return [max(group) != min(group) for group in groups]
 
     def advantages(self, batches: list[RolloutBatch], total: Total = identity) -> dict[str, float]:
@@ -153,7 +184,9 @@ class GRPO(Algorithm):
         group, scale, eps = self.config.group_size, self.config.scale_rewards, self.config.advantage_eps
         for batch in batches:
             if self.process_supervision:
-                advantages = process_advantages(batch.step_rewards, batch.step_mask, group, scale, eps, self.config.step_discount)
+                advantages = process_advantages(
+                    batch.step_rewards, batch.step_mask, group, scale, eps, self.config.step_discount
+                )
                 batch.advantages = advantages * batch.action_mask
             else:
                 batch.advantages = group_advantages(batch.rewards, group, scale, eps)[:, None] * batch.action_mask

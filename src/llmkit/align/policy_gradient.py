@@ -41,19 +41,26 @@ def identity(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def masked_whiten(values: list[torch.Tensor], masks: list[torch.Tensor], eps: float = 1e-8,
-                  total: Callable[[torch.Tensor], torch.Tensor] = identity) -> list[torch.Tensor]:
+def masked_whiten(
+    values: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    eps: float = 1e-8,
+    total: Callable[[torch.Tensor], torch.Tensor] = identity,
+) -> list[torch.Tensor]:
     """``(values - mean) / std`` over the masked entries of every tensor (zero elsewhere): advantage
     normalisation at the batch level (Huang et al. 2024, "The N+ implementation details of RLHF with
     PPO"). ``total`` sums a statistic over the processes (the batch's parts on other ranks), so the
     mean and std are the whole batch's."""
+
     def masked_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
         return total(torch.stack([torch.where(mask, tensor, 0.0).sum() for tensor, mask in zip(tensors, masks)]).sum())
 
     count = total(torch.stack([mask.sum() for mask in masks]).sum()).clamp(min=1)
     mean = masked_sum(values) / count
     variance = masked_sum([(tensor - mean) ** 2 for tensor in values]) / count
-    return [torch.where(mask, (tensor - mean) * torch.rsqrt(variance + eps), 0.0) for tensor, mask in zip(values, masks)]
+    return [
+        torch.where(mask, (tensor - mean) * torch.rsqrt(variance + eps), 0.0) for tensor, mask in zip(values, masks)
+    ]
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -95,8 +102,9 @@ class PolicyOutputs:
     language_logits: torch.Tensor | None = None  # (rows, length, vocab) of the rows PPO-ptx adds
 
 
-def policy_forward(model: nn.Module, input_ids: torch.Tensor, temperature: float,
-                   value_head: nn.Module | None = None) -> PolicyOutputs:
+def policy_forward(
+    model: nn.Module, input_ids: torch.Tensor, temperature: float, value_head: nn.Module | None = None
+) -> PolicyOutputs:
     """Log-probabilities of each row's next tokens (and entropies, and values) in one forward pass.
 
     The logits are divided by the sampling temperature, so the probabilities are those of the
@@ -147,8 +155,14 @@ def value_head(config) -> nn.Linear:
     return head
 
 
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, clip: float, aggregation: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    aggregation: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
     ``max(-A r, -A clip(r, 1 - clip, 1 + clip))`` per action token with ``r = pi / pi_old``, aggregated.
 
@@ -161,6 +175,8 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
     loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation)
     with torch.no_grad():
-        metrics = {"clip_fraction": float(masked_mean((clipped > unclipped).float(), mask)),
-                   "approx_kl": float(masked_mean(kl_k3(old_logprobs, old_logprobs + log_ratio), mask))}
+        metrics = {
+            "clip_fraction": float(masked_mean((clipped > unclipped).float(), mask)),
+            "approx_kl": float(masked_mean(kl_k3(old_logprobs, old_logprobs + log_ratio), mask)),
+        }
     return loss, metrics

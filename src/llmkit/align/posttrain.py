@@ -64,19 +64,39 @@ FIGURE = "posttrain.png"
 
 @dataclass
 class PosttrainConfig:
-    base: str = field(default="runs/speedrun/base", metadata={"help": "pretrained checkpoint (run directory or checkpoint folder)"})
-    out: str = field(default="runs/posttrain", metadata={"help": "folder of every stage's run, the evaluation records and posttrain.json"})
-    report: str | None = field(default=None, metadata={"help": "folder of the report card to add the post-training section to (default: out)"})
-    plain: bool = field(default=True, metadata={"help": "also fine-tune and tune on the inline-arithmetic solutions (calculator off)"})
-    rl: Literal["grpo", "ppo"] = field(default="grpo", metadata={"help": "the RL stage between the reward model and DPO"})
-    rl_reward: Literal["verifiable", "model"] = field(default="verifiable", metadata={
-        "help": "reward of the RL stage: the exact answer checker, or the trained reward model"})
+    base: str = field(
+        default="runs/speedrun/base", metadata={"help": "pretrained checkpoint (run directory or checkpoint folder)"}
+    )
+    out: str = field(
+        default="runs/posttrain",
+        metadata={"help": "folder of every stage's run, the evaluation records and posttrain.json"},
+    )
+    report: str | None = field(
+        default=None, metadata={"help": "folder of the report card to add the post-training section to (default: out)"}
+    )
+    plain: bool = field(
+        default=True, metadata={"help": "also fine-tune and tune on the inline-arithmetic solutions (calculator off)"}
+    )
+    rl: Literal["grpo", "ppo"] = field(
+        default="grpo", metadata={"help": "the RL stage between the reward model and DPO"}
+    )
+    rl_reward: Literal["verifiable", "model"] = field(
+        default="verifiable",
+        metadata={"help": "reward of the RL stage: the exact answer checker, or the trained reward model"},
+    )
     scale: float = field(default=1.0, metadata={"help": "multiplies every stage's step and iteration budget"})
     sft_examples: int = field(default=4000, metadata={"help": "generated conversations of each solution form"})
-    sft_steps: int = field(default=1000, metadata={"help": "SFT optimizer steps (on the speedrun model 400 reach 0.23 held-out accuracy, 1000 reach 0.83-0.85)"})
+    sft_steps: int = field(
+        default=1000,
+        metadata={
+            "help": "SFT optimizer steps (on the speedrun model 400 reach 0.23 held-out accuracy, 1000 reach 0.83-0.85)"
+        },
+    )
     sft_batch_size: int = field(default=8, metadata={"help": "SFT rows (packed conversations) per step"})
     sft_lr: float = field(default=2e-3, metadata={"help": "SFT peak learning rate"})
-    reward_pairs: int = field(default=500, metadata={"help": "problems of each solution form whose generated pairs train the reward model"})
+    reward_pairs: int = field(
+        default=500, metadata={"help": "problems of each solution form whose generated pairs train the reward model"}
+    )
     reward_steps: int = field(default=60, metadata={"help": "reward-model optimizer steps"})
     reward_lr: float = field(default=1e-4, metadata={"help": "reward-model peak learning rate"})
     rl_iterations: int = field(default=12, metadata={"help": "RL iterations (rollouts, then updates)"})
@@ -84,40 +104,79 @@ class PosttrainConfig:
     group_size: int = field(default=8, metadata={"help": "GRPO: completions per prompt"})
     rl_lr: float = field(default=5e-5, metadata={"help": "RL peak learning rate"})
     rl_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the RL rollouts"})
-    rl_kl_coef: float = field(default=0.04, metadata={"help": "RL KL coefficient (GRPO's loss term, PPO's reward penalty)"})
-    rl_supervision: Literal["outcome", "process"] = field(default="outcome", metadata={
-        "help": "GRPO with the verifiable reward: one reward per answer, or one per step (calculator calls, answer)"})
-    dpo_pairs: int = field(default=200, metadata={
-        "help": "problems of each solution form whose generated pairs tune DPO (their reference log-probs are computed first)"})
+    rl_kl_coef: float = field(
+        default=0.04, metadata={"help": "RL KL coefficient (GRPO's loss term, PPO's reward penalty)"}
+    )
+    rl_supervision: Literal["outcome", "process"] = field(
+        default="outcome",
+        metadata={
+            "help": "GRPO with the verifiable reward: one reward per answer, or one per step (calculator calls, answer)"
+        },
+    )
+    dpo_pairs: int = field(
+        default=200,
+        metadata={
+            "help": "problems of each solution form whose generated pairs tune DPO (their reference log-probs are computed first)"
+        },
+    )
     dpo_steps: int = field(default=40, metadata={"help": "DPO optimizer steps"})
     dpo_lr: float = field(default=5e-5, metadata={"help": "DPO peak learning rate"})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta"})
     preference_batch_size: int = field(default=8, metadata={"help": "prompts per step of the reward model and DPO"})
     eval_problems: int = field(default=200, metadata={"help": "held-out problems of the before/after table"})
-    max_new_tokens: int = field(default=96, metadata={"help": "tokens an answer may sample (evaluation and RL rollouts)"})
-    shots: int = field(default=3, metadata={"help": "the base model's few-shot demonstrations at most (fewer when the context is short)"})
+    max_new_tokens: int = field(
+        default=96, metadata={"help": "tokens an answer may sample (evaluation and RL rollouts)"}
+    )
+    shots: int = field(
+        default=3,
+        metadata={"help": "the base model's few-shot demonstrations at most (fewer when the context is short)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of the generated data, initialisation and sampling"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    dtype: Literal["float32", "bfloat16"] = field(default="bfloat16", metadata={
-        "help": "autocast dtype of SFT, reward and DPO training (RL keeps float32: its probability ratios need the precision)"})
+    dtype: Literal["float32", "bfloat16"] = field(
+        default="bfloat16",
+        metadata={
+            "help": "autocast dtype of SFT, reward and DPO training (RL keeps float32: its probability ratios need the precision)"
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "keep finished stages and continue an interrupted one"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         check(self.scale > 0, "scale", self.scale, "must be positive")
-        for name in ("sft_examples", "sft_steps", "sft_batch_size", "reward_pairs", "reward_steps", "rl_iterations", "rl_samples",
-                     "dpo_pairs", "dpo_steps", "preference_batch_size", "eval_problems", "max_new_tokens"):
+        for name in (
+            "sft_examples",
+            "sft_steps",
+            "sft_batch_size",
+            "reward_pairs",
+            "reward_steps",
+            "rl_iterations",
+            "rl_samples",
+            "dpo_pairs",
+            "dpo_steps",
+            "preference_batch_size",
+            "eval_problems",
+            "max_new_tokens",
+        ):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
         for name in ("sft_lr", "reward_lr", "rl_lr", "rl_temperature", "dpo_beta"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
         check(self.rl_kl_coef >= 0, "rl_kl_coef", self.rl_kl_coef, "must be >= 0")
-        check(self.rl_supervision == "outcome" or (self.rl == "grpo" and self.rl_reward == "verifiable"), "rl_supervision",
-              self.rl_supervision, "process supervision needs rl=grpo and rl_reward=verifiable (the step checker)")
+        check(
+            self.rl_supervision == "outcome" or (self.rl == "grpo" and self.rl_reward == "verifiable"),
+            "rl_supervision",
+            self.rl_supervision,
+            "process supervision needs rl=grpo and rl_reward=verifiable (the step checker)",
+        )
         check(self.shots >= 0, "shots", self.shots, "must be >= 0")
         check(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "must be float32 or bfloat16")
         check(self.group_size >= 2, "group_size", self.group_size, "must be at least 2")
-        check(self.rl != "grpo" or self.rl_samples % self.group_size == 0, "rl_samples", self.rl_samples,
-              f"must be a multiple of group_size={self.group_size} (GRPO samples whole groups)")
+        check(
+            self.rl != "grpo" or self.rl_samples % self.group_size == 0,
+            "rl_samples",
+            self.rl_samples,
+            f"must be a multiple of group_size={self.group_size} (GRPO samples whole groups)",
+        )
 
     def steps(self, budget: int) -> int:
         """A stage's budget under ``scale`` (at least one step)."""
@@ -140,27 +199,66 @@ def _resume(config: PosttrainConfig, directory: Path) -> bool:
 
 def run_sft(config: PosttrainConfig, out: Path) -> dict:
     steps = config.steps(config.sft_steps)
-    train = SFTTrainConfig(out=str(out / "sft"), batch_size=config.sft_batch_size, lr=config.sft_lr, warmup_steps=_warmup(steps),
-                           max_steps=steps, eval_interval=0, checkpoint_interval=100, keep_last=1,
-                           seed=config.seed, device=config.device, dtype=config.dtype, resume=_resume(config, out / "sft"),
-                           progress=config.progress)
-    return sft(SFTConfig(base=config.base, datasets=[f"{name}:{config.sft_examples}" for name in config.datasets],
-                         epochs=None, train=train))
+    train = SFTTrainConfig(
+        out=str(out / "sft"),
+        batch_size=config.sft_batch_size,
+        lr=config.sft_lr,
+        warmup_steps=_warmup(steps),
+        max_steps=steps,
+        eval_interval=0,
+        checkpoint_interval=100,
+        keep_last=1,
+        seed=config.seed,
+        device=config.device,
+        dtype=config.dtype,
+        resume=_resume(config, out / "sft"),
+        progress=config.progress,
+    )
+    return sft(
+        SFTConfig(
+            base=config.base,
+            datasets=[f"{name}:{config.sft_examples}" for name in config.datasets],
+            epochs=None,
+            train=train,
+        )
+    )
 
 
 def _preference_train(config: PosttrainConfig, directory: Path, steps: int, lr: float) -> dict:
     """The training-loop settings shared by the reward model and DPO (short runs: a metrics row every
     few steps, one checkpoint at the end)."""
-    return dict(out=str(directory), batch_size=config.preference_batch_size, lr=lr, warmup_steps=_warmup(steps),
-                max_steps=steps, eval_interval=0, log_interval=max(1, steps // 20), checkpoint_interval=steps, keep_last=1, seed=config.seed,
-                device=config.device, dtype=config.dtype, resume=_resume(config, directory), progress=config.progress)
+    return dict(
+        out=str(directory),
+        batch_size=config.preference_batch_size,
+        lr=lr,
+        warmup_steps=_warmup(steps),
+        max_steps=steps,
+        eval_interval=0,
+        log_interval=max(1, steps // 20),
+        checkpoint_interval=steps,
+        keep_last=1,
+        seed=config.seed,
+        device=config.device,
+        dtype=config.dtype,
+        resume=_resume(config, directory),
+        progress=config.progress,
+    )
 
 
 def run_reward(config: PosttrainConfig, out: Path) -> dict:
-    train = RewardTrainConfig(**_preference_train(config, out / "reward", config.steps(config.reward_steps), config.reward_lr))
+    train = RewardTrainConfig(
+        **_preference_train(config, out / "reward", config.steps(config.reward_steps), config.reward_lr)
+    )
     # A fifth of a problem count again from the held-out split: the held-out pair accuracy of the table.
-    return train_reward(RewardConfig(base=str(out / "sft"), datasets=[f"{name}:{config.reward_pairs}" for name in config.datasets],
-                                     val_fraction=0.2, epochs=None, train=train))
+    return train_reward(
+        RewardConfig(
+            base=str(out / "sft"),
+            datasets=[f"{name}:{config.reward_pairs}" for name in config.datasets],
+            val_fraction=0.2,
+            epochs=None,
+            train=train,
+        )
+    )
 
 
 def run_rl(config: PosttrainConfig, out: Path) -> dict:
@@ -169,31 +267,71 @@ def run_rl(config: PosttrainConfig, out: Path) -> dict:
 
 def train_rl(config: PosttrainConfig, policy: Path, directory: Path, reward_model: Path) -> dict:
     """The RL stage from ``policy`` into ``directory`` (``reward_model`` is used when ``rl_reward="model"``)."""
-    stage = RLStageConfig(policy=str(policy), task="arithmetic", train_problems=config.sft_examples,
-                          reward_model=str(reward_model) if config.rl_reward == "model" else None,
-                          eval_problems=min(config.eval_problems, 64))
+    stage = RLStageConfig(
+        policy=str(policy),
+        task="arithmetic",
+        train_problems=config.sft_examples,
+        reward_model=str(reward_model) if config.rl_reward == "model" else None,
+        eval_problems=min(config.eval_problems, 64),
+    )
     rollout = dict(max_new_tokens=config.max_new_tokens, temperature=config.rl_temperature, tools="calculator")
     grpo_stage = config.rl == "grpo"
-    update = (GRPOUpdateConfig if grpo_stage else UpdateConfig)(iterations=config.steps(config.rl_iterations), minibatch_size=16,
-                                                                  epochs=1 if grpo_stage else 2)
+    update = (GRPOUpdateConfig if grpo_stage else UpdateConfig)(
+        iterations=config.steps(config.rl_iterations), minibatch_size=16, epochs=1 if grpo_stage else 2
+    )
     # A checkpoint every 5 iterations.
-    train = dict(out=str(directory), lr=config.rl_lr, checkpoint_interval=5 * steps_per_iteration(config.rl_samples, update),
-                 keep_last=1, seed=config.seed, device=config.device, resume=_resume(config, directory), progress=config.progress)
+    train = dict(
+        out=str(directory),
+        lr=config.rl_lr,
+        checkpoint_interval=5 * steps_per_iteration(config.rl_samples, update),
+        keep_last=1,
+        seed=config.seed,
+        device=config.device,
+        resume=_resume(config, directory),
+        progress=config.progress,
+    )
     if grpo_stage:
-        return grpo(GRPOConfig(group_size=config.group_size, kl_coef=config.rl_kl_coef, supervision=config.rl_supervision, stage=stage,
-                               rollout=GRPORolloutConfig(prompts_per_iteration=config.rl_samples // config.group_size, **rollout),
-                               update=update, train=GRPOTrainConfig(**train)))
-    return ppo(PPOConfig(kl_coef=config.rl_kl_coef, stage=stage, rollout=RolloutConfig(prompts_per_iteration=config.rl_samples, **rollout),
-                         update=update, train=PPOTrainConfig(**train)))
+        return grpo(
+            GRPOConfig(
+                group_size=config.group_size,
+                kl_coef=config.rl_kl_coef,
+                supervision=config.rl_supervision,
+                stage=stage,
+                rollout=GRPORolloutConfig(prompts_per_iteration=config.rl_samples // config.group_size, **rollout),
+                update=update,
+                train=GRPOTrainConfig(**train),
+            )
+        )
+    return ppo(
+        PPOConfig(
+            kl_coef=config.rl_kl_coef,
+            stage=stage,
+            rollout=RolloutConfig(prompts_per_iteration=config.rl_samples, **rollout),
+            update=update,
+            train=PPOTrainConfig(**train),
+        )
+    )
 
 
 def run_dpo(config: PosttrainConfig, out: Path) -> dict:
     train = DPOTrainConfig(**_preference_train(config, out / "dpo", config.steps(config.dpo_steps), config.dpo_lr))
-    return dpo(DPOConfig(base=str(out / config.rl), datasets=[f"{name}:{config.dpo_pairs}" for name in config.datasets],
-                         beta=config.dpo_beta, epochs=None, train=train))
+    return dpo(
+        DPOConfig(
+            base=str(out / config.rl),
+            datasets=[f"{name}:{config.dpo_pairs}" for name in config.datasets],
+            beta=config.dpo_beta,
+            epochs=None,
+            train=train,
+        )
+    )
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[PosttrainConfig, Path], dict]] = {"sft": run_sft, "reward": run_reward, "rl": run_rl, "dpo": run_dpo}
+STAGE_FUNCTIONS: dict[str, Callable[[PosttrainConfig, Path], dict]] = {
+    "sft": run_sft,
+    "reward": run_reward,
+    "rl": run_rl,
+    "dpo": run_dpo,
+}
 
 
 # ------------------------------------------------------------------------------- the chain
@@ -206,8 +344,11 @@ def _load_state(config: PosttrainConfig, out: Path) -> dict:
     state = read_json(path)
     for name, value in (("base", base), ("rl", config.rl)):
         if state[name] != value:
-            raise ConfigError(name, getattr(config, name), f"{path} was started with {name} {state[name]}; resume it with that "
-                                                           f"or choose another --out")
+            raise ConfigError(
+                name,
+                getattr(config, name),
+                f"{path} was started with {name} {state[name]}; resume it with that or choose another --out",
+            )
     return state
 
 
@@ -218,9 +359,17 @@ def _scalars(summary: dict) -> dict:
 def evaluation_settings(config: PosttrainConfig, out: Path) -> EvaluationSettings:
     """The held-out problems and decoding settings every model of the table is evaluated with."""
     base_model, tokenizer, _ = load_base(config.base)
-    problems = heldout_problems(tokenizer, config.eval_problems, config.seed, base_model.config.context_length, config.max_new_tokens)
-    return EvaluationSettings(problems, config.max_new_tokens, config.shots, config.seed, resolve_device(config.device),
-                              out / EVALUATION_DIRECTORY)
+    problems = heldout_problems(
+        tokenizer, config.eval_problems, config.seed, base_model.config.context_length, config.max_new_tokens
+    )
+    return EvaluationSettings(
+        problems,
+        config.max_new_tokens,
+        config.shots,
+        config.seed,
+        resolve_device(config.device),
+        out / EVALUATION_DIRECTORY,
+    )
 
 
 def posttrain(config: PosttrainConfig) -> dict:
@@ -235,8 +384,11 @@ def posttrain(config: PosttrainConfig) -> dict:
 
     def judge(name: str):
         if name not in judges:
-            judges[name] = (load_reward_model(out / "reward", device=settings.device) if name == "reward"
-                            else load_reference(out / "sft", settings.device))
+            judges[name] = (
+                load_reward_model(out / "reward", device=settings.device)
+                if name == "reward"
+                else load_reference(out / "sft", settings.device)
+            )
         return judges[name]
 
     def checkpoint(stage: str) -> str:
@@ -250,27 +402,52 @@ def posttrain(config: PosttrainConfig) -> dict:
         if stage not in state["stages"]:
             stage_started = time.perf_counter()
             summary = STAGE_FUNCTIONS[stage](config, out)
-            state["stages"][stage] = {**_scalars(summary), "stage_seconds": round(time.perf_counter() - stage_started, 1)}
+            state["stages"][stage] = {
+                **_scalars(summary),
+                "stage_seconds": round(time.perf_counter() - stage_started, 1),
+            }
             save()
         for evaluated in evaluations:
             if evaluated not in state["evaluations"]:
                 evaluation_started = time.perf_counter()
-                metrics = evaluate_model(checkpoint(evaluated), evaluated, settings, judge("reward"), judge("reference"))
-                state["evaluations"][evaluated] = {**metrics, "seconds": round(time.perf_counter() - evaluation_started, 1)}
+                metrics = evaluate_model(
+                    checkpoint(evaluated), evaluated, settings, judge("reward"), judge("reference")
+                )
+                state["evaluations"][evaluated] = {
+                    **metrics,
+                    "seconds": round(time.perf_counter() - evaluation_started, 1),
+                }
                 save()
 
     rows = table_rows(state, config.rl)
     report_directory = Path(config.report) if config.report else out
     figure = plot_posttrain(out, rows, config.rl)
-    metrics = {f"{row['stage']}_{key}": row[key] for row in rows for key in ("accuracy_calculator", "accuracy_plain", "reward", "kl")
-               if row.get(key) is not None}
+    metrics = {
+        f"{row['stage']}_{key}": row[key]
+        for row in rows
+        for key in ("accuracy_calculator", "accuracy_plain", "reward", "kl")
+        if row.get(key) is not None
+    }
     gain = rows[2]["accuracy_calculator"] - rows[1]["accuracy_calculator"]
     seconds = round(time.perf_counter() - started, 1)
     metrics.update(rl_gain_over_sft=round(gain, 4), eval_problems=len(settings.problems), seconds=seconds)
-    add_section(report_directory, "posttrain", {**metrics, "table": rows}, render_table(rows, config, state),
-                images=[os.path.relpath(figure, report_directory)])
-    return {"table": rows, "rl_gain_over_sft": gain, "eval_problems": len(settings.problems), "stages": state["stages"], "seconds": seconds,
-            "figure": str(figure), "records": str(settings.records), "report": str(report_directory / "report.md")}
+    add_section(
+        report_directory,
+        "posttrain",
+        {**metrics, "table": rows},
+        render_table(rows, config, state),
+        images=[os.path.relpath(figure, report_directory)],
+    )
+    return {
+        "table": rows,
+        "rl_gain_over_sft": gain,
+        "eval_problems": len(settings.problems),
+        "stages": state["stages"],
+        "seconds": seconds,
+        "figure": str(figure),
+        "records": str(settings.records),
+        "report": str(report_directory / "report.md"),
+    }
 
 
 # ------------------------------------------------------------------------------ the table
@@ -279,9 +456,16 @@ def table_rows(state: dict, rl: str) -> list[dict]:
     rows = []
     for stage in ("base", "sft", rl, "dpo"):
         evaluation = state["evaluations"][stage]
-        rows.append({"stage": stage, "accuracy_calculator": evaluation["accuracy_calculator"],
-                     "accuracy_plain": evaluation["accuracy_plain"], "reward": evaluation.get("reward"),
-                     "kl": evaluation.get("kl"), "shots": evaluation.get("shots")})
+        rows.append(
+            {
+                "stage": stage,
+                "accuracy_calculator": evaluation["accuracy_calculator"],
+                "accuracy_plain": evaluation["accuracy_plain"],
+                "reward": evaluation.get("reward"),
+                "kl": evaluation.get("kl"),
+                "shots": evaluation.get("shots"),
+            }
+        )
     return rows
 
 
@@ -289,24 +473,38 @@ def render_table(rows: list[dict], config: PosttrainConfig, state: dict) -> str:
     def number(value) -> str:
         return "—" if value is None else f"{value:.3f}"
 
-    lines = ["| model | accuracy, calculator | accuracy, no calculator | reward (RM) | KL to SFT (nats) |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | accuracy, calculator | accuracy, no calculator | reward (RM) | KL to SFT (nats) |",
+        "|---|---|---|---|---|",
+    ]
     for row in rows:
         name = f"base ({row['shots']}-shot)" if row["stage"] == "base" else row["stage"]
-        lines.append(f"| {name} | {number(row['accuracy_calculator'])} | {number(row['accuracy_plain'])} | "
-                     f"{number(row['reward'])} | {number(row['kl'])} |")
+        lines.append(
+            f"| {name} | {number(row['accuracy_calculator'])} | {number(row['accuracy_plain'])} | "
+            f"{number(row['reward'])} | {number(row['kl'])} |"
+        )
     stages = state["stages"]
     reward_accuracy = stages["reward"].get("heldout_accuracy")
-    return "\n".join([
-        f"SFT ({stages['sft'].get('steps')} steps) → reward model ({stages['reward'].get('steps')} steps, held-out pair accuracy "
-        f"{number(reward_accuracy)}) → {config.rl.upper()} ({stages['rl'].get('iterations')} iterations, "
-        f"{config.rl_reward} reward) → DPO ({stages['dpo'].get('steps')} steps) on the embedded arithmetic task. Greedy answers "
-        f"to {state['evaluations']['sft']['problems']} held-out problems; the base model gets a plain-text few-shot "
-        f"prompt, the others the chat prompt. Every answer is in `evaluation/`.", "", *lines])
+    return "\n".join(
+        [
+            f"SFT ({stages['sft'].get('steps')} steps) → reward model ({stages['reward'].get('steps')} steps, held-out pair accuracy "
+            f"{number(reward_accuracy)}) → {config.rl.upper()} ({stages['rl'].get('iterations')} iterations, "
+            f"{config.rl_reward} reward) → DPO ({stages['dpo'].get('steps')} steps) on the embedded arithmetic task. Greedy answers "
+            f"to {state['evaluations']['sft']['problems']} held-out problems; the base model gets a plain-text few-shot "
+            f"prompt, the others the chat prompt. Every answer is in `evaluation/`.",
+            "",
+            *lines,
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------- the figure
-CURVES = (("sft", "loss", "SFT loss (assistant tokens)"), ("reward", "accuracy", "reward model: pair accuracy"),
-          ("rl", "reward", "RL: mean rollout reward"), ("dpo", "rewards/margins", "DPO: implicit reward margin"))
+CURVES = (
+    ("sft", "loss", "SFT loss (assistant tokens)"),
+    ("reward", "accuracy", "reward model: pair accuracy"),
+    ("rl", "reward", "RL: mean rollout reward"),
+    ("dpo", "rewards/margins", "DPO: implicit reward margin"),
+)
 
 
 def _curve(metrics: Path, column: str) -> tuple[list[int], list[float]]:
@@ -325,7 +523,10 @@ def plot_posttrain(out: Path, rows: list[dict], rl: str) -> Path:
 
     figure, axes = plt.subplots(1, 1 + len(CURVES), figsize=(3.6 * (1 + len(CURVES)), 3.4))
     positions = range(len(rows))
-    for offset, (key, label) in ((-0.2, ("accuracy_calculator", "calculator")), (0.2, ("accuracy_plain", "no calculator"))):
+    for offset, (key, label) in (
+        (-0.2, ("accuracy_calculator", "calculator")),
+        (0.2, ("accuracy_plain", "no calculator")),
+    ):
         axes[0].bar([position + offset for position in positions], [row[key] for row in rows], width=0.4, label=label)
     axes[0].set_xticks(list(positions), [row["stage"] for row in rows])
     axes[0].set_title("held-out accuracy")

@@ -17,7 +17,7 @@ model must do the arithmetic itself. Decoding is greedy; an answer is correct wh
     #### 13
 
     Question: <the held-out question>
-    Answer: 
+    Answer:
 
 and its answer ends at the first blank line. The demonstrations are training problems in the same
 solution form as the chat stages' (calculator calls as the special-token stream the engine runs, or
@@ -45,8 +45,15 @@ from pathlib import Path
 import torch
 
 from llmkit.align.reward import RewardScorer
-from llmkit.align.rollout import (Prompt, build_batch, chat_prompt, completion_tokens, generate_rollouts, score_rollouts,
-                                  toolbox)
+from llmkit.align.rollout import (
+    Prompt,
+    build_batch,
+    chat_prompt,
+    completion_tokens,
+    generate_rollouts,
+    score_rollouts,
+    toolbox,
+)
 from llmkit.align.sft import load_base
 from llmkit.chat import render_ids
 from llmkit.errors import InputError
@@ -81,16 +88,29 @@ def solution_ids(tokenizer: Tokenizer, problem: arithmetic.Problem, with_tools: 
     return full[start:-1]
 
 
-def few_shot_prompts(tokenizer: Tokenizer, problems: list[arithmetic.Problem], with_tools: bool, shots: int,
-                     context_length: int, max_new_tokens: int, seed: int) -> tuple[list[list[int]], int]:
+def few_shot_prompts(
+    tokenizer: Tokenizer,
+    problems: list[arithmetic.Problem],
+    with_tools: bool,
+    shots: int,
+    context_length: int,
+    max_new_tokens: int,
+    seed: int,
+) -> tuple[list[list[int]], int]:
     """Plain-text few-shot prompt ids for every problem (module docstring) and the number of
     demonstrations, the same for all: as many of the shortest training problems as fit every prompt."""
+
     def question(problem: arithmetic.Problem) -> list[int]:
         return tokenizer.encode(f"Question: {problem.question}\nAnswer: ")
 
     pool = arithmetic.generate_problems(DEMONSTRATION_POOL, seed=seed, split="train")
-    candidates = sorted((question(problem) + solution_ids(tokenizer, problem, with_tools) + tokenizer.encode(ANSWER_END)
-                         for problem in pool), key=len)
+    candidates = sorted(
+        (
+            question(problem) + solution_ids(tokenizer, problem, with_tools) + tokenizer.encode(ANSWER_END)
+            for problem in pool
+        ),
+        key=len,
+    )
     queries = [question(problem) for problem in problems]
     room = context_length - max_new_tokens - 1 - max(map(len, queries))  # 1: the leading <|endoftext|>
     demonstrations: list[int] = []
@@ -102,20 +122,35 @@ def few_shot_prompts(tokenizer: Tokenizer, problems: list[arithmetic.Problem], w
     return [[tokenizer.eot_id] + demonstrations + query for query in queries], used
 
 
-def heldout_problems(tokenizer: Tokenizer, count: int, seed: int, context_length: int, max_new_tokens: int) -> list[arithmetic.Problem]:
+def heldout_problems(
+    tokenizer: Tokenizer, count: int, seed: int, context_length: int, max_new_tokens: int
+) -> list[arithmetic.Problem]:
     """``count`` held-out problems whose chat prompts, in both modes, leave room for ``max_new_tokens``
     (the same problems for every stage, so the rows of the table compare)."""
-    problems = [problem for problem in arithmetic.generate_problems(count, seed=seed, split="heldout")
-                if all(len(chat_prompt(tokenizer, arithmetic.prompt_messages(problem, with_tools)).ids) + max_new_tokens <= context_length
-                       for with_tools in MODES.values())]
+    problems = [
+        problem
+        for problem in arithmetic.generate_problems(count, seed=seed, split="heldout")
+        if all(
+            len(chat_prompt(tokenizer, arithmetic.prompt_messages(problem, with_tools)).ids) + max_new_tokens
+            <= context_length
+            for with_tools in MODES.values()
+        )
+    ]
     if not problems:
-        raise InputError(f"no held-out arithmetic prompt leaves room for max_new_tokens={max_new_tokens} in the context "
-                         f"of {context_length} tokens")
+        raise InputError(
+            f"no held-out arithmetic prompt leaves room for max_new_tokens={max_new_tokens} in the context "
+            f"of {context_length} tokens"
+        )
     return problems
 
 
-def evaluate_model(path: str | Path, stage: str, settings: EvaluationSettings, reward: RewardScorer | None,
-                   reference: torch.nn.Module | None) -> dict:
+def evaluate_model(
+    path: str | Path,
+    stage: str,
+    settings: EvaluationSettings,
+    reward: RewardScorer | None,
+    reference: torch.nn.Module | None,
+) -> dict:
     """Accuracy with the calculator and without, the reward and KL(stage || reference) of the model at
     ``path`` (``stage == "base"``: the few-shot prompt); writes the per-answer records."""
     model, tokenizer, _ = load_base(path)
@@ -123,25 +158,44 @@ def evaluate_model(path: str | Path, stage: str, settings: EvaluationSettings, r
     engine = Engine(model, tokenizer, max_batch_size=64)
     end_id = tokenizer.special_ids[END]
     context = model.config.context_length
-    chat_prompts = {mode: [chat_prompt(tokenizer, arithmetic.prompt_messages(problem, with_tools)) for problem in settings.problems]
-                    for mode, with_tools in MODES.items()}
+    chat_prompts = {
+        mode: [chat_prompt(tokenizer, arithmetic.prompt_messages(problem, with_tools)) for problem in settings.problems]
+        for mode, with_tools in MODES.items()
+    }
     metrics: dict = {"problems": len(settings.problems)}
     for mode, with_tools in MODES.items():
         if stage == "base":
-            prompts, metrics["shots"] = few_shot_prompts(tokenizer, settings.problems, with_tools, settings.shots, context,
-                                                         settings.max_new_tokens, settings.seed)
+            prompts, metrics["shots"] = few_shot_prompts(
+                tokenizer,
+                settings.problems,
+                with_tools,
+                settings.shots,
+                context,
+                settings.max_new_tokens,
+                settings.seed,
+            )
         else:
             prompts = [prompt.ids for prompt in chat_prompts[mode]]
-        generation = GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=0.0,
-                                      stop=[ANSWER_END] if stage == "base" else [])
+        generation = GenerationConfig(
+            max_new_tokens=settings.max_new_tokens, temperature=0.0, stop=[ANSWER_END] if stage == "base" else []
+        )
         completions = engine.generate_ids(prompts, generation, toolbox("calculator" if with_tools else "none"))
-        records = [{"question": problem.question, "answer": problem.answer, "completion": completion.text,
-                    "parsed": _parsed(completion.text), "correct": arithmetic.check_answer(problem, completion.text)}
-                   for problem, completion in zip(settings.problems, completions)]
+        records = [
+            {
+                "question": problem.question,
+                "answer": problem.answer,
+                "completion": completion.text,
+                "parsed": _parsed(completion.text),
+                "correct": arithmetic.check_answer(problem, completion.text),
+            }
+            for problem, completion in zip(settings.problems, completions)
+        ]
         if with_tools and reward is not None:
             # A cut answer of the base can overrun the context behind the (longer) chat prompt: keep its start.
-            sequences = [(prompt.ids + completion_tokens(completion, end_id)[0])[:context]
-                         for prompt, completion in zip(chat_prompts[mode], completions)]
+            sequences = [
+                (prompt.ids + completion_tokens(completion, end_id)[0])[:context]
+                for prompt, completion in zip(chat_prompts[mode], completions)
+            ]
             for record, score in zip(records, reward.score_ids(sequences)):
                 record["reward"] = score
             metrics["reward"] = sum(record["reward"] for record in records) / len(records)
@@ -152,11 +206,23 @@ def evaluate_model(path: str | Path, stage: str, settings: EvaluationSettings, r
     return metrics
 
 
-def sampled_kl(engine: Engine, model: torch.nn.Module, reference: torch.nn.Module, prompts: list[Prompt],
-               settings: EvaluationSettings) -> float:
+def sampled_kl(
+    engine: Engine,
+    model: torch.nn.Module,
+    reference: torch.nn.Module,
+    prompts: list[Prompt],
+    settings: EvaluationSettings,
+) -> float:
     """Mean over one sampled completion per prompt of sum(log pi - log pi_ref) over its sampled tokens."""
-    rollouts = generate_rollouts(engine, prompts, 1, GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=1.0),
-                                 toolbox("calculator"), settings.seed, 0)
+    rollouts = generate_rollouts(
+        engine,
+        prompts,
+        1,
+        GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=1.0),
+        toolbox("calculator"),
+        settings.seed,
+        0,
+    )
     batch = build_batch(rollouts, [0.0] * len(rollouts), engine.tokenizer.pad_id).to(settings.device)
     return score_rollouts(batch, model, reference, None, 1.0, 16).sequence_kl()
 
@@ -169,5 +235,3 @@ def load_reference(path: str | Path, device: torch.device) -> torch.nn.Module:
 def _parsed(text: str) -> str | None:
     answer = arithmetic.final_answer(text)
     return None if answer is None else str(answer)
-
-

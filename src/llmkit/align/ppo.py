@@ -38,15 +38,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmkit.align.policy_gradient import (PolicyOutputs, aggregate, clipped_policy_loss, identity, kl_k1, masked_mean,
-                                          masked_whiten)
+from llmkit.align.policy_gradient import (
+    PolicyOutputs,
+    aggregate,
+    clipped_policy_loss,
+    identity,
+    kl_k1,
+    masked_mean,
+    masked_whiten,
+)
 from llmkit.align.rl_source import Algorithm, RolloutConfig, Total, UpdateConfig, steps_per_iteration
 from llmkit.align.rl_stage import RLStageConfig, RLTrainConfig, check_rl_config, run_policy_stage
 from llmkit.align.rollout import RolloutBatch
 from llmkit.config import check
 from llmkit.tokenizer import Tokenizer
 
-__all__ = ["KLController", "PPO", "PPOConfig", "clipped_policy_loss", "clipped_value_loss", "gae", "kl_penalised_rewards", "ppo"]
+__all__ = [
+    "KLController",
+    "PPO",
+    "PPOConfig",
+    "clipped_policy_loss",
+    "clipped_value_loss",
+    "gae",
+    "kl_penalised_rewards",
+    "ppo",
+]
 
 
 @dataclass
@@ -56,19 +72,32 @@ class PPOTrainConfig(RLTrainConfig):
 
 @dataclass
 class PPOConfig:
-    kl_coef: float = field(default=0.05, metadata={"help": "beta of the per-token KL penalty (the initial value when adaptive)"})
+    kl_coef: float = field(
+        default=0.05, metadata={"help": "beta of the per-token KL penalty (the initial value when adaptive)"}
+    )
     adaptive_kl: bool = field(default=False, metadata={"help": "adapt beta towards --kl-target (Ziegler et al. 2019)"})
     kl_target: float = field(default=6.0, metadata={"help": "adaptive KL: the target KL per completion, in nats"})
-    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL: completions over which beta may change by e^0.2"})
+    kl_horizon: int = field(
+        default=10000, metadata={"help": "adaptive KL: completions over which beta may change by e^0.2"}
+    )
     gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
     value_coef: float = field(default=0.1, metadata={"help": "weight c1 of the value loss"})
-    value_clip: float = field(default=0.2, metadata={"help": "how far a value estimate may move from its rollout value before its loss is clipped"})
+    value_clip: float = field(
+        default=0.2,
+        metadata={"help": "how far a value estimate may move from its rollout value before its loss is clipped"},
+    )
     entropy_coef: float = field(default=0.0, metadata={"help": "weight c2 of the entropy bonus"})
-    whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages to mean 0, std 1 over the batch"})
-    ptx_data: str | None = field(default=None, metadata={"help": "token data directory for the PPO-ptx pretraining loss"})
+    whiten_advantages: bool = field(
+        default=True, metadata={"help": "normalise advantages to mean 0, std 1 over the batch"}
+    )
+    ptx_data: str | None = field(
+        default=None, metadata={"help": "token data directory for the PPO-ptx pretraining loss"}
+    )
     ptx_coef: float = field(default=0.0, metadata={"help": "gamma_ptx: weight of the pretraining loss"})
-    ptx_batch_size: int = field(default=4, metadata={"help": "pretraining rows per micro-batch (per optimizer step without accumulation)"})
+    ptx_batch_size: int = field(
+        default=4, metadata={"help": "pretraining rows per micro-batch (per optimizer step without accumulation)"}
+    )
     stage: RLStageConfig = field(default_factory=RLStageConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
@@ -78,15 +107,26 @@ class PPOConfig:
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")
         check(self.kl_target > 0, "kl_target", self.kl_target, "must be positive")
         check(self.kl_horizon > 0, "kl_horizon", self.kl_horizon, "must be positive")
-        check(not (self.adaptive_kl and self.kl_coef == 0), "kl_coef", self.kl_coef, "an adaptive coefficient cannot start at 0")
+        check(
+            not (self.adaptive_kl and self.kl_coef == 0),
+            "kl_coef",
+            self.kl_coef,
+            "an adaptive coefficient cannot start at 0",
+        )
         check(0 < self.gamma <= 1, "gamma", self.gamma, "must be in (0, 1]")
         check(0 <= self.gae_lambda <= 1, "gae_lambda", self.gae_lambda, "must be in [0, 1]")
-        check(self.value_coef > 0, "value_coef", self.value_coef, "must be positive (the value head learns from it alone)")
+        check(
+            self.value_coef > 0, "value_coef", self.value_coef, "must be positive (the value head learns from it alone)"
+        )
         check(self.value_clip > 0, "value_clip", self.value_clip, "must be positive")
         check(self.entropy_coef >= 0, "entropy_coef", self.entropy_coef, "must be >= 0")
         check(self.ptx_coef >= 0, "ptx_coef", self.ptx_coef, "must be >= 0")
-        check((self.ptx_coef > 0) == (self.ptx_data is not None), "ptx_coef", self.ptx_coef,
-              "give ptx_data together with a positive ptx_coef")
+        check(
+            (self.ptx_coef > 0) == (self.ptx_data is not None),
+            "ptx_coef",
+            self.ptx_coef,
+            "give ptx_data together with a positive ptx_coef",
+        )
         check(self.ptx_batch_size > 0, "ptx_batch_size", self.ptx_batch_size, "must be positive")
         check_rl_config(self)
 
@@ -98,8 +138,9 @@ class PPOConfig:
 
 
 # ----------------------------------------------------------------------------------- pieces
-def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, reference_logprobs: torch.Tensor,
-                         mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+def kl_penalised_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
     """Per-token rewards: ``-kl_coef * (log pi - log pi_ref)`` on every action token, plus each row's
     scalar ``scores`` on its last action token."""
     rewards = -kl_coef * kl_k1(logprobs, reference_logprobs) * mask
@@ -110,7 +151,9 @@ def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, reference
     return rewards
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over the masked positions of each
     row, read as consecutive time steps: ``delta_t = r_t + gamma V_next - V_t``, ``A_t = delta_t +
     gamma lambda A_next``, where "next" is the next *masked* position and 0 after the last one.
@@ -129,8 +172,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       clip: float, aggregation: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    aggregation: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
     """``0.5 max((V - G)^2, (V_old + clip(V - V_old, -clip, clip) - G)^2)`` aggregated over the mask, and
     ``value_clip_fraction``, the share of tokens where the clipped error is the larger."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
@@ -165,28 +214,45 @@ class PPO(Algorithm):
             from llmkit.token_data import check_tokenizer
             from llmkit.train.batches import TokenBatches
 
-            self.pretraining = TokenBatches(config.ptx_data, "train", config.ptx_batch_size, context_length, seed=config.train.seed)
+            self.pretraining = TokenBatches(
+                config.ptx_data, "train", config.ptx_batch_size, context_length, seed=config.train.seed
+            )
             check_tokenizer(self.pretraining.manifest, tokenizer)
 
     def advantages(self, batches: list[RolloutBatch], total: Total = identity) -> dict[str, float]:
         """KL-penalised rewards and GAE per batch, whitened and averaged over all of them (``total``)."""
         for batch in batches:
-            rewards = kl_penalised_rewards(batch.rewards, batch.old_logprobs, batch.reference_logprobs, batch.action_mask, self.kl.value)
-            batch.advantages, batch.returns = gae(rewards, batch.values, batch.action_mask, self.config.gamma, self.config.gae_lambda)
+            rewards = kl_penalised_rewards(
+                batch.rewards, batch.old_logprobs, batch.reference_logprobs, batch.action_mask, self.kl.value
+            )
+            batch.advantages, batch.returns = gae(
+                rewards, batch.values, batch.action_mask, self.config.gamma, self.config.gae_lambda
+            )
         masks = [batch.action_mask for batch in batches]
         if self.config.whiten_advantages:
-            for batch, advantages in zip(batches, masked_whiten([batch.advantages for batch in batches], masks, total=total)):
+            for batch, advantages in zip(
+                batches, masked_whiten([batch.advantages for batch in batches], masks, total=total)
+            ):
                 batch.advantages = advantages
-        sums = [torch.stack([mask.sum().double(), torch.where(mask, batch.values, 0.0).sum().double(),
-                             torch.where(mask, batch.returns, 0.0).sum().double()]) for batch, mask in zip(batches, masks)]
+        sums = [
+            torch.stack(
+                [
+                    mask.sum().double(),
+                    torch.where(mask, batch.values, 0.0).sum().double(),
+                    torch.where(mask, batch.returns, 0.0).sum().double(),
+                ]
+            )
+            for batch, mask in zip(batches, masks)
+        ]
         count, values, returns = total(torch.stack(sums).sum(dim=0)).tolist()
         return {"kl_coef": self.kl.value, "value_mean": values / max(count, 1), "return_mean": returns / max(count, 1)}
 
     def terms(self, outputs: PolicyOutputs, minibatch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         mask = minibatch.action_mask
         loss, metrics = self.policy_terms(outputs, minibatch)
-        value_loss, value_metrics = clipped_value_loss(outputs.values, minibatch.values, minibatch.returns, mask,
-                                                       self.config.value_clip, self.aggregation)
+        value_loss, value_metrics = clipped_value_loss(
+            outputs.values, minibatch.values, minibatch.returns, mask, self.config.value_clip, self.aggregation
+        )
         loss = loss + self.config.value_coef * value_loss
         if self.config.entropy_coef:
             loss = loss - self.config.entropy_coef * masked_mean(outputs.entropy, mask)

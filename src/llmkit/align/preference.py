@@ -79,8 +79,9 @@ def builtin_preferences(name: str, count: int, seed: int, split: str) -> list[Pr
     return functions.preference_pairs(random.Random(seed).sample(tasks, min(count, len(tasks))), seed=seed)
 
 
-def load_preference_datasets(entries: list[str], generated_pairs: int, val_fraction: float,
-                             seed: int) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
+def load_preference_datasets(
+    entries: list[str], generated_pairs: int, val_fraction: float, seed: int
+) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
     """(training rows, validation rows) of dataset files and embedded tasks. A file gives
     ``round(val_fraction * n)`` random rows of its n to validation (never all); an embedded task of N
     problems gives pairs of ``ceil(val_fraction * N)`` problems of its held-out split."""
@@ -118,14 +119,20 @@ class ComparisonGroup:
         return comparison_pairs(len(self.sequences))
 
 
-def tokenize_preferences(tokenizer: Tokenizer, rows: list[PreferenceRow], context_length: int) -> tuple[list[ComparisonGroup], int]:
+def tokenize_preferences(
+    tokenizer: Tokenizer, rows: list[PreferenceRow], context_length: int
+) -> tuple[list[ComparisonGroup], int]:
     """Groups of the rows, and how many comparisons were dropped: a response longer than the context
     leaves its group (cutting it could cut away what makes it better or worse), and a group needs two."""
     groups, dropped = [], 0
     for row in tqdm(rows, desc="preferences: tokenizing", unit=" rows", leave=False):
         responses = row.responses if isinstance(row, Ranking) else [row.chosen_messages, row.rejected_messages]
         rendered = [render_completion(tokenizer, row.prompt_messages, response) for response in responses]
-        fitting = [(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)) for ids, mask in rendered if len(ids) <= context_length]
+        fitting = [
+            (np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool))
+            for ids, mask in rendered
+            if len(ids) <= context_length
+        ]
         dropped += len(comparison_pairs(len(rendered))) - len(comparison_pairs(len(fitting)))
         if len(fitting) >= 2:
             groups.append(ComparisonGroup([ids for ids, _ in fitting], [mask for _, mask in fitting]))
@@ -170,7 +177,7 @@ class PreferenceBatches:
     def sequential_batch(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.sequential_batches:
             raise IndexError(f"sequential batch {index} of {self.sequential_batches}")
-        return self.assemble(self.groups[index * self.batch_size:(index + 1) * self.batch_size])
+        return self.assemble(self.groups[index * self.batch_size : (index + 1) * self.batch_size])
 
     def assemble(self, members: list[ComparisonGroup]) -> dict[str, torch.Tensor]:
         sequences = [sequence for group in members for sequence in group.sequences]
@@ -178,7 +185,7 @@ class PreferenceBatches:
         input_ids = np.full((len(sequences), max(map(len, sequences))), self.pad_id, dtype=np.int64)
         continuation_mask = np.zeros(input_ids.shape, dtype=bool)
         for row, (sequence, mask) in enumerate(zip(sequences, masks)):
-            input_ids[row, :len(sequence)], continuation_mask[row, :len(sequence)] = sequence, mask
+            input_ids[row, : len(sequence)], continuation_mask[row, : len(sequence)] = sequence, mask
         chosen, rejected, weights, first_row = [], [], [], 0
         for group in members:
             pairs = group.pairs
@@ -186,18 +193,28 @@ class PreferenceBatches:
             rejected += [first_row + worse for _, worse in pairs]
             weights += [1.0 / len(pairs)] * len(pairs)
             first_row += len(group.sequences)
-        batch = {"input_ids": torch.from_numpy(input_ids), "continuation_mask": torch.from_numpy(continuation_mask),
-                 "last_index": torch.tensor([len(sequence) - 1 for sequence in sequences]),
-                 "chosen_index": torch.tensor(chosen), "rejected_index": torch.tensor(rejected),
-                 "pair_weight": torch.tensor(weights, dtype=torch.float32)}
+        batch = {
+            "input_ids": torch.from_numpy(input_ids),
+            "continuation_mask": torch.from_numpy(continuation_mask),
+            "last_index": torch.tensor([len(sequence) - 1 for sequence in sequences]),
+            "chosen_index": torch.tensor(chosen),
+            "rejected_index": torch.tensor(rejected),
+            "pair_weight": torch.tensor(weights, dtype=torch.float32),
+        }
         if all(group.reference_logps is not None for group in members):
             batch["reference_logps"] = torch.from_numpy(np.concatenate([group.reference_logps for group in members]))
         return batch
 
 
-def build_preference_batches(entries: list[str], generated_pairs: int, val_fraction: float, tokenizer: Tokenizer,
-                             context_length: int, batch_size: int,
-                             seed: int) -> tuple[PreferenceBatches, PreferenceBatches | None, dict[str, int]]:
+def build_preference_batches(
+    entries: list[str],
+    generated_pairs: int,
+    val_fraction: float,
+    tokenizer: Tokenizer,
+    context_length: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[PreferenceBatches, PreferenceBatches | None, dict[str, int]]:
     """Training and validation batches of the datasets, and the counts of groups, pairs and dropped pairs."""
     train_rows, val_rows = load_preference_datasets(entries, generated_pairs, val_fraction, seed)
     groups, dropped = tokenize_preferences(tokenizer, train_rows, context_length)
@@ -206,8 +223,12 @@ def build_preference_batches(entries: list[str], generated_pairs: int, val_fract
         raise InputError(f"{', '.join(entries)}: no preference pair fits the context of {context_length} tokens")
     batches = PreferenceBatches(groups, batch_size, tokenizer.pad_id, seed)
     val_batches = PreferenceBatches(val_groups, batch_size, tokenizer.pad_id, seed) if val_groups else None
-    counts = {"train_prompts": len(groups), "train_pairs": batches.pair_count,
-              "val_pairs": val_batches.pair_count if val_batches else 0, "dropped_pairs": dropped + val_dropped}
+    counts = {
+        "train_prompts": len(groups),
+        "train_pairs": batches.pair_count,
+        "val_pairs": val_batches.pair_count if val_batches else 0,
+        "dropped_pairs": dropped + val_dropped,
+    }
     return batches, val_batches, counts
 
 
@@ -222,16 +243,29 @@ def check_preference_config(config) -> None:
     check(0 <= config.val_fraction < 1, "val_fraction", config.val_fraction, "must be in [0, 1)")
     check(config.epochs is None or config.epochs > 0, "epochs", config.epochs, "must be positive")
     train = config.train
-    check(bool(config.epochs or train.max_steps or train.max_tokens or train.max_time), "epochs", config.epochs,
-          "give a budget: epochs, max_steps, max_tokens or max_time")
-    check(train.batch_warmup_tokens is None, "batch_warmup_tokens", train.batch_warmup_tokens,
-          "preference batches pair rows with each other and cannot be cut to their first rows; leave batch-size warmup off")
-    check(train.target_val_bpb is None, "target_val_bpb", train.target_val_bpb,
-          "the validation loss of preference training is a pairwise loss, not bits per byte of text")
+    check(
+        bool(config.epochs or train.max_steps or train.max_tokens or train.max_time),
+        "epochs",
+        config.epochs,
+        "give a budget: epochs, max_steps, max_tokens or max_time",
+    )
+    check(
+        train.batch_warmup_tokens is None,
+        "batch_warmup_tokens",
+        train.batch_warmup_tokens,
+        "preference batches pair rows with each other and cannot be cut to their first rows; leave batch-size warmup off",
+    )
+    check(
+        train.target_val_bpb is None,
+        "target_val_bpb",
+        train.target_val_bpb,
+        "the validation loss of preference training is a pairwise loss, not bits per byte of text",
+    )
 
 
-def with_epochs(train: TrainConfig, epochs: float | None, batches: PreferenceBatches,
-                val_batches: PreferenceBatches | None) -> TrainConfig:
+def with_epochs(
+    train: TrainConfig, epochs: float | None, batches: PreferenceBatches, val_batches: PreferenceBatches | None
+) -> TrainConfig:
     """The training settings with ``epochs`` passes over the groups as a step budget (the smaller of
     it and max_steps), and at most as many validation batches as the held-out groups fill."""
     changes: dict = {}
@@ -254,20 +288,24 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, continuation_ma
     logits = model(input_ids)[:, :-1]
     targets = torch.where(continuation_mask[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
     # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
-    token_logprobs = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                      reduction="none").view_as(targets)
+    token_logprobs = -F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
     return token_logprobs.sum(dim=-1)
 
 
 @torch.no_grad()
-def heldout_pair_scores(model: nn.Module, batches: PreferenceBatches, pair_scores, device: torch.device,
-                        dtype: torch.dtype) -> dict[str, float]:
+def heldout_pair_scores(
+    model: nn.Module, batches: PreferenceBatches, pair_scores, device: torch.device, dtype: torch.dtype
+) -> dict[str, float]:
     """Accuracy (the better response scores strictly higher), mean margin and mean scores over every
     held-out pair; ``pair_scores(model, batch) -> (chosen scores, rejected scores)`` per pair."""
     was_training = model.training
     model.eval()
     chosen_scores, rejected_scores = [], []
-    for index in tqdm(range(batches.sequential_batches), desc="preferences: held-out pairs", unit=" batches", leave=False):
+    for index in tqdm(
+        range(batches.sequential_batches), desc="preferences: held-out pairs", unit=" batches", leave=False
+    ):
         batch = {key: value.to(device) for key, value in batches.sequential_batch(index).items()}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             chosen, rejected = pair_scores(model, batch)
@@ -276,13 +314,25 @@ def heldout_pair_scores(model: nn.Module, batches: PreferenceBatches, pair_score
     model.train(was_training)
     chosen, rejected = torch.cat(chosen_scores), torch.cat(rejected_scores)
     margins = chosen - rejected
-    return {"heldout_pairs": len(margins), "heldout_accuracy": round(float((margins > 0).float().mean()), 4),
-            "heldout_margin": round(float(margins.mean()), 4), "heldout_chosen": round(float(chosen.mean()), 4),
-            "heldout_rejected": round(float(rejected.mean()), 4)}
+    return {
+        "heldout_pairs": len(margins),
+        "heldout_accuracy": round(float((margins > 0).float().mean()), 4),
+        "heldout_margin": round(float(margins.mean()), 4),
+        "heldout_chosen": round(float(chosen.mean()), 4),
+        "heldout_rejected": round(float(rejected.mean()), 4),
+    }
 
 
-def plot_metrics(run_directory: Path, columns: list[str], title: str, filename: str = "preference.png", x_label: str = "step",
-                 panel_rows: int = 1, with_events: bool = False, marked: tuple[str, ...] = ()) -> Path | None:
+def plot_metrics(
+    run_directory: Path,
+    columns: list[str],
+    title: str,
+    filename: str = "preference.png",
+    x_label: str = "step",
+    panel_rows: int = 1,
+    with_events: bool = False,
+    marked: tuple[str, ...] = (),
+) -> Path | None:
     """``<run>/<filename>``: each of ``columns`` of metrics.csv that has values, against the step, one panel
     each in ``panel_rows`` rows; the rows of events (evaluations before and after training) only
     ``with_events``, and the ``marked`` columns (sparse ones, such as periodic evaluations) with markers."""
@@ -297,12 +347,19 @@ def plot_metrics(run_directory: Path, columns: list[str], title: str, filename: 
     plt = pyplot()
 
     panel_columns = -(-len(columns) // panel_rows)
-    figure, axes = plt.subplots(panel_rows, panel_columns, figsize=(3.5 * panel_columns, 3.3 * panel_rows), squeeze=False)
-    for axis in axes.flat[len(columns):]:
+    figure, axes = plt.subplots(
+        panel_rows, panel_columns, figsize=(3.5 * panel_columns, 3.3 * panel_rows), squeeze=False
+    )
+    for axis in axes.flat[len(columns) :]:
         axis.axis("off")
     for axis, column in zip(axes.flat, columns):
         points = [(int(row["step"]), float(row[column])) for row in rows if row.get(column) not in ("", None)]
-        axis.plot([step for step, _ in points], [value for _, value in points], marker="o" if column in marked else None, markersize=3)
+        axis.plot(
+            [step for step, _ in points],
+            [value for _, value in points],
+            marker="o" if column in marked else None,
+            markersize=3,
+        )
         axis.set_title(column)
         axis.set_xlabel(x_label)
         axis.grid(alpha=0.3)

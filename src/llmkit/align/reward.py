@@ -38,8 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.align.preference import (PreferenceBatches, build_preference_batches, check_preference_config,
-                                     heldout_pair_scores, plot_metrics, with_epochs)
+from llmkit.align.preference import (
+    PreferenceBatches,
+    build_preference_batches,
+    check_preference_config,
+    heldout_pair_scores,
+    plot_metrics,
+    with_epochs,
+)
 from llmkit.align.sft import BUILTIN_TASKS, load_base
 from llmkit.chat import render_completion
 from llmkit.config import check
@@ -76,12 +82,16 @@ class RewardModel(Transformer):
     def from_language_model(cls, language_model: Transformer) -> "RewardModel":
         """A reward model whose trunk is a copy of ``language_model``'s weights and whose head is new."""
         model = cls(language_model.config).to(language_model.token_embedding.weight.device)
-        trunk = {name: tensor for name, tensor in language_model.state_dict().items() if not name.startswith("lm_head.")}
+        trunk = {
+            name: tensor for name, tensor in language_model.state_dict().items() if not name.startswith("lm_head.")
+        }
         missing, unexpected = model.load_state_dict(trunk, strict=False)
         leftover = set(missing) - {"reward_head.weight", "reward_head.bias", "lm_head.weight"}
         if leftover or unexpected:
-            raise ValueError(f"the language model's weights do not fit a reward model of its config "
-                             f"(missing {sorted(leftover)[:3]}, unexpected {sorted(unexpected)[:3]})")
+            raise ValueError(
+                f"the language model's weights do not fit a reward model of its config "
+                f"(missing {sorted(leftover)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
         return model
 
     def forward(self, input_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
@@ -97,8 +107,12 @@ class RewardModel(Transformer):
 
 
 # ------------------------------------------------------------------------------------ loss
-def pairwise_reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: float = 0.0,
-                         weights: torch.Tensor | None = None) -> torch.Tensor:
+def pairwise_reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: float = 0.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Weighted mean over pairs of ``-log σ(r_chosen - r_rejected - margin)`` (InstructGPT eq. 1)."""
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - margin)
     if weights is None:
@@ -117,8 +131,12 @@ def reward_loss(model: nn.Module, batch: dict[str, torch.Tensor], margin: float 
     chosen, rejected = reward_pair_scores(model, batch)
     loss = pairwise_reward_loss(chosen, rejected, margin, batch["pair_weight"])
     margins = (chosen - rejected).detach()
-    metrics = {"accuracy": (margins > 0).float().mean(), "margin": margins.mean(),
-               "rewards/chosen": chosen.detach().mean(), "rewards/rejected": rejected.detach().mean()}
+    metrics = {
+        "accuracy": (margins > 0).float().mean(),
+        "margin": margins.mean(),
+        "rewards/chosen": chosen.detach().mean(),
+        "rewards/rejected": rejected.detach().mean(),
+    }
     return loss, metrics
 
 
@@ -140,16 +158,22 @@ class RewardScorer:
         context = self.model.config.context_length
         for index, sequence in enumerate(sequences):
             if not 1 <= len(sequence) <= context:
-                raise InputError(f"sequence {index}: {len(sequence)} tokens; a reward needs 1 to context_length={context}")
+                raise InputError(
+                    f"sequence {index}: {len(sequence)} tokens; a reward needs 1 to context_length={context}"
+                )
         device = self.model.token_embedding.weight.device
         rewards = [0.0] * len(sequences)
         order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))  # little padding per batch
         for start in range(0, len(order), self.batch_size):
-            chosen = order[start:start + self.batch_size]
-            ids = torch.full((len(chosen), max(len(sequences[index]) for index in chosen)), self.tokenizer.pad_id,
-                             dtype=torch.long, device=device)
+            chosen = order[start : start + self.batch_size]
+            ids = torch.full(
+                (len(chosen), max(len(sequences[index]) for index in chosen)),
+                self.tokenizer.pad_id,
+                dtype=torch.long,
+                device=device,
+            )
             for row, index in enumerate(chosen):
-                ids[row, :len(sequences[index])] = torch.tensor(sequences[index], device=device)
+                ids[row, : len(sequences[index])] = torch.tensor(sequences[index], device=device)
             last = torch.tensor([len(sequences[index]) - 1 for index in chosen], device=device)
             for index, reward in zip(chosen, self.model(ids, last).tolist()):
                 rewards[index] = reward
@@ -161,17 +185,23 @@ class RewardScorer:
 
         if len(prompts) != len(completions):
             raise InputError(f"{len(prompts)} prompts but {len(completions)} completions")
-        sequences = [render_completion(self.tokenizer, to_messages(prompt, f"prompts[{index}]", "user"),
-                                       to_messages(completion, f"completions[{index}]", "assistant"))[0]
-                     for index, (prompt, completion) in enumerate(zip(prompts, completions))]
+        sequences = [
+            render_completion(
+                self.tokenizer,
+                to_messages(prompt, f"prompts[{index}]", "user"),
+                to_messages(completion, f"completions[{index}]", "assistant"),
+            )[0]
+            for index, (prompt, completion) in enumerate(zip(prompts, completions))
+        ]
         return self.score_ids(sequences)
 
     def __call__(self, prompt, completion) -> float:
         return self.score([prompt], [completion])[0]
 
 
-def load_reward_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      batch_size: int = 16) -> RewardScorer:
+def load_reward_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, batch_size: int = 16
+) -> RewardScorer:
     """The reward model of a checkpoint written by :func:`train_reward`, with its tokenizer."""
     checkpoint = resolve_checkpoint(path)
     stage = read_config(checkpoint).get("stage")
@@ -195,24 +225,48 @@ class RewardTrainConfig(TrainConfig):
 
 @dataclass
 class RewardConfig:
-    base: str = field(default="runs/sft", metadata={"help": "checkpoint the reward model starts from (SFT or pretrained)"})
-    datasets: list[str] = field(default_factory=lambda: ["arithmetic"], metadata={
-        "help": f"preference files (prompt/chosen/rejected, chosen/rejected, prompt/responses ranked best first) and "
-                f"embedded tasks' generated pairs ({', '.join(BUILTIN_TASKS)}; name:N for N problems)"})
-    generated_pairs: int = field(default=2000, metadata={"help": "problems generated for an embedded task named without :N"})
-    val_fraction: float = field(default=0.1, metadata={
-        "help": "held-out share: of each file's rows, or problems of an embedded task's held-out split per training problem"})
-    margin: float = field(default=0.0, metadata={"help": "margin m of the loss -log sigmoid(r_chosen - r_rejected - m)"})
-    epochs: float | None = field(default=1.0, metadata={
-        "help": "passes over the prompts (InstructGPT trains one: more overfits); with max_steps or max_time, whichever ends first"})
-    normalize: bool = field(default=True, metadata={"help": "shift the rewards so the best responses of the training prompts average 0"})
+    base: str = field(
+        default="runs/sft", metadata={"help": "checkpoint the reward model starts from (SFT or pretrained)"}
+    )
+    datasets: list[str] = field(
+        default_factory=lambda: ["arithmetic"],
+        metadata={
+            "help": f"preference files (prompt/chosen/rejected, chosen/rejected, prompt/responses ranked best first) and "
+            f"embedded tasks' generated pairs ({', '.join(BUILTIN_TASKS)}; name:N for N problems)"
+        },
+    )
+    generated_pairs: int = field(
+        default=2000, metadata={"help": "problems generated for an embedded task named without :N"}
+    )
+    val_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "held-out share: of each file's rows, or problems of an embedded task's held-out split per training problem"
+        },
+    )
+    margin: float = field(
+        default=0.0, metadata={"help": "margin m of the loss -log sigmoid(r_chosen - r_rejected - m)"}
+    )
+    epochs: float | None = field(
+        default=1.0,
+        metadata={
+            "help": "passes over the prompts (InstructGPT trains one: more overfits); with max_steps or max_time, whichever ends first"
+        },
+    )
+    normalize: bool = field(
+        default=True, metadata={"help": "shift the rewards so the best responses of the training prompts average 0"}
+    )
     train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
 
     def __post_init__(self) -> None:
         check_preference_config(self)
         check(self.margin >= 0, "margin", self.margin, "must be >= 0")
-        check(self.train.optimizer == "adamw", "optimizer", self.train.optimizer,
-              "Muon is for hidden matrices, not the scalar reward head; use adamw")
+        check(
+            self.train.optimizer == "adamw",
+            "optimizer",
+            self.train.optimizer,
+            "Muon is for hidden matrices, not the scalar reward head; use adamw",
+        )
 
 
 def _normalize(model: RewardModel, tokenizer: Tokenizer, batches: PreferenceBatches, seed: int) -> float:
@@ -221,7 +275,9 @@ def _normalize(model: RewardModel, tokenizer: Tokenizer, batches: PreferenceBatc
     groups = random.Random(seed).sample(batches.groups, min(NORMALIZATION_RESPONSES, len(batches.groups)))
     was_training = model.training
     model.eval()
-    offset = sum(RewardScorer(model, tokenizer).score_ids([group.sequences[0].tolist() for group in groups])) / len(groups)
+    offset = sum(RewardScorer(model, tokenizer).score_ids([group.sequences[0].tolist() for group in groups])) / len(
+        groups
+    )
     model.train(was_training)
     with torch.no_grad():
         model.reward_head.bias -= offset
@@ -242,17 +298,36 @@ def train_reward(config: RewardConfig) -> dict:
     """Train a reward model on ``config.datasets`` from ``config.base``; returns the run summary."""
     train = config.train
     language_model, tokenizer, base = load_base(config.base)
-    batches, val_batches, counts = build_preference_batches(config.datasets, config.generated_pairs, config.val_fraction,
-                                                            tokenizer, language_model.config.context_length, train.batch_size, train.seed)
+    batches, val_batches, counts = build_preference_batches(
+        config.datasets,
+        config.generated_pairs,
+        config.val_fraction,
+        tokenizer,
+        language_model.config.context_length,
+        train.batch_size,
+        train.seed,
+    )
     torch.manual_seed(train.seed)  # the head's initialisation
     model = RewardModel.from_language_model(language_model)
     del language_model
     model.train()  # load_model returns evaluation mode, which would switch dropout off
-    metadata = {"stage": "reward", "stage_config": dataclasses.asdict(config), "tokenizer_sha256": tokenizer.sha256,
-                "base": str(base.resolve()), "reward_head": "reward_head.weight, reward_head.bias: Linear(n_embd, 1) at the last token"}
-    trainer = Trainer(model, batches, with_epochs(train, config.epochs, batches, val_batches), val_batches=val_batches,
-                      loss_fn=functools.partial(reward_loss, margin=config.margin), tokenizer=tokenizer, metadata=metadata,
-                      tokens_per_batch=batches.tokens_per_batch)
+    metadata = {
+        "stage": "reward",
+        "stage_config": dataclasses.asdict(config),
+        "tokenizer_sha256": tokenizer.sha256,
+        "base": str(base.resolve()),
+        "reward_head": "reward_head.weight, reward_head.bias: Linear(n_embd, 1) at the last token",
+    }
+    trainer = Trainer(
+        model,
+        batches,
+        with_epochs(train, config.epochs, batches, val_batches),
+        val_batches=val_batches,
+        loss_fn=functools.partial(reward_loss, margin=config.margin),
+        tokenizer=tokenizer,
+        metadata=metadata,
+        tokens_per_batch=batches.tokens_per_batch,
+    )
     summary = trainer.run()
     offset = 0.0
     if config.normalize and not summary["interrupted"]:
@@ -260,8 +335,11 @@ def train_reward(config: RewardConfig) -> dict:
         state, _ = gather_state(trainer.wrapped, trainer.optimizer)
         if trainer.world.is_main:
             _rewrite_model(Path(summary["checkpoint"]), state, model.config, {**metadata, "reward_offset": offset})
-    heldout = (heldout_pair_scores(trainer.model, val_batches, reward_pair_scores, trainer.device, trainer.dtype)
-               if val_batches is not None else {})
+    heldout = (
+        heldout_pair_scores(trainer.model, val_batches, reward_pair_scores, trainer.device, trainer.dtype)
+        if val_batches is not None
+        else {}
+    )
     if trainer.world.is_main:
         plot_metrics(Path(train.out), ["accuracy", "margin", "rewards/chosen", "rewards/rejected"], "reward model")
     return {"base": str(base), **counts, **heldout, "reward_offset": round(offset, 6), **summary}

@@ -33,8 +33,8 @@ so the verifiable rewards need nothing but the conversation, as the interface pr
 from __future__ import annotations
 
 import functools
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 from llmkit.align.reward import load_reward_model
@@ -62,8 +62,12 @@ class Reward:
 
     def score_steps(self, rollouts: list[Rollout]) -> list[list[float]]:
         """One reward per step of each rollout (:meth:`Rollout.step_ends`), for process supervision."""
-        raise ConfigError("supervision", "process", f"{type(self).__name__} rates whole completions only; "
-                                                    f"process supervision needs a reward with step rewards (the arithmetic task's)")
+        raise ConfigError(
+            "supervision",
+            "process",
+            f"{type(self).__name__} rates whole completions only; "
+            f"process supervision needs a reward with step rewards (the arithmetic task's)",
+        )
 
 
 class FunctionReward(Reward):
@@ -157,8 +161,10 @@ class ModelReward(Reward):
     def __init__(self, path: str, tokenizer: Tokenizer, device: str = "cpu", batch_size: int = 16):
         self.scorer = load_reward_model(path, device=device, batch_size=batch_size)
         if self.scorer.tokenizer.sha256 != tokenizer.sha256:
-            raise MismatchError(f"{path}: the reward model's tokenizer (sha256 {self.scorer.tokenizer.sha256[:12]}) is not "
-                                f"the policy's (sha256 {tokenizer.sha256[:12]})")
+            raise MismatchError(
+                f"{path}: the reward model's tokenizer (sha256 {self.scorer.tokenizer.sha256[:12]}) is not "
+                f"the policy's (sha256 {tokenizer.sha256[:12]})"
+            )
 
     def __call__(self, prompt_messages: list[dict], completion_text: str) -> float:
         return self.scorer(prompt_messages, completion_text)
@@ -185,7 +191,10 @@ def load_task(name: str, train_count: int, heldout_count: int, seed: int) -> RLT
     (``functions`` has a fixed number of tasks and gives at most that many)."""
     check(name in TASKS, "task", name, f"choose one of {', '.join(TASKS)}")
     if name == "functions":
-        train, heldout = functions.function_tasks("train")[:train_count], functions.function_tasks("heldout")[:heldout_count]
+        train, heldout = (
+            functions.function_tasks("train")[:train_count],
+            functions.function_tasks("heldout")[:heldout_count],
+        )
         prompt_of, reward_class = functions.prompt_messages, FunctionTaskReward
     else:
         train = arithmetic.generate_problems(train_count, seed=seed, split="train")
@@ -193,5 +202,10 @@ def load_task(name: str, train_count: int, heldout_count: int, seed: int) -> RLT
         prompt_of = functools.partial(arithmetic.prompt_messages, with_tools=name == "arithmetic")
         reward_class = ArithmeticReward
     items = train + heldout
-    return RLTask(name, [prompt_of(item) for item in train], [prompt_of(item) for item in heldout],
-                  reward_class(items, 0.0), functools.partial(reward_class, items))
+    return RLTask(
+        name,
+        [prompt_of(item) for item in train],
+        [prompt_of(item) for item in heldout],
+        reward_class(items, 0.0),
+        functools.partial(reward_class, items),
+    )

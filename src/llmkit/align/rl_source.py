@@ -53,11 +53,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.align.policy_gradient import (AGGREGATIONS, PolicyModel, PolicyOutputs, clipped_policy_loss, identity,
-                                          masked_mean)
+from llmkit.align.policy_gradient import (
+    AGGREGATIONS,
+    PolicyModel,
+    PolicyOutputs,
+    clipped_policy_loss,
+    identity,
+    masked_mean,
+)
 from llmkit.align.rewards import Reward
-from llmkit.align.rollout import (Prompt, Rollout, RolloutBatch, build_batch, generate_rollouts, score_rollouts,
-                                  toolbox)
+from llmkit.align.rollout import Prompt, Rollout, RolloutBatch, build_batch, generate_rollouts, score_rollouts, toolbox
 from llmkit.config import check
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
@@ -71,34 +76,57 @@ Total = Callable[[torch.Tensor], torch.Tensor]  # a sum over the processes
 @dataclass
 class RolloutConfig:
     prompts_per_iteration: int = field(default=16, metadata={"help": "prompts sampled per iteration"})
-    max_new_tokens: int = field(default=160, metadata={"help": "tokens a completion may sample (tool results not counted)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts (the loss uses the same)"})
-    tools: Literal["calculator", "default", "none"] = field(default="calculator", metadata={
-        "help": "tools the engine runs during rollouts and evaluation: the calculator, calculator + Python sandbox, or none"})
+    max_new_tokens: int = field(
+        default=160, metadata={"help": "tokens a completion may sample (tool results not counted)"}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "sampling temperature of the rollouts (the loss uses the same)"}
+    )
+    tools: Literal["calculator", "default", "none"] = field(
+        default="calculator",
+        metadata={
+            "help": "tools the engine runs during rollouts and evaluation: the calculator, calculator + Python sandbox, or none"
+        },
+    )
     engine_batch_size: int = field(default=64, metadata={"help": "sequences the engine decodes together"})
     forward_batch_size: int = field(default=16, metadata={"help": "sequences per no-grad scoring pass"})
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_iteration", "max_new_tokens", "engine_batch_size", "forward_batch_size"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
-        check(self.temperature > 0, "temperature", self.temperature, "must be positive (the policy's distribution is sampled)")
+        check(
+            self.temperature > 0,
+            "temperature",
+            self.temperature,
+            "must be positive (the policy's distribution is sampled)",
+        )
 
 
 @dataclass
 class UpdateConfig:
     iterations: int = field(default=100, metadata={"help": "rollout + update iterations (the run's budget)"})
     epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
-    minibatch_size: int = field(default=8, metadata={
-        "help": "sequences per optimizer step (split into grad_accum x processes micro-batches)"})
+    minibatch_size: int = field(
+        default=8, metadata={"help": "sequences per optimizer step (split into grad_accum x processes micro-batches)"}
+    )
     clip: float = field(default=0.2, metadata={"help": "epsilon of the clipped ratio 1 +- epsilon"})
-    loss_aggregation: Literal["token", "sequence"] = field(default="token", metadata={
-        "help": "token: mean over all tokens of a minibatch; sequence: per-sequence mean, then mean (DeepSeekMath)"})
+    loss_aggregation: Literal["token", "sequence"] = field(
+        default="token",
+        metadata={
+            "help": "token: mean over all tokens of a minibatch; sequence: per-sequence mean, then mean (DeepSeekMath)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("iterations", "epochs", "minibatch_size"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
         check(0 < self.clip < 1, "clip", self.clip, "must be in (0, 1)")
-        check(self.loss_aggregation in AGGREGATIONS, "loss_aggregation", self.loss_aggregation, f"choose one of {', '.join(AGGREGATIONS)}")
+        check(
+            self.loss_aggregation in AGGREGATIONS,
+            "loss_aggregation",
+            self.loss_aggregation,
+            f"choose one of {', '.join(AGGREGATIONS)}",
+        )
 
 
 def steps_per_iteration(samples: int, update: UpdateConfig) -> int:
@@ -151,8 +179,13 @@ class Algorithm:
         """The algorithm's loss on a minibatch, aggregated over its actions, and metrics."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, minibatch: RolloutBatch, weight: float = 1.0,
-             language: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self,
+        model: nn.Module,
+        minibatch: RolloutBatch,
+        weight: float = 1.0,
+        language: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The Trainer's loss on a micro-batch: :meth:`terms` times ``weight`` (the micro-batch's share of its
         minibatch, module docstring), plus PPO-ptx's language-model loss on ``language`` rows."""
         outputs = model(minibatch.input_ids, None if language is None else language["input_ids"])
@@ -167,9 +200,18 @@ class Algorithm:
 
     def policy_terms(self, outputs: PolicyOutputs, minibatch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The clipped surrogate loss of a minibatch, with its metrics and the policy's entropy."""
-        loss, metrics = clipped_policy_loss(outputs.logprobs, minibatch.old_logprobs, minibatch.advantages,
-                                            minibatch.action_mask, self.clip, self.aggregation)
-        metrics.update(policy_loss=float(loss.detach()), entropy=float(masked_mean(outputs.entropy.detach(), minibatch.action_mask)))
+        loss, metrics = clipped_policy_loss(
+            outputs.logprobs,
+            minibatch.old_logprobs,
+            minibatch.advantages,
+            minibatch.action_mask,
+            self.clip,
+            self.aggregation,
+        )
+        metrics.update(
+            policy_loss=float(loss.detach()),
+            entropy=float(masked_mean(outputs.entropy.detach(), minibatch.action_mask)),
+        )
         return loss, metrics
 
     def end_iteration(self, metrics: dict[str, float]) -> None:
@@ -194,8 +236,19 @@ class Shard:
 
 
 # The sums over an iteration's shards that its logged metrics are made of.
-SUMS = ("sampled", "reward", "reward_squared", "generated_tokens", "groups", "informative", "rounds", "kept", "kept_groups",
-        "kl", "response_length")
+SUMS = (
+    "sampled",
+    "reward",
+    "reward_squared",
+    "generated_tokens",
+    "groups",
+    "informative",
+    "rounds",
+    "kept",
+    "kept_groups",
+    "kl",
+    "response_length",
+)
 
 
 class RolloutSource(TrainingHooks):
@@ -206,21 +259,39 @@ class RolloutSource(TrainingHooks):
     spike_metric = "grad_norm"
     language_model = "policy"
 
-    def __init__(self, model: PolicyModel, reference: nn.Module, tokenizer: Tokenizer, algorithm: Algorithm, reward: Reward,
-                 prompts: list[Prompt], evaluation: Callable[[Engine, World, Total], dict[str, float]] | None = None,
-                 world: World | None = None):
+    def __init__(
+        self,
+        model: PolicyModel,
+        reference: nn.Module,
+        tokenizer: Tokenizer,
+        algorithm: Algorithm,
+        reward: Reward,
+        prompts: list[Prompt],
+        evaluation: Callable[[Engine, World, Total], dict[str, float]] | None = None,
+        world: World | None = None,
+    ):
         config = algorithm.config
         self.model, self.reference, self.tokenizer = model, reference.requires_grad_(False).eval(), tokenizer
         self.algorithm, self.reward, self.prompts, self.evaluation = algorithm, reward, prompts, evaluation
         self.rollout, self.update, self.seed = config.rollout, config.update, config.train.seed
         self.world = world or World()
         self.parts = config.train.grad_accum * self.world.world_size
-        for name, value in (("prompts_per_iteration", self.rollout.prompts_per_iteration), ("minibatch_size", self.update.minibatch_size)):
-            check(value % self.parts == 0, name, value, f"must be a multiple of grad_accum x processes = {self.parts}: "
-                                                        f"every micro-batch is an equal share of an iteration")
+        for name, value in (
+            ("prompts_per_iteration", self.rollout.prompts_per_iteration),
+            ("minibatch_size", self.update.minibatch_size),
+        ):
+            check(
+                value % self.parts == 0,
+                name,
+                value,
+                f"must be a multiple of grad_accum x processes = {self.parts}: "
+                f"every micro-batch is an equal share of an iteration",
+            )
         self.cycle = config.steps_per_iteration
         self.total_steps = self.update.iterations * self.cycle
-        self.generation = GenerationConfig(max_new_tokens=self.rollout.max_new_tokens, temperature=self.rollout.temperature)
+        self.generation = GenerationConfig(
+            max_new_tokens=self.rollout.max_new_tokens, temperature=self.rollout.temperature
+        )
         self.tools, self.dtype = toolbox(self.rollout.tools), DTYPES[config.train.dtype]
         self.missing_end_penalty = config.stage.missing_end_penalty
         self.engine: Engine | None = None  # made on first use, on the device the Trainer moved the policy to
@@ -239,17 +310,26 @@ class RolloutSource(TrainingHooks):
             self._start_iteration(iteration)
         shard = self.shards[part]
         rows = shard.schedule[step]
-        minibatch = (shard.batch.rows(rows.to(shard.batch.input_ids.device)) if len(rows)
-                     else idle_rows(self.tokenizer.pad_id, self.algorithm.critic))
+        minibatch = (
+            shard.batch.rows(rows.to(shard.batch.input_ids.device))
+            if len(rows)
+            else idle_rows(self.tokenizer.pad_id, self.algorithm.critic)
+        )
         tensors = {**minibatch.tensors(), "weight": torch.tensor(shard.weights[step])}
-        if self.algorithm.pretraining is not None:  # PPO-ptx: the index's pretraining rows, a function of it as the rest
+        if (
+            self.algorithm.pretraining is not None
+        ):  # PPO-ptx: the index's pretraining rows, a function of it as the rest
             language = self.algorithm.pretraining.get_batch(index)
             tensors.update(language_ids=language["input_ids"], language_targets=language["targets"])
         return tensors
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """The Trainer's ``loss_fn``: the algorithm's loss on a micro-batch, with the iteration's rollout metrics."""
-        language = {"input_ids": batch["language_ids"], "targets": batch["language_targets"]} if "language_ids" in batch else None
+        language = (
+            {"input_ids": batch["language_ids"], "targets": batch["language_targets"]}
+            if "language_ids" in batch
+            else None
+        )
         loss, metrics = self.algorithm.loss(model, RolloutBatch.from_tensors(batch), float(batch["weight"]), language)
         return loss, {**metrics, **self.metrics}
 
@@ -269,7 +349,11 @@ class RolloutSource(TrainingHooks):
         return metrics
 
     def state_dict(self) -> dict:
-        return {"algorithm": self.algorithm.state_dict(), "before": self.before, "generated_tokens": self.generated_tokens}
+        return {
+            "algorithm": self.algorithm.state_dict(),
+            "before": self.before,
+            "generated_tokens": self.generated_tokens,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.algorithm.load_state_dict(state["algorithm"])
@@ -286,18 +370,24 @@ class RolloutSource(TrainingHooks):
 
     def _engine(self) -> Engine:
         if self.engine is None:
-            self.engine = Engine(self.model.policy, self.tokenizer, decoding_layout=False, max_batch_size=self.rollout.engine_batch_size)
+            self.engine = Engine(
+                self.model.policy, self.tokenizer, decoding_layout=False, max_batch_size=self.rollout.engine_batch_size
+            )
             self.reference.to(self.engine.device)
         return self.engine
 
     def _start_iteration(self, iteration: int) -> None:
         """Steps 1-5 of the module docstring for this process's shards."""
         first = self.world.rank * self.parts // self.world.world_size
-        sampled = {part: self._sample(iteration, part) for part in range(first, first + self.parts // self.world.world_size)}
+        sampled = {
+            part: self._sample(iteration, part) for part in range(first, first + self.parts // self.world.world_size)
+        }
         batches = [batch for batch, _ in sampled.values() if batch is not None]
         advantage_metrics = self.algorithm.advantages(batches, self.total)
-        self.shards = {part: Shard(batch, self._schedule(iteration, part, 0 if batch is None else len(batch)))
-                       for part, (batch, _) in sampled.items()}
+        self.shards = {
+            part: Shard(batch, self._schedule(iteration, part, 0 if batch is None else len(batch)))
+            for part, (batch, _) in sampled.items()
+        }
         self._weigh()
         self.metrics = {**self._metrics(iteration, [sums for _, sums in sampled.values()]), **advantage_metrics}
         self.generated_tokens += int(self.metrics["generated_tokens"])
@@ -320,16 +410,24 @@ class RolloutSource(TrainingHooks):
         generated = 0
         for round_index in range(algorithm.sampling_rounds):
             stream = iteration * algorithm.sampling_rounds + round_index
-            positions = prompt_indices(len(self.prompts), per_iteration, self.seed, stream)[start:start + per_shard]
-            rollouts = generate_rollouts(self._engine(), [self.prompts[index] for index in positions], group, self.generation,
-                                         self.tools, self.seed, stream, start)
+            positions = prompt_indices(len(self.prompts), per_iteration, self.seed, stream)[start : start + per_shard]
+            rollouts = generate_rollouts(
+                self._engine(),
+                [self.prompts[index] for index in positions],
+                group,
+                self.generation,
+                self.tools,
+                self.seed,
+                stream,
+                start,
+            )
             rewards, steps = self.rate(rollouts)
             sampled_rewards += rewards
             generated += sum(rollout.injected.count(False) for rollout in rollouts)
             informative = algorithm.informative(rewards, steps)
             flags += informative or []
             keep = informative if algorithm.dynamic_sampling else [True] * len(positions)
-            for prompt in [index for index, flag in enumerate(keep) if flag][:per_shard - len(kept) // group]:
+            for prompt in [index for index, flag in enumerate(keep) if flag][: per_shard - len(kept) // group]:
                 rows = slice(prompt * group, (prompt + 1) * group)
                 kept += rollouts[rows]
                 kept_rewards += rewards[rows]
@@ -337,15 +435,32 @@ class RolloutSource(TrainingHooks):
             if len(kept) == per_shard * group:
                 break
         sums = dict.fromkeys(SUMS, 0.0)
-        sums.update(sampled=len(sampled_rewards), reward=sum(sampled_rewards), reward_squared=sum(r * r for r in sampled_rewards),
-                    generated_tokens=generated, groups=len(flags), informative=sum(flags), rounds=round_index + 1,
-                    kept=len(kept), kept_groups=len(kept) // group)
+        sums.update(
+            sampled=len(sampled_rewards),
+            reward=sum(sampled_rewards),
+            reward_squared=sum(r * r for r in sampled_rewards),
+            generated_tokens=generated,
+            groups=len(flags),
+            informative=sum(flags),
+            rounds=round_index + 1,
+            kept=len(kept),
+            kept_groups=len(kept) // group,
+        )
         if not kept:
             return None, sums
-        batch = build_batch(kept, kept_rewards, self.tokenizer.pad_id, kept_steps if algorithm.process_supervision else None)
+        batch = build_batch(
+            kept, kept_rewards, self.tokenizer.pad_id, kept_steps if algorithm.process_supervision else None
+        )
         device = self._engine().device
-        batch = score_rollouts(batch.to(device), self.model.policy, self.reference, self.model.value_head, self.rollout.temperature,
-                               self.rollout.forward_batch_size, self.dtype)
+        batch = score_rollouts(
+            batch.to(device),
+            self.model.policy,
+            self.reference,
+            self.model.value_head,
+            self.rollout.temperature,
+            self.rollout.forward_batch_size,
+            self.dtype,
+        )
         sums.update(kl=float(batch.sequence_kls().sum()), response_length=float(batch.response_lengths.sum()))
         return batch, sums
 
@@ -355,7 +470,10 @@ class RolloutSource(TrainingHooks):
         rewards = [reward - penalty for reward, penalty in zip(self.reward.score(rollouts), penalties)]
         steps = None
         if self.algorithm.process_supervision:  # the penalty lands on the step that was cut off
-            steps = [values[:-1] + [values[-1] - penalty] for values, penalty in zip(self.reward.score_steps(rollouts), penalties)]
+            steps = [
+                values[:-1] + [values[-1] - penalty]
+                for values, penalty in zip(self.reward.score_steps(rollouts), penalties)
+            ]
         return rewards, steps
 
     def _schedule(self, iteration: int, part: int, rows: int) -> list[torch.Tensor]:
@@ -367,7 +485,7 @@ class RolloutSource(TrainingHooks):
         schedule = []
         for _ in range(self.update.epochs):
             order = torch.randperm(rows, generator=generator)
-            schedule += [order[start:start + size] for start in range(0, per_epoch * size, size)]
+            schedule += [order[start : start + size] for start in range(0, per_epoch * size, size)]
         return schedule
 
     def _weigh(self) -> None:
@@ -379,19 +497,30 @@ class RolloutSource(TrainingHooks):
             for step, rows in enumerate(shard.schedule):
                 if len(rows):
                     mask = shard.batch.action_mask[rows.to(shard.batch.action_mask.device)]
-                    units[row, step] = float(mask.sum() if self.algorithm.aggregation == "token" else mask.any(dim=1).sum())
+                    units[row, step] = float(
+                        mask.sum() if self.algorithm.aggregation == "token" else mask.any(dim=1).sum()
+                    )
         minibatch_units = self.total(units.sum(dim=0)).cpu().clamp(min=1)
         for row, shard in enumerate(self.shards.values()):
             shard.weights = (self.parts * units[row] / minibatch_units).tolist()
 
     def _metrics(self, iteration: int, shard_sums: list[dict[str, float]]) -> dict[str, float]:
         """The logged metrics of the iteration, over everything every process sampled."""
-        totals = dict(zip(SUMS, self.total(torch.tensor([[sums[name] for name in SUMS] for sums in shard_sums],
-                                                         dtype=torch.float64).sum(dim=0)).tolist()))
+        totals = dict(
+            zip(
+                SUMS,
+                self.total(
+                    torch.tensor([[sums[name] for name in SUMS] for sums in shard_sums], dtype=torch.float64).sum(dim=0)
+                ).tolist(),
+            )
+        )
         mean = totals["reward"] / totals["sampled"]
-        metrics = {"iteration": float(iteration), "reward": mean,
-                   "reward_std": max(totals["reward_squared"] / totals["sampled"] - mean * mean, 0.0) ** 0.5,
-                   "generated_tokens": totals["generated_tokens"]}
+        metrics = {
+            "iteration": float(iteration),
+            "reward": mean,
+            "reward_std": max(totals["reward_squared"] / totals["sampled"] - mean * mean, 0.0) ** 0.5,
+            "generated_tokens": totals["generated_tokens"],
+        }
         if totals["groups"]:
             metrics["uniform_groups"] = 1 - totals["informative"] / totals["groups"]
         if self.algorithm.dynamic_sampling:
@@ -405,5 +534,13 @@ def idle_rows(pad_id: int, critic: bool) -> RolloutBatch:
     """One row of padding without actions: a micro-batch with nothing to learn from, whose zero loss
     still runs the whole model (DDP needs every process's backward)."""
     zeros = torch.zeros(1, 1)
-    return RolloutBatch(torch.full((1, 2), pad_id), torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1), old_logprobs=zeros,
-                        reference_logprobs=zeros, values=zeros if critic else None, advantages=zeros, returns=zeros if critic else None)
+    return RolloutBatch(
+        torch.full((1, 2), pad_id),
+        torch.zeros(1, 1, dtype=torch.bool),
+        torch.zeros(1),
+        old_logprobs=zeros,
+        reference_logprobs=zeros,
+        values=zeros if critic else None,
+        advantages=zeros,
+        returns=zeros if critic else None,
+    )

@@ -29,8 +29,16 @@ from llmkit.align.policy_gradient import PolicyModel, value_head
 from llmkit.align.preference import plot_metrics
 from llmkit.align.rewards import TASKS, ModelReward, Reward, load_task
 from llmkit.align.rl_source import Algorithm, RolloutSource, Total
-from llmkit.align.rollout import (Prompt, Rollout, build_batch, chat_prompt, completion_tokens, generate_rollouts,
-                                  score_rollouts, toolbox)
+from llmkit.align.rollout import (
+    Prompt,
+    Rollout,
+    build_batch,
+    chat_prompt,
+    completion_tokens,
+    generate_rollouts,
+    score_rollouts,
+    toolbox,
+)
 from llmkit.align.sft import load_base
 from llmkit.config import check
 from llmkit.errors import InputError
@@ -48,13 +56,26 @@ CURVES = ("reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss",
 
 @dataclass
 class RLStageConfig:
-    policy: str = field(default="runs/sft", metadata={"help": "checkpoint of the starting policy (and of the frozen reference)"})
-    task: Literal["arithmetic", "arithmetic_plain", "functions"] = field(default="arithmetic", metadata={
-        "help": "embedded task giving the prompts and the exact checker (arithmetic: with calculator calls)"})
-    reward_model: str | None = field(default=None, metadata={"help": "reward-model checkpoint (llmkit reward); default: the task's verifiable reward"})
-    format_bonus: float = field(default=0.0, metadata={"help": "verifiable reward of a well-formed but wrong answer (1 = correct)"})
-    missing_end_penalty: float = field(default=0.0, metadata={"help": "subtracted from the reward of a completion cut off before its end token"})
-    train_problems: int = field(default=2000, metadata={"help": "training prompts generated (functions: at most all tasks)"})
+    policy: str = field(
+        default="runs/sft", metadata={"help": "checkpoint of the starting policy (and of the frozen reference)"}
+    )
+    task: Literal["arithmetic", "arithmetic_plain", "functions"] = field(
+        default="arithmetic",
+        metadata={"help": "embedded task giving the prompts and the exact checker (arithmetic: with calculator calls)"},
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "reward-model checkpoint (llmkit reward); default: the task's verifiable reward"},
+    )
+    format_bonus: float = field(
+        default=0.0, metadata={"help": "verifiable reward of a well-formed but wrong answer (1 = correct)"}
+    )
+    missing_end_penalty: float = field(
+        default=0.0, metadata={"help": "subtracted from the reward of a completion cut off before its end token"}
+    )
+    train_problems: int = field(
+        default=2000, metadata={"help": "training prompts generated (functions: at most all tasks)"}
+    )
     eval_problems: int = field(default=200, metadata={"help": "held-out prompts for the greedy before/after accuracy"})
 
     def __post_init__(self) -> None:
@@ -70,23 +91,48 @@ class RLTrainConfig(TrainConfig):
     float32 (probability ratios need the precision), checkpoints and evaluations between iterations."""
 
     out: str = field(default="runs/rl", metadata={"help": "run directory: checkpoints, metrics.csv, curves"})
-    batch_size: int = field(default=1, metadata={"help": "not for PPO and GRPO (refused unless 1): a step takes --minibatch-size sequences"})
-    lr: float = field(default=1e-5, metadata={"help": "peak AdamW learning rate (RLHF's range for models of hundreds of millions of "
-                                                      "parameters and more; tiny models need more)"})
-    schedule: Literal["cosine", "wsd", "constant"] = field(default="constant", metadata={"help": "learning-rate schedule after warmup"})
+    batch_size: int = field(
+        default=1, metadata={"help": "not for PPO and GRPO (refused unless 1): a step takes --minibatch-size sequences"}
+    )
+    lr: float = field(
+        default=1e-5,
+        metadata={
+            "help": "peak AdamW learning rate (RLHF's range for models of hundreds of millions of "
+            "parameters and more; tiny models need more)"
+        },
+    )
+    schedule: Literal["cosine", "wsd", "constant"] = field(
+        default="constant", metadata={"help": "learning-rate schedule after warmup"}
+    )
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={
-        "help": "autocast dtype of the training and scoring passes (float32 or bfloat16: probability ratios need the range)"})
-    eval_interval: int = field(default=0, metadata={
-        "help": "held-out greedy evaluation every this many steps, a multiple of an iteration's (0 = before and after only)"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={
+            "help": "autocast dtype of the training and scoring passes (float32 or bfloat16: probability ratios need the range)"
+        },
+    )
+    eval_interval: int = field(
+        default=0,
+        metadata={
+            "help": "held-out greedy evaluation every this many steps, a multiple of an iteration's (0 = before and after only)"
+        },
+    )
     log_interval: int = field(default=1, metadata={"help": "write a metrics row every this many steps"})
-    checkpoint_interval: int = field(default=240, metadata={
-        "help": "checkpoint every this many steps, a multiple of an iteration's (and at the end; 240 is one of most iterations' step counts)"})
+    checkpoint_interval: int = field(
+        default=240,
+        metadata={
+            "help": "checkpoint every this many steps, a multiple of an iteration's (and at the end; 240 is one of most iterations' step counts)"
+        },
+    )
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     seed: int = field(default=0, metadata={"help": "seed of prompt order, sampling and minibatches"})
-    spike_ratio: float = field(default=10.0, metadata={
-        "help": "a gradient norm above this times its running mean is a spike (RL's gradient norms vary more than losses do)"})
+    spike_ratio: float = field(
+        default=10.0,
+        metadata={
+            "help": "a gradient norm above this times its running mean is a spike (RL's gradient norms vary more than losses do)"
+        },
+    )
 
 
 def check_rl_config(config) -> None:
@@ -95,34 +141,64 @@ def check_rl_config(config) -> None:
     for name in ("checkpoint_interval", "eval_interval"):
         value = getattr(train, name)
         near = max(value // steps, 1) * steps
-        check(value % steps == 0, name, value, f"must be a multiple of the {steps} optimizer steps of an iteration "
-                                               f"(epochs x minibatches) to fall between iterations, e.g. {near} or {near + steps}")
-    check(train.batch_size == 1, "batch_size", train.batch_size,
-          "PPO and GRPO take --minibatch-size sequences per optimizer step, split into grad_accum x processes micro-batches")
+        check(
+            value % steps == 0,
+            name,
+            value,
+            f"must be a multiple of the {steps} optimizer steps of an iteration "
+            f"(epochs x minibatches) to fall between iterations, e.g. {near} or {near + steps}",
+        )
+    check(
+        train.batch_size == 1,
+        "batch_size",
+        train.batch_size,
+        "PPO and GRPO take --minibatch-size sequences per optimizer step, split into grad_accum x processes micro-batches",
+    )
     check(train.dtype != "float16", "dtype", train.dtype, "use float32 or bfloat16: probability ratios need the range")
     check(train.optimizer == "adamw", "optimizer", train.optimizer, "PPO and GRPO fine-tune with AdamW")
-    check(train.parallelism == "ddp", "parallelism", train.parallelism,
-          "every process samples through the whole policy, which FSDP shards; use ddp")
-    check(train.batch_warmup_tokens is None, "batch_warmup_tokens", train.batch_warmup_tokens, "RL minibatches do not ramp")
-    check(train.target_val_bpb is None, "target_val_bpb", train.target_val_bpb, "RL evaluates accuracy, not bits per byte")
+    check(
+        train.parallelism == "ddp",
+        "parallelism",
+        train.parallelism,
+        "every process samples through the whole policy, which FSDP shards; use ddp",
+    )
+    check(
+        train.batch_warmup_tokens is None,
+        "batch_warmup_tokens",
+        train.batch_warmup_tokens,
+        "RL minibatches do not ramp",
+    )
+    check(
+        train.target_val_bpb is None, "target_val_bpb", train.target_val_bpb, "RL evaluates accuracy, not bits per byte"
+    )
 
 
 # -------------------------------------------------------------------------------- evaluation
-def greedy_scores(engine: Engine, prompts: list[Prompt], checker: Reward, reward: Reward, max_new_tokens: int,
-                  tools: Tools | None) -> tuple[list[float], list[float]]:
+def greedy_scores(
+    engine: Engine, prompts: list[Prompt], checker: Reward, reward: Reward, max_new_tokens: int, tools: Tools | None
+) -> tuple[list[float], list[float]]:
     """The checker's and the reward's scores of greedy completions of ``prompts``."""
-    completions = engine.generate_ids([prompt.ids for prompt in prompts], GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0), tools)
+    completions = engine.generate_ids(
+        [prompt.ids for prompt in prompts], GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0), tools
+    )
     end_id = engine.tokenizer.special_ids[END]
-    rollouts = [Rollout(prompt, completion, *completion_tokens(completion, end_id)) for prompt, completion in zip(prompts, completions)]
+    rollouts = [
+        Rollout(prompt, completion, *completion_tokens(completion, end_id))
+        for prompt, completion in zip(prompts, completions)
+    ]
     correct = checker.score(rollouts)
     return correct, correct if reward is checker else reward.score(rollouts)
 
 
-def evaluate(engine: Engine, prompts: list[Prompt], checker: Reward, reward: Reward, max_new_tokens: int,
-             tools: Tools | None) -> dict[str, float]:
+def evaluate(
+    engine: Engine, prompts: list[Prompt], checker: Reward, reward: Reward, max_new_tokens: int, tools: Tools | None
+) -> dict[str, float]:
     """Greedy completions of ``prompts``: the share the checker accepts and their mean reward."""
     correct, rewards = greedy_scores(engine, prompts, checker, reward, max_new_tokens, tools)
-    return {"accuracy": sum(value == 1.0 for value in correct) / len(prompts), "eval_reward": sum(rewards) / len(prompts)}
+    return {
+        "accuracy": sum(value == 1.0 for value in correct) / len(prompts),
+        "eval_reward": sum(rewards) / len(prompts),
+    }
 
 
 @dataclass
@@ -137,26 +213,39 @@ class HeldOutEvaluation:
     tools: Tools | None
 
     def __call__(self, engine: Engine, world: World, total: Total) -> dict[str, float]:
-        mine = self.prompts[world.rank::world.world_size]
+        mine = self.prompts[world.rank :: world.world_size]
         correct, rewards = greedy_scores(engine, mine, self.checker, self.reward, self.max_new_tokens, self.tools)
-        right, reward, count = total(torch.tensor([sum(value == 1.0 for value in correct), sum(rewards), len(mine)],
-                                                  dtype=torch.float64)).tolist()
+        right, reward, count = total(
+            torch.tensor([sum(value == 1.0 for value in correct), sum(rewards), len(mine)], dtype=torch.float64)
+        ).tolist()
         return {"accuracy": right / count, "eval_reward": reward / count}
 
 
-def fitting_prompts(tokenizer, conversations: list[list[dict]], context_length: int, max_new_tokens: int, what: str) -> list[Prompt]:
+def fitting_prompts(
+    tokenizer, conversations: list[list[dict]], context_length: int, max_new_tokens: int, what: str
+) -> list[Prompt]:
     """The prompts that leave room for ``max_new_tokens`` in the context; refuses when none does."""
     prompts = [chat_prompt(tokenizer, messages) for messages in conversations]
     fitting = [prompt for prompt in prompts if len(prompt.ids) + max_new_tokens <= context_length]
     if not fitting:
         shortest = min(len(prompt.ids) for prompt in prompts)
-        raise InputError(f"{what}: no prompt leaves room for max_new_tokens={max_new_tokens} in the context of "
-                         f"{context_length} tokens (the shortest has {shortest} tokens)")
+        raise InputError(
+            f"{what}: no prompt leaves room for max_new_tokens={max_new_tokens} in the context of "
+            f"{context_length} tokens (the shortest has {shortest} tokens)"
+        )
     return fitting
 
 
-def evaluate_checkpoint(path: str, reference: str | None = None, task: str = "arithmetic", eval_problems: int = 200,
-                        max_new_tokens: int = 160, tools: str = "calculator", seed: int = 0, device: str = "auto") -> dict[str, float]:
+def evaluate_checkpoint(
+    path: str,
+    reference: str | None = None,
+    task: str = "arithmetic",
+    eval_problems: int = 200,
+    max_new_tokens: int = 160,
+    tools: str = "calculator",
+    seed: int = 0,
+    device: str = "auto",
+) -> dict[str, float]:
     """A post-training table row for any checkpoint (SFT, PPO, GRPO, DPO): greedy accuracy and verifiable
     reward on the task's held-out prompts, as the RL stages measure them, and with a ``reference``
     checkpoint the KL(policy || reference) of one sampled completion per prompt (nats per completion)."""
@@ -164,13 +253,16 @@ def evaluate_checkpoint(path: str, reference: str | None = None, task: str = "ar
     model, tokenizer, _ = load_base(path)
     model.to(device)
     rl_task = load_task(task, 1, eval_problems, seed)
-    prompts = fitting_prompts(tokenizer, rl_task.heldout, model.config.context_length, max_new_tokens, f"{task} held-out prompts")
+    prompts = fitting_prompts(
+        tokenizer, rl_task.heldout, model.config.context_length, max_new_tokens, f"{task} held-out prompts"
+    )
     engine, runner = Engine(model, tokenizer, max_batch_size=64), toolbox(tools)
     result = evaluate(engine, prompts, rl_task.checker, rl_task.checker, max_new_tokens, runner)
     if reference is not None:
         reference_model, _ = load_model(reference, device=device)
-        rollouts = generate_rollouts(engine, prompts, 1, GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0),
-                                     runner, seed, 0)
+        rollouts = generate_rollouts(
+            engine, prompts, 1, GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0), runner, seed, 0
+        )
         batch = build_batch(rollouts, [0.0] * len(rollouts), tokenizer.pad_id).to(device)
         result["kl"] = score_rollouts(batch, model, reference_model, None, 1.0, 16).sequence_kl()
     return result
@@ -191,35 +283,73 @@ def run_policy_stage(stage: str, config, make_algorithm: Callable[[Tokenizer, in
     reference, _ = load_model(base)  # resuming continues the run's policy; the reference is always the starting one
     device, world = process_device(train.device)
     task = load_task(setup.task, setup.train_problems, setup.eval_problems, train.seed)
-    reward = ModelReward(setup.reward_model, tokenizer, str(device)) if setup.reward_model else task.make_reward(setup.format_bonus)
+    reward = (
+        ModelReward(setup.reward_model, tokenizer, str(device))
+        if setup.reward_model
+        else task.make_reward(setup.format_bonus)
+    )
     context = policy.config.context_length
-    train_prompts = fitting_prompts(tokenizer, task.train, context, rollout.max_new_tokens, f"{setup.task} training prompts")
-    eval_prompts = fitting_prompts(tokenizer, task.heldout, context, rollout.max_new_tokens, f"{setup.task} held-out prompts")
+    train_prompts = fitting_prompts(
+        tokenizer, task.train, context, rollout.max_new_tokens, f"{setup.task} training prompts"
+    )
+    eval_prompts = fitting_prompts(
+        tokenizer, task.heldout, context, rollout.max_new_tokens, f"{setup.task} held-out prompts"
+    )
     algorithm = make_algorithm(tokenizer, context)
     model = PolicyModel(policy, value_head(policy.config) if algorithm.critic else None, rollout.temperature).eval()
     evaluation = HeldOutEvaluation(eval_prompts, task.checker, reward, rollout.max_new_tokens, toolbox(rollout.tools))
     source = RolloutSource(model, reference, tokenizer, algorithm, reward, train_prompts, evaluation, world)
-    metadata = {"stage": stage, "stage_config": dataclasses.asdict(config), "tokenizer_sha256": tokenizer.sha256,
-                "base": str(base.resolve())}
+    metadata = {
+        "stage": stage,
+        "stage_config": dataclasses.asdict(config),
+        "tokenizer_sha256": tokenizer.sha256,
+        "base": str(base.resolve()),
+    }
     # Throughput counts a micro-batch as its rows at the longest prompt plus every new token (an upper bound).
     longest = max(len(prompt.ids) for prompt in train_prompts) + rollout.max_new_tokens
-    trainer = Trainer(model, source, train, loss_fn=source.loss, tokenizer=tokenizer, metadata=metadata,
-                      tokens_per_batch=config.update.minibatch_size // source.parts * longest, hooks=source)
+    trainer = Trainer(
+        model,
+        source,
+        train,
+        loss_fn=source.loss,
+        tokenizer=tokenizer,
+        metadata=metadata,
+        tokens_per_batch=config.update.minibatch_size // source.parts * longest,
+        hooks=source,
+    )
     summary = trainer.run()
     out = Path(train.out)
     curves = None
     if trainer.world.is_main:
-        curves = plot_metrics(out, list(CURVES), f"{stage}: {setup.task}", "curves.png", panel_rows=2, with_events=True,
-                              marked=("accuracy",))
+        curves = plot_metrics(
+            out,
+            list(CURVES),
+            f"{stage}: {setup.task}",
+            "curves.png",
+            panel_rows=2,
+            with_events=True,
+            marked=("accuracy",),
+        )
     rows = _rollout_rows(out)
     position, after = source.evaluated or (None, {})
     after = after if position == trainer.data_position else {}  # none when a stop signal ended the run
     before = source.before or {}
-    return {"stage": stage, "policy": str(base), "task": setup.task, "reward_source": "model" if setup.reward_model else "verifiable",
-            "iterations": trainer.data_position // source.cycle, "generated_tokens": source.generated_tokens,
-            "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
-            "reward_before": before.get("eval_reward"), "reward_after": after.get("eval_reward"),
-            "rollout_reward_first": float(rows[0]["reward"]) if rows else None,
-            "rollout_reward_last": float(rows[-1]["reward"]) if rows else None,
-            "final_kl": float(rows[-1]["kl"]) if rows and rows[-1].get("kl") else None,
-            **algorithm.state_dict(), "eval_prompts": len(eval_prompts), "curves": None if curves is None else str(curves), **summary}
+    return {
+        "stage": stage,
+        "policy": str(base),
+        "task": setup.task,
+        "reward_source": "model" if setup.reward_model else "verifiable",
+        "iterations": trainer.data_position // source.cycle,
+        "generated_tokens": source.generated_tokens,
+        "accuracy_before": before.get("accuracy"),
+        "accuracy_after": after.get("accuracy"),
+        "reward_before": before.get("eval_reward"),
+        "reward_after": after.get("eval_reward"),
+        "rollout_reward_first": float(rows[0]["reward"]) if rows else None,
+        "rollout_reward_last": float(rows[-1]["reward"]) if rows else None,
+        "final_kl": float(rows[-1]["kl"]) if rows and rows[-1].get("kl") else None,
+        **algorithm.state_dict(),
+        "eval_prompts": len(eval_prompts),
+        "curves": None if curves is None else str(curves),
+        **summary,
+    }

@@ -95,7 +95,9 @@ def completion_tokens(completion: Completion, end_id: int) -> tuple[list[int], l
 
 def toolbox(name: str) -> Tools | None:
     """The tools of ``--tools``: the calculator, the calculator and the Python sandbox, or none."""
-    return {"calculator": lambda: ToolBox([calculator_tool()]), "default": default_toolbox, "none": lambda: None}[name]()
+    return {"calculator": lambda: ToolBox([calculator_tool()]), "default": default_toolbox, "none": lambda: None}[
+        name
+    ]()
 
 
 def request_seeds(seed: int, iteration: int, count: int, first: int = 0) -> list[int]:
@@ -104,8 +106,16 @@ def request_seeds(seed: int, iteration: int, count: int, first: int = 0) -> list
     return [int(value) for value in np.random.SeedSequence((seed, iteration)).generate_state(first + count)[first:]]
 
 
-def generate_rollouts(engine: Engine, prompts: list[Prompt], samples_per_prompt: int, generation: GenerationConfig,
-                      tools: Tools | None, seed: int, iteration: int, first_prompt: int = 0) -> list[Rollout]:
+def generate_rollouts(
+    engine: Engine,
+    prompts: list[Prompt],
+    samples_per_prompt: int,
+    generation: GenerationConfig,
+    tools: Tools | None,
+    seed: int,
+    iteration: int,
+    first_prompt: int = 0,
+) -> list[Rollout]:
     """``samples_per_prompt`` completions of every prompt (a prompt's samples next to each other);
     ``prompts`` begin at position ``first_prompt`` of the iteration's prompts, whose sampling seeds they take."""
     requests = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
@@ -113,10 +123,22 @@ def generate_rollouts(engine: Engine, prompts: list[Prompt], samples_per_prompt:
     configs = [dataclasses.replace(generation, seed=request_seed) for request_seed in seeds]
     completions = engine.generate_ids([prompt.ids for prompt in requests], configs, tools)
     end_id = engine.tokenizer.special_ids[END]
-    return [Rollout(prompt, completion, *completion_tokens(completion, end_id)) for prompt, completion in zip(requests, completions)]
+    return [
+        Rollout(prompt, completion, *completion_tokens(completion, end_id))
+        for prompt, completion in zip(requests, completions)
+    ]
 
 
-TRAINING_FIELDS = ("input_ids", "action_mask", "rewards", "old_logprobs", "reference_logprobs", "values", "advantages", "returns")
+TRAINING_FIELDS = (
+    "input_ids",
+    "action_mask",
+    "rewards",
+    "old_logprobs",
+    "reference_logprobs",
+    "values",
+    "advantages",
+    "returns",
+)
 
 
 @dataclass
@@ -170,16 +192,21 @@ class RolloutBatch:
             if value is None or value.dim() == 1:
                 fields[field.name] = None if value is None else value[indices]
             else:  # input_ids hold one token more than the per-position tensors
-                fields[field.name] = value[indices, :positions + (field.name == "input_ids")]
+                fields[field.name] = value[indices, : positions + (field.name == "input_ids")]
         return RolloutBatch(**fields)
 
     def to(self, device: torch.device) -> "RolloutBatch":
-        return RolloutBatch(**{field.name: None if getattr(self, field.name) is None else getattr(self, field.name).to(device)
-                               for field in dataclasses.fields(self)})
+        return RolloutBatch(
+            **{
+                field.name: None if getattr(self, field.name) is None else getattr(self, field.name).to(device)
+                for field in dataclasses.fields(self)
+            }
+        )
 
 
-def build_batch(rollouts: list[Rollout], rewards: list[float], pad_id: int,
-                step_rewards: list[list[float]] | None = None) -> RolloutBatch:
+def build_batch(
+    rollouts: list[Rollout], rewards: list[float], pad_id: int, step_rewards: list[list[float]] | None = None
+) -> RolloutBatch:
     """Rows ``prompt + completion`` right-padded with ``pad_id``, and the action mask; with
     ``step_rewards`` (one per step of each rollout, :meth:`Rollout.step_ends`) the step tensors too."""
     lengths = [len(rollout.prompt.ids) + len(rollout.token_ids) for rollout in rollouts]
@@ -188,9 +215,9 @@ def build_batch(rollouts: list[Rollout], rewards: list[float], pad_id: int,
     action_mask = torch.zeros((len(rollouts), width - 1), dtype=torch.bool)
     for row, rollout in enumerate(rollouts):
         start = len(rollout.prompt.ids)
-        input_ids[row, :lengths[row]] = torch.tensor(rollout.prompt.ids + rollout.token_ids)
+        input_ids[row, : lengths[row]] = torch.tensor(rollout.prompt.ids + rollout.token_ids)
         # Token start + i is predicted at position start + i - 1.
-        action_mask[row, start - 1:lengths[row] - 1] = ~torch.tensor(rollout.injected, dtype=torch.bool)
+        action_mask[row, start - 1 : lengths[row] - 1] = ~torch.tensor(rollout.injected, dtype=torch.bool)
     batch = RolloutBatch(input_ids, action_mask, torch.tensor(rewards, dtype=torch.float32))
     if step_rewards is not None:
         batch.step_rewards = torch.zeros(action_mask.shape)
@@ -213,14 +240,21 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def score_rollouts(batch: RolloutBatch, policy: nn.Module, reference: nn.Module, value_head: nn.Module | None,
-                   temperature: float, batch_size: int, dtype: torch.dtype = torch.float32) -> RolloutBatch:
+def score_rollouts(
+    batch: RolloutBatch,
+    policy: nn.Module,
+    reference: nn.Module,
+    value_head: nn.Module | None,
+    temperature: float,
+    batch_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> RolloutBatch:
     """Fill in the old (policy) and reference log-probabilities, and the values when there is a value
     head, in forward passes of ``batch_size`` rows; zero outside the action mask."""
     device = batch.input_ids.device
     old, reference_logprobs, values = [], [], []
     for start in range(0, len(batch), batch_size):
-        rows = batch.input_ids[start:start + batch_size]
+        rows = batch.input_ids[start : start + batch_size]
         with autocast(device, dtype):
             outputs = policy_forward(policy, rows, temperature, value_head)
             reference_outputs = policy_forward(reference, rows, temperature)

@@ -14,13 +14,20 @@ from tqdm.auto import tqdm
 from llmkit.config import check
 from llmkit.errors import InputError
 from llmkit.infer.engine import Engine
-from llmkit.infer.prompting import (PromptBuilder, PromptConfig, SelfConsistencyConfig, hidden_state_embedder,
-                                    load_examples, self_consistency)
+from llmkit.infer.prompting import (
+    PromptBuilder,
+    PromptConfig,
+    SelfConsistencyConfig,
+    hidden_state_embedder,
+    load_examples,
+    self_consistency,
+)
 from llmkit.io import atomic_write_jsonl, iter_jsonl
 
 
-def self_improvement_dataset(engine, builder: PromptBuilder, questions: list[str], config: SelfConsistencyConfig,
-                             min_vote_share: float = 0.5) -> list[dict]:
+def self_improvement_dataset(
+    engine, builder: PromptBuilder, questions: list[str], config: SelfConsistencyConfig, min_vote_share: float = 0.5
+) -> list[dict]:
     """Huang et al. 2022 (LMSI): for unlabeled questions, the reasoning paths that reach the majority
     answer of a confident vote (share >= ``min_vote_share``) become SFT rows in the ``messages`` format.
     A path sampled twice with the same text is kept once: a copy adds weight, not information."""
@@ -31,8 +38,10 @@ def self_improvement_dataset(engine, builder: PromptBuilder, questions: list[str
         if vote.answer is None or vote.vote_share < min_vote_share:
             continue
         agreeing = dict.fromkeys(path.text for path in vote.paths if path.answer == vote.answer)
-        rows += [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": text}]}
-                 for text in agreeing]
+        rows += [
+            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": text}]}
+            for text in agreeing
+        ]
     return rows
 
 
@@ -46,10 +55,21 @@ class SelfImproveConfig:
     """``llmkit self-improve``: voted chain-of-thought paths on unlabeled questions, as an SFT dataset."""
 
     checkpoint: str = field(default="runs/base", metadata={"help": "run directory or checkpoint folder"})
-    questions: str = field(default="", metadata={"help": "JSONL of unlabeled questions (field 'question'; other fields are ignored)"})
-    demonstrations: str | None = field(default=None, metadata={"help": "JSONL pool of demonstrations (question, answer, optional rationale; GSM8K format works)"})
-    out: str = field(default="runs/self_improve.jsonl", metadata={"help": "output JSONL of SFT rows (messages format), the input of llmkit sft"})
-    min_vote_share: float = field(default=0.5, metadata={"help": "keep a question only when its majority answer has at least this share of the paths"})
+    questions: str = field(
+        default="", metadata={"help": "JSONL of unlabeled questions (field 'question'; other fields are ignored)"}
+    )
+    demonstrations: str | None = field(
+        default=None,
+        metadata={"help": "JSONL pool of demonstrations (question, answer, optional rationale; GSM8K format works)"},
+    )
+    out: str = field(
+        default="runs/self_improve.jsonl",
+        metadata={"help": "output JSONL of SFT rows (messages format), the input of llmkit sft"},
+    )
+    min_vote_share: float = field(
+        default=0.5,
+        metadata={"help": "keep a question only when its majority answer has at least this share of the paths"},
+    )
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     # Zero-shot CoT by default: it needs no demonstrations, and self-improvement needs reasoning paths.
     prompt: PromptConfig = field(default_factory=lambda: PromptConfig(chain_of_thought="zero_shot"))
@@ -58,8 +78,12 @@ class SelfImproveConfig:
     def __post_init__(self) -> None:
         check(bool(self.questions), "questions", self.questions, "name a JSONL file of questions")
         check(0 < self.min_vote_share <= 1, "min_vote_share", self.min_vote_share, "must be in (0, 1]")
-        check(self.prompt.chain_of_thought != "none", "chain_of_thought", self.prompt.chain_of_thought,
-              "self-improvement trains on reasoning paths: use few_shot (with --demonstrations and --shots) or zero_shot")
+        check(
+            self.prompt.chain_of_thought != "none",
+            "chain_of_thought",
+            self.prompt.chain_of_thought,
+            "self-improvement trains on reasoning paths: use few_shot (with --demonstrations and --shots) or zero_shot",
+        )
 
 
 def run_self_improvement(config: SelfImproveConfig) -> dict:

@@ -33,12 +33,12 @@ from torch import nn
 from llmkit.align.conversation_batches import ConversationBatches, tokenize_conversations
 from llmkit.chat import Conversation
 from llmkit.config import check
-from llmkit.token_data import check_tokenizer
 from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.io import atomic_directory, atomic_write_json, read_json
 from llmkit.model.checkpoint import LATEST, load_model, read_config, resolve_checkpoint, write_model
 from llmkit.model.lora import LoRAConfig, apply_lora, merge_lora, save_adapters
 from llmkit.model.transformer import Transformer
+from llmkit.token_data import check_tokenizer
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import distributed
 from llmkit.train.batches import TokenBatches
@@ -46,7 +46,16 @@ from llmkit.train.config import TrainConfig
 from llmkit.train.objectives import IGNORE_INDEX
 from llmkit.train.trainer import Trainer
 
-__all__ = ["ConversationBatches", "SFTConfig", "SFTTrainConfig", "dataset_source", "load_base", "load_datasets", "sft", "sft_loss"]
+__all__ = [
+    "ConversationBatches",
+    "SFTConfig",
+    "SFTTrainConfig",
+    "dataset_source",
+    "load_base",
+    "load_datasets",
+    "sft",
+    "sft_loss",
+]
 
 BUILTIN_TASKS = ("arithmetic", "arithmetic_plain", "functions")
 ADAPTERS_DIRECTORY = "adapters"
@@ -57,33 +66,73 @@ class SFTTrainConfig(TrainConfig):
     """The training loop's settings with fine-tuning defaults."""
 
     out: str = field(default="runs/sft", metadata={"help": "run directory: checkpoints, metrics.csv, plots, adapters"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (LoRA usually takes a few times more than full fine-tuning)"})
+    lr: float = field(
+        default=1e-4,
+        metadata={"help": "peak learning rate (LoRA usually takes a few times more than full fine-tuning)"},
+    )
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
     eval_interval: int = field(default=50, metadata={"help": "validate every this many steps (0 = only at the end)"})
-    spike_ratio: float = field(default=4.0, metadata={
-        "help": "a loss above this times its running mean is a spike (batches of conversations differ more than text windows)"})
+    spike_ratio: float = field(
+        default=4.0,
+        metadata={
+            "help": "a loss above this times its running mean is a spike (batches of conversations differ more than text windows)"
+        },
+    )
 
 
 @dataclass
 class SFTConfig:
-    base: str = field(default="runs/base", metadata={"help": "checkpoint to fine-tune (run directory or checkpoint folder)"})
-    datasets: list[str] = field(default_factory=lambda: ["arithmetic"], metadata={
-        "help": f"dataset files (messages, prompt/completion, Alpaca, ShareGPT, seed tasks) and embedded tasks "
-                f"({', '.join(BUILTIN_TASKS)}; name:N for N conversations)"})
-    generated_examples: int = field(default=2000, metadata={"help": "conversations generated for an embedded task named without :N"})
-    task_cap: int | None = field(default=None, metadata={
-        "help": "examples-proportional mixing limit K: a task contributes at most K conversations per epoch (Raffel et al. 2020)"})
-    val_fraction: float = field(default=0.05, metadata={"help": "fraction of every task held out for the validation loss"})
-    sequence_length: int | None = field(default=1024, metadata={
-        "help": "tokens per training row, conversations packed to it (at most the model's context; none = the model's "
-                "context, e.g. 8,192 for SmolLM2, which a CPU may not hold)"})
-    overlong: Literal["truncate", "drop"] = field(default="truncate", metadata={
-        "help": "conversations longer than a training row: cut them to it, or leave them out"})
-    epochs: float | None = field(default=3.0, metadata={
-        "help": "passes over the task mixture (with max_steps, max_tokens or max_time: whichever ends first)"})
-    pretrain_data: str | None = field(default=None, metadata={"help": "token data directory mixed in as a regulariser (loss on all its tokens)"})
-    pretrain_fraction: float = field(default=0.0, metadata={"help": "fraction of every batch's rows taken from pretrain_data"})
-    merge: bool = field(default=True, metadata={"help": "LoRA: merge the adapters into the final checkpoint's weights (adapters are saved alone either way)"})
+    base: str = field(
+        default="runs/base", metadata={"help": "checkpoint to fine-tune (run directory or checkpoint folder)"}
+    )
+    datasets: list[str] = field(
+        default_factory=lambda: ["arithmetic"],
+        metadata={
+            "help": f"dataset files (messages, prompt/completion, Alpaca, ShareGPT, seed tasks) and embedded tasks "
+            f"({', '.join(BUILTIN_TASKS)}; name:N for N conversations)"
+        },
+    )
+    generated_examples: int = field(
+        default=2000, metadata={"help": "conversations generated for an embedded task named without :N"}
+    )
+    task_cap: int | None = field(
+        default=None,
+        metadata={
+            "help": "examples-proportional mixing limit K: a task contributes at most K conversations per epoch (Raffel et al. 2020)"
+        },
+    )
+    val_fraction: float = field(
+        default=0.05, metadata={"help": "fraction of every task held out for the validation loss"}
+    )
+    sequence_length: int | None = field(
+        default=1024,
+        metadata={
+            "help": "tokens per training row, conversations packed to it (at most the model's context; none = the model's "
+            "context, e.g. 8,192 for SmolLM2, which a CPU may not hold)"
+        },
+    )
+    overlong: Literal["truncate", "drop"] = field(
+        default="truncate",
+        metadata={"help": "conversations longer than a training row: cut them to it, or leave them out"},
+    )
+    epochs: float | None = field(
+        default=3.0,
+        metadata={
+            "help": "passes over the task mixture (with max_steps, max_tokens or max_time: whichever ends first)"
+        },
+    )
+    pretrain_data: str | None = field(
+        default=None, metadata={"help": "token data directory mixed in as a regulariser (loss on all its tokens)"}
+    )
+    pretrain_fraction: float = field(
+        default=0.0, metadata={"help": "fraction of every batch's rows taken from pretrain_data"}
+    )
+    merge: bool = field(
+        default=True,
+        metadata={
+            "help": "LoRA: merge the adapters into the final checkpoint's weights (adapters are saved alone either way)"
+        },
+    )
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
 
@@ -92,22 +141,46 @@ class SFTConfig:
         for entry in self.datasets:
             dataset_source(entry, self.generated_examples)  # a bad count fails now
         check(self.generated_examples > 0, "generated_examples", self.generated_examples, "must be positive")
-        check(self.sequence_length is None or self.sequence_length > 1, "sequence_length", self.sequence_length,
-              "must be at least 2 tokens")
+        check(
+            self.sequence_length is None or self.sequence_length > 1,
+            "sequence_length",
+            self.sequence_length,
+            "must be at least 2 tokens",
+        )
         check(self.task_cap is None or self.task_cap > 0, "task_cap", self.task_cap, "must be positive")
         check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
         check(self.epochs is None or self.epochs > 0, "epochs", self.epochs, "must be positive")
         check(0 <= self.pretrain_fraction < 1, "pretrain_fraction", self.pretrain_fraction, "must be in [0, 1)")
-        check((self.pretrain_fraction > 0) == (self.pretrain_data is not None), "pretrain_fraction", self.pretrain_fraction,
-              "give pretrain_data together with a positive pretrain_fraction")
-        check(self.pretraining_rows < self.train.batch_size, "pretrain_fraction", self.pretrain_fraction,
-              f"leaves no conversation rows in a batch of {self.train.batch_size}")
-        check(self.train.target_val_bpb is None, "target_val_bpb", self.train.target_val_bpb,
-              "the validation loss of fine-tuning is on assistant tokens, not bits per byte of text")
-        check(not (self.lora.enabled and self.train.optimizer == "muon"), "optimizer", self.train.optimizer,
-              "LoRA trains rank-r factors, which Muon's orthogonalised updates are not meant for; use adamw")
-        check(bool(self.epochs or self.train.max_steps or self.train.max_tokens or self.train.max_time), "epochs", self.epochs,
-              "give a budget: epochs, max_steps, max_tokens or max_time")
+        check(
+            (self.pretrain_fraction > 0) == (self.pretrain_data is not None),
+            "pretrain_fraction",
+            self.pretrain_fraction,
+            "give pretrain_data together with a positive pretrain_fraction",
+        )
+        check(
+            self.pretraining_rows < self.train.batch_size,
+            "pretrain_fraction",
+            self.pretrain_fraction,
+            f"leaves no conversation rows in a batch of {self.train.batch_size}",
+        )
+        check(
+            self.train.target_val_bpb is None,
+            "target_val_bpb",
+            self.train.target_val_bpb,
+            "the validation loss of fine-tuning is on assistant tokens, not bits per byte of text",
+        )
+        check(
+            not (self.lora.enabled and self.train.optimizer == "muon"),
+            "optimizer",
+            self.train.optimizer,
+            "LoRA trains rank-r factors, which Muon's orthogonalised updates are not meant for; use adamw",
+        )
+        check(
+            bool(self.epochs or self.train.max_steps or self.train.max_tokens or self.train.max_time),
+            "epochs",
+            self.epochs,
+            "give a budget: epochs, max_steps, max_tokens or max_time",
+        )
 
     @property
     def pretraining_rows(self) -> int:
@@ -124,7 +197,12 @@ def dataset_source(entry: str, default_count: int) -> tuple[str, int | None]:
         return entry, None
     if not count:
         return name, default_count
-    check(count.isdigit() and int(count) > 0, "datasets", entry, "an embedded task's count (name:N) must be a positive integer")
+    check(
+        count.isdigit() and int(count) > 0,
+        "datasets",
+        entry,
+        "an embedded task's count (name:N) must be a positive integer",
+    )
     return name, int(count)
 
 
@@ -134,7 +212,10 @@ def builtin_conversations(name: str, count: int, seed: int) -> list[Conversation
         from llmkit.tasks import arithmetic
 
         problems = arithmetic.generate_problems(count, seed=seed, split="train")
-        return [Conversation(arithmetic.to_conversation(problem, with_tools=name == "arithmetic").messages, name) for problem in problems]
+        return [
+            Conversation(arithmetic.to_conversation(problem, with_tools=name == "arithmetic").messages, name)
+            for problem in problems
+        ]
     from llmkit.tasks import functions
 
     tasks = functions.function_tasks("train")
@@ -159,7 +240,9 @@ def load_datasets(entries: list[str], default_count: int, seed: int) -> list[Con
     return conversations
 
 
-def split_validation(conversations: list[Conversation], fraction: float, seed: int) -> tuple[list[Conversation], list[Conversation]]:
+def split_validation(
+    conversations: list[Conversation], fraction: float, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
     """Hold out ``round(fraction * n)`` random conversations of every task of n (never all of them)."""
     by_task: dict[str, list[Conversation]] = {}
     for conversation in conversations:
@@ -201,9 +284,13 @@ def load_base(path: str | Path) -> tuple[nn.Module, Tokenizer, Path]:
     tokenizer = Tokenizer.load(checkpoint)
     expected = config.get("tokenizer_sha256")
     if expected and expected != tokenizer.sha256:
-        raise MismatchError(f"{checkpoint}: tokenizer.json (sha256 {tokenizer.sha256[:12]}) is not the one the model was trained with")
+        raise MismatchError(
+            f"{checkpoint}: tokenizer.json (sha256 {tokenizer.sha256[:12]}) is not the one the model was trained with"
+        )
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise MismatchError(f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+        raise MismatchError(
+            f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+        )
     return model, tokenizer, checkpoint
 
 
@@ -214,8 +301,12 @@ def _check_resume(config: SFTConfig) -> None:
         return
     saved = read_config(resolve_checkpoint(out)).get("lora")
     if saved and saved.get("merged"):
-        raise ConfigError("resume", True, f"{out} finished and merged its LoRA adapters into its weights; "
-                                          f"fine-tune further in a new run with --base {out}")
+        raise ConfigError(
+            "resume",
+            True,
+            f"{out} finished and merged its LoRA adapters into its weights; "
+            f"fine-tune further in a new run with --base {out}",
+        )
     wanted = dataclasses.asdict(config.lora) if config.lora.enabled else None
     if saved != wanted:
         raise ConfigError("rank", config.lora.rank, f"{out} was trained with LoRA settings {saved}, not {wanted}")
@@ -237,15 +328,21 @@ def _finish_lora(config: SFTConfig, checkpoint: Path, base: Path, metadata: dict
     """Save the adapters of the final checkpoint alone; with ``merge``, rewrite that checkpoint as plain
     merged weights (without optimizer state: the run is complete and not resumable with adapters any
     more). Works from the files, so it is the same after DDP or FSDP training."""
-    model, _ = load_model(checkpoint, model_class=lambda model_config: apply_lora(Transformer(model_config), config.lora))
+    model, _ = load_model(
+        checkpoint, model_class=lambda model_config: apply_lora(Transformer(model_config), config.lora)
+    )
     adapters = save_adapters(model, Path(config.train.out) / ADAPTERS_DIRECTORY, base_checkpoint=base)
     if not config.merge:
         return {"adapters": str(adapters), "merged": False}
     merge_lora(model)
     trainer_state = read_json(checkpoint / "trainer_state.json")
     with atomic_directory(checkpoint) as building:
-        write_model(building, model.state_dict(), model.config,
-                    {**metadata, "lora": {**metadata["lora"], "merged": True, "adapters": str(adapters.resolve())}})
+        write_model(
+            building,
+            model.state_dict(),
+            model.config,
+            {**metadata, "lora": {**metadata["lora"], "merged": True, "adapters": str(adapters.resolve())}},
+        )
         tokenizer.save(building)
         atomic_write_json(building / "trainer_state.json", trainer_state)
     return {"adapters": str(adapters), "merged": True}
@@ -262,16 +359,31 @@ def sft(config: SFTConfig) -> dict:
     train_examples, fitted = tokenize_conversations(tokenizer, train_conversations, context_length, config.overlong)
     val_examples, val_fitted = tokenize_conversations(tokenizer, val_conversations, context_length, config.overlong)
     if not train_examples:
-        raise InputError(f"{', '.join(config.datasets)}: no conversation with assistant tokens fits a training row of "
-                         f"{context_length} tokens (sequence_length)")
+        raise InputError(
+            f"{', '.join(config.datasets)}: no conversation with assistant tokens fits a training row of "
+            f"{context_length} tokens (sequence_length)"
+        )
     pretraining = None
     if config.pretraining_rows:
-        pretraining = TokenBatches(config.pretrain_data, "train", config.pretraining_rows, context_length, seed=train.seed)
+        pretraining = TokenBatches(
+            config.pretrain_data, "train", config.pretraining_rows, context_length, seed=train.seed
+        )
         check_tokenizer(pretraining.manifest, tokenizer)
-    train_batches = ConversationBatches(train_examples, train.batch_size, context_length, tokenizer.pad_id, train.seed,
-                                        config.task_cap, pretraining, config.pretraining_rows)
-    val_batches = (ConversationBatches(val_examples, train.batch_size, context_length, tokenizer.pad_id, train.seed)
-                   if val_examples else None)
+    train_batches = ConversationBatches(
+        train_examples,
+        train.batch_size,
+        context_length,
+        tokenizer.pad_id,
+        train.seed,
+        config.task_cap,
+        pretraining,
+        config.pretraining_rows,
+    )
+    val_batches = (
+        ConversationBatches(val_examples, train.batch_size, context_length, tokenizer.pad_id, train.seed)
+        if val_examples
+        else None
+    )
     val_rows = len(val_batches.epoch_rows(0)) if val_batches else 0
     train = _with_budget(config, train_batches, context_length, val_rows)
 
@@ -280,10 +392,23 @@ def sft(config: SFTConfig) -> dict:
         apply_lora(model, config.lora)
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     model.train()  # load_model returns it in evaluation mode, which would switch dropout off
-    metadata = {"stage": "sft", "stage_config": dataclasses.asdict(config), "tokenizer_sha256": tokenizer.sha256,
-                "base": str(base.resolve()), "lora": dataclasses.asdict(config.lora) if config.lora.enabled else None}
-    trainer = Trainer(model, train_batches, train, val_batches=val_batches, loss_fn=sft_loss, tokenizer=tokenizer, metadata=metadata,
-                      tokens_per_batch=train.batch_size * context_length)
+    metadata = {
+        "stage": "sft",
+        "stage_config": dataclasses.asdict(config),
+        "tokenizer_sha256": tokenizer.sha256,
+        "base": str(base.resolve()),
+        "lora": dataclasses.asdict(config.lora) if config.lora.enabled else None,
+    }
+    trainer = Trainer(
+        model,
+        train_batches,
+        train,
+        val_batches=val_batches,
+        loss_fn=sft_loss,
+        tokenizer=tokenizer,
+        metadata=metadata,
+        tokens_per_batch=train.batch_size * context_length,
+    )
     summary = trainer.run()
     lora = {"adapters": None, "merged": False}
     if config.lora.enabled and not summary["interrupted"]:
@@ -291,9 +416,23 @@ def sft(config: SFTConfig) -> dict:
             lora = _finish_lora(config, Path(summary["checkpoint"]), base, metadata, tokenizer)
         distributed.barrier(trainer.world)
 
-    tasks = {task: {"train": len(members), "val": sum(example.task == task for example in val_examples),
-                    "rate": round(train_batches.rates[task], 4)} for task, members in zip(train_batches.tasks, train_batches.members)}
-    return {"base": str(base), "tasks": tasks, "truncated": fitted["truncated"] + val_fitted["truncated"],
-            "dropped": fitted["dropped"] + val_fitted["dropped"], **train_batches.statistics(),
-            "pretraining_rows": config.pretraining_rows, "trainable_parameters": trainable,
-            "lora_rank": config.lora.rank, **lora, **summary}
+    tasks = {
+        task: {
+            "train": len(members),
+            "val": sum(example.task == task for example in val_examples),
+            "rate": round(train_batches.rates[task], 4),
+        }
+        for task, members in zip(train_batches.tasks, train_batches.members)
+    }
+    return {
+        "base": str(base),
+        "tasks": tasks,
+        "truncated": fitted["truncated"] + val_fitted["truncated"],
+        "dropped": fitted["dropped"] + val_fitted["dropped"],
+        **train_batches.statistics(),
+        "pretraining_rows": config.pretraining_rows,
+        "trainable_parameters": trainable,
+        "lora_rank": config.lora.rank,
+        **lora,
+        **summary,
+    }

@@ -55,7 +55,9 @@ HTML_ELEMENTS = (
 # (badge tables); the <body> alone of 3,000 rustdoc/mdBook pages has a median of
 # 1.0 and 90% of them reach 0.5 (whole pages are caught by their opening).
 HTML_LINE_SHARE = 0.5
-_PAGE_OPENING = re.compile(r"\ufeff?\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html|head|body)\b", re.IGNORECASE | re.DOTALL)
+_PAGE_OPENING = re.compile(
+    r"\ufeff?\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html|head|body)\b", re.IGNORECASE | re.DOTALL
+)
 _TAG_LED_LINE = re.compile(r"^[ \t]*</?(?:%s)\b[^<>]*>" % "|".join(HTML_ELEMENTS), re.IGNORECASE | re.MULTILINE)
 _NON_BLANK_LINE = re.compile(r"^[ \t]*\S", re.MULTILINE)
 
@@ -91,12 +93,21 @@ _EXCESS_BLANK_LINES = re.compile(r"\n{4,}")
 @dataclass
 class CleanConfig:
     html: Literal["auto", "always", "never"] = field(
-        default="auto", metadata={"help": "extract text from HTML: 'auto' = when the text looks like a page or markup (use 'never' for code sources: JSX and templates look like markup)"}
+        default="auto",
+        metadata={
+            "help": "extract text from HTML: 'auto' = when the text looks like a page or markup (use 'never' for code sources: JSX and templates look like markup)"
+        },
     )
-    main_content: bool = field(default=True, metadata={"help": "keep only the main content of HTML pages (drop navigation, headers, footers, menus)"})
+    main_content: bool = field(
+        default=True,
+        metadata={"help": "keep only the main content of HTML pages (drop navigation, headers, footers, menus)"},
+    )
     fix_unicode: bool = field(default=True, metadata={"help": "repair mojibake with ftfy and normalise Unicode to NFC"})
     normalize_whitespace: bool = field(
-        default=True, metadata={"help": "drop control and zero-width characters, unify line breaks and spaces, strip trailing spaces, keep at most two blank lines in a row"}
+        default=True,
+        metadata={
+            "help": "drop control and zero-width characters, unify line breaks and spaces, strip trailing spaces, keep at most two blank lines in a row"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -239,8 +250,16 @@ class DialogueFields:
     """
 
     id: str = field(default="message_id", metadata={"help": "field holding the message's id"})
-    parent: str = field(default="parent_id", metadata={"help": "field holding the id of the message it replies to (null or empty for a thread's first message)"})
-    thread: str | None = field(default="message_tree_id", metadata={"help": "field holding the thread id (None: each root message starts a thread)"})
+    parent: str = field(
+        default="parent_id",
+        metadata={
+            "help": "field holding the id of the message it replies to (null or empty for a thread's first message)"
+        },
+    )
+    thread: str | None = field(
+        default="message_tree_id",
+        metadata={"help": "field holding the thread id (None: each root message starts a thread)"},
+    )
     author: str = field(default="role", metadata={"help": "field holding the author's name or role"})
     text: str = field(default="text", metadata={"help": "field holding the message's text"})
     id_prefix: str = field(default="", metadata={"help": "prefix parent ids put before message ids (Reddit: 't1_')"})
@@ -248,7 +267,12 @@ class DialogueFields:
     def __post_init__(self) -> None:
         for name in ("id", "parent", "author", "text"):
             check(bool(getattr(self, name)), name, getattr(self, name), "must name a record field")
-        check(self.thread is None or bool(self.thread), "thread", self.thread, "must name a record field, or be None to derive threads from root messages")
+        check(
+            self.thread is None or bool(self.thread),
+            "thread",
+            self.thread,
+            "must name a record field, or be None to derive threads from root messages",
+        )
 
 
 @dataclass
@@ -270,7 +294,9 @@ class _Message:
     replies: list[_Message] = field(default_factory=list)
 
 
-def render_threads(records: Iterable[dict], fields: DialogueFields, stats: DialogueStats | None = None) -> Iterator[tuple[str, str]]:
+def render_threads(
+    records: Iterable[dict], fields: DialogueFields, stats: DialogueStats | None = None
+) -> Iterator[tuple[str, str]]:
     """Yield ``(thread id, text)`` per thread, in the order threads first appear in the input.
 
     Each thread is its reply trees rendered depth-first, replies to one message in
@@ -301,7 +327,12 @@ def render_threads(records: Iterable[dict], fields: DialogueFields, stats: Dialo
     if stats.orphans:
         logger.warning("%d messages reply to a message that is not in the input; rendered as roots", stats.orphans)
     for thread in sorted(threads, key=first_record.__getitem__):
-        yield thread, "\n\n".join(_render_block(message, depth) for root in threads[thread] for message, depth in _depth_first(root))
+        yield (
+            thread,
+            "\n\n".join(
+                _render_block(message, depth) for root in threads[thread] for message, depth in _depth_first(root)
+            ),
+        )
 
 
 def _message_of(record: dict, number: int, fields: DialogueFields) -> _Message:
@@ -334,7 +365,9 @@ def _link_replies(messages: list[_Message], stats: DialogueStats) -> list[_Messa
     by_key: dict[str, _Message] = {}
     for message in messages:
         if message.key in by_key:
-            raise InputError(f"record {message.record}: duplicate message id '{message.key}' (first in record {by_key[message.key].record})")
+            raise InputError(
+                f"record {message.record}: duplicate message id '{message.key}' (first in record {by_key[message.key].record})"
+            )
         by_key[message.key] = message
     stats.orphans = 0
     roots = []
@@ -345,7 +378,9 @@ def _link_replies(messages: list[_Message], stats: DialogueStats) -> list[_Messa
                 stats.orphans += 1
             roots.append(message)
         elif parent.thread != message.thread:
-            raise InputError(f"record {message.record}: message '{message.key}' of thread '{message.thread}' replies to '{parent.key}' of thread '{parent.thread}'")
+            raise InputError(
+                f"record {message.record}: message '{message.key}' of thread '{message.thread}' replies to '{parent.key}' of thread '{parent.thread}'"
+            )
         else:
             message.parent = parent
             parent.replies.append(message)
@@ -364,7 +399,7 @@ def _check_no_cycles(messages: list[_Message], reached: dict[int, str]) -> None:
     while path[-1].parent_key not in position:
         position[path[-1].parent_key] = len(path)
         path.append(by_key[path[-1].parent_key])
-    loop = path[position[path[-1].parent_key]:]
+    loop = path[position[path[-1].parent_key] :]
     described = " -> ".join(f"'{message.key}' (record {message.record})" for message in loop + loop[:1])
     raise InputError(f"messages reply to each other in a cycle with no root: {described}")
 

@@ -67,6 +67,8 @@ def set_name(path: str | Path) -> str:
     """An evaluation set is named after its file, without the suffix."""
     path = Path(path)
     return path.name[: -len(_evaluation_suffix(path))] if _evaluation_suffix(path) else path.name
+
+
 INDEX_FORMAT = 1
 # A bitmap with this many bits per indexed n-gram answers "certainly absent" for all but
 # about 1 - exp(-1/16) = 6% of a document's n-grams, so only those reach the binary search.
@@ -81,17 +83,34 @@ _OFFSET = np.uint64(0xCBF29CE484222325)
 
 @dataclass
 class DecontaminationConfig:
-    sets: list[str] = field(default_factory=list, metadata={"help": f"evaluation files ({', '.join(EVALUATION_SUFFIXES)}); each file is one set named after its stem"})
+    sets: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"evaluation files ({', '.join(EVALUATION_SUFFIXES)}); each file is one set named after its stem"
+        },
+    )
     ngram: int = field(default=13, metadata={"help": "words per n-gram (GPT-3 used 13)"})
-    min_words: int = field(default=8, metadata={"help": "an evaluation string shorter than ngram but at least this long counts as one whole n-gram; shorter ones are ignored"})
-    min_matches: int = field(default=1, metadata={"help": "distinct n-grams a document must share with one set to count as contaminated"})
+    min_words: int = field(
+        default=8,
+        metadata={
+            "help": "an evaluation string shorter than ngram but at least this long counts as one whole n-gram; shorter ones are ignored"
+        },
+    )
+    min_matches: int = field(
+        default=1, metadata={"help": "distinct n-grams a document must share with one set to count as contaminated"}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.sets, str):
             self.sets = [path.strip() for path in self.sets.split(",") if path.strip()]
         check(bool(self.sets), "sets", self.sets, "name at least one evaluation file")
         for path in self.sets:
-            check(_evaluation_suffix(Path(path)) in EVALUATION_SUFFIXES, "sets", path, f"unsupported suffix; use one of {', '.join(EVALUATION_SUFFIXES)}")
+            check(
+                _evaluation_suffix(Path(path)) in EVALUATION_SUFFIXES,
+                "sets",
+                path,
+                f"unsupported suffix; use one of {', '.join(EVALUATION_SUFFIXES)}",
+            )
         _check_lengths(self.ngram, self.min_words)
         check(self.min_matches >= 1, "min_matches", self.min_matches, "must be at least 1")
 
@@ -111,7 +130,9 @@ def normalized_words(text: str) -> list[str]:
 
 
 def _word_hashes(words: list[str]) -> np.ndarray:
-    return np.fromiter((xxhash.xxh3_64_intdigest(word.encode("utf-8")) for word in words), dtype=np.uint64, count=len(words))
+    return np.fromiter(
+        (xxhash.xxh3_64_intdigest(word.encode("utf-8")) for word in words), dtype=np.uint64, count=len(words)
+    )
 
 
 def ngram_hashes(words: list[str], lengths: set[int]) -> dict[int, np.ndarray]:
@@ -142,7 +163,15 @@ def evaluation_ngrams(text: str, ngram: int, min_words: int) -> tuple[int, np.nd
 class ContaminationIndex:
     """Hashes of the n-grams of some evaluation sets; :meth:`matches` counts a document's shared n-grams per set."""
 
-    def __init__(self, hashes: np.ndarray, set_ids: np.ndarray, set_names: list[str], ngram: int, min_words: int, lengths: list[int]):
+    def __init__(
+        self,
+        hashes: np.ndarray,
+        set_ids: np.ndarray,
+        set_names: list[str],
+        ngram: int,
+        min_words: int,
+        lengths: list[int],
+    ):
         self.hashes = hashes  # sorted
         self.set_ids = set_ids
         self.set_names = set_names
@@ -172,7 +201,9 @@ class ContaminationIndex:
         for path in map(Path, paths):
             name = set_name(path)
             if name in set_names:
-                raise InputError(f"{path}: another evaluation file is also named '{name}'; set names come from file names, so rename one")
+                raise InputError(
+                    f"{path}: another evaluation file is also named '{name}'; set names come from file names, so rename one"
+                )
             parts = [np.empty(0, dtype=np.uint64)]
             for text in _evaluation_texts(path):
                 ngrams = evaluation_ngrams(text, ngram, min_words)
@@ -226,11 +257,21 @@ class ContaminationIndex:
 
     @classmethod
     def load(cls, path: str | Path) -> "ContaminationIndex":
-        arrays = read_arrays(path, "contamination index", ("format", "hashes", "set_ids", "set_names", "ngram", "min_words", "lengths"))
+        arrays = read_arrays(
+            path, "contamination index", ("format", "hashes", "set_ids", "set_names", "ngram", "min_words", "lengths")
+        )
         if int(arrays["format"]) != INDEX_FORMAT:
-            raise InputError(f"{path}: contamination index format {int(arrays['format'])}, expected {INDEX_FORMAT}; rebuild it")
-        return cls(arrays["hashes"], arrays["set_ids"], [str(name) for name in arrays["set_names"]], int(arrays["ngram"]),
-                   int(arrays["min_words"]), [int(length) for length in arrays["lengths"]])
+            raise InputError(
+                f"{path}: contamination index format {int(arrays['format'])}, expected {INDEX_FORMAT}; rebuild it"
+            )
+        return cls(
+            arrays["hashes"],
+            arrays["set_ids"],
+            [str(name) for name in arrays["set_names"]],
+            int(arrays["ngram"]),
+            int(arrays["min_words"]),
+            [int(length) for length in arrays["lengths"]],
+        )
 
 
 def iter_strings(value: Any) -> Iterator[str]:
@@ -248,7 +289,9 @@ def iter_strings(value: Any) -> Iterator[str]:
 def _evaluation_texts(path: Path) -> Iterator[str]:
     suffix = _evaluation_suffix(path)
     if suffix not in EVALUATION_SUFFIXES:
-        raise InputError(f"{path}: unsupported evaluation file suffix '{suffix}'; use one of {', '.join(EVALUATION_SUFFIXES)}")
+        raise InputError(
+            f"{path}: unsupported evaluation file suffix '{suffix}'; use one of {', '.join(EVALUATION_SUFFIXES)}"
+        )
     if not path.is_file():
         raise InputError(f"{path}: evaluation file not found")
     try:

@@ -105,8 +105,15 @@ class MinHashConfig:
     ngram: int = field(default=5, metadata={"help": "words per shingle"})
     bands: int = field(default=14, metadata={"help": "LSH bands: more bands find less similar pairs"})
     rows: int = field(default=8, metadata={"help": "signature values per band: more rows make the S-curve steeper"})
-    threshold: float = field(default=0.8, metadata={"help": "merge LSH candidates whose estimated Jaccard similarity is at least this (0 = every candidate)"})
-    seed: int = field(default=1, metadata={"help": "seed of the permutations; signatures are comparable only under the same seed"})
+    threshold: float = field(
+        default=0.8,
+        metadata={
+            "help": "merge LSH candidates whose estimated Jaccard similarity is at least this (0 = every candidate)"
+        },
+    )
+    seed: int = field(
+        default=1, metadata={"help": "seed of the permutations; signatures are comparable only under the same seed"}
+    )
 
     def __post_init__(self) -> None:
         check(self.ngram >= 1, "ngram", self.ngram, "must be at least 1")
@@ -153,12 +160,14 @@ def near_duplicate_clusters(signatures: np.ndarray, config: MinHashConfig) -> np
     """
     signatures = np.asarray(signatures)
     if signatures.ndim != 2 or signatures.shape[1] != config.num_perm:
-        raise InputError(f"signatures have shape {signatures.shape}, expected (documents, {config.num_perm}) "
-                         f"for bands={config.bands} x rows={config.rows}")
+        raise InputError(
+            f"signatures have shape {signatures.shape}, expected (documents, {config.num_perm}) "
+            f"for bands={config.bands} x rows={config.rows}"
+        )
     non_empty = np.flatnonzero((signatures != EMPTY_SIGNATURE_VALUE).any(axis=1))
     left_parts, right_parts = [], []
     for band in range(config.bands):
-        keys = _row_keys(signatures[non_empty, band * config.rows:(band + 1) * config.rows])
+        keys = _row_keys(signatures[non_empty, band * config.rows : (band + 1) * config.rows])
         left, right = _pairs_sharing_a_key(keys, every_pair=config.threshold > 0)
         left_parts.append(non_empty[left])
         right_parts.append(non_empty[right])
@@ -222,7 +231,7 @@ def _word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     powers, inverse_powers = _position_powers(1 << (len(data) - 1).bit_length())
     terms = data.astype(np.uint64)
     terms += np.uint64(1)
-    terms *= powers[:len(data)]
+    terms *= powers[: len(data)]
     terms *= in_word
     prefix_sums = np.cumsum(terms)
     # Separators add nothing, so a word's sum runs to the byte before the next word.
@@ -258,8 +267,10 @@ def _shingles_of_batch(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np
 
 def _permutations(config: MinHashConfig) -> tuple[np.ndarray, np.ndarray]:
     """Multipliers (odd) and offsets of the affine permutations, from BLAKE2b of the seed: the same in every process and numpy version."""
-    stream = b"".join(hashlib.blake2b(f"minhash:{config.seed}:{index}".encode(), digest_size=16).digest()
-                      for index in range(config.num_perm))
+    stream = b"".join(
+        hashlib.blake2b(f"minhash:{config.seed}:{index}".encode(), digest_size=16).digest()
+        for index in range(config.num_perm)
+    )
     parameters = np.frombuffer(stream, dtype="<u8").reshape(config.num_perm, 2)
     return parameters[:, 0] | np.uint64(1), parameters[:, 1].copy()
 
@@ -388,10 +399,17 @@ class RepeatedLines:
         Keys order the corpus (the driver numbers documents in corpus order), so the owner,
         the smallest key, is the first occurrence. A (key, hash) pair given twice counts once.
         """
-        check(min_documents >= 2, "min_documents", min_documents, "must be at least 2 (a line in one document is not repeated)")
+        check(
+            min_documents >= 2,
+            "min_documents",
+            min_documents,
+            "must be at least 2 (a line in one document is not repeated)",
+        )
         document_keys, hashes = np.asarray(document_keys), np.asarray(hashes)
         if document_keys.shape != hashes.shape or document_keys.ndim != 1:
-            raise InputError(f"document_keys {document_keys.shape} and hashes {hashes.shape} must be 1-D arrays of one length")
+            raise InputError(
+                f"document_keys {document_keys.shape} and hashes {hashes.shape} must be 1-D arrays of one length"
+            )
         document_keys, hashes = document_keys.astype(np.int64), hashes.astype(np.uint64)
         order = np.lexsort((document_keys, hashes))
         document_keys, hashes = document_keys[order], hashes[order]

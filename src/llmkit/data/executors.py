@@ -65,7 +65,9 @@ class DaskExecutor:
         if scheduler:
             self.client = Client(scheduler)
         else:
-            self.client = Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None))
+            self.client = Client(
+                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+            )
         self.client.run(_limit_threads)
 
     def run(self, function: Callable, arguments: list[tuple], description: str) -> None:

@@ -75,9 +75,21 @@ HTML_REMNANT = re.compile(
 )
 # Navigation, consent and sharing furniture of web pages (no paper fixes a list).
 BOILERPLATE_PHRASES = (
-    "all rights reserved", "click here", "skip to content", "skip to main content", "back to top",
-    "sign up for our newsletter", "subscribe to our newsletter", "enable javascript", "javascript is disabled",
-    "accept all cookies", "cookie settings", "log in to reply", "leave a comment", "share this", "powered by wordpress",
+    "all rights reserved",
+    "click here",
+    "skip to content",
+    "skip to main content",
+    "back to top",
+    "sign up for our newsletter",
+    "subscribe to our newsletter",
+    "enable javascript",
+    "javascript is disabled",
+    "accept all cookies",
+    "cookie settings",
+    "log in to reply",
+    "leave a comment",
+    "share this",
+    "powered by wordpress",
 )
 
 
@@ -87,23 +99,52 @@ class GopherQualityConfig:
 
     min_words: int | None = field(default=50, metadata={"help": "drop documents with fewer words"})
     max_words: int | None = field(default=100_000, metadata={"help": "drop documents with more words"})
-    min_mean_word_length: float | None = field(default=3.0, metadata={"help": "drop documents whose mean word length (characters) is below this"})
-    max_mean_word_length: float | None = field(default=10.0, metadata={"help": "drop documents whose mean word length (characters) is above this"})
-    max_symbol_to_word_ratio: float | None = field(default=0.1, metadata={"help": "drop documents with more '#' per word, or more ellipses per word, than this"})
-    max_bullet_line_fraction: float | None = field(default=0.9, metadata={"help": "drop documents with a larger fraction of lines starting with a bullet"})
-    max_ellipsis_line_fraction: float | None = field(default=0.3, metadata={"help": "drop documents with a larger fraction of lines ending with an ellipsis"})
-    min_alphabetic_word_fraction: float | None = field(default=0.8, metadata={"help": "drop documents where a smaller fraction of words holds a letter"})
-    min_stop_words: int | None = field(default=2, metadata={"help": "drop documents with fewer occurrences of the stop words"})
-    stop_words: tuple[str, ...] = field(default=GOPHER_STOP_WORDS, metadata={"help": "the stop words (case-insensitive)"})
+    min_mean_word_length: float | None = field(
+        default=3.0, metadata={"help": "drop documents whose mean word length (characters) is below this"}
+    )
+    max_mean_word_length: float | None = field(
+        default=10.0, metadata={"help": "drop documents whose mean word length (characters) is above this"}
+    )
+    max_symbol_to_word_ratio: float | None = field(
+        default=0.1, metadata={"help": "drop documents with more '#' per word, or more ellipses per word, than this"}
+    )
+    max_bullet_line_fraction: float | None = field(
+        default=0.9, metadata={"help": "drop documents with a larger fraction of lines starting with a bullet"}
+    )
+    max_ellipsis_line_fraction: float | None = field(
+        default=0.3, metadata={"help": "drop documents with a larger fraction of lines ending with an ellipsis"}
+    )
+    min_alphabetic_word_fraction: float | None = field(
+        default=0.8, metadata={"help": "drop documents where a smaller fraction of words holds a letter"}
+    )
+    min_stop_words: int | None = field(
+        default=2, metadata={"help": "drop documents with fewer occurrences of the stop words"}
+    )
+    stop_words: tuple[str, ...] = field(
+        default=GOPHER_STOP_WORDS, metadata={"help": "the stop words (case-insensitive)"}
+    )
     bullet_characters: str = field(default=BULLET_CHARACTERS, metadata={"help": "characters that start a bullet line"})
 
     def __post_init__(self) -> None:
-        _check_at_least_zero(self, "min_words", "max_words", "min_mean_word_length", "max_mean_word_length", "max_symbol_to_word_ratio", "min_stop_words")
+        _check_at_least_zero(
+            self,
+            "min_words",
+            "max_words",
+            "min_mean_word_length",
+            "max_mean_word_length",
+            "max_symbol_to_word_ratio",
+            "min_stop_words",
+        )
         check_fractions(self, "max_bullet_line_fraction", "max_ellipsis_line_fraction", "min_alphabetic_word_fraction")
         _check_ordered(self, "min_words", "max_words")
         _check_ordered(self, "min_mean_word_length", "max_mean_word_length")
         self.stop_words = _phrases(self, "stop_words")
-        check(bool(self.bullet_characters), "bullet_characters", self.bullet_characters, "must name at least one character")
+        check(
+            bool(self.bullet_characters),
+            "bullet_characters",
+            self.bullet_characters,
+            "must name at least one character",
+        )
 
 
 @dataclass
@@ -116,23 +157,49 @@ class C4Config:
     not the paper.
     """
 
-    require_terminal_punctuation: bool = field(default=True, metadata={"help": "keep only lines ending in terminal punctuation (and not in '...')"})
-    terminal_punctuation: str = field(default='.!?"', metadata={"help": "characters that end a line: period, exclamation and question marks, end quote"})
+    require_terminal_punctuation: bool = field(
+        default=True, metadata={"help": "keep only lines ending in terminal punctuation (and not in '...')"}
+    )
+    terminal_punctuation: str = field(
+        default='.!?"',
+        metadata={"help": "characters that end a line: period, exclamation and question marks, end quote"},
+    )
     min_words_per_line: int = field(default=5, metadata={"help": "drop lines with fewer words (0 keeps all)"})
     max_word_length: int | None = field(default=1000, metadata={"help": "drop lines holding a longer word"})
-    remove_citations: bool = field(default=True, metadata={"help": "remove citation markers like [1], [edit], [citation needed]"})
+    remove_citations: bool = field(
+        default=True, metadata={"help": "remove citation markers like [1], [edit], [citation needed]"}
+    )
     remove_javascript_lines: bool = field(default=True, metadata={"help": "drop lines containing 'javascript'"})
-    remove_policy_lines: bool = field(default=True, metadata={"help": "drop lines with terms-of-use, privacy or cookie notices"})
+    remove_policy_lines: bool = field(
+        default=True, metadata={"help": "drop lines with terms-of-use, privacy or cookie notices"}
+    )
     drop_lorem_ipsum: bool = field(default=True, metadata={"help": "drop pages containing 'lorem ipsum'"})
     drop_curly_bracket: bool = field(default=True, metadata={"help": "drop pages containing '{' (likely code)"})
     drop_bad_words: bool = field(default=True, metadata={"help": "drop pages containing a word of the bad-words list"})
-    bad_words_path: str | None = field(default=None, metadata={"help": "bad-words list, one word or phrase a line, '#' comments (default: the packaged English excerpt)"})
-    min_sentences: int = field(default=3, metadata={"help": "drop pages with fewer sentences after the line rules (0 keeps all)"})
+    bad_words_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "bad-words list, one word or phrase a line, '#' comments (default: the packaged English excerpt)"
+        },
+    )
+    min_sentences: int = field(
+        default=3, metadata={"help": "drop pages with fewer sentences after the line rules (0 keeps all)"}
+    )
 
     def __post_init__(self) -> None:
         _check_at_least_zero(self, "min_words_per_line", "min_sentences")
-        check(self.max_word_length is None or self.max_word_length >= 1, "max_word_length", self.max_word_length, "must be at least 1 (or null to turn the rule off)")
-        check(bool(self.terminal_punctuation) or not self.require_terminal_punctuation, "terminal_punctuation", self.terminal_punctuation, "must name at least one character")
+        check(
+            self.max_word_length is None or self.max_word_length >= 1,
+            "max_word_length",
+            self.max_word_length,
+            "must be at least 1 (or null to turn the rule off)",
+        )
+        check(
+            bool(self.terminal_punctuation) or not self.require_terminal_punctuation,
+            "terminal_punctuation",
+            self.terminal_punctuation,
+            "must name at least one character",
+        )
         _check_file(self, "bad_words_path")
 
 
@@ -147,16 +214,32 @@ class C4Result:
 class CodeConfig:
     """Source-code profile: The Stack / StarCoder (Li et al. 2023) and Codex (Chen et al. 2021) file filters."""
 
-    max_line_length: int | None = field(default=1000, metadata={"help": "drop files with a longer line (minified or generated code)"})
-    max_mean_line_length: float | None = field(default=100.0, metadata={"help": "drop files whose mean line length is above this"})
-    min_alphanumeric_fraction: float | None = field(default=0.25, metadata={"help": "drop files with a smaller fraction of alphanumeric characters"})
-    auto_generated_markers: tuple[str, ...] = field(default=AUTO_GENERATED_MARKERS, metadata={"help": "phrases that mark a generated file (case-insensitive)"})
-    auto_generated_scan_lines: int = field(default=5, metadata={"help": "look for the markers in this many first lines (0 turns the rule off)"})
-    max_encoded_match_length: int | None = field(default=1024, metadata={"help": "drop files holding a longer run of base64, hex or \\u-escaped data"})
-    max_encoded_fraction: float | None = field(default=0.5, metadata={"help": "drop files whose characters are more than this fraction encoded data"})
+    max_line_length: int | None = field(
+        default=1000, metadata={"help": "drop files with a longer line (minified or generated code)"}
+    )
+    max_mean_line_length: float | None = field(
+        default=100.0, metadata={"help": "drop files whose mean line length is above this"}
+    )
+    min_alphanumeric_fraction: float | None = field(
+        default=0.25, metadata={"help": "drop files with a smaller fraction of alphanumeric characters"}
+    )
+    auto_generated_markers: tuple[str, ...] = field(
+        default=AUTO_GENERATED_MARKERS, metadata={"help": "phrases that mark a generated file (case-insensitive)"}
+    )
+    auto_generated_scan_lines: int = field(
+        default=5, metadata={"help": "look for the markers in this many first lines (0 turns the rule off)"}
+    )
+    max_encoded_match_length: int | None = field(
+        default=1024, metadata={"help": "drop files holding a longer run of base64, hex or \\u-escaped data"}
+    )
+    max_encoded_fraction: float | None = field(
+        default=0.5, metadata={"help": "drop files whose characters are more than this fraction encoded data"}
+    )
 
     def __post_init__(self) -> None:
-        _check_at_least_zero(self, "max_line_length", "max_mean_line_length", "auto_generated_scan_lines", "max_encoded_match_length")
+        _check_at_least_zero(
+            self, "max_line_length", "max_mean_line_length", "auto_generated_scan_lines", "max_encoded_match_length"
+        )
         check_fractions(self, "min_alphanumeric_fraction", "max_encoded_fraction")
         self.auto_generated_markers = _phrases(self, "auto_generated_markers")
 
@@ -165,10 +248,23 @@ class CodeConfig:
 class KeywordConfig:
     """Markup and boilerplate remnants and a user blocklist. No paper fixes these thresholds: they are llmkit's."""
 
-    max_html_remnant_ratio: float | None = field(default=0.1, metadata={"help": "drop documents with more HTML tags or entities per word (0.1, as Gopher's symbols)"})
-    max_boilerplate_line_fraction: float | None = field(default=0.3, metadata={"help": "drop documents with a larger fraction of lines holding a boilerplate phrase (0.3, as Gopher's ellipsis lines)"})
-    boilerplate_phrases: tuple[str, ...] = field(default=BOILERPLATE_PHRASES, metadata={"help": "boilerplate phrases (case-insensitive, whole words)"})
-    blocklist_path: str | None = field(default=None, metadata={"help": "file of words or phrases, one a line, '#' comments: any match drops the document"})
+    max_html_remnant_ratio: float | None = field(
+        default=0.1,
+        metadata={"help": "drop documents with more HTML tags or entities per word (0.1, as Gopher's symbols)"},
+    )
+    max_boilerplate_line_fraction: float | None = field(
+        default=0.3,
+        metadata={
+            "help": "drop documents with a larger fraction of lines holding a boilerplate phrase (0.3, as Gopher's ellipsis lines)"
+        },
+    )
+    boilerplate_phrases: tuple[str, ...] = field(
+        default=BOILERPLATE_PHRASES, metadata={"help": "boilerplate phrases (case-insensitive, whole words)"}
+    )
+    blocklist_path: str | None = field(
+        default=None,
+        metadata={"help": "file of words or phrases, one a line, '#' comments: any match drops the document"},
+    )
 
     def __post_init__(self) -> None:
         _check_at_least_zero(self, "max_html_remnant_ratio")
@@ -228,7 +324,9 @@ def gopher_quality(text: str, config: GopherQualityConfig) -> str | None:
     if below_limit(len(words), config.min_words) or above_limit(len(words), config.max_words):
         return "gopher_quality:word_count"
     mean_word_length = _mean_word_length(words)
-    if below_limit(mean_word_length, config.min_mean_word_length) or above_limit(mean_word_length, config.max_mean_word_length):
+    if below_limit(mean_word_length, config.min_mean_word_length) or above_limit(
+        mean_word_length, config.max_mean_word_length
+    ):
         return "gopher_quality:mean_word_length"
     # "A symbol-to-word ratio greater than 0.1 for either the hash symbol or the
     # ellipsis": two ratios, each against the threshold. "..." and "…" are both ellipses.
@@ -329,7 +427,10 @@ def keyword_filter(text: str, config: KeywordConfig) -> str | None:
         return "keyword:html_remnants"
     lines = split_lines(text)
     boilerplate = _phrase_pattern(config.boilerplate_phrases)
-    if boilerplate is not None and above_limit(ratio(sum(bool(boilerplate.search(line.lower())) for line in lines), len(lines)), config.max_boilerplate_line_fraction):
+    if boilerplate is not None and above_limit(
+        ratio(sum(bool(boilerplate.search(line.lower())) for line in lines), len(lines)),
+        config.max_boilerplate_line_fraction,
+    ):
         return "keyword:boilerplate_lines"
     blocklist = _word_list_pattern(config.blocklist_path) if config.blocklist_path else None
     if blocklist is not None and blocklist.search(text.lower()):
@@ -383,12 +484,19 @@ def check_fractions(config, *names: str) -> None:
     """Check that each named threshold of a config is a fraction in [0, 1] or None."""
     for name in names:
         value = getattr(config, name)
-        check(value is None or 0 <= value <= 1, name, value, "must be a fraction in [0, 1] (or null to turn the rule off)")
+        check(
+            value is None or 0 <= value <= 1, name, value, "must be a fraction in [0, 1] (or null to turn the rule off)"
+        )
 
 
 def _check_ordered(config, low: str, high: str) -> None:
     low_value, high_value = getattr(config, low), getattr(config, high)
-    check(low_value is None or high_value is None or low_value <= high_value, low, low_value, f"must not exceed {high} = {high_value}")
+    check(
+        low_value is None or high_value is None or low_value <= high_value,
+        low,
+        low_value,
+        f"must not exceed {high} = {high_value}",
+    )
 
 
 def _check_file(config, name: str) -> None:
@@ -399,5 +507,10 @@ def _check_file(config, name: str) -> None:
 def _phrases(config, name: str) -> tuple[str, ...]:
     """A list of phrases (from YAML) as a lower-case tuple."""
     value = getattr(config, name)
-    check(isinstance(value, (list, tuple)) and all(isinstance(phrase, str) and phrase.strip() for phrase in value), name, value, "must be a list of non-empty strings")
+    check(
+        isinstance(value, (list, tuple)) and all(isinstance(phrase, str) and phrase.strip() for phrase in value),
+        name,
+        value,
+        "must be a list of non-empty strings",
+    )
     return tuple(phrase.strip().lower() for phrase in value)

@@ -22,8 +22,33 @@ from llmkit.errors import InputError
 from llmkit.io import atomic_write_json, atomic_write_text, iter_jsonl, read_json
 
 # File suffixes whose documents get the ``code`` profile when a source's profile is ``auto``.
-CODE_SUFFIXES = (".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts", ".go", ".rs", ".rb", ".php",
-                 ".sh", ".cs", ".swift", ".kt", ".scala", ".lua", ".pl", ".r", ".sql", ".m", ".jl")
+CODE_SUFFIXES = (
+    ".py",
+    ".pyi",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".hpp",
+    ".java",
+    ".js",
+    ".ts",
+    ".go",
+    ".rs",
+    ".rb",
+    ".php",
+    ".sh",
+    ".cs",
+    ".swift",
+    ".kt",
+    ".scala",
+    ".lua",
+    ".pl",
+    ".r",
+    ".sql",
+    ".m",
+    ".jl",
+)
 
 
 @dataclass

@@ -34,22 +34,44 @@ DEFAULT_MAX_CHARACTERS = 2000
 
 @dataclass
 class LanguageConfig:
-    keep: list[str] = field(default_factory=lambda: ["en"], metadata={"help": "ISO 639-1 codes of the languages to keep (empty: keep every language)"})
-    min_score: float = field(default=0.65, metadata={"help": "drop documents whose language probability is below this (FineWeb: 0.65)"})
-    candidates: list[str] | None = field(default=None, metadata={"help": "restrict the model to these ISO 639-1 codes (None: all 97 of its languages)"})
-    max_characters: int | None = field(default=DEFAULT_MAX_CHARACTERS, metadata={"help": "classify only this many leading characters (None: the whole text)"})
+    keep: list[str] = field(
+        default_factory=lambda: ["en"],
+        metadata={"help": "ISO 639-1 codes of the languages to keep (empty: keep every language)"},
+    )
+    min_score: float = field(
+        default=0.65, metadata={"help": "drop documents whose language probability is below this (FineWeb: 0.65)"}
+    )
+    candidates: list[str] | None = field(
+        default=None, metadata={"help": "restrict the model to these ISO 639-1 codes (None: all 97 of its languages)"}
+    )
+    max_characters: int | None = field(
+        default=DEFAULT_MAX_CHARACTERS,
+        metadata={"help": "classify only this many leading characters (None: the whole text)"},
+    )
 
     def __post_init__(self) -> None:
         check(0 <= self.min_score <= 1, "min_score", self.min_score, "must be a probability in [0, 1]")
-        check(self.max_characters is None or self.max_characters >= 1, "max_characters", self.max_characters, "must be at least 1, or None for the whole text")
-        check(self.candidates is None or len(self.candidates) > 0, "candidates", self.candidates, "must list at least one language, or be None for all")
+        check(
+            self.max_characters is None or self.max_characters >= 1,
+            "max_characters",
+            self.max_characters,
+            "must be at least 1, or None for the whole text",
+        )
+        check(
+            self.candidates is None or len(self.candidates) > 0,
+            "candidates",
+            self.candidates,
+            "must list at least one language, or be None for all",
+        )
         known = supported_languages()
         for name, codes in (("keep", self.keep), ("candidates", self.candidates or [])):
             for code in codes:
                 check(code in known, name, code, f"is not a language of the langid model (it knows {', '.join(known)})")
         if self.candidates is not None:
             for code in self.keep:
-                check(code in self.candidates, "keep", code, "is not among the candidates, so it can never be identified")
+                check(
+                    code in self.candidates, "keep", code, "is not among the candidates, so it can never be identified"
+                )
 
 
 def supported_languages() -> list[str]:

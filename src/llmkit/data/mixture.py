@@ -18,10 +18,16 @@ from llmkit.errors import ConfigError
 
 Curriculum = Literal["none", "length", "perplexity", "quality"]
 # The document meta value each curriculum orders by, and whether "easy" comes first in ascending order.
-CURRICULUM_KEYS = {"length": ("bytes", True), "perplexity": ("bits_per_byte", True), "quality": ("quality_score", False)}
+CURRICULUM_KEYS = {
+    "length": ("bytes", True),
+    "perplexity": ("bits_per_byte", True),
+    "quality": ("quality_score", False),
+}
 
 
-def mixture_epochs(source_bytes: dict[str, int], weights: dict[str, float | None], total_bytes: int | None = None) -> dict[str, float]:
+def mixture_epochs(
+    source_bytes: dict[str, int], weights: dict[str, float | None], total_bytes: int | None = None
+) -> dict[str, float]:
     """Epochs of every source so that its share of ``total_bytes`` equals its normalised weight."""
     given = {name: weight for name, weight in weights.items() if weight is not None}
     if not given:

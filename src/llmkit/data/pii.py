@@ -52,17 +52,27 @@ MASKS = {
 
 @dataclass
 class PIIConfig:
-    kinds: list[str] = field(default_factory=lambda: list(PII_KINDS), metadata={"help": f"kinds of personal data to mask: {', '.join(PII_KINDS)}"})
+    kinds: list[str] = field(
+        default_factory=lambda: list(PII_KINDS),
+        metadata={"help": f"kinds of personal data to mask: {', '.join(PII_KINDS)}"},
+    )
     keep_private_ips: bool = field(
         default=True,
-        metadata={"help": "leave IP addresses that identify nobody unmasked: private, loopback, link-local, reserved and documentation ranges, and well-known public DNS resolvers"},
+        metadata={
+            "help": "leave IP addresses that identify nobody unmasked: private, loopback, link-local, reserved and documentation ranges, and well-known public DNS resolvers"
+        },
     )
 
     def __post_init__(self) -> None:
         if isinstance(self.kinds, str):
             self.kinds = [kind.strip() for kind in self.kinds.split(",") if kind.strip()]
         unknown = [kind for kind in self.kinds if kind not in PII_KINDS]
-        check(not unknown, "kinds", self.kinds, f"unknown {', '.join(map(repr, unknown))}; known kinds: {', '.join(PII_KINDS)}")
+        check(
+            not unknown,
+            "kinds",
+            self.kinds,
+            f"unknown {', '.join(map(repr, unknown))}; known kinds: {', '.join(PII_KINDS)}",
+        )
 
 
 def mask_pii(text: str, config: PIIConfig) -> tuple[str, collections.Counter]:
@@ -160,7 +170,9 @@ def _replace_secret_token(match: re.Match) -> str | None:
         return None  # the end of a longer word
     # "sk-" also starts ordinary hyphenated words (sk-learn-...): OpenAI keys are mixed case with digits.
     body = match.group("openai")
-    if body is not None and not (_looks_random(body) and any(c.isupper() for c in body) and any(c.islower() for c in body)):
+    if body is not None and not (
+        _looks_random(body) and any(c.isupper() for c in body) and any(c.islower() for c in body)
+    ):
         return None
     return MASKS["secret"]
 
@@ -170,7 +182,10 @@ def _mask_secrets(text: str, config: PIIConfig) -> tuple[str, int]:
 
     def replace_assigned(match: re.Match) -> str | None:
         start = match.start()
-        if not (_looks_random(match.group(1)) and _SECRET_NAME_BEFORE.search(text, max(0, start - SECRET_NAME_CHARACTERS), start)):
+        if not (
+            _looks_random(match.group(1))
+            and _SECRET_NAME_BEFORE.search(text, max(0, start - SECRET_NAME_CHARACTERS), start)
+        ):
             return None
         return match.group(0)[: match.start(1) - start] + MASKS["secret"]
 
@@ -179,13 +194,17 @@ def _mask_secrets(text: str, config: PIIConfig) -> tuple[str, int]:
 
 
 # --- E-mail ----------------------------------------------------------------------------
-_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24})(?![\w-]|\.[A-Za-z0-9])")
+_EMAIL = re.compile(
+    r"(?<![\w.+-])[\w.+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24})(?![\w-]|\.[A-Za-z0-9])"
+)
 # Retina image names (icon@2x.png) have the shape of an address; these suffixes are no top-level domain.
 _IMAGE_SUFFIXES = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "bmp", "ico", "tif", "tiff"})
 
 
 def _mask_emails(text: str, config: PIIConfig) -> tuple[str, int]:
-    return _substitute(_EMAIL, text, lambda match: None if match.group(1).lower() in _IMAGE_SUFFIXES else MASKS["email"])
+    return _substitute(
+        _EMAIL, text, lambda match: None if match.group(1).lower() in _IMAGE_SUFFIXES else MASKS["email"]
+    )
 
 
 # --- Payment cards ---------------------------------------------------------------------
@@ -225,7 +244,9 @@ def luhn_valid(digits: str) -> bool:
 
 
 def _has_issuer_prefix(digits: str) -> bool:
-    return any(low <= int(digits[:width]) <= high and len(digits) in lengths for width, low, high, lengths in _CARD_ISSUERS)
+    return any(
+        low <= int(digits[:width]) <= high and len(digits) in lengths for width, low, high, lengths in _CARD_ISSUERS
+    )
 
 
 def _grouped_like_a_card(candidate: str) -> bool:
@@ -281,7 +302,9 @@ _NATIONAL_IDS = (
 def _mask_national_ids(text: str, config: PIIConfig) -> tuple[str, int]:
     total = 0
     for pattern, valid in _NATIONAL_IDS:
-        text, count = _substitute(pattern, text, lambda match, valid=valid: MASKS["national_id"] if valid(match) else None)
+        text, count = _substitute(
+            pattern, text, lambda match, valid=valid: MASKS["national_id"] if valid(match) else None
+        )
         total += count
     return text, total
 
@@ -292,9 +315,26 @@ def _mask_national_ids(text: str, config: PIIConfig) -> tuple[str, int]:
 _PUBLIC_RESOLVERS = frozenset(
     ipaddress.ip_address(address)
     for address in (
-        "8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1", "9.9.9.9", "149.112.112.112", "208.67.222.222",
-        "208.67.220.220", "76.76.19.19", "76.223.122.150", "8.26.56.26", "8.20.247.20", "94.140.14.14", "94.140.15.15",
-        "2001:4860:4860::8888", "2001:4860:4860::8844", "2606:4700:4700::1111", "2606:4700:4700::1001", "2620:fe::fe", "2620:fe::9",
+        "8.8.8.8",
+        "8.8.4.4",
+        "1.1.1.1",
+        "1.0.0.1",
+        "9.9.9.9",
+        "149.112.112.112",
+        "208.67.222.222",
+        "208.67.220.220",
+        "76.76.19.19",
+        "76.223.122.150",
+        "8.26.56.26",
+        "8.20.247.20",
+        "94.140.14.14",
+        "94.140.15.15",
+        "2001:4860:4860::8888",
+        "2001:4860:4860::8844",
+        "2606:4700:4700::1111",
+        "2606:4700:4700::1001",
+        "2620:fe::fe",
+        "2620:fe::9",
     )
 )
 _IPV4 = re.compile(r"\d(?<![\w.].)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\d)")
@@ -302,8 +342,13 @@ _IPV4 = re.compile(r"\d(?<![\w.].)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\d)"
 # (``release 1.2.3.4``, ``pkg==1.2.3.4``), and one after "section" a section number
 # (HTML5 §8.2.4.44). As in BigCode's filter, a quad of single digits (2.0.1.3) is a
 # version too unless a networking word is near it.
-_VERSION_BEFORE = re.compile(r"""(?:\b(?:v|ver|version|versions|release|rel|build|rev|revision|firmware|update|upgrade|section|sections|chapter|§)\.?|==|>=|<=|~=|!=|\^|~>?)\s*[:=]?\s*["'(]?$""", re.IGNORECASE)
-_NETWORK_WORD = re.compile(r"\b(?:ip|ips|ipv4|dns|server|host|hostname|address|addr|gateway|ping|subnet|nameserver|proxy)\b", re.IGNORECASE)
+_VERSION_BEFORE = re.compile(
+    r"""(?:\b(?:v|ver|version|versions|release|rel|build|rev|revision|firmware|update|upgrade|section|sections|chapter|§)\.?|==|>=|<=|~=|!=|\^|~>?)\s*[:=]?\s*["'(]?$""",
+    re.IGNORECASE,
+)
+_NETWORK_WORD = re.compile(
+    r"\b(?:ip|ips|ipv4|dns|server|host|hostname|address|addr|gateway|ping|subnet|nameserver|proxy)\b", re.IGNORECASE
+)
 VERSION_CONTEXT_CHARACTERS = 30
 NETWORK_CONTEXT_CHARACTERS = 100
 
@@ -312,7 +357,10 @@ _IPV6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:]|\.\d)")
 # Every address in real use lies in these blocks (IANA IPv6 address space registry); the
 # rest of ::/8 is where code lands when ``x[a::b]`` or ``x[1::2]`` parses as an address.
-_ASSIGNED_IPV6 = tuple(ipaddress.IPv6Network(block) for block in ("2000::/3", "fc00::/7", "fe80::/10", "ff00::/8", "::1/128", "::ffff:0:0/96"))
+_ASSIGNED_IPV6 = tuple(
+    ipaddress.IPv6Network(block)
+    for block in ("2000::/3", "fc00::/7", "fe80::/10", "ff00::/8", "::1/128", "::ffff:0:0/96")
+)
 
 
 def _identifies_nobody(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -323,7 +371,9 @@ def _is_version(text: str, start: int, end: int) -> bool:
     if _VERSION_BEFORE.search(text, max(0, start - VERSION_CONTEXT_CHARACTERS), start):
         return True
     if end - start == 7:  # four single-digit parts
-        return not _NETWORK_WORD.search(text, max(0, start - NETWORK_CONTEXT_CHARACTERS), end + NETWORK_CONTEXT_CHARACTERS)
+        return not _NETWORK_WORD.search(
+            text, max(0, start - NETWORK_CONTEXT_CHARACTERS), end + NETWORK_CONTEXT_CHARACTERS
+        )
     return False
 
 
@@ -346,7 +396,9 @@ def _mask_ipv6(text: str, config: PIIConfig) -> tuple[str, int]:
             address = ipaddress.IPv6Address(match.group(0))
         except ValueError:  # times, MAC addresses, C++ scopes
             return None
-        if not any(address in block for block in _ASSIGNED_IPV6) or (config.keep_private_ips and _identifies_nobody(address)):
+        if not any(address in block for block in _ASSIGNED_IPV6) or (
+            config.keep_private_ips and _identifies_nobody(address)
+        ):
             return None
         return MASKS["ipv6"]
 

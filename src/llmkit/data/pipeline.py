@@ -55,40 +55,85 @@ from llmkit.data.sources import Document, is_held_out
 from llmkit.data.steps import STEPS, Classifier, CorpusStep, Step, parse_steps
 from llmkit.data.work import TemporaryJsonl, Work, read_records
 from llmkit.errors import InputError
-from llmkit.tokenizer import Tokenizer
 from llmkit.io import atomic_write_arrays, atomic_write_json, read_json
+from llmkit.tokenizer import Tokenizer
 
 WORK_FORMAT_VERSION = 1
-DEFAULT_STEPS = ["clean", "language", "gopher_quality", "gopher_repetition", "code_quality", "exact_dedup",
-                 "minhash_dedup", "pii"]
+DEFAULT_STEPS = [
+    "clean",
+    "language",
+    "gopher_quality",
+    "gopher_repetition",
+    "code_quality",
+    "exact_dedup",
+    "minhash_dedup",
+    "pii",
+]
 
 
 @dataclass
 class PipelineConfig:
-    sources: list = field(default_factory=lambda: ["stdlib"], metadata={"help": "sources: YAML list of {name, path, weight, ...}, or comma-separated paths"})
-    steps: list = field(default_factory=lambda: list(DEFAULT_STEPS), metadata={"help": f"steps in order: YAML list of names or {{name: {{options}}}}, or comma-separated names; known: {', '.join(STEPS)}"})
+    sources: list = field(
+        default_factory=lambda: ["stdlib"],
+        metadata={"help": "sources: YAML list of {name, path, weight, ...}, or comma-separated paths"},
+    )
+    steps: list = field(
+        default_factory=lambda: list(DEFAULT_STEPS),
+        metadata={
+            "help": f"steps in order: YAML list of names or {{name: {{options}}}}, or comma-separated names; known: {', '.join(STEPS)}"
+        },
+    )
     tokenizer: str = field(default="runs/tokenizer", metadata={"help": "tokenizer directory for the output shards"})
     out: str = field(default="runs/data", metadata={"help": "output directory: shards, manifest.json, report"})
-    work: str | None = field(default=None, metadata={"help": "work directory for intermediate shards (default: <out>/work)"})
-    documents_per_shard: int = field(default=250, metadata={"help": "documents per work shard (the unit of parallelism and resumption)"})
+    work: str | None = field(
+        default=None, metadata={"help": "work directory for intermediate shards (default: <out>/work)"}
+    )
+    documents_per_shard: int = field(
+        default=250, metadata={"help": "documents per work shard (the unit of parallelism and resumption)"}
+    )
     workers: int = field(default=0, metadata={"help": "worker processes (0 = one per CPU)"})
-    executor: Literal["local", "dask"] = field(default="local", metadata={"help": "run shards in a local process pool or on a Dask cluster"})
-    scheduler: str | None = field(default=None, metadata={"help": "Dask scheduler address (tcp://host:8786); unset = a local Dask cluster"})
-    val_fraction: float = field(default=0.01, metadata={"help": "fraction of kept documents in the validation split (by id hash)"})
+    executor: Literal["local", "dask"] = field(
+        default="local", metadata={"help": "run shards in a local process pool or on a Dask cluster"}
+    )
+    scheduler: str | None = field(
+        default=None, metadata={"help": "Dask scheduler address (tcp://host:8786); unset = a local Dask cluster"}
+    )
+    val_fraction: float = field(
+        default=0.01, metadata={"help": "fraction of kept documents in the validation split (by id hash)"}
+    )
     shard_tokens: int = field(default=50_000_000, metadata={"help": "tokens per output shard file"})
-    mixture_bytes: int | None = field(default=None, metadata={"help": "training bytes of the weighted mixture (default: the kept corpus's size)"})
-    curriculum: mixture.Curriculum = field(default="none", metadata={"help": "training order: shuffled (none) or easy first by length, perplexity or quality"})
+    mixture_bytes: int | None = field(
+        default=None, metadata={"help": "training bytes of the weighted mixture (default: the kept corpus's size)"}
+    )
+    curriculum: mixture.Curriculum = field(
+        default="none",
+        metadata={"help": "training order: shuffled (none) or easy first by length, perplexity or quality"},
+    )
     seed: int = field(default=0, metadata={"help": "shuffling and sampling seed"})
-    report: str | None = field(default=None, metadata={"help": "report card directory the data section is added to (default: out)"})
-    write_removed: bool = field(default=True, metadata={"help": "write removed documents with their reason to <out>/removed.jsonl"})
-    restart: bool = field(default=False, metadata={"help": "discard the work directory of an earlier run (needed when the pipeline or the source files changed)"})
+    report: str | None = field(
+        default=None, metadata={"help": "report card directory the data section is added to (default: out)"}
+    )
+    write_removed: bool = field(
+        default=True, metadata={"help": "write removed documents with their reason to <out>/removed.jsonl"}
+    )
+    restart: bool = field(
+        default=False,
+        metadata={
+            "help": "discard the work directory of an earlier run (needed when the pipeline or the source files changed)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check(self.documents_per_shard >= 1, "documents_per_shard", self.documents_per_shard, "must be at least 1")
         check(self.workers >= 0, "workers", self.workers, "must be 0 (one per CPU) or more")
         check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
         check(self.shard_tokens >= 1, "shard_tokens", self.shard_tokens, "must be at least 1")
-        check(self.mixture_bytes is None or self.mixture_bytes > 0, "mixture_bytes", self.mixture_bytes, "must be positive")
+        check(
+            self.mixture_bytes is None or self.mixture_bytes > 0,
+            "mixture_bytes",
+            self.mixture_bytes,
+            "must be positive",
+        )
         check(bool(self.sources), "sources", self.sources, "name at least one source")
         self.source_configs = [source_config(entry, position) for position, entry in enumerate(self.sources)]
         names = [source.name for source in self.source_configs]
@@ -96,8 +141,12 @@ class PipelineConfig:
         self.step_configs = parse_steps(self.steps, "pipeline")
         if self.curriculum != "none":
             needed = {"perplexity": "perplexity", "quality": "classifier"}.get(self.curriculum)
-            check(needed is None or needed in [name for name, _ in self.step_configs], "curriculum", self.curriculum,
-                  f"needs the '{needed}' step, which scores the documents")
+            check(
+                needed is None or needed in [name for name, _ in self.step_configs],
+                "curriculum",
+                self.curriculum,
+                f"needs the '{needed}' step, which scores the documents",
+            )
 
     @property
     def work_directory(self) -> Path:
@@ -105,14 +154,20 @@ class PipelineConfig:
 
     def identity(self) -> dict:
         """What decides the work files' content: a rerun with the same identity resumes."""
-        return {"format_version": WORK_FORMAT_VERSION, "sources": [dataclasses.asdict(s) for s in self.source_configs],
-                "steps": [[name, dataclasses.asdict(options)] for name, options in self.step_configs],
-                "documents_per_shard": self.documents_per_shard, "write_removed": self.write_removed}
+        return {
+            "format_version": WORK_FORMAT_VERSION,
+            "sources": [dataclasses.asdict(s) for s in self.source_configs],
+            "steps": [[name, dataclasses.asdict(options)] for name, options in self.step_configs],
+            "documents_per_shard": self.documents_per_shard,
+            "write_removed": self.write_removed,
+        }
 
 
 def build_steps(config: PipelineConfig, work: Work) -> list[Step]:
     (work.root / "steps").mkdir(parents=True, exist_ok=True)
-    steps = [STEPS[name](options, work.artifacts(index, name)) for index, (name, options) in enumerate(config.step_configs)]
+    steps = [
+        STEPS[name](options, work.artifacts(index, name)) for index, (name, options) in enumerate(config.step_configs)
+    ]
     seen: dict[str, int] = {}
     for step in steps:
         seen[step.name] = seen.get(step.name, 0) + 1
@@ -174,8 +229,16 @@ def run_shard(work_root: str, phase: int, shard: int) -> dict:
                 removal = counts["removed"].setdefault(reason, {"documents": 0, "bytes": 0})
                 removal["documents"] += 1
                 removal["bytes"] += size
-                removed_file.write({"id": document.id, "source": document.source, "step": step.label, "reason": reason,
-                                    "meta": document.meta, **({"text": document.text} if config.write_removed else {})})
+                removed_file.write(
+                    {
+                        "id": document.id,
+                        "source": document.source,
+                        "step": step.label,
+                        "reason": reason,
+                        "meta": document.meta,
+                        **({"text": document.text} if config.write_removed else {}),
+                    }
+                )
                 break
             counts["bytes_out"] += len(document.text.encode("utf-8"))
         else:
@@ -194,8 +257,13 @@ def run_shard(work_root: str, phase: int, shard: int) -> dict:
         kept_file.write({"id": document.id, "source": document.source, "text": document.text, "meta": document.meta})
     kept_file.commit()
     removed_file.commit()
-    result = {"shard": shard, "phase": phase, "kept": len(kept), "steps": statistics,
-              "measured": {measured.label: measure_seconds} if measured is not None else {}}
+    result = {
+        "shard": shard,
+        "phase": phase,
+        "kept": len(kept),
+        "steps": statistics,
+        "measured": {measured.label: measure_seconds} if measured is not None else {},
+    }
     atomic_write_json(work.output(phase, shard, "stats.json"), result)
     return result
 
@@ -220,9 +288,15 @@ def run_pipeline(config: PipelineConfig) -> dict:
     decisions = _load_json(work.root / "decisions.json")
     try:
         for phase, (_, measured) in enumerate(phases):
-            pending = [shard for shard in range(ingest["shards"]) if not work.output(phase, shard, "stats.json").is_file()]
+            pending = [
+                shard for shard in range(ingest["shards"]) if not work.output(phase, shard, "stats.json").is_file()
+            ]
             if pending:
-                executor.run(run_shard, [(work_root, phase, shard) for shard in pending], f"data: phase {phase + 1}/{len(phases)}")
+                executor.run(
+                    run_shard,
+                    [(work_root, phase, shard) for shard in pending],
+                    f"data: phase {phase + 1}/{len(phases)}",
+                )
             if measured is not None and measured.label not in decisions:
                 decisions[measured.label] = measured.decide(_gather_measurements(work, phase, ingest["shards"]))
                 atomic_write_json(work.root / "decisions.json", decisions)
@@ -230,11 +304,21 @@ def run_pipeline(config: PipelineConfig) -> dict:
         executor.close()
 
     statistics = _merge_statistics(work, [step.label for step in steps], len(phases), ingest["shards"])
-    description = {"pipeline": {"steps": [name for name, _ in config.step_configs], "curriculum": config.curriculum,
-                                "seed": config.seed, "val_fraction": config.val_fraction},
-                   "filter_statistics": statistics, "step_setup": setup, "step_decisions": decisions}
+    description = {
+        "pipeline": {
+            "steps": [name for name, _ in config.step_configs],
+            "curriculum": config.curriculum,
+            "seed": config.seed,
+            "val_fraction": config.val_fraction,
+        },
+        "filter_statistics": statistics,
+        "step_setup": setup,
+        "step_decisions": decisions,
+    }
     manifest, kept_meta = _write_shards(config, work, len(phases) - 1, ingest["shards"], description)
-    summary = write_data_report(config, work, manifest, kept_meta, ingest, statistics, setup, decisions, len(phases), ingest["shards"])
+    summary = write_data_report(
+        config, work, manifest, kept_meta, ingest, statistics, setup, decisions, len(phases), ingest["shards"]
+    )
     return {**summary, "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -245,8 +329,10 @@ def _open_work(config: PipelineConfig) -> Work:
         if config.restart:
             shutil.rmtree(work.root)
         elif read_json(work.state).get("identity") != identity:
-            raise InputError(f"{work.root}: made by a different pipeline (sources, steps or shard size changed); "
-                             f"pass --restart to discard it, or choose another --work")
+            raise InputError(
+                f"{work.root}: made by a different pipeline (sources, steps or shard size changed); "
+                f"pass --restart to discard it, or choose another --work"
+            )
     work.root.mkdir(parents=True, exist_ok=True)
     state = {"identity": identity, "config": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}}
     atomic_write_json(work.state, state)
@@ -354,11 +440,15 @@ def _read_kept(work: Work, phase: int, documents: Iterator[_KeptDocument]) -> It
             file.close()
 
 
-def _write_shards(config: PipelineConfig, work: Work, last_phase: int, shards: int, description: dict) -> tuple[dict, list[dict]]:
+def _write_shards(
+    config: PipelineConfig, work: Work, last_phase: int, shards: int, description: dict
+) -> tuple[dict, list[dict]]:
     """Mixture, order, tokenization: the output data directory; returns its manifest and the kept documents' meta."""
     documents = _index_kept(work, last_phase, shards)
     if not documents:
-        raise InputError(f"{work.root}: every document was removed; loosen the filters (per-step counts in {work.root}/phase_*)")
+        raise InputError(
+            f"{work.root}: every document was removed; loosen the filters (per-step counts in {work.root}/phase_*)"
+        )
     for document in documents:
         document.meta["split"] = "val" if is_held_out(document.id, config.val_fraction) else "train"
     train = [index for index, document in enumerate(documents) if document.meta["split"] == "train"]
@@ -368,12 +458,25 @@ def _write_shards(config: PipelineConfig, work: Work, last_phase: int, shards: i
         source_bytes[documents[index].source] += documents[index].meta["bytes"]
     weights = {source.name: source.weight for source in config.source_configs}
     epochs = mixture.mixture_epochs(source_bytes, weights, config.mixture_bytes)
-    sampled = mixture.sample_mixture([documents[i].source for i in train], [documents[i].meta["bytes"] for i in train], epochs, config.seed)
-    order = mixture.order_documents([train[i] for i in sampled], [d.meta for d in documents], config.curriculum, config.seed)
-    description["mixture"] = {name: {"weight": weights[name], "epochs": round(epochs[name], 4), "kept_train_bytes": source_bytes[name]}
-                              for name in source_bytes}
+    sampled = mixture.sample_mixture(
+        [documents[i].source for i in train], [documents[i].meta["bytes"] for i in train], epochs, config.seed
+    )
+    order = mixture.order_documents(
+        [train[i] for i in sampled], [d.meta for d in documents], config.curriculum, config.seed
+    )
+    description["mixture"] = {
+        name: {"weight": weights[name], "epochs": round(epochs[name], 4), "kept_train_bytes": source_bytes[name]}
+        for name in source_bytes
+    }
     stream = _read_kept(work, last_phase, (documents[index] for index in order + validation))
-    manifest = write_token_data(stream, lambda document: document.meta["split"], config.tokenizer, config.out, config.shard_tokens,
-                                config.workers, expected_bytes=sum(documents[i].meta["bytes"] for i in order + validation),
-                                description=description)
+    manifest = write_token_data(
+        stream,
+        lambda document: document.meta["split"],
+        config.tokenizer,
+        config.out,
+        config.shard_tokens,
+        config.workers,
+        expected_bytes=sum(documents[i].meta["bytes"] for i in order + validation),
+        description=description,
+    )
     return manifest, [document.meta for document in documents]

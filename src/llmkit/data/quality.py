@@ -36,14 +36,26 @@ class ScoreBand:
 
     minimum: float | None = field(default=None, metadata={"help": "drop documents scoring below this"})
     maximum: float | None = field(default=None, metadata={"help": "drop documents scoring above this"})
-    lower_quantile: float = field(default=0.0, metadata={"help": "drop the documents below this quantile of the corpus's scores"})
-    upper_quantile: float = field(default=1.0, metadata={"help": "drop the documents above this quantile of the corpus's scores"})
+    lower_quantile: float = field(
+        default=0.0, metadata={"help": "drop the documents below this quantile of the corpus's scores"}
+    )
+    upper_quantile: float = field(
+        default=1.0, metadata={"help": "drop the documents above this quantile of the corpus's scores"}
+    )
 
     def __post_init__(self) -> None:
-        check(0 <= self.lower_quantile < self.upper_quantile <= 1, "lower_quantile", (self.lower_quantile, self.upper_quantile),
-              "need 0 <= lower_quantile < upper_quantile <= 1")
-        check(self.minimum is None or self.maximum is None or self.minimum <= self.maximum, "minimum", (self.minimum, self.maximum),
-              "minimum must not exceed maximum")
+        check(
+            0 <= self.lower_quantile < self.upper_quantile <= 1,
+            "lower_quantile",
+            (self.lower_quantile, self.upper_quantile),
+            "need 0 <= lower_quantile < upper_quantile <= 1",
+        )
+        check(
+            self.minimum is None or self.maximum is None or self.minimum <= self.maximum,
+            "minimum",
+            (self.minimum, self.maximum),
+            "minimum must not exceed maximum",
+        )
 
     def bounds(self, scores: np.ndarray) -> tuple[float, float]:
         """The effective [low, high] interval for a corpus with these ``scores``."""
@@ -90,7 +102,7 @@ class PerplexityScorer:
         scores = np.full(len(texts), np.nan)
         encoded = [ids[: self.max_tokens] for ids in self.tokenizer.encode_batch(list(texts))]
         for start in range(0, len(texts), self.config.batch_size):
-            batch = encoded[start:start + self.config.batch_size]
+            batch = encoded[start : start + self.config.batch_size]
             longest = max(len(ids) for ids in batch)
             if longest == 0:
                 continue
@@ -98,11 +110,13 @@ class PerplexityScorer:
             inputs = torch.full((len(batch), longest + 1), eot, dtype=torch.long)
             mask = torch.zeros(len(batch), longest, dtype=torch.bool)
             for row, ids in enumerate(batch):
-                inputs[row, 1:len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
-                mask[row, :len(ids)] = True
+                inputs[row, 1 : len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
+                mask[row, : len(ids)] = True
             device = self.model.token_embedding.weight.device
             logits = self.model(inputs[:, :-1].to(device)).float()
-            nats = torch.nn.functional.cross_entropy(logits.transpose(1, 2), inputs[:, 1:].to(device), reduction="none").cpu()
+            nats = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), inputs[:, 1:].to(device), reduction="none"
+            ).cpu()
             nats = (nats * mask).sum(dim=1)
             for row, ids in enumerate(batch):
                 size = len(self.tokenizer.decode(ids).encode("utf-8"))
@@ -113,8 +127,13 @@ class PerplexityScorer:
 
 @dataclass
 class ClassifierConfig(ScoreBand):
-    reference: str = field(default="", metadata={"help": "source of 'good' reference text (llmkit source syntax: file, folder, .jsonl, ...)"})
-    reference_text_field: str = field(default="text", metadata={"help": "JSONL key / Parquet column of the reference text"})
+    reference: str = field(
+        default="",
+        metadata={"help": "source of 'good' reference text (llmkit source syntax: file, folder, .jsonl, ...)"},
+    )
+    reference_text_field: str = field(
+        default="text", metadata={"help": "JSONL key / Parquet column of the reference text"}
+    )
     max_documents: int = field(default=20_000, metadata={"help": "documents per class used for training"})
     ngram: int = field(default=2, metadata={"help": "word n-grams up to this length are features"})
     features: int = field(default=2**20, metadata={"help": "hashed feature dimensions"})
@@ -139,16 +158,27 @@ class QualityClassifier:
         self.vectorizer, self.model = vectorizer, model
 
     @classmethod
-    def train(cls, good: Sequence[str], pool: Sequence[str], config: ClassifierConfig) -> tuple["QualityClassifier", dict]:
+    def train(
+        cls, good: Sequence[str], pool: Sequence[str], config: ClassifierConfig
+    ) -> tuple["QualityClassifier", dict]:
         """Fit on ``good`` (label 1) against ``pool`` (label 0); return the classifier and its held-out metrics."""
         from sklearn.feature_extraction.text import HashingVectorizer
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
 
         if len(good) < 2 or len(pool) < 2:
-            raise InputError(f"classifier: need at least 2 reference and 2 pool documents (got {len(good)} and {len(pool)})")
-        classifier = cls(HashingVectorizer(ngram_range=(1, config.ngram), n_features=config.features, alternate_sign=False,
-                                           norm="l2", lowercase=True))
+            raise InputError(
+                f"classifier: need at least 2 reference and 2 pool documents (got {len(good)} and {len(pool)})"
+            )
+        classifier = cls(
+            HashingVectorizer(
+                ngram_range=(1, config.ngram),
+                n_features=config.features,
+                alternate_sign=False,
+                norm="l2",
+                lowercase=True,
+            )
+        )
         texts = list(good) + list(pool)
         labels = np.array([1] * len(good) + [0] * len(pool))
         order = list(range(len(texts)))
@@ -158,10 +188,17 @@ class QualityClassifier:
         if len(set(labels[train])) < 2 or len(set(labels[test])) < 2:
             raise InputError("classifier: the training or held-out split lacks one of the classes; give more documents")
         features = classifier.vectorizer.transform(texts)
-        classifier.model = LogisticRegression(max_iter=1000, class_weight="balanced").fit(features[train], labels[train])
+        classifier.model = LogisticRegression(max_iter=1000, class_weight="balanced").fit(
+            features[train], labels[train]
+        )
         held_out_scores = classifier.model.predict_proba(features[test])[:, 1]
-        metrics = {"held_out_auc": float(roc_auc_score(labels[test], held_out_scores)), "train_documents": len(train),
-                   "held_out_documents": len(test), "reference_documents": len(good), "pool_documents": len(pool)}
+        metrics = {
+            "held_out_auc": float(roc_auc_score(labels[test], held_out_scores)),
+            "train_documents": len(train),
+            "held_out_documents": len(test),
+            "reference_documents": len(good),
+            "pool_documents": len(pool),
+        }
         return classifier, metrics
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
@@ -171,8 +208,13 @@ class QualityClassifier:
         """``path`` with the suffix ``.npz``: the model's coefficients, intercept and classes, and every
         setting of the vectoriser (JSON) but its dtype (the default, float64)."""
         settings = {name: value for name, value in self.vectorizer.get_params().items() if name != "dtype"}
-        atomic_write_arrays(_arrays_path(path), coef=self.model.coef_, intercept=self.model.intercept_,
-                            classes=self.model.classes_, vectorizer=np.array(json.dumps(settings)))
+        atomic_write_arrays(
+            _arrays_path(path),
+            coef=self.model.coef_,
+            intercept=self.model.intercept_,
+            classes=self.model.classes_,
+            vectorizer=np.array(json.dumps(settings)),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "QualityClassifier":
@@ -187,7 +229,11 @@ class QualityClassifier:
             vectorizer = HashingVectorizer(**{**settings, "ngram_range": tuple(settings["ngram_range"])})
         except (ValueError, TypeError, KeyError) as error:
             raise InputError(f"{path}: not a valid quality classifier (vectoriser settings: {error})") from None
-        if arrays["coef"].shape != (1, vectorizer.n_features) or arrays["intercept"].shape != (1,) or arrays["classes"].shape != (2,):
+        if (
+            arrays["coef"].shape != (1, vectorizer.n_features)
+            or arrays["intercept"].shape != (1,)
+            or arrays["classes"].shape != (2,)
+        ):
             raise InputError(f"{path}: not a valid quality classifier (arrays of the wrong shapes)")
         model = LogisticRegression()
         model.coef_, model.intercept_, model.classes_ = arrays["coef"], arrays["intercept"], arrays["classes"]

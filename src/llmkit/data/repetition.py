@@ -35,10 +35,18 @@ PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 class GopherRepetitionConfig:
     """Rae et al. 2021 (Gopher), appendix A.1.1 "repetition removal", thresholds of table A1."""
 
-    max_duplicate_line_fraction: float | None = field(default=0.30, metadata={"help": "drop documents with a larger fraction of lines that occur more than once"})
-    max_duplicate_paragraph_fraction: float | None = field(default=0.30, metadata={"help": "drop documents with a larger fraction of paragraphs that occur more than once"})
-    max_duplicate_line_character_fraction: float | None = field(default=0.20, metadata={"help": "drop documents with a larger fraction of characters in duplicated lines"})
-    max_duplicate_paragraph_character_fraction: float | None = field(default=0.20, metadata={"help": "drop documents with a larger fraction of characters in duplicated paragraphs"})
+    max_duplicate_line_fraction: float | None = field(
+        default=0.30, metadata={"help": "drop documents with a larger fraction of lines that occur more than once"}
+    )
+    max_duplicate_paragraph_fraction: float | None = field(
+        default=0.30, metadata={"help": "drop documents with a larger fraction of paragraphs that occur more than once"}
+    )
+    max_duplicate_line_character_fraction: float | None = field(
+        default=0.20, metadata={"help": "drop documents with a larger fraction of characters in duplicated lines"}
+    )
+    max_duplicate_paragraph_character_fraction: float | None = field(
+        default=0.20, metadata={"help": "drop documents with a larger fraction of characters in duplicated paragraphs"}
+    )
     max_top_ngram_character_fractions: dict[int, float] = field(
         default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
         metadata={"help": "n -> largest fraction of word characters covered by the most frequent n-gram"},
@@ -49,9 +57,17 @@ class GopherRepetitionConfig:
     )
 
     def __post_init__(self) -> None:
-        check_fractions(self, "max_duplicate_line_fraction", "max_duplicate_paragraph_fraction", "max_duplicate_line_character_fraction", "max_duplicate_paragraph_character_fraction")
+        check_fractions(
+            self,
+            "max_duplicate_line_fraction",
+            "max_duplicate_paragraph_fraction",
+            "max_duplicate_line_character_fraction",
+            "max_duplicate_paragraph_character_fraction",
+        )
         self.max_top_ngram_character_fractions = _ngram_thresholds(self, "max_top_ngram_character_fractions")
-        self.max_duplicate_ngram_character_fractions = _ngram_thresholds(self, "max_duplicate_ngram_character_fractions")
+        self.max_duplicate_ngram_character_fractions = _ngram_thresholds(
+            self, "max_duplicate_ngram_character_fractions"
+        )
 
 
 def gopher_repetition(text: str, config: GopherRepetitionConfig) -> str | None:
@@ -88,7 +104,11 @@ def _repetition_measures(text: str, config: GopherRepetitionConfig) -> Iterator[
     yield "duplicate_line_fraction", line_fraction, config.max_duplicate_line_fraction
     yield "duplicate_paragraph_fraction", paragraph_fraction, config.max_duplicate_paragraph_fraction
     yield "duplicate_line_character_fraction", line_character_fraction, config.max_duplicate_line_character_fraction
-    yield "duplicate_paragraph_character_fraction", paragraph_character_fraction, config.max_duplicate_paragraph_character_fraction
+    yield (
+        "duplicate_paragraph_character_fraction",
+        paragraph_character_fraction,
+        config.max_duplicate_paragraph_character_fraction,
+    )
     ngrams = _RepeatedNgrams(split_words(text))
     for n, limit in sorted(config.max_top_ngram_character_fractions.items()):
         yield f"top_{n}gram_character_fraction", ngrams.covered_fraction(ngrams.most_frequent(n), n), limit
@@ -178,7 +198,17 @@ def _ngram_thresholds(config, name: str) -> dict[int, float]:
     thresholds = {}
     for n, limit in value.items():
         size = int(n) if isinstance(n, str) and n.strip().isdigit() else n
-        check(isinstance(size, int) and not isinstance(size, bool) and size >= 1, name, value, f"n-gram size {n!r} must be a whole number >= 1")
-        check(isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 <= limit <= 1, name, value, f"the fraction for {size}-grams must be in [0, 1]")
+        check(
+            isinstance(size, int) and not isinstance(size, bool) and size >= 1,
+            name,
+            value,
+            f"n-gram size {n!r} must be a whole number >= 1",
+        )
+        check(
+            isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 <= limit <= 1,
+            name,
+            value,
+            f"the fraction for {size}-grams must be in [0, 1]",
+        )
         thresholds[size] = float(limit)
     return thresholds

@@ -40,15 +40,25 @@ CHUNK_CHARACTERS = 1 << 18
 
 @dataclass
 class PrepareConfig:
-    source: str = field(default="stdlib", metadata={"help": "text source(s), comma-separated: 'stdlib', a file, a folder, .jsonl or .parquet"})
-    tokenizer: str = field(default="runs/tokenizer", metadata={"help": "tokenizer directory (from 'llmkit tokenizer train')"})
+    source: str = field(
+        default="stdlib",
+        metadata={"help": "text source(s), comma-separated: 'stdlib', a file, a folder, .jsonl or .parquet"},
+    )
+    tokenizer: str = field(
+        default="runs/tokenizer", metadata={"help": "tokenizer directory (from 'llmkit tokenizer train')"}
+    )
     out: str = field(default="runs/data", metadata={"help": "output directory for the shards and manifest.json"})
     text_field: str = field(default="text", metadata={"help": "JSONL key / Parquet column holding the text"})
     val_fraction: float = field(default=0.01, metadata={"help": "fraction of documents in the validation split"})
     shard_tokens: int = field(default=50_000_000, metadata={"help": "tokens per shard file"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0 = one per CPU)"})
-    max_bytes: int | None = field(default=None, metadata={"help": "read at most this many UTF-8 bytes of text (quick runs)"})
-    split: Literal["document", "tail"] = field(default="document", metadata={"help": "validation = whole documents chosen by hash, or the tail of every document"})
+    max_bytes: int | None = field(
+        default=None, metadata={"help": "read at most this many UTF-8 bytes of text (quick runs)"}
+    )
+    split: Literal["document", "tail"] = field(
+        default="document",
+        metadata={"help": "validation = whole documents chosen by hash, or the tail of every document"},
+    )
 
     def __post_init__(self) -> None:
         check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
@@ -69,16 +79,33 @@ def prepare_data(config: PrepareConfig) -> dict:
     if config.split == "tail":
         documents = _split_tails(documents, config.val_fraction)
     manifest = write_token_data(
-        documents, lambda document: _split_of(document, config), config.tokenizer, config.out, config.shard_tokens,
-        config.workers, expected_bytes=config.max_bytes,
-        description={"text_field": config.text_field, "val_fraction": config.val_fraction, "split": config.split,
-                     "max_bytes": config.max_bytes})
+        documents,
+        lambda document: _split_of(document, config),
+        config.tokenizer,
+        config.out,
+        config.shard_tokens,
+        config.workers,
+        expected_bytes=config.max_bytes,
+        description={
+            "text_field": config.text_field,
+            "val_fraction": config.val_fraction,
+            "split": config.split,
+            "max_bytes": config.max_bytes,
+        },
+    )
     return {**manifest, "seconds": time.perf_counter() - start}
 
 
-def write_token_data(documents: Iterable[Document], split_of: Callable[[Document], str], tokenizer_directory: str | Path,
-                     out: str | Path, shard_tokens: int, workers: int, expected_bytes: int | None = None,
-                     description: dict | None = None) -> dict:
+def write_token_data(
+    documents: Iterable[Document],
+    split_of: Callable[[Document], str],
+    tokenizer_directory: str | Path,
+    out: str | Path,
+    shard_tokens: int,
+    workers: int,
+    expected_bytes: int | None = None,
+    description: dict | None = None,
+) -> dict:
     """Tokenize ``documents`` in order into the shards of ``out`` (split chosen by ``split_of``) and write the manifest.
 
     ``description`` adds fields to the manifest (how the data was made). Every
@@ -93,7 +120,9 @@ def write_token_data(documents: Iterable[Document], split_of: Callable[[Document
     sources: list[str] = []
     progress = tqdm(total=expected_bytes, desc="data: tokenizing", unit="B", unit_scale=True)
     try:
-        for document, tokens in _tokenize(iter(documents), tokenizer, str(tokenizer_directory), workers or os.cpu_count() or 1):
+        for document, tokens in _tokenize(
+            iter(documents), tokenizer, str(tokenizer_directory), workers or os.cpu_count() or 1
+        ):
             split = split_of(document)
             writers[split].write(tokens)
             size = len(document.text.encode("utf-8"))
@@ -124,7 +153,11 @@ def write_token_data(documents: Iterable[Document], split_of: Callable[[Document
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
         # A copy of the tokenizer travels with the data, so the folder stays usable when moved.
-        "tokenizer": {"path": TOKENIZER_FOLDER, "source": str(Path(tokenizer_directory).resolve()), "sha256": tokenizer.sha256},
+        "tokenizer": {
+            "path": TOKENIZER_FOLDER,
+            "source": str(Path(tokenizer_directory).resolve()),
+            "sha256": tokenizer.sha256,
+        },
         "sources": sources,
         **(description or {}),
         "shard_tokens": shard_tokens,
@@ -218,7 +251,9 @@ def _chunks(documents: Iterator[Document]) -> Iterator[list[Document]]:
         yield chunk
 
 
-def _tokenize(documents: Iterator[Document], tokenizer: Tokenizer, tokenizer_directory: str, workers: int) -> Iterator[tuple[Document, np.ndarray]]:
+def _tokenize(
+    documents: Iterator[Document], tokenizer: Tokenizer, tokenizer_directory: str, workers: int
+) -> Iterator[tuple[Document, np.ndarray]]:
     """``(document, its ids + <|endoftext|>)`` in input order, computed by ``workers`` processes."""
     dtype = token_dtype(tokenizer.vocab_size)
     if workers == 1:

@@ -39,8 +39,9 @@ class Document:
     meta: dict = field(default_factory=dict)  # what the data pipeline learns about it: profile, language, scores
 
 
-def iter_documents(source: str, text_field: str = "text", max_bytes: int | None = None,
-                   on_error: Callable[[str], None] | None = None) -> Iterator[Document]:
+def iter_documents(
+    source: str, text_field: str = "text", max_bytes: int | None = None, on_error: Callable[[str], None] | None = None
+) -> Iterator[Document]:
     """Yield the non-blank documents of one or more comma-separated sources, in a deterministic order.
 
     A bad record or file (malformed JSONL line, missing field, binary file named
@@ -118,13 +119,21 @@ def _note_empty(on_error: Callable[[str], None] | None, where: str) -> None:
         on_error(f"{where}: empty document, skipped")
 
 
-def _walk_folder(root: Path, name: str, text_field: str, suffixes: tuple[str, ...] | None, skipped_folders: tuple[str, ...],
-                 on_error: Callable[[str], None] | None) -> Iterator[Document]:
+def _walk_folder(
+    root: Path,
+    name: str,
+    text_field: str,
+    suffixes: tuple[str, ...] | None,
+    skipped_folders: tuple[str, ...],
+    on_error: Callable[[str], None] | None,
+) -> Iterator[Document]:
     """Every file under ``root`` in sorted order; hidden entries (.git, ...) are skipped, binaries counted and skipped."""
     skipped = 0
     for folder, subfolders, files in os.walk(root):
         # Sorting in place makes os.walk descend in a deterministic order.
-        subfolders[:] = sorted(entry for entry in subfolders if not entry.startswith(".") and entry not in skipped_folders)
+        subfolders[:] = sorted(
+            entry for entry in subfolders if not entry.startswith(".") and entry not in skipped_folders
+        )
         for file_name in sorted(files):
             if file_name.startswith(".") or (suffixes is not None and not file_name.endswith(suffixes)):
                 continue
@@ -141,8 +150,9 @@ def _walk_folder(root: Path, name: str, text_field: str, suffixes: tuple[str, ..
         logger.warning("%s: skipped %d binary or non-UTF-8 files", name, skipped)
 
 
-def _documents_of_file(path: Path, name: str, document_id: str, text_field: str,
-                       on_error: Callable[[str], None] | None) -> Iterator[Document] | None:
+def _documents_of_file(
+    path: Path, name: str, document_id: str, text_field: str, on_error: Callable[[str], None] | None
+) -> Iterator[Document] | None:
     """Documents of one file, chosen by its suffix; ``None`` for a binary or non-UTF-8 file."""
     if path.suffix == ".jsonl":
         return _documents_of_jsonl(path, name, document_id, text_field, on_error)
@@ -171,13 +181,17 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def _documents_of_jsonl(path: Path, name: str, document_id: str, text_field: str,
-                        on_error: Callable[[str], None] | None) -> Iterator[Document]:
+def _documents_of_jsonl(
+    path: Path, name: str, document_id: str, text_field: str, on_error: Callable[[str], None] | None
+) -> Iterator[Document]:
     for line_number, record in iter_jsonl(path, on_error):
         text = record.get(text_field)
         if not isinstance(text, str):
-            problem = f"missing field '{text_field}'" if text_field not in record else \
-                f"field '{text_field}' is {type(text).__name__}, expected a string"
+            problem = (
+                f"missing field '{text_field}'"
+                if text_field not in record
+                else f"field '{text_field}' is {type(text).__name__}, expected a string"
+            )
             _report(on_error, f"{path}:{line_number}: {problem}")
         elif text.strip():
             yield Document(text, name, f"{document_id}:{line_number}")
@@ -198,8 +212,9 @@ def open_parquet(path: Path):
         raise InputError(f"{path}: not a readable Parquet file ({error})") from None
 
 
-def _documents_of_parquet(path: Path, name: str, document_id: str, text_field: str,
-                          on_error: Callable[[str], None] | None) -> Iterator[Document]:
+def _documents_of_parquet(
+    path: Path, name: str, document_id: str, text_field: str, on_error: Callable[[str], None] | None
+) -> Iterator[Document]:
     import pyarrow
 
     parquet_file = open_parquet(path)

@@ -112,11 +112,21 @@ class RuleFilter(Step):
 
 
 class GopherQuality(RuleFilter):
-    name, config_class, profiles, rule = "gopher_quality", filters.GopherQualityConfig, ("prose",), filters.gopher_quality
+    name, config_class, profiles, rule = (
+        "gopher_quality",
+        filters.GopherQualityConfig,
+        ("prose",),
+        filters.gopher_quality,
+    )
 
 
 class GopherRepetition(RuleFilter):
-    name, config_class, profiles, rule = "gopher_repetition", repetition.GopherRepetitionConfig, ("prose",), repetition.gopher_repetition
+    name, config_class, profiles, rule = (
+        "gopher_repetition",
+        repetition.GopherRepetitionConfig,
+        ("prose",),
+        repetition.gopher_repetition,
+    )
 
 
 class Keyword(RuleFilter):
@@ -164,7 +174,9 @@ class Decontaminate(Step):
     config_class = DecontaminationOptions
 
     def setup(self, pool):
-        index = decontam.ContaminationIndex.from_files(self.config.sets, ngram=self.config.ngram, min_words=self.config.min_words)
+        index = decontam.ContaminationIndex.from_files(
+            self.config.sets, ngram=self.config.ngram, min_words=self.config.min_words
+        )
         index.save(self._index_path())
         return {"evaluation_sets": [decontam.set_name(path) for path in self.config.sets]}
 
@@ -194,7 +206,9 @@ class DropKeys(CorpusStep):
 
     def apply(self, document):
         if not hasattr(self, "dropped"):
-            self.dropped = set(read_arrays(self._decision_path(), "de-duplication decision", ("keys",))["keys"].tolist())
+            self.dropped = set(
+                read_arrays(self._decision_path(), "de-duplication decision", ("keys",))["keys"].tolist()
+            )
         return self.name if document.meta["key"] in self.dropped else None
 
 
@@ -228,7 +242,10 @@ class MinHashDedup(DropKeys):
         representatives = dedup.near_duplicate_clusters(measurements["signatures"], self.config)
         duplicate = representatives != np.arange(len(keys))
         self._save_drops(keys[duplicate])
-        return {"near_duplicates": int(duplicate.sum()), "clusters_with_duplicates": int(len(np.unique(representatives[duplicate])))}
+        return {
+            "near_duplicates": int(duplicate.sum()),
+            "clusters_with_duplicates": int(len(np.unique(representatives[duplicate]))),
+        }
 
 
 @dataclass
@@ -331,7 +348,9 @@ class Classifier(ScoreStep):
     def setup(self, pool):
         documents = iter_documents(self.config.reference, self.config.reference_text_field)
         good = [document.text for document in islice(documents, self.config.max_documents)]
-        model, metrics = quality.QualityClassifier.train(good, [document.text for document in pool[: self.config.max_documents]], self.config)
+        model, metrics = quality.QualityClassifier.train(
+            good, [document.text for document in pool[: self.config.max_documents]], self.config
+        )
         model.save(self._model_path())
         return metrics
 
@@ -341,9 +360,25 @@ class Classifier(ScoreStep):
         return self.model.score([document.text for document in documents])
 
 
-STEPS: dict[str, type[Step]] = {step.name: step for step in (
-    Clean, Language, GopherQuality, GopherRepetition, C4, Keyword, CodeQuality, Perplexity, Classifier,
-    ExactDedup, MinHashDedup, LineDedup, PII, Decontaminate)}
+STEPS: dict[str, type[Step]] = {
+    step.name: step
+    for step in (
+        Clean,
+        Language,
+        GopherQuality,
+        GopherRepetition,
+        C4,
+        Keyword,
+        CodeQuality,
+        Perplexity,
+        Classifier,
+        ExactDedup,
+        MinHashDedup,
+        LineDedup,
+        PII,
+        Decontaminate,
+    )
+}
 
 
 def parse_steps(entries: list, source: str) -> list[tuple[str, object]]:
@@ -356,7 +391,9 @@ def parse_steps(entries: list, source: str) -> list[tuple[str, object]]:
             name, options = next(iter(entry.items()))
             options = options or {}
         else:
-            raise ConfigError(f"steps[{position}]", entry, "expected a step name or a one-key mapping {name: {options}}")
+            raise ConfigError(
+                f"steps[{position}]", entry, "expected a step name or a one-key mapping {name: {options}}"
+            )
         if name not in STEPS:
             raise ConfigError(f"steps[{position}]", name, f"unknown step; known: {', '.join(STEPS)}")
         if not isinstance(options, dict):

@@ -26,24 +26,39 @@ from llmkit.tokenizer import ENDOFTEXT, PAD, SPECIAL_TOKENS, UNK, Tokenizer
 
 @dataclass
 class TokenizerConfig:
-    source: str = field(default="stdlib", metadata={"help": "text source(s), comma-separated: 'stdlib', a file, a folder, .jsonl or .parquet"})
-    out: str = field(default="runs/tokenizer", metadata={"help": "output directory for tokenizer.json and tokenizer_config.json"})
+    source: str = field(
+        default="stdlib",
+        metadata={"help": "text source(s), comma-separated: 'stdlib', a file, a folder, .jsonl or .parquet"},
+    )
+    out: str = field(
+        default="runs/tokenizer", metadata={"help": "output directory for tokenizer.json and tokenizer_config.json"}
+    )
     kind: Literal["bpe", "char"] = field(default="bpe", metadata={"help": "byte-level BPE or character-level"})
-    vocab_size: int = field(default=8192, metadata={"help": "vocabulary size including special tokens (an upper bound for char)"})
+    vocab_size: int = field(
+        default=8192, metadata={"help": "vocabulary size including special tokens (an upper bound for char)"}
+    )
     min_frequency: int = field(default=2, metadata={"help": "BPE: a pair must occur this often to be merged"})
     text_field: str = field(default="text", metadata={"help": "JSONL key / Parquet column holding the text"})
-    max_bytes: int | None = field(default=None, metadata={"help": "read at most this many UTF-8 bytes of text (quick runs)"})
-    held_out_fraction: float = field(default=0.01, metadata={"help": "fraction of documents held out to measure bytes/token"})
+    max_bytes: int | None = field(
+        default=None, metadata={"help": "read at most this many UTF-8 bytes of text (quick runs)"}
+    )
+    held_out_fraction: float = field(
+        default=0.01, metadata={"help": "fraction of documents held out to measure bytes/token"}
+    )
 
     def __post_init__(self) -> None:
         check(self.kind in ("bpe", "char"), "kind", self.kind, "must be 'bpe' or 'char'")
         # BPE needs every byte plus the specials before it can merge anything.
         minimum = 256 + len(SPECIAL_TOKENS) if self.kind == "bpe" else len(SPECIAL_TOKENS) + 1
-        check(self.vocab_size >= minimum, "vocab_size", self.vocab_size, f"must be at least {minimum} for kind '{self.kind}'")
+        check(
+            self.vocab_size >= minimum,
+            "vocab_size",
+            self.vocab_size,
+            f"must be at least {minimum} for kind '{self.kind}'",
+        )
         check(self.min_frequency >= 1, "min_frequency", self.min_frequency, "must be at least 1")
         check(self.max_bytes is None or self.max_bytes > 0, "max_bytes", self.max_bytes, "must be positive")
         check(0 <= self.held_out_fraction < 1, "held_out_fraction", self.held_out_fraction, "must be in [0, 1)")
-
 
 
 def train_tokenizer(config: TokenizerConfig) -> dict:
@@ -72,7 +87,9 @@ def train_tokenizer(config: TokenizerConfig) -> dict:
     special_ids = {token: backend.token_to_id(token) for token in SPECIAL_TOKENS}
     vocab_size = backend.get_vocab_size(with_added_tokens=True)
     held_out_bytes = sum(len(text.encode("utf-8")) for text in held_out)
-    held_out_ids = [token_id for encoding in backend.encode_batch(held_out, add_special_tokens=False) for token_id in encoding.ids]
+    held_out_ids = [
+        token_id for encoding in backend.encode_batch(held_out, add_special_tokens=False) for token_id in encoding.ids
+    ]
     # No held-out document (tiny corpus): there is nothing honest to report.
     bytes_per_token = held_out_bytes / len(held_out_ids) if held_out_ids else None
     tokenizer_config = {

@@ -28,7 +28,12 @@ from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import Tokenizer
 
 QUESTION_TEMPLATE = "Question: {context}\nAnswer:"
-PROMPT_TEMPLATES = {"hellaswag": "{context}", "arc": QUESTION_TEMPLATE, "mmlu": QUESTION_TEMPLATE, "jsonl": QUESTION_TEMPLATE}
+PROMPT_TEMPLATES = {
+    "hellaswag": "{context}",
+    "arc": QUESTION_TEMPLATE,
+    "mmlu": QUESTION_TEMPLATE,
+    "jsonl": QUESTION_TEMPLATE,
+}
 TARGET_DELIMITER = " "  # between the prompt and a choice (lm-eval's target_delimiter)
 FEWSHOT_DELIMITER = "\n\n"  # after each demonstration (lm-eval's fewshot_delimiter)
 
@@ -42,8 +47,10 @@ def render_prompt(example: ChoiceExample, template: str | None = None) -> str:
 
 
 def fewshot_prefix(demonstrations: list[ChoiceExample], template: str | None = None) -> str:
-    return "".join(render_prompt(demo, template) + TARGET_DELIMITER + demo.choices[demo.answer] + FEWSHOT_DELIMITER
-                   for demo in demonstrations)
+    return "".join(
+        render_prompt(demo, template) + TARGET_DELIMITER + demo.choices[demo.answer] + FEWSHOT_DELIMITER
+        for demo in demonstrations
+    )
 
 
 def _first_best(values: list[float]) -> int:
@@ -59,9 +66,16 @@ def mean_stderr(values: list[float]) -> float | None:
     return math.sqrt(variance / len(values))
 
 
-def evaluate_choice(model: Transformer, tokenizer: Tokenizer, examples: list[ChoiceExample], num_fewshot: int = 0,
-                    fewshot_examples: list[ChoiceExample] | None = None, seed: int = 0, template: str | None = None,
-                    batch_size: int = 16) -> dict:
+def evaluate_choice(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    examples: list[ChoiceExample],
+    num_fewshot: int = 0,
+    fewshot_examples: list[ChoiceExample] | None = None,
+    seed: int = 0,
+    template: str | None = None,
+    batch_size: int = 16,
+) -> dict:
     """Accuracy and length-normalised accuracy of ``examples``, with per-example log-likelihoods."""
     check(num_fewshot >= 0, "num_fewshot", num_fewshot, "must be >= 0")
     check(template is None or "{context}" in template, "template", template, "must contain {context}")
@@ -69,7 +83,9 @@ def evaluate_choice(model: Transformer, tokenizer: Tokenizer, examples: list[Cho
         raise InputError("evaluate_choice: no examples")
     for example in examples:
         if not 0 <= example.answer < len(example.choices):
-            raise InputError(f"example {example.id}: answer {example.answer} is out of range for {len(example.choices)} choices")
+            raise InputError(
+                f"example {example.id}: answer {example.answer} is out of range for {len(example.choices)} choices"
+            )
         if not all(example.choices):
             raise InputError(f"example {example.id}: an empty choice cannot be length-normalised ({example.choices!r})")
     pool = examples if fewshot_examples is None else fewshot_examples
@@ -80,7 +96,7 @@ def evaluate_choice(model: Transformer, tokenizer: Tokenizer, examples: list[Cho
     generator = random.Random(seed)
     requests, prompts = [], []
     for index, example in enumerate(examples):
-        candidates = pool if fewshot_examples is not None else pool[:index] + pool[index + 1:]
+        candidates = pool if fewshot_examples is not None else pool[:index] + pool[index + 1 :]
         demonstrations = generator.sample(candidates, num_fewshot) if num_fewshot else []
         prompt = fewshot_prefix(demonstrations, template) + render_prompt(example, template)
         prompts.append(prompt)
@@ -90,14 +106,22 @@ def evaluate_choice(model: Transformer, tokenizer: Tokenizer, examples: list[Cho
     per_example, correct, correct_norm = [], [], []
     position = 0
     for example, prompt in zip(examples, prompts):
-        logprobs = [logprob for logprob, _ in scores[position:position + len(example.choices)]]
+        logprobs = [logprob for logprob, _ in scores[position : position + len(example.choices)]]
         position += len(example.choices)
         prediction = _first_best(logprobs)
         prediction_norm = _first_best([logprob / len(choice) for logprob, choice in zip(logprobs, example.choices)])
         correct.append(float(prediction == example.answer))
         correct_norm.append(float(prediction_norm == example.answer))
-        per_example.append({"id": example.id, "answer": example.answer, "prediction": prediction,
-                            "prediction_norm": prediction_norm, "logprobs": logprobs, "prompt": prompt})
+        per_example.append(
+            {
+                "id": example.id,
+                "answer": example.answer,
+                "prediction": prediction,
+                "prediction_norm": prediction_norm,
+                "logprobs": logprobs,
+                "prompt": prompt,
+            }
+        )
     return {
         "accuracy": sum(correct) / len(correct),
         "accuracy_norm": sum(correct_norm) / len(correct_norm),

@@ -52,7 +52,9 @@ def load_choice_task(path: str | Path, format: str = "auto") -> list[ChoiceExamp
     """Every example of ``path`` in file order; ``format`` is one of :data:`FORMATS` or ``"auto"``."""
     path = Path(path)
     if format not in (*FORMATS, "auto"):
-        raise InputError(f"{path}: unknown multiple-choice format {format!r} (expected auto or one of {', '.join(FORMATS)})")
+        raise InputError(
+            f"{path}: unknown multiple-choice format {format!r} (expected auto or one of {', '.join(FORMATS)})"
+        )
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     if format == "mmlu" or (format == "auto" and path.suffix.lower() == ".csv"):
@@ -70,8 +72,10 @@ def _load_jsonl(path: Path, format: str) -> list[ChoiceExample]:
         if format == "auto":
             format = _detect(record)
             if format is None:
-                raise InputError(f"{path}:{line_number}: cannot tell the format from the keys {sorted(record)}; expected "
-                                 "HellaSwag (ctx/endings/label), ARC (question.stem/answerKey) or question/choices/answer")
+                raise InputError(
+                    f"{path}:{line_number}: cannot tell the format from the keys {sorted(record)}; expected "
+                    "HellaSwag (ctx/endings/label), ARC (question.stem/answerKey) or question/choices/answer"
+                )
         try:
             examples.append(_JSONL_PARSERS[format](record, f"{path.stem}/{line_number}"))
         except _RowError as error:
@@ -138,16 +142,22 @@ def _parse_hellaswag(record: dict, default_id: str) -> ChoiceExample:
     if "label" not in record:
         raise _RowError("missing field 'label'")
     answer = _answer_index(record["label"], len(endings), "label")
-    return ChoiceExample(str(record.get("ind", default_id)), _hellaswag_clean(context),
-                         [_hellaswag_clean(ending) for ending in endings], answer, "hellaswag")
+    return ChoiceExample(
+        str(record.get("ind", default_id)),
+        _hellaswag_clean(context),
+        [_hellaswag_clean(ending) for ending in endings],
+        answer,
+        "hellaswag",
+    )
 
 
 def _parse_arc(record: dict, default_id: str) -> ChoiceExample:
     question = _field(record, "question", dict)
     stem = _field(question, "stem", str)
     options = _field(question, "choices", list)
-    if len(options) < 2 or not all(isinstance(option, dict) and isinstance(option.get("text"), str)
-                                   and "label" in option for option in options):
+    if len(options) < 2 or not all(
+        isinstance(option, dict) and isinstance(option.get("text"), str) and "label" in option for option in options
+    ):
         raise _RowError(f"'question.choices' should be at least two {{text, label}} objects, got {options!r}")
     labels = [str(option["label"]) for option in options]
     if "answerKey" not in record:
@@ -155,8 +165,9 @@ def _parse_arc(record: dict, default_id: str) -> ChoiceExample:
     answer_key = str(record["answerKey"])
     if answer_key not in labels:
         raise _RowError(f"answerKey {answer_key!r} is not one of the choice labels {labels}")
-    return ChoiceExample(str(record.get("id", default_id)), stem, [option["text"] for option in options],
-                         labels.index(answer_key), "arc")
+    return ChoiceExample(
+        str(record.get("id", default_id)), stem, [option["text"] for option in options], labels.index(answer_key), "arc"
+    )
 
 
 def _parse_plain(record: dict, default_id: str) -> ChoiceExample:
@@ -164,12 +175,20 @@ def _parse_plain(record: dict, default_id: str) -> ChoiceExample:
     choices = _text_list(record.get("choices"), "choices")
     if "answer" not in record:
         raise _RowError("missing field 'answer'")
-    return ChoiceExample(str(record.get("id", default_id)), question, choices,
-                         _answer_index(record["answer"], len(choices), "answer"), "jsonl")
+    return ChoiceExample(
+        str(record.get("id", default_id)),
+        question,
+        choices,
+        _answer_index(record["answer"], len(choices), "answer"),
+        "jsonl",
+    )
 
 
 _JSONL_PARSERS: dict[str, Callable[[dict, str], ChoiceExample]] = {
-    "hellaswag": _parse_hellaswag, "arc": _parse_arc, "jsonl": _parse_plain}
+    "hellaswag": _parse_hellaswag,
+    "arc": _parse_arc,
+    "jsonl": _parse_plain,
+}
 
 
 def _load_mmlu(path: Path) -> list[ChoiceExample]:
@@ -185,7 +204,9 @@ def _load_mmlu(path: Path) -> list[ChoiceExample]:
                 if not examples and [cell.strip().lower() for cell in row[-1:]] == ["answer"]:
                     continue  # the header of the Hugging Face re-exports
                 if len(row) != 6:
-                    raise InputError(f"{path}:{line_number}: expected 6 columns (question, 4 choices, answer), got {len(row)}")
+                    raise InputError(
+                        f"{path}:{line_number}: expected 6 columns (question, 4 choices, answer), got {len(row)}"
+                    )
                 try:
                     answer = _answer_index(row[5], 4, "answer")
                 except _RowError as error:

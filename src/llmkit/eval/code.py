@@ -83,12 +83,20 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def run_tests(runs: list[tuple[CodeProblem, str]], timeout_s: float, memory_mb: int, workers: int | None = None) -> list[dict]:
+def run_tests(
+    runs: list[tuple[CodeProblem, str]], timeout_s: float, memory_mb: int, workers: int | None = None
+) -> list[dict]:
     """Test each (problem, completion), several at a time (each is its own processes, so threads suffice)."""
+
     def run(item: tuple[CodeProblem, str]) -> dict:
         problem, completion = item
-        result = run_checked(candidate_program(problem, completion), checker_program(problem), problem.entry_point,
-                             timeout_s=timeout_s, memory_mb=memory_mb)
+        result = run_checked(
+            candidate_program(problem, completion),
+            checker_program(problem),
+            problem.entry_point,
+            timeout_s=timeout_s,
+            memory_mb=memory_mb,
+        )
         verdict = result.checker
         return {"passed": verdict.status == "ok", "status": verdict.status, "error": _last_line(verdict.stderr)}
 
@@ -100,8 +108,14 @@ def _last_line(text: str) -> str:
     return text.strip().splitlines()[-1] if text.strip() else ""
 
 
-def score_completions(problems: list[CodeProblem], completions: list[list[str]], ks: list[int], timeout_s: float = 5.0,
-                      memory_mb: int = 512, workers: int | None = None) -> dict:
+def score_completions(
+    problems: list[CodeProblem],
+    completions: list[list[str]],
+    ks: list[int],
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    workers: int | None = None,
+) -> dict:
     """pass@k for each k (mean over problems) of ``completions[problem][sample]``, with per-problem records."""
     samples = {len(row) for row in completions}
     if len(completions) != len(problems) or len(samples) != 1:
@@ -109,34 +123,64 @@ def score_completions(problems: list[CodeProblem], completions: list[list[str]],
     n = samples.pop()
     for k in ks:
         if not 1 <= k <= n:
-            raise ConfigError("k", k, f"pass@{k} needs at least {k} samples per problem, but only {n} were drawn (raise 'samples')")
+            raise ConfigError(
+                "k", k, f"pass@{k} needs at least {k} samples per problem, but only {n} were drawn (raise 'samples')"
+            )
     flat = [(problem, completion) for problem, row in zip(problems, completions) for completion in row]
     outcomes = run_tests(flat, timeout_s, memory_mb, workers)
     per_problem = []
     for index, (problem, row) in enumerate(zip(problems, completions)):
-        results = outcomes[index * n:(index + 1) * n]
+        results = outcomes[index * n : (index + 1) * n]
         passed = sum(result["passed"] for result in results)
-        per_problem.append({"id": problem.task_id, "samples": n, "passed": passed,
-                            **{f"pass@{k}": pass_at_k(n, passed, k) for k in ks},
-                            "completions": [{"completion": completion, **result} for completion, result in zip(row, results)]})
+        per_problem.append(
+            {
+                "id": problem.task_id,
+                "samples": n,
+                "passed": passed,
+                **{f"pass@{k}": pass_at_k(n, passed, k) for k in ks},
+                "completions": [{"completion": completion, **result} for completion, result in zip(row, results)],
+            }
+        )
     metrics = {f"pass@{k}": float(np.mean([record[f"pass@{k}"] for record in per_problem])) for k in ks}
     return {**metrics, "count": len(problems), "samples": n, "per_example": per_problem}
 
 
-def evaluate_code(engine: Engine, problems: list[CodeProblem], samples: int = 1, ks: list[int] | None = None,
-                  temperature: float = 0.2, max_new_tokens: int = 300, seed: int = 0, timeout_s: float = 5.0,
-                  memory_mb: int = 512, batch_size: int = 16, workers: int | None = None) -> dict:
+def evaluate_code(
+    engine: Engine,
+    problems: list[CodeProblem],
+    samples: int = 1,
+    ks: list[int] | None = None,
+    temperature: float = 0.2,
+    max_new_tokens: int = 300,
+    seed: int = 0,
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    batch_size: int = 16,
+    workers: int | None = None,
+) -> dict:
     """Draw ``samples`` completions per problem, run them, and report pass@k for each k in ``ks``
     (default: those of 1, 10, 100 that do not exceed ``samples``). Codex reported pass@1 at temperature
     0.2 and pass@100 at 0.8; temperature 0 with one sample is greedy pass@1."""
     ks = ks or [k for k in (1, 10, 100) if k <= samples]
     if temperature == 0 and samples > 1:
-        raise ConfigError("temperature", temperature, f"{samples} samples at temperature 0 would all be the same greedy completion")
+        raise ConfigError(
+            "temperature", temperature, f"{samples} samples at temperature 0 would all be the same greedy completion"
+        )
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop=STOP_SEQUENCES, seed=seed)
     generator = EvaluationGenerator(engine, batch_size=batch_size, description="code: sampling")
-    texts = [completion.text for completion in generator.generate(
-        [problem.prompt for problem in problems for _ in range(samples)], seeded(config, samples) * len(problems))]
-    result = score_completions(problems, [texts[index:index + samples] for index in range(0, len(texts), samples)], ks,
-                               timeout_s=timeout_s, memory_mb=memory_mb, workers=workers)
+    texts = [
+        completion.text
+        for completion in generator.generate(
+            [problem.prompt for problem in problems for _ in range(samples)], seeded(config, samples) * len(problems)
+        )
+    ]
+    result = score_completions(
+        problems,
+        [texts[index : index + samples] for index in range(0, len(texts), samples)],
+        ks,
+        timeout_s=timeout_s,
+        memory_mb=memory_mb,
+        workers=workers,
+    )
     result["truncated_prompts"] = generator.truncated_prompts
     return result

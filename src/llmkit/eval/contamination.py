@@ -25,8 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from llmkit.data.decontam import ContaminationIndex, evaluation_ngrams
-from llmkit.token_data import MANIFEST_FILE, load_tokenizer, open_split
 from llmkit.data.sources import iter_documents
+from llmkit.token_data import MANIFEST_FILE, load_tokenizer, open_split
 
 
 def build_example_index(records: list[tuple[str, list[str]]], ngram: int, min_words: int) -> ContaminationIndex | None:
@@ -46,8 +46,14 @@ def build_example_index(records: list[tuple[str, list[str]]], ngram: int, min_wo
         return None
     hashes, set_ids = np.concatenate(hash_parts), np.concatenate(id_parts)
     order = np.argsort(hashes, kind="stable")
-    return ContaminationIndex(hashes[order], set_ids[order], [str(position) for position in range(len(records))],
-                              ngram, min_words, sorted(lengths))
+    return ContaminationIndex(
+        hashes[order],
+        set_ids[order],
+        [str(position) for position in range(len(records))],
+        ngram,
+        min_words,
+        sorted(lengths),
+    )
 
 
 def token_data_documents(directory: str | Path, split: str = "train") -> Iterator[str]:
@@ -78,16 +84,22 @@ def training_documents(sources: list[str]) -> Iterator[str]:
             yield from (document.text for document in iter_documents(source))
 
 
-def check_contamination(evaluation_sets: dict[str, list[tuple[str, list[str]]]], training_sources: list[str],
-                        ngram: int = 13, min_words: int = 8) -> dict[str, dict]:
+def check_contamination(
+    evaluation_sets: dict[str, list[tuple[str, list[str]]]],
+    training_sources: list[str],
+    ngram: int = 13,
+    min_words: int = 8,
+) -> dict[str, dict]:
     """For each evaluation set (task name -> (example id, texts) pairs): how many examples it has, how many
     are long enough to check, and the ids of those sharing an n-gram with some training document."""
     records, owners = [], []
     for task, examples in evaluation_sets.items():
         records += examples
         owners += [task] * len(examples)
-    report = {task: {"examples": len(examples), "checked": 0, "contaminated": 0, "contaminated_ids": []}
-              for task, examples in evaluation_sets.items()}
+    report = {
+        task: {"examples": len(examples), "checked": 0, "contaminated": 0, "contaminated_ids": []}
+        for task, examples in evaluation_sets.items()
+    }
     index = build_example_index(records, ngram, min_words)
     if index is None:
         return report

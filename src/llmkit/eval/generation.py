@@ -42,7 +42,9 @@ class EvaluationGenerator:
         context when ``max_new_tokens`` asks for more, so a long answer budget cannot squeeze the question out."""
         context = self.engine.model.config.context_length
         keep = context - min(max_new_tokens, context // 2)
-        ids = self.engine.tokenizer.encode(prompt) or [self.engine.tokenizer.eot_id]  # an empty prompt starts a document
+        ids = self.engine.tokenizer.encode(prompt) or [
+            self.engine.tokenizer.eot_id
+        ]  # an empty prompt starts a document
         self.truncated_prompts += len(ids) > keep
         return ids[-keep:]
 

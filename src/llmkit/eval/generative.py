@@ -70,6 +70,7 @@ def load_gsm8k(path: str | Path) -> list[GenerativeExample]:
 def rationale(solution: str, calculator: bool) -> str:
     """A worked solution as a chain-of-thought rationale: every ``<<a*b=c>>`` annotation becomes the
     calculator call and its injected result (``calculator``) or is dropped; lines join into one paragraph."""
+
     def replace_annotation(match: re.Match) -> str:
         if not calculator:
             return ""
@@ -92,8 +93,13 @@ def toolbox(tools: str) -> ToolBox | None:
 @dataclass
 class GenerativeConfig:
     num_fewshot: int = field(default=0, metadata={"help": "demonstrations per prompt (drawn from the few-shot pool)"})
-    chain_of_thought: bool = field(default=False, metadata={"help": "reason before answering: few-shot CoT with demonstrations, zero-shot CoT without"})
-    self_consistency: int = field(default=1, metadata={"help": "sampled reasoning paths per problem, majority vote (1 = one greedy path)"})
+    chain_of_thought: bool = field(
+        default=False,
+        metadata={"help": "reason before answering: few-shot CoT with demonstrations, zero-shot CoT without"},
+    )
+    self_consistency: int = field(
+        default=1, metadata={"help": "sampled reasoning paths per problem, majority vote (1 = one greedy path)"}
+    )
     tools: str = field(default="none", metadata={"help": f"tools during generation: {', '.join(TOOLS)}"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of self-consistency paths"})
     max_new_tokens: int = field(default=256, metadata={"help": "tokens per reply at most"})
@@ -103,8 +109,12 @@ class GenerativeConfig:
         check(self.num_fewshot >= 0, "num_fewshot", self.num_fewshot, "must be >= 0")
         check(self.self_consistency >= 1, "self_consistency", self.self_consistency, "must be at least 1")
         check(self.tools in TOOLS, "tools", self.tools, f"must be one of {', '.join(TOOLS)}")
-        check(self.self_consistency == 1 or self.temperature > 0, "temperature", self.temperature,
-              "self-consistency needs sampling (temperature > 0): greedy paths would all agree")
+        check(
+            self.self_consistency == 1 or self.temperature > 0,
+            "temperature",
+            self.temperature,
+            "self-consistency needs sampling (temperature > 0): greedy paths would all agree",
+        )
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be positive")
 
     def label(self) -> str:
@@ -122,11 +132,18 @@ def _prompt_builder(config: GenerativeConfig, pool: list[GenerativeExample]) -> 
     else:
         style = "none"
     prompt_config = PromptConfig(shots=config.num_fewshot, chain_of_thought=style, seed=config.seed)
-    return PromptBuilder(prompt_config, demonstrations(pool, calculator=config.tools != "none") if config.num_fewshot else [])
+    return PromptBuilder(
+        prompt_config, demonstrations(pool, calculator=config.tools != "none") if config.num_fewshot else []
+    )
 
 
-def evaluate_generative(engine: Engine, examples: list[GenerativeExample], config: GenerativeConfig,
-                        fewshot_pool: list[GenerativeExample] | None = None, batch_size: int = 16) -> dict:
+def evaluate_generative(
+    engine: Engine,
+    examples: list[GenerativeExample],
+    config: GenerativeConfig,
+    fewshot_pool: list[GenerativeExample] | None = None,
+    batch_size: int = 16,
+) -> dict:
     """Accuracy (exact match of the extracted number), its standard error, and one record per problem.
 
     Demonstrations come from ``fewshot_pool`` (a training file), else from the evaluated problems
@@ -137,21 +154,45 @@ def evaluate_generative(engine: Engine, examples: list[GenerativeExample], confi
     with its vote share ``agreement``, ``expected`` and ``correct``."""
     builder = _prompt_builder(config, examples if fewshot_pool is None else fewshot_pool)
     paths_per_problem = config.self_consistency
-    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, seed=config.seed,
-                                  temperature=config.temperature if paths_per_problem > 1 else 0)
+    generation = GenerationConfig(
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+        temperature=config.temperature if paths_per_problem > 1 else 0,
+    )
     generator = EvaluationGenerator(engine, toolbox(config.tools), batch_size, f"generative: {config.label()}")
-    paths = reason(generator, builder, [example.question for example in examples for _ in range(paths_per_problem)],
-                   seeded(generation, paths_per_problem) * len(examples), "number", ANSWER_MAX_NEW_TOKENS)
+    paths = reason(
+        generator,
+        builder,
+        [example.question for example in examples for _ in range(paths_per_problem)],
+        seeded(generation, paths_per_problem) * len(examples),
+        "number",
+        ANSWER_MAX_NEW_TOKENS,
+    )
     records = []
     for index, example in enumerate(examples):
-        own = paths[index * paths_per_problem:(index + 1) * paths_per_problem]
+        own = paths[index * paths_per_problem : (index + 1) * paths_per_problem]
         prediction, agreement = majority_vote([path.answer for path in own])
-        records.append({"id": example.id, "prompt": builder.prompt(example.question), "outputs": [path.text for path in own],
-                        "extracted": [path.answer for path in own], "prediction": prediction, "agreement": agreement,
-                        "expected": example.target, "correct": prediction == example.target})
+        records.append(
+            {
+                "id": example.id,
+                "prompt": builder.prompt(example.question),
+                "outputs": [path.text for path in own],
+                "extracted": [path.answer for path in own],
+                "prediction": prediction,
+                "agreement": agreement,
+                "expected": example.target,
+                "correct": prediction == example.target,
+            }
+        )
     correct = [float(record["correct"]) for record in records]
-    return {"accuracy": sum(correct) / len(correct), "stderr": mean_stderr(correct), "count": len(records),
-            "truncated_prompts": generator.truncated_prompts, "settings": asdict(config), "per_example": records}
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "stderr": mean_stderr(correct),
+        "count": len(records),
+        "truncated_prompts": generator.truncated_prompts,
+        "settings": asdict(config),
+        "per_example": records,
+    }
 
 
 def ablation_grid(config: GenerativeConfig) -> list[GenerativeConfig]:
@@ -161,12 +202,19 @@ def ablation_grid(config: GenerativeConfig) -> list[GenerativeConfig]:
     shots = sorted({0, config.num_fewshot})
     tools = sorted({"none", config.tools if config.tools != "none" else "calculator"}, key=TOOLS.index)
     paths = sorted({1, config.self_consistency})
-    return [replace(config, num_fewshot=k, chain_of_thought=cot, tools=tool, self_consistency=n)
-            for k, cot, tool, n in itertools.product(shots, (False, True), tools, paths)]
+    return [
+        replace(config, num_fewshot=k, chain_of_thought=cot, tools=tool, self_consistency=n)
+        for k, cot, tool, n in itertools.product(shots, (False, True), tools, paths)
+    ]
 
 
-def run_ablations(engine: Engine, examples: list[GenerativeExample], config: GenerativeConfig,
-                  fewshot_pool: list[GenerativeExample] | None = None, batch_size: int = 16) -> tuple[dict, list[dict]]:
+def run_ablations(
+    engine: Engine,
+    examples: list[GenerativeExample],
+    config: GenerativeConfig,
+    fewshot_pool: list[GenerativeExample] | None = None,
+    batch_size: int = 16,
+) -> tuple[dict, list[dict]]:
     """:func:`evaluate_generative` for every setting of :func:`ablation_grid`: the full result of ``config``
     itself (one point of the grid) and one row per setting with its accuracy, for the table."""
     rows, own_result = [], None
@@ -174,6 +222,13 @@ def run_ablations(engine: Engine, examples: list[GenerativeExample], config: Gen
         result = evaluate_generative(engine, examples, setting, fewshot_pool, batch_size)
         if setting == config:
             own_result = result
-        rows.append({"setting": setting.label(), **asdict(setting), "accuracy": result["accuracy"],
-                     "stderr": result["stderr"], "count": result["count"]})
+        rows.append(
+            {
+                "setting": setting.label(),
+                **asdict(setting),
+                "accuracy": result["accuracy"],
+                "stderr": result["stderr"],
+                "count": result["count"],
+            }
+        )
     return own_result, rows

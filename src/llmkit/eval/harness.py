@@ -34,6 +34,7 @@ import sys
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+
 # Importing lm_eval.models (the parent package) also lists lm-eval's built-in model names ("hf", ...),
 # which its registry would otherwise load only while empty, that is, never once "llmkit" is registered.
 from lm_eval.models.utils import normalize_gen_kwargs
@@ -54,19 +55,35 @@ _SET_FROM_REQUEST = {"until", "max_gen_toks", "do_sample"}
 
 @register_model("llmkit")
 class LlmkitLM(LM):
-    def __init__(self, checkpoint: str | None = None, device: str | None = None, batch_size: int | str = 16,
-                 max_gen_toks: int = 256, dtype: str | None = None, engine: Engine | None = None):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        device: str | None = None,
+        batch_size: int | str = 16,
+        max_gen_toks: int = 256,
+        dtype: str | None = None,
+        engine: Engine | None = None,
+    ):
         """A checkpoint (a run directory or checkpoint folder) loaded on ``device`` (by default the GPU when
         there is one, else the CPU; in ``dtype``, by default the stored one), or a ready ``engine``."""
         super().__init__()
-        check((checkpoint is None) != (engine is None), "checkpoint", checkpoint, "give exactly one of checkpoint or engine")
+        check(
+            (checkpoint is None) != (engine is None),
+            "checkpoint",
+            checkpoint,
+            "give exactly one of checkpoint or engine",
+        )
         check(str(batch_size).isdigit() and int(batch_size) > 0, "batch_size", batch_size, "must be a positive integer")
         check(int(max_gen_toks) > 0, "max_gen_toks", max_gen_toks, "must be positive")
         check(dtype is None or dtype in DTYPES, "dtype", dtype, f"must be one of {', '.join(DTYPES)}")
         if engine is None:
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            check(not str(device).startswith("cuda") or torch.cuda.is_available(), "device", device,
-                  "CUDA is not available on this machine; pass device=cpu")
+            check(
+                not str(device).startswith("cuda") or torch.cuda.is_available(),
+                "device",
+                device,
+                "CUDA is not available on this machine; pass device=cpu",
+            )
             engine = Engine.from_checkpoint(checkpoint, device=device, dtype=DTYPES.get(dtype))
         self.engine, self.model, self.tokenizer = engine, engine.model, engine.tokenizer
         self.checkpoint = checkpoint
@@ -82,16 +99,22 @@ class LlmkitLM(LM):
     def create_from_arg_obj(cls, arguments: dict, additional_config: dict | None = None) -> "LlmkitLM":
         # lm-eval's command line always sends its own --device/--batch_size (defaults cuda:0 and 1);
         # settings written in --model_args win over them, and max_batch_size (for batch_size=auto) has no use here.
-        merged = {key: value for key, value in (additional_config or {}).items()
-                  if key in ("device", "batch_size") and value is not None}
+        merged = {
+            key: value
+            for key, value in (additional_config or {}).items()
+            if key in ("device", "batch_size") and value is not None
+        }
         if str(merged.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
             del merged["device"]  # lm-eval's default on a machine without CUDA: take what the machine has
         merged.update(arguments)
         return cls(**merged)
 
     def get_model_info(self) -> dict:
-        return {"checkpoint": self.checkpoint, "model_num_parameters": self.model.num_parameters(),
-                "tokenizer_sha256": self.tokenizer.sha256}
+        return {
+            "checkpoint": self.checkpoint,
+            "model_num_parameters": self.model.num_parameters(),
+            "tokenizer_sha256": self.tokenizer.sha256,
+        }
 
     @property
     def tokenizer_name(self) -> str:
@@ -118,7 +141,9 @@ class LlmkitLM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         texts = [request.args[0] for request in requests]
-        results = [total for total, _ in rolling_loglikelihoods(self.model, self.tokenizer, texts, batch_size=self.batch_size)]
+        results = [
+            total for total, _ in rolling_loglikelihoods(self.model, self.tokenizer, texts, batch_size=self.batch_size)
+        ]
         for text, result in zip(texts, results):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), result)
         return results
@@ -130,7 +155,9 @@ class LlmkitLM(LM):
         known = {item.name for item in dataclasses.fields(GenerationConfig)} - {"stop", "max_new_tokens"}
         unknown = sorted(set(settings) - known - _SET_FROM_REQUEST)
         if unknown:
-            raise InputError(f"generation kwargs {unknown} have no llmkit equivalent (llmkit takes {sorted(known | _SET_FROM_REQUEST)})")
+            raise InputError(
+                f"generation kwargs {unknown} have no llmkit equivalent (llmkit takes {sorted(known | _SET_FROM_REQUEST)})"
+            )
         options = {key: value for key, value in settings.items() if key in known}
         # normalize_gen_kwargs sets temperature 0 for greedy; sampling without a temperature means 1 (HF's default).
         options["temperature"] = float(settings.get("temperature", 1.0)) if settings["do_sample"] else 0.0
@@ -148,10 +175,12 @@ class LlmkitLM(LM):
             config = self.generation_config(arguments[indices[0]][1])
             room = context_length - config.max_new_tokens
             if room < 1:
-                raise InputError(f"max_gen_toks={config.max_new_tokens} leaves no room for a prompt in the model's "
-                                 f"context of {context_length} tokens; lower it (model_args max_gen_toks=... or the task's generation_kwargs)")
+                raise InputError(
+                    f"max_gen_toks={config.max_new_tokens} leaves no room for a prompt in the model's "
+                    f"context of {context_length} tokens; lower it (model_args max_gen_toks=... or the task's generation_kwargs)"
+                )
             for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
+                chunk = indices[start : start + self.batch_size]
                 prompts = [self.engine.encode(arguments[index][0])[-room:] for index in chunk]
                 for index, completion in zip(chunk, self.engine.generate_ids(prompts, config)):
                     outputs[index] = completion.text

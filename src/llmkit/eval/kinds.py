@@ -47,12 +47,20 @@ def _check_generation(settings: dict) -> None:
 
 # ----------------------------------------------------------------------------- perplexity
 def _load_documents(path: str, settings: dict) -> list[tuple[str, str]]:
-    return [(f"{Path(path).name}:{index}", text) for index, text in enumerate(load_texts(path, settings["text_field"]), start=1)]
+    return [
+        (f"{Path(path).name}:{index}", text)
+        for index, text in enumerate(load_texts(path, settings["text_field"]), start=1)
+    ]
 
 
 def _evaluate_perplexity(engine: Engine, documents: list[tuple[str, str]], settings: dict) -> dict:
-    result = evaluate_perplexity(engine.model, engine.tokenizer, [text for _, text in documents], settings["stride"], settings["batch_size"])
-    return {**result, "per_example": [{"id": identifier, "bytes": len(text.encode("utf-8"))} for identifier, text in documents]}
+    result = evaluate_perplexity(
+        engine.model, engine.tokenizer, [text for _, text in documents], settings["stride"], settings["batch_size"]
+    )
+    return {
+        **result,
+        "per_example": [{"id": identifier, "bytes": len(text.encode("utf-8"))} for identifier, text in documents],
+    }
 
 
 def _check_perplexity(settings: dict) -> None:
@@ -61,33 +69,58 @@ def _check_perplexity(settings: dict) -> None:
 
 def _rescore_perplexity(engine: Engine, documents: list[tuple[str, str]], records: list[dict], settings: dict) -> dict:
     # Perplexity is a ratio of totals over documents, not a mean of per-document scores: score the clean ones again.
-    return evaluate_perplexity(engine.model, engine.tokenizer, [text for _, text in documents], settings["stride"],
-                               settings["batch_size"])
+    return evaluate_perplexity(
+        engine.model, engine.tokenizer, [text for _, text in documents], settings["stride"], settings["batch_size"]
+    )
 
 
 # ----------------------------------------------------------------------------- multiple choice
 def _evaluate_choice(engine: Engine, examples: list, settings: dict) -> dict:
     pool = load_choice_task(settings["fewshot_file"], settings["format"]) if settings["fewshot_file"] else None
-    return evaluate_choice(engine.model, engine.tokenizer, examples, settings["num_fewshot"], pool, settings["seed"],
-                           batch_size=settings["batch_size"])
+    return evaluate_choice(
+        engine.model,
+        engine.tokenizer,
+        examples,
+        settings["num_fewshot"],
+        pool,
+        settings["seed"],
+        batch_size=settings["batch_size"],
+    )
 
 
 def _check_choice(settings: dict) -> None:
-    check(settings["format"] in ("auto", *FORMATS), "format", settings["format"], f"must be auto or one of {', '.join(FORMATS)}")
+    check(
+        settings["format"] in ("auto", *FORMATS),
+        "format",
+        settings["format"],
+        f"must be auto or one of {', '.join(FORMATS)}",
+    )
     check(settings["num_fewshot"] >= 0, "num_fewshot", settings["num_fewshot"], "must be >= 0")
 
 
 def _rescore_choice(engine, examples, records: list[dict], settings) -> dict:
     accuracy, stderr = _mean([float(record["prediction"] == record["answer"]) for record in records])
     accuracy_norm, stderr_norm = _mean([float(record["prediction_norm"] == record["answer"]) for record in records])
-    return {"accuracy": accuracy, "accuracy_norm": accuracy_norm, "stderr": stderr, "stderr_norm": stderr_norm, "count": len(records)}
+    return {
+        "accuracy": accuracy,
+        "accuracy_norm": accuracy_norm,
+        "stderr": stderr,
+        "stderr_norm": stderr_norm,
+        "count": len(records),
+    }
 
 
 # ----------------------------------------------------------------------------- generative
 def _generative_config(settings: dict) -> GenerativeConfig:
-    return GenerativeConfig(num_fewshot=settings["num_fewshot"], chain_of_thought=settings["chain_of_thought"],
-                            self_consistency=settings["self_consistency"], tools=settings["tools"],
-                            temperature=settings["temperature"], max_new_tokens=settings["max_new_tokens"], seed=settings["seed"])
+    return GenerativeConfig(
+        num_fewshot=settings["num_fewshot"],
+        chain_of_thought=settings["chain_of_thought"],
+        self_consistency=settings["self_consistency"],
+        tools=settings["tools"],
+        temperature=settings["temperature"],
+        max_new_tokens=settings["max_new_tokens"],
+        seed=settings["seed"],
+    )
 
 
 def _evaluate_generative(engine: Engine, examples: list, settings: dict) -> dict:
@@ -111,16 +144,27 @@ def _rescore_generative(engine, examples, records: list[dict], settings) -> dict
 def _evaluate_code(engine: Engine, problems: list, settings: dict) -> dict:
     samples = settings["samples"]
     # One sample is greedy pass@1; several are a sample of the model's distribution at the temperature.
-    return evaluate_code(engine, problems, samples=samples, temperature=settings["temperature"] if samples > 1 else 0.0,
-                         max_new_tokens=settings["max_new_tokens"], seed=settings["seed"], timeout_s=settings["timeout_s"],
-                         batch_size=settings["batch_size"])
+    return evaluate_code(
+        engine,
+        problems,
+        samples=samples,
+        temperature=settings["temperature"] if samples > 1 else 0.0,
+        max_new_tokens=settings["max_new_tokens"],
+        seed=settings["seed"],
+        timeout_s=settings["timeout_s"],
+        batch_size=settings["batch_size"],
+    )
 
 
 def _check_code(settings: dict) -> None:
     _check_generation(settings)
     check(settings["samples"] >= 1, "samples", settings["samples"], "must be at least 1")
-    check(settings["samples"] == 1 or settings["temperature"] > 0, "temperature", settings["temperature"],
-          f"{settings['samples']} samples need temperature > 0 (greedy samples would all be the same)")
+    check(
+        settings["samples"] == 1 or settings["temperature"] > 0,
+        "temperature",
+        settings["temperature"],
+        f"{settings['samples']} samples need temperature > 0 (greedy samples would all be the same)",
+    )
     check(settings["timeout_s"] > 0, "timeout_s", settings["timeout_s"], "must be positive")
 
 
@@ -131,7 +175,9 @@ def _rescore_code(engine, problems, records: list[dict], settings) -> dict:
 
 # ----------------------------------------------------------------------------- BLEU / ROUGE
 def _evaluate_bleu_rouge(engine: Engine, examples: list, settings: dict) -> dict:
-    return evaluate_bleu_rouge(engine, examples, settings["max_new_tokens"], settings["single_line"], settings["batch_size"])
+    return evaluate_bleu_rouge(
+        engine, examples, settings["max_new_tokens"], settings["single_line"], settings["batch_size"]
+    )
 
 
 def _rescore_bleu_rouge(engine, examples, records: list[dict], settings) -> dict:
@@ -143,28 +189,57 @@ def _rescore_bleu_rouge(engine, examples, records: list[dict], settings) -> dict
 GENERATION = frozenset({"temperature", "max_new_tokens"})
 KINDS: dict[str, TaskKind] = {
     "perplexity": TaskKind(
-        frozenset({"stride", "text_field"}), {"text_field": "text"}, _load_documents,
-        lambda document: (document[0], [document[1]]), _evaluate_perplexity, _rescore_perplexity,
-        (("bits_per_byte", None), ("perplexity", None)), _check_perplexity, lower_is_better=True),
+        frozenset({"stride", "text_field"}),
+        {"text_field": "text"},
+        _load_documents,
+        lambda document: (document[0], [document[1]]),
+        _evaluate_perplexity,
+        _rescore_perplexity,
+        (("bits_per_byte", None), ("perplexity", None)),
+        _check_perplexity,
+        lower_is_better=True,
+    ),
     "choice": TaskKind(
-        frozenset({"num_fewshot", "fewshot_file", "format"}), {"format": "auto"},
+        frozenset({"num_fewshot", "fewshot_file", "format"}),
+        {"format": "auto"},
         lambda path, settings: load_choice_task(path, settings["format"]),
-        lambda example: (example.id, [example.context, *example.choices]), _evaluate_choice, _rescore_choice,
-        (("accuracy", "stderr"), ("accuracy_norm", "stderr_norm")), _check_choice),
+        lambda example: (example.id, [example.context, *example.choices]),
+        _evaluate_choice,
+        _rescore_choice,
+        (("accuracy", "stderr"), ("accuracy_norm", "stderr_norm")),
+        _check_choice,
+    ),
     "generative": TaskKind(
-        frozenset({"num_fewshot", "fewshot_file", "chain_of_thought", "self_consistency", "tools", "ablations"}) | GENERATION,
-        {"max_new_tokens": 256}, lambda path, settings: load_gsm8k(path),
-        lambda example: (example.id, [example.question, example.solution]), _evaluate_generative, _rescore_generative,
-        (("accuracy", "stderr"),), _generative_config),
+        frozenset({"num_fewshot", "fewshot_file", "chain_of_thought", "self_consistency", "tools", "ablations"})
+        | GENERATION,
+        {"max_new_tokens": 256},
+        lambda path, settings: load_gsm8k(path),
+        lambda example: (example.id, [example.question, example.solution]),
+        _evaluate_generative,
+        _rescore_generative,
+        (("accuracy", "stderr"),),
+        _generative_config,
+    ),
     "code": TaskKind(
-        frozenset({"samples", "timeout_s"}) | GENERATION, {"max_new_tokens": 300}, lambda path, settings: load_code_problems(path),
-        lambda problem: (problem.task_id, [problem.prompt, problem.canonical_solution]), _evaluate_code, _rescore_code,
-        (("pass@1", None), ("pass@10", None), ("pass@100", None)), _check_code),
+        frozenset({"samples", "timeout_s"}) | GENERATION,
+        {"max_new_tokens": 300},
+        lambda path, settings: load_code_problems(path),
+        lambda problem: (problem.task_id, [problem.prompt, problem.canonical_solution]),
+        _evaluate_code,
+        _rescore_code,
+        (("pass@1", None), ("pass@10", None), ("pass@100", None)),
+        _check_code,
+    ),
     "bleu_rouge": TaskKind(
-        frozenset({"single_line", "max_new_tokens"}), {"max_new_tokens": 128, "single_line": True},
+        frozenset({"single_line", "max_new_tokens"}),
+        {"max_new_tokens": 128, "single_line": True},
         lambda path, settings: load_reference_pairs(path),
-        lambda example: (example.id, [example.prompt, example.reference]), _evaluate_bleu_rouge, _rescore_bleu_rouge,
-        (("bleu", None), ("rouge1", "rouge1_stderr"), ("rouge2", "rouge2_stderr"), ("rougeL", "rougeL_stderr")), _check_generation),
+        lambda example: (example.id, [example.prompt, example.reference]),
+        _evaluate_bleu_rouge,
+        _rescore_bleu_rouge,
+        (("bleu", None), ("rouge1", "rouge1_stderr"), ("rouge2", "rouge2_stderr"), ("rougeL", "rougeL_stderr")),
+        _check_generation,
+    ),
 }
 
 

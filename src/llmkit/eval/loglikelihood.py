@@ -44,13 +44,15 @@ def check_compatible(model: Transformer, tokenizer: Tokenizer) -> None:
         raise MismatchError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
 
 
-def score_in_batches(model: Transformer, sequences: list[list[int]], batch_size: int, description: str) -> list[TokenScores]:
+def score_in_batches(
+    model: Transformer, sequences: list[list[int]], batch_size: int, description: str
+) -> list[TokenScores]:
     """``score_sequences`` of every sequence, shortest first in batches (little padding), with a progress bar."""
     check(batch_size > 0, "batch_size", batch_size, "must be positive")
     order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
     results: list[TokenScores | None] = [None] * len(sequences)
     for start in tqdm(range(0, len(order), batch_size), desc=description, unit=" batches", leave=False):
-        chosen = order[start:start + batch_size]
+        chosen = order[start : start + batch_size]
         for index, scores in zip(chosen, score_sequences(model, [sequences[index] for index in chosen], batch_size)):
             results[index] = scores
     return results
@@ -84,11 +86,12 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     context_ids = _encode_as_model(tokenizer, context)
-    return context_ids, _encode_as_model(tokenizer, context + continuation)[len(context_ids):]
+    return context_ids, _encode_as_model(tokenizer, context + continuation)[len(context_ids) :]
 
 
-def loglikelihoods(model: Transformer, tokenizer: Tokenizer, requests: list[tuple[str, str]],
-                   batch_size: int = 16) -> list[tuple[float, bool]]:
+def loglikelihoods(
+    model: Transformer, tokenizer: Tokenizer, requests: list[tuple[str, str]], batch_size: int = 16
+) -> list[tuple[float, bool]]:
     """For each ``(context, continuation)``: log p(continuation | context) in nats, and whether greedy
     decoding from the context would produce exactly the continuation's tokens."""
     check_compatible(model, tokenizer)
@@ -99,13 +102,17 @@ def loglikelihoods(model: Transformer, tokenizer: Tokenizer, requests: list[tupl
         if not continuation_ids:
             raise InputError(f"request {index}: continuation {continuation!r} encodes to no tokens after the context")
         if len(continuation_ids) >= window:
-            raise InputError(f"request {index}: a continuation of {len(continuation_ids)} tokens leaves no context "
-                             f"in the model's window of {window} tokens")
+            raise InputError(
+                f"request {index}: a continuation of {len(continuation_ids)} tokens leaves no context "
+                f"in the model's window of {window} tokens"
+            )
         sequences.append((context_ids + continuation_ids)[-window:])
         scored.append(len(continuation_ids))
     scores = score_in_batches(model, sequences, batch_size, "loglikelihood")
-    return [(float(result.logprobs[-count:].sum()), bool(result.greedy[-count:].all()))
-            for result, count in zip(scores, scored)]
+    return [
+        (float(result.logprobs[-count:].sum()), bool(result.greedy[-count:].all()))
+        for result, count in zip(scores, scored)
+    ]
 
 
 @dataclass(frozen=True)
@@ -123,8 +130,12 @@ def rolling_windows(token_count: int, context_length: int, stride: int | None = 
     score positions 1..token_count exactly once each, with as much left context as the window allows."""
     stride = context_length - 1 if stride is None else stride
     check(context_length >= 2, "context_length", context_length, "must be at least 2 to score anything")
-    check(1 <= stride <= context_length - 1, "stride", stride,
-          f"must be in [1, {context_length - 1}] (context_length - 1: windows must overlap by at least one token)")
+    check(
+        1 <= stride <= context_length - 1,
+        "stride",
+        stride,
+        f"must be in [1, {context_length - 1}] (context_length - 1: windows must overlap by at least one token)",
+    )
     if token_count == 0:
         return []
     end = min(context_length, token_count + 1)
@@ -136,8 +147,9 @@ def rolling_windows(token_count: int, context_length: int, stride: int | None = 
     return windows
 
 
-def rolling_loglikelihoods(model: Transformer, tokenizer: Tokenizer, texts: list[str], stride: int | None = None,
-                           batch_size: int = 16) -> list[tuple[float, int]]:
+def rolling_loglikelihoods(
+    model: Transformer, tokenizer: Tokenizer, texts: list[str], stride: int | None = None, batch_size: int = 16
+) -> list[tuple[float, int]]:
     """For each document: (total log-likelihood in nats, number of tokens scored), every document on its
     own (no document sees another as context); the windows of all documents share batches."""
     check_compatible(model, tokenizer)
@@ -147,16 +159,20 @@ def rolling_loglikelihoods(model: Transformer, tokenizer: Tokenizer, texts: list
     for document, ids in enumerate(tokenizer.encode_batch(list(texts))):
         stream = [prefix] + ids
         for window in rolling_windows(len(ids), context_length, stride):
-            sequences.append(stream[window.start:window.end])
+            sequences.append(stream[window.start : window.end])
             owners.append(document)
             scored.append(window.scored)
     totals = [[0.0, 0] for _ in texts]
-    for owner, count, result in zip(owners, scored, score_in_batches(model, sequences, batch_size, "rolling loglikelihood")):
+    for owner, count, result in zip(
+        owners, scored, score_in_batches(model, sequences, batch_size, "rolling loglikelihood")
+    ):
         totals[owner][0] += float(result.logprobs[-count:].sum())
         totals[owner][1] += count
     return [(total, count) for total, count in totals]
 
 
-def rolling_loglikelihood(model: Transformer, tokenizer: Tokenizer, text: str, stride: int | None = None) -> tuple[float, int]:
+def rolling_loglikelihood(
+    model: Transformer, tokenizer: Tokenizer, text: str, stride: int | None = None
+) -> tuple[float, int]:
     """(total log-likelihood in nats, tokens) of one document over rolling windows."""
     return rolling_loglikelihoods(model, tokenizer, [text], stride)[0]

@@ -42,8 +42,9 @@ def load_texts(path: str | Path, text_field: str = "text") -> list[str]:
         raise InputError(f"{path}: not valid UTF-8") from None
 
 
-def evaluate_perplexity(model: Transformer, tokenizer: Tokenizer, texts: list[str], stride: int | None = None,
-                        batch_size: int = 16) -> dict:
+def evaluate_perplexity(
+    model: Transformer, tokenizer: Tokenizer, texts: list[str], stride: int | None = None, batch_size: int = 16
+) -> dict:
     """Corpus-level nats per token, perplexity and bits per byte of ``texts`` (totals over all documents)."""
     texts = list(texts)
     results = rolling_loglikelihoods(model, tokenizer, texts, stride, batch_size)

@@ -38,10 +38,18 @@ def score_rows(tasks: dict) -> list[dict]:
         for metric, stderr_key in KINDS[entry["kind"]].scores:
             if metric not in metrics:
                 continue
-            rows.append({"task": name, "kind": entry["kind"], "metric": metric, "value": metrics[metric],
-                         "stderr": metrics.get(stderr_key) if stderr_key else None,
-                         "count": metrics.get("count", metrics.get("documents")), "clean": clean.get(metric),
-                         "contaminated": contamination["contaminated"] if contamination else None})
+            rows.append(
+                {
+                    "task": name,
+                    "kind": entry["kind"],
+                    "metric": metric,
+                    "value": metrics[metric],
+                    "stderr": metrics.get(stderr_key) if stderr_key else None,
+                    "count": metrics.get("count", metrics.get("documents")),
+                    "clean": clean.get(metric),
+                    "contaminated": contamination["contaminated"] if contamination else None,
+                }
+            )
     return rows
 
 
@@ -49,27 +57,45 @@ def log_scores(report_to: str, out: Path, tasks: dict, step: int) -> None:
     """Every headline score as ``eval/<task>/<metric>`` at the checkpoint's training step, in the trackers
     of ``report_to`` (:mod:`llmkit.tracking`), as training logs its losses."""
     trackers = open_trackers(parse_report_to(report_to), out, None)
-    values = {f"eval/{row['task']}/{row['metric']}": float(row["value"]) for row in score_rows(tasks) if row["value"] is not None}
+    values = {
+        f"eval/{row['task']}/{row['metric']}": float(row["value"])
+        for row in score_rows(tasks)
+        if row["value"] is not None
+    }
     for tracker in trackers:
         tracker.log(values, step)
         tracker.close()
 
 
 def render_markdown(summary: dict, images: list[str]) -> str:
-    lines = [f"# Evaluation of `{summary['checkpoint']}`", "",
-             f"llmkit {__version__} · {summary['device']} ({summary['dtype']}) · {summary['seconds']:.1f} s", "",
-             "| task | kind | metric | value | ± stderr | examples | contaminated | value on clean examples |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Evaluation of `{summary['checkpoint']}`",
+        "",
+        f"llmkit {__version__} · {summary['device']} ({summary['dtype']}) · {summary['seconds']:.1f} s",
+        "",
+        "| task | kind | metric | value | ± stderr | examples | contaminated | value on clean examples |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in score_rows(summary["tasks"]):
-        lines.append(f"| {row['task']} | {row['kind']} | {row['metric']} | {_number(row['value'])} | {_number(row['stderr'])} "
-                     f"| {_number(row['count'])} | {_number(row['contaminated'])} | {_number(row['clean'])} |")
+        lines.append(
+            f"| {row['task']} | {row['kind']} | {row['metric']} | {_number(row['value'])} | {_number(row['stderr'])} "
+            f"| {_number(row['count'])} | {_number(row['contaminated'])} | {_number(row['clean'])} |"
+        )
     lines.append("")
     for name, entry in summary["tasks"].items():
         if "ablations" not in entry:
             continue
-        lines += [f"## Ablations: {name}", "", "| shots | chain of thought | tools | paths | accuracy | ± stderr |", "|---|---|---|---|---|---|"]
-        lines += [f"| {row['num_fewshot']} | {'yes' if row['chain_of_thought'] else 'no'} | {row['tools']} | {row['self_consistency']} "
-                  f"| {_number(row['accuracy'])} | {_number(row['stderr'])} |" for row in entry["ablations"]]
+        lines += [
+            f"## Ablations: {name}",
+            "",
+            "| shots | chain of thought | tools | paths | accuracy | ± stderr |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row['num_fewshot']} | {'yes' if row['chain_of_thought'] else 'no'} | {row['tools']} | {row['self_consistency']} "
+            f"| {_number(row['accuracy'])} | {_number(row['stderr'])} |"
+            for row in entry["ablations"]
+        ]
         lines.append("")
     lines += ["## Decontamination", ""] + _decontamination_lines(summary)
     lines += [f"![{image}]({image})" for image in images]
@@ -80,13 +106,18 @@ def _decontamination_lines(summary: dict) -> list[str]:
     check = summary["decontamination"]
     if not check["checked"]:
         return [f"Not checked: {check['source']}.", ""]
-    lines = [f"Examples sharing a {check['ngram']}-word n-gram with the training data ({', '.join(check['training_data'])}; "
-             f"{check['source']}); the last column above scores the rest.", ""]
+    lines = [
+        f"Examples sharing a {check['ngram']}-word n-gram with the training data ({', '.join(check['training_data'])}; "
+        f"{check['source']}); the last column above scores the rest.",
+        "",
+    ]
     for name, entry in summary["tasks"].items():
         found = entry["contamination"]
         listed = ", ".join(found["contaminated_ids"][:10]) + (" ..." if found["contaminated"] > 10 else "")
-        lines.append(f"- {name}: {found['contaminated']} of {found['checked']} checkable examples "
-                     f"({found['examples']} in all){': ' + listed if listed else ''}")
+        lines.append(
+            f"- {name}: {found['contaminated']} of {found['checked']} checkable examples "
+            f"({found['examples']} in all){': ' + listed if listed else ''}"
+        )
     return lines + [""]
 
 
@@ -101,14 +132,23 @@ def plot_scores(tasks: dict) -> bytes | None:
     panels = [panel for panel in (higher, bits) if panel]
     if not panels:
         return None
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.5 + 0.4 * max(map(len, panels))), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(6 * len(panels), 0.5 + 0.4 * max(map(len, panels))), squeeze=False
+    )
     for axis, panel in zip(axes[0], panels):
         scale = [100.0 if row["metric"] == "bleu" else 1.0 for row in panel]
         values = [row["value"] / factor for row, factor in zip(panel, scale)]
         errors = [(row["stderr"] or 0.0) / factor for row, factor in zip(panel, scale)]
-        labels = [f"{row['task']} · {row['metric']}{' / 100' if factor == 100 else ''}" for row, factor in zip(panel, scale)]
-        bars = axis.barh(range(len(panel)), values, xerr=errors if any(errors) else None, capsize=3,
-                         color="tab:blue" if panel is higher else "tab:orange")
+        labels = [
+            f"{row['task']} · {row['metric']}{' / 100' if factor == 100 else ''}" for row, factor in zip(panel, scale)
+        ]
+        bars = axis.barh(
+            range(len(panel)),
+            values,
+            xerr=errors if any(errors) else None,
+            capsize=3,
+            color="tab:blue" if panel is higher else "tab:orange",
+        )
         axis.bar_label(bars, fmt="%.3g", padding=3)
         axis.set_yticks(range(len(panel)), labels)
         axis.invert_yaxis()
@@ -125,11 +165,18 @@ def plot_ablations(tasks: dict) -> bytes | None:
     grids = {name: entry["ablations"] for name, entry in tasks.items() if "ablations" in entry}
     if not grids:
         return None
-    figure, axes = plt.subplots(len(grids), 1, figsize=(7, 0.6 + 0.35 * max(map(len, grids.values())) * len(grids)), squeeze=False)
+    figure, axes = plt.subplots(
+        len(grids), 1, figsize=(7, 0.6 + 0.35 * max(map(len, grids.values())) * len(grids)), squeeze=False
+    )
     for axis, (name, rows) in zip(axes[:, 0], grids.items()):
         errors = [row["stderr"] or 0.0 for row in rows]
-        bars = axis.barh(range(len(rows)), [row["accuracy"] for row in rows], xerr=errors if any(errors) else None,
-                         color="tab:green", capsize=3)
+        bars = axis.barh(
+            range(len(rows)),
+            [row["accuracy"] for row in rows],
+            xerr=errors if any(errors) else None,
+            color="tab:green",
+            capsize=3,
+        )
         axis.bar_label(bars, fmt="%.3g", padding=3)
         axis.set_yticks(range(len(rows)), [row["setting"] for row in rows])
         axis.invert_yaxis()
@@ -142,7 +189,10 @@ def plot_ablations(tasks: dict) -> bytes | None:
 def write_report(out: Path, summary: dict, samples: dict[str, list[dict]]) -> None:
     """Write every output file of an evaluation into ``out``."""
     images = []
-    for name, data in ((SCORES_PLOT, plot_scores(summary["tasks"])), (ABLATIONS_PLOT, plot_ablations(summary["tasks"]))):
+    for name, data in (
+        (SCORES_PLOT, plot_scores(summary["tasks"])),
+        (ABLATIONS_PLOT, plot_ablations(summary["tasks"])),
+    ):
         if data is not None:
             atomic_write_bytes(out / name, data)
             images.append(name)
@@ -150,6 +200,9 @@ def write_report(out: Path, summary: dict, samples: dict[str, list[dict]]) -> No
         atomic_write_jsonl(out / "samples" / f"{name}.jsonl", records)
     atomic_write_json(out / "eval.json", summary)
     atomic_write_text(out / "eval.md", render_markdown(summary, images))
-    metrics = {f"{name}/{metric}": value for name, entry in summary["tasks"].items()
-               for metric, value in headline(entry["kind"], entry["metrics"]).items()}
+    metrics = {
+        f"{name}/{metric}": value
+        for name, entry in summary["tasks"].items()
+        for metric, value in headline(entry["kind"], entry["metrics"]).items()
+    }
     add_section(out, "eval", metrics, text=f"Checkpoint `{summary['checkpoint']}`; details in eval.md.", images=images)

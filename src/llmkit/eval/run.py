@@ -34,14 +34,15 @@ import torch
 
 from llmkit.config import build, check
 from llmkit.data.decontam import set_name
-from llmkit.token_data import MANIFEST_FILE
 from llmkit.errors import ConfigError, InputError
 from llmkit.eval.contamination import check_contamination
+from llmkit.eval.kinds import KINDS as TASK_KINDS
+from llmkit.eval.kinds import headline
 from llmkit.eval.report import log_scores, write_report
-from llmkit.eval.kinds import KINDS as TASK_KINDS, headline
 from llmkit.infer import Engine
 from llmkit.infer.quantize import Quantization, quantize_field
 from llmkit.model.checkpoint import read_config, resolve_checkpoint
+from llmkit.token_data import MANIFEST_FILE
 from llmkit.tracking import parse_report_to
 
 
@@ -52,19 +53,27 @@ class TaskOptions:
     name: str | None = field(default=None, metadata={"help": "the task's name in the report (default: the file name)"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N examples"})
     num_fewshot: int | None = field(default=None, metadata={"help": "demonstrations per prompt"})
-    fewshot_file: str | None = field(default=None, metadata={"help": "file of demonstrations (same format as the task)"})
+    fewshot_file: str | None = field(
+        default=None, metadata={"help": "file of demonstrations (same format as the task)"}
+    )
     chain_of_thought: bool | None = field(default=None, metadata={"help": "generative: reason before answering"})
     self_consistency: int | None = field(default=None, metadata={"help": "generative: sampled paths, majority vote"})
     tools: str | None = field(default=None, metadata={"help": "generative: none, calculator or all"})
-    ablations: bool | None = field(default=None, metadata={"help": "generative: run the shots x CoT x tools (x SC) grid"})
+    ablations: bool | None = field(
+        default=None, metadata={"help": "generative: run the shots x CoT x tools (x SC) grid"}
+    )
     samples: int | None = field(default=None, metadata={"help": "code: completions per problem"})
     temperature: float | None = field(default=None, metadata={"help": "sampling temperature"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "tokens per completion at most"})
     timeout_s: float | None = field(default=None, metadata={"help": "code: seconds per test program"})
     format: str | None = field(default=None, metadata={"help": "choice: auto, hellaswag, arc, mmlu or jsonl"})
-    stride: int | None = field(default=None, metadata={"help": "perplexity: tokens each rolling window adds (default context length - 1)"})
+    stride: int | None = field(
+        default=None, metadata={"help": "perplexity: tokens each rolling window adds (default context length - 1)"}
+    )
     text_field: str | None = field(default=None, metadata={"help": "perplexity: JSONL field of the text"})
-    single_line: bool | None = field(default=None, metadata={"help": "bleu_rouge: stop each completion at its first newline"})
+    single_line: bool | None = field(
+        default=None, metadata={"help": "bleu_rouge: stop each completion at its first newline"}
+    )
 
 
 @dataclass
@@ -106,30 +115,58 @@ def parse_task(spec: str | dict) -> TaskSpec:
 @dataclass
 class EvalConfig:
     checkpoint: str = field(default="runs/base", metadata={"help": "run directory or checkpoint folder to evaluate"})
-    tasks: list[str | dict] = field(default_factory=list, metadata={
-        "help": f"tasks as kind:path[:option=value...], comma-separated (YAML: a list of those or of mappings); kinds: {', '.join(TASK_KINDS)}"})
+    tasks: list[str | dict] = field(
+        default_factory=list,
+        metadata={
+            "help": f"tasks as kind:path[:option=value...], comma-separated (YAML: a list of those or of mappings); kinds: {', '.join(TASK_KINDS)}"
+        },
+    )
     out: str = field(default="runs/eval", metadata={"help": "directory for eval.json, eval.md, the plots and samples/"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N examples of every task"})
     num_fewshot: int = field(default=0, metadata={"help": "demonstrations per prompt (choice, generative)"})
-    chain_of_thought: bool = field(default=False, metadata={"help": "generative: chain of thought (few-shot with demonstrations, else zero-shot)"})
-    self_consistency: int = field(default=1, metadata={"help": "generative: sampled reasoning paths per problem, majority vote"})
+    chain_of_thought: bool = field(
+        default=False, metadata={"help": "generative: chain of thought (few-shot with demonstrations, else zero-shot)"}
+    )
+    self_consistency: int = field(
+        default=1, metadata={"help": "generative: sampled reasoning paths per problem, majority vote"}
+    )
     tools: str = field(default="none", metadata={"help": "generative: tools during generation (none, calculator, all)"})
-    ablations: bool = field(default=False, metadata={"help": "generative: evaluate the 0/k-shot x CoT x tools (x self-consistency) grid"})
+    ablations: bool = field(
+        default=False, metadata={"help": "generative: evaluate the 0/k-shot x CoT x tools (x self-consistency) grid"}
+    )
     samples: int = field(default=1, metadata={"help": "code: completions per problem (pass@k needs k of them)"})
-    temperature: float = field(default=0.7, metadata={"help": "temperature of sampled generations (self-consistency paths; code when samples > 1)"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "tokens per completion at most (default: 256 generative, 300 code, 128 bleu_rouge)"})
+    temperature: float = field(
+        default=0.7,
+        metadata={"help": "temperature of sampled generations (self-consistency paths; code when samples > 1)"},
+    )
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "tokens per completion at most (default: 256 generative, 300 code, 128 bleu_rouge)"},
+    )
     timeout_s: float = field(default=5.0, metadata={"help": "code: wall-clock seconds per test program"})
     seed: int = field(default=0, metadata={"help": "seed of demonstration choice and sampling"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass / generation batch"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype for evaluation"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "weights' dtype for evaluation"}
+    )
     quantize: Quantization = quantize_field()
-    training_data: list[str] = field(default_factory=list, metadata={
-        "help": "training data to check the tasks against: token data dirs or raw text/JSONL sources (default: the checkpoint's pretraining data)"})
-    decontamination: bool = field(default=True, metadata={"help": "check every evaluated example against the training data"})
+    training_data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "training data to check the tasks against: token data dirs or raw text/JSONL sources (default: the checkpoint's pretraining data)"
+        },
+    )
+    decontamination: bool = field(
+        default=True, metadata={"help": "check every evaluated example against the training data"}
+    )
     ngram: int = field(default=13, metadata={"help": "decontamination: words per shared n-gram (GPT-3 used 13)"})
-    report_to: str = field(default="none", metadata={
-        "help": "experiment trackers that also get the scores: comma-separated tensorboard, wandb (offline), mlflow (local), or all/none"})
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "experiment trackers that also get the scores: comma-separated tensorboard, wandb (offline), mlflow (local), or all/none"
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, (str, dict)):
@@ -138,11 +175,20 @@ class EvalConfig:
         parse_report_to(self.report_to)
         self.task_specs = [parse_task(spec) for spec in self.tasks]
         for spec in self.task_specs:
-            check("/" not in spec.name and not spec.name.startswith("."), "tasks", spec.name,
-                  "a task name names its samples file: no '/' and no leading '.'")
+            check(
+                "/" not in spec.name and not spec.name.startswith("."),
+                "tasks",
+                spec.name,
+                "a task name names its samples file: no '/' and no leading '.'",
+            )
             settings = self.settings(spec)
             try:
-                check(settings["limit"] is None or settings["limit"] >= 1, "limit", settings["limit"], "must be at least 1")
+                check(
+                    settings["limit"] is None or settings["limit"] >= 1,
+                    "limit",
+                    settings["limit"],
+                    "must be at least 1",
+                )
                 TASK_KINDS[spec.kind].check(settings)
             except ConfigError as error:
                 raise ConfigError(error.field, error.value, f"{error.reason} (task {spec.name})") from None
@@ -150,7 +196,9 @@ class EvalConfig:
         duplicate = next((name for name in names if names.count(name) > 1), None)
         check(duplicate is None, "tasks", duplicate, "two tasks share this name; give one a name=... option")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
-        check(self.ngram >= 8, "ngram", self.ngram, "must be at least 8 (shorter n-grams match ordinary text by chance)")
+        check(
+            self.ngram >= 8, "ngram", self.ngram, "must be at least 8 (shorter n-grams match ordinary text by chance)"
+        )
         if isinstance(self.training_data, str):
             self.training_data = [self.training_data]
 
@@ -185,14 +233,16 @@ def _load_tasks(config: EvalConfig) -> dict[str, tuple[TaskSpec, dict, list]]:
     loaded = {}
     for spec in config.task_specs:
         settings = config.settings(spec)
-        examples = TASK_KINDS[spec.kind].load(spec.path, settings)[:settings["limit"]]
+        examples = TASK_KINDS[spec.kind].load(spec.path, settings)[: settings["limit"]]
         if not examples:
             raise InputError(f"{spec.path}: no examples to evaluate")
         loaded[spec.name] = (spec, settings, examples)
     return loaded
 
 
-def _evaluate_task(engine: Engine, spec: TaskSpec, settings: dict, examples: list, contamination: dict | None) -> tuple[dict, list[dict]]:
+def _evaluate_task(
+    engine: Engine, spec: TaskSpec, settings: dict, examples: list, contamination: dict | None
+) -> tuple[dict, list[dict]]:
     """The task's report entry and its per-example records; with the scores of the clean examples
     when the decontamination check flagged some."""
     kind = TASK_KINDS[spec.kind]
@@ -225,20 +275,38 @@ def run_eval(config: EvalConfig) -> dict:
     sources, origin = _training_sources(config)
     contamination = {}
     if sources:
-        evaluation_sets = {name: [TASK_KINDS[spec.kind].texts(example) for example in examples]
-                           for name, (spec, _, examples) in loaded.items()}
+        evaluation_sets = {
+            name: [TASK_KINDS[spec.kind].texts(example) for example in examples]
+            for name, (spec, _, examples) in loaded.items()
+        }
         contamination = check_contamination(evaluation_sets, sources, ngram=config.ngram)
 
-    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype),
-                                    quantize=config.quantize)
+    engine = Engine.from_checkpoint(
+        config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype), quantize=config.quantize
+    )
     tasks, samples = {}, {}
     for name, (spec, settings, examples) in loaded.items():
         tasks[name], samples[name] = _evaluate_task(engine, spec, settings, examples, contamination.get(name))
-    summary = {"checkpoint": config.checkpoint, "device": config.device, "dtype": config.dtype,
-               "seconds": time.perf_counter() - started,
-               "decontamination": {"checked": bool(sources), "training_data": sources, "source": origin, "ngram": config.ngram},
-               "tasks": tasks, "config": dataclasses.asdict(config)}
+    summary = {
+        "checkpoint": config.checkpoint,
+        "device": config.device,
+        "dtype": config.dtype,
+        "seconds": time.perf_counter() - started,
+        "decontamination": {
+            "checked": bool(sources),
+            "training_data": sources,
+            "source": origin,
+            "ngram": config.ngram,
+        },
+        "tasks": tasks,
+        "config": dataclasses.asdict(config),
+    }
     write_report(Path(config.out), summary, samples)
     log_scores(config.report_to, Path(config.out), tasks, checkpoint_step(config.checkpoint))
-    return {"out": config.out, "tasks": {name: headline(entry["kind"], entry["metrics"]) for name, entry in tasks.items()},
-            "contaminated": {name: entry["contamination"]["contaminated"] for name, entry in tasks.items() if "contamination" in entry}}
+    return {
+        "out": config.out,
+        "tasks": {name: headline(entry["kind"], entry["metrics"]) for name, entry in tasks.items()},
+        "contaminated": {
+            name: entry["contamination"]["contaminated"] for name, entry in tasks.items() if "contamination" in entry
+        },
+    }

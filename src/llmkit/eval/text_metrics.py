@@ -57,8 +57,13 @@ def corpus_bleu(hypotheses: list[str], references: list[str]) -> dict:
     except ImportError:
         raise LlmkitError("BLEU needs sacrebleu (pip install 'llmkit[eval]')") from None
     score = sacrebleu.corpus_bleu(hypotheses, [references])
-    return {"bleu": score.score, "precisions": list(score.precisions), "brevity_penalty": score.bp,
-            "hypothesis_length": score.sys_len, "reference_length": score.ref_len}
+    return {
+        "bleu": score.score,
+        "precisions": list(score.precisions),
+        "brevity_penalty": score.bp,
+        "hypothesis_length": score.sys_len,
+        "reference_length": score.ref_len,
+    }
 
 
 def rouge_scores(hypotheses: list[str], references: list[str]) -> list[dict[str, float]]:
@@ -74,8 +79,10 @@ def rouge_scores(hypotheses: list[str], references: list[str]) -> list[dict[str,
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     # rouge-score's argument order is (target, prediction).
-    return [{name: score.fmeasure for name, score in scorer.score(reference, hypothesis).items()}
-            for hypothesis, reference in zip(hypotheses, references)]
+    return [
+        {name: score.fmeasure for name, score in scorer.score(reference, hypothesis).items()}
+        for hypothesis, reference in zip(hypotheses, references)
+    ]
 
 
 def score_texts(hypotheses: list[str], references: list[str]) -> dict:
@@ -90,17 +97,25 @@ def score_texts(hypotheses: list[str], references: list[str]) -> dict:
     return result
 
 
-def evaluate_bleu_rouge(engine: Engine, examples: list[ReferenceExample], max_new_tokens: int = 128,
-                        single_line: bool = True, batch_size: int = 16) -> dict:
+def evaluate_bleu_rouge(
+    engine: Engine,
+    examples: list[ReferenceExample],
+    max_new_tokens: int = 128,
+    single_line: bool = True,
+    batch_size: int = 16,
+) -> dict:
     """Greedy completions of every prompt scored against the references. ``single_line`` stops each
     completion at its first newline (one-line references: translation, headlines)."""
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0, stop=["\n"] if single_line else [])
     generator = EvaluationGenerator(engine, batch_size=batch_size, description="bleu/rouge")
-    hypotheses = [completion.text.strip() for completion in generator.generate([example.prompt for example in examples], config)]
+    hypotheses = [
+        completion.text.strip() for completion in generator.generate([example.prompt for example in examples], config)
+    ]
     result = score_texts(hypotheses, [example.reference for example in examples])
     per_example_rouge = result.pop("per_example_rouge")
     result["truncated_prompts"] = generator.truncated_prompts
     result["per_example"] = [
         {"id": example.id, "prompt": example.prompt, "output": hypothesis, "reference": example.reference, **scores}
-        for example, hypothesis, scores in zip(examples, hypotheses, per_example_rouge)]
+        for example, hypothesis, scores in zip(examples, hypotheses, per_example_rouge)
+    ]
     return result

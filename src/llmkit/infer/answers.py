@@ -36,12 +36,12 @@ def _after_marker(text: str, marked: bool) -> tuple[str, bool]:
     """The part of ``text`` that holds the answer, and whether a marker (or ``marked``) located it."""
     markers = list(_MARKER.finditer(text))
     if markers:
-        return text[markers[-1].end():], True
+        return text[markers[-1].end() :], True
     return text, marked
 
 
 def canonical_number(text: str) -> str | None:
-    """"1,000.50" -> "1000.5", "$42.00" -> "42", "-3" -> "-3"; None when ``text`` is not a number."""
+    """ "1,000.50" -> "1000.5", "$42.00" -> "42", "-3" -> "-3"; None when ``text`` is not a number."""
     cleaned = text.strip().replace(",", "").replace("$", "")
     try:
         value = Decimal(cleaned)

@@ -41,13 +41,13 @@ class _FinishedHypotheses:
         self.kept: list[BeamHypothesis] = []
 
     def score(self, logprob: float, length: int) -> float:
-        return logprob / length ** self.length_penalty
+        return logprob / length**self.length_penalty
 
     def add(self, token_ids: list[int], logprob: float, finish_reason: str) -> None:
         length = len(token_ids) + (finish_reason == "stop")
         self.kept.append(BeamHypothesis(token_ids, self.score(logprob, length), logprob, finish_reason))
         self.kept.sort(key=lambda hypothesis: hypothesis.score, reverse=True)
-        del self.kept[self.capacity:]
+        del self.kept[self.capacity :]
 
     def can_improve(self, best_open_logprob: float, open_length: int, longest: int) -> bool:
         """Whether an open beam with this log-probability sum and length may still finish above the worst
@@ -60,16 +60,26 @@ class _FinishedHypotheses:
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, prompt_ids: list[int], num_beams: int, max_new_tokens: int,
-                length_penalty: float = 1.0, end_ids: frozenset[int] = frozenset()) -> list[BeamHypothesis]:
+def beam_search(
+    model: Transformer,
+    prompt_ids: list[int],
+    num_beams: int,
+    max_new_tokens: int,
+    length_penalty: float = 1.0,
+    end_ids: frozenset[int] = frozenset(),
+) -> list[BeamHypothesis]:
     """The best ``num_beams`` hypotheses continuing ``prompt_ids``, best first; at most ``max_new_tokens``
     new tokens (fewer if the context fills up); a hypothesis closes at any token of ``end_ids``."""
     if num_beams < 1 or max_new_tokens < 1:
-        raise ValueError(f"beam search needs num_beams >= 1 and max_new_tokens >= 1, got {num_beams} and {max_new_tokens}")
+        raise ValueError(
+            f"beam search needs num_beams >= 1 and max_new_tokens >= 1, got {num_beams} and {max_new_tokens}"
+        )
     context = model.config.context_length
     if not 0 < len(prompt_ids) < context:
-        raise InputError(f"a prompt of {len(prompt_ids)} tokens: beam search needs 1 to {context - 1} "
-                         f"(the model's context is {context} tokens)")
+        raise InputError(
+            f"a prompt of {len(prompt_ids)} tokens: beam search needs 1 to {context - 1} "
+            f"(the model's context is {context} tokens)"
+        )
     steps = min(max_new_tokens, context - len(prompt_ids))
     device = model.token_embedding.weight.device
     cache = model.new_cache(1, capacity=len(prompt_ids) + steps)

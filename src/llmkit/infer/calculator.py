@@ -80,14 +80,34 @@ _BINARY = {
 }
 
 _DESCRIPTIONS = {
-    ast.Name: "a name", ast.Attribute: "attribute access", ast.Subscript: "indexing", ast.Lambda: "a lambda",
-    ast.ListComp: "a list comprehension", ast.SetComp: "a set comprehension", ast.DictComp: "a dict comprehension",
-    ast.GeneratorExp: "a generator expression", ast.Compare: "a comparison", ast.BoolOp: "and/or",
-    ast.IfExp: "a conditional expression", ast.Tuple: "a tuple", ast.List: "a list",
-    ast.Dict: "a dict", ast.Set: "a set", ast.JoinedStr: "a string", ast.NamedExpr: "an assignment",
-    ast.Starred: "unpacking", ast.Await: "await", ast.Yield: "yield",
-    ast.BitXor: "'^' (bitwise xor)", ast.BitAnd: "'&'", ast.BitOr: "'|'",
-    ast.LShift: "'<<'", ast.RShift: "'>>'", ast.MatMult: "'@'", ast.Invert: "'~'", ast.Not: "'not'",
+    ast.Name: "a name",
+    ast.Attribute: "attribute access",
+    ast.Subscript: "indexing",
+    ast.Lambda: "a lambda",
+    ast.ListComp: "a list comprehension",
+    ast.SetComp: "a set comprehension",
+    ast.DictComp: "a dict comprehension",
+    ast.GeneratorExp: "a generator expression",
+    ast.Compare: "a comparison",
+    ast.BoolOp: "and/or",
+    ast.IfExp: "a conditional expression",
+    ast.Tuple: "a tuple",
+    ast.List: "a list",
+    ast.Dict: "a dict",
+    ast.Set: "a set",
+    ast.JoinedStr: "a string",
+    ast.NamedExpr: "an assignment",
+    ast.Starred: "unpacking",
+    ast.Await: "await",
+    ast.Yield: "yield",
+    ast.BitXor: "'^' (bitwise xor)",
+    ast.BitAnd: "'&'",
+    ast.BitOr: "'|'",
+    ast.LShift: "'<<'",
+    ast.RShift: "'>>'",
+    ast.MatMult: "'@'",
+    ast.Invert: "'~'",
+    ast.Not: "'not'",
 }
 # What a person (or model) writing arithmetic most likely meant.
 _HINTS = {ast.Tuple: "; write 1000, not 1,000", ast.BitXor: "; write ** for a power"}
@@ -160,7 +180,9 @@ class _Walk:
         if not isinstance(node.func, ast.Name):
             raise _refuse(node.func, self.expression)
         if node.func.id not in FUNCTIONS:
-            raise CalculatorError(f"function '{node.func.id}' is not available; the functions are {', '.join(FUNCTIONS)}")
+            raise CalculatorError(
+                f"function '{node.func.id}' is not available; the functions are {', '.join(FUNCTIONS)}"
+            )
         if node.keywords:
             raise CalculatorError(f"{node.func.id}() takes positional arguments only")
         arguments = [self.value(argument) for argument in node.args]

@@ -111,26 +111,26 @@ class TextTracker:
     def add(self, token_id: int) -> str:
         """Take one token; return the text that became final."""
         self.ids.append(token_id)
-        tail = self.tokenizer.decode(self.ids[self.settled:])
+        tail = self.tokenizer.decode(self.ids[self.settled :])
         # A new stop match must end in the new text, so it starts at most longest_stop - 1 characters before it.
         search_from = max(0, len(self.settled_text) - self.longest_stop + 1)
         self.text = self.settled_text + tail
         matches = [position for position in (self.text.find(stop, search_from) for stop in self.stop) if position != -1]
         if matches:
-            self.text, self.stopped = self.text[:min(matches)], True
+            self.text, self.stopped = self.text[: min(matches)], True
             return self._release(len(self.text))
         if not tail.endswith("\ufffd"):
             self.prefixes.extend(tail)
             self.settled, self.settled_text = len(self.ids), self.text
         safe = len(self.text.rstrip("\ufffd"))  # half a character: wait for the rest of its bytes
-        return self._release(safe - self.prefixes.held_back(self.text[len(self.settled_text):safe]))
+        return self._release(safe - self.prefixes.held_back(self.text[len(self.settled_text) : safe]))
 
     def finish(self) -> str:
         """The text held back so far (a stop-string prefix that never completed, a final partial character)."""
         return self._release(len(self.text))
 
     def _release(self, end: int) -> str:
-        delta = self.text[self.emitted:end]
+        delta = self.text[self.emitted : end]
         self.emitted = max(self.emitted, end)
         return delta
 
@@ -149,8 +149,15 @@ class CompletionState:
     """A running request: its whole token sequence (prompt, generated, injected), its text and its
     finish. ``sequence`` is what the model has to have seen before the next token is drawn."""
 
-    def __init__(self, prompt_ids: list[int], config: GenerationConfig, tokenizer: Tokenizer, tools: Tools | None,
-                 context_length: int, device):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        config: GenerationConfig,
+        tokenizer: Tokenizer,
+        tools: Tools | None,
+        context_length: int,
+        device,
+    ):
         self.config, self.tokenizer, self.tools, self.context_length = config, tokenizer, tools, context_length
         self.prompt_tokens = len(prompt_ids)
         self.sequence = list(prompt_ids)
@@ -169,7 +176,11 @@ class CompletionState:
         self.finish_reason: str | None = None
         # A model's own chat format has no in-turn tool protocol: its ids are None and never match.
         special = tokenizer.special_ids
-        self.end_of_turn, self.call_id, self.result_id = special.get(END), special.get(TOOL_CALL), special.get(TOOL_RESULT)
+        self.end_of_turn, self.call_id, self.result_id = (
+            special.get(END),
+            special.get(TOOL_CALL),
+            special.get(TOOL_RESULT),
+        )
         self.end_ids = set(tokenizer.stop_ids)
 
     @property
@@ -194,14 +205,18 @@ class CompletionState:
                 self.open_call = len(self.token_ids)
         if self.finish_reason is None and self.tracker.stopped:
             self.finish_reason = "stop"
-        if self.finish_reason is None and (self.sampled >= self.config.max_new_tokens or len(self.sequence) >= self.context_length):
+        if self.finish_reason is None and (
+            self.sampled >= self.config.max_new_tokens or len(self.sequence) >= self.context_length
+        ):
             self.finish_reason = "length"
         return step
 
     def cancel(self) -> None:
         self.finish_reason = "cancelled"
 
-    def _append(self, token: int, step: Step, injected: bool, logprob: float | None, top: dict[str, float] | None) -> None:
+    def _append(
+        self, token: int, step: Step, injected: bool, logprob: float | None, top: dict[str, float] | None
+    ) -> None:
         self.sequence.append(token)
         self.token_ids.append(token)
         self.injected.append(injected)
@@ -213,7 +228,7 @@ class CompletionState:
         step.text += self.tracker.add(token)
 
     def _payload(self, end: int) -> str:
-        return self.tokenizer.decode(self.token_ids[self.open_call:end])
+        return self.tokenizer.decode(self.token_ids[self.open_call : end])
 
     def _run_tool(self, step: Step) -> None:
         """Run the call just closed and inject its result, if the context has room for it."""
@@ -232,8 +247,14 @@ class CompletionState:
     def completion(self) -> Completion:
         wants_logprobs = self.config.logprobs is not None
         return Completion(
-            self.tracker.text, self.token_ids, self.finish_reason or "length", self.prompt_tokens,
+            self.tracker.text,
+            self.token_ids,
+            self.finish_reason or "length",
+            self.prompt_tokens,
             logprobs=self.logprobs if wants_logprobs else None,
             top_logprobs=self.top_logprobs if wants_logprobs and self.config.logprobs else None,
-            prompt_logprobs=self.prompt_logprobs, prompt_top_logprobs=self.prompt_top_logprobs,
-            tool_calls=self.tool_calls, injected=self.injected)
+            prompt_logprobs=self.prompt_logprobs,
+            prompt_top_logprobs=self.prompt_top_logprobs,
+            tool_calls=self.tool_calls,
+            injected=self.injected,
+        )

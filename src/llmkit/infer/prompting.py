@@ -62,43 +62,88 @@ def _fields_of(template: str, name: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as error:
-        raise ConfigError(name, template, f"not a valid template ({error}); write a literal brace as {{{{ or }}}}") from None
+        raise ConfigError(
+            name, template, f"not a valid template ({error}); write a literal brace as {{{{ or }}}}"
+        ) from None
     for _, placeholder, format_spec, conversion in parsed:
         if placeholder is not None and (format_spec or conversion):
-            raise ConfigError(name, template, f"placeholder {{{placeholder}}} may not carry a format spec or conversion")
+            raise ConfigError(
+                name, template, f"placeholder {{{placeholder}}} may not carry a format spec or conversion"
+            )
     return [placeholder for _, placeholder, _, _ in parsed if placeholder is not None]
 
 
 def _check_template(template: str, name: str, required: tuple[str, ...]) -> None:
     placeholders = _fields_of(template, name)
-    check(sorted(placeholders) == sorted(required), name, template,
-          f"needs each of {', '.join('{' + p + '}' for p in required)} exactly once and nothing else")
+    check(
+        sorted(placeholders) == sorted(required),
+        name,
+        template,
+        f"needs each of {', '.join('{' + p + '}' for p in required)} exactly once and nothing else",
+    )
     check(placeholders[0] == "question", name, template, "{question} must come before the answer")
 
 
 @dataclass
 class PromptConfig:
     shots: int = field(default=0, metadata={"help": "demonstrations in the prompt (k-shot)"})
-    selection: Selection = field(default="random", metadata={"help": "how demonstrations are chosen: random, bm25 or embedding similarity to the query"})
-    ordering: Ordering = field(default="given", metadata={"help": "given (pool order), random, similarity_ascending (most similar last) or similarity_descending"})
-    template: str = field(default="Q: {question}\nA: {answer}", metadata={"help": "a demonstration; the query is this cut where {answer} begins"})
-    cot_template: str = field(default="Q: {question}\nA: {rationale} The answer is {answer}.",
-                              metadata={"help": "a chain-of-thought demonstration (few-shot CoT)"})
-    separator: str = field(default="\n\n", metadata={"help": "between the instruction, the demonstrations and the query"})
+    selection: Selection = field(
+        default="random",
+        metadata={"help": "how demonstrations are chosen: random, bm25 or embedding similarity to the query"},
+    )
+    ordering: Ordering = field(
+        default="given",
+        metadata={
+            "help": "given (pool order), random, similarity_ascending (most similar last) or similarity_descending"
+        },
+    )
+    template: str = field(
+        default="Q: {question}\nA: {answer}",
+        metadata={"help": "a demonstration; the query is this cut where {answer} begins"},
+    )
+    cot_template: str = field(
+        default="Q: {question}\nA: {rationale} The answer is {answer}.",
+        metadata={"help": "a chain-of-thought demonstration (few-shot CoT)"},
+    )
+    separator: str = field(
+        default="\n\n", metadata={"help": "between the instruction, the demonstrations and the query"}
+    )
     instruction: str = field(default="", metadata={"help": "text placed before the demonstrations"})
     seed: int = field(default=0, metadata={"help": "seed of random selection and ordering"})
-    chain_of_thought: ChainOfThought = field(default="none", metadata={"help": "none, few_shot (demonstrations with rationales) or zero_shot ('Let's think step by step.')"})
-    zero_shot_trigger: str = field(default="Let's think step by step.", metadata={"help": "zero-shot CoT: appended to the query (Kojima et al. 2022)"})
-    answer_trigger: str = field(default="Therefore, the answer is", metadata={"help": "zero-shot CoT: the second prompt that asks for the answer"})
+    chain_of_thought: ChainOfThought = field(
+        default="none",
+        metadata={"help": "none, few_shot (demonstrations with rationales) or zero_shot ('Let's think step by step.')"},
+    )
+    zero_shot_trigger: str = field(
+        default="Let's think step by step.",
+        metadata={"help": "zero-shot CoT: appended to the query (Kojima et al. 2022)"},
+    )
+    answer_trigger: str = field(
+        default="Therefore, the answer is",
+        metadata={"help": "zero-shot CoT: the second prompt that asks for the answer"},
+    )
 
     def __post_init__(self) -> None:
         check(self.shots >= 0, "shots", self.shots, "must be >= 0")
         for name, kind in (("selection", Selection), ("ordering", Ordering), ("chain_of_thought", ChainOfThought)):
-            check(getattr(self, name) in typing.get_args(kind), name, getattr(self, name), f"must be one of {typing.get_args(kind)}")
-        check(not (self.ordering.startswith("similarity") and self.selection == "random"), "ordering", self.ordering,
-              "similarity orderings need a similarity: use selection bm25 or embedding")
-        check(not (self.chain_of_thought == "zero_shot" and self.shots), "shots", self.shots,
-              "zero-shot chain of thought has no demonstrations; use chain_of_thought few_shot")
+            check(
+                getattr(self, name) in typing.get_args(kind),
+                name,
+                getattr(self, name),
+                f"must be one of {typing.get_args(kind)}",
+            )
+        check(
+            not (self.ordering.startswith("similarity") and self.selection == "random"),
+            "ordering",
+            self.ordering,
+            "similarity orderings need a similarity: use selection bm25 or embedding",
+        )
+        check(
+            not (self.chain_of_thought == "zero_shot" and self.shots),
+            "shots",
+            self.shots,
+            "zero-shot chain of thought has no demonstrations; use chain_of_thought few_shot",
+        )
         check(bool(self.separator), "separator", self.separator, "must not be empty")
         _check_template(self.template, "template", ("question", "answer"))
         _check_template(self.cot_template, "cot_template", ("question", "rationale", "answer"))
@@ -120,11 +165,17 @@ class PromptBuilder:
         if config.chain_of_thought == "few_shot" and config.shots:
             for index, example in enumerate(self.pool):
                 if not example.rationale:
-                    raise InputError(f"demonstration {index} ({example.question[:60]!r}) has no rationale; "
-                                     "few-shot chain of thought needs one for every example")
+                    raise InputError(
+                        f"demonstration {index} ({example.question[:60]!r}) has no rationale; "
+                        "few-shot chain of thought needs one for every example"
+                    )
         if config.selection == "embedding" and config.shots and embed is None:
-            raise ConfigError("selection", "embedding", "needs an embed function, e.g. hidden_state_embedder(model, tokenizer)")
-        self.bm25 = BM25([example.question for example in self.pool]) if config.selection == "bm25" and config.shots else None
+            raise ConfigError(
+                "selection", "embedding", "needs an embed function, e.g. hidden_state_embedder(model, tokenizer)"
+            )
+        self.bm25 = (
+            BM25([example.question for example in self.pool]) if config.selection == "bm25" and config.shots else None
+        )
         self._pool_vectors: torch.Tensor | None = None
         self.template = config.cot_template if config.chain_of_thought == "few_shot" else config.template
         question_prefix = next(iter(string.Formatter().parse(self.template)))[0].rstrip()
@@ -137,7 +188,9 @@ class PromptBuilder:
         if self.bm25 is not None:
             return self.bm25.scores(question)
         if self._pool_vectors is None:
-            self._pool_vectors = torch.nn.functional.normalize(self.embed([example.question for example in self.pool]).float(), dim=-1)
+            self._pool_vectors = torch.nn.functional.normalize(
+                self.embed([example.question for example in self.pool]).float(), dim=-1
+            )
         query = torch.nn.functional.normalize(self.embed([question]).float(), dim=-1)
         return (self._pool_vectors @ query[0]).tolist()
 
@@ -153,7 +206,7 @@ class PromptBuilder:
             chosen = generator.sample(candidates, min(config.shots, len(candidates)))
         else:
             similarity = self.similarities(question)
-            chosen = sorted(candidates, key=lambda index: (-similarity[index], index))[:config.shots]
+            chosen = sorted(candidates, key=lambda index: (-similarity[index], index))[: config.shots]
         if config.ordering in ("given", "random"):
             chosen.sort()
             if config.ordering == "random":
@@ -208,7 +261,9 @@ def hidden_state_embedder(model: torch.nn.Module, tokenizer, batch_size: int = 1
         try:
             starts = range(0, len(texts), batch_size)
             for start in tqdm(starts, desc="embedding", unit="batch", disable=len(starts) < 8, dynamic_ncols=True):
-                encoded = [tokenizer.encode(text)[:context] or [tokenizer.eot_id] for text in texts[start:start + batch_size]]
+                encoded = [
+                    tokenizer.encode(text)[:context] or [tokenizer.eot_id] for text in texts[start : start + batch_size]
+                ]
                 longest = max(len(ids) for ids in encoded)
                 ids = torch.tensor([row + [tokenizer.eot_id] * (longest - len(row)) for row in encoded], device=device)
                 real = torch.tensor([[1.0] * len(row) + [0.0] * (longest - len(row)) for row in encoded], device=device)
@@ -236,7 +291,9 @@ def load_examples(path: str | Path) -> list[Example]:
         answer, rationale = record["answer"], record.get("rationale")
         if "####" in answer and rationale is None:
             rationale, answer = answer.rsplit("####", 1)
-            rationale = " ".join(line.strip() for line in re.sub(r"<<[^>]*>>", "", rationale).splitlines() if line.strip())
+            rationale = " ".join(
+                line.strip() for line in re.sub(r"<<[^>]*>>", "", rationale).splitlines() if line.strip()
+            )
         examples.append(Example(record["question"], answer.strip(), rationale))
     if not examples:
         raise InputError(f"{path}: no examples")
@@ -246,23 +303,50 @@ def load_examples(path: str | Path) -> list[Example]:
 # ---------------------------------------------------------------------- reasoning and voting
 @dataclass
 class SelfConsistencyConfig:
-    paths: int = field(default=10, metadata={"help": "reasoning paths sampled per question (Wang et al. 2023 sample 40)"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the paths (> 0, or every path is the same)"})
-    top_k: int | None = field(default=40, metadata={"help": "sample the paths among the k most likely tokens (Wang et al. 2023 use 40)"})
+    paths: int = field(
+        default=10, metadata={"help": "reasoning paths sampled per question (Wang et al. 2023 sample 40)"}
+    )
+    temperature: float = field(
+        default=0.7, metadata={"help": "sampling temperature of the paths (> 0, or every path is the same)"}
+    )
+    top_k: int | None = field(
+        default=40, metadata={"help": "sample the paths among the k most likely tokens (Wang et al. 2023 use 40)"}
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "tokens of reasoning per path at most"})
-    answer_max_new_tokens: int = field(default=16, metadata={"help": "zero-shot CoT: tokens of the extracted answer at most"})
-    answer_format: AnswerFormat = field(default="number", metadata={"help": "how answers are read and compared: number, choice (a letter) or text"})
+    answer_max_new_tokens: int = field(
+        default=16, metadata={"help": "zero-shot CoT: tokens of the extracted answer at most"}
+    )
+    answer_format: AnswerFormat = field(
+        default="number", metadata={"help": "how answers are read and compared: number, choice (a letter) or text"}
+    )
     sampling_seed: int = field(default=0, metadata={"help": "path i is sampled with seed sampling_seed + i"})
 
     def __post_init__(self) -> None:
         check(self.paths >= 1, "paths", self.paths, "must be >= 1")
-        check(self.temperature > 0, "temperature", self.temperature, "must be > 0: greedy decoding gives every path the same text")
-        check(self.answer_format in EXTRACTORS, "answer_format", self.answer_format, f"must be one of {sorted(EXTRACTORS)}")
+        check(
+            self.temperature > 0,
+            "temperature",
+            self.temperature,
+            "must be > 0: greedy decoding gives every path the same text",
+        )
+        check(
+            self.answer_format in EXTRACTORS,
+            "answer_format",
+            self.answer_format,
+            f"must be one of {sorted(EXTRACTORS)}",
+        )
 
     def generation(self) -> list[GenerationConfig]:
         """One sampling config per path, each with its own seed, so path i is reproducible on its own."""
-        return [GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                                 seed=self.sampling_seed + path) for path in range(self.paths)]
+        return [
+            GenerationConfig(
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                seed=self.sampling_seed + path,
+            )
+            for path in range(self.paths)
+        ]
 
 
 @dataclass
@@ -278,8 +362,14 @@ class Vote:
     paths: list[ReasoningPath]
 
 
-def reason(engine, builder: PromptBuilder, questions: list[str], generation: GenerationConfig | list[GenerationConfig],
-           answer_format: str = "number", answer_max_new_tokens: int = 16) -> list[ReasoningPath]:
+def reason(
+    engine,
+    builder: PromptBuilder,
+    questions: list[str],
+    generation: GenerationConfig | list[GenerationConfig],
+    answer_format: str = "number",
+    answer_max_new_tokens: int = 16,
+) -> list[ReasoningPath]:
     """Answer each question (one generate call; a second one for zero-shot CoT's answer prompt) with
     ``generation`` (one config for all, or one per question), and extract the answers."""
     extract = EXTRACTORS[answer_format]
@@ -292,20 +382,35 @@ def reason(engine, builder: PromptBuilder, questions: list[str], generation: Gen
         # A direct reply is the answer itself (its first number counts); a reasoning path states its
         # answer after "The answer is", or failing that, last.
         direct = builder.config.chain_of_thought == "none"
-        return [ReasoningPath(completion.text.strip(), extract(completion.text, marked=direct)) for completion in completions]
+        return [
+            ReasoningPath(completion.text.strip(), extract(completion.text, marked=direct))
+            for completion in completions
+        ]
     # Kojima et al. 2022: the answer is read greedily from a second prompt, up to the end of its line.
-    answer_prompts = [builder.answer_prompt(prompt, completion.text) for prompt, completion in zip(prompts, completions)]
+    answer_prompts = [
+        builder.answer_prompt(prompt, completion.text) for prompt, completion in zip(prompts, completions)
+    ]
     answer_config = GenerationConfig(max_new_tokens=answer_max_new_tokens, temperature=0, stop=["\n", *builder.stop])
     answers = engine.generate(answer_prompts, answer_config)
     trigger, answer_trigger = builder.config.zero_shot_trigger, builder.config.answer_trigger
-    return [ReasoningPath(_join(_join(_join(trigger, completion.text.strip()), answer_trigger), answer.text.strip()),
-                          extract(answer.text, marked=True))
-            for completion, answer in zip(completions, answers)]
+    return [
+        ReasoningPath(
+            _join(_join(_join(trigger, completion.text.strip()), answer_trigger), answer.text.strip()),
+            extract(answer.text, marked=True),
+        )
+        for completion, answer in zip(completions, answers)
+    ]
 
 
 def self_consistency(engine, builder: PromptBuilder, question: str, config: SelfConsistencyConfig) -> Vote:
     """Wang et al. 2023: sample ``config.paths`` reasoning paths in one batch, vote on their answers."""
-    paths = reason(engine, builder, [question] * config.paths, config.generation(), config.answer_format,
-                   config.answer_max_new_tokens)
+    paths = reason(
+        engine,
+        builder,
+        [question] * config.paths,
+        config.generation(),
+        config.answer_format,
+        config.answer_max_new_tokens,
+    )
     answer, share = majority_vote([path.answer for path in paths])
     return Vote(answer, share, paths)

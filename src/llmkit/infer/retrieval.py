@@ -58,7 +58,10 @@ class BM25:
             for term, frequency in count.items():
                 self.postings.setdefault(term, []).append((index, frequency))
         total = len(self.documents)
-        self.idf = {term: math.log((total - len(posting) + 0.5) / (len(posting) + 0.5) + 1) for term, posting in self.postings.items()}
+        self.idf = {
+            term: math.log((total - len(posting) + 0.5) / (len(posting) + 0.5) + 1)
+            for term, posting in self.postings.items()
+        }
 
     def scores(self, query: str) -> list[float]:
         """The BM25 score of every document for ``query``, in corpus order."""

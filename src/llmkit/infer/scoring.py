@@ -25,23 +25,27 @@ class TokenScores:
 
 
 @torch.inference_mode()
-def score_sequences(model: Transformer, sequences: list[list[int]], batch_size: int = 16, top: int = 0) -> list[TokenScores]:
+def score_sequences(
+    model: Transformer, sequences: list[list[int]], batch_size: int = 16, top: int = 0
+) -> list[TokenScores]:
     """Scores of every sequence (each at least one token and at most the model's context long), in the
     given order; ``top`` > 0 adds the most likely alternatives at each position."""
     context = model.config.context_length
     for index, sequence in enumerate(sequences):
         if not 1 <= len(sequence) <= context:
-            raise ValueError(f"sequence {index} has {len(sequence)} tokens; scoring needs 1 to context_length={context}")
+            raise ValueError(
+                f"sequence {index} has {len(sequence)} tokens; scoring needs 1 to context_length={context}"
+            )
     device = model.token_embedding.weight.device
     results: list[TokenScores | None] = [None] * len(sequences)
     # Similar lengths share a batch, so little compute goes to padding.
     order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
     for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
+        chosen = order[start : start + batch_size]
         longest = max(len(sequences[index]) for index in chosen)
         ids = torch.zeros(len(chosen), longest, dtype=torch.long, device=device)
         for row, index in enumerate(chosen):
-            ids[row, :len(sequences[index])] = torch.tensor(sequences[index], device=device)
+            ids[row, : len(sequences[index])] = torch.tensor(sequences[index], device=device)
         logprobs = model(ids)[:, :-1].float().log_softmax(dim=-1)
         targets = ids[:, 1:]
         chosen_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -51,6 +55,9 @@ def score_sequences(model: Transformer, sequences: list[list[int]], batch_size: 
         for row, index in enumerate(chosen):
             length = len(sequences[index]) - 1
             results[index] = TokenScores(
-                chosen_logprobs[row, :length].cpu(), greedy[row, :length].cpu(),
-                top_ids[row, :length].cpu() if top else None, top_logprobs[row, :length].cpu() if top else None)
+                chosen_logprobs[row, :length].cpu(),
+                greedy[row, :length].cpu(),
+                top_ids[row, :length].cpu() if top else None,
+                top_logprobs[row, :length].cpu() if top else None,
+            )
     return results

@@ -52,8 +52,12 @@ try:
 except ImportError:
     jsonschema = None
 
-MAX_ABANDONED_CALLS = 4  # timed-out calls of one tool still running; past this it is refused, so hangs cannot pile up threads
-SANDBOX_START_S = 5.0  # on top of a sandboxed tool's own limit: bubblewrap and the interpreter starting on a busy machine
+MAX_ABANDONED_CALLS = (
+    4  # timed-out calls of one tool still running; past this it is refused, so hangs cannot pile up threads
+)
+SANDBOX_START_S = (
+    5.0  # on top of a sandboxed tool's own limit: bubblewrap and the interpreter starting on a busy machine
+)
 MAX_QUERY_TERMS = 64  # a search is a few keywords, and scoring costs time in every term's postings
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _COMPACT_CALL = re.compile(r"\s*([A-Za-z0-9_-]{1,64})\s*\((.*)\)\s*", re.DOTALL)
@@ -155,7 +159,9 @@ def subset_schema_errors(schema: dict, value: Any, path: str = "arguments") -> l
     errors = []
     if isinstance(value, dict):
         properties = schema.get("properties", {})
-        errors += [f"{path}: '{name}' is a required property" for name in schema.get("required", []) if name not in value]
+        errors += [
+            f"{path}: '{name}' is a required property" for name in schema.get("required", []) if name not in value
+        ]
         for name, item in value.items():
             if name in properties:
                 errors += subset_schema_errors(properties[name], item, f"{path}.{name}")
@@ -172,7 +178,9 @@ def schema_errors(schema: dict, arguments: dict) -> list[str]:
     if jsonschema is not None:
         validator = jsonschema.validators.validator_for(schema)(schema)
         return [
-            "".join(["arguments", *(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)])
+            "".join(
+                ["arguments", *(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)]
+            )
             + f": {error.message}"
             for error in sorted(validator.iter_errors(arguments), key=lambda error: list(map(str, error.absolute_path)))
         ]
@@ -188,9 +196,15 @@ class Tool:
     timeout_s: float | None = None  # its own limit, when it keeps one (the sandbox); else the ToolBox's
 
     def __post_init__(self) -> None:
-        check(bool(_TOOL_NAME.fullmatch(self.name)), "name", self.name, "a tool name is 1-64 letters, digits, '_' or '-'")
-        check(isinstance(self.parameters, dict) and self.parameters.get("type") == "object", "parameters",
-              self.parameters, 'must be a JSON schema with "type": "object"')
+        check(
+            bool(_TOOL_NAME.fullmatch(self.name)), "name", self.name, "a tool name is 1-64 letters, digits, '_' or '-'"
+        )
+        check(
+            isinstance(self.parameters, dict) and self.parameters.get("type") == "object",
+            "parameters",
+            self.parameters,
+            'must be a JSON schema with "type": "object"',
+        )
         if jsonschema is not None:
             try:
                 jsonschema.validators.validator_for(self.parameters).check_schema(self.parameters)
@@ -202,22 +216,31 @@ class Tool:
         """The parameter a compact call ``name(text)`` fills: the only one, when it is a string."""
         properties = self.parameters.get("properties", {})
         if len(properties) == 1:
-            (name, schema), = properties.items()
+            ((name, schema),) = properties.items()
             if schema.get("type") == "string":
                 return name
         return None
 
     def openai_schema(self) -> dict:
-        return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
 
 @dataclass
 class ToolBox:
     tools: list[Tool]
-    max_result_chars: int = field(default=2000, metadata={"help": "longer tool results are cut (they go into the context)"})
-    timeout_s: float = field(default=10.0, metadata={
-        "help": "a call still running after this many seconds is reported as timed out; generation waits this long at most "
-                "(a tool with a limit of its own, the Python sandbox, gets that limit plus its start-up time)"})
+    max_result_chars: int = field(
+        default=2000, metadata={"help": "longer tool results are cut (they go into the context)"}
+    )
+    timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "a call still running after this many seconds is reported as timed out; generation waits this long at most "
+            "(a tool with a limit of its own, the Python sandbox, gets that limit plus its start-up time)"
+        },
+    )
 
     def __post_init__(self) -> None:
         names = [tool.name for tool in self.tools]
@@ -235,7 +258,9 @@ class ToolBox:
             raise InputError(f"tools: expected a list of tool definitions, got {type(tools).__name__}")
         built = []
         for index, entry in enumerate(tools):
-            if not (isinstance(entry, dict) and entry.get("type") == "function" and isinstance(entry.get("function"), dict)):
+            if not (
+                isinstance(entry, dict) and entry.get("type") == "function" and isinstance(entry.get("function"), dict)
+            ):
                 raise InputError(f'tools[{index}]: expected {{"type": "function", "function": {{...}}}}, got {entry!r}')
             definition = entry["function"]
             name = definition.get("name")
@@ -283,7 +308,9 @@ class ToolBox:
             return f"error: {tool.name} is unavailable: {len(running)} earlier calls timed out and are still running"
         outcome: list[str] = []
         # A daemon thread: a call that never returns must not keep the process from exiting either.
-        worker = threading.Thread(target=lambda: outcome.append(_result_text(tool, arguments)), name=tool.name, daemon=True)
+        worker = threading.Thread(
+            target=lambda: outcome.append(_result_text(tool, arguments)), name=tool.name, daemon=True
+        )
         worker.start()
         timeout_s = self.timeout_s if tool.timeout_s is None else tool.timeout_s + SANDBOX_START_S
         worker.join(timeout_s)
@@ -298,7 +325,9 @@ def _result_text(tool: Tool, arguments: dict) -> str:
     try:
         result = tool.function(**arguments)
         return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
-    except BaseException as error:  # a tool's failure is the model's feedback; in a thread, even SystemExit would vanish
+    except (
+        BaseException
+    ) as error:  # a tool's failure is the model's feedback; in a thread, even SystemExit would vanish
         return f"error: {tool.name} failed: {type(error).__name__}: {error}"
 
 
@@ -332,10 +361,19 @@ def python_tool(timeout_s: float = 5, memory_mb: int = 512) -> Tool:
             "output_limit": "the program printed too much",
         }.get(result.status, result.stderr.strip()[-800:])
         printed = result.stdout.rstrip()
-        return f"{printed}\nerror ({result.status}): {explanation}" if printed else f"error ({result.status}): {explanation}"
+        return (
+            f"{printed}\nerror ({result.status}): {explanation}"
+            if printed
+            else f"error ({result.status}): {explanation}"
+        )
 
-    return Tool("python", f"Run a Python program (standard library only, {timeout_s} s, no network) and return what it prints.",
-                _string_parameter("code", "a complete program; print the answer"), run_program, timeout_s=timeout_s)
+    return Tool(
+        "python",
+        f"Run a Python program (standard library only, {timeout_s} s, no network) and return what it prints.",
+        _string_parameter("code", "a complete program; print the answer"),
+        run_program,
+        timeout_s=timeout_s,
+    )
 
 
 def retrieval_tool(corpus: list[str] | str | Path, k: int = 3) -> Tool:
@@ -354,8 +392,12 @@ def retrieval_tool(corpus: list[str] | str | Path, k: int = 3) -> Tool:
             return "no passage matches the query"
         return "\n\n".join(f"[{rank}] {passages[position]}" for rank, position in enumerate(best, start=1))
 
-    return Tool("search", f"Search a local collection of {len(passages)} passages by keywords; returns the {k} best.",
-                _string_parameter("query", "keywords to look for"), search)
+    return Tool(
+        "search",
+        f"Search a local collection of {len(passages)} passages by keywords; returns the {k} best.",
+        _string_parameter("query", "keywords to look for"),
+        search,
+    )
 
 
 def default_toolbox() -> ToolBox:

@@ -24,31 +24,59 @@ class ExportConfig:
     """``llmkit export``: a checkpoint as a Hugging Face directory or a GGUF file."""
 
     checkpoint: str = field(default="runs/base", metadata={"help": "run directory or checkpoint folder"})
-    format: Literal["hf", "gguf"] = field(default="hf", metadata={"help": "hf: a Hugging Face directory; gguf: one file for llama.cpp"})
+    format: Literal["hf", "gguf"] = field(
+        default="hf", metadata={"help": "hf: a Hugging Face directory; gguf: one file for llama.cpp"}
+    )
     out: str = field(default="runs/export", metadata={"help": "output directory (hf) or file (gguf)"})
     dtype: Literal["float32", "float16", "bfloat16"] | None = field(
-        default=None, metadata={"help": "weight precision (default: as stored for hf, float32 for gguf; gguf has no bfloat16)"})
+        default=None,
+        metadata={"help": "weight precision (default: as stored for hf, float32 for gguf; gguf has no bfloat16)"},
+    )
 
     def __post_init__(self) -> None:
         check(self.format in ("hf", "gguf"), "format", self.format, "must be 'hf' or 'gguf'")
-        check(self.dtype in (None, "float32", "float16", "bfloat16"), "dtype", self.dtype, "must be float32, float16 or bfloat16")
-        check(not (self.format == "gguf" and self.dtype == "bfloat16"), "dtype", self.dtype, "GGUF export writes float32 or float16")
+        check(
+            self.dtype in (None, "float32", "float16", "bfloat16"),
+            "dtype",
+            self.dtype,
+            "must be float32, float16 or bfloat16",
+        )
+        check(
+            not (self.format == "gguf" and self.dtype == "bfloat16"),
+            "dtype",
+            self.dtype,
+            "GGUF export writes float32 or float16",
+        )
 
 
 @dataclass
 class ImportConfig:
     """``llmkit import``: a local Hugging Face model directory or a GGUF file as an llmkit checkpoint."""
 
-    source: str = field(default="", metadata={"help": "local Hugging Face directory (config.json, model.safetensors, "
-                                                      "tokenizer) or a GGUF file (llama, qwen2, qwen3, gpt2)"})
+    source: str = field(
+        default="",
+        metadata={
+            "help": "local Hugging Face directory (config.json, model.safetensors, "
+            "tokenizer) or a GGUF file (llama, qwen2, qwen3, gpt2)"
+        },
+    )
     out: str = field(default="runs/imported", metadata={"help": "output checkpoint directory"})
     dtype: Literal["float32", "float16", "bfloat16"] | None = field(
-        default="float32", metadata={"help": "weight precision of the checkpoint (None keeps the source's; "
-                                             "float32 for GGUF, whose tensors are dequantized)"})
+        default="float32",
+        metadata={
+            "help": "weight precision of the checkpoint (None keeps the source's; "
+            "float32 for GGUF, whose tensors are dequantized)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check(bool(self.source), "source", self.source, "give the Hugging Face model directory or GGUF file")
-        check(self.dtype in (None, "float32", "float16", "bfloat16"), "dtype", self.dtype, "must be float32, float16 or bfloat16")
+        check(
+            self.dtype in (None, "float32", "float16", "bfloat16"),
+            "dtype",
+            self.dtype,
+            "must be float32, float16 or bfloat16",
+        )
 
 
 def export_checkpoint(config: ExportConfig) -> dict:
@@ -57,7 +85,9 @@ def export_checkpoint(config: ExportConfig) -> dict:
     try:  # imported on use: only GGUF export needs the optional package
         from llmkit.interop.gguf import export_gguf
     except ImportError as error:
-        raise ConfigError("format", "gguf", f"needs the 'gguf' package: pip install 'llmkit[interop]' ({error})") from None
+        raise ConfigError(
+            "format", "gguf", f"needs the 'gguf' package: pip install 'llmkit[interop]' ({error})"
+        ) from None
     return export_gguf(config.checkpoint, config.out, config.dtype)
 
 
@@ -69,5 +99,7 @@ def import_checkpoint(config: ImportConfig) -> dict:
     try:  # imported on use: only GGUF needs the optional package
         from llmkit.interop.gguf_import import import_gguf
     except ImportError as error:
-        raise ConfigError("source", config.source, f"a GGUF file needs the 'gguf' package: pip install 'llmkit[interop]' ({error})") from None
+        raise ConfigError(
+            "source", config.source, f"a GGUF file needs the 'gguf' package: pip install 'llmkit[interop]' ({error})"
+        ) from None
     return import_gguf(source, config.out, config.dtype)

@@ -73,7 +73,8 @@ def interleave_rotary_pairs(weight: torch.Tensor, heads: int, inverse: bool = Fa
 # match what llama.cpp's "llama-bpe" and "qwen2" pre-tokenizers split.
 _HF_CONTRACTIONS = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _HF_SPLITS = {
-    "llama-bpe": _HF_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama-bpe": _HF_CONTRACTIONS
+    + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     "qwen2": _HF_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
 
@@ -100,21 +101,40 @@ def gguf_pre_tokenizer(data: dict) -> str:
         probe.pre_tokenizer = pre_tokenizer
         return _canonical(json.loads(probe.to_str())["pre_tokenizer"])
 
-    candidates = [(name, spelled(build()), ignore_merges)
-                  for name, (build, ignore_merges, _) in PRE_TOKENIZERS.items() if name in ("gpt-2", "smollm", "llama-bpe", "qwen2")]
-    candidates += [(name, spelled(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
-                    name == "llama-bpe") for name, pattern in _HF_SPLITS.items()]
+    candidates = [
+        (name, spelled(build()), ignore_merges)
+        for name, (build, ignore_merges, _) in PRE_TOKENIZERS.items()
+        if name in ("gpt-2", "smollm", "llama-bpe", "qwen2")
+    ]
+    candidates += [
+        (
+            name,
+            spelled(
+                pre_tokenizers.Sequence(
+                    [
+                        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                    ]
+                )
+            ),
+            name == "llama-bpe",
+        )
+        for name, pattern in _HF_SPLITS.items()
+    ]
     ours = _canonical(data.get("pre_tokenizer"))
     for name, theirs, ignore_merges in candidates:
         if ours == theirs:
             if bool(data["model"].get("ignore_merges", False)) != ignore_merges:
-                raise MismatchError(f"tokenizer.json: model.ignore_merges = {data['model'].get('ignore_merges', False)} but "
-                                    f"llama.cpp's '{name}' pre-tokenizer has ignore_merges = {ignore_merges}")
+                raise MismatchError(
+                    f"tokenizer.json: model.ignore_merges = {data['model'].get('ignore_merges', False)} but "
+                    f"llama.cpp's '{name}' pre-tokenizer has ignore_merges = {ignore_merges}"
+                )
             return name
     kind = (data.get("pre_tokenizer") or {}).get("type")
-    raise MismatchError(f"tokenizer.json: pre-tokenizer {kind!r} ({json.dumps(data.get('pre_tokenizer'))[:200]}) has no "
-                        "llama.cpp equivalent: GGUF export writes the pre-tokenizers gpt-2 (llmkit's), smollm, llama-bpe and qwen2")
+    raise MismatchError(
+        f"tokenizer.json: pre-tokenizer {kind!r} ({json.dumps(data.get('pre_tokenizer'))[:200]}) has no "
+        "llama.cpp equivalent: GGUF export writes the pre-tokenizers gpt-2 (llmkit's), smollm, llama-bpe and qwen2"
+    )
 
 
 def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
@@ -123,9 +143,11 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[i
     data = json.loads(tokenizer.tokenizer_json)
     model, pre_tokenizer = data["model"], data.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre_tokenizer):
-        raise MismatchError(f"tokenizer (kind {tokenizer.kind!r}, model {model.get('type')!r}, pre-tokenizer "
-                            f"{pre_tokenizer.get('type')!r}) has no GGUF equivalent: llmkit writes byte-level BPE "
-                            "vocabularies only (train one with --kind bpe)")
+        raise MismatchError(
+            f"tokenizer (kind {tokenizer.kind!r}, model {model.get('type')!r}, pre-tokenizer "
+            f"{pre_tokenizer.get('type')!r}) has no GGUF equivalent: llmkit writes byte-level BPE "
+            "vocabularies only (train one with --kind bpe)"
+        )
     if tokenizer.vocab_size > vocab_size:
         raise MismatchError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
     tokens: list[str | None] = [None] * vocab_size
@@ -173,10 +195,18 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
     eos = eos if eos in tokenizer.stop_ids else tokenizer.stop_ids[0]
     others = [token_id for token_id in tokenizer.stop_ids if token_id != eos]
     if len(others) > 2:
-        raise MismatchError(f"the model stops at {len(tokenizer.stop_ids)} token ids {tokenizer.stop_ids}; GGUF names "
-                            "three at most (eos, end-of-turn, end-of-message)")
-    return {"bos": _named_id(tokenizer, "bos_token"), "eos": eos, "eot": (others + [None])[0],
-            "eom": (others[1:] + [None])[0], "pad": tokenizer.pad_id, "unknown": _named_id(tokenizer, "unk_token")}
+        raise MismatchError(
+            f"the model stops at {len(tokenizer.stop_ids)} token ids {tokenizer.stop_ids}; GGUF names "
+            "three at most (eos, end-of-turn, end-of-message)"
+        )
+    return {
+        "bos": _named_id(tokenizer, "bos_token"),
+        "eos": eos,
+        "eot": (others + [None])[0],
+        "eom": (others[1:] + [None])[0],
+        "pad": tokenizer.pad_id,
+        "unknown": _named_id(tokenizer, "unk_token"),
+    }
 
 
 def _added_by_tokenizer(tokenizer: Tokenizer, ids: dict) -> tuple[bool, bool]:
@@ -184,11 +214,13 @@ def _added_by_tokenizer(tokenizer: Tokenizer, ids: dict) -> tuple[bool, bool]:
     plain = tokenizer.backend.encode("a", add_special_tokens=False).ids
     full = tokenizer.backend.encode("a", add_special_tokens=True).ids
     start = full.index(plain[0]) if plain and plain[0] in full else 0
-    prefix, suffix = full[:start], full[start + len(plain):]
+    prefix, suffix = full[:start], full[start + len(plain) :]
     for added, role in ((prefix, "bos"), (suffix, "eos")):
         if added and added != [ids[role]]:
-            raise MismatchError(f"tokenizer.json's post-processor adds {added}, which is not the {role} token "
-                                f"({ids[role]}); llama.cpp can only add bos and eos")
+            raise MismatchError(
+                f"tokenizer.json's post-processor adds {added}, which is not the {role} token "
+                f"({ids[role]}); llama.cpp can only add bos and eos"
+            )
     return bool(prefix), bool(suffix)
 
 
@@ -200,8 +232,14 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: in
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     ids = special_token_ids(tokenizer)
-    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "eot": writer.add_eot_token_id,
-              "eom": writer.add_eom_token_id, "pad": writer.add_pad_token_id, "unknown": writer.add_unk_token_id}
+    adders = {
+        "bos": writer.add_bos_token_id,
+        "eos": writer.add_eos_token_id,
+        "eot": writer.add_eot_token_id,
+        "eom": writer.add_eom_token_id,
+        "pad": writer.add_pad_token_id,
+        "unknown": writer.add_unk_token_id,
+    }
     for role, token_id in ids.items():
         if token_id is not None:  # llama.cpp stops at eos, eot and eom
             adders[role](token_id)
@@ -256,6 +294,13 @@ def export_gguf(checkpoint: str | Path, out_file: str | Path, dtype: str | None 
         writer.close()
         temporary.unlink(missing_ok=True)
         raise
-    return {"out": str(out), "checkpoint": str(folder), "architecture": architecture_name,
-            "dtype": dtype, "tensors": len(tensors), "parameters": sum(tensor.numel() for tensor in tensors.values()),
-            "bytes": out.stat().st_size, "seconds": time.perf_counter() - start}
+    return {
+        "out": str(out),
+        "checkpoint": str(folder),
+        "architecture": architecture_name,
+        "dtype": dtype,
+        "tensors": len(tensors),
+        "parameters": sum(tensor.numel() for tensor in tensors.values()),
+        "bytes": out.stat().st_size,
+        "seconds": time.perf_counter() - start,
+    }

@@ -48,16 +48,38 @@ MAGIC = b"GGUF"
 ARCHITECTURES = {"llama": LLAMA, "qwen2": LLAMA, "qwen3": QWEN3, "gpt2": GPT2}
 # Tensor types read (dequantized to float32): the float types and the legacy and K-quants of llama.cpp.
 QUANT = gguf.GGMLQuantizationType
-SUPPORTED_TYPES = (QUANT.F32, QUANT.F16, QUANT.BF16, QUANT.Q4_0, QUANT.Q4_1, QUANT.Q5_0, QUANT.Q5_1, QUANT.Q8_0,
-                   QUANT.Q2_K, QUANT.Q3_K, QUANT.Q4_K, QUANT.Q5_K, QUANT.Q6_K)
-LINEAR_BIASES = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias", "ffn_gate.bias", "ffn_up.bias",
-                 "ffn_down.bias")
+SUPPORTED_TYPES = (
+    QUANT.F32,
+    QUANT.F16,
+    QUANT.BF16,
+    QUANT.Q4_0,
+    QUANT.Q4_1,
+    QUANT.Q5_0,
+    QUANT.Q5_1,
+    QUANT.Q8_0,
+    QUANT.Q2_K,
+    QUANT.Q3_K,
+    QUANT.Q4_K,
+    QUANT.Q5_K,
+    QUANT.Q6_K,
+)
+LINEAR_BIASES = (
+    "attn_q.bias",
+    "attn_k.bias",
+    "attn_v.bias",
+    "attn_output.bias",
+    "ffn_gate.bias",
+    "ffn_up.bias",
+    "ffn_down.bias",
+)
 
 # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), as Hugging Face pre-tokenizers. GPT-2's regex is
 # the one ByteLevel(use_regex=True) applies; "smollm" and its group first isolate every digit.
 _CONTRACTIONS = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-LLAMA3_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
 def _gpt2_split():
@@ -69,8 +91,12 @@ def _digits_then_gpt2_split():
 
 
 def _regex_split(pattern: str):
-    return lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return lambda: pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 # tokenizer.ggml.pre -> (pre-tokenizer, llama.cpp's ignore_merges, llama.cpp's add_bos default)
@@ -83,18 +109,44 @@ PRE_TOKENIZERS = {
 
 # The {arch}.* keys whose meaning llmkit computes (per architecture family), with the values they may take
 # when they are not read into the config. Every other {arch}.* key is refused.
-_ROPE_KEYS = {"vocab_size", "context_length", "embedding_length", "block_count", "feed_forward_length",
-              "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base",
-              "rope.dimension_count", "attention.key_length", "attention.value_length"}
-_GPT2_KEYS = {"vocab_size", "context_length", "embedding_length", "block_count", "feed_forward_length",
-              "attention.head_count", "attention.head_count_kv", "attention.layer_norm_epsilon"}
-_NEUTRAL = {"expert_count": (0,), "expert_used_count": (0,), "rope.scaling.type": ("none",),
-            "rope.scaling.factor": (0.0, 1.0), "attention.causal": (True,), "use_parallel_residual": (False,),
-            "tensor_data_layout": ("Meta AI original pth",)}
+_ROPE_KEYS = {
+    "vocab_size",
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.layer_norm_rms_epsilon",
+    "rope.freq_base",
+    "rope.dimension_count",
+    "attention.key_length",
+    "attention.value_length",
+}
+_GPT2_KEYS = {
+    "vocab_size",
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.layer_norm_epsilon",
+}
+_NEUTRAL = {
+    "expert_count": (0,),
+    "expert_used_count": (0,),
+    "rope.scaling.type": ("none",),
+    "rope.scaling.factor": (0.0, 1.0),
+    "attention.causal": (True,),
+    "use_parallel_residual": (False,),
+    "tensor_data_layout": ("Meta AI original pth",),
+}
 # Why some keys are refused (by prefix); any other is "not a hyperparameter llmkit computes".
 _REASONS = {
     "rope.scaling": "llmkit computes plain RoPE without scaling",
-    "attention.sliding_window": "llmkit attends to the whole context", "rope.freq_base_swa": "llmkit attends to the whole context",
+    "attention.sliding_window": "llmkit attends to the whole context",
+    "rope.freq_base_swa": "llmkit attends to the whole context",
     "expert": "llmkit's Mixture-of-Experts (with capacity dropping) is not llama.cpp's",
     "attention.layer_norm_epsilon": "llama.cpp's {arch} normalises with RMSNorm (attention.layer_norm_rms_epsilon)",
     "attention.layer_norm_rms_epsilon": "llama.cpp's gpt2 normalises with LayerNorm (attention.layer_norm_epsilon)",
@@ -118,7 +170,9 @@ class _CheckedReader(gguf.GGUFReader):
             _, name_data, _, dims, raw_type, offset = field.parts
             name = bytes(name_data).decode("utf-8", errors="replace")
             if int(raw_type[0]) not in known:
-                raise _Broken(f"tensor '{name}' has tensor type id {int(raw_type[0])}, which the gguf package does not know")
+                raise _Broken(
+                    f"tensor '{name}' has tensor type id {int(raw_type[0])}, which the gguf package does not know"
+                )
             block, type_size = gguf.GGML_QUANT_SIZES[QUANT(int(raw_type[0]))]
             end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
             if end > size:
@@ -153,8 +207,9 @@ class _Metadata:
 
     def __init__(self, reader: gguf.GGUFReader, path: Path):
         self.path = path
-        self.values: dict[str, Any] = {name: field.contents() for name, field in reader.fields.items()
-                                       if not name.startswith("GGUF.")}
+        self.values: dict[str, Any] = {
+            name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")
+        }
 
     def get(self, key: str, default=None):
         value = self.values.get(key)
@@ -189,15 +244,19 @@ def _check_keys(meta: _Metadata, arch: str) -> None:
             raise meta.refuse(key, value, "llmkit reads one GGUF file; merge the parts with llama-gguf-split --merge")
         if not key.startswith(f"{arch}."):
             continue  # general.*, tokenizer.*, quantize.*: informational or read by the tokenizer
-        suffix = key[len(arch) + 1:]
+        suffix = key[len(arch) + 1 :]
         if suffix in allowed or (suffix in _NEUTRAL and value in _NEUTRAL[suffix]):
             continue
-        reason = next((text for prefix, text in _REASONS.items() if suffix.startswith(prefix)),
-                      "llmkit does not compute this llama.cpp hyperparameter")
+        reason = next(
+            (text for prefix, text in _REASONS.items() if suffix.startswith(prefix)),
+            "llmkit does not compute this llama.cpp hyperparameter",
+        )
         raise meta.refuse(key, value, reason.format(arch=arch))
 
 
-def model_config_from_gguf(meta: _Metadata, arch: str, vocab_size: int, tied: bool, bias: bool) -> tuple[ModelConfig, str]:
+def model_config_from_gguf(
+    meta: _Metadata, arch: str, vocab_size: int, tied: bool, bias: bool
+) -> tuple[ModelConfig, str]:
     """The llmkit config of the GGUF model: its metadata as the Hugging Face config of the matching layout,
     mapped as a Hugging Face import maps it, once every key llmkit does not compute has been refused."""
     _check_keys(meta, arch)
@@ -207,35 +266,58 @@ def model_config_from_gguf(meta: _Metadata, arch: str, vocab_size: int, tied: bo
 
     n_embd, n_head = meta.scalar(key("embedding_length")), meta.scalar(key("attention.head_count"))
     if n_embd % n_head:
-        raise meta.refuse(key("attention.head_count"), n_head, f"llmkit's heads split {key('embedding_length')} = {n_embd} evenly")
+        raise meta.refuse(
+            key("attention.head_count"), n_head, f"llmkit's heads split {key('embedding_length')} = {n_embd} evenly"
+        )
     head_dim = n_embd // n_head
     n_kv_head = meta.scalar(key("attention.head_count_kv"), n_head)
     if meta.get(key("vocab_size"), vocab_size) != vocab_size:
-        raise meta.refuse(key("vocab_size"), meta.get(key("vocab_size")), f"tensor 'token_embd.weight' has {vocab_size} rows")
+        raise meta.refuse(
+            key("vocab_size"), meta.get(key("vocab_size")), f"tensor 'token_embd.weight' has {vocab_size} rows"
+        )
     common = {"architectures": [ARCHITECTURES[arch]], "vocab_size": vocab_size, "tie_word_embeddings": tied}
     if arch == "gpt2":
         if n_kv_head != n_head:
             raise meta.refuse(key("attention.head_count_kv"), n_kv_head, "llama.cpp's gpt2 has multi-head attention")
-        values = {**common, "n_positions": meta.scalar(key("context_length")), "n_embd": n_embd,
-                  "n_layer": meta.scalar(key("block_count")), "n_head": n_head,
-                  "n_inner": meta.scalar(key("feed_forward_length")),
-                  "activation_function": "gelu_new",  # ggml's GELU is the tanh approximation
-                  "layer_norm_epsilon": _float32(meta.scalar(key("attention.layer_norm_epsilon"))),
-                  "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        values = {
+            **common,
+            "n_positions": meta.scalar(key("context_length")),
+            "n_embd": n_embd,
+            "n_layer": meta.scalar(key("block_count")),
+            "n_head": n_head,
+            "n_inner": meta.scalar(key("feed_forward_length")),
+            "activation_function": "gelu_new",  # ggml's GELU is the tanh approximation
+            "layer_norm_epsilon": _float32(meta.scalar(key("attention.layer_norm_epsilon"))),
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
     else:
         for name in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
             value = meta.scalar(key(name), head_dim)
             if value != head_dim:
-                reason = ("llmkit rotates the whole head" if name.startswith("rope") else
-                          f"llmkit's heads are {key('embedding_length')} / {key('attention.head_count')} = {head_dim} wide")
+                reason = (
+                    "llmkit rotates the whole head"
+                    if name.startswith("rope")
+                    else f"llmkit's heads are {key('embedding_length')} / {key('attention.head_count')} = {head_dim} wide"
+                )
                 raise meta.refuse(key(name), value, reason)
-        values = {**common, "max_position_embeddings": meta.scalar(key("context_length")), "hidden_size": n_embd,
-                  "num_hidden_layers": meta.scalar(key("block_count")), "num_attention_heads": n_head,
-                  "num_key_value_heads": n_kv_head, "head_dim": head_dim,
-                  "intermediate_size": meta.scalar(key("feed_forward_length")),
-                  "rms_norm_eps": _float32(meta.scalar(key("attention.layer_norm_rms_epsilon"))),
-                  "rope_theta": _float32(meta.scalar(key("rope.freq_base"), 10000.0)), "hidden_act": "silu",
-                  "attention_bias": bias, "mlp_bias": bias, "attention_dropout": 0.0}
+        values = {
+            **common,
+            "max_position_embeddings": meta.scalar(key("context_length")),
+            "hidden_size": n_embd,
+            "num_hidden_layers": meta.scalar(key("block_count")),
+            "num_attention_heads": n_head,
+            "num_key_value_heads": n_kv_head,
+            "head_dim": head_dim,
+            "intermediate_size": meta.scalar(key("feed_forward_length")),
+            "rms_norm_eps": _float32(meta.scalar(key("attention.layer_norm_rms_epsilon"))),
+            "rope_theta": _float32(meta.scalar(key("rope.freq_base"), 10000.0)),
+            "hidden_act": "silu",
+            "attention_bias": bias,
+            "mlp_bias": bias,
+            "attention_dropout": 0.0,
+        }
     try:
         return model_config_from_hf(values, Path(f"{meta.path} (metadata as a Hugging Face config)"))
     except ConfigError as error:  # e.g. head_count_kv not dividing head_count
@@ -244,13 +326,17 @@ def model_config_from_gguf(meta: _Metadata, arch: str, vocab_size: int, tied: bo
 
 def _check_type(tensor, path: Path) -> None:
     if tensor.tensor_type not in SUPPORTED_TYPES:
-        raise MismatchError(f"{path}: tensor '{tensor.name}' has type {tensor.tensor_type.name}, which llmkit does not "
-                            f"import (supported: {', '.join(kind.name for kind in SUPPORTED_TYPES)})")
+        raise MismatchError(
+            f"{path}: tensor '{tensor.name}' has type {tensor.tensor_type.name}, which llmkit does not "
+            f"import (supported: {', '.join(kind.name for kind in SUPPORTED_TYPES)})"
+        )
 
 
 def _dequantized(tensor, path: Path) -> torch.Tensor:
     _check_type(tensor, path)
-    array = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a copy: the file is mapped read-only
+    array = np.array(
+        dequantize(tensor.data, tensor.tensor_type), dtype=np.float32
+    )  # a copy: the file is mapped read-only
     return torch.from_numpy(array).reshape(tuple(reversed(tensor.shape.tolist())))
 
 
@@ -258,7 +344,9 @@ def _same_tensor(first, second) -> bool:
     return first.tensor_type == second.tensor_type and np.array_equal(first.data, second.data)
 
 
-def gguf_state(reader: gguf.GGUFReader, meta: _Metadata, path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, str]:
+def gguf_state(
+    reader: gguf.GGUFReader, meta: _Metadata, path: Path
+) -> tuple[dict[str, torch.Tensor], ModelConfig, str]:
     """The llmkit state dict, config and layout of the file's model."""
     arch = meta.need("general.architecture")
     if arch not in ARCHITECTURES:
@@ -273,7 +361,9 @@ def gguf_state(reader: gguf.GGUFReader, meta: _Metadata, path: Path) -> tuple[di
     tied = "output.weight" not in tensors or _same_tensor(tensors["output.weight"], tensors["token_embd.weight"])
     biases = sorted(name for name in tensors if name.startswith("blk.") and name.endswith(LINEAR_BIASES))
     if arch == "qwen3" and biases:
-        raise MismatchError(f"{path}: tensor '{biases[0]}' is not supported: llmkit's Qwen3 layout (QK-norm) has no biases")
+        raise MismatchError(
+            f"{path}: tensor '{biases[0]}' is not supported: llmkit's Qwen3 layout (QK-norm) has no biases"
+        )
     config, layout = model_config_from_gguf(meta, arch, vocab_size, tied, bias=arch == "gpt2" or bool(biases))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.n_layer)
     expected = {}  # GGUF name -> Hugging Face name, from the same tables export uses
@@ -284,8 +374,11 @@ def gguf_state(reader: gguf.GGUFReader, meta: _Metadata, path: Path) -> tuple[di
         tensors.pop("output.weight", None)
     for name in tensors:
         if name not in expected:
-            reason = ("llama.cpp scales RoPE frequencies with it (Llama 3.1's 'llama3' scaling); llmkit computes plain RoPE"
-                      if name == "rope_freqs.weight" else f"llmkit's model of this {arch} has no place for it")
+            reason = (
+                "llama.cpp scales RoPE frequencies with it (Llama 3.1's 'llama3' scaling); llmkit computes plain RoPE"
+                if name == "rope_freqs.weight"
+                else f"llmkit's model of this {arch} has no place for it"
+            )
             raise MismatchError(f"{path}: tensor '{name}' is not supported: {reason}")
     hf_state: dict[str, torch.Tensor] = {}
     for name, theirs in expected.items():
@@ -318,10 +411,16 @@ def gguf_tokenizer(meta: _Metadata, vocab_size: int) -> tuple[Tokenizer, list[st
         if meta.get(key):
             raise meta.refuse(key, True, "llmkit's byte-level tokenizers keep the text as given")
     if meta.get("tokenizer.ggml.precompiled_charsmap") is not None:
-        raise meta.refuse("tokenizer.ggml.precompiled_charsmap", "...", "llmkit's byte-level tokenizers normalise nothing")
+        raise meta.refuse(
+            "tokenizer.ggml.precompiled_charsmap", "...", "llmkit's byte-level tokenizers normalise nothing"
+        )
     tokens = meta.need("tokenizer.ggml.tokens")
     if len(tokens) != vocab_size:
-        raise meta.refuse("tokenizer.ggml.tokens", tokens, f"{len(tokens)} tokens, but tensor 'token_embd.weight' has {vocab_size} rows")
+        raise meta.refuse(
+            "tokenizer.ggml.tokens",
+            tokens,
+            f"{len(tokens)} tokens, but tensor 'token_embd.weight' has {vocab_size} rows",
+        )
     types = meta.get("tokenizer.ggml.token_type", [int(gguf.TokenType.NORMAL)] * len(tokens))
     if len(types) != len(tokens):
         raise meta.refuse("tokenizer.ggml.token_type", types, f"{len(types)} types for {len(tokens)} tokens")
@@ -337,14 +436,23 @@ def gguf_tokenizer(meta: _Metadata, vocab_size: int) -> tuple[Tokenizer, list[st
             raise meta.refuse("tokenizer.ggml.merges", merge, "a merge is two tokens separated by one space")
         merges.append((pair[0], pair[1]))
     split, ignore_merges, add_bos_default = PRE_TOKENIZERS[pre]
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges))
+    backend = Backend(
+        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
+    )
     backend.pre_tokenizer = split()
     backend.decoder = decoders.ByteLevel()
     # Tokens llama.cpp matches whole in the text; they keep their ids (the model vocabulary already has them).
     special = {int(gguf.TokenType.CONTROL), int(gguf.TokenType.UNKNOWN)}
-    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, kind in enumerate(types) if kind in special])
-    backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                        for i, kind in enumerate(types) if kind == int(gguf.TokenType.USER_DEFINED)])
+    backend.add_special_tokens(
+        [AddedToken(tokens[i], special=True, normalized=False) for i, kind in enumerate(types) if kind in special]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(tokens[i], special=False, normalized=False)
+            for i, kind in enumerate(types)
+            if kind == int(gguf.TokenType.USER_DEFINED)
+        ]
+    )
     ids = {}
     for role in ("bos", "eos", "eot", "eom", "unknown", "padding"):
         key = f"tokenizer.ggml.{role}_token_id"
@@ -361,16 +469,26 @@ def gguf_tokenizer(meta: _Metadata, vocab_size: int) -> tuple[Tokenizer, list[st
         bos = [tokens[ids["bos"]]] if add_bos else []
         eos = [tokens[ids["eos"]]] if add_eos else []
         backend.post_processor = processors.TemplateProcessing(
-            single=[*bos, "$A", *eos], pair=[*bos, "$A", *eos, *bos, "$B", *eos],
-            special_tokens=[(token, vocab[token]) for token in dict.fromkeys(bos + eos)])
+            single=[*bos, "$A", *eos],
+            pair=[*bos, "$A", *eos, *bos, "$B", *eos],
+            special_tokens=[(token, vocab[token]) for token in dict.fromkeys(bos + eos)],
+        )
     named = {"bos_token": ids["bos"], "eos_token": ids["eos"], "unk_token": ids["unknown"], "pad_token": ids["padding"]}
-    source_config = {"kind": "bpe", "chat_template": meta.get("tokenizer.chat_template"),
-                     "clean_up_tokenization_spaces": False,
-                     **{role: tokens[token_id] for role, token_id in named.items() if token_id is not None}}
+    source_config = {
+        "kind": "bpe",
+        "chat_template": meta.get("tokenizer.chat_template"),
+        "clean_up_tokenization_spaces": False,
+        **{role: tokens[token_id] for role, token_id in named.items() if token_id is not None},
+    }
     ends = [ids[role] for role in ("eos", "eot", "eom") if ids[role] is not None]
     tokenizer, added, source_size = imported_tokenizer(
-        backend, backend.to_str().encode("utf-8"), source_config, str(meta.path), ends,
-        extra={"add_bos_token": add_bos, "add_eos_token": add_eos})
+        backend,
+        backend.to_str().encode("utf-8"),
+        source_config,
+        str(meta.path),
+        ends,
+        extra={"add_bos_token": add_bos, "add_eos_token": add_eos},
+    )
     return tokenizer, added, source_size, {"pre_tokenizer": pre, "special_token_ids": ids}
 
 
@@ -387,8 +505,16 @@ def import_gguf(file: str | Path, out: str | Path, dtype: str | None = "float32"
     meta = _Metadata(reader, path)
     state, config, layout = gguf_state(reader, meta, path)
     tokenizer, added, source_size, token_info = gguf_tokenizer(meta, state["token_embedding.weight"].shape[0])
-    imported_from = {"gguf_architecture": meta.get("general.architecture"), "name": meta.get("general.name"),
-                     "file_type": meta.get("general.file_type"),
-                     "tensor_types": sorted({tensor.tensor_type.name for tensor in reader.tensors}), **token_info}
+    imported_from = {
+        "gguf_architecture": meta.get("general.architecture"),
+        "name": meta.get("general.name"),
+        "file_type": meta.get("general.file_type"),
+        "tensor_types": sorted({tensor.tensor_type.name for tensor in reader.tensors}),
+        **token_info,
+    }
     summary = write_import(out, path, state, config, layout, dtype, tokenizer, added, source_size, imported_from, start)
-    return {**summary, "gguf_architecture": imported_from["gguf_architecture"], "tensor_types": imported_from["tensor_types"]}
+    return {
+        **summary,
+        "gguf_architecture": imported_from["gguf_architecture"],
+        "tensor_types": imported_from["tensor_types"],
+    }

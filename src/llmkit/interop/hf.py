@@ -22,8 +22,13 @@ from tqdm import tqdm
 from llmkit.errors import InputError, MismatchError
 from llmkit.interop.hf_config import hf_config, model_config_from_hf
 from llmkit.interop.layouts import GPT2, hf_architecture, tensor_table
-from llmkit.interop.tokens import (SPECIAL_ROLES, generation_token_ids, grow_embeddings, hf_tokenizer_config,
-                                  import_tokenizer)
+from llmkit.interop.tokens import (
+    SPECIAL_ROLES,
+    generation_token_ids,
+    grow_embeddings,
+    hf_tokenizer_config,
+    import_tokenizer,
+)
 from llmkit.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
 from llmkit.model.checkpoint import read_config, resolve_checkpoint, write_model
 from llmkit.model.config import ModelConfig
@@ -58,8 +63,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def hf_tensors(state: dict[str, torch.Tensor], config: ModelConfig, architecture: str, source: Path,
-               dtype: torch.dtype, conv1d: bool = True) -> dict[str, torch.Tensor]:
+def hf_tensors(
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    architecture: str,
+    source: Path,
+    dtype: torch.dtype,
+    conv1d: bool = True,
+) -> dict[str, torch.Tensor]:
     """llmkit weights under ``architecture``'s Hugging Face names, fused projections split, in ``dtype``.
     ``conv1d=False`` keeps GPT-2's matrices in ``nn.Linear``'s (out, in) layout (what GGUF stores)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -100,20 +111,31 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None)
     architecture = hf_architecture(config)
     target = getattr(torch, dtype) if dtype else state["token_embedding.weight"].dtype
     tensors = hf_tensors(state, config, architecture, folder / WEIGHTS_FILE, target)
-    tokenizer_config, token_ids = export_token_settings(tokenizer, config.context_length) if tokenizer is not None else ({}, {})
+    tokenizer_config, token_ids = (
+        export_token_settings(tokenizer, config.context_length) if tokenizer is not None else ({}, {})
+    )
     with atomic_directory(out) as directory:
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         atomic_write_json(directory / "config.json", hf_config(config, architecture, token_ids, _dtype_name(target)))
-        generation = {"bos_token_id": token_ids.get("bos"), "eos_token_id": token_ids.get("eos"),
-                      "pad_token_id": token_ids.get("pad")}
+        generation = {
+            "bos_token_id": token_ids.get("bos"),
+            "eos_token_id": token_ids.get("eos"),
+            "pad_token_id": token_ids.get("pad"),
+        }
         atomic_write_json(directory / "generation_config.json", generation)
         if tokenizer is not None:
             atomic_write_bytes(directory / TOKENIZER_FILE, tokenizer.tokenizer_json)  # as is: same sha256
             atomic_write_json(directory / CONFIG_FILE, tokenizer_config)
-    return {"out": str(out), "checkpoint": str(folder), "architecture": architecture, "dtype": _dtype_name(target),
-            "tensors": len(tensors), "parameters": sum(tensor.numel() for tensor in tensors.values()),
-            "tokenizer": tokenizer is not None,
-            "seconds": time.perf_counter() - start}
+    return {
+        "out": str(out),
+        "checkpoint": str(folder),
+        "architecture": architecture,
+        "dtype": _dtype_name(target),
+        "tensors": len(tensors),
+        "parameters": sum(tensor.numel() for tensor in tensors.values()),
+        "tokenizer": tokenizer is not None,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def read_hf_weights(directory: Path, architecture: str) -> dict[str, torch.Tensor]:
@@ -132,13 +154,21 @@ def read_hf_weights(directory: Path, architecture: str) -> dict[str, torch.Tenso
             raise InputError(f"{file}: listed in {WEIGHTS_INDEX} but missing")
         state.update(load_file(str(file)))
     if architecture == GPT2:
-        state = {name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}": tensor
-                 for name, tensor in state.items()}
+        state = {
+            name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}": tensor
+            for name, tensor in state.items()
+        }
     return {name: tensor for name, tensor in state.items() if not name.endswith(DERIVED_SUFFIXES)}
 
 
-def llmkit_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, architecture: str, source: Path,
-                 conv1d: bool = True, origin: str = "config.json") -> dict[str, torch.Tensor]:
+def llmkit_state(
+    hf_state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    architecture: str,
+    source: Path,
+    conv1d: bool = True,
+    origin: str = "config.json",
+) -> dict[str, torch.Tensor]:
     """Hugging Face tensors -> the llmkit model's state dict, checked name by name and shape by shape.
     ``conv1d=False``: GPT-2's matrices come in ``nn.Linear``'s (out, in) layout (as GGUF stores them);
     ``origin`` names where the config came from in errors."""
@@ -149,7 +179,9 @@ def llmkit_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, archite
         if missing:
             raise MismatchError(f"{source}: tensor '{missing[0]}' is missing for the config in {origin}")
         pieces = [remaining.pop(name) for name in entry.theirs]
-        state[entry.ours] = torch.cat([piece.t() if entry.transpose and conv1d else piece for piece in pieces]).contiguous()
+        state[entry.ours] = torch.cat(
+            [piece.t() if entry.transpose and conv1d else piece for piece in pieces]
+        ).contiguous()
     if config.tie_embeddings:
         remaining.pop("lm_head.weight", None)  # the embedding again
     if remaining:
@@ -158,8 +190,10 @@ def llmkit_state(hf_state: dict[str, torch.Tensor], config: ModelConfig, archite
         expected = Transformer(config).state_dict()
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise MismatchError(f"{source}: tensor for '{name}' has shape {tuple(tensor.shape)}, "
-                                f"{origin} implies {tuple(expected[name].shape)}")
+            raise MismatchError(
+                f"{source}: tensor for '{name}' has shape {tuple(tensor.shape)}, "
+                f"{origin} implies {tuple(expected[name].shape)}"
+            )
     return state
 
 
@@ -174,24 +208,54 @@ def import_hf(directory: str | Path, out: str | Path, dtype: str | None = "float
     config, architecture = model_config_from_hf(values, source / "config.json")
     state = llmkit_state(read_hf_weights(source, architecture), config, architecture, source)
     tokenizer, added, source_size = import_tokenizer(source)
-    return write_import(out, source, state, config, architecture, dtype, tokenizer, added, source_size,
-                        {"model_type": values.get("model_type")}, start)
+    return write_import(
+        out,
+        source,
+        state,
+        config,
+        architecture,
+        dtype,
+        tokenizer,
+        added,
+        source_size,
+        {"model_type": values.get("model_type")},
+        start,
+    )
 
 
-def write_import(out: Path, source: Path, state: dict[str, torch.Tensor], config: ModelConfig, architecture: str,
-                 dtype: str | None, tokenizer: Tokenizer, added: list[str], source_size: int, imported_from: dict,
-                 start: float) -> dict:
+def write_import(
+    out: Path,
+    source: Path,
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    architecture: str,
+    dtype: str | None,
+    tokenizer: Tokenizer,
+    added: list[str],
+    source_size: int,
+    imported_from: dict,
+    start: float,
+) -> dict:
     """The end of every import: weights in ``dtype``, embeddings grown for llmkit's ``added`` special tokens
     (see :mod:`.tokens`), the checkpoint folder ``out`` written atomically, and the summary."""
     if dtype:
         state = {name: tensor.to(getattr(torch, dtype)) for name, tensor in state.items()}
     config = grow_embeddings(state, config, tokenizer, added, source_size)
-    metadata = {"stage": "import", "stage_config": {"source": str(source), "out": str(out), "dtype": dtype},
-                "tokenizer_sha256": tokenizer.sha256,
-                "imported_from": {"architecture": architecture, **imported_from, "added_special_tokens": added}}
+    metadata = {
+        "stage": "import",
+        "stage_config": {"source": str(source), "out": str(out), "dtype": dtype},
+        "tokenizer_sha256": tokenizer.sha256,
+        "imported_from": {"architecture": architecture, **imported_from, "added_special_tokens": added},
+    }
     with atomic_directory(out) as folder:
         write_model(folder, state, config, metadata)
         tokenizer.save(folder)
-    return {"out": str(out), "source": str(source), "architecture": architecture, "vocab_size": config.vocab_size,
-            "added_special_tokens": added, "parameters": sum(tensor.numel() for tensor in state.values()),
-            "seconds": time.perf_counter() - start}
+    return {
+        "out": str(out),
+        "source": str(source),
+        "architecture": architecture,
+        "vocab_size": config.vocab_size,
+        "added_special_tokens": added,
+        "parameters": sum(tensor.numel() for tensor in state.values()),
+        "seconds": time.perf_counter() - start,
+    }

@@ -30,8 +30,12 @@ MODEL_TYPES = {LLAMA: "llama", QWEN3: "qwen3", GPT2: "gpt2"}
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "relu2": "relu2"}
 # Hugging Face activation names that compute one of llmkit's (gelu_new and gelu_fast are the tanh
 # formula written out, gelu_python the erf one).
-GPT2_ACTIVATIONS_IN = {**{hf: ours for ours, hf in GPT2_ACTIVATIONS.items()},
-                       "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_python": "gelu"}
+GPT2_ACTIVATIONS_IN = {
+    **{hf: ours for ours, hf in GPT2_ACTIVATIONS.items()},
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_python": "gelu",
+}
 # Llama's MLP is down(act(gate) * up): silu is SwiGLU, exact gelu is GeGLU.
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
 GATED_ACTIVATIONS_IN = {hf: ours for ours, hf in GATED_ACTIVATIONS.items()}
@@ -49,8 +53,12 @@ def _require(config: ModelConfig, field: str, allowed: tuple, layout: str) -> No
 
 def hf_architecture(config: ModelConfig) -> str:
     """The Hugging Face architecture that computes exactly what ``config`` computes."""
-    for field, allowed in (("norm_placement", ("pre",)), ("embedding_norm", (False,)), ("logit_softcap", (None,)),
-                           ("moe_experts", (0,))):
+    for field, allowed in (
+        ("norm_placement", ("pre",)),
+        ("embedding_norm", (False,)),
+        ("logit_softcap", (None,)),
+        ("moe_experts", (0,)),
+    ):
         _require(config, field, allowed, "Llama or GPT-2")
     if config.position == "rope":
         _require(config, "norm", ("rmsnorm",), "Llama")
@@ -87,43 +95,65 @@ def tensor_table(config: ModelConfig, architecture: str) -> list[TensorEntry]:
     if architecture == GPT2:
         return _gpt2_table(config)
     head, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-    entries = [TensorEntry("token_embedding.weight", ("model.embed_tokens.weight",)),
-               TensorEntry("final_norm.weight", ("model.norm.weight",))]
+    entries = [
+        TensorEntry("token_embedding.weight", ("model.embed_tokens.weight",)),
+        TensorEntry("final_norm.weight", ("model.norm.weight",)),
+    ]
     for index in range(config.n_layer):
         ours, theirs = f"blocks.{index}.", f"model.layers.{index}."
         kinds = ("weight", "bias") if config.bias else ("weight",)
         for kind in kinds:
             entries += [
-                TensorEntry(f"{ours}attention.qkv.{kind}", tuple(f"{theirs}self_attn.{name}_proj.{kind}" for name in "qkv"),
-                            (head, kv, kv)),
+                TensorEntry(
+                    f"{ours}attention.qkv.{kind}",
+                    tuple(f"{theirs}self_attn.{name}_proj.{kind}" for name in "qkv"),
+                    (head, kv, kv),
+                ),
                 TensorEntry(f"{ours}attention.out.{kind}", (f"{theirs}self_attn.o_proj.{kind}",)),
                 # FeedForward.forward chunks its fused projection as (gate, up).
-                TensorEntry(f"{ours}feed_forward.up.{kind}", (f"{theirs}mlp.gate_proj.{kind}", f"{theirs}mlp.up_proj.{kind}"),
-                            (config.ffn_hidden, config.ffn_hidden)),
+                TensorEntry(
+                    f"{ours}feed_forward.up.{kind}",
+                    (f"{theirs}mlp.gate_proj.{kind}", f"{theirs}mlp.up_proj.{kind}"),
+                    (config.ffn_hidden, config.ffn_hidden),
+                ),
                 TensorEntry(f"{ours}feed_forward.down.{kind}", (f"{theirs}mlp.down_proj.{kind}",)),
             ]
-        entries += [TensorEntry(f"{ours}attention_norm.weight", (f"{theirs}input_layernorm.weight",)),
-                    TensorEntry(f"{ours}feed_forward_norm.weight", (f"{theirs}post_attention_layernorm.weight",))]
+        entries += [
+            TensorEntry(f"{ours}attention_norm.weight", (f"{theirs}input_layernorm.weight",)),
+            TensorEntry(f"{ours}feed_forward_norm.weight", (f"{theirs}post_attention_layernorm.weight",)),
+        ]
         if config.qk_norm:
-            entries += [TensorEntry(f"{ours}attention.{name}_norm.weight", (f"{theirs}self_attn.{name}_norm.weight",))
-                        for name in "qk"]
+            entries += [
+                TensorEntry(f"{ours}attention.{name}_norm.weight", (f"{theirs}self_attn.{name}_norm.weight",))
+                for name in "qk"
+            ]
     if not config.tie_embeddings:
         entries.append(TensorEntry("lm_head.weight", ("lm_head.weight",)))
     return entries
 
 
 def _gpt2_table(config: ModelConfig) -> list[TensorEntry]:
-    entries = [TensorEntry("token_embedding.weight", ("transformer.wte.weight",)),
-               TensorEntry("position_embedding.weight", ("transformer.wpe.weight",)),
-               TensorEntry("final_norm.weight", ("transformer.ln_f.weight",)),
-               TensorEntry("final_norm.bias", ("transformer.ln_f.bias",))]
-    pairs = {"attention_norm": "ln_1", "attention.qkv": "attn.c_attn", "attention.out": "attn.c_proj",
-             "feed_forward_norm": "ln_2", "feed_forward.up": "mlp.c_fc", "feed_forward.down": "mlp.c_proj"}
+    entries = [
+        TensorEntry("token_embedding.weight", ("transformer.wte.weight",)),
+        TensorEntry("position_embedding.weight", ("transformer.wpe.weight",)),
+        TensorEntry("final_norm.weight", ("transformer.ln_f.weight",)),
+        TensorEntry("final_norm.bias", ("transformer.ln_f.bias",)),
+    ]
+    pairs = {
+        "attention_norm": "ln_1",
+        "attention.qkv": "attn.c_attn",
+        "attention.out": "attn.c_proj",
+        "feed_forward_norm": "ln_2",
+        "feed_forward.up": "mlp.c_fc",
+        "feed_forward.down": "mlp.c_proj",
+    }
     for index in range(config.n_layer):
         for ours, theirs in pairs.items():
             ours, theirs = f"blocks.{index}.{ours}", f"transformer.h.{index}.{theirs}"
-            entries += [TensorEntry(f"{ours}.weight", (f"{theirs}.weight",), transpose="norm" not in ours),
-                        TensorEntry(f"{ours}.bias", (f"{theirs}.bias",))]
+            entries += [
+                TensorEntry(f"{ours}.weight", (f"{theirs}.weight",), transpose="norm" not in ours),
+                TensorEntry(f"{ours}.bias", (f"{theirs}.bias",)),
+            ]
     if not config.tie_embeddings:
         entries.append(TensorEntry("lm_head.weight", ("lm_head.weight",)))
     return entries

@@ -43,10 +43,15 @@ def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
 
 def hf_tokenizer_config(tokenizer: Tokenizer, context_length: int) -> dict:
     """``tokenizer_config.json`` for ``AutoTokenizer``: llmkit's own keys kept, the Hugging Face ones set."""
-    return {**tokenizer.config, **special_tokens(tokenizer), "tokenizer_class": "PreTrainedTokenizerFast",
-            # transformers would otherwise "clean up" spaces before punctuation and break round trips.
-            "clean_up_tokenization_spaces": False, "model_max_length": context_length,
-            "chat_template": chat_template(tokenizer)}
+    return {
+        **tokenizer.config,
+        **special_tokens(tokenizer),
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        # transformers would otherwise "clean up" spaces before punctuation and break round trips.
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": context_length,
+        "chat_template": chat_template(tokenizer),
+    }
 
 
 def generation_token_ids(tokenizer: Tokenizer) -> dict:
@@ -65,8 +70,10 @@ def _load_backend(directory: Path) -> tuple[tokenizers.Tokenizer, bytes]:
     """The source's fast tokenizer and its file's bytes."""
     path = directory / TOKENIZER_FILE
     if not path.is_file():
-        raise InputError(f"{path}: file not found (llmkit imports fast tokenizers; transformers writes one with "
-                         "AutoTokenizer.from_pretrained(directory).save_pretrained(directory))")
+        raise InputError(
+            f"{path}: file not found (llmkit imports fast tokenizers; transformers writes one with "
+            "AutoTokenizer.from_pretrained(directory).save_pretrained(directory))"
+        )
     data = path.read_bytes()
     try:
         return tokenizers.Tokenizer.from_str(data.decode("utf-8")), data
@@ -88,8 +95,14 @@ def import_tokenizer(directory: Path) -> tuple[Tokenizer, list[str], int]:
     return imported_tokenizer(backend, original, {**source_config, "chat_template": template}, str(directory), ends)
 
 
-def imported_tokenizer(backend: tokenizers.Tokenizer, original: bytes, source_config: dict, source: str,
-                       end_of_turn_ids: list[int], extra: dict | None = None) -> tuple[Tokenizer, list[str], int]:
+def imported_tokenizer(
+    backend: tokenizers.Tokenizer,
+    original: bytes,
+    source_config: dict,
+    source: str,
+    end_of_turn_ids: list[int],
+    extra: dict | None = None,
+) -> tuple[Tokenizer, list[str], int]:
     """A :class:`Tokenizer` from a foreign ``backend`` (whose file is ``original``) and the source's
     tokenizer config (bos/eos/pad/unk tokens, chat template, ``kind``, ``clean_up_tokenization_spaces``).
     With a chat template the vocabulary stays the source's and ``end_of_turn_ids`` (besides eos) end
@@ -107,10 +120,15 @@ def imported_tokenizer(backend: tokenizers.Tokenizer, original: bytes, source_co
         "tokenizer_class": "PreTrainedTokenizerFast",
         "kind": source_config.get("kind") or type(backend.model).__name__.lower(),  # "bpe", "unigram", ...
         "vocab_size": backend.get_vocab_size(with_added_tokens=True),
-        "special_token_ids": {token: backend.token_to_id(token) for token in SPECIAL_TOKENS if backend.token_to_id(token) is not None},
+        "special_token_ids": {
+            token: backend.token_to_id(token) for token in SPECIAL_TOKENS if backend.token_to_id(token) is not None
+        },
         # The source's own bos/eos/... stay what its chat template and users expect.
-        **({role: token for role, token in roles.items() if token} if own_format else
-           {role: token or LLMKIT_DEFAULTS[role] for role, token in roles.items()}),
+        **(
+            {role: token for role, token in roles.items() if token}
+            if own_format
+            else {role: token or LLMKIT_DEFAULTS[role] for role, token in roles.items()}
+        ),
         "clean_up_tokenization_spaces": source_config.get("clean_up_tokenization_spaces", False),
         # A model without a chat format of its own speaks llmkit's, through the tokens added above.
         "chat_template": source_config.get("chat_template") or CHAT_TEMPLATE,
@@ -123,8 +141,9 @@ def imported_tokenizer(backend: tokenizers.Tokenizer, original: bytes, source_co
     return Tokenizer(tokenizer_json, config), missing, source_size
 
 
-def grow_embeddings(state: dict[str, torch.Tensor], config: ModelConfig, tokenizer: Tokenizer, added: list[str],
-                    source_size: int) -> ModelConfig:
+def grow_embeddings(
+    state: dict[str, torch.Tensor], config: ModelConfig, tokenizer: Tokenizer, added: list[str], source_size: int
+) -> ModelConfig:
     """Make room for the tokenizer's ids and set the rows of the ``added`` tokens to the mean of the
     source tokens' rows (in place in ``state``); return the config with the new vocabulary size."""
     vocab_size = max(config.vocab_size, tokenizer.vocab_size)

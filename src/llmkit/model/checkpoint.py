@@ -38,7 +38,9 @@ def read_latest(run_directory: Path) -> Path:
     except UnicodeDecodeError:
         raise InputError(f"{pointer}: not valid UTF-8") from None
     if not LATEST_PATTERN.fullmatch(name):
-        raise InputError(f"{pointer}: must name a folder of checkpoints/ like checkpoints/step_00000100, not {name[:80]!r}")
+        raise InputError(
+            f"{pointer}: must name a folder of checkpoints/ like checkpoints/step_00000100, not {name[:80]!r}"
+        )
     return run_directory / name
 
 
@@ -64,7 +66,9 @@ def write_model(directory: Path, state_dict: dict[str, torch.Tensor], config: Mo
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # stored once, as the embedding (safetensors forbids aliases)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    atomic_write_json(directory / "config.json", {"model": dataclasses.asdict(config), "llmkit_version": __version__, **metadata})
+    atomic_write_json(
+        directory / "config.json", {"model": dataclasses.asdict(config), "llmkit_version": __version__, **metadata}
+    )
 
 
 def read_config(checkpoint: Path) -> dict:
@@ -91,8 +95,12 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a readable safetensors file ({error})") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               model_class: type[Transformer] = Transformer) -> tuple[Transformer, dict]:
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    model_class: type[Transformer] = Transformer,
+) -> tuple[Transformer, dict]:
     """The model of a checkpoint (a run directory or a checkpoint folder) and its ``config.json``;
     ``model_class`` builds it: a subclass that adds heads to the Transformer, such as the reward model."""
     checkpoint = resolve_checkpoint(path)
@@ -106,8 +114,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise MismatchError(f"{checkpoint / 'model.safetensors'}: weights do not match config.json "
-                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise MismatchError(
+            f"{checkpoint / 'model.safetensors'}: weights do not match config.json "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
     model.load_state_dict(state, assign=True)
     if model_config.tie_embeddings:
         model.lm_head.weight = model.token_embedding.weight

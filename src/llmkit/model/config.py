@@ -22,23 +22,41 @@ class ModelConfig:
     context_length: int = field(default=256, metadata={"help": "maximum sequence length"})
     n_layer: int = field(default=4, metadata={"help": "number of Transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "attention (query) heads"})
-    n_kv_head: int | None = field(default=None, metadata={"help": "key/value heads: n_head = MHA, 1 = MQA, between = GQA (default n_head)"})
+    n_kv_head: int | None = field(
+        default=None, metadata={"help": "key/value heads: n_head = MHA, 1 = MQA, between = GQA (default n_head)"}
+    )
     n_embd: int = field(default=256, metadata={"help": "model width"})
-    ffn_hidden: int | None = field(default=None, metadata={"help": "feed-forward width (default 4*n_embd; 2/3 of that for SwiGLU)"})
-    ffn_multiple_of: int = field(default=1, metadata={"help": "round the default feed-forward width up to a multiple of this (LLaMA: 256)"})
+    ffn_hidden: int | None = field(
+        default=None, metadata={"help": "feed-forward width (default 4*n_embd; 2/3 of that for SwiGLU)"}
+    )
+    ffn_multiple_of: int = field(
+        default=1, metadata={"help": "round the default feed-forward width up to a multiple of this (LLaMA: 256)"}
+    )
     norm: Norm = field(default="layernorm", metadata={"help": "normalisation layer"})
-    norm_placement: NormPlacement = field(default="pre", metadata={"help": "pre-LN (GPT-2), post-LN (GPT-1), sandwich-LN (CogView) or DeepNorm (DeepNet)"})
-    embedding_norm: bool = field(default=False, metadata={"help": "normalise the embeddings before the first block (BLOOM)"})
+    norm_placement: NormPlacement = field(
+        default="pre", metadata={"help": "pre-LN (GPT-2), post-LN (GPT-1), sandwich-LN (CogView) or DeepNorm (DeepNet)"}
+    )
+    embedding_norm: bool = field(
+        default=False, metadata={"help": "normalise the embeddings before the first block (BLOOM)"}
+    )
     norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the normalisation layers"})
     position: Position = field(default="learned", metadata={"help": "position encoding"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
     activation: Activation = field(default="gelu", metadata={"help": "feed-forward activation"})
     qk_norm: bool = field(default=False, metadata={"help": "RMS-normalise queries and keys per head before attention"})
-    logit_softcap: float | None = field(default=None, metadata={"help": "squash output logits to (-cap, cap) with cap*tanh(x/cap) (Gemma 2)"})
-    zero_init_projections: bool = field(default=False, metadata={"help": "initialise the projections into the residual stream at zero"})
-    moe_experts: int = field(default=0, metadata={"help": "Mixture-of-Experts feed-forward with this many experts (0 = dense)"})
+    logit_softcap: float | None = field(
+        default=None, metadata={"help": "squash output logits to (-cap, cap) with cap*tanh(x/cap) (Gemma 2)"}
+    )
+    zero_init_projections: bool = field(
+        default=False, metadata={"help": "initialise the projections into the residual stream at zero"}
+    )
+    moe_experts: int = field(
+        default=0, metadata={"help": "Mixture-of-Experts feed-forward with this many experts (0 = dense)"}
+    )
     moe_top_k: int = field(default=2, metadata={"help": "experts each token is routed to"})
-    moe_capacity_factor: float = field(default=1.25, metadata={"help": "expert capacity = factor * tokens * top_k / experts; overflow is dropped"})
+    moe_capacity_factor: float = field(
+        default=1.25, metadata={"help": "expert capacity = factor * tokens * top_k / experts; overflow is dropped"}
+    )
     moe_aux_loss_weight: float = field(default=0.01, metadata={"help": "weight of the load-balancing auxiliary loss"})
     bias: bool = field(default=True, metadata={"help": "biases in linear and norm layers"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share the input embedding and the output head"})
@@ -51,7 +69,12 @@ class ModelConfig:
         check(self.n_embd % self.n_head == 0, "n_embd", self.n_embd, f"must be divisible by n_head={self.n_head}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        check(self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head, f"must divide n_head={self.n_head}")
+        check(
+            self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
+            "n_kv_head",
+            self.n_kv_head,
+            f"must divide n_head={self.n_head}",
+        )
         if self.position == "rope":
             check(self.head_dim % 2 == 0, "n_embd", self.n_embd, "RoPE needs an even head size (n_embd / n_head)")
         if self.position == "sinusoidal":
@@ -67,10 +90,20 @@ class ModelConfig:
         check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be positive")
         check(self.init_std > 0, "init_std", self.init_std, "must be positive")
         check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
-        check(self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap", self.logit_softcap, "must be positive")
+        check(
+            self.logit_softcap is None or self.logit_softcap > 0,
+            "logit_softcap",
+            self.logit_softcap,
+            "must be positive",
+        )
         check(self.moe_experts >= 0, "moe_experts", self.moe_experts, "must be 0 (dense) or more")
         if self.moe_experts:
-            check(1 <= self.moe_top_k <= self.moe_experts, "moe_top_k", self.moe_top_k, f"must be in 1..moe_experts={self.moe_experts}")
+            check(
+                1 <= self.moe_top_k <= self.moe_experts,
+                "moe_top_k",
+                self.moe_top_k,
+                f"must be in 1..moe_experts={self.moe_experts}",
+            )
             check(self.moe_capacity_factor > 0, "moe_capacity_factor", self.moe_capacity_factor, "must be positive")
             check(self.moe_aux_loss_weight >= 0, "moe_aux_loss_weight", self.moe_aux_loss_weight, "must be >= 0")
 
@@ -89,14 +122,36 @@ class ModelConfig:
 
 
 def _gpt(n_layer: int, n_embd: int, n_head: int, vocab_size: int, context_length: int, **extra) -> dict:
-    return dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size, context_length=context_length,
-                norm="layernorm", position="learned", activation="gelu_tanh", bias=True, tie_embeddings=True, **extra)
+    return dict(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab_size,
+        context_length=context_length,
+        norm="layernorm",
+        position="learned",
+        activation="gelu_tanh",
+        bias=True,
+        tie_embeddings=True,
+        **extra,
+    )
 
 
 def _llama(n_layer: int, n_embd: int, n_head: int) -> dict:
-    return dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=32000, context_length=2048,
-                norm="rmsnorm", norm_eps=1e-6, position="rope", activation="swiglu", ffn_multiple_of=256,
-                bias=False, tie_embeddings=False)
+    return dict(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=32000,
+        context_length=2048,
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        position="rope",
+        activation="swiglu",
+        ffn_multiple_of=256,
+        bias=False,
+        tie_embeddings=False,
+    )
 
 
 # Shapes from the papers: GPT-1 (Radford et al. 2018), GPT-2 (2019), GPT-3 Table 2.1 (Brown et al. 2020),
@@ -123,15 +178,50 @@ PRESETS: dict[str, dict] = {
     # nanoGPT's CPU "baby GPT" for Tiny Shakespeare (character level); nanoGPT's MLP uses exact GELU.
     "baby-gpt": {**_gpt(4, 128, 4, vocab_size=65, context_length=64), "activation": "gelu"},
     # Small modern (LLaMA-style) models that train in minutes on a laptop CPU.
-    "cpu-tiny": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=8192, context_length=128,
-                     norm="rmsnorm", position="rope", activation="swiglu", ffn_multiple_of=64, bias=False, tie_embeddings=True),
-    "cpu-small": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, vocab_size=8192, context_length=256,
-                      norm="rmsnorm", position="rope", activation="swiglu", ffn_multiple_of=64, bias=False, tie_embeddings=True),
+    "cpu-tiny": dict(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_kv_head=2,
+        vocab_size=8192,
+        context_length=128,
+        norm="rmsnorm",
+        position="rope",
+        activation="swiglu",
+        ffn_multiple_of=64,
+        bias=False,
+        tie_embeddings=True,
+    ),
+    "cpu-small": dict(
+        n_layer=4,
+        n_embd=256,
+        n_head=4,
+        n_kv_head=4,
+        vocab_size=8192,
+        context_length=256,
+        norm="rmsnorm",
+        position="rope",
+        activation="swiglu",
+        ffn_multiple_of=64,
+        bias=False,
+        tie_embeddings=True,
+    ),
     # The fast recipe's architecture, from the ablations (docs/ablations.md): RoPE, RMSNorm, SwiGLU, no
     # biases, at cpu-small's size. The speed comes from training it with Muon (docs/train.md).
-    "cpu-fast": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, vocab_size=8192, context_length=256,
-                     norm="rmsnorm", position="rope", activation="swiglu", ffn_multiple_of=64, bias=False,
-                     tie_embeddings=False),
+    "cpu-fast": dict(
+        n_layer=4,
+        n_embd=256,
+        n_head=4,
+        n_kv_head=4,
+        vocab_size=8192,
+        context_length=256,
+        norm="rmsnorm",
+        position="rope",
+        activation="swiglu",
+        ffn_multiple_of=64,
+        bias=False,
+        tie_embeddings=False,
+    ),
 }
 
 

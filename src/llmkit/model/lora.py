@@ -48,8 +48,10 @@ class LoRAConfig:
     rank: int = field(default=0, metadata={"help": "LoRA rank r of the adapters; 0 = no adapters (full fine-tuning)"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha: the adapter update is scaled by alpha / rank"})
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout on the adapters' input"})
-    targets: list[str] = field(default_factory=lambda: ["qkv", "out", "up", "down"],
-                               metadata={"help": f"modules given adapters, among {', '.join(TARGETS)}"})
+    targets: list[str] = field(
+        default_factory=lambda: ["qkv", "out", "up", "down"],
+        metadata={"help": f"modules given adapters, among {', '.join(TARGETS)}"},
+    )
 
     def __post_init__(self) -> None:
         check(self.rank >= 0, "rank", self.rank, "must be >= 0 (0 = no adapters)")
@@ -107,12 +109,24 @@ def apply_lora(model: Transformer, config: LoRAConfig) -> Transformer:
     check(config.enabled, "rank", config.rank, "must be positive to apply LoRA adapters")
     if lora_layers(model):
         raise ConfigError("rank", config.rank, "the model already has LoRA adapters; merge them first")
-    check(not ("lm_head" in config.targets and model.config.tie_embeddings), "targets", config.targets,
-          "lm_head shares its matrix with the token embedding (tie_embeddings): merging its adapter would change the embedding too")
-    targets = {name: module for name, module in model.named_modules()
-               if type(module) is nn.Linear and name.rpartition(".")[2] in config.targets}
+    check(
+        not ("lm_head" in config.targets and model.config.tie_embeddings),
+        "targets",
+        config.targets,
+        "lm_head shares its matrix with the token embedding (tie_embeddings): merging its adapter would change the embedding too",
+    )
+    targets = {
+        name: module
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and name.rpartition(".")[2] in config.targets
+    }
     found = {name.rpartition(".")[2] for name in targets}
-    check(found == set(config.targets), "targets", config.targets, f"the model has no linear layer named {sorted(set(config.targets) - found)}")
+    check(
+        found == set(config.targets),
+        "targets",
+        config.targets,
+        f"the model has no linear layer named {sorted(set(config.targets) - found)}",
+    )
     model.requires_grad_(False)
     for name, linear in targets.items():
         _replace(model, name, LoRALinear(linear, config.rank, config.alpha, config.dropout))
@@ -142,8 +156,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{name}.{part}": getattr(layer, part).detach().to("cpu").contiguous()
-            for name, layer in lora_layers(model).items() for part in ("lora_A", "lora_B")}
+    return {
+        f"{name}.{part}": getattr(layer, part).detach().to("cpu").contiguous()
+        for name, layer in lora_layers(model).items()
+        for part in ("lora_A", "lora_B")
+    }
 
 
 def save_adapters(model: nn.Module, directory: str | Path, base_checkpoint: str | Path | None = None) -> Path:
@@ -155,7 +172,10 @@ def save_adapters(model: nn.Module, directory: str | Path, base_checkpoint: str 
         raise ConfigError("rank", 0, "the model has no LoRA adapters to save")
     base = {"model": dataclasses.asdict(model.config)}
     if base_checkpoint is not None:
-        base.update(checkpoint=str(Path(base_checkpoint).resolve()), sha256=sha256_file(Path(base_checkpoint) / "model.safetensors"))
+        base.update(
+            checkpoint=str(Path(base_checkpoint).resolve()),
+            sha256=sha256_file(Path(base_checkpoint) / "model.safetensors"),
+        )
     directory = Path(directory)
     with atomic_directory(directory) as building:
         save_file(adapter_state(model), str(building / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -173,21 +193,27 @@ def load_adapters(model: nn.Module, directory: str | Path, base_checkpoint: str 
         raise InputError(f"{directory / ADAPTER_CONFIG}: expected 'lora' and 'base' sections")
     for name, value in saved["base"]["model"].items():
         if getattr(model.config, name, None) != value:
-            raise MismatchError(f"{directory / ADAPTER_CONFIG}: the adapters were trained on a model with {name}={value!r}, "
-                                f"this model has {getattr(model.config, name, None)!r}")
+            raise MismatchError(
+                f"{directory / ADAPTER_CONFIG}: the adapters were trained on a model with {name}={value!r}, "
+                f"this model has {getattr(model.config, name, None)!r}"
+            )
     recorded = saved["base"].get("sha256")
     if base_checkpoint is not None and recorded is not None:
         actual = sha256_file(Path(base_checkpoint) / "model.safetensors")
         if actual != recorded:
-            raise MismatchError(f"{directory / ADAPTER_CONFIG}: the adapters were trained on base weights with sha256 "
-                                f"{recorded[:12]}, {Path(base_checkpoint)} has {actual[:12]}")
+            raise MismatchError(
+                f"{directory / ADAPTER_CONFIG}: the adapters were trained on base weights with sha256 "
+                f"{recorded[:12]}, {Path(base_checkpoint)} has {actual[:12]}"
+            )
     apply_lora(model, LoRAConfig(**saved["lora"]))
     tensors = load_file(str(directory / ADAPTER_WEIGHTS))
     expected = adapter_state(model)
     if set(tensors) != set(expected):
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise MismatchError(f"{directory / ADAPTER_WEIGHTS}: adapters do not match {ADAPTER_CONFIG} "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise MismatchError(
+            f"{directory / ADAPTER_WEIGHTS}: adapters do not match {ADAPTER_CONFIG} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     layers = lora_layers(model)
     with torch.no_grad():
         for key, tensor in tensors.items():

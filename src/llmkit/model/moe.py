@@ -27,7 +27,9 @@ from torch import nn
 
 
 class MixtureOfExperts(nn.Module):
-    def __init__(self, n_embd: int, n_experts: int, top_k: int, capacity_factor: float, make_expert: Callable[[], nn.Module]):
+    def __init__(
+        self, n_embd: int, n_experts: int, top_k: int, capacity_factor: float, make_expert: Callable[[], nn.Module]
+    ):
         super().__init__()
         self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
         self.router = nn.Linear(n_embd, n_experts, bias=False)
@@ -64,5 +66,7 @@ class MixtureOfExperts(nn.Module):
 
         routed_fraction = one_hot.float().mean(dim=0)  # f_i over all choices
         self.aux_loss = self.n_experts * (routed_fraction * probabilities.mean(dim=0)).sum()
-        self.utilisation = torch.bincount(experts[kept], minlength=self.n_experts).float().detach() / max(len(experts), 1)
+        self.utilisation = torch.bincount(experts[kept], minlength=self.n_experts).float().detach() / max(
+            len(experts), 1
+        )
         return output.view_as(x)

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from llmkit.config import check
-from llmkit.model.config import PRESETS, ModelConfig, preset as load_preset
+from llmkit.model.config import PRESETS, ModelConfig
+from llmkit.model.config import preset as load_preset
 from llmkit.model.transformer import Transformer
 
 GIB = 2**30
@@ -51,8 +52,14 @@ DEVICES: dict[str, dict] = {
 # ZeRO (Rajbhandari et al. 2020) counts 2 + 2 + 12 = 16 bytes: 16-bit weights and gradients, fp32 master
 # weights, Adam m and v. Accumulating gradients in fp32 across micro-batches (Megatron-LM, DeepSpeed's
 # bf16 optimizer) adds a 4-byte buffer: 20 bytes, the figure used here.
-TRAINING_BYTES_BREAKDOWN = {"16-bit weights": 2, "16-bit gradients": 2, "fp32 gradient accumulator": 4,
-                            "fp32 master weights": 4, "fp32 Adam m": 4, "fp32 Adam v": 4}
+TRAINING_BYTES_BREAKDOWN = {
+    "16-bit weights": 2,
+    "16-bit gradients": 2,
+    "fp32 gradient accumulator": 4,
+    "fp32 master weights": 4,
+    "fp32 Adam m": 4,
+    "fp32 Adam v": 4,
+}
 TRAINING_BYTES_PER_PARAM = sum(TRAINING_BYTES_BREAKDOWN.values())  # 20
 KV_BYTES = 2  # one 16-bit key or value element
 SECONDS_PER_DAY = 86400
@@ -65,10 +72,18 @@ class EstimateConfig:
     gpus: int = field(default=1, metadata={"help": "number of devices"})
     gpu: str = field(default="a100-40gb", metadata={"help": f"device kind: {', '.join(DEVICES)}"})
     mfu: float = field(default=0.4, metadata={"help": "model FLOPs utilisation, 0 < mfu <= 1"})
-    batch_size: int = field(default=1, metadata={"help": "sequences per device for activations; sequences in the KV cache"})
-    sequence_length: int | None = field(default=None, metadata={"help": "sequence length for activations and KV cache (default the preset's context)"})
-    activation_checkpointing: bool = field(default=False, metadata={"help": "full recomputation: keep only each block's input"})
-    inference_bytes_per_param: float = field(default=2.0, metadata={"help": "bytes per weight at inference (2 = 16-bit, 1 = int8, 0.5 = int4)"})
+    batch_size: int = field(
+        default=1, metadata={"help": "sequences per device for activations; sequences in the KV cache"}
+    )
+    sequence_length: int | None = field(
+        default=None, metadata={"help": "sequence length for activations and KV cache (default the preset's context)"}
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "full recomputation: keep only each block's input"}
+    )
+    inference_bytes_per_param: float = field(
+        default=2.0, metadata={"help": "bytes per weight at inference (2 = 16-bit, 1 = int8, 0.5 = int4)"}
+    )
 
     def __post_init__(self) -> None:
         check(self.preset in PRESETS, "preset", self.preset, f"unknown preset; choose one of {', '.join(PRESETS)}")
@@ -77,15 +92,31 @@ class EstimateConfig:
         check(self.gpus >= 1, "gpus", self.gpus, "must be at least 1")
         check(0 < self.mfu <= 1, "mfu", self.mfu, "must be in (0, 1]")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
-        check(self.sequence_length is None or self.sequence_length >= 1, "sequence_length", self.sequence_length, "must be at least 1")
-        check(self.inference_bytes_per_param > 0, "inference_bytes_per_param", self.inference_bytes_per_param, "must be positive")
+        check(
+            self.sequence_length is None or self.sequence_length >= 1,
+            "sequence_length",
+            self.sequence_length,
+            "must be at least 1",
+        )
+        check(
+            self.inference_bytes_per_param > 0,
+            "inference_bytes_per_param",
+            self.inference_bytes_per_param,
+            "must be positive",
+        )
 
 
 def is_gpt_layout(model: ModelConfig) -> bool:
     """True when the closed form l(12h²+13h)+Vh is exact up to position embeddings and the final norm:
     LayerNorm with biases, a 4h non-gated MLP, full multi-head attention, tied embeddings."""
-    return (model.norm == "layernorm" and model.bias and model.activation != "swiglu"
-            and model.ffn_hidden == 4 * model.n_embd and model.n_kv_head == model.n_head and model.tie_embeddings)
+    return (
+        model.norm == "layernorm"
+        and model.bias
+        and model.activation != "swiglu"
+        and model.ffn_hidden == 4 * model.n_embd
+        and model.n_kv_head == model.n_head
+        and model.tie_embeddings
+    )
 
 
 def closed_form_parameters(model: ModelConfig) -> int:
@@ -123,8 +154,12 @@ def estimate(config: EstimateConfig, model: ModelConfig | None = None) -> dict:
     """
     model = model if model is not None else load_preset(config.preset)
     sequence_length = config.sequence_length or model.context_length
-    check(sequence_length <= model.context_length, "sequence_length", sequence_length,
-          f"exceeds the model's context_length={model.context_length}")
+    check(
+        sequence_length <= model.context_length,
+        "sequence_length",
+        sequence_length,
+        f"exceeds the model's context_length={model.context_length}",
+    )
     device = DEVICES[config.gpu]
     device_memory = device["memory_gib"] * GIB
 
@@ -148,8 +183,12 @@ def estimate(config: EstimateConfig, model: ModelConfig | None = None) -> dict:
     # "34 days for GPT-3 on 1024 A100s" is this line; shown always so the classic figure can be read off.
     hardware_flops = 8.0 * total * config.tokens
     recompute_seconds = hardware_flops / cluster_flops
-    recompute_time = {"hardware_flops": hardware_flops, "seconds": recompute_seconds,
-                      "days": recompute_seconds / SECONDS_PER_DAY, "flops_formula": "8ND"}
+    recompute_time = {
+        "hardware_flops": hardware_flops,
+        "seconds": recompute_seconds,
+        "days": recompute_seconds / SECONDS_PER_DAY,
+        "flops_formula": "8ND",
+    }
 
     per_layer = activation_bytes_per_layer(model, sequence_length, config.batch_size, config.activation_checkpointing)
     activations = per_layer * model.n_layer
@@ -162,11 +201,21 @@ def estimate(config: EstimateConfig, model: ModelConfig | None = None) -> dict:
 
     return {
         "preset": config.preset,
-        "model": {"n_layer": model.n_layer, "n_embd": model.n_embd, "n_head": model.n_head,
-                  "n_kv_head": model.n_kv_head, "head_dim": model.head_dim, "ffn_hidden": model.ffn_hidden,
-                  "vocab_size": model.vocab_size, "context_length": model.context_length,
-                  "norm": model.norm, "position": model.position, "activation": model.activation,
-                  "tie_embeddings": model.tie_embeddings, "gpt_layout": gpt_layout},
+        "model": {
+            "n_layer": model.n_layer,
+            "n_embd": model.n_embd,
+            "n_head": model.n_head,
+            "n_kv_head": model.n_kv_head,
+            "head_dim": model.head_dim,
+            "ffn_hidden": model.ffn_hidden,
+            "vocab_size": model.vocab_size,
+            "context_length": model.context_length,
+            "norm": model.norm,
+            "position": model.position,
+            "activation": model.activation,
+            "tie_embeddings": model.tie_embeddings,
+            "gpt_layout": gpt_layout,
+        },
         "parameters": {
             "exact": total,
             "non_embedding": non_embedding,
@@ -175,8 +224,13 @@ def estimate(config: EstimateConfig, model: ModelConfig | None = None) -> dict:
             "position_embeddings": position,
             "final_norm": final_norm,
         },
-        "device": {"name": config.gpu, "count": config.gpus, "peak_flops": device["peak_flops"],
-                   "memory_bytes": device_memory, "note": device["note"]},
+        "device": {
+            "name": config.gpu,
+            "count": config.gpus,
+            "peak_flops": device["peak_flops"],
+            "memory_bytes": device_memory,
+            "note": device["note"],
+        },
         "compute": {
             "tokens": config.tokens,
             "training_flops": flops,
@@ -262,52 +316,106 @@ def format_estimate(result: dict) -> str:
     compute, train, infer = result["compute"], result["training_memory"], result["inference_memory"]
     kv_heads = f"{model['n_kv_head']} kv" if model["n_kv_head"] != model["n_head"] else "MHA"
     sections: list[tuple[str, list[tuple[str, str]]]] = []
-    sections.append((f"Model: {result['preset']}", [
-        ("shape", f"{model['n_layer']} layers x {model['n_embd']} wide, {model['n_head']} heads ({kv_heads}), "
-                  f"ffn {model['ffn_hidden']}, vocab {model['vocab_size']:,}, context {model['context_length']:,}"),
-        ("layout", f"{model['norm']}, {model['position']} positions, {model['activation']}, "
-                   f"{'tied' if model['tie_embeddings'] else 'untied'} embeddings"
-                   + ("" if model["gpt_layout"] else " (not GPT layout)")),
-    ]))
-    sections.append(("Parameters", [
-        ("exact (meta-device model)", f"{format_count(params['exact'])}  ({params['exact']:,})"),
-        ("non-embedding", f"{format_count(params['non_embedding'])}  ({params['non_embedding']:,})"),
-        ("closed form", f"{format_count(params['closed_form'])}  ({params['closed_form']:,})"),
-        ("", params["closed_form_label"]),
-    ]))
+    sections.append(
+        (
+            f"Model: {result['preset']}",
+            [
+                (
+                    "shape",
+                    f"{model['n_layer']} layers x {model['n_embd']} wide, {model['n_head']} heads ({kv_heads}), "
+                    f"ffn {model['ffn_hidden']}, vocab {model['vocab_size']:,}, context {model['context_length']:,}",
+                ),
+                (
+                    "layout",
+                    f"{model['norm']}, {model['position']} positions, {model['activation']}, "
+                    f"{'tied' if model['tie_embeddings'] else 'untied'} embeddings"
+                    + ("" if model["gpt_layout"] else " (not GPT layout)"),
+                ),
+            ],
+        )
+    )
+    sections.append(
+        (
+            "Parameters",
+            [
+                ("exact (meta-device model)", f"{format_count(params['exact'])}  ({params['exact']:,})"),
+                ("non-embedding", f"{format_count(params['non_embedding'])}  ({params['non_embedding']:,})"),
+                ("closed form", f"{format_count(params['closed_form'])}  ({params['closed_form']:,})"),
+                ("", params["closed_form_label"]),
+            ],
+        )
+    )
     time = compute["time"]
     rows = [
         ("training tokens D", f"{format_count(compute['tokens'])}  ({compute['tokens']:.3g})"),
         ("training FLOPs 6ND", f"{_flops(compute['training_flops'])} FLOPs"),
-        ("device", f"{device['count']:,} x {device['name']} ({device['note']}), "
-                   f"{format_rate(device['peak_flops'])} peak"),
-        ("utilisation (MFU)", f"{compute['mfu'] * 100:.1f} %  -> {format_rate(compute['cluster_flops_per_second'])} sustained"),
+        (
+            "device",
+            f"{device['count']:,} x {device['name']} ({device['note']}), {format_rate(device['peak_flops'])} peak",
+        ),
+        (
+            "utilisation (MFU)",
+            f"{compute['mfu'] * 100:.1f} %  -> {format_rate(compute['cluster_flops_per_second'])} sustained",
+        ),
         ("wall time", f"{format_duration(time['seconds'])}  ({time['seconds']:,.0f} s)"),
     ]
     recompute = compute["time_with_recompute"]
     if recompute:
-        rows.append(("with recompute 8ND", f"{format_duration(recompute['seconds'])}  "
-                                          f"(if the utilisation counts recomputed FLOPs, {_flops(recompute['hardware_flops'])} FLOPs)"))
+        rows.append(
+            (
+                "with recompute 8ND",
+                f"{format_duration(recompute['seconds'])}  "
+                f"(if the utilisation counts recomputed FLOPs, {_flops(recompute['hardware_flops'])} FLOPs)",
+            )
+        )
     rows.append(("inference FLOPs/token 2N", f"{_flops(compute['inference_flops_per_token'])} FLOPs"))
     sections.append(("Compute", rows))
     breakdown = "+".join(str(v) for v in train["bytes_per_param_breakdown"].values())
     fits = {True: "fits", False: "does not fit"}
     per_device = format_bytes(device["memory_bytes"])
-    sections.append(("Training memory", [
-        ("weights+grads+AdamW", f"{format_bytes(train['states_bytes'])}  ({train['bytes_per_param']} bytes/param = {breakdown})"),
-        ("", "16-bit weights, grads; fp32 grad accumulator, master weights, Adam m, v"),
-        ("activations", f"{format_bytes(train['activation_bytes'])}  (batch {train['batch_size']} x {train['sequence_length']:,} tokens per device, "
-                        + ("full recomputation)" if train["activation_checkpointing"] else "no recomputation)")),
-        ("per device, replicated", f"{format_bytes(train['per_gpu_replicated_bytes'])}  ({fits[train['fits_replicated']]} in {per_device})"),
-        ("per device, ZeRO-3", f"{format_bytes(train['per_gpu_zero3_bytes'])}  ({fits[train['fits_zero3']]} in {per_device}; "
-                               f"states / {device['count']:,} + activations)"),
-    ]))
-    sections.append(("Inference memory", [
-        ("weights", f"{format_bytes(infer['weights_bytes'])}  ({infer['bytes_per_param']:g} bytes/param)"),
-        ("KV cache", f"{format_bytes(infer['kv_cache_bytes'])}  (batch {infer['batch_size']} x {infer['sequence_length']:,} tokens, "
-                     f"{format_bytes(infer['kv_cache_per_token_bytes'])}/token)"),
-        ("total", f"{format_bytes(infer['total_bytes'])}  ({infer['devices_needed']} x {device['name']} by memory)"),
-    ]))
+    sections.append(
+        (
+            "Training memory",
+            [
+                (
+                    "weights+grads+AdamW",
+                    f"{format_bytes(train['states_bytes'])}  ({train['bytes_per_param']} bytes/param = {breakdown})",
+                ),
+                ("", "16-bit weights, grads; fp32 grad accumulator, master weights, Adam m, v"),
+                (
+                    "activations",
+                    f"{format_bytes(train['activation_bytes'])}  (batch {train['batch_size']} x {train['sequence_length']:,} tokens per device, "
+                    + ("full recomputation)" if train["activation_checkpointing"] else "no recomputation)"),
+                ),
+                (
+                    "per device, replicated",
+                    f"{format_bytes(train['per_gpu_replicated_bytes'])}  ({fits[train['fits_replicated']]} in {per_device})",
+                ),
+                (
+                    "per device, ZeRO-3",
+                    f"{format_bytes(train['per_gpu_zero3_bytes'])}  ({fits[train['fits_zero3']]} in {per_device}; "
+                    f"states / {device['count']:,} + activations)",
+                ),
+            ],
+        )
+    )
+    sections.append(
+        (
+            "Inference memory",
+            [
+                ("weights", f"{format_bytes(infer['weights_bytes'])}  ({infer['bytes_per_param']:g} bytes/param)"),
+                (
+                    "KV cache",
+                    f"{format_bytes(infer['kv_cache_bytes'])}  (batch {infer['batch_size']} x {infer['sequence_length']:,} tokens, "
+                    f"{format_bytes(infer['kv_cache_per_token_bytes'])}/token)",
+                ),
+                (
+                    "total",
+                    f"{format_bytes(infer['total_bytes'])}  ({infer['devices_needed']} x {device['name']} by memory)",
+                ),
+            ],
+        )
+    )
     width = max(len(label) for _, rows in sections for label, _ in rows)
     lines: list[str] = []
     for title, rows in sections:

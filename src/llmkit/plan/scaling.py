@@ -40,9 +40,13 @@ from llmkit.errors import LlmkitError
 
 HUBER_DELTA = 1e-3
 # Hoffmann et al. appendix D.2: α, β ∈ {0, 0.5, …, 2}, e ∈ {-1, -0.5, …, 1}, a, b ∈ {0, 5, …, 25}.
-CHINCHILLA_GRID = {"alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
-                   "e": (-1.0, -0.5, 0.0, 0.5, 1.0), "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
-                   "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)}
+CHINCHILLA_GRID = {
+    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
+    "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+}
 # The paper's search is unbounded; we keep α, β >= 0 (loss cannot rise with parameters or data in this law).
 # On a sweep where it seems to (too few steps, too high a learning rate), an unbounded search runs off to
 # α -> -∞ with A -> 0 through every one of its iteration limits; bounded, it stops at α = 0 at once.
@@ -73,7 +77,9 @@ class ChinchillaLaw:
     def compute_optimal(self, compute) -> tuple:
         """(N_opt, D_opt) minimising the loss at ``6·N·D = compute``, from the closed form."""
         if self.alpha <= 0 or self.beta <= 0:
-            raise ValueError(f"no compute-optimal size: the fit has alpha={self.alpha:.3g}, beta={self.beta:.3g} (both must be > 0)")
+            raise ValueError(
+                f"no compute-optimal size: the fit has alpha={self.alpha:.3g}, beta={self.beta:.3g} (both must be > 0)"
+            )
         total = self.alpha + self.beta
         g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / total)
         n = g * np.power(np.asarray(compute) / 6, self.beta / total)
@@ -93,8 +99,14 @@ class ChinchillaFit:
     points: int
 
     def as_dict(self) -> dict:
-        return {**self.law.as_dict(), "huber_objective": self.objective, "huber_delta": HUBER_DELTA, "starts": self.starts,
-                "converged_starts": self.converged, "points": self.points}
+        return {
+            **self.law.as_dict(),
+            "huber_objective": self.objective,
+            "huber_delta": HUBER_DELTA,
+            "starts": self.starts,
+            "converged_starts": self.converged,
+            "points": self.points,
+        }
 
 
 def _huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray, delta: float):
@@ -109,8 +121,15 @@ def _huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, lo
     small = np.abs(residual) <= delta
     value = np.where(small, 0.5 * residual**2, delta * (np.abs(residual) - 0.5 * delta)).sum()
     slope = np.where(small, residual, delta * np.sign(residual))
-    gradient = np.array([(slope * weights[0]).sum(), (slope * weights[1]).sum(), (slope * weights[2]).sum(),
-                         -(slope * weights[0] * log_n).sum(), -(slope * weights[1] * log_d).sum()])
+    gradient = np.array(
+        [
+            (slope * weights[0]).sum(),
+            (slope * weights[1]).sum(),
+            (slope * weights[2]).sum(),
+            -(slope * weights[0] * log_n).sum(),
+            -(slope * weights[1] * log_d).sum(),
+        ]
+    )
     return value, gradient
 
 
@@ -133,9 +152,15 @@ def fit_chinchilla(n, d, loss, delta: float = HUBER_DELTA, grid: dict | None = N
         for alpha, beta, e, a, b in itertools.product(grid["alpha"], grid["beta"], grid["e"], grid["a"], grid["b"]):
             # The Huber values are ~δ·|r| per point, far below L-BFGS's default tolerances: tighten them, or
             # the search stops early (the pitfall Besiroglu et al. 2024 found in the original fit).
-            result = minimize(_huber_objective, np.array([a, b, e, alpha, beta]), args=(log_n, log_d, log_loss, delta),
-                              jac=True, method="L-BFGS-B", bounds=EXPONENT_BOUNDS,
-                              options={"maxiter": 1000, "ftol": 1e-14, "gtol": 1e-12})
+            result = minimize(
+                _huber_objective,
+                np.array([a, b, e, alpha, beta]),
+                args=(log_n, log_d, log_loss, delta),
+                jac=True,
+                method="L-BFGS-B",
+                bounds=EXPONENT_BOUNDS,
+                options={"maxiter": 1000, "ftol": 1e-14, "gtol": 1e-12},
+            )
             starts += 1
             converged += bool(result.success)
             if np.isfinite(result.fun) and result.fun < best_value:

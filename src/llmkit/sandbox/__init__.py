@@ -35,8 +35,15 @@ from llmkit.config import check
 from llmkit.sandbox.isolation import SandboxUnavailable, allow_unisolated, isolated
 from llmkit.sandbox.process import Limits, Sandbox, SandboxResult
 
-__all__ = ["CheckedResult", "SandboxResult", "SandboxUnavailable", "allow_unisolated", "isolated", "run_checked",
-           "run_python"]
+__all__ = [
+    "CheckedResult",
+    "SandboxResult",
+    "SandboxUnavailable",
+    "allow_unisolated",
+    "isolated",
+    "run_checked",
+    "run_python",
+]
 
 
 @dataclass
@@ -45,8 +52,9 @@ class CheckedResult:
     candidate: SandboxResult  # for diagnostics only: it can print anything
 
 
-def run_python(code: str, timeout_s: float = 5, memory_mb: int = 512, max_output_bytes: int = 65536,
-               stdin: str = "") -> SandboxResult:
+def run_python(
+    code: str, timeout_s: float = 5, memory_mb: int = 512, max_output_bytes: int = 65536, stdin: str = ""
+) -> SandboxResult:
     """Run ``code`` as a program in a fresh, isolated, limited interpreter and classify how it ended."""
     limits = _limits(timeout_s, memory_mb, max_output_bytes)
     with ExitStack() as stack:
@@ -55,8 +63,16 @@ def run_python(code: str, timeout_s: float = 5, memory_mb: int = 512, max_output
         return sandbox.finish(stdin, sandbox.started + timeout_s)
 
 
-def run_checked(candidate: str, checker: str, entry_point: str, module: str = "", call_timeout_s: float | None = None,
-                timeout_s: float = 5, memory_mb: int = 512, max_output_bytes: int = 65536) -> CheckedResult:
+def run_checked(
+    candidate: str,
+    checker: str,
+    entry_point: str,
+    module: str = "",
+    call_timeout_s: float | None = None,
+    timeout_s: float = 5,
+    memory_mb: int = 512,
+    max_output_bytes: int = 65536,
+) -> CheckedResult:
     """Run ``checker`` with ``__candidate__`` calling ``entry_point`` of ``candidate`` in another sandbox.
 
     ``candidate`` is defined at the top level of its own ``__main__`` or, with ``module``, in a copy of
@@ -69,10 +85,16 @@ def run_checked(candidate: str, checker: str, entry_point: str, module: str = ""
     with ExitStack() as stack:
         (calls_read, calls_write), (replies_read, replies_write) = os.pipe(), os.pipe()
         try:
-            served = Sandbox(candidate, limits, "serve", (module, calls_read, replies_write), (calls_read, replies_write))
-            checking = Sandbox(checker, limits, "check", (entry_point, calls_write, replies_read,
-                                                          "none" if call_timeout_s is None else call_timeout_s),
-                               (calls_write, replies_read))
+            served = Sandbox(
+                candidate, limits, "serve", (module, calls_read, replies_write), (calls_read, replies_write)
+            )
+            checking = Sandbox(
+                checker,
+                limits,
+                "check",
+                (entry_point, calls_write, replies_read, "none" if call_timeout_s is None else call_timeout_s),
+                (calls_write, replies_read),
+            )
             served.start(stack)
             checking.start(stack)
         finally:

@@ -103,7 +103,7 @@ def send(fd, message):
     payload = marshal.dumps(message)
     data = struct.pack("<I", len(payload)) + payload
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def receive(fd, seconds=None):
@@ -164,7 +164,12 @@ class Candidate:
     """Calls the entry point in the candidate's process; once it fails, every later call fails at once."""
 
     def __init__(self, entry_point, calls_fd, replies_fd, call_seconds):
-        self.entry_point, self.calls_fd, self.replies_fd, self.call_seconds = entry_point, calls_fd, replies_fd, call_seconds
+        self.entry_point, self.calls_fd, self.replies_fd, self.call_seconds = (
+            entry_point,
+            calls_fd,
+            replies_fd,
+            call_seconds,
+        )
         self.failure = None
         self.ready = False
 
@@ -214,7 +219,9 @@ def main():
         serve(source, module_name, int(calls_fd), int(replies_fd))
     else:
         entry_point, calls_fd, replies_fd, call_seconds = channel
-        check(source, entry_point, int(calls_fd), int(replies_fd), float(call_seconds) if call_seconds != "none" else None)
+        check(
+            source, entry_point, int(calls_fd), int(replies_fd), float(call_seconds) if call_seconds != "none" else None
+        )
 
 
 main()

@@ -44,8 +44,10 @@ def isolated() -> bool:
     if problem is None:
         return True
     if os.environ.get(ALLOW_UNISOLATED) != "1":
-        raise SandboxUnavailable(f"model-written code needs bubblewrap to run isolated ({problem}); install the "
-                                 f"Debian package 'bubblewrap', or pass --allow-unisolated-code to run it unisolated")
+        raise SandboxUnavailable(
+            f"model-written code needs bubblewrap to run isolated ({problem}); install the "
+            f"Debian package 'bubblewrap', or pass --allow-unisolated-code to run it unisolated"
+        )
     _warn_unisolated(problem)
     return False
 
@@ -56,16 +58,54 @@ def python() -> str:
 
 def bubblewrap_command(workdir_bytes: int) -> list[str]:
     """bwrap's arguments up to (not including) the program it runs."""
-    command = ["bwrap", "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-               "--unshare-cgroup-try", "--disable-userns", "--uid", NOBODY, "--gid", NOBODY, "--cap-drop", "ALL",
-               "--die-with-parent", "--new-session", "--hostname", "sandbox", "--clearenv",
-               "--setenv", "HOME", WORKDIR, "--setenv", "TMPDIR", WORKDIR, "--setenv", "PATH", os.path.dirname(python())]
+    command = [
+        "bwrap",
+        "--unshare-user",
+        "--unshare-ipc",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--disable-userns",
+        "--uid",
+        NOBODY,
+        "--gid",
+        NOBODY,
+        "--cap-drop",
+        "ALL",
+        "--die-with-parent",
+        "--new-session",
+        "--hostname",
+        "sandbox",
+        "--clearenv",
+        "--setenv",
+        "HOME",
+        WORKDIR,
+        "--setenv",
+        "TMPDIR",
+        WORKDIR,
+        "--setenv",
+        "PATH",
+        os.path.dirname(python()),
+    ]
     for source, target in _read_only_binds():
         command += ["--ro-bind", source, target]
     for link, target in _library_links():
         command += ["--symlink", target, link]
-    command += ["--dev", "/dev", "--remount-ro", "/dev", "--size", str(workdir_bytes), "--tmpfs", WORKDIR,
-                "--chdir", WORKDIR, "--remount-ro", "/"]
+    command += [
+        "--dev",
+        "/dev",
+        "--remount-ro",
+        "/dev",
+        "--size",
+        str(workdir_bytes),
+        "--tmpfs",
+        WORKDIR,
+        "--chdir",
+        WORKDIR,
+        "--remount-ro",
+        "/",
+    ]
     return command
 
 
@@ -91,8 +131,14 @@ def _bubblewrap_problem() -> str | None:
     """None when bwrap can start a sandbox here; else why not (missing, or user namespaces refused)."""
     if shutil.which("bwrap") is None:
         return "bwrap is not installed"
-    probe = subprocess.run(bubblewrap_command(1 << 20) + [python(), "-I", "-S", "-c", "pass"],
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, env={}, timeout=30)
+    probe = subprocess.run(
+        bubblewrap_command(1 << 20) + [python(), "-I", "-S", "-c", "pass"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env={},
+        timeout=30,
+    )
     if probe.returncode != 0:
         return f"bwrap cannot start a sandbox here: {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.returncode}"
     return None
@@ -100,5 +146,7 @@ def _bubblewrap_problem() -> str | None:
 
 @functools.cache
 def _warn_unisolated(problem: str) -> None:
-    print(f"warning: running model-written code UNISOLATED ({problem}): it can read your files and write where you can",
-          file=sys.stderr)
+    print(
+        f"warning: running model-written code UNISOLATED ({problem}): it can read your files and write where you can",
+        file=sys.stderr,
+    )

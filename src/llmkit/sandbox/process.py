@@ -38,8 +38,13 @@ class Limits:
     max_output_bytes: int
 
     def rlimits(self) -> dict[str, int]:
-        return {"RLIMIT_CPU": max(1, int(-(-self.timeout_s // 1))), "RLIMIT_AS": int(self.memory_mb * (1 << 20)),
-                "RLIMIT_FSIZE": WORKDIR_BYTES, "RLIMIT_NOFILE": OPEN_FILES, "RLIMIT_CORE": 0}
+        return {
+            "RLIMIT_CPU": max(1, int(-(-self.timeout_s // 1))),
+            "RLIMIT_AS": int(self.memory_mb * (1 << 20)),
+            "RLIMIT_FSIZE": WORKDIR_BYTES,
+            "RLIMIT_NOFILE": OPEN_FILES,
+            "RLIMIT_CORE": 0,
+        }
 
 
 class Sandbox:
@@ -53,32 +58,57 @@ class Sandbox:
     def start(self, stack: ExitStack) -> None:
         isolated = isolation.isolated()
         source_fd = stack.enter_context(_memory_file(self.source))
-        arguments = [isolation.python(), "-I", "-S", "-B", "-X", "utf8", "-c", _CHILD, self.mode,
-                     json.dumps(self.limits.rlimits()), seccomp.filter_program().hex(), str(source_fd),
-                     *map(str, self.channel)]
-        workdir = isolation.WORKDIR if isolated else stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="llmkit-sandbox-", ignore_cleanup_errors=True))
+        arguments = [
+            isolation.python(),
+            "-I",
+            "-S",
+            "-B",
+            "-X",
+            "utf8",
+            "-c",
+            _CHILD,
+            self.mode,
+            json.dumps(self.limits.rlimits()),
+            seccomp.filter_program().hex(),
+            str(source_fd),
+            *map(str, self.channel),
+        ]
+        workdir = (
+            isolation.WORKDIR
+            if isolated
+            else stack.enter_context(tempfile.TemporaryDirectory(prefix="llmkit-sandbox-", ignore_cleanup_errors=True))
+        )
         command = isolation.bubblewrap_command(WORKDIR_BYTES) + arguments if isolated else arguments
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            command, cwd=None if isolated else workdir, env={"HOME": workdir, "TMPDIR": workdir, "PATH": os.defpath},
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            command,
+            cwd=None if isolated else workdir,
+            env={"HOME": workdir, "TMPDIR": workdir, "PATH": os.defpath},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             pass_fds=(source_fd, *self.channel_fds),
-            start_new_session=True)  # its own process group: a kill reaches bwrap and, through it, the namespace
+            start_new_session=True,
+        )  # its own process group: a kill reaches bwrap and, through it, the namespace
         stack.callback(self.kill)
 
     def finish(self, stdin: str, deadline: float) -> SandboxResult:
-        killed_for, stdout, stderr = _communicate(self.process, stdin.encode("utf-8"), deadline, self.limits.max_output_bytes)
+        killed_for, stdout, stderr = _communicate(
+            self.process, stdin.encode("utf-8"), deadline, self.limits.max_output_bytes
+        )
         if killed_for is not None:
             self.stop()
             _wait_for_end_of_file(self.process, time.monotonic() + 5)
         returncode = self.process.wait()
         status = killed_for or _status_from_exit(returncode, stderr)
         cap = self.limits.max_output_bytes
-        return SandboxResult(status=status, stdout=stdout[:cap].decode("utf-8", errors="replace"),
-                             stderr=stderr[:cap].decode("utf-8", errors="replace"),
-                             returncode=None if killed_for is not None else returncode,
-                             seconds=time.monotonic() - self.started)
+        return SandboxResult(
+            status=status,
+            stdout=stdout[:cap].decode("utf-8", errors="replace"),
+            stderr=stderr[:cap].decode("utf-8", errors="replace"),
+            returncode=None if killed_for is not None else returncode,
+            seconds=time.monotonic() - self.started,
+        )
 
     def stop(self) -> None:
         """Kill the whole run (bwrap and, through its PID namespace, everything inside)."""
@@ -138,7 +168,9 @@ def _status_from_exit(returncode: int, stderr: bytes) -> str:
     return "memory_limit" if last_line.startswith(b"MemoryError") else "error"
 
 
-def _communicate(process: subprocess.Popen, stdin: bytes, deadline: float, max_output_bytes: int) -> tuple[str | None, bytes, bytes]:
+def _communicate(
+    process: subprocess.Popen, stdin: bytes, deadline: float, max_output_bytes: int
+) -> tuple[str | None, bytes, bytes]:
     """Feed stdin and collect stdout/stderr until the process closes them, passes the deadline
     (-> "timeout") or writes more than ``max_output_bytes`` to either (-> "output_limit")."""
     outputs = {process.stdout: bytearray(), process.stderr: bytearray()}
@@ -158,7 +190,7 @@ def _communicate(process: subprocess.Popen, stdin: bytes, deadline: float, max_o
             for key, _ in selector.select(remaining):
                 if key.fileobj is process.stdin:
                     try:
-                        pending = pending[os.write(key.fd, pending):]
+                        pending = pending[os.write(key.fd, pending) :]
                     except BlockingIOError:
                         continue
                     except BrokenPipeError:  # the program stopped reading; the rest of stdin is moot

@@ -26,18 +26,60 @@ _X32_BIT = 0x40000000  # x32 ABI calls on x86-64 carry this bit: refuse them all
 
 # (AUDIT_ARCH_*, {name: number}) per machine; the numbers are the kernel's unistd tables.
 _TABLES = {
-    "x86_64": (0xC000003E, {
-        "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "clone3": 435,
-        "socket": 41, "socketpair": 53, "kill": 62, "tkill": 200, "tgkill": 234,
-        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "unshare": 272, "setns": 308,
-        "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425, "perf_event_open": 298,
-        "keyctl": 250, "add_key": 248, "request_key": 249}),
-    "aarch64": (0xC00000B7, {
-        "clone": 220, "execve": 221, "execveat": 281, "clone3": 435,
-        "socket": 198, "socketpair": 199, "kill": 129, "tkill": 130, "tgkill": 131,
-        "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "unshare": 97, "setns": 268,
-        "bpf": 280, "userfaultfd": 282, "io_uring_setup": 425, "perf_event_open": 241,
-        "keyctl": 219, "add_key": 217, "request_key": 218}),
+    "x86_64": (
+        0xC000003E,
+        {
+            "clone": 56,
+            "fork": 57,
+            "vfork": 58,
+            "execve": 59,
+            "execveat": 322,
+            "clone3": 435,
+            "socket": 41,
+            "socketpair": 53,
+            "kill": 62,
+            "tkill": 200,
+            "tgkill": 234,
+            "ptrace": 101,
+            "process_vm_readv": 310,
+            "process_vm_writev": 311,
+            "unshare": 272,
+            "setns": 308,
+            "bpf": 321,
+            "userfaultfd": 323,
+            "io_uring_setup": 425,
+            "perf_event_open": 298,
+            "keyctl": 250,
+            "add_key": 248,
+            "request_key": 249,
+        },
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {
+            "clone": 220,
+            "execve": 221,
+            "execveat": 281,
+            "clone3": 435,
+            "socket": 198,
+            "socketpair": 199,
+            "kill": 129,
+            "tkill": 130,
+            "tgkill": 131,
+            "ptrace": 117,
+            "process_vm_readv": 270,
+            "process_vm_writev": 271,
+            "unshare": 97,
+            "setns": 268,
+            "bpf": 280,
+            "userfaultfd": 282,
+            "io_uring_setup": 425,
+            "perf_event_open": 241,
+            "keyctl": 219,
+            "add_key": 217,
+            "request_key": 218,
+        },
+    ),
 }
 
 
@@ -53,16 +95,21 @@ def filter_program(machine: str | None = None) -> bytes:
     # Layout: check arch, load nr, [x32 check], one test per refused call, ALLOW, EPERM, KILL.
     x32 = machine_name(machine) == "x86_64"
     tests = len(numbers) + x32
-    program = [_instruction(_LOAD_WORD, 0, 0, _ARCH_OFFSET),
-               _instruction(_JUMP_IF_EQUAL, 0, tests + 3, arch),  # another ABI: kill
-               _instruction(_LOAD_WORD, 0, 0, _NUMBER_OFFSET)]
+    program = [
+        _instruction(_LOAD_WORD, 0, 0, _ARCH_OFFSET),
+        _instruction(_JUMP_IF_EQUAL, 0, tests + 3, arch),  # another ABI: kill
+        _instruction(_LOAD_WORD, 0, 0, _NUMBER_OFFSET),
+    ]
     if x32:
         program.append(_instruction(_JUMP_IF_AT_LEAST, tests + 1, 0, _X32_BIT))
     for position, number in enumerate(numbers):
         remaining = len(numbers) - position - 1
         program.append(_instruction(_JUMP_IF_EQUAL, remaining + 1, 0, number))
-    program += [_instruction(_RETURN, 0, 0, _ALLOW), _instruction(_RETURN, 0, 0, _ERRNO_EPERM),
-                _instruction(_RETURN, 0, 0, _KILL_PROCESS)]
+    program += [
+        _instruction(_RETURN, 0, 0, _ALLOW),
+        _instruction(_RETURN, 0, 0, _ERRNO_EPERM),
+        _instruction(_RETURN, 0, 0, _KILL_PROCESS),
+    ]
     return b"".join(program)
 
 
@@ -73,8 +120,10 @@ def machine_name(machine: str | None = None) -> str:
 def _table(machine: str | None) -> tuple[int, dict[str, int]]:
     name = machine_name(machine)
     if name not in _TABLES:
-        raise OSError(f"the sandbox's seccomp filter knows no system-call table for the machine '{name}' "
-                      f"(known: {', '.join(_TABLES)})")
+        raise OSError(
+            f"the sandbox's seccomp filter knows no system-call table for the machine '{name}' "
+            f"(known: {', '.join(_TABLES)})"
+        )
     return _TABLES[name]
 
 

@@ -43,8 +43,16 @@ from llmkit.infer.scheduler import Scheduler
 from llmkit.serve.chat_completions import conversation, create_chat_completion
 from llmkit.serve.completions import create_completion
 from llmkit.serve.openai_errors import APIError, error_body, error_response, install_error_handlers
-from llmkit.serve.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
-                                  ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+from llmkit.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from llmkit.serve.server import ServeConfig, is_loopback
 from llmkit.serve.service import Limits, Service
 from llmkit.tokenizer import ENDOFTEXT, PAD
@@ -103,15 +111,22 @@ class Guard:
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"")
         if self.check_host and not LOOPBACK_HOST.fullmatch(host):
-            return error_response(421, f"Host: {host.decode('latin-1')[:100]!r} is not localhost, 127.0.0.1 or [::1], "
-                                       "the only names this server answers without an API key", code="misdirected_request")
+            return error_response(
+                421,
+                f"Host: {host.decode('latin-1')[:100]!r} is not localhost, 127.0.0.1 or [::1], "
+                "the only names this server answers without an API key",
+                code="misdirected_request",
+            )
         if self.api_key is not None and path not in PUBLIC_PATHS and not path.startswith("/static/"):
             given = headers.get(b"authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
             if not secrets.compare_digest(token, self.api_key):
                 reason = "missing API key (send 'Authorization: Bearer KEY')" if not token else "incorrect API key"
-                return JSONResponse(error_body(401, reason, code="invalid_api_key"), status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
+                return JSONResponse(
+                    error_body(401, reason, code="invalid_api_key"),
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         # A web page may send any body cross-origin without asking first, but not one declared as JSON.
         media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if scope["method"] == "POST" and path in self.json_endpoints and media_type != b"application/json":
@@ -140,12 +155,20 @@ class Guard:
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError as error:
-                return body, JSONResponse(error_body(400, f"the body is not valid UTF-8 (byte {error.start})"), status_code=400)
+                return body, JSONResponse(
+                    error_body(400, f"the body is not valid UTF-8 (byte {error.start})"), status_code=400
+                )
         return body, None
 
     def _too_large(self) -> JSONResponse:
-        return JSONResponse(error_body(413, f"the request body is over this server's limit of {self.max_body_bytes} bytes",
-                                       code="request_too_large"), status_code=413)
+        return JSONResponse(
+            error_body(
+                413,
+                f"the request body is over this server's limit of {self.max_body_bytes} bytes",
+                code="request_too_large",
+            ),
+            status_code=413,
+        )
 
 
 def _scheduler_of(engine_or_scheduler: Engine | Scheduler) -> Scheduler:
@@ -158,12 +181,16 @@ def create_app(engine_or_scheduler: Engine | Scheduler, config: ServeConfig) -> 
     scheduler = _scheduler_of(engine_or_scheduler)
     context = scheduler.context_length
     model_name = config.model_name or Path(config.checkpoint).resolve().name
-    limits = Limits(max_messages=config.max_messages, max_tokens=config.max_tokens,
-                    max_prompt_tokens=min(config.max_prompt_tokens or context - 1, context - 1),
-                    max_concurrent_requests=config.max_concurrent_requests,
-                    # More sequences than the scheduler may hold could never be admitted: a 400, not a 429 forever.
-                    max_choices=min(config.max_choices, config.max_concurrent_requests),
-                    max_stop_strings=config.max_stop_strings, max_stop_length=config.max_stop_length)
+    limits = Limits(
+        max_messages=config.max_messages,
+        max_tokens=config.max_tokens,
+        max_prompt_tokens=min(config.max_prompt_tokens or context - 1, context - 1),
+        max_concurrent_requests=config.max_concurrent_requests,
+        # More sequences than the scheduler may hold could never be admitted: a 400, not a 429 forever.
+        max_choices=min(config.max_choices, config.max_concurrent_requests),
+        max_stop_strings=config.max_stop_strings,
+        max_stop_length=config.max_stop_length,
+    )
     service = Service(scheduler, model_name, limits)
     tokenizer = service.tokenizer
     created = int(time.time())
@@ -209,7 +236,9 @@ def create_app(engine_or_scheduler: Engine | Scheduler, config: ServeConfig) -> 
             ids = [tokenizer.eot_id] + ids if body.add_special_tokens else ids
         else:
             try:
-                ids, _ = render_ids(tokenizer, conversation(body.messages), add_generation_prompt=body.add_generation_prompt)
+                ids, _ = render_ids(
+                    tokenizer, conversation(body.messages), add_generation_prompt=body.add_generation_prompt
+                )
             except InputError as error:
                 raise APIError(400, str(error), "messages") from None
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=context)
@@ -228,16 +257,27 @@ def create_app(engine_or_scheduler: Engine | Scheduler, config: ServeConfig) -> 
         # llmkit documents start after <|endoftext|>, so it is both the bos and the eos token (as in GPT-2);
         # an imported model's tokens and chat template are its own.
         config = tokenizer.config
-        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": config.get("bos_token", ENDOFTEXT),
-                "eos_token": config.get("eos_token", ENDOFTEXT), "pad_token": config.get("pad_token", PAD),
-                "chat_template": tokenizer.chat_template or CHAT_TEMPLATE, "model_max_length": context,
-                "vocab_size": tokenizer.vocab_size}
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": config.get("bos_token", ENDOFTEXT),
+            "eos_token": config.get("eos_token", ENDOFTEXT),
+            "pad_token": config.get("pad_token", PAD),
+            "chat_template": tokenizer.chat_template or CHAT_TEMPLATE,
+            "model_max_length": context,
+            "vocab_size": tokenizer.vocab_size,
+        }
 
     @app.get("/health")
     async def health() -> JSONResponse:
         alive = scheduler.in_background
-        return JSONResponse({"status": "ok" if alive else "scheduler not running", "running": scheduler.num_running,
-                             "waiting": scheduler.num_waiting}, status_code=200 if alive else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if alive else "scheduler not running",
+                "running": scheduler.num_running,
+                "waiting": scheduler.num_waiting,
+            },
+            status_code=200 if alive else 503,
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

@@ -20,8 +20,14 @@ from fastapi.responses import StreamingResponse
 from llmkit.chat import render_ids, uses_own_template
 from llmkit.errors import InputError
 from llmkit.serve.openai_errors import APIError
-from llmkit.serve.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
-                                  ChatMessage, ChoiceLogprobs)
+from llmkit.serve.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChoiceLogprobs,
+)
 from llmkit.serve.service import Generation, Service, new_id, now
 from llmkit.serve.tool_calls import AssistantTurn, TemplateTurn, calls_allowed, client_tools, forced_prefix
 from llmkit.serve.turns import turn_stop_strings
@@ -34,11 +40,14 @@ def conversation(messages: list[ChatMessage]) -> list[dict]:
     for index, message in enumerate(messages):
         entry = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
         if message.role != "assistant" and entry["content"] is None:
-            raise APIError(400, f"messages.{index}.content: a {message.role} message needs content", f"messages.{index}.content")
+            raise APIError(
+                400, f"messages.{index}.content: a {message.role} message needs content", f"messages.{index}.content"
+            )
         if message.tool_calls:
-            entry["tool_calls"] = [{"type": "function", "function": {"name": call.function.name,
-                                                                     "arguments": call.function.arguments}}
-                                   for call in message.tool_calls]
+            entry["tool_calls"] = [
+                {"type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}
+                for call in message.tool_calls
+            ]
         rendered.append(entry)
     return rendered
 
@@ -57,8 +66,11 @@ class ChatJob:
     def __init__(self, service: Service, body: ChatCompletionRequest):
         service.check_model(body.model)
         if len(body.messages) > service.limits.max_messages:
-            raise APIError(400, f"messages: {len(body.messages)} messages is over this server's limit of "
-                                f"{service.limits.max_messages}", "messages")
+            raise APIError(
+                400,
+                f"messages: {len(body.messages)} messages is over this server's limit of {service.limits.max_messages}",
+                "messages",
+            )
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs=true", "top_logprobs")
         service.check_choices(1, body.n, "n")
@@ -68,8 +80,9 @@ class ChatJob:
         self.prefix = forced_prefix(body.tool_choice, self.tools)
         own_format = uses_own_template(self.tokenizer)
         if own_format and self.prefix is not None:
-            raise APIError(400, "tool_choice: this model has a chat format of its own; it takes 'auto' or 'none'",
-                           "tool_choice")
+            raise APIError(
+                400, "tool_choice: this model has a chat format of its own; it takes 'auto' or 'none'", "tool_choice"
+            )
         definitions = [tool.model_dump(exclude_none=True) for tool in body.tools] if own_format and body.tools else None
         prompt = prompt_ids(self.tokenizer, body.messages, definitions)
         if self.prefix is not None:
@@ -86,23 +99,34 @@ class ChatJob:
         self.detect_calls = calls_allowed(body.tool_choice, self.tools)
         extra_stop = () if own_format else tuple(turn_stop_strings([], self.detect_calls))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        self.jobs = [(prompt, service.generation_config(body, max_new_tokens, choice, logprobs, extra_stop=extra_stop))
-                     for choice in range(body.n)]
-        self.turns = [TemplateTurn(self.tokenizer, self.tools, self.detect_calls, body.logprobs) if own_format else
-                      AssistantTurn(self.tokenizer, self.tools, self.detect_calls, self.prefix, body.logprobs)
-                      for _ in range(body.n)]
+        self.jobs = [
+            (prompt, service.generation_config(body, max_new_tokens, choice, logprobs, extra_stop=extra_stop))
+            for choice in range(body.n)
+        ]
+        self.turns = [
+            TemplateTurn(self.tokenizer, self.tools, self.detect_calls, body.logprobs)
+            if own_format
+            else AssistantTurn(self.tokenizer, self.tools, self.detect_calls, self.prefix, body.logprobs)
+            for _ in range(body.n)
+        ]
         self.id, self.created = new_id("chatcmpl"), now()
 
     def chunk(self, index: int, delta: dict, reason: str | None = None, logprobs: list | None = None) -> dict:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
         if logprobs:
             choice["logprobs"] = {"content": [entry.model_dump() for entry in logprobs]}
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.service.model_name, "choices": [choice]}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.service.model_name,
+            "choices": [choice],
+        }
 
 
-async def create_chat_completion(service: Service, body: ChatCompletionRequest,
-                                 http_request: HTTPRequest) -> ChatCompletionResponse | StreamingResponse:
+async def create_chat_completion(
+    service: Service, body: ChatCompletionRequest, http_request: HTTPRequest
+) -> ChatCompletionResponse | StreamingResponse:
     job = ChatJob(service, body)
     generation = service.begin(job.jobs, http_request)
     if body.stream:
@@ -111,12 +135,18 @@ async def create_chat_completion(service: Service, body: ChatCompletionRequest,
     choices = []
     for index, (turn, completion) in enumerate(zip(job.turns, completions)):
         result = turn.finish(completion)
-        message = AssistantMessage(content=turn.content if turn.content or not result.tool_calls else None,
-                                   tool_calls=result.tool_calls)
+        message = AssistantMessage(
+            content=turn.content if turn.content or not result.tool_calls else None, tool_calls=result.tool_calls
+        )
         logprobs = ChoiceLogprobs(content=turn.logprobs) if body.logprobs else None
         choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=result.finish_reason))
-    return ChatCompletionResponse(id=job.id, created=job.created, model=service.model_name, choices=choices,
-                                  usage=service.usage([job.prompt], completions))
+    return ChatCompletionResponse(
+        id=job.id,
+        created=job.created,
+        model=service.model_name,
+        choices=choices,
+        usage=service.usage([job.prompt], completions),
+    )
 
 
 async def stream_chunks(job: ChatJob, generation: Generation):
@@ -137,5 +167,11 @@ async def stream_chunks(job: ChatJob, generation: Generation):
             yield job.chunk(index, {}, result.finish_reason)
     if job.body.stream_options is not None and job.body.stream_options.include_usage:
         usage = job.service.usage([job.prompt], generation.completions)
-        yield {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.service.model_name,
-               "choices": [], "usage": usage.model_dump()}
+        yield {
+            "id": job.id,
+            "object": "chat.completion.chunk",
+            "created": job.created,
+            "model": job.service.model_name,
+            "choices": [],
+            "usage": usage.model_dump(),
+        }

@@ -40,8 +40,12 @@ class ChatConfig:
     max_new_tokens: int = field(default=512, metadata={"help": "longest answer in tokens"})
     temperature: float = field(default=0.7, metadata={"help": "softmax temperature; 0 = greedy"})
     top_p: float | None = field(default=None, metadata={"help": "nucleus sampling probability mass"})
-    seed: int | None = field(default=None, metadata={"help": "random seed of every answer (the same conversation gets the same answer)"})
-    tools: bool = field(default=False, metadata={"help": "run the calculator and the Python sandbox when the model calls them"})
+    seed: int | None = field(
+        default=None, metadata={"help": "random seed of every answer (the same conversation gets the same answer)"}
+    )
+    tools: bool = field(
+        default=False, metadata={"help": "run the calculator and the Python sandbox when the model calls them"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype"})
     quantize: Quantization = quantize_field()
@@ -104,7 +108,9 @@ class ChatSession:
         return f"unknown command {name}; {HELP}"
 
 
-def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], None] = sys.stdout.write) -> None:
+def repl(
+    session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], None] = sys.stdout.write
+) -> None:
     """The read-answer loop: lines starting with / are commands, others are the user's messages."""
     write(f"llmkit chat  ({HELP})\n")
     while True:
@@ -135,8 +141,10 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
 def run_chat(config: ChatConfig) -> None:
     import torch
 
-    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype),
-                                    quantize=config.quantize)
-    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                  top_p=config.top_p, seed=config.seed)
+    engine = Engine.from_checkpoint(
+        config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype), quantize=config.quantize
+    )
+    generation = GenerationConfig(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, seed=config.seed
+    )
     repl(ChatSession(engine, generation, config.system, default_toolbox() if config.tools else None))

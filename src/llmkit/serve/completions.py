@@ -47,12 +47,21 @@ class TokenOffsets:
         return offsets
 
 
-def legacy_logprobs(tokenizer: Tokenizer, offsets: TokenOffsets, token_ids: list[int], logprobs: list[float | None],
-                    top: list[dict[str, float] | None] | None, with_top: bool) -> CompletionLogprobs:
+def legacy_logprobs(
+    tokenizer: Tokenizer,
+    offsets: TokenOffsets,
+    token_ids: list[int],
+    logprobs: list[float | None],
+    top: list[dict[str, float] | None] | None,
+    with_top: bool,
+) -> CompletionLogprobs:
     logprobs = logprobs if logprobs is not None else [None] * len(token_ids)  # a request's cancellation event has none
-    return CompletionLogprobs(tokens=[tokenizer.decode([token]) for token in token_ids], token_logprobs=list(logprobs),
-                              top_logprobs=(list(top) if top is not None else [None] * len(token_ids)) if with_top else None,
-                              text_offset=offsets.add(token_ids))
+    return CompletionLogprobs(
+        tokens=[tokenizer.decode([token]) for token in token_ids],
+        token_logprobs=list(logprobs),
+        top_logprobs=(list(top) if top is not None else [None] * len(token_ids)) if with_top else None,
+        text_offset=offsets.add(token_ids),
+    )
 
 
 def prompts_of(prompt) -> list:
@@ -62,8 +71,10 @@ def prompts_of(prompt) -> list:
 
 def prompt_ids_of(service: Service, prompts: list) -> list[list[int]]:
     """Every prompt as token ids (text as the engine encodes it: empty text is <|endoftext|>)."""
-    ids = [service.tokenizer.encode(item) or [service.tokenizer.eot_id] if isinstance(item, str) else list(item)
-           for item in prompts]
+    ids = [
+        service.tokenizer.encode(item) or [service.tokenizer.eot_id] if isinstance(item, str) else list(item)
+        for item in prompts
+    ]
     for index, prompt_ids in enumerate(ids):
         service.check_prompt(prompt_ids, f"prompt[{index}]" if len(ids) > 1 else "prompt")
     return ids
@@ -89,20 +100,31 @@ class CompletionJob:
         self.service, self.body, self.tokenizer = service, body, service.tokenizer
         self.scoring_only = max_tokens == 0
         self.prompts = prompt_ids_of(service, prompts)
-        self.jobs = [(prompt, service.generation_config(body, max(max_tokens, 1), choice, body.logprobs, body.echo))
-                     for prompt in self.prompts for choice in range(body.n)]
+        self.jobs = [
+            (prompt, service.generation_config(body, max(max_tokens, 1), choice, body.logprobs, body.echo))
+            for prompt in self.prompts
+            for choice in range(body.n)
+        ]
         self.id, self.created = new_id("cmpl"), now()
 
     def prompt_of(self, index: int) -> list[int]:
         return self.prompts[index // self.body.n]
 
-    def echo_part(self, index: int, completion: Completion, offsets: TokenOffsets) -> tuple[str, CompletionLogprobs | None]:
+    def echo_part(
+        self, index: int, completion: Completion, offsets: TokenOffsets
+    ) -> tuple[str, CompletionLogprobs | None]:
         """The prompt's text and log-probs, for a choice of an ``echo`` request."""
         prompt = self.prompt_of(index)
         logprobs = None
         if self.body.logprobs is not None:
-            logprobs = legacy_logprobs(self.tokenizer, offsets, prompt, completion.prompt_logprobs,
-                                       completion.prompt_top_logprobs, self.body.logprobs > 0)
+            logprobs = legacy_logprobs(
+                self.tokenizer,
+                offsets,
+                prompt,
+                completion.prompt_logprobs,
+                completion.prompt_top_logprobs,
+                self.body.logprobs > 0,
+            )
         return self.tokenizer.decode(prompt), logprobs
 
     def choice(self, index: int, completion: Completion) -> CompletionChoice:
@@ -112,22 +134,39 @@ class CompletionJob:
         if not self.scoring_only:
             text += completion.text
             if self.body.logprobs is not None:
-                generated = legacy_logprobs(self.tokenizer, offsets, completion.token_ids, completion.logprobs,
-                                            completion.top_logprobs, self.body.logprobs > 0)
+                generated = legacy_logprobs(
+                    self.tokenizer,
+                    offsets,
+                    completion.token_ids,
+                    completion.logprobs,
+                    completion.top_logprobs,
+                    self.body.logprobs > 0,
+                )
                 logprobs = merge(logprobs, generated)
-        return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason(completion, self.scoring_only))
+        return CompletionChoice(
+            index=index, text=text, logprobs=logprobs, finish_reason=finish_reason(completion, self.scoring_only)
+        )
 
     def response(self, choices: list[CompletionChoice], completions: list[Completion]) -> CompletionResponse:
-        return CompletionResponse(id=self.id, created=self.created, model=self.service.model_name, choices=choices,
-                                  usage=self.service.usage(self.prompts, completions, not self.scoring_only))
+        return CompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.service.model_name,
+            choices=choices,
+            usage=self.service.usage(self.prompts, completions, not self.scoring_only),
+        )
 
 
 def merge(first: CompletionLogprobs | None, second: CompletionLogprobs) -> CompletionLogprobs:
     if first is None:
         return second
     top = first.top_logprobs + second.top_logprobs if first.top_logprobs is not None else None
-    return CompletionLogprobs(tokens=first.tokens + second.tokens, token_logprobs=first.token_logprobs + second.token_logprobs,
-                              top_logprobs=top, text_offset=first.text_offset + second.text_offset)
+    return CompletionLogprobs(
+        tokens=first.tokens + second.tokens,
+        token_logprobs=first.token_logprobs + second.token_logprobs,
+        top_logprobs=top,
+        text_offset=first.text_offset + second.text_offset,
+    )
 
 
 def finish_reason(completion: Completion, scoring_only: bool) -> str:
@@ -135,8 +174,9 @@ def finish_reason(completion: Completion, scoring_only: bool) -> str:
     return "length" if scoring_only or completion.finish_reason == "length" else "stop"
 
 
-async def create_completion(service: Service, body: CompletionRequest,
-                            http_request: HTTPRequest) -> CompletionResponse | StreamingResponse:
+async def create_completion(
+    service: Service, body: CompletionRequest, http_request: HTTPRequest
+) -> CompletionResponse | StreamingResponse:
     job = CompletionJob(service, body)
     generation = service.begin(job.jobs, http_request)
     if body.stream:
@@ -151,8 +191,13 @@ async def stream_chunks(job: CompletionJob, generation: Generation):
     started_choices: set[int] = set()
 
     def chunk(index: int, text: str, logprobs: CompletionLogprobs | None, reason: str | None) -> dict:
-        return {"id": job.id, "object": "text_completion", "created": job.created, "model": service.model_name,
-                "choices": [CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason).model_dump()]}
+        return {
+            "id": job.id,
+            "object": "text_completion",
+            "created": job.created,
+            "model": service.model_name,
+            "choices": [CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason).model_dump()],
+        }
 
     async for index, event in generation.events():
         text, logprobs = "", None
@@ -163,11 +208,26 @@ async def stream_chunks(job: CompletionJob, generation: Generation):
         if not job.scoring_only:
             text += event.text
             if body.logprobs is not None:
-                logprobs = merge(logprobs, legacy_logprobs(job.tokenizer, offsets[index], event.token_ids, event.logprobs,
-                                                           event.top_logprobs, body.logprobs > 0))
+                logprobs = merge(
+                    logprobs,
+                    legacy_logprobs(
+                        job.tokenizer,
+                        offsets[index],
+                        event.token_ids,
+                        event.logprobs,
+                        event.top_logprobs,
+                        body.logprobs > 0,
+                    ),
+                )
         reason = finish_reason(event.finished, job.scoring_only) if event.finished else None
         if text or logprobs or reason:
             yield chunk(index, text, logprobs, reason)
     if body.stream_options is not None and body.stream_options.include_usage:
-        yield {"id": job.id, "object": "text_completion", "created": job.created, "model": service.model_name,
-               "choices": [], "usage": service.usage(job.prompts, generation.completions, not job.scoring_only).model_dump()}
+        yield {
+            "id": job.id,
+            "object": "text_completion",
+            "created": job.created,
+            "model": service.model_name,
+            "choices": [],
+            "usage": service.usage(job.prompts, generation.completions, not job.scoring_only).model_dump(),
+        }

@@ -50,10 +50,14 @@ class Metrics:
         self.requests[(endpoint, status)] += 1
 
     def render(self) -> str:
-        lines = ["# HELP llmkit_requests_total HTTP requests answered, by endpoint and status code.",
-                 "# TYPE llmkit_requests_total counter"]
-        lines += [f'llmkit_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}'
-                  for (endpoint, status), count in sorted(self.requests.items())]
+        lines = [
+            "# HELP llmkit_requests_total HTTP requests answered, by endpoint and status code.",
+            "# TYPE llmkit_requests_total counter",
+        ]
+        lines += [
+            f'llmkit_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}'
+            for (endpoint, status), count in sorted(self.requests.items())
+        ]
         scalars = [
             ("llmkit_prompt_tokens_total", "counter", "Prompt tokens of generation requests.", self.prompt_tokens),
             ("llmkit_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
@@ -64,9 +68,16 @@ class Metrics:
         for name, kind, help_text, value in scalars:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         for name, help_text, histogram in (
-                ("llmkit_time_to_first_token_seconds", "Time from a request's arrival to its first generated text.",
-                 self.time_to_first_token),
-                ("llmkit_request_latency_seconds", "Time from a generation request's arrival to its last byte.",
-                 self.request_latency)):
+            (
+                "llmkit_time_to_first_token_seconds",
+                "Time from a request's arrival to its first generated text.",
+                self.time_to_first_token,
+            ),
+            (
+                "llmkit_request_latency_seconds",
+                "Time from a generation request's arrival to its last byte.",
+                self.request_latency,
+            ),
+        ):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram", *histogram.lines(name)]
         return "\n".join(lines) + "\n"

@@ -72,8 +72,11 @@ class SamplingFields(Request):
 # ---------------------------------------------------------------------------------------- completions
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="text, token ids, or a list of either (one completion per prompt)")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="chosen-token log-probs and this many alternatives")
+        description="text, token ids, or a list of either (one completion per prompt)"
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="chosen-token log-probs and this many alternatives"
+    )
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)

@@ -24,33 +24,76 @@ from llmkit.infer.scheduler import Scheduler
 @dataclass
 class ServeConfig:
     checkpoint: str = field(default="runs/sft", metadata={"help": "run directory or checkpoint folder to serve"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 exposes the server to the network)"})
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 exposes the server to the network)"}
+    )
     port: int = field(default=8000, metadata={"help": "TCP port"})
-    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' (default: $LLMKIT_API_KEY if set)"})
-    model_name: str | None = field(default=None, metadata={"help": "model id clients send (default: the checkpoint folder's name)"})
+    api_key: str | None = field(
+        default=None, metadata={"help": "require 'Authorization: Bearer KEY' (default: $LLMKIT_API_KEY if set)"}
+    )
+    model_name: str | None = field(
+        default=None, metadata={"help": "model id clients send (default: the checkpoint folder's name)"}
+    )
     max_messages: int = field(default=256, metadata={"help": "most messages in one chat request"})
-    max_prompt_tokens: int | None = field(default=None, metadata={"help": "longest prompt in tokens (default and cap: the model's context - 1)"})
+    max_prompt_tokens: int | None = field(
+        default=None, metadata={"help": "longest prompt in tokens (default and cap: the model's context - 1)"}
+    )
     max_tokens: int = field(default=2048, metadata={"help": "largest max_tokens a request may ask for"})
-    max_concurrent_requests: int = field(default=128, metadata={"help": "sequences (prompts x n) generating or queued at once; a request that would exceed it gets 429"})
-    max_choices: int = field(default=128, metadata={"help": "most sequences (prompts x n) one request may ask for (capped by max_concurrent_requests)"})
+    max_concurrent_requests: int = field(
+        default=128,
+        metadata={
+            "help": "sequences (prompts x n) generating or queued at once; a request that would exceed it gets 429"
+        },
+    )
+    max_choices: int = field(
+        default=128,
+        metadata={"help": "most sequences (prompts x n) one request may ask for (capped by max_concurrent_requests)"},
+    )
     max_stop_strings: int = field(default=16, metadata={"help": "most stop strings in one request"})
     max_stop_length: int = field(default=256, metadata={"help": "longest stop string, in characters"})
     max_body_bytes: int = field(default=2_000_000, metadata={"help": "largest request body; larger get 413"})
-    max_batch_size: int = field(default=64, metadata={"help": "requests decoding together (KV-cache slots); more wait for a slot"})
+    max_batch_size: int = field(
+        default=64, metadata={"help": "requests decoding together (KV-cache slots); more wait for a slot"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype"})
     quantize: Quantization = quantize_field()
-    threads: int | None = field(default=None, metadata={"help": "CPU threads for the model's arithmetic (default: torch's choice; 1 on a busy shared machine)"})
-    allow_public_without_key: bool = field(default=False, metadata={"help": "listen on a non-loopback host without an API key (anyone who can connect may use the model)"})
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = field(default="info", metadata={"help": "uvicorn's log level"})
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads for the model's arithmetic (default: torch's choice; 1 on a busy shared machine)"
+        },
+    )
+    allow_public_without_key: bool = field(
+        default=False,
+        metadata={
+            "help": "listen on a non-loopback host without an API key (anyone who can connect may use the model)"
+        },
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = field(
+        default="info", metadata={"help": "uvicorn's log level"}
+    )
 
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535 (0: any free port)")
         check(self.api_key is None or len(self.api_key) > 0, "api_key", self.api_key, "must not be empty")
-        for name in ("max_messages", "max_tokens", "max_concurrent_requests", "max_choices", "max_stop_strings",
-                     "max_stop_length", "max_body_bytes", "max_batch_size"):
+        for name in (
+            "max_messages",
+            "max_tokens",
+            "max_concurrent_requests",
+            "max_choices",
+            "max_stop_strings",
+            "max_stop_length",
+            "max_body_bytes",
+            "max_batch_size",
+        ):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
-        check(self.max_prompt_tokens is None or self.max_prompt_tokens > 0, "max_prompt_tokens", self.max_prompt_tokens, "must be positive")
+        check(
+            self.max_prompt_tokens is None or self.max_prompt_tokens > 0,
+            "max_prompt_tokens",
+            self.max_prompt_tokens,
+            "must be positive",
+        )
         check(self.threads is None or self.threads > 0, "threads", self.threads, "must be positive")
 
 
@@ -67,10 +110,16 @@ def check_exposure(config: ServeConfig) -> None:
     if config.api_key is not None or is_loopback(config.host):
         return
     if not config.allow_public_without_key:
-        raise ConfigError("host", config.host, "is reachable from other machines and no API key is set; set "
-                                               "LLMKIT_API_KEY, or pass --allow-public-without-key to serve anyone who connects")
-    print(f"llmkit: warning: serving {config.host} without an API key: anyone who can connect may use the model",
-          file=sys.stderr)
+        raise ConfigError(
+            "host",
+            config.host,
+            "is reachable from other machines and no API key is set; set "
+            "LLMKIT_API_KEY, or pass --allow-public-without-key to serve anyone who connects",
+        )
+    print(
+        f"llmkit: warning: serving {config.host} without an API key: anyone who can connect may use the model",
+        file=sys.stderr,
+    )
 
 
 def load_engine(config: ServeConfig) -> Engine:
@@ -78,8 +127,9 @@ def load_engine(config: ServeConfig) -> Engine:
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    engine = Engine.from_checkpoint(config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype),
-                                    quantize=config.quantize)
+    engine = Engine.from_checkpoint(
+        config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype), quantize=config.quantize
+    )
     if config.max_batch_size != engine.scheduler.max_batch_size:
         engine.scheduler = Scheduler(engine, config.max_batch_size)  # nothing submitted yet: a fresh one is equivalent
     return engine
@@ -95,6 +145,13 @@ def serve(config: ServeConfig) -> None:
     from llmkit.serve.app import create_app  # FastAPI only when serving: the rest of llmkit runs without it
 
     app = create_app(load_engine(config), config)
-    print(json.dumps({"serving": app.state.service.model_name, "url": f"http://{config.host}:{config.port}/",
-                      "api_key": "required" if config.api_key else "none"}))
+    print(
+        json.dumps(
+            {
+                "serving": app.state.service.model_name,
+                "url": f"http://{config.host}:{config.port}/",
+                "api_key": "required" if config.api_key else "none",
+            }
+        )
+    )
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)

@@ -57,14 +57,23 @@ class Service:
     # ----------------------------------------------------------------------------------- checks
     def check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
-                           "model", "model_not_found")
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                "model",
+                "model_not_found",
+            )
 
     def check_prompt(self, prompt_ids: list[int], param: str) -> None:
         if len(prompt_ids) > self.limits.max_prompt_tokens:
-            raise APIError(400, f"{param}: {len(prompt_ids)} tokens is over this server's limit of "
-                                f"{self.limits.max_prompt_tokens} prompt tokens (the model's context is "
-                                f"{self.context_length} tokens)", param, "context_length_exceeded")
+            raise APIError(
+                400,
+                f"{param}: {len(prompt_ids)} tokens is over this server's limit of "
+                f"{self.limits.max_prompt_tokens} prompt tokens (the model's context is "
+                f"{self.context_length} tokens)",
+                param,
+                "context_length_exceeded",
+            )
         vocab_size = self.scheduler.model.config.vocab_size
         if not all(0 <= token < vocab_size for token in prompt_ids):
             raise APIError(400, f"{param}: token ids must be in [0, {vocab_size})", param)
@@ -76,34 +85,56 @@ class Service:
     def check_choices(self, prompts: int, n: int, param: str) -> None:
         """A request asks for every prompt times ``n`` sequences."""
         if prompts * n > self.limits.max_choices:
-            raise APIError(400, f"{param}: {prompts} prompt{'s' if prompts > 1 else ''} x n={n} is {prompts * n} sequences, "
-                                f"over this server's limit of {self.limits.max_choices} per request", param)
+            raise APIError(
+                400,
+                f"{param}: {prompts} prompt{'s' if prompts > 1 else ''} x n={n} is {prompts * n} sequences, "
+                f"over this server's limit of {self.limits.max_choices} per request",
+                param,
+            )
 
     def check_stop(self, stops: list[str]) -> None:
         if len(stops) > self.limits.max_stop_strings:
-            raise APIError(400, f"stop: {len(stops)} stop strings is over this server's limit of "
-                                f"{self.limits.max_stop_strings}", "stop")
+            raise APIError(
+                400,
+                f"stop: {len(stops)} stop strings is over this server's limit of {self.limits.max_stop_strings}",
+                "stop",
+            )
         longest = max(map(len, stops), default=0)
         if longest > self.limits.max_stop_length:
-            raise APIError(400, f"stop: a stop string of {longest} characters is over this server's limit of "
-                                f"{self.limits.max_stop_length}", "stop")
+            raise APIError(
+                400,
+                f"stop: a stop string of {longest} characters is over this server's limit of "
+                f"{self.limits.max_stop_length}",
+                "stop",
+            )
 
     def room(self, prompt_ids: list[int]) -> int:
         """Tokens the context leaves after the prompt (at least one: check_prompt keeps prompts shorter)."""
         return max(1, self.context_length - len(prompt_ids))
 
     # ------------------------------------------------------------------------------ generation
-    def generation_config(self, body: SamplingFields, max_new_tokens: int, choice: int, logprobs: int | None = None,
-                          echo: bool = False, extra_stop: tuple[str, ...] = ()) -> GenerationConfig:
+    def generation_config(
+        self,
+        body: SamplingFields,
+        max_new_tokens: int,
+        choice: int,
+        logprobs: int | None = None,
+        echo: bool = False,
+        extra_stop: tuple[str, ...] = (),
+    ) -> GenerationConfig:
         """The engine's settings for choice ``choice`` of a request. Choices of a seeded request get seeds
         seed, seed+1, ...: reproducible, and not all the same sample."""
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default
-            top_p=body.top_p, stop=body.stop_strings + list(extra_stop),
+            top_p=body.top_p,
+            stop=body.stop_strings + list(extra_stop),
             seed=None if body.seed is None else body.seed + choice,
-            frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
-            logprobs=logprobs, echo=echo)
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            logprobs=logprobs,
+            echo=echo,
+        )
 
     def usage(self, prompts: list[list[int]], completions: list[Completion], count_generated: bool = True) -> Usage:
         """Every prompt counts once, however many choices it has; every choice's tokens count."""
@@ -111,16 +142,23 @@ class Service:
         completion_tokens = sum(len(completion.token_ids) for completion in completions) if count_generated else 0
         self.metrics.prompt_tokens += prompt_tokens
         self.metrics.generation_tokens += completion_tokens
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
     # ---------------------------------------------------------------------------- concurrency
     def begin(self, jobs: list[tuple[list[int], GenerationConfig]], http_request: HTTPRequest) -> "Generation":
         """Admit a generation request (429 when its jobs would take the scheduler over the limit) and submit them."""
         held, limit = self.scheduler.num_unfinished, self.limits.max_concurrent_requests
         if held + len(jobs) > limit:
-            raise APIError(429, f"the server holds {held} sequences and this request adds {len(jobs)}, over its limit "
-                                f"of {limit}; retry shortly", code="rate_limit_exceeded")
+            raise APIError(
+                429,
+                f"the server holds {held} sequences and this request adds {len(jobs)}, over its limit "
+                f"of {limit}; retry shortly",
+                code="rate_limit_exceeded",
+            )
         self.metrics.in_flight += 1
         generation = Generation(self, RequestGroup(self.scheduler, jobs), http_request)
         try:
@@ -179,8 +217,9 @@ class Generation:
             finally:
                 self.close()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     def close(self) -> None:
         if self.closed:

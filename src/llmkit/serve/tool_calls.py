@@ -58,7 +58,9 @@ def client_tools(definitions: list[ToolDefinition] | None) -> dict[str, Tool]:
         try:
             tool = Tool(function.name, function.description or "", parameters, _runs_on_the_client)
         except ConfigError as error:
-            raise APIError(400, f"tools[{index}].function.{error.field}: {error.reason}", f"tools[{index}].function") from None
+            raise APIError(
+                400, f"tools[{index}].function.{error.field}: {error.reason}", f"tools[{index}].function"
+            ) from None
         if tool.name in tools:
             raise APIError(400, f"tools[{index}]: the tool name '{tool.name}' is given twice", f"tools[{index}]")
         tools[tool.name] = tool
@@ -75,7 +77,9 @@ def forced_prefix(tool_choice, tools: dict[str, Tool]) -> str | None:
         name = tool_choice.function.name
         if name not in tools:
             raise APIError(400, f"tool_choice: no tool named '{name}' among the tools", "tool_choice")
-        return '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '  # llmkit.chat.tool_call_payload's form
+        return (
+            '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+        )  # llmkit.chat.tool_call_payload's form
     return None
 
 
@@ -98,12 +102,16 @@ def openai_tool_call(payload: str, tools: dict[str, Tool]) -> dict | None:
         if parameter is None:
             return None
         arguments = {parameter: arguments}
-    return {"id": f"call_{secrets.token_hex(12)}", "type": "function",
-            "function": {"name": call.name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    return {
+        "id": f"call_{secrets.token_hex(12)}",
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
 
 
-def token_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[float | None],
-                   top: list[dict[str, float] | None] | None) -> list[TokenLogprob]:
+def token_logprobs(
+    tokenizer: Tokenizer, token_ids: list[int], logprobs: list[float | None], top: list[dict[str, float] | None] | None
+) -> list[TokenLogprob]:
     """OpenAI's chat ``logprobs.content`` entries of sampled tokens."""
     entries = []
     for position, (token, logprob) in enumerate(zip(token_ids, logprobs)):
@@ -111,9 +119,16 @@ def token_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[fl
             continue
         text = tokenizer.decode([token])
         alternatives = (top[position] if top else None) or {}
-        entries.append(TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")),
-                                    top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode("utf-8")))
-                                                  for t, v in alternatives.items()]))
+        entries.append(
+            TokenLogprob(
+                token=text,
+                logprob=logprob,
+                bytes=list(text.encode("utf-8")),
+                top_logprobs=[
+                    TopLogprob(token=t, logprob=v, bytes=list(t.encode("utf-8"))) for t, v in alternatives.items()
+                ],
+            )
+        )
     return entries
 
 
@@ -154,7 +169,7 @@ class AssistantTurn:
             if self.detect_calls:
                 self.call_start = start + cut
                 # The text before the call, of which a prefix has been released already.
-                delta = self.tokenizer.decode(self.ids[:self.call_start])[len(self.content):]
+                delta = self.tokenizer.decode(self.ids[: self.call_start])[len(self.content) :]
         self.content += delta
         entries = []
         if self.want_logprobs and event.logprobs is not None:
@@ -174,7 +189,7 @@ class AssistantTurn:
         call = openai_tool_call(payload, self.tools) if closed else None
         if call is not None:
             return TurnResult("", [call], "tool_calls")
-        written = TOOL_CALL + payload if self.prefix is not None else self.tokenizer.decode(self.ids[self.call_start:])
+        written = TOOL_CALL + payload if self.prefix is not None else self.tokenizer.decode(self.ids[self.call_start :])
         self.content += written
         return TurnResult(written, None, reason)
 
@@ -202,8 +217,10 @@ class TemplateTurn:
         self.text += event.text
         cut = self.text.find(TEMPLATE_CALL_START) if self.detect_calls else -1
         # Hold back whatever may be the start of a call: the whole marker, or a prefix of it at the end.
-        visible = self.text[:cut] if cut >= 0 else self.text[:len(self.text) - _marker_prefix(self.text) * self.detect_calls]
-        delta = visible[len(self.content):]
+        visible = (
+            self.text[:cut] if cut >= 0 else self.text[: len(self.text) - _marker_prefix(self.text) * self.detect_calls]
+        )
+        delta = visible[len(self.content) :]
         self.content += delta
         entries = []
         if self.want_logprobs and event.logprobs is not None and cut < 0:
@@ -213,16 +230,26 @@ class TemplateTurn:
 
     def finish(self, completion: Completion) -> TurnResult:
         reason = "length" if completion.finish_reason == "length" else "stop"
-        calls = [openai_tool_call(payload, self.tools) for payload in TEMPLATE_CALL.findall(self.text)] if self.detect_calls else []
+        calls = (
+            [openai_tool_call(payload, self.tools) for payload in TEMPLATE_CALL.findall(self.text)]
+            if self.detect_calls
+            else []
+        )
         if calls and all(call is not None for call in calls) and reason == "stop":
             self.content = self.content.rstrip()
             return TurnResult("", calls, "tool_calls")
-        rest = self.text[len(self.content):]
+        rest = self.text[len(self.content) :]
         self.content += rest
         return TurnResult(rest, None, reason)
 
 
 def _marker_prefix(text: str) -> int:
     """Length of the longest end of ``text`` that begins ``<tool_call>``."""
-    return next((size for size in range(min(len(text), len(TEMPLATE_CALL_START) - 1), 0, -1)
-                 if TEMPLATE_CALL_START.startswith(text[-size:])), 0)
+    return next(
+        (
+            size
+            for size in range(min(len(text), len(TEMPLATE_CALL_START) - 1), 0, -1)
+            if TEMPLATE_CALL_START.startswith(text[-size:])
+        ),
+        0,
+    )

@@ -32,7 +32,10 @@ def call_message_entry(payload: str) -> dict | None:
         return None
     if isinstance(call.arguments, str):
         return {"type": "custom", "custom": {"name": call.name, "input": call.arguments}}
-    return {"type": "function", "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+    return {
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
+    }
 
 
 def assistant_messages(text: str) -> list[dict]:
@@ -41,7 +44,7 @@ def assistant_messages(text: str) -> list[dict]:
     messages, position = [], 0
     for exchange in find_tool_calls(text):
         call = call_message_entry(exchange.payload)
-        before = text[position:exchange.call_span[0]]
+        before = text[position : exchange.call_span[0]]
         if call is None:  # not a call the format can hold: keep what the model wrote, as plain text
             continue
         messages.append({"role": "assistant", "content": defuse_special_tokens(before), "tool_calls": [call]})

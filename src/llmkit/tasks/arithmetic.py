@@ -45,7 +45,9 @@ from llmkit.config import check
 
 HELDOUT_FRACTION = 0.1
 TOOL_NAME = "calculator"
-TOOL_SYSTEM_PROMPT = "Solve the problem step by step. Use calculator(expression) for arithmetic. End with '#### ' and the answer."
+TOOL_SYSTEM_PROMPT = (
+    "Solve the problem step by step. Use calculator(expression) for arithmetic. End with '#### ' and the answer."
+)
 PLAIN_SYSTEM_PROMPT = "Solve the problem step by step. End with '#### ' and the answer."
 _OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 ANSWER_MARKER = "####"
@@ -107,9 +109,24 @@ def _whole_and_non_negative(steps) -> bool:
 
 
 # ----------------------------------------------------------------------------------- templates
-NAMES = [("Maya", "she"), ("Leo", "he"), ("Aisha", "she"), ("Tom", "he"), ("Priya", "she"), ("Diego", "he"),
-         ("Sofia", "she"), ("Kenji", "he"), ("Nora", "she"), ("Omar", "he"), ("Lena", "she"), ("Sam", "he"),
-         ("Zara", "she"), ("Ivan", "he"), ("Chloe", "she"), ("Ravi", "he")]
+NAMES = [
+    ("Maya", "she"),
+    ("Leo", "he"),
+    ("Aisha", "she"),
+    ("Tom", "he"),
+    ("Priya", "she"),
+    ("Diego", "he"),
+    ("Sofia", "she"),
+    ("Kenji", "he"),
+    ("Nora", "she"),
+    ("Omar", "he"),
+    ("Lena", "she"),
+    ("Sam", "he"),
+    ("Zara", "she"),
+    ("Ivan", "he"),
+    ("Chloe", "she"),
+    ("Ravi", "he"),
+]
 ITEMS = ["notebook", "pen", "apple", "sticker", "candle", "mug", "ticket", "comic", "plant", "sandwich"]
 FOODS = ["cookies", "muffins", "dumplings", "pancakes", "tarts"]
 VEHICLES = ["train", "bus", "truck", "ferry", "car"]
@@ -122,10 +139,16 @@ def _shopping(rng: random.Random) -> tuple[str, list[Step]]:
     (name, _), (first, second) = rng.choice(NAMES), rng.sample(ITEMS, 2)
     a, p, b, q = rng.randint(2, 9), rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 12)
     bill = next(bill for bill in (20, 50, 100, 200, 500) if bill >= a * p + b * q)  # the cost is at most 2 * 9 * 12
-    question = (f"{name} buys {a} {first}s at ${p} each and {b} {second}s at ${q} each. "
-                f"{name} pays with a ${bill} bill. How much change does {name} get?")
-    return question, [Step(f"Cost of the {first}s", "*", a, p), Step(f"Cost of the {second}s", "*", b, q),
-                      Step("Total cost", "+", P0, P1), Step("Change", "-", bill, P2)]
+    question = (
+        f"{name} buys {a} {first}s at ${p} each and {b} {second}s at ${q} each. "
+        f"{name} pays with a ${bill} bill. How much change does {name} get?"
+    )
+    return question, [
+        Step(f"Cost of the {first}s", "*", a, p),
+        Step(f"Cost of the {second}s", "*", b, q),
+        Step("Total cost", "+", P0, P1),
+        Step("Change", "-", bill, P2),
+    ]
 
 
 def _sharing(rng: random.Random) -> tuple[str, list[Step]]:
@@ -134,30 +157,39 @@ def _sharing(rng: random.Random) -> tuple[str, list[Step]]:
     kept = trays * per - friends * each
     if kept < 1:
         return _sharing(rng)
-    question = (f"{name} bakes {trays} trays of {per} {food}. {pronoun.capitalize()} keeps {kept} {food} and shares "
-                f"the rest equally among {friends} friends. How many {food} does each friend get?")
-    return question, [Step(f"{food.capitalize()} baked", "*", trays, per), Step(f"{food.capitalize()} to share", "-", P0, kept),
-                      Step(f"{food.capitalize()} per friend", "/", P1, friends)]
+    question = (
+        f"{name} bakes {trays} trays of {per} {food}. {pronoun.capitalize()} keeps {kept} {food} and shares "
+        f"the rest equally among {friends} friends. How many {food} does each friend get?"
+    )
+    return question, [
+        Step(f"{food.capitalize()} baked", "*", trays, per),
+        Step(f"{food.capitalize()} to share", "-", P0, kept),
+        Step(f"{food.capitalize()} per friend", "/", P1, friends),
+    ]
 
 
 def _travel(rng: random.Random) -> tuple[str, list[Step]]:
     vehicle = rng.choice(VEHICLES)
     s1, h1, s2, h2 = rng.randint(3, 12) * 10, rng.randint(2, 5), rng.randint(3, 12) * 10, rng.randint(2, 5)
-    question = (f"A {vehicle} travels at {s1} km per hour for {h1} hours and then at {s2} km per hour for {h2} hours. ")
+    question = f"A {vehicle} travels at {s1} km per hour for {h1} hours and then at {s2} km per hour for {h2} hours. "
     steps = [Step("First part", "*", s1, h1), Step("Second part", "*", s2, h2), Step("Total distance", "+", P0, P1)]
     if rng.random() < 0.5:
         return question + "How many kilometers does it travel in total?", steps
     trip = (s1 * h1 + s2 * h2) // 100 * 100 + rng.randint(1, 4) * 100
-    return (question + f"How many kilometers are left of its {trip} km trip?",
-            steps + [Step("Distance left", "-", trip, P2)])
+    return (
+        question + f"How many kilometers are left of its {trip} km trip?",
+        steps + [Step("Distance left", "-", trip, P2)],
+    )
 
 
 def _savings(rng: random.Random) -> tuple[str, list[Step]]:
     (name, pronoun), purchase = rng.choice(NAMES), rng.choice(PURCHASES)
     weekly, weeks = rng.randint(3, 15), rng.randint(3, 12)
     spent = rng.randint(5, weekly * weeks - 1)
-    question = (f"{name} saves ${weekly} every week for {weeks} weeks. Then {pronoun} spends ${spent} on a {purchase}. "
-                f"How much money does {name} have left?")
+    question = (
+        f"{name} saves ${weekly} every week for {weeks} weeks. Then {pronoun} spends ${spent} on a {purchase}. "
+        f"How much money does {name} have left?"
+    )
     return question, [Step("Money saved", "*", weekly, weeks), Step("Money left", "-", P0, spent)]
 
 
@@ -167,40 +199,65 @@ def _printing(rng: random.Random) -> tuple[str, list[Step]]:
     if not rates:
         return _printing(rng)
     rate = rng.choice(rates)
-    question = (f"A printer prints {rate} pages per minute. How many minutes does it take to print "
-                f"{copies} copies of a {pages}-page report?")
+    question = (
+        f"A printer prints {rate} pages per minute. How many minutes does it take to print "
+        f"{copies} copies of a {pages}-page report?"
+    )
     return question, [Step("Pages to print", "*", copies, pages), Step("Minutes", "/", P0, rate)]
 
 
 def _garden(rng: random.Random) -> tuple[str, list[Step]]:
     length, width, density = rng.randint(4, 15), rng.randint(3, 12), rng.randint(2, 6)
     path = rng.randint(2, length * width - 1)
-    question = (f"A rectangular garden is {length} meters long and {width} meters wide. A path covers {path} square "
-                f"meters of it, and the rest is planted with {density} flowers per square meter. How many flowers are planted?")
-    return question, [Step("Garden area", "*", length, width), Step("Planted area", "-", P0, path), Step("Flowers", "*", P1, density)]
+    question = (
+        f"A rectangular garden is {length} meters long and {width} meters wide. A path covers {path} square "
+        f"meters of it, and the rest is planted with {density} flowers per square meter. How many flowers are planted?"
+    )
+    return question, [
+        Step("Garden area", "*", length, width),
+        Step("Planted area", "-", P0, path),
+        Step("Flowers", "*", P1, density),
+    ]
 
 
 def _collection(rng: random.Random) -> tuple[str, list[Step]]:
     ((name, pronoun), (friend, _)), things = rng.sample(NAMES, 2), rng.choice(THINGS)
     have, packs, per = rng.randint(10, 60), rng.randint(2, 6), rng.randint(3, 12)
     given = rng.randint(1, have - 1)
-    question = (f"{name} has {have} {things}. {pronoun.capitalize()} gives {given} to {friend} and then buys {packs} packs "
-                f"of {per} {things}. How many {things} does {name} have now?")
-    return question, [Step(f"{things.capitalize()} after giving", "-", have, given), Step(f"{things.capitalize()} bought", "*", packs, per),
-                      Step(f"{things.capitalize()} now", "+", P0, P1)]
+    question = (
+        f"{name} has {have} {things}. {pronoun.capitalize()} gives {given} to {friend} and then buys {packs} packs "
+        f"of {per} {things}. How many {things} does {name} have now?"
+    )
+    return question, [
+        Step(f"{things.capitalize()} after giving", "-", have, given),
+        Step(f"{things.capitalize()} bought", "*", packs, per),
+        Step(f"{things.capitalize()} now", "+", P0, P1),
+    ]
 
 
 def _tickets(rng: random.Random) -> tuple[str, list[Step]]:
     rows, seats, price = rng.randint(4, 15), rng.randint(6, 20), rng.randint(3, 12)
     taken = rng.randint(1, rows * seats - 1)
-    question = (f"A hall has {rows} rows of {seats} seats, and {taken} seats are already sold. The remaining seats "
-                f"cost ${price} each. How much money is made if every remaining seat is sold?")
-    return question, [Step("Seats in the hall", "*", rows, seats), Step("Remaining seats", "-", P0, taken), Step("Money made", "*", P1, price)]
+    question = (
+        f"A hall has {rows} rows of {seats} seats, and {taken} seats are already sold. The remaining seats "
+        f"cost ${price} each. How much money is made if every remaining seat is sold?"
+    )
+    return question, [
+        Step("Seats in the hall", "*", rows, seats),
+        Step("Remaining seats", "-", P0, taken),
+        Step("Money made", "*", P1, price),
+    ]
 
 
 TEMPLATES: dict[str, Callable[[random.Random], tuple[str, list[Step]]]] = {
-    "shopping": _shopping, "sharing": _sharing, "travel": _travel, "savings": _savings,
-    "printing": _printing, "garden": _garden, "collection": _collection, "tickets": _tickets,
+    "shopping": _shopping,
+    "sharing": _sharing,
+    "travel": _travel,
+    "savings": _savings,
+    "printing": _printing,
+    "garden": _garden,
+    "collection": _collection,
+    "tickets": _tickets,
 }
 
 
@@ -245,12 +302,16 @@ def solution_messages(steps: tuple[Step, ...] | list[Step], with_tools: bool = T
     values, written = step_values(steps), expressions(steps)
     final = f"{ANSWER_MARKER} {values[-1].numerator}"
     if not with_tools:
-        lines = [f"{step.label}: {expression} = {value.numerator}" for step, expression, value in zip(steps, written, values)]
+        lines = [
+            f"{step.label}: {expression} = {value.numerator}" for step, expression, value in zip(steps, written, values)
+        ]
         return [{"role": "assistant", "content": "\n".join(lines + [final])}]
     messages: list[dict] = []
     for index, (step, expression, value) in enumerate(zip(steps, written, values)):
         call = {"type": "custom", "custom": {"name": TOOL_NAME, "input": expression}}
-        messages.append({"role": "assistant", "content": ("\n" if index else "") + f"{step.label}: ", "tool_calls": [call]})
+        messages.append(
+            {"role": "assistant", "content": ("\n" if index else "") + f"{step.label}: ", "tool_calls": [call]}
+        )
         messages.append({"role": "tool", "content": str(value.numerator)})
     messages.append({"role": "assistant", "content": "\n" + final})
     return messages
@@ -268,8 +329,10 @@ def gsm8k_record(problem: Problem) -> dict[str, str]:
     the calculator every annotation becomes the call ``calculator(4*3)`` and its result, without it the
     line reads ``Cost of the pens: 4*3 = 12.`` (the plain form of :func:`solution_messages`)."""
     values, written = step_values(problem.steps), expressions(problem.steps)
-    lines = [f"{step.label}: {expression} = <<{expression}={value.numerator}>>{value.numerator}."
-             for step, expression, value in zip(problem.steps, written, values)]
+    lines = [
+        f"{step.label}: {expression} = <<{expression}={value.numerator}>>{value.numerator}."
+        for step, expression, value in zip(problem.steps, written, values)
+    ]
     return {"question": problem.question, "answer": "\n".join(lines + [f"{ANSWER_MARKER} {problem.answer}"])}
 
 
@@ -279,7 +342,9 @@ def prompt_messages(problem: Problem, with_tools: bool = True) -> list[dict]:
 
 
 def to_conversation(problem: Problem, with_tools: bool = True) -> Conversation:
-    return Conversation(prompt_messages(problem, with_tools) + solution_messages(problem.steps, with_tools), task="arithmetic")
+    return Conversation(
+        prompt_messages(problem, with_tools) + solution_messages(problem.steps, with_tools), task="arithmetic"
+    )
 
 
 def corruptions(steps: tuple[Step, ...]) -> list[tuple[str, list[Step]]]:
@@ -290,14 +355,24 @@ def corruptions(steps: tuple[Step, ...]) -> list[tuple[str, list[Step]]]:
         for side in ("left", "right"):
             literal = getattr(step, side)
             if isinstance(literal, int):
-                candidates += [("off_by_one", _with_step(steps, index, replace(step, **{side: literal + delta})))
-                               for delta in (-1, 1) if literal + delta > 0]
-        candidates += [("wrong_operation", _with_step(steps, index, replace(step, operator=symbol)))
-                       for symbol in _OPERATIONS if symbol != step.operator]
+                candidates += [
+                    ("off_by_one", _with_step(steps, index, replace(step, **{side: literal + delta})))
+                    for delta in (-1, 1)
+                    if literal + delta > 0
+                ]
+        candidates += [
+            ("wrong_operation", _with_step(steps, index, replace(step, operator=symbol)))
+            for symbol in _OPERATIONS
+            if symbol != step.operator
+        ]
         if len(steps) > 1:
             candidates.append(("dropped_step", _without_step(steps, index)))
     answer = step_values(steps)[-1]
-    return [(kind, wrong) for kind, wrong in candidates if _whole_and_non_negative(wrong) and step_values(wrong)[-1] != answer]
+    return [
+        (kind, wrong)
+        for kind, wrong in candidates
+        if _whole_and_non_negative(wrong) and step_values(wrong)[-1] != answer
+    ]
 
 
 def _with_step(steps: tuple[Step, ...], index: int, new: Step) -> list[Step]:
@@ -315,7 +390,11 @@ def _without_step(steps: tuple[Step, ...], dropped: int) -> list[Step]:
             return moved(steps[dropped].left)
         return Previous(operand.index - (operand.index > dropped))
 
-    return [replace(step, left=moved(step.left), right=moved(step.right)) for position, step in enumerate(steps) if position != dropped]
+    return [
+        replace(step, left=moved(step.left), right=moved(step.right))
+        for position, step in enumerate(steps)
+        if position != dropped
+    ]
 
 
 def preference_pairs(problems: list[Problem], seed: int = 0, with_tools: bool = True) -> list[Preference]:
@@ -329,6 +408,11 @@ def preference_pairs(problems: list[Problem], seed: int = 0, with_tools: bool = 
         # Pick the kind first so the three kinds are equally common whatever their candidate counts.
         kind = rng.choice(sorted({kind for kind, _ in options}))
         wrong = rng.choice([steps for option_kind, steps in options if option_kind == kind])
-        pairs.append(Preference(prompt_messages(problem, with_tools), solution_messages(problem.steps, with_tools),
-                                solution_messages(wrong, with_tools)))
+        pairs.append(
+            Preference(
+                prompt_messages(problem, with_tools),
+                solution_messages(problem.steps, with_tools),
+                solution_messages(wrong, with_tools),
+            )
+        )
     return pairs

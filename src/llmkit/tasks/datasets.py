@@ -37,8 +37,15 @@ from llmkit.chat import Conversation, Preference, Ranking, check_messages
 from llmkit.errors import InputError
 from llmkit.io import iter_jsonl
 
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                   "assistant": "assistant", "observation": "tool", "tool": "tool"}
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -83,14 +90,20 @@ def _json_array_records(path: Path) -> Iterator[tuple[str, dict]]:
         if position < len(text) and text[position] == ",":
             position = whitespace.match(text, position + 1).end()
         elif position >= len(text) or text[position] != "]":
-            raise InputError(f"{path}:{line + text.count(chr(10), counted, position)}: expected ',' or ']' after a record")
+            raise InputError(
+                f"{path}:{line + text.count(chr(10), counted, position)}: expected ',' or ']' after a record"
+            )
     if position >= len(text):
         raise InputError(f"{path}: the JSON array is not closed")
 
 
 def load_conversations(path: str | Path) -> list[Conversation]:
     """Every conversation of a supervised dataset file (formats in the module docstring)."""
-    conversations = [conversation for where, record in read_records(path) for conversation in conversations_from_record(record, where)]
+    conversations = [
+        conversation
+        for where, record in read_records(path)
+        for conversation in conversations_from_record(record, where)
+    ]
     if not conversations:
         raise InputError(f"{path}: no conversations")
     return conversations
@@ -110,8 +123,9 @@ def conversations_from_record(record: dict, where: str) -> list[Conversation]:
     elif "conversations" in record:
         messages = to_messages(record["conversations"], f"{where}: conversations", "user")
     elif "prompt" in record and "completion" in record:
-        messages = (to_messages(record["prompt"], f"{where}: prompt", "user")
-                    + to_messages(record["completion"], f"{where}: completion", "assistant"))
+        messages = to_messages(record["prompt"], f"{where}: prompt", "user") + to_messages(
+            record["completion"], f"{where}: completion", "assistant"
+        )
     elif "instruction" in record and "instances" in record:
         return _seed_task_instances(record, where)
     elif "instruction" in record and "output" in record:
@@ -119,10 +133,15 @@ def conversations_from_record(record: dict, where: str) -> list[Conversation]:
         if not isinstance(given, str):
             raise InputError(f"{where}: field 'input' must be a string")
         user = f"{instruction}\n\n{given}" if given else instruction
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _string(record, "output", where)}]
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _string(record, "output", where)},
+        ]
     else:
-        raise InputError(f"{where}: no conversation format matches the keys {sorted(record)} (expected 'messages', "
-                         "'conversations', 'prompt'+'completion', 'instruction'+'output' or 'instruction'+'instances')")
+        raise InputError(
+            f"{where}: no conversation format matches the keys {sorted(record)} (expected 'messages', "
+            "'conversations', 'prompt'+'completion', 'instruction'+'output' or 'instruction'+'instances')"
+        )
     messages = _with_system(record, messages, where)
     check_messages(messages, where)
     return [Conversation(messages)]
@@ -134,27 +153,37 @@ def preference_from_record(record: dict, where: str) -> Preference | Ranking:
         responses = record["responses"]
         if not isinstance(responses, list) or len(responses) < 2:
             raise InputError(f"{where}: 'responses' must be a list of at least two responses, best first")
-        ranked = [to_messages(response, f"{where}: responses[{index}]", "assistant") for index, response in enumerate(responses)]
+        ranked = [
+            to_messages(response, f"{where}: responses[{index}]", "assistant")
+            for index, response in enumerate(responses)
+        ]
         for messages in ranked:
             check_messages(prompt + messages, where)
         return Ranking(prompt, ranked)
     if "chosen" not in record or "rejected" not in record:
-        raise InputError(f"{where}: no preference format matches the keys {sorted(record)} (expected "
-                         "'chosen'+'rejected' with an optional 'prompt' or 'conversations', or 'prompt'+'responses')")
+        raise InputError(
+            f"{where}: no preference format matches the keys {sorted(record)} (expected "
+            "'chosen'+'rejected' with an optional 'prompt' or 'conversations', or 'prompt'+'responses')"
+        )
     if "prompt" in record or "conversations" in record:
         key = "prompt" if "prompt" in record else "conversations"
         prompt = _with_system(record, to_messages(record[key], f"{where}: {key}", "user"), where)
         chosen = to_messages(record["chosen"], f"{where}: chosen", "assistant")
         rejected = to_messages(record["rejected"], f"{where}: rejected", "assistant")
     else:
-        prompt, chosen, rejected = extract_prompt(_conversation(record["chosen"], f"{where}: chosen"),
-                                                  _conversation(record["rejected"], f"{where}: rejected"), where)
+        prompt, chosen, rejected = extract_prompt(
+            _conversation(record["chosen"], f"{where}: chosen"),
+            _conversation(record["rejected"], f"{where}: rejected"),
+            where,
+        )
     check_messages(prompt + chosen, where)
     check_messages(prompt + rejected, where)
     return Preference(prompt, chosen, rejected)
 
 
-def extract_prompt(chosen: list[dict], rejected: list[dict], where: str = "preference") -> tuple[list[dict], list[dict], list[dict]]:
+def extract_prompt(
+    chosen: list[dict], rejected: list[dict], where: str = "preference"
+) -> tuple[list[dict], list[dict], list[dict]]:
     """Split two full conversations into (shared prompt, chosen continuation, rejected continuation)."""
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
@@ -177,8 +206,10 @@ def parse_transcript(text: str, where: str) -> list[dict]:
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
         raise InputError(f"{where}: not a '\\n\\nHuman: ... \\n\\nAssistant: ...' transcript")
-    return [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
-            for speaker, content in zip(parts[1::2], parts[2::2])]
+    return [
+        {"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+        for speaker, content in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def to_messages(value, where: str, role: str) -> list[dict]:
@@ -192,17 +223,26 @@ def to_messages(value, where: str, role: str) -> list[dict]:
     raise InputError(f"{where}: expected a string or a non-empty list of messages, got {value!r:.80}")
 
 
-def build_instance(task_description: str, input: str, output: str,
-                   demonstrations: Sequence[tuple[str, str]] = (), task: str | None = None) -> Conversation:
+def build_instance(
+    task_description: str,
+    input: str,
+    output: str,
+    demonstrations: Sequence[tuple[str, str]] = (),
+    task: str | None = None,
+) -> Conversation:
     """An instruction instance in the Super-NaturalInstructions encoding (Wang et al. 2022): the task
     definition, optional positive examples as (input, output) pairs, then the instance's input; the
     output is the assistant's reply."""
     parts = [f"Definition: {task_description}"]
-    parts += [f"Example {number}:\nInput: {example_input}\nOutput: {example_output}"
-              for number, (example_input, example_output) in enumerate(demonstrations, start=1)]
+    parts += [
+        f"Example {number}:\nInput: {example_input}\nOutput: {example_output}"
+        for number, (example_input, example_output) in enumerate(demonstrations, start=1)
+    ]
     if input:
         parts.append(("Now complete the following example:\n" if demonstrations else "") + f"Input: {input}")
-    return Conversation([{"role": "user", "content": "\n\n".join(parts)}, {"role": "assistant", "content": output}], task)
+    return Conversation(
+        [{"role": "user", "content": "\n\n".join(parts)}, {"role": "assistant", "content": output}], task
+    )
 
 
 def _seed_task_instances(record: dict, where: str) -> list[Conversation]:
@@ -214,7 +254,9 @@ def _seed_task_instances(record: dict, where: str) -> list[Conversation]:
         place = f"{where}: instances[{index}]"
         if not isinstance(instance, dict):
             raise InputError(f"{place}: expected an object with 'input' and 'output'")
-        conversation = build_instance(instruction, instance.get("input") or "", _string(instance, "output", place), task=record.get("name"))
+        conversation = build_instance(
+            instruction, instance.get("input") or "", _string(instance, "output", place), task=record.get("name")
+        )
         check_messages(conversation.messages, place)
         conversations.append(conversation)
     return conversations
@@ -233,17 +275,21 @@ def _message(message, where: str) -> dict:
     if "role" in message:
         return {key: message[key] for key in ("role", "content", "tool_calls") if key in message}
     if "from" not in message or "value" not in message:
-        raise InputError(f"{where}: a message needs 'role'/'content' or ShareGPT 'from'/'value', got keys {sorted(message)}")
+        raise InputError(
+            f"{where}: a message needs 'role'/'content' or ShareGPT 'from'/'value', got keys {sorted(message)}"
+        )
     speaker, value = message["from"], message["value"]
     if speaker == "function_call":
         try:
             call = json.loads(value)
             function = {"name": call["name"], "arguments": call.get("arguments", {})}
         except (json.JSONDecodeError, TypeError, KeyError):
-            raise InputError(f"{where}: a function_call value must be JSON {{\"name\": ..., \"arguments\": ...}}") from None
+            raise InputError(f'{where}: a function_call value must be JSON {{"name": ..., "arguments": ...}}') from None
         return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": function}]}
     if speaker not in _SHAREGPT_ROLES:
-        raise InputError(f"{where}: unknown ShareGPT speaker {speaker!r} (expected one of {', '.join(sorted(_SHAREGPT_ROLES))}, function_call)")
+        raise InputError(
+            f"{where}: unknown ShareGPT speaker {speaker!r} (expected one of {', '.join(sorted(_SHAREGPT_ROLES))}, function_call)"
+        )
     return {"role": _SHAREGPT_ROLES[speaker], "content": value}
 
 

@@ -27,10 +27,47 @@ import random
 import signal
 import sys
 
-POOL = [0, 1, 2, 3, 7, -4, 10, 1900, 2024, 0.5, 2.25, -1.5, True, False, None,
-        "", "a", "abc", "hello world", "Hello, World!", "  spaced  out ", "a/b/c.txt", "/usr/lib/../bin/", "*.py",
-        "3.14", "line one\nline two", "x=1&y=2", "https://example.com/a/b?q=1#top", "<b>&amp;</b>",
-        b"", b"abc", b"hello world", [], [3, 1, 2], [1, 2, 2, 5], ["b", "a", "c"], (1, 2), (4, 0.5, 0.25), {"a": 1}]
+POOL = [
+    0,
+    1,
+    2,
+    3,
+    7,
+    -4,
+    10,
+    1900,
+    2024,
+    0.5,
+    2.25,
+    -1.5,
+    True,
+    False,
+    None,
+    "",
+    "a",
+    "abc",
+    "hello world",
+    "Hello, World!",
+    "  spaced  out ",
+    "a/b/c.txt",
+    "/usr/lib/../bin/",
+    "*.py",
+    "3.14",
+    "line one\nline two",
+    "x=1&y=2",
+    "https://example.com/a/b?q=1#top",
+    "<b>&amp;</b>",
+    b"",
+    b"abc",
+    b"hello world",
+    [],
+    [3, 1, 2],
+    [1, 2, 2, 5],
+    ["b", "a", "c"],
+    (1, 2),
+    (4, 0.5, 0.25),
+    {"a": 1},
+]
 MAX_CALLS = 1500  # argument tuples tried per function
 MAX_RESULT_CHARS = 200
 
@@ -110,7 +147,9 @@ def record(module, function, request):
         if result not in seen and len(chosen) < request["examples"]:
             seen.add(result)
             chosen.append([arguments, result])
-    chosen += [[arguments, result] for _, arguments, result in found if [arguments, result] not in chosen][:request["examples"] - len(chosen)]
+    chosen += [[arguments, result] for _, arguments, result in found if [arguments, result] not in chosen][
+        : request["examples"] - len(chosen)
+    ]
     return chosen
 
 

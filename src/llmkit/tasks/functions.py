@@ -56,19 +56,67 @@ from llmkit.sandbox import run_checked, run_python
 from llmkit.tasks import function_harness
 
 # Modules whose small functions are mostly pure string, number and path manipulation.
-DEFAULT_MODULES = ("base64", "calendar", "difflib", "email.base64mime", "email.quoprimime", "email.utils",
-                   "encodings.punycode", "fnmatch", "html", "ipaddress", "ntpath", "operator", "posixpath", "quopri", "re",
-                   "shlex", "statistics", "string", "textwrap", "urllib.parse", "xml.sax.saxutils")
+DEFAULT_MODULES = (
+    "base64",
+    "calendar",
+    "difflib",
+    "email.base64mime",
+    "email.quoprimime",
+    "email.utils",
+    "encodings.punycode",
+    "fnmatch",
+    "html",
+    "ipaddress",
+    "ntpath",
+    "operator",
+    "posixpath",
+    "quopri",
+    "re",
+    "shlex",
+    "statistics",
+    "string",
+    "textwrap",
+    "urllib.parse",
+    "xml.sax.saxutils",
+)
 HELDOUT_MODULES = ("calendar", "shlex", "statistics", "textwrap")
 MAX_BODY_LINES = 15
 EXAMPLES_PER_TASK = 8
 MIN_EXAMPLES = 3
 CALL_SECONDS = 0.05
-_IMPURE_NAMES = {"open", "print", "input", "exec", "eval", "compile", "__import__", "breakpoint", "globals", "locals",
-                 "vars", "id", "exit", "quit"}
+_IMPURE_NAMES = {
+    "open",
+    "print",
+    "input",
+    "exec",
+    "eval",
+    "compile",
+    "__import__",
+    "breakpoint",
+    "globals",
+    "locals",
+    "vars",
+    "id",
+    "exit",
+    "quit",
+}
 # Attributes that read the file system, the environment or the clock (os.lstat, os.environ, time.time, ...).
-_IO_ATTRIBUTES = {"stat", "lstat", "listdir", "scandir", "getcwd", "getcwdb", "environ", "getenv", "urandom", "readlink",
-                  "access", "walk", "time", "monotonic"}
+_IO_ATTRIBUTES = {
+    "stat",
+    "lstat",
+    "listdir",
+    "scandir",
+    "getcwd",
+    "getcwdb",
+    "environ",
+    "getenv",
+    "urandom",
+    "readlink",
+    "access",
+    "walk",
+    "time",
+    "monotonic",
+}
 _HARNESS = Path(function_harness.__file__).read_text(encoding="utf-8")
 # The checker's side of a checked run: the examples stay in its process; the candidate only answers calls.
 _CHECKER = """import ast, json
@@ -85,11 +133,33 @@ print(json.dumps({{"passed": passed, "total": len(examples), "error": error}}))
 """
 _FENCED = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)```", re.DOTALL)
 # Mutation operators (the classic ones of mutation testing): each replaces one node by a near miss.
-_COMPARE_SWAPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
-                  ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
-_OPERATOR_SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Add, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
-                   ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd,
-                   ast.LShift: ast.RShift, ast.RShift: ast.LShift, ast.And: ast.Or, ast.Or: ast.And}
+_COMPARE_SWAPS = {
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+}
+_OPERATOR_SWAPS = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.Add,
+    ast.Div: ast.Mult,
+    ast.FloorDiv: ast.Mult,
+    ast.Mod: ast.FloorDiv,
+    ast.Pow: ast.Mult,
+    ast.BitAnd: ast.BitOr,
+    ast.BitOr: ast.BitAnd,
+    ast.LShift: ast.RShift,
+    ast.RShift: ast.LShift,
+    ast.And: ast.Or,
+    ast.Or: ast.And,
+}
 
 
 @dataclass(frozen=True)
@@ -148,12 +218,16 @@ def _candidates(module: str) -> list[tuple[ast.FunctionDef, str]]:
     lines = source.splitlines()
     # A name defined twice keeps its last definition, the one the module ends up with.
     nodes = {node.name: node for node in ast.parse(source).body if is_candidate(node)}
-    return [(node, "\n".join(lines[node.lineno - 1:node.body[0].end_lineno])) for node in nodes.values()]
+    return [(node, "\n".join(lines[node.lineno - 1 : node.body[0].end_lineno])) for node in nodes.values()]
 
 
 def _harness(module: str, request: dict, timeout_s: float):
-    result = run_python(_HARNESS, timeout_s=timeout_s, max_output_bytes=1 << 22,
-                        stdin=json.dumps({"module": module, "call_seconds": CALL_SECONDS, **request}))
+    result = run_python(
+        _HARNESS,
+        timeout_s=timeout_s,
+        max_output_bytes=1 << 22,
+        stdin=json.dumps({"module": module, "call_seconds": CALL_SECONDS, **request}),
+    )
     if result.status != "ok":
         return None, f"{result.status}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}"
     return json.loads(result.stdout), None
@@ -162,9 +236,14 @@ def _harness(module: str, request: dict, timeout_s: float):
 def mine_module(module: str) -> list[FunctionTask]:
     """The tasks of one module (two sandbox runs record the examples)."""
     candidates = _candidates(module)
-    functions = [{"name": node.name, "source": ast.unparse(_without_docstring(node)),
-                  "required": len(node.args.posonlyargs) + len(node.args.args) - len(node.args.defaults)}
-                 for node, _ in candidates]
+    functions = [
+        {
+            "name": node.name,
+            "source": ast.unparse(_without_docstring(node)),
+            "required": len(node.args.posonlyargs) + len(node.args.args) - len(node.args.defaults),
+        }
+        for node, _ in candidates
+    ]
     request = {"functions": functions, "examples": EXAMPLES_PER_TASK}
     runs = []
     for _ in range(2):
@@ -185,7 +264,11 @@ def function_tasks(split: str = "train", modules: tuple[str, ...] = DEFAULT_MODU
     """The tasks of the modules of ``split`` among ``modules`` (held-out: those in ``HELDOUT_MODULES``)."""
     check(split in ("train", "heldout"), "split", split, "must be 'train' or 'heldout'")
     chosen = [module for module in modules if (module in HELDOUT_MODULES) == (split == "heldout")]
-    return [task for module in tqdm(chosen, desc=f"functions: mining {split}", unit=" modules") for task in mine_module(module)]
+    return [
+        task
+        for module in tqdm(chosen, desc=f"functions: mining {split}", unit=" modules")
+        for task in mine_module(module)
+    ]
 
 
 # ------------------------------------------------------------------------------------ checking
@@ -197,10 +280,15 @@ def extract_code(text: str) -> str:
 
 def _signature(node: ast.FunctionDef) -> tuple:
     arguments = node.args
-    return ([argument.arg for argument in arguments.posonlyargs], [argument.arg for argument in arguments.args],
-            arguments.vararg and arguments.vararg.arg, [argument.arg for argument in arguments.kwonlyargs],
-            arguments.kwarg and arguments.kwarg.arg, len(arguments.defaults),
-            sum(default is not None for default in arguments.kw_defaults))
+    return (
+        [argument.arg for argument in arguments.posonlyargs],
+        [argument.arg for argument in arguments.args],
+        arguments.vararg and arguments.vararg.arg,
+        [argument.arg for argument in arguments.kwonlyargs],
+        arguments.kwarg and arguments.kwarg.arg,
+        len(arguments.defaults),
+        sum(default is not None for default in arguments.kw_defaults),
+    )
 
 
 def _static_check(task: FunctionTask, code: str) -> FunctionCheck:
@@ -240,8 +328,12 @@ def _run_examples(task: FunctionTask, code: str) -> tuple[int, str | None]:
         answer = json.loads(verdict.stdout) if verdict.status == "ok" else None
     except json.JSONDecodeError:
         answer = None
-    if not (isinstance(answer, dict) and answer.get("total") == len(task.examples)
-            and isinstance(answer.get("passed"), int) and 0 <= answer["passed"] <= len(task.examples)):
+    if not (
+        isinstance(answer, dict)
+        and answer.get("total") == len(task.examples)
+        and isinstance(answer.get("passed"), int)
+        and 0 <= answer["passed"] <= len(task.examples)
+    ):
         last_line = verdict.stderr.strip().splitlines()[-1] if verdict.stderr.strip() else ""
         return 0, f"the checker did not finish ({verdict.status}: {last_line})"
     return answer["passed"], answer.get("error")
@@ -323,6 +415,11 @@ def preference_pairs(tasks: list[FunctionTask], seed: int = 0, tries: int = 4) -
         checks = check_solutions(task, options[:tries])
         rejected = next((option for option, result in zip(options, checks) if not result.passed), None)
         if rejected is not None:
-            pairs.append(Preference(prompt_messages(task), [{"role": "assistant", "content": task.reference}],
-                                    [{"role": "assistant", "content": rejected}]))
+            pairs.append(
+                Preference(
+                    prompt_messages(task),
+                    [{"role": "assistant", "content": task.reference}],
+                    [{"role": "assistant", "content": rejected}],
+                )
+            )
     return pairs

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmkit.token_data import load_manifest, open_split
 from llmkit.errors import InputError
+from llmkit.token_data import load_manifest, open_split
 
 
 class TokenBatches:
@@ -22,19 +22,24 @@ class TokenBatches:
         self.batch_size, self.context_length, self.seed = batch_size, context_length, seed
         self.shards = [shard for shard in open_split(data_dir, split) if len(shard) > context_length + 1]
         if not self.shards:
-            raise InputError(f"{data_dir}: the {split} split has no shard longer than context_length+1 = {context_length + 1} tokens")
+            raise InputError(
+                f"{data_dir}: the {split} split has no shard longer than context_length+1 = {context_length + 1} tokens"
+            )
         starts = np.array([len(shard) - context_length - 1 for shard in self.shards], dtype=np.float64)
         self.shard_probabilities = starts / starts.sum()
         # Non-overlapping windows per shard, for the fixed evaluation set of sequential_batch.
-        self.window_starts = [(shard, start) for shard, length in enumerate(starts.astype(int))
-                              for start in range(0, max(1, length // context_length) * context_length, context_length)]
+        self.window_starts = [
+            (shard, start)
+            for shard, length in enumerate(starts.astype(int))
+            for start in range(0, max(1, length // context_length) * context_length, context_length)
+        ]
         split_stats = self.manifest["splits"][split]
         self.tokens = int(split_stats["tokens"])
         # Bits per byte (Gao et al. 2020, The Pile) make losses comparable across tokenizers.
         self.bytes_per_token = split_stats["bytes"] / max(1, split_stats["tokens"])
 
     def _windows(self, shard_indices: np.ndarray, offsets: np.ndarray) -> dict[str, torch.Tensor]:
-        rows = np.stack([self.shards[s][o:o + self.context_length + 1] for s, o in zip(shard_indices, offsets)])
+        rows = np.stack([self.shards[s][o : o + self.context_length + 1] for s, o in zip(shard_indices, offsets)])
         rows = torch.from_numpy(rows.astype(np.int64))
         return {"input_ids": rows[:, :-1], "targets": rows[:, 1:]}
 
@@ -46,6 +51,9 @@ class TokenBatches:
 
     def sequential_batch(self, index: int) -> dict[str, torch.Tensor]:
         """Non-overlapping windows in order, wrapping around: a fixed, deterministic evaluation set."""
-        rows = [self.window_starts[(index * self.batch_size + row) % len(self.window_starts)] for row in range(self.batch_size)]
+        rows = [
+            self.window_starts[(index * self.batch_size + row) % len(self.window_starts)]
+            for row in range(self.batch_size)
+        ]
         shard_indices, offsets = zip(*rows)
         return self._windows(np.array(shard_indices), np.array(offsets))

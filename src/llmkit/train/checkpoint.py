@@ -62,7 +62,9 @@ def decode_rng(text: str) -> torch.Tensor:
 def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Model and optimizer state dicts with plain parameter names, whatever the wrapping (DDP, FSDP2).
     Every rank must call this: under FSDP it gathers the shards."""
-    return get_model_state_dict(model, options=FULL_STATE), get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+    return get_model_state_dict(model, options=FULL_STATE), get_optimizer_state_dict(
+        model, optimizer, options=FULL_STATE
+    )
 
 
 def split_weights(state: dict, language_model: str) -> tuple[dict, dict]:
@@ -71,7 +73,7 @@ def split_weights(state: dict, language_model: str) -> tuple[dict, dict]:
     if not language_model:
         return state, {}
     prefix = language_model + "."
-    inside = {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+    inside = {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
     return inside, {name: tensor for name, tensor in state.items() if not name.startswith(prefix)}
 
 
@@ -81,16 +83,27 @@ def join_weights(model_state: dict, extra: dict, language_model: str) -> dict:
     return {**{prefix + name: tensor for name, tensor in model_state.items()}, **extra}
 
 
-def save_training_checkpoint(run_directory: Path, step: int, model_state: dict, optimizer_state: dict,
-                             model_config: ModelConfig, trainer_state: dict, metadata: dict, tokenizer=None,
-                             keep_last: int = 3, extra_weights: dict | None = None) -> Path:
+def save_training_checkpoint(
+    run_directory: Path,
+    step: int,
+    model_state: dict,
+    optimizer_state: dict,
+    model_config: ModelConfig,
+    trainer_state: dict,
+    metadata: dict,
+    tokenizer=None,
+    keep_last: int = 3,
+    extra_weights: dict | None = None,
+) -> Path:
     name = f"step_{step:08d}"
     final = run_directory / "checkpoints" / name
     with atomic_directory(final) as directory:
         write_model(directory, model_state, model_config, metadata)
         if extra_weights:
-            save_file({key: tensor.detach().cpu().contiguous() for key, tensor in extra_weights.items()},
-                      str(directory / EXTRA_WEIGHTS))
+            save_file(
+                {key: tensor.detach().cpu().contiguous() for key, tensor in extra_weights.items()},
+                str(directory / EXTRA_WEIGHTS),
+            )
         torch.save(optimizer_state, directory / "optimizer.pt")
         atomic_write_json(directory / "trainer_state.json", trainer_state)
         if tokenizer is not None:
@@ -103,13 +116,16 @@ def save_training_checkpoint(run_directory: Path, step: int, model_state: dict, 
 
 
 def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name[len("step_"):])
+    return int(checkpoint.name[len("step_") :])
 
 
 def _checkpoints_before(directory: Path, newest: Path) -> list[Path]:
     """The checkpoint folders of ``directory`` older than ``newest``, newest first."""
-    older = [path for path in directory.glob("step_*") if path.is_dir() and path.name[len("step_"):].isdigit()
-             and _step_of(path) < _step_of(newest)]
+    older = [
+        path
+        for path in directory.glob("step_*")
+        if path.is_dir() and path.name[len("step_") :].isdigit() and _step_of(path) < _step_of(newest)
+    ]
     return sorted(older, key=_step_of, reverse=True)
 
 
@@ -117,7 +133,7 @@ def _prune(directory: Path, keep_last: int, keep: Path) -> None:
     """Keep ``keep`` (just written, on disk and named by ``latest``: the newest intact checkpoint) and the
     ``keep_last - 1`` before it. Later-numbered folders, left by a run that fell back past them, are kept
     until the run overwrites them; the temporaries of saves killed half-way go."""
-    for old in _checkpoints_before(directory, keep)[keep_last - 1:]:
+    for old in _checkpoints_before(directory, keep)[keep_last - 1 :]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in directory.glob(".step_*"):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -125,8 +141,11 @@ def _prune(directory: Path, keep_last: int, keep: Path) -> None:
 
 def write_manifest(directory: Path) -> None:
     """``manifest.json``: the size and sha256 of every file of a checkpoint being built; written last."""
-    files = {path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-             for path in sorted(directory.rglob("*")) if path.is_file()}
+    files = {
+        path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
     atomic_write_json(directory / MANIFEST, {"files": files})
 
 
@@ -139,7 +158,9 @@ def verify_checkpoint(checkpoint: Path) -> None:
     manifest = read_json(manifest_path)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not RESUME_FILES <= set(files):
-        raise InputError(f"{manifest_path}: malformed manifest (needs a 'files' table listing {', '.join(sorted(RESUME_FILES))})")
+        raise InputError(
+            f"{manifest_path}: malformed manifest (needs a 'files' table listing {', '.join(sorted(RESUME_FILES))})"
+        )
     for name, expected in files.items():
         # Names stay inside the checkpoint: a crafted manifest cannot make a resume read elsewhere.
         if not isinstance(expected, dict) or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
@@ -148,7 +169,9 @@ def verify_checkpoint(checkpoint: Path) -> None:
         if not path.is_file():
             raise InputError(f"{path}: missing (listed in {MANIFEST})")
         if path.stat().st_size != expected.get("bytes"):
-            raise InputError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {expected.get('bytes')} (truncated?)")
+            raise InputError(
+                f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {expected.get('bytes')} (truncated?)"
+            )
         if sha256_file(path) != expected.get("sha256"):
             raise InputError(f"{path}: sha256 differs from {MANIFEST} (corrupted)")
 
@@ -180,8 +203,14 @@ def read_training_state(checkpoint: Path, device: str | torch.device = "cpu"):
         raise InputError(f"{path}: not a readable training state ({reason})") from None
 
 
-def load_training_checkpoint(run_directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             model_config: ModelConfig, language_model: str = "", stage: str | None = None) -> dict:
+def load_training_checkpoint(
+    run_directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_config: ModelConfig,
+    language_model: str = "",
+    stage: str | None = None,
+) -> dict:
     """Restore model and optimizer in place from the run's newest intact checkpoint; return its trainer state.
     ``language_model``: where the checkpoint's model sits in ``model`` (:func:`split_weights`); ``stage``:
     the stage resuming, refused when the checkpoint names another."""
@@ -192,8 +221,10 @@ def load_training_checkpoint(run_directory: Path, model: nn.Module, optimizer: t
     saved = model_config_of(checkpoint, config)
     for field_name, value in vars(saved).items():
         if getattr(model_config, field_name) != value:
-            raise MismatchError(f"{checkpoint / 'config.json'}: cannot resume, model field '{field_name}' was "
-                                f"{value!r} in the checkpoint but is {getattr(model_config, field_name)!r} now")
+            raise MismatchError(
+                f"{checkpoint / 'config.json'}: cannot resume, model field '{field_name}' was "
+                f"{value!r} in the checkpoint but is {getattr(model_config, field_name)!r} now"
+            )
     model_state = read_weights(checkpoint / "model.safetensors")
     if model_config.tie_embeddings:
         model_state["lm_head.weight"] = model_state["token_embedding.weight"]

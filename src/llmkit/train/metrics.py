@@ -17,7 +17,19 @@ from llmkit.figures import pyplot, save_figure
 from llmkit.io import atomic_write_text
 from llmkit.tracking import numeric, open_trackers, parse_report_to
 
-CSV_COLUMNS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_bpb", "elapsed_s", "event"]
+CSV_COLUMNS = [
+    "step",
+    "tokens",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "val_loss",
+    "val_bpb",
+    "elapsed_s",
+    "event",
+]
 
 
 def _cache_path() -> Path:
@@ -123,7 +135,9 @@ class MetricsLog:
         plt = pyplot()
 
         def series(column: str):
-            points = [(float(row["tokens"]), float(row[column])) for row in self.rows if row.get(column) not in ("", None)]
+            points = [
+                (float(row["tokens"]), float(row[column])) for row in self.rows if row.get(column) not in ("", None)
+            ]
             return [p[0] for p in points], [p[1] for p in points]
 
         figure, axis = plt.subplots(figsize=(7, 4))

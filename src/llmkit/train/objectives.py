@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.model.transformer import IGNORE_INDEX
 from llmkit.config import check
 from llmkit.errors import ConfigError
+from llmkit.model.transformer import IGNORE_INDEX
 from llmkit.tokenizer import RESERVED, Tokenizer
 
 OBJECTIVES = ("causal", "prefix", "span")
@@ -67,7 +67,10 @@ def auxiliary_loss(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, flo
     if aux is None or utilisation is None:
         return None, {}
     # (n_layer, experts) fractions of routed tokens: 1/experts is perfect balance, 1 is collapse.
-    return aux, {"aux_loss": float(aux.detach()), "expert_max_share": float(utilisation.detach().float().max(dim=-1).values.mean())}
+    return aux, {
+        "aux_loss": float(aux.detach()),
+        "expert_max_share": float(utilisation.detach().float().max(dim=-1).values.mean()),
+    }
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -127,18 +130,36 @@ class SpanCorruption:
     the span count rounds up.
     """
 
-    def __init__(self, context_length: int, sentinel_ids: list[int], eos_id: int, pad_id: int,
-                 noise_density: float = NOISE_DENSITY, mean_span_length: float = MEAN_SPAN_LENGTH):
+    def __init__(
+        self,
+        context_length: int,
+        sentinel_ids: list[int],
+        eos_id: int,
+        pad_id: int,
+        noise_density: float = NOISE_DENSITY,
+        mean_span_length: float = MEAN_SPAN_LENGTH,
+    ):
         check(0 < noise_density < 1, "noise_density", noise_density, "must be in (0, 1)")
         check(mean_span_length >= 1, "mean_span_length", mean_span_length, "must be at least 1")
         check(len(sentinel_ids) > 0, "sentinel_ids", sentinel_ids, "needs at least one sentinel token")
-        self.context_length, self.sentinel_ids, self.eos_id, self.pad_id = context_length, list(sentinel_ids), eos_id, pad_id
-        self.window, self.noise_tokens, self.spans = self.layout(context_length, noise_density, mean_span_length, len(sentinel_ids))
+        self.context_length, self.sentinel_ids, self.eos_id, self.pad_id = (
+            context_length,
+            list(sentinel_ids),
+            eos_id,
+            pad_id,
+        )
+        self.window, self.noise_tokens, self.spans = self.layout(
+            context_length, noise_density, mean_span_length, len(sentinel_ids)
+        )
         self.prefix_length = self.window - self.noise_tokens + self.spans
 
     @staticmethod
-    def layout(context_length: int, noise_density: float = NOISE_DENSITY, mean_span_length: float = MEAN_SPAN_LENGTH,
-               max_spans: int = len(RESERVED)) -> tuple[int, int, int]:
+    def layout(
+        context_length: int,
+        noise_density: float = NOISE_DENSITY,
+        mean_span_length: float = MEAN_SPAN_LENGTH,
+        max_spans: int = len(RESERVED),
+    ) -> tuple[int, int, int]:
         """(window, noise_tokens, spans) for a context; raises ConfigError when none fits."""
         for window in range(context_length, 1, -1):
             noise = min(max(round(window * noise_density), 1), window - 1)
@@ -149,7 +170,13 @@ class SpanCorruption:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Tokenizer, context_length: int, **options) -> "SpanCorruption":
-        return cls(context_length, [tokenizer.special_ids[token] for token in RESERVED], tokenizer.eot_id, tokenizer.pad_id, **options)
+        return cls(
+            context_length,
+            [tokenizer.special_ids[token] for token in RESERVED],
+            tokenizer.eot_id,
+            tokenizer.pad_id,
+            **options,
+        )
 
     def corrupt(self, tokens: np.ndarray, generator: np.random.Generator) -> np.ndarray:
         """``corrupted + targets`` for one window of ``self.window`` tokens (the first ``prefix_length``
@@ -158,24 +185,31 @@ class SpanCorruption:
         keep_lengths = _random_segmentation(self.window - self.noise_tokens, self.spans, generator)
         corrupted, targets, start = [], [], 0
         for sentinel, keep, noise in zip(self.sentinel_ids, keep_lengths, noise_lengths):
-            corrupted += [tokens[start:start + keep], [sentinel]]
-            targets += [[sentinel], tokens[start + keep:start + keep + noise]]
+            corrupted += [tokens[start : start + keep], [sentinel]]
+            targets += [[sentinel], tokens[start + keep : start + keep + noise]]
             start += keep + noise
         return np.concatenate(corrupted + targets + [[self.eos_id]])
 
     def __call__(self, batch: Batch, generator: np.random.Generator) -> Batch:
         """Rewrite a causal batch (inputs and shifted targets of ``context_length + 1`` tokens per row)."""
         rows = torch.cat([batch["input_ids"][:, :1], batch["targets"]], dim=1)
-        check(rows.shape[1] == self.context_length + 1, "context_length", rows.shape[1] - 1,
-              f"batches must hold the {self.context_length} tokens span corruption was laid out for")
+        check(
+            rows.shape[1] == self.context_length + 1,
+            "context_length",
+            rows.shape[1] - 1,
+            f"batches must hold the {self.context_length} tokens span corruption was laid out for",
+        )
         input_ids = torch.full((rows.shape[0], self.context_length), self.pad_id, dtype=torch.long)
         targets = torch.full_like(input_ids, IGNORE_INDEX)
-        for row, tokens in enumerate(rows[:, :self.window].numpy()):
+        for row, tokens in enumerate(rows[:, : self.window].numpy()):
             sequence = torch.from_numpy(self.corrupt(tokens, generator))
-            input_ids[row, :len(sequence) - 1] = sequence[:-1]
-            targets[row, :len(sequence) - 1] = sequence[1:]
-        return {"input_ids": input_ids, "targets": targets,
-                "prefix_lengths": torch.full((rows.shape[0],), self.prefix_length, dtype=torch.long)}
+            input_ids[row, : len(sequence) - 1] = sequence[:-1]
+            targets[row, : len(sequence) - 1] = sequence[1:]
+        return {
+            "input_ids": input_ids,
+            "targets": targets,
+            "prefix_lengths": torch.full((rows.shape[0],), self.prefix_length, dtype=torch.long),
+        }
 
 
 class ObjectiveBatches:
@@ -202,4 +236,6 @@ def build_objective(objective: str, batches, tokenizer: Tokenizer, context_lengt
         # The predicted tokens are ordinary text, so bits per byte keep their meaning.
         return ObjectiveBatches(batches, random_prefix, seed, getattr(batches, "bytes_per_token", None)), prefix_lm_loss
     # Span targets are sentinels and fragments: their loss is not a per-byte measure of the text.
-    return ObjectiveBatches(batches, SpanCorruption.for_tokenizer(tokenizer, context_length), seed, None), prefix_lm_loss
+    return ObjectiveBatches(
+        batches, SpanCorruption.for_tokenizer(tokenizer, context_length), seed, None
+    ), prefix_lm_loss

@@ -41,12 +41,15 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 def adamw_groups(parameters: list[nn.Parameter], weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: decaying biases and norm gains pulls them towards zero for no
     regularisation benefit (GPT-3, nanoGPT)."""
-    return [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8,
-                    fused: bool = True) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float = 1e-8, fused: bool = True
+) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) over every trainable parameter."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     return _adamw(adamw_groups(parameters, weight_decay), lr, betas, eps, fused)
@@ -58,8 +61,12 @@ def _adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {"foreach": True}))
 
 
-def newton_schulz(matrices: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NEWTON_SCHULZ_COEFFICIENTS,
-                  eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(
+    matrices: torch.Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NEWTON_SCHULZ_COEFFICIENTS,
+    eps: float = 1e-7,
+) -> torch.Tensor:
     """Approximately U V^T for each ``matrix`` = U S V^T of a (rows, cols) or (batch, rows, cols) tensor
     (Jordan et al. 2024).
 
@@ -121,8 +128,12 @@ class Muon(torch.optim.Muon):
                     by_shape.setdefault(tuple(block.shape), []).append((rows, block))
             for (rows_count, cols_count), pairs in by_shape.items():
                 scale = update_scale(rows_count, cols_count, group["adjust_lr_fn"])
-                orthogonal = newton_schulz(torch.stack([block for _, block in pairs]), group["ns_steps"],
-                                           group["ns_coefficients"], group["eps"])
+                orthogonal = newton_schulz(
+                    torch.stack([block for _, block in pairs]),
+                    group["ns_steps"],
+                    group["ns_coefficients"],
+                    group["eps"],
+                )
                 for (rows, _), step in zip(pairs, orthogonal):
                     rows.add_(step.to(rows.dtype), alpha=-lr * scale)
         return loss
@@ -164,8 +175,9 @@ class MuonAdamW(torch.optim.Optimizer):
         muon, adamw = self.muon.state_dict(), self.adamw.state_dict()
         offset = sum(len(group["params"]) for group in muon["param_groups"])
         state = {**muon["state"], **{index + offset: value for index, value in adamw["state"].items()}}
-        groups = muon["param_groups"] + [{**group, "params": [index + offset for index in group["params"]]}
-                                         for group in adamw["param_groups"]]
+        groups = muon["param_groups"] + [
+            {**group, "params": [index + offset for index in group["params"]]} for group in adamw["param_groups"]
+        ]
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -175,8 +187,12 @@ class MuonAdamW(torch.optim.Optimizer):
         groups = state_dict["param_groups"]
         for optimizer, own_groups in ((self.muon, groups[:count]), (self.adamw, groups[count:])):
             keys = {key for group in own_groups for key in group["params"]}
-            optimizer.load_state_dict({"state": {key: value for key, value in state_dict["state"].items() if key in keys},
-                                       "param_groups": own_groups})
+            optimizer.load_state_dict(
+                {
+                    "state": {key: value for key, value in state_dict["state"].items() if key in keys},
+                    "param_groups": own_groups,
+                }
+            )
 
 
 def muon_groups(model: nn.Module) -> tuple[list[dict], list[nn.Parameter]]:
@@ -206,19 +222,40 @@ def muon_groups(model: nn.Module) -> tuple[list[dict], list[nn.Parameter]]:
     return [{"params": params, "blocks": list(split) if split else None} for split, params in by_split.items()], adamw
 
 
-def build_muon(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], muon_lr: float,
-               muon_momentum: float, muon_weight_decay: float, fused: bool = True) -> MuonAdamW:
+def build_muon(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    muon_lr: float,
+    muon_momentum: float,
+    muon_weight_decay: float,
+    fused: bool = True,
+) -> MuonAdamW:
     """Muon (Nesterov momentum, 5 Newton-Schulz steps) for the hidden matrices of ``model``, AdamW with
     ``lr`` and ``weight_decay`` for the rest."""
     groups, rest = muon_groups(model)
-    muon = Muon(groups, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay, nesterov=True,
-                adjust_lr_fn="original")
+    muon = Muon(
+        groups,
+        lr=muon_lr,
+        momentum=muon_momentum,
+        weight_decay=muon_weight_decay,
+        nesterov=True,
+        adjust_lr_fn="original",
+    )
     adamw = _adamw([group for group in adamw_groups(rest, weight_decay) if group["params"]], lr, betas, 1e-8, fused)
     return MuonAdamW(muon, adamw)
 
 
-def learning_rate(step: int, budget_used: float | None, peak: float, warmup_steps: int, schedule: str,
-                  min_ratio: float, decay_fraction: float) -> float:
+def learning_rate(
+    step: int,
+    budget_used: float | None,
+    peak: float,
+    warmup_steps: int,
+    schedule: str,
+    min_ratio: float,
+    decay_fraction: float,
+) -> float:
     """Linear warmup over ``warmup_steps``, then a function of ``budget_used``, the fraction (0..1) of the
     run's budget (steps, tokens or wall time, whichever ends first) already spent:
     - ``cosine``: half-cosine from the peak down to ``min_ratio * peak`` (GPT-3, Chinchilla);

@@ -24,8 +24,14 @@ from tqdm.auto import tqdm
 from llmkit.errors import ConfigError, LlmkitError
 from llmkit.model.checkpoint import LATEST
 from llmkit.train import distributed
-from llmkit.train.checkpoint import (decode_rng, encode_rng, gather_state, load_training_checkpoint, save_training_checkpoint,
-                                     split_weights)
+from llmkit.train.checkpoint import (
+    decode_rng,
+    encode_rng,
+    gather_state,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    split_weights,
+)
 from llmkit.train.config import TrainConfig
 from llmkit.train.memory import FREE_MEMORY_SHARE, available_bytes, estimate_step_memory
 from llmkit.train.metrics import MetricsLog, ThroughputMeter, measured_peak_flops
@@ -164,13 +170,26 @@ EVALUATION_FORMATS = {"val_loss": "{:.5f}", "val_bpb": "{:.4f}"}
 
 
 def _format_evaluation(values: dict[str, float | None]) -> dict[str, str]:
-    return {name: "" if value is None else EVALUATION_FORMATS.get(name, "{:.6g}").format(value) for name, value in values.items()}
+    return {
+        name: "" if value is None else EVALUATION_FORMATS.get(name, "{:.6g}").format(value)
+        for name, value in values.items()
+    }
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, train_batches: BatchSource, config: TrainConfig, *,
-                 val_batches=None, loss_fn: LossFunction = causal_lm_loss, tokenizer=None,
-                 metadata: dict | None = None, tokens_per_batch: int | None = None, hooks: TrainingHooks | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        train_batches: BatchSource,
+        config: TrainConfig,
+        *,
+        val_batches=None,
+        loss_fn: LossFunction = causal_lm_loss,
+        tokenizer=None,
+        metadata: dict | None = None,
+        tokens_per_batch: int | None = None,
+        hooks: TrainingHooks | None = None,
+    ):
         """``model`` is the bare :class:`~llmkit.model.Transformer` (or a module holding one, named by
         ``hooks.language_model``); the trainer wraps it for DDP/FSDP and ``torch.compile``.
         ``tokens_per_batch`` counts the tokens of one micro-batch (for throughput); by default
@@ -192,8 +211,16 @@ class Trainer:
         fused = not (self.world.distributed and config.parallelism == "fsdp")
         betas = (config.beta1, config.beta2)
         if config.optimizer == "muon":
-            self.optimizer = build_muon(self.model, config.lr, config.weight_decay, betas, config.muon_lr,
-                                        config.muon_momentum, config.muon_weight_decay, fused=fused)
+            self.optimizer = build_muon(
+                self.model,
+                config.lr,
+                config.weight_decay,
+                betas,
+                config.muon_lr,
+                config.muon_momentum,
+                config.muon_weight_decay,
+                fused=fused,
+            )
         else:
             self.optimizer = build_optimizer(self.wrapped, config.lr, config.weight_decay, betas, fused=fused)
         # The schedule scales every group by one factor of its own peak (AdamW's and Muon's differ).
@@ -204,7 +231,9 @@ class Trainer:
         self.tokenizer, self.metadata = tokenizer, metadata or {}
         self.run_directory = Path(config.out)
         self.micro_batches_per_step = config.grad_accum * self.world.world_size
-        self.tokens_per_step = (tokens_per_batch or config.batch_size * self.model_config.context_length) * self.micro_batches_per_step
+        self.tokens_per_step = (
+            tokens_per_batch or config.batch_size * self.model_config.context_length
+        ) * self.micro_batches_per_step
         self.guard = SpikeGuard(config.spike_ratio, metric=self.hooks.spike_metric)
         self.step = 0
         self.data_position = 0
@@ -228,13 +257,16 @@ class Trainer:
         # copies made while checkpoints are written (SmolLM2's LoRA run peaked 3 GiB above the estimate).
         if free is not None and need.total > FREE_MEMORY_SHARE * free:
             gib = 2**30
-            raise ConfigError("batch_size", self.config.batch_size,
-                              f"a step of {tokens:,} tokens needs about {need.total / gib:.1f} GiB beyond the weights "
-                              f"(activations {need.activation_bytes / gib:.1f}, logits {need.logit_bytes / gib:.1f}, "
-                              f"gradients and optimizer {need.optimizer_bytes / gib:.1f}), over {FREE_MEMORY_SHARE:.0%} of "
-                              f"the {free / gib:.1f} GiB {self.device} has free: use --activation-checkpointing, a smaller --batch-size "
-                              f"(with --grad-accum for the same batch) or a shorter --sequence-length "
-                              f"(--memory-check false to try anyway)")
+            raise ConfigError(
+                "batch_size",
+                self.config.batch_size,
+                f"a step of {tokens:,} tokens needs about {need.total / gib:.1f} GiB beyond the weights "
+                f"(activations {need.activation_bytes / gib:.1f}, logits {need.logit_bytes / gib:.1f}, "
+                f"gradients and optimizer {need.optimizer_bytes / gib:.1f}), over {FREE_MEMORY_SHARE:.0%} of "
+                f"the {free / gib:.1f} GiB {self.device} has free: use --activation-checkpointing, a smaller --batch-size "
+                f"(with --grad-accum for the same batch) or a shorter --sequence-length "
+                f"(--memory-check false to try anyway)",
+            )
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -254,14 +286,23 @@ class Trainer:
         tokens_at_start = self.tokens_seen
         log = MetricsLog(self.run_directory, resume_step, config.report_to if self.world.is_main else "none")
         log.rows = [row for row in log.rows if row.get("event") != "end"]  # a run resumed after its end goes on past it
-        meter = ThroughputMeter(self.language_model.flops_per_token(), self.world.world_size *
-                                measured_peak_flops(self.dtype if self.dtype != torch.float16 else torch.bfloat16, self.device))
+        meter = ThroughputMeter(
+            self.language_model.flops_per_token(),
+            self.world.world_size
+            * measured_peak_flops(self.dtype if self.dtype != torch.float16 else torch.bfloat16, self.device),
+        )
         start_time = time.perf_counter()
         last_loss, last_metrics, target_reached = float("nan"), {}, False
         if resume_step is None:
             self._evaluate_before(log)
-        bar = tqdm(total=config.max_steps or self.hooks.total_steps, initial=self.step,
-                   disable=not (config.progress and self.world.is_main), desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=config.max_steps or self.hooks.total_steps,
+            initial=self.step,
+            disable=not (config.progress and self.world.is_main),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
         try:
             while not (target_reached or self._should_stop(time.perf_counter() - start_time)):
                 lr = self._set_learning_rate(time.perf_counter() - start_time)
@@ -283,9 +324,18 @@ class Trainer:
                 evaluate_now = self.evaluation_due and self._between_cycles()
                 if self.step % config.log_interval == 0 or evaluate_now:
                     # The loss function's metrics first: a metric named like a trainer column does not replace it.
-                    row = {**{name: f"{value:.6g}" for name, value in metrics.items()},
-                           **dict(step=self.step, tokens=self.tokens_seen, loss=f"{loss:.5f}", lr=f"{lr:.3e}", grad_norm=f"{grad_norm:.4f}",
-                                  elapsed_s=f"{self.elapsed_before + time.perf_counter() - start_time:.1f}", **meter.window())}
+                    row = {
+                        **{name: f"{value:.6g}" for name, value in metrics.items()},
+                        **dict(
+                            step=self.step,
+                            tokens=self.tokens_seen,
+                            loss=f"{loss:.5f}",
+                            lr=f"{lr:.3e}",
+                            grad_norm=f"{grad_norm:.4f}",
+                            elapsed_s=f"{self.elapsed_before + time.perf_counter() - start_time:.1f}",
+                            **meter.window(),
+                        ),
+                    }
                     if evaluate_now:
                         self.validation, self.evaluation_due = self.evaluate(), False
                         row.update(_format_evaluation(self.validation))
@@ -293,8 +343,16 @@ class Trainer:
                     log.add(**row)
                     if evaluate_now and self.world.is_main:
                         log.flush()
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{float(row['tokens_per_s']):,.0f}", mfu=f"{float(row['mfu']):.1%}",
-                                    **({"val": f"{self.validation['val_loss']:.3f}"} if self.validation.get("val_loss") is not None else {}))
+                    bar.set_postfix(
+                        loss=f"{loss:.3f}",
+                        tok_s=f"{float(row['tokens_per_s']):,.0f}",
+                        mfu=f"{float(row['mfu']):.1%}",
+                        **(
+                            {"val": f"{self.validation['val_loss']:.3f}"}
+                            if self.validation.get("val_loss") is not None
+                            else {}
+                        ),
+                    )
                     meter.restart()
                 if self.checkpoint_due and self._between_cycles():
                     # Rows first: a crash between the two leaves rows past the checkpoint, which resume drops,
@@ -308,8 +366,13 @@ class Trainer:
         elapsed = time.perf_counter() - start_time
         if not (self.stop_requested or target_reached) or not self.validation:
             self.validation = self.evaluate()
-        log.add(step=self.step, tokens=self.tokens_seen, elapsed_s=f"{self.elapsed_before + elapsed:.1f}",
-                event="interrupted" if self.stop_requested else "end", **_format_evaluation(self.validation))
+        log.add(
+            step=self.step,
+            tokens=self.tokens_seen,
+            elapsed_s=f"{self.elapsed_before + elapsed:.1f}",
+            event="interrupted" if self.stop_requested else "end",
+            **_format_evaluation(self.validation),
+        )
         if self.world.is_main:
             log.flush()
         checkpoint = self.save(elapsed)
@@ -319,12 +382,21 @@ class Trainer:
         tokens_per_s = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
         val_loss, val_bpb = self.validation.get("val_loss"), self.validation.get("val_bpb")
         return {
-            "steps": self.step, "tokens": self.tokens_seen, "seconds": round(self.elapsed_before + elapsed, 2),
-            "tokens_per_s": round(tokens_per_s, 1), "mfu": round(meter.mfu(tokens_per_s), 4),
-            "train_loss": round(last_loss, 5), "val_loss": None if val_loss is None else round(val_loss, 5),
-            "val_bpb": None if val_bpb is None else round(val_bpb, 5), "skipped_batches": self.skipped,
-            "rollbacks": self.rollbacks, "interrupted": self.stop_requested, "target_reached": target_reached,
-            "checkpoint": str(checkpoint), "parameters": self.language_model.num_parameters(), "peak_flops": meter.peak_flops,
+            "steps": self.step,
+            "tokens": self.tokens_seen,
+            "seconds": round(self.elapsed_before + elapsed, 2),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "mfu": round(meter.mfu(tokens_per_s), 4),
+            "train_loss": round(last_loss, 5),
+            "val_loss": None if val_loss is None else round(val_loss, 5),
+            "val_bpb": None if val_bpb is None else round(val_bpb, 5),
+            "skipped_batches": self.skipped,
+            "rollbacks": self.rollbacks,
+            "interrupted": self.stop_requested,
+            "target_reached": target_reached,
+            "checkpoint": str(checkpoint),
+            "parameters": self.language_model.num_parameters(),
+            "peak_flops": meter.peak_flops,
             "train_metrics": {name: round(value, 6) for name, value in last_metrics.items()},
         }
 
@@ -339,8 +411,15 @@ class Trainer:
     def _set_learning_rate(self, elapsed: float) -> float:
         """The schedule's rate for this step in every optimizer group; returns the one logged (of ``--lr``)."""
         config = self.config
-        factor = learning_rate(self.step, self._budget_used(elapsed), 1.0, config.warmup_steps, config.schedule,
-                               config.min_lr_ratio, config.decay_fraction)
+        factor = learning_rate(
+            self.step,
+            self._budget_used(elapsed),
+            1.0,
+            config.warmup_steps,
+            config.schedule,
+            config.min_lr_ratio,
+            config.decay_fraction,
+        )
         for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
             group["lr"] = peak * factor
         return config.lr * factor
@@ -400,7 +479,7 @@ class Trainer:
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
             # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
             sync = micro == accumulate - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
-            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync(), self._autocast():
                 loss, metrics = self.loss_fn(self.forward_model, batch)
                 # The MoE balancing loss of whatever the loss function ran, added here once for every stage.
                 aux, aux_metrics = auxiliary_loss(self.language_model)
@@ -412,7 +491,9 @@ class Trainer:
                     value = torch.as_tensor(value, dtype=torch.float32, device=self.device).detach().reshape(())
                     metric_totals[name] = metric_totals.get(name, 0) + value
         # One all-reduce for the loss and the metrics together.
-        means = distributed.all_reduce_mean(torch.stack([total, *metric_totals.values()]) / accumulate, self.world).tolist()
+        means = distributed.all_reduce_mean(
+            torch.stack([total, *metric_totals.values()]) / accumulate, self.world
+        ).tolist()
         loss, metrics = means[0], dict(zip(metric_totals, means[1:]))
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
@@ -490,10 +571,20 @@ class Trainer:
             torch.distributed.all_gather_object(states, rng)
         else:
             states = [rng]
-        return {"step": self.step, "data_position": self.data_position, "tokens_seen": self.tokens_seen,
-                "elapsed_s": self.elapsed_before + elapsed, "skipped": self.skipped, "rollbacks": self.rollbacks,
-                "best_val": self.best_val, "guard": self.guard.state(), "world_size": self.world.world_size,
-                "rng": states, "hooks": self.hooks.state_dict(), "config": vars(self.config)}
+        return {
+            "step": self.step,
+            "data_position": self.data_position,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed_before + elapsed,
+            "skipped": self.skipped,
+            "rollbacks": self.rollbacks,
+            "best_val": self.best_val,
+            "guard": self.guard.state(),
+            "world_size": self.world.world_size,
+            "rng": states,
+            "hooks": self.hooks.state_dict(),
+            "config": vars(self.config),
+        }
 
     def save(self, elapsed: float) -> Path:
         model_state, optimizer_state = gather_state(self.wrapped, self.optimizer)
@@ -501,8 +592,18 @@ class Trainer:
         state = self.trainer_state(elapsed)
         path = self.run_directory / "checkpoints" / f"step_{self.step:08d}"
         if self.world.is_main:
-            path = save_training_checkpoint(self.run_directory, self.step, model_state, optimizer_state, self.model_config,
-                                            state, self.metadata, self.tokenizer, self.config.keep_last, extra_weights)
+            path = save_training_checkpoint(
+                self.run_directory,
+                self.step,
+                model_state,
+                optimizer_state,
+                self.model_config,
+                state,
+                self.metadata,
+                self.tokenizer,
+                self.config.keep_last,
+                extra_weights,
+            )
         distributed.barrier(self.world)
         return path
 
@@ -512,7 +613,9 @@ class Trainer:
         has_checkpoint = (self.run_directory / LATEST).is_file()
         if not self.config.resume:
             if has_checkpoint:
-                raise ConfigError("out", self.config.out, "already holds a run; pass --resume to continue it or choose another --out")
+                raise ConfigError(
+                    "out", self.config.out, "already holds a run; pass --resume to continue it or choose another --out"
+                )
             return None
         if not has_checkpoint:
             raise ConfigError("resume", True, f"no checkpoint in {self.run_directory} to resume from")
@@ -522,8 +625,14 @@ class Trainer:
 
     def _load_checkpoint(self) -> dict:
         """Model and optimizer from the newest intact checkpoint; its trainer state restored and returned."""
-        state = load_training_checkpoint(self.run_directory, self.wrapped, self.optimizer, self.model_config,
-                                         self.hooks.language_model, self.metadata.get("stage"))
+        state = load_training_checkpoint(
+            self.run_directory,
+            self.wrapped,
+            self.optimizer,
+            self.model_config,
+            self.hooks.language_model,
+            self.metadata.get("stage"),
+        )
         self._load_state(state)
         return state
 
@@ -539,8 +648,10 @@ class Trainer:
         """Return to the last good checkpoint but keep the data position: the batches since then,
         which produced the spikes, are skipped (Chowdhery et al. 2022, §5.1)."""
         if self.rollbacks >= self.config.max_rollbacks or not (self.run_directory / LATEST).is_file():
-            raise TrainingDiverged(f"{self.run_directory}: loss spiked {self.guard.consecutive} times in a row at step "
-                                   f"{self.step} after {self.rollbacks} rollbacks; lower --lr or inspect the data")
+            raise TrainingDiverged(
+                f"{self.run_directory}: loss spiked {self.guard.consecutive} times in a row at step "
+                f"{self.step} after {self.rollbacks} rollbacks; lower --lr or inspect the data"
+            )
         kept = self.data_position, self.tokens_seen, self.skipped, self.rollbacks + 1
         self._load_checkpoint()
         self.data_position, self.tokens_seen, self.skipped, self.rollbacks = kept
