@@ -318,8 +318,8 @@ def main() -> None:
     model = pretrained_model(out, recipe, log)
     pretraining = model["pretrain"]
     log(
-        f"model: {pretraining['parameters']:,} parameters, {pretraining['steps']} steps, {pretraining['tokens']:,} tokens, "
-        f"{pretraining['seconds']} s, validation {pretraining['val_bpb']} bits/byte"
+        f"model: {pretraining['parameters']:,} parameters, {pretraining['steps']} steps, {pretraining['tokens']:,} "
+        f"tokens, {pretraining['seconds']} s, validation {pretraining['val_bpb']} bits/byte"
     )
 
     from llmkit.eval.run import EvalConfig, run_eval

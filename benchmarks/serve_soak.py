@@ -13,8 +13,8 @@ robustness do not depend on them). Three phases, each printing JSON lines:
    clients: ``failed_requests`` (goal 0), ``requests``, ``p50_ttft`` and ``p99_ttft`` (time to the first
    generated text, with the hostile clients running), ``tokens_per_s`` (generated tokens per second of
    wall time, all clients together).
-2. More hostile requests, one at a time: a fuzzer over the server's own OpenAPI schema (``/openapi.json``) takes a valid body
-   of every POST endpoint and breaks one thing at a time: each field (nested ones too) gets every JSON
+2. More hostile requests, one at a time: a fuzzer over the server's own OpenAPI schema (``/openapi.json``) takes a valid
+   body of every POST endpoint and breaks one thing at a time: each field (nested ones too) gets every JSON
    type its schema does not allow, numbers just past their bounds, strings outside their enums, and
    each required field goes missing; then hand-written attacks: invalid UTF-8, bodies over the size
    limit, broken and deeply nested JSON, NaN, negative and enormous ``max_tokens``, unknown roles,

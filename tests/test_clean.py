@@ -19,7 +19,8 @@ from llmkit.data.clean import (
 )
 from llmkit.errors import ConfigError, InputError
 
-PAGE = """<!DOCTYPE html>
+PAGE = (
+    """<!DOCTYPE html>
 <html><head><title>Bread</title>
 <style>body { color: red } .SECRET_STYLE {}</style>
 <script>var tracker = "SECRET_SCRIPT";</script></head>
@@ -27,7 +28,8 @@ PAGE = """<!DOCTYPE html>
 <nav class="navbar"><ul><li><a href="/">Home</a></li><li><a href="/about">About us</a></li></ul></nav>
 <main><article>
 <h1>The history of bread</h1>
-<p>Bread has been a staple food for thousands of years, made from <a href="https://example.com/flour">flour</a> and water.</p>
+<p>Bread has been a staple food for thousands of years, made from """
+    """<a href="https://example.com/flour">flour</a> and water.</p>
 <p>Early bread was flat &amp; unleavened; an escaped tag is written &amp;lt;p&amp;gt; in HTML.</p>
 <img src="loaf.png" alt="ALT_TEXT_OF_IMAGE">
 </article></main>
@@ -35,6 +37,7 @@ PAGE = """<!DOCTYPE html>
 <noscript>Please enable JavaScript</noscript>
 </body></html>
 """
+)
 
 
 def test_page_keeps_main_text_and_drops_boilerplate():
@@ -122,7 +125,10 @@ def test_entities_unescaped_only_in_escaped_plain_text():
 
 
 def test_whitespace_normalisation_exact():
-    raw = "\ufeffTitle\u00a0line  \r\nsecond\tline\x00\x1b\u200b!\rthird\u2028fourth\x0cfifth\n\n\n\n\n\n    indented code\t \n\n"
+    raw = (
+        "\ufeffTitle\u00a0line  \r\nsecond\tline\x00\x1b\u200b!\rthird\u2028fourth\x0cfifth\n\n\n\n\n\n"
+        "    indented code\t \n\n"
+    )
     expected = "Title line\nsecond\tline!\nthird\nfourth\nfifth\n\n\n    indented code\n"  # one final newline kept
     assert normalize_whitespace(raw) == expected
     assert clean_text(raw, CleanConfig(fix_unicode=False)) == (expected, None)
@@ -178,7 +184,8 @@ def test_code_and_markdown_are_not_taken_for_html(text):
         "  \n<!-- generated -->\n<!doctype html><title>x</title><p>hello",
         "<?xml version='1.0'?>\n<html><p>hello</p></html>",
         "<body><p>Body without a head</p></body>",
-        "<div class='post'>\n  <p>A paragraph of a fragment with no page around it.</p>\n  <p>Another one.</p>\n</div>\n",
+        "<div class='post'>\n  <p>A paragraph of a fragment with no page around it.</p>\n"
+        "  <p>Another one.</p>\n</div>\n",
     ],
 )
 def test_pages_and_fragments_are_taken_for_html(text):

@@ -160,7 +160,7 @@ def test_every_format_gives_the_same_index(tmp_path, suffix):
         path.write_text("\n".join(texts) + "\n", encoding="utf-8")
     else:
         pyarrow = pytest.importorskip("pyarrow")
-        import pyarrow.parquet
+        pytest.importorskip("pyarrow.parquet")
 
         pyarrow.parquet.write_table(pyarrow.table({"text": texts, "label": [1, 2]}), path)
     index = ContaminationIndex.from_files([str(path)])
@@ -207,7 +207,10 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_hashes_are_the_same_in_another_process(tmp_path):
     paths = write_sets(tmp_path)
-    script = "import sys; from llmkit.data.decontam import ContaminationIndex; ContaminationIndex.from_files(sys.argv[2:]).save(sys.argv[1])"
+    script = (
+        "import sys; from llmkit.data.decontam import ContaminationIndex; "
+        "ContaminationIndex.from_files(sys.argv[2:]).save(sys.argv[1])"
+    )
     environment = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "other.npz"), *paths], check=True, env=environment)
     other = ContaminationIndex.load(tmp_path / "other.npz")

@@ -38,7 +38,8 @@ def hash_jaccard(first: np.ndarray, second: np.ndarray) -> float:
 
 
 def disjoint_pair(first_word: int, similarity: float, union: int = 200) -> tuple[str, str]:
-    """Two texts of distinct words whose word sets have exactly ``similarity`` Jaccard (words from ``first_word`` on)."""
+    """Two texts of distinct words whose word sets have exactly ``similarity`` Jaccard (words from ``first_word``
+    on)."""
     words = [f"w{first_word + k}" for k in range(union)]
     shared = round(similarity * union)
     half = (union - shared) // 2

@@ -24,15 +24,18 @@ from llmkit.tokenizer import Tokenizer
 
 GSM8K = [
     {
-        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell?",
+        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+        "How many clips did she sell?",
         "answer": "She sold 48/2 = <<48/2=24>>24 clips in May and 48+24 = <<48+24=72>>72 in all.\n#### 72",
     },
     {
-        "question": "Weng earns 12 dollars an hour for babysitting. Yesterday she babysat for 50 minutes. How much did she earn?",
+        "question": "Weng earns 12 dollars an hour for babysitting. Yesterday she babysat for 50 minutes. How much "
+        "did she earn?",
         "answer": "Per minute 12/60 = <<12/60=0.2>>0.2 dollars, so 0.2*50 = <<0.2*50=10>>10.\n#### 10",
     },
     {
-        "question": "Betty needs 100 dollars for a wallet and has half of it. Her parents give her 15 dollars. How much more does she need?",
+        "question": "Betty needs 100 dollars for a wallet and has half of it. Her parents give her 15 dollars. How "
+        "much more does she need?",
         "answer": "She has 100/2 = <<100/2=50>>50 dollars and needs 100-50-15 = <<100-50-15=35>>35 more.\n#### 35",
     },
 ]

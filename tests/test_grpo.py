@@ -152,7 +152,8 @@ def test_steps_end_where_tool_results_are_injected_and_their_rewards_land_there(
     problem = arithmetic.generate_problems(1, seed=3)[0]
     values = [str(value.numerator) for value in arithmetic.step_values(problem.steps)]
     prompt = Prompt(arithmetic.prompt_messages(problem), [7, 7, 7])
-    # Tokens: call one (2 sampled) + its result (2 injected), call two (1 sampled) + result (1 injected), answer (2 sampled).
+    # Tokens: call one (2 sampled) + its result (2 injected), call two (1 sampled) + result (1 injected),
+    # answer (2 sampled).
     injected = [False, False, True, True, False, True, False, False]
     calls = [{"payload": "x", "result": values[0]}, {"payload": "y", "result": "Error: division by zero"}]
     answers = [f"#### {problem.answer}", f"#### {problem.answer + 1}"]

@@ -156,7 +156,10 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     for g_block, f_block in zip(grouped.blocks, full.blocks):
         q, k, v = g_block.attention.qkv.weight.split([32, 16, 16])
         qb, kb, vb = g_block.attention.qkv.bias.split([32, 16, 16])
-        repeat = lambda w: w.view(2, 8, *w.shape[1:]).repeat_interleave(2, dim=0).reshape(32, *w.shape[1:])
+
+        def repeat(w):
+            return w.view(2, 8, *w.shape[1:]).repeat_interleave(2, dim=0).reshape(32, *w.shape[1:])
+
         with torch.no_grad():
             f_block.attention.qkv.weight.copy_(torch.cat([q, repeat(k), repeat(v)]))
             f_block.attention.qkv.bias.copy_(torch.cat([qb, repeat(kb), repeat(vb)]))

@@ -28,7 +28,10 @@ WORDS = (
     "doctor summer winter season weather kitchen bread coffee breakfast dinner holiday journey station train "
     "picture colour light sound voice language history science nature country ocean island harbour ship"
 ).split()
-VERBS = "walked found made took gave told asked felt became left kept began seemed helped showed heard played moved lived believed".split()
+VERBS = (
+    "walked found made took gave told asked felt became left kept began seemed helped showed heard played moved lived "
+    "believed"
+).split()
 
 
 def english_document(rng: random.Random, sentences: int = 8) -> str:
@@ -84,7 +87,7 @@ def corpus(tmp_path_factory):
         "root": root,
         "documents": documents,
         "page_text": page_text,
-        "names": [json.loads(l)["name"] for l in lines if l.startswith('{"')],
+        "names": [json.loads(line)["name"] for line in lines if line.startswith('{"')],
     }
 
 

@@ -117,7 +117,8 @@ def test_clipped_policy_loss_worked_by_hand():
 
 
 def test_clipped_value_loss_worked_by_hand():
-    # V_clip = 0.5 + clip(V - 0.5, -0.2, 0.2) = 0.7, 0.3, 0.5; errors (V-G)^2 = 1, 1, 0.01 and (V_clip-G)^2 = 1.69, 1.69, 0.01.
+    # V_clip = 0.5 + clip(V - 0.5, -0.2, 0.2) = 0.7, 0.3, 0.5; errors (V-G)^2 = 1, 1, 0.01
+    # and (V_clip-G)^2 = 1.69, 1.69, 0.01.
     values, old_values = torch.tensor([[1.0, 0.0, 0.5]]), torch.tensor([[0.5, 0.5, 0.5]])
     returns = torch.tensor([[2.0, -1.0, 0.4]])
     loss, metrics = clipped_value_loss(values, old_values, returns, torch.ones(1, 3, dtype=torch.bool), clip=0.2)

@@ -86,7 +86,8 @@ def test_classifier_separates_reference_text_from_junk_with_a_high_held_out_auc(
     good = [prose(rng) for _ in range(60)]
     pool = [junk(rng) for _ in range(40)] + [prose(rng) for _ in range(20)]
     classifier, metrics = QualityClassifier.train(good, pool, ClassifierConfig(reference="unused", features=2**12))
-    # A perfect junk detector scores AUC 40/60 * 1 + 20/60 * 0.5 = 0.83: a third of the pool is prose like the reference.
+    # A perfect junk detector scores AUC 40/60 * 1 + 20/60 * 0.5 = 0.83: a third of the pool is prose like the
+    # reference.
     assert 0.75 < metrics["held_out_auc"] < 0.95 and metrics["held_out_documents"] == 24
     scores = classifier.score([prose(rng) for _ in range(10)] + [junk(rng) for _ in range(10)])
     assert scores[:10].min() > scores[10:].max()

@@ -73,7 +73,8 @@ def test_duplicate_character_fraction(unit, separator):
 
 
 def repeated_ngram_text(n: int, covered: int, total: int) -> str:
-    """Two copies of one n-gram covering ``covered`` word characters, among unique filler words, ``total`` characters in all."""
+    """Two copies of one n-gram covering ``covered`` word characters, among unique filler words, ``total`` characters in
+    all."""
     gram_characters = covered // 2
     lengths = [gram_characters // n + (index < gram_characters % n) for index in range(n)]
     gram = ["abcdefghij"[index] * length for index, length in enumerate(lengths)]

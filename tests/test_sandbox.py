@@ -144,14 +144,20 @@ def test_huge_output_is_truncated_and_stopped(program):
 # ------------------------------------------------------------------------ the escape catalogue
 # Each attack tries to create ``marker`` on the host (or reach the parent); none may succeed.
 ATTACKS = {
-    "audit hook override": "import __main__\n__main__.refused = lambda event, args: False\nopen(MARKER, 'w').write('x')",
-    "dir_fd write": "import os\nd = os.open(DIRECTORY, os.O_RDONLY)\nos.close(os.open('marker', os.O_WRONLY | os.O_CREAT, dir_fd=d))",
+    "audit hook override": (
+        "import __main__\n__main__.refused = lambda event, args: False\nopen(MARKER, 'w').write('x')"
+    ),
+    "dir_fd write": (
+        "import os\nd = os.open(DIRECTORY, os.O_RDONLY)\n"
+        "os.close(os.open('marker', os.O_WRONLY | os.O_CREAT, dir_fd=d))"
+    ),
     "ctypes system()": "import ctypes\nassert ctypes.CDLL(None).system(('touch ' + MARKER).encode()) == 0",
     "os.fork": "import os\nif os.fork() == 0:\n    open(MARKER, 'w')",
     "_posixsubprocess.fork_exec": (
         "import _posixsubprocess, os, sys\n"
-        "_posixsubprocess.fork_exec([sys.executable, '-c', f'open({MARKER!r}, \"w\")'], [os.fsencode(sys.executable)], True,"
-        " (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False, False, -1, None, None, None, -1, None, False)"
+        "_posixsubprocess.fork_exec([sys.executable, '-c', f'open({MARKER!r}, \"w\")'],"
+        " [os.fsencode(sys.executable)], True, (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(), False, False,"
+        " -1, None, None, None, -1, None, False)"
     ),
     "multiprocessing spawn": (
         "import multiprocessing as mp\nctx = mp.get_context('spawn')\n"
@@ -268,9 +274,11 @@ def test_a_checked_candidate_passes_only_with_the_right_values():
         "raise SystemExit",
         "print('all checks ran')\nimport os\nos._exit(0)",
         # An object that claims to equal everything: only plain data crosses the pipe.
-        "class Anything(int):\n    def __eq__(self, other):\n        return True\ndef square(x):\n    return Anything(0)",
+        "class Anything(int):\n    def __eq__(self, other):\n        return True\n"
+        "def square(x):\n    return Anything(0)",
         # Writing verdict-looking bytes to every descriptor, then exiting.
-        "import os\nfor fd in range(64):\n    try:\n        os.write(fd, b'all checks ran\\n')\n    except OSError:\n        pass\nos._exit(0)",
+        "import os\nfor fd in range(64):\n    try:\n        os.write(fd, b'all checks ran\\n')\n"
+        "    except OSError:\n        pass\nos._exit(0)",
     ],
 )
 def test_a_candidate_cannot_forge_the_checkers_verdict(forgery):
@@ -295,8 +303,10 @@ def test_the_checkers_expected_values_are_out_of_the_candidates_reach():
 def test_a_slow_call_fails_alone_and_later_calls_fail_fast():
     candidate = "def f(x):\n    while x:\n        pass\n    return 1\n"
     checker = (
-        "import time\nfor x in (1, 0):\n    started = time.monotonic()\n    try:\n        print(__candidate__(x))\n"
-        "    except __CandidateError__ as error:\n        print('failed', round(time.monotonic() - started, 1), error)\n"
+        "import time\nfor x in (1, 0):\n    started = time.monotonic()\n"
+        "    try:\n        print(__candidate__(x))\n"
+        "    except __CandidateError__ as error:\n"
+        "        print('failed', round(time.monotonic() - started, 1), error)\n"
     )
     result = run_checked(candidate, checker, "f", call_timeout_s=0.3, timeout_s=5)
     first, second = result.checker.stdout.splitlines()
@@ -305,7 +315,10 @@ def test_a_slow_call_fails_alone_and_later_calls_fail_fast():
 
 
 def test_a_raising_call_fails_alone_and_a_printing_call_fails():
-    candidate = "def f(x):\n    if x == 0:\n        raise ValueError('zero')\n    if x == 1:\n        print('noise')\n    return x\n"
+    candidate = (
+        "def f(x):\n    if x == 0:\n        raise ValueError('zero')\n    if x == 1:\n        print('noise')\n"
+        "    return x\n"
+    )
     checker = (
         "for x in (0, 1, 2):\n    try:\n        print(__candidate__(x))\n"
         "    except __CandidateError__ as error:\n        print('failed:', error)\n"

@@ -74,7 +74,7 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path, bad_line, expected):
 
 def test_parquet_column(tmp_path):
     pyarrow = pytest.importorskip("pyarrow")
-    import pyarrow.parquet
+    pytest.importorskip("pyarrow.parquet")
 
     path = tmp_path / "table.parquet"
     pyarrow.parquet.write_table(pyarrow.table({"text": ["alpha", "", "gamma δ"], "id": [1, 2, 3]}), path)

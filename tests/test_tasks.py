@@ -110,7 +110,8 @@ NAIVE_SOLVERS = {
         lambda trays, per, kept, friends: Fraction(trays * per - kept, friends),
     ),
     "garden": (
-        r"is (\d+) meters long and (\d+) meters wide\. A path covers (\d+) square meters of it, and the rest is planted with (\d+) flowers",
+        r"is (\d+) meters long and (\d+) meters wide\. A path covers (\d+) square meters of it, and the rest is "
+        r"planted with (\d+) flowers",
         lambda length, width, path, density: (length * width - path) * density,
     ),
     "tickets": (
@@ -324,7 +325,8 @@ def test_every_conversation_format_becomes_messages(tmp_path):
     texts = [render_text(conversation.messages) for conversation in conversations]
     assert texts == [
         "<|endoftext|><|user|>hi<|end|><|assistant|>hello<|end|>",
-        '<|endoftext|><|system|>Be kind.<|end|><|user|>find<|end|><|assistant|><|tool_call|>{"name": "search", "arguments": {"query": "fox"}}<|end|>'
+        '<|endoftext|><|system|>Be kind.<|end|><|user|>find<|end|><|assistant|><|tool_call|>{"name": "search", '
+        '"arguments": {"query": "fox"}}<|end|>'
         "<|tool_result|>a fox<|end|>Found.<|end|>",
         "<|endoftext|><|user|>2+2?<|end|><|assistant|>4<|end|>",
         "<|endoftext|><|user|>2+3?<|end|><|assistant|>5<|end|>",
@@ -451,9 +453,11 @@ def test_a_forged_verdict_earns_nothing_and_leaves_its_group_mates_alone(functio
 
     escape = next(task for task in function_tasks if (task.module, task.name) == ("html", "escape"))
     forgeries = [  # the old harness trusted the JSON its process printed
-        'def escape(s, quote=True):\n    import sys\n    print(\'[{"passed": 64, "error": null}]\' * 64)\n    sys.exit(0)',
+        'def escape(s, quote=True):\n    import sys\n    print(\'[{"passed": 64, "error": null}]\' * 64)\n'
+        "    sys.exit(0)",
         "import os\nos._exit(0)\ndef escape(s, quote=True):\n    return s",
-        "def escape(s, quote=True):\n    class Same(str):\n        __eq__ = lambda self, other: True\n    return Same(s)",
+        "def escape(s, quote=True):\n    class Same(str):\n        __eq__ = lambda self, other: True\n"
+        "    return Same(s)",
     ]
     identity = "def escape(s, quote=True):\n    return s"
     alone = functions.check_solution(escape, identity)

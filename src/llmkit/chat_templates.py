@@ -11,10 +11,10 @@ The assistant mask (what SFT trains on) comes from the template itself, without 
 assistant message adds is the difference between the conversation rendered up to and including it
 and the conversation before it rendered with the generation prompt. Its tokens up to and including
 the end-of-turn token are True (what follows it, e.g. a newline, is never sampled): the mask
-``apply_chat_template(return_assistant_tokens_mask=True)`` gives for templates with ``{% generation %}``. That needs a template that renders a
-conversation prefix by prefix (ChatML, Llama 3 and most others do); one that rewrites earlier turns
-(e.g. strips the reasoning of past turns) is refused with a one-line error rather than trained on
-the wrong tokens.
+``apply_chat_template(return_assistant_tokens_mask=True)`` gives for templates with ``{% generation %}``.
+That needs a template that renders a conversation prefix by prefix (ChatML, Llama 3 and most others
+do); one that rewrites earlier turns (e.g. strips the reasoning of past turns) is refused with a
+one-line error rather than trained on the wrong tokens.
 """
 
 from __future__ import annotations

@@ -94,13 +94,15 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
             SFTConfig,
             sft,
             _print_summary,
-            "supervised fine-tuning on conversations (files and embedded tasks), full or LoRA, packed, with task mixing",
+            "supervised fine-tuning on conversations (files and embedded tasks), full or LoRA, packed, "
+            "with task mixing",
         ),
         ("reward",): (
             RewardConfig,
             train_reward,
             _print_summary,
-            "train a reward model (scalar head on the LM) from preference pairs or ranked responses; held-out pair accuracy",
+            "train a reward model (scalar head on the LM) from preference pairs or ranked responses; held-out pair "
+            "accuracy",
         ),
         ("ppo",): (
             PPOConfig,
@@ -132,8 +134,8 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
             EvalConfig,
             run_eval,
             _print_summary,
-            "perplexity, multiple choice, GSM8K exact match (CoT, self-consistency, tools), code pass@k and BLEU/ROUGE, "
-            "with a decontamination check and a report card",
+            "perplexity, multiple choice, GSM8K exact match (CoT, self-consistency, tools), code pass@k and "
+            "BLEU/ROUGE, with a decontamination check and a report card",
         ),
         ("serve",): (ServeConfig, serve, None, "OpenAI-compatible HTTP API and browser chat page for a checkpoint"),
         ("chat",): (
@@ -152,7 +154,8 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
             ImportConfig,
             import_checkpoint,
             _print_summary,
-            "a local Hugging Face directory (Llama, Qwen3, GPT-2) or GGUF file (llama, qwen2, qwen3, gpt2) as an llmkit checkpoint",
+            "a local Hugging Face directory (Llama, Qwen3, GPT-2) or GGUF file (llama, qwen2, qwen3, gpt2) as an "
+            "llmkit checkpoint",
         ),
         ("estimate",): (
             EstimateConfig,

@@ -47,7 +47,8 @@ def load_manifest(directory: str | Path) -> dict:
                 expected = shard["tokens"] * itemsize
                 if shard_path.stat().st_size != expected:
                     raise InputError(
-                        f"{shard_path}: {shard_path.stat().st_size} bytes, {path} says {expected} ({shard['tokens']} tokens)"
+                        f"{shard_path}: {shard_path.stat().st_size} bytes, "
+                        f"{path} says {expected} ({shard['tokens']} tokens)"
                     )
     except (KeyError, TypeError) as error:
         raise InputError(f"{path}: malformed manifest (missing or wrong field {error})") from None
@@ -85,6 +86,7 @@ def check_tokenizer(manifest: dict, tokenizer: Tokenizer) -> None:
     data_sha256, data_vocab = manifest["tokenizer"]["sha256"], manifest["vocab_size"]
     if data_sha256 != tokenizer.sha256 or data_vocab != tokenizer.vocab_size:
         raise MismatchError(
-            f"data was tokenized with tokenizer sha256 {data_sha256[:12]} (vocab {data_vocab}, {manifest['tokenizer']['path']}), "
+            f"data was tokenized with tokenizer sha256 {data_sha256[:12]} "
+            f"(vocab {data_vocab}, {manifest['tokenizer']['path']}), "
             f"but the tokenizer given is sha256 {tokenizer.sha256[:12]} (vocab {tokenizer.vocab_size})"
         )

@@ -139,7 +139,8 @@ class ConversationBatches:
             raise ValueError("no conversations to make batches of")
         if not 0 <= pretraining_rows < batch_size or (pretraining_rows > 0) != (pretraining is not None):
             raise ValueError(
-                f"pretraining_rows={pretraining_rows} needs a pretraining source and must be below batch_size={batch_size}"
+                f"pretraining_rows={pretraining_rows} needs a pretraining source and must be below "
+                f"batch_size={batch_size}"
             )
         self.examples, self.batch_size, self.context_length, self.pad_id, self.seed = (
             examples,

@@ -106,7 +106,8 @@ def hinge_loss(
     reference_rejected_logps: torch.Tensor,
     beta: float,
 ) -> torch.Tensor:
-    """Per-pair max(0, 1 − β h) (SLiC-HF's calibration loss, Zhao et al. 2023, on reference-normalised log-probs as TRL)."""
+    """Per-pair max(0, 1 − β h) (SLiC-HF's calibration loss, Zhao et al. 2023, on reference-normalised log-probs as
+    TRL)."""
     h = log_ratio_difference(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )
@@ -204,8 +205,8 @@ class DPOConfig:
     datasets: list[str] = field(
         default_factory=lambda: ["arithmetic"],
         metadata={
-            "help": f"preference files (prompt/chosen/rejected, chosen/rejected, prompt/responses ranked best first) and "
-            f"embedded tasks' generated pairs ({', '.join(BUILTIN_TASKS)}; name:N for N problems)"
+            "help": f"preference files (prompt/chosen/rejected, chosen/rejected, prompt/responses ranked best "
+            f"first) and embedded tasks' generated pairs ({', '.join(BUILTIN_TASKS)}; name:N for N problems)"
         },
     )
     generated_pairs: int = field(
@@ -214,7 +215,8 @@ class DPOConfig:
     val_fraction: float = field(
         default=0.1,
         metadata={
-            "help": "held-out share: of each file's rows, or problems of an embedded task's held-out split per training problem"
+            "help": "held-out share: of each file's rows, or problems of an embedded task's held-out split per "
+            "training problem"
         },
     )
     loss: Literal["dpo", "ipo", "hinge"] = field(

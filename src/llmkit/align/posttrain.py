@@ -116,7 +116,8 @@ class PosttrainConfig:
     dpo_pairs: int = field(
         default=200,
         metadata={
-            "help": "problems of each solution form whose generated pairs tune DPO (their reference log-probs are computed first)"
+            "help": "problems of each solution form whose generated pairs tune DPO (their reference log-probs are "
+            "computed first)"
         },
     )
     dpo_steps: int = field(default=40, metadata={"help": "DPO optimizer steps"})
@@ -136,7 +137,8 @@ class PosttrainConfig:
     dtype: Literal["float32", "bfloat16"] = field(
         default="bfloat16",
         metadata={
-            "help": "autocast dtype of SFT, reward and DPO training (RL keeps float32: its probability ratios need the precision)"
+            "help": "autocast dtype of SFT, reward and DPO training (RL keeps float32: its probability ratios need "
+            "the precision)"
         },
     )
     resume: bool = field(default=False, metadata={"help": "keep finished stages and continue an interrupted one"})
@@ -487,11 +489,12 @@ def render_table(rows: list[dict], config: PosttrainConfig, state: dict) -> str:
     reward_accuracy = stages["reward"].get("heldout_accuracy")
     return "\n".join(
         [
-            f"SFT ({stages['sft'].get('steps')} steps) → reward model ({stages['reward'].get('steps')} steps, held-out pair accuracy "
-            f"{number(reward_accuracy)}) → {config.rl.upper()} ({stages['rl'].get('iterations')} iterations, "
-            f"{config.rl_reward} reward) → DPO ({stages['dpo'].get('steps')} steps) on the embedded arithmetic task. Greedy answers "
-            f"to {state['evaluations']['sft']['problems']} held-out problems; the base model gets a plain-text few-shot "
-            f"prompt, the others the chat prompt. Every answer is in `evaluation/`.",
+            f"SFT ({stages['sft'].get('steps')} steps) → reward model ({stages['reward'].get('steps')} steps, "
+            f"held-out pair accuracy {number(reward_accuracy)}) → {config.rl.upper()} "
+            f"({stages['rl'].get('iterations')} iterations, {config.rl_reward} reward) → DPO "
+            f"({stages['dpo'].get('steps')} steps) on the embedded arithmetic task. Greedy answers to "
+            f"{state['evaluations']['sft']['problems']} held-out problems; the base model gets a plain-text "
+            f"few-shot prompt, the others the chat prompt. Every answer is in `evaluation/`.",
             "",
             *lines,
         ]

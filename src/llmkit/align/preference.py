@@ -253,7 +253,8 @@ def check_preference_config(config) -> None:
         train.batch_warmup_tokens is None,
         "batch_warmup_tokens",
         train.batch_warmup_tokens,
-        "preference batches pair rows with each other and cannot be cut to their first rows; leave batch-size warmup off",
+        "preference batches pair rows with each other and cannot be cut to their first rows; leave batch-size "
+        "warmup off",
     )
     check(
         train.target_val_bpb is None,

@@ -231,8 +231,8 @@ class RewardConfig:
     datasets: list[str] = field(
         default_factory=lambda: ["arithmetic"],
         metadata={
-            "help": f"preference files (prompt/chosen/rejected, chosen/rejected, prompt/responses ranked best first) and "
-            f"embedded tasks' generated pairs ({', '.join(BUILTIN_TASKS)}; name:N for N problems)"
+            "help": f"preference files (prompt/chosen/rejected, chosen/rejected, prompt/responses ranked best "
+            f"first) and embedded tasks' generated pairs ({', '.join(BUILTIN_TASKS)}; name:N for N problems)"
         },
     )
     generated_pairs: int = field(
@@ -241,7 +241,8 @@ class RewardConfig:
     val_fraction: float = field(
         default=0.1,
         metadata={
-            "help": "held-out share: of each file's rows, or problems of an embedded task's held-out split per training problem"
+            "help": "held-out share: of each file's rows, or problems of an embedded task's held-out split per "
+            "training problem"
         },
     )
     margin: float = field(
@@ -250,7 +251,8 @@ class RewardConfig:
     epochs: float | None = field(
         default=1.0,
         metadata={
-            "help": "passes over the prompts (InstructGPT trains one: more overfits); with max_steps or max_time, whichever ends first"
+            "help": "passes over the prompts (InstructGPT trains one: more overfits); with max_steps or max_time, "
+            "whichever ends first"
         },
     )
     normalize: bool = field(

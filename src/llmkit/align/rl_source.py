@@ -85,7 +85,8 @@ class RolloutConfig:
     tools: Literal["calculator", "default", "none"] = field(
         default="calculator",
         metadata={
-            "help": "tools the engine runs during rollouts and evaluation: the calculator, calculator + Python sandbox, or none"
+            "help": "tools the engine runs during rollouts and evaluation: the calculator, calculator + Python "
+            "sandbox, or none"
         },
     )
     engine_batch_size: int = field(default=64, metadata={"help": "sequences the engine decodes together"})

@@ -109,20 +109,23 @@ class RLTrainConfig(TrainConfig):
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32",
         metadata={
-            "help": "autocast dtype of the training and scoring passes (float32 or bfloat16: probability ratios need the range)"
+            "help": "autocast dtype of the training and scoring passes (float32 or bfloat16: probability ratios "
+            "need the range)"
         },
     )
     eval_interval: int = field(
         default=0,
         metadata={
-            "help": "held-out greedy evaluation every this many steps, a multiple of an iteration's (0 = before and after only)"
+            "help": "held-out greedy evaluation every this many steps, a multiple of an iteration's (0 = before and "
+            "after only)"
         },
     )
     log_interval: int = field(default=1, metadata={"help": "write a metrics row every this many steps"})
     checkpoint_interval: int = field(
         default=240,
         metadata={
-            "help": "checkpoint every this many steps, a multiple of an iteration's (and at the end; 240 is one of most iterations' step counts)"
+            "help": "checkpoint every this many steps, a multiple of an iteration's (and at the end; 240 is one of "
+            "most iterations' step counts)"
         },
     )
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
@@ -130,7 +133,8 @@ class RLTrainConfig(TrainConfig):
     spike_ratio: float = field(
         default=10.0,
         metadata={
-            "help": "a gradient norm above this times its running mean is a spike (RL's gradient norms vary more than losses do)"
+            "help": "a gradient norm above this times its running mean is a spike (RL's gradient norms vary more "
+            "than losses do)"
         },
     )
 
@@ -152,7 +156,8 @@ def check_rl_config(config) -> None:
         train.batch_size == 1,
         "batch_size",
         train.batch_size,
-        "PPO and GRPO take --minibatch-size sequences per optimizer step, split into grad_accum x processes micro-batches",
+        "PPO and GRPO take --minibatch-size sequences per optimizer step, split into grad_accum x processes "
+        "micro-batches",
     )
     check(train.dtype != "float16", "dtype", train.dtype, "use float32 or bfloat16: probability ratios need the range")
     check(train.optimizer == "adamw", "optimizer", train.optimizer, "PPO and GRPO fine-tune with AdamW")

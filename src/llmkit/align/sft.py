@@ -75,7 +75,8 @@ class SFTTrainConfig(TrainConfig):
     spike_ratio: float = field(
         default=4.0,
         metadata={
-            "help": "a loss above this times its running mean is a spike (batches of conversations differ more than text windows)"
+            "help": "a loss above this times its running mean is a spike (batches of conversations differ more than "
+            "text windows)"
         },
     )
 
@@ -98,7 +99,8 @@ class SFTConfig:
     task_cap: int | None = field(
         default=None,
         metadata={
-            "help": "examples-proportional mixing limit K: a task contributes at most K conversations per epoch (Raffel et al. 2020)"
+            "help": "examples-proportional mixing limit K: a task contributes at most K conversations per epoch "
+            "(Raffel et al. 2020)"
         },
     )
     val_fraction: float = field(
@@ -107,8 +109,8 @@ class SFTConfig:
     sequence_length: int | None = field(
         default=1024,
         metadata={
-            "help": "tokens per training row, conversations packed to it (at most the model's context; none = the model's "
-            "context, e.g. 8,192 for SmolLM2, which a CPU may not hold)"
+            "help": "tokens per training row, conversations packed to it (at most the model's context; none = the "
+            "model's context, e.g. 8,192 for SmolLM2, which a CPU may not hold)"
         },
     )
     overlong: Literal["truncate", "drop"] = field(
@@ -289,7 +291,8 @@ def load_base(path: str | Path) -> tuple[nn.Module, Tokenizer, Path]:
         )
     if tokenizer.vocab_size > model.config.vocab_size:
         raise MismatchError(
-            f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+            f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size}"
         )
     return model, tokenizer, checkpoint
 

@@ -95,7 +95,8 @@ class CleanConfig:
     html: Literal["auto", "always", "never"] = field(
         default="auto",
         metadata={
-            "help": "extract text from HTML: 'auto' = when the text looks like a page or markup (use 'never' for code sources: JSX and templates look like markup)"
+            "help": "extract text from HTML: 'auto' = when the text looks like a page or markup (use 'never' for "
+            "code sources: JSX and templates look like markup)"
         },
     )
     main_content: bool = field(
@@ -106,7 +107,8 @@ class CleanConfig:
     normalize_whitespace: bool = field(
         default=True,
         metadata={
-            "help": "drop control and zero-width characters, unify line breaks and spaces, strip trailing spaces, keep at most two blank lines in a row"
+            "help": "drop control and zero-width characters, unify line breaks and spaces, strip trailing spaces, "
+            "keep at most two blank lines in a row"
         },
     )
 
@@ -168,7 +170,8 @@ def extract_html(html: str, main_content: bool = True) -> str:
 
 
 def normalize_whitespace(text: str) -> str:
-    """Control and invisible characters removed, line breaks unified to ``\\n``, spaces to ``" "``, trailing spaces and excess blank lines gone.
+    """Control and invisible characters removed, line breaks unified to ``\\n``, spaces to ``" "``, trailing spaces and
+    excess blank lines gone.
 
     Tabs and leading indentation are kept (code); so are up to two blank lines in a row,
     and one final newline when the text ended with a line break (as text files do).
@@ -366,7 +369,8 @@ def _link_replies(messages: list[_Message], stats: DialogueStats) -> list[_Messa
     for message in messages:
         if message.key in by_key:
             raise InputError(
-                f"record {message.record}: duplicate message id '{message.key}' (first in record {by_key[message.key].record})"
+                f"record {message.record}: duplicate message id '{message.key}' (first in record "
+                f"{by_key[message.key].record})"
             )
         by_key[message.key] = message
     stats.orphans = 0
@@ -379,7 +383,8 @@ def _link_replies(messages: list[_Message], stats: DialogueStats) -> list[_Messa
             roots.append(message)
         elif parent.thread != message.thread:
             raise InputError(
-                f"record {message.record}: message '{message.key}' of thread '{message.thread}' replies to '{parent.key}' of thread '{parent.thread}'"
+                f"record {message.record}: message '{message.key}' of thread '{message.thread}' replies to "
+                f"'{parent.key}' of thread '{parent.thread}'"
             )
         else:
             message.parent = parent

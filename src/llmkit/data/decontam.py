@@ -93,7 +93,8 @@ class DecontaminationConfig:
     min_words: int = field(
         default=8,
         metadata={
-            "help": "an evaluation string shorter than ngram but at least this long counts as one whole n-gram; shorter ones are ignored"
+            "help": "an evaluation string shorter than ngram but at least this long counts as one whole n-gram; "
+            "shorter ones are ignored"
         },
     )
     min_matches: int = field(
@@ -202,7 +203,8 @@ class ContaminationIndex:
             name = set_name(path)
             if name in set_names:
                 raise InputError(
-                    f"{path}: another evaluation file is also named '{name}'; set names come from file names, so rename one"
+                    f"{path}: another evaluation file is also named '{name}'; set names come from file names, so "
+                    f"rename one"
                 )
             parts = [np.empty(0, dtype=np.uint64)]
             for text in _evaluation_texts(path):

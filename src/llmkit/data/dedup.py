@@ -37,8 +37,8 @@ of anything (exact de-duplication is the step that catches copies of it).
 *Repeated lines* follow CCNet's paragraph de-duplication (Wenzek et al. 2020): a line
 (normalised: lowercased, digits replaced by 0, punctuation removed) that appears in several
 documents is boilerplate (cookie banners, navigation, licence footers) and is removed
-everywhere except in the first document that has it. Lines shorter than ``MIN_LINE_CHARACTERS`` after normalisation are never removed:
-"}" or "Thanks!" repeat across documents because they are short, not because they are
+everywhere except in the first document that has it. Lines shorter than ``MIN_LINE_CHARACTERS`` after normalisation are
+never removed: "}" or "Thanks!" repeat across documents because they are short, not because they are
 boilerplate, and removing them breaks the text around them. This step is meant for web text;
 on source code, common lines ("return None") repeat legitimately across files.
 """
@@ -150,7 +150,8 @@ def minhash_signatures(texts: Sequence[str], config: MinHashConfig) -> np.ndarra
 
 
 def near_duplicate_clusters(signatures: np.ndarray, config: MinHashConfig) -> np.ndarray:
-    """For each row, the smallest row index of its near-duplicate cluster (``int64``); keep row ``i`` iff ``result[i] == i``.
+    """For each row, the smallest row index of its near-duplicate cluster (``int64``); keep row ``i`` iff
+    ``result[i] == i``.
 
     Rows sharing all ``rows`` values of at least one band are candidates; a candidate pair is
     merged when its estimated Jaccard similarity reaches ``config.threshold``; clusters are the
@@ -266,7 +267,8 @@ def _shingles_of_batch(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np
 
 
 def _permutations(config: MinHashConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Multipliers (odd) and offsets of the affine permutations, from BLAKE2b of the seed: the same in every process and numpy version."""
+    """Multipliers (odd) and offsets of the affine permutations, from BLAKE2b of the seed: the same in every process and
+    numpy version."""
     stream = b"".join(
         hashlib.blake2b(f"minhash:{config.seed}:{index}".encode(), digest_size=16).digest()
         for index in range(config.num_perm)
@@ -276,7 +278,8 @@ def _permutations(config: MinHashConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _minima(hashes: np.ndarray, counts: np.ndarray, multipliers: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """``(num_perm, len(counts))`` high 32 bits of each text's smallest permuted hash; empty texts get ``EMPTY_SIGNATURE_VALUE``."""
+    """``(num_perm, len(counts))`` high 32 bits of each text's smallest permuted hash; empty texts get
+    ``EMPTY_SIGNATURE_VALUE``."""
     signatures = np.full((len(multipliers), len(counts)), EMPTY_SIGNATURE_VALUE, dtype=np.uint32)
     non_empty = counts > 0
     if not non_empty.any():
@@ -314,7 +317,8 @@ def _row_keys(values: np.ndarray) -> np.ndarray:
 
 
 def _pairs_sharing_a_key(keys: np.ndarray, every_pair: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs ``left < right`` with equal keys: every such pair, or (enough for connectivity) each row with the first of its group."""
+    """Index pairs ``left < right`` with equal keys: every such pair, or (enough for connectivity) each row with the
+    first of its group."""
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     positions = np.arange(len(keys))
@@ -368,7 +372,8 @@ def _smallest_connected_index(count: int, left: np.ndarray, right: np.ndarray) -
 
 
 def normalise_line(line: str) -> str:
-    """CCNet's line key (Wenzek et al. 2020): lowercased, digits replaced by 0, punctuation removed, spaces collapsed."""
+    """CCNet's line key (Wenzek et al. 2020): lowercased, digits replaced by 0, punctuation removed, spaces
+    collapsed."""
     line = _PUNCTUATION.sub("", _DIGITS.sub("0", line.lower()))
     return _WHITESPACE.sub(" ", line).strip()
 
@@ -394,7 +399,8 @@ class RepeatedLines:
 
     @classmethod
     def find(cls, document_keys: np.ndarray, hashes: np.ndarray, min_documents: int = 2) -> "RepeatedLines":
-        """Lines whose hash occurs in at least ``min_documents`` documents; ``document_keys[i]`` is the document of ``hashes[i]``.
+        """Lines whose hash occurs in at least ``min_documents`` documents; ``document_keys[i]`` is the document of
+        ``hashes[i]``.
 
         Keys order the corpus (the driver numbers documents in corpus order), so the owner,
         the smallest key, is the first occurrence. A (key, hash) pair given twice counts once.
@@ -424,7 +430,8 @@ class RepeatedLines:
         return len(self.hashes)
 
     def remove(self, text: str, document_key: int) -> tuple[str, int]:
-        """The text without the repeated lines this document does not own (everything else byte for byte), and how many lines went."""
+        """The text without the repeated lines this document does not own (everything else byte for byte), and how many
+        lines went."""
         lines = text.splitlines(keepends=True)
         if not lines or not len(self.hashes):
             return text, 0

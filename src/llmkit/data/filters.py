@@ -255,7 +255,8 @@ class KeywordConfig:
     max_boilerplate_line_fraction: float | None = field(
         default=0.3,
         metadata={
-            "help": "drop documents with a larger fraction of lines holding a boilerplate phrase (0.3, as Gopher's ellipsis lines)"
+            "help": "drop documents with a larger fraction of lines holding a boilerplate phrase (0.3, as Gopher's "
+            "ellipsis lines)"
         },
     )
     boilerplate_phrases: tuple[str, ...] = field(

@@ -80,14 +80,16 @@ def supported_languages() -> list[str]:
 
 
 def identify_language(text: str, config: LanguageConfig) -> tuple[str, float]:
-    """``(ISO 639-1 code, probability)`` of the most likely language of ``text``'s first ``max_characters`` characters."""
+    """``(ISO 639-1 code, probability)`` of the most likely language of ``text``'s first ``max_characters``
+    characters."""
     identifier = _identifier(tuple(sorted(config.candidates)) if config.candidates is not None else None)
     language, score = identifier.classify(text[: config.max_characters])
     return language, score
 
 
 def language_filter(text: str, config: LanguageConfig) -> tuple[str | None, str, float]:
-    """``(reason or None, language, score)``: ``language:<code>`` when the language is not kept, ``language:low_score`` when it is but too uncertain."""
+    """``(reason or None, language, score)``: ``language:<code>`` when the language is not kept, ``language:low_score``
+    when it is but too uncertain."""
     language, score = identify_language(text, config)
     if config.keep and language not in config.keep:
         return f"language:{language}", language, score

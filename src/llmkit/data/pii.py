@@ -59,7 +59,8 @@ class PIIConfig:
     keep_private_ips: bool = field(
         default=True,
         metadata={
-            "help": "leave IP addresses that identify nobody unmasked: private, loopback, link-local, reserved and documentation ranges, and well-known public DNS resolvers"
+            "help": "leave IP addresses that identify nobody unmasked: private, loopback, link-local, reserved and "
+            "documentation ranges, and well-known public DNS resolvers"
         },
     )
 
@@ -76,7 +77,8 @@ class PIIConfig:
 
 
 def mask_pii(text: str, config: PIIConfig) -> tuple[str, collections.Counter]:
-    """``text`` with every enabled kind of personal data replaced by its tag, and the number of replacements per kind."""
+    """``text`` with every enabled kind of personal data replaced by its tag, and the number of replacements per
+    kind."""
     counts: collections.Counter = collections.Counter()
     for kind, precheck, mask in _RULES:
         if kind in config.kinds and precheck(text):
@@ -250,7 +252,8 @@ def _has_issuer_prefix(digits: str) -> bool:
 
 
 def _grouped_like_a_card(candidate: str) -> bool:
-    """No separators, or one kind of separator after a group of four and between groups of three or more (4-4-4-4, 4-6-5)."""
+    """No separators, or one kind of separator after a group of four and between groups of three or more
+    (4-4-4-4, 4-6-5)."""
     separators = set(candidate) - set("0123456789")
     if not separators:
         return True
@@ -417,7 +420,8 @@ _PHONE_INTERNATIONAL = re.compile(
 # Cheap pre-check (a pattern starting with a digit scans fast): the NNN-NNNN ending.
 _NORTH_AMERICAN_HINT = re.compile(r"\d{3}[ .-]\d{4}")
 _PHONE_NORTH_AMERICAN = re.compile(
-    r"(?<![\w+.-])(?:1[ .-])?(?:\([2-9]\d{2}\)\ ?[2-9]\d{2}[ .-]|[2-9]\d{2}(?P<separator>[ .-])[2-9]\d{2}(?P=separator))\d{4}(?!\w|[.-]\d)"
+    r"(?<![\w+.-])(?:1[ .-])?(?:\([2-9]\d{2}\)\ ?[2-9]\d{2}[ .-]"
+    r"|[2-9]\d{2}(?P<separator>[ .-])[2-9]\d{2}(?P=separator))\d{4}(?!\w|[.-]\d)"
 )
 _DIGIT_GROUP = re.compile(r"\d+")
 

@@ -80,7 +80,8 @@ class PipelineConfig:
     steps: list = field(
         default_factory=lambda: list(DEFAULT_STEPS),
         metadata={
-            "help": f"steps in order: YAML list of names or {{name: {{options}}}}, or comma-separated names; known: {', '.join(STEPS)}"
+            "help": f"steps in order: YAML list of names or {{name: {{options}}}}, or comma-separated names; known: "
+            f"{', '.join(STEPS)}"
         },
     )
     tokenizer: str = field(default="runs/tokenizer", metadata={"help": "tokenizer directory for the output shards"})
@@ -119,7 +120,8 @@ class PipelineConfig:
     restart: bool = field(
         default=False,
         metadata={
-            "help": "discard the work directory of an earlier run (needed when the pipeline or the source files changed)"
+            "help": "discard the work directory of an earlier run (needed when the pipeline or the source files "
+            "changed)"
         },
     )
 
@@ -176,7 +178,8 @@ def build_steps(config: PipelineConfig, work: Work) -> list[Step]:
 
 
 def phases_of(steps: list[Step]) -> list[tuple[list[Step], CorpusStep | None]]:
-    """``(steps applied, corpus step measured)`` per phase; a corpus step measured in one phase is applied first in the next."""
+    """``(steps applied, corpus step measured)`` per phase; a corpus step measured in one phase is applied first in the
+    next."""
     phases, current = [], []
     for step in steps:
         if isinstance(step, CorpusStep):
@@ -193,7 +196,8 @@ _worker_cache: dict[str, tuple[PipelineConfig, list]] = {}
 
 
 def _worker_pipeline(work_root: str) -> tuple[PipelineConfig, list[tuple[list[Step], CorpusStep | None]]]:
-    """The config and phases as a worker builds them from ``pipeline.json``: steps load their models once per process."""
+    """The config and phases as a worker builds them from ``pipeline.json``: steps load their models once per
+    process."""
     if work_root not in _worker_cache:
         work = Work(work_root)
         state = read_json(work.state)

@@ -170,7 +170,8 @@ def write_token_data(
 
 
 class ShardWriter:
-    """Appends token arrays to ``{split}_NNN.bin`` files of ``shard_tokens`` tokens, under temporary names until ``commit``."""
+    """Appends token arrays to ``{split}_NNN.bin`` files of ``shard_tokens`` tokens, under temporary names until
+    ``commit``."""
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens

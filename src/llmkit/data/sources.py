@@ -127,7 +127,8 @@ def _walk_folder(
     skipped_folders: tuple[str, ...],
     on_error: Callable[[str], None] | None,
 ) -> Iterator[Document]:
-    """Every file under ``root`` in sorted order; hidden entries (.git, ...) are skipped, binaries counted and skipped."""
+    """Every file under ``root`` in sorted order; hidden entries (.git, ...) are skipped, binaries counted and
+    skipped."""
     skipped = 0
     for folder, subfolders, files in os.walk(root):
         # Sorting in place makes os.walk descend in a deterministic order.

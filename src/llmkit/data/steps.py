@@ -64,7 +64,8 @@ class CorpusStep(Step):
         raise NotImplementedError
 
     def decide(self, measurements: dict[str, np.ndarray]) -> dict:
-        """Decide from the whole corpus's measurements (concatenated in corpus order); save it; return report metrics."""
+        """Decide from the whole corpus's measurements (concatenated in corpus order); save it; return report
+        metrics."""
         raise NotImplementedError
 
 

@@ -120,7 +120,8 @@ def train_tokenizer(config: TokenizerConfig) -> dict:
         "held_out_documents": len(held_out),
         "held_out_bytes": held_out_bytes,
         "bytes_per_token": bytes_per_token,
-        # Vocabulary coverage: how much of the vocabulary the held-out text uses, and how often char mode fell back to <|unk|>.
+        # Vocabulary coverage: how much of the vocabulary the held-out text uses, and how often char mode fell back to
+        # <|unk|>.
         "held_out_vocab_used": len(set(held_out_ids)) / vocab_size,
         "held_out_unknown_tokens": held_out_ids.count(special_ids[UNK]),
         "sha256": tokenizer.sha256,

@@ -156,7 +156,8 @@ class LlmkitLM(LM):
         unknown = sorted(set(settings) - known - _SET_FROM_REQUEST)
         if unknown:
             raise InputError(
-                f"generation kwargs {unknown} have no llmkit equivalent (llmkit takes {sorted(known | _SET_FROM_REQUEST)})"
+                f"generation kwargs {unknown} have no llmkit equivalent (llmkit takes "
+                f"{sorted(known | _SET_FROM_REQUEST)})"
             )
         options = {key: value for key, value in settings.items() if key in known}
         # normalize_gen_kwargs sets temperature 0 for greedy; sampling without a temperature means 1 (HF's default).
@@ -176,8 +177,9 @@ class LlmkitLM(LM):
             room = context_length - config.max_new_tokens
             if room < 1:
                 raise InputError(
-                    f"max_gen_toks={config.max_new_tokens} leaves no room for a prompt in the model's "
-                    f"context of {context_length} tokens; lower it (model_args max_gen_toks=... or the task's generation_kwargs)"
+                    f"max_gen_toks={config.max_new_tokens} leaves no room for a prompt in the model's context of "
+                    f"{context_length} tokens; lower it (model_args max_gen_toks=... or the task's "
+                    f"generation_kwargs)"
                 )
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]

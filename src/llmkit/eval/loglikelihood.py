@@ -17,8 +17,8 @@ for SmolLM2 it is ``<|im_start|>``). Too long a pair loses tokens from the left 
 
 Documents longer than the context window are scored in rolling windows (lm-eval's
 ``get_rolling_token_windows``): the document (encoded without special tokens) is preceded by the prefix
-token, every token is scored exactly once, and each window after the first ends ``stride`` tokens after the previous one, so
-consecutive full windows overlap by ``context_length - stride`` tokens of pure context. The default
+token, every token is scored exactly once, and each window after the first ends ``stride`` tokens after the previous
+one, so consecutive full windows overlap by ``context_length - stride`` tokens of pure context. The default
 stride, ``context_length - 1``, makes windows overlap by the single token the next prediction needs
 (lm-eval's default); a smaller stride buys every token more context for more compute. A window is
 one scored sequence of at most ``context_length`` tokens whose first token is context only, so a

@@ -92,8 +92,8 @@ def render_markdown(summary: dict, images: list[str]) -> str:
             "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {row['num_fewshot']} | {'yes' if row['chain_of_thought'] else 'no'} | {row['tools']} | {row['self_consistency']} "
-            f"| {_number(row['accuracy'])} | {_number(row['stderr'])} |"
+            f"| {row['num_fewshot']} | {'yes' if row['chain_of_thought'] else 'no'} | {row['tools']} | "
+            f"{row['self_consistency']} | {_number(row['accuracy'])} | {_number(row['stderr'])} |"
             for row in entry["ablations"]
         ]
         lines.append("")

@@ -118,7 +118,8 @@ class EvalConfig:
     tasks: list[str | dict] = field(
         default_factory=list,
         metadata={
-            "help": f"tasks as kind:path[:option=value...], comma-separated (YAML: a list of those or of mappings); kinds: {', '.join(TASK_KINDS)}"
+            "help": f"tasks as kind:path[:option=value...], comma-separated (YAML: a list of those or of mappings); "
+            f"kinds: {', '.join(TASK_KINDS)}"
         },
     )
     out: str = field(default="runs/eval", metadata={"help": "directory for eval.json, eval.md, the plots and samples/"})
@@ -154,7 +155,8 @@ class EvalConfig:
     training_data: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "training data to check the tasks against: token data dirs or raw text/JSONL sources (default: the checkpoint's pretraining data)"
+            "help": "training data to check the tasks against: token data dirs or raw text/JSONL sources (default: "
+            "the checkpoint's pretraining data)"
         },
     )
     decontamination: bool = field(
@@ -164,7 +166,8 @@ class EvalConfig:
     report_to: str = field(
         default="none",
         metadata={
-            "help": "experiment trackers that also get the scores: comma-separated tensorboard, wandb (offline), mlflow (local), or all/none"
+            "help": "experiment trackers that also get the scores: comma-separated tensorboard, wandb (offline), "
+            "mlflow (local), or all/none"
         },
     )
 

@@ -193,7 +193,8 @@ class _Walk:
 
 
 def evaluate(expression: str, time_limit_s: float = TIME_LIMIT_S) -> Number:
-    """The value of an arithmetic expression: a ``Fraction`` when exact, else a ``float``; refused past ``time_limit_s``."""
+    """The value of an arithmetic expression: a ``Fraction`` when exact, else a ``float``; refused past
+    ``time_limit_s``."""
     expression = expression.strip()
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise CalculatorError(f"the expression is longer than {MAX_EXPRESSION_CHARS} characters")

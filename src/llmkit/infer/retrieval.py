@@ -51,7 +51,8 @@ class BM25:
         self.k1, self.b = k1, b
         counts = [Counter(tokenize(document)) for document in self.documents]
         self.lengths = [sum(count.values()) for count in counts]
-        # An all-empty corpus has avgdl 0; every length ratio is then 0/0, and any positive value gives the same (zero) scores.
+        # An all-empty corpus has avgdl 0; every length ratio is then 0/0, and any positive value gives the same (zero)
+        # scores.
         self.average_length = sum(self.lengths) / len(self.lengths) or 1.0
         self.postings: dict[str, list[tuple[int, int]]] = {}
         for index, count in enumerate(counts):

@@ -237,7 +237,8 @@ class ToolBox:
     timeout_s: float = field(
         default=10.0,
         metadata={
-            "help": "a call still running after this many seconds is reported as timed out; generation waits this long at most "
+            "help": "a call still running after this many seconds is reported as timed out; "
+            "generation waits this long at most "
             "(a tool with a limit of its own, the Python sandbox, gets that limit plus its start-up time)"
         },
     )
@@ -291,7 +292,10 @@ class ToolBox:
         if isinstance(arguments, str):
             parameter = tool.single_string_parameter()
             if parameter is None:
-                return f'error: {tool.name} takes structured arguments; call it as {{"name": "{tool.name}", "arguments": {{...}}}}'
+                return (
+                    f"error: {tool.name} takes structured arguments; "
+                    f'call it as {{"name": "{tool.name}", "arguments": {{...}}}}'
+                )
             arguments = {parameter: arguments}
         errors = schema_errors(tool.parameters, arguments)
         if errors:

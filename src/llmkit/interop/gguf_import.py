@@ -299,7 +299,8 @@ def model_config_from_gguf(
                 reason = (
                     "llmkit rotates the whole head"
                     if name.startswith("rope")
-                    else f"llmkit's heads are {key('embedding_length')} / {key('attention.head_count')} = {head_dim} wide"
+                    else f"llmkit's heads are {key('embedding_length')} / {key('attention.head_count')} = "
+                    f"{head_dim} wide"
                 )
                 raise meta.refuse(key(name), value, reason)
         values = {

@@ -113,7 +113,8 @@ def apply_lora(model: Transformer, config: LoRAConfig) -> Transformer:
         not ("lm_head" in config.targets and model.config.tie_embeddings),
         "targets",
         config.targets,
-        "lm_head shares its matrix with the token embedding (tie_embeddings): merging its adapter would change the embedding too",
+        "lm_head shares its matrix with the token embedding (tie_embeddings): merging its adapter would change the "
+        "embedding too",
     )
     targets = {
         name: module

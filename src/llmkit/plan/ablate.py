@@ -494,7 +494,8 @@ def _number(value: float | None, digits: int = 4, spread: float | None = None) -
 def format_ablation(summary: dict) -> str:
     """The Markdown table of an ablation summary, with the notes that say how to read it."""
     lines = [
-        "| variant | seeds | parameters | non-embedding | tokens | FLOPs | wall s | tokens/s | val loss | val bpb | Δ bpb | Δ/σ |",
+        "| variant | seeds | parameters | non-embedding | tokens | FLOPs | wall s | tokens/s | val loss | val bpb | "
+        "Δ bpb | Δ/σ |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["variants"]:
@@ -519,7 +520,8 @@ def format_ablation(summary: dict) -> str:
     noise = summary["seed_noise_val_bpb"]
     notes = [
         f"Base preset `{summary['preset']}`, data `{summary['data']}`. Budget: {budget_note}, rounded to whole steps.",
-        "Δ bpb: validation bits/byte minus the first (baseline) variant's; ± is the sample standard deviation over seeds.",
+        "Δ bpb: validation bits/byte minus the first (baseline) variant's; ± is the sample standard deviation over "
+        "seeds.",
         f"Seed noise σ (pooled over variants with more than one seed): {_number(noise)} bits/byte; "
         "Δ/σ = Δ / (σ·√(1/n + 1/n_baseline)), beyond about ±2 the difference exceeds seed noise."
         if noise is not None

@@ -384,12 +384,14 @@ def format_estimate(result: dict) -> str:
                 ("", "16-bit weights, grads; fp32 grad accumulator, master weights, Adam m, v"),
                 (
                     "activations",
-                    f"{format_bytes(train['activation_bytes'])}  (batch {train['batch_size']} x {train['sequence_length']:,} tokens per device, "
+                    f"{format_bytes(train['activation_bytes'])}  (batch {train['batch_size']} x "
+                    f"{train['sequence_length']:,} tokens per device, "
                     + ("full recomputation)" if train["activation_checkpointing"] else "no recomputation)"),
                 ),
                 (
                     "per device, replicated",
-                    f"{format_bytes(train['per_gpu_replicated_bytes'])}  ({fits[train['fits_replicated']]} in {per_device})",
+                    f"{format_bytes(train['per_gpu_replicated_bytes'])}  ({fits[train['fits_replicated']]} in "
+                    f"{per_device})",
                 ),
                 (
                     "per device, ZeRO-3",
@@ -406,8 +408,8 @@ def format_estimate(result: dict) -> str:
                 ("weights", f"{format_bytes(infer['weights_bytes'])}  ({infer['bytes_per_param']:g} bytes/param)"),
                 (
                     "KV cache",
-                    f"{format_bytes(infer['kv_cache_bytes'])}  (batch {infer['batch_size']} x {infer['sequence_length']:,} tokens, "
-                    f"{format_bytes(infer['kv_cache_per_token_bytes'])}/token)",
+                    f"{format_bytes(infer['kv_cache_bytes'])}  (batch {infer['batch_size']} x "
+                    f"{infer['sequence_length']:,} tokens, {format_bytes(infer['kv_cache_per_token_bytes'])}/token)",
                 ),
                 (
                     "total",

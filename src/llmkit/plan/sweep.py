@@ -119,7 +119,8 @@ class ScalingConfig:
             5_000_000,
         ],
         metadata={
-            "help": "grid of target non-embedding parameter counts (shapes by the aspect-ratio rule); each budget trains those in the window"
+            "help": "grid of target non-embedding parameter counts (shapes by the aspect-ratio rule); each budget "
+            "trains those in the window"
         },
     )
     min_tokens_per_parameter: float = field(
@@ -164,7 +165,8 @@ class ScalingConfig:
     fit_grid: Literal["chinchilla", "coarse"] = field(
         default="chinchilla",
         metadata={
-            "help": "L-BFGS starts of the Chinchilla fit: the paper's 4,500-point grid, or every other value of it (243)"
+            "help": "L-BFGS starts of the Chinchilla fit: the paper's 4,500-point grid, or every other value of it "
+            "(243)"
         },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
@@ -352,8 +354,9 @@ def plan_sweep(config: ScalingConfig, rule: ShapeRule) -> list[Run]:
             len(chosen) >= 2,
             "budgets",
             budget,
-            f"only {len(chosen)} of the sizes train on {config.min_tokens_per_parameter:g}-{config.max_tokens_per_parameter:g} "
-            f"tokens per parameter in at least {config.min_steps} steps at this budget; add sizes, widen the window or lower min_steps",
+            f"only {len(chosen)} of the sizes train on "
+            f"{config.min_tokens_per_parameter:g}-{config.max_tokens_per_parameter:g} tokens per parameter in at "
+            f"least {config.min_steps} steps at this budget; add sizes, widen the window or lower min_steps",
         )
         runs += chosen
     check(
@@ -530,7 +533,8 @@ def make_prediction(config: ScalingConfig, rule: ShapeRule, law: ChinchillaLaw, 
         prediction = read_json(path)
         if prediction["sweep"] != sweep or prediction["budget"] != budget:
             raise MismatchError(
-                f"{path}: made from a different sweep or budget; delete it and {Path(config.out) / 'predict'} to predict again"
+                f"{path}: made from a different sweep or budget; delete it and {Path(config.out) / 'predict'} to "
+                f"predict again"
             )
         run = plan_run(config, rule, "predict", budget, prediction["target_parameters"], Path(config.out) / "predict")
         return run, prediction
@@ -589,8 +593,8 @@ def run_scaling(config: ScalingConfig) -> dict:
     summary = {
         "preset": config.preset,
         "data": str(Path(config.data).resolve()),
-        "convention": "N = non-embedding parameters (Transformer.num_parameters(exclude_embeddings=True)); D = training tokens; "
-        "budgets C = 6·N·D FLOPs; loss = validation nats/token",
+        "convention": "N = non-embedding parameters (Transformer.num_parameters(exclude_embeddings=True)); D = "
+        "training tokens; budgets C = 6·N·D FLOPs; loss = validation nats/token",
         "fits": fits,
         "compute_optimal": compute_optimal(law, config.compute_budget or config.prediction_budget),
         "prediction": prediction,
@@ -666,7 +670,8 @@ def plot_scaling(summary: dict, path: Path) -> None:
         xscale="log",
         xlabel="non-embedding parameters N",
         ylabel="validation loss (nats/token)",
-        title=f"IsoFLOP profiles; L = {law.E:.3f} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f} (x: optimum)",
+        title=f"IsoFLOP profiles; L = {law.E:.3f} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f} "
+        f"(x: optimum)",
     )
     isoflop.legend(fontsize=7)
 

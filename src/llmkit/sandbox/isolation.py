@@ -140,7 +140,10 @@ def _bubblewrap_problem() -> str | None:
         timeout=30,
     )
     if probe.returncode != 0:
-        return f"bwrap cannot start a sandbox here: {probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.returncode}"
+        return (
+            f"bwrap cannot start a sandbox here: "
+            f"{probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else probe.returncode}"
+        )
     return None
 
 

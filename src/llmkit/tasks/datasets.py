@@ -288,7 +288,8 @@ def _message(message, where: str) -> dict:
         return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": function}]}
     if speaker not in _SHAREGPT_ROLES:
         raise InputError(
-            f"{where}: unknown ShareGPT speaker {speaker!r} (expected one of {', '.join(sorted(_SHAREGPT_ROLES))}, function_call)"
+            f"{where}: unknown ShareGPT speaker {speaker!r} (expected one of {', '.join(sorted(_SHAREGPT_ROLES))}, "
+            f"function_call)"
         )
     return {"role": _SHAREGPT_ROLES[speaker], "content": value}
 

@@ -84,7 +84,8 @@ class TrainConfig:
     report_to: str = field(
         default="csv",
         metadata={
-            "help": "experiment trackers besides metrics.csv: comma-separated csv, tensorboard, wandb (offline), mlflow (local), or all/none"
+            "help": "experiment trackers besides metrics.csv: comma-separated csv, tensorboard, wandb (offline), "
+            "mlflow (local), or all/none"
         },
     )
 

@@ -263,8 +263,8 @@ class Trainer:
                 f"a step of {tokens:,} tokens needs about {need.total / gib:.1f} GiB beyond the weights "
                 f"(activations {need.activation_bytes / gib:.1f}, logits {need.logit_bytes / gib:.1f}, "
                 f"gradients and optimizer {need.optimizer_bytes / gib:.1f}), over {FREE_MEMORY_SHARE:.0%} of "
-                f"the {free / gib:.1f} GiB {self.device} has free: use --activation-checkpointing, a smaller --batch-size "
-                f"(with --grad-accum for the same batch) or a shorter --sequence-length "
+                f"the {free / gib:.1f} GiB {self.device} has free: use --activation-checkpointing, a smaller "
+                f"--batch-size (with --grad-accum for the same batch) or a shorter --sequence-length "
                 f"(--memory-check false to try anyway)",
             )
 
