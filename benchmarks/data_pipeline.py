@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import SHARED_DATA, emit  # noqa: E402
 
 from llmkit.data.pipeline import DEFAULT_STEPS, PipelineConfig, run_pipeline  # noqa: E402
-from llmkit.data.shards import load_manifest  # noqa: E402
-from llmkit.data.tokenizer_training import TokenizerConfig
-from llmkit.tokenizer import train_tokenizer  # noqa: E402
+from llmkit.data.tokenizer_training import (
+    TokenizerConfig,
+    train_tokenizer,  # noqa: E402
+)
+from llmkit.token_data import load_manifest  # noqa: E402
 
 WEB_STEPS = [
     "clean",

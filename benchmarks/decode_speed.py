@@ -21,10 +21,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, interleaved_rates  # noqa: E402
 
-from llmkit.data.tokenizer_training import TokenizerConfig
+from llmkit.data.tokenizer_training import (
+    TokenizerConfig,
+    train_tokenizer,  # noqa: E402
+)
 from llmkit.infer import Engine, GenerationConfig  # noqa: E402
 from llmkit.model import Transformer, preset  # noqa: E402
-from llmkit.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from llmkit.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT_TOKENS = 32
 

@@ -34,12 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, interleaved_rates  # noqa: E402
 
-from llmkit.data.tokenizer_training import TokenizerConfig
+from llmkit.data.tokenizer_training import (
+    TokenizerConfig,
+    train_tokenizer,  # noqa: E402
+)
 from llmkit.infer import Engine, GenerationConfig  # noqa: E402
 from llmkit.interop.hf_config import hf_config  # noqa: E402
 from llmkit.interop.layouts import GPT2, tensor_table  # noqa: E402
 from llmkit.model import Transformer, preset  # noqa: E402
-from llmkit.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer  # noqa: E402
+from llmkit.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
 PROMPT_TOKENS = 32
 TOLERANCE = 1e-4

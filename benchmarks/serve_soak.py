@@ -48,10 +48,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit  # noqa: E402
 
-from llmkit.data.tokenizer_training import TokenizerConfig
+from llmkit.data.tokenizer_training import (
+    TokenizerConfig,
+    train_tokenizer,  # noqa: E402
+)
 from llmkit.model import Transformer, preset  # noqa: E402
 from llmkit.model.checkpoint import write_model  # noqa: E402
-from llmkit.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from llmkit.tokenizer import Tokenizer  # noqa: E402
 
 MODEL = "soak"
 MAX_BODY = 2_000_000  # ServeConfig's default
