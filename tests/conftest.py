@@ -22,3 +22,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared datasets not found at {SHARED_DATA} (only present in the project workspace)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from ../shared imported once per session (about 7 s), for the tests that
+    use the real model rather than test its import."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DATA} (only present in the project workspace)")
+    from llmkit.interop.gguf_import import import_gguf
+
+    checkpoint = tmp_path_factory.mktemp("smollm2") / "checkpoint"
+    import_gguf(SHARED_DATA / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", checkpoint)
+    return checkpoint

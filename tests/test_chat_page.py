@@ -135,12 +135,10 @@ def test_chat_page_in_headless_chromium(server):
         assert page.locator(".message.assistant .content").all_text_contents() == ["Hello there."]
 
 
-def test_the_chat_page_talks_to_smollm2_in_its_own_format(shared_data, tmp_path):
+def test_the_chat_page_talks_to_smollm2_in_its_own_format(smollm2_checkpoint):
     from llmkit.infer import Engine
-    from llmkit.interop.gguf_import import import_gguf
 
-    import_gguf(shared_data / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "smol")
-    engine = Engine.from_checkpoint(str(tmp_path / "smol"))
+    engine = Engine.from_checkpoint(str(smollm2_checkpoint))
     with LiveServer(create_app(engine, ServeConfig(model_name="smollm2"))) as live:
         for page in chromium_page(live.url, "smollm2"):
             (reply,) = send(page, "What is the capital of France?")

@@ -19,7 +19,6 @@ import llmkit.eval.harness  # noqa: E402,F401  (registers the "llmkit" model cla
 from llmkit.eval.choice_tasks import load_choice_task  # noqa: E402
 from llmkit.eval.run import EvalConfig, run_eval  # noqa: E402
 from llmkit.interop import export_hf  # noqa: E402
-from llmkit.interop.gguf_import import import_gguf  # noqa: E402
 
 QUESTIONS = 20
 ROLLING_FIELDS = 'doc_to_text: ""\ndoc_to_target: text\n'
@@ -29,15 +28,12 @@ LOGPROB_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """(checkpoint, Hugging Face export, task folder, ARC file, WikiText file) for SmolLM2; imported once for
-    the module, hence conftest's shared_data check done here (that fixture is per test)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared datasets not found at {SHARED_DATA} (only present in the project workspace)")
+def smollm2(tmp_path_factory, smollm2_checkpoint):
+    """(checkpoint, Hugging Face export, task folder, ARC file, WikiText file) for SmolLM2, set up once for
+    the module."""
     shared_data = SHARED_DATA
     root = tmp_path_factory.mktemp("smollm2")
-    import_gguf(shared_data / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", root / "checkpoint")
-    export_hf(root / "checkpoint", root / "hf")
+    export_hf(smollm2_checkpoint, root / "hf")
     arc = shared_data / "arc" / "ARC-Easy" / "ARC-Easy-Dev.jsonl"
     examples = load_choice_task(arc)[:QUESTIONS]
     tasks = root / "tasks"
@@ -53,7 +49,7 @@ def smollm2(tmp_path_factory):
     wiki = write_harness_task(
         tasks, "smollm2_wiki", [{"text": text} for text in paragraphs], "loglikelihood_rolling", ROLLING_FIELDS
     )
-    return root / "checkpoint", root / "hf", tasks, arc, wiki
+    return smollm2_checkpoint, root / "hf", tasks, arc, wiki
 
 
 @pytest.fixture(scope="module")

@@ -189,11 +189,8 @@ def test_hermes_tool_calls_are_read_from_the_text_and_held_back_from_the_content
     assert (shown + result.content_delta, result.tool_calls, result.finish_reason) == (text, None, "stop")
 
 
-def test_smollm2_answers_through_the_server_in_its_own_format(shared_data, tmp_path):
-    from llmkit.interop.gguf_import import import_gguf
-
-    import_gguf(shared_data / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "smol")
-    engine = Engine.from_checkpoint(str(tmp_path / "smol"))
+def test_smollm2_answers_through_the_server_in_its_own_format(smollm2_checkpoint):
+    engine = Engine.from_checkpoint(str(smollm2_checkpoint))
     with LiveServer(create_app(engine, ServeConfig(model_name="smollm2"))) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         messages = [{"role": "user", "content": "What is the capital of France?"}]
