@@ -20,7 +20,8 @@ Every choice is scored with its whole prompt, as lm-eval does, so the 5-shot tas
 numbers are in docs/eval.md). While other jobs held the cores, a second torch thread made scoring 3x
 slower, hence ``--threads``.
 
-Usage: python benchmarks/smollm2_eval.py [--work DIR] [--device cpu] [--threads N] [--arc-limit N] [--mmlu-per-subject K]
+Usage: python benchmarks/smollm2_eval.py [--work DIR] [--device cpu] [--threads N] [--arc-limit N]
+                                         [--mmlu-per-subject K]
 """
 
 from __future__ import annotations
@@ -62,17 +63,29 @@ def mmlu_split(work: Path, per_subject: int) -> tuple[Path, Path | None]:
             header, *rows = list(csv.reader(handle))
         evaluated += rows[:per_subject]
         pool += rows[per_subject:]
-    return (write_csv(work / "mmlu_dev_evaluated.csv", header, evaluated),
-            write_csv(work / "mmlu_dev_demonstrations.csv", header, pool) if pool else None)
+    return (
+        write_csv(work / "mmlu_dev_evaluated.csv", header, evaluated),
+        write_csv(work / "mmlu_dev_demonstrations.csv", header, pool) if pool else None,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=None, help="folder for the imported checkpoint and the reports (default: a temporary one)")
+    parser.add_argument(
+        "--work", default=None, help="folder for the imported checkpoint and the reports (default: a temporary one)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
-    parser.add_argument("--arc-limit", type=int, default=None, help="first N questions of each ARC split (default: all)")
-    parser.add_argument("--mmlu-per-subject", type=int, default=5, choices=range(1, 6), help="MMLU questions per subject (default: all 5)")
+    parser.add_argument(
+        "--arc-limit", type=int, default=None, help="first N questions of each ARC split (default: all)"
+    )
+    parser.add_argument(
+        "--mmlu-per-subject",
+        type=int,
+        default=5,
+        choices=range(1, 6),
+        help="MMLU questions per subject (default: all 5)",
+    )
     arguments = parser.parse_args()
     require(MODEL), require(ARC), require(MMLU)
     if arguments.threads:
@@ -86,23 +99,59 @@ def main() -> None:
     mmlu, demonstrations = mmlu_split(work, arguments.mmlu_per_subject)
     arc_limit = f":limit={arguments.arc_limit}" if arguments.arc_limit else ""
     fewshot = f":fewshot_file={demonstrations}" if demonstrations else ""
-    tasks = [f"choice:{ARC / 'ARC-Easy' / 'ARC-Easy-Dev.jsonl'}:name=arc_easy{arc_limit}",
-             f"choice:{ARC / 'ARC-Challenge' / 'ARC-Challenge-Dev.jsonl'}:name=arc_challenge{arc_limit}",
-             f"choice:{mmlu}:name=mmlu_5shot:num_fewshot=5{fewshot}",
-             f"choice:{mmlu}:name=mmlu_0shot"]
+    tasks = [
+        f"choice:{ARC / 'ARC-Easy' / 'ARC-Easy-Dev.jsonl'}:name=arc_easy{arc_limit}",
+        f"choice:{ARC / 'ARC-Challenge' / 'ARC-Challenge-Dev.jsonl'}:name=arc_challenge{arc_limit}",
+        f"choice:{mmlu}:name=mmlu_5shot:num_fewshot=5{fewshot}",
+        f"choice:{mmlu}:name=mmlu_0shot",
+    ]
     for task in tasks:  # one run per task, so each score is printed as soon as it is known
         name = task.split("name=")[1].split(":")[0]
         task_started = time.perf_counter()
-        assert llmkit(["eval", "--checkpoint", str(checkpoint), "--out", str(work / "eval" / name), "--tasks", task,
-                       "--device", arguments.device, "--no-decontamination", "--batch-size", "8"]) == 0
+        assert (
+            llmkit(
+                [
+                    "eval",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--out",
+                    str(work / "eval" / name),
+                    "--tasks",
+                    task,
+                    "--device",
+                    arguments.device,
+                    "--no-decontamination",
+                    "--batch-size",
+                    "8",
+                ]
+            )
+            == 0
+        )
         metrics = json.loads((work / "eval" / name / "eval.json").read_text())["tasks"][name]["metrics"]
-        context = {"task": name, "split": "dev", "examples": metrics["count"], "num_fewshot": metrics["num_fewshot"],
-                   "model": "SmolLM2-135M-Instruct Q4_1 (dequantized, float32)",
-                   "seconds": round(time.perf_counter() - task_started, 1)}
+        context = {
+            "task": name,
+            "split": "dev",
+            "examples": metrics["count"],
+            "num_fewshot": metrics["num_fewshot"],
+            "model": "SmolLM2-135M-Instruct Q4_1 (dequantized, float32)",
+            "seconds": round(time.perf_counter() - task_started, 1),
+        }
         emit("acc", round(metrics["accuracy"], 4), "fraction", stderr=round(metrics["stderr"], 4), **context)
-        emit("acc_norm", round(metrics["accuracy_norm"], 4), "fraction", stderr=round(metrics["stderr_norm"], 4), **context)
-    emit("wall_time", round(time.perf_counter() - started, 1), "s", device=arguments.device, threads=torch.get_num_threads(),
-         work=str(work))
+        emit(
+            "acc_norm",
+            round(metrics["accuracy_norm"], 4),
+            "fraction",
+            stderr=round(metrics["stderr_norm"], 4),
+            **context,
+        )
+    emit(
+        "wall_time",
+        round(time.perf_counter() - started, 1),
+        "s",
+        device=arguments.device,
+        threads=torch.get_num_threads(),
+        work=str(work),
+    )
 
 
 if __name__ == "__main__":
