@@ -143,12 +143,12 @@ def test_early_exits_and_lying_objects_fail(problem_file, forgery):
 
 def test_every_canonical_humaneval_solution_passes_and_an_early_exit_fails(shared_data):
     problems = load_code_problems(shared_data / "humaneval" / "HumanEval.jsonl.gz")
-    completions = [[problem.canonical_solution, "    import os; os._exit(0)\n"] for problem in problems]
-    result = score_completions(problems, completions, ks=[1], timeout_s=10, workers=2)
+    result = score_completions(problems, [[problem.canonical_solution] for problem in problems], ks=[1], workers=2)
     failing = [
-        (record["id"], record["completions"][0]["error"])
-        for record in result["per_example"]
-        if not record["completions"][0]["passed"]
+        (record["id"], record["completions"][0]["error"]) for record in result["per_example"] if not record["passed"]
     ]
     assert failing == []
-    assert not any(record["completions"][1]["passed"] for record in result["per_example"])
+    # The early exit on a sample of the problems (each run costs two sandboxes; the exit is the same everywhere).
+    sample = problems[::8]
+    exits = score_completions(sample, [["    import os; os._exit(0)\n"] for _ in sample], ks=[1], workers=2)
+    assert exits["pass@1"] == 0.0
