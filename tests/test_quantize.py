@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers import naive_greedy, tiny_config
 from llmkit.infer import Engine, GenerationConfig
-from llmkit.infer.quantize import FUSED_KERNEL_MAX_ROWS, Int8Linear, quantize_int8
+from llmkit.infer.quantize import FUSED_KERNEL_MAX_ROWS, Int4Linear, Int8Linear, quantize_int4, quantize_int8
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
@@ -82,5 +82,50 @@ def test_engine_decodes_a_quantized_model_like_a_full_forward_loop():
 
 
 def test_unknown_quantization_is_refused():
-    with pytest.raises(ValueError, match="quantize='int4'"):
-        Engine(Transformer(tiny_config()), None, quantize="int4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="quantize=.int2."):
+        Engine(Transformer(tiny_config()), None, quantize="int2")  # type: ignore[arg-type]
+
+
+def reference_int4(weight: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """Asymmetric 4-bit groups worked out directly, GGUF Q4_1's rule: per group of ``group`` weights of a
+    row, d = (max - min) / 15, q = round((w - min) / d), w' = q * d + min."""
+    rows = []
+    for row in weight.tolist():
+        dequantized = []
+        for start in range(0, len(row), group):
+            block = row[start:start + group]
+            low, high = min(block), max(block)
+            step = (high - low) / 15 if high > low else 1.0
+            dequantized += [min(max(round((value - low) / step), 0), 15) * step + low for value in block]
+        rows.append(dequantized)
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("out_features", [48, 20])  # 20: padded to the kernel's 16-row tiles
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_int4_linear_equals_the_dequantized_product(out_features, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, out_features, bias=True)
+    reference = reference_int4(linear.weight.detach())
+    layer = Int4Linear(linear, torch.float32)
+    assert torch.allclose(layer.dequantized(), reference, atol=1e-5)
+    error = (reference - linear.weight.detach()).abs().max()
+    assert error <= (linear.weight.abs().max() * 2) / 15 / 2 + 1e-6  # half a step of the widest group
+    x = torch.randn(rows, 64)
+    expected = x @ reference.T + linear.bias.detach()
+    assert torch.allclose(layer(x), expected, atol=1e-4)
+    bf16 = Int4Linear(linear, torch.bfloat16)(x.bfloat16()).float()
+    assert torch.allclose(bf16, expected, atol=0.05, rtol=0.02)
+    assert layer(torch.randn(2, 3, 64)).shape == (2, 3, out_features)
+
+
+def test_int4_model_keeps_its_logits_with_an_int8_head():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(n_embd=64, n_head=4, tie_embeddings=True)).eval()
+    quantized = quantize_int4(copy.deepcopy(model))
+    assert isinstance(quantized.lm_head, Int8Linear) and isinstance(quantized.blocks[0].feed_forward.up, Int4Linear)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference, logits = model(ids), quantized(ids).float()
+    # 4-bit groups: ~1/30 of each group's range per weight; the stated tolerance is 10 % of the largest logit.
+    assert (logits - reference).abs().max() < 0.10 * reference.abs().max()

@@ -1,4 +1,4 @@
-"""Weight-only int8 quantization for decoding.
+"""Weight-only int8 and int4 quantization for decoding.
 
 One-token decoding reads every weight once per step and does little arithmetic with it, so its speed is
 the memory bandwidth divided by the weights' bytes (float32 GPT-2-124M: 0.5 GB a token). Storing each
@@ -11,6 +11,14 @@ On CPU the matrix-vector products of decoding use PyTorch's fused int8 x 16-bit 
 (``torch._weight_int8pack_mm``); it needs the input width to be a multiple of 16, and it is slower than a
 16-bit matrix product once many rows come at once, so prompt processing (and any other shape or device)
 dequantizes the weight to the activations' dtype and multiplies as usual.
+
+int4 (:class:`Int4Linear`) stores two weights a byte with a scale and an offset per group of 32 weights
+along the input (asymmetric min/max: w = q * scale + min, q in 0..15), GGUF's Q4_1 block: a model imported
+from a Q4_1 file gets back its own 4-bit weights. On CPU it multiplies with PyTorch's packed int4 kernel
+(``torch.ops.aten._weight_int4pack_mm_for_cpu``) at every batch size; elsewhere (untested: no GPU here) it
+unpacks the codes and multiplies in 16-bit. The output head gets int8 in that mode (as llama.cpp's Q4
+files keep ``token_embd``/``output`` at Q8_0): the head decides every token, and its 4-bit copy costs
+agreement for little speed.
 """
 
 from __future__ import annotations
@@ -22,13 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Int8Linear", "QUANTIZATIONS", "Quantization", "quantize_field", "quantize_int8"]
+__all__ = ["Int4Linear", "Int8Linear", "QUANTIZATIONS", "Quantization", "quantize", "quantize_field", "quantize_int4",
+           "quantize_int8"]
 
-Quantization = typing.Literal["none", "int8"]
+Quantization = typing.Literal["none", "int8", "int4"]
 QUANTIZATIONS = typing.get_args(Quantization)
 
 FUSED_KERNEL_MAX_ROWS = 8  # beyond this the fused kernel loses to dequantize + 16-bit matmul (measured on AVX-512)
 FUSED_KERNEL_WIDTH_MULTIPLE = 16
+INT4_GROUP_SIZE = 32  # GGUF's Q4_0/Q4_1 block; the CPU kernel takes 32, 64, 128 or 256
+INT4_ROW_MULTIPLE = 16  # the CPU kernel packs output rows in tiles of 16: others are padded with zero rows
 
 
 class Int8Linear(nn.Module):
@@ -62,6 +73,61 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int4Linear(nn.Module):
+    """``nn.Linear`` with 4-bit weights: per group of ``group_size`` inputs of an output row, a scale and
+    the group's minimum (w = q * scale + minimum, q in 0..15, rounded to nearest)."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, group_size: int = INT4_GROUP_SIZE):
+        super().__init__()
+        if linear.in_features % group_size:
+            raise ValueError(f"int4 needs in_features divisible by {group_size}, got {linear.in_features}")
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        weight = linear.weight.detach().float()
+        rows = -(-self.out_features // INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE
+        weight = torch.cat([weight, weight.new_zeros(rows - self.out_features, self.in_features)])
+        groups = weight.view(rows, -1, group_size)
+        minimum, maximum = groups.amin(dim=-1), groups.amax(dim=-1)
+        scales = torch.where(maximum > minimum, (maximum - minimum) / 15, torch.ones_like(maximum))
+        codes = torch.round((groups - minimum[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).view(rows, -1)
+        self.packed_kernel = linear.weight.device.type == "cpu"
+        if self.packed_kernel:
+            # (rows, in / 2) uint8, and (groups, rows, 2) [scale, zero] where the kernel computes (q - 8) * scale + zero.
+            self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.cpu(), 1))
+            self.register_buffer("scales_and_zeros", torch.stack([scales.t(), (minimum + 8 * scales).t()], dim=-1)
+                                 .contiguous().to(dtype))
+        else:
+            self.register_buffer("weight", codes.to(torch.uint8).to(linear.weight.device))
+            self.register_buffer("scales_and_zeros", torch.stack([scales, minimum], dim=-1).to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.packed_kernel:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), self.weight, self.group_size,
+                                                             self.scales_and_zeros.to(x.dtype))
+        else:
+            out = F.linear(rows, self.dequantized().to(x.dtype))
+        out = out[:, :self.out_features]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the layer multiplies by, (out, in) in float32."""
+        if self.packed_kernel:
+            identity = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype, device=self.weight.device)
+            transposed = torch.ops.aten._weight_int4pack_mm_for_cpu(identity, self.weight, self.group_size,
+                                                                    self.scales_and_zeros)
+            return transposed.t()[:self.out_features].float()
+        scales, minimum = self.scales_and_zeros.float().unbind(-1)
+        groups = self.weight.float().view(self.weight.shape[0], -1, self.group_size)
+        return (groups * scales[..., None] + minimum[..., None]).view(self.weight.shape[0], -1)[:self.out_features]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}")
+
+
 def quantize_int8(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (the output head included; a head tied to the token
     embedding gets its own int8 copy, the embedding itself stays) by an :class:`Int8Linear`, in place,
@@ -77,7 +143,34 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Modu
     return model.eval()
 
 
+def quantize_int4(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Like :func:`quantize_int8` with :class:`Int4Linear` layers, except the output head (int8) and any
+    layer whose input width is not a multiple of the group size (int8 too)."""
+    weight_dtype = next(model.parameters()).dtype
+    dtype = dtype or (torch.bfloat16 if weight_dtype == torch.float32 else weight_dtype)
+    head = getattr(model, "lm_head", None)
+    model.to(dtype)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                four_bit = child is not head and child.in_features % INT4_GROUP_SIZE == 0
+                layer = Int4Linear(child, dtype) if four_bit else Int8Linear(child, dtype)
+                setattr(parent, name, layer.to(child.weight.device))
+    return model.eval()
+
+
+def quantize(model: nn.Module, kind: Quantization) -> nn.Module:
+    """Apply one of :data:`QUANTIZATIONS` in place ("none" leaves the model as it is)."""
+    if kind not in QUANTIZATIONS:
+        raise ValueError(f"quantize={kind!r}: must be one of {', '.join(QUANTIZATIONS)}")
+    if kind == "int8":
+        quantize_int8(model)
+    elif kind == "int4":
+        quantize_int4(model)
+    return model
+
+
 def quantize_field():
     """The ``quantize`` option of every command that loads a model for inference."""
-    return field(default="none", metadata={"help": "int8: int8 weights + bfloat16 activations, about 2x faster "
-                                                   "one-token decoding on CPU (none: the weights as stored)"})
+    return field(default="none", metadata={"help": "int8 / int4: 8-bit / 4-bit weights + bfloat16 activations, "
+                                                   "faster decoding on CPU (none: the weights as stored)"})

@@ -43,6 +43,9 @@ class GenerationConfig:
     echo: bool = field(default=False, metadata={"help": "also return the log-probabilities of the prompt tokens"})
     num_beams: int = field(default=1, metadata={"help": "beam search with this many beams (deterministic; sampling settings are ignored); 1 = off"})
     length_penalty: float = field(default=1.0, metadata={"help": "beam search: a hypothesis scores sum(logprob) / length**length_penalty"})
+    prompt_lookup: int = field(default=0, metadata={"help": "greedy requests: draft up to this many tokens from an earlier "
+                                                           "occurrence of the last n-gram and verify them in one pass "
+                                                           "(speculative decoding, same tokens); 0 = off"})
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be positive")
@@ -56,6 +59,7 @@ class GenerationConfig:
         check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
               f"must be in [0, {MAX_LOGPROBS}]")
         check(self.num_beams >= 1, "num_beams", self.num_beams, "must be >= 1")
+        check(0 <= self.prompt_lookup <= 64, "prompt_lookup", self.prompt_lookup, "must be in [0, 64]")
         check(self.length_penalty == self.length_penalty, "length_penalty", self.length_penalty, "must be a number")
         if isinstance(self.stop, str):
             self.stop = [self.stop]

@@ -6,10 +6,12 @@ is a :class:`Request` submitted here. A :meth:`Scheduler.step`:
 1. drops cancelled requests and admits waiting ones into free slots of one preallocated KV cache (Orca,
    Yu et al. 2022: requests join and leave a running batch between steps, so a short request never
    waits for a long one, and a new one never waits for the batch to drain);
-2. prefills what each slot has not seen yet — a new prompt, or a tool result just injected — with that
-   slot's own forward pass, straight into its cache rows;
+2. prefills what each slot has not seen yet — a new prompt, or a tool result just injected — straight into
+   its cache rows, without the output head: requests admitted together are laid out shortest prompt first
+   and neighbours of similar length share one right-padded pass;
 3. decodes every running request together: one forward pass of one token per row, each row at its own
-   position with its own attention mask (``llmkit.model.kv_cache``);
+   position with its own attention mask (``llmkit.model.kv_cache``), through the engine's
+   :class:`~llmkit.infer.runner.ModelRunner` (eager, or one compiled graph);
 4. samples each row under its own settings and random generator (``sample_rows``), and hands every token
    to its request's :class:`~llmkit.infer.completion.CompletionState` (text, stops, tool calls);
 5. retires finished requests; the last running row moves into the hole, so the running rows stay the
@@ -19,6 +21,12 @@ The invariant that keeps this simple: a running request's cache holds its ``sequ
 token, which the next decode step feeds. Requests that cannot share the batch run on their own when
 admitted: beam search (``num_beams`` > 1, ``llmkit.infer.beam``) and ``use_cache=False`` (the reference
 path, re-running the whole sequence each step, which still shares everything else of the step).
+
+A greedy request running alone with ``prompt_lookup`` set decodes speculatively instead of step 3: a draft
+continues its last n-gram from an earlier occurrence in its own sequence (``llmkit.infer.speculative``), one
+forward pass scores the last token and the draft, and the request takes the model's own choices up to the
+first one that differs from the draft, plus that one: the tokens of plain greedy decoding, several per pass
+when the text repeats itself.
 
 Requests are thread-safe to submit and cancel. Without :meth:`Scheduler.start`, whoever waits on a
 request's events drives the steps; with it, a background thread does (the HTTP server, which gives each
@@ -40,6 +48,7 @@ from llmkit.infer.beam import beam_search
 from llmkit.infer.completion import Completion, CompletionState, Tools
 from llmkit.infer.sampling import GenerationConfig, logprobs_of, sample_rows
 from llmkit.infer.scoring import score_sequences
+from llmkit.infer.speculative import prompt_lookup
 from llmkit.model.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -119,6 +128,9 @@ class Request:
                     raise RuntimeError("the scheduler has nothing to do but this request has not finished")
 
 
+PREFILL_PADDING = 1.25  # neighbours share a prefill pass while its padded size stays within this of their tokens
+
+
 class Scheduler:
     """Continuous batching over the KV-cache slots of one engine's model (see the module docstring)."""
 
@@ -126,6 +138,7 @@ class Scheduler:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.model, self.tokenizer, self.device = engine.model, engine.tokenizer, engine.device
+        self.runner = engine.runner
         self.max_batch_size = max_batch_size
         self.context_length = self.model.config.context_length
         self.cache: KVCache | None = None
@@ -226,7 +239,8 @@ class Scheduler:
                 if not running:
                     return False
                 self._prefill()
-                self._decode(running, self._next_logits())
+                if not self._speculate():
+                    self._decode(running, self._next_logits())
                 self._retire()
                 return True
             except BaseException as error:
@@ -249,17 +263,23 @@ class Scheduler:
         self._retire()
 
     def _admit(self) -> None:
-        while self.num_running < self.max_batch_size:
-            with self._wakeup:
-                if not self._waiting:
-                    return
-                request = self._waiting.popleft()
-            try:
-                self._start(request)
-            except BaseException:
+        admitted_from = len(self._slots)
+        try:
+            while self.num_running < self.max_batch_size:
                 with self._wakeup:
-                    self._waiting.appendleft(request)  # where _fail_all finds it and sends it the error
-                raise
+                    if not self._waiting:
+                        return
+                    request = self._waiting.popleft()
+                try:
+                    self._start(request)
+                except BaseException:
+                    with self._wakeup:
+                        self._waiting.appendleft(request)  # where _fail_all finds it and sends it the error
+                    raise
+        finally:
+            # The new slots' cache rows are empty: order them by prompt length, so that neighbours of
+            # similar length share a prefill pass with little padding.
+            self._slots[admitted_from:] = sorted(self._slots[admitted_from:], key=lambda slot: len(slot[1].sequence))
 
     def _start(self, request: Request) -> None:
         """Give an admitted request a slot, or run it to the end now (beam search)."""
@@ -280,15 +300,17 @@ class Scheduler:
         """A cache with at least ``rows`` rows of ``capacity`` positions, grown by doubling (capped at the
         batch size and the context) so that a stream of requests reallocates it only a few times."""
         weight = self.model.token_embedding.weight
+        if self.runner.compile:
+            rows = max(rows, 2)  # a compiled step then sees no cache of size 1, a size it would compile apart
         if self.cache is None or self.cache.keys.dtype != weight.dtype or self.cache.keys.device != weight.device:
             self.cache = self.model.new_cache(rows, capacity)
         elif rows > self.cache.batch_size or capacity > self.cache.capacity:
-            self.cache.grow(max(rows, min(2 * self.cache.batch_size, self.max_batch_size)),
-                            max(capacity, min(2 * self.cache.capacity, self.context_length)))
+            grown_rows = max(rows, min(2 * self.cache.batch_size, self.max_batch_size)) if rows > self.cache.batch_size else rows
+            self.cache.grow(grown_rows, max(capacity, min(2 * self.cache.capacity, self.context_length)))
 
     def _prefill(self) -> None:
         """Bring every slot up to its sequence but the last token. Adjacent slots at the same position
-        with as many tokens to take (a batch of equal-length prompts) share one pass, the others get
+        share one right-padded pass while the padding stays small (``PREFILL_PADDING``); the others get
         their own. Only the cache is wanted, so a pass stops before the output head."""
         if not self._slots:
             return
@@ -297,12 +319,14 @@ class Scheduler:
                    if filled < len(state.sequence) - 1]
         while pending:
             first, filled, tokens = pending[0]
-            size = 1
-            while (size < len(pending) and pending[size][0] == first + size and pending[size][1] == filled
-                   and len(pending[size][2]) == len(tokens)):
-                size += 1
-            ids = torch.tensor([new for _, _, new in pending[:size]], device=self.device)
-            self.model.hidden_states(ids, cache=self.cache.rows(first, first + size))
+            size, longest, total = 1, len(tokens), len(tokens)
+            while size < len(pending) and pending[size][0] == first + size and pending[size][1] == filled:
+                grown = max(longest, len(pending[size][2]))
+                if (grown * (size + 1) > PREFILL_PADDING * (total + len(pending[size][2]))
+                        or filled + grown > self.cache.capacity):
+                    break
+                size, longest, total = size + 1, grown, total + len(pending[size][2])
+            self.runner.prefill(self.cache, first, [new for _, _, new in pending[:size]])
             pending = pending[size:]
 
     def _next_logits(self) -> torch.Tensor:
@@ -310,7 +334,7 @@ class Scheduler:
         logits = []
         if self._slots:
             last = torch.tensor([[state.sequence[-1]] for _, state in self._slots], device=self.device)
-            logits.append(self.model(last, cache=self.cache.rows(0, len(self._slots)))[:, -1])
+            logits.append(self.runner.decode(last, self.cache))
         if self._uncached:
             # Right-padded into one batch: under causal attention padding after a row's tokens changes nothing before it.
             sequences = [state.sequence for _, state in self._uncached]
@@ -333,6 +357,48 @@ class Scheduler:
                 self._finish(request, state, event)
             else:
                 request._put(event)
+
+    def _speculate(self) -> bool:
+        """Prompt-lookup speculative decoding for a greedy request that runs alone (see the module
+        docstring); False when it does not apply or finds no draft, and the step decodes as usual."""
+        if len(self._slots) != 1 or self._uncached:
+            return False
+        request, state = self._slots[0]
+        config = state.config
+        if not config.prompt_lookup or config.temperature != 0:
+            return False
+        filled = int(self.cache.lengths[0])
+        room = min(config.max_new_tokens - state.sampled, self.cache.capacity - filled, self.context_length - len(state.sequence)) - 1
+        draft = prompt_lookup(state.sequence, min(config.prompt_lookup, room))
+        if not draft:
+            return False
+        ids = torch.tensor([[state.sequence[-1], *draft]], device=self.device)
+        logits = self.runner.verify(ids, self.cache, 0)
+        event = Event("", [], [] if config.logprobs is not None else None, [] if config.logprobs else None)
+        kept = 0  # draft tokens taken as they are: their keys and values in the cache stay valid
+        for position in range(len(draft) + 1):
+            row = logits[position:position + 1]
+            token = sample_rows(row, [config], [state.generator], [state.sequence])
+            chosen, top = self._logprobs(row, token, [state])
+            length = len(state.sequence)
+            step = state.accept(int(token), chosen.get(0), top.get(0))
+            event.text += step.text
+            event.token_ids += step.token_ids
+            if event.logprobs is not None:
+                event.logprobs += step.logprobs
+                if event.top_logprobs is not None:
+                    event.top_logprobs += step.top_logprobs
+            # Go on only while the model chose the draft's token and the sequence took exactly that token.
+            if (state.finished or position == len(draft) or int(token) != draft[position]
+                    or len(state.sequence) != length + 1):
+                break
+            kept += 1
+        self.cache.lengths[0] = min(filled + 1 + kept, len(state.sequence) - 1)
+        if state.finished:
+            self._finish(request, state, event)
+        else:
+            request._put(event)
+        return True
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor,
                   states: list[CompletionState]) -> tuple[dict[int, float], dict[int, dict[str, float]]]:

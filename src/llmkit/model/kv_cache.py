@@ -9,6 +9,8 @@ prompt is prefilled straight into its slot.
 
 The forward calls :meth:`KVCache.begin` once (where the new tokens go), :meth:`KVCache.update` in every
 layer (write them, return everything the layer's queries may attend to), then :meth:`KVCache.advance`.
+:class:`PositionedRows` does the same through tensors only (no Python reads of the lengths), for a forward
+that ``torch.compile`` traces as one graph.
 """
 
 from __future__ import annotations
@@ -112,3 +114,41 @@ class KVCache:
             new[:, :old.shape[1], :, :old.shape[3]] = old
             setattr(self, name, new)
         self.lengths = torch.cat([self.lengths, torch.zeros(batch_size - self.lengths.shape[0], dtype=torch.long)])
+
+
+class PositionedRows:
+    """The first rows of a :class:`KVCache` for one forward pass, with every row's first new position given
+    as a (rows, 1) tensor and the span attention reads (``end``) fixed by the caller. Writes are one indexed
+    store per layer and tensor, masks come from the positions, and nothing reads the lengths in Python, so
+    ``torch.compile`` traces the whole forward as one graph. It holds the cache's whole tensors (the rows
+    are the first ``len(starts)``), so a compiled graph always sees the same memory layout. The caller
+    advances the cache's lengths."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, end: int):
+        self.keys, self.values, self.starts, self.end = keys, values, starts, end
+
+    @classmethod
+    def of(cls, cache: KVCache, rows: int, length: int) -> "PositionedRows":
+        """Rows 0..rows-1 of ``cache`` for ``length`` new tokens each; attention reads as far as the
+        longest row then reaches."""
+        lengths = cache.lengths[:rows]
+        end = int(lengths.max()) + length
+        if end > cache.capacity:
+            raise ValueError(f"{length} new tokens after {end - length} cached ones exceed the cache's capacity of {cache.capacity}")
+        return cls(cache.keys, cache.values, lengths.to(cache.keys.device).unsqueeze(1), end)
+
+    def begin(self, length: int) -> tuple[torch.Tensor, int]:
+        return self.starts, self.end
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _, length, _ = keys.shape
+        rows = torch.arange(batch, device=keys.device).unsqueeze(1)
+        positions = self.starts + torch.arange(length, device=keys.device)
+        layers = torch.full_like(rows, layer)
+        # Indexed on the whole (layers, rows, heads, positions, dim) tensor, so a compiled graph writes in place.
+        self.keys[layers, rows, :, positions] = keys.transpose(1, 2)
+        self.values[layers, rows, :, positions] = values.transpose(1, 2)
+        return self.keys[layer, :batch, :, :self.end], self.values[layer, :batch, :, :self.end]
+
+    def advance(self, length: int) -> None:
+        """Nothing: the lengths live outside the traced forward (see the class docstring)."""

@@ -139,6 +139,12 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
+            if length == 1 and self.n_kv_head != self.n_head and (mask is None or mask.shape[-3] == 1):
+                # Decoding one token under grouped-query attention: the query heads that share a key/value head
+                # become that head's query rows, so the cached keys and values are read in place, not repeated.
+                y = self._attend(q.reshape(batch, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim), k, v,
+                                 mask, False)
+                return self.out(y.reshape(batch, length, -1))
         if self.n_kv_head != self.n_head:
             repeats = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
