@@ -15,6 +15,26 @@ the end-of-turn token are True (what follows it, e.g. a newline, is never sample
 That needs a template that renders a conversation prefix by prefix (ChatML, Llama 3 and most others
 do); one that rewrites earlier turns (e.g. strips the reasoning of past turns) is refused with a
 one-line error rather than trained on the wrong tokens.
+
+Tool calls and results (OpenAI-shaped ``tool_calls`` and ``tool`` messages) follow the template's own
+convention where it has one: a template that renders ``tool_calls`` itself (Qwen2/2.5's, Hermes',
+Llama 3.1's) gets the calls with their arguments as JSON objects, as ``transformers`` documents for
+chat templates. A ChatML template without tool support (SmolLM2-135M's) gets them in Hermes' convention,
+the one Qwen's template writes into ChatML (:mod:`llmkit.template_tools` runs it in the engine)::
+
+    <|im_start|>assistant
+    The pens cost
+    <tool_call>
+    {"name": "calculator", "arguments": {"expression": "4*3"}}
+    </tool_call><|im_end|>
+    <|im_start|>tool
+    <tool_response>
+    12
+    </tool_response><|im_end|>
+
+A compact call ``name(text)`` (a custom tool call, :mod:`llmkit.chat`) becomes the JSON call of the tool's
+one string parameter, named by the ``tools`` given or else by llmkit's built-in tool of that name.
+Any other template with tool messages is refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -22,6 +42,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import re
 
 import jinja2
 from jinja2 import nodes
@@ -32,6 +53,9 @@ from llmkit.errors import InputError
 from llmkit.tokenizer import Tokenizer
 
 ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+_NATIVE_TOOLS = re.compile(r"tool_calls|<tool_call>")  # what a template that renders calls itself mentions
 
 
 class _GenerationBlock(Extension):
@@ -93,6 +117,7 @@ def template_ids(
     """Token ids of the conversation in the model's format, and the mask that is True on the text of
     the assistant messages from index ``mask_from`` on (module docstring)."""
     refuse_special_text(tokenizer, messages)
+    messages = with_tool_convention(tokenizer, messages, tools)
     text = render_template(tokenizer, messages, add_generation_prompt, tools)
     spans = [
         _assistant_span(tokenizer, messages, index, text, tools)
@@ -121,6 +146,85 @@ def _assistant_span(
         if through.rfind(stop, len(before)) >= 0
     ]
     return len(before), max(ends, default=len(through))
+
+
+def tool_convention(tokenizer: Tokenizer) -> str | None:
+    """``"native"`` (the template renders tool calls itself), ``"hermes"`` (ChatML without tool support:
+    Hermes' tags in the text) or None (no convention llmkit can render)."""
+    template = tokenizer.chat_template or ""
+    if _NATIVE_TOOLS.search(template):
+        return "native"
+    return "hermes" if "<|im_start|>" in template else None
+
+
+def with_tool_convention(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """The messages with their tool calls and results in the shape the template's convention needs
+    (module docstring); messages without tools are returned as they are."""
+    if not any(message["role"] == "tool" or message.get("tool_calls") for message in messages):
+        return messages
+    convention = tool_convention(tokenizer)
+    if convention is None:
+        raise InputError(
+            "tokenizer_config.json chat_template has no tool-call convention llmkit knows (its own tool_calls, "
+            "or ChatML for Hermes' <tool_call> tags), so a conversation with tool calls cannot be rendered"
+        )
+    converted = []
+    for index, message in enumerate(messages):
+        calls = [
+            _json_call(call, tools, f"messages[{index}].tool_calls[{n}]")
+            for n, call in enumerate(message.get("tool_calls") or [])
+        ]
+        if convention == "native":
+            converted.append({**message, **({"tool_calls": calls} if calls else {})})
+        elif message["role"] == "tool":
+            converted.append({**message, "content": f"{RESPONSE_OPEN}\n{message['content']}\n{RESPONSE_CLOSE}"})
+        elif calls:
+            # Qwen's template writes a newline before each call, and none at the very start of the turn.
+            text = "".join(f"\n{call_text(call['function'])}" for call in calls)
+            content = message.get("content") or ""
+            converted.append({"role": message["role"], "content": content + text if content else text[1:]})
+        else:
+            converted.append(message)
+    return converted
+
+
+def call_text(function: dict) -> str:
+    """One call in Hermes' tags, as Qwen's template writes it."""
+    payload = json.dumps({"name": function["name"], "arguments": function["arguments"]}, ensure_ascii=False)
+    return f"{CALL_OPEN}\n{payload}\n{CALL_CLOSE}"
+
+
+def _json_call(call: dict, tools: list[dict] | None, where: str) -> dict:
+    """An OpenAI-shaped call with its arguments as a JSON object (a compact call's text under its tool's
+    one string parameter)."""
+    if "custom" in call:
+        name = call["custom"]["name"]
+        return {
+            "type": "function",
+            "function": {"name": name, "arguments": {_compact_parameter(name, tools, where): call["custom"]["input"]}},
+        }
+    arguments = call["function"]["arguments"]
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments)  # llmkit.chat.check_messages has checked it is a JSON object
+    return {"type": "function", "function": {"name": call["function"]["name"], "arguments": arguments}}
+
+
+def _compact_parameter(name: str, tools: list[dict] | None, where: str) -> str:
+    from llmkit.infer.tools import BUILTIN_STRING_PARAMETERS  # here: llmkit.infer imports this module
+
+    for tool in tools or []:
+        function = tool.get("function", {})
+        properties = function.get("parameters", {}).get("properties", {})
+        if function.get("name") == name and len(properties) == 1:
+            ((parameter, schema),) = properties.items()
+            if schema.get("type") == "string":
+                return parameter
+    if name in BUILTIN_STRING_PARAMETERS and not tools:
+        return BUILTIN_STRING_PARAMETERS[name]
+    raise InputError(
+        f"{where}: the compact call of '{name}' needs a tool '{name}' with one string parameter among the tools "
+        "to be written as the model's JSON call"
+    )
 
 
 def special_texts(tokenizer: Tokenizer) -> list[str]:

@@ -13,6 +13,10 @@ The scheduler (``llmkit.infer.scheduler``) decides *which* tokens each running r
   ``<|tool_result|>RESULT<|end|>`` is appended to the sequence, marked as injected (the tool's words, not
   the model's: never trained on, no log-probability); generation then goes on. Without one, a closed call
   ends generation with finish reason "tool_calls", for a caller that runs tools itself (OpenAI's API).
+* A model with a chat format of its own calls tools in its template's convention (``llmkit.template_tools``:
+  Hermes' ``<tool_call>`` JSON, then the end-of-turn token). With a tool box, the end-of-turn token of a
+  turn that holds complete calls is kept, every call runs, and the template's result turn is injected,
+  marked as above; generation goes on in the next assistant turn. Without one, it is an ordinary stop.
 """
 
 from __future__ import annotations
@@ -22,13 +26,26 @@ from typing import Protocol
 
 import torch
 
+from llmkit.chat import uses_own_template
+from llmkit.errors import ConfigError, InputError
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.infer.tools import defuse_special_tokens
+from llmkit.template_tools import call_payloads, tool_turns
 from llmkit.tokenizer import END, TOOL_CALL, TOOL_RESULT, Tokenizer
 
 
 class Tools(Protocol):
     def run(self, payload: str) -> str: ...
+
+
+def check_tools(tokenizer: Tokenizer) -> None:
+    """Refuse (one line) running tools for a model whose chat format has no tool-call convention the
+    engine runs: llmkit's in-turn protocol, or Hermes' ``<tool_call>`` tags in the model's own template."""
+    try:
+        if uses_own_template(tokenizer):
+            tool_turns(tokenizer)
+    except InputError as error:
+        raise ConfigError("tools", "on", str(error)) from None
 
 
 @dataclass
@@ -174,8 +191,11 @@ class CompletionState:
         self.tool_calls: list[dict] = []
         self.open_call: int | None = None  # index in token_ids of the payload's first token while a call is open
         self.finish_reason: str | None = None
-        # A model's own chat format has no in-turn tool protocol: its ids are None and never match.
-        special = tokenizer.special_ids
+        # Tools run in the model's own convention when it has a chat format of its own, else in llmkit's
+        # in-turn protocol, whose ids are None (never matched) for a model without llmkit's tokens.
+        self.turns = tool_turns(tokenizer) if tools is not None and uses_own_template(tokenizer) else None
+        self.turn_start = 0  # index in token_ids where the assistant's current turn began
+        special = {} if self.turns else tokenizer.special_ids
         self.end_of_turn, self.call_id, self.result_id = (
             special.get(END),
             special.get(TOOL_CALL),
@@ -195,6 +215,9 @@ class CompletionState:
         if closes_call and self.tools is not None:
             self._append(token, step, False, logprob, top)
             self._run_tool(step)
+        elif self.turns is not None and token == self.turns.end_id and (payloads := self._turn_calls()):
+            self._append(token, step, False, logprob, top)
+            self._run_turn_calls(payloads, step)
         elif token in self.end_ids and self.config.stop_at_end_of_text:
             if closes_call:
                 self.tool_calls.append({"payload": self._payload(len(self.token_ids)), "result": None})
@@ -243,6 +266,21 @@ class CompletionState:
             return
         for token in injected:
             self._append(token, step, True, None, None)
+
+    def _turn_calls(self) -> list[str]:
+        return call_payloads(self.tokenizer.decode(self.token_ids[self.turn_start :]))
+
+    def _run_turn_calls(self, payloads: list[str], step: Step) -> None:
+        """Run the calls of the turn just ended and inject the template's result turn, if the context has room."""
+        results = [self.tools.run(payload) for payload in payloads]
+        self.tool_calls += [{"payload": payload, "result": result} for payload, result in zip(payloads, results)]
+        injected = self.tokenizer.encode(self.turns.injected_text(results))
+        if len(self.sequence) + len(injected) > self.context_length:
+            self.finish_reason = "length"
+            return
+        for token in injected:
+            self._append(token, step, True, None, None)
+        self.turn_start = len(self.token_ids)
 
     def completion(self) -> Completion:
         wants_logprobs = self.config.logprobs is not None

@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from llmkit.errors import ConfigError, InputError
+from llmkit.errors import InputError
 from llmkit.infer.beam import beam_search
-from llmkit.infer.completion import Completion, CompletionState, Tools
+from llmkit.infer.completion import Completion, CompletionState, Tools, check_tools
 from llmkit.infer.sampling import GenerationConfig, logprobs_of, sample_rows
 from llmkit.infer.scoring import score_sequences
 from llmkit.infer.speculative import prompt_lookup
@@ -166,9 +166,8 @@ class Scheduler:
         vocab_size = self.model.config.vocab_size
         if not all(0 <= token < vocab_size for token in prompt_ids):
             raise InputError(f"prompt token ids must be in [0, {vocab_size}), got {min(prompt_ids)}..{max(prompt_ids)}")
-        if tools is not None and not self.tokenizer.llmkit_format:
-            raise ConfigError("tools", "on", "the engine runs tools in llmkit's in-turn protocol; this model has a chat "
-                                             "format of its own without it (serve returns its <tool_call> calls to the client)")
+        if tools is not None:
+            check_tools(self.tokenizer)
         request = Request(self, prompt_ids, config or GenerationConfig(), tools, on_event)
         with self._wakeup:
             self._waiting.append(request)

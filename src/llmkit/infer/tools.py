@@ -58,6 +58,8 @@ MAX_ABANDONED_CALLS = (
 SANDBOX_START_S = (
     5.0  # on top of a sandboxed tool's own limit: bubblewrap and the interpreter starting on a busy machine
 )
+# The one string parameter of each built-in tool: a compact call name(text) fills it.
+BUILTIN_STRING_PARAMETERS = {"calculator": "expression", "python": "code", "search": "query"}
 MAX_QUERY_TERMS = 64  # a search is a few keywords, and scoring costs time in every term's postings
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _COMPACT_CALL = re.compile(r"\s*([A-Za-z0-9_-]{1,64})\s*\((.*)\)\s*", re.DOTALL)
@@ -344,7 +346,7 @@ def calculator_tool() -> Tool:
         "calculator",
         f"Evaluate an arithmetic expression exactly: numbers, + - * / // % **, parentheses, sqrt, abs, round, min, max "
         f"(results up to {MAX_DIGITS} digits).",
-        _string_parameter("expression", "for example (3 + 4) * 12 / 5"),
+        _string_parameter(BUILTIN_STRING_PARAMETERS["calculator"], "for example (3 + 4) * 12 / 5"),
         calculate,
     )
 
@@ -374,7 +376,7 @@ def python_tool(timeout_s: float = 5, memory_mb: int = 512) -> Tool:
     return Tool(
         "python",
         f"Run a Python program (standard library only, {timeout_s} s, no network) and return what it prints.",
-        _string_parameter("code", "a complete program; print the answer"),
+        _string_parameter(BUILTIN_STRING_PARAMETERS["python"], "a complete program; print the answer"),
         run_program,
         timeout_s=timeout_s,
     )
@@ -399,7 +401,7 @@ def retrieval_tool(corpus: list[str] | str | Path, k: int = 3) -> Tool:
     return Tool(
         "search",
         f"Search a local collection of {len(passages)} passages by keywords; returns the {k} best.",
-        _string_parameter("query", "keywords to look for"),
+        _string_parameter(BUILTIN_STRING_PARAMETERS["search"], "keywords to look for"),
         search,
     )
 
