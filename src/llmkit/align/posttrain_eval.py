@@ -62,7 +62,7 @@ from llmkit.infer.sampling import GenerationConfig
 from llmkit.io import atomic_write_jsonl
 from llmkit.model.checkpoint import load_model
 from llmkit.tasks import arithmetic
-from llmkit.tokenizer import END, Tokenizer
+from llmkit.tokenizer import Tokenizer
 
 MODES = {"calculator": True, "plain": False}  # the record name of each mode -> whether the calculator runs
 DEMONSTRATION_POOL = 64  # training problems the shortest demonstrations are chosen from
@@ -156,7 +156,7 @@ def evaluate_model(
     model, tokenizer, _ = load_base(path)
     model.to(settings.device)
     engine = Engine(model, tokenizer, max_batch_size=64)
-    end_id = tokenizer.special_ids[END]
+    end_id = tokenizer.stop_ids[0]
     context = model.config.context_length
     chat_prompts = {
         mode: [chat_prompt(tokenizer, arithmetic.prompt_messages(problem, with_tools)) for problem in settings.problems]

@@ -46,7 +46,7 @@ from llmkit.infer.completion import Tools
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.model.checkpoint import load_model
-from llmkit.tokenizer import END, Tokenizer
+from llmkit.tokenizer import Tokenizer
 from llmkit.train.config import TrainConfig
 from llmkit.train.distributed import World
 from llmkit.train.trainer import Trainer, process_device, resolve_device
@@ -186,7 +186,7 @@ def greedy_scores(
     completions = engine.generate_ids(
         [prompt.ids for prompt in prompts], GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0), tools
     )
-    end_id = engine.tokenizer.special_ids[END]
+    end_id = engine.tokenizer.stop_ids[0]
     rollouts = [
         Rollout(prompt, completion, *completion_tokens(completion, end_id))
         for prompt, completion in zip(prompts, completions)

@@ -46,7 +46,7 @@ from llmkit.infer.completion import Completion, Tools
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.infer.tools import ToolBox, calculator_tool, default_toolbox
-from llmkit.tokenizer import END, Tokenizer
+from llmkit.tokenizer import Tokenizer
 
 FINISHED = ("stop", "tool_calls")  # the policy sampled an end token (a turn's end, or a call's close)
 
@@ -122,7 +122,7 @@ def generate_rollouts(
     seeds = request_seeds(seed, iteration, len(requests), first_prompt * samples_per_prompt)
     configs = [dataclasses.replace(generation, seed=request_seed) for request_seed in seeds]
     completions = engine.generate_ids([prompt.ids for prompt in requests], configs, tools)
-    end_id = engine.tokenizer.special_ids[END]
+    end_id = engine.tokenizer.stop_ids[0]
     return [
         Rollout(prompt, completion, *completion_tokens(completion, end_id))
         for prompt, completion in zip(requests, completions)
