@@ -68,6 +68,7 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
     from llmkit.interop import ExportConfig, ImportConfig, export_checkpoint, import_checkpoint
     from llmkit.plan.ablate import AblateConfig, ablate, format_ablation
     from llmkit.plan.estimate import EstimateConfig, estimate, format_estimate
+    from llmkit.plan.parallel import PlanConfig, format_plan, plan
     from llmkit.plan.sweep import ScalingConfig, run_scaling
     from llmkit.pretrain import PretrainConfig, pretrain
     from llmkit.serve.chat_repl import ChatConfig, run_chat
@@ -162,6 +163,12 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
             estimate,
             lambda result: print(format_estimate(result)),
             "parameters, memory, FLOPs and time of a model",
+        ),
+        ("plan",): (
+            PlanConfig,
+            plan,
+            lambda result: print(format_plan(result)),
+            "the fastest tensor x pipeline x data parallel layouts (ZeRO stage, micro-batch, recomputation) that fit",
         ),
         ("ablate",): (
             AblateConfig,

@@ -122,7 +122,7 @@ class ModelConfig:
 
 
 def _gpt(n_layer: int, n_embd: int, n_head: int, vocab_size: int, context_length: int, **extra) -> dict:
-    return dict(
+    gpt = dict(
         n_layer=n_layer,
         n_embd=n_embd,
         n_head=n_head,
@@ -133,8 +133,8 @@ def _gpt(n_layer: int, n_embd: int, n_head: int, vocab_size: int, context_length
         activation="gelu_tanh",
         bias=True,
         tie_embeddings=True,
-        **extra,
     )
+    return {**gpt, **extra}
 
 
 def _llama(n_layer: int, n_embd: int, n_head: int) -> dict:
@@ -171,6 +171,11 @@ PRESETS: dict[str, dict] = {
     "gpt3-6.7b": _gpt(32, 4096, 32, vocab_size=50257, context_length=2048),
     "gpt3-13b": _gpt(40, 5120, 40, vocab_size=50257, context_length=2048),
     "gpt3-175b": _gpt(96, 12288, 96, vocab_size=50257, context_length=2048),
+    # BLOOM (BigScience 2022, Table 3): ALiBi, LayerNorm on the embeddings, vocabulary 250,680 padded to
+    # 250,880 in the released model; 176,247,271,424 parameters.
+    "bloom-176b": _gpt(
+        70, 14336, 112, vocab_size=250880, context_length=2048, position="alibi", embedding_norm=True
+    ),
     "llama-7b": _llama(32, 4096, 32),
     "llama-13b": _llama(40, 5120, 40),
     "llama-33b": _llama(60, 6656, 52),
