@@ -173,9 +173,7 @@ PRESETS: dict[str, dict] = {
     "gpt3-175b": _gpt(96, 12288, 96, vocab_size=50257, context_length=2048),
     # BLOOM (BigScience 2022, Table 3): ALiBi, LayerNorm on the embeddings, vocabulary 250,680 padded to
     # 250,880 in the released model; 176,247,271,424 parameters.
-    "bloom-176b": _gpt(
-        70, 14336, 112, vocab_size=250880, context_length=2048, position="alibi", embedding_norm=True
-    ),
+    "bloom-176b": _gpt(70, 14336, 112, vocab_size=250880, context_length=2048, position="alibi", embedding_norm=True),
     "llama-7b": _llama(32, 4096, 32),
     "llama-13b": _llama(40, 5120, 40),
     "llama-33b": _llama(60, 6656, 52),
