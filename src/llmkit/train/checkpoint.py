@@ -41,6 +41,7 @@ from llmkit.errors import InputError, MismatchError
 from llmkit.io import atomic_directory, atomic_write_json, atomic_write_text, read_json, sha256_file
 from llmkit.model.checkpoint import LATEST, model_config_of, read_config, read_latest, read_weights, write_model
 from llmkit.model.config import ModelConfig
+from llmkit.train.parallel import canonical_state, layout_state
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +63,10 @@ def decode_rng(text: str) -> torch.Tensor:
 def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Model and optimizer state dicts with plain parameter names, whatever the wrapping (DDP, FSDP2).
     Every rank must call this: under FSDP it gathers the shards."""
-    return get_model_state_dict(model, options=FULL_STATE), get_optimizer_state_dict(
-        model, optimizer, options=FULL_STATE
-    )
+    model_state = get_model_state_dict(model, options=FULL_STATE)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+    canonical_state(model, model_state, optimizer_state)  # tensor-parallel row order -> one process's
+    return model_state, optimizer_state
 
 
 def split_weights(state: dict, language_model: str) -> tuple[dict, dict]:
@@ -229,6 +231,8 @@ def load_training_checkpoint(
     if model_config.tie_embeddings:
         model_state["lm_head.weight"] = model_state["token_embedding.weight"]
     extra = read_weights(checkpoint / EXTRA_WEIGHTS) if (checkpoint / EXTRA_WEIGHTS).is_file() else {}
-    set_model_state_dict(model, join_weights(model_state, extra, language_model), options=FULL_STATE)
-    set_optimizer_state_dict(model, optimizer, read_training_state(checkpoint), options=FULL_STATE)
+    model_state, optimizer_state = join_weights(model_state, extra, language_model), read_training_state(checkpoint)
+    layout_state(model, model_state, optimizer_state)  # saved on any layout, resumed on this one
+    set_model_state_dict(model, model_state, options=FULL_STATE)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=FULL_STATE)
     return read_json(checkpoint / "trainer_state.json")

@@ -69,6 +69,14 @@ class TrainConfig:
     parallelism: Literal["ddp", "fsdp"] = field(
         default="ddp", metadata={"help": "under torchrun: DDP replicas or FSDP2 sharding"}
     )
+    tp: int = field(default=1, metadata={"help": "tensor-parallel size (docs/train.md, parallel layouts)"})
+    pp: int = field(default=1, metadata={"help": "pipeline-parallel size; data parallel = processes / (tp x pp)"})
+    pipeline_schedule: Literal["1f1b", "gpipe"] = field(
+        default="1f1b", metadata={"help": "pipeline schedule; grad_accum is the number of pipeline micro-batches"}
+    )
+    reshard_after_forward: bool = field(
+        default=True, metadata={"help": "FSDP2: free gathered weights after the forward (ZeRO-3) or keep them (ZeRO-2)"}
+    )
     spike_ratio: float = field(default=2.0, metadata={"help": "a loss above this times its running mean is a spike"})
     rollback_after: int = field(
         default=3, metadata={"help": "consecutive spikes before rolling back to the last checkpoint"}
@@ -130,6 +138,14 @@ class TrainConfig:
             f"must be in 1..batch_size={self.batch_size}",
         )
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
+        check(self.tp >= 1, "tp", self.tp, "must be at least 1")
+        check(self.pp >= 1, "pp", self.pp, "must be at least 1")
+        check(
+            not (self.optimizer == "muon" and self.tp > 1),
+            "optimizer",
+            self.optimizer,
+            "Muon orthogonalises whole matrices, which tensor parallelism splits; use --train.optimizer adamw",
+        )
         check(
             self.target_val_bpb is None or self.target_val_bpb > 0,
             "target_val_bpb",

@@ -1,4 +1,5 @@
-"""PyTorch's own distributed engine under ``torchrun``: DDP or FSDP2 (``fully_shard``)."""
+"""PyTorch's own distributed engine under ``torchrun``: DDP or FSDP2 (``fully_shard``), and layouts of
+tensor x pipeline x data parallelism on one ``DeviceMesh`` (:mod:`llmkit.train.parallel`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llmkit.errors import ConfigError
+
 
 @dataclass
 class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # The data-parallel group this process belongs to: the whole world unless tensor or pipeline
+    # parallelism splits the model, whose ranks then read the same batches.
+    data_rank: int | None = None
+    data_size: int | None = None
+    mesh: object = None  # the (pp, dp, tp) DeviceMesh of a model-parallel layout
+
+    def __post_init__(self) -> None:
+        self.data_rank = self.rank if self.data_rank is None else self.data_rank
+        self.data_size = self.world_size if self.data_size is None else self.data_size
 
     @property
     def is_main(self) -> bool:
@@ -34,22 +46,46 @@ def init_world(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def wrap_model(model: nn.Module, world: World, parallelism: str, device: torch.device) -> nn.Module:
+def wrap_model(model: nn.Module, world: World, config, device: torch.device, language_model: nn.Module | None = None):
     """DDP replicates the model and all-reduces gradients; FSDP2 shards parameters, gradients and
     optimizer state across ranks (ZeRO-3, Rajbhandari et al. 2020), each block its own unit so only
-    one block is gathered at a time."""
+    one block is gathered at a time. With ``config.tp`` > 1 the blocks of ``language_model`` (default
+    ``model``) are first split across tensor-parallel ranks, and the data-parallel ranks shard with FSDP2
+    on the same mesh (``reshard_after_forward`` false keeps the gathered weights: ZeRO-2)."""
+    model_parallel = config.tp > 1 or config.pp > 1
     if not world.distributed:
+        if model_parallel:
+            raise ConfigError("tp", config.tp, "tensor or pipeline parallelism needs torchrun with tp x pp processes")
         return model
-    if parallelism == "fsdp":
+    if model_parallel:
+        return _wrap_layout(model, world, config, device, language_model or model)
+    if config.parallelism == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, reshard_after_forward=config.reshard_after_forward)
+        fully_shard(model, reshard_after_forward=config.reshard_after_forward)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _wrap_layout(model: nn.Module, world: World, config, device: torch.device, language_model: nn.Module):
+    from torch.distributed.fsdp import fully_shard
+
+    from llmkit.train.parallel import apply_tensor_parallel, build_mesh
+
+    if config.pp > 1:
+        raise ConfigError("pp", config.pp, "pipeline parallelism is not available yet; use tp and data parallelism")
+    mesh = build_mesh(device, world.world_size, config.tp, config.pp)
+    world.mesh, world.data_rank, world.data_size = mesh, mesh["dp"].get_local_rank(), mesh["dp"].size()
+    apply_tensor_parallel(language_model, mesh["tp"])
+    if world.data_size > 1:
+        for block in language_model.blocks:
+            fully_shard(block, mesh=mesh["dp"], reshard_after_forward=config.reshard_after_forward)
+        fully_shard(model, mesh=mesh["dp"], reshard_after_forward=config.reshard_after_forward)
+    return model
 
 
 def all_reduce_mean(values: torch.Tensor, world: World) -> torch.Tensor:

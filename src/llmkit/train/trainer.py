@@ -37,6 +37,7 @@ from llmkit.train.memory import FREE_MEMORY_SHARE, available_bytes, estimate_ste
 from llmkit.train.metrics import MetricsLog, ThroughputMeter, measured_peak_flops
 from llmkit.train.objectives import auxiliary_loss, causal_lm_loss
 from llmkit.train.optim import build_muon, build_optimizer, learning_rate
+from llmkit.train.parallel import clip_grad_norm
 
 LossFunction = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -206,9 +207,9 @@ class Trainer:
         self.language_model = model.get_submodule(self.hooks.language_model)
         self.model_config = self.language_model.config
         self.language_model.gradient_checkpointing = config.activation_checkpointing
-        self.wrapped = distributed.wrap_model(self.model, self.world, config.parallelism, self.device)
+        self.wrapped = distributed.wrap_model(self.model, self.world, config, self.device, self.language_model)
         self.forward_model = torch.compile(self.wrapped) if config.compile else self.wrapped
-        fused = not (self.world.distributed and config.parallelism == "fsdp")
+        fused = not (self.world.distributed and (config.parallelism == "fsdp" or self.world.mesh is not None))
         betas = (config.beta1, config.beta2)
         if config.optimizer == "muon":
             self.optimizer = build_muon(
@@ -223,6 +224,9 @@ class Trainer:
             )
         else:
             self.optimizer = build_optimizer(self.wrapped, config.lr, config.weight_decay, betas, fused=fused)
+        if self.world.mesh is not None:  # tensor-parallel DTensors beside replicated tensors: no foreach kernels
+            for group in self.optimizer.param_groups:
+                group["foreach"] = False
         # The schedule scales every group by one factor of its own peak (AdamW's and Muon's differ).
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         # float16 has too little range for small gradients: scale the loss up, unscale before the step.
@@ -230,7 +234,7 @@ class Trainer:
         self.train_batches, self.val_batches, self.loss_fn = train_batches, val_batches, loss_fn
         self.tokenizer, self.metadata = tokenizer, metadata or {}
         self.run_directory = Path(config.out)
-        self.micro_batches_per_step = config.grad_accum * self.world.world_size
+        self.micro_batches_per_step = config.grad_accum * self.world.data_size
         self.tokens_per_step = (
             tokens_per_batch or config.batch_size * self.model_config.context_length
         ) * self.micro_batches_per_step
@@ -472,7 +476,7 @@ class Trainer:
         for micro in range(accumulate):
             # Rank r takes micro-batches r*accumulate .. of each global step, so N ranks with accumulation
             # A see exactly the batches one process sees with accumulation N*A.
-            index = self.data_position * self.micro_batches_per_step + self.world.rank * accumulate + micro
+            index = self.data_position * self.micro_batches_per_step + self.world.data_rank * accumulate + micro
             batch = self.train_batches.get_batch(index)
             if rows < self.config.batch_size:
                 batch = {key: value[:rows] for key, value in batch.items()}
@@ -496,7 +500,9 @@ class Trainer:
         ).tolist()
         loss, metrics = means[0], dict(zip(metric_totals, means[1:]))
         self.scaler.unscale_(self.optimizer)
-        if self.config.grad_clip > 0:
+        if self.world.mesh is not None:  # DTensors on several meshes: each norm reduced over its own
+            grad_norm = clip_grad_norm(self.wrapped.parameters(), self.config.grad_clip)
+        elif self.config.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.config.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.wrapped.parameters() if p.grad is not None])
@@ -522,7 +528,7 @@ class Trainer:
             return None, None
         self.forward_model.eval()
         total = torch.zeros(2, device=self.device)
-        for index in range(self.world.rank, self.config.eval_batches, self.world.world_size):
+        for index in range(self.world.data_rank, self.config.eval_batches, self.world.data_size):
             batch = {key: value.to(self.device) for key, value in self.val_batches.sequential_batch(index).items()}
             with self._autocast():
                 loss, _ = self.loss_fn(self.forward_model, batch)

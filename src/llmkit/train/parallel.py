@@ -1,0 +1,159 @@
+"""Tensor parallelism on a ``DeviceMesh`` through PyTorch's own ``torch.distributed.tensor.parallel``.
+
+Megatron-LM's split of a block (Shoeybi et al. 2019 §3): the projections that fan out (fused q/k/v, the
+MLP's up or fused gate/up) are column-parallel, each rank computing its share of the heads and of the
+hidden units with no communication; the projections back into the residual stream (attention output,
+MLP down) are row-parallel, their partial sums all-reduced once. So a block costs two all-reduces
+forward and two backward. Embeddings, norms and the head stay replicated.
+
+The fused projections keep their single-process row order in checkpoints: ``[q; k; v]`` and
+``[gate; up]``. Column sharding gives rank r the r-th contiguous slice of rows, so before sharding the
+rows are interleaved (``[q_0; k_0; v_0; q_1; ...]``), each rank then holding whole heads of q, k and v;
+:func:`canonical_state` undoes it on the gathered state a checkpoint saves and :func:`layout_state` redoes
+it on the state a checkpoint loads, so a checkpoint resumes on any layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from llmkit.errors import ConfigError
+from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
+
+
+def build_mesh(device: torch.device, world_size: int, tp: int, pp: int) -> DeviceMesh:
+    """The world as (pp, dp, tp), tensor parallel fastest: Megatron-LM's order, which keeps a
+    tensor-parallel group on the GPUs of one node, where the bandwidth is."""
+    if world_size % (tp * pp):
+        raise ConfigError("tp", tp, f"tp x pp = {tp * pp} must divide the {world_size} processes")
+    return init_device_mesh(device.type, (pp, world_size // (tp * pp), tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
+def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
+    """Refuse, naming the field, the variants whose heads or weights do not split across ``tp`` ranks."""
+    for name, value in (("n_head", config.n_head), ("n_kv_head", config.n_kv_head), ("ffn_hidden", config.ffn_hidden)):
+        if value % tp:
+            raise ConfigError(name, value, f"must be divisible by tp={tp} for tensor parallelism")
+    refusals = {
+        "position": (config.position == "alibi", "ALiBi's per-head slopes are not split across tensor-parallel ranks"),
+        "qk_norm": (config.qk_norm, "QK-norm weights are shared by heads that tensor parallelism splits"),
+        "moe_experts": (config.moe_experts > 0, "Mixture-of-Experts layers are not tensor-parallel; use tp=1"),
+    }
+    for name, (refused, reason) in refusals.items():
+        if refused:
+            raise ConfigError(name, getattr(config, name), reason)
+
+
+def fused_rows(config: ModelConfig) -> dict[str, list[int]]:
+    """Parameter name (in the Transformer) -> the row blocks of each fused column-parallel projection."""
+    head = config.head_dim
+    qkv = [config.n_head * head, config.n_kv_head * head, config.n_kv_head * head]
+    rows = {}
+    for index in range(config.n_layer):
+        prefix = f"blocks.{index}."
+        rows[prefix + "attention.qkv.weight"] = qkv
+        if config.bias:
+            rows[prefix + "attention.qkv.bias"] = qkv
+        if config.activation in GATED_ACTIVATIONS:
+            rows[prefix + "feed_forward.up.weight"] = [config.ffn_hidden] * 2
+            if config.bias:
+                rows[prefix + "feed_forward.up.bias"] = [config.ffn_hidden] * 2
+    return rows
+
+
+def interleave(tensor: torch.Tensor, sizes: list[int], parts: int) -> torch.Tensor:
+    """Rows ``[A; B; C]`` (``sizes``) -> ``[A_0; B_0; C_0; A_1; ...]``: rank r's contiguous slice holds the
+    r-th part of every block."""
+    pieces = [block.chunk(parts) for block in tensor.split(sizes)]
+    return torch.cat([blocks[rank] for rank in range(parts) for blocks in pieces])
+
+
+def deinterleave(tensor: torch.Tensor, sizes: list[int], parts: int) -> torch.Tensor:
+    """The inverse of :func:`interleave`."""
+    local = [size // parts for size in sizes]
+    ranks = [chunk.split(local) for chunk in tensor.split(sum(local))]
+    return torch.cat([ranks[rank][block] for block in range(len(sizes)) for rank in range(parts)])
+
+
+def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Shard every block of the Transformer ``model`` over the 1-D ``mesh`` in place."""
+    tp = mesh.size()
+    config = model.config
+    check_tensor_parallel(config, tp)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, sizes in fused_rows(config).items():
+            parameters[name].copy_(interleave(parameters[name], sizes, tp))
+    plan = {
+        "attention.qkv": ColwiseParallel(),
+        "attention.out": RowwiseParallel(),
+        "feed_forward.up": ColwiseParallel(),
+        "feed_forward.down": RowwiseParallel(),
+    }
+    for block in model.blocks:
+        parallelize_module(block, mesh, plan)
+        # Each rank attends with its own heads: the local projections hold n_head / tp of them.
+        block.attention.n_head //= tp
+        block.attention.n_kv_head //= tp
+    model.tensor_parallel = tp
+
+
+def _convert(model: nn.Module, states: list[dict], function) -> None:
+    sharded = next((module for module in model.modules() if getattr(module, "tensor_parallel", 1) > 1), None)
+    if sharded is None:
+        return
+    tp, rows = sharded.tensor_parallel, fused_rows(sharded.config)
+    for state in states:
+        for key in list(state):
+            name = next((n for n in rows if key == n or key.endswith("." + n)), None)
+            if name is None:
+                continue
+            value = state[key]
+            if isinstance(value, dict):  # an optimizer's per-parameter state: exp_avg, exp_avg_sq, step
+                state[key] = {
+                    k: function(v, rows[name], tp) if torch.is_tensor(v) and v.dim() > 0 else v
+                    for k, v in value.items()
+                }
+            else:
+                state[key] = function(value, rows[name], tp)
+
+
+def canonical_state(model: nn.Module, model_state: dict, optimizer_state: dict | None = None) -> None:
+    """Put the fused projections of the full state dicts gathered from ``model`` (any module holding a
+    tensor-parallel Transformer) back in single-process row order, in place."""
+    _convert(model, [model_state] + ([optimizer_state["state"]] if optimizer_state else []), deinterleave)
+
+
+def layout_state(model: nn.Module, model_state: dict, optimizer_state: dict | None = None) -> None:
+    """The inverse of :func:`canonical_state`: single-process row order -> ``model``'s layout, in place.
+    A checkpoint written by one process also names its fused AdamW kernel, which cannot mix the sharded
+    DTensors with the replicated tensors: the per-parameter loop runs instead."""
+    _convert(model, [model_state] + ([optimizer_state["state"]] if optimizer_state else []), interleave)
+    if optimizer_state and any(getattr(module, "tensor_parallel", 1) > 1 for module in model.modules()):
+        for group in optimizer_state["param_groups"]:
+            group.update(fused=None, foreach=False)
+
+
+def clip_grad_norm(parameters, max_norm: float, pipeline_group=None) -> torch.Tensor:
+    """The global gradient norm (clipped to ``max_norm`` when > 0) over parameters that may be DTensors
+    on different meshes (tensor-parallel and FSDP shards, replicated norms): each norm is reduced over
+    its own mesh, then summed over the pipeline stages, which hold different parameters."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.zeros((), dtype=torch.float32)
+    for grad in grads:
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        total = total.to(norm.device) + norm.square()
+    if pipeline_group is not None:
+        dist.all_reduce(total, group=pipeline_group)
+    total = total.sqrt()
+    if max_norm > 0:
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(coefficient.to(grad.device))
+    return total
