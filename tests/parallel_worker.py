@@ -12,7 +12,7 @@ from llmkit.train.distributed import shutdown
 from llmkit.train.trainer import Trainer
 
 if __name__ == "__main__":
-    out, tp, pp, grad_accum, max_steps, resume = sys.argv[1:7]
+    out, tp, pp, grad_accum, max_steps, resume, schedule = sys.argv[1:8]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # Grouped-query attention (4 query heads, 2 key/value heads) and a gated MLP: both fused projections
@@ -24,6 +24,7 @@ if __name__ == "__main__":
         grad_accum=int(grad_accum),
         lr=3e-3,
         warmup_steps=2,
+        schedule="constant",  # the learning rate of a step does not depend on where a resumed segment stops
         max_steps=int(max_steps),
         eval_interval=2,
         eval_batches=2,
@@ -34,6 +35,7 @@ if __name__ == "__main__":
         device="cpu",
         tp=int(tp),
         pp=int(pp),
+        pipeline_schedule=schedule,
         resume=resume == "resume",
     )
     Trainer(model, SyntheticBatches(), config, val_batches=SyntheticBatches()).run()

@@ -1,5 +1,5 @@
-"""Tensor x data parallel layouts on CPU processes (gloo) reproduce one process, and a checkpoint resumes on
-another layout. The tiny model has grouped-query attention and a gated MLP, so both fused projections are
+"""Tensor x pipeline x data parallel layouts on CPU processes (gloo) reproduce one process, and a checkpoint
+resumes on another layout. The tiny model has grouped-query attention and a gated MLP, so both fused projections are
 split across the tensor-parallel ranks (and put back in one process's order in the checkpoints).
 
 Tolerance: losses to 1e-4 relative, weights 1e-4 / 1e-5. Row-parallel projections add their partial
@@ -22,24 +22,27 @@ from llmkit.errors import ConfigError
 from llmkit.model import Transformer
 from llmkit.model.config import ModelConfig
 from llmkit.train.parallel import check_tensor_parallel, deinterleave, interleave
+from llmkit.train.pipeline import stage_blocks
 
 HERE = Path(__file__).parent
 
 
-def launch(out: Path, processes: int, tp: int, grad_accum: int, max_steps: int, resume: bool = False) -> None:
+def launch(
+    out: Path, processes: int, tp: int, pp: int, grad_accum: int, max_steps: int, schedule: str = "1f1b"
+) -> None:
     environment = {
         **os.environ,
         "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "OMP_NUM_THREADS": "1",
     }
-    worker = [str(HERE / "parallel_worker.py"), str(out), str(tp), "1", str(grad_accum), str(max_steps)]
-    worker.append("resume" if resume else "fresh")
-    command = [sys.executable, *worker]
+    resume = "resume" if (out / "latest").exists() else "fresh"
+    worker = [str(HERE / "parallel_worker.py"), str(out), str(tp), str(pp), str(grad_accum), str(max_steps), resume]
+    command = [sys.executable, *worker, schedule]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-        command += worker
+        command += [*worker, schedule]
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0 and "exitcode: -6" in result.stderr and not resume:
+    if result.returncode != 0 and "exitcode: -6" in result.stderr and resume == "fresh":
         # gloo's rare abort at exit on a loaded machine (test_distributed.py): one fresh try.
         shutil.rmtree(out, ignore_errors=True)
         result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
@@ -65,6 +68,13 @@ def test_interleave_puts_whole_heads_on_each_rank():
     assert torch.equal(deinterleave(mixed, [4, 2, 2], 2), rows)
 
 
+def test_pipeline_stages_split_blocks_evenly():
+    assert [list(stage_blocks(5, 2, stage)) for stage in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [len(stage_blocks(70, 12, stage)) for stage in range(12)] == [6] * 10 + [5] * 2  # BLOOM's 70 blocks
+    with pytest.raises(ConfigError, match="'pp' = 3"):
+        stage_blocks(2, 3, 0)
+
+
 def test_tensor_parallel_refuses_what_it_cannot_split():
     with pytest.raises(ConfigError, match="'n_kv_head' = 1"):
         check_tensor_parallel(ModelConfig(n_head=4, n_kv_head=1, n_embd=32), 2)
@@ -78,17 +88,19 @@ def test_tensor_parallel_refuses_what_it_cannot_split():
 
 
 def test_layouts_reproduce_one_process_and_resume_across_layouts(tmp_path):
-    """1 process accumulating 2 micro-batches for 4 steps, against tp 2 x dp 2 (4 processes, 1 micro-batch
-    each) for steps 1-2, resumed from its checkpoint as tp 2 x dp 1 (2 processes accumulating 2) for
-    steps 3-4: the same global batch of 8 rows throughout."""
+    """One process accumulating 2 micro-batches of 4 rows for 4 steps, against one run that changes layout at
+    every resume, each with the same global batch of 8 rows: tp 2 x dp 2 (4 processes, 1 micro-batch each)
+    for steps 1-2, pp 2 x dp 2 (GPipe, 1 micro-batch) for step 3, tp 2 x pp 2 (1F1B, 2 micro-batches) for
+    step 4. Its losses, validation losses and final weights are one process's."""
     one, layouts = tmp_path / "one", tmp_path / "layouts"
-    launch(one, processes=1, tp=1, grad_accum=2, max_steps=4)
-    launch(layouts, processes=4, tp=2, grad_accum=1, max_steps=2)
+    launch(one, processes=1, tp=1, pp=1, grad_accum=2, max_steps=4)
+    launch(layouts, processes=4, tp=2, pp=1, grad_accum=1, max_steps=2)
     # The tp 2 x dp 2 checkpoint is in one process's layout: one process could load it as it is.
     assert_same_weights(
         one / "checkpoints/step_00000002/model.safetensors", layouts / "checkpoints/step_00000002/model.safetensors"
     )
-    launch(layouts, processes=2, tp=2, grad_accum=2, max_steps=4, resume=True)
+    launch(layouts, processes=4, tp=1, pp=2, grad_accum=1, max_steps=3, schedule="gpipe")
+    launch(layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4)
     expected, got = losses(one), losses(layouts)
     assert [row[0] for row in got] == [row[0] for row in expected] == ["1", "2", "3", "4"]
     for (_, loss_one, val_one), (_, loss_two, val_two) in zip(expected, got):

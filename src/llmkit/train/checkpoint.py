@@ -63,8 +63,10 @@ def decode_rng(text: str) -> torch.Tensor:
 def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Model and optimizer state dicts with plain parameter names, whatever the wrapping (DDP, FSDP2).
     Every rank must call this: under FSDP it gathers the shards."""
-    model_state = get_model_state_dict(model, options=FULL_STATE)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+    # Under pipeline parallelism every rank keeps its stage's full state, for the first stage to gather.
+    options = FULL_STATE if getattr(model, "pipeline_stages", 1) == 1 else StateDictOptions(full_state_dict=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     canonical_state(model, model_state, optimizer_state)  # tensor-parallel row order -> one process's
     return model_state, optimizer_state
 

@@ -141,6 +141,12 @@ class TrainConfig:
         check(self.tp >= 1, "tp", self.tp, "must be at least 1")
         check(self.pp >= 1, "pp", self.pp, "must be at least 1")
         check(
+            self.pp == 1 or self.pipeline_schedule == "gpipe" or self.grad_accum >= self.pp,
+            "grad_accum",
+            self.grad_accum,
+            f"1F1B needs at least pp={self.pp} micro-batches a step (or --train.pipeline-schedule gpipe)",
+        )
+        check(
             not (self.optimizer == "muon" and self.tp > 1),
             "optimizer",
             self.optimizer,

@@ -23,6 +23,7 @@ class World:
     data_rank: int | None = None
     data_size: int | None = None
     mesh: object = None  # the (pp, dp, tp) DeviceMesh of a model-parallel layout
+    pipeline: object = None  # this rank's pipeline stage and schedule (llmkit.train.pipeline.Pipeline)
 
     def __post_init__(self) -> None:
         self.data_rank = self.rank if self.data_rank is None else self.data_rank
@@ -74,17 +75,28 @@ def wrap_model(model: nn.Module, world: World, config, device: torch.device, lan
 def _wrap_layout(model: nn.Module, world: World, config, device: torch.device, language_model: nn.Module):
     from torch.distributed.fsdp import fully_shard
 
-    from llmkit.train.parallel import apply_tensor_parallel, build_mesh
+    from llmkit.train.parallel import apply_tensor_parallel, blocks_of, build_mesh
+    from llmkit.train.pipeline import Pipeline, prune_to_stage
 
-    if config.pp > 1:
-        raise ConfigError("pp", config.pp, "pipeline parallelism is not available yet; use tp and data parallelism")
     mesh = build_mesh(device, world.world_size, config.tp, config.pp)
     world.mesh, world.data_rank, world.data_size = mesh, mesh["dp"].get_local_rank(), mesh["dp"].size()
-    apply_tensor_parallel(language_model, mesh["tp"])
-    if world.data_size > 1:
-        for block in language_model.blocks:
+    if config.pp > 1:
+        if language_model is not model:
+            raise ConfigError("pp", config.pp, "pipeline parallelism trains a bare language model (pretraining, SFT)")
+        prune_to_stage(model, config.pp, mesh["pp"].get_local_rank())
+    if config.tp > 1:
+        apply_tensor_parallel(language_model, mesh["tp"])
+
+    def shard(root: nn.Module) -> None:
+        for block in blocks_of(language_model):
             fully_shard(block, mesh=mesh["dp"], reshard_after_forward=config.reshard_after_forward)
-        fully_shard(model, mesh=mesh["dp"], reshard_after_forward=config.reshard_after_forward)
+        fully_shard(root, mesh=mesh["dp"], reshard_after_forward=config.reshard_after_forward)
+
+    sharding = shard if world.data_size > 1 else None
+    if config.pp > 1:  # the stage's forward, not the model's, gathers the embedding and head: it is the root
+        world.pipeline = Pipeline(model, mesh, config.pipeline_schedule, config.grad_accum, device, sharding)
+    elif sharding:
+        sharding(model)
     return model
 
 

@@ -24,6 +24,12 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from llmkit.errors import ConfigError
 from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
+from llmkit.train.pipeline import gather_stages, select_stage
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The blocks a model holds: all of them, or a pipeline stage's (a ``ModuleDict`` by block index)."""
+    return list(model.blocks.values()) if isinstance(model.blocks, nn.ModuleDict) else list(model.blocks)
 
 
 def build_mesh(device: torch.device, world_size: int, tp: int, pp: int) -> DeviceMesh:
@@ -88,14 +94,15 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, sizes in fused_rows(config).items():
-            parameters[name].copy_(interleave(parameters[name], sizes, tp))
+            if name in parameters:  # a pipeline stage holds some of the blocks
+                parameters[name].copy_(interleave(parameters[name], sizes, tp))
     plan = {
         "attention.qkv": ColwiseParallel(),
         "attention.out": RowwiseParallel(),
         "feed_forward.up": ColwiseParallel(),
         "feed_forward.down": RowwiseParallel(),
     }
-    for block in model.blocks:
+    for block in blocks_of(model):
         parallelize_module(block, mesh, plan)
         # Each rank attends with its own heads: the local projections hold n_head / tp of them.
         block.attention.n_head //= tp
@@ -124,8 +131,11 @@ def _convert(model: nn.Module, states: list[dict], function) -> None:
 
 
 def canonical_state(model: nn.Module, model_state: dict, optimizer_state: dict | None = None) -> None:
-    """Put the fused projections of the full state dicts gathered from ``model`` (any module holding a
-    tensor-parallel Transformer) back in single-process row order, in place."""
+    """Make the full state dicts gathered from ``model`` (any module holding a Transformer) one process's,
+    in place: every pipeline stage's blocks gathered (:func:`~llmkit.train.pipeline.gather_stages`), the
+    tensor-parallel fused projections back in single-process row order."""
+    if optimizer_state is not None:
+        gather_stages(model, model_state, optimizer_state)
     _convert(model, [model_state] + ([optimizer_state["state"]] if optimizer_state else []), deinterleave)
 
 
@@ -134,23 +144,26 @@ def layout_state(model: nn.Module, model_state: dict, optimizer_state: dict | No
     A checkpoint written by one process also names its fused AdamW kernel, which cannot mix the sharded
     DTensors with the replicated tensors: the per-parameter loop runs instead."""
     _convert(model, [model_state] + ([optimizer_state["state"]] if optimizer_state else []), interleave)
-    if optimizer_state and any(getattr(module, "tensor_parallel", 1) > 1 for module in model.modules()):
+    if optimizer_state is not None:
+        select_stage(model, model_state, optimizer_state)
+    if optimizer_state and any(isinstance(p, DTensor) for p in model.parameters()):
         for group in optimizer_state["param_groups"]:
             group.update(fused=None, foreach=False)
 
 
-def clip_grad_norm(parameters, max_norm: float, pipeline_group=None) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, max_norm: float, pipeline=None) -> torch.Tensor:
     """The global gradient norm (clipped to ``max_norm`` when > 0) over parameters that may be DTensors
     on different meshes (tensor-parallel and FSDP shards, replicated norms): each norm is reduced over
-    its own mesh, then summed over the pipeline stages, which hold different parameters."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    its own mesh, then summed over the pipeline stages, each counting the parameters it trains."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    counted = pipeline.counted() if pipeline is not None else model.parameters()
     total = torch.zeros((), dtype=torch.float32)
-    for grad in grads:
+    for grad in [p.grad for p in counted if p.grad is not None]:
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         total = total.to(norm.device) + norm.square()
-    if pipeline_group is not None:
-        dist.all_reduce(total, group=pipeline_group)
+    if pipeline is not None:
+        dist.all_reduce(total, group=pipeline.group)
     total = total.sqrt()
     if max_norm > 0:
         coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)

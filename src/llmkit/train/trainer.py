@@ -208,6 +208,8 @@ class Trainer:
         self.model_config = self.language_model.config
         self.language_model.gradient_checkpointing = config.activation_checkpointing
         self.wrapped = distributed.wrap_model(self.model, self.world, config, self.device, self.language_model)
+        if self.world.pipeline is not None and loss_fn is not causal_lm_loss:
+            raise ConfigError("pp", config.pp, "pipeline parallelism trains the causal LM objective only")
         self.forward_model = torch.compile(self.wrapped) if config.compile else self.wrapped
         fused = not (self.world.distributed and (config.parallelism == "fsdp" or self.world.mesh is not None))
         betas = (config.beta1, config.beta2)
@@ -473,6 +475,7 @@ class Trainer:
         accumulate = self.config.grad_accum
         total = torch.zeros((), device=self.device)
         metric_totals: dict[str, torch.Tensor] = {}
+        batches = []
         for micro in range(accumulate):
             # Rank r takes micro-batches r*accumulate .. of each global step, so N ranks with accumulation
             # A see exactly the batches one process sees with accumulation N*A.
@@ -481,6 +484,9 @@ class Trainer:
             if rows < self.config.batch_size:
                 batch = {key: value[:rows] for key, value in batch.items()}
             batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+            if self.world.pipeline is not None:  # the schedule runs every micro-batch at once, below
+                batches.append(batch)
+                continue
             # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
             sync = micro == accumulate - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.wrapped.no_sync(), self._autocast():
@@ -494,6 +500,9 @@ class Trainer:
                 if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
                     value = torch.as_tensor(value, dtype=torch.float32, device=self.device).detach().reshape(())
                     metric_totals[name] = metric_totals.get(name, 0) + value
+        if self.world.pipeline is not None:
+            with self._autocast():
+                total = self.world.pipeline.forward_backward(batches) * accumulate
         # One all-reduce for the loss and the metrics together.
         means = distributed.all_reduce_mean(
             torch.stack([total, *metric_totals.values()]) / accumulate, self.world
@@ -501,7 +510,7 @@ class Trainer:
         loss, metrics = means[0], dict(zip(metric_totals, means[1:]))
         self.scaler.unscale_(self.optimizer)
         if self.world.mesh is not None:  # DTensors on several meshes: each norm reduced over its own
-            grad_norm = clip_grad_norm(self.wrapped.parameters(), self.config.grad_clip)
+            grad_norm = clip_grad_norm(self.wrapped, self.config.grad_clip, self.world.pipeline)
         elif self.config.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.config.grad_clip)
         else:
@@ -531,7 +540,10 @@ class Trainer:
         for index in range(self.world.data_rank, self.config.eval_batches, self.world.data_size):
             batch = {key: value.to(self.device) for key, value in self.val_batches.sequential_batch(index).items()}
             with self._autocast():
-                loss, _ = self.loss_fn(self.forward_model, batch)
+                if self.world.pipeline is not None:
+                    loss = self.world.pipeline.evaluate(batch)
+                else:
+                    loss, _ = self.loss_fn(self.forward_model, batch)
             total += torch.stack([loss.float(), torch.ones((), device=self.device)])
         if self.world.distributed:
             torch.distributed.all_reduce(total)

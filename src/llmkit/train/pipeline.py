@@ -1,0 +1,196 @@
+"""Pipeline parallelism through PyTorch's ``torch.distributed.pipelining``.
+
+The blocks are cut into ``pp`` consecutive stages, as even as possible with the extra blocks on the first
+stages (the last one also runs the output head); the token embedding runs on the first stage, the final
+norm and the head on the last. Each optimizer step is one schedule run over ``grad_accum`` micro-batches:
+GPipe (Huang et al. 2019: every forward, then every backward) or 1F1B (Narayanan et al. 2019, PipeDream-
+Flush: at most ``pp`` micro-batches in flight), with a bubble of ``(pp − 1)/(grad_accum + pp − 1)`` of
+the step either way.
+
+Each stage keeps the :class:`~llmkit.model.Transformer` object with only its own blocks (``blocks``
+becomes a ``ModuleDict`` keyed by the blocks' indices, so parameter names stay those of one process);
+embeddings and head stay on every stage for the model's own bookkeeping, but only the first and last
+stages train them. Tied embeddings are used by both: their gradients are summed across the first and
+last stages before each step, as Megatron-LM does. Checkpoints gather every stage's blocks into one
+process's state dict, so they load on any layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.tensor import DTensor
+
+from llmkit.errors import ConfigError
+from llmkit.model.transformer import IGNORE_INDEX
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+FIRST_STAGE = ("token_embedding.", "position_embedding.", "embedding_norm.")
+LAST_STAGE = ("final_norm.", "lm_head.")
+
+
+def stage_blocks(n_layer: int, stages: int, stage: int) -> range:
+    """The block indices of ``stage``: even shares, one extra block on each of the first stages."""
+    if stages > n_layer:
+        raise ConfigError("pp", stages, f"more pipeline stages than the model's {n_layer} blocks")
+    share, extra = divmod(n_layer, stages)
+    start = stage * share + min(stage, extra)
+    return range(start, start + share + (stage < extra))
+
+
+def owning_stage(name: str, n_layer: int, stages: int) -> int:
+    """The stage whose copy of parameter ``name`` (one process's naming) is trained."""
+    if name.startswith("blocks."):
+        index = int(name.split(".")[1])
+        return next(stage for stage in range(stages) if index in stage_blocks(n_layer, stages, stage))
+    return stages - 1 if name.startswith(LAST_STAGE) else 0
+
+
+class StageModule(nn.Module):
+    """One stage's forward: (token ids or the previous stage's hidden states) -> hidden states, or logits
+    on the last stage. The embedding follows :meth:`Transformer.hidden_states` for whole causal sequences
+    (no cache, prefix or packed documents: the pretraining case)."""
+
+    def __init__(self, model: nn.Module, first: bool, last: bool):
+        super().__init__()
+        self.model, self.first, self.last = model, first, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        length = x.shape[1]
+        positions = model._positions(0, length)
+        mask, is_causal = model._attention_mask(positions, 0, length, None)
+        if self.first:
+            x = model.token_embedding(x)
+            if model.position_embedding is not None:
+                x = x + model.position_embedding(positions)
+            if model.config.position == "sinusoidal":
+                x = x + model.sinusoids[positions].to(x.dtype)
+            if model.embedding_norm is not None:
+                x = model.embedding_norm(x)
+            x = model.embedding_dropout(x)
+        rope = (model.rope_cos[positions], model.rope_sin[positions]) if model.config.position == "rope" else None
+        for block in model.blocks.values():
+            if model.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, rope, None, mask, is_causal)
+        return model.output_logits(model.final_norm(x)) if self.last else x
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The causal LM loss of :func:`llmkit.train.objectives.causal_lm_loss`, per micro-batch."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def prune_to_stage(model: nn.Module, stages: int, stage: int) -> None:
+    """Keep only ``stage``'s blocks in ``model``, under their one-process names."""
+    owned = stage_blocks(model.config.n_layer, stages, stage)
+    model.blocks = nn.ModuleDict({str(index): model.blocks[index] for index in owned})
+    model.pipeline_stages, model.pipeline_stage = stages, stage
+
+
+class Pipeline:
+    """The schedule of this rank's stage, and what a step needs around it."""
+
+    def __init__(self, model: nn.Module, mesh, schedule: str, micro_batches: int, device: torch.device, shard=None):
+        """``shard``: FSDP2's wrapping of the stage's forward module (data parallelism), or None."""
+        self.model, self.device = model, device
+        self.group = mesh["pp"].get_group()
+        self.stages, self.stage = mesh["pp"].size(), mesh["pp"].get_local_rank()
+        self.first, self.last = self.stage == 0, self.stage == self.stages - 1
+        module = StageModule(model, self.first, self.last)
+        if shard is not None:
+            shard(module)
+        self.pipeline_stage = PipelineStage(module, self.stage, self.stages, device, group=self.group)
+        self.schedule = SCHEDULES[schedule](self.pipeline_stage, micro_batches, loss_fn=_loss)
+        self.tied_group = self._tied_group(mesh) if model.config.tie_embeddings else None
+
+    def _tied_group(self, mesh):
+        """A group of the first and last stage of every (dp, tp) position (all ranks create every group)."""
+        ranks = mesh.mesh  # (pp, dp, tp)
+        mine = None
+        for dp in range(ranks.shape[1]):
+            for tp in range(ranks.shape[2]):
+                pair = sorted({int(ranks[0, dp, tp]), int(ranks[-1, dp, tp])})
+                group = dist.new_group(pair)
+                if dist.get_rank() in pair:
+                    mine = group
+        return mine
+
+    def counted(self) -> list[nn.Parameter]:
+        """The parameters this stage trains: a gradient norm sums them over the stages, each once (a tied
+        embedding's copy on the last stage, and the idle embedding and head copies, are left out)."""
+        stages, n_layer = self.stages, self.model.config.n_layer
+        return [p for name, p in self.model.named_parameters() if owning_stage(name, n_layer, stages) == self.stage]
+
+    def _pipeline_mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The last stage's mean micro-batch loss, on every stage."""
+        total = torch.stack([loss.detach().float() for loss in losses]).mean() if self.last else torch.zeros(())
+        total = total.to(self.device)
+        dist.all_reduce(total, group=self.group)
+        return total
+
+    def forward_backward(self, batches: list[dict]) -> torch.Tensor:
+        """One step's micro-batches through the schedule (gradients averaged over them); the mean loss."""
+        input_ids = torch.cat([batch["input_ids"] for batch in batches]).to(self.device)
+        targets = torch.cat([batch["targets"] for batch in batches]).to(self.device)
+        losses: list[torch.Tensor] = []
+        self.schedule.step(*([input_ids] if self.first else []), target=targets if self.last else None, losses=losses)
+        if self.tied_group is not None and (self.first or self.last):
+            grad = self.model.token_embedding.weight.grad
+            if grad is not None:
+                dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.tied_group)
+        return self._pipeline_mean(losses)
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> torch.Tensor:
+        """The validation loss of one batch (mean over the schedule's micro-batches), on every stage."""
+        losses: list[torch.Tensor] = []
+        input_ids, targets = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
+        self.schedule.eval(*([input_ids] if self.first else []), target=targets if self.last else None, losses=losses)
+        return self._pipeline_mean(losses)
+
+
+def gather_stages(model: nn.Module, model_state: dict, optimizer_state: dict) -> None:
+    """Every stage's trained parameters (and their optimizer state) in the state dicts of the first stage,
+    in place; a no-op without pipeline parallelism. Every rank of the pipeline group must call it."""
+    stages = getattr(model, "pipeline_stages", 1)
+    if stages == 1:
+        return
+    n_layer, stage = model.config.n_layer, model.pipeline_stage
+    mine = {name for name in model_state if owning_stage(name, n_layer, stages) == stage}
+    pieces = [None] * dist.get_world_size()
+    cpu = lambda value: value.cpu() if torch.is_tensor(value) else value  # noqa: E731
+    owned = (
+        {name: cpu(model_state[name]) for name in mine},
+        {
+            name: {k: cpu(v) for k, v in value.items()}
+            for name, value in optimizer_state["state"].items()
+            if name in mine
+        },
+        [list(group["params"]) for group in optimizer_state["param_groups"]],
+    )
+    dist.all_gather_object(pieces, owned)
+    for weights, states, groups in pieces:
+        model_state.update(weights)
+        optimizer_state["state"].update(states)
+        for group, names in zip(optimizer_state["param_groups"], groups):
+            group["params"] += [name for name in names if name not in group["params"]]
+
+
+def select_stage(model: nn.Module, model_state: dict, optimizer_state: dict) -> None:
+    """Drop from full state dicts the blocks this stage does not hold, in place (the inverse of
+    :func:`gather_stages` for loading)."""
+    if getattr(model, "pipeline_stages", 1) == 1:
+        return
+    held = set(model.state_dict())
+    for name in [name for name in model_state if name not in held]:
+        del model_state[name]
+    for name in [name for name in optimizer_state["state"] if name not in held]:
+        del optimizer_state["state"][name]
+    for group in optimizer_state["param_groups"]:
+        group["params"] = [name for name in group["params"] if name in held]
