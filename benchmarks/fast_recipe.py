@@ -31,28 +31,28 @@ from common import emit, prepare_shakespeare  # noqa: E402
 TARGET_BPB = 2.72
 BUDGET_SECONDS = 80.0
 SHAPE = [
-    "--n-layer",
+    "--model.n-layer",
     "4",
-    "--n-head",
+    "--model.n-head",
     "4",
-    "--n-kv-head",
+    "--model.n-kv-head",
     "4",
-    "--n-embd",
+    "--model.n-embd",
     "128",
-    "--context-length",
+    "--model.context-length",
     "64",
-    "--batch-size",
+    "--train.batch-size",
     "12",
 ]
 EVALUATION = [
-    "--eval-batches",
+    "--train.eval-batches",
     "40",
-    "--log-interval",
+    "--train.log-interval",
     "25",
-    "--checkpoint-interval",
+    "--train.checkpoint-interval",
     "100000",
-    "--no-progress",
-    "--dtype",
+    "--no-train.progress",
+    "--train.dtype",
     "bfloat16",
 ]
 RECIPES = {
@@ -61,45 +61,45 @@ RECIPES = {
     "fast": [
         "--preset",
         "cpu-fast",
-        "--optimizer",
+        "--train.optimizer",
         "muon",
-        "--muon-lr",
+        "--train.muon-lr",
         "0.02",
-        "--lr",
+        "--train.lr",
         "3e-3",
-        "--warmup-steps",
+        "--train.warmup-steps",
         "50",
-        "--beta2",
+        "--train.beta2",
         "0.99",
-        "--max-steps",
+        "--train.max-steps",
         "600",
         *SHAPE,
         *EVALUATION,
-        "--eval-interval",
+        "--train.eval-interval",
         "50",
     ],
     # The foundation issue's recipe: LLaMA-style blocks with AdamW.
     "baseline": [
         "--preset",
         "baby-gpt",
-        "--position",
+        "--model.position",
         "rope",
-        "--norm",
+        "--model.norm",
         "layernorm",
-        "--activation",
+        "--model.activation",
         "swiglu",
-        "--no-bias",
-        "--lr",
+        "--no-model.bias",
+        "--train.lr",
         "3e-3",
-        "--warmup-steps",
+        "--train.warmup-steps",
         "50",
-        "--beta2",
+        "--train.beta2",
         "0.99",
-        "--max-steps",
+        "--train.max-steps",
         "1000",
         *SHAPE,
         *EVALUATION,
-        "--eval-interval",
+        "--train.eval-interval",
         "50",
     ],
 }
@@ -121,10 +121,10 @@ def time_to_target(data: Path, out: Path, recipe: list[str]) -> dict:
         "pretrain",
         "--data",
         str(data),
-        "--out",
+        "--train.out",
         str(out),
         *recipe,
-        "--target-val-bpb",
+        "--train.target-val-bpb",
         str(TARGET_BPB),
     ]
     start = time.perf_counter()
@@ -154,7 +154,7 @@ def time_to_target(data: Path, out: Path, recipe: list[str]) -> dict:
 def bpb_in_budget(data: Path, out: Path, recipe: list[str], startup: float) -> dict:
     budget = BUDGET_SECONDS - startup
     # The time budget replaces the recipe's step budget, so the learning rate decays to the end of the 80 s.
-    steps = recipe.index("--max-steps")
+    steps = recipe.index("--train.max-steps")
     recipe = recipe[:steps] + recipe[steps + 2 :]
     command = [
         sys.executable,
@@ -163,10 +163,10 @@ def bpb_in_budget(data: Path, out: Path, recipe: list[str], startup: float) -> d
         "pretrain",
         "--data",
         str(data),
-        "--out",
+        "--train.out",
         str(out),
         *recipe,
-        "--max-time",
+        "--train.max-time",
         f"{budget:.1f}s",
     ]
     start = time.perf_counter()

@@ -323,6 +323,7 @@ def main() -> None:
     )
 
     from llmkit.eval.run import EvalConfig, run_eval
+    from llmkit.infer import EngineConfig
 
     sets = evaluation_sets(out, arguments.shared, evaluation["eval_problems"], recipe["pool_problems"], log)
     tasks = [
@@ -340,7 +341,7 @@ def main() -> None:
         for name, (path, pool) in sets.items()
     ]
     config = EvalConfig(
-        checkpoint=str(out / "base"),
+        engine=EngineConfig(checkpoint=str(out / "base")),
         tasks=tasks,
         out=str(out / "eval"),
         max_new_tokens=evaluation["max_new_tokens"],

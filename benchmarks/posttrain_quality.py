@@ -54,12 +54,15 @@ def pretrained_base(out: Path, max_time: str) -> Path:
 def second_seed_accuracy(config, out: Path, seed: int) -> float:
     """The RL stage again from the same SFT model with another seed, evaluated like the first."""
     from llmkit.align.posttrain import evaluation_settings, train_rl
-    from llmkit.align.posttrain_eval import evaluate_model, load_reference
+    from llmkit.align.posttrain_eval import evaluate_model
+    from llmkit.model.checkpoint import load_model
 
     stage = f"{config.rl}_seed{seed}"
     train_rl(dataclasses.replace(config, seed=seed), out / "sft", out / stage, out / "reward")
     settings = evaluation_settings(config, out)
-    metrics = evaluate_model(out / stage, stage, settings, None, load_reference(out / "sft", settings.device))
+    metrics = evaluate_model(
+        out / stage, stage, settings, None, load_model(out / "sft", settings.device)[0].requires_grad_(False)
+    )
     for mode, tool in TOOLS.items():
         emit("accuracy", metrics[f"accuracy_{mode}"], "fraction", stage=stage, tool=tool, problems=metrics["problems"])
     return metrics["accuracy_calculator"]
@@ -67,14 +70,17 @@ def second_seed_accuracy(config, out: Path, seed: int) -> float:
 
 def sampling_headroom(path: Path, stage: str, settings, samples: int, temperature: float) -> None:
     """pass@1, maj@k and pass@k of ``samples`` completions per held-out problem, with the calculator."""
-    from llmkit.align.rollout import chat_prompt, generate_rollouts, toolbox
-    from llmkit.align.sft import load_base
+    from llmkit.align.rollout import chat_prompt, generate_rollouts
     from llmkit.infer.answers import majority_vote
     from llmkit.infer.engine import Engine
     from llmkit.infer.sampling import GenerationConfig
+    from llmkit.infer.tools import select_tools
+    from llmkit.model.checkpoint import load_checkpoint
     from llmkit.tasks import arithmetic
 
-    model, tokenizer, _ = load_base(path)
+    loaded = load_checkpoint(path)
+
+    model, tokenizer = loaded.model, loaded.tokenizer
     model.to(settings.device)
     prompts = [chat_prompt(tokenizer, arithmetic.prompt_messages(problem, True)) for problem in settings.problems]
     rollouts = generate_rollouts(
@@ -82,7 +88,7 @@ def sampling_headroom(path: Path, stage: str, settings, samples: int, temperatur
         prompts,
         samples,
         GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=temperature),
-        toolbox("calculator"),
+        select_tools("calculator"),
         settings.seed,
         0,
     )
@@ -112,7 +118,7 @@ def hh_rlhf_accuracy(out: Path, steps: int) -> None:
             reason=f"{HH_RLHF} not found (the shared datasets live beside the repository)",
         )
         return
-    from llmkit.align.reward import RewardConfig, RewardTrainConfig, train_reward
+    from llmkit.align.reward import RewardConfig, reward_training, train_reward
 
     summary = train_reward(
         RewardConfig(
@@ -120,7 +126,7 @@ def hh_rlhf_accuracy(out: Path, steps: int) -> None:
             datasets=[str(HH_RLHF)],
             val_fraction=0.1,
             epochs=1.0,
-            train=RewardTrainConfig(out=str(out / "reward_hh"), max_steps=steps, eval_interval=0, progress=False),
+            train=reward_training(out=str(out / "reward_hh"), max_steps=steps, eval_interval=0, progress=False),
         )
     )
     emit(

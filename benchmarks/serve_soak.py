@@ -97,11 +97,14 @@ def start_server(checkpoint: Path, clients: int, threads: int) -> tuple[subproce
     port = probe.getsockname()[1]
     probe.close()
     config = (
-        f"ServeConfig(checkpoint={str(checkpoint)!r}, port={port}, model_name={MODEL!r}, log_level='error', "
-        f"max_batch_size={clients}, max_concurrent_requests={2 * clients}, threads={threads})"
+        f"ServeConfig(port={port}, model_name={MODEL!r}, log_level='error', max_concurrent_requests={2 * clients}, "
+        f"engine=EngineConfig(checkpoint={str(checkpoint)!r}, max_batch_size={clients}, threads={threads}))"
+    )
+    program = (
+        f"from llmkit.infer import EngineConfig; from llmkit.serve.server import ServeConfig, serve; serve({config})"
     )
     process = subprocess.Popen(
-        [sys.executable, "-c", f"from llmkit.serve.server import ServeConfig, serve; serve({config})"],
+        [sys.executable, "-c", program],
         stdout=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"

@@ -112,13 +112,13 @@ def main() -> None:
             llmkit(
                 [
                     "eval",
-                    "--checkpoint",
+                    "--engine.checkpoint",
                     str(checkpoint),
                     "--out",
                     str(work / "eval" / name),
                     "--tasks",
                     task,
-                    "--device",
+                    "--engine.device",
                     arguments.device,
                     "--no-decontamination",
                     "--batch-size",

@@ -6,9 +6,9 @@ import sys
 import torch
 from helpers import SyntheticBatches, tiny_config
 
-from llmkit.align.grpo import GRPOConfig, GRPOTrainConfig, GRPOUpdateConfig, grpo
+from llmkit.align.grpo import GRPOConfig, grpo, grpo_update
 from llmkit.align.rl_source import RolloutConfig
-from llmkit.align.rl_stage import RLStageConfig
+from llmkit.align.rl_stage import RLStageConfig, rl_training
 from llmkit.model import Transformer
 from llmkit.train.config import TrainConfig
 from llmkit.train.distributed import shutdown
@@ -48,8 +48,8 @@ def train_grpo(out: str, grad_accum: int, policy: str) -> None:
             group_size=4,
             stage=stage,
             rollout=RolloutConfig(prompts_per_iteration=4, max_new_tokens=4, temperature=3.0, tools="none"),
-            update=GRPOUpdateConfig(iterations=2, epochs=2, minibatch_size=8),
-            train=GRPOTrainConfig(
+            update=grpo_update(iterations=2, epochs=2, minibatch_size=8),
+            train=rl_training(
                 out=out,
                 grad_accum=grad_accum,
                 lr=3e-3,

@@ -136,9 +136,9 @@ def test_chat_page_in_headless_chromium(server):
 
 
 def test_the_chat_page_talks_to_smollm2_in_its_own_format(smollm2_checkpoint):
-    from llmkit.infer import Engine
+    from llmkit.infer import Engine, EngineConfig
 
-    engine = Engine.from_checkpoint(str(smollm2_checkpoint))
+    engine = Engine.from_config(EngineConfig(checkpoint=str(smollm2_checkpoint)))
     with LiveServer(create_app(engine, ServeConfig(model_name="smollm2"))) as live:
         for page in chromium_page(live.url, "smollm2"):
             (reply,) = send(page, "What is the capital of France?")

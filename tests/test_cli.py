@@ -48,20 +48,20 @@ def test_every_stage_from_the_command_line(tmp_path, corpus, capsys):
                 "pretrain",
                 "--preset",
                 "cpu-tiny",
-                "--context-length",
+                "--model.context-length",
                 "32",
                 "--data",
                 str(data),
-                "--out",
+                "--train.out",
                 str(run),
-                "--max-steps",
+                "--train.max-steps",
                 "6",
-                "--batch-size",
+                "--train.batch-size",
                 "4",
-                "--eval-interval",
+                "--train.eval-interval",
                 "3",
-                "--no-progress",
-                "--dtype",
+                "--no-train.progress",
+                "--train.dtype",
                 "float32",
             ]
         )
@@ -70,7 +70,19 @@ def test_every_stage_from_the_command_line(tmp_path, corpus, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 6 and summary["model"]["vocab_size"] == 300 and summary["model"]["context_length"] == 32
     assert (
-        main(["generate", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0"])
+        main(
+            [
+                "generate",
+                "--engine.checkpoint",
+                str(run),
+                "--prompt",
+                "def ",
+                "--generation.max-new-tokens",
+                "5",
+                "--generation.temperature",
+                "0",
+            ]
+        )
         == 0
     )
     assert capsys.readouterr().out.startswith("def ")
@@ -78,15 +90,15 @@ def test_every_stage_from_the_command_line(tmp_path, corpus, capsys):
         main(
             [
                 "generate",
-                "--checkpoint",
+                "--engine.checkpoint",
                 str(run),
                 "--prompt",
                 "def ",
-                "--max-new-tokens",
+                "--generation.max-new-tokens",
                 "5",
-                "--temperature",
+                "--generation.temperature",
                 "0",
-                "--quantize",
+                "--engine.quantize",
                 "int8",
             ]
         )
@@ -100,13 +112,15 @@ def test_every_stage_from_the_command_line(tmp_path, corpus, capsys):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["pretrain", "--data", "{tmp}/missing", "--max-steps", "1"], "missing/manifest.json: file not found"),
-        (["pretrain", "--n-embd", "30", "--max-steps", "1"], "'n_embd' = 30"),
-        (["pretrain", "--preset", "gpt5", "--max-steps", "1"], "'preset' = 'gpt5'"),
-        (["generate", "--checkpoint", "{tmp}/nothing"], "nothing: checkpoint not found"),
+        (["pretrain", "--data", "{tmp}/missing", "--train.max-steps", "1"], "missing/manifest.json: file not found"),
+        (["pretrain", "--model.n-embd", "30", "--train.max-steps", "1"], "'model.n_embd' = 30"),
+        (["pretrain", "--preset", "gpt5", "--train.max-steps", "1"], "'preset' = 'gpt5'"),
+        (["generate", "--engine.checkpoint", "{tmp}/nothing"], "nothing: checkpoint not found"),
         (["tokenizer", "train", "--source", "{tmp}/bad.jsonl", "--out", "{tmp}/tok"], "bad.jsonl:2: not valid JSON"),
         (["estimate", "--gpu", "abacus"], "'gpu' = 'abacus'"),
-        (["posttrain", "--rl", "ppo", "--rl-supervision", "process"], "'rl_supervision' = 'process'"),
+        (["posttrain", "--rl", "ppo", "--grpo.supervision", "process"], "'grpo.supervision' = 'process'"),
+        (["posttrain", "--sft.train.lr", "-1"], "'sft.train.lr' = -1.0"),
+        (["posttrain", "--dpo.train.out", "{tmp}/x"], "'dpo.train.out'"),
         (["grpo", "--dynamic-sampling", "--max-sampling-rounds", "0"], "'max_sampling_rounds' = 0"),
     ],
 )
@@ -161,7 +175,9 @@ def test_a_section_keeps_its_fields_default_instance():
     assert build(Command, {"section": {"width": 3}}).section == Section(width=3, style="fancy")
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, Command)
-    assert config_from_args(Command, parser.parse_args(["--style", "bold"])).section == Section(width=7, style="bold")
+    assert config_from_args(Command, parser.parse_args(["--section.style", "bold"])).section == Section(
+        width=7, style="bold"
+    )
     assert "(default: fancy)" in parser.format_help()
 
 
@@ -204,20 +220,20 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path, corpus):
                     "pretrain",
                     "--preset",
                     "cpu-tiny",
-                    "--context-length",
+                    "--model.context-length",
                     "32",
                     "--data",
                     str(data),
-                    "--out",
+                    "--train.out",
                     str(tmp_path / name),
-                    "--max-steps",
+                    "--train.max-steps",
                     "2",
-                    "--batch-size",
+                    "--train.batch-size",
                     "2",
-                    "--seed",
+                    "--train.seed",
                     seed,
-                    "--no-progress",
-                    "--dtype",
+                    "--no-train.progress",
+                    "--train.dtype",
                     "float32",
                 ]
             )
@@ -261,17 +277,17 @@ def test_a_moved_data_directory_still_trains(tmp_path, corpus):
                 "pretrain",
                 "--preset",
                 "cpu-tiny",
-                "--context-length",
+                "--model.context-length",
                 "32",
                 "--data",
                 str(moved),
-                "--out",
+                "--train.out",
                 str(tmp_path / "run"),
-                "--max-steps",
+                "--train.max-steps",
                 "1",
-                "--batch-size",
+                "--train.batch-size",
                 "2",
-                "--no-progress",
+                "--no-train.progress",
             ]
         )
         == 0

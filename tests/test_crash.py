@@ -23,9 +23,9 @@ from helpers import SyntheticBatches, tiny_config
 from rl_helpers import policy, save_checkpoint, tokenizer
 
 import llmkit.io
-from llmkit.align.grpo import GRPOConfig, GRPOTrainConfig, GRPOUpdateConfig, grpo
+from llmkit.align.grpo import GRPOConfig, grpo, grpo_update
 from llmkit.align.rl_source import RolloutConfig, RolloutSource
-from llmkit.align.rl_stage import RLStageConfig
+from llmkit.align.rl_stage import RLStageConfig, rl_training
 from llmkit.model import Transformer
 from llmkit.train.checkpoint import resumable_checkpoint
 from llmkit.train.config import TrainConfig
@@ -178,8 +178,8 @@ def grpo_run(start, out, resume=False) -> dict:
             group_size=4,
             stage=stage,
             rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, temperature=3.0, tools="none"),
-            update=GRPOUpdateConfig(iterations=4, minibatch_size=4),
-            train=GRPOTrainConfig(out=str(out), checkpoint_interval=2, device="cpu", progress=False, resume=resume),
+            update=grpo_update(iterations=4, minibatch_size=4),
+            train=rl_training(out=str(out), checkpoint_interval=2, device="cpu", progress=False, resume=resume),
         )
     )
 

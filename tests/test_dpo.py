@@ -14,9 +14,9 @@ from preference_helpers import char_tokenizer, repeat_digit_pairs, write_base, w
 from llmkit.align.dpo import (
     DPOConfig,
     DPOObjective,
-    DPOTrainConfig,
     dpo,
     dpo_loss,
+    dpo_training,
     hinge_loss,
     ipo_loss,
     precompute_reference_logps,
@@ -147,7 +147,7 @@ def test_a_few_steps_move_the_policy_towards_the_chosen_responses(tokenizer, set
         beta=0.1,
         epochs=None,
         precompute_reference=precompute,
-        train=DPOTrainConfig(
+        train=dpo_training(
             out=str(out),
             max_steps=25,
             batch_size=16,
@@ -177,4 +177,4 @@ def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="beta"):
         DPOConfig(beta=0.0)
     with pytest.raises(ConfigError, match="batch_warmup_tokens"):
-        DPOConfig(train=DPOTrainConfig(batch_warmup_tokens=1000))
+        DPOConfig(train=dpo_training(batch_warmup_tokens=1000))

@@ -16,7 +16,7 @@ from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError
 from llmkit.eval.contamination import check_contamination, token_data_documents
 from llmkit.eval.run import EvalConfig, parse_task, run_eval
-from llmkit.infer import Engine
+from llmkit.infer import Engine, EngineConfig
 from llmkit.infer.answers import extract_number, majority_vote
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
@@ -169,7 +169,7 @@ def test_run_writes_the_report_and_its_numbers_agree_with_the_records(workspace)
     root, files = workspace
     out = root / "out"
     config = EvalConfig(
-        checkpoint=str(root / "checkpoint"),
+        engine=EngineConfig(checkpoint=str(root / "checkpoint")),
         out=str(out),
         max_new_tokens=4,
         training_data=[files["text"]],
@@ -230,10 +230,10 @@ def test_scores_on_clean_examples_leave_out_the_contaminated_ones(workspace, tmp
     # is that of problems 1 and 3 alone.
     replies = {GSM8K[0]["question"]: " 72", GSM8K[1]["question"]: " 10 dollars", GSM8K[2]["question"]: " 40"}
     engine = ScriptedEngine(lambda prompt, config: replies[prompt.rsplit("Q: ", 1)[1].split("\n")[0]])
-    monkeypatch.setattr(Engine, "from_checkpoint", classmethod(lambda cls, *args, **kwargs: engine))
+    monkeypatch.setattr(Engine, "from_config", classmethod(lambda cls, *args, **kwargs: engine))
     run_eval(
         EvalConfig(
-            checkpoint=str(root / "checkpoint"),
+            engine=EngineConfig(checkpoint=str(root / "checkpoint")),
             out=str(tmp_path),
             tasks=[f"generative:{files['gsm8k']}"],
             training_data=[files["text"]],

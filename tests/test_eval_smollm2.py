@@ -18,6 +18,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 import llmkit.eval.harness  # noqa: E402,F401  (registers the "llmkit" model class)
 from llmkit.eval.choice_tasks import load_choice_task  # noqa: E402
 from llmkit.eval.run import EvalConfig, run_eval  # noqa: E402
+from llmkit.infer.engine import EngineConfig  # noqa: E402
 from llmkit.interop import export_hf  # noqa: E402
 
 QUESTIONS = 20
@@ -59,7 +60,7 @@ def llmkit_eval(smollm2):
     out = checkpoint.parent / "eval"
     run_eval(
         EvalConfig(
-            checkpoint=str(checkpoint),
+            engine=EngineConfig(checkpoint=str(checkpoint)),
             out=str(out),
             limit=QUESTIONS,
             decontamination=False,

@@ -29,16 +29,15 @@ from rl_helpers import (
 from llmkit.align.grpo import (
     GRPO,
     GRPOConfig,
-    GRPOTrainConfig,
-    GRPOUpdateConfig,
     group_advantages,
     grpo,
+    grpo_update,
     process_advantages,
 )
 from llmkit.align.policy_gradient import PolicyModel, aggregate, kl_k1, kl_k3
 from llmkit.align.rewards import ArithmeticReward, FunctionTaskReward, as_reward
 from llmkit.align.rl_source import RolloutConfig, RolloutSource, prompt_indices
-from llmkit.align.rl_stage import RLStageConfig
+from llmkit.align.rl_stage import RLStageConfig, rl_training
 from llmkit.align.rollout import (
     Prompt,
     Rollout,
@@ -258,8 +257,8 @@ def toy_config(out, **changes) -> GRPOConfig:
         group_size=8,
         kl_coef=0.01,
         rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=3, tools="none"),
-        update=GRPOUpdateConfig(iterations=4, epochs=2, minibatch_size=8),
-        train=GRPOTrainConfig(out=str(out), lr=3e-3, checkpoint_interval=8, device="cpu", progress=False),
+        update=grpo_update(iterations=4, epochs=2, minibatch_size=8),
+        train=rl_training(out=str(out), lr=3e-3, checkpoint_interval=8, device="cpu", progress=False),
     )
     return GRPOConfig(**{**values, **changes})
 
@@ -269,9 +268,7 @@ def test_grpo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, poli
 
 
 def test_the_spike_guard_skips_a_spiking_rl_step_and_checkpoints_stay_between_iterations(tokenizer, policy, tmp_path):
-    config = toy_config(
-        tmp_path, update=GRPOUpdateConfig(iterations=4, epochs=2, minibatch_size=4)
-    )  # 8 steps an iteration
+    config = toy_config(tmp_path, update=grpo_update(iterations=4, epochs=2, minibatch_size=4))  # 8 steps an iteration
     algorithm, spiking = GRPO(config), 13  # a step past the guard's 10 warm-up steps, inside the second iteration
     terms, calls = algorithm.terms, iter(range(1, 10**6))
 
@@ -299,8 +296,8 @@ def test_micro_batches_weigh_their_share_so_a_split_minibatch_is_the_whole_ones_
             config = GRPOConfig(
                 group_size=2,
                 rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=6, temperature=3.0, tools="none"),
-                update=GRPOUpdateConfig(minibatch_size=4, loss_aggregation=aggregation),
-                train=GRPOTrainConfig(grad_accum=accumulation, device="cpu"),
+                update=grpo_update(minibatch_size=4, loss_aggregation=aggregation),
+                train=rl_training(grad_accum=accumulation, device="cpu"),
             )
             algorithm = GRPO(config)
             source = RolloutSource(
@@ -338,8 +335,8 @@ def test_dynamic_sampling_keeps_only_informative_groups_over_rounds_of_the_promp
         dynamic_sampling=True,
         max_sampling_rounds=3,
         rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=2, tools="none"),
-        update=GRPOUpdateConfig(iterations=3),
-        train=GRPOTrainConfig(seed=5, device="cpu"),
+        update=grpo_update(iterations=3),
+        train=rl_training(seed=5, device="cpu"),
     )
     for iteration in range(3):
         algorithm = GRPO(config)
@@ -376,8 +373,8 @@ def test_dynamic_sampling_without_an_informative_group_makes_no_update(tokenizer
         dynamic_sampling=True,
         max_sampling_rounds=2,
         rollout=RolloutConfig(prompts_per_iteration=1, max_new_tokens=2, tools="none"),
-        update=GRPOUpdateConfig(iterations=1),
-        train=GRPOTrainConfig(out=str(tmp_path), device="cpu", progress=False),
+        update=grpo_update(iterations=1),
+        train=rl_training(out=str(tmp_path), device="cpu", progress=False),
     )
     model, summary = rl_run(policy, tokenizer, GRPO(config), alternating_reward(), prompts)
     [row] = metrics_rows(tmp_path)
@@ -404,8 +401,8 @@ def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_pa
             dynamic_sampling=dynamic_sampling,
             stage=stage,
             rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, tools="none"),
-            update=GRPOUpdateConfig(iterations=1),
-            train=GRPOTrainConfig(out=str(tmp_path / "grpo"), device="cpu", progress=False),
+            update=grpo_update(iterations=1),
+            train=rl_training(out=str(tmp_path / "grpo"), device="cpu", progress=False),
         )
     )
     assert summary["iterations"] == 1 and summary["stage"] == "grpo" and summary["eval_prompts"] == 2
@@ -415,19 +412,18 @@ def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_pa
 
 
 def test_grpo_refuses_checkpoints_and_evaluations_inside_an_iteration():
-    update = GRPOUpdateConfig(epochs=7, minibatch_size=16)  # 8 prompts x 8 samples: 28 steps an iteration
+    update = grpo_update(epochs=7, minibatch_size=16)  # 8 prompts x 8 samples: 28 steps an iteration
     with pytest.raises(
-        ConfigError, match="'checkpoint_interval' = 240: must be a multiple of the 28 optimizer steps.*224 or 252"
+        ConfigError, match="'train.checkpoint_interval' = 240: must be a multiple of the 28 optimizer steps.*224 or 252"
     ):
         GRPOConfig(update=update)
     with pytest.raises(
-        ConfigError, match="'eval_interval' = 12: must be a multiple of the 28 optimizer steps.*28 or 56"
+        ConfigError, match="'train.eval_interval' = 12: must be a multiple of the 28 optimizer steps.*28 or 56"
     ):
-        GRPOConfig(update=update, train=GRPOTrainConfig(checkpoint_interval=56, eval_interval=12))
+        GRPOConfig(update=update, train=rl_training(checkpoint_interval=56, eval_interval=12))
     assert (
-        GRPOConfig(update=update, train=GRPOTrainConfig(checkpoint_interval=56, eval_interval=28)).steps_per_iteration
-        == 28
+        GRPOConfig(update=update, train=rl_training(checkpoint_interval=56, eval_interval=28)).steps_per_iteration == 28
     )
     for changes in ({"dtype": "float16"}, {"optimizer": "muon"}, {"parallelism": "fsdp"}, {"batch_size": 8}):
         with pytest.raises(ConfigError, match=next(iter(changes))):
-            GRPOConfig(train=GRPOTrainConfig(**changes))
+            GRPOConfig(train=rl_training(**changes))

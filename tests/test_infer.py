@@ -7,7 +7,7 @@ from helpers import naive_greedy, tiny_config
 
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import InputError
-from llmkit.infer import Engine, GenerationConfig
+from llmkit.infer import Engine, EngineConfig, GenerationConfig
 from llmkit.infer.sampling import next_tokens, top_k_filter, top_p_filter
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
@@ -141,7 +141,7 @@ def test_checkpoint_with_a_different_tokenizer_is_refused(tmp_path, engine):
         checkpoint, engine.model.state_dict(), engine.model.config, {"tokenizer_sha256": engine.tokenizer.sha256}
     )
     engine.tokenizer.save(checkpoint)
-    assert Engine.from_checkpoint(str(checkpoint)).tokenizer.sha256 == engine.tokenizer.sha256
+    assert Engine.from_config(EngineConfig(checkpoint=str(checkpoint))).tokenizer.sha256 == engine.tokenizer.sha256
     (tmp_path / "other.txt").write_text("completely different characters: ÆØÅ€ " * 5)
     train_tokenizer(
         TokenizerConfig(
@@ -149,4 +149,4 @@ def test_checkpoint_with_a_different_tokenizer_is_refused(tmp_path, engine):
         )
     )
     with pytest.raises(MismatchError, match="not the one the model was trained with"):
-        Engine.from_checkpoint(str(checkpoint))
+        Engine.from_config(EngineConfig(checkpoint=str(checkpoint)))

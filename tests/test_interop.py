@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from llmkit.chat import CHAT_TEMPLATE, render_ids
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError, InputError, MismatchError
-from llmkit.infer import Engine, GenerationConfig
+from llmkit.infer import Engine, EngineConfig, GenerationConfig
 from llmkit.interop import ExportConfig, ImportConfig, export_checkpoint, export_hf, import_checkpoint, import_hf
 from llmkit.model import ModelConfig, Transformer
 from llmkit.model.checkpoint import load_model, write_model
@@ -208,7 +208,7 @@ def test_hf_model_imports_with_its_logits_and_its_own_chat_format_or_llmkits(tmp
         mean = theirs.weight[:280].mean(dim=0)
         assert torch.allclose(ours.weight[added_ids], mean.expand(len(added), -1), atol=1e-6)
     # The checkpoint is an ordinary llmkit one: the engine loads it (tokenizer hash checked) and decodes.
-    completion = Engine.from_checkpoint(str(tmp_path / "imported")).generate(
+    completion = Engine.from_config(EngineConfig(checkpoint=str(tmp_path / "imported"))).generate(
         "the", GenerationConfig(max_new_tokens=3, temperature=0)
     )
     assert len(completion[0].token_ids) >= 1

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer as Backend
 
 from llmkit.chat import render_ids, uses_own_template
 from llmkit.errors import InputError
-from llmkit.infer import Engine, GenerationConfig
+from llmkit.infer import Engine, EngineConfig, GenerationConfig
 from llmkit.infer.scheduler import Event
 from llmkit.model import Transformer
 from llmkit.serve.app import create_app
@@ -190,7 +190,7 @@ def test_hermes_tool_calls_are_read_from_the_text_and_held_back_from_the_content
 
 
 def test_smollm2_answers_through_the_server_in_its_own_format(smollm2_checkpoint):
-    engine = Engine.from_checkpoint(str(smollm2_checkpoint))
+    engine = Engine.from_config(EngineConfig(checkpoint=str(smollm2_checkpoint)))
     with LiveServer(create_app(engine, ServeConfig(model_name="smollm2"))) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         messages = [{"role": "user", "content": "What is the capital of France?"}]

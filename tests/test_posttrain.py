@@ -16,6 +16,7 @@ from llmkit.align import posttrain as posttrain_module
 from llmkit.align.posttrain import PosttrainConfig, posttrain
 from llmkit.align.posttrain_eval import few_shot_prompts, solution_ids
 from llmkit.chat import render_ids
+from llmkit.config import build
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer
@@ -56,28 +57,28 @@ def base(tmp_path_factory, tokenizer):
 
 
 def tiny_run(base, out, **changes) -> PosttrainConfig:
-    values = dict(
-        base=str(base),
-        out=str(out),
-        sft_examples=16,
-        sft_steps=2,
-        sft_batch_size=2,
-        reward_pairs=8,
-        reward_steps=2,
-        rl_iterations=1,
-        rl_samples=4,
-        group_size=2,
-        dpo_pairs=8,
-        dpo_steps=2,
-        preference_batch_size=2,
-        eval_problems=6,
-        max_new_tokens=12,
-        dtype="float32",
-        device="cpu",
-        progress=False,
-    )
-    values.update(changes)
-    return PosttrainConfig(**values)
+    """Every stage at a few steps, written as the YAML file or the dotted flags would give it."""
+    values = {
+        "base": str(base),
+        "out": str(out),
+        "eval_problems": 6,
+        "max_new_tokens": 12,
+        "dtype": "float32",
+        "device": "cpu",
+        "progress": False,
+        "sft": {"generated_examples": 16, "train": {"max_steps": 2, "batch_size": 2}},
+        "reward": {"generated_pairs": 8, "train": {"max_steps": 2, "batch_size": 2}},
+        "grpo": {
+            "group_size": 2,
+            "stage": {"train_problems": 16},
+            "rollout": {"prompts_per_iteration": 2},
+            "update": {"iterations": 1},
+        },
+        "ppo": {"stage": {"train_problems": 16}, "rollout": {"prompts_per_iteration": 4}, "update": {"iterations": 1}},
+        "dpo": {"generated_pairs": 8, "train": {"max_steps": 2, "batch_size": 2}},
+        **changes,
+    }
+    return build(PosttrainConfig, values)
 
 
 def records(out, stage: str, mode: str) -> list[dict]:
@@ -183,7 +184,24 @@ def test_few_shot_prompt_is_demonstrations_in_the_chat_stream_then_the_question(
 
 
 def test_process_supervision_needs_grpo_and_the_verifiable_reward():
-    assert PosttrainConfig(rl="grpo", rl_supervision="process").rl_supervision == "process"
+    assert build(PosttrainConfig, {"rl": "grpo", "grpo": {"supervision": "process"}}).grpo.supervision == "process"
     for changed in ({"rl": "ppo"}, {"rl_reward": "model"}):
-        with pytest.raises(ConfigError, match="rl_supervision"):
-            PosttrainConfig(rl_supervision="process", **changed)
+        with pytest.raises(ConfigError, match="grpo.supervision"):
+            build(PosttrainConfig, {"grpo": {"supervision": "process"}, **changed})
+
+
+def test_the_sections_take_the_chains_defaults_and_refuse_what_the_chain_sets():
+    """A section's flags default to the chain's values (not the stage's own), a changed budget is kept, and a
+    field the chain sets itself (the stages' paths, seed, device) is refused by its dotted name."""
+    config = build(PosttrainConfig, {"sft": {"train": {"lr": 0.01}}, "grpo": {"update": {"iterations": 3}}})
+    assert config.sft.train.lr == 0.01 and config.sft.train.max_steps == 1000 and config.sft.generated_examples == 4000
+    assert config.grpo.update.iterations == 3 and config.grpo.train.lr == 5e-5 and config.dpo.train.max_steps == 40
+    for section, dotted_path in (
+        ({"sft": {"base": "x"}}, "sft.base"),
+        ({"dpo": {"train": {"seed": 3}}}, "dpo.train.seed"),
+        ({"grpo": {"stage": {"policy": "p"}}}, "grpo.stage.policy"),
+    ):
+        with pytest.raises(ConfigError, match=f"'{dotted_path}'.*set by posttrain itself"):
+            build(PosttrainConfig, section)
+    with pytest.raises(ConfigError, match="'reward.train.max_steps'"):
+        build(PosttrainConfig, {"reward": {"epochs": 1, "train": {"max_steps": None}}})

@@ -27,7 +27,6 @@ from llmkit.align.ppo import (
     PPO,
     KLController,
     PPOConfig,
-    PPOTrainConfig,
     clipped_value_loss,
     gae,
     kl_penalised_rewards,
@@ -36,7 +35,7 @@ from llmkit.align.ppo import (
 from llmkit.align.reward import RewardModel
 from llmkit.align.rewards import ModelReward
 from llmkit.align.rl_source import RolloutConfig, UpdateConfig
-from llmkit.align.rl_stage import RLStageConfig, evaluate_checkpoint
+from llmkit.align.rl_stage import RLStageConfig, rl_training
 from llmkit.align.rollout import (
     Prompt,
     Rollout,
@@ -244,7 +243,7 @@ def test_ppo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, polic
         kl_coef=0.01,
         rollout=RolloutConfig(prompts_per_iteration=16, max_new_tokens=3, tools="none"),
         update=UpdateConfig(iterations=4, epochs=2, minibatch_size=8),
-        train=PPOTrainConfig(out=str(tmp_path), lr=3e-3, checkpoint_interval=4, device="cpu", progress=False),
+        train=rl_training(out=str(tmp_path), lr=3e-3, checkpoint_interval=4, device="cpu", progress=False),
     )
     assert_learns_toy_task(policy, tokenizer, PPO(config))
 
@@ -255,7 +254,7 @@ def ppo_config(start, out, iterations, **changes) -> PPOConfig:
         stage=RLStageConfig(policy=str(start), train_problems=6, eval_problems=3),
         rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=6),
         update=UpdateConfig(iterations=iterations, epochs=1, minibatch_size=2),
-        train=PPOTrainConfig(out=str(out), checkpoint_interval=1, device="cpu", progress=False),
+        train=rl_training(out=str(out), checkpoint_interval=1, device="cpu", progress=False),
     )
     return PPOConfig(**{**values, **changes})
 
@@ -274,7 +273,7 @@ def test_a_ppo_run_writes_a_checkpoint_metrics_and_curves_and_resumes(tokenizer,
     loaded, _ = load_model(checkpoint)  # the policy alone; its value head beside it
     assert set(read_weights(checkpoint / "extra_weights.safetensors")) == {"value_head.weight", "value_head.bias"}
     assert loaded.config == policy.config and (tmp_path / "ppo" / "curves.png").stat().st_size > 0
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(ConfigError, match="--train.resume"):
         ppo(config)
 
     config.train.resume, config.update.iterations = True, 3
@@ -291,11 +290,6 @@ def test_a_ppo_run_writes_a_checkpoint_metrics_and_curves_and_resumes(tokenizer,
     ]
     for column in ("reward", "kl", "entropy", "clip_fraction", "value_loss", "approx_kl", "response_length"):
         assert all(row[column] != "" for row in rows[1:4]), column
-    # The table row of a checkpoint measures what the run measured; no update happened, so no KL either.
-    row = evaluate_checkpoint(
-        str(tmp_path / "ppo"), reference=str(start), eval_problems=3, max_new_tokens=6, device="cpu"
-    )
-    assert row == {"accuracy": summary["accuracy_after"], "eval_reward": summary["reward_after"], "kl": 0.0}
 
 
 def test_ppo_resumes_exactly_with_its_trained_value_head(tokenizer, policy, tmp_path):
@@ -340,7 +334,7 @@ def test_ppo_ptx_adds_the_language_model_loss_of_each_micro_batchs_pretraining_r
         ptx_batch_size=2,
         rollout=RolloutConfig(prompts_per_iteration=4, max_new_tokens=3, tools="none"),
         update=UpdateConfig(iterations=1, epochs=1, minibatch_size=4),
-        train=PPOTrainConfig(out=str(tmp_path / "run"), device="cpu", progress=False),
+        train=rl_training(out=str(tmp_path / "run"), device="cpu", progress=False),
     )
     algorithm = PPO(config, tokenizer, policy.config.context_length)
     rl_run(policy, tokenizer, algorithm, starts_with_a, [chat_prompt(tokenizer, TOY_MESSAGES)])

@@ -13,7 +13,7 @@ from helpers import tiny_config
 from llmkit.align.self_improve import self_improvement_dataset, write_self_improvement
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError, InputError
-from llmkit.infer import Engine, GenerationConfig
+from llmkit.infer import Engine, EngineConfig, GenerationConfig
 from llmkit.infer.answers import extract_choice, extract_number, extract_text, majority_vote, normalize_text
 from llmkit.infer.prompting import (
     Example,
@@ -430,7 +430,7 @@ def test_run_self_improvement_writes_the_rows_of_a_checkpoint(engine, tmp_path):
         "".join(json.dumps({"question": q, "answer": "unused"}) + "\n" for q in ["How many apples?", "Who?"])
     )
     config = SelfImproveConfig(
-        checkpoint=str(checkpoint),
+        engine=EngineConfig(checkpoint=str(checkpoint)),
         questions=str(questions),
         out=str(tmp_path / "rows.jsonl"),
         min_vote_share=0.3,
@@ -460,7 +460,16 @@ def test_self_improve_config_reads_nested_flags():
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, SelfImproveConfig)
     arguments = parser.parse_args(
-        ["--questions", "q.jsonl", "--chain-of-thought", "zero_shot", "--paths", "3", "--min-vote-share", "0.7"]
+        [
+            "--questions",
+            "q.jsonl",
+            "--prompt.chain-of-thought",
+            "zero_shot",
+            "--consistency.paths",
+            "3",
+            "--min-vote-share",
+            "0.7",
+        ]
     )
     config = config_from_args(SelfImproveConfig, arguments)
     assert (config.questions, config.prompt.chain_of_thought, config.consistency.paths, config.min_vote_share) == (
@@ -474,5 +483,7 @@ def test_self_improve_config_reads_nested_flags():
         config_from_args(SelfImproveConfig, parser.parse_args(["--questions", "q.jsonl"])).prompt.chain_of_thought
         == "zero_shot"
     )
-    with pytest.raises(ConfigError, match="chain_of_thought"):
-        config_from_args(SelfImproveConfig, parser.parse_args(["--questions", "q.jsonl", "--chain-of-thought", "none"]))
+    with pytest.raises(ConfigError, match="'prompt.chain_of_thought'"):
+        config_from_args(
+            SelfImproveConfig, parser.parse_args(["--questions", "q.jsonl", "--prompt.chain-of-thought", "none"])
+        )

@@ -16,9 +16,9 @@ from llmkit.align.preference import PreferenceBatches, comparison_pairs, load_pr
 from llmkit.align.reward import (
     RewardConfig,
     RewardModel,
-    RewardTrainConfig,
     load_reward_model,
     pairwise_reward_loss,
+    reward_training,
     train_reward,
 )
 from llmkit.chat import Preference, Ranking, render_completion
@@ -54,7 +54,7 @@ def _train_config(out, **changes):
         progress=False,
         device="cpu",
     )
-    return RewardTrainConfig(**{**settings, **changes})
+    return reward_training(**{**settings, **changes})
 
 
 def test_pairwise_loss_matches_hand_computed_values():
@@ -157,7 +157,7 @@ def test_a_short_run_separates_chosen_from_rejected_on_held_out_pairs(tmp_path, 
 
     with pytest.raises(MismatchError, match="reward_head"):
         load_model(out)
-    with pytest.raises(InputError, match="not a reward model"):
+    with pytest.raises(InputError, match="has stage .pretrain., not .reward."):
         load_reward_model(base)
     verify_checkpoint(checkpoint)  # the normalised weights were written with their own checksums: resumable as is
 
@@ -181,9 +181,9 @@ def test_tied_reward_model_resumes_and_loads(tmp_path, tokenizer):
 
 def test_bad_settings_are_refused(tokenizer):
     with pytest.raises(ConfigError, match="optimizer"):
-        RewardConfig(train=RewardTrainConfig(optimizer="muon"))
+        RewardConfig(train=reward_training(optimizer="muon"))
     with pytest.raises(ConfigError, match="batch_warmup_tokens"):
-        RewardConfig(train=RewardTrainConfig(batch_warmup_tokens=1000))
+        RewardConfig(train=reward_training(batch_warmup_tokens=1000))
     with pytest.raises(ConfigError, match="datasets"):
         RewardConfig(datasets=["arithmetic:0"])
 

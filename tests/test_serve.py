@@ -20,17 +20,19 @@ from helpers import LiveServer, tiny_config, write_choice_task
 
 from llmkit.chat import render_ids
 from llmkit.cli import main as cli_main
+from llmkit.config import build
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError
 from llmkit.eval.choice import evaluate_choice
 from llmkit.eval.choice_tasks import load_choice_task
 from llmkit.infer import Engine, GenerationConfig
+from llmkit.infer.engine import EngineConfig
 from llmkit.infer.tools import Tool, ToolBox
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
 from llmkit.serve.app import create_app
 from llmkit.serve.chat_repl import ChatSession, repl
-from llmkit.serve.server import ServeConfig, load_engine
+from llmkit.serve.server import ServeConfig
 from llmkit.tokenizer import Tokenizer
 
 MODEL, KEY = "tiny", "test-key"
@@ -618,19 +620,19 @@ def test_sequences_not_requests_count_against_the_concurrency_limit(client, engi
 def test_a_public_address_without_a_key_needs_the_flag(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LLMKIT_API_KEY", raising=False)
     missing = str(tmp_path / "no-checkpoint")
-    assert cli_main(["serve", "--host", "0.0.0.0", "--checkpoint", missing]) == 2
+    assert cli_main(["serve", "--host", "0.0.0.0", "--engine.checkpoint", missing]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "'host' = '0.0.0.0'" in error and "--allow-public-without-key" in error
     # With the flag, or with a key, the host is accepted (the missing checkpoint is what stops these).
-    assert cli_main(["serve", "--host", "0.0.0.0", "--allow-public-without-key", "--checkpoint", missing]) == 2
+    assert cli_main(["serve", "--host", "0.0.0.0", "--allow-public-without-key", "--engine.checkpoint", missing]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("llmkit: warning: serving 0.0.0.0 without an API key") and "host" not in lines[1]
     monkeypatch.setenv("LLMKIT_API_KEY", "secret")
-    assert cli_main(["serve", "--host", "0.0.0.0", "--checkpoint", missing]) == 2
+    assert cli_main(["serve", "--host", "0.0.0.0", "--engine.checkpoint", missing]) == 2
     assert "warning" not in capsys.readouterr().err
     monkeypatch.delenv("LLMKIT_API_KEY")
     for host in ("127.0.0.1", "localhost", "::1"):
-        assert cli_main(["serve", "--host", host, "--checkpoint", missing]) == 2
+        assert cli_main(["serve", "--host", host, "--engine.checkpoint", missing]) == 2
         assert "'host'" not in capsys.readouterr().err
 
 
@@ -743,8 +745,8 @@ def test_serving_a_checkpoint_folder(engine, tmp_path):
         checkpoint, engine.model.state_dict(), engine.model.config, {"tokenizer_sha256": engine.tokenizer.sha256}
     )
     engine.tokenizer.save(checkpoint)
-    config = ServeConfig(checkpoint=str(checkpoint), max_batch_size=5, threads=1)
-    loaded = load_engine(config)
+    config = ServeConfig(engine=EngineConfig(checkpoint=str(checkpoint), max_batch_size=5, threads=1))
+    loaded = Engine.from_config(config.engine)
     assert loaded.scheduler.max_batch_size == 5
     with TestClient(create_app(loaded, config), base_url="http://localhost") as http:  # runs the app's lifespan
         assert http.get("/v1/models").json()["data"][0]["id"] == "my-model"
@@ -753,5 +755,5 @@ def test_serving_a_checkpoint_folder(engine, tmp_path):
         )
         assert reply.json()["choices"][0]["message"]["content"] == "Hello there."
     assert not loaded.scheduler.in_background
-    with pytest.raises(ConfigError, match="max_batch_size"):
-        ServeConfig(max_batch_size=0)
+    with pytest.raises(ConfigError, match="'engine.max_batch_size' = 0"):
+        build(ServeConfig, {"engine": {"max_batch_size": 0}})

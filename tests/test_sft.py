@@ -24,7 +24,7 @@ from llmkit.align.conversation_batches import (
     pack_first_fit_decreasing,
     tokenize_conversations,
 )
-from llmkit.align.sft import SFTConfig, SFTTrainConfig, load_datasets, sft, sft_loss, split_validation
+from llmkit.align.sft import SFTConfig, load_datasets, sft, sft_loss, sft_training, split_validation
 from llmkit.chat import Conversation, render_ids
 from llmkit.data.shards import PrepareConfig, prepare_data
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
@@ -318,7 +318,7 @@ def run_config(base, out, **changes) -> SFTConfig:
         base=str(folder), datasets=[str(dataset)], val_fraction=0.0, lora=LoRAConfig(**changes.pop("lora", {}))
     )
     values.update(changes)
-    return SFTConfig(**values, train=SFTTrainConfig(**train))
+    return SFTConfig(**values, train=sft_training(**train))
 
 
 def mean_assistant_loss(model, tokenizer, dataset) -> float:

@@ -216,7 +216,7 @@ def test_pruning_keeps_the_newest_checkpoints_and_clears_the_leftovers_of_killed
 
 def test_resume_refuses_a_different_model_and_overwriting(tmp_path):
     run(tmp_path, max_steps=4)
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(ConfigError, match="--train.resume"):
         run(tmp_path, max_steps=4)
     with pytest.raises(MismatchError, match="n_layer"):
         run(tmp_path, max_steps=8, resume=True, model_config=tiny_config(n_layer=3))
@@ -351,7 +351,7 @@ def test_a_step_the_device_cannot_hold_is_refused_before_it_starts(tmp_path, mon
     checkpointed = memory.estimate_step_memory(model, 128, torch.float32, checkpointing=True)
     assert checkpointed.activation_bytes < estimate.activation_bytes
     monkeypatch.setattr(trainer_module, "available_bytes", lambda device: 1024)  # almost nothing free
-    with pytest.raises(ConfigError, match="--activation-checkpointing.*--batch-size.*--sequence-length"):
+    with pytest.raises(ConfigError, match="--train.activation-checkpointing.*--train.batch-size.*--sequence-length"):
         run(tmp_path / "refused", max_steps=2)
     assert not (tmp_path / "refused" / "latest").exists()
     assert run(tmp_path / "allowed", max_steps=2, memory_check=False)["steps"] == 2

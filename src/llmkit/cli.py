@@ -4,16 +4,17 @@ public function of the package runs; its summary is printed. User errors print a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 from llmkit import __version__
 from llmkit.config import add_dataclass_arguments, config_from_args
 from llmkit.errors import LlmkitError
-from llmkit.infer.quantize import Quantization, quantize_field
+from llmkit.infer.engine import EngineConfig
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.sandbox import allow_unisolated
 from llmkit.train.distributed import shutdown
@@ -23,22 +24,15 @@ from llmkit.train.distributed import shutdown
 class GenerateCommand:
     """``llmkit generate``: complete a prompt with a trained checkpoint."""
 
-    checkpoint: str = field(default="runs/base", metadata={"help": "run directory or checkpoint folder"})
     prompt: str = field(default="", metadata={"help": "text to continue"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype"})
-    quantize: Quantization = quantize_field()
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(checkpoint="runs/base"))
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 def _generate(config: GenerateCommand) -> None:
-    import torch
-
     from llmkit.infer import Engine
 
-    engine = Engine.from_checkpoint(
-        config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype), quantize=config.quantize
-    )
+    engine = Engine.from_config(config.engine)
     pieces = engine.stream(config.prompt, config.generation)
     first = next(pieces, "")  # a prompt that does not fit fails here, before anything is printed
     sys.stdout.write(config.prompt + first)
@@ -46,6 +40,16 @@ def _generate(config: GenerateCommand) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def resume_hint(config_class: type, words: tuple[str, ...]) -> str:
+    """How an interrupted command continues: its resume flag, wherever its config keeps it."""
+    fields = {field.name: field for field in dataclasses.fields(config_class)}
+    if "resume" in fields:
+        return "resume with --resume"
+    if "train" in fields:
+        return "resume with --train.resume"
+    return "run the same command again"
 
 
 def _print_summary(summary: dict) -> None:
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmkit: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = "run the same command again" if arguments.words == ("data", "run") else "resume with --resume"
+        resume = resume_hint(config_class, arguments.words)
         print(f"llmkit: interrupted; the work done so far is intact ({resume})", file=sys.stderr)
         return 130
     if printer is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, one summary

@@ -2,10 +2,14 @@
 
 Every stage is configured by a dataclass. Its fields map 1:1 onto CLI flags
 (``n_layer`` -> ``--n-layer``) and onto YAML keys; a nested dataclass field is a
-YAML section whose fields become flags of their own (names must be unique
-across the sections of one command). Precedence: dataclass defaults < YAML
-file < flags given on the command line. Validation lives in each dataclass's
-``__post_init__`` and raises :class:`~llmkit.errors.ConfigError`.
+YAML section, and its fields' flags are dotted paths (``train.lr`` -> ``--train.lr``,
+``sft.train.max_steps`` -> ``--sft.train.max-steps`` inside ``llmkit posttrain``).
+A section whose default is an instance (``field(default_factory=lambda:
+TrainConfig(lr=1e-4))``) gives its flags that instance's values as defaults: a
+stage that only changes defaults needs no subclass. Precedence: dataclass
+defaults < YAML file < flags given on the command line. Validation lives in each
+dataclass's ``__post_init__`` and raises :class:`~llmkit.errors.ConfigError`,
+which names the dotted field.
 """
 
 from __future__ import annotations
@@ -96,8 +100,10 @@ def _parse_bool(text) -> bool:
     raise ValueError(f"{text!r} is not a boolean")
 
 
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
+def flag_name(path: str | tuple[str, ...]) -> str:
+    """``("train", "max_steps")`` (or ``"train.max_steps"``) -> ``--train.max-steps``."""
+    parts = path.split(".") if isinstance(path, str) else path
+    return "--" + ".".join(part.replace("_", "-") for part in parts)
 
 
 def _leaf_fields(cls, defaults=None) -> list[tuple[tuple[str, ...], dataclasses.Field, Any, Any]]:
@@ -121,13 +127,9 @@ def _leaf_fields(cls, defaults=None) -> list[tuple[tuple[str, ...], dataclasses.
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one flag per leaf field of ``cls``; defaults stay unset so YAML can fill them."""
-    seen: dict[str, tuple[str, ...]] = {}
+    """Add one flag per leaf field of ``cls`` (dotted for fields of sections); defaults stay unset so YAML
+    can fill them."""
     for path, field, annotation, default in _leaf_fields(cls):
-        name = field.name
-        if name in seen:
-            raise TypeError(f"{cls.__name__}: field name {name!r} appears in {seen[name]} and {path}")
-        seen[name] = path
         base, _ = _unwrap_optional(annotation)
         help_text = field.metadata.get("help", "")
         kwargs: dict[str, Any] = {"dest": ".".join(path), "default": argparse.SUPPRESS, "help": help_text}
@@ -135,12 +137,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _converter(annotation)
-            kwargs["metavar"] = name.upper()
+            kwargs["metavar"] = field.name.upper()
             if typing.get_origin(base) is Literal:
                 kwargs["choices"] = list(typing.get_args(base))
         if default is not dataclasses.MISSING and help_text is not None:
             kwargs["help"] = f"{help_text} (default: {default})".strip()
-        parser.add_argument(flag_name(name), **kwargs)
+        parser.add_argument(flag_name(path), **kwargs)
 
 
 def _default_of(field: dataclasses.Field):
@@ -203,8 +205,11 @@ def build(cls, values: dict, source: str = "config", defaults=None):
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
                 raise ConfigError(name, value, f"expected a section of {annotation.__name__} fields in {source}")
-            section = _default_of(known[name])
-            kwargs[name] = build(annotation, value, source, section if dataclasses.is_dataclass(section) else None)
+            section = _default_of(known[name]) if defaults is None else getattr(defaults, name)
+            try:
+                kwargs[name] = build(annotation, value, source, section if dataclasses.is_dataclass(section) else None)
+            except ConfigError as error:  # named by its path from the top: train.lr
+                raise ConfigError(f"{name}.{error.field}", error.value, error.reason) from None
             continue
         if value is None:
             kwargs[name] = None

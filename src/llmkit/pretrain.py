@@ -44,14 +44,15 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         check(self.preset in PRESETS, "preset", self.preset, f"unknown preset; choose one of {', '.join(PRESETS)}")
         check(self.objective in OBJECTIVES, "objective", self.objective, f"choose one of {', '.join(OBJECTIVES)}")
-        model_config = build_model_config(
-            self, vocab_size=1
-        )  # a bad field combination fails now, before any file is read
+        try:  # a bad field combination fails now, before any file is read
+            model_config = build_model_config(self, vocab_size=1)
+        except ConfigError as error:
+            raise ConfigError(f"model.{error.field}", error.value, error.reason) from None
         if self.objective == "span":
             SpanCorruption.layout(model_config.context_length)
             check(
                 self.train.target_val_bpb is None,
-                "target_val_bpb",
+                "train.target_val_bpb",
                 self.train.target_val_bpb,
                 "span corruption reports no bits per byte; use objective causal or prefix",
             )

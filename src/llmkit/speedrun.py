@@ -22,6 +22,7 @@ from llmkit.config import check, parse_duration
 from llmkit.data.pipeline import PipelineConfig, run_pipeline
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.infer import Engine, GenerationConfig
+from llmkit.infer.engine import EngineConfig
 from llmkit.model.checkpoint import LATEST
 from llmkit.pretrain import ModelOverrides, PretrainConfig, pretrain
 from llmkit.report import add_section
@@ -169,7 +170,7 @@ def speedrun(config: SpeedrunConfig) -> dict:
     )
     summary["pretrain"] = pretrain_metrics
 
-    engine = Engine.from_checkpoint(str(model_directory))
+    engine = Engine.from_config(EngineConfig(checkpoint=str(model_directory)))
     generation = GenerationConfig(max_new_tokens=80, temperature=0.7, top_k=50, seed=0)
     completions = engine.generate(DEFAULT_PROMPTS[: config.samples], generation) if config.samples else []
     samples_text = "\n\n".join(

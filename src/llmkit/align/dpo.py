@@ -47,15 +47,16 @@ from llmkit.align.preference import (
     build_preference_batches,
     check_preference_config,
     heldout_pair_scores,
-    plot_metrics,
     sequence_logprobs,
     with_epochs,
 )
-from llmkit.align.sft import BUILTIN_TASKS, load_base
 from llmkit.config import check
 from llmkit.errors import MismatchError
+from llmkit.figures import plot_metrics
+from llmkit.model.checkpoint import DTYPES, load_checkpoint
+from llmkit.tasks.registry import TASK_NAMES
 from llmkit.train.config import TrainConfig
-from llmkit.train.trainer import DTYPES, Trainer, resolve_device
+from llmkit.train.trainer import Trainer, resolve_device
 
 LOSSES = ("dpo", "ipo", "hinge")
 
@@ -185,17 +186,12 @@ def precompute_reference_logps(
 
 
 # -------------------------------------------------------------------------------- the stage
-@dataclass
-class DPOTrainConfig(TrainConfig):
-    """The training loop's settings with DPO defaults (batch_size counts prompts)."""
-
-    out: str = field(default="runs/dpo", metadata={"help": "run directory: checkpoints, metrics.csv, plots"})
-    batch_size: int = field(default=8, metadata={"help": "prompts (with all their compared responses) per micro-batch"})
-    lr: float = field(
-        default=1e-5, metadata={"help": "peak learning rate (Rafailov et al. use 1e-6 on billion-parameter models)"}
+def dpo_training(**changes) -> TrainConfig:
+    """The training loop's settings with DPO defaults (``changes`` override them); ``batch_size`` counts
+    prompts, each with all its compared responses."""
+    return TrainConfig(
+        **{"out": "runs/dpo", "batch_size": 8, "lr": 1e-5, "warmup_steps": 20, "eval_interval": 50, **changes}
     )
-    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
-    eval_interval: int = field(default=50, metadata={"help": "validate every this many steps (0 = only at the end)"})
 
 
 @dataclass
@@ -206,7 +202,7 @@ class DPOConfig:
         default_factory=lambda: ["arithmetic"],
         metadata={
             "help": f"preference files (prompt/chosen/rejected, chosen/rejected, prompt/responses ranked best "
-            f"first) and embedded tasks' generated pairs ({', '.join(BUILTIN_TASKS)}; name:N for N problems)"
+            f"first) and embedded tasks' generated pairs ({', '.join(TASK_NAMES)}; name:N for N problems)"
         },
     )
     generated_pairs: int = field(
@@ -238,7 +234,7 @@ class DPOConfig:
     epochs: float | None = field(
         default=1.0, metadata={"help": "passes over the prompts; with max_steps or max_time, whichever ends first"}
     )
-    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    train: TrainConfig = field(default_factory=dpo_training)
 
     def __post_init__(self) -> None:
         check_preference_config(self)
@@ -256,10 +252,12 @@ class DPOConfig:
 def dpo(config: DPOConfig) -> dict:
     """Tune ``config.base`` on the preference pairs of ``config.datasets``; returns the run summary."""
     train = config.train
-    policy, tokenizer, base = load_base(config.base)
+    loaded = load_checkpoint(config.base)
+    policy, tokenizer, base = loaded.model, loaded.tokenizer, loaded.path
     reference, reference_path = policy, base
     if config.reference is not None:
-        reference, reference_tokenizer, reference_path = load_base(config.reference)
+        loaded = load_checkpoint(config.reference)
+        reference, reference_tokenizer, reference_path = loaded.model, loaded.tokenizer, loaded.path
         if reference_tokenizer.sha256 != tokenizer.sha256:
             raise MismatchError(f"{reference_path}: the reference's tokenizer is not the policy's ({base})")
     batches, val_batches, counts = build_preference_batches(

@@ -25,7 +25,7 @@ where outcome rewards leave most groups uniform.
 The loss per token is the clipped surrogate (:func:`llmkit.align.policy_gradient.clipped_policy_loss`)
 plus ``beta`` times the k3 estimate of KL(pi || pi_ref) against the frozen reference, which GRPO puts
 in the loss instead of the reward (eq. 3-4). Tokens are aggregated per sequence then over sequences by
-default, as eq. 3 is written; ``--loss-aggregation token`` takes DAPO's token mean (Yu et al. 2025).
+default, as eq. 3 is written; ``--update.loss-aggregation token`` takes DAPO's token mean (Yu et al. 2025).
 With one epoch and one minibatch per batch the ratio is 1 and the update is the plain policy gradient
 (the paper's "iterative" setting reuses the batch for several minibatches, where the clip matters).
 """
@@ -39,37 +39,24 @@ import torch
 
 from llmkit.align.policy_gradient import PolicyOutputs, aggregate, identity, kl_k3
 from llmkit.align.rl_source import Algorithm, RolloutConfig, Total, UpdateConfig, steps_per_iteration
-from llmkit.align.rl_stage import RLStageConfig, RLTrainConfig, check_rl_config, run_policy_stage
+from llmkit.align.rl_stage import RLStageConfig, check_rl_config, rl_training, run_policy_stage
 from llmkit.align.rollout import RolloutBatch
 from llmkit.config import check
+from llmkit.train.config import TrainConfig
 
-__all__ = ["GRPO", "GRPOConfig", "group_advantages", "grpo", "process_advantages"]
-
-
-@dataclass
-class GRPORolloutConfig(RolloutConfig):
-    prompts_per_iteration: int = field(
-        default=8, metadata={"help": "prompts sampled per iteration (each gets a group)"}
-    )
+__all__ = ["GRPO", "GRPOConfig", "group_advantages", "grpo", "grpo_rollout", "grpo_update", "process_advantages"]
 
 
-@dataclass
-class GRPOUpdateConfig(UpdateConfig):
-    epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    minibatch_size: int = field(
-        default=16, metadata={"help": "sequences per optimizer step (split into grad_accum x processes micro-batches)"}
-    )
-    loss_aggregation: Literal["token", "sequence"] = field(
-        default="sequence",
-        metadata={
-            "help": "sequence: per-sequence mean, then mean (DeepSeekMath eq. 3); token: mean over all tokens (DAPO)"
-        },
-    )
+def grpo_rollout(**changes) -> RolloutConfig:
+    """Rollout settings with GRPO's defaults (``changes`` override them): 8 prompts an iteration, each
+    sampled ``group_size`` times."""
+    return RolloutConfig(**{"prompts_per_iteration": 8, **changes})
 
 
-@dataclass
-class GRPOTrainConfig(RLTrainConfig):
-    out: str = field(default="runs/grpo", metadata={"help": "run directory: checkpoints, metrics.csv, curves"})
+def grpo_update(**changes) -> UpdateConfig:
+    """Update settings with GRPO's defaults (``changes`` override them): one pass over each rollout batch in
+    minibatches of 16 sequences, the loss averaged per sequence, then over sequences (DeepSeekMath eq. 3)."""
+    return UpdateConfig(**{"epochs": 1, "minibatch_size": 16, "loss_aggregation": "sequence", **changes})
 
 
 @dataclass
@@ -104,9 +91,9 @@ class GRPOConfig:
         metadata={"help": "dynamic sampling: at most this many rounds of prompts_per_iteration prompts per iteration"},
     )
     stage: RLStageConfig = field(default_factory=RLStageConfig)
-    rollout: GRPORolloutConfig = field(default_factory=GRPORolloutConfig)
-    update: GRPOUpdateConfig = field(default_factory=GRPOUpdateConfig)
-    train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
+    rollout: RolloutConfig = field(default_factory=grpo_rollout)
+    update: UpdateConfig = field(default_factory=grpo_update)
+    train: TrainConfig = field(default_factory=lambda: rl_training(out="runs/grpo"))
 
     def __post_init__(self) -> None:
         check(self.group_size >= 2, "group_size", self.group_size, "must be at least 2 (a group is its own baseline)")

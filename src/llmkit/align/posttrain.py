@@ -37,23 +37,23 @@ from __future__ import annotations
 import csv
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
 
-from llmkit.align.dpo import DPOConfig, DPOTrainConfig, dpo
-from llmkit.align.grpo import GRPOConfig, GRPORolloutConfig, GRPOTrainConfig, GRPOUpdateConfig, grpo
-from llmkit.align.posttrain_eval import EvaluationSettings, evaluate_model, heldout_problems, load_reference
-from llmkit.align.ppo import PPOConfig, PPOTrainConfig, ppo
-from llmkit.align.reward import RewardConfig, RewardTrainConfig, load_reward_model, train_reward
-from llmkit.align.rl_source import RolloutConfig, UpdateConfig, steps_per_iteration
-from llmkit.align.rl_stage import RLStageConfig
-from llmkit.align.sft import SFTConfig, SFTTrainConfig, load_base, sft
+from llmkit.align.dpo import DPOConfig, dpo, dpo_training
+from llmkit.align.grpo import GRPOConfig, grpo, grpo_rollout, grpo_update
+from llmkit.align.posttrain_eval import EvaluationSettings, evaluate_model, heldout_problems
+from llmkit.align.ppo import PPOConfig, ppo
+from llmkit.align.reward import RewardConfig, load_reward_model, reward_training, train_reward
+from llmkit.align.rl_source import RolloutConfig, UpdateConfig
+from llmkit.align.rl_stage import RLStageConfig, rl_training
+from llmkit.align.sft import SFTConfig, sft, sft_training
 from llmkit.config import check
 from llmkit.errors import ConfigError
 from llmkit.figures import pyplot, save_figure
 from llmkit.io import atomic_write_json, read_json
-from llmkit.model.checkpoint import LATEST, resolve_checkpoint
+from llmkit.model.checkpoint import LATEST, load_checkpoint, load_model, resolve_checkpoint
 from llmkit.report import add_section
 from llmkit.train.trainer import resolve_device
 
@@ -62,8 +62,103 @@ EVALUATION_DIRECTORY = "evaluation"
 FIGURE = "posttrain.png"
 
 
+def posttrain_sft() -> SFTConfig:
+    """The SFT section's defaults: 4,000 generated conversations of each solution form, 1,000 steps of 8
+    rows (on the speedrun model 400 steps reach 0.23 held-out accuracy, 1,000 reach 0.83-0.85)."""
+    training = sft_training(
+        max_steps=1000, batch_size=8, lr=2e-3, eval_interval=0, checkpoint_interval=100, keep_last=1
+    )
+    return SFTConfig(generated_examples=4000, epochs=None, train=training)
+
+
+def posttrain_reward() -> RewardConfig:
+    """The reward section's defaults: pairs of 500 problems of each solution form (a fifth as many again
+    from the held-out split give the table's pair accuracy), 60 steps."""
+    training = reward_training(max_steps=60, lr=1e-4, eval_interval=0, keep_last=1)
+    return RewardConfig(generated_pairs=500, val_fraction=0.2, epochs=None, train=training)
+
+
+def posttrain_rl_stage() -> RLStageConfig:
+    return RLStageConfig(task="arithmetic", train_problems=4000, eval_problems=64)
+
+
+def posttrain_grpo() -> GRPOConfig:
+    """The GRPO section's defaults: 12 iterations of 8 prompts x 8 samples, a checkpoint every 5 iterations."""
+    return GRPOConfig(
+        group_size=8,
+        kl_coef=0.04,
+        stage=posttrain_rl_stage(),
+        rollout=grpo_rollout(prompts_per_iteration=8),
+        update=grpo_update(iterations=12),
+        train=rl_training(lr=5e-5, checkpoint_interval=20, keep_last=1),
+    )
+
+
+def posttrain_ppo() -> PPOConfig:
+    """The PPO section's defaults: 12 iterations of 64 samples, two passes, a checkpoint every 5 iterations."""
+    return PPOConfig(
+        kl_coef=0.04,
+        stage=posttrain_rl_stage(),
+        rollout=RolloutConfig(prompts_per_iteration=64),
+        update=UpdateConfig(iterations=12, epochs=2, minibatch_size=16),
+        train=rl_training(lr=5e-5, checkpoint_interval=40, keep_last=1),
+    )
+
+
+def posttrain_dpo() -> DPOConfig:
+    """The DPO section's defaults: pairs of 200 problems of each solution form, 40 steps."""
+    return DPOConfig(
+        generated_pairs=200, epochs=None, train=dpo_training(max_steps=40, lr=5e-5, eval_interval=0, keep_last=1)
+    )
+
+
+SECTION_DEFAULTS: dict[str, Callable[[], object]] = {
+    "sft": posttrain_sft,
+    "reward": posttrain_reward,
+    "grpo": posttrain_grpo,
+    "ppo": posttrain_ppo,
+    "dpo": posttrain_dpo,
+}
+RUN_FIELDS = ("train.out", "train.seed", "train.device", "train.resume", "train.progress")
+PREFERENCE_FIELDS = (
+    "base",
+    "datasets",
+    *RUN_FIELDS,
+    "train.dtype",
+    "train.warmup_steps",
+    "train.log_interval",
+    "train.checkpoint_interval",
+)
+# The fields the chain sets itself (paths between the stages, the shared seed/device/dtype, warmups from the
+# scaled budgets); a section that sets one is refused rather than silently overridden.
+CHAIN_FIELDS = {
+    "sft": ("base", "datasets", *RUN_FIELDS, "train.dtype", "train.warmup_steps"),
+    "reward": PREFERENCE_FIELDS,
+    "grpo": ("stage.policy", "stage.reward_model", "stage.task", "rollout.max_new_tokens", *RUN_FIELDS),
+    "ppo": ("stage.policy", "stage.reward_model", "stage.task", "rollout.max_new_tokens", *RUN_FIELDS),
+    "dpo": ("reference", *PREFERENCE_FIELDS),
+}
+BUDGETS = {
+    "sft": "train.max_steps",
+    "reward": "train.max_steps",
+    "grpo": "update.iterations",
+    "ppo": "update.iterations",
+    "dpo": "train.max_steps",
+}
+
+
+def dotted(config, path: str):
+    """``dotted(config, "train.lr")`` is ``config.train.lr``."""
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
 @dataclass
 class PosttrainConfig:
+    """The chain's own settings, and one section per stage holding that stage's whole config
+    (``--sft.train.lr``, ``--grpo.update.iterations``); the defaults of the sections are the chain's."""
+
     base: str = field(
         default="runs/speedrun/base", metadata={"help": "pretrained checkpoint (run directory or checkpoint folder)"}
     )
@@ -78,52 +173,15 @@ class PosttrainConfig:
         default=True, metadata={"help": "also fine-tune and tune on the inline-arithmetic solutions (calculator off)"}
     )
     rl: Literal["grpo", "ppo"] = field(
-        default="grpo", metadata={"help": "the RL stage between the reward model and DPO"}
+        default="grpo", metadata={"help": "the RL stage between the reward model and DPO (its section: grpo or ppo)"}
     )
     rl_reward: Literal["verifiable", "model"] = field(
         default="verifiable",
         metadata={"help": "reward of the RL stage: the exact answer checker, or the trained reward model"},
     )
-    scale: float = field(default=1.0, metadata={"help": "multiplies every stage's step and iteration budget"})
-    sft_examples: int = field(default=4000, metadata={"help": "generated conversations of each solution form"})
-    sft_steps: int = field(
-        default=1000,
-        metadata={
-            "help": "SFT optimizer steps (on the speedrun model 400 reach 0.23 held-out accuracy, 1000 reach 0.83-0.85)"
-        },
+    scale: float = field(
+        default=1.0, metadata={"help": "multiplies every stage's budget (train.max_steps, RL update.iterations)"}
     )
-    sft_batch_size: int = field(default=8, metadata={"help": "SFT rows (packed conversations) per step"})
-    sft_lr: float = field(default=2e-3, metadata={"help": "SFT peak learning rate"})
-    reward_pairs: int = field(
-        default=500, metadata={"help": "problems of each solution form whose generated pairs train the reward model"}
-    )
-    reward_steps: int = field(default=60, metadata={"help": "reward-model optimizer steps"})
-    reward_lr: float = field(default=1e-4, metadata={"help": "reward-model peak learning rate"})
-    rl_iterations: int = field(default=12, metadata={"help": "RL iterations (rollouts, then updates)"})
-    rl_samples: int = field(default=64, metadata={"help": "completions sampled per RL iteration"})
-    group_size: int = field(default=8, metadata={"help": "GRPO: completions per prompt"})
-    rl_lr: float = field(default=5e-5, metadata={"help": "RL peak learning rate"})
-    rl_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the RL rollouts"})
-    rl_kl_coef: float = field(
-        default=0.04, metadata={"help": "RL KL coefficient (GRPO's loss term, PPO's reward penalty)"}
-    )
-    rl_supervision: Literal["outcome", "process"] = field(
-        default="outcome",
-        metadata={
-            "help": "GRPO with the verifiable reward: one reward per answer, or one per step (calculator calls, answer)"
-        },
-    )
-    dpo_pairs: int = field(
-        default=200,
-        metadata={
-            "help": "problems of each solution form whose generated pairs tune DPO (their reference log-probs are "
-            "computed first)"
-        },
-    )
-    dpo_steps: int = field(default=40, metadata={"help": "DPO optimizer steps"})
-    dpo_lr: float = field(default=5e-5, metadata={"help": "DPO peak learning rate"})
-    dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta"})
-    preference_batch_size: int = field(default=8, metadata={"help": "prompts per step of the reward model and DPO"})
     eval_problems: int = field(default=200, metadata={"help": "held-out problems of the before/after table"})
     max_new_tokens: int = field(
         default=96, metadata={"help": "tokens an answer may sample (evaluation and RL rollouts)"}
@@ -137,47 +195,47 @@ class PosttrainConfig:
     dtype: Literal["float32", "bfloat16"] = field(
         default="bfloat16",
         metadata={
-            "help": "autocast dtype of SFT, reward and DPO training (RL keeps float32: its probability ratios need "
-            "the precision)"
+            "help": "autocast dtype of SFT, reward and DPO training (RL keeps its section's train.dtype, float32: "
+            "its probability ratios need the precision)"
         },
     )
     resume: bool = field(default=False, metadata={"help": "keep finished stages and continue an interrupted one"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    sft: SFTConfig = field(default_factory=posttrain_sft)
+    reward: RewardConfig = field(default_factory=posttrain_reward)
+    grpo: GRPOConfig = field(default_factory=posttrain_grpo)
+    ppo: PPOConfig = field(default_factory=posttrain_ppo)
+    dpo: DPOConfig = field(default_factory=posttrain_dpo)
 
     def __post_init__(self) -> None:
         check(self.scale > 0, "scale", self.scale, "must be positive")
-        for name in (
-            "sft_examples",
-            "sft_steps",
-            "sft_batch_size",
-            "reward_pairs",
-            "reward_steps",
-            "rl_iterations",
-            "rl_samples",
-            "dpo_pairs",
-            "dpo_steps",
-            "preference_batch_size",
-            "eval_problems",
-            "max_new_tokens",
-        ):
+        for name in ("eval_problems", "max_new_tokens"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
-        for name in ("sft_lr", "reward_lr", "rl_lr", "rl_temperature", "dpo_beta"):
-            check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
-        check(self.rl_kl_coef >= 0, "rl_kl_coef", self.rl_kl_coef, "must be >= 0")
-        check(
-            self.rl_supervision == "outcome" or (self.rl == "grpo" and self.rl_reward == "verifiable"),
-            "rl_supervision",
-            self.rl_supervision,
-            "process supervision needs rl=grpo and rl_reward=verifiable (the step checker)",
-        )
         check(self.shots >= 0, "shots", self.shots, "must be >= 0")
         check(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "must be float32 or bfloat16")
-        check(self.group_size >= 2, "group_size", self.group_size, "must be at least 2")
+        for section, paths in CHAIN_FIELDS.items():
+            defaults = SECTION_DEFAULTS[section]()
+            for path in paths:
+                value = dotted(getattr(self, section), path)
+                check(
+                    value == dotted(defaults, path),
+                    f"{section}.{path}",
+                    value,
+                    "set by posttrain itself (from --base, --out, --seed, --device, --dtype, --plain, --resume, "
+                    "--progress, --max-new-tokens or the scaled budget): change those instead",
+                )
+            budget = dotted(getattr(self, section), BUDGETS[section])
+            check(
+                budget is not None and budget > 0,
+                f"{section}.{BUDGETS[section]}",
+                budget,
+                "must be a positive count (the chain's budgets are step and iteration counts)",
+            )
         check(
-            self.rl != "grpo" or self.rl_samples % self.group_size == 0,
-            "rl_samples",
-            self.rl_samples,
-            f"must be a multiple of group_size={self.group_size} (GRPO samples whole groups)",
+            self.grpo.supervision == "outcome" or (self.rl == "grpo" and self.rl_reward == "verifiable"),
+            "grpo.supervision",
+            self.grpo.supervision,
+            "process supervision needs rl=grpo and rl_reward=verifiable (the step checker)",
         )
 
     def steps(self, budget: int) -> int:
@@ -199,68 +257,47 @@ def _resume(config: PosttrainConfig, directory: Path) -> bool:
     return config.resume and (directory / LATEST).is_file()
 
 
-def run_sft(config: PosttrainConfig, out: Path) -> dict:
-    steps = config.steps(config.sft_steps)
-    train = SFTTrainConfig(
-        out=str(out / "sft"),
-        batch_size=config.sft_batch_size,
-        lr=config.sft_lr,
-        warmup_steps=_warmup(steps),
-        max_steps=steps,
-        eval_interval=0,
-        checkpoint_interval=100,
-        keep_last=1,
-        seed=config.seed,
-        device=config.device,
-        dtype=config.dtype,
-        resume=_resume(config, out / "sft"),
-        progress=config.progress,
-    )
-    return sft(
-        SFTConfig(
-            base=config.base,
-            datasets=[f"{name}:{config.sft_examples}" for name in config.datasets],
-            epochs=None,
-            train=train,
-        )
-    )
-
-
-def _preference_train(config: PosttrainConfig, directory: Path, steps: int, lr: float) -> dict:
-    """The training-loop settings shared by the reward model and DPO (short runs: a metrics row every
-    few steps, one checkpoint at the end)."""
+def _run_settings(config: PosttrainConfig, directory: Path) -> dict:
+    """The training-loop fields every stage takes from the chain."""
     return dict(
         out=str(directory),
-        batch_size=config.preference_batch_size,
-        lr=lr,
-        warmup_steps=_warmup(steps),
-        max_steps=steps,
-        eval_interval=0,
-        log_interval=max(1, steps // 20),
-        checkpoint_interval=steps,
-        keep_last=1,
         seed=config.seed,
         device=config.device,
-        dtype=config.dtype,
         resume=_resume(config, directory),
         progress=config.progress,
     )
 
 
+def run_sft(config: PosttrainConfig, out: Path) -> dict:
+    steps = config.steps(config.sft.train.max_steps)
+    train = replace(
+        config.sft.train,
+        max_steps=steps,
+        warmup_steps=_warmup(steps),
+        dtype=config.dtype,
+        **_run_settings(config, out / "sft"),
+    )
+    return sft(replace(config.sft, base=config.base, datasets=config.datasets, train=train))
+
+
+def _preference_run(config: PosttrainConfig, section: RewardConfig | DPOConfig, directory: Path, base: Path):
+    """A reward or DPO section as the chain runs it (short runs: a metrics row every few steps, one
+    checkpoint at the end)."""
+    steps = config.steps(section.train.max_steps)
+    train = replace(
+        section.train,
+        max_steps=steps,
+        warmup_steps=_warmup(steps),
+        log_interval=max(1, steps // 20),
+        checkpoint_interval=steps,
+        dtype=config.dtype,
+        **_run_settings(config, directory),
+    )
+    return replace(section, base=str(base), datasets=config.datasets, train=train)
+
+
 def run_reward(config: PosttrainConfig, out: Path) -> dict:
-    train = RewardTrainConfig(
-        **_preference_train(config, out / "reward", config.steps(config.reward_steps), config.reward_lr)
-    )
-    # A fifth of a problem count again from the held-out split: the held-out pair accuracy of the table.
-    return train_reward(
-        RewardConfig(
-            base=str(out / "sft"),
-            datasets=[f"{name}:{config.reward_pairs}" for name in config.datasets],
-            val_fraction=0.2,
-            epochs=None,
-            train=train,
-        )
-    )
+    return train_reward(_preference_run(config, config.reward, out / "reward", out / "sft"))
 
 
 def run_rl(config: PosttrainConfig, out: Path) -> dict:
@@ -269,63 +306,20 @@ def run_rl(config: PosttrainConfig, out: Path) -> dict:
 
 def train_rl(config: PosttrainConfig, policy: Path, directory: Path, reward_model: Path) -> dict:
     """The RL stage from ``policy`` into ``directory`` (``reward_model`` is used when ``rl_reward="model"``)."""
-    stage = RLStageConfig(
-        policy=str(policy),
-        task="arithmetic",
-        train_problems=config.sft_examples,
-        reward_model=str(reward_model) if config.rl_reward == "model" else None,
-        eval_problems=min(config.eval_problems, 64),
+    section = config.grpo if config.rl == "grpo" else config.ppo
+    reward = str(reward_model) if config.rl_reward == "model" else None
+    run = replace(
+        section,
+        stage=replace(section.stage, policy=str(policy), reward_model=reward),
+        rollout=replace(section.rollout, max_new_tokens=config.max_new_tokens),
+        update=replace(section.update, iterations=config.steps(section.update.iterations)),
+        train=replace(section.train, **_run_settings(config, directory)),
     )
-    rollout = dict(max_new_tokens=config.max_new_tokens, temperature=config.rl_temperature, tools="calculator")
-    grpo_stage = config.rl == "grpo"
-    update = (GRPOUpdateConfig if grpo_stage else UpdateConfig)(
-        iterations=config.steps(config.rl_iterations), minibatch_size=16, epochs=1 if grpo_stage else 2
-    )
-    # A checkpoint every 5 iterations.
-    train = dict(
-        out=str(directory),
-        lr=config.rl_lr,
-        checkpoint_interval=5 * steps_per_iteration(config.rl_samples, update),
-        keep_last=1,
-        seed=config.seed,
-        device=config.device,
-        resume=_resume(config, directory),
-        progress=config.progress,
-    )
-    if grpo_stage:
-        return grpo(
-            GRPOConfig(
-                group_size=config.group_size,
-                kl_coef=config.rl_kl_coef,
-                supervision=config.rl_supervision,
-                stage=stage,
-                rollout=GRPORolloutConfig(prompts_per_iteration=config.rl_samples // config.group_size, **rollout),
-                update=update,
-                train=GRPOTrainConfig(**train),
-            )
-        )
-    return ppo(
-        PPOConfig(
-            kl_coef=config.rl_kl_coef,
-            stage=stage,
-            rollout=RolloutConfig(prompts_per_iteration=config.rl_samples, **rollout),
-            update=update,
-            train=PPOTrainConfig(**train),
-        )
-    )
+    return grpo(run) if config.rl == "grpo" else ppo(run)
 
 
 def run_dpo(config: PosttrainConfig, out: Path) -> dict:
-    train = DPOTrainConfig(**_preference_train(config, out / "dpo", config.steps(config.dpo_steps), config.dpo_lr))
-    return dpo(
-        DPOConfig(
-            base=str(out / config.rl),
-            datasets=[f"{name}:{config.dpo_pairs}" for name in config.datasets],
-            beta=config.dpo_beta,
-            epochs=None,
-            train=train,
-        )
-    )
+    return dpo(_preference_run(config, config.dpo, out / "dpo", out / config.rl))
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[PosttrainConfig, Path], dict]] = {
@@ -360,7 +354,8 @@ def _scalars(summary: dict) -> dict:
 
 def evaluation_settings(config: PosttrainConfig, out: Path) -> EvaluationSettings:
     """The held-out problems and decoding settings every model of the table is evaluated with."""
-    base_model, tokenizer, _ = load_base(config.base)
+    loaded = load_checkpoint(config.base)
+    base_model, tokenizer = loaded.model, loaded.tokenizer
     problems = heldout_problems(
         tokenizer, config.eval_problems, config.seed, base_model.config.context_length, config.max_new_tokens
     )
@@ -389,7 +384,7 @@ def posttrain(config: PosttrainConfig) -> dict:
             judges[name] = (
                 load_reward_model(out / "reward", device=settings.device)
                 if name == "reward"
-                else load_reference(out / "sft", settings.device)
+                else load_model(out / "sft", settings.device)[0].requires_grad_(False)
             )
         return judges[name]
 

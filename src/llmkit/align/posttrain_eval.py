@@ -52,15 +52,14 @@ from llmkit.align.rollout import (
     completion_tokens,
     generate_rollouts,
     score_rollouts,
-    toolbox,
 )
-from llmkit.align.sft import load_base
 from llmkit.chat import render_ids
 from llmkit.errors import InputError
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
+from llmkit.infer.tools import select_tools
 from llmkit.io import atomic_write_jsonl
-from llmkit.model.checkpoint import load_model
+from llmkit.model.checkpoint import load_checkpoint
 from llmkit.tasks import arithmetic
 from llmkit.tokenizer import Tokenizer
 
@@ -153,7 +152,8 @@ def evaluate_model(
 ) -> dict:
     """Accuracy with the calculator and without, the reward and KL(stage || reference) of the model at
     ``path`` (``stage == "base"``: the few-shot prompt); writes the per-answer records."""
-    model, tokenizer, _ = load_base(path)
+    loaded = load_checkpoint(path)
+    model, tokenizer = loaded.model, loaded.tokenizer
     model.to(settings.device)
     engine = Engine(model, tokenizer, max_batch_size=64)
     end_id = tokenizer.stop_ids[0]
@@ -179,7 +179,7 @@ def evaluate_model(
         generation = GenerationConfig(
             max_new_tokens=settings.max_new_tokens, temperature=0.0, stop=[ANSWER_END] if stage == "base" else []
         )
-        completions = engine.generate_ids(prompts, generation, toolbox("calculator" if with_tools else "none"))
+        completions = engine.generate_ids(prompts, generation, select_tools("calculator" if with_tools else "none"))
         records = [
             {
                 "question": problem.question,
@@ -219,17 +219,12 @@ def sampled_kl(
         prompts,
         1,
         GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=1.0),
-        toolbox("calculator"),
+        select_tools("calculator"),
         settings.seed,
         0,
     )
     batch = build_batch(rollouts, [0.0] * len(rollouts), engine.tokenizer.pad_id).to(settings.device)
     return score_rollouts(batch, model, reference, None, 1.0, 16).sequence_kl()
-
-
-def load_reference(path: str | Path, device: torch.device) -> torch.nn.Module:
-    reference, _ = load_model(path, device=device)
-    return reference.requires_grad_(False).eval()
 
 
 def _parsed(text: str) -> str | None:

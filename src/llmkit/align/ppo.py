@@ -48,10 +48,11 @@ from llmkit.align.policy_gradient import (
     masked_whiten,
 )
 from llmkit.align.rl_source import Algorithm, RolloutConfig, Total, UpdateConfig, steps_per_iteration
-from llmkit.align.rl_stage import RLStageConfig, RLTrainConfig, check_rl_config, run_policy_stage
+from llmkit.align.rl_stage import RLStageConfig, check_rl_config, rl_training, run_policy_stage
 from llmkit.align.rollout import RolloutBatch
 from llmkit.config import check
 from llmkit.tokenizer import Tokenizer
+from llmkit.train.config import TrainConfig
 
 __all__ = [
     "KLController",
@@ -63,11 +64,6 @@ __all__ = [
     "kl_penalised_rewards",
     "ppo",
 ]
-
-
-@dataclass
-class PPOTrainConfig(RLTrainConfig):
-    out: str = field(default="runs/ppo", metadata={"help": "run directory: checkpoints, metrics.csv, curves"})
 
 
 @dataclass
@@ -101,7 +97,7 @@ class PPOConfig:
     stage: RLStageConfig = field(default_factory=RLStageConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
-    train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
+    train: TrainConfig = field(default_factory=lambda: rl_training(out="runs/ppo"))
 
     def __post_init__(self) -> None:
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")

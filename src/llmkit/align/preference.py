@@ -32,11 +32,9 @@ permutation of the groups), as the loop's exact resume and ``torchrun`` split ne
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmkit.align.sft import BUILTIN_TASKS, dataset_source
+from llmkit.align.sft import dataset_source
 from llmkit.chat import Preference, Ranking, render_completion
 from llmkit.config import check
 from llmkit.errors import InputError
-from llmkit.figures import pyplot, save_figure
+from llmkit.tasks.registry import TASK_NAMES, embedded_task
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.config import TrainConfig
 from llmkit.train.objectives import IGNORE_INDEX
@@ -65,20 +63,6 @@ def comparison_pairs(count: int) -> list[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------------- data
-def builtin_preferences(name: str, count: int, seed: int, split: str) -> list[Preference]:
-    """The generated (correct, plausible wrong) pairs of an embedded task: ``count`` problems of
-    ``split`` for arithmetic (problems with no wrong variant give none), up to ``count`` tasks for functions."""
-    if name in ("arithmetic", "arithmetic_plain"):
-        from llmkit.tasks import arithmetic
-
-        problems = arithmetic.generate_problems(count, seed=seed, split=split)
-        return arithmetic.preference_pairs(problems, seed=seed, with_tools=name == "arithmetic")
-    from llmkit.tasks import functions
-
-    tasks = functions.function_tasks(split)
-    return functions.preference_pairs(random.Random(seed).sample(tasks, min(count, len(tasks))), seed=seed)
-
-
 def load_preference_datasets(
     entries: list[str], generated_pairs: int, val_fraction: float, seed: int
 ) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
@@ -90,12 +74,13 @@ def load_preference_datasets(
     for entry in entries:
         source, count = dataset_source(entry, generated_pairs)
         if count is not None:
-            train += builtin_preferences(source, count, seed, "train")
+            task = embedded_task(source)
+            train += task.preferences(count, seed, "train")
             if val_fraction:
-                validation += builtin_preferences(source, math.ceil(val_fraction * count), seed, "heldout")
+                validation += task.preferences(math.ceil(val_fraction * count), seed, "heldout")
             continue
         if not Path(source).is_file():
-            raise InputError(f"{source}: preference file not found (nor an embedded task: {', '.join(BUILTIN_TASKS)})")
+            raise InputError(f"{source}: preference file not found (nor an embedded task: {', '.join(TASK_NAMES)})")
         from llmkit.tasks.datasets import load_preferences
 
         rows = load_preferences(source)
@@ -322,47 +307,3 @@ def heldout_pair_scores(
         "heldout_chosen": round(float(chosen.mean()), 4),
         "heldout_rejected": round(float(rejected.mean()), 4),
     }
-
-
-def plot_metrics(
-    run_directory: Path,
-    columns: list[str],
-    title: str,
-    filename: str = "preference.png",
-    x_label: str = "step",
-    panel_rows: int = 1,
-    with_events: bool = False,
-    marked: tuple[str, ...] = (),
-) -> Path | None:
-    """``<run>/<filename>``: each of ``columns`` of metrics.csv that has values, against the step, one panel
-    each in ``panel_rows`` rows; the rows of events (evaluations before and after training) only
-    ``with_events``, and the ``marked`` columns (sparse ones, such as periodic evaluations) with markers."""
-    path = Path(run_directory) / "metrics.csv"
-    if not path.is_file():
-        return None
-    with open(path, newline="") as file:
-        rows = [row for row in csv.DictReader(file) if with_events or row.get("event", "") == ""]
-    columns = [column for column in columns if any(row.get(column) not in ("", None) for row in rows)]
-    if not columns:
-        return None
-    plt = pyplot()
-
-    panel_columns = -(-len(columns) // panel_rows)
-    figure, axes = plt.subplots(
-        panel_rows, panel_columns, figsize=(3.5 * panel_columns, 3.3 * panel_rows), squeeze=False
-    )
-    for axis in axes.flat[len(columns) :]:
-        axis.axis("off")
-    for axis, column in zip(axes.flat, columns):
-        points = [(int(row["step"]), float(row[column])) for row in rows if row.get(column) not in ("", None)]
-        axis.plot(
-            [step for step, _ in points],
-            [value for _, value in points],
-            marker="o" if column in marked else None,
-            markersize=3,
-        )
-        axis.set_title(column)
-        axis.set_xlabel(x_label)
-        axis.grid(alpha=0.3)
-    figure.suptitle(title)
-    return save_figure(figure, Path(run_directory) / filename)

@@ -43,17 +43,17 @@ from llmkit.align.preference import (
     build_preference_batches,
     check_preference_config,
     heldout_pair_scores,
-    plot_metrics,
     with_epochs,
 )
-from llmkit.align.sft import BUILTIN_TASKS, load_base
 from llmkit.chat import render_completion
 from llmkit.config import check
 from llmkit.errors import InputError
+from llmkit.figures import plot_metrics
 from llmkit.io import atomic_directory
-from llmkit.model.checkpoint import load_model, read_config, resolve_checkpoint, write_model
+from llmkit.model.checkpoint import load_checkpoint, write_model
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
+from llmkit.tasks.registry import TASK_NAMES
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.checkpoint import MANIFEST, gather_state, write_manifest
 from llmkit.train.config import TrainConfig
@@ -203,24 +203,17 @@ def load_reward_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, batch_size: int = 16
 ) -> RewardScorer:
     """The reward model of a checkpoint written by :func:`train_reward`, with its tokenizer."""
-    checkpoint = resolve_checkpoint(path)
-    stage = read_config(checkpoint).get("stage")
-    if stage != "reward":
-        raise InputError(f"{checkpoint}: config.json has stage {stage!r}, not a reward model from `llmkit reward`")
-    model, _ = load_model(checkpoint, device, dtype, model_class=RewardModel)
-    return RewardScorer(model, Tokenizer.load(checkpoint), batch_size)
+    loaded = load_checkpoint(path, device, dtype, model_class=RewardModel, stage="reward")
+    return RewardScorer(loaded.model, loaded.tokenizer, batch_size)
 
 
 # -------------------------------------------------------------------------------- the stage
-@dataclass
-class RewardTrainConfig(TrainConfig):
-    """The training loop's settings with reward-model defaults (batch_size counts prompts)."""
-
-    out: str = field(default="runs/reward", metadata={"help": "run directory: checkpoints, metrics.csv, plots"})
-    batch_size: int = field(default=8, metadata={"help": "prompts (with all their compared responses) per micro-batch"})
-    lr: float = field(default=5e-5, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
-    eval_interval: int = field(default=50, metadata={"help": "validate every this many steps (0 = only at the end)"})
+def reward_training(**changes) -> TrainConfig:
+    """The training loop's settings with reward-model defaults (``changes`` override them); ``batch_size``
+    counts prompts, each with all its compared responses."""
+    return TrainConfig(
+        **{"out": "runs/reward", "batch_size": 8, "lr": 5e-5, "warmup_steps": 20, "eval_interval": 50, **changes}
+    )
 
 
 @dataclass
@@ -232,7 +225,7 @@ class RewardConfig:
         default_factory=lambda: ["arithmetic"],
         metadata={
             "help": f"preference files (prompt/chosen/rejected, chosen/rejected, prompt/responses ranked best "
-            f"first) and embedded tasks' generated pairs ({', '.join(BUILTIN_TASKS)}; name:N for N problems)"
+            f"first) and embedded tasks' generated pairs ({', '.join(TASK_NAMES)}; name:N for N problems)"
         },
     )
     generated_pairs: int = field(
@@ -258,7 +251,7 @@ class RewardConfig:
     normalize: bool = field(
         default=True, metadata={"help": "shift the rewards so the best responses of the training prompts average 0"}
     )
-    train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    train: TrainConfig = field(default_factory=reward_training)
 
     def __post_init__(self) -> None:
         check_preference_config(self)
@@ -299,7 +292,8 @@ def _rewrite_model(checkpoint: Path, state: dict, config: ModelConfig, metadata:
 def train_reward(config: RewardConfig) -> dict:
     """Train a reward model on ``config.datasets`` from ``config.base``; returns the run summary."""
     train = config.train
-    language_model, tokenizer, base = load_base(config.base)
+    loaded = load_checkpoint(config.base)
+    language_model, tokenizer, base = loaded.model, loaded.tokenizer, loaded.path
     batches, val_batches, counts = build_preference_batches(
         config.datasets,
         config.generated_pairs,

@@ -39,12 +39,10 @@ from typing import Callable
 
 from llmkit.align.reward import load_reward_model
 from llmkit.align.rollout import Rollout
-from llmkit.config import check
 from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.tasks import arithmetic, functions
+from llmkit.tasks.registry import embedded_task
 from llmkit.tokenizer import Tokenizer
-
-TASKS = ("arithmetic", "arithmetic_plain", "functions")
 
 
 def _question(messages: list[dict]) -> str:
@@ -186,26 +184,21 @@ class RLTask:
     make_reward: Callable[[float], Reward]  # format_bonus -> the verifiable training reward
 
 
+VERIFIERS: dict[type, type[Reward]] = {arithmetic.Problem: ArithmeticReward, functions.FunctionTask: FunctionTaskReward}
+
+
 def load_task(name: str, train_count: int, heldout_count: int, seed: int) -> RLTask:
     """``train_count`` training prompts and ``heldout_count`` held-out ones of an embedded task
-    (``functions`` has a fixed number of tasks and gives at most that many)."""
-    check(name in TASKS, "task", name, f"choose one of {', '.join(TASKS)}")
-    if name == "functions":
-        train, heldout = (
-            functions.function_tasks("train")[:train_count],
-            functions.function_tasks("heldout")[:heldout_count],
-        )
-        prompt_of, reward_class = functions.prompt_messages, FunctionTaskReward
-    else:
-        train = arithmetic.generate_problems(train_count, seed=seed, split="train")
-        heldout = arithmetic.generate_problems(heldout_count, seed=seed, split="heldout")
-        prompt_of = functools.partial(arithmetic.prompt_messages, with_tools=name == "arithmetic")
-        reward_class = ArithmeticReward
+    (``functions`` has a fixed number of tasks and gives at most that many), with the exact checker of
+    its items."""
+    task = embedded_task(name)
+    train, heldout = task.items(train_count, seed, "train"), task.items(heldout_count, seed, "heldout")
     items = train + heldout
+    verifier = VERIFIERS[type(items[0])]
     return RLTask(
         name,
-        [prompt_of(item) for item in train],
-        [prompt_of(item) for item in heldout],
-        reward_class(items, 0.0),
-        functools.partial(reward_class, items),
+        [task.prompt(item) for item in train],
+        [task.prompt(item) for item in heldout],
+        verifier(items, 0.0),
+        functools.partial(verifier, items),
     )

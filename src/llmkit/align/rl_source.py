@@ -62,13 +62,15 @@ from llmkit.align.policy_gradient import (
     masked_mean,
 )
 from llmkit.align.rewards import Reward
-from llmkit.align.rollout import Prompt, Rollout, RolloutBatch, build_batch, generate_rollouts, score_rollouts, toolbox
+from llmkit.align.rollout import Prompt, Rollout, RolloutBatch, build_batch, generate_rollouts, score_rollouts
 from llmkit.config import check
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
+from llmkit.infer.tools import ToolSelection, select_tools
+from llmkit.model.checkpoint import DTYPES
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.distributed import World
-from llmkit.train.trainer import DTYPES, TrainingHooks
+from llmkit.train.trainer import TrainingHooks
 
 Total = Callable[[torch.Tensor], torch.Tensor]  # a sum over the processes
 
@@ -82,7 +84,7 @@ class RolloutConfig:
     temperature: float = field(
         default=1.0, metadata={"help": "sampling temperature of the rollouts (the loss uses the same)"}
     )
-    tools: Literal["calculator", "default", "none"] = field(
+    tools: ToolSelection = field(
         default="calculator",
         metadata={
             "help": "tools the engine runs during rollouts and evaluation: the calculator, calculator + Python "
@@ -293,7 +295,7 @@ class RolloutSource(TrainingHooks):
         self.generation = GenerationConfig(
             max_new_tokens=self.rollout.max_new_tokens, temperature=self.rollout.temperature
         )
-        self.tools, self.dtype = toolbox(self.rollout.tools), DTYPES[config.train.dtype]
+        self.tools, self.dtype = select_tools(self.rollout.tools), DTYPES[config.train.dtype]
         self.missing_end_penalty = config.stage.missing_end_penalty
         self.engine: Engine | None = None  # made on first use, on the device the Trainer moved the policy to
         self.iteration: int | None = None  # the iteration whose shards are in memory

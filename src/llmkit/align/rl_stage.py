@@ -6,8 +6,8 @@ reward, and train with the one :class:`~llmkit.train.trainer.Trainer` on a
 (stage ``ppo``/``grpo``) are the policy alone, which every later stage, the engine and the exporters
 load as is; PPO's value head is ``extra_weights.safetensors``; ``trainer_state.json`` holds the source's
 state (PPO's KL coefficient, the evaluation before training, the tokens generated). Checkpoints,
-evaluations and stops (SIGINT, SIGTERM, ``max_time``) fall between iterations, so ``--resume``
-continues exactly: the policy and value head from the run, the reference from ``--policy``, and the
+evaluations and stops (SIGINT, SIGTERM, ``max_time``) fall between iterations, so ``--train.resume``
+continues exactly: the policy and value head from the run, the reference from ``--stage.policy``, and the
 next iteration samples the prompts and seeds an uninterrupted run would have.
 
 **Evaluation** (the Trainer's evaluation hook, before training, every ``eval_interval`` steps and at
@@ -26,30 +26,27 @@ from typing import Callable, Literal
 import torch
 
 from llmkit.align.policy_gradient import PolicyModel, value_head
-from llmkit.align.preference import plot_metrics
-from llmkit.align.rewards import TASKS, ModelReward, Reward, load_task
+from llmkit.align.rewards import ModelReward, Reward, load_task
 from llmkit.align.rl_source import Algorithm, RolloutSource, Total
 from llmkit.align.rollout import (
     Prompt,
     Rollout,
-    build_batch,
     chat_prompt,
     completion_tokens,
-    generate_rollouts,
-    score_rollouts,
-    toolbox,
 )
-from llmkit.align.sft import load_base
 from llmkit.config import check
 from llmkit.errors import InputError
+from llmkit.figures import plot_metrics
 from llmkit.infer.completion import Tools
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
-from llmkit.model.checkpoint import load_model
+from llmkit.infer.tools import select_tools
+from llmkit.model.checkpoint import load_checkpoint, load_model
+from llmkit.tasks.registry import embedded_task
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.config import TrainConfig
 from llmkit.train.distributed import World
-from llmkit.train.trainer import Trainer, process_device, resolve_device
+from llmkit.train.trainer import Trainer, process_device
 
 CURVES = ("reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "response_length", "accuracy")
 
@@ -79,64 +76,34 @@ class RLStageConfig:
     eval_problems: int = field(default=200, metadata={"help": "held-out prompts for the greedy before/after accuracy"})
 
     def __post_init__(self) -> None:
-        check(self.task in TASKS, "task", self.task, f"choose one of {', '.join(TASKS)}")
+        embedded_task(self.task)
         check(self.missing_end_penalty >= 0, "missing_end_penalty", self.missing_end_penalty, "must be >= 0")
         for name in ("train_problems", "eval_problems"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
 
 
-@dataclass
-class RLTrainConfig(TrainConfig):
-    """The training loop's settings with RL defaults: one row per step, constant small learning rate,
-    float32 (probability ratios need the precision), checkpoints and evaluations between iterations."""
-
-    out: str = field(default="runs/rl", metadata={"help": "run directory: checkpoints, metrics.csv, curves"})
-    batch_size: int = field(
-        default=1, metadata={"help": "not for PPO and GRPO (refused unless 1): a step takes --minibatch-size sequences"}
-    )
-    lr: float = field(
-        default=1e-5,
-        metadata={
-            "help": "peak AdamW learning rate (RLHF's range for models of hundreds of millions of "
-            "parameters and more; tiny models need more)"
-        },
-    )
-    schedule: Literal["cosine", "wsd", "constant"] = field(
-        default="constant", metadata={"help": "learning-rate schedule after warmup"}
-    )
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32",
-        metadata={
-            "help": "autocast dtype of the training and scoring passes (float32 or bfloat16: probability ratios "
-            "need the range)"
-        },
-    )
-    eval_interval: int = field(
-        default=0,
-        metadata={
-            "help": "held-out greedy evaluation every this many steps, a multiple of an iteration's (0 = before and "
-            "after only)"
-        },
-    )
-    log_interval: int = field(default=1, metadata={"help": "write a metrics row every this many steps"})
-    checkpoint_interval: int = field(
-        default=240,
-        metadata={
-            "help": "checkpoint every this many steps, a multiple of an iteration's (and at the end; 240 is one of "
-            "most iterations' step counts)"
-        },
-    )
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
-    seed: int = field(default=0, metadata={"help": "seed of prompt order, sampling and minibatches"})
-    spike_ratio: float = field(
-        default=10.0,
-        metadata={
-            "help": "a gradient norm above this times its running mean is a spike (RL's gradient norms vary more "
-            "than losses do)"
-        },
-    )
+def rl_training(**changes) -> TrainConfig:
+    """The training loop's settings with PPO's and GRPO's defaults (``changes`` override them): one row a
+    micro-batch (a step takes ``update.minibatch_size`` sequences), a constant small learning rate without
+    weight decay, float32 (probability ratios need the precision), a metrics row every step, checkpoints
+    and evaluations between iterations (240 steps is a multiple of most iterations' step counts), and a
+    looser spike guard (RL's gradient norms vary more than losses do)."""
+    defaults = {
+        "out": "runs/rl",
+        "batch_size": 1,
+        "lr": 1e-5,
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "dtype": "float32",
+        "eval_interval": 0,
+        "log_interval": 1,
+        "checkpoint_interval": 240,
+        "keep_last": 2,
+        "seed": 0,
+        "spike_ratio": 10.0,
+    }
+    return TrainConfig(**{**defaults, **changes})
 
 
 def check_rl_config(config) -> None:
@@ -147,34 +114,42 @@ def check_rl_config(config) -> None:
         near = max(value // steps, 1) * steps
         check(
             value % steps == 0,
-            name,
+            f"train.{name}",
             value,
             f"must be a multiple of the {steps} optimizer steps of an iteration "
             f"(epochs x minibatches) to fall between iterations, e.g. {near} or {near + steps}",
         )
     check(
         train.batch_size == 1,
-        "batch_size",
+        "train.batch_size",
         train.batch_size,
-        "PPO and GRPO take --minibatch-size sequences per optimizer step, split into grad_accum x processes "
+        "PPO and GRPO take --update.minibatch-size sequences per optimizer step, split into grad_accum x processes "
         "micro-batches",
     )
-    check(train.dtype != "float16", "dtype", train.dtype, "use float32 or bfloat16: probability ratios need the range")
-    check(train.optimizer == "adamw", "optimizer", train.optimizer, "PPO and GRPO fine-tune with AdamW")
+    check(
+        train.dtype != "float16",
+        "train.dtype",
+        train.dtype,
+        "use float32 or bfloat16: probability ratios need the range",
+    )
+    check(train.optimizer == "adamw", "train.optimizer", train.optimizer, "PPO and GRPO fine-tune with AdamW")
     check(
         train.parallelism == "ddp",
-        "parallelism",
+        "train.parallelism",
         train.parallelism,
         "every process samples through the whole policy, which FSDP shards; use ddp",
     )
     check(
         train.batch_warmup_tokens is None,
-        "batch_warmup_tokens",
+        "train.batch_warmup_tokens",
         train.batch_warmup_tokens,
         "RL minibatches do not ramp",
     )
     check(
-        train.target_val_bpb is None, "target_val_bpb", train.target_val_bpb, "RL evaluates accuracy, not bits per byte"
+        train.target_val_bpb is None,
+        "train.target_val_bpb",
+        train.target_val_bpb,
+        "RL evaluates accuracy, not bits per byte",
     )
 
 
@@ -241,38 +216,6 @@ def fitting_prompts(
     return fitting
 
 
-def evaluate_checkpoint(
-    path: str,
-    reference: str | None = None,
-    task: str = "arithmetic",
-    eval_problems: int = 200,
-    max_new_tokens: int = 160,
-    tools: str = "calculator",
-    seed: int = 0,
-    device: str = "auto",
-) -> dict[str, float]:
-    """A post-training table row for any checkpoint (SFT, PPO, GRPO, DPO): greedy accuracy and verifiable
-    reward on the task's held-out prompts, as the RL stages measure them, and with a ``reference``
-    checkpoint the KL(policy || reference) of one sampled completion per prompt (nats per completion)."""
-    device = resolve_device(device)
-    model, tokenizer, _ = load_base(path)
-    model.to(device)
-    rl_task = load_task(task, 1, eval_problems, seed)
-    prompts = fitting_prompts(
-        tokenizer, rl_task.heldout, model.config.context_length, max_new_tokens, f"{task} held-out prompts"
-    )
-    engine, runner = Engine(model, tokenizer, max_batch_size=64), toolbox(tools)
-    result = evaluate(engine, prompts, rl_task.checker, rl_task.checker, max_new_tokens, runner)
-    if reference is not None:
-        reference_model, _ = load_model(reference, device=device)
-        rollouts = generate_rollouts(
-            engine, prompts, 1, GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0), runner, seed, 0
-        )
-        batch = build_batch(rollouts, [0.0] * len(rollouts), tokenizer.pad_id).to(device)
-        result["kl"] = score_rollouts(batch, model, reference_model, None, 1.0, 16).sequence_kl()
-    return result
-
-
 # ------------------------------------------------------------------------------- the stage
 def _rollout_rows(out: Path) -> list[dict]:
     """The training rows of the run's metrics.csv (the rollout metrics of every step)."""
@@ -284,7 +227,8 @@ def run_policy_stage(stage: str, config, make_algorithm: Callable[[Tokenizer, in
     """Train ``config.stage.policy`` with the algorithm ``make_algorithm(tokenizer, context_length)`` builds;
     returns the summary."""
     setup, rollout, train = config.stage, config.rollout, config.train
-    policy, tokenizer, base = load_base(setup.policy)
+    loaded = load_checkpoint(setup.policy)
+    policy, tokenizer, base = loaded.model, loaded.tokenizer, loaded.path
     reference, _ = load_model(base)  # resuming continues the run's policy; the reference is always the starting one
     device, world = process_device(train.device)
     task = load_task(setup.task, setup.train_problems, setup.eval_problems, train.seed)
@@ -302,7 +246,9 @@ def run_policy_stage(stage: str, config, make_algorithm: Callable[[Tokenizer, in
     )
     algorithm = make_algorithm(tokenizer, context)
     model = PolicyModel(policy, value_head(policy.config) if algorithm.critic else None, rollout.temperature).eval()
-    evaluation = HeldOutEvaluation(eval_prompts, task.checker, reward, rollout.max_new_tokens, toolbox(rollout.tools))
+    evaluation = HeldOutEvaluation(
+        eval_prompts, task.checker, reward, rollout.max_new_tokens, select_tools(rollout.tools)
+    )
     source = RolloutSource(model, reference, tokenizer, algorithm, reward, train_prompts, evaluation, world)
     metadata = {
         "stage": stage,

@@ -45,7 +45,6 @@ from llmkit.chat import render_ids
 from llmkit.infer.completion import Completion, Tools
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
-from llmkit.infer.tools import ToolBox, calculator_tool, default_toolbox
 from llmkit.tokenizer import Tokenizer
 
 FINISHED = ("stop", "tool_calls")  # the policy sampled an end token (a turn's end, or a call's close)
@@ -91,13 +90,6 @@ def completion_tokens(completion: Completion, end_id: int) -> tuple[list[int], l
     if completion.finish_reason not in FINISHED:
         return list(completion.token_ids), list(completion.injected)
     return [*completion.token_ids, end_id], [*completion.injected, False]
-
-
-def toolbox(name: str) -> Tools | None:
-    """The tools of ``--tools``: the calculator, the calculator and the Python sandbox, or none."""
-    return {"calculator": lambda: ToolBox([calculator_tool()]), "default": default_toolbox, "none": lambda: None}[
-        name
-    ]()
 
 
 def request_seeds(seed: int, iteration: int, count: int, first: int = 0) -> list[int]:

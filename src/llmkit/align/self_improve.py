@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from llmkit.config import check
 from llmkit.errors import InputError
-from llmkit.infer.engine import Engine
+from llmkit.infer.engine import Engine, EngineConfig
 from llmkit.infer.prompting import (
     PromptBuilder,
     PromptConfig,
@@ -54,7 +54,7 @@ def write_self_improvement(path: str | Path, rows: list[dict]) -> None:
 class SelfImproveConfig:
     """``llmkit self-improve``: voted chain-of-thought paths on unlabeled questions, as an SFT dataset."""
 
-    checkpoint: str = field(default="runs/base", metadata={"help": "run directory or checkpoint folder"})
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(checkpoint="runs/base"))
     questions: str = field(
         default="", metadata={"help": "JSONL of unlabeled questions (field 'question'; other fields are ignored)"}
     )
@@ -70,7 +70,6 @@ class SelfImproveConfig:
         default=0.5,
         metadata={"help": "keep a question only when its majority answer has at least this share of the paths"},
     )
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     # Zero-shot CoT by default: it needs no demonstrations, and self-improvement needs reasoning paths.
     prompt: PromptConfig = field(default_factory=lambda: PromptConfig(chain_of_thought="zero_shot"))
     consistency: SelfConsistencyConfig = field(default_factory=SelfConsistencyConfig)
@@ -80,9 +79,10 @@ class SelfImproveConfig:
         check(0 < self.min_vote_share <= 1, "min_vote_share", self.min_vote_share, "must be in (0, 1]")
         check(
             self.prompt.chain_of_thought != "none",
-            "chain_of_thought",
+            "prompt.chain_of_thought",
             self.prompt.chain_of_thought,
-            "self-improvement trains on reasoning paths: use few_shot (with --demonstrations and --shots) or zero_shot",
+            "self-improvement trains on reasoning paths: use few_shot (with --demonstrations and --prompt.shots) or "
+            "zero_shot",
         )
 
 
@@ -94,7 +94,7 @@ def run_self_improvement(config: SelfImproveConfig) -> dict:
             raise InputError(f"{config.questions}:{line_number}: expected a string field 'question'")
         questions.append(record["question"])
     pool = load_examples(config.demonstrations) if config.demonstrations else []
-    engine = Engine.from_checkpoint(config.checkpoint, device=config.device)
+    engine = Engine.from_config(config.engine)
     embed = hidden_state_embedder(engine.model, engine.tokenizer) if config.prompt.selection == "embedding" else None
     builder = PromptBuilder(config.prompt, pool, embed)
     rows = self_improvement_dataset(engine, builder, questions, config.consistency, config.min_vote_share)

@@ -10,7 +10,7 @@ several conversations to a row, the loss on the assistant's tokens only
 
 Training is the one :class:`~llmkit.train.trainer.Trainer` with :func:`sft_loss`: schedules, mixed
 precision, checkpoints, exact resume, metrics.csv and loss curves are the pretraining run's. With
-``--rank R`` the base is frozen and LoRA adapters are trained (:mod:`llmkit.model.lora`); the run's
+``--lora.rank R`` the base is frozen and LoRA adapters are trained (:mod:`llmkit.model.lora`); the run's
 checkpoints then hold base weights and adapters (``<module>.lora_A``/``lora_B``), which resume needs.
 When a LoRA run completes it writes the adapters alone to ``<out>/adapters`` and, with ``merge`` (the
 default), rewrites its final checkpoint with the adapters merged into the weights: the run directory
@@ -20,7 +20,6 @@ is then a plain checkpoint that every later stage, the engine and the exporters 
 from __future__ import annotations
 
 import dataclasses
-import random
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +32,12 @@ from torch import nn
 from llmkit.align.conversation_batches import ConversationBatches, tokenize_conversations
 from llmkit.chat import Conversation
 from llmkit.config import check
-from llmkit.errors import ConfigError, InputError, MismatchError
+from llmkit.errors import ConfigError, InputError
 from llmkit.io import atomic_directory, atomic_write_json, read_json
-from llmkit.model.checkpoint import LATEST, load_model, read_config, resolve_checkpoint, write_model
+from llmkit.model.checkpoint import LATEST, load_checkpoint, load_model, read_config, resolve_checkpoint, write_model
 from llmkit.model.lora import LoRAConfig, apply_lora, merge_lora, save_adapters
 from llmkit.model.transformer import Transformer
+from llmkit.tasks.registry import TASK_NAMES, embedded_task
 from llmkit.token_data import check_tokenizer
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import distributed
@@ -49,35 +49,22 @@ from llmkit.train.trainer import Trainer
 __all__ = [
     "ConversationBatches",
     "SFTConfig",
-    "SFTTrainConfig",
     "dataset_source",
-    "load_base",
     "load_datasets",
     "sft",
     "sft_loss",
+    "sft_training",
 ]
 
-BUILTIN_TASKS = ("arithmetic", "arithmetic_plain", "functions")
 ADAPTERS_DIRECTORY = "adapters"
 
 
-@dataclass
-class SFTTrainConfig(TrainConfig):
-    """The training loop's settings with fine-tuning defaults."""
-
-    out: str = field(default="runs/sft", metadata={"help": "run directory: checkpoints, metrics.csv, plots, adapters"})
-    lr: float = field(
-        default=1e-4,
-        metadata={"help": "peak learning rate (LoRA usually takes a few times more than full fine-tuning)"},
-    )
-    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
-    eval_interval: int = field(default=50, metadata={"help": "validate every this many steps (0 = only at the end)"})
-    spike_ratio: float = field(
-        default=4.0,
-        metadata={
-            "help": "a loss above this times its running mean is a spike (batches of conversations differ more than "
-            "text windows)"
-        },
+def sft_training(**changes) -> TrainConfig:
+    """The training loop's settings with fine-tuning defaults (``changes`` override them): a smaller peak
+    learning rate and warmup than pretraining, and a looser spike guard (batches of conversations differ
+    more than windows of text do)."""
+    return TrainConfig(
+        **{"out": "runs/sft", "lr": 1e-4, "warmup_steps": 20, "eval_interval": 50, "spike_ratio": 4.0, **changes}
     )
 
 
@@ -90,7 +77,7 @@ class SFTConfig:
         default_factory=lambda: ["arithmetic"],
         metadata={
             "help": f"dataset files (messages, prompt/completion, Alpaca, ShareGPT, seed tasks) and embedded tasks "
-            f"({', '.join(BUILTIN_TASKS)}; name:N for N conversations)"
+            f"({', '.join(TASK_NAMES)}; name:N for N conversations)"
         },
     )
     generated_examples: int = field(
@@ -136,7 +123,7 @@ class SFTConfig:
         },
     )
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    train: TrainConfig = field(default_factory=sft_training)
 
     def __post_init__(self) -> None:
         check(len(self.datasets) > 0, "datasets", self.datasets, "name at least one dataset file or embedded task")
@@ -195,7 +182,7 @@ def dataset_source(entry: str, default_count: int) -> tuple[str, int | None]:
     """``(embedded task, count)`` for ``name`` or ``name:N``; ``(path, None)`` for a file. Every stage
     that reads datasets (SFT, reward model, DPO) names them so."""
     name, _, count = entry.partition(":")
-    if name not in BUILTIN_TASKS:
+    if name not in TASK_NAMES:
         return entry, None
     if not count:
         return name, default_count
@@ -208,23 +195,6 @@ def dataset_source(entry: str, default_count: int) -> tuple[str, int | None]:
     return name, int(count)
 
 
-def builtin_conversations(name: str, count: int, seed: int) -> list[Conversation]:
-    """``count`` training conversations of an embedded task (all of ``functions`` when it has fewer)."""
-    if name in ("arithmetic", "arithmetic_plain"):
-        from llmkit.tasks import arithmetic
-
-        problems = arithmetic.generate_problems(count, seed=seed, split="train")
-        return [
-            Conversation(arithmetic.to_conversation(problem, with_tools=name == "arithmetic").messages, name)
-            for problem in problems
-        ]
-    from llmkit.tasks import functions
-
-    tasks = functions.function_tasks("train")
-    chosen = random.Random(seed).sample(tasks, min(count, len(tasks)))
-    return [Conversation(functions.to_conversation(task).messages, name) for task in chosen]
-
-
 def load_datasets(entries: list[str], default_count: int, seed: int) -> list[Conversation]:
     """Every conversation of the datasets, each labelled with its task."""
     from llmkit.tasks.datasets import load_conversations
@@ -233,10 +203,10 @@ def load_datasets(entries: list[str], default_count: int, seed: int) -> list[Con
     for entry in entries:
         source, count = dataset_source(entry, default_count)
         if count is not None:
-            conversations += builtin_conversations(source, count, seed)
+            conversations += embedded_task(source).conversations(count, seed)
             continue
         if not Path(source).is_file():
-            raise InputError(f"{source}: dataset file not found (nor an embedded task: {', '.join(BUILTIN_TASKS)})")
+            raise InputError(f"{source}: dataset file not found (nor an embedded task: {', '.join(TASK_NAMES)})")
         label = Path(source).name.split(".")[0]
         conversations += [Conversation(item.messages, item.task or label) for item in load_conversations(source)]
     return conversations
@@ -278,25 +248,6 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
 
 # ------------------------------------------------------------------------------ the stage
-def load_base(path: str | Path) -> tuple[nn.Module, Tokenizer, Path]:
-    """The model, tokenizer and resolved checkpoint folder a stage starts from, refused when the
-    tokenizer is not the one the model was trained with or has more tokens than the model embeds."""
-    checkpoint = resolve_checkpoint(path)
-    model, config = load_model(checkpoint)
-    tokenizer = Tokenizer.load(checkpoint)
-    expected = config.get("tokenizer_sha256")
-    if expected and expected != tokenizer.sha256:
-        raise MismatchError(
-            f"{checkpoint}: tokenizer.json (sha256 {tokenizer.sha256[:12]}) is not the one the model was trained with"
-        )
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise MismatchError(
-            f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.config.vocab_size}"
-        )
-    return model, tokenizer, checkpoint
-
-
 def _check_resume(config: SFTConfig) -> None:
     """A resumed run must use the adapters it was started with and must not have merged them yet."""
     out = Path(config.train.out)
@@ -355,7 +306,8 @@ def sft(config: SFTConfig) -> dict:
     """Fine-tune ``config.base`` on the conversations of ``config.datasets``; returns the run summary."""
     train = config.train
     _check_resume(config)
-    model, tokenizer, base = load_base(config.base)
+    loaded = load_checkpoint(config.base)
+    model, tokenizer, base = loaded.model, loaded.tokenizer, loaded.path
     context_length = min(config.sequence_length or model.config.context_length, model.config.context_length)
     conversations = load_datasets(config.datasets, config.generated_examples, train.seed)
     train_conversations, val_conversations = split_validation(conversations, config.val_fraction, train.seed)

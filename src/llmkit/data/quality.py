@@ -90,9 +90,9 @@ class PerplexityScorer:
     """Bits per byte of each document's first ``max_tokens`` tokens under a checkpoint."""
 
     def __init__(self, config: PerplexityConfig):
-        from llmkit.infer.engine import Engine
+        from llmkit.infer.engine import Engine, EngineConfig
 
-        engine = Engine.from_checkpoint(config.checkpoint, device=config.device)
+        engine = Engine.from_config(EngineConfig(checkpoint=config.checkpoint, device=config.device))
         self.model, self.tokenizer, self.config = engine.model, engine.tokenizer, config
         # The document token opens every sequence, as documents follow it in the training shards.
         self.max_tokens = min(config.max_tokens, self.model.config.context_length - 1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -33,10 +34,9 @@ from llmkit.eval.generation import EvaluationGenerator, seeded
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.answers import canonical_number, majority_vote
 from llmkit.infer.prompting import Example, PromptBuilder, PromptConfig, reason
-from llmkit.infer.tools import ToolBox, calculator_tool, default_toolbox, format_tool_call, render_tool_exchange
+from llmkit.infer.tools import ToolSelection, format_tool_call, render_tool_exchange, select_tools
 from llmkit.io import iter_jsonl
 
-TOOLS = ("none", "calculator", "all")
 ANSWER_MAX_NEW_TOKENS = 32  # zero-shot CoT's answer step: the answer and a few words around it
 # GSM8K's calculator annotation: <<expression=result>>.
 _ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
@@ -83,13 +83,6 @@ def demonstrations(examples: list[GenerativeExample], calculator: bool) -> list[
     return [Example(example.question, example.target, rationale(example.solution, calculator)) for example in examples]
 
 
-def toolbox(tools: str) -> ToolBox | None:
-    """``none`` -> no tools, ``calculator`` -> the calculator alone, ``all`` -> the default toolbox."""
-    if tools == "none":
-        return None
-    return ToolBox([calculator_tool()]) if tools == "calculator" else default_toolbox()
-
-
 @dataclass
 class GenerativeConfig:
     num_fewshot: int = field(default=0, metadata={"help": "demonstrations per prompt (drawn from the few-shot pool)"})
@@ -100,15 +93,16 @@ class GenerativeConfig:
     self_consistency: int = field(
         default=1, metadata={"help": "sampled reasoning paths per problem, majority vote (1 = one greedy path)"}
     )
-    tools: str = field(default="none", metadata={"help": f"tools during generation: {', '.join(TOOLS)}"})
+    tools: ToolSelection = field(default="none", metadata={"help": "tools during generation: none, calculator, all"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of self-consistency paths"})
     max_new_tokens: int = field(default=256, metadata={"help": "tokens per reply at most"})
     seed: int = field(default=0, metadata={"help": "seed of demonstration choice and sampling"})
 
     def __post_init__(self) -> None:
         check(self.num_fewshot >= 0, "num_fewshot", self.num_fewshot, "must be >= 0")
+        tools = typing.get_args(ToolSelection)
+        check(self.tools in tools, "tools", self.tools, f"must be one of {', '.join(tools)}")
         check(self.self_consistency >= 1, "self_consistency", self.self_consistency, "must be at least 1")
-        check(self.tools in TOOLS, "tools", self.tools, f"must be one of {', '.join(TOOLS)}")
         check(
             self.self_consistency == 1 or self.temperature > 0,
             "temperature",
@@ -159,7 +153,7 @@ def evaluate_generative(
         seed=config.seed,
         temperature=config.temperature if paths_per_problem > 1 else 0,
     )
-    generator = EvaluationGenerator(engine, toolbox(config.tools), batch_size, f"generative: {config.label()}")
+    generator = EvaluationGenerator(engine, select_tools(config.tools), batch_size, f"generative: {config.label()}")
     paths = reason(
         generator,
         builder,
@@ -200,7 +194,9 @@ def ablation_grid(config: GenerativeConfig) -> list[GenerativeConfig]:
     the number of paths are the ones ``config`` asks for (with k = 0 or one path that axis has one value),
     the tools are ``config.tools``, or the calculator when it names none."""
     shots = sorted({0, config.num_fewshot})
-    tools = sorted({"none", config.tools if config.tools != "none" else "calculator"}, key=TOOLS.index)
+    tools = sorted(
+        {"none", config.tools if config.tools != "none" else "calculator"}, key=typing.get_args(ToolSelection).index
+    )
     paths = sorted({1, config.self_consistency})
     return [
         replace(config, num_fewshot=k, chain_of_thought=cot, tools=tool, self_consistency=n)

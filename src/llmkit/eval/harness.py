@@ -47,8 +47,9 @@ from llmkit.config import check
 from llmkit.errors import InputError
 from llmkit.eval.loglikelihood import loglikelihoods, rolling_loglikelihoods
 from llmkit.infer import Engine, GenerationConfig
+from llmkit.infer.engine import EngineConfig
+from llmkit.model.checkpoint import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Settings lm-eval task configs may carry that GenerationConfig takes under its own names.
 _SET_FROM_REQUEST = {"until", "max_gen_toks", "do_sample"}
 
@@ -84,7 +85,7 @@ class LlmkitLM(LM):
                 device,
                 "CUDA is not available on this machine; pass device=cpu",
             )
-            engine = Engine.from_checkpoint(checkpoint, device=device, dtype=DTYPES.get(dtype))
+            engine = Engine.from_config(EngineConfig(checkpoint=checkpoint, device=device, dtype=dtype or "float32"))
         self.engine, self.model, self.tokenizer = engine, engine.model, engine.tokenizer
         self.checkpoint = checkpoint
         self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)

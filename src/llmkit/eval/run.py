@@ -28,9 +28,6 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import torch
 
 from llmkit.config import build, check
 from llmkit.data.decontam import set_name
@@ -40,7 +37,7 @@ from llmkit.eval.kinds import KINDS as TASK_KINDS
 from llmkit.eval.kinds import headline
 from llmkit.eval.report import log_scores, write_report
 from llmkit.infer import Engine
-from llmkit.infer.quantize import Quantization, quantize_field
+from llmkit.infer.engine import EngineConfig
 from llmkit.model.checkpoint import read_config, resolve_checkpoint
 from llmkit.token_data import MANIFEST_FILE
 from llmkit.tracking import parse_report_to
@@ -114,7 +111,7 @@ def parse_task(spec: str | dict) -> TaskSpec:
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = field(default="runs/base", metadata={"help": "run directory or checkpoint folder to evaluate"})
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(checkpoint="runs/base"))
     tasks: list[str | dict] = field(
         default_factory=list,
         metadata={
@@ -147,11 +144,6 @@ class EvalConfig:
     timeout_s: float = field(default=5.0, metadata={"help": "code: wall-clock seconds per test program"})
     seed: int = field(default=0, metadata={"help": "seed of demonstration choice and sampling"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass / generation batch"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32", metadata={"help": "weights' dtype for evaluation"}
-    )
-    quantize: Quantization = quantize_field()
     training_data: list[str] = field(
         default_factory=list,
         metadata={
@@ -224,7 +216,7 @@ def _training_sources(config: EvalConfig) -> tuple[list[str], str]:
         return [], "decontamination off"
     if config.training_data:
         return config.training_data, "training_data"
-    stage_config = read_config(resolve_checkpoint(config.checkpoint)).get("stage_config") or {}
+    stage_config = read_config(resolve_checkpoint(config.engine.checkpoint)).get("stage_config") or {}
     data = stage_config.get("data")
     if isinstance(data, str) and (Path(data) / MANIFEST_FILE).is_file():
         return [data], "the checkpoint's training data"
@@ -272,7 +264,7 @@ def checkpoint_step(path: str) -> int:
 
 
 def run_eval(config: EvalConfig) -> dict:
-    """Evaluate ``config.checkpoint`` on every task; write the results into ``config.out``; return a summary."""
+    """Evaluate ``config.engine.checkpoint`` on every task; write the results into ``config.out``; return a summary."""
     started = time.perf_counter()
     loaded = _load_tasks(config)
     sources, origin = _training_sources(config)
@@ -284,16 +276,14 @@ def run_eval(config: EvalConfig) -> dict:
         }
         contamination = check_contamination(evaluation_sets, sources, ngram=config.ngram)
 
-    engine = Engine.from_checkpoint(
-        config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype), quantize=config.quantize
-    )
+    engine = Engine.from_config(config.engine)
     tasks, samples = {}, {}
     for name, (spec, settings, examples) in loaded.items():
         tasks[name], samples[name] = _evaluate_task(engine, spec, settings, examples, contamination.get(name))
     summary = {
-        "checkpoint": config.checkpoint,
-        "device": config.device,
-        "dtype": config.dtype,
+        "checkpoint": config.engine.checkpoint,
+        "device": config.engine.device,
+        "dtype": config.engine.dtype,
         "seconds": time.perf_counter() - started,
         "decontamination": {
             "checked": bool(sources),
@@ -305,7 +295,7 @@ def run_eval(config: EvalConfig) -> dict:
         "config": dataclasses.asdict(config),
     }
     write_report(Path(config.out), summary, samples)
-    log_scores(config.report_to, Path(config.out), tasks, checkpoint_step(config.checkpoint))
+    log_scores(config.report_to, Path(config.out), tasks, checkpoint_step(config.engine.checkpoint))
     return {
         "out": config.out,
         "tasks": {name: headline(entry["kind"], entry["metrics"]) for name, entry in tasks.items()},

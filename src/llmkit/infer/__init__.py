@@ -2,8 +2,8 @@
 conditions, tool calls, log-probabilities, streaming."""
 
 from llmkit.infer.completion import Completion
-from llmkit.infer.engine import Engine
+from llmkit.infer.engine import Engine, EngineConfig
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.infer.scheduler import Event, Request, Scheduler
 
-__all__ = ["Completion", "Engine", "Event", "GenerationConfig", "Request", "Scheduler"]
+__all__ = ["Completion", "Engine", "EngineConfig", "Event", "GenerationConfig", "Request", "Scheduler"]

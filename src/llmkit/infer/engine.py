@@ -8,21 +8,49 @@ steps, and requests from several threads share them too once the scheduler runs 
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
 
 import torch
 
+from llmkit.config import check
 from llmkit.errors import MismatchError
 from llmkit.infer.completion import Completion, Tools
-from llmkit.infer.quantize import QUANTIZATIONS, Quantization, quantize as quantize_model
+from llmkit.infer.quantize import QUANTIZATIONS, Quantization, quantize_field
+from llmkit.infer.quantize import quantize as quantize_model
 from llmkit.infer.runner import ModelRunner
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.infer.scheduler import Request, Scheduler
-from llmkit.model.checkpoint import load_model, resolve_checkpoint
+from llmkit.model.checkpoint import DTYPES, load_checkpoint
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import Tokenizer
 
-__all__ = ["Completion", "Engine", "use_decoding_layout"]
+__all__ = ["Completion", "Engine", "EngineConfig", "use_decoding_layout"]
+
+
+@dataclass
+class EngineConfig:
+    """How a command that generates or scores loads its model: the ``engine`` section of generate, chat,
+    serve, eval and self-improve (``--engine.checkpoint``, ``--engine.quantize``, ...)."""
+
+    checkpoint: str = field(default="runs/sft", metadata={"help": "run directory or checkpoint folder"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype"})
+    quantize: Quantization = quantize_field()
+    max_batch_size: int = field(
+        default=16, metadata={"help": "requests decoding together (KV-cache slots); more wait for a slot"}
+    )
+    compile: bool = field(
+        default=False, metadata={"help": "the decoding step as one torch.compile graph (the first step compiles)"}
+    )
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads for the model's arithmetic (default: torch's choice; 1 on a busy shared machine)"},
+    )
+
+    def __post_init__(self) -> None:
+        check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be at least 1")
+        check(self.threads is None or self.threads >= 1, "threads", self.threads, "must be at least 1")
 
 
 def use_decoding_layout(model: Transformer) -> None:
@@ -58,16 +86,20 @@ class Engine:
         self.scheduler = Scheduler(self, max_batch_size)
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, quantize: Quantization = "none",
-                        compile: bool = False) -> "Engine":
-        """Model and tokenizer from a checkpoint; refuses a tokenizer other than the one it was trained with."""
-        model, config = load_model(path, device=device, dtype=dtype)
-        tokenizer = Tokenizer.load(resolve_checkpoint(path))
-        expected = config.get("tokenizer_sha256")
-        if expected and expected != tokenizer.sha256:
-            raise MismatchError(f"{path}: tokenizer.json (sha256 {tokenizer.sha256[:12]}) is not the one the model "
-                                f"was trained with (sha256 {expected[:12]})")
-        return cls(model, tokenizer, decoding_layout=True, quantize=quantize, compile=compile)
+    def from_config(cls, config: EngineConfig) -> "Engine":
+        """The engine of a checkpoint (loaded by :func:`llmkit.model.checkpoint.load_checkpoint`, which
+        refuses a tokenizer other than the one the model was trained with), laid out for decoding."""
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        loaded = load_checkpoint(config.checkpoint, device=config.device, dtype=DTYPES[config.dtype])
+        return cls(
+            loaded.model,
+            loaded.tokenizer,
+            decoding_layout=True,
+            max_batch_size=config.max_batch_size,
+            quantize=config.quantize,
+            compile=config.compile,
+        )
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt ids; an empty prompt starts a new document (unconditional generation)."""

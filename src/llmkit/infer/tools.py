@@ -36,9 +36,10 @@ from __future__ import annotations
 import json
 import re
 import threading
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from llmkit.config import check
 from llmkit.errors import ConfigError, InputError
@@ -409,3 +410,16 @@ def retrieval_tool(corpus: list[str] | str | Path, k: int = 3) -> Tool:
 def default_toolbox() -> ToolBox:
     """The calculator and the Python sandbox."""
     return ToolBox([calculator_tool(), python_tool()])
+
+
+ToolSelection = Literal["none", "calculator", "all"]  # the one spelling of every command's ``tools`` field
+
+
+def select_tools(selection: ToolSelection) -> ToolBox | None:
+    """The tools a ``tools`` field names: none, the calculator alone, or all (the calculator and the Python
+    sandbox)."""
+    if selection not in typing.get_args(ToolSelection):
+        raise ValueError(f"tools={selection!r}: must be one of {', '.join(typing.get_args(ToolSelection))}")
+    if selection == "none":
+        return None
+    return ToolBox([calculator_tool()]) if selection == "calculator" else default_toolbox()

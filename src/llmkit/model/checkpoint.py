@@ -21,7 +21,9 @@ from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.io import atomic_write_json, read_json
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
+from llmkit.tokenizer import Tokenizer
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LATEST = "latest"
 # What ``latest`` may hold: one folder directly inside checkpoints/, so a crafted pointer
 # ("../../..", an absolute path) cannot lead a resume or a server out of the run directory.
@@ -124,3 +126,40 @@ def load_model(
     model.reset_position_tables(device)
     model.to(device=device, dtype=dtype)
     return model.eval(), config
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    model: Transformer
+    tokenizer: Tokenizer
+    path: Path  # the checkpoint folder (a run directory resolved through its latest pointer)
+    config: dict  # its config.json
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    model_class: type[Transformer] = Transformer,
+    stage: str | None = None,
+) -> LoadedCheckpoint:
+    """The one loader every stage uses: a checkpoint's model (see :func:`load_model`) with the tokenizer it
+    was trained with. Refuses another tokenizer (its sha256 is in config.json), one with more tokens than
+    the model's vocabulary, and, when ``stage`` is given, a checkpoint another stage wrote."""
+    checkpoint = resolve_checkpoint(path)
+    if stage is not None and (written_by := read_config(checkpoint).get("stage")) != stage:
+        raise InputError(f"{checkpoint}: config.json has stage {written_by!r}, not {stage!r} (from `llmkit {stage}`)")
+    model, config = load_model(checkpoint, device, dtype, model_class)
+    tokenizer = Tokenizer.load(checkpoint)
+    expected = config.get("tokenizer_sha256")
+    if expected and expected != tokenizer.sha256:
+        raise MismatchError(
+            f"{checkpoint}: tokenizer.json (sha256 {tokenizer.sha256[:12]}) is not the one the model was trained "
+            f"with (sha256 {expected[:12]})"
+        )
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise MismatchError(
+            f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size}"
+        )
+    return LoadedCheckpoint(model, tokenizer, checkpoint, config)

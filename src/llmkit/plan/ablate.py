@@ -236,10 +236,11 @@ def variant_config(config: AblateConfig, variant: Variant, seed: int) -> Pretrai
         out=str(Path(config.out) / "runs" / variant.name / f"seed_{seed}"),
     )
     source = f"variant '{variant.name}'"
-    model = _naming(variant, "model", lambda: build(ModelOverrides, variant.model, source=source))
-    train = _naming(variant, "train", lambda: build(TrainConfig, {**shared, **variant.train}, source=source))
+    model = _naming(variant, "model.", lambda: build(ModelOverrides, variant.model, source=source))
+    train = _naming(variant, "train.", lambda: build(TrainConfig, {**shared, **variant.train}, source=source))
+    # PretrainConfig names the section of what it refuses itself (model.n_embd).
     return _naming(
-        variant, "model", lambda: PretrainConfig(data=config.data, preset=config.preset, model=model, train=train)
+        variant, "", lambda: PretrainConfig(data=config.data, preset=config.preset, model=model, train=train)
     )
 
 
@@ -247,7 +248,7 @@ def _naming(variant: Variant, section: str, make):
     try:
         return make()
     except ConfigError as error:
-        raise ConfigError(f"variants[{variant.name}].{section}.{error.field}", error.value, error.reason) from None
+        raise ConfigError(f"variants[{variant.name}].{section}{error.field}", error.value, error.reason) from None
 
 
 @dataclass

@@ -180,7 +180,7 @@ def create_app(engine_or_scheduler: Engine | Scheduler, config: ServeConfig) -> 
     runs (started and stopped by the app's lifespan)."""
     scheduler = _scheduler_of(engine_or_scheduler)
     context = scheduler.context_length
-    model_name = config.model_name or Path(config.checkpoint).resolve().name
+    model_name = config.model_name or Path(config.engine.checkpoint).resolve().name
     limits = Limits(
         max_messages=config.max_messages,
         max_tokens=config.max_tokens,

@@ -18,15 +18,14 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 from llmkit.chat import render_ids
 from llmkit.config import check
 from llmkit.infer.completion import Tools
-from llmkit.infer.engine import Engine
-from llmkit.infer.quantize import Quantization, quantize_field
+from llmkit.infer.engine import Engine, EngineConfig
 from llmkit.infer.sampling import GenerationConfig
-from llmkit.infer.tools import default_toolbox
+from llmkit.infer.tools import ToolSelection, select_tools
 from llmkit.io import atomic_write_text
 from llmkit.serve.turns import assistant_messages, turn_stop_strings
 
@@ -35,7 +34,6 @@ HELP = "/system TEXT  set the system prompt | /reset  forget the conversation | 
 
 @dataclass
 class ChatConfig:
-    checkpoint: str = field(default="runs/sft", metadata={"help": "run directory or checkpoint folder to chat with"})
     system: str = field(default="", metadata={"help": "system prompt"})
     max_new_tokens: int = field(default=512, metadata={"help": "longest answer in tokens"})
     temperature: float = field(default=0.7, metadata={"help": "softmax temperature; 0 = greedy"})
@@ -43,12 +41,11 @@ class ChatConfig:
     seed: int | None = field(
         default=None, metadata={"help": "random seed of every answer (the same conversation gets the same answer)"}
     )
-    tools: bool = field(
-        default=False, metadata={"help": "run the calculator and the Python sandbox when the model calls them"}
+    tools: ToolSelection = field(
+        default="none",
+        metadata={"help": "tools run when the model calls them: none, calculator, all (calculator + Python sandbox)"},
     )
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype"})
-    quantize: Quantization = quantize_field()
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(checkpoint="runs/sft", max_batch_size=1))
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be positive")
@@ -139,12 +136,8 @@ def repl(
 
 
 def run_chat(config: ChatConfig) -> None:
-    import torch
-
-    engine = Engine.from_checkpoint(
-        config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype), quantize=config.quantize
-    )
+    engine = Engine.from_config(config.engine)
     generation = GenerationConfig(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, seed=config.seed
     )
-    repl(ChatSession(engine, generation, config.system, default_toolbox() if config.tools else None))
+    repl(ChatSession(engine, generation, config.system, select_tools(config.tools)))

@@ -1,5 +1,5 @@
 """``llmkit serve``'s settings and entry point, apart from the app so that the command line (and
-``llmkit chat``) need no FastAPI: :class:`ServeConfig`, :func:`load_engine` and :func:`serve`.
+``llmkit chat``) need no FastAPI: :class:`ServeConfig`, :func:`check_exposure` and :func:`serve`.
 
 Without an API key the server is for this machine only: it refuses to listen on another address unless
 told to (``--allow-public-without-key``), and the app answers only requests addressed to a loopback
@@ -16,14 +16,12 @@ from typing import Literal
 
 from llmkit.config import check
 from llmkit.errors import ConfigError
-from llmkit.infer.engine import Engine
-from llmkit.infer.quantize import Quantization, quantize_field
-from llmkit.infer.scheduler import Scheduler
+from llmkit.infer.engine import Engine, EngineConfig
 
 
 @dataclass
 class ServeConfig:
-    checkpoint: str = field(default="runs/sft", metadata={"help": "run directory or checkpoint folder to serve"})
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(checkpoint="runs/sft", max_batch_size=64))
     host: str = field(
         default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 exposes the server to the network)"}
     )
@@ -52,18 +50,6 @@ class ServeConfig:
     max_stop_strings: int = field(default=16, metadata={"help": "most stop strings in one request"})
     max_stop_length: int = field(default=256, metadata={"help": "longest stop string, in characters"})
     max_body_bytes: int = field(default=2_000_000, metadata={"help": "largest request body; larger get 413"})
-    max_batch_size: int = field(
-        default=64, metadata={"help": "requests decoding together (KV-cache slots); more wait for a slot"}
-    )
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights' dtype"})
-    quantize: Quantization = quantize_field()
-    threads: int | None = field(
-        default=None,
-        metadata={
-            "help": "CPU threads for the model's arithmetic (default: torch's choice; 1 on a busy shared machine)"
-        },
-    )
     allow_public_without_key: bool = field(
         default=False,
         metadata={
@@ -85,7 +71,6 @@ class ServeConfig:
             "max_stop_strings",
             "max_stop_length",
             "max_body_bytes",
-            "max_batch_size",
         ):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
         check(
@@ -94,7 +79,6 @@ class ServeConfig:
             self.max_prompt_tokens,
             "must be positive",
         )
-        check(self.threads is None or self.threads > 0, "threads", self.threads, "must be positive")
 
 
 def is_loopback(host: str) -> bool:
@@ -122,19 +106,6 @@ def check_exposure(config: ServeConfig) -> None:
     )
 
 
-def load_engine(config: ServeConfig) -> Engine:
-    import torch
-
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    engine = Engine.from_checkpoint(
-        config.checkpoint, device=config.device, dtype=getattr(torch, config.dtype), quantize=config.quantize
-    )
-    if config.max_batch_size != engine.scheduler.max_batch_size:
-        engine.scheduler = Scheduler(engine, config.max_batch_size)  # nothing submitted yet: a fresh one is equivalent
-    return engine
-
-
 def serve(config: ServeConfig) -> None:
     """Load the checkpoint and serve it until interrupted (Ctrl-C)."""
     import uvicorn
@@ -144,7 +115,7 @@ def serve(config: ServeConfig) -> None:
     check_exposure(config)
     from llmkit.serve.app import create_app  # FastAPI only when serving: the rest of llmkit runs without it
 
-    app = create_app(load_engine(config), config)
+    app = create_app(Engine.from_config(config.engine), config)
     print(
         json.dumps(
             {

@@ -15,7 +15,7 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
     lr: float = field(
-        default=1e-3, metadata={"help": "peak learning rate (of the AdamW groups under --optimizer muon)"}
+        default=1e-3, metadata={"help": "peak learning rate (of the AdamW groups under --train.optimizer muon)"}
     )
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of the peak"})
     schedule: Literal["cosine", "wsd", "constant"] = field(
@@ -28,7 +28,7 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     optimizer: Literal["adamw", "muon"] = field(
         default="adamw",
-        metadata={"help": "adamw, or muon: Muon for hidden matrices, AdamW (--lr) for the rest (docs/train.md)"},
+        metadata={"help": "adamw, or muon: Muon for hidden matrices, AdamW (--train.lr) for the rest (docs/train.md)"},
     )
     muon_lr: float = field(default=0.02, metadata={"help": "Muon: peak learning rate of the hidden matrices"})
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon: Nesterov momentum"})
@@ -123,7 +123,7 @@ class TrainConfig:
             not (self.optimizer == "muon" and self.parallelism == "fsdp"),
             "optimizer",
             self.optimizer,
-            "Muon orthogonalises whole matrices, which FSDP shards; use --parallelism ddp or --optimizer adamw",
+            "Muon orthogonalises whole matrices, which FSDP shards; use --train.parallelism ddp or --train.optimizer adamw",
         )
         check(
             self.batch_warmup_tokens is None or self.batch_warmup_tokens > 0,

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmkit.errors import ConfigError, LlmkitError
-from llmkit.model.checkpoint import LATEST
+from llmkit.model.checkpoint import DTYPES, LATEST
 from llmkit.train import distributed
 from llmkit.train.checkpoint import (
     decode_rng,
@@ -40,7 +40,6 @@ from llmkit.train.optim import build_muon, build_optimizer, learning_rate
 from llmkit.train.parallel import clip_grad_norm
 
 LossFunction = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class BatchSource(Protocol):
@@ -269,9 +268,9 @@ class Trainer:
                 f"a step of {tokens:,} tokens needs about {need.total / gib:.1f} GiB beyond the weights "
                 f"(activations {need.activation_bytes / gib:.1f}, logits {need.logit_bytes / gib:.1f}, "
                 f"gradients and optimizer {need.optimizer_bytes / gib:.1f}), over {FREE_MEMORY_SHARE:.0%} of "
-                f"the {free / gib:.1f} GiB {self.device} has free: use --activation-checkpointing, a smaller "
-                f"--batch-size (with --grad-accum for the same batch) or a shorter --sequence-length "
-                f"(--memory-check false to try anyway)",
+                f"the {free / gib:.1f} GiB {self.device} has free: use --train.activation-checkpointing, a smaller "
+                f"--train.batch-size (with --train.grad-accum for the same batch) or a shorter --sequence-length "
+                f"(--train.memory-check false to try anyway)",
             )
 
     # ----------------------------------------------------------------- the loop
@@ -632,7 +631,7 @@ class Trainer:
         if not self.config.resume:
             if has_checkpoint:
                 raise ConfigError(
-                    "out", self.config.out, "already holds a run; pass --resume to continue it or choose another --out"
+                    "out", self.config.out, "already holds a run; pass --train.resume to continue it or choose another --train.out"
                 )
             return None
         if not has_checkpoint:
@@ -668,7 +667,7 @@ class Trainer:
         if self.rollbacks >= self.config.max_rollbacks or not (self.run_directory / LATEST).is_file():
             raise TrainingDiverged(
                 f"{self.run_directory}: loss spiked {self.guard.consecutive} times in a row at step "
-                f"{self.step} after {self.rollbacks} rollbacks; lower --lr or inspect the data"
+                f"{self.step} after {self.rollbacks} rollbacks; lower --train.lr or inspect the data"
             )
         kept = self.data_position, self.tokens_seen, self.skipped, self.rollbacks + 1
         self._load_checkpoint()
