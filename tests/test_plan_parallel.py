@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from llmkit.cli import main
+from llmkit.config import build
 from llmkit.errors import ConfigError
 from llmkit.model import preset
 from llmkit.plan.estimate import exact_parameters
@@ -18,6 +20,7 @@ from llmkit.plan.parallel import (
     preset_counts,
 )
 from llmkit.plan.published import PUBLISHED_RUNS, check_published
+from llmkit.pretrain import PretrainConfig
 
 GB = 1e9
 
@@ -113,7 +116,10 @@ def test_plan_ranks_fitting_layouts_fastest_first():
         assert layout["tp"] * layout["pp"] * layout["dp"] == 16
         assert layout["dp"] * layout["micro_batch"] * layout["micro_batches"] == 256
         assert entry["memory"]["per_gpu_bytes"] <= 0.9 * 80 * 2**30
-        assert f"tp: {layout['tp']}" in entry["yaml"] and "--nnodes=2 --nproc-per-node=8" in entry["torchrun"]
+        assert "--nnodes=2 --nproc-per-node=8" in entry["torchrun"]
+        pretrain = build(PretrainConfig, yaml.safe_load(entry["yaml"]))  # the YAML is a valid `llmkit pretrain`
+        assert (pretrain.train.tp, pretrain.train.pp) == (layout["tp"], layout["pp"])
+        assert pretrain.train.batch_size * pretrain.train.grad_accum * layout["dp"] == 256
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_RUNS))

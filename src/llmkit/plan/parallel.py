@@ -494,8 +494,11 @@ def torchrun_command(layout: dict, cluster: dict) -> str:
 
 def layout_yaml(config: PlanConfig, layout: dict, sequence: int) -> str:
     """The ``llmkit pretrain`` fields that run the layout: the micro-batch is ``batch_size``, the
-    pipeline's micro-batches per step ``grad_accum``; the data-parallel size is what the world leaves."""
-    parallelism = "fsdp" if layout["zero"] >= 2 else "ddp"
+    micro-batches per step ``grad_accum``; the data-parallel size is what the world leaves. Data
+    parallelism beside tensor or pipeline parallelism is FSDP2: ZeRO-3 resharding after the forward,
+    ZeRO-2 style (gathered weights kept) for the stages below."""
+    model_parallel = layout["tp"] > 1 or layout["pp"] > 1
+    parallelism = "fsdp" if layout["zero"] >= 2 or model_parallel else "ddp"
     lines = [
         f"preset: {config.preset}",
         "model:",

@@ -82,7 +82,7 @@ def _wrap_layout(model: nn.Module, world: World, config, device: torch.device, l
     world.mesh, world.data_rank, world.data_size = mesh, mesh["dp"].get_local_rank(), mesh["dp"].size()
     if config.pp > 1:
         if language_model is not model:
-            raise ConfigError("pp", config.pp, "pipeline parallelism trains a bare language model (pretraining, SFT)")
+            raise ConfigError("pp", config.pp, "pipeline parallelism trains a bare language model (pretraining)")
         prune_to_stage(model, config.pp, mesh["pp"].get_local_rank())
     if config.tp > 1:
         apply_tensor_parallel(language_model, mesh["tp"])
