@@ -1,9 +1,11 @@
 """GRPO by behaviour: group-normalised advantages against the formula worked by hand, broadcast to
 exactly the action tokens; the k1 and k3 estimators against the exact KL of small distributions and
-zero while the policy is the reference; the two loss aggregations by hand; the verifiable arithmetic
+zero while the policy is the reference; RLOO's leave-one-out advantages and the four loss types (grpo,
+bnpo, dr_grpo, dapo) by hand, with the units their micro-batches are weighed by; the verifiable arithmetic
 reward; prompt order; a toy task whose rewarded first token GRPO makes clearly more likely through the
 Trainer; the Trainer's spike guard skipping a forced spike with checkpoints still between iterations;
-a minibatch split into micro-batches giving the whole minibatch's loss; intervals that would cut an
+a minibatch split into micro-batches giving the whole minibatch's loss (bnpo: the mean of its parts'
+token means); intervals that would cut an
 iteration refused; and a whole ``llmkit grpo`` run. Process supervision: steps split at tool results,
 the arithmetic step rewards, their place in the batch, and the advantages by hand, against a naive loop
 and against outcome advantages when every completion is one step."""
@@ -34,7 +36,7 @@ from llmkit.align.grpo import (
     grpo_update,
     process_advantages,
 )
-from llmkit.align.policy_gradient import PolicyModel, aggregate, kl_k1, kl_k3
+from llmkit.align.policy_gradient import Aggregation, PolicyModel, aggregate, kl_k1, kl_k3
 from llmkit.align.rewards import ArithmeticReward, FunctionTaskReward, as_reward
 from llmkit.align.rl_source import RolloutConfig, RolloutSource, prompt_indices
 from llmkit.align.rl_stage import RLStageConfig, rl_training
@@ -78,6 +80,28 @@ def test_group_advantages_worked_by_hand():
     torch.testing.assert_close(group_advantages(rewards, 4), torch.tensor(expected))
     unscaled = [0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75, 0.0, 0.0, 0.0, 0.0]
     torch.testing.assert_close(group_advantages(rewards, 4, scale=False), torch.tensor(unscaled))
+
+
+def test_rloo_advantages_subtract_the_mean_of_the_other_samples_worked_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    # Group 1: a 1 against the others' mean 1/3 -> 2/3, a 0 against 2/3 -> -2/3. Group 2: a 1 against 2/3
+    # -> 1/3, the 0 against 1 -> -1. Group 3: 0.
+    expected = [2 / 3, -2 / 3, -2 / 3, 2 / 3, 1 / 3, 1 / 3, 1 / 3, -1.0, 0.0, 0.0, 0.0, 0.0]
+    rloo = group_advantages(rewards, 4, scale=False, leave_one_out=True)
+    torch.testing.assert_close(rloo, torch.tensor(expected))
+    # Ahmadian et al.'s identity: the leave-one-out advantage is the group-centred reward times G / (G - 1).
+    torch.testing.assert_close(rloo, group_advantages(rewards, 4, scale=False) * 4 / 3)
+    # Scaled, the group's sample std divides it as it does GRPO's: group 2's std is 0.5.
+    scaled = group_advantages(rewards, 4, leave_one_out=True)
+    torch.testing.assert_close(scaled[4:8], torch.tensor([1 / 3, 1 / 3, 1 / 3, -1.0]) / 0.5001)
+    batch = RolloutBatch(
+        torch.zeros(4, 3, dtype=torch.long), torch.ones(4, 2, dtype=torch.bool), torch.tensor([3.0, 1.0, 0.0, 2.0])
+    )
+    GRPO(GRPOConfig(group_size=4, advantage="rloo", scale_rewards=False)).advantages([batch])
+    # Each reward against the mean of the other three: 3 - 1, 1 - 5/3, 0 - 2, 2 - 4/3.
+    torch.testing.assert_close(batch.advantages[:, 0], torch.tensor([2.0, -2 / 3, -2.0, 2 / 3]))
+    with pytest.raises(ConfigError, match="'advantage' = 'rloo'.*outcome supervision"):
+        GRPOConfig(advantage="rloo", supervision="process")
 
 
 def test_advantages_reach_exactly_the_action_tokens_of_their_sequence():
@@ -189,11 +213,26 @@ def test_kl_estimators_are_unbiased_and_k3_is_never_negative():
     assert torch.equal(kl_k3(p.log(), p.log()), torch.zeros(5))
 
 
-def test_token_and_sequence_aggregation_by_hand():
-    losses = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, float("inf")]])
-    mask = torch.tensor([[True, True, True], [True, False, False]])
-    assert aggregate(losses, mask, "token").item() == pytest.approx((1 + 2 + 3 + 10) / 4)
-    assert aggregate(losses, mask, "sequence").item() == pytest.approx((2.0 + 10.0) / 2)
+def test_each_loss_type_and_its_units_by_hand():
+    # Two completions of 3 and 1 action tokens, and a row without actions; off the mask an estimator may be inf.
+    losses = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, float("inf")], [7.0, 7.0, 7.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False]])
+    expected = {
+        "grpo": ((1 + 2 + 3) / 3 + 10 / 1) / 2,  # per-sequence means, then their mean
+        "bnpo": (1 + 2 + 3 + 10) / 4,  # the token mean
+        "dapo": (1 + 2 + 3 + 10) / 4,
+        "dr_grpo": (1 + 2 + 3 + 10) / (2 * 5),  # the token sum over sequences x max_completion_length 5
+    }
+    units = {"grpo": 2.0, "bnpo": 1.0, "dapo": 4.0, "dr_grpo": 2.0}
+    for loss_type, value in expected.items():
+        aggregation = Aggregation(loss_type, max_completion_length=5)
+        assert aggregate(losses, mask, aggregation).item() == pytest.approx(value)
+        assert aggregation.units(mask) == units[loss_type]
+        assert aggregation.units(torch.zeros_like(mask)) == 0.0  # an idle micro-batch weighs nothing
+    with pytest.raises(ValueError, match="dr_grpo.*max_completion_length"):
+        Aggregation("dr_grpo")
+    with pytest.raises(ConfigError, match="'loss_type' = 'token': choose one of grpo, bnpo, dr_grpo, dapo"):
+        grpo_update(loss_type="token")
 
 
 def test_grpo_kl_term_is_zero_while_the_policy_is_the_reference(tokenizer, policy):
@@ -290,13 +329,13 @@ def test_the_spike_guard_skips_a_spiking_rl_step_and_checkpoints_stay_between_it
 
 def test_micro_batches_weigh_their_share_so_a_split_minibatch_is_the_whole_ones_loss(tokenizer, policy):
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": content}]) for content in ("mixed a", "mixed b")]
-    for aggregation in ("token", "sequence"):
-        losses, weights = [], []
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        losses, weights, parts = [], [], []
         for accumulation in (1, 2):
             config = GRPOConfig(
                 group_size=2,
                 rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=6, temperature=3.0, tools="none"),
-                update=grpo_update(minibatch_size=4, loss_aggregation=aggregation),
+                update=grpo_update(minibatch_size=4, loss_type=loss_type),
                 train=rl_training(grad_accum=accumulation, device="cpu"),
             )
             algorithm = GRPO(config)
@@ -313,9 +352,14 @@ def test_micro_batches_weigh_their_share_so_a_split_minibatch_is_the_whole_ones_
                 sum(source.loss(source.model, batch)[0] for batch in batches) / accumulation
             )  # the Trainer's mean
             weights.append([batch["weight"].item() for batch in batches])
-        # Split, each micro-batch is one prompt's group, weighted by its share of the minibatch's tokens or sequences.
+            parts.append([source.loss(source.model, {**batch, "weight": torch.tensor(1.0)})[0] for batch in batches])
+        # Split, each micro-batch is one prompt's group, weighted by its share of the minibatch's units.
         assert weights[0] == [1.0] and sum(weights[1]) == pytest.approx(2.0)
-        torch.testing.assert_close(losses[1], losses[0])
+        if loss_type == "bnpo":  # by definition the mean of the micro-batches' own token means
+            assert weights[1] == [1.0, 1.0]
+            torch.testing.assert_close(losses[1], sum(parts[1]) / 2)
+        else:
+            torch.testing.assert_close(losses[1], losses[0])
 
 
 def alternating_reward():

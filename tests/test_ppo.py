@@ -22,7 +22,7 @@ from rl_helpers import (
     tokenizer,
 )
 
-from llmkit.align.policy_gradient import clipped_policy_loss, masked_whiten
+from llmkit.align.policy_gradient import Aggregation, clipped_policy_loss, masked_whiten
 from llmkit.align.ppo import (
     PPO,
     KLController,
@@ -106,12 +106,12 @@ def test_clipped_policy_loss_worked_by_hand():
     old[1, 1] = 150.0
     advantages = torch.tensor([[1.0, -2.0], [0.5, 7.0]])
     mask = torch.tensor([[True, True], [True, False]])
-    loss, metrics = clipped_policy_loss(logprobs, old, advantages, mask, clip=0.2, aggregation="token")
+    loss, metrics = clipped_policy_loss(logprobs, old, advantages, mask, clip=0.2, aggregation=Aggregation("dapo"))
     assert loss.item() == pytest.approx((-1.2 + 3.0 - 0.5) / 3)
     assert metrics["clip_fraction"] == pytest.approx(1 / 3)
     # approx_kl = mean of r - 1 - log r: (0.25 - log 1.25 + 0.5 - log 1.5 + 0) / 3
     assert metrics["approx_kl"] == pytest.approx((0.25 - math.log(1.25) + 0.5 - math.log(1.5)) / 3, rel=1e-5)
-    sequence_loss, _ = clipped_policy_loss(logprobs, old, advantages, mask, clip=0.2, aggregation="sequence")
+    sequence_loss, _ = clipped_policy_loss(logprobs, old, advantages, mask, clip=0.2, aggregation=Aggregation("grpo"))
     assert sequence_loss.item() == pytest.approx(((-1.2 + 3.0) / 2 + -0.5) / 2)
 
 

@@ -7,7 +7,12 @@ of its tokens (outcome supervision, §4.1.2): the group mean replaces PPO's lear
 the baseline, so there is no critic. ``std`` is the sample standard deviation (``torch.std``'s
 default, as TRL computes it); with ``--no-scale-rewards`` the advantage is ``r - mean`` alone, which
 Liu et al. 2025 ("Understanding R1-Zero-like training", Dr. GRPO) recommend because the division
-weights groups whose rewards barely differ the most. A group whose completions all earn the same
+weights groups whose rewards barely differ the most. ``--advantage rloo`` takes REINFORCE
+leave-one-out's baseline instead (Ahmadian et al. 2024, §3.2, after Kool et al. 2019): each sample's
+reward minus the mean reward of the *other* G-1 samples of its prompt, a baseline independent of the
+sample it judges, so the estimate is unbiased; it equals the group-centred reward times G/(G-1), and
+Ahmadian et al. divide by no std (add ``--no-scale-rewards``; with it on, the std divides both
+alike). A group whose completions all earn the same
 reward has zero advantages and teaches nothing; the share of such groups is logged
 (``uniform_groups``). **Dynamic sampling** (``--dynamic-sampling``, DAPO §3.2, Yu et al. 2025) drops
 them before the update and samples further prompts, up to ``--max-sampling-rounds`` rounds of
@@ -25,7 +30,9 @@ where outcome rewards leave most groups uniform.
 The loss per token is the clipped surrogate (:func:`llmkit.align.policy_gradient.clipped_policy_loss`)
 plus ``beta`` times the k3 estimate of KL(pi || pi_ref) against the frozen reference, which GRPO puts
 in the loss instead of the reward (eq. 3-4). Tokens are aggregated per sequence then over sequences by
-default, as eq. 3 is written; ``--update.loss-aggregation token`` takes DAPO's token mean (Yu et al. 2025).
+default, as eq. 3 is written (``--update.loss-type grpo``); ``dapo`` takes DAPO's token mean over the
+minibatch (Yu et al. 2025), ``dr_grpo`` Dr. GRPO's token sum over a constant (Liu et al. 2025), ``bnpo``
+TRL's token mean per micro-batch (:class:`llmkit.align.policy_gradient.Aggregation`).
 With one epoch and one minibatch per batch the ratio is 1 and the update is the plain policy gradient
 (the paper's "iterative" setting reuses the batch for several minibatches, where the clip matters).
 """
@@ -56,7 +63,7 @@ def grpo_rollout(**changes) -> RolloutConfig:
 def grpo_update(**changes) -> UpdateConfig:
     """Update settings with GRPO's defaults (``changes`` override them): one pass over each rollout batch in
     minibatches of 16 sequences, the loss averaged per sequence, then over sequences (DeepSeekMath eq. 3)."""
-    return UpdateConfig(**{"epochs": 1, "minibatch_size": 16, "loss_aggregation": "sequence", **changes})
+    return UpdateConfig(**{"epochs": 1, "minibatch_size": 16, "loss_type": "grpo", **changes})
 
 
 @dataclass
@@ -76,6 +83,13 @@ class GRPOConfig:
         metadata={
             "help": "process supervision: weight of the k-th later step's reward in a token's advantage is this ** k "
             "(1: DeepSeekMath's sum; 0: the token's own step alone)"
+        },
+    )
+    advantage: Literal["grpo", "rloo"] = field(
+        default="grpo",
+        metadata={
+            "help": "outcome baseline: grpo: the group's mean reward; rloo: the mean of the other G-1 samples' "
+            "rewards (Ahmadian et al. 2024)"
         },
     )
     scale_rewards: bool = field(default=True, metadata={"help": "divide by the group's reward std (off: Dr. GRPO)"})
@@ -100,6 +114,13 @@ class GRPOConfig:
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")
         check(self.supervision in ("outcome", "process"), "supervision", self.supervision, "choose outcome or process")
         check(0 <= self.step_discount <= 1, "step_discount", self.step_discount, "must be in [0, 1]")
+        check(self.advantage in ("grpo", "rloo"), "advantage", self.advantage, "choose grpo or rloo")
+        check(
+            self.advantage == "grpo" or self.supervision == "outcome",
+            "advantage",
+            self.advantage,
+            "rloo's leave-one-out baseline is one per completion: use it with outcome supervision",
+        )
         check(self.advantage_eps > 0, "advantage_eps", self.advantage_eps, "must be positive")
         check(self.max_sampling_rounds > 0, "max_sampling_rounds", self.max_sampling_rounds, "must be positive")
         check_rl_config(self)
@@ -113,10 +134,17 @@ class GRPOConfig:
         return steps_per_iteration(self.rollout.prompts_per_iteration * self.group_size, self.update)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """``(r - group mean) / (group std + eps)`` per completion, for rewards laid out group after group."""
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4, leave_one_out: bool = False
+) -> torch.Tensor:
+    """``(r - baseline) / (group std + eps)`` per completion, for rewards laid out group after group; the
+    baseline is the group's mean reward, or with ``leave_one_out`` the mean of the group's other rewards."""
     groups = rewards.view(-1, group_size)
-    centred = groups - groups.mean(dim=1, keepdim=True)
+    if leave_one_out:
+        baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    else:
+        baseline = groups.mean(dim=1, keepdim=True)
+    centred = groups - baseline
     if scale:
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
     return centred.reshape(-1)
@@ -176,7 +204,8 @@ class GRPO(Algorithm):
                 )
                 batch.advantages = advantages * batch.action_mask
             else:
-                batch.advantages = group_advantages(batch.rewards, group, scale, eps)[:, None] * batch.action_mask
+                advantages = group_advantages(batch.rewards, group, scale, eps, self.config.advantage == "rloo")
+                batch.advantages = advantages[:, None] * batch.action_mask
         return {}
 
     def terms(self, outputs: PolicyOutputs, minibatch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:

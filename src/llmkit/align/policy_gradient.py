@@ -7,16 +7,26 @@ tokens before it, and a boolean ``mask`` of that shape is True where that token 
 token the policy sampled: completion tokens, not the prompt, not padding, not tool results injected by
 the engine). Log-probabilities, values, rewards and advantages all use this one layout.
 
-Two ways to reduce a per-token loss to a scalar (``aggregate``):
+Four ways to reduce a per-token loss to a scalar (:class:`Aggregation`), under the names of TRL's
+``GRPOConfig.loss_type``, for a minibatch of ``B`` sequences with ``|o_i|`` action tokens each:
 
-- ``"token"``: the mean over every action token of the batch (PPO implementations such as TRL and
-  OpenAI's lm-human-preferences; DAPO, Yu et al. 2025 §3.3, argues for it in GRPO too, because a
-  per-sequence mean gives each token of a long answer less weight than each token of a short one);
-- ``"sequence"``: the mean over each sequence's action tokens, then the mean over sequences, which is
-  DeepSeekMath's GRPO objective as written (Shao et al. 2024, eq. 3: ``1/G sum_i 1/|o_i| sum_t``).
+- ``grpo``: the mean over each sequence's action tokens, then the mean over sequences,
+  ``1/B sum_i 1/|o_i| sum_t``: DeepSeekMath's objective as written (Shao et al. 2024, eq. 3). A token of
+  a long answer weighs less than a token of a short one, so a long wrong answer is punished less per
+  token (the length bias of Liu et al. 2025, "Understanding R1-Zero-like training");
+- ``dr_grpo``: the sum over all action tokens divided by ``B x max_completion_length``, a constant:
+  Dr. GRPO (Liu et al. 2025, §3.1), which removes that bias without making the step's size depend on
+  the lengths the batch happened to sample;
+- ``dapo``: the sum over all action tokens divided by their count, over the whole minibatch however it
+  is split (DAPO's token-level loss, Yu et al. 2025 §3.3); the token mean of PPO implementations too;
+- ``bnpo``: the token mean of each micro-batch, then the mean over micro-batches (TRL's "batch
+  normalised" loss): ``dapo`` when a minibatch is one micro-batch, and otherwise dependent on how it
+  is split over ``grad_accum`` and processes, as TRL's is.
 
-Both are taken over a minibatch, so their gradients are those of one optimizer step (a minibatch split
-into micro-batches weighs each micro-batch's aggregate by its share: :mod:`llmkit.align.rl_source`).
+A minibatch split into micro-batches weighs each micro-batch's aggregate by its share of the
+minibatch's :meth:`Aggregation.units` (:mod:`llmkit.align.rl_source`), so that every loss type but
+``bnpo`` gives one optimizer step's gradient however the minibatch is split. A row without actions
+(the padding of an idle micro-batch) counts as no sequence.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-AGGREGATIONS = ("token", "sequence")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -63,16 +73,41 @@ def masked_whiten(
     ]
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+@dataclass(frozen=True)
+class Aggregation:
+    """How a per-token loss becomes a scalar: a :data:`LOSS_TYPES` name (module docstring) and, for
+    ``dr_grpo``, the constant length it divides by (the most action tokens a completion may have)."""
+
+    loss_type: str = "dapo"
+    max_completion_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss type {self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+        if self.loss_type == "dr_grpo" and not self.max_completion_length:
+            raise ValueError("the dr_grpo loss type divides by max_completion_length; give a positive one")
+
+    def units(self, mask: torch.Tensor) -> float:
+        """What a micro-batch's aggregate is a mean over: its action tokens (``dapo``), its sequences
+        (``grpo``, ``dr_grpo``) or the micro-batch itself (``bnpo``), 0 when it has no actions."""
+        if self.loss_type == "dapo":
+            return float(mask.sum())
+        if self.loss_type == "bnpo":
+            return float(mask.any())
+        return float(mask.any(dim=1).sum())
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation) -> torch.Tensor:
     """A per-token loss ``(rows, positions)`` reduced to a scalar over the masked tokens (module docstring)."""
-    if mode == "token":
+    if aggregation.loss_type in ("dapo", "bnpo"):
         return masked_mean(per_token, mask)
-    if mode == "sequence":
-        per_sequence = torch.where(mask, per_token, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        acting = mask.any(dim=1)
-        # A sum, not a mean of the selection: a minibatch without actions gives a zero still tied to the graph.
-        return per_sequence[acting].sum() / acting.sum().clamp(min=1)
-    raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
+    acting = mask.any(dim=1)
+    # Sums, not means of a selection: a minibatch without actions gives a zero still tied to the graph.
+    if aggregation.loss_type == "dr_grpo":
+        total = torch.where(mask, per_token, 0.0).sum()
+        return total / (acting.sum().clamp(min=1) * aggregation.max_completion_length)
+    per_sequence = torch.where(mask, per_token, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return per_sequence[acting].sum() / acting.sum().clamp(min=1)
 
 
 # --------------------------------------------------------------------------------- KL estimators
@@ -161,7 +196,7 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float,
-    aggregation: str = "token",
+    aggregation: Aggregation = Aggregation(),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
     ``max(-A r, -A clip(r, 1 - clip, 1 + clip))`` per action token with ``r = pi / pi_old``, aggregated.

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmkit.align.policy_gradient import (
+    Aggregation,
     PolicyOutputs,
     aggregate,
     clipped_policy_loss,
@@ -174,7 +175,7 @@ def clipped_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip: float,
-    aggregation: str = "token",
+    aggregation: Aggregation = Aggregation(),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``0.5 max((V - G)^2, (V_old + clip(V - V_old, -clip, clip) - G)^2)`` aggregated over the mask, and
     ``value_clip_fraction``, the share of tokens where the clipped error is the larger."""

@@ -29,11 +29,12 @@ gives micro-batch ``k`` of every step. Process ``r`` holds the shards of the mic
 asks it for (``r*A .. r*A + A - 1``), so N processes with accumulation A sample and train on exactly what
 one process with accumulation N*A does: a request's sampling seed belongs to its position in the
 iteration. Statistics of the whole batch (PPO's advantage whitening, the logged rewards) are summed over
-the processes, and each micro-batch's loss is weighted by its share of the minibatch's tokens (or
-sequences, for the ``sequence`` aggregation), so a step's loss is its whole minibatch's aggregate
-however it is split. A micro-batch with nothing to learn from (a shard that kept fewer groups under
-dynamic sampling) is one row of padding with weight 0; a step made only of those has a zero gradient,
-and the Trainer makes no update.
+the processes, and each micro-batch's loss is weighted by its share of the minibatch's units (tokens,
+sequences or micro-batches, by the loss type: :class:`~llmkit.align.policy_gradient.Aggregation`), so a
+step's loss is its whole minibatch's aggregate however it is split (``bnpo`` excepted, by definition).
+A micro-batch with nothing to learn from (a shard that kept fewer groups under dynamic sampling) is one
+row of padding with weight 0; a step made only of those has a zero gradient, and the Trainer makes no
+update.
 
 **Resume.** An iteration's rollouts live in memory only, so the Trainer checkpoints, evaluates and stops
 between iterations (the hooks' ``cycle``); a resumed run samples iteration ``i`` afresh from the weights
@@ -54,7 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.align.policy_gradient import (
-    AGGREGATIONS,
+    LOSS_TYPES,
+    Aggregation,
     PolicyModel,
     PolicyOutputs,
     clipped_policy_loss,
@@ -113,10 +115,11 @@ class UpdateConfig:
         default=8, metadata={"help": "sequences per optimizer step (split into grad_accum x processes micro-batches)"}
     )
     clip: float = field(default=0.2, metadata={"help": "epsilon of the clipped ratio 1 +- epsilon"})
-    loss_aggregation: Literal["token", "sequence"] = field(
-        default="token",
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(
+        default="dapo",
         metadata={
-            "help": "token: mean over all tokens of a minibatch; sequence: per-sequence mean, then mean (DeepSeekMath)"
+            "help": "TRL's names: grpo: per-sequence mean, then mean (DeepSeekMath); dapo: mean over the minibatch's "
+            "tokens; bnpo: token mean per micro-batch, then mean; dr_grpo: token sum / (sequences x max_new_tokens)"
         },
     )
 
@@ -124,12 +127,7 @@ class UpdateConfig:
         for name in ("iterations", "epochs", "minibatch_size"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
         check(0 < self.clip < 1, "clip", self.clip, "must be in (0, 1)")
-        check(
-            self.loss_aggregation in AGGREGATIONS,
-            "loss_aggregation",
-            self.loss_aggregation,
-            f"choose one of {', '.join(AGGREGATIONS)}",
-        )
+        check(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type, f"choose one of {', '.join(LOSS_TYPES)}")
 
 
 def steps_per_iteration(samples: int, update: UpdateConfig) -> int:
@@ -167,7 +165,8 @@ class Algorithm:
 
     def __init__(self, config):
         self.config = config
-        self.clip, self.aggregation = config.update.clip, config.update.loss_aggregation
+        self.clip = config.update.clip
+        self.aggregation = Aggregation(config.update.loss_type, config.rollout.max_new_tokens)
 
     def informative(self, rewards: list[float], step_rewards: list[list[float]] | None) -> list[bool] | None:
         """Per prompt, whether its rated samples can teach anything (None: the question does not apply)."""
@@ -493,16 +492,14 @@ class RolloutSource(TrainingHooks):
 
     def _weigh(self) -> None:
         """Each micro-batch's loss weight: the process count times its share of its minibatch's units
-        (tokens, or sequences for the sequence aggregation), so the Trainer's mean over micro-batches is the
-        minibatch's aggregate (1 when there is one micro-batch)."""
+        (:meth:`~llmkit.align.policy_gradient.Aggregation.units`), so the Trainer's mean over micro-batches is
+        the minibatch's aggregate (1 when there is one micro-batch)."""
         units = torch.zeros(len(self.shards), self.cycle, dtype=torch.float64)
         for row, shard in enumerate(self.shards.values()):
             for step, rows in enumerate(shard.schedule):
                 if len(rows):
                     mask = shard.batch.action_mask[rows.to(shard.batch.action_mask.device)]
-                    units[row, step] = float(
-                        mask.sum() if self.algorithm.aggregation == "token" else mask.any(dim=1).sum()
-                    )
+                    units[row, step] = self.algorithm.aggregation.units(mask)
         minibatch_units = self.total(units.sum(dim=0)).cpu().clamp(min=1)
         for row, shard in enumerate(self.shards.values()):
             shard.weights = (self.parts * units[row] / minibatch_units).tolist()
