@@ -41,7 +41,7 @@ def train_grpo(out: str, grad_accum: int, policy: str) -> None:
     """2 iterations of 4 prompts x 4 samples at a high temperature (rewards differ), 2 epochs of minibatches
     of 8: 4 steps an iteration, with a held-out evaluation every iteration."""
     stage = RLStageConfig(
-        policy=policy, task="arithmetic_plain", train_problems=8, eval_problems=4, missing_end_penalty=0.5
+        policy=policy, task="arithmetic_plain", train_problems=8, validation_problems=4, missing_end_penalty=0.5
     )
     grpo(
         GRPOConfig(

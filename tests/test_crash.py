@@ -171,7 +171,7 @@ def test_sigterm_saves_the_step_it_was_at_and_resume_continues_exactly(tmp_path)
 def grpo_run(start, out, resume=False) -> dict:
     """GRPO on 2 prompts x 4 samples an iteration in minibatches of 4: 2 steps an iteration, 4 iterations."""
     stage = RLStageConfig(
-        policy=str(start), task="arithmetic_plain", train_problems=4, eval_problems=2, missing_end_penalty=0.5
+        policy=str(start), task="arithmetic_plain", train_problems=4, validation_problems=2, missing_end_penalty=0.5
     )
     return grpo(
         GRPOConfig(

@@ -436,7 +436,7 @@ def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_pa
         policy=str(save_checkpoint(tmp_path / "sft", policy, tokenizer)),
         task="arithmetic_plain",
         train_problems=4,
-        eval_problems=2,
+        validation_problems=2,
     )
     summary = grpo(
         GRPOConfig(
@@ -449,7 +449,7 @@ def test_a_grpo_run_writes_a_checkpoint_with_its_stage(tokenizer, policy, tmp_pa
             train=rl_training(out=str(tmp_path / "grpo"), device="cpu", progress=False),
         )
     )
-    assert summary["iterations"] == 1 and summary["stage"] == "grpo" and summary["eval_prompts"] == 2
+    assert summary["iterations"] == 1 and summary["stage"] == "grpo" and summary["validation_prompts"] == 2
     assert summary["accuracy_before"] == summary["accuracy_after"] == 0.0  # a letter-answering policy solves nothing
     assert read_config(resolve_checkpoint(tmp_path / "grpo"))["stage_config"]["group_size"] == 2
     assert (tmp_path / "grpo" / "loss.png").stat().st_size > 0 and (tmp_path / "grpo" / "curves.png").stat().st_size > 0

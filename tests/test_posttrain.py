@@ -97,13 +97,20 @@ def test_every_stage_writes_its_checkpoint_and_the_table_recomputes_from_the_rec
     out = Path(config.out)
     for directory, stage in STAGES.items():
         assert read_config(resolve_checkpoint(out / directory))["stage"] == stage
-    # DPO tunes the RL model, which starts from the SFT model
-    assert read_config(resolve_checkpoint(out / "dpo"))["base"] == str(resolve_checkpoint(out / "grpo").resolve())
+    # DPO tunes the model the RL stage ships: its best checkpoint by validation accuracy, else the SFT model
+    shipped = resolve_checkpoint(posttrain_module.shipped_rl_model(out, "grpo"))
+    assert read_config(resolve_checkpoint(out / "dpo"))["base"] == str(shipped.resolve())
+    rl = summary["stages"]["rl"]
+    assert shipped == (
+        resolve_checkpoint(out / "grpo" / "best") if rl["best_step"] else resolve_checkpoint(out / "sft")
+    )
 
     report = json.loads((out / "report.json").read_text())["stages"]["posttrain"]
     table = report["metrics"]["table"]
     assert (
-        [row["stage"] for row in table] == ["base", "sft", "grpo", "dpo"] == [row["stage"] for row in summary["table"]]
+        [row["stage"] for row in table]
+        == ["base", "sft", "grpo", "grpo_best", "dpo"]
+        == [row["stage"] for row in summary["table"]]
     )
     problems = {
         problem.question: problem
@@ -120,7 +127,8 @@ def test_every_stage_writes_its_checkpoint_and_the_table_recomputes_from_the_rec
         rewards = [answer["reward"] for answer in records(out, row["stage"], "calculator")]
         assert row["reward"] == pytest.approx(sum(rewards) / len(rewards))
     assert table[0]["kl"] is None and table[1]["kl"] == 0.0  # the SFT model is the reference itself
-    assert summary["rl_gain_over_sft"] == table[2]["accuracy_calculator"] - table[1]["accuracy_calculator"]
+    assert summary["rl_gain_over_sft"] == table[3]["accuracy_calculator"] - table[1]["accuracy_calculator"]
+    assert summary["rl_last_gain_over_sft"] == table[2]["accuracy_calculator"] - table[1]["accuracy_calculator"]
     markdown = (out / "report.md").read_text()
     assert "| dpo |" in markdown and f"![posttrain]({posttrain_module.FIGURE})" in markdown
     assert (out / posttrain_module.FIGURE).stat().st_size > 0
@@ -143,7 +151,7 @@ def test_resume_keeps_finished_stages_and_reruns_a_missing_one(finished, tmp_pat
         monkeypatch.setitem(posttrain_module.STAGE_FUNCTIONS, stage, must_not_run)
     resumed = posttrain(tiny_run(config.base, out, resume=True))
     assert read_config(resolve_checkpoint(out / "dpo"))["stage"] == "dpo"
-    assert [row["stage"] for row in resumed["table"]] == ["base", "sft", "grpo", "dpo"]
+    assert [row["stage"] for row in resumed["table"]] == ["base", "sft", "grpo", "grpo_best", "dpo"]
     assert resumed["table"][:3] == finished[1]["table"][:3]
     with pytest.raises(ConfigError, match="rl"):
         posttrain(tiny_run(config.base, out, resume=True, rl="ppo"))

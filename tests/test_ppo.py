@@ -251,7 +251,7 @@ def test_ppo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, polic
 def ppo_config(start, out, iterations, **changes) -> PPOConfig:
     """PPO on 2 arithmetic prompts an iteration, one step each."""
     values = dict(
-        stage=RLStageConfig(policy=str(start), train_problems=6, eval_problems=3),
+        stage=RLStageConfig(policy=str(start), train_problems=6, validation_problems=3),
         rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=6),
         update=UpdateConfig(iterations=iterations, epochs=1, minibatch_size=2),
         train=rl_training(out=str(out), checkpoint_interval=1, device="cpu", progress=False),
@@ -297,7 +297,7 @@ def test_ppo_resumes_exactly_with_its_trained_value_head(tokenizer, policy, tmp_
     start = save_checkpoint(tmp_path / "sft", policy, tokenizer)
     # Hot sampling and a penalty for running out of tokens: rewards differ, so policy and value head move.
     changes = dict(
-        stage=RLStageConfig(policy=str(start), train_problems=6, eval_problems=2, missing_end_penalty=1.0),
+        stage=RLStageConfig(policy=str(start), train_problems=6, validation_problems=2, missing_end_penalty=1.0),
         rollout=RolloutConfig(prompts_per_iteration=2, max_new_tokens=4, temperature=3.0, tools="none"),
     )
     ppo(ppo_config(start, tmp_path / "straight", 3, **changes))

@@ -52,8 +52,8 @@ from llmkit.align.sft import SFTConfig, sft, sft_training
 from llmkit.config import check
 from llmkit.errors import ConfigError
 from llmkit.figures import pyplot, save_figure
-from llmkit.io import atomic_write_json, read_json
-from llmkit.model.checkpoint import LATEST, load_checkpoint, load_model, resolve_checkpoint
+from llmkit.io import atomic_write_json, atomic_write_jsonl, iter_jsonl, read_json
+from llmkit.model.checkpoint import BEST, LATEST, load_checkpoint, load_model, resolve_checkpoint
 from llmkit.report import add_section
 from llmkit.train.trainer import resolve_device
 
@@ -79,7 +79,7 @@ def posttrain_reward() -> RewardConfig:
 
 
 def posttrain_rl_stage() -> RLStageConfig:
-    return RLStageConfig(task="arithmetic", train_problems=4000, eval_problems=64)
+    return RLStageConfig(task="arithmetic", train_problems=4000, validation_problems=64)
 
 
 def posttrain_grpo() -> GRPOConfig:
@@ -318,8 +318,15 @@ def train_rl(config: PosttrainConfig, policy: Path, directory: Path, reward_mode
     return grpo(run) if config.rl == "grpo" else ppo(run)
 
 
+def shipped_rl_model(out: Path, rl: str) -> Path:
+    """The model the RL stage hands on: its best checkpoint by validation accuracy (the run's ``best``
+    pointer), or the SFT model it started from when no evaluation bettered it (never ship a worse model)."""
+    best = out / rl / BEST
+    return best if best.is_file() else out / "sft"
+
+
 def run_dpo(config: PosttrainConfig, out: Path) -> dict:
-    return dpo(_preference_run(config, config.dpo, out / "dpo", out / config.rl))
+    return dpo(_preference_run(config, config.dpo, out / "dpo", shipped_rl_model(out, config.rl)))
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[PosttrainConfig, Path], dict]] = {
@@ -389,12 +396,19 @@ def posttrain(config: PosttrainConfig) -> dict:
         return judges[name]
 
     def checkpoint(stage: str) -> str:
+        if stage == f"{config.rl}_best":
+            return str(shipped_rl_model(out, config.rl))
         return config.base if stage == "base" else str(out / stage)
+
+    def same_model(stage: str) -> str | None:
+        """An evaluated stage whose checkpoint ``stage`` is (the best RL model is often the last or the SFT one)."""
+        folder = resolve_checkpoint(checkpoint(stage))
+        return next((other for other in ("sft", config.rl) if resolve_checkpoint(checkpoint(other)) == folder), None)
 
     def save() -> None:
         atomic_write_json(out / STATE_FILE, state)
 
-    plan = [("sft", []), ("reward", ["base", "sft"]), ("rl", [config.rl]), ("dpo", ["dpo"])]
+    plan = [("sft", []), ("reward", ["base", "sft"]), ("rl", [config.rl, f"{config.rl}_best"]), ("dpo", ["dpo"])]
     for stage, evaluations in plan:
         if stage not in state["stages"]:
             stage_started = time.perf_counter()
@@ -405,6 +419,13 @@ def posttrain(config: PosttrainConfig) -> dict:
             }
             save()
         for evaluated in evaluations:
+            same = same_model(evaluated) if evaluated == f"{config.rl}_best" else None
+            if same and evaluated not in state["evaluations"]:  # the same weights: the same answers, not run again
+                for mode in ("calculator", "plain"):
+                    answers = [record for _, record in iter_jsonl(settings.records / f"{same}_{mode}.jsonl")]
+                    atomic_write_jsonl(settings.records / f"{evaluated}_{mode}.jsonl", answers)
+                state["evaluations"][evaluated] = {**state["evaluations"][same], "seconds": 0.0}
+                save()
             if evaluated not in state["evaluations"]:
                 evaluation_started = time.perf_counter()
                 metrics = evaluate_model(
@@ -425,9 +446,16 @@ def posttrain(config: PosttrainConfig) -> dict:
         for key in ("accuracy_calculator", "accuracy_plain", "reward", "kl")
         if row.get(key) is not None
     }
-    gain = rows[2]["accuracy_calculator"] - rows[1]["accuracy_calculator"]
+    # The gain of the model the RL stage ships (its best checkpoint), and of its last one.
+    sft, last, best = (rows[index]["accuracy_calculator"] for index in (1, 2, 3))
+    gain, last_gain = best - sft, last - sft
     seconds = round(time.perf_counter() - started, 1)
-    metrics.update(rl_gain_over_sft=round(gain, 4), eval_problems=len(settings.problems), seconds=seconds)
+    metrics.update(
+        rl_gain_over_sft=round(gain, 4),
+        rl_last_gain_over_sft=round(last_gain, 4),
+        eval_problems=len(settings.problems),
+        seconds=seconds,
+    )
     add_section(
         report_directory,
         "posttrain",
@@ -438,6 +466,7 @@ def posttrain(config: PosttrainConfig) -> dict:
     return {
         "table": rows,
         "rl_gain_over_sft": gain,
+        "rl_last_gain_over_sft": last_gain,
         "eval_problems": len(settings.problems),
         "stages": state["stages"],
         "seconds": seconds,
@@ -451,7 +480,7 @@ def posttrain(config: PosttrainConfig) -> dict:
 def table_rows(state: dict, rl: str) -> list[dict]:
     """One row per evaluated model, in the chain's order."""
     rows = []
-    for stage in ("base", "sft", rl, "dpo"):
+    for stage in ("base", "sft", rl, f"{rl}_best", "dpo"):
         evaluation = state["evaluations"][stage]
         rows.append(
             {
@@ -474,22 +503,32 @@ def render_table(rows: list[dict], config: PosttrainConfig, state: dict) -> str:
         "| model | accuracy, calculator | accuracy, no calculator | reward (RM) | KL to SFT (nats) |",
         "|---|---|---|---|---|",
     ]
+    names = {
+        "base": "base ({shots}-shot)",
+        config.rl: f"{config.rl} (last)",
+        f"{config.rl}_best": f"{config.rl} (best)",
+    }
     for row in rows:
-        name = f"base ({row['shots']}-shot)" if row["stage"] == "base" else row["stage"]
+        name = names.get(row["stage"], row["stage"]).format(shots=row["shots"])
         lines.append(
             f"| {name} | {number(row['accuracy_calculator'])} | {number(row['accuracy_plain'])} | "
             f"{number(row['reward'])} | {number(row['kl'])} |"
         )
     stages = state["stages"]
     reward_accuracy = stages["reward"].get("heldout_accuracy")
+    rl_section = config.grpo if config.rl == "grpo" else config.ppo
+    best_step = stages["rl"].get("best_step")
+    best = "the SFT model (no validation bettered it)" if not best_step else f"step {best_step}"
     return "\n".join(
         [
-            f"SFT ({stages['sft'].get('steps')} steps) → reward model ({stages['reward'].get('steps')} steps, "
-            f"held-out pair accuracy {number(reward_accuracy)}) → {config.rl.upper()} "
-            f"({stages['rl'].get('iterations')} iterations, {config.rl_reward} reward) → DPO "
-            f"({stages['dpo'].get('steps')} steps) on the embedded arithmetic task. Greedy answers to "
-            f"{state['evaluations']['sft']['problems']} held-out problems; the base model gets a plain-text "
-            f"few-shot prompt, the others the chat prompt. Every answer is in `evaluation/`.",
+            f"SFT ({stages['sft'].get('steps')} steps on {config.sft.generated_examples} worked solutions of each "
+            f"form) → reward model ({stages['reward'].get('steps')} steps, held-out pair accuracy "
+            f"{number(reward_accuracy)}) → {config.rl.upper()} ({stages['rl'].get('iterations')} iterations on "
+            f"{rl_section.stage.train_problems} prompts whose solutions no stage shows, {config.rl_reward} reward; "
+            f"its best checkpoint by accuracy on {rl_section.stage.validation_problems} validation problems: "
+            f"{best}) → DPO ({stages['dpo'].get('steps')} steps, from that best model) on the embedded arithmetic "
+            f"task. Greedy answers to {state['evaluations']['sft']['problems']} held-out test problems; the base "
+            f"model gets a plain-text few-shot prompt, the others the chat prompt. Every answer is in `evaluation/`.",
             "",
             *lines,
         ]

@@ -175,11 +175,12 @@ class ModelReward(Reward):
 # ----------------------------------------------------------------------------------- tasks
 @dataclass
 class RLTask:
-    """An embedded task's prompts and its exact checker (``checker`` returns 1 for a correct answer)."""
+    """An embedded task's RL prompts (its ``prompts`` split: no stage shows their solutions), validation
+    prompts (for choosing checkpoints, never the test problems) and exact checker (1 for a correct answer)."""
 
     name: str
     train: list[list[dict]]
-    heldout: list[list[dict]]
+    validation: list[list[dict]]
     checker: Reward
     make_reward: Callable[[float], Reward]  # format_bonus -> the verifiable training reward
 
@@ -187,18 +188,17 @@ class RLTask:
 VERIFIERS: dict[type, type[Reward]] = {arithmetic.Problem: ArithmeticReward, functions.FunctionTask: FunctionTaskReward}
 
 
-def load_task(name: str, train_count: int, heldout_count: int, seed: int) -> RLTask:
-    """``train_count`` training prompts and ``heldout_count`` held-out ones of an embedded task
-    (``functions`` has a fixed number of tasks and gives at most that many), with the exact checker of
-    its items."""
+def load_task(name: str, train_count: int, validation_count: int, seed: int) -> RLTask:
+    """``train_count`` RL prompts and ``validation_count`` validation ones of an embedded task (``functions``
+    has a fixed number of tasks and gives at most that many), with the exact checker of its items."""
     task = embedded_task(name)
-    train, heldout = task.items(train_count, seed, "train"), task.items(heldout_count, seed, "heldout")
-    items = train + heldout
+    train, validation = task.items(train_count, seed, "prompts"), task.items(validation_count, seed, "validation")
+    items = train + validation
     verifier = VERIFIERS[type(items[0])]
     return RLTask(
         name,
         [task.prompt(item) for item in train],
-        [task.prompt(item) for item in heldout],
+        [task.prompt(item) for item in validation],
         verifier(items, 0.0),
         functools.partial(verifier, items),
     )

@@ -73,12 +73,18 @@ class RLStageConfig:
     train_problems: int = field(
         default=2000, metadata={"help": "training prompts generated (functions: at most all tasks)"}
     )
-    eval_problems: int = field(default=200, metadata={"help": "held-out prompts for the greedy before/after accuracy"})
+    validation_problems: int = field(
+        default=200,
+        metadata={
+            "help": "validation prompts (their own split, never the test problems) of the greedy accuracy before, "
+            "every train.eval_interval steps and after, which picks the best checkpoint"
+        },
+    )
 
     def __post_init__(self) -> None:
         embedded_task(self.task)
         check(self.missing_end_penalty >= 0, "missing_end_penalty", self.missing_end_penalty, "must be >= 0")
-        for name in ("train_problems", "eval_problems"):
+        for name in ("train_problems", "validation_problems"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
 
 
@@ -87,7 +93,8 @@ def rl_training(**changes) -> TrainConfig:
     micro-batch (a step takes ``update.minibatch_size`` sequences), a constant small learning rate without
     weight decay, float32 (probability ratios need the precision), a metrics row every step, checkpoints
     and evaluations between iterations (240 steps is a multiple of most iterations' step counts), and a
-    looser spike guard (RL's gradient norms vary more than losses do)."""
+    looser spike guard (RL's gradient norms vary more than losses do). The validation accuracy picks the
+    best checkpoint (``best_metric``): a run that only got worse ships the model it started from."""
     defaults = {
         "out": "runs/rl",
         "batch_size": 1,
@@ -102,6 +109,7 @@ def rl_training(**changes) -> TrainConfig:
         "keep_last": 2,
         "seed": 0,
         "spike_ratio": 10.0,
+        "best_metric": "accuracy",
     }
     return TrainConfig(**{**defaults, **changes})
 
@@ -231,7 +239,7 @@ def run_policy_stage(stage: str, config, make_algorithm: Callable[[Tokenizer, in
     policy, tokenizer, base = loaded.model, loaded.tokenizer, loaded.path
     reference, _ = load_model(base)  # resuming continues the run's policy; the reference is always the starting one
     device, world = process_device(train.device)
-    task = load_task(setup.task, setup.train_problems, setup.eval_problems, train.seed)
+    task = load_task(setup.task, setup.train_problems, setup.validation_problems, train.seed)
     reward = (
         ModelReward(setup.reward_model, tokenizer, str(device))
         if setup.reward_model
@@ -241,13 +249,13 @@ def run_policy_stage(stage: str, config, make_algorithm: Callable[[Tokenizer, in
     train_prompts = fitting_prompts(
         tokenizer, task.train, context, rollout.max_new_tokens, f"{setup.task} training prompts"
     )
-    eval_prompts = fitting_prompts(
-        tokenizer, task.heldout, context, rollout.max_new_tokens, f"{setup.task} held-out prompts"
+    validation_prompts = fitting_prompts(
+        tokenizer, task.validation, context, rollout.max_new_tokens, f"{setup.task} validation prompts"
     )
     algorithm = make_algorithm(tokenizer, context)
     model = PolicyModel(policy, value_head(policy.config) if algorithm.critic else None, rollout.temperature).eval()
     evaluation = HeldOutEvaluation(
-        eval_prompts, task.checker, reward, rollout.max_new_tokens, select_tools(rollout.tools)
+        validation_prompts, task.checker, reward, rollout.max_new_tokens, select_tools(rollout.tools)
     )
     source = RolloutSource(model, reference, tokenizer, algorithm, reward, train_prompts, evaluation, world)
     metadata = {
@@ -282,6 +290,7 @@ def run_policy_stage(stage: str, config, make_algorithm: Callable[[Tokenizer, in
             marked=("accuracy",),
         )
     rows = _rollout_rows(out)
+    best = summary.pop("best") or {}
     position, after = source.evaluated or (None, {})
     after = after if position == trainer.data_position else {}  # none when a stop signal ended the run
     before = source.before or {}
@@ -300,7 +309,10 @@ def run_policy_stage(stage: str, config, make_algorithm: Callable[[Tokenizer, in
         "rollout_reward_last": float(rows[-1]["reward"]) if rows else None,
         "final_kl": float(rows[-1]["kl"]) if rows and rows[-1].get("kl") else None,
         **algorithm.state_dict(),
-        "eval_prompts": len(eval_prompts),
+        "validation_prompts": len(validation_prompts),
+        "best_step": best.get("step"),
+        "best_validation_accuracy": best.get("value"),
+        "best_checkpoint": best.get("checkpoint"),
         "curves": None if curves is None else str(curves),
         **summary,
     }

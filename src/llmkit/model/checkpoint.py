@@ -25,14 +25,15 @@ from llmkit.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LATEST = "latest"
+BEST = "best"  # the checkpoint of the best evaluation (``TrainConfig.best_metric``), when one was kept
 # What ``latest`` may hold: one folder directly inside checkpoints/, so a crafted pointer
 # ("../../..", an absolute path) cannot lead a resume or a server out of the run directory.
 LATEST_PATTERN = re.compile(r"checkpoints/step_[0-9]+")
 
 
-def read_latest(run_directory: Path) -> Path:
-    """The checkpoint folder named by the run's ``latest`` file (which may not exist any more)."""
-    pointer = run_directory / LATEST
+def read_latest(run_directory: Path, name: str = LATEST) -> Path:
+    """The checkpoint folder named by the run's ``latest`` (or ``best``) file (which may not exist any more)."""
+    pointer = run_directory / name
     if not pointer.is_file():
         raise InputError(f"{pointer}: file not found")
     try:
@@ -47,13 +48,14 @@ def read_latest(run_directory: Path) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder that ``path`` names directly or through its ``latest`` pointer."""
+    """The checkpoint folder that ``path`` names directly, through its run directory's ``latest`` pointer, or
+    as a pointer file itself (``runs/grpo/best``: the run's best checkpoint)."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
         return path
-    pointer = path / LATEST
+    pointer = path if path.name in (LATEST, BEST) and path.is_file() else path / LATEST
     if pointer.is_file():
-        target = read_latest(path)
+        target = read_latest(pointer.parent, pointer.name)
         if (target / "model.safetensors").is_file():
             return target
         raise InputError(f"{pointer}: points at {target}, which holds no model.safetensors")

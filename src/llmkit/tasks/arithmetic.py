@@ -20,8 +20,11 @@ the calculator: the tests hold the two against each other. :func:`gsm8k_record` 
 GSM8K record (``Cost of the pens: 4*3 = <<4*3=12>>12.`` ... ``#### 22``) for ``llmkit eval``'s generative
 tasks.
 
-Splits: a problem is held out when the hash of its text falls in the first ``HELDOUT_FRACTION`` of
-the hash range, so the train and held-out sets are disjoint whatever the seeds.
+Splits: the hash of a problem's text places it in one of four, disjoint whatever the seeds: ``heldout``
+(the first ``HELDOUT_FRACTION`` of the hash range: the test problems every table reports), ``validation``
+(for choosing among checkpoints, never the test), ``prompts`` (RL prompts, whose solutions no stage
+shows: InstructGPT's PPO prompts without demonstrations) and ``train`` (worked solutions for SFT and
+the preference pairs).
 
 Preference pairs put the correct solution against a plausible wrong one (Lightman et al. 2023 call
 such process errors "first wrong steps"): an operand off by one, a wrong operation, or a dropped step,
@@ -44,6 +47,9 @@ from llmkit.chat import Conversation, Preference
 from llmkit.config import check
 
 HELDOUT_FRACTION = 0.1
+# Upper ends of the other splits in the hash range (heldout's bucket is unchanged by them).
+SPLIT_BOUNDS = {"heldout": HELDOUT_FRACTION, "validation": 0.15, "prompts": 0.6, "train": 1.0}
+SPLITS = tuple(SPLIT_BOUNDS)
 TOOL_NAME = "calculator"
 TOOL_SYSTEM_PROMPT = (
     "Solve the problem step by step. Use calculator(expression) for arithmetic. End with '#### ' and the answer."
@@ -263,14 +269,14 @@ TEMPLATES: dict[str, Callable[[random.Random], tuple[str, list[Step]]]] = {
 
 # ----------------------------------------------------------------------------------- problems
 def split_of(question: str) -> str:
-    """``"heldout"`` or ``"train"``, a fixed function of the problem text."""
+    """One of :data:`SPLITS`, a fixed function of the problem text."""
     digest = int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "big")
-    return "heldout" if digest < HELDOUT_FRACTION * 2**64 else "train"
+    return next(split for split, bound in SPLIT_BOUNDS.items() if digest < bound * 2**64)
 
 
 def generate_problems(count: int, seed: int = 0, split: str = "train") -> list[Problem]:
     """``count`` distinct problems of ``split``, a pure function of ``seed``."""
-    check(split in ("train", "heldout"), "split", split, "must be 'train' or 'heldout'")
+    check(split in SPLITS, "split", split, f"must be one of {', '.join(SPLITS)}")
     check(count >= 0, "count", count, "must be >= 0")
     rng = random.Random(seed)
     problems: dict[str, Problem] = {}

@@ -4,7 +4,10 @@ SFT takes its worked solutions (:meth:`EmbeddedTask.conversations`), the reward 
 generated (correct, plausible wrong) pairs (:meth:`EmbeddedTask.preferences`), PPO and GRPO its prompts
 (:meth:`EmbeddedTask.prompts`) and the exact checker of its items (``llmkit.align.rewards``), evaluation
 its held-out split. Items come from a seeded generator (arithmetic) or a fixed mined list sampled with
-the seed (functions); the train and held-out splits are disjoint by construction.
+the seed (functions). Splits (:data:`SPLITS`): ``train`` (worked solutions and preference pairs),
+``prompts`` (RL prompts whose solutions no stage shows), ``validation`` (choosing checkpoints) and
+``heldout`` (the test), disjoint for arithmetic by construction; ``functions`` has too few tasks to set
+any aside, so its prompts and validation items are training tasks (only its held-out modules are apart).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from llmkit.chat import Conversation, Preference
 from llmkit.errors import ConfigError
 from llmkit.tasks import arithmetic, functions
 
+SPLITS = arithmetic.SPLITS
+
 
 @dataclass(frozen=True)
 class EmbeddedTask:
@@ -30,6 +35,8 @@ class EmbeddedTask:
 
     def items(self, count: int, seed: int, split: str) -> list[Any]:
         """``count`` items of ``split`` (a task with fewer gives all it has)."""
+        if split not in SPLITS:
+            raise ConfigError("split", split, f"must be one of {', '.join(SPLITS)}")
         return self.generate(count, seed, split)
 
     def conversations(self, count: int, seed: int) -> list[Conversation]:
@@ -49,7 +56,7 @@ def _arithmetic(count: int, seed: int, split: str) -> list[arithmetic.Problem]:
 
 
 def _functions(count: int, seed: int, split: str) -> list[functions.FunctionTask]:
-    tasks = functions.function_tasks(split)
+    tasks = functions.function_tasks("heldout" if split == "heldout" else "train")
     return random.Random(seed).sample(tasks, min(count, len(tasks)))
 
 

@@ -98,7 +98,10 @@ def save_training_checkpoint(
     tokenizer=None,
     keep_last: int = 3,
     extra_weights: dict | None = None,
+    spare: Path | None = None,
 ) -> Path:
+    """Write the checkpoint of ``step`` atomically, point ``latest`` at it and prune older ones beyond
+    ``keep_last`` (except ``spare``, the run's best checkpoint)."""
     name = f"step_{step:08d}"
     final = run_directory / "checkpoints" / name
     with atomic_directory(final) as directory:
@@ -115,7 +118,7 @@ def save_training_checkpoint(
         write_manifest(directory)
     # The pointer moves only once the folder is complete and on disk: an interrupted save leaves the old one in force.
     atomic_write_text(run_directory / LATEST, f"checkpoints/{name}\n")
-    _prune(run_directory / "checkpoints", keep_last, keep=final)
+    _prune(run_directory / "checkpoints", keep_last, keep=final, spare=spare)
     return final
 
 
@@ -133,12 +136,13 @@ def _checkpoints_before(directory: Path, newest: Path) -> list[Path]:
     return sorted(older, key=_step_of, reverse=True)
 
 
-def _prune(directory: Path, keep_last: int, keep: Path) -> None:
-    """Keep ``keep`` (just written, on disk and named by ``latest``: the newest intact checkpoint) and the
-    ``keep_last - 1`` before it. Later-numbered folders, left by a run that fell back past them, are kept
-    until the run overwrites them; the temporaries of saves killed half-way go."""
+def _prune(directory: Path, keep_last: int, keep: Path, spare: Path | None = None) -> None:
+    """Keep ``keep`` (just written, on disk and named by ``latest``: the newest intact checkpoint), the
+    ``keep_last - 1`` before it and ``spare``. Later-numbered folders, left by a run that fell back past
+    them, are kept until the run overwrites them; the temporaries of saves killed half-way go."""
     for old in _checkpoints_before(directory, keep)[keep_last - 1 :]:
-        shutil.rmtree(old, ignore_errors=True)
+        if spare is None or old.name != spare.name:
+            shutil.rmtree(old, ignore_errors=True)
     for leftover in directory.glob(".step_*"):
         shutil.rmtree(leftover, ignore_errors=True)
 

@@ -89,6 +89,16 @@ class TrainConfig:
             "help": "refuse before the first step when the estimated memory of a step exceeds what the device has free"
         },
     )
+    best_metric: str | None = field(
+        default=None,
+        metadata={
+            "help": "an evaluation metric (e.g. accuracy, val_loss) whose best value keeps its checkpoint: the run "
+            "directory's 'best' pointer names it, and pruning spares it (none: off)"
+        },
+    )
+    best_goal: Literal["max", "min"] = field(
+        default="max", metadata={"help": "whether a larger or a smaller best_metric is better"}
+    )
     report_to: str = field(
         default="csv",
         metadata={
@@ -123,7 +133,8 @@ class TrainConfig:
             not (self.optimizer == "muon" and self.parallelism == "fsdp"),
             "optimizer",
             self.optimizer,
-            "Muon orthogonalises whole matrices, which FSDP shards; use --train.parallelism ddp or --train.optimizer adamw",
+            "Muon orthogonalises whole matrices, which FSDP shards; use --train.parallelism ddp or "
+            "--train.optimizer adamw",
         )
         check(
             self.batch_warmup_tokens is None or self.batch_warmup_tokens > 0,

@@ -22,7 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmkit.errors import ConfigError, LlmkitError
-from llmkit.model.checkpoint import DTYPES, LATEST
+from llmkit.io import atomic_write_text
+from llmkit.model.checkpoint import BEST, DTYPES, LATEST
 from llmkit.train import distributed
 from llmkit.train.checkpoint import (
     decode_rng,
@@ -247,6 +248,7 @@ class Trainer:
         self.skipped = 0
         self.rollbacks = 0
         self.best_val: float | None = None
+        self.best: dict | None = None  # {"value", "step"} of the best evaluation of config.best_metric so far
         self.signals = StopSignals()
         self.stop_requested = False
         self.validation: dict[str, float | None] = {}  # the latest evaluation
@@ -343,6 +345,7 @@ class Trainer:
                     }
                     if evaluate_now:
                         self.validation, self.evaluation_due = self.evaluate(), False
+                        self.checkpoint_due |= self._note_best()  # the best is kept as a checkpoint now
                         row.update(_format_evaluation(self.validation))
                         target_reached = self._target_reached()
                     log.add(**row)
@@ -371,6 +374,7 @@ class Trainer:
         elapsed = time.perf_counter() - start_time
         if not (self.stop_requested or target_reached) or not self.validation:
             self.validation = self.evaluate()
+            self._note_best()
         log.add(
             step=self.step,
             tokens=self.tokens_seen,
@@ -400,6 +404,7 @@ class Trainer:
             "interrupted": self.stop_requested,
             "target_reached": target_reached,
             "checkpoint": str(checkpoint),
+            "best": self._best_summary(),
             "parameters": self.language_model.num_parameters(),
             "peak_flops": meter.peak_flops,
             "train_metrics": {name: round(value, 6) for name, value in last_metrics.items()},
@@ -411,7 +416,35 @@ class Trainer:
             before = self.hooks.evaluate(self)
         if before is not None:
             self.validation = before
+            self._note_best()
             log.add(step=0, tokens=0, event="before", **_format_evaluation(before))
+
+    def _note_best(self) -> bool:
+        """Whether the latest evaluation is the best so far of ``config.best_metric`` (the starting model,
+        step 0, counts: a run that only gets worse keeps no checkpoint as its best)."""
+        metric, value = self.config.best_metric, None
+        if metric is not None:
+            value = self.validation.get(metric)
+        if value is None:
+            return False
+        better = max if self.config.best_goal == "max" else min
+        if self.best is not None and better(value, self.best["value"]) == self.best["value"]:
+            return False
+        self.best = {"value": float(value), "step": self.step}
+        return True
+
+    def _best_summary(self) -> dict | None:
+        """The best evaluation of ``config.best_metric``: its value, step and checkpoint (None at step 0: the
+        starting model was never bettered, so the run's best model is the one it started from)."""
+        if self.best is None:
+            return None
+        step = self.best["step"]
+        checkpoint = self.run_directory / "checkpoints" / f"step_{step:08d}" if step else None
+        return {
+            "metric": self.config.best_metric,
+            **self.best,
+            "checkpoint": None if checkpoint is None else str(checkpoint),
+        }
 
     def _set_learning_rate(self, elapsed: float) -> float:
         """The schedule's rate for this step in every optimizer group; returns the one logged (of ``--lr``)."""
@@ -596,6 +629,7 @@ class Trainer:
             "skipped": self.skipped,
             "rollbacks": self.rollbacks,
             "best_val": self.best_val,
+            "best": self.best,
             "guard": self.guard.state(),
             "world_size": self.world.world_size,
             "rng": states,
@@ -608,6 +642,8 @@ class Trainer:
         model_state, extra_weights = split_weights(model_state, self.hooks.language_model)
         state = self.trainer_state(elapsed)
         path = self.run_directory / "checkpoints" / f"step_{self.step:08d}"
+        best = self.best["step"] if self.best else 0
+        spare = self.run_directory / "checkpoints" / f"step_{best:08d}" if best else None
         if self.world.is_main:
             path = save_training_checkpoint(
                 self.run_directory,
@@ -620,7 +656,10 @@ class Trainer:
                 self.tokenizer,
                 self.config.keep_last,
                 extra_weights,
+                spare,
             )
+            if best == self.step:  # only once the checkpoint is complete on disk, as for ``latest``
+                atomic_write_text(self.run_directory / BEST, f"checkpoints/{path.name}\n")
         distributed.barrier(self.world)
         return path
 
@@ -631,7 +670,9 @@ class Trainer:
         if not self.config.resume:
             if has_checkpoint:
                 raise ConfigError(
-                    "out", self.config.out, "already holds a run; pass --train.resume to continue it or choose another --train.out"
+                    "out",
+                    self.config.out,
+                    "already holds a run; pass --train.resume to continue it or choose another --train.out",
                 )
             return None
         if not has_checkpoint:
@@ -656,7 +697,7 @@ class Trainer:
     def _load_state(self, state: dict) -> None:
         self.step, self.data_position, self.tokens_seen = state["step"], state["data_position"], state["tokens_seen"]
         self.elapsed_before, self.skipped, self.rollbacks = state["elapsed_s"], state["skipped"], state["rollbacks"]
-        self.best_val = state["best_val"]
+        self.best_val, self.best = state["best_val"], state.get("best")
         self.guard.load(state["guard"])
         if state["world_size"] == self.world.world_size:
             torch.set_rng_state(decode_rng(state["rng"][self.world.rank]))
