@@ -81,7 +81,8 @@ class ChatSession:
         finally:
             if request.completion is None:
                 request.cancel()
-            self.messages += assistant_messages(request.completion.text if request.completion else written)
+            text = request.completion.text if request.completion else written
+            self.messages += assistant_messages(text, self.engine.tokenizer)
 
     def command(self, line: str) -> str | None:
         """Run a /command; returns what to show, or None for /quit."""

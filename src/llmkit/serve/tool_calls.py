@@ -32,16 +32,17 @@ reads Hermes/Qwen's ``<tool_call>`` JSON blocks, with ``tool_choice`` ``auto`` o
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from dataclasses import dataclass, field
 
+from llmkit.chat_templates import CALL_OPEN
 from llmkit.errors import ConfigError
 from llmkit.infer.completion import Completion
 from llmkit.infer.scheduler import Event
 from llmkit.infer.tools import Tool, ToolCallError, parse_tool_call
 from llmkit.serve.openai_errors import APIError
 from llmkit.serve.schemas import NamedToolChoice, TokenLogprob, ToolDefinition, TopLogprob
+from llmkit.template_tools import call_payloads
 from llmkit.tokenizer import TOOL_CALL, Tokenizer
 
 
@@ -194,10 +195,6 @@ class AssistantTurn:
         return TurnResult(written, None, reason)
 
 
-TEMPLATE_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-TEMPLATE_CALL_START = "<tool_call>"
-
-
 @dataclass
 class TemplateTurn:
     """One choice of a chat answer from a model with a chat format of its own, whose template's tool
@@ -215,7 +212,7 @@ class TemplateTurn:
 
     def feed(self, event: Event) -> tuple[str, list[TokenLogprob]]:
         self.text += event.text
-        cut = self.text.find(TEMPLATE_CALL_START) if self.detect_calls else -1
+        cut = self.text.find(CALL_OPEN) if self.detect_calls else -1
         # Hold back whatever may be the start of a call: the whole marker, or a prefix of it at the end.
         visible = (
             self.text[:cut] if cut >= 0 else self.text[: len(self.text) - _marker_prefix(self.text) * self.detect_calls]
@@ -231,9 +228,7 @@ class TemplateTurn:
     def finish(self, completion: Completion) -> TurnResult:
         reason = "length" if completion.finish_reason == "length" else "stop"
         calls = (
-            [openai_tool_call(payload, self.tools) for payload in TEMPLATE_CALL.findall(self.text)]
-            if self.detect_calls
-            else []
+            [openai_tool_call(payload, self.tools) for payload in call_payloads(self.text)] if self.detect_calls else []
         )
         if calls and all(call is not None for call in calls) and reason == "stop":
             self.content = self.content.rstrip()
@@ -246,10 +241,6 @@ class TemplateTurn:
 def _marker_prefix(text: str) -> int:
     """Length of the longest end of ``text`` that begins ``<tool_call>``."""
     return next(
-        (
-            size
-            for size in range(min(len(text), len(TEMPLATE_CALL_START) - 1), 0, -1)
-            if TEMPLATE_CALL_START.startswith(text[-size:])
-        ),
+        (size for size in range(min(len(text), len(CALL_OPEN) - 1), 0, -1) if CALL_OPEN.startswith(text[-size:])),
         0,
     )
