@@ -28,7 +28,7 @@ HERE = Path(__file__).parent
 
 
 def launch(
-    out: Path, processes: int, tp: int, pp: int, grad_accum: int, max_steps: int, schedule: str = "1f1b"
+    out: Path, processes: int, tp: int, pp: int, grad_accum: int, max_steps: int, schedule="1f1b", recompute=False
 ) -> None:
     environment = {
         **os.environ,
@@ -37,10 +37,11 @@ def launch(
     }
     resume = "resume" if (out / "latest").exists() else "fresh"
     worker = [str(HERE / "parallel_worker.py"), str(out), str(tp), str(pp), str(grad_accum), str(max_steps), resume]
-    command = [sys.executable, *worker, schedule]
+    worker += [schedule, "recompute" if recompute else "store"]
+    command = [sys.executable, *worker]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-        command += [*worker, schedule]
+        command += worker
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     if result.returncode != 0 and "exitcode: -6" in result.stderr and resume == "fresh":
         # gloo's rare abort at exit on a loaded machine (test_distributed.py): one fresh try.
@@ -90,8 +91,8 @@ def test_tensor_parallel_refuses_what_it_cannot_split():
 def test_layouts_reproduce_one_process_and_resume_across_layouts(tmp_path):
     """One process accumulating 2 micro-batches of 4 rows for 4 steps, against one run that changes layout at
     every resume, each with the same global batch of 8 rows: tp 2 x dp 2 (4 processes, 1 micro-batch each)
-    for steps 1-2, pp 2 x dp 2 (GPipe, 1 micro-batch) for step 3, tp 2 x pp 2 (1F1B, 2 micro-batches) for
-    step 4. Its losses, validation losses and final weights are one process's."""
+    for steps 1-2, pp 2 x dp 2 (GPipe, 1 micro-batch) for step 3, tp 2 x pp 2 (1F1B, 2 micro-batches, block
+    activations recomputed) for step 4. Its losses, validation losses and final weights are one process's."""
     one, layouts = tmp_path / "one", tmp_path / "layouts"
     launch(one, processes=1, tp=1, pp=1, grad_accum=2, max_steps=4)
     launch(layouts, processes=4, tp=2, pp=1, grad_accum=1, max_steps=2)
@@ -100,7 +101,7 @@ def test_layouts_reproduce_one_process_and_resume_across_layouts(tmp_path):
         one / "checkpoints/step_00000002/model.safetensors", layouts / "checkpoints/step_00000002/model.safetensors"
     )
     launch(layouts, processes=4, tp=1, pp=2, grad_accum=1, max_steps=3, schedule="gpipe")
-    launch(layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4)
+    launch(layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4, recompute=True)
     expected, got = losses(one), losses(layouts)
     assert [row[0] for row in got] == [row[0] for row in expected] == ["1", "2", "3", "4"]
     for (_, loss_one, val_one), (_, loss_two, val_two) in zip(expected, got):

@@ -155,6 +155,10 @@ class Pipeline:
         return self._pipeline_mean(losses)
 
 
+def _to_cpu(value):
+    return value.cpu() if torch.is_tensor(value) else value
+
+
 def gather_stages(model: nn.Module, model_state: dict, optimizer_state: dict) -> None:
     """Every stage's trained parameters (and their optimizer state) in the state dicts of the first stage,
     in place; a no-op without pipeline parallelism. Every rank of the pipeline group must call it."""
@@ -164,11 +168,10 @@ def gather_stages(model: nn.Module, model_state: dict, optimizer_state: dict) ->
     n_layer, stage = model.config.n_layer, model.pipeline_stage
     mine = {name for name in model_state if owning_stage(name, n_layer, stages) == stage}
     pieces = [None] * dist.get_world_size()
-    cpu = lambda value: value.cpu() if torch.is_tensor(value) else value  # noqa: E731
     owned = (
-        {name: cpu(model_state[name]) for name in mine},
+        {name: _to_cpu(model_state[name]) for name in mine},
         {
-            name: {k: cpu(v) for k, v in value.items()}
+            name: {key: _to_cpu(tensor) for key, tensor in value.items()}
             for name, value in optimizer_state["state"].items()
             if name in mine
         },
