@@ -283,6 +283,10 @@ def test_a_model_that_learned_the_convention_calls_the_calculator_through_the_en
     other = engine.generate_ids([prompt], GenerationConfig(max_new_tokens=120, temperature=0), wrong)[0]
     injected = tokenizer.decode([token for token, flag in zip(other.token_ids, other.injected) if flag])
     assert "<tool_response>\n99\n</tool_response>" in injected and other.tool_calls[0]["result"] == "99"
+    beam = engine.generate_ids(
+        [prompt], GenerationConfig(max_new_tokens=40, num_beams=2), ToolBox([calculator_tool()])
+    )[0]
+    assert beam.tool_calls == [] and not any(beam.injected)  # a beam is decided whole: no tool runs inside it
     # `llmkit chat --tools`: the transcript keeps the call and its result as messages that render back.
     session = ChatSession(
         engine, GenerationConfig(max_new_tokens=120, temperature=0), "Calc.", ToolBox([calculator_tool()])

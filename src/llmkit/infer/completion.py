@@ -212,10 +212,11 @@ class CompletionState:
         step = Step()
         self.sampled += 1
         closes_call = self.open_call is not None and token == self.end_of_turn
+        ends_calling_turn = self.turns is not None and self.tools is not None and token == self.turns.end_id
         if closes_call and self.tools is not None:
             self._append(token, step, False, logprob, top)
             self._run_tool(step)
-        elif self.turns is not None and token == self.turns.end_id and (payloads := self._turn_calls()):
+        elif ends_calling_turn and (payloads := self._turn_calls()):
             self._append(token, step, False, logprob, top)
             self._run_turn_calls(payloads, step)
         elif token in self.end_ids and self.config.stop_at_end_of_text:
