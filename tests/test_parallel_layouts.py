@@ -28,7 +28,15 @@ HERE = Path(__file__).parent
 
 
 def launch(
-    out: Path, processes: int, tp: int, pp: int, grad_accum: int, max_steps: int, schedule="1f1b", recompute=False
+    out: Path,
+    processes: int,
+    tp: int,
+    pp: int,
+    grad_accum: int,
+    max_steps: int,
+    schedule="1f1b",
+    recompute=False,
+    sequence_parallel=True,
 ) -> None:
     environment = {
         **os.environ,
@@ -37,7 +45,7 @@ def launch(
     }
     resume = "resume" if (out / "latest").exists() else "fresh"
     worker = [str(HERE / "parallel_worker.py"), str(out), str(tp), str(pp), str(grad_accum), str(max_steps), resume]
-    worker += [schedule, "recompute" if recompute else "store"]
+    worker += [schedule, "recompute" if recompute else "store", "sequence-parallel" if sequence_parallel else "whole"]
     command = [sys.executable, *worker]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
@@ -81,6 +89,9 @@ def test_tensor_parallel_refuses_what_it_cannot_split():
         check_tensor_parallel(ModelConfig(n_head=4, n_kv_head=1, n_embd=32), 2)
     with pytest.raises(ConfigError, match="'position' = 'alibi'"):
         check_tensor_parallel(ModelConfig(position="alibi"), 2)
+    with pytest.raises(ConfigError, match="'norm_placement' = 'post'"):
+        check_tensor_parallel(ModelConfig(norm_placement="post"), 2, sequence_parallel=True)
+    check_tensor_parallel(ModelConfig(norm_placement="post"), 2)  # without sequence parallelism it splits
     with pytest.raises(ConfigError, match="'tp' = 2"):  # one process cannot hold two tensor-parallel ranks
         from llmkit.train.config import TrainConfig
         from llmkit.train.distributed import World, wrap_model
@@ -90,12 +101,13 @@ def test_tensor_parallel_refuses_what_it_cannot_split():
 
 def test_layouts_reproduce_one_process_and_resume_across_layouts(tmp_path):
     """One process accumulating 2 micro-batches of 4 rows for 4 steps, against one run that changes layout at
-    every resume, each with the same global batch of 8 rows: tp 2 x dp 2 (4 processes, 1 micro-batch each)
-    for steps 1-2, pp 2 x dp 2 (GPipe, 1 micro-batch) for step 3, tp 2 x pp 2 (1F1B, 2 micro-batches, block
-    activations recomputed) for step 4. Its losses, validation losses and final weights are one process's."""
+    every resume, each with the same global batch of 8 rows: tp 2 x dp 2 (4 processes, 1 micro-batch each,
+    norms replicated) for steps 1-2, pp 2 x dp 2 (GPipe, 1 micro-batch) for step 3, tp 2 x pp 2 (1F1B, 2
+    micro-batches, sequence parallel, block activations recomputed) for step 4. Its losses, validation
+    losses and final weights are one process's."""
     one, layouts = tmp_path / "one", tmp_path / "layouts"
     launch(one, processes=1, tp=1, pp=1, grad_accum=2, max_steps=4)
-    launch(layouts, processes=4, tp=2, pp=1, grad_accum=1, max_steps=2)
+    launch(layouts, processes=4, tp=2, pp=1, grad_accum=1, max_steps=2, sequence_parallel=False)
     # The tp 2 x dp 2 checkpoint is in one process's layout: one process could load it as it is.
     assert_same_weights(
         one / "checkpoints/step_00000002/model.safetensors", layouts / "checkpoints/step_00000002/model.safetensors"

@@ -508,6 +508,7 @@ def layout_yaml(config: PlanConfig, layout: dict, sequence: int) -> str:
         f"  pp: {layout['pp']}",
         f"  parallelism: {parallelism}",
         f"  reshard_after_forward: {str(layout['zero'] == 3).lower()}",
+        f"  sequence_parallel: {str(config.sequence_parallel).lower()}",
         f"  pipeline_schedule: {config.schedule}",
         f"  batch_size: {layout['micro_batch']}",
         f"  grad_accum: {layout['micro_batches']}",

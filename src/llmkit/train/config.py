@@ -71,6 +71,9 @@ class TrainConfig:
     )
     tp: int = field(default=1, metadata={"help": "tensor-parallel size (docs/train.md, parallel layouts)"})
     pp: int = field(default=1, metadata={"help": "pipeline-parallel size; data parallel = processes / (tp x pp)"})
+    sequence_parallel: bool = field(
+        default=True, metadata={"help": "under tensor parallelism, split norms and dropout along the sequence"}
+    )
     pipeline_schedule: Literal["1f1b", "gpipe"] = field(
         default="1f1b", metadata={"help": "pipeline schedule; grad_accum is the number of pipeline micro-batches"}
     )

@@ -85,7 +85,7 @@ def _wrap_layout(model: nn.Module, world: World, config, device: torch.device, l
             raise ConfigError("pp", config.pp, "pipeline parallelism trains a bare language model (pretraining)")
         prune_to_stage(model, config.pp, mesh["pp"].get_local_rank())
     if config.tp > 1:
-        apply_tensor_parallel(language_model, mesh["tp"])
+        apply_tensor_parallel(language_model, mesh["tp"], config.sequence_parallel)
 
     def shard(root: nn.Module) -> None:
         for block in blocks_of(language_model):

@@ -4,7 +4,8 @@ Megatron-LM's split of a block (Shoeybi et al. 2019 §3): the projections that f
 MLP's up or fused gate/up) are column-parallel, each rank computing its share of the heads and of the
 hidden units with no communication; the projections back into the residual stream (attention output,
 MLP down) are row-parallel, their partial sums all-reduced once. So a block costs two all-reduces
-forward and two backward. Embeddings, norms and the head stay replicated.
+forward and two backward. Embeddings and the head stay replicated; the norms too, or, with sequence
+parallelism, split along the sequence.
 
 The fused projections keep their single-process row order in checkpoints: ``[q; k; v]`` and
 ``[gate; up]``. Column sharding gives rank r the r-th contiguous slice of rows, so before sharding the
@@ -19,8 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from llmkit.errors import ConfigError
 from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
@@ -40,8 +47,10 @@ def build_mesh(device: torch.device, world_size: int, tp: int, pp: int) -> Devic
     return init_device_mesh(device.type, (pp, world_size // (tp * pp), tp), mesh_dim_names=("pp", "dp", "tp"))
 
 
-def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
+def check_tensor_parallel(config: ModelConfig, tp: int, sequence_parallel: bool = False) -> None:
     """Refuse, naming the field, the variants whose heads or weights do not split across ``tp`` ranks."""
+    if sequence_parallel and config.norm_placement != "pre":
+        raise ConfigError("norm_placement", config.norm_placement, "sequence parallelism splits pre-LN blocks only")
     for name, value in (("n_head", config.n_head), ("n_kv_head", config.n_kv_head), ("ffn_hidden", config.ffn_hidden)):
         if value % tp:
             raise ConfigError(name, value, f"must be divisible by tp={tp} for tensor parallelism")
@@ -86,28 +95,53 @@ def deinterleave(tensor: torch.Tensor, sizes: list[int], parts: int) -> torch.Te
     return torch.cat([ranks[rank][block] for block in range(len(sizes)) for rank in range(parts)])
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Shard every block of the Transformer ``model`` over the 1-D ``mesh`` in place."""
+def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = True) -> None:
+    """Shard every block of the Transformer ``model`` over the 1-D ``mesh`` in place.
+
+    With ``sequence_parallel`` (Korthikanti et al. 2022) the residual stream between the tensor-parallel
+    regions is split along the sequence too: each rank normalises (and drops out) its T/t positions, the
+    column-parallel projections all-gather the sequence and the row-parallel ones reduce-scatter it
+    instead of all-reducing: the same traffic, a t-th of the norms' work and of the activations they
+    keep. The sequence is cut before the first block and gathered again before the final norm."""
     tp = mesh.size()
     config = model.config
-    check_tensor_parallel(config, tp)
+    check_tensor_parallel(config, tp, sequence_parallel)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, sizes in fused_rows(config).items():
             if name in parameters:  # a pipeline stage holds some of the blocks
                 parameters[name].copy_(interleave(parameters[name], sizes, tp))
+    sequence = Shard(1) if sequence_parallel else Replicate()
     plan = {
-        "attention.qkv": ColwiseParallel(),
-        "attention.out": RowwiseParallel(),
-        "feed_forward.up": ColwiseParallel(),
-        "feed_forward.down": RowwiseParallel(),
+        "attention.qkv": ColwiseParallel(input_layouts=sequence),
+        "attention.out": RowwiseParallel(output_layouts=sequence),
+        "feed_forward.up": ColwiseParallel(input_layouts=sequence),
+        "feed_forward.down": RowwiseParallel(output_layouts=sequence),
     }
+    if sequence_parallel:
+        # The norms' outputs stay DTensors: the attention reads the whole sequence's length off them.
+        plan |= {"attention_norm": SequenceParallel(), "feed_forward_norm": SequenceParallel()}
     for block in blocks_of(model):
         parallelize_module(block, mesh, plan)
         # Each rank attends with its own heads: the local projections hold n_head / tp of them.
         block.attention.n_head //= tp
         block.attention.n_kv_head //= tp
+    if sequence_parallel:
+        cut = PrepareModuleInput(
+            input_layouts=(Replicate(), None, None, None, None),
+            desired_input_layouts=(Shard(1), None, None, None, None),
+            use_local_output=True,
+        )
+        gather = PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
+        held = {name for name, _ in model.named_children()} | {
+            f"blocks.{name}" for name, _ in model.blocks.named_children()
+        }
+        edges = {"blocks.0": cut, "final_norm": gather}  # a pipeline stage holds block 0 or not
+        parallelize_module(model, mesh, {name: style for name, style in edges.items() if name in held})
     model.tensor_parallel = tp
+    model.sequence_shards = tp if sequence_parallel else 1
 
 
 def _convert(model: nn.Module, states: list[dict], function) -> None:

@@ -60,7 +60,8 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         model = self.model
-        length = x.shape[1]
+        # Under sequence parallelism a later stage receives its tensor-parallel rank's share of the sequence.
+        length = x.shape[1] * (1 if self.first else getattr(model, "sequence_shards", 1))
         positions = model._positions(0, length)
         mask, is_causal = model._attention_mask(positions, 0, length, None)
         if self.first:
