@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from llmkit.errors import ConfigError
-from llmkit.model import Transformer
+from llmkit.model import Transformer, preset
 from llmkit.model.config import ModelConfig
 from llmkit.train.parallel import check_tensor_parallel, deinterleave, interleave
-from llmkit.train.pipeline import stage_blocks
+from llmkit.train.pipeline import balanced_split, even_split
 
 HERE = Path(__file__).parent
 
@@ -77,11 +77,17 @@ def test_interleave_puts_whole_heads_on_each_rank():
     assert torch.equal(deinterleave(mixed, [4, 2, 2], 2), rows)
 
 
-def test_pipeline_stages_split_blocks_evenly():
-    assert [list(stage_blocks(5, 2, stage)) for stage in range(2)] == [[0, 1, 2], [3, 4]]
-    assert [len(stage_blocks(70, 12, stage)) for stage in range(12)] == [6] * 10 + [5] * 2  # BLOOM's 70 blocks
+def test_pipeline_splits():
+    assert even_split(5, 2) == [range(0, 3), range(3, 5)]
+    # BLOOM's 70 blocks on 12 stages: evenly 6 blocks on the first 10 and 5 on the last two, where the head
+    # (250,880 x 14,336 = 3.6e9 weights, 1.46 blocks of 12·14336² = 2.47e9) makes the last stage the busiest
+    # at 6.46 blocks' work; balanced, the last stage takes 4 blocks and the head (5.46), the others 6 each.
+    assert [len(blocks) for blocks in even_split(70, 12)] == [6] * 10 + [5] * 2
+    assert [len(blocks) for blocks in balanced_split(preset("bloom-176b"), 12)] == [6] * 11 + [4]
+    tiny = ModelConfig(n_layer=4, n_embd=32, n_head=2, vocab_size=10)  # a head of 320 weights, blocks of 12,288
+    assert balanced_split(tiny, 2) == even_split(4, 2) == [range(0, 2), range(2, 4)]
     with pytest.raises(ConfigError, match="'pp' = 3"):
-        stage_blocks(2, 3, 0)
+        even_split(2, 3)
 
 
 def test_tensor_parallel_refuses_what_it_cannot_split():

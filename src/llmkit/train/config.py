@@ -74,6 +74,9 @@ class TrainConfig:
     sequence_parallel: bool = field(
         default=True, metadata={"help": "under tensor parallelism, split norms and dropout along the sequence"}
     )
+    pipeline_split: Literal["even", "balanced"] = field(
+        default="even", metadata={"help": "blocks per pipeline stage: even, or balanced with the output head's work"}
+    )
     pipeline_schedule: Literal["1f1b", "gpipe"] = field(
         default="1f1b", metadata={"help": "pipeline schedule; grad_accum is the number of pipeline micro-batches"}
     )

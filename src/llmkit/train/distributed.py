@@ -83,7 +83,7 @@ def _wrap_layout(model: nn.Module, world: World, config, device: torch.device, l
     if config.pp > 1:
         if language_model is not model:
             raise ConfigError("pp", config.pp, "pipeline parallelism trains a bare language model (pretraining)")
-        prune_to_stage(model, config.pp, mesh["pp"].get_local_rank())
+        prune_to_stage(model, config.pp, mesh["pp"].get_local_rank(), config.pipeline_split)
     if config.tp > 1:
         apply_tensor_parallel(language_model, mesh["tp"], config.sequence_parallel)
 

@@ -1,7 +1,8 @@
 """Pipeline parallelism through PyTorch's ``torch.distributed.pipelining``.
 
 The blocks are cut into ``pp`` consecutive stages, as even as possible with the extra blocks on the first
-stages (the last one also runs the output head); the token embedding runs on the first stage, the final
+stages (the last one also runs the output head), or balanced so that the busiest stage, head included,
+does the least work; the token embedding runs on the first stage, the final
 norm and the head on the last. Each optimizer step is one schedule run over ``grad_accum`` micro-batches:
 GPipe (Huang et al. 2019: every forward, then every backward) or 1F1B (Narayanan et al. 2019, PipeDream-
 Flush: at most ``pp`` micro-batches in flight), with a bubble of ``(pp − 1)/(grad_accum + pp − 1)`` of
@@ -25,6 +26,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.tensor import DTensor
 
 from llmkit.errors import ConfigError
+from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
 from llmkit.model.transformer import IGNORE_INDEX
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -32,21 +34,54 @@ FIRST_STAGE = ("token_embedding.", "position_embedding.", "embedding_norm.")
 LAST_STAGE = ("final_norm.", "lm_head.")
 
 
-def stage_blocks(n_layer: int, stages: int, stage: int) -> range:
-    """The block indices of ``stage``: even shares, one extra block on each of the first stages."""
+def _check_stages(n_layer: int, stages: int) -> None:
     if stages > n_layer:
         raise ConfigError("pp", stages, f"more pipeline stages than the model's {n_layer} blocks")
+
+
+def even_split(n_layer: int, stages: int) -> list[range]:
+    """Each stage's block indices: even shares, one extra block on each of the first stages."""
+    _check_stages(n_layer, stages)
     share, extra = divmod(n_layer, stages)
-    start = stage * share + min(stage, extra)
-    return range(start, start + share + (stage < extra))
+    starts = [stage * share + min(stage, extra) for stage in range(stages + 1)]
+    return [range(start, end) for start, end in zip(starts, starts[1:])]
 
 
-def owning_stage(name: str, n_layer: int, stages: int) -> int:
+def balanced_split(config: ModelConfig, stages: int) -> list[range]:
+    """Each stage's block indices, contiguous, so that the busiest stage does the least work: a block
+    costs its matmul weights, the output head its V·h more on the last stage (the embedding is a lookup).
+    The smallest maximum over every split, by dynamic programming over (stages, blocks)."""
+    n_layer = config.n_layer
+    _check_stages(n_layer, stages)
+    h, f = config.n_embd, config.ffn_hidden
+    block = h * (config.n_head + 2 * config.n_kv_head) * config.head_dim + h * h
+    block += h * f * (2 if config.activation in GATED_ACTIVATIONS else 1) + f * h
+    head = config.vocab_size * h
+    # best[k][i]: the least possible maximum load of k stages holding blocks 0..i-1; cut[k][i] its last cut.
+    best = [[float("inf")] * (n_layer + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n_layer + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n_layer - (stages - k) + 1):
+            for j in range(k - 1, i):
+                load = (i - j) * block + (head if k == stages else 0)
+                value = max(best[k - 1][j], load)
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    ends, i = [], n_layer
+    for k in range(stages, 0, -1):
+        ends.append(i)
+        i = cut[k][i]
+    starts = [0] + sorted(ends)[:-1]
+    return [range(start, end) for start, end in zip(starts, sorted(ends))]
+
+
+def owning_stage(name: str, split: list[range]) -> int:
     """The stage whose copy of parameter ``name`` (one process's naming) is trained."""
     if name.startswith("blocks."):
         index = int(name.split(".")[1])
-        return next(stage for stage in range(stages) if index in stage_blocks(n_layer, stages, stage))
-    return stages - 1 if name.startswith(LAST_STAGE) else 0
+        return next(stage for stage, blocks in enumerate(split) if index in blocks)
+    return len(split) - 1 if name.startswith(LAST_STAGE) else 0
 
 
 class StageModule(nn.Module):
@@ -87,11 +122,12 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def prune_to_stage(model: nn.Module, stages: int, stage: int) -> None:
-    """Keep only ``stage``'s blocks in ``model``, under their one-process names."""
-    owned = stage_blocks(model.config.n_layer, stages, stage)
-    model.blocks = nn.ModuleDict({str(index): model.blocks[index] for index in owned})
-    model.pipeline_stages, model.pipeline_stage = stages, stage
+def prune_to_stage(model: nn.Module, stages: int, stage: int, balance: str = "even") -> None:
+    """Keep only ``stage``'s blocks in ``model``, under their one-process names; ``balance``: ``even``
+    (:func:`even_split`) or ``balanced`` (:func:`balanced_split`)."""
+    split = even_split(model.config.n_layer, stages) if balance == "even" else balanced_split(model.config, stages)
+    model.blocks = nn.ModuleDict({str(index): model.blocks[index] for index in split[stage]})
+    model.pipeline_split, model.pipeline_stage, model.pipeline_stages = split, stage, stages
 
 
 class Pipeline:
@@ -125,8 +161,8 @@ class Pipeline:
     def counted(self) -> list[nn.Parameter]:
         """The parameters this stage trains: a gradient norm sums them over the stages, each once (a tied
         embedding's copy on the last stage, and the idle embedding and head copies, are left out)."""
-        stages, n_layer = self.stages, self.model.config.n_layer
-        return [p for name, p in self.model.named_parameters() if owning_stage(name, n_layer, stages) == self.stage]
+        split = self.model.pipeline_split
+        return [p for name, p in self.model.named_parameters() if owning_stage(name, split) == self.stage]
 
     def _pipeline_mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """The last stage's mean micro-batch loss, on every stage."""
@@ -163,11 +199,9 @@ def _to_cpu(value):
 def gather_stages(model: nn.Module, model_state: dict, optimizer_state: dict) -> None:
     """Every stage's trained parameters (and their optimizer state) in the state dicts of the first stage,
     in place; a no-op without pipeline parallelism. Every rank of the pipeline group must call it."""
-    stages = getattr(model, "pipeline_stages", 1)
-    if stages == 1:
+    if not hasattr(model, "pipeline_split"):
         return
-    n_layer, stage = model.config.n_layer, model.pipeline_stage
-    mine = {name for name in model_state if owning_stage(name, n_layer, stages) == stage}
+    mine = {name for name in model_state if owning_stage(name, model.pipeline_split) == model.pipeline_stage}
     pieces = [None] * dist.get_world_size()
     owned = (
         {name: _to_cpu(model_state[name]) for name in mine},
@@ -189,7 +223,7 @@ def gather_stages(model: nn.Module, model_state: dict, optimizer_state: dict) ->
 def select_stage(model: nn.Module, model_state: dict, optimizer_state: dict) -> None:
     """Drop from full state dicts the blocks this stage does not hold, in place (the inverse of
     :func:`gather_stages` for loading)."""
-    if getattr(model, "pipeline_stages", 1) == 1:
+    if not hasattr(model, "pipeline_split"):
         return
     held = set(model.state_dict())
     for name in [name for name in model_state if name not in held]:
