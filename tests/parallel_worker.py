@@ -16,8 +16,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # Grouped-query attention (4 query heads, 2 key/value heads) and a gated MLP: both fused projections
-    # are split across the tensor-parallel ranks.
-    model = Transformer(tiny_config(n_head=4, n_kv_head=2))
+    # are split across the tensor-parallel ranks. 4 blocks: 2 pipeline ranks x 2 interleaved stages.
+    model = Transformer(tiny_config(n_head=4, n_kv_head=2, n_layer=4))
     config = TrainConfig(
         out=out,
         batch_size=4,

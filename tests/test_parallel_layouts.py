@@ -108,9 +108,9 @@ def test_tensor_parallel_refuses_what_it_cannot_split():
 def test_layouts_reproduce_one_process_and_resume_across_layouts(tmp_path):
     """One process accumulating 2 micro-batches of 4 rows for 4 steps, against one run that changes layout at
     every resume, each with the same global batch of 8 rows: tp 2 x dp 2 (4 processes, 1 micro-batch each,
-    norms replicated) for steps 1-2, pp 2 x dp 2 (GPipe, 1 micro-batch) for step 3, tp 2 x pp 2 (1F1B, 2
-    micro-batches, sequence parallel, block activations recomputed) for step 4. Its losses, validation
-    losses and final weights are one process's."""
+    norms replicated) for steps 1-2, pp 2 x dp 2 (GPipe, 1 micro-batch) for step 3, tp 2 x pp 2 (interleaved
+    1F1B, 2 stages a process, 2 micro-batches, sequence parallel, block activations recomputed) for step 4.
+    Its losses, validation losses and final weights are one process's."""
     one, layouts = tmp_path / "one", tmp_path / "layouts"
     launch(one, processes=1, tp=1, pp=1, grad_accum=2, max_steps=4)
     launch(layouts, processes=4, tp=2, pp=1, grad_accum=1, max_steps=2, sequence_parallel=False)
@@ -119,7 +119,7 @@ def test_layouts_reproduce_one_process_and_resume_across_layouts(tmp_path):
         one / "checkpoints/step_00000002/model.safetensors", layouts / "checkpoints/step_00000002/model.safetensors"
     )
     launch(layouts, processes=4, tp=1, pp=2, grad_accum=1, max_steps=3, schedule="gpipe")
-    launch(layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4, recompute=True)
+    launch(layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4, schedule="interleaved-1f1b", recompute=True)
     expected, got = losses(one), losses(layouts)
     assert [row[0] for row in got] == [row[0] for row in expected] == ["1", "2", "3", "4"]
     for (_, loss_one, val_one), (_, loss_two, val_two) in zip(expected, got):

@@ -77,8 +77,11 @@ class TrainConfig:
     pipeline_split: Literal["even", "balanced"] = field(
         default="even", metadata={"help": "blocks per pipeline stage: even, or balanced with the output head's work"}
     )
-    pipeline_schedule: Literal["1f1b", "gpipe"] = field(
+    pipeline_schedule: Literal["1f1b", "gpipe", "interleaved-1f1b"] = field(
         default="1f1b", metadata={"help": "pipeline schedule; grad_accum is the number of pipeline micro-batches"}
+    )
+    virtual_stages: int = field(
+        default=2, metadata={"help": "interleaved-1f1b: pipeline stages each process runs (Narayanan et al. 2021)"}
     )
     reshard_after_forward: bool = field(
         default=True, metadata={"help": "FSDP2: free gathered weights after the forward (ZeRO-3) or keep them (ZeRO-2)"}
@@ -157,6 +160,7 @@ class TrainConfig:
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
         check(self.tp >= 1, "tp", self.tp, "must be at least 1")
         check(self.pp >= 1, "pp", self.pp, "must be at least 1")
+        check(self.virtual_stages >= 1, "virtual_stages", self.virtual_stages, "must be at least 1")
         check(
             self.pp == 1 or self.pipeline_schedule == "gpipe" or self.grad_accum >= self.pp,
             "grad_accum",

@@ -83,12 +83,13 @@ def _wrap_layout(model: nn.Module, world: World, config, device: torch.device, l
     if config.pp > 1:
         if language_model is not model:
             raise ConfigError("pp", config.pp, "pipeline parallelism trains a bare language model (pretraining)")
-        prune_to_stage(model, config.pp, mesh["pp"].get_local_rank(), config.pipeline_split)
+        virtual = config.virtual_stages if config.pipeline_schedule == "interleaved-1f1b" else 1
+        prune_to_stage(model, config.pp, mesh["pp"].get_local_rank(), config.pipeline_split, virtual)
     if config.tp > 1:
         apply_tensor_parallel(language_model, mesh["tp"], config.sequence_parallel)
 
-    def shard(root: nn.Module) -> None:
-        for block in blocks_of(language_model):
+    def shard(root: nn.Module) -> None:  # the model, or one pipeline stage's forward module
+        for block in blocks_of(root):
             fully_shard(block, mesh=mesh["dp"], reshard_after_forward=config.reshard_after_forward)
         fully_shard(root, mesh=mesh["dp"], reshard_after_forward=config.reshard_after_forward)
 

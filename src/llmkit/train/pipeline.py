@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
 from llmkit.errors import ConfigError
 from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
 from llmkit.model.transformer import IGNORE_INDEX
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
 FIRST_STAGE = ("token_embedding.", "position_embedding.", "embedding_norm.")
 LAST_STAGE = ("final_norm.", "lm_head.")
 
@@ -87,34 +87,45 @@ def owning_stage(name: str, split: list[range]) -> int:
 class StageModule(nn.Module):
     """One stage's forward: (token ids or the previous stage's hidden states) -> hidden states, or logits
     on the last stage. The embedding follows :meth:`Transformer.hidden_states` for whole causal sequences
-    (no cache, prefix or packed documents: the pretraining case)."""
+    (no cache, prefix or packed documents: the pretraining case). It holds the modules it runs (FSDP2
+    shards them, the schedule scales their gradients), and tied embeddings wherever either end runs."""
 
-    def __init__(self, model: nn.Module, first: bool, last: bool):
+    def __init__(self, model: nn.Module, blocks: range, first: bool, last: bool):
         super().__init__()
-        self.model, self.first, self.last = model, first, last
+        self.first, self.last = first, last
+        self.owner = (model,)  # the model's tables and methods, without registering it a second time
+        self.blocks = nn.ModuleList(model.blocks[str(index)] for index in blocks)
+        ends = {"embedding": first, "head": last}
+        if model.config.tie_embeddings:
+            ends = dict.fromkeys(ends, first or last)
+        if ends["embedding"]:
+            self.token_embedding, self.position_embedding = model.token_embedding, model.position_embedding
+            self.embedding_norm, self.embedding_dropout = model.embedding_norm, model.embedding_dropout
+        if ends["head"]:
+            self.final_norm, self.lm_head = model.final_norm, model.lm_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        model = self.model
+        model = self.owner[0]
         # Under sequence parallelism a later stage receives its tensor-parallel rank's share of the sequence.
         length = x.shape[1] * (1 if self.first else getattr(model, "sequence_shards", 1))
         positions = model._positions(0, length)
         mask, is_causal = model._attention_mask(positions, 0, length, None)
         if self.first:
-            x = model.token_embedding(x)
-            if model.position_embedding is not None:
-                x = x + model.position_embedding(positions)
+            x = self.token_embedding(x)
+            if self.position_embedding is not None:
+                x = x + self.position_embedding(positions)
             if model.config.position == "sinusoidal":
                 x = x + model.sinusoids[positions].to(x.dtype)
-            if model.embedding_norm is not None:
-                x = model.embedding_norm(x)
-            x = model.embedding_dropout(x)
+            if self.embedding_norm is not None:
+                x = self.embedding_norm(x)
+            x = self.embedding_dropout(x)
         rope = (model.rope_cos[positions], model.rope_sin[positions]) if model.config.position == "rope" else None
-        for block in model.blocks.values():
+        for block in self.blocks:
             if model.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, is_causal, use_reentrant=False)
             else:
                 x = block(x, rope, None, mask, is_causal)
-        return model.output_logits(model.final_norm(x)) if self.last else x
+        return model.output_logits(self.final_norm(x)) if self.last else x
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -122,28 +133,43 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def prune_to_stage(model: nn.Module, stages: int, stage: int, balance: str = "even") -> None:
-    """Keep only ``stage``'s blocks in ``model``, under their one-process names; ``balance``: ``even``
-    (:func:`even_split`) or ``balanced`` (:func:`balanced_split`)."""
+def prune_to_stage(model: nn.Module, ranks: int, rank: int, balance: str = "even", virtual: int = 1) -> None:
+    """Keep only ``rank``'s blocks in ``model``, under their one-process names. The blocks are split into
+    ``ranks · virtual`` stages (``balance``: ``even``, :func:`even_split`, or ``balanced``,
+    :func:`balanced_split`); rank r runs stages r, r + ranks, ... (the interleaved schedule's loop)."""
+    stages = ranks * virtual
     split = even_split(model.config.n_layer, stages) if balance == "even" else balanced_split(model.config, stages)
-    model.blocks = nn.ModuleDict({str(index): model.blocks[index] for index in split[stage]})
-    model.pipeline_split, model.pipeline_stage, model.pipeline_stages = split, stage, stages
+    held = [index for stage in range(rank, stages, ranks) for index in split[stage]]
+    model.blocks = nn.ModuleDict({str(index): model.blocks[index] for index in held})
+    model.pipeline_split, model.pipeline_ranks, model.pipeline_rank = split, ranks, rank
+    model.pipeline_stages = stages
+
+
+def owning_rank(model: nn.Module, name: str) -> int:
+    """The pipeline rank whose copy of parameter ``name`` is trained (a tied head's is the embedding's)."""
+    if name == "lm_head.weight" and model.config.tie_embeddings:
+        name = "token_embedding.weight"
+    return owning_stage(name, model.pipeline_split) % model.pipeline_ranks
 
 
 class Pipeline:
     """The schedule of this rank's stage, and what a step needs around it."""
 
     def __init__(self, model: nn.Module, mesh, schedule: str, micro_batches: int, device: torch.device, shard=None):
-        """``shard``: FSDP2's wrapping of the stage's forward module (data parallelism), or None."""
+        """``shard``: FSDP2's wrapping of each stage's forward module (data parallelism), or None."""
         self.model, self.device = model, device
         self.group = mesh["pp"].get_group()
-        self.stages, self.stage = mesh["pp"].size(), mesh["pp"].get_local_rank()
-        self.first, self.last = self.stage == 0, self.stage == self.stages - 1
-        module = StageModule(model, self.first, self.last)
-        if shard is not None:
-            shard(module)
-        self.pipeline_stage = PipelineStage(module, self.stage, self.stages, device, group=self.group)
-        self.schedule = SCHEDULES[schedule](self.pipeline_stage, micro_batches, loss_fn=_loss)
+        self.ranks, self.rank = mesh["pp"].size(), mesh["pp"].get_local_rank()
+        self.first, self.last = self.rank == 0, self.rank == self.ranks - 1
+        split = model.pipeline_split
+        stages = []
+        for stage in range(self.rank, len(split), self.ranks):
+            module = StageModule(model, split[stage], stage == 0, stage == len(split) - 1)
+            if shard is not None:
+                shard(module)
+            stages.append(PipelineStage(module, stage, len(split), device, group=self.group))
+        loss = dict(loss_fn=_loss)
+        self.schedule = SCHEDULES[schedule](stages if len(stages) > 1 else stages[0], micro_batches, **loss)
         self.tied_group = self._tied_group(mesh) if model.config.tie_embeddings else None
 
     def _tied_group(self, mesh):
@@ -161,8 +187,7 @@ class Pipeline:
     def counted(self) -> list[nn.Parameter]:
         """The parameters this stage trains: a gradient norm sums them over the stages, each once (a tied
         embedding's copy on the last stage, and the idle embedding and head copies, are left out)."""
-        split = self.model.pipeline_split
-        return [p for name, p in self.model.named_parameters() if owning_stage(name, split) == self.stage]
+        return [p for name, p in self.model.named_parameters() if owning_rank(self.model, name) == self.rank]
 
     def _pipeline_mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """The last stage's mean micro-batch loss, on every stage."""
@@ -201,7 +226,7 @@ def gather_stages(model: nn.Module, model_state: dict, optimizer_state: dict) ->
     in place; a no-op without pipeline parallelism. Every rank of the pipeline group must call it."""
     if not hasattr(model, "pipeline_split"):
         return
-    mine = {name for name in model_state if owning_stage(name, model.pipeline_split) == model.pipeline_stage}
+    mine = {name for name in model_state if owning_rank(model, name) == model.pipeline_rank}
     pieces = [None] * dist.get_world_size()
     owned = (
         {name: _to_cpu(model_state[name]) for name in mine},
