@@ -168,8 +168,9 @@ class Pipeline:
             if shard is not None:
                 shard(module)
             stages.append(PipelineStage(module, stage, len(split), device, group=self.group))
-        loss = dict(loss_fn=_loss)
-        self.schedule = SCHEDULES[schedule](stages if len(stages) > 1 else stages[0], micro_batches, **loss)
+        # The single-stage schedules take their one stage, the interleaved one the list (of one, or more).
+        chosen = stages if schedule == "interleaved-1f1b" else stages[0]
+        self.schedule = SCHEDULES[schedule](chosen, micro_batches, loss_fn=_loss)
         self.tied_group = self._tied_group(mesh) if model.config.tie_embeddings else None
 
     def _tied_group(self, mesh):
