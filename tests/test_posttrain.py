@@ -202,7 +202,7 @@ def test_the_sections_take_the_chains_defaults_and_refuse_what_the_chain_sets():
     """A section's flags default to the chain's values (not the stage's own), a changed budget is kept, and a
     field the chain sets itself (the stages' paths, seed, device) is refused by its dotted name."""
     config = build(PosttrainConfig, {"sft": {"train": {"lr": 0.01}}, "grpo": {"update": {"iterations": 3}}})
-    assert config.sft.train.lr == 0.01 and config.sft.train.max_steps == 1000 and config.sft.generated_examples == 4000
+    assert config.sft.train.lr == 0.01 and config.sft.train.max_steps == 500 and config.sft.generated_examples == 500
     assert config.grpo.update.iterations == 3 and config.grpo.train.lr == 5e-5 and config.dpo.train.max_steps == 40
     for section, dotted_path in (
         ({"sft": {"base": "x"}}, "sft.base"),
