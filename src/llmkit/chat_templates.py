@@ -57,6 +57,9 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 _NATIVE_TOOLS = re.compile(r"tool_calls|<tool_call>")  # what a template that renders calls itself mentions
 
+# The one string parameter of each built-in tool (llmkit.infer.tools): a compact call name(text) fills it.
+BUILTIN_STRING_PARAMETERS = {"calculator": "expression", "python": "code", "search": "query"}
+
 
 class _GenerationBlock(Extension):
     """transformers' ``{% generation %}...{% endgeneration %}``: marks assistant text; rendered as is."""
@@ -210,8 +213,6 @@ def _json_call(call: dict, tools: list[dict] | None, where: str) -> dict:
 
 
 def _compact_parameter(name: str, tools: list[dict] | None, where: str) -> str:
-    from llmkit.infer.tools import BUILTIN_STRING_PARAMETERS  # here: llmkit.infer imports this module
-
     for tool in tools or []:
         function = tool.get("function", {})
         properties = function.get("parameters", {}).get("properties", {})

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from llmkit.chat_templates import BUILTIN_STRING_PARAMETERS
 from llmkit.config import check
 from llmkit.errors import ConfigError, InputError
 from llmkit.infer.calculator import MAX_DIGITS, calculate
@@ -59,8 +60,6 @@ MAX_ABANDONED_CALLS = (
 SANDBOX_START_S = (
     5.0  # on top of a sandboxed tool's own limit: bubblewrap and the interpreter starting on a busy machine
 )
-# The one string parameter of each built-in tool: a compact call name(text) fills it.
-BUILTIN_STRING_PARAMETERS = {"calculator": "expression", "python": "code", "search": "query"}
 MAX_QUERY_TERMS = 64  # a search is a few keywords, and scoring costs time in every term's postings
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _COMPACT_CALL = re.compile(r"\s*([A-Za-z0-9_-]{1,64})\s*\((.*)\)\s*", re.DOTALL)
