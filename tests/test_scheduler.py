@@ -38,7 +38,7 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 
 def engine_of(tokenizer: Tokenizer, max_batch_size: int = 16, **changes) -> Engine:
     torch.manual_seed(0)
-    model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=64, **changes))
+    model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, **{"context_length": 64, **changes}))
     return Engine(model, tokenizer, max_batch_size=max_batch_size)
 
 
@@ -205,6 +205,28 @@ def test_a_closed_tool_call_runs_and_its_result_is_injected(tokenizer):
     assert ran.tool_calls == [{"payload": "ui", "result": "42< |end|>"}]
     assert deferred.finish_reason == "tool_calls" and deferred.tool_calls == [{"payload": "ui", "result": None}]
     assert deferred.token_ids == [call, *tokenizer.encode("ui")]
+
+
+class LongResultToolBox(FakeToolBox):
+    def run(self, payload: str) -> str:
+        self.payloads.append(payload)
+        return "7" * 40
+
+
+def test_a_tool_result_longer_than_the_reserved_room_grows_the_cache(tokenizer):
+    """A request reserves its prompt and max_new_tokens, not the whole context; a tool result that outgrows
+    that room grows the cache before the next step, and decoding goes on as if it had been there."""
+    engine = engine_of(tokenizer, context_length=256)
+    special = tokenizer.special_ids
+    call, end, result = special["<|tool_call|>"], special["<|end|>"], special["<|tool_result|>"]
+    chain = [tokenizer.encode("q")[0], call, *tokenizer.encode("ui"), end, *tokenizer.encode("c")]
+    with following(engine.model, chain, tokenizer.eot_id):
+        ran = engine.generate("q", GenerationConfig(max_new_tokens=6, temperature=0), tools=LongResultToolBox())[0]
+    injected = [result, *tokenizer.encode("7" * 40), end]
+    assert ran.token_ids == [call, *tokenizer.encode("ui"), end, *injected, *tokenizer.encode("c")]
+    assert ran.finish_reason == "stop"
+    capacity = engine.scheduler.cache.capacity
+    assert 1 + 6 < 1 + len(ran.token_ids) <= capacity < engine.model.config.context_length
 
 
 def test_beam_requests_are_the_beam_search_best(tokenizer):

@@ -237,6 +237,7 @@ class Scheduler:
                 running = self._slots + self._uncached
                 if not running:
                     return False
+                self._fit_cache()
                 self._prefill()
                 if not self._speculate():
                     self._decode(running, self._next_logits())
@@ -289,11 +290,21 @@ class Scheduler:
         if request.config.num_beams > 1:
             self._beam_search(request, state)
         elif request.config.use_cache:
-            room = self.context_length if request.tools is not None else len(request.prompt_ids) + request.config.max_new_tokens
+            # Tool results may lengthen the sequence beyond this: the cache then grows (_fit_cache) rather than
+            # every request with tools holding the whole context (8,192 positions of a real model) from the start.
+            room = len(request.prompt_ids) + request.config.max_new_tokens
             self._reserve(len(self._slots) + 1, min(room, self.context_length))
             self._slots.append((request, state))
         else:
             self._uncached.append((request, state))
+
+    def _fit_cache(self) -> None:
+        """Room in the cache for every running sequence, with the token this step adds (a tool result
+        injected since the last step can have outgrown it)."""
+        if self._slots:
+            longest = max(len(state.sequence) for _, state in self._slots)
+            if longest > self.cache.capacity:
+                self._reserve(len(self._slots), min(longest, self.context_length))
 
     def _reserve(self, rows: int, capacity: int) -> None:
         """A cache with at least ``rows`` rows of ``capacity`` positions, grown by doubling (capped at the
