@@ -468,6 +468,13 @@ def test_grpo_refuses_checkpoints_and_evaluations_inside_an_iteration():
     assert (
         GRPOConfig(update=update, train=rl_training(checkpoint_interval=56, eval_interval=28)).steps_per_iteration == 28
     )
-    for changes in ({"dtype": "float16"}, {"optimizer": "muon"}, {"parallelism": "fsdp"}, {"batch_size": 8}):
+    for changes in (
+        {"dtype": "float16"},
+        {"optimizer": "muon"},
+        {"parallelism": "fsdp"},
+        {"batch_size": 8},
+        {"tp": 2},
+        {"pp": 2},
+    ):
         with pytest.raises(ConfigError, match=next(iter(changes))):
             GRPOConfig(train=rl_training(**changes))

@@ -147,6 +147,13 @@ def check_rl_config(config) -> None:
         train.parallelism,
         "every process samples through the whole policy, which FSDP shards; use ddp",
     )
+    for name in ("tp", "pp"):
+        check(
+            getattr(train, name) == 1,
+            f"train.{name}",
+            getattr(train, name),
+            "every process samples its own rollouts through the whole policy: PPO and GRPO are data parallel only",
+        )
     check(
         train.batch_warmup_tokens is None,
         "train.batch_warmup_tokens",
