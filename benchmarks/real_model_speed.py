@@ -11,17 +11,25 @@ the medians are reported.
 
 * ``decode``: batch 1, a 7-token prompt, 128 greedy tokens (end of text ignored), timed end to end
   (prompt included). llmkit runs through ``Engine.generate_ids`` (the public path every caller uses) at
-  float32, bfloat16, int8 and int4 (``quantize=``). ``greedy_agreement``: the fraction of the 128 tokens
-  equal to llmkit float32's before the first difference; ``greedy_agreement_vs_float32`` averages it over
-  five prompts (untimed). ``speedup_vs_llamacpp``: llmkit's
-  fastest 16-bit against F16, int8 against Q8_0, int4 against Q4_1 and Q4_0.
-* ``prefill``: a 512-token prompt to its first token (prompt tokens / s).
+  float32, bfloat16, int8 and int4 (``EngineConfig.dtype`` / ``quantize``), each eager and with
+  ``compile=True`` (``+compile``; ``first_generation_s``: its first 128 tokens, compile included).
+  ``greedy_agreement``: the fraction of the 128 tokens equal to llmkit float32's before the first
+  difference; ``greedy_agreement_vs_float32`` averages it over five prompts (untimed).
+  ``speedup_vs_llamacpp``: each width's faster llmkit engine (eager or compiled) against llama.cpp at that
+  width: bfloat16 against F16, int8 against Q8_0, int4 against Q4_1 and Q4_0 (goal >= 1 each).
+* ``prefill``: a 512-token prompt to its first token (prompt tokens / s); the eager engines only, as
+  compiled engines run prompts eagerly. ``prefill_speedup_vs_llamacpp`` per width as above.
 * ``batched_decode``: 8 and 16 concurrent requests (different prompts, 128 tokens each) submitted
-  together to the continuous-batching scheduler: aggregate generated tokens / s. transformers runs the
-  same batch left-padded through ``generate``; llama-cpp-python's API decodes one sequence at a time,
-  so llama.cpp has no row here.
+  together to the continuous-batching scheduler: aggregate generated tokens / s, for llmkit float32 and
+  each width's engine of the ``speedup_vs_llamacpp`` lines. transformers runs the same batch left-padded
+  through ``generate``; llama-cpp-python's API decodes one sequence at a time, so n requests take n
+  batch-1 runs: ``batched_speedup_vs_llamacpp_sequential`` divides by its batch-1 rate.
 
-Usage: python benchmarks/real_model_speed.py [--repeats 3] [--threads 2] [--compile] [--no-llamacpp]
+All of it takes about 10 minutes on 2 cores (most of it compiling; Inductor's on-disk cache makes a
+second run faster). Timings taken while other jobs share the CPU are void: rerun on a quiet machine.
+
+Usage: python benchmarks/real_model_speed.py [--repeats 3] [--threads 2] [--no-compile] [--no-llamacpp]
+    [--no-batched]
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import SHARED_DATA, emit, interleaved_rates, require  # noqa: E402
 
 from llmkit.infer import Engine, GenerationConfig  # noqa: E402
+from llmkit.infer.engine import EngineConfig  # noqa: E402
 
 MODEL = SHARED_DATA / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "<|im_start|>user\nHi!<|im_end|>\n"  # 7 tokens
@@ -73,6 +82,19 @@ BATCH_PROMPTS = [
 PREFILL_TOKENS = 512
 LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* for its quantizer
 WIDTHS = {"16-bit": ("F16",), "8-bit": ("Q8_0",), "4-bit": ("Q4_1", "Q4_0")}
+LLMKIT_WEIGHTS = {
+    "float32": ("float32", "none"),
+    "bfloat16": ("bfloat16", "none"),
+    "int8": ("float32", "int8"),
+    "int4": ("float32", "int4"),
+}  # name: (EngineConfig.dtype, EngineConfig.quantize)
+LLMKIT_WIDTHS = {"16-bit": "bfloat16", "8-bit": "int8", "4-bit": "int4"}
+
+
+def width_of(name: str) -> str:
+    """The llama.cpp width an llmkit engine is compared with (float32 with F16, llama.cpp's widest)."""
+    base = name.removesuffix("+compile")
+    return next((width for width, ours in LLMKIT_WIDTHS.items() if ours == base), "16-bit")
 
 
 def prefill_text(tokenizer, count: int) -> list[int]:
@@ -95,19 +117,13 @@ def agreement(tokens: list[int], reference: list[int]) -> float:
 
 # ----------------------------------------------------------------------------------------------- llmkit
 def llmkit_engines(checkpoint: Path, compile: bool) -> dict[str, Engine]:
-    engines = {
-        "float32": Engine.from_checkpoint(str(checkpoint)),
-        "bfloat16": Engine.from_checkpoint(str(checkpoint), dtype=torch.bfloat16),
-        "int8": Engine.from_checkpoint(str(checkpoint), quantize="int8"),
-        "int4": Engine.from_checkpoint(str(checkpoint), quantize="int4"),
-    }
-    if compile:
-        for name in ("bfloat16", "int8", "int4"):
-            dtype = torch.bfloat16 if name == "bfloat16" else None
-            quantize = name if name != "bfloat16" else "none"
-            engines[f"{name}+compile"] = Engine.from_checkpoint(
-                str(checkpoint), dtype=dtype, quantize=quantize, compile=True
-            )
+    """One engine per width, eager, and with ``compile`` also compiled; the seconds each compiled engine's
+    first generation took (compiling its decoding step) are reported."""
+    engines = {}
+    for name, (dtype, quantize) in LLMKIT_WEIGHTS.items():
+        for compiled in (False, True) if compile else (False,):
+            config = EngineConfig(checkpoint=str(checkpoint), dtype=dtype, quantize=quantize, compile=compiled)
+            engines[name + ("+compile" if compiled else "")] = Engine.from_config(config)
     return engines
 
 
@@ -221,7 +237,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also time llmkit with compile=True")
+    parser.add_argument("--no-compile", action="store_true", help="llmkit eager only (no compile=True engines)")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--no-batched", action="store_true")
     arguments = parser.parse_args()
@@ -238,7 +254,7 @@ def main() -> None:
         directory = Path(directory)
         checkpoint = directory / "llmkit"
         import_gguf(MODEL, checkpoint)
-        engines = llmkit_engines(checkpoint, arguments.compile)
+        engines = llmkit_engines(checkpoint, not arguments.no_compile)
         tokenizer = engines["float32"].tokenizer
         reference = transformers_model(checkpoint, directory / "hf")
         llama = {}
@@ -274,8 +290,19 @@ def main() -> None:
             runs[("llama.cpp", name)] = lambda m=model, k=("llama.cpp", name): keep(
                 k, llamacpp_one(m, prompt, new_tokens)
             )
-        for run in runs.values():
-            run()  # warm-up (and the compile of compiled engines)
+        for (system, name), run in runs.items():
+            start = time.perf_counter()
+            run()  # warm-up, and for a compiled engine the compile of its decoding step
+            if name.endswith("+compile"):
+                emit(
+                    "first_generation_s",
+                    round(time.perf_counter() - start, 1),
+                    "s",
+                    system=system,
+                    weights=name,
+                    new_tokens=new_tokens,
+                    **context,
+                )
         rates = interleaved_rates(runs, arguments.repeats)
         base = tokens[("llmkit", "float32")][0]
         for (system, name), rate in rates.items():
@@ -291,13 +318,12 @@ def main() -> None:
                 greedy_agreement=round(agreement(tokens[(system, name)][0], base), 3),
                 **context,
             )
+        # Each width's faster llmkit engine (eager or compiled) is the one compared.
+        ours = {
+            width: max((name, name + "+compile"), key=lambda key: rates.get(("llmkit", key), 0))
+            for width, name in LLMKIT_WIDTHS.items()
+        }
         if llama:
-            ours = {"16-bit": "bfloat16", "8-bit": "int8", "4-bit": "int4"}
-            if arguments.compile:
-                for width, name in list(ours.items()):
-                    compiled = ("bfloat16" if width == "16-bit" else name) + "+compile"
-                    if rates[("llmkit", compiled)] > rates[("llmkit", name)]:
-                        ours[width] = compiled
             for width, theirs in WIDTHS.items():
                 for their in theirs:
                     emit(
@@ -350,9 +376,10 @@ def main() -> None:
 
         # ---- prefill
         long_prompt = prefill_text(tokenizer, PREFILL_TOKENS)
-        runs = {
+        runs = {  # prompts run eagerly in compiled engines too: the eager engines only
             ("llmkit", name): (lambda e=engine: llmkit_generate(e, [long_prompt], 1)[0] * PREFILL_TOKENS)
             for name, engine in engines.items()
+            if not name.endswith("+compile")
         }
         runs[("transformers", "float32")] = lambda: (
             transformers_generate(reference, [long_prompt], 1, pad_id)[0] * PREFILL_TOKENS
@@ -361,7 +388,8 @@ def main() -> None:
             runs[("llama.cpp", name)] = lambda m=model: llamacpp_prefill(m, long_prompt)
         for run in runs.values():
             run()
-        for (system, name), rate in interleaved_rates(runs, arguments.repeats).items():
+        prefill_rates = interleaved_rates(runs, arguments.repeats)
+        for (system, name), rate in prefill_rates.items():
             emit(
                 "prefill_tokens_per_s",
                 round(rate, 1),
@@ -371,14 +399,27 @@ def main() -> None:
                 prompt_tokens=PREFILL_TOKENS,
                 **context,
             )
+        if llama:
+            for width, theirs in WIDTHS.items():
+                for their in theirs:
+                    emit(
+                        "prefill_speedup_vs_llamacpp",
+                        round(prefill_rates[("llmkit", LLMKIT_WIDTHS[width])] / prefill_rates[("llama.cpp", their)], 3),
+                        "x",
+                        width=width,
+                        llmkit=LLMKIT_WIDTHS[width],
+                        llamacpp=their,
+                        prompt_tokens=PREFILL_TOKENS,
+                        **context,
+                    )
 
         # ---- batched decode (continuous batching)
         if not arguments.no_batched:
             for batch in (8, 16):
                 prompts = [tokenizer.encode(text) for text in BATCH_PROMPTS[:batch]]
-                runs = {
-                    ("llmkit", name): (lambda e=engine: llmkit_generate(e, prompts, new_tokens)[0])
-                    for name, engine in engines.items()
+                runs = {  # float32 eager and every width's faster engine at batch 1
+                    ("llmkit", name): (lambda e=engines[name]: llmkit_generate(e, prompts, new_tokens)[0])
+                    for name in ["float32", *ours.values()]
                 }
                 runs[("transformers", "float32")] = lambda: transformers_generate(
                     reference, prompts, new_tokens, pad_id
@@ -396,6 +437,18 @@ def main() -> None:
                         new_tokens=new_tokens,
                         **context,
                     )
+                    if system == "llmkit" and llama:
+                        # llama-cpp-python decodes one sequence at a time: n requests take n batch-1 runs.
+                        for their in WIDTHS[width_of(name)]:
+                            emit(
+                                "batched_speedup_vs_llamacpp_sequential",
+                                round(rate / rates[("llama.cpp", their)], 3),
+                                "x",
+                                llmkit=name,
+                                llamacpp=their,
+                                batch=batch,
+                                **context,
+                            )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ def greedy(max_new_tokens: int, **changes) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=max_new_tokens, temperature=0, stop_at_end_of_text=False, **changes)
 
 
-def model_of(tokenizer: Tokenizer, **changes) -> Transformer:
-    torch.manual_seed(0)
+def model_of(tokenizer: Tokenizer, seed: int = 0, **changes) -> Transformer:
+    torch.manual_seed(seed)
     return Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=64, **changes)).eval()
 
 
@@ -43,9 +43,10 @@ def test_compiled_decoding_gives_the_eager_tokens(tokenizer, monkeypatch):
     """Rows of different prompt lengths, each at its own position, finishing one after the other down to a
     single row (the batch-1 graph): the compiled step (symbolic sizes, frozen weights, positions as tensors)
     and eager decoding choose the same tokens. Inductor's kernel autotuning is left out here (it measures
-    C++ candidates for every matrix shape, minutes on 2 cores); it picks among kernels for the same products."""
+    C++ candidates for every matrix shape, minutes on 2 cores); it picks among kernels for the same products.
+    One layer: compiling takes time in proportion to the graph (two graphs, batch 1 and more, ~10 s)."""
     monkeypatch.setattr(runner_module, "CPU_INDUCTOR", {"freezing": True})
-    changes = dict(n_embd=32, n_head=4, n_kv_head=2)
+    changes = dict(n_embd=32, n_head=4, n_kv_head=2, n_layer=1)
     eager = Engine(model_of(tokenizer, **changes), tokenizer)
     compiled = Engine(model_of(tokenizer, **changes), tokenizer, compile=True)
     prompts = [tokenizer.encode(text) for text in ("fox", "over the lazy", "0123", "the quick brown fox jumps")]
@@ -53,6 +54,23 @@ def test_compiled_decoding_gives_the_eager_tokens(tokenizer, monkeypatch):
     expected = [completion.token_ids for completion in eager.generate_ids(prompts, configs)]
     assert [completion.token_ids for completion in compiled.generate_ids(prompts, configs)] == expected
     assert expected[0] == naive_greedy(eager.model, prompts[0], 12)
+    # Two compiled runners in one process, on other weights and the same shapes: each runs a graph of its own
+    # (a frozen graph holds its weights, and the module guards that would tell the models apart are skipped).
+    logits = []
+    for seed in (1, 2):
+        model = model_of(tokenizer, seed, **changes)
+        eager_logits, compiled_logits = (decoded(ModelRunner(model, compile)) for compile in (False, True))
+        assert torch.allclose(compiled_logits, eager_logits, atol=1e-5)
+        logits.append(eager_logits)
+    assert not torch.allclose(*logits, atol=1e-2)
+
+
+def decoded(runner: ModelRunner) -> torch.Tensor:
+    """Next-token logits of two rows at different positions, after prefilling them."""
+    cache = runner.model.new_cache(2, 32)
+    with torch.inference_mode():
+        runner.prefill(cache, 0, [[1, 2, 3], [4, 5]])
+        return runner.decode(torch.tensor([[6], [7]]), cache)
 
 
 @pytest.mark.parametrize("changes", [dict(), dict(position="alibi"), dict(position="learned", n_kv_head=1)])
@@ -122,18 +140,10 @@ def test_speculative_decoding_returns_the_greedy_tokens_in_fewer_passes(tokenize
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from conftest import SHARED_DATA
-
-    from llmkit.interop.gguf_import import import_gguf
+def smollm2(smollm2_checkpoint):
     from llmkit.model.checkpoint import load_model
 
-    path = SHARED_DATA / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    out = tmp_path_factory.mktemp("smol") / "smol"
-    import_gguf(path, out)
-    return load_model(out)[0].eval(), Tokenizer.load(out)
+    return load_model(smollm2_checkpoint)[0].eval(), Tokenizer.load(smollm2_checkpoint)
 
 
 def test_smollm2_quantized_logits_stay_near_float32(smollm2):

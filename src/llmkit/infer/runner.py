@@ -12,6 +12,8 @@ matrix products dominate. A model with forward hooks (tests that script the mode
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch._inductor.config
 
@@ -34,7 +36,11 @@ class ModelRunner:
             # The weights are constants of the graph: guarding on every module attribute each step (about 1 ms
             # for 30 layers) would check nothing the graph still reads.
             options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            self._compiled = torch.compile(self._positioned_logits, dynamic=True, fullgraph=True, options=options)
+            # Dynamo keeps its graphs per code object, and without the module guards it cannot tell two models
+            # apart (a frozen graph holds its model's weights): each runner compiles its own copy of the code.
+            code = ModelRunner._positioned_logits.__code__.replace()
+            own = types.FunctionType(code, globals(), code.co_name).__get__(self)
+            self._compiled = torch.compile(own, dynamic=True, fullgraph=True, options=options)
 
     def _positioned_logits(
         self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, end: int
@@ -52,7 +58,7 @@ class ModelRunner:
         if self._compiled is None or self._hooked():
             return self.model(ids, cache=cache.rows(0, rows))[:, -1]
         view = PositionedRows.of(cache, rows, 1)
-        with torch._inductor.config.patch(self._inductor):
+        with torch._inductor.config.patch(self._inductor), torch._dynamo.config.patch(specialize_float=True):
             logits = self._compiled(ids, view.keys, view.values, view.starts, view.end)
         cache.lengths[:rows] += 1
         return logits

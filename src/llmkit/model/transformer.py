@@ -12,6 +12,7 @@ code path: attention takes an optional :class:`KVCache`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -94,7 +95,9 @@ class DocumentSpans:
 def sinusoidal_table(config: ModelConfig, length: int, device=None) -> torch.Tensor:
     """Vaswani et al. 2017 §3.5: sin on even and cos on odd dimensions, wavelengths 2π .. 10000·2π."""
     positions = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
-    frequency = torch.exp(torch.arange(0, config.n_embd, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / config.n_embd))
+    frequency = torch.exp(
+        torch.arange(0, config.n_embd, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / config.n_embd)
+    )
     table = torch.zeros(length, config.n_embd, device=device)
     table[:, 0::2] = torch.sin(positions * frequency)
     table[:, 1::2] = torch.cos(positions * frequency)
@@ -104,6 +107,7 @@ def sinusoidal_table(config: ModelConfig, length: int, device=None) -> torch.Ten
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """Press et al. 2022: head h of H gets slope 2^(-8h/H); for H not a power of two, the slopes of the
     next lower power of two followed by every other slope of twice that many heads (their reference code)."""
+
     def powers(count: int) -> list[float]:
         return [2 ** (-8 * (head + 1) / count) for head in range(count)]
 
@@ -127,9 +131,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
-    def forward(self, x, rope, cache: KVCache | None, mask: "torch.Tensor | DocumentSpans | None", is_causal: bool) -> torch.Tensor:
+    def forward(
+        self, x, rope, cache: KVCache | None, mask: "torch.Tensor | DocumentSpans | None", is_causal: bool
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
         q = q.view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -142,16 +150,28 @@ class Attention(nn.Module):
             if length == 1 and self.n_kv_head != self.n_head and (mask is None or mask.shape[-3] == 1):
                 # Decoding one token under grouped-query attention: the query heads that share a key/value head
                 # become that head's query rows, so the cached keys and values are read in place, not repeated.
-                y = self._attend(q.reshape(batch, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim), k, v,
-                                 mask, False)
+                y = self._attend(
+                    q.reshape(batch, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim), k, v, mask, False
+                )
                 return self.out(y.reshape(batch, length, -1))
         if self.n_kv_head != self.n_head:
             repeats = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         if isinstance(mask, DocumentSpans):
             # Spans in (row, start) order, concatenated: (1, heads, batch * length, head_dim), rows one after another.
-            y = torch.cat([self._attend(q[row:row + 1, :, start:end], k[row:row + 1, :, start:end],
-                                        v[row:row + 1, :, start:end], None, True) for row, start, end in mask.spans], dim=2)
+            y = torch.cat(
+                [
+                    self._attend(
+                        q[row : row + 1, :, start:end],
+                        k[row : row + 1, :, start:end],
+                        v[row : row + 1, :, start:end],
+                        None,
+                        True,
+                    )
+                    for row, start, end in mask.spans
+                ],
+                dim=2,
+            )
             y = y.view(self.n_head, batch, length, self.head_dim).transpose(0, 1)
         else:
             y = self._attend(q, k, v, mask, is_causal)
@@ -161,10 +181,12 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             # The CPU flash-attention kernel's bfloat16 backward is ~2.5x slower than its float32 one
-            # (benchmarks/train_speed.py); the projections around it keep their bfloat16 speed.
-            with torch.autocast("cpu", enabled=False):
-                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
-                                                      dropout_p=dropout).to(q.dtype)
+            # (benchmarks/train_speed.py); the projections around it keep their bfloat16 speed. Autocast is
+            # switched off only where it is on: a compiled graph with an autocast region is never cached.
+            with torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal, dropout_p=dropout
+                ).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
 
 
@@ -198,8 +220,9 @@ class FeedForward(nn.Module):
 
 def make_feed_forward(config: ModelConfig) -> nn.Module:
     if config.moe_experts:
-        return MixtureOfExperts(config.n_embd, config.moe_experts, config.moe_top_k, config.moe_capacity_factor,
-                                lambda: FeedForward(config))
+        return MixtureOfExperts(
+            config.n_embd, config.moe_experts, config.moe_top_k, config.moe_capacity_factor, lambda: FeedForward(config)
+        )
     return FeedForward(config)
 
 
@@ -245,7 +268,9 @@ class Block(nn.Module):
             x = x + self.dropout(self.attention(self.attention_norm(x), rope, cache, mask, is_causal))
             return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
         if self.placement == "sandwich":
-            x = x + self.dropout(self.attention_output_norm(self.attention(self.attention_norm(x), rope, cache, mask, is_causal)))
+            x = x + self.dropout(
+                self.attention_output_norm(self.attention(self.attention_norm(x), rope, cache, mask, is_causal))
+            )
             return x + self.dropout(self.feed_forward_output_norm(self.feed_forward(self.feed_forward_norm(x))))
         # Post-LN (Vaswani et al. 2017, GPT-1): normalise after each residual addition. DeepNorm
         # up-weights the residual by alpha > 1 so deep post-LN stacks keep their updates bounded.
@@ -258,7 +283,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding = nn.Embedding(config.context_length, config.n_embd) if config.position == "learned" else None
+        self.position_embedding = (
+            nn.Embedding(config.context_length, config.n_embd) if config.position == "learned" else None
+        )
         self.embedding_norm = make_norm(config) if config.embedding_norm else None
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, index) for index in range(config.n_layer))
@@ -300,7 +327,7 @@ class Transformer(nn.Module):
             if config.norm_placement == "deepnorm":
                 beta = deepnorm_constants(config.n_layer)[1]
                 with torch.no_grad():
-                    block.attention.qkv.weight[(config.n_head + config.n_kv_head) * config.head_dim:] *= beta
+                    block.attention.qkv.weight[(config.n_head + config.n_kv_head) * config.head_dim :] *= beta
                     for linear in [block.attention.out, *feed_forward_linears(block.feed_forward)]:
                         linear.weight *= beta
                 continue
@@ -326,8 +353,14 @@ class Transformer(nn.Module):
         weight = self.token_embedding.weight
         return KVCache(self.config, batch_size, capacity, dtype or weight.dtype, weight.device)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, prefix_lengths: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (batch, length, vocab) for ``input_ids`` (batch, length): the output head on
         :meth:`hidden_states` (same arguments). With ``targets`` (batch, length), the per-position
         cross-entropy of :meth:`token_losses` instead, without ever holding every position's logits
@@ -346,22 +379,33 @@ class Transformer(nn.Module):
 
     def token_losses(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
         """Next-token cross-entropy per position (batch, length) of the head on ``hidden``, 0 where the
-        target is :data:`IGNORE_INDEX`, computed ``chunk_tokens`` positions at a time. Each chunk's logits are recomputed
-        in the backward pass instead of kept (the idea of Liger Kernel's fused linear cross-entropy):
+        target is :data:`IGNORE_INDEX`, computed ``chunk_tokens`` positions at a time. Each chunk's logits are
+        recomputed in the backward pass instead of kept (the idea of Liger Kernel's fused linear cross-entropy):
         memory holds chunk × vocab logits, not batch × length × vocab, which for a 49k vocabulary
         outweighs every activation of a small model."""
         flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()
-        pieces = [torch.utils.checkpoint.checkpoint(self._chunk_losses, flat_hidden[start:start + chunk_tokens],
-                                                    flat_targets[start:start + chunk_tokens], use_reentrant=False)
-                  for start in range(0, flat_targets.numel(), chunk_tokens)]
+        pieces = [
+            torch.utils.checkpoint.checkpoint(
+                self._chunk_losses,
+                flat_hidden[start : start + chunk_tokens],
+                flat_targets[start : start + chunk_tokens],
+                use_reentrant=False,
+            )
+            for start in range(0, flat_targets.numel(), chunk_tokens)
+        ]
         return torch.cat(pieces).view_as(targets)
 
     def _chunk_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
         return F.cross_entropy(self.output_logits(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, prefix_lengths: torch.Tensor | None = None,
-                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The last block's outputs after the final norm (batch, length, n_embd): what the output head
         reads, and what reward and value heads read instead (Ouyang et al. 2022 §3.5).
 
@@ -382,8 +426,9 @@ class Transformer(nn.Module):
         if end > self.config.context_length:
             raise ValueError(f"sequence of {end} tokens exceeds context_length={self.config.context_length}")
         positions = self._positions(start, length)
-        mask, is_causal = self._attention_mask(positions, start if isinstance(start, int) else None, end, prefix_lengths,
-                                               document_ids)
+        mask, is_causal = self._attention_mask(
+            positions, start if isinstance(start, int) else None, end, prefix_lengths, document_ids
+        )
         if document_ids is not None:
             positions = document_positions(document_ids)
 
@@ -424,8 +469,14 @@ class Transformer(nn.Module):
         """Positions of ``length`` tokens from ``start``: (length,), or (batch, length) from (batch, 1) row starts."""
         return start + torch.arange(length, device=self.token_embedding.weight.device)
 
-    def _attention_mask(self, positions: torch.Tensor, start: int | None, end: int, prefix_lengths: torch.Tensor | None,
-                        document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+    def _attention_mask(
+        self,
+        positions: torch.Tensor,
+        start: int | None,
+        end: int,
+        prefix_lengths: torch.Tensor | None,
+        document_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, bool]:
         """``(mask, is_causal)`` for scaled_dot_product_attention over keys 0..end-1, for queries at
         ``positions`` (length,), or per row (batch, length) when cached rows sit at different positions
         (``start`` None): a boolean mask of allowed keys, or a float bias when ALiBi adds its distance
