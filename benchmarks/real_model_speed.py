@@ -338,9 +338,9 @@ def main() -> None:
                     )
         # ---- greedy agreement with llmkit float32 over several prompts (not timed)
         agreement_prompts = [tokenizer.encode(text) for text in AGREEMENT_PROMPTS]
-        decoders = {
-            ("llmkit", name): (lambda ids, e=engine: llmkit_generate(e, [ids], new_tokens)[1][0])
-            for name, engine in engines.items()
+        decoders = {  # float32 and each width's engine of the speedup_vs_llamacpp lines
+            ("llmkit", name): (lambda ids, e=engines[name]: llmkit_generate(e, [ids], new_tokens)[1][0])
+            for name in ["float32", *ours.values()]
         }
         decoders[("transformers", "float32")] = lambda ids: transformers_generate(reference, [ids], new_tokens, pad_id)[
             1
