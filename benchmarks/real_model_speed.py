@@ -11,8 +11,8 @@ the medians are reported.
 
 * ``decode``: batch 1, a 7-token prompt, 128 greedy tokens (end of text ignored), timed end to end
   (prompt included). llmkit runs through ``Engine.generate_ids`` (the public path every caller uses) at
-  float32, bfloat16, int8 and int4 (``EngineConfig.dtype`` / ``quantize``), each eager and with
-  ``compile=True`` (``+compile``; ``first_generation_s``: its first 128 tokens, compile included).
+  float32, bfloat16, int8 and int4 (``EngineConfig.dtype`` / ``quantize``), eager, and the last three also
+  with ``compile=True`` (``+compile``; ``first_generation_s``: its first 128 tokens, compile included).
   ``greedy_agreement``: the fraction of the 128 tokens equal to llmkit float32's before the first
   difference; ``greedy_agreement_vs_float32`` averages it over five prompts (untimed).
   ``speedup_vs_llamacpp``: each width's faster llmkit engine (eager or compiled) against llama.cpp at that
