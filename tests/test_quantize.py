@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import naive_greedy, tiny_config
 from torch import nn
 
-from helpers import naive_greedy, tiny_config
+from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.infer import Engine, GenerationConfig
 from llmkit.infer.quantize import FUSED_KERNEL_MAX_ROWS, Int4Linear, Int8Linear, quantize_int4, quantize_int8
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 
 
 def reference_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,12 +70,23 @@ def test_quantized_model_keeps_its_logits_and_unties_the_head():
 def test_engine_decodes_a_quantized_model_like_a_full_forward_loop():
     with tempfile.TemporaryDirectory() as directory:
         (Path(directory) / "corpus.txt").write_text("abcdefghijklmnopqrstuvwxyz .,\n" * 4)
-        train_tokenizer(TokenizerConfig(source=str(Path(directory) / "corpus.txt"), out=str(Path(directory) / "tok"),
-                                        kind="char", vocab_size=48, held_out_fraction=0))
+        train_tokenizer(
+            TokenizerConfig(
+                source=str(Path(directory) / "corpus.txt"),
+                out=str(Path(directory) / "tok"),
+                kind="char",
+                vocab_size=48,
+                held_out_fraction=0,
+            )
+        )
         tokenizer = Tokenizer.load(Path(directory) / "tok")
     torch.manual_seed(0)
-    engine = Engine(Transformer(tiny_config(vocab_size=tokenizer.vocab_size, n_embd=32, context_length=32)), tokenizer,
-                    decoding_layout=True, quantize="int8")
+    engine = Engine(
+        Transformer(tiny_config(vocab_size=tokenizer.vocab_size, n_embd=32, context_length=32)),
+        tokenizer,
+        decoding_layout=True,
+        quantize="int8",
+    )
     prompt = tokenizer.encode("hello world")
     config = GenerationConfig(max_new_tokens=10, temperature=0, stop_at_end_of_text=False)
     assert engine.generate_ids([prompt], config)[0].token_ids == naive_greedy(engine.model, prompt, 10)
@@ -93,7 +104,7 @@ def reference_int4(weight: torch.Tensor, group: int = 32) -> torch.Tensor:
     for row in weight.tolist():
         dequantized = []
         for start in range(0, len(row), group):
-            block = row[start:start + group]
+            block = row[start : start + group]
             low, high = min(block), max(block)
             step = (high - low) / 15 if high > low else 1.0
             dequantized += [min(max(round((value - low) / step), 0), 15) * step + low for value in block]

@@ -45,7 +45,9 @@ class EngineConfig:
     )
     threads: int | None = field(
         default=None,
-        metadata={"help": "CPU threads for the model's arithmetic (default: torch's choice; 1 on a busy shared machine)"},
+        metadata={
+            "help": "CPU threads for the model's arithmetic (default: torch's choice; 1 on a busy shared machine)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -65,8 +67,15 @@ def use_decoding_layout(model: Transformer) -> None:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, decoding_layout: bool = False, max_batch_size: int = 16,
-                 quantize: Quantization = "none", compile: bool = False):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        decoding_layout: bool = False,
+        max_batch_size: int = 16,
+        quantize: Quantization = "none",
+        compile: bool = False,
+    ):
         """``decoding_layout``: re-lay the weights for faster decoding (see :func:`use_decoding_layout`);
         leave it off when the model is also being trained (PPO/GRPO rollouts). ``max_batch_size``: how
         many requests decode together; more wait for a free slot. ``quantize="int8"`` / ``"int4"``: 8-bit /
@@ -75,7 +84,9 @@ class Engine:
         if quantize not in QUANTIZATIONS:
             raise ValueError(f"quantize={quantize!r}: must be one of {', '.join(QUANTIZATIONS)}")
         if tokenizer.vocab_size > model.config.vocab_size:
-            raise MismatchError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+            raise MismatchError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+            )
         quantize_model(model, quantize)
         if decoding_layout:
             use_decoding_layout(model)
@@ -105,14 +116,22 @@ class Engine:
         """Prompt ids; an empty prompt starts a new document (unconditional generation)."""
         return self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
 
-    def generate(self, prompts: str | list[str], config: GenerationConfig | list[GenerationConfig] | None = None,
-                 tools: Tools | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: str | list[str],
+        config: GenerationConfig | list[GenerationConfig] | None = None,
+        tools: Tools | None = None,
+    ) -> list[Completion]:
         """Complete each prompt (one config for all, or one per prompt); completions in prompt order."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return self.generate_ids([self.encode(prompt) for prompt in prompts], config, tools)
 
-    def generate_ids(self, prompts: list[list[int]], config: GenerationConfig | list[GenerationConfig] | None = None,
-                     tools: Tools | None = None) -> list[Completion]:
+    def generate_ids(
+        self,
+        prompts: list[list[int]],
+        config: GenerationConfig | list[GenerationConfig] | None = None,
+        tools: Tools | None = None,
+    ) -> list[Completion]:
         """Complete token-id prompts, all decoding together (``max_batch_size`` at a time)."""
         configs = config if isinstance(config, list) else [config or GenerationConfig()] * len(prompts)
         if len(configs) != len(prompts):

@@ -30,8 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Int4Linear", "Int8Linear", "QUANTIZATIONS", "Quantization", "quantize", "quantize_field", "quantize_int4",
-           "quantize_int8"]
+__all__ = [
+    "Int4Linear",
+    "Int8Linear",
+    "QUANTIZATIONS",
+    "Quantization",
+    "quantize",
+    "quantize_field",
+    "quantize_int4",
+    "quantize_int8",
+]
 
 Quantization = typing.Literal["none", "int8", "int4"]
 QUANTIZATIONS = typing.get_args(Quantization)
@@ -50,14 +58,19 @@ class Int8Linear(nn.Module):
         weight = linear.weight.detach().float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer(
+            "weight", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        )
         self.register_buffer("scales", scales.to(dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if (x.device.type == "cpu" and rows.shape[0] <= FUSED_KERNEL_MAX_ROWS
-                and self.in_features % FUSED_KERNEL_WIDTH_MULTIPLE == 0):
+        if (
+            x.device.type == "cpu"
+            and rows.shape[0] <= FUSED_KERNEL_MAX_ROWS
+            and self.in_features % FUSED_KERNEL_WIDTH_MULTIPLE == 0
+        ):
             out = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.scales)
         else:
             out = F.linear(rows, self.weight.to(x.dtype)) * self.scales
@@ -88,13 +101,17 @@ class Int4Linear(nn.Module):
         groups = weight.view(rows, -1, group_size)
         minimum, maximum = groups.amin(dim=-1), groups.amax(dim=-1)
         scales = torch.where(maximum > minimum, (maximum - minimum) / 15, torch.ones_like(maximum))
-        codes = torch.round((groups - minimum[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).view(rows, -1)
+        codes = (
+            torch.round((groups - minimum[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).view(rows, -1)
+        )
         self.packed_kernel = linear.weight.device.type == "cpu"
         if self.packed_kernel:
-            # (rows, in / 2) uint8, and (groups, rows, 2) [scale, zero] where the kernel computes (q - 8) * scale + zero.
+            # (rows, in / 2) uint8, and (groups, rows, 2) [scale, zero] where the kernel computes
+            # (q - 8) * scale + zero.
             self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.cpu(), 1))
-            self.register_buffer("scales_and_zeros", torch.stack([scales.t(), (minimum + 8 * scales).t()], dim=-1)
-                                 .contiguous().to(dtype))
+            self.register_buffer(
+                "scales_and_zeros", torch.stack([scales.t(), (minimum + 8 * scales).t()], dim=-1).contiguous().to(dtype)
+            )
         else:
             self.register_buffer("weight", codes.to(torch.uint8).to(linear.weight.device))
             self.register_buffer("scales_and_zeros", torch.stack([scales, minimum], dim=-1).to(dtype))
@@ -103,11 +120,12 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.packed_kernel:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), self.weight, self.group_size,
-                                                             self.scales_and_zeros.to(x.dtype))
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows.contiguous(), self.weight, self.group_size, self.scales_and_zeros.to(x.dtype)
+            )
         else:
             out = F.linear(rows, self.dequantized().to(x.dtype))
-        out = out[:, :self.out_features]
+        out = out[:, : self.out_features]
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -116,16 +134,19 @@ class Int4Linear(nn.Module):
         """The weight the layer multiplies by, (out, in) in float32."""
         if self.packed_kernel:
             identity = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype, device=self.weight.device)
-            transposed = torch.ops.aten._weight_int4pack_mm_for_cpu(identity, self.weight, self.group_size,
-                                                                    self.scales_and_zeros)
-            return transposed.t()[:self.out_features].float()
+            transposed = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                identity, self.weight, self.group_size, self.scales_and_zeros
+            )
+            return transposed.t()[: self.out_features].float()
         scales, minimum = self.scales_and_zeros.float().unbind(-1)
         groups = self.weight.float().view(self.weight.shape[0], -1, self.group_size)
-        return (groups * scales[..., None] + minimum[..., None]).view(self.weight.shape[0], -1)[:self.out_features]
+        return (groups * scales[..., None] + minimum[..., None]).view(self.weight.shape[0], -1)[: self.out_features]
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 def quantize_int8(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -172,5 +193,10 @@ def quantize(model: nn.Module, kind: Quantization) -> nn.Module:
 
 def quantize_field():
     """The ``quantize`` option of every command that loads a model for inference."""
-    return field(default="none", metadata={"help": "int8 / int4: 8-bit / 4-bit weights + bfloat16 activations, "
-                                                   "faster decoding on CPU (none: the weights as stored)"})
+    return field(
+        default="none",
+        metadata={
+            "help": "int8 / int4: 8-bit / 4-bit weights + bfloat16 activations, "
+            "faster decoding on CPU (none: the weights as stored)"
+        },
+    )

@@ -30,22 +30,55 @@ class GenerationConfig:
     max_new_tokens: int = field(default=100, metadata={"help": "tokens to generate at most"})
     temperature: float = field(default=0.8, metadata={"help": "softmax temperature; 0 = greedy"})
     top_k: int | None = field(default=None, metadata={"help": "sample only among the k most likely tokens"})
-    top_p: float | None = field(default=None, metadata={"help": "nucleus sampling: the smallest set with this much probability (Holtzman et al. 2020)"})
-    min_p: float | None = field(default=None, metadata={"help": "drop tokens less likely than min_p times the most likely one (Nguyen et al. 2024)"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "divide positive / multiply negative logits of tokens already seen (CTRL, Keskar et al. 2019); 1 = off"})
-    frequency_penalty: float = field(default=0.0, metadata={"help": "subtract this times a token's count so far from its logit (OpenAI), -2..2"})
-    presence_penalty: float = field(default=0.0, metadata={"help": "subtract this from the logit of every token seen so far (OpenAI), -2..2"})
-    stop: list[str] = field(default_factory=list, metadata={"help": "strings that end generation (not included in the output)"})
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": "nucleus sampling: the smallest set with this much probability (Holtzman et al. 2020)"},
+    )
+    min_p: float | None = field(
+        default=None,
+        metadata={"help": "drop tokens less likely than min_p times the most likely one (Nguyen et al. 2024)"},
+    )
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={
+            "help": "divide positive / multiply negative logits of tokens already seen (CTRL, Keskar et al. 2019); "
+            "1 = off"
+        },
+    )
+    frequency_penalty: float = field(
+        default=0.0, metadata={"help": "subtract this times a token's count so far from its logit (OpenAI), -2..2"}
+    )
+    presence_penalty: float = field(
+        default=0.0, metadata={"help": "subtract this from the logit of every token seen so far (OpenAI), -2..2"}
+    )
+    stop: list[str] = field(
+        default_factory=list, metadata={"help": "strings that end generation (not included in the output)"}
+    )
     stop_at_end_of_text: bool = field(default=True, metadata={"help": "stop at the end-of-text/end-of-turn tokens"})
     seed: int | None = field(default=None, metadata={"help": "random seed for sampling"})
     use_cache: bool = field(default=True, metadata={"help": "reuse keys/values of past tokens (KV cache)"})
-    logprobs: int | None = field(default=None, metadata={"help": f"return the chosen tokens' log-probabilities and this many top alternatives (0..{MAX_LOGPROBS})"})
+    logprobs: int | None = field(
+        default=None,
+        metadata={
+            "help": f"return the chosen tokens' log-probabilities and this many top alternatives (0..{MAX_LOGPROBS})"
+        },
+    )
     echo: bool = field(default=False, metadata={"help": "also return the log-probabilities of the prompt tokens"})
-    num_beams: int = field(default=1, metadata={"help": "beam search with this many beams (deterministic; sampling settings are ignored); 1 = off"})
-    length_penalty: float = field(default=1.0, metadata={"help": "beam search: a hypothesis scores sum(logprob) / length**length_penalty"})
-    prompt_lookup: int = field(default=0, metadata={"help": "greedy requests: draft up to this many tokens from an earlier "
-                                                           "occurrence of the last n-gram and verify them in one pass "
-                                                           "(speculative decoding, same tokens); 0 = off"})
+    num_beams: int = field(
+        default=1,
+        metadata={"help": "beam search with this many beams (deterministic; sampling settings are ignored); 1 = off"},
+    )
+    length_penalty: float = field(
+        default=1.0, metadata={"help": "beam search: a hypothesis scores sum(logprob) / length**length_penalty"}
+    )
+    prompt_lookup: int = field(
+        default=0,
+        metadata={
+            "help": "greedy requests: draft up to this many tokens from an earlier "
+            "occurrence of the last n-gram and verify them in one pass "
+            "(speculative decoding, same tokens); 0 = off"
+        },
+    )
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be positive")
@@ -56,8 +89,12 @@ class GenerationConfig:
         check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0 (1 = off)")
         check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
         check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
-        check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
-              f"must be in [0, {MAX_LOGPROBS}]")
+        check(
+            self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            self.logprobs,
+            f"must be in [0, {MAX_LOGPROBS}]",
+        )
         check(self.num_beams >= 1, "num_beams", self.num_beams, "must be >= 1")
         check(0 <= self.prompt_lookup <= 64, "prompt_lookup", self.prompt_lookup, "must be in [0, 64]")
         check(self.length_penalty == self.length_penalty, "length_penalty", self.length_penalty, "must be a number")
@@ -71,8 +108,15 @@ class GenerationConfig:
 
     def processor_settings(self) -> tuple:
         """The fields the logits processors read: rows whose settings are equal share one pass."""
-        return (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
-                self.frequency_penalty, self.presence_penalty)
+        return (
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.min_p,
+            self.repetition_penalty,
+            self.frequency_penalty,
+            self.presence_penalty,
+        )
 
 
 # ---------------------------------------------------------------------------------------- processors
@@ -83,7 +127,9 @@ def repetition_penalty_filter(logits: torch.Tensor, counts: torch.Tensor, penalt
     return torch.where(counts > 0, penalised, logits)
 
 
-def frequency_presence_filter(logits: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float) -> torch.Tensor:
+def frequency_presence_filter(
+    logits: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float
+) -> torch.Tensor:
     """OpenAI's penalties: logit - count * frequency_penalty - (count > 0) * presence_penalty."""
     return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
@@ -155,7 +201,9 @@ class SeenTokens(NamedTuple):
 
     @classmethod
     def of(cls, histories: list[list[int]], vocab_size: int, device) -> "SeenTokens":
-        keys = torch.cat([torch.tensor(history, dtype=torch.long) + row * vocab_size for row, history in enumerate(histories)])
+        keys = torch.cat(
+            [torch.tensor(history, dtype=torch.long) + row * vocab_size for row, history in enumerate(histories)]
+        )
         unique, counts = torch.unique(keys.to(device), return_counts=True)
         return cls(unique // vocab_size, unique % vocab_size, counts.float())
 
@@ -168,7 +216,9 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     cumulative = logits.double().softmax(dim=-1).cumsum(dim=-1)
     uniforms = torch.empty(logits.shape[0], 1, dtype=cumulative.dtype, device=cumulative.device)
     for rows in rows_by_key([id(generator) for generator in generators]):
-        uniforms[rows] = torch.rand(len(rows), 1, generator=generators[rows[0]], dtype=uniforms.dtype, device=uniforms.device)
+        uniforms[rows] = torch.rand(
+            len(rows), 1, generator=generators[rows[0]], dtype=uniforms.dtype, device=uniforms.device
+        )
     total = cumulative[:, -1:]
     # Token i owns [c_(i-1), c_i), empty for a filtered token. u < 1, but u * total can round up to
     # total, which no token owns: stay strictly below it.
@@ -184,19 +234,29 @@ def rows_by_key(keys: list) -> list[list[int]]:
     return list(groups.values())
 
 
-def sample_rows(logits: torch.Tensor, configs: list[GenerationConfig], generators: list[torch.Generator | None],
-                histories: list[list[int]]) -> torch.Tensor:
+def sample_rows(
+    logits: torch.Tensor,
+    configs: list[GenerationConfig],
+    generators: list[torch.Generator | None],
+    histories: list[list[int]],
+) -> torch.Tensor:
     """(rows, vocab) logits -> (rows,) token ids, row r under ``configs[r]`` with random generator
     ``generators[r]`` (None: torch's global one) and penalties from ``histories[r]`` (the row's prompt and
     generated ids). Rows with equal processor settings run the chain together."""
     if not len(configs) == len(generators) == len(histories) == logits.shape[0]:
-        raise ValueError(f"{logits.shape[0]} rows of logits but {len(configs)} configs, {len(generators)} "
-                         f"generators and {len(histories)} histories")
+        raise ValueError(
+            f"{logits.shape[0]} rows of logits but {len(configs)} configs, {len(generators)} "
+            f"generators and {len(histories)} histories"
+        )
     logits = logits.float()
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for rows in rows_by_key([config.processor_settings() for config in configs]):
         config = configs[rows[0]]
-        seen = SeenTokens.of([histories[r] for r in rows], logits.shape[-1], logits.device) if config.penalises_history else None
+        seen = (
+            SeenTokens.of([histories[r] for r in rows], logits.shape[-1], logits.device)
+            if config.penalises_history
+            else None
+        )
         processed = process_logits(logits if len(rows) == len(configs) else logits[rows], config, seen)
         if config.temperature == 0:
             tokens[rows] = processed.argmax(dim=-1)
@@ -205,14 +265,20 @@ def sample_rows(logits: torch.Tensor, configs: list[GenerationConfig], generator
     return tokens
 
 
-def next_tokens(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None,
-                histories: list[list[int]] | None = None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor,
+    config: GenerationConfig,
+    generator: torch.Generator | None,
+    histories: list[list[int]] | None = None,
+) -> torch.Tensor:
     """(rows, vocab) logits -> (rows,) token ids, every row under one config and one generator."""
     rows = logits.shape[0]
     return sample_rows(logits, [config] * rows, [generator] * rows, histories or [[] for _ in range(rows)])
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def logprobs_of(
+    logits: torch.Tensor, tokens: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities under the raw model distribution (before penalties, temperature and filters,
     as the OpenAI API and vLLM report them): ``(chosen (rows,), top_ids (rows, top), top_logprobs (rows, top))``
     for the chosen ``tokens`` (rows,) and the ``top`` most likely tokens, most likely first."""

@@ -70,8 +70,14 @@ class Event:
 class Request:
     """A submitted generation: its prompt and settings, a queue of its events, and a way to cancel it."""
 
-    def __init__(self, scheduler: "Scheduler", prompt_ids: list[int], config: GenerationConfig, tools: Tools | None,
-                 on_event: Callable[[Event | BaseException], None] | None = None):
+    def __init__(
+        self,
+        scheduler: "Scheduler",
+        prompt_ids: list[int],
+        config: GenerationConfig,
+        tools: Tools | None,
+        on_event: Callable[[Event | BaseException], None] | None = None,
+    ):
         self.prompt_ids, self.config, self.tools = prompt_ids, config, tools
         self.cancelled = False
         self.completion: Completion | None = None
@@ -152,8 +158,13 @@ class Scheduler:
         self._stopping = False
 
     # ------------------------------------------------------------------------------- requests
-    def submit(self, prompt_ids: list[int], config: GenerationConfig | None = None, tools: Tools | None = None,
-               on_event: Callable[[Event | BaseException], None] | None = None) -> Request:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        config: GenerationConfig | None = None,
+        tools: Tools | None = None,
+        on_event: Callable[[Event | BaseException], None] | None = None,
+    ) -> Request:
         """Queue a request; it joins the running batch at the next step with a free slot. ``on_event``, if
         given, receives the request's events (and the error of a failed step) on the thread that runs the
         steps, instead of :meth:`Request.events`; it must neither block nor raise."""
@@ -161,8 +172,10 @@ class Scheduler:
         if not prompt_ids:
             raise InputError("a prompt needs at least one token (an empty text prompt starts with <|endoftext|>)")
         if len(prompt_ids) >= self.context_length:
-            raise InputError(f"a prompt of {len(prompt_ids)} tokens leaves no room in the model's context of "
-                             f"{self.context_length} tokens")
+            raise InputError(
+                f"a prompt of {len(prompt_ids)} tokens leaves no room in the model's context of "
+                f"{self.context_length} tokens"
+            )
         vocab_size = self.model.config.vocab_size
         if not all(0 <= token < vocab_size for token in prompt_ids):
             raise InputError(f"prompt token ids must be in [0, {vocab_size}), got {min(prompt_ids)}..{max(prompt_ids)}")
@@ -253,7 +266,9 @@ class Scheduler:
             for request in cancelled:
                 self._waiting.remove(request)
         for request in cancelled:
-            state = CompletionState(request.prompt_ids, request.config, self.tokenizer, None, self.context_length, self.device)
+            state = CompletionState(
+                request.prompt_ids, request.config, self.tokenizer, None, self.context_length, self.device
+            )
             state.cancel()
             self._finish(request, state, Event("", []))
         for request, state in self._slots + self._uncached:
@@ -283,8 +298,9 @@ class Scheduler:
 
     def _start(self, request: Request) -> None:
         """Give an admitted request a slot, or run it to the end now (beam search)."""
-        state = CompletionState(request.prompt_ids, request.config, self.tokenizer, request.tools,
-                                self.context_length, self.device)
+        state = CompletionState(
+            request.prompt_ids, request.config, self.tokenizer, request.tools, self.context_length, self.device
+        )
         if request.config.echo:
             self._score_prompt(request, state)
         if request.config.num_beams > 1:
@@ -315,7 +331,9 @@ class Scheduler:
         if self.cache is None or self.cache.keys.dtype != weight.dtype or self.cache.keys.device != weight.device:
             self.cache = self.model.new_cache(rows, capacity)
         elif rows > self.cache.batch_size or capacity > self.cache.capacity:
-            grown_rows = max(rows, min(2 * self.cache.batch_size, self.max_batch_size)) if rows > self.cache.batch_size else rows
+            grown_rows = (
+                max(rows, min(2 * self.cache.batch_size, self.max_batch_size)) if rows > self.cache.batch_size else rows
+            )
             self.cache.grow(grown_rows, max(capacity, min(2 * self.cache.capacity, self.context_length)))
 
     def _prefill(self) -> None:
@@ -324,16 +342,20 @@ class Scheduler:
         their own. Only the cache is wanted, so a pass stops before the output head."""
         if not self._slots:
             return
-        pending = [(row, filled, state.sequence[filled:-1])
-                   for row, (filled, (_, state)) in enumerate(zip(self.cache.lengths.tolist(), self._slots))
-                   if filled < len(state.sequence) - 1]
+        pending = [
+            (row, filled, state.sequence[filled:-1])
+            for row, (filled, (_, state)) in enumerate(zip(self.cache.lengths.tolist(), self._slots))
+            if filled < len(state.sequence) - 1
+        ]
         while pending:
             first, filled, tokens = pending[0]
             size, longest, total = 1, len(tokens), len(tokens)
             while size < len(pending) and pending[size][0] == first + size and pending[size][1] == filled:
                 grown = max(longest, len(pending[size][2]))
-                if (grown * (size + 1) > PREFILL_PADDING * (total + len(pending[size][2]))
-                        or filled + grown > self.cache.capacity):
+                if (
+                    grown * (size + 1) > PREFILL_PADDING * (total + len(pending[size][2]))
+                    or filled + grown > self.cache.capacity
+                ):
                     break
                 size, longest, total = size + 1, grown, total + len(pending[size][2])
             self.runner.prefill(self.cache, first, [new for _, _, new in pending[:size]])
@@ -346,23 +368,34 @@ class Scheduler:
             last = torch.tensor([[state.sequence[-1]] for _, state in self._slots], device=self.device)
             logits.append(self.runner.decode(last, self.cache))
         if self._uncached:
-            # Right-padded into one batch: under causal attention padding after a row's tokens changes nothing before it.
+            # Right-padded into one batch: under causal attention, padding after a row's tokens changes nothing
+            # before it.
             sequences = [state.sequence for _, state in self._uncached]
             longest = max(len(sequence) for sequence in sequences)
-            ids = torch.tensor([sequence + [0] * (longest - len(sequence)) for sequence in sequences], device=self.device)
+            ids = torch.tensor(
+                [sequence + [0] * (longest - len(sequence)) for sequence in sequences], device=self.device
+            )
             last = torch.tensor([len(sequence) - 1 for sequence in sequences], device=self.device)
             logits.append(self.model(ids)[torch.arange(len(sequences), device=self.device), last])
         return torch.cat(logits) if len(logits) > 1 else logits[0]
 
     def _decode(self, running: list[tuple[Request, CompletionState]], logits: torch.Tensor) -> None:
         states = [state for _, state in running]
-        tokens = sample_rows(logits, [state.config for state in states], [state.generator for state in states],
-                             [state.sequence for state in states])
+        tokens = sample_rows(
+            logits,
+            [state.config for state in states],
+            [state.generator for state in states],
+            [state.sequence for state in states],
+        )
         chosen, top = self._logprobs(logits, tokens, states)
         for row, ((request, state), token) in enumerate(zip(running, tokens.tolist())):
             step = state.accept(token, chosen.get(row), top.get(row))
-            event = Event(step.text, step.token_ids, step.logprobs if state.config.logprobs is not None else None,
-                          step.top_logprobs if state.config.logprobs else None)
+            event = Event(
+                step.text,
+                step.token_ids,
+                step.logprobs if state.config.logprobs is not None else None,
+                step.top_logprobs if state.config.logprobs else None,
+            )
             if state.finished:
                 self._finish(request, state, event)
             else:
@@ -378,7 +411,14 @@ class Scheduler:
         if not config.prompt_lookup or config.temperature != 0:
             return False
         filled = int(self.cache.lengths[0])
-        room = min(config.max_new_tokens - state.sampled, self.cache.capacity - filled, self.context_length - len(state.sequence)) - 1
+        room = (
+            min(
+                config.max_new_tokens - state.sampled,
+                self.cache.capacity - filled,
+                self.context_length - len(state.sequence),
+            )
+            - 1
+        )
         draft = prompt_lookup(state.sequence, min(config.prompt_lookup, room))
         if not draft:
             return False
@@ -387,7 +427,7 @@ class Scheduler:
         event = Event("", [], [] if config.logprobs is not None else None, [] if config.logprobs else None)
         kept = 0  # draft tokens taken as they are: their keys and values in the cache stay valid
         for position in range(len(draft) + 1):
-            row = logits[position:position + 1]
+            row = logits[position : position + 1]
             token = sample_rows(row, [config], [state.generator], [state.sequence])
             chosen, top = self._logprobs(row, token, [state])
             length = len(state.sequence)
@@ -399,8 +439,12 @@ class Scheduler:
                 if event.top_logprobs is not None:
                     event.top_logprobs += step.top_logprobs
             # Go on only while the model chose the draft's token and the sequence took exactly that token.
-            if (state.finished or position == len(draft) or int(token) != draft[position]
-                    or len(state.sequence) != length + 1):
+            if (
+                state.finished
+                or position == len(draft)
+                or int(token) != draft[position]
+                or len(state.sequence) != length + 1
+            ):
                 break
             kept += 1
         self.cache.lengths[0] = min(filled + 1 + kept, len(state.sequence) - 1)
@@ -410,8 +454,9 @@ class Scheduler:
             request._put(event)
         return True
 
-    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor,
-                  states: list[CompletionState]) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
+    def _logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, states: list[CompletionState]
+    ) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
         """Chosen-token log-probabilities and top alternatives of the rows that asked for them."""
         rows = [row for row, state in enumerate(states) if state.config.logprobs is not None]
         if not rows:
@@ -449,8 +494,11 @@ class Scheduler:
     def _fail_all(self, error: BaseException) -> None:
         with self._wakeup:
             # A finished request may still hold its slot (retired after the step): it has had its last event.
-            failed = [request for request in [*self._waiting, *(request for request, _ in self._slots + self._uncached)]
-                      if request.completion is None]
+            failed = [
+                request
+                for request in [*self._waiting, *(request for request, _ in self._slots + self._uncached)]
+                if request.completion is None
+            ]
             self._waiting.clear()
             self._unfinished -= len(failed)
         for request in failed:
@@ -466,25 +514,32 @@ class Scheduler:
         scores = score_sequences(self.model, [request.prompt_ids], top=top)[0]
         state.prompt_logprobs = [None] + scores.logprobs.tolist()
         if top:
-            state.prompt_top_logprobs = [None] + [self._alternatives(ids, values) for ids, values in
-                                                  zip(scores.top_ids.tolist(), scores.top_logprobs.tolist())]
+            state.prompt_top_logprobs = [None] + [
+                self._alternatives(ids, values)
+                for ids, values in zip(scores.top_ids.tolist(), scores.top_logprobs.tolist())
+            ]
 
     def _beam_search(self, request: Request, state: CompletionState) -> None:
         """Run a beam search to the end now (it needs num_beams rows of its own) and finish the request
         with its best hypothesis, passed through the same stop conditions as sampled tokens."""
         config = request.config
         end_ids = frozenset(state.end_ids) if config.stop_at_end_of_text else frozenset()
-        best = beam_search(self.model, request.prompt_ids, config.num_beams, config.max_new_tokens,
-                           config.length_penalty, end_ids)[0]
+        best = beam_search(
+            self.model, request.prompt_ids, config.num_beams, config.max_new_tokens, config.length_penalty, end_ids
+        )[0]
         tokens = best.token_ids  # the end token that closed a "stop" hypothesis is not among them
         state.tools = None  # a beam is decided whole: no tool runs in the middle of it
         chosen, top = [None] * len(tokens), [None] * len(tokens)
         if config.logprobs is not None and tokens:
             scores = score_sequences(self.model, [request.prompt_ids + tokens], top=config.logprobs)[0]
-            chosen = scores.logprobs[-len(tokens):].tolist()
+            chosen = scores.logprobs[-len(tokens) :].tolist()
             if config.logprobs:
-                top = [self._alternatives(ids, values) for ids, values in
-                       zip(scores.top_ids[-len(tokens):].tolist(), scores.top_logprobs[-len(tokens):].tolist())]
+                top = [
+                    self._alternatives(ids, values)
+                    for ids, values in zip(
+                        scores.top_ids[-len(tokens) :].tolist(), scores.top_logprobs[-len(tokens) :].tolist()
+                    )
+                ]
         event = Event("", [])
         for token, logprob, alternatives in zip(tokens, chosen, top):
             step = state.accept(token, logprob, alternatives)

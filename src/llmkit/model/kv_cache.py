@@ -47,12 +47,16 @@ class KVCache:
         common first new position, or their own ones as a (batch, 1) tensor when they differ, and ``end``
         is how far the longest row then reaches."""
         if self.lengths.shape[0] != self.batch_size:
-            raise ValueError(f"the cache has {self.batch_size} rows of keys but {self.lengths.shape[0]} lengths: "
-                             "reorder its rows with KVCache.reorder")
+            raise ValueError(
+                f"the cache has {self.batch_size} rows of keys but {self.lengths.shape[0]} lengths: "
+                "reorder its rows with KVCache.reorder"
+            )
         starts = self.lengths.tolist()
         self._end = max(starts) + length
         if self._end > self.capacity:
-            raise ValueError(f"{length} new tokens after {max(starts)} cached ones exceed the cache's capacity of {self.capacity}")
+            raise ValueError(
+                f"{length} new tokens after {max(starts)} cached ones exceed the cache's capacity of {self.capacity}"
+            )
         if min(starts) == max(starts):
             self._start = starts[0]
             return self._start, self._end
@@ -67,13 +71,13 @@ class KVCache:
         """Store one layer's new (batch, kv_heads, length, head_dim) keys and values; return the cached
         ones up to the planned end, for attention."""
         if self._start is not None:
-            self.keys[layer, :, :, self._start:self._end] = keys
-            self.values[layer, :, :, self._start:self._end] = values
+            self.keys[layer, :, :, self._start : self._end] = keys
+            self.values[layer, :, :, self._start : self._end] = values
         else:
             # One scatter per tensor for all rows: index (row, :, position) takes (batch, length, heads, dim).
             self.keys[layer][self._write_rows, :, self._write_positions] = keys.transpose(1, 2)
             self.values[layer][self._write_rows, :, self._write_positions] = values.transpose(1, 2)
-        return self.keys[layer, :, :, :self._end], self.values[layer, :, :, :self._end]
+        return self.keys[layer, :, :, : self._end], self.values[layer, :, :, : self._end]
 
     def advance(self, length: int) -> None:
         self.lengths += length
@@ -111,7 +115,7 @@ class KVCache:
         for name in ("keys", "values"):
             old = getattr(self, name)
             new = torch.zeros(shape, dtype=old.dtype, device=old.device)
-            new[:, :old.shape[1], :, :old.shape[3]] = old
+            new[:, : old.shape[1], :, : old.shape[3]] = old
             setattr(self, name, new)
         self.lengths = torch.cat([self.lengths, torch.zeros(batch_size - self.lengths.shape[0], dtype=torch.long)])
 
@@ -134,7 +138,9 @@ class PositionedRows:
         lengths = cache.lengths[:rows]
         end = int(lengths.max()) + length
         if end > cache.capacity:
-            raise ValueError(f"{length} new tokens after {end - length} cached ones exceed the cache's capacity of {cache.capacity}")
+            raise ValueError(
+                f"{length} new tokens after {end - length} cached ones exceed the cache's capacity of {cache.capacity}"
+            )
         return cls(cache.keys, cache.values, lengths.to(cache.keys.device).unsqueeze(1), end)
 
     def begin(self, length: int) -> tuple[torch.Tensor, int]:
@@ -148,7 +154,7 @@ class PositionedRows:
         # Indexed on the whole (layers, rows, heads, positions, dim) tensor, so a compiled graph writes in place.
         self.keys[layers, rows, :, positions] = keys.transpose(1, 2)
         self.values[layers, rows, :, positions] = values.transpose(1, 2)
-        return self.keys[layer, :batch, :, :self.end], self.values[layer, :batch, :, :self.end]
+        return self.keys[layer, :batch, :, : self.end], self.values[layer, :batch, :, : self.end]
 
     def advance(self, length: int) -> None:
         """Nothing: the lengths live outside the traced forward (see the class docstring)."""
