@@ -26,10 +26,11 @@ ROLLING_FIELDS = 'doc_to_text: ""\ndoc_to_target: text\n'
 # Per choice, llmkit and transformers differ by at most 1.1e-5 nats (measured; the same float32 operations
 # in another order); every prediction agrees.
 LOGPROB_TOLERANCE = 1e-4
+pytestmark = pytest.mark.usefixtures("all_cores")
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory, smollm2_checkpoint):
+def smollm2(tmp_path_factory, all_cores, smollm2_checkpoint):
     """(checkpoint, Hugging Face export, task folder, ARC file, WikiText file) for SmolLM2, set up once for
     the module."""
     shared_data = SHARED_DATA

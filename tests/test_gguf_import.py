@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SMOLLM2_GGUF
 from test_interop import SAMPLES, TEXT, llama_cpp_forward, perturbed, write_checkpoint
 
 from llmkit.chat import CHAT_TEMPLATE, render_ids
@@ -535,22 +536,17 @@ def test_truncated_or_foreign_files_are_refused_naming_the_file(tmp_path, small_
     assert main(["import", str(cut), "--out", str(tmp_path / "out")]) == 2
 
 
-def test_smollm2_q4_1_matches_transformers_gguf_loading(tmp_path, shared_data):
-    """SmolLM2-135M-Instruct in Q4_1 (its embedding in Q8_0): llmkit's import against transformers' reading
-    of the same file (its config mapping, name map, un-permutation and LlamaForCausalLM)."""
-    path = shared_data / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    summary = import_checkpoint(ImportConfig(source=str(path), out=str(tmp_path / "smol")))
-    assert summary["gguf_architecture"] == "llama" and summary["tensor_types"] == ["F32", "Q4_1", "Q8_0"]
-    model, saved = load_model(tmp_path / "smol")
-    tokenizer = Tokenizer.load(tmp_path / "smol")
-    try:  # the public route needs the accelerate package, which the test extra does not install
-        peer = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except ValueError as error:
-        if "accelerate" not in str(error):
-            raise
-        peer = _transformers_gguf_model(path, model.config)
+@pytest.mark.usefixtures("all_cores")
+def test_smollm2_q4_1_matches_transformers_gguf_loading(smollm2_checkpoint):
+    """SmolLM2-135M-Instruct in Q4_1 (its embedding in Q8_0), imported by ``llmkit import`` (the session's
+    checkpoint): llmkit's import against transformers' reading of the same file (its config mapping, name
+    map, un-permutation and LlamaForCausalLM)."""
+    path = SMOLLM2_GGUF
+    model, saved = load_model(smollm2_checkpoint)
+    assert saved["imported_from"]["gguf_architecture"] == "llama"
+    assert saved["imported_from"]["tensor_types"] == ["F32", "Q4_1", "Q8_0"]
+    tokenizer = Tokenizer.load(smollm2_checkpoint)
+    peer = _transformers_gguf_model(path, model.config)
     peer.eval()
     ids = tokenizer.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     with torch.no_grad():
@@ -588,9 +584,10 @@ def test_smollm2_q4_1_matches_transformers_gguf_loading(tmp_path, shared_data):
 
 
 def _transformers_gguf_model(path, config: ModelConfig):
-    """What ``from_pretrained(gguf_file=...)`` does, without its accelerate check: transformers' GGUF reader
-    dequantizes, renames and un-permutes the tensors into a LlamaForCausalLM. The model is built with the
-    shape llmkit read; the config transformers parses from the same file must agree with it."""
+    """What ``from_pretrained(gguf_file=...)`` does in one read of the file instead of its three (18 s against
+    7 s here) and without its accelerate check: transformers' GGUF reader dequantizes, renames and un-permutes
+    the tensors into a LlamaForCausalLM. The model is built with the shape llmkit read; the config
+    transformers parses from the same file must agree with it."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     hf = transformers.LlamaConfig(

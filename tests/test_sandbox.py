@@ -23,15 +23,29 @@ def bubblewrap():
 
 
 def sandbox_processes() -> list[int]:
-    """Processes still running a sandbox's bootstrap (its text is on their command line)."""
-    found = []
+    """Processes still running a sandbox's bootstrap (its text is on their command line), leaving out those
+    of the sandboxes a sibling of this process runs now (another pytest-xdist worker's tests)."""
+    parents = {}
     for entry in os.listdir("/proc"):
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as file:
-                if CHILD_MARKER.encode() in file.read():
-                    found.append(int(entry))
-        except (OSError, ValueError):
+            with open(f"/proc/{entry}/stat") as file:
+                parents[int(entry)] = int(file.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
+    siblings = {pid for pid, parent in parents.items() if parent == os.getppid() and pid != os.getpid()}
+    found = []
+    for pid in parents:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                if CHILD_MARKER.encode() not in file.read():
+                    continue
+        except OSError:
+            continue
+        ancestor = pid
+        while ancestor > 1 and ancestor not in siblings:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor not in siblings:
+            found.append(pid)
     return found
 
 
