@@ -1,15 +1,17 @@
 """Post-training quality on the embedded arithmetic task, from a model pretrained by ``llmkit speedrun``.
 
 Runs the post-training chain (:mod:`llmkit.align.posttrain`: SFT -> reward model -> GRPO or PPO ->
-DPO) from the pretrained model, then the RL stage a second time from the same SFT model with another
-seed, and prints one JSON object per line:
+DPO) from the pretrained model, then the RL stage and DPO again from the same starts with other seeds
+(``--seeds``, default 3 in all), and prints one JSON object per line:
 
-- ``accuracy`` with ``stage`` (``base`` few-shot, ``sft``, ``grpo``/``ppo``, ``dpo``, and the second
-  RL seed as ``grpo_seed1``) and ``tool`` (``on``: the calculator runs; ``off``: inline arithmetic,
-  no tools): greedy held-out accuracy;
-- ``rl_gain_over_sft``: the RL model's accuracy minus the SFT model's (calculator on), the mean over
-  the two seeds, with each seed's gain; ``seed_noise``: the difference between the two seeds' RL
-  accuracies. The goal is a gain larger than the noise;
+- ``accuracy`` with ``stage`` (``base`` few-shot, ``sft``, ``grpo``/``ppo`` (the RL run's last checkpoint),
+  ``grpo_best`` (its best by validation accuracy, the model the chain ships), ``dpo``, and the other seeds'
+  runs as ``grpo_seed1``, ``grpo_seed1_best``, ``dpo_seed1``, ...) and ``tool`` (``on``: the calculator runs;
+  ``off``: inline arithmetic, no tools): greedy held-out accuracy;
+- ``rl_gain_over_sft`` with ``stage`` (the shipped best RL checkpoint, the last one, DPO): the accuracy minus
+  the SFT model's (calculator on), the mean over the seeds, with each seed's gain and ``goal_met`` (the mean
+  gain above twice the spread); ``seed_spread``: the sample standard deviation of the seeds' accuracies
+  (with their range);
 - ``sampled_accuracy``, ``majority_accuracy`` and ``pass_at_k`` with ``stage`` (``sft`` and the RL
   stage), ``samples`` and ``temperature``: over ``k`` completions sampled per held-out problem (the
   calculator on), the share that is right (pass@1 as RL's rollouts see it), the share of problems
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -51,21 +54,66 @@ def pretrained_base(out: Path, max_time: str) -> Path:
     return out / "speedrun" / "base"
 
 
-def second_seed_accuracy(config, out: Path, seed: int) -> float:
-    """The RL stage again from the same SFT model with another seed, evaluated like the first."""
-    from llmkit.align.posttrain import evaluation_settings, train_rl
+def seed_accuracies(config, out: Path, seed: int, settings, reference) -> dict[str, float]:
+    """The RL stage and DPO again with another ``seed`` from the same starts as the chain's (RL from the SFT
+    model, DPO from the chain's shipped RL model), evaluated like the chain's stages on the same held-out
+    problems: held-out accuracy (calculator on) of the RL run's last and best checkpoints and of DPO."""
+    from llmkit.align.posttrain import shipped_rl_model, train_dpo, train_rl
     from llmkit.align.posttrain_eval import evaluate_model
-    from llmkit.model.checkpoint import load_model
+    from llmkit.model.checkpoint import resolve_checkpoint
 
-    stage = f"{config.rl}_seed{seed}"
-    train_rl(dataclasses.replace(config, seed=seed), out / "sft", out / stage, out / "reward")
-    settings = evaluation_settings(config, out)
-    metrics = evaluate_model(
-        out / stage, stage, settings, None, load_model(out / "sft", settings.device)[0].requires_grad_(False)
+    seeded = dataclasses.replace(config, seed=seed)
+    rl, accuracies = f"{config.rl}_seed{seed}", {}
+    train_rl(seeded, out / "sft", out / rl, out / "reward")
+    train_dpo(seeded, shipped_rl_model(out, config.rl), out / f"dpo_seed{seed}")
+    evaluated: dict[Path, dict] = {}
+    for stage, path in ((rl, out / rl), (f"{rl}_best", shipped_rl_model(out, rl)), (f"dpo_seed{seed}", None)):
+        folder = resolve_checkpoint(path or out / stage)
+        if folder not in evaluated:
+            evaluated[folder] = evaluate_model(folder, stage, settings, None, reference)
+        metrics = evaluated[folder]
+        for mode, tool in TOOLS.items():
+            emit(
+                "accuracy",
+                metrics[f"accuracy_{mode}"],
+                "fraction",
+                stage=stage,
+                tool=tool,
+                seed=seed,
+                problems=metrics["problems"],
+            )
+        accuracies[stage.replace(f"_seed{seed}", "")] = metrics["accuracy_calculator"]
+    return accuracies
+
+
+def emit_gains(stage: str, sft: float, accuracies: list[float], seeds: list[int]) -> None:
+    """The gain over SFT of ``stage`` as the mean over seeds, and the seeds' spread (sample standard deviation
+    of the accuracies): the goal is a gain above twice the spread."""
+    gains = [round(accuracy - sft, 4) for accuracy in accuracies]
+    spread = statistics.stdev(accuracies) if len(accuracies) > 1 else float("nan")
+    mean = statistics.fmean(gains)
+    emit(
+        "rl_gain_over_sft",
+        round(mean, 4),
+        "fraction",
+        stage=stage,
+        tool="on",
+        seeds=seeds,
+        per_seed=gains,
+        sft_accuracy=sft,
+        goal_met=bool(mean > 2 * spread),
     )
-    for mode, tool in TOOLS.items():
-        emit("accuracy", metrics[f"accuracy_{mode}"], "fraction", stage=stage, tool=tool, problems=metrics["problems"])
-    return metrics["accuracy_calculator"]
+    emit(
+        "seed_spread",
+        round(spread, 4),
+        "fraction",
+        stage=stage,
+        tool="on",
+        seeds=seeds,
+        accuracies=accuracies,
+        accuracy_range=round(max(accuracies) - min(accuracies), 4),
+        note="sample standard deviation over the seeds of the held-out accuracy (calculator on)",
+    )
 
 
 def sampling_headroom(path: Path, stage: str, settings, samples: int, temperature: float) -> None:
@@ -151,12 +199,14 @@ def main() -> None:
         "stages are reused (resumed), only the second RL seed and HH-RLHF run",
     )
     parser.add_argument("--rl", choices=["grpo", "ppo"], default="grpo")
+    parser.add_argument("--seeds", type=int, default=3, help="RL and DPO runs with different seeds (default 3)")
     parser.add_argument(
         "--quick", action="store_true", help="small budgets: shows the benchmark works, not the quality"
     )
     arguments = parser.parse_args()
 
-    from llmkit.align.posttrain import PosttrainConfig, posttrain
+    from llmkit.align.posttrain import PosttrainConfig, evaluation_settings, posttrain
+    from llmkit.model.checkpoint import load_model
 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(arguments.out or scratch)
@@ -193,20 +243,20 @@ def main() -> None:
                     problems=result["eval_problems"],
                     **shots,
                 )
-        sft_accuracy, first_rl = result["table"][1]["accuracy_calculator"], result["table"][2]["accuracy_calculator"]
-        second_rl = second_seed_accuracy(config, out, seed=config.seed + 1)
-        gains = [round(first_rl - sft_accuracy, 4), round(second_rl - sft_accuracy, 4)]
-        emit("rl_gain_over_sft", round(sum(gains) / 2, 4), "fraction", stage=arguments.rl, tool="on", per_seed=gains)
-        emit(
-            "seed_noise",
-            round(abs(first_rl - second_rl), 4),
-            "fraction",
-            stage=arguments.rl,
-            tool="on",
-            note="difference between the RL accuracies of two seeds; the goal is rl_gain_over_sft above it",
-        )
-        from llmkit.align.posttrain import evaluation_settings
-
+        rows = {row["stage"]: row["accuracy_calculator"] for row in result["table"]}
+        settings = evaluation_settings(config, out)
+        reference = load_model(out / "sft", settings.device)[0].requires_grad_(False)
+        seeds = [config.seed + offset for offset in range(arguments.seeds)]
+        runs = [
+            {arguments.rl: rows[arguments.rl], f"{arguments.rl}_best": rows[f"{arguments.rl}_best"], "dpo": rows["dpo"]}
+        ]
+        runs += [seed_accuracies(config, out, seed, settings, reference) for seed in seeds[1:]]
+        for stage, name in (
+            (f"{arguments.rl}_best", f"{arguments.rl} (best checkpoint, shipped)"),
+            (arguments.rl, f"{arguments.rl} (last checkpoint)"),
+            ("dpo", "dpo"),
+        ):
+            emit_gains(name, rows["sft"], [run[stage] for run in runs], seeds)
         for stage in ("sft", arguments.rl):
             sampling_headroom(out / stage, stage, evaluation_settings(config, out), 4 if arguments.quick else 16, 1.0)
         emit(

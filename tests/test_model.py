@@ -238,3 +238,23 @@ def test_chunked_token_losses_equal_the_full_cross_entropy_and_its_gradients():
         torch.autograd.grad(chunked.sum(), parameters), torch.autograd.grad(full.sum(), parameters)
     ):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_chunked_token_logprobs_equal_the_full_log_softmax_entropy_and_their_gradients():
+    """What PPO and GRPO train on: log p(token) and the entropy at a sampling temperature, against the log-softmax
+    of the whole (batch, length, vocab) logits."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=61, context_length=64, logit_softcap=30.0))
+    ids, tokens = torch.randint(0, 61, (3, 40)), torch.randint(0, 61, (3, 40))
+    logprobs, entropy = model.token_logprobs(model.hidden_states(ids), tokens, temperature=0.7, chunk_tokens=7)
+    log_distribution = F.log_softmax(model(ids) / 0.7, dim=-1)
+    full_logprobs = log_distribution.gather(-1, tokens[..., None]).squeeze(-1)
+    full_entropy = -(log_distribution.exp() * log_distribution).sum(-1)
+    torch.testing.assert_close(logprobs, full_logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy, full_entropy, rtol=0, atol=1e-5)
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    objective, full_objective = (logprobs + 0.1 * entropy).sum(), (full_logprobs + 0.1 * full_entropy).sum()
+    for ours, theirs in zip(
+        torch.autograd.grad(objective, parameters), torch.autograd.grad(full_objective, parameters)
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -146,14 +145,7 @@ def policy_forward(
     distribution the rollouts were drawn from (Huang et al. 2024). With a value head, the
     head reads the same hidden states the output head does (a shared trunk: Schulman et al. 2017, eq. 9)."""
     hidden = model.hidden_states(input_ids)
-    logits = model.lm_head(hidden)
-    cap = model.config.logit_softcap
-    if cap is not None:  # the model's own soft-cap (Transformer.forward), applied to the head's output
-        logits = cap * torch.tanh(logits / cap)
-    # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
-    log_distribution = F.log_softmax(logits[:, :-1].float() / max(temperature, 1e-6), dim=-1)
-    logprobs = log_distribution.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    entropy = -(log_distribution.exp() * log_distribution).sum(dim=-1)
+    logprobs, entropy = model.token_logprobs(hidden[:, :-1], input_ids[:, 1:], max(temperature, 1e-6))
     values = value_head(hidden[:, :-1]).squeeze(-1).float() if value_head is not None else None
     return PolicyOutputs(logprobs, entropy, values)
 

@@ -327,7 +327,12 @@ def shipped_rl_model(out: Path, rl: str) -> Path:
 
 
 def run_dpo(config: PosttrainConfig, out: Path) -> dict:
-    return dpo(_preference_run(config, config.dpo, out / "dpo", shipped_rl_model(out, config.rl)))
+    return train_dpo(config, shipped_rl_model(out, config.rl), out / "dpo")
+
+
+def train_dpo(config: PosttrainConfig, policy: Path, directory: Path) -> dict:
+    """The DPO stage from ``policy`` (also its reference) into ``directory``."""
+    return dpo(_preference_run(config, config.dpo, directory, policy))
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[PosttrainConfig, Path], dict]] = {

@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -270,14 +269,11 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, continuation_ma
     """Sum over the masked tokens of log p(token | the tokens before it), per row (batch,) in float32.
 
     Token ``t`` is scored by the logits at ``t - 1``, so position 0 (never a response token: a rendered
-    conversation starts with ``<|endoftext|>``) cannot count. Differentiable: DPO's policy term."""
-    logits = model(input_ids)[:, :-1]
-    targets = torch.where(continuation_mask[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
-    # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
-    token_logprobs = -F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(targets)
-    return token_logprobs.sum(dim=-1)
+    conversation starts with ``<|endoftext|>``) cannot count. Differentiable: DPO's policy term. The model's
+    chunked cross-entropy (``targets``) never holds batch × length × vocab logits."""
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    targets[:, :-1] = torch.where(continuation_mask[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
+    return -model(input_ids, targets=targets).sum(dim=-1)
 
 
 @torch.no_grad()

@@ -399,6 +399,34 @@ class Transformer(nn.Module):
         # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
         return F.cross_entropy(self.output_logits(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
 
+    def token_logprobs(
+        self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 2048
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(token), entropy of the whole distribution) per position (batch, length) of the head on
+        ``hidden`` at ``temperature``, chunked and recomputed in the backward pass as in :meth:`token_losses`:
+        what policy-gradient losses need, without batch × length × vocab log-probabilities (14 GiB for
+        SmolLM2's GRPO batch)."""
+        flat_hidden, flat_tokens = hidden.flatten(0, 1), tokens.flatten()
+        pieces = [
+            torch.utils.checkpoint.checkpoint(
+                self._chunk_logprobs,
+                flat_hidden[start : start + chunk_tokens],
+                flat_tokens[start : start + chunk_tokens],
+                temperature,
+                use_reentrant=False,
+            )
+            for start in range(0, flat_tokens.numel(), chunk_tokens)
+        ]
+        logprobs, entropy = (torch.cat(parts).view_as(tokens) for parts in zip(*pieces))
+        return logprobs, entropy
+
+    def _chunk_logprobs(
+        self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        log_distribution = F.log_softmax(self.output_logits(hidden).float() / temperature, dim=-1)
+        entropy = -(log_distribution.exp() * log_distribution).sum(dim=-1)
+        return log_distribution.gather(-1, tokens[:, None]).squeeze(-1), entropy
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,

@@ -65,12 +65,22 @@ def measured_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 20
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
-    cache[key] = 2 * size**3 / best
-    try:
-        atomic_write_text(path, json.dumps(cache, indent=1))
-    except OSError:
-        pass  # a read-only home only costs a re-measurement next time
-    return cache[key]
+    measured = 2 * size**3 / best
+    if not _cpu_busy(device):
+        # A peak timed while other work ran is too low, and every MFU divided by it too high (over 100 % was
+        # seen): only an idle machine's figure is kept, and the best one measured.
+        cache[key] = max(measured, cache.get(key, 0.0))
+        try:
+            atomic_write_text(path, json.dumps(cache, indent=1))
+        except OSError:
+            pass  # a read-only home only costs a re-measurement next time
+    return cache.get(key, measured)
+
+
+def _cpu_busy(device: torch.device) -> bool:
+    """Whether other processes compete for this CPU: a 1-minute load beyond this process and a quarter of
+    the cores."""
+    return device.type == "cpu" and os.getloadavg()[0] > 1 + 0.25 * (os.cpu_count() or 1)
 
 
 class ThroughputMeter:
