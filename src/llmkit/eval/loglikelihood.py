@@ -45,15 +45,19 @@ def check_compatible(model: Transformer, tokenizer: Tokenizer) -> None:
 
 
 def score_in_batches(
-    model: Transformer, sequences: list[list[int]], batch_size: int, description: str
+    model: Transformer, sequences: list[list[int]], scored: list[int], batch_size: int, description: str
 ) -> list[TokenScores]:
-    """``score_sequences`` of every sequence, shortest first in batches (little padding), with a progress bar."""
+    """``score_sequences`` of the last ``scored[i]`` tokens of every sequence i, shortest first in batches
+    (little padding), with a progress bar."""
     check(batch_size > 0, "batch_size", batch_size, "must be positive")
     order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
     results: list[TokenScores | None] = [None] * len(sequences)
     for start in tqdm(range(0, len(order), batch_size), desc=description, unit=" batches", leave=False):
         chosen = order[start : start + batch_size]
-        for index, scores in zip(chosen, score_sequences(model, [sequences[index] for index in chosen], batch_size)):
+        batch = score_sequences(
+            model, [sequences[index] for index in chosen], batch_size, scored=[scored[index] for index in chosen]
+        )
+        for index, scores in zip(chosen, batch):
             results[index] = scores
     return results
 
@@ -108,11 +112,8 @@ def loglikelihoods(
             )
         sequences.append((context_ids + continuation_ids)[-window:])
         scored.append(len(continuation_ids))
-    scores = score_in_batches(model, sequences, batch_size, "loglikelihood")
-    return [
-        (float(result.logprobs[-count:].sum()), bool(result.greedy[-count:].all()))
-        for result, count in zip(scores, scored)
-    ]
+    scores = score_in_batches(model, sequences, scored, batch_size, "loglikelihood")
+    return [(float(result.logprobs.sum()), bool(result.greedy.all())) for result in scores]
 
 
 @dataclass(frozen=True)
@@ -164,9 +165,9 @@ def rolling_loglikelihoods(
             scored.append(window.scored)
     totals = [[0.0, 0] for _ in texts]
     for owner, count, result in zip(
-        owners, scored, score_in_batches(model, sequences, batch_size, "rolling loglikelihood")
+        owners, scored, score_in_batches(model, sequences, scored, batch_size, "rolling loglikelihood")
     ):
-        totals[owner][0] += float(result.logprobs[-count:].sum())
+        totals[owner][0] += float(result.logprobs.sum())
         totals[owner][1] += count
     return [(total, count) for total, count in totals]
 
