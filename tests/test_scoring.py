@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from llmkit.infer.scoring import score_sequences
+from llmkit.infer.scoring import score_continuations, score_sequences
 from llmkit.model import Transformer
 
 
@@ -43,6 +43,31 @@ def test_scoring_the_last_tokens_equals_the_tail_of_the_whole_scores():
         assert tail.top_ids.tolist() == all_tokens.top_ids[len(all_tokens.top_ids) - count :].tolist()
     with pytest.raises(ValueError, match="cannot score its last 2"):
         score_sequences(model, [[1, 2]], scored=[2])
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(position="alibi"), dict(position="learned", n_kv_head=1)])
+def test_continuations_after_a_shared_cached_context_score_as_the_whole_sequences(changes):
+    """Choices sharing their question, one-token contexts, and pairs that fill the 16-token window: each
+    continuation scored after its context's cached keys and values equals scoring context + continuation."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**changes)).eval()
+    question, other = [5, 9, 2, 7, 7], [3, 4, 4, 8, 60, 0, 12, 13, 14, 15]
+    pairs = [(question, [1]), (question, [8, 9, 10]), (other, [2, 3, 4, 5, 6]), (question, [11, 12])]
+    pairs += [([6], [7, 8]), (other, [1, 2, 3, 4, 5, 6]), ([6], [9]), (list(range(1, 15)), [20, 21])]
+    expected = score_sequences(
+        model, [context + continuation for context, continuation in pairs], scored=[len(c) for _, c in pairs]
+    )
+    for batch_size in (1, 3, 16):  # every pair alone, batches split mid-question and by the window, one batch
+        for (_, continuation), ours, theirs in zip(
+            pairs, score_continuations(model, pairs, batch_size=batch_size), expected
+        ):
+            assert ours.logprobs.shape == (len(continuation),)
+            torch.testing.assert_close(ours.logprobs, theirs.logprobs, atol=1e-5, rtol=0)
+            assert ours.greedy.tolist() == theirs.greedy.tolist()
+    with pytest.raises(ValueError, match="pair 0: 0 context"):
+        score_continuations(model, [([], [1])])
+    with pytest.raises(ValueError, match="context_length=16"):
+        score_continuations(model, [(list(range(10)), list(range(7)))])
 
 
 def test_a_sequence_longer_than_the_context_is_refused():

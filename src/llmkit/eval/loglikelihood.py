@@ -1,8 +1,9 @@
 """Log-likelihoods of texts under a model: of a continuation given a context, and of whole documents.
 
-Both are sums of :func:`llmkit.infer.scoring.score_sequences` log-probabilities, so evaluation, the
-engine's echo log-probs and the lm-evaluation-harness adapter (:mod:`llmkit.eval.harness`) share one
-scoring path and agree to the last bit.
+Both are sums of :mod:`llmkit.infer.scoring` log-probabilities: evaluation and the lm-evaluation-harness
+adapter (:mod:`llmkit.eval.harness`) share one scoring path and agree to the last bit; the engine's echo
+log-probs (a whole sequence at once) agree with them to float32 rounding, since a continuation is scored
+after its context's cached keys and values (each context once for all its continuations).
 
 Tokenisation follows lm-evaluation-harness's Hugging Face model (``HFLM``: ``TemplateLM._encode_pair``
 and ``prefix_token_id``) so numbers are comparable with published ones and with ``lm_eval --model hf``
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from llmkit.config import check
 from llmkit.errors import InputError, MismatchError
-from llmkit.infer.scoring import TokenScores, score_sequences
+from llmkit.infer.scoring import TokenScores, score_continuations, score_sequences
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import Tokenizer
 
@@ -100,7 +101,7 @@ def loglikelihoods(
     decoding from the context would produce exactly the continuation's tokens."""
     check_compatible(model, tokenizer)
     window = model.config.context_length
-    sequences, scored = [], []
+    pairs = []
     for index, (context, continuation) in enumerate(requests):
         context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
         if not continuation_ids:
@@ -110,9 +111,22 @@ def loglikelihoods(
                 f"request {index}: a continuation of {len(continuation_ids)} tokens leaves no context "
                 f"in the model's window of {window} tokens"
             )
-        sequences.append((context_ids + continuation_ids)[-window:])
-        scored.append(len(continuation_ids))
-    scores = score_in_batches(model, sequences, scored, batch_size, "loglikelihood")
+        pairs.append((context_ids, continuation_ids))
+    # A pair that fits the window is scored after its context, which runs once for all the continuations
+    # that share it (a question's choices); a longer one loses tokens from the left of its context.
+    whole = [index for index, (context, continuation) in enumerate(pairs) if len(context) + len(continuation) <= window]
+    cut = sorted(set(range(len(pairs))) - set(whole))
+    scores: list[TokenScores | None] = [None] * len(pairs)
+    check(batch_size > 0, "batch_size", batch_size, "must be positive")
+    slice_size = batch_size * 4
+    for start in tqdm(range(0, len(whole), slice_size), desc="loglikelihood", unit=" slices", leave=False):
+        chosen = whole[start : start + slice_size]
+        for index, result in zip(chosen, score_continuations(model, [pairs[index] for index in chosen], batch_size)):
+            scores[index] = result
+    sequences = [(pairs[index][0] + pairs[index][1])[-window:] for index in cut]
+    counts = [len(pairs[index][1]) for index in cut]
+    for index, result in zip(cut, score_in_batches(model, sequences, counts, batch_size, "loglikelihood (cut)")):
+        scores[index] = result
     return [(float(result.logprobs.sum()), bool(result.greedy.all())) for result in scores]
 
 

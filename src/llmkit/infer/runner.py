@@ -70,13 +70,18 @@ class ModelRunner:
         return self.model(ids, cache=cache.rows(row, row + 1))[0]
 
     def prefill(self, cache: KVCache, first: int, pieces: list[list[int]]) -> None:
-        """Append ``pieces[i]`` to cache row ``first + i``, all in one pass, without the output head: rows
-        of different lengths are right-padded (a padded position is written but lies beyond its row's
-        length, so it is masked until a real token overwrites it) and each row advances by its own length."""
-        longest = max(len(piece) for piece in pieces)
-        device = cache.keys.device
-        ids = torch.tensor([piece + [0] * (longest - len(piece)) for piece in pieces], device=device)
-        view = cache.rows(first, first + len(pieces))
-        before = view.lengths.clone()
-        self.model.hidden_states(ids, cache=view)
-        view.lengths.copy_(before + torch.tensor([len(piece) for piece in pieces]))
+        """Append ``pieces[i]`` to cache row ``first + i``, all in one pass, without the output head."""
+        append_to_rows(self.model, cache.rows(first, first + len(pieces)), pieces)
+
+
+def append_to_rows(model: Transformer, cache: KVCache, pieces: list[list[int]]) -> torch.Tensor:
+    """Append ``pieces[i]`` to cache row i in one forward pass and return the hidden states (rows, longest
+    piece, n_embd): rows of different lengths are right-padded (a padded position is written but lies beyond
+    its row's length, so it is masked until a real token overwrites it) and each row advances by its own
+    length."""
+    longest = max(len(piece) for piece in pieces)
+    ids = torch.tensor([piece + [0] * (longest - len(piece)) for piece in pieces], device=cache.keys.device)
+    before = cache.lengths.clone()
+    hidden = model.hidden_states(ids, cache=cache)
+    cache.lengths.copy_(before + torch.tensor([len(piece) for piece in pieces]))
+    return hidden

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmkit.infer.runner import append_to_rows
 from llmkit.model.transformer import Transformer
 
 
@@ -86,4 +87,65 @@ def score_sequences(
                 top_ids[piece] if top else None,
                 top_logprobs[piece] if top else None,
             )
+    return results
+
+
+@torch.inference_mode()
+def score_continuations(
+    model: Transformer, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16
+) -> list[TokenScores]:
+    """Scores of each ``(context, continuation)`` pair's continuation tokens, as :func:`score_sequences` of
+    ``context + continuation`` with ``scored = len(continuation)`` gives them, but with every distinct context
+    of a batch run once: its keys and values are cached, copied to the rows of its continuations (the choices
+    of a multiple-choice question share their question) and each continuation runs after it. A batch holds up
+    to ``batch_size`` continuations. Contexts need a token and each pair must fit the model's context."""
+    window = model.config.context_length
+    for index, (context, continuation) in enumerate(pairs):
+        if not context or not continuation or len(context) + len(continuation) > window:
+            raise ValueError(
+                f"pair {index}: {len(context)} context and {len(continuation)} continuation tokens; scoring "
+                f"needs at least one of each and at most context_length={window} in all"
+            )
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, (context, _) in enumerate(pairs):
+        groups.setdefault(tuple(context), []).append(index)
+    # Similar lengths share a batch, so little compute goes to padding.
+    ordered = sorted(groups.items(), key=lambda group: len(group[0]) + max(len(pairs[i][1]) for i in group[1]))
+    # Every row of a batch runs as long as its longest context and then its longest continuation (the
+    # shorter ones right-padded): a batch stays within the model's window as well as within batch_size rows.
+    batches, batch, rows, reach = [], [], 0, (0, 0)
+    for context, members in ordered:
+        longest = (max(reach[0], len(context) - 1), max(reach[1], *(len(pairs[index][1]) for index in members)))
+        if batch and (rows + len(members) > batch_size or sum(longest) > window):
+            batches.append(batch)
+            batch, rows = [], 0
+            longest = (len(context) - 1, max(len(pairs[index][1]) for index in members))
+        batch.append((context, members))
+        rows, reach = rows + len(members), longest
+    batches += [batch] if batch else []
+    results: list[TokenScores | None] = [None] * len(pairs)
+    for batch in batches:
+        contexts = [list(context) for context, _ in batch]
+        members = [index for _, group in batch for index in group]
+        owners = torch.tensor([row for row, (_, group) in enumerate(batch) for _ in group], dtype=torch.long)
+        capacity = max(len(context) - 1 for context in contexts) + max(len(pairs[index][1]) for index in members)
+        cache = model.new_cache(len(contexts), capacity)
+        # The context's last token runs with the continuation: its position predicts the first answer token.
+        if any(len(context) > 1 for context in contexts):
+            append_to_rows(model, cache, [context[:-1] for context in contexts])
+        cache.reorder(owners)
+        pieces = [[pairs[index][0][-1], *pairs[index][1][:-1]] for index in members]
+        hidden = append_to_rows(model, cache, pieces)
+        rows = torch.tensor([row for row, piece in enumerate(pieces) for _ in piece], dtype=torch.long)
+        positions = torch.tensor([position for piece in pieces for position in range(len(piece))], dtype=torch.long)
+        device = hidden.device
+        logprobs = model.output_logits(hidden[rows.to(device), positions.to(device)]).float().log_softmax(dim=-1)
+        targets = torch.tensor([token for index in members for token in pairs[index][1]], device=device)
+        chosen = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        greedy = (logprobs.argmax(dim=-1) == targets).cpu()
+        offset = 0
+        for index in members:
+            piece = slice(offset, offset + len(pairs[index][1]))
+            offset += len(pairs[index][1])
+            results[index] = TokenScores(chosen[piece], greedy[piece])
     return results
