@@ -32,7 +32,7 @@ class ScriptedScores(TrainingHooks):
         self.calls = state["calls"]
 
 
-def train(out, scores, goal="max", resume=False, max_steps=10) -> tuple[Trainer, dict]:
+def train(out, scores, goal="max", resume=False, max_steps=10) -> dict:
     torch.manual_seed(0)
     hooks = ScriptedScores(scores)
     config = TrainConfig(
@@ -50,8 +50,7 @@ def train(out, scores, goal="max", resume=False, max_steps=10) -> tuple[Trainer,
         best_goal=goal,
         resume=resume,
     )
-    trainer = Trainer(Transformer(tiny_config()), SyntheticBatches(), config, hooks=hooks)
-    return trainer, trainer.run()
+    return Trainer(Transformer(tiny_config()), SyntheticBatches(), config, hooks=hooks).run()
 
 
 def weights_of(path):
@@ -61,7 +60,7 @@ def weights_of(path):
 
 def test_the_best_evaluation_keeps_its_checkpoint_through_pruning(tmp_path):
     # Evaluations at steps 0 (the start), 2, 4, 6, 8, 10 and the end: the best is at step 4.
-    trainer, summary = train(tmp_path, [0.1, 0.3, 0.7, 0.5, 0.6, 0.2, 0.2])
+    summary = train(tmp_path, [0.1, 0.3, 0.7, 0.5, 0.6, 0.2, 0.2])
     assert summary["best"] == {
         "metric": "accuracy",
         "value": 0.7,
@@ -79,12 +78,12 @@ def test_the_best_evaluation_keeps_its_checkpoint_through_pruning(tmp_path):
 
 
 def test_a_smaller_metric_can_be_the_better_one(tmp_path):
-    _, summary = train(tmp_path, [0.9, 0.8, 0.85, 0.4, 0.6, 0.5, 0.5], goal="min")
+    summary = train(tmp_path, [0.9, 0.8, 0.85, 0.4, 0.6, 0.5, 0.5], goal="min")
     assert summary["best"]["step"] == 6 and summary["best"]["value"] == 0.4
 
 
 def test_a_run_that_never_betters_its_start_keeps_no_best_checkpoint(tmp_path):
-    _, summary = train(tmp_path, [0.9, 0.5, 0.9, 0.4, 0.3, 0.2, 0.2])  # a tie with the start is no improvement
+    summary = train(tmp_path, [0.9, 0.5, 0.9, 0.4, 0.3, 0.2, 0.2])  # a tie with the start is no improvement
     assert summary["best"] == {"metric": "accuracy", "value": 0.9, "step": 0, "checkpoint": None}
     assert not (tmp_path / "best").exists()
 
@@ -92,7 +91,7 @@ def test_a_run_that_never_betters_its_start_keeps_no_best_checkpoint(tmp_path):
 def test_a_resumed_run_remembers_its_best(tmp_path):
     train(tmp_path, [0.1, 0.8, 0.2, 0.2], max_steps=4)  # best at step 2
     assert (tmp_path / "best").read_text().strip() == "checkpoints/step_00000002"
-    _, summary = train(tmp_path, [0.1, 0.8, 0.2, 0.2, 0.5, 0.6, 0.6], max_steps=8, resume=True)
+    summary = train(tmp_path, [0.1, 0.8, 0.2, 0.2, 0.5, 0.6, 0.6], max_steps=8, resume=True)
     assert summary["best"]["step"] == 2 and summary["best"]["value"] == 0.8
     assert (tmp_path / "checkpoints" / "step_00000002").is_dir()
 

@@ -427,9 +427,11 @@ class Trainer:
             value = self.validation.get(metric)
         if value is None:
             return False
-        better = max if self.config.best_goal == "max" else min
-        if self.best is not None and better(value, self.best["value"]) == self.best["value"]:
-            return False
+        if self.best is not None:
+            previous = self.best["value"]
+            improved = value > previous if self.config.best_goal == "max" else value < previous
+            if not improved:  # a tie keeps the earlier checkpoint
+                return False
         self.best = {"value": float(value), "step": self.step}
         return True
 
