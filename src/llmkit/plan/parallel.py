@@ -499,6 +499,11 @@ def layout_yaml(config: PlanConfig, layout: dict, sequence: int) -> str:
     ZeRO-2 style (gathered weights kept) for the stages below."""
     model_parallel = layout["tp"] > 1 or layout["pp"] > 1
     parallelism = "fsdp" if layout["zero"] >= 2 or model_parallel else "ddp"
+    recompute = str(layout["recompute"] != "none").lower()
+    if layout["recompute"] == "selective":
+        # The Trainer recomputes whole blocks: a layout planned with selective recomputation runs slower than
+        # its estimate (a fourth pass instead of the attention core's), in no more memory than planned.
+        recompute += "  # whole blocks: the Trainer has no selective recomputation"
     lines = [
         f"preset: {config.preset}",
         "model:",
@@ -512,7 +517,7 @@ def layout_yaml(config: PlanConfig, layout: dict, sequence: int) -> str:
         f"  pipeline_schedule: {config.schedule}",
         f"  batch_size: {layout['micro_batch']}",
         f"  grad_accum: {layout['micro_batches']}",
-        f"  activation_checkpointing: {str(layout['recompute'] != 'none').lower()}",
+        f"  activation_checkpointing: {recompute}",
         f"  max_tokens: {int(config.tokens)}",
     ]
     return "\n".join(lines) + "\n"
