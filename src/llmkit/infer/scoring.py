@@ -98,7 +98,8 @@ def score_continuations(
     ``context + continuation`` with ``scored = len(continuation)`` gives them, but with every distinct context
     of a batch run once: its keys and values are cached, copied to the rows of its continuations (the choices
     of a multiple-choice question share their question) and each continuation runs after it. A batch holds up
-    to ``batch_size`` continuations. Contexts need a token and each pair must fit the model's context."""
+    to ``batch_size`` continuations (more when one context has more: its continuations stay together).
+    Contexts need a token and each pair must fit the model's context."""
     window = model.config.context_length
     for index, (context, continuation) in enumerate(pairs):
         if not context or not continuation or len(context) + len(continuation) > window:
