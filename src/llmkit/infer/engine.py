@@ -45,9 +45,7 @@ class EngineConfig:
     )
     threads: int | None = field(
         default=None,
-        metadata={
-            "help": "CPU threads for the model's arithmetic (default: torch's choice; 1 on a busy shared machine)"
-        },
+        metadata={"help": "CPU threads of torch in this process (default: torch's choice; 1 on a busy shared machine)"},
     )
 
     def __post_init__(self) -> None:
