@@ -66,24 +66,25 @@ def seed_accuracies(config, out: Path, seed: int, settings, reference) -> dict[s
     rl, accuracies = f"{config.rl}_seed{seed}", {}
     train_rl(seeded, out / "sft", out / rl, out / "reward")
     train_dpo(seeded, shipped_rl_model(out, config.rl), out / f"dpo_seed{seed}")
-    evaluated: dict[Path, dict] = {}
-    for stage, path in ((rl, out / rl), (f"{rl}_best", shipped_rl_model(out, rl)), (f"dpo_seed{seed}", None)):
-        folder = resolve_checkpoint(path or out / stage)
+    evaluated: dict[Path, dict] = {}  # the best checkpoint is often the last one (or SFT): evaluated once
+    stages = {  # the chain's stage name -> (this seed's name, its checkpoint)
+        config.rl: (rl, out / rl),
+        f"{config.rl}_best": (f"{rl}_best", shipped_rl_model(out, rl)),
+        "dpo": (f"dpo_seed{seed}", out / f"dpo_seed{seed}"),
+    }
+    for stage, (name, path) in stages.items():
+        folder = resolve_checkpoint(path)
         if folder not in evaluated:
-            evaluated[folder] = evaluate_model(folder, stage, settings, None, reference)
-        metrics = evaluated[folder]
-        for mode, tool in TOOLS.items():
-            emit(
-                "accuracy",
-                metrics[f"accuracy_{mode}"],
-                "fraction",
-                stage=stage,
-                tool=tool,
-                seed=seed,
-                problems=metrics["problems"],
-            )
-        accuracies[stage.replace(f"_seed{seed}", "")] = metrics["accuracy_calculator"]
+            evaluated[folder] = evaluate_model(folder, name, settings, None, reference)
+        emit_accuracies(evaluated[folder], stage=name, seed=seed, problems=evaluated[folder]["problems"])
+        accuracies[stage] = evaluated[folder]["accuracy_calculator"]
     return accuracies
+
+
+def emit_accuracies(metrics: dict, **context) -> None:
+    """``accuracy`` lines, calculator on and off, of an evaluated model."""
+    for mode, tool in TOOLS.items():
+        emit("accuracy", metrics[f"accuracy_{mode}"], "fraction", tool=tool, **context)
 
 
 def emit_gains(stage: str, sft: float, accuracies: list[float], seeds: list[int]) -> None:
@@ -232,17 +233,8 @@ def main() -> None:
         result = posttrain(config)
         out = Path(config.out)
         for row in result["table"]:
-            for mode, tool in TOOLS.items():
-                shots = {"shots": row["shots"]} if row["stage"] == "base" else {}
-                emit(
-                    "accuracy",
-                    row[f"accuracy_{mode}"],
-                    "fraction",
-                    stage=row["stage"],
-                    tool=tool,
-                    problems=result["eval_problems"],
-                    **shots,
-                )
+            shots = {"shots": row["shots"]} if row["stage"] == "base" else {}
+            emit_accuracies(row, stage=row["stage"], problems=result["eval_problems"], **shots)
         rows = {row["stage"]: row["accuracy_calculator"] for row in result["table"]}
         settings = evaluation_settings(config, out)
         reference = load_model(out / "sft", settings.device)[0].requires_grad_(False)
@@ -258,7 +250,7 @@ def main() -> None:
         ):
             emit_gains(name, rows["sft"], [run[stage] for run in runs], seeds)
         for stage in ("sft", arguments.rl):
-            sampling_headroom(out / stage, stage, evaluation_settings(config, out), 4 if arguments.quick else 16, 1.0)
+            sampling_headroom(out / stage, stage, settings, 4 if arguments.quick else 16, 1.0)
         emit(
             "reward_model_accuracy",
             result["stages"]["reward"]["heldout_accuracy"],

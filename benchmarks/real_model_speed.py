@@ -91,6 +91,14 @@ LLMKIT_WEIGHTS = {
 LLMKIT_WIDTHS = {"16-bit": "bfloat16", "8-bit": "int8", "4-bit": "int4"}
 
 
+def emit_speedups(metric: str, rates: dict, ours: dict[str, str], **context) -> None:
+    """``metric``: the rate of llmkit's engine ``ours[width]`` over each llama.cpp file of that width."""
+    for width, theirs in WIDTHS.items():
+        for their in theirs:
+            ratio = rates[("llmkit", ours[width])] / rates[("llama.cpp", their)]
+            emit(metric, round(ratio, 3), "x", width=width, llmkit=ours[width], llamacpp=their, **context)
+
+
 def width_of(name: str) -> str:
     """The llama.cpp width an llmkit engine is compared with (float32 with F16, llama.cpp's widest)."""
     base = name.removesuffix("+compile")
@@ -324,18 +332,7 @@ def main() -> None:
             for width, name in LLMKIT_WIDTHS.items()
         }
         if llama:
-            for width, theirs in WIDTHS.items():
-                for their in theirs:
-                    emit(
-                        "speedup_vs_llamacpp",
-                        round(rates[("llmkit", ours[width])] / rates[("llama.cpp", their)], 3),
-                        "x",
-                        width=width,
-                        llmkit=ours[width],
-                        llamacpp=their,
-                        batch=1,
-                        **context,
-                    )
+            emit_speedups("speedup_vs_llamacpp", rates, ours, batch=1, **context)
         # ---- greedy agreement with llmkit float32 over several prompts (not timed)
         agreement_prompts = [tokenizer.encode(text) for text in AGREEMENT_PROMPTS]
         decoders = {  # float32 and each width's engine of the speedup_vs_llamacpp lines
@@ -400,18 +397,9 @@ def main() -> None:
                 **context,
             )
         if llama:
-            for width, theirs in WIDTHS.items():
-                for their in theirs:
-                    emit(
-                        "prefill_speedup_vs_llamacpp",
-                        round(prefill_rates[("llmkit", LLMKIT_WIDTHS[width])] / prefill_rates[("llama.cpp", their)], 3),
-                        "x",
-                        width=width,
-                        llmkit=LLMKIT_WIDTHS[width],
-                        llamacpp=their,
-                        prompt_tokens=PREFILL_TOKENS,
-                        **context,
-                    )
+            emit_speedups(
+                "prefill_speedup_vs_llamacpp", prefill_rates, LLMKIT_WIDTHS, prompt_tokens=PREFILL_TOKENS, **context
+            )
 
         # ---- batched decode (continuous batching)
         if not arguments.no_batched:

@@ -355,3 +355,20 @@ def test_a_step_the_device_cannot_hold_is_refused_before_it_starts(tmp_path, mon
         run(tmp_path / "refused", max_steps=2)
     assert not (tmp_path / "refused" / "latest").exists()
     assert run(tmp_path / "allowed", max_steps=2, memory_check=False)["steps"] == 2
+
+
+def test_a_peak_timed_on_a_busy_cpu_is_not_cached(tmp_path, monkeypatch):
+    """MFU's peak: a matmul timed beside other jobs serves its own run only; an idle machine's timing is cached
+    and read back (the busy figure never replaces it)."""
+    from llmkit.train import metrics
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "llmkit" / "peak_flops.json"
+    monkeypatch.setattr(os, "getloadavg", lambda: (8.0, 8.0, 8.0))
+    busy = metrics.measured_peak_flops(torch.float32, torch.device("cpu"), size=64)
+    assert busy > 0 and not cache.exists()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    idle = metrics.measured_peak_flops(torch.float32, torch.device("cpu"), size=64)
+    assert list(json.loads(cache.read_text()).values()) == [idle]
+    monkeypatch.setattr(os, "getloadavg", lambda: (8.0, 8.0, 8.0))
+    assert metrics.measured_peak_flops(torch.float32, torch.device("cpu"), size=64) == idle

@@ -13,6 +13,7 @@ code path: attention takes an optional :class:`KVCache`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -379,45 +380,23 @@ class Transformer(nn.Module):
 
     def token_losses(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
         """Next-token cross-entropy per position (batch, length) of the head on ``hidden``, 0 where the
-        target is :data:`IGNORE_INDEX`, computed ``chunk_tokens`` positions at a time. Each chunk's logits are
-        recomputed in the backward pass instead of kept (the idea of Liger Kernel's fused linear cross-entropy):
-        memory holds chunk × vocab logits, not batch × length × vocab, which for a 49k vocabulary
-        outweighs every activation of a small model."""
-        flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()
-        pieces = [
-            torch.utils.checkpoint.checkpoint(
-                self._chunk_losses,
-                flat_hidden[start : start + chunk_tokens],
-                flat_targets[start : start + chunk_tokens],
-                use_reentrant=False,
-            )
-            for start in range(0, flat_targets.numel(), chunk_tokens)
-        ]
-        return torch.cat(pieces).view_as(targets)
+        target is :data:`IGNORE_INDEX`, computed ``chunk_tokens`` positions at a time (:meth:`_by_chunks`)."""
+        (losses,) = self._by_chunks(self._chunk_losses, hidden, targets, chunk_tokens)
+        return losses
 
-    def _chunk_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _chunk_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor]:
         # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
-        return F.cross_entropy(self.output_logits(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        logits = self.output_logits(hidden).float()
+        return (F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none"),)
 
     def token_logprobs(
         self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 2048
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(token), entropy of the whole distribution) per position (batch, length) of the head on
-        ``hidden`` at ``temperature``, chunked and recomputed in the backward pass as in :meth:`token_losses`:
-        what policy-gradient losses need, without batch × length × vocab log-probabilities (14 GiB for
-        SmolLM2's GRPO batch)."""
-        flat_hidden, flat_tokens = hidden.flatten(0, 1), tokens.flatten()
-        pieces = [
-            torch.utils.checkpoint.checkpoint(
-                self._chunk_logprobs,
-                flat_hidden[start : start + chunk_tokens],
-                flat_tokens[start : start + chunk_tokens],
-                temperature,
-                use_reentrant=False,
-            )
-            for start in range(0, flat_tokens.numel(), chunk_tokens)
-        ]
-        logprobs, entropy = (torch.cat(parts).view_as(tokens) for parts in zip(*pieces))
+        ``hidden`` at ``temperature``, by chunks as :meth:`token_losses`: what policy-gradient losses need."""
+        logprobs, entropy = self._by_chunks(
+            functools.partial(self._chunk_logprobs, temperature=temperature), hidden, tokens, chunk_tokens
+        )
         return logprobs, entropy
 
     def _chunk_logprobs(
@@ -426,6 +405,24 @@ class Transformer(nn.Module):
         log_distribution = F.log_softmax(self.output_logits(hidden).float() / temperature, dim=-1)
         entropy = -(log_distribution.exp() * log_distribution).sum(dim=-1)
         return log_distribution.gather(-1, tokens[:, None]).squeeze(-1), entropy
+
+    def _by_chunks(self, per_chunk, hidden: torch.Tensor, tokens: torch.Tensor, chunk_tokens: int) -> list:
+        """``per_chunk(hidden, tokens)`` (a tuple of per-position tensors) over ``chunk_tokens`` positions at a
+        time, each shaped back to (batch, length). Each chunk's logits are recomputed in the backward pass
+        instead of kept (the idea of Liger Kernel's fused linear cross-entropy): memory holds chunk × vocab
+        logits, not batch × length × vocab, which for a 49k vocabulary outweighs every activation of a small
+        model (14 GiB of log-probabilities for SmolLM2's GRPO batch)."""
+        flat_hidden, flat_tokens = hidden.flatten(0, 1), tokens.flatten()
+        pieces = [
+            torch.utils.checkpoint.checkpoint(
+                per_chunk,
+                flat_hidden[start : start + chunk_tokens],
+                flat_tokens[start : start + chunk_tokens],
+                use_reentrant=False,
+            )
+            for start in range(0, flat_tokens.numel(), chunk_tokens)
+        ]
+        return [torch.cat(parts).view_as(tokens) for parts in zip(*pieces)]
 
     def hidden_states(
         self,
