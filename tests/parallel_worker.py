@@ -12,7 +12,7 @@ from llmkit.train.distributed import shutdown
 from llmkit.train.trainer import Trainer
 
 if __name__ == "__main__":
-    out, tp, pp, grad_accum, max_steps, resume, schedule, checkpointing, sequence = sys.argv[1:10]
+    out, tp, pp, grad_accum, max_steps, resume, schedule, recompute, sequence = sys.argv[1:10]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # Grouped-query attention (4 query heads, 2 key/value heads) and a gated MLP: both fused projections
@@ -36,7 +36,7 @@ if __name__ == "__main__":
         tp=int(tp),
         pp=int(pp),
         pipeline_schedule=schedule,
-        activation_checkpointing=checkpointing == "recompute",
+        activation_checkpointing=recompute,
         sequence_parallel=sequence == "sequence-parallel",
         resume=resume == "resume",
     )

@@ -35,7 +35,7 @@ def launch(
     grad_accum: int,
     max_steps: int,
     schedule="1f1b",
-    recompute=False,
+    recompute="none",
     sequence_parallel=True,
 ) -> None:
     environment = {
@@ -45,7 +45,7 @@ def launch(
     }
     resume = "resume" if (out / "latest").exists() else "fresh"
     worker = [str(HERE / "parallel_worker.py"), str(out), str(tp), str(pp), str(grad_accum), str(max_steps), resume]
-    worker += [schedule, "recompute" if recompute else "store", "sequence-parallel" if sequence_parallel else "whole"]
+    worker += [schedule, recompute, "sequence-parallel" if sequence_parallel else "whole"]
     command = [sys.executable, *worker]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
@@ -108,18 +108,20 @@ def test_tensor_parallel_refuses_what_it_cannot_split():
 def test_layouts_reproduce_one_process_and_resume_across_layouts(tmp_path):
     """One process accumulating 2 micro-batches of 4 rows for 4 steps, against one run that changes layout at
     every resume, each with the same global batch of 8 rows: tp 2 x dp 2 (4 processes, 1 micro-batch each,
-    norms replicated) for steps 1-2, pp 2 x dp 2 (GPipe, 1 micro-batch) for step 3, tp 2 x pp 2 (interleaved
-    1F1B, 2 stages a process, 2 micro-batches, sequence parallel, block activations recomputed) for step 4.
-    Its losses, validation losses and final weights are one process's."""
+    norms replicated, whole blocks recomputed) for steps 1-2, pp 2 x dp 2 (GPipe, 1 micro-batch) for step 3,
+    tp 2 x pp 2 (interleaved 1F1B, 2 stages a process, 2 micro-batches, sequence parallel, attention cores
+    recomputed) for step 4. Its losses, validation losses and final weights are one process's."""
     one, layouts = tmp_path / "one", tmp_path / "layouts"
     launch(one, processes=1, tp=1, pp=1, grad_accum=2, max_steps=4)
-    launch(layouts, processes=4, tp=2, pp=1, grad_accum=1, max_steps=2, sequence_parallel=False)
+    launch(layouts, processes=4, tp=2, pp=1, grad_accum=1, max_steps=2, recompute="full", sequence_parallel=False)
     # The tp 2 x dp 2 checkpoint is in one process's layout: one process could load it as it is.
     assert_same_weights(
         one / "checkpoints/step_00000002/model.safetensors", layouts / "checkpoints/step_00000002/model.safetensors"
     )
     launch(layouts, processes=4, tp=1, pp=2, grad_accum=1, max_steps=3, schedule="gpipe")
-    launch(layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4, schedule="interleaved-1f1b", recompute=True)
+    launch(
+        layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4, schedule="interleaved-1f1b", recompute="selective"
+    )
     expected, got = losses(one), losses(layouts)
     assert [row[0] for row in got] == [row[0] for row in expected] == ["1", "2", "3", "4"]
     for (_, loss_one, val_one), (_, loss_two, val_two) in zip(expected, got):

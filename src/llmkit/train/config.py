@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llmkit.config import check, parse_duration
+from llmkit.model.config import RECOMPUTE, RECOMPUTE_BOOLEANS, Recompute
 from llmkit.tracking import parse_report_to
 
 
@@ -47,8 +48,13 @@ class TrainConfig:
         default="bfloat16", metadata={"help": "autocast dtype (float16 on CUDA only, with loss scaling)"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    activation_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute block activations in the backward pass"}
+    activation_checkpointing: Recompute = field(
+        default="none",
+        metadata={
+            "help": "recompute activations in the backward pass: none, selective (the attention core, "
+            "Korthikanti et al. 2022) or full (whole blocks)",
+            "aliases": RECOMPUTE_BOOLEANS,
+        },
     )
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     max_tokens: int | None = field(default=None, metadata={"help": "stop after this many training tokens"})
@@ -156,6 +162,12 @@ class TrainConfig:
             "batch_warmup_start",
             self.batch_warmup_start,
             f"must be in 1..batch_size={self.batch_size}",
+        )
+        check(
+            self.activation_checkpointing in RECOMPUTE,
+            "activation_checkpointing",
+            self.activation_checkpointing,
+            f"must be one of {', '.join(RECOMPUTE)}",
         )
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
         check(self.tp >= 1, "tp", self.tp, "must be at least 1")

@@ -206,7 +206,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.language_model = model.get_submodule(self.hooks.language_model)
         self.model_config = self.language_model.config
-        self.language_model.gradient_checkpointing = config.activation_checkpointing
+        self.language_model.activation_checkpointing = config.activation_checkpointing
         self.wrapped = distributed.wrap_model(self.model, self.world, config, self.device, self.language_model)
         if self.world.pipeline is not None and loss_fn is not causal_lm_loss:
             raise ConfigError("pp", config.pp, "pipeline parallelism trains the causal LM objective only")
@@ -270,9 +270,9 @@ class Trainer:
                 f"a step of {tokens:,} tokens needs about {need.total / gib:.1f} GiB beyond the weights "
                 f"(activations {need.activation_bytes / gib:.1f}, logits {need.logit_bytes / gib:.1f}, "
                 f"gradients and optimizer {need.optimizer_bytes / gib:.1f}), over {FREE_MEMORY_SHARE:.0%} of "
-                f"the {free / gib:.1f} GiB {self.device} has free: use --train.activation-checkpointing, a smaller "
-                f"--train.batch-size (with --train.grad-accum for the same batch) or a shorter --sequence-length "
-                f"(--train.memory-check false to try anyway)",
+                f"the {free / gib:.1f} GiB {self.device} has free: use --train.activation-checkpointing full, a "
+                f"smaller --train.batch-size (with --train.grad-accum for the same batch) or a shorter "
+                f"--sequence-length (--train.memory-check false to try anyway)",
             )
 
     # ----------------------------------------------------------------- the loop
