@@ -80,6 +80,13 @@ class TrainConfig:
     sequence_parallel: bool = field(
         default=True, metadata={"help": "under tensor parallelism, split norms and dropout along the sequence"}
     )
+    vocab_parallel: bool = field(
+        default=False,
+        metadata={
+            "help": "under tensor parallelism, split the token embedding and output head along the vocabulary and "
+            "take the pretraining loss on the split logits (docs/train.md)"
+        },
+    )
     pipeline_split: Literal["even", "balanced"] = field(
         default="even", metadata={"help": "blocks per pipeline stage: even, or balanced with the output head's work"}
     )
@@ -178,6 +185,12 @@ class TrainConfig:
             "grad_accum",
             self.grad_accum,
             f"1F1B needs at least pp={self.pp} micro-batches a step (or --train.pipeline-schedule gpipe)",
+        )
+        check(
+            not (self.vocab_parallel and self.tp > 1 and self.pp > 1),
+            "vocab_parallel",
+            self.vocab_parallel,
+            "the vocabulary-parallel embedding and head are not split across pipeline stages; use --train.pp 1",
         )
         check(
             not (self.optimizer == "muon" and self.tp > 1),
