@@ -34,15 +34,17 @@ from common import emit  # noqa: E402
 from llmkit.plan.parallel import PlanConfig  # noqa: E402
 from llmkit.plan.published import PUBLISHED_RUNS, check_published  # noqa: E402
 
-# (name, processes, tp, pp): data parallel is what is left. 16 rows of 64 tokens a step, micro-batches of 2.
+# (name, processes, tp, pp, vocab_parallel): data parallel is what is left. 16 rows of 64 tokens a step,
+# micro-batches of 2.
 CPU_LAYOUTS = [
-    ("1 process", 1, 1, 1),
-    ("dp 2 (DDP)", 2, 1, 1),
-    ("tp 2", 2, 2, 1),
-    ("pp 2 (1F1B)", 2, 1, 2),
-    ("tp 2 x dp 2", 4, 2, 1),
-    ("pp 2 x dp 2", 4, 1, 2),
-    ("tp 2 x pp 2", 4, 2, 2),
+    ("1 process", 1, 1, 1, False),
+    ("dp 2 (DDP)", 2, 1, 1, False),
+    ("tp 2", 2, 2, 1, False),
+    ("tp 2 + vocab parallel", 2, 2, 1, True),
+    ("pp 2 (1F1B)", 2, 1, 2, False),
+    ("tp 2 x dp 2", 4, 2, 1, False),
+    ("pp 2 x dp 2", 4, 1, 2, False),
+    ("tp 2 x pp 2", 4, 2, 2, False),
 ]
 GLOBAL_ROWS, MICRO_ROWS, CONTEXT, STEPS, WARMUP = 16, 2, 64, 10, 3
 COMMUNICATION = ("_c10d_functional::", "c10d::", "FSDP::")  # ops on the main thread; gloo's own thread excluded
@@ -80,7 +82,7 @@ def planner(compute_efficiency: float) -> None:
                 )
 
 
-def worker(out: str, tp: int, pp: int, profiled: bool) -> None:
+def worker(out: str, tp: int, pp: int, vocab_parallel: bool, profiled: bool) -> None:
     """One process of a layout (under torchrun): train the small model, write tokens/s (metrics.csv) and,
     profiled, this rank's communication share to out/comm_<rank>.json."""
     import torch
@@ -140,6 +142,7 @@ def worker(out: str, tp: int, pp: int, profiled: bool) -> None:
         memory_check=False,
         tp=tp,
         pp=pp,
+        vocab_parallel=vocab_parallel,
     )
     hooks = Profile()
     schedule = torch.profiler.schedule(wait=WARMUP, warmup=0, active=STEPS - WARMUP, repeat=1)
@@ -155,9 +158,10 @@ def worker(out: str, tp: int, pp: int, profiled: bool) -> None:
     shutdown()
 
 
-def launch(processes: int, tp: int, pp: int, profiled: bool) -> Path:
+def launch(processes: int, tp: int, pp: int, vocab_parallel: bool, profiled: bool) -> Path:
     out = Path(tempfile.mkdtemp(prefix="layout_"))
-    script = [str(Path(__file__).resolve()), "--worker", str(out), str(tp), str(pp), str(int(profiled))]
+    script = [str(Path(__file__).resolve()), "--worker", str(out), str(tp), str(pp), str(int(vocab_parallel))]
+    script += [str(int(profiled))]
     command = [sys.executable, *script]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
@@ -176,14 +180,15 @@ def tokens_per_second(out: Path) -> float:
 def cpu_layouts(repeats: int) -> None:
     rates: dict[str, list[float]] = {name: [] for name, *_ in CPU_LAYOUTS}
     for _ in range(repeats):  # round-robin, so machine noise falls on every layout alike
-        for name, processes, tp, pp in CPU_LAYOUTS:
-            rates[name].append(tokens_per_second(launch(processes, tp, pp, profiled=False)))
+        for name, processes, tp, pp, vocab_parallel in CPU_LAYOUTS:
+            rates[name].append(tokens_per_second(launch(processes, tp, pp, vocab_parallel, profiled=False)))
     baseline = statistics.median(rates["1 process"])
-    for name, processes, tp, pp in CPU_LAYOUTS:
-        out = launch(processes, tp, pp, profiled=True)
+    for name, processes, tp, pp, vocab_parallel in CPU_LAYOUTS:
+        out = launch(processes, tp, pp, vocab_parallel, profiled=True)
         shares = [json.loads(path.read_text())["share"] for path in out.glob("comm_*.json")]
         median = statistics.median(rates[name])
-        context = dict(layout=name, processes=processes, tp=tp, pp=pp, dp=processes // (tp * pp), repeats=repeats)
+        context = dict(layout=name, processes=processes, tp=tp, pp=pp, dp=processes // (tp * pp))
+        context |= dict(vocab_parallel=vocab_parallel, repeats=repeats)
         emit(
             "tokens_per_second",
             round(median, 1),
@@ -196,8 +201,8 @@ def cpu_layouts(repeats: int) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--worker"]:
-        out, tp, pp, profiled = sys.argv[2:6]
-        worker(out, int(tp), int(pp), profiled == "1")
+        out, tp, pp, vocab_parallel, profiled = sys.argv[2:7]
+        worker(out, int(tp), int(pp), vocab_parallel == "1", profiled == "1")
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compute-efficiency", type=float, default=PlanConfig.compute_efficiency)

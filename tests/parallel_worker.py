@@ -12,12 +12,13 @@ from llmkit.train.distributed import shutdown
 from llmkit.train.trainer import Trainer
 
 if __name__ == "__main__":
-    out, tp, pp, grad_accum, max_steps, resume, schedule, checkpointing, sequence = sys.argv[1:10]
+    out, tp, pp, grad_accum, max_steps, resume, schedule, recompute, sequence, vocabulary = sys.argv[1:11]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # Grouped-query attention (4 query heads, 2 key/value heads) and a gated MLP: both fused projections
-    # are split across the tensor-parallel ranks. 4 blocks: 2 pipeline ranks x 2 interleaved stages.
-    model = Transformer(tiny_config(n_head=4, n_kv_head=2, n_layer=4))
+    # are split across the tensor-parallel ranks. 4 blocks: 2 pipeline ranks x 2 interleaved stages. 64 tokens
+    # (the batches use 61) split in two for the vocabulary-parallel embedding and head, tied.
+    model = Transformer(tiny_config(n_head=4, n_kv_head=2, n_layer=4, vocab_size=64))
     config = TrainConfig(
         out=out,
         batch_size=4,
@@ -36,8 +37,9 @@ if __name__ == "__main__":
         tp=int(tp),
         pp=int(pp),
         pipeline_schedule=schedule,
-        activation_checkpointing=checkpointing == "recompute",
+        activation_checkpointing=recompute,
         sequence_parallel=sequence == "sequence-parallel",
+        vocab_parallel=vocabulary == "vocab-parallel",
         resume=resume == "resume",
     )
     Trainer(model, SyntheticBatches(), config, val_batches=SyntheticBatches()).run()

@@ -63,12 +63,12 @@ def test_gpt3_wall_time_at_model_flops_utilisation():
 def test_gpt3_34_days_with_recomputation():
     # Narayanan et al. 2021 §5.1: 8·T·P / (n·X) with X = 140 TFLOP/s per A100 (recomputed forward included)
     # = 8 · 300e9 · 175e9 / (1024 · 140e12) = 2.93e6 s ≈ 34 days.
-    result = gpt3(mfu=140e12 / 312e12, activation_checkpointing=True)
+    result = gpt3(mfu=140e12 / 312e12, activation_checkpointing="full")
     recompute = result["compute"]["time_with_recompute"]
     assert recompute["hardware_flops"] == pytest.approx(8 * 174_604_259_328 * 300e9)
     assert abs(recompute["days"] - 34) <= 1
     # At 46.2 % counted on hardware FLOPs: 8·174.6e9·300e9 / (1024·312e12·0.462) / 86400 = 32.9 days.
-    at_palm_utilisation = gpt3(activation_checkpointing=True)["compute"]["time_with_recompute"]
+    at_palm_utilisation = gpt3(activation_checkpointing="full")["compute"]["time_with_recompute"]
     assert at_palm_utilisation["days"] == pytest.approx(32.86, abs=0.05)
 
 
@@ -89,7 +89,7 @@ def test_gpt3_format():
 
 
 def test_result_is_json_serialisable():
-    json.dumps(gpt3(activation_checkpointing=True))
+    json.dumps(gpt3(activation_checkpointing="full"))
 
 
 # ------------------------------------------------------------------------------ other classic sizes
@@ -177,8 +177,12 @@ def test_activation_memory_korthikanti():
     # gpt2: s=1024, b=2, h=768, a=12, 12 layers: s·b·h·(34 + 5·a·s/h) = 1024·2·768·(34 + 80) per layer.
     result = estimate(EstimateConfig(preset="gpt2", batch_size=2))
     assert result["training_memory"]["activation_bytes"] == pytest.approx(12 * 1024 * 2 * 768 * 114)
-    recomputed = estimate(EstimateConfig(preset="gpt2", batch_size=2, activation_checkpointing=True))
+    recomputed = estimate(EstimateConfig(preset="gpt2", batch_size=2, activation_checkpointing="full"))
     assert recomputed["training_memory"]["activation_bytes"] == pytest.approx(12 * 2 * 1024 * 2 * 768)
+    # Selective recomputation drops the attention core's 5·a·s/h: 34 of 114 per s·b·h (Korthikanti et al. §4.1).
+    selective = estimate(EstimateConfig(preset="gpt2", batch_size=2, activation_checkpointing="selective"))
+    assert selective["training_memory"]["activation_bytes"] == pytest.approx(12 * 1024 * 2 * 768 * 34)
+    assert "attention core recomputed" in format_estimate(selective)
     shorter = estimate(EstimateConfig(preset="gpt2", sequence_length=512))
     assert shorter["training_memory"]["activation_bytes"] == pytest.approx(12 * 512 * 768 * (34 + 5 * 12 * 512 / 768))
 

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer, preset
 from llmkit.model.config import ModelConfig
+from llmkit.train.config import TrainConfig
+from llmkit.train.distributed import World, wrap_model
 from llmkit.train.parallel import check_tensor_parallel, deinterleave, interleave
 from llmkit.train.pipeline import balanced_split, even_split
 
@@ -35,8 +37,9 @@ def launch(
     grad_accum: int,
     max_steps: int,
     schedule="1f1b",
-    recompute=False,
+    recompute="none",
     sequence_parallel=True,
+    vocab_parallel=False,
 ) -> None:
     environment = {
         **os.environ,
@@ -45,7 +48,8 @@ def launch(
     }
     resume = "resume" if (out / "latest").exists() else "fresh"
     worker = [str(HERE / "parallel_worker.py"), str(out), str(tp), str(pp), str(grad_accum), str(max_steps), resume]
-    worker += [schedule, "recompute" if recompute else "store", "sequence-parallel" if sequence_parallel else "whole"]
+    worker += [schedule, recompute, "sequence-parallel" if sequence_parallel else "whole"]
+    worker += ["vocab-parallel" if vocab_parallel else "replicated"]
     command = [sys.executable, *worker]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
@@ -98,28 +102,43 @@ def test_tensor_parallel_refuses_what_it_cannot_split():
     with pytest.raises(ConfigError, match="'norm_placement' = 'post'"):
         check_tensor_parallel(ModelConfig(norm_placement="post"), 2, sequence_parallel=True)
     check_tensor_parallel(ModelConfig(norm_placement="post"), 2)  # without sequence parallelism it splits
+    with pytest.raises(ConfigError, match="'vocab_size' = 61.*tp=2.*--train.vocab-parallel"):  # refused, not padded
+        check_tensor_parallel(ModelConfig(vocab_size=61), 2, vocab_parallel=True)
+    check_tensor_parallel(ModelConfig(vocab_size=61), 2)  # a replicated embedding and head take any vocabulary
+    with pytest.raises(ConfigError, match="'vocab_parallel' = True.*--train.pp 1"):
+        TrainConfig(tp=2, pp=2, grad_accum=2, vocab_parallel=True)
     with pytest.raises(ConfigError, match="'tp' = 2"):  # one process cannot hold two tensor-parallel ranks
-        from llmkit.train.config import TrainConfig
-        from llmkit.train.distributed import World, wrap_model
-
         wrap_model(Transformer(ModelConfig(n_layer=1, n_embd=32)), World(), TrainConfig(tp=2), torch.device("cpu"))
 
 
 def test_layouts_reproduce_one_process_and_resume_across_layouts(tmp_path):
     """One process accumulating 2 micro-batches of 4 rows for 4 steps, against one run that changes layout at
-    every resume, each with the same global batch of 8 rows: tp 2 x dp 2 (4 processes, 1 micro-batch each,
-    norms replicated) for steps 1-2, pp 2 x dp 2 (GPipe, 1 micro-batch) for step 3, tp 2 x pp 2 (interleaved
-    1F1B, 2 stages a process, 2 micro-batches, sequence parallel, block activations recomputed) for step 4.
-    Its losses, validation losses and final weights are one process's."""
+    every resume, each with the same global batch of 8 rows: pp 2 x dp 2 (GPipe, 1 micro-batch) for steps 1-2,
+    tp 2 x dp 2 (4 processes, 1 micro-batch each, norms replicated, embedding and head split along the
+    vocabulary with the loss on the split logits, whole blocks recomputed) for step 3, tp 2 x pp 2 (interleaved
+    1F1B, 2 stages a process, 2 micro-batches, sequence parallel, attention cores recomputed) for step 4. Its
+    losses, validation losses and final weights are one process's."""
     one, layouts = tmp_path / "one", tmp_path / "layouts"
     launch(one, processes=1, tp=1, pp=1, grad_accum=2, max_steps=4)
-    launch(layouts, processes=4, tp=2, pp=1, grad_accum=1, max_steps=2, sequence_parallel=False)
-    # The tp 2 x dp 2 checkpoint is in one process's layout: one process could load it as it is.
+    launch(layouts, processes=4, tp=1, pp=2, grad_accum=1, max_steps=2, schedule="gpipe")
+    # The pp 2 x dp 2 checkpoint is in one process's layout: one process could load it as it is.
     assert_same_weights(
         one / "checkpoints/step_00000002/model.safetensors", layouts / "checkpoints/step_00000002/model.safetensors"
     )
-    launch(layouts, processes=4, tp=1, pp=2, grad_accum=1, max_steps=3, schedule="gpipe")
-    launch(layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4, schedule="interleaved-1f1b", recompute=True)
+    launch(
+        layouts,
+        processes=4,
+        tp=2,
+        pp=1,
+        grad_accum=1,
+        max_steps=3,
+        recompute="full",
+        sequence_parallel=False,
+        vocab_parallel=True,
+    )
+    launch(
+        layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4, schedule="interleaved-1f1b", recompute="selective"
+    )
     expected, got = losses(one), losses(layouts)
     assert [row[0] for row in got] == [row[0] for row in expected] == ["1", "2", "3", "4"]
     for (_, loss_one, val_one), (_, loss_two, val_two) in zip(expected, got):

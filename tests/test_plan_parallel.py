@@ -122,11 +122,11 @@ def test_plan_ranks_fitting_layouts_fastest_first():
         assert pretrain.train.batch_size * pretrain.train.grad_accum * layout["dp"] == 256
 
 
-def test_a_selective_recomputation_layout_says_the_trainer_recomputes_whole_blocks():
-    result = plan(PlanConfig(preset="llama-7b", gpus=16, global_batch=256, tokens=1e11, recompute="selective", top=1))
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_a_layout_runs_the_recomputation_it_was_planned_with(recompute):
+    result = plan(PlanConfig(preset="llama-7b", gpus=16, global_batch=256, tokens=1e11, recompute=recompute, top=1))
     text = result["layouts"][0]["yaml"]
-    assert "whole blocks: the Trainer has no selective recomputation" in text
-    assert build(PretrainConfig, yaml.safe_load(text)).train.activation_checkpointing is True
+    assert build(PretrainConfig, yaml.safe_load(text)).train.activation_checkpointing == recompute
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_RUNS))

@@ -344,14 +344,18 @@ def test_a_step_the_device_cannot_hold_is_refused_before_it_starts(tmp_path, mon
     model = Transformer(tiny_config())
     config = model.config
     # By hand: 4 rows x 32 tokens, float32, no checkpointing: 2 layers x 128 tokens x (16 h + 4 f) values x 4 bytes.
-    estimate = memory.estimate_step_memory(model, 128, torch.float32, checkpointing=False)
+    estimate = memory.estimate_step_memory(model, 128, torch.float32, "none")
     assert estimate.activation_bytes == config.n_layer * 128 * (16 * config.n_embd + 4 * config.ffn_hidden) * 4
     assert estimate.optimizer_bytes == 12 * sum(p.numel() for p in model.parameters())
     assert estimate.logit_bytes == 12 * 128 * config.vocab_size
-    checkpointed = memory.estimate_step_memory(model, 128, torch.float32, checkpointing=True)
+    # Selective recomputation frees no scores that the fused attention kernels would have kept.
+    assert memory.estimate_step_memory(model, 128, torch.float32, "selective") == estimate
+    checkpointed = memory.estimate_step_memory(model, 128, torch.float32, "full")
     assert checkpointed.activation_bytes < estimate.activation_bytes
     monkeypatch.setattr(trainer_module, "available_bytes", lambda device: 1024)  # almost nothing free
-    with pytest.raises(ConfigError, match="--train.activation-checkpointing.*--train.batch-size.*--sequence-length"):
+    with pytest.raises(
+        ConfigError, match="--train.activation-checkpointing full.*--train.batch-size.*--sequence-length"
+    ):
         run(tmp_path / "refused", max_steps=2)
     assert not (tmp_path / "refused" / "latest").exists()
     assert run(tmp_path / "allowed", max_steps=2, memory_check=False)["steps"] == 2

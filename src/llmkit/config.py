@@ -9,7 +9,8 @@ TrainConfig(lr=1e-4))``) gives its flags that instance's values as defaults: a
 stage that only changes defaults needs no subclass. Precedence: dataclass
 defaults < YAML file < flags given on the command line. Validation lives in each
 dataclass's ``__post_init__`` and raises :class:`~llmkit.errors.ConfigError`,
-which names the dotted field.
+which names the dotted field. A field whose metadata holds ``aliases`` (a mapping) reads a value of an older
+spelling as its new one, e.g. a YAML boolean of a field that became a choice.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,6 +216,9 @@ def build(cls, values: dict, source: str = "config", defaults=None):
         if value is None:
             kwargs[name] = None
             continue
+        aliases = known[name].metadata.get("aliases", {})
+        if isinstance(value, Hashable) and value in aliases:
+            value = aliases[value]
         try:
             converted = (
                 _converter(annotation)(value) if isinstance(value, str) or _needs_cast(annotation, value) else value

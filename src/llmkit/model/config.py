@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,6 +15,11 @@ NormPlacement = Literal["pre", "post", "sandwich", "deepnorm"]
 Position = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
 Activation = Literal["gelu", "gelu_tanh", "relu", "relu2", "swiglu", "geglu"]
 GATED_ACTIVATIONS = ("swiglu", "geglu")
+# Activation recomputation (Korthikanti et al. 2022): none, the attention core only (selective), or whole blocks.
+Recompute = Literal["none", "selective", "full"]
+RECOMPUTE: tuple[str, ...] = typing.get_args(Recompute)
+# Configs written when recomputation was on or off (a YAML boolean) read as whole blocks or none.
+RECOMPUTE_BOOLEANS = {True: "full", False: "none"}
 
 
 @dataclass

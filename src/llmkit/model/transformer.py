@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
+from llmkit.model.config import GATED_ACTIVATIONS, RECOMPUTE, ModelConfig, Recompute
 from llmkit.model.kv_cache import KVCache
 from llmkit.model.moe import MixtureOfExperts
 
@@ -131,6 +131,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+        self.recompute_core = False  # set by Transformer.activation_checkpointing = "selective"
 
     def forward(
         self, x, rope, cache: KVCache | None, mask: "torch.Tensor | DocumentSpans | None", is_causal: bool
@@ -155,6 +156,21 @@ class Attention(nn.Module):
                     q.reshape(batch, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim), k, v, mask, False
                 )
                 return self.out(y.reshape(batch, length, -1))
+        if self.recompute_core and self.training:
+            # Selective recomputation (Korthikanti et al. 2022 §4.1): the core's s²-sized scores, softmax and
+            # dropout mask are the bulk of a layer's activations (5·a·s/h of 34 + 5·a·s/h bytes per s·b·h) but a
+            # few percent of its FLOPs, so they are recomputed in the backward pass from the kept q, k and v
+            # (dropout redraws the same mask: the checkpoint restores the RNG state).
+            y = torch.utils.checkpoint.checkpoint(self._core, q, k, v, mask, is_causal, use_reentrant=False)
+        else:
+            y = self._core(q, k, v, mask, is_causal)
+        return self.out(y)
+
+    def _core(self, q, k, v, mask: "torch.Tensor | DocumentSpans | None", is_causal: bool) -> torch.Tensor:
+        """The attention core, q, k, v (batch, heads, length, head_dim) -> (batch, length, heads · head_dim):
+        QKᵀ, softmax, dropout and the product with V. Grouped keys and values are repeated in here, so
+        selective recomputation keeps them unrepeated."""
+        batch, length = q.shape[0], q.shape[2]
         if self.n_kv_head != self.n_head:
             repeats = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
@@ -176,7 +192,7 @@ class Attention(nn.Module):
             y = y.view(self.n_head, batch, length, self.head_dim).transpose(0, 1)
         else:
             y = self._attend(q, k, v, mask, is_causal)
-        return self.out(y.transpose(1, 2).reshape(batch, length, -1))
+        return y.transpose(1, 2).reshape(batch, length, -1)
 
     def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
@@ -296,7 +312,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             # Press & Wolf 2017: one matrix for input and output embeddings.
             self.lm_head.weight = self.token_embedding.weight
-        self.gradient_checkpointing = False
+        self.activation_checkpointing = "none"
         # Tables derived from the config, so not saved with the weights (persistent=False).
         if config.position == "rope":
             self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -308,6 +324,29 @@ class Transformer(nn.Module):
         self.aux_loss = torch.zeros(())  # MoE load balancing, weighted; set by every forward
         self.expert_utilisation: torch.Tensor | None = None  # (n_layer, experts) routed-token fractions
         self.reset_parameters()
+
+    @property
+    def activation_checkpointing(self) -> Recompute:
+        """What the backward pass recomputes while training: ``none``; ``selective``, each block's attention
+        core (:meth:`Attention._core`); or ``full``, whole blocks (Chen et al. 2016)."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, mode: Recompute) -> None:
+        if mode not in RECOMPUTE:
+            raise ValueError(f"activation_checkpointing={mode!r}: must be one of {', '.join(RECOMPUTE)}")
+        self._activation_checkpointing = mode
+        for module in self.modules():  # a pipeline stage's blocks too, whichever container holds them
+            if isinstance(module, Attention):
+                module.recompute_core = mode == "selective"
+
+    def run_block(self, block: Block, x: torch.Tensor, rope, cache, mask, is_causal: bool) -> torch.Tensor:
+        """One block, recomputed whole in the backward pass under full activation checkpointing: the
+        :meth:`hidden_states` loop's step, and a pipeline stage's."""
+        if self.activation_checkpointing == "full" and self.training:
+            # Recompute activations in the backward pass instead of storing them (Chen et al. 2016).
+            return torch.utils.checkpoint.checkpoint(block, x, rope, cache, mask, is_causal, use_reentrant=False)
+        return block(x, rope, cache, mask, is_causal)
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, init_std) everywhere, with the projections that write into the
@@ -472,11 +511,7 @@ class Transformer(nn.Module):
             if positions.dim() == 2:
                 rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                # Recompute activations in the backward pass instead of storing them (Chen et al. 2016).
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, cache, mask, is_causal, use_reentrant=False)
-            else:
-                x = block(x, rope, cache, mask, is_causal)
+            x = self.run_block(block, x, rope, cache, mask, is_causal)
         if cache is not None:
             cache.advance(length)
         self._collect_expert_statistics(x)

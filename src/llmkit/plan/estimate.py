@@ -13,8 +13,9 @@ Every figure is a closed-form rule of thumb, named after its source:
 * training memory ``20 bytes/param`` for mixed-precision AdamW: 16-bit weights and gradients (2 + 2),
   an fp32 gradient accumulator (4), fp32 master weights and Adam m and v (4 + 4 + 4); ZeRO
   (Rajbhandari et al. 2020) counts the same without the accumulator, 16 bytes;
-* activations per layer ``s·b·h·(34 + 5·a·s/h)`` bytes, or ``2·s·b·h`` with full recomputation
-  (Korthikanti et al. 2022, no tensor or sequence parallelism);
+* activations per layer ``s·b·h·(34 + 5·a·s/h)`` bytes, ``34·s·b·h`` with selective recomputation of the
+  attention core, ``2·s·b·h`` with full recomputation (Korthikanti et al. 2022, no tensor or sequence
+  parallelism);
 * inference ``bytes_per_param·N`` plus the KV cache ``2 · layers · batch · seq · n_kv_head · head_dim``
   16-bit values.
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmkit.config import check
-from llmkit.model.config import PRESETS, ModelConfig
+from llmkit.model.config import PRESETS, RECOMPUTE, RECOMPUTE_BOOLEANS, ModelConfig, Recompute
 from llmkit.model.config import preset as load_preset
 from llmkit.model.transformer import Transformer
 
@@ -62,6 +63,11 @@ TRAINING_BYTES_BREAKDOWN = {
 }
 TRAINING_BYTES_PER_PARAM = sum(TRAINING_BYTES_BREAKDOWN.values())  # 20
 KV_BYTES = 2  # one 16-bit key or value element
+RECOMPUTE_WORDS = {
+    "none": "no recomputation",
+    "selective": "attention core recomputed",
+    "full": "full recomputation",
+}
 SECONDS_PER_DAY = 86400
 
 
@@ -78,8 +84,13 @@ class EstimateConfig:
     sequence_length: int | None = field(
         default=None, metadata={"help": "sequence length for activations and KV cache (default the preset's context)"}
     )
-    activation_checkpointing: bool = field(
-        default=False, metadata={"help": "full recomputation: keep only each block's input"}
+    activation_checkpointing: Recompute = field(
+        default="none",
+        metadata={
+            "help": "activation recomputation: none, selective (the attention core) or full (keep only each "
+            "block's input)",
+            "aliases": RECOMPUTE_BOOLEANS,
+        },
     )
     inference_bytes_per_param: float = field(
         default=2.0, metadata={"help": "bytes per weight at inference (2 = 16-bit, 1 = int8, 0.5 = int4)"}
@@ -97,6 +108,12 @@ class EstimateConfig:
             "sequence_length",
             self.sequence_length,
             "must be at least 1",
+        )
+        check(
+            self.activation_checkpointing in RECOMPUTE,
+            "activation_checkpointing",
+            self.activation_checkpointing,
+            f"must be one of {', '.join(RECOMPUTE)}",
         )
         check(
             self.inference_bytes_per_param > 0,
@@ -132,13 +149,15 @@ def exact_parameters(model: ModelConfig) -> tuple[int, int]:
     return network.num_parameters(), network.num_parameters(exclude_embeddings=True)
 
 
-def activation_bytes_per_layer(model: ModelConfig, sequence_length: int, batch_size: int, recompute: bool) -> float:
+def activation_bytes_per_layer(model: ModelConfig, sequence_length: int, batch_size: int, recompute: str) -> float:
     """Korthikanti et al. 2022, eq. (1) with t = 1: s·b·h·(34 + 5·a·s/h) bytes of 16-bit activations
-    (with dropout masks); with full recomputation only the block input, 2·s·b·h bytes, is kept."""
+    (with dropout masks); selective recomputation drops the attention core's 5·a·s/h (§4.1: the scores,
+    softmax, its dropout mask and output), full recomputation keeps only the block input, 2·s·b·h bytes."""
     s, b, h, a = sequence_length, batch_size, model.n_embd, model.n_head
-    if recompute:
+    if recompute == "full":
         return 2.0 * s * b * h
-    return s * b * h * (34 + 5 * a * s / h)
+    scores = 0.0 if recompute == "selective" else 5 * a * s / h
+    return s * b * h * (34 + scores)
 
 
 def kv_cache_bytes(model: ModelConfig, batch_size: int, sequence_length: int) -> int:
@@ -386,7 +405,7 @@ def format_estimate(result: dict) -> str:
                     "activations",
                     f"{format_bytes(train['activation_bytes'])}  (batch {train['batch_size']} x "
                     f"{train['sequence_length']:,} tokens per device, "
-                    + ("full recomputation)" if train["activation_checkpointing"] else "no recomputation)"),
+                    + f"{RECOMPUTE_WORDS[train['activation_checkpointing']]})",
                 ),
                 (
                     "per device, replicated",

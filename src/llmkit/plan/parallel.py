@@ -43,14 +43,12 @@ import torch
 
 from llmkit.config import check
 from llmkit.errors import ConfigError
-from llmkit.model.config import GATED_ACTIVATIONS, PRESETS, ModelConfig
+from llmkit.model.config import GATED_ACTIVATIONS, PRESETS, RECOMPUTE, ModelConfig, Recompute
 from llmkit.model.config import preset as load_preset
 from llmkit.model.transformer import Transformer
 from llmkit.plan.estimate import DEVICES, GIB, SECONDS_PER_DAY
 
-Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["1f1b", "gpipe"]
-RECOMPUTE: tuple[str, ...] = ("none", "selective", "full")
 
 # Per-GPU link bandwidth, bytes/s in one direction: NVLink/NVSwitch (or PCIe) inside a node, the node's
 # network adapters shared by its GPUs between nodes. DGX A100: NVLink 3 at 300 GB/s and eight 200 Gb/s
@@ -499,11 +497,6 @@ def layout_yaml(config: PlanConfig, layout: dict, sequence: int) -> str:
     ZeRO-2 style (gathered weights kept) for the stages below."""
     model_parallel = layout["tp"] > 1 or layout["pp"] > 1
     parallelism = "fsdp" if layout["zero"] >= 2 or model_parallel else "ddp"
-    recompute = str(layout["recompute"] != "none").lower()
-    if layout["recompute"] == "selective":
-        # The Trainer recomputes whole blocks: a layout planned with selective recomputation runs slower than
-        # its estimate (a fourth pass instead of the attention core's), in no more memory than planned.
-        recompute += "  # whole blocks: the Trainer has no selective recomputation"
     lines = [
         f"preset: {config.preset}",
         "model:",
@@ -517,7 +510,7 @@ def layout_yaml(config: PlanConfig, layout: dict, sequence: int) -> str:
         f"  pipeline_schedule: {config.schedule}",
         f"  batch_size: {layout['micro_batch']}",
         f"  grad_accum: {layout['micro_batches']}",
-        f"  activation_checkpointing: {recompute}",
+        f"  activation_checkpointing: {layout['recompute']}",
         f"  max_tokens: {int(config.tokens)}",
     ]
     return "\n".join(lines) + "\n"

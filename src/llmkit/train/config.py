@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llmkit.config import check, parse_duration
+from llmkit.model.config import RECOMPUTE, RECOMPUTE_BOOLEANS, Recompute
 from llmkit.tracking import parse_report_to
 
 
@@ -47,8 +48,13 @@ class TrainConfig:
         default="bfloat16", metadata={"help": "autocast dtype (float16 on CUDA only, with loss scaling)"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    activation_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute block activations in the backward pass"}
+    activation_checkpointing: Recompute = field(
+        default="none",
+        metadata={
+            "help": "recompute activations in the backward pass: none, selective (the attention core, "
+            "Korthikanti et al. 2022) or full (whole blocks)",
+            "aliases": RECOMPUTE_BOOLEANS,
+        },
     )
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     max_tokens: int | None = field(default=None, metadata={"help": "stop after this many training tokens"})
@@ -73,6 +79,13 @@ class TrainConfig:
     pp: int = field(default=1, metadata={"help": "pipeline-parallel size; data parallel = processes / (tp x pp)"})
     sequence_parallel: bool = field(
         default=True, metadata={"help": "under tensor parallelism, split norms and dropout along the sequence"}
+    )
+    vocab_parallel: bool = field(
+        default=False,
+        metadata={
+            "help": "under tensor parallelism, split the token embedding and output head along the vocabulary and "
+            "take the pretraining loss on the split logits (docs/train.md)"
+        },
     )
     pipeline_split: Literal["even", "balanced"] = field(
         default="even", metadata={"help": "blocks per pipeline stage: even, or balanced with the output head's work"}
@@ -157,6 +170,12 @@ class TrainConfig:
             self.batch_warmup_start,
             f"must be in 1..batch_size={self.batch_size}",
         )
+        check(
+            self.activation_checkpointing in RECOMPUTE,
+            "activation_checkpointing",
+            self.activation_checkpointing,
+            f"must be one of {', '.join(RECOMPUTE)}",
+        )
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
         check(self.tp >= 1, "tp", self.tp, "must be at least 1")
         check(self.pp >= 1, "pp", self.pp, "must be at least 1")
@@ -166,6 +185,12 @@ class TrainConfig:
             "grad_accum",
             self.grad_accum,
             f"1F1B needs at least pp={self.pp} micro-batches a step (or --train.pipeline-schedule gpipe)",
+        )
+        check(
+            not (self.vocab_parallel and self.tp > 1 and self.pp > 1),
+            "vocab_parallel",
+            self.vocab_parallel,
+            "the vocabulary-parallel embedding and head are not split across pipeline stages; use --train.pp 1",
         )
         check(
             not (self.optimizer == "muon" and self.tp > 1),

@@ -86,7 +86,7 @@ def _wrap_layout(model: nn.Module, world: World, config, device: torch.device, l
         virtual = config.virtual_stages if config.pipeline_schedule == "interleaved-1f1b" else 1
         prune_to_stage(model, config.pp, mesh["pp"].get_local_rank(), config.pipeline_split, virtual)
     if config.tp > 1:
-        apply_tensor_parallel(language_model, mesh["tp"], config.sequence_parallel)
+        apply_tensor_parallel(language_model, mesh["tp"], config.sequence_parallel, config.vocab_parallel)
 
     def shard(root: nn.Module) -> None:  # the model, or one pipeline stage's forward module
         for block in blocks_of(root):

@@ -10,8 +10,10 @@ What one micro-batch keeps alive at the peak of its backward pass:
   attention block's inputs and outputs, q/k/v, the norms, and the gated MLP's ``f``-wide up, gate
   and activation outputs; Korthikanti et al. 2022's 34·s·b·h bytes counts the same kind of terms for
   a 4h MLP, without the attention scores that span-by-span attention never stores), in the autocast
-  dtype's width; with activation checkpointing, one ``h``-wide block input per layer plus one layer's
-  full set while it is recomputed;
+  dtype's width, the same with selective recomputation (the fused attention kernels keep q, k, v, their
+  output and a logsumexp, no scores: recomputing the core frees only the logsumexp, and under grouped-query
+  attention the repeated keys and values); with full recomputation, one ``h``-wide block input per layer plus
+  one layer's full set while it is recomputed;
 - the output head's logits for one chunk of :meth:`llmkit.model.Transformer.token_losses`, with their
   float32 softmax and its gradient (a stage whose loss holds every position's logits gets them all).
 """
@@ -38,15 +40,17 @@ class MemoryEstimate:
         return self.optimizer_bytes + self.activation_bytes + self.logit_bytes
 
 
-def estimate_step_memory(model: nn.Module, tokens: int, dtype: torch.dtype, checkpointing: bool) -> MemoryEstimate:
-    """What one micro-batch of ``tokens`` tokens adds to memory beyond the weights (module docstring)."""
+def estimate_step_memory(model: nn.Module, tokens: int, dtype: torch.dtype, recompute: str) -> MemoryEstimate:
+    """What one micro-batch of ``tokens`` tokens adds to memory beyond the weights under activation
+    recomputation ``recompute`` (none, selective or full; module docstring)."""
     config = model.config
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     width = 2 if dtype in (torch.bfloat16, torch.float16) else 4
-    per_layer = config.n_embd if checkpointing else 16 * config.n_embd + 4 * config.ffn_hidden
+    stored = 16 * config.n_embd + 4 * config.ffn_hidden
+    per_layer = config.n_embd if recompute == "full" else stored
     activations = config.n_layer * tokens * per_layer * width
-    if checkpointing:
-        activations += tokens * (16 * config.n_embd + 4 * config.ffn_hidden) * width
+    if recompute == "full":
+        activations += tokens * stored * width
     logits = 3 * 4 * min(tokens, LOGIT_CHUNK_TOKENS) * config.vocab_size
     return MemoryEstimate(12 * trainable, activations, logits)
 

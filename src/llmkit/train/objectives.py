@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llmkit.config import check
 from llmkit.errors import ConfigError
@@ -51,7 +52,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    # A vocabulary-parallel head's logits are split across the tensor-parallel ranks (a DTensor); under the
+    # Trainer's loss_parallel their loss is the same on every rank (llmkit.train.parallel.shard_vocabulary).
+    return loss.to_local() if isinstance(loss, DTensor) else loss
 
 
 def auxiliary_loss(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, float]]:

@@ -4,8 +4,8 @@ Megatron-LM's split of a block (Shoeybi et al. 2019 §3): the projections that f
 MLP's up or fused gate/up) are column-parallel, each rank computing its share of the heads and of the
 hidden units with no communication; the projections back into the residual stream (attention output,
 MLP down) are row-parallel, their partial sums all-reduced once. So a block costs two all-reduces
-forward and two backward. Embeddings and the head stay replicated; the norms too, or, with sequence
-parallelism, split along the sequence.
+forward and two backward. The norms stay replicated or, with sequence parallelism, split along the sequence.
+The token embedding and the head stay replicated, or are split along the vocabulary (:func:`shard_vocabulary`).
 
 The fused projections keep their single-process row order in checkpoints: ``[q; k; v]`` and
 ``[gate; up]``. Column sharding gives rank r the r-th contiguous slice of rows, so before sharding the
@@ -47,10 +47,15 @@ def build_mesh(device: torch.device, world_size: int, tp: int, pp: int) -> Devic
     return init_device_mesh(device.type, (pp, world_size // (tp * pp), tp), mesh_dim_names=("pp", "dp", "tp"))
 
 
-def check_tensor_parallel(config: ModelConfig, tp: int, sequence_parallel: bool = False) -> None:
+def check_tensor_parallel(
+    config: ModelConfig, tp: int, sequence_parallel: bool = False, vocab_parallel: bool = False
+) -> None:
     """Refuse, naming the field, the variants whose heads or weights do not split across ``tp`` ranks."""
     if sequence_parallel and config.norm_placement != "pre":
         raise ConfigError("norm_placement", config.norm_placement, "sequence parallelism splits pre-LN blocks only")
+    if vocab_parallel and config.vocab_size % tp:
+        # Refused rather than padded: padding rows would change the checkpoint's shapes and the logits' width.
+        raise ConfigError("vocab_size", config.vocab_size, f"must be divisible by tp={tp} for --train.vocab-parallel")
     for name, value in (("n_head", config.n_head), ("n_kv_head", config.n_kv_head), ("ffn_hidden", config.ffn_hidden)):
         if value % tp:
             raise ConfigError(name, value, f"must be divisible by tp={tp} for tensor parallelism")
@@ -95,17 +100,20 @@ def deinterleave(tensor: torch.Tensor, sizes: list[int], parts: int) -> torch.Te
     return torch.cat([ranks[rank][block] for block in range(len(sizes)) for rank in range(parts)])
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = True) -> None:
+def apply_tensor_parallel(
+    model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = True, vocab_parallel: bool = False
+) -> None:
     """Shard every block of the Transformer ``model`` over the 1-D ``mesh`` in place.
 
     With ``sequence_parallel`` (Korthikanti et al. 2022) the residual stream between the tensor-parallel
     regions is split along the sequence too: each rank normalises (and drops out) its T/t positions, the
     column-parallel projections all-gather the sequence and the row-parallel ones reduce-scatter it
     instead of all-reducing: the same traffic, a t-th of the norms' work and of the activations they
-    keep. The sequence is cut before the first block and gathered again before the final norm."""
+    keep. The sequence is cut before the first block and gathered again before the final norm. With
+    ``vocab_parallel`` the token embedding and the head are split too (:func:`shard_vocabulary`)."""
     tp = mesh.size()
     config = model.config
-    check_tensor_parallel(config, tp, sequence_parallel)
+    check_tensor_parallel(config, tp, sequence_parallel, vocab_parallel)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, sizes in fused_rows(config).items():
@@ -140,8 +148,27 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, sequence_parallel:
         }
         edges = {"blocks.0": cut, "final_norm": gather}  # a pipeline stage holds block 0 or not
         parallelize_module(model, mesh, {name: style for name, style in edges.items() if name in held})
+    if vocab_parallel:
+        shard_vocabulary(model, mesh)
     model.tensor_parallel = tp
     model.sequence_shards = tp if sequence_parallel else 1
+
+
+def shard_vocabulary(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Megatron-LM's vocabulary-parallel embedding and head (Shoeybi et al. 2019 §3), in place: rank r holds
+    the r-th V/t rows of the token embedding and of the head. The embedding looks up the ids in its rows (zero
+    for the others) and all-reduces; the head computes its V/t logits and leaves them split, a DTensor sharded
+    on the vocabulary, whose cross-entropy under ``loss_parallel`` all-reduces a max and a sum of
+    exponentials per position, never the batch × length × V logits that a replicated head holds on every rank
+    (the largest activation of a small model with a large vocabulary). Both split dimension 0 of their weight,
+    so tied embeddings (Press & Wolf 2017) stay one parameter."""
+    plan = {
+        "token_embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False),
+    }
+    parallelize_module(model, mesh, plan)
+    if model.config.tie_embeddings:  # each style distributed its own copy of the shared weight: one parameter again
+        model.lm_head.weight = model.token_embedding.weight
 
 
 def _convert(model: nn.Module, states: list[dict], function) -> None:

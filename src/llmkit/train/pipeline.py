@@ -121,10 +121,7 @@ class StageModule(nn.Module):
             x = self.embedding_dropout(x)
         rope = (model.rope_cos[positions], model.rope_sin[positions]) if model.config.position == "rope" else None
         for block in self.blocks:
-            if model.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, is_causal, use_reentrant=False)
-            else:
-                x = block(x, rope, None, mask, is_causal)
+            x = model.run_block(block, x, rope, None, mask, is_causal)
         return model.output_logits(self.final_norm(x)) if self.last else x
 
 

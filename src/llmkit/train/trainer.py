@@ -19,6 +19,7 @@ from typing import Callable, Literal, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import loss_parallel
 from tqdm.auto import tqdm
 
 from llmkit.errors import ConfigError, LlmkitError
@@ -36,7 +37,7 @@ from llmkit.train.checkpoint import (
 from llmkit.train.config import TrainConfig
 from llmkit.train.memory import FREE_MEMORY_SHARE, available_bytes, estimate_step_memory
 from llmkit.train.metrics import MetricsLog, ThroughputMeter, measured_peak_flops
-from llmkit.train.objectives import auxiliary_loss, causal_lm_loss
+from llmkit.train.objectives import auxiliary_loss, causal_lm_loss, prefix_lm_loss
 from llmkit.train.optim import build_muon, build_optimizer, learning_rate
 from llmkit.train.parallel import clip_grad_norm
 
@@ -206,10 +207,15 @@ class Trainer:
         self.model = model.to(self.device)
         self.language_model = model.get_submodule(self.hooks.language_model)
         self.model_config = self.language_model.config
-        self.language_model.gradient_checkpointing = config.activation_checkpointing
+        self.language_model.activation_checkpointing = config.activation_checkpointing
         self.wrapped = distributed.wrap_model(self.model, self.world, config, self.device, self.language_model)
         if self.world.pipeline is not None and loss_fn is not causal_lm_loss:
             raise ConfigError("pp", config.pp, "pipeline parallelism trains the causal LM objective only")
+        self.vocab_parallel = config.vocab_parallel and config.tp > 1
+        if self.vocab_parallel and loss_fn not in (causal_lm_loss, prefix_lm_loss):
+            raise ConfigError(
+                "vocab_parallel", config.vocab_parallel, "the split-vocabulary loss is the pretraining objectives' only"
+            )
         self.forward_model = torch.compile(self.wrapped) if config.compile else self.wrapped
         fused = not (self.world.distributed and (config.parallelism == "fsdp" or self.world.mesh is not None))
         betas = (config.beta1, config.beta2)
@@ -270,9 +276,9 @@ class Trainer:
                 f"a step of {tokens:,} tokens needs about {need.total / gib:.1f} GiB beyond the weights "
                 f"(activations {need.activation_bytes / gib:.1f}, logits {need.logit_bytes / gib:.1f}, "
                 f"gradients and optimizer {need.optimizer_bytes / gib:.1f}), over {FREE_MEMORY_SHARE:.0%} of "
-                f"the {free / gib:.1f} GiB {self.device} has free: use --train.activation-checkpointing, a smaller "
-                f"--train.batch-size (with --train.grad-accum for the same batch) or a shorter --sequence-length "
-                f"(--train.memory-check false to try anyway)",
+                f"the {free / gib:.1f} GiB {self.device} has free: use --train.activation-checkpointing full, a "
+                f"smaller --train.batch-size (with --train.grad-accum for the same batch) or a shorter "
+                f"--sequence-length (--train.memory-check false to try anyway)",
             )
 
     # ----------------------------------------------------------------- the loop
@@ -523,12 +529,13 @@ class Trainer:
                 continue
             # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
             sync = micro == accumulate - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if sync else self.wrapped.no_sync(), self._autocast():
-                loss, metrics = self.loss_fn(self.forward_model, batch)
-                # The MoE balancing loss of whatever the loss function ran, added here once for every stage.
-                aux, aux_metrics = auxiliary_loss(self.language_model)
-                loss, metrics = (loss if aux is None else loss + aux), {**aux_metrics, **metrics}
-            self.scaler.scale(loss / accumulate).backward()
+            with self._loss_parallel():
+                with contextlib.nullcontext() if sync else self.wrapped.no_sync(), self._autocast():
+                    loss, metrics = self.loss_fn(self.forward_model, batch)
+                    # The MoE balancing loss of whatever the loss function ran, added here once for every stage.
+                    aux, aux_metrics = auxiliary_loss(self.language_model)
+                    loss, metrics = (loss if aux is None else loss + aux), {**aux_metrics, **metrics}
+                self.scaler.scale(loss / accumulate).backward()
             total += loss.detach()
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
@@ -556,6 +563,11 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
+    def _loss_parallel(self):
+        """The cross-entropy of a vocabulary-parallel head's split logits, forward and backward
+        (:func:`llmkit.train.parallel.shard_vocabulary`)."""
+        return loss_parallel() if self.vocab_parallel else contextlib.nullcontext()
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | None]:
         """The hooks' evaluation (:meth:`TrainingHooks.evaluate`), or else ``val_loss``, the mean validation
@@ -573,7 +585,7 @@ class Trainer:
         total = torch.zeros(2, device=self.device)
         for index in range(self.world.data_rank, self.config.eval_batches, self.world.data_size):
             batch = {key: value.to(self.device) for key, value in self.val_batches.sequential_batch(index).items()}
-            with self._autocast():
+            with self._autocast(), self._loss_parallel():
                 if self.world.pipeline is not None:
                     loss = self.world.pipeline.evaluate(batch)
                 else:
