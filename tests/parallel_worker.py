@@ -12,7 +12,7 @@ from llmkit.train.distributed import shutdown
 from llmkit.train.trainer import Trainer
 
 if __name__ == "__main__":
-    out, tp, pp, grad_accum, max_steps, resume, schedule, checkpointing, sequence = sys.argv[1:10]
+    out, tp, pp, grad_accum, max_steps, resume, schedule, checkpointing, sequence, checkpoint_format = sys.argv[1:11]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # Grouped-query attention (4 query heads, 2 key/value heads) and a gated MLP: both fused projections
@@ -39,6 +39,7 @@ if __name__ == "__main__":
         activation_checkpointing=checkpointing == "recompute",
         sequence_parallel=sequence == "sequence-parallel",
         resume=resume == "resume",
+        checkpoint_format=checkpoint_format,
     )
     Trainer(model, SyntheticBatches(), config, val_batches=SyntheticBatches()).run()
     shutdown()

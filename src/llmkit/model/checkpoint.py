@@ -10,6 +10,7 @@ A damaged file (truncated weights, bad JSON, an unknown config key) is a one-lin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
 
@@ -20,14 +21,16 @@ from safetensors.torch import load_file, save_file
 from llmkit import __version__
 from llmkit.config import build
 from llmkit.errors import ConfigError, InputError, MismatchError
-from llmkit.io import atomic_write_json, read_json
+from llmkit.io import atomic_write_json, read_json, sha256_file
 from llmkit.model.config import ModelConfig
-from llmkit.model.sharded import MODEL, SHARDS, read_full
+from llmkit.model.sharded import EXTRA, MODEL, SHARDS, read_full
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LATEST = "latest"
+# Weights trained beside the language model that are not part of it (PPO's value head).
+EXTRA_WEIGHTS = "extra_weights.safetensors"
 BEST = "best"  # the checkpoint of the best evaluation (``TrainConfig.best_metric``), when one was kept
 # What ``latest`` may hold: one folder directly inside checkpoints/, so a crafted pointer
 # ("../../..", an absolute path) cannot lead a resume or a server out of the run directory.
@@ -116,6 +119,22 @@ def read_model_weights(checkpoint: Path, config: ModelConfig) -> dict[str, torch
     if (checkpoint / "model.safetensors").is_file():
         return read_weights(checkpoint / "model.safetensors")
     return read_full(checkpoint / SHARDS, MODEL, config)
+
+
+def weights_sha256(checkpoint: Path) -> str:
+    """The sha256 naming a checkpoint folder's weights: of ``model.safetensors``, or of a sharded
+    checkpoint's shard files' sha256s in name order."""
+    if (checkpoint / SHARDS).is_dir():
+        digests = "".join(sha256_file(path) for path in sorted((checkpoint / SHARDS).iterdir()))
+        return hashlib.sha256(digests.encode("ascii")).hexdigest()
+    return sha256_file(checkpoint / "model.safetensors")
+
+
+def read_extra_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The weights trained beside the language model (:data:`EXTRA_WEIGHTS`), either format; {} if none."""
+    if (checkpoint / SHARDS).is_dir():
+        return read_full(checkpoint / SHARDS, EXTRA)
+    return read_weights(checkpoint / EXTRA_WEIGHTS) if (checkpoint / EXTRA_WEIGHTS).is_file() else {}
 
 
 def load_model(

@@ -45,9 +45,11 @@ from torch.distributed.checkpoint.state_dict import (
 from llmkit.errors import InputError, MismatchError
 from llmkit.io import atomic_directory, atomic_write_json, atomic_write_text, read_json, sha256_file
 from llmkit.model.checkpoint import (
+    EXTRA_WEIGHTS,
     LATEST,
     model_config_of,
     read_config,
+    read_extra_weights,
     read_latest,
     read_weights,
     write_config,
@@ -63,7 +65,6 @@ logger = logging.getLogger(__name__)
 # Full (unsharded) state on the CPU: a checkpoint written by 4 FSDP ranks loads in 1 process and back.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 MANIFEST = "manifest.json"
-EXTRA_WEIGHTS = "extra_weights.safetensors"
 RESUME_FILES = {"config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"}
 SHARDED_RESUME_FILES = {"config.json", OPTIMIZER_GROUPS, "trainer_state.json"}
 
@@ -299,7 +300,7 @@ def load_training_checkpoint(
     model_state = read_weights(checkpoint / "model.safetensors")
     if model_config.tie_embeddings:
         model_state["lm_head.weight"] = model_state["token_embedding.weight"]
-    extra = read_weights(checkpoint / EXTRA_WEIGHTS) if (checkpoint / EXTRA_WEIGHTS).is_file() else {}
+    extra = read_extra_weights(checkpoint)
     model_state, optimizer_state = join_weights(model_state, extra, language_model), read_training_state(checkpoint)
     layout_state(model, model_state, optimizer_state)  # saved on any layout, resumed on this one
     set_model_state_dict(model, model_state, options=FULL_STATE)

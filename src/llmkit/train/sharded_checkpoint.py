@@ -63,7 +63,9 @@ def tensor_pieces(key: str, value: torch.Tensor, sizes: list[int] | None, tp: in
     if sizes is None or value.dim() == 0:
         return {key: Piece(local, offsets, value.shape)} if local.numel() or not value.numel() else {}
     return {
-        part_name(key, block): Piece(local[first : first + rows], (row, *offsets[1:]), (sizes[block], *value.shape[1:]))
+        part_name(key, block): Piece(
+            local[first : first + rows], (row, *offsets[1:]), torch.Size([sizes[block], *value.shape[1:]])
+        )
         for block, first, row, rows in row_pieces(offsets[0], offsets[0] + local.shape[0], sizes, tp)
     }
 
