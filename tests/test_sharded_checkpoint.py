@@ -16,7 +16,8 @@ from test_train import InterruptAt, flip_a_byte, losses, run
 from llmkit.errors import InputError, MismatchError
 from llmkit.interop import ExportConfig, export_checkpoint
 from llmkit.model.checkpoint import load_model
-from llmkit.model.sharded import SHARDS, Piece, load_pieces
+from llmkit.model.shard_io import Piece, load_pieces
+from llmkit.model.sharded import SHARDS
 from llmkit.train.checkpoint import resumable_checkpoint, verify_checkpoint
 from llmkit.train.parallel import interleave, row_pieces
 

@@ -23,7 +23,7 @@ from llmkit.config import build
 from llmkit.errors import ConfigError, InputError, MismatchError
 from llmkit.io import atomic_write_json, read_json, sha256_file
 from llmkit.model.config import ModelConfig
-from llmkit.model.sharded import EXTRA, MODEL, SHARDS, read_full
+from llmkit.model.sharded import EXTRA, MODEL, SHARDS
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import Tokenizer
 
@@ -118,6 +118,8 @@ def read_model_weights(checkpoint: Path, config: ModelConfig) -> dict[str, torch
     """The language model's weights of a checkpoint folder, either format, tied embeddings stored once."""
     if (checkpoint / "model.safetensors").is_file():
         return read_weights(checkpoint / "model.safetensors")
+    from llmkit.model.shard_io import read_full  # imported on use (shard_io's docstring)
+
     return read_full(checkpoint / SHARDS, MODEL, config)
 
 
@@ -133,6 +135,8 @@ def weights_sha256(checkpoint: Path) -> str:
 def read_extra_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The weights trained beside the language model (:data:`EXTRA_WEIGHTS`), either format; {} if none."""
     if (checkpoint / SHARDS).is_dir():
+        from llmkit.model.shard_io import read_full  # imported on use (shard_io's docstring)
+
         return read_full(checkpoint / SHARDS, EXTRA)
     return read_weights(checkpoint / EXTRA_WEIGHTS) if (checkpoint / EXTRA_WEIGHTS).is_file() else {}
 

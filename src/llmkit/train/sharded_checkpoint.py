@@ -32,18 +32,8 @@ from torch.distributed.tensor import DTensor
 from llmkit.errors import MismatchError
 from llmkit.io import read_json
 from llmkit.model.config import ModelConfig
-from llmkit.model.sharded import (
-    EXTRA,
-    MODEL,
-    OPTIMIZER,
-    SHARDS,
-    Piece,
-    PieceSavePlanner,
-    fused_rows,
-    load_pieces,
-    part_name,
-    read_index,
-)
+from llmkit.model.shard_io import Piece, PieceSavePlanner, load_pieces, read_index
+from llmkit.model.sharded import EXTRA, MODEL, OPTIMIZER, SHARDS, fused_rows, part_name
 from llmkit.train.parallel import row_pieces, tensor_parallel_of
 from llmkit.train.pipeline import owning_rank
 
