@@ -47,9 +47,10 @@ class Piece:
 
 
 class PieceSavePlanner(DefaultSavePlanner):
-    """DCP's default planner (replicated pieces written once, the pieces of each tensor checked to tile
-    it) over a flat ``{name: Piece}``: a rank may hold any rectangle of a tensor, which a DTensor's
-    placements cannot always describe (FSDP's row shards of a tensor-parallel rank's fused rows)."""
+    """DCP's default planner (replicated pieces written once; under several ranks, the pieces of each
+    tensor checked to neither overlap nor leave a gap) over a flat ``{name: Piece}``: a rank may hold
+    any rectangle of a tensor, which a DTensor's placements cannot always describe (FSDP's row shards
+    of a tensor-parallel rank's fused rows)."""
 
     def __init__(self):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
