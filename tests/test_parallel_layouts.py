@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 
 from llmkit.errors import ConfigError
 from llmkit.model import Transformer, preset
+from llmkit.model.checkpoint import load_model
 from llmkit.model.config import ModelConfig
+from llmkit.model.sharded import SHARDS
 from llmkit.train.config import TrainConfig
 from llmkit.train.distributed import World, wrap_model
 from llmkit.train.parallel import check_tensor_parallel, deinterleave, interleave
@@ -40,6 +42,7 @@ def launch(
     recompute="none",
     sequence_parallel=True,
     vocab_parallel=False,
+    checkpoint_format="full",
 ) -> None:
     environment = {
         **os.environ,
@@ -50,6 +53,7 @@ def launch(
     worker = [str(HERE / "parallel_worker.py"), str(out), str(tp), str(pp), str(grad_accum), str(max_steps), resume]
     worker += [schedule, recompute, "sequence-parallel" if sequence_parallel else "whole"]
     worker += ["vocab-parallel" if vocab_parallel else "replicated"]
+    worker.append(checkpoint_format)
     command = [sys.executable, *worker]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
@@ -111,15 +115,32 @@ def test_tensor_parallel_refuses_what_it_cannot_split():
         wrap_model(Transformer(ModelConfig(n_layer=1, n_embd=32)), World(), TrainConfig(tp=2), torch.device("cpu"))
 
 
-def test_layouts_reproduce_one_process_and_resume_across_layouts(tmp_path):
-    """One process accumulating 2 micro-batches of 4 rows for 4 steps, against one run that changes layout at
-    every resume, each with the same global batch of 8 rows: pp 2 x dp 2 (GPipe, 1 micro-batch) for steps 1-2,
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> Path:
+    """One process accumulating 2 micro-batches of 4 rows for 4 steps (full checkpoints at steps 2 and 4)."""
+    out = tmp_path_factory.mktemp("layouts") / "one"
+    launch(out, processes=1, tp=1, pp=1, grad_accum=2, max_steps=4)
+    return out
+
+
+def assert_same_curve(one: Path, run: Path) -> None:
+    expected, got = losses(one), losses(run)
+    assert [row[0] for row in got] == [row[0] for row in expected] == ["1", "2", "3", "4"]
+    for (_, loss_one, val_one), (_, loss_two, val_two) in zip(expected, got):
+        assert loss_two == pytest.approx(loss_one, rel=1e-4)
+        assert (val_one == "") == (val_two == "") and (
+            not val_one or float(val_two) == pytest.approx(float(val_one), rel=1e-4)
+        )
+
+
+def test_layouts_reproduce_one_process_and_resume_across_layouts(one, tmp_path):
+    """One process (the ``one`` fixture), against one run that changes layout at every resume, each with the
+    same global batch of 8 rows: pp 2 x dp 2 (GPipe, 1 micro-batch) for steps 1-2,
     tp 2 x dp 2 (4 processes, 1 micro-batch each, norms replicated, embedding and head split along the
     vocabulary with the loss on the split logits, whole blocks recomputed) for step 3, tp 2 x pp 2 (interleaved
     1F1B, 2 stages a process, 2 micro-batches, sequence parallel, attention cores recomputed) for step 4. Its
     losses, validation losses and final weights are one process's."""
-    one, layouts = tmp_path / "one", tmp_path / "layouts"
-    launch(one, processes=1, tp=1, pp=1, grad_accum=2, max_steps=4)
+    layouts = tmp_path / "layouts"
     launch(layouts, processes=4, tp=1, pp=2, grad_accum=1, max_steps=2, schedule="gpipe")
     # The pp 2 x dp 2 checkpoint is in one process's layout: one process could load it as it is.
     assert_same_weights(
@@ -139,13 +160,51 @@ def test_layouts_reproduce_one_process_and_resume_across_layouts(tmp_path):
     launch(
         layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4, schedule="interleaved-1f1b", recompute="selective"
     )
-    expected, got = losses(one), losses(layouts)
-    assert [row[0] for row in got] == [row[0] for row in expected] == ["1", "2", "3", "4"]
-    for (_, loss_one, val_one), (_, loss_two, val_two) in zip(expected, got):
-        assert loss_two == pytest.approx(loss_one, rel=1e-4)
-        assert (val_one == "") == (val_two == "") and (
-            not val_one or float(val_two) == pytest.approx(float(val_one), rel=1e-4)
-        )
+    assert_same_curve(one, layouts)
     assert_same_weights(
         one / "checkpoints/step_00000004/model.safetensors", layouts / "checkpoints/step_00000004/model.safetensors"
     )
+
+
+def assert_same_model(full: Path, sharded: Path) -> None:
+    """The weights of a sharded checkpoint, read in one process (no process group), are the full one's."""
+    expected, (model, _) = load_file(full / "model.safetensors"), load_model(sharded)
+    got = model.state_dict()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_checkpoints_resume_on_other_layouts(one, tmp_path):
+    """Sharded checkpoints saved by tp 2 x dp 2 (FSDP row shards of each rank's interleaved q/k/v and
+    gate/up rows) after step 2 resume on tp 2 x pp 2 (interleaved 1F1B: pieces read into other ranks'
+    rows and stages, then saved by pipeline stages) and in one process (every piece into whole tensors,
+    with the optimizer state), both on one process's curve; every checkpoint loads as the full format's."""
+    sharded, alone = tmp_path / "sharded", tmp_path / "alone"
+    launch(
+        sharded,
+        processes=4,
+        tp=2,
+        pp=1,
+        grad_accum=1,
+        max_steps=2,
+        sequence_parallel=False,
+        checkpoint_format="sharded",
+    )
+    step_2 = sharded / "checkpoints/step_00000002"
+    assert len(list((step_2 / SHARDS).iterdir())) == 4 and not (step_2 / "model.safetensors").exists()
+    assert_same_model(one / "checkpoints/step_00000002", step_2)
+    shutil.copytree(sharded, alone)
+    launch(
+        sharded,
+        processes=4,
+        tp=2,
+        pp=2,
+        grad_accum=2,
+        max_steps=4,
+        schedule="interleaved-1f1b",
+        checkpoint_format="sharded",
+    )
+    launch(alone, processes=1, tp=1, pp=1, grad_accum=2, max_steps=4, checkpoint_format="sharded")
+    for run in (sharded, alone):
+        assert_same_curve(one, run)
+        assert_same_model(one / "checkpoints/step_00000004", run / "checkpoints/step_00000004")

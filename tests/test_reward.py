@@ -186,6 +186,8 @@ def test_bad_settings_are_refused(tokenizer):
         RewardConfig(train=reward_training(batch_warmup_tokens=1000))
     with pytest.raises(ConfigError, match="datasets"):
         RewardConfig(datasets=["arithmetic:0"])
+    with pytest.raises(ConfigError, match="'checkpoint_format' = 'sharded'"):
+        RewardConfig(train=reward_training(checkpoint_format="sharded"))
 
 
 def test_embedded_tasks_validate_on_their_held_out_split():

@@ -323,7 +323,8 @@ def test_weight_decay_applies_to_matrices_only():
 
 
 @pytest.mark.parametrize(
-    "field, value", [("lr", 0), ("batch_size", 0), ("max_time", "ten minutes"), ("min_lr_ratio", 2)]
+    "field, value",
+    [("lr", 0), ("batch_size", 0), ("max_time", "ten minutes"), ("min_lr_ratio", 2), ("checkpoint_format", "zip")],
 )
 def test_invalid_train_config_names_the_field(tmp_path, field, value):
     with pytest.raises(ConfigError, match=f"'{field}'"):

@@ -153,7 +153,8 @@ def _commands() -> dict[tuple[str, ...], tuple[type, Callable, Callable | None, 
             ExportConfig,
             export_checkpoint,
             _print_summary,
-            "a checkpoint as a Hugging Face directory (--format hf) or a GGUF file for llama.cpp (--format gguf)",
+            "a checkpoint as a Hugging Face directory (--format hf), a GGUF file for llama.cpp (--format gguf) or "
+            "one model.safetensors (--format llmkit: a sharded checkpoint consolidated)",
         ),
         ("import",): (
             ImportConfig,

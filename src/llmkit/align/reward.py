@@ -262,6 +262,13 @@ class RewardConfig:
             self.train.optimizer,
             "Muon is for hidden matrices, not the scalar reward head; use adamw",
         )
+        check(
+            not (self.normalize and self.train.checkpoint_format == "sharded"),
+            "checkpoint_format",
+            self.train.checkpoint_format,
+            "normalize rewrites the final checkpoint's model.safetensors; use --train.checkpoint-format full "
+            "or --normalize false",
+        )
 
 
 def _normalize(model: RewardModel, tokenizer: Tokenizer, batches: PreferenceBatches, seed: int) -> float:

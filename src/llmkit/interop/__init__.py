@@ -1,7 +1,9 @@
-"""Interoperability: llmkit checkpoints to and from Hugging Face directories, and to GGUF for llama.cpp.
+"""Interoperability: llmkit checkpoints to and from Hugging Face directories, to GGUF for llama.cpp, and
+sharded checkpoints to one ``model.safetensors``.
 
 ``llmkit export`` and ``llmkit import`` run :func:`export_checkpoint` and :func:`import_checkpoint`;
-the work is in :mod:`.hf` (both directions), :mod:`.gguf` (export) and :mod:`.gguf_import` (import).
+the work is in :mod:`.hf` (both directions), :mod:`.gguf` (export), :mod:`.gguf_import` (import) and
+:mod:`.consolidate` (export to llmkit's full format).
 Only layouts that a Hugging Face or llama.cpp architecture computes exactly are converted; everything
 else is refused with an error naming the config field (or GGUF key) and value (see :mod:`.layouts`).
 """
@@ -14,18 +16,32 @@ from typing import Literal
 
 from llmkit.config import check
 from llmkit.errors import ConfigError
+from llmkit.interop.consolidate import export_full
 from llmkit.interop.hf import export_hf, import_hf
 
-__all__ = ["ExportConfig", "ImportConfig", "export_checkpoint", "import_checkpoint", "export_hf", "import_hf"]
+__all__ = [
+    "ExportConfig",
+    "ImportConfig",
+    "export_checkpoint",
+    "import_checkpoint",
+    "export_full",
+    "export_hf",
+    "import_hf",
+]
 
 
 @dataclass
 class ExportConfig:
-    """``llmkit export``: a checkpoint as a Hugging Face directory or a GGUF file."""
+    """``llmkit export``: a checkpoint as a Hugging Face directory, a GGUF file or an llmkit checkpoint folder
+    of the full format (a sharded checkpoint consolidated)."""
 
     checkpoint: str = field(default="runs/base", metadata={"help": "run directory or checkpoint folder"})
-    format: Literal["hf", "gguf"] = field(
-        default="hf", metadata={"help": "hf: a Hugging Face directory; gguf: one file for llama.cpp"}
+    format: Literal["hf", "gguf", "llmkit"] = field(
+        default="hf",
+        metadata={
+            "help": "hf: a Hugging Face directory; gguf: one file for llama.cpp; llmkit: a checkpoint folder "
+            "with one model.safetensors (a sharded checkpoint consolidated)"
+        },
     )
     out: str = field(default="runs/export", metadata={"help": "output directory (hf) or file (gguf)"})
     dtype: Literal["float32", "float16", "bfloat16"] | None = field(
@@ -34,7 +50,7 @@ class ExportConfig:
     )
 
     def __post_init__(self) -> None:
-        check(self.format in ("hf", "gguf"), "format", self.format, "must be 'hf' or 'gguf'")
+        check(self.format in ("hf", "gguf", "llmkit"), "format", self.format, "must be 'hf', 'gguf' or 'llmkit'")
         check(
             self.dtype in (None, "float32", "float16", "bfloat16"),
             "dtype",
@@ -82,6 +98,8 @@ class ImportConfig:
 def export_checkpoint(config: ExportConfig) -> dict:
     if config.format == "hf":
         return export_hf(config.checkpoint, config.out, config.dtype)
+    if config.format == "llmkit":
+        return export_full(config.checkpoint, config.out, config.dtype)
     try:  # imported on use: only GGUF export needs the optional package
         from llmkit.interop.gguf import export_gguf
     except ImportError as error:

@@ -30,7 +30,7 @@ from llmkit.interop.tokens import (
     import_tokenizer,
 )
 from llmkit.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
-from llmkit.model.checkpoint import read_config, resolve_checkpoint, write_model
+from llmkit.model.checkpoint import read_config, read_model_weights, resolve_checkpoint, write_model
 from llmkit.model.config import ModelConfig
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
@@ -51,10 +51,11 @@ def check_replaceable(out: Path, names: set[str]) -> None:
 
 
 def read_checkpoint(path: str | Path) -> tuple[Path, ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
-    """The folder, model config, weights and (when saved with it) tokenizer of an llmkit checkpoint."""
+    """The folder, model config, weights and (when saved with it) tokenizer of an llmkit checkpoint, full
+    or sharded."""
     folder = resolve_checkpoint(path)
     config = ModelConfig(**read_config(folder)["model"])
-    state = load_file(str(folder / WEIGHTS_FILE))
+    state = read_model_weights(folder, config)
     tokenizer = Tokenizer.load(folder) if (folder / TOKENIZER_FILE).is_file() else None
     return folder, config, state, tokenizer
 

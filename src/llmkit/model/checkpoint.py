@@ -1,4 +1,6 @@
-"""Checkpoint directories: ``config.json`` + ``model.safetensors`` (+ tokenizer files).
+"""Checkpoint directories: ``config.json`` + ``model.safetensors`` (+ tokenizer files), or ``shards/`` in
+place of ``model.safetensors`` for a checkpoint saved sharded (:mod:`llmkit.model.sharded`), which every
+loader reads the same way (consolidated on read: the whole model must fit the loading process).
 
 A run directory holds ``checkpoints/step_NNNNNNNN/`` folders and a ``latest`` file naming the newest
 complete one; :func:`resolve_checkpoint` accepts either a run directory or a checkpoint folder.
@@ -8,6 +10,7 @@ A damaged file (truncated weights, bad JSON, an unknown config key) is a one-lin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
 
@@ -18,13 +21,16 @@ from safetensors.torch import load_file, save_file
 from llmkit import __version__
 from llmkit.config import build
 from llmkit.errors import ConfigError, InputError, MismatchError
-from llmkit.io import atomic_write_json, read_json
+from llmkit.io import atomic_write_json, read_json, sha256_file
 from llmkit.model.config import ModelConfig
+from llmkit.model.sharded import EXTRA, MODEL, SHARDS
 from llmkit.model.transformer import Transformer
 from llmkit.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LATEST = "latest"
+# Weights trained beside the language model that are not part of it (PPO's value head).
+EXTRA_WEIGHTS = "extra_weights.safetensors"
 BEST = "best"  # the checkpoint of the best evaluation (``TrainConfig.best_metric``), when one was kept
 # What ``latest`` may hold: one folder directly inside checkpoints/, so a crafted pointer
 # ("../../..", an absolute path) cannot lead a resume or a server out of the run directory.
@@ -51,17 +57,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder that ``path`` names directly, through its run directory's ``latest`` pointer, or
     as a pointer file itself (``runs/grpo/best``: the run's best checkpoint)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if holds_model(path):
         return path
     pointer = path if path.name in (LATEST, BEST) and path.is_file() else path / LATEST
     if pointer.is_file():
         target = read_latest(pointer.parent, pointer.name)
-        if (target / "model.safetensors").is_file():
+        if holds_model(target):
             return target
-        raise InputError(f"{pointer}: points at {target}, which holds no model.safetensors")
+        raise InputError(f"{pointer}: points at {target}, which holds no model.safetensors or {SHARDS}/")
     if not path.exists():
         raise InputError(f"{path}: checkpoint not found")
-    raise InputError(f"{path}: not a checkpoint (no model.safetensors and no '{LATEST}' pointer)")
+    raise InputError(f"{path}: not a checkpoint (no model.safetensors, no {SHARDS}/ and no '{LATEST}' pointer)")
+
+
+def holds_model(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() or (folder / SHARDS).is_dir()
 
 
 def write_model(directory: Path, state_dict: dict[str, torch.Tensor], config: ModelConfig, metadata: dict) -> None:
@@ -70,6 +80,11 @@ def write_model(directory: Path, state_dict: dict[str, torch.Tensor], config: Mo
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # stored once, as the embedding (safetensors forbids aliases)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    write_config(directory, config, metadata)
+
+
+def write_config(directory: Path, config: ModelConfig, metadata: dict) -> None:
+    """``config.json``: the model's config, llmkit's version and the stage's ``metadata``."""
     atomic_write_json(
         directory / "config.json", {"model": dataclasses.asdict(config), "llmkit_version": __version__, **metadata}
     )
@@ -99,6 +114,33 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a readable safetensors file ({error})") from None
 
 
+def read_model_weights(checkpoint: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The language model's weights of a checkpoint folder, either format, tied embeddings stored once."""
+    if (checkpoint / "model.safetensors").is_file():
+        return read_weights(checkpoint / "model.safetensors")
+    from llmkit.model.shard_io import read_full  # imported on use (shard_io's docstring)
+
+    return read_full(checkpoint / SHARDS, MODEL, config)
+
+
+def weights_sha256(checkpoint: Path) -> str:
+    """The sha256 naming a checkpoint folder's weights: of ``model.safetensors``, or of a sharded
+    checkpoint's shard files' sha256s in name order."""
+    if (checkpoint / SHARDS).is_dir():
+        digests = "".join(sha256_file(path) for path in sorted((checkpoint / SHARDS).iterdir()))
+        return hashlib.sha256(digests.encode("ascii")).hexdigest()
+    return sha256_file(checkpoint / "model.safetensors")
+
+
+def read_extra_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The weights trained beside the language model (:data:`EXTRA_WEIGHTS`), either format; {} if none."""
+    if (checkpoint / SHARDS).is_dir():
+        from llmkit.model.shard_io import read_full  # imported on use (shard_io's docstring)
+
+        return read_full(checkpoint / SHARDS, EXTRA)
+    return read_weights(checkpoint / EXTRA_WEIGHTS) if (checkpoint / EXTRA_WEIGHTS).is_file() else {}
+
+
 def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -112,14 +154,15 @@ def load_model(
     model_config = model_config_of(checkpoint, config)
     with torch.device("meta"):
         model = model_class(model_config)
-    state = read_weights(checkpoint / "model.safetensors")
+    state = read_model_weights(checkpoint, model_config)
     if model_config.tie_embeddings:
         state["lm_head.weight"] = state["token_embedding.weight"]
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
+        weights = "model.safetensors" if (checkpoint / "model.safetensors").is_file() else SHARDS
         raise MismatchError(
-            f"{checkpoint / 'model.safetensors'}: weights do not match config.json "
+            f"{checkpoint / weights}: weights do not match config.json "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     model.load_state_dict(state, assign=True)

@@ -36,7 +36,8 @@ from torch import nn
 
 from llmkit.config import check
 from llmkit.errors import ConfigError, InputError, MismatchError
-from llmkit.io import atomic_directory, atomic_write_json, read_json, sha256_file
+from llmkit.io import atomic_directory, atomic_write_json, read_json
+from llmkit.model.checkpoint import weights_sha256
 from llmkit.model.transformer import Transformer
 
 TARGETS = ("qkv", "out", "up", "down", "lm_head")
@@ -175,7 +176,7 @@ def save_adapters(model: nn.Module, directory: str | Path, base_checkpoint: str 
     if base_checkpoint is not None:
         base.update(
             checkpoint=str(Path(base_checkpoint).resolve()),
-            sha256=sha256_file(Path(base_checkpoint) / "model.safetensors"),
+            sha256=weights_sha256(Path(base_checkpoint)),
         )
     directory = Path(directory)
     with atomic_directory(directory) as building:
@@ -200,7 +201,7 @@ def load_adapters(model: nn.Module, directory: str | Path, base_checkpoint: str 
             )
     recorded = saved["base"].get("sha256")
     if base_checkpoint is not None and recorded is not None:
-        actual = sha256_file(Path(base_checkpoint) / "model.safetensors")
+        actual = weights_sha256(Path(base_checkpoint))
         if actual != recorded:
             raise MismatchError(
                 f"{directory / ADAPTER_CONFIG}: the adapters were trained on base weights with sha256 "

@@ -9,7 +9,11 @@ Layout of a run directory::
     metrics.csv loss.png
 
 ``model.safetensors`` is the language model alone, loadable as it is by every later stage; weights
-trained with it that are not part of it (PPO's value head) go to ``extra_weights.safetensors``.
+trained with it that are not part of it (PPO's value head) go to ``extra_weights.safetensors``. That
+full format gathers the whole state to rank 0; the sharded one (``--train.checkpoint-format sharded``,
+:mod:`llmkit.train.sharded_checkpoint`) has every rank write its own pieces to ``shards/`` instead of
+``model.safetensors``, ``extra_weights.safetensors`` and ``optimizer.pt``, with the optimizer's
+hyperparameters in ``optimizer.json``. Both resume on any layout and load in every later stage.
 
 A checkpoint is built in a temporary folder; ``manifest.json`` (size and sha256 of every other file)
 is written last, every file and the folder are fsynced, the folder is renamed into place, and only
@@ -21,6 +25,7 @@ intact one before it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import pickle
 import shutil
@@ -39,17 +44,29 @@ from torch.distributed.checkpoint.state_dict import (
 
 from llmkit.errors import InputError, MismatchError
 from llmkit.io import atomic_directory, atomic_write_json, atomic_write_text, read_json, sha256_file
-from llmkit.model.checkpoint import LATEST, model_config_of, read_config, read_latest, read_weights, write_model
+from llmkit.model.checkpoint import (
+    EXTRA_WEIGHTS,
+    LATEST,
+    model_config_of,
+    read_config,
+    read_extra_weights,
+    read_latest,
+    read_weights,
+    write_config,
+    write_model,
+)
 from llmkit.model.config import ModelConfig
+from llmkit.model.sharded import SHARDS
 from llmkit.train.parallel import canonical_state, layout_state
+from llmkit.train.sharded_checkpoint import OPTIMIZER_GROUPS, load_sharded, rank_zero_folder, write_shards
 
 logger = logging.getLogger(__name__)
 
 # Full (unsharded) state on the CPU: a checkpoint written by 4 FSDP ranks loads in 1 process and back.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 MANIFEST = "manifest.json"
-EXTRA_WEIGHTS = "extra_weights.safetensors"
 RESUME_FILES = {"config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"}
+SHARDED_RESUME_FILES = {"config.json", OPTIMIZER_GROUPS, "trainer_state.json"}
 
 
 def encode_rng(state: torch.Tensor) -> str:
@@ -102,8 +119,7 @@ def save_training_checkpoint(
 ) -> Path:
     """Write the checkpoint of ``step`` atomically, point ``latest`` at it and prune older ones beyond
     ``keep_last`` (except ``spare``, the run's best checkpoint)."""
-    name = f"step_{step:08d}"
-    final = run_directory / "checkpoints" / name
+    final = run_directory / "checkpoints" / f"step_{step:08d}"
     with atomic_directory(final) as directory:
         write_model(directory, model_state, model_config, metadata)
         if extra_weights:
@@ -112,14 +128,52 @@ def save_training_checkpoint(
                 str(directory / EXTRA_WEIGHTS),
             )
         torch.save(optimizer_state, directory / "optimizer.pt")
-        atomic_write_json(directory / "trainer_state.json", trainer_state)
-        if tokenizer is not None:
-            tokenizer.save(directory)
-        write_manifest(directory)
-    # The pointer moves only once the folder is complete and on disk: an interrupted save leaves the old one in force.
-    atomic_write_text(run_directory / LATEST, f"checkpoints/{name}\n")
-    _prune(run_directory / "checkpoints", keep_last, keep=final, spare=spare)
+        _finish(directory, trainer_state, tokenizer)
+    _publish(run_directory, final, keep_last, spare)
     return final
+
+
+def save_sharded_checkpoint(
+    run_directory: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_config: ModelConfig,
+    trainer_state: dict,
+    metadata: dict,
+    tokenizer=None,
+    keep_last: int = 3,
+    language_model: str = "",
+    spare: Path | None = None,
+    is_main: bool = True,
+) -> Path:
+    """:func:`save_training_checkpoint` with every rank writing its own pieces of ``model`` and ``optimizer``
+    (:mod:`llmkit.train.sharded_checkpoint`) into rank 0's temporary folder; every rank calls it."""
+    final = run_directory / "checkpoints" / f"step_{step:08d}"
+    with atomic_directory(final) if is_main else contextlib.nullcontext() as directory:
+        directory = rank_zero_folder(directory)
+        groups = write_shards(directory / SHARDS, model, optimizer, model_config, language_model)
+        if is_main:
+            write_config(directory, model_config, metadata)
+            atomic_write_json(directory / OPTIMIZER_GROUPS, {"param_groups": groups})
+            _finish(directory, trainer_state, tokenizer)
+    if is_main:
+        _publish(run_directory, final, keep_last, spare)
+    return final
+
+
+def _finish(directory: Path, trainer_state: dict, tokenizer) -> None:
+    """The trainer state, the tokenizer and, last, the manifest of a checkpoint folder being built."""
+    atomic_write_json(directory / "trainer_state.json", trainer_state)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    write_manifest(directory)
+
+
+def _publish(run_directory: Path, final: Path, keep_last: int, spare: Path | None) -> None:
+    # The pointer moves only once the folder is complete and on disk: an interrupted save leaves the old one in force.
+    atomic_write_text(run_directory / LATEST, f"checkpoints/{final.name}\n")
+    _prune(run_directory / "checkpoints", keep_last, keep=final, spare=spare)
 
 
 def _step_of(checkpoint: Path) -> int:
@@ -159,16 +213,23 @@ def write_manifest(directory: Path) -> None:
 
 def verify_checkpoint(checkpoint: Path) -> None:
     """Raise naming the first file a resume needs that is missing, truncated or altered (or the manifest,
-    when it is missing or malformed)."""
+    when it is missing or malformed), or a shard file the manifest does not list (the reader would take
+    every file in ``shards/``)."""
     if not checkpoint.is_dir():
         raise InputError(f"{checkpoint}: checkpoint folder not found")
     manifest_path = checkpoint / MANIFEST
     manifest = read_json(manifest_path)
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not RESUME_FILES <= set(files):
+    sharded = isinstance(files, dict) and any(str(name).startswith(f"{SHARDS}/") for name in files)
+    needed = SHARDED_RESUME_FILES if sharded else RESUME_FILES
+    if not isinstance(files, dict) or not needed <= set(files):
         raise InputError(
-            f"{manifest_path}: malformed manifest (needs a 'files' table listing {', '.join(sorted(RESUME_FILES))})"
+            f"{manifest_path}: malformed manifest (needs a 'files' table listing {', '.join(sorted(needed))})"
         )
+    if (checkpoint / SHARDS).is_dir():
+        for path in sorted((checkpoint / SHARDS).iterdir()):
+            if f"{SHARDS}/{path.name}" not in files:
+                raise InputError(f"{path}: not listed in {MANIFEST} (planted or left by another save?)")
     for name, expected in files.items():
         # Names stay inside the checkpoint: a crafted manifest cannot make a resume read elsewhere.
         if not isinstance(expected, dict) or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
@@ -233,10 +294,13 @@ def load_training_checkpoint(
                 f"{checkpoint / 'config.json'}: cannot resume, model field '{field_name}' was "
                 f"{value!r} in the checkpoint but is {getattr(model_config, field_name)!r} now"
             )
+    if (checkpoint / SHARDS).is_dir():
+        load_sharded(checkpoint, model, optimizer, model_config, language_model)
+        return read_json(checkpoint / "trainer_state.json")
     model_state = read_weights(checkpoint / "model.safetensors")
     if model_config.tie_embeddings:
         model_state["lm_head.weight"] = model_state["token_embedding.weight"]
-    extra = read_weights(checkpoint / EXTRA_WEIGHTS) if (checkpoint / EXTRA_WEIGHTS).is_file() else {}
+    extra = read_extra_weights(checkpoint)
     model_state, optimizer_state = join_weights(model_state, extra, language_model), read_training_state(checkpoint)
     layout_state(model, model_state, optimizer_state)  # saved on any layout, resumed on this one
     set_model_state_dict(model, model_state, options=FULL_STATE)

@@ -69,6 +69,13 @@ class TrainConfig:
         default=500, metadata={"help": "checkpoint every this many steps (and at the end)"}
     )
     keep_last: int = field(default=3, metadata={"help": "checkpoints kept on disk"})
+    checkpoint_format: Literal["full", "sharded"] = field(
+        default="full",
+        metadata={
+            "help": "full: rank 0 gathers and writes model.safetensors + optimizer.pt; sharded: every rank "
+            "writes its own pieces through torch.distributed.checkpoint (docs/train.md, checkpoints)"
+        },
+    )
     seed: int = field(default=1337, metadata={"help": "seed of initialisation, data order and dropout"})
     resume: bool = field(default=False, metadata={"help": "continue from the run directory's latest checkpoint"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
@@ -177,6 +184,12 @@ class TrainConfig:
             f"must be one of {', '.join(RECOMPUTE)}",
         )
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
+        check(
+            self.checkpoint_format in ("full", "sharded"),
+            "checkpoint_format",
+            self.checkpoint_format,
+            "must be full or sharded",
+        )
         check(self.tp >= 1, "tp", self.tp, "must be at least 1")
         check(self.pp >= 1, "pp", self.pp, "must be at least 1")
         check(self.virtual_stages >= 1, "virtual_stages", self.virtual_stages, "must be at least 1")

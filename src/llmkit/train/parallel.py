@@ -30,7 +30,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from llmkit.errors import ConfigError
-from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
+from llmkit.model.config import ModelConfig
+from llmkit.model.sharded import fused_rows
 from llmkit.train.pipeline import gather_stages, select_stage
 
 
@@ -69,23 +70,6 @@ def check_tensor_parallel(
             raise ConfigError(name, getattr(config, name), reason)
 
 
-def fused_rows(config: ModelConfig) -> dict[str, list[int]]:
-    """Parameter name (in the Transformer) -> the row blocks of each fused column-parallel projection."""
-    head = config.head_dim
-    qkv = [config.n_head * head, config.n_kv_head * head, config.n_kv_head * head]
-    rows = {}
-    for index in range(config.n_layer):
-        prefix = f"blocks.{index}."
-        rows[prefix + "attention.qkv.weight"] = qkv
-        if config.bias:
-            rows[prefix + "attention.qkv.bias"] = qkv
-        if config.activation in GATED_ACTIVATIONS:
-            rows[prefix + "feed_forward.up.weight"] = [config.ffn_hidden] * 2
-            if config.bias:
-                rows[prefix + "feed_forward.up.bias"] = [config.ffn_hidden] * 2
-    return rows
-
-
 def interleave(tensor: torch.Tensor, sizes: list[int], parts: int) -> torch.Tensor:
     """Rows ``[A; B; C]`` (``sizes``) -> ``[A_0; B_0; C_0; A_1; ...]``: rank r's contiguous slice holds the
     r-th part of every block."""
@@ -98,6 +82,22 @@ def deinterleave(tensor: torch.Tensor, sizes: list[int], parts: int) -> torch.Te
     local = [size // parts for size in sizes]
     ranks = [chunk.split(local) for chunk in tensor.split(sum(local))]
     return torch.cat([ranks[rank][block] for block in range(len(sizes)) for rank in range(parts)])
+
+
+def row_pieces(start: int, stop: int, sizes: list[int], parts: int) -> list[tuple[int, int, int, int]]:
+    """Where rows ``[start, stop)`` of a fused tensor interleaved over ``parts`` ranks (:func:`interleave`)
+    come from: (block, first of those rows counted from ``start``, first row within the block, rows) for
+    each block they cross. A rank's rows, or an FSDP shard of them, cross each block at most once."""
+    local = [size // parts for size in sizes]
+    pieces = []
+    segment = 0  # the first interleaved row of (rank, block)
+    for rank in range(parts):
+        for block, rows in enumerate(local):
+            low, high = max(start, segment), min(stop, segment + rows)
+            if low < high:
+                pieces.append((block, low - start, rank * rows + low - segment, high - low))
+            segment += rows
+    return pieces
 
 
 def apply_tensor_parallel(
@@ -169,6 +169,11 @@ def shard_vocabulary(model: nn.Module, mesh: DeviceMesh) -> None:
     parallelize_module(model, mesh, plan)
     if model.config.tie_embeddings:  # each style distributed its own copy of the shared weight: one parameter again
         model.lm_head.weight = model.token_embedding.weight
+
+
+def tensor_parallel_of(model: nn.Module) -> int:
+    """The tensor-parallel size of the Transformer inside ``model`` (1 when not split)."""
+    return max((getattr(module, "tensor_parallel", 1) for module in model.modules()), default=1)
 
 
 def _convert(model: nn.Module, states: list[dict], function) -> None:

@@ -31,6 +31,7 @@ from llmkit.train.checkpoint import (
     encode_rng,
     gather_state,
     load_training_checkpoint,
+    save_sharded_checkpoint,
     save_training_checkpoint,
     split_weights,
 )
@@ -652,28 +653,46 @@ class Trainer:
         }
 
     def save(self, elapsed: float) -> Path:
-        model_state, optimizer_state = gather_state(self.wrapped, self.optimizer)
-        model_state, extra_weights = split_weights(model_state, self.hooks.language_model)
+        """Every rank calls it: a full checkpoint gathers the state to rank 0, which writes it; a sharded
+        one has every rank write its own pieces."""
         state = self.trainer_state(elapsed)
         path = self.run_directory / "checkpoints" / f"step_{self.step:08d}"
         best = self.best["step"] if self.best else 0
         spare = self.run_directory / "checkpoints" / f"step_{best:08d}" if best else None
-        if self.world.is_main:
-            path = save_training_checkpoint(
+        if self.config.checkpoint_format == "sharded":
+            save_sharded_checkpoint(
                 self.run_directory,
                 self.step,
-                model_state,
-                optimizer_state,
+                self.wrapped,
+                self.optimizer,
                 self.model_config,
                 state,
                 self.metadata,
                 self.tokenizer,
                 self.config.keep_last,
-                extra_weights,
+                self.hooks.language_model,
                 spare,
+                self.world.is_main,
             )
-            if best == self.step:  # only once the checkpoint is complete on disk, as for ``latest``
-                atomic_write_text(self.run_directory / BEST, f"checkpoints/{path.name}\n")
+        else:
+            model_state, optimizer_state = gather_state(self.wrapped, self.optimizer)
+            model_state, extra_weights = split_weights(model_state, self.hooks.language_model)
+            if self.world.is_main:
+                save_training_checkpoint(
+                    self.run_directory,
+                    self.step,
+                    model_state,
+                    optimizer_state,
+                    self.model_config,
+                    state,
+                    self.metadata,
+                    self.tokenizer,
+                    self.config.keep_last,
+                    extra_weights,
+                    spare,
+                )
+        if self.world.is_main and best == self.step:  # only once the checkpoint is complete on disk, as for ``latest``
+            atomic_write_text(self.run_directory / BEST, f"checkpoints/{path.name}\n")
         distributed.barrier(self.world)
         return path
 
