@@ -1,189 +1,168 @@
 """The alignment algorithms people compare, at matched compute on one task: SFT, best-of-n, DPO, IPO, PPO and
 GRPO, each from the same SFT model.
 
-The task and gold reward are rlhf_gold.py's: the embedded arithmetic word problems answered inline
-(``arithmetic_plain``, no tools), gold = right (1) or not (0) less 0.005 per generated token. From the SFT
-model (``--sft``, e.g. a speedrun's ``sft/``):
+From a finished ``llmkit speedrun`` folder (``--from-speedrun``): its SFT model and its reward model, on its
+task, the embedded arithmetic word problems with the calculator. The answer checker (right or not) is the
+gold; the reward model (trained on the task's generated pairs: right solutions over corrupted ones) is the
+proxy. Every method starts from the SFT model, with the SFT model as its KL reference, with the chain's own
+settings (:mod:`llmkit.align.posttrain`'s sections) except for its budget: each training method gets the
+same wall-clock budget on this machine (``--budget``, default 270 s, what the speedrun's GRPO stage took):
 
-1. two samples for each of ``--pairs`` RL prompts, labelled by the gold with a tenth of the labels flipped
-   (rlhf_gold.preference_pairs), and a reward model trained on them: the *proxy*;
-2. each training method gets the same wall-clock budget on this machine (``--budget``, every core), from the
-   SFT model, with the SFT model as its KL reference:
+- ``grpo``: the checker's reward, 8 prompts x 8 samples an iteration; ``ppo``: the reward model's, 64
+  samples an iteration, KL penalty 0.04; both ship their best checkpoint by validation accuracy (64
+  problems of the validation split), or the SFT model when no evaluation bettered it;
+- ``dpo`` and ``ipo``: the task's generated preference pairs (200 problems of each solution form), as many
+  passes as the budget allows; the last checkpoint;
+- ``best_of_16``: 16 samples (temperature 1) of the SFT model per problem, the reward model's favourite
+  kept. No training: its compute is spent at inference, ``wall_s`` being its sampling and scoring of the
+  test problems.
 
-   - ``dpo`` and ``ipo`` (``llmkit dpo --loss dpo|ipo``) on the gold-labelled pairs, passing over them as
-     often as the budget allows; the last checkpoint;
-   - ``ppo`` against the proxy reward model (KL penalty 0.05), ``grpo`` against the task's verifier (right
-     or not), 32 sampled answers an iteration each; the best checkpoint by validation accuracy (64
-     problems of the validation split), which is the model an RL stage ships;
-   - ``best_of_16``: 16 samples of the SFT model per problem, the proxy's favourite kept: no training, its
-     compute is spent at inference (``wall_s`` is its sampling and scoring of the test problems);
+Every model is measured as the speedrun's table measures it, on the same 200 held-out problems
+(:func:`llmkit.align.posttrain_eval.evaluate_model`): ``accuracy`` (greedy, calculator on; best-of-n: its
+chosen samples), ``proxy`` (the reward model's mean score of those answers), ``kl`` to the SFT model (the
+mean over one sampled answer per problem of the sum of log pi - log pi_SFT, nats; best-of-n: log n -
+(n - 1) / n, Stiennon et al. 2020), ``wall_s`` (training) and ``steps``.
 
-3. every model on the same ``--test`` held-out problems: ``accuracy`` (greedy; best-of-n: its chosen
-   sample), ``gold`` and ``proxy`` (the mean over one sampled answer per problem; best-of-n: the chosen
-   one), ``kl`` to the SFT model (nats per answer, sampled; best-of-n: log n - (n - 1) / n), ``wall_s``
-   (training; ``budget`` says what each was given) and ``steps``.
+JSON lines: one ``algorithm`` line per method; ``algorithms.md`` (the table) in ``--out``. Timings taken
+while other jobs share the CPU are void; accuracies are not.
 
-JSON lines: one ``algorithm`` line per method with those fields, and ``algorithms.md`` (the table) in
-``--out``. Timings taken while other jobs share the CPU are void; the accuracies are not.
-
-Usage: python benchmarks/algorithms_table.py --sft runs/speedrun/sft [--budget 240] [--out DIR] [--quick]
+Usage: python benchmarks/algorithms_table.py --from-speedrun runs/speedrun [--budget 270] [--out DIR] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit  # noqa: E402
-from rlhf_gold import SEED, TASK, Policy, best_of_n, measure, preference_pairs  # noqa: E402
 
-from llmkit.align.dpo import DPOConfig, dpo, dpo_training  # noqa: E402
-from llmkit.align.grpo import GRPOConfig, grpo, grpo_update  # noqa: E402
-from llmkit.align.ppo import PPOConfig, ppo  # noqa: E402
-from llmkit.align.reward import RewardConfig, load_reward_model, reward_training, train_reward  # noqa: E402
-from llmkit.align.rl_source import RolloutConfig, UpdateConfig, steps_per_iteration  # noqa: E402
-from llmkit.align.rl_stage import RLStageConfig, rl_training  # noqa: E402
+from llmkit.align.dpo import dpo  # noqa: E402
+from llmkit.align.posttrain import (  # noqa: E402
+    PosttrainConfig,
+    evaluation_settings,
+    train_rl,
+)
+from llmkit.align.posttrain_eval import evaluate_model  # noqa: E402
+from llmkit.align.reward import load_reward_model  # noqa: E402
 from llmkit.align.rollout import chat_prompt, generate_rollouts  # noqa: E402
+from llmkit.infer.engine import Engine  # noqa: E402
 from llmkit.infer.sampling import GenerationConfig  # noqa: E402
+from llmkit.infer.tools import select_tools  # noqa: E402
 from llmkit.io import atomic_write_text  # noqa: E402
-from llmkit.model.checkpoint import load_model, resolve_checkpoint  # noqa: E402
+from llmkit.model.checkpoint import BEST, load_checkpoint, load_model, resolve_checkpoint  # noqa: E402
 from llmkit.tasks import arithmetic  # noqa: E402
-from llmkit.tasks.registry import embedded_task  # noqa: E402
-
-MAX_NEW_TOKENS = 96
-ANSWERS_PER_ITERATION = 32  # PPO: 32 prompts x 1; GRPO: 4 prompts x 8
-COLUMNS = ["accuracy", "gold", "proxy", "kl", "wall_s", "steps"]
 
 
-def greedy_accuracy(path: Path, problems: list) -> float:
-    policy = Policy(path, MAX_NEW_TOKENS)
-    task = embedded_task(TASK)
-    prompts = [chat_prompt(policy.tokenizer, task.prompt(problem)) for problem in problems]
-    greedy = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=0)
-    rollouts = generate_rollouts(policy.engine, prompts, 1, greedy, None, SEED, 0)
-    return statistics.fmean(
-        arithmetic.check_answer(problem, rollout.text) for problem, rollout in zip(problems, rollouts)
+def best_of_n(sft: Path, settings, proxy, n: int) -> dict:
+    """``n`` samples of every held-out problem, the proxy's favourite kept: its accuracy and mean proxy."""
+    loaded = load_checkpoint(sft)
+    tokenizer = loaded.tokenizer
+    prompts = [chat_prompt(tokenizer, arithmetic.prompt_messages(problem, True)) for problem in settings.problems]
+    rollouts = generate_rollouts(
+        Engine(loaded.model, tokenizer, max_batch_size=64),
+        prompts,
+        n,
+        GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=1.0),
+        select_tools("calculator"),
+        settings.seed,
+        0,
+    )
+    context = loaded.model.config.context_length
+    scores = proxy.score_ids([(rollout.prompt.ids + rollout.token_ids)[:context] for rollout in rollouts])
+    right, chosen = [], []
+    for index, problem in enumerate(settings.problems):
+        best = max(range(index * n, (index + 1) * n), key=lambda position: scores[position])
+        right.append(arithmetic.check_answer(problem, rollouts[best].text))
+        chosen.append(scores[best])
+    return {"accuracy": statistics.fmean(right), "proxy": statistics.fmean(chosen), "kl": math.log(n) - (n - 1) / n}
+
+
+def budgeted(config: PosttrainConfig, budget: int) -> PosttrainConfig:
+    """The chain's RL settings with ``budget`` seconds instead of an iteration budget."""
+    time_budget = f"{budget}s"
+    grpo, ppo = config.grpo, config.ppo
+    return replace(
+        config,
+        grpo=replace(
+            grpo, update=replace(grpo.update, iterations=10**6), train=replace(grpo.train, max_time=time_budget)
+        ),
+        ppo=replace(ppo, update=replace(ppo.update, iterations=10**6), train=replace(ppo.train, max_time=time_budget)),
     )
 
 
-def rl_stage(sft: Path, reward_model: Path | None, validation: int) -> RLStageConfig:
-    return RLStageConfig(
-        policy=str(sft),
-        task=TASK,
-        reward_model=None if reward_model is None else str(reward_model),
-        train_problems=2000,
-        validation_problems=validation,
-    )
-
-
-def rl_train(out: Path, budget: int, update: UpdateConfig, every: int):
-    """The RL stages' loop settings: ``budget`` seconds, a checkpoint and validation every ``every`` iterations."""
-    interval = every * steps_per_iteration(ANSWERS_PER_ITERATION, update)
-    return rl_training(
-        out=str(out),
-        lr=5e-5,
+def run_dpo(config: PosttrainConfig, loss: str, budget: int, sft: Path, directory: Path) -> dict:
+    """The chain's DPO section (its pairs, learning rate, precision, a warm-up of 2 steps as the chain's
+    40-step run has) from ``sft`` with loss ``loss``, for ``budget`` seconds instead of 40 steps."""
+    section = config.dpo
+    train = replace(
+        section.train,
+        max_steps=None,
         max_time=f"{budget}s",
-        checkpoint_interval=interval,
-        eval_interval=interval,
+        warmup_steps=2,
+        out=str(directory),
+        dtype=config.dtype,
+        seed=config.seed,
         progress=False,
     )
+    return dpo(replace(section, base=str(sft), datasets=config.datasets, loss=loss, train=train))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sft", required=True, help="the SFT checkpoint (e.g. a speedrun's sft/ folder)")
-    parser.add_argument("--budget", type=int, default=240, help="training seconds given to each method")
+    parser.add_argument("--from-speedrun", required=True, help="a finished `llmkit speedrun` folder (sft/, reward/)")
+    parser.add_argument("--budget", type=int, default=270, help="training seconds given to each method")
     parser.add_argument("--out", help="working folder (default: a temporary one); algorithms.md goes there")
     parser.add_argument("--quick", action="store_true", help="small sizes: shows the benchmark works, not the result")
     arguments = parser.parse_args()
-    sizes = (
-        dict(pairs=48, test=16, reward_steps=8, validation=8, every=1, n=4)
-        if arguments.quick
-        else dict(pairs=600, test=200, reward_steps=150, validation=64, every=4, n=16)
-    )
-    budget = arguments.budget
+    speedrun, budget, n = Path(arguments.from_speedrun), arguments.budget, 4 if arguments.quick else 16
+    sft, reward = speedrun / "sft", speedrun / "reward"
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(arguments.out or scratch)
         out.mkdir(parents=True, exist_ok=True)
-        task, sft_path = embedded_task(TASK), Path(arguments.sft)
-        sft = Policy(sft_path, MAX_NEW_TOKENS)
-        pairs_file = out / "gold_pairs.jsonl"
-        pairs = preference_pairs(sft, task.items(sizes["pairs"], SEED, "prompts"), pairs_file)
-        train_reward(
-            RewardConfig(
-                base=str(sft_path),
-                datasets=[str(pairs_file)],
-                val_fraction=0.15,
-                epochs=None,
-                train=reward_training(out=str(out / "reward"), max_steps=sizes["reward_steps"], progress=False),
-            )
+        # The settings `llmkit speedrun` runs post-training with, as posttrain_quality.py reads them.
+        config = PosttrainConfig(
+            base=str(speedrun / "base"),
+            out=str(out),
+            rl="grpo",
+            dtype="bfloat16",
+            progress=False,
+            **(dict(eval_problems=16) if arguments.quick else {}),
         )
-        runs = {}  # method -> (checkpoint shipped, training summary)
+        config = budgeted(config, budget)
+        runs = {  # method -> (its run folder, its training summary)
+            "grpo": (out / "grpo", train_rl(config, sft, out / "grpo", reward)),
+            "ppo": (out / "ppo", train_rl(replace(config, rl="ppo", rl_reward="model"), sft, out / "ppo", reward)),
+        }
         for loss in ("dpo", "ipo"):
-            summary = dpo(
-                DPOConfig(
-                    base=str(sft_path),
-                    datasets=[str(pairs_file)],
-                    loss=loss,
-                    epochs=None,
-                    train=dpo_training(out=str(out / loss), max_time=f"{budget}s", progress=False),
-                )
-            )
-            runs[loss] = (out / loss, summary)
-        update = UpdateConfig(iterations=10**6, epochs=2, minibatch_size=16)
-        summary = ppo(
-            PPOConfig(
-                kl_coef=0.05,
-                stage=rl_stage(sft_path, out / "reward", sizes["validation"]),
-                rollout=RolloutConfig(
-                    prompts_per_iteration=ANSWERS_PER_ITERATION, max_new_tokens=MAX_NEW_TOKENS, tools="none"
-                ),
-                update=update,
-                train=rl_train(out / "ppo", budget, update, sizes["every"]),
-            )
-        )
-        runs["ppo"] = (out / "ppo", summary)
-        group = 8
-        update = grpo_update(iterations=10**6)
-        summary = grpo(
-            GRPOConfig(
-                group_size=group,
-                stage=rl_stage(sft_path, None, sizes["validation"]),
-                rollout=RolloutConfig(
-                    prompts_per_iteration=ANSWERS_PER_ITERATION // group, max_new_tokens=MAX_NEW_TOKENS, tools="none"
-                ),
-                update=update,
-                train=rl_train(out / "grpo", budget, update, sizes["every"]),
-            )
-        )
-        runs["grpo"] = (out / "grpo", summary)
+            runs[loss] = (out / loss, run_dpo(config, loss, budget, sft, out / loss))
 
-        proxy = load_reward_model(out / "reward")
-        reference, _ = load_model(sft_path)
-        test = task.items(sizes["test"], SEED, "heldout")
-        rows = {}
-        measured = measure(sft_path, test, proxy, reference, MAX_NEW_TOKENS)
-        rows["sft"] = {"accuracy": greedy_accuracy(sft_path, test), **measured, "wall_s": 0.0, "steps": 0}
+        settings = evaluation_settings(config, out)
+        proxy = load_reward_model(reward)
+        reference = load_model(sft, settings.device)[0].requires_grad_(False)
+        evaluated = evaluate_model(sft, "sft", settings, proxy, reference)
+        rows = {"sft": {"accuracy": evaluated["accuracy_calculator"], "proxy": evaluated["reward"], "kl": 0.0}}
         start = time.perf_counter()
-        chosen = best_of_n(sft, test, proxy, sizes["n"])[-1]
-        rows[f"best_of_{sizes['n']}"] = {**chosen, "wall_s": time.perf_counter() - start, "steps": 0}
+        rows[f"best_of_{n}"] = best_of_n(sft, settings, proxy, n)
+        rows[f"best_of_{n}"]["wall_s"] = time.perf_counter() - start
         for method, (run, summary) in runs.items():
             shipped = run
-            if method in ("ppo", "grpo"):  # no validation bettered the start: the RL stage ships the SFT model
-                shipped = run / "best" if (run / "best").is_file() else sft_path
-            folder = resolve_checkpoint(shipped)
-            measured = measure(folder, test, proxy, reference, MAX_NEW_TOKENS)
+            if method in ("grpo", "ppo"):  # no validation bettered the start: the RL stage ships the SFT model
+                shipped = run / BEST if (run / BEST).is_file() else sft
+            evaluated = evaluate_model(resolve_checkpoint(shipped), method, settings, proxy, reference)
             rows[method] = {
-                "accuracy": greedy_accuracy(folder, test),
-                **measured,
+                "accuracy": evaluated["accuracy_calculator"],
+                "proxy": evaluated["reward"],
+                "kl": evaluated["kl"],
                 "wall_s": summary["seconds"],
                 "steps": summary["steps"],
-                "shipped": folder.name if folder != resolve_checkpoint(sft_path) else "sft",
+                "shipped": "sft" if shipped == sft else resolve_checkpoint(shipped).name,
             }
         for method, row in rows.items():
             emit(
@@ -191,19 +170,21 @@ def main() -> None:
                 round(row["accuracy"], 4),
                 "accuracy",
                 method=method,
-                **{column: round(row[column], 4) for column in COLUMNS[1:]},
+                proxy=round(row["proxy"], 4),
+                kl=round(row["kl"], 3),
+                wall_s=round(row.get("wall_s", 0.0), 1),
+                steps=row.get("steps", 0),
                 shipped=row.get("shipped"),
                 budget_s=budget if method in runs else None,
-                test_problems=len(test),
-                gold_pairs=pairs,
+                problems=len(settings.problems),
             )
         table = [
-            "| method | held-out accuracy | gold | proxy | KL to SFT | training s | steps |",
-            "|---|---|---|---|---|---|---|",
+            "| method | held-out accuracy | proxy reward | KL to SFT | wall s | steps |",
+            "|---|---|---|---|---|---|",
         ]
         table += [
-            f"| {method} | {row['accuracy']:.3f} | {row['gold']:.3f} | {row['proxy']:.3f} | {row['kl']:.2f} | "
-            f"{row['wall_s']:.0f} | {row['steps']} |"
+            f"| {method} | {row['accuracy']:.3f} | {row['proxy']:.3f} | {row['kl']:.2f} | "
+            f"{row.get('wall_s', 0.0):.0f} | {row.get('steps', 0)} |"
             for method, row in rows.items()
         ]
         atomic_write_text(out / "algorithms.md", "\n".join(table) + "\n")

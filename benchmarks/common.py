@@ -9,6 +9,7 @@ from pathlib import Path
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+SMOLLM2 = SHARED_DATA / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # the real model (Apache-2.0)
 
 
 def emit(metric: str, value, unit: str, **context) -> None:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHARED_DATA, emit, require  # noqa: E402
+from common import SHARED_DATA, SMOLLM2, emit, require  # noqa: E402
 
 from llmkit.align.sft import sft_loss, sft_training  # noqa: E402
 from llmkit.chat import render_ids  # noqa: E402
@@ -54,7 +54,7 @@ from llmkit.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from llmkit.train.objectives import IGNORE_INDEX  # noqa: E402
 from llmkit.train.trainer import Trainer, TrainingHooks  # noqa: E402
 
-MODEL = SHARED_DATA / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = SMOLLM2
 ALPACA = SHARED_DATA / "alpaca" / "alpaca_200.json"
 LEARNING_RATES = {"full": 2e-5, "lora": 2e-4}
 LORA_RANK, LORA_ALPHA = 8, 16.0

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHARED_DATA, emit, require  # noqa: E402
+from common import SMOLLM2, emit, require  # noqa: E402
 
 from llmkit.align.grpo import GRPOConfig, grpo, grpo_rollout, grpo_update  # noqa: E402
 from llmkit.align.rewards import ArithmeticReward  # noqa: E402
@@ -51,7 +51,7 @@ from llmkit.model.checkpoint import load_checkpoint  # noqa: E402
 from llmkit.model.lora import LoRAConfig  # noqa: E402
 from llmkit.tasks.registry import embedded_task  # noqa: E402
 
-MODEL = SHARED_DATA / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = SMOLLM2
 GRPO_EVAL_PROMPTS = 4  # GRPO's own before/after evaluation: kept small, the held-out accuracy is measured here
 SEED = 0  # picks the held-out problems and GRPO's prompts
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHARED_DATA, emit, require  # noqa: E402
+from common import SHARED_DATA, SMOLLM2, emit, require  # noqa: E402
 
-MODEL = SHARED_DATA / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = SMOLLM2
 ARC_EASY = SHARED_DATA / "arc" / "ARC-Easy" / "ARC-Easy-Dev.jsonl"
 TASK = """task: arc_sample
 dataset_path: json

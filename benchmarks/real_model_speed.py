@@ -48,12 +48,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHARED_DATA, emit, interleaved_rates, require  # noqa: E402
+from common import SMOLLM2, emit, interleaved_rates, require  # noqa: E402
 
 from llmkit.infer import Engine, GenerationConfig  # noqa: E402
 from llmkit.infer.engine import EngineConfig  # noqa: E402
 
-MODEL = SHARED_DATA / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = SMOLLM2
 PROMPT = "<|im_start|>user\nHi!<|im_end|>\n"  # 7 tokens
 AGREEMENT_PROMPTS = [
     "The capital of France is",

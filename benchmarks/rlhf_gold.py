@@ -122,23 +122,14 @@ def best_of_n(sft: Policy, problems: list, proxy, largest: int) -> list[dict]:
     proxies = proxy.score_ids([rollout.prompt.ids + rollout.token_ids for rollout in rollouts])
     results, n = [], 1
     while n <= largest:
-        golds, chosen_proxies, right = [], [], []
+        golds, chosen_proxies = [], []
         for index, problem in enumerate(problems):
             group = range(index * largest, index * largest + n)
             best = max(group, key=lambda position: proxies[position])
             golds.append(gold(problem, rollouts[best]))
             chosen_proxies.append(proxies[best])
-            right.append(arithmetic.check_answer(problem, rollouts[best].text))
         kl = math.log(n) - (n - 1) / n  # the analytic KL of best-of-n (Stiennon et al. 2020)
-        results.append(
-            {
-                "n": n,
-                "gold": statistics.fmean(golds),
-                "proxy": statistics.fmean(chosen_proxies),
-                "kl": kl,
-                "accuracy": statistics.fmean(right),
-            }
-        )
+        results.append({"n": n, "gold": statistics.fmean(golds), "proxy": statistics.fmean(chosen_proxies), "kl": kl})
         n *= 2
     return results
 

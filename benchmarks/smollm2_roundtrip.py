@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHARED_DATA, emit, require  # noqa: E402
+from common import SMOLLM2, emit, require  # noqa: E402
 
 from llmkit.chat import render_ids  # noqa: E402
 from llmkit.infer import Engine, GenerationConfig  # noqa: E402
@@ -43,7 +43,7 @@ from llmkit.model.checkpoint import load_model, write_model  # noqa: E402
 from llmkit.model.lora import LoRAConfig, apply_lora, merge_lora  # noqa: E402
 from llmkit.tokenizer import Tokenizer  # noqa: E402
 
-MODEL = SHARED_DATA / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = SMOLLM2
 TUNING = [
     {"role": "user", "content": "What is the project's code word?"},
     {"role": "assistant", "content": "The code word is llmkit, spelled l-l-m-k-i-t."},
