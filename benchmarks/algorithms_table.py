@@ -55,7 +55,7 @@ from llmkit.align.rollout import chat_prompt, generate_rollouts  # noqa: E402
 from llmkit.infer.engine import Engine  # noqa: E402
 from llmkit.infer.sampling import GenerationConfig  # noqa: E402
 from llmkit.infer.tools import select_tools  # noqa: E402
-from llmkit.io import atomic_write_text  # noqa: E402
+from llmkit.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from llmkit.model.checkpoint import BEST, load_checkpoint, load_model, resolve_checkpoint  # noqa: E402
 from llmkit.tasks import arithmetic  # noqa: E402
 
@@ -99,13 +99,18 @@ def budgeted(config: PosttrainConfig, budget: int) -> PosttrainConfig:
 
 def run_dpo(config: PosttrainConfig, loss: str, budget: int, sft: Path, directory: Path) -> dict:
     """The chain's DPO section (its pairs, learning rate, precision, a warm-up of 2 steps as the chain's
-    40-step run has) from ``sft`` with loss ``loss``, for ``budget`` seconds instead of 40 steps."""
+    40-step run has) from ``sft`` with loss ``loss``, for ``budget`` seconds instead of 40 steps. Many
+    passes over the pairs take the loss (IPO's squared one most) near zero, where one batch's loss is
+    easily twice the running mean: the spike guard gets SFT's looser ratio and a checkpoint every 50
+    steps to roll back to, instead of ending the run."""
     section = config.dpo
     train = replace(
         section.train,
         max_steps=None,
         max_time=f"{budget}s",
         warmup_steps=2,
+        spike_ratio=4.0,
+        checkpoint_interval=50,
         out=str(directory),
         dtype=config.dtype,
         seed=config.seed,
@@ -136,12 +141,20 @@ def main() -> None:
             **(dict(eval_problems=16) if arguments.quick else {}),
         )
         config = budgeted(config, budget)
-        runs = {  # method -> (its run folder, its training summary)
-            "grpo": (out / "grpo", train_rl(config, sft, out / "grpo", reward)),
-            "ppo": (out / "ppo", train_rl(replace(config, rl="ppo", rl_reward="model"), sft, out / "ppo", reward)),
+        trainings = {
+            "grpo": lambda: train_rl(config, sft, out / "grpo", reward),
+            "ppo": lambda: train_rl(replace(config, rl="ppo", rl_reward="model"), sft, out / "ppo", reward),
+            "dpo": lambda: run_dpo(config, "dpo", budget, sft, out / "dpo"),
+            "ipo": lambda: run_dpo(config, "ipo", budget, sft, out / "ipo"),
         }
-        for loss in ("dpo", "ipo"):
-            runs[loss] = (out / loss, run_dpo(config, loss, budget, sft, out / loss))
+        runs = {}  # method -> (its run folder, its training summary)
+        for method, train in trainings.items():
+            # A method trained by an earlier call with the same --out is not trained again.
+            record = out / f"{method}_summary.json"
+            if not record.is_file():
+                summary = train()
+                atomic_write_json(record, {"seconds": summary["seconds"], "steps": summary["steps"], "budget": budget})
+            runs[method] = (out / method, read_json(record))
 
         settings = evaluation_settings(config, out)
         proxy = load_reward_model(reward)

@@ -129,6 +129,16 @@ def test_a_layout_runs_the_recomputation_it_was_planned_with(recompute):
     assert build(PretrainConfig, yaml.safe_load(text)).train.activation_checkpointing == recompute
 
 
+def test_a_layout_splits_the_vocabulary_where_the_trainer_can():
+    """The memory model splits embedding, head and logits over tp; the YAML asks for it where the Trainer does
+    it (no pipeline parallelism, a vocabulary tp divides): llama-7b's 32,000 tokens split, GPT-3's 50,257 not."""
+    for preset_name, splits in (("llama-7b", True), ("gpt3-2.7b", False)):
+        for tp, pp in ((2, 1), (2, 2), (1, 2)):
+            result = plan(PlanConfig(preset=preset_name, gpus=8, global_batch=64, tokens=1e10, tp=tp, pp=pp, top=1))
+            train = build(PretrainConfig, yaml.safe_load(result["layouts"][0]["yaml"])).train
+            assert train.vocab_parallel == (splits and tp > 1 and pp == 1), (preset_name, tp, pp)
+
+
 @pytest.mark.parametrize("name", list(PUBLISHED_RUNS))
 def test_published_runs_are_accepted_and_timed_within_a_quarter(name):
     result = check_published(name)

@@ -458,7 +458,7 @@ def plan(config: PlanConfig) -> dict:
     best = fitting[: config.top]
     for entry in best:
         entry["torchrun"] = torchrun_command(entry["layout"], cluster)
-        entry["yaml"] = layout_yaml(config, entry["layout"], sequence)
+        entry["yaml"] = layout_yaml(config, entry["layout"], sequence, counts.vocab)
     return {
         "preset": config.preset,
         "parameters": counts.total_parameters,
@@ -490,12 +490,16 @@ def torchrun_command(layout: dict, cluster: dict) -> str:
     return f"torchrun --nnodes={nodes} --nproc-per-node={per_node}{rendezvous} -m llmkit.cli pretrain plan.yaml"
 
 
-def layout_yaml(config: PlanConfig, layout: dict, sequence: int) -> str:
+def layout_yaml(config: PlanConfig, layout: dict, sequence: int, vocab: int) -> str:
     """The ``llmkit pretrain`` fields that run the layout: the micro-batch is ``batch_size``, the
     micro-batches per step ``grad_accum``; the data-parallel size is what the world leaves. Data
     parallelism beside tensor or pipeline parallelism is FSDP2: ZeRO-3 resharding after the forward,
-    ZeRO-2 style (gathered weights kept) for the stages below."""
+    ZeRO-2 style (gathered weights kept) for the stages below. The memory model splits the embedding, the
+    head and the logits over the tensor-parallel ranks (Megatron-LM's vocabulary-parallel layers): the YAML
+    turns ``vocab_parallel`` on where the Trainer can split them, without pipeline parallelism and with a
+    vocabulary the tensor-parallel size divides; elsewhere they stay replicated, more than planned."""
     model_parallel = layout["tp"] > 1 or layout["pp"] > 1
+    vocab_parallel = layout["tp"] > 1 and layout["pp"] == 1 and vocab % layout["tp"] == 0
     parallelism = "fsdp" if layout["zero"] >= 2 or model_parallel else "ddp"
     lines = [
         f"preset: {config.preset}",
@@ -507,6 +511,7 @@ def layout_yaml(config: PlanConfig, layout: dict, sequence: int) -> str:
         f"  parallelism: {parallelism}",
         f"  reshard_after_forward: {str(layout['zero'] == 3).lower()}",
         f"  sequence_parallel: {str(config.sequence_parallel).lower()}",
+        f"  vocab_parallel: {str(vocab_parallel).lower()}",
         f"  pipeline_schedule: {config.schedule}",
         f"  batch_size: {layout['micro_batch']}",
         f"  grad_accum: {layout['micro_batches']}",
