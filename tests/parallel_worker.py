@@ -12,9 +12,9 @@ from llmkit.train.distributed import shutdown
 from llmkit.train.trainer import Trainer
 
 if __name__ == "__main__":
-    out, tp, pp, grad_accum, max_steps, resume, schedule, recompute, sequence, vocabulary, checkpoint_format = (
-        sys.argv[1:12]
-    )
+    out, tp, pp, grad_accum, max_steps, resume, schedule, recompute, sequence, vocabulary, checkpoint_format = sys.argv[
+        1:12
+    ]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # Grouped-query attention (4 query heads, 2 key/value heads) and a gated MLP: both fused projections
