@@ -51,6 +51,7 @@ from llmkit.align.sft import sft_loss, sft_training  # noqa: E402
 from llmkit.chat import render_ids  # noqa: E402
 from llmkit.model.checkpoint import load_checkpoint  # noqa: E402
 from llmkit.model.lora import LoRAConfig, apply_lora  # noqa: E402
+from llmkit.tokenizer import Tokenizer  # noqa: E402
 from llmkit.train.objectives import IGNORE_INDEX  # noqa: E402
 from llmkit.train.trainer import Trainer, TrainingHooks  # noqa: E402
 
@@ -266,7 +267,7 @@ def main() -> None:
         checkpoint = directory / "llmkit"
         import_gguf(MODEL, checkpoint)
         export_hf(checkpoint, directory / "hf")
-        tokenizer = load_checkpoint(checkpoint).tokenizer
+        tokenizer = Tokenizer.load(checkpoint)  # the tokenizer alone: the model is loaded by each run
         rows = arguments.batch * arguments.steps
         ids, mask = rows_of(tokenizer, alpaca_conversations(ALPACA), rows, arguments.length)
         batches = FixedBatches(ids, mask, arguments.batch)
