@@ -1,5 +1,6 @@
-"""Weight-only int8 quantization against a hand-computed reference: per-channel absmax scales, the fused
-CPU kernel and the dequantizing path agree with x @ (q * s)^T, a quantized model's logits stay close to
+"""Weight-only int8 and int4 quantization against hand-computed references: per-channel absmax scales and
+Q4_1 groups; the CPU kernels (llmkit's, which also quantize the activations to int8 per 4 inputs, or
+PyTorch's) and the dequantizing path agree with x @ (q * s)^T; a quantized model's logits stay close to
 the float model's, and the engine decodes a quantized model like a naive full-forward loop."""
 
 import copy
@@ -12,7 +13,7 @@ from helpers import naive_greedy, tiny_config
 from torch import nn
 
 from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
-from llmkit.infer import Engine, GenerationConfig
+from llmkit.infer import Engine, GenerationConfig, cpu_kernels
 from llmkit.infer.quantize import FUSED_KERNEL_MAX_ROWS, Int4Linear, Int8Linear, quantize_int4, quantize_int8
 from llmkit.model import Transformer
 from llmkit.tokenizer import Tokenizer
@@ -24,17 +25,33 @@ def reference_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(weight / scales[:, None]), scales
 
 
-@pytest.mark.parametrize("in_features", [64, 40])  # 64: the fused kernel's width; 40: only the dequantizing path
+def reference_activations(x: torch.Tensor) -> torch.Tensor:
+    """Each 4 neighbouring inputs of a row as int8 worked out directly (what llmkit's CPU kernels multiply by):
+    s = max|x| / 127, q = round(x / s), x' = q * s."""
+    rows = []
+    for row in x.float().tolist():
+        quantized = []
+        for start in range(0, len(row), 4):
+            block = row[start : start + 4]
+            step = max(abs(value) for value in block) / 127
+            quantized += [round(value / step) * step if step else 0.0 for value in block]
+        rows.append(quantized)
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("in_features", [64, 40])  # 64: the kernels' widths; 40: only the dequantizing path
 @pytest.mark.parametrize("rows", [1, FUSED_KERNEL_MAX_ROWS, 3 * FUSED_KERNEL_MAX_ROWS])
 def test_int8_linear_equals_the_dequantized_product(in_features, rows):
     torch.manual_seed(0)
     linear = nn.Linear(in_features, 24, bias=True)
     layer = Int8Linear(linear, torch.bfloat16)
     quantized, scales = reference_int8(linear.weight.detach())
-    assert torch.equal(layer.weight.float(), quantized)
+    assert torch.equal(layer.codes().float(), quantized)
     assert torch.allclose(layer.scales.float(), scales, rtol=1e-2)
-    x = torch.randn(rows, in_features)
-    expected = x.bfloat16().float() @ (quantized * layer.scales.float()[:, None]).T + linear.bias.detach()
+    x = torch.randn(rows, in_features).bfloat16().float()
+    if layer.tiled and rows <= cpu_kernels.MAX_ROWS:
+        x = reference_activations(x)
+    expected = x @ (quantized * layer.scales.float()[:, None]).T + linear.bias.detach()
     got = layer(x.bfloat16()).float()
     assert got.shape == (rows, 24)
     assert torch.allclose(got, expected, atol=0.03, rtol=0.02)
@@ -46,7 +63,7 @@ def test_quantization_error_is_at_most_half_a_step_per_weight():
     layer = Int8Linear(linear, torch.float32)
     error = (layer.dequantized() - linear.weight.detach()).abs()
     assert bool((error <= layer.scales[:, None] / 2 + 1e-7).all())
-    assert bool((layer.weight.abs().amax(dim=1) == 127).all())  # each row's largest weight uses the full range
+    assert bool((layer.codes().abs().amax(dim=1) == 127).all())  # each row's largest weight uses the full range
 
 
 def test_leading_dimensions_are_kept():
@@ -124,6 +141,12 @@ def test_int4_linear_equals_the_dequantized_product(out_features, rows):
     assert error <= (linear.weight.abs().max() * 2) / 15 / 2 + 1e-6  # half a step of the widest group
     x = torch.randn(rows, 64)
     expected = x @ reference.T + linear.bias.detach()
+    if layer.layout == "tiles" and rows <= cpu_kernels.MAX_ROWS:
+        # code · x' per group times its scale, plus the group's minimum times the plain sum of x
+        quantized = reference_activations(x)
+        minimums = linear.weight.detach().view(out_features, -1, 32).amin(-1)
+        group_sums = (x - quantized).view(rows, -1, 32).sum(-1)
+        expected = quantized @ reference.T + group_sums @ minimums.T + linear.bias.detach()
     assert torch.allclose(layer(x), expected, atol=1e-4)
     bf16 = Int4Linear(linear, torch.bfloat16)(x.bfloat16()).float()
     assert torch.allclose(bf16, expected, atol=0.05, rtol=0.02)

@@ -7,14 +7,16 @@ scheme of LLM.int8()'s baseline and of gpt-fast) reads a quarter of float32's by
 16-bit floating point. Per-channel absmax keeps the relative error of each output row near 1/255 of its
 largest weight, which leaves greedy decoding of a trained model almost unchanged (tests check the logits).
 
-On CPU the matrix-vector products of decoding use PyTorch's fused int8 x 16-bit kernel
-(``torch._weight_int8pack_mm``); it needs the input width to be a multiple of 16, and it is slower than a
-16-bit matrix product once many rows come at once, so prompt processing (and any other shape or device)
-dequantizes the weight to the activations' dtype and multiplies as usual.
+On x86 CPUs with AVX2 the matrix-vector products of decoding (up to 16 rows) run llmkit's kernels
+(:mod:`llmkit.infer.cpu_kernels`): the weights tiled, the activations quantized to int8 (one scale per 4
+inputs). Elsewhere on CPU they use PyTorch's fused int8 x 16-bit kernel (``torch._weight_int8pack_mm``,
+input width a multiple of 16, up to 8 rows). Prompt processing (and any other shape or device) dequantizes
+the weight to the activations' dtype and multiplies as usual.
 
 int4 (:class:`Int4Linear`) stores two weights a byte with a scale and an offset per group of 32 weights
 along the input (asymmetric min/max: w = q * scale + min, q in 0..15), GGUF's Q4_1 block: a model imported
-from a Q4_1 file gets back its own 4-bit weights. On CPU it multiplies with PyTorch's packed int4 kernel
+from a Q4_1 file gets back its own 4-bit weights. On x86 CPUs it decodes with llmkit's kernels and dequantizes
+for prompts; on other CPUs it multiplies with PyTorch's packed int4 kernel
 (``torch.ops.aten._weight_int4pack_mm_for_cpu``) at every batch size; elsewhere (untested: no GPU here) it
 unpacks the codes and multiplies in 16-bit. The output head gets int8 in that mode (as llama.cpp's Q4
 files keep ``token_embd``/``output`` at Q8_0): the head decides every token, and its 4-bit copy costs
@@ -29,6 +31,8 @@ from dataclasses import field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llmkit.infer import cpu_kernels
 
 __all__ = [
     "Int4Linear",
@@ -51,36 +55,44 @@ INT4_ROW_MULTIPLE = 16  # the CPU kernel packs output rows in tiles of 16: other
 
 
 class Int8Linear(nn.Module):
-    """``nn.Linear`` with an int8 weight (out, in) and one scale per output channel."""
+    """``nn.Linear`` with an int8 weight (out, in) and one scale per output channel. On x86 CPUs with llmkit's
+    kernels (:mod:`llmkit.infer.cpu_kernels`) the codes are stored in the kernels' tiles."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
         weight = linear.weight.detach().float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer(
-            "weight", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        )
-        self.register_buffer("scales", scales.to(dtype))
+        codes = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        self.tiled = cpu_kernels.usable(self.in_features, self.out_features, cpu_kernels.GROUP, weight.device)
+        self.register_buffer("weight", cpu_kernels.tile(codes, cpu_kernels.GROUP) if self.tiled else codes.contiguous())
+        self.register_buffer("scales", scales if self.tiled else scales.to(dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+
+    def codes(self) -> torch.Tensor:
+        """The int8 weight, (out, in)."""
+        return cpu_kernels.untile(self.weight) if self.tiled else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if (
-            x.device.type == "cpu"
+        if self.tiled and rows.shape[0] <= cpu_kernels.MAX_ROWS:
+            out = cpu_kernels.gemv("int8", rows, self.weight, self.scales, out_features=self.out_features)
+        elif (
+            not self.tiled
+            and x.device.type == "cpu"
             and rows.shape[0] <= FUSED_KERNEL_MAX_ROWS
             and self.in_features % FUSED_KERNEL_WIDTH_MULTIPLE == 0
         ):
             out = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.scales)
         else:
-            out = F.linear(rows, self.weight.to(x.dtype)) * self.scales
+            out = F.linear(rows, self.codes().to(x.dtype)) * self.scales.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         """The weight the layer multiplies by, in float32."""
-        return self.weight.float() * self.scales.float()[:, None]
+        return self.codes().float() * self.scales.float()[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -88,7 +100,9 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """``nn.Linear`` with 4-bit weights: per group of ``group_size`` inputs of an output row, a scale and
-    the group's minimum (w = q * scale + minimum, q in 0..15, rounded to nearest)."""
+    the group's minimum (w = q * scale + minimum, q in 0..15, rounded to nearest). Stored in one of three
+    layouts (``layout``): ``"tiles"`` for llmkit's x86 kernels, ``"int4pack"`` for PyTorch's CPU kernel
+    elsewhere on CPU, ``"codes"`` (one code a byte, unpacked to 16-bit for each product) on other devices."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, group_size: int = INT4_GROUP_SIZE):
         super().__init__()
@@ -96,7 +110,7 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 needs in_features divisible by {group_size}, got {linear.in_features}")
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
         weight = linear.weight.detach().float()
-        rows = -(-self.out_features // INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE
+        rows = self.stored_rows = -(-self.out_features // INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE
         weight = torch.cat([weight, weight.new_zeros(rows - self.out_features, self.in_features)])
         groups = weight.view(rows, -1, group_size)
         minimum, maximum = groups.amin(dim=-1), groups.amax(dim=-1)
@@ -104,48 +118,63 @@ class Int4Linear(nn.Module):
         codes = (
             torch.round((groups - minimum[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).view(rows, -1)
         )
-        self.packed_kernel = linear.weight.device.type == "cpu"
-        if self.packed_kernel:
+        device = linear.weight.device
+        if group_size == cpu_kernels.GROUP and cpu_kernels.usable(self.in_features, rows, group_size, device):
+            self.layout = "tiles"
+            self.register_buffer("weight", cpu_kernels.tile_int4(codes))
+            scales_and_zeros = [cpu_kernels.tile_groups(scales), cpu_kernels.tile_groups(minimum)]
+            self.register_buffer("scales_and_zeros", torch.stack(scales_and_zeros))
+        elif device.type == "cpu":
+            self.layout = "int4pack"
             # (rows, in / 2) uint8, and (groups, rows, 2) [scale, zero] where the kernel computes
             # (q - 8) * scale + zero.
-            self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.cpu(), 1))
+            self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
             self.register_buffer(
                 "scales_and_zeros", torch.stack([scales.t(), (minimum + 8 * scales).t()], dim=-1).contiguous().to(dtype)
             )
         else:
-            self.register_buffer("weight", codes.to(torch.uint8).to(linear.weight.device))
+            self.layout = "codes"
+            self.register_buffer("weight", codes.to(torch.uint8).to(device))
             self.register_buffer("scales_and_zeros", torch.stack([scales, minimum], dim=-1).to(dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.packed_kernel:
+        if self.layout == "tiles" and rows.shape[0] <= cpu_kernels.MAX_ROWS:
+            scales, minimums = self.scales_and_zeros
+            out = cpu_kernels.gemv("int4", rows, self.weight, scales, minimums, out_features=self.stored_rows)
+            out = out[:, : self.out_features]
+        elif self.layout == "int4pack":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.contiguous(), self.weight, self.group_size, self.scales_and_zeros.to(x.dtype)
-            )
+            )[:, : self.out_features]
         else:
             out = F.linear(rows, self.dequantized().to(x.dtype))
-        out = out[:, : self.out_features]
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         """The weight the layer multiplies by, (out, in) in float32."""
-        if self.packed_kernel:
+        if self.layout == "int4pack":
             identity = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype, device=self.weight.device)
             transposed = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 identity, self.weight, self.group_size, self.scales_and_zeros
             )
             return transposed.t()[: self.out_features].float()
-        scales, minimum = self.scales_and_zeros.float().unbind(-1)
-        groups = self.weight.float().view(self.weight.shape[0], -1, self.group_size)
-        return (groups * scales[..., None] + minimum[..., None]).view(self.weight.shape[0], -1)[: self.out_features]
+        if self.layout == "tiles":
+            codes = cpu_kernels.untile_int4(self.weight)
+            scales, minimum = (cpu_kernels.untile_groups(values) for values in self.scales_and_zeros)
+        else:
+            codes = self.weight
+            scales, minimum = self.scales_and_zeros.float().unbind(-1)
+        groups = codes.float().view(codes.shape[0], -1, self.group_size)
+        return (groups * scales[..., None] + minimum[..., None]).view(codes.shape[0], -1)[: self.out_features]
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}, layout={self.layout}"
         )
 
 

@@ -1,0 +1,172 @@
+"""llmkit's matrix-vector kernels for decoding on x86 CPUs (``cpu_gemv.cpp``), and the tiled weight layouts they read.
+
+Batch-1 decoding streams every weight from memory once a token. PyTorch's CPU kernels for one activation row (oneDNN,
+``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) read the weights of SmolLM2-135M at 6-13 GB/s on the 2-core
+machine where llama.cpp reads 16 GB/s; the kernels here read tiles of 8 output rows as one sequential stream, and
+multiply 8- and 4-bit weights by int8 activations (``benchmarks/real_model_speed.py``; the figures
+are in docs/infer.md). The file is compiled at first use with PyTorch's C++ extension builder (a C++ compiler and
+ninja, as ``torch.compile`` on CPU needs; about 20 s, then cached). Where it cannot be (another architecture, no
+AVX2, no compiler, or ``LLMKIT_CPU_KERNELS=0``), :func:`available` is false and the layers keep PyTorch's kernels.
+
+Layouts (``out`` a multiple of :data:`TILE`, ``in`` of the block width):
+
+- 16-bit and int8: ``[out / 8][in / width][8][width]`` (width 8 for bfloat16, 32 for int8), a block of 8 rows at a
+  time;
+- int4: codes 0..15 in the int8 layout, two a byte (byte j of a row's group: code j low, code j + 16 high), and the
+  group scales and minimums as ``[out / 8][in / 32][8]`` float32.
+
+int8 and int4 kernels quantize the activations to int8 with one scale per 4 inputs (scale = max |x| / 127) and
+multiply bytes as llama.cpp does; llama.cpp's one scale per 32 rounds away small activations beside SmolLM2's outlier
+channels. On SmolLM2 the logits stay within 3.4 % (int4) and 7.2 % (int8) of the largest float32 logit
+(tests/test_fast_decoding.py). The 16-bit kernel multiplies in float32, as oneDNN does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "GROUP",
+    "TILE",
+    "TiledLinear",
+    "available",
+    "gemv",
+    "tile",
+    "tile_int4",
+    "untile",
+    "untile_int4",
+]
+
+SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+TILE = 8  # output rows per tile
+GROUP = 32  # inputs per activation scale and per int4 weight scale
+# Activation rows up to which the kernels run (each further row rereads the tile from L1): SmolLM2's products of
+# 16 rows took 103 ms with the bfloat16 kernel and 287 ms with oneDNN. Prompts and larger batches untile or
+# dequantize the weight and multiply with PyTorch, whose matrix-matrix kernels win there.
+MAX_ROWS = 16
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels run here: an x86-64 CPU with AVX2 whose compiler built ``cpu_gemv.cpp`` (once per
+    process; PyTorch caches the library on disk between processes)."""
+    if os.environ.get("LLMKIT_CPU_KERNELS", "1") == "0":
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in (
+        "AVX2",
+        "AVX512",
+    ):
+        return False
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(
+            name="llmkit_cpu_gemv",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            is_python_module=False,
+        )
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        warnings.warn(f"llmkit's CPU decoding kernels did not build, PyTorch's are used: {error}", stacklevel=2)
+        return False
+    register_shapes()
+    return True
+
+
+def register_shapes() -> None:
+    """Output shapes for ``torch.compile``, which traces the kernels without running them."""
+
+    def rows_by_out(x, *weights_and_out):
+        return x.new_empty(x.shape[0], weights_and_out[-1])
+
+    for name in ("gemv_bf16", "gemv_int8", "gemv_int4"):
+        torch.library.register_fake(f"llmkit_cpu::{name}", rows_by_out)
+
+
+def usable(linear_in: int, linear_out: int, width: int, device: torch.device) -> bool:
+    """Whether a layer of this shape, on this device, can be stored tiled for the kernels."""
+    return device.type == "cpu" and linear_out % TILE == 0 and linear_in % width == 0 and available()
+
+
+def tile(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """(out, in) -> ``[out / 8][in / width][8][width]``."""
+    out, inputs = weight.shape
+    return weight.reshape(out // TILE, TILE, inputs // width, width).permute(0, 2, 1, 3).contiguous()
+
+
+def untile(tiles: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`tile`: (out, in)."""
+    blocks, columns, rows, width = tiles.shape
+    return tiles.permute(0, 2, 1, 3).reshape(blocks * rows, columns * width)
+
+
+def tile_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (out, in) in 0..15 -> two a byte, tiled as int8 weights (byte j of a group: code j, code j + 16)."""
+    out, inputs = codes.shape
+    halves = codes.to(torch.uint8).reshape(out, inputs // GROUP, 2, GROUP // 2)
+    return tile((halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out, inputs // 2), GROUP // 2)
+
+
+def untile_int4(tiles: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`tile_int4`: codes (out, in) as uint8."""
+    packed = untile(tiles)
+    out = packed.shape[0]
+    halves = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(out, -1, GROUP // 2, 2)
+    return halves.transpose(-1, -2).reshape(out, -1)
+
+
+def tile_groups(values: torch.Tensor) -> torch.Tensor:
+    """Per-group values (out, in / 32) -> ``[out / 8][in / 32][8]`` float32."""
+    out, groups = values.shape
+    return values.float().reshape(out // TILE, TILE, groups).transpose(1, 2).contiguous()
+
+
+def untile_groups(tiles: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`tile_groups`: (out, in / 32)."""
+    blocks, groups, rows = tiles.shape
+    return tiles.transpose(1, 2).reshape(blocks * rows, groups)
+
+
+def gemv(kind: str, rows: torch.Tensor, *weights: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``rows`` (n, in) times a tiled weight: ``kind`` "bf16" (tiles), "int8" (tiles, scales (out,) float32) or
+    "int4" (tiles, scales, minimums); (n, out) in the rows' dtype."""
+    op = getattr(torch.ops.llmkit_cpu, f"gemv_{kind}")
+    return op(rows.float().contiguous(), *weights, out_features).to(rows.dtype)
+
+
+class TiledLinear(nn.Module):
+    """``nn.Linear`` with its bfloat16 weight tiled for the kernel, for decoding only (the engine's decoding layout):
+    up to :data:`MAX_ROWS` rows multiply with the kernel, more with PyTorch on the untiled weight."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", tile(linear.weight.detach(), TILE))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        return linear.weight.dtype == torch.bfloat16 and usable(
+            linear.in_features, linear.out_features, TILE, linear.weight.device
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= MAX_ROWS:
+            out = gemv("bf16", rows, self.weight, out_features=self.out_features)
+            out = out if self.bias is None else out + self.bias
+        else:
+            out = F.linear(rows, untile(self.weight), self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
