@@ -56,6 +56,33 @@ def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
     return ids[len(prompt) :]
 
 
+def char_tokenizer(folder: Path, text: str = "abcdefghijklmnopqrstuvwxyz .,\n" * 4):
+    """A character tokenizer trained on ``text`` in ``folder``."""
+    from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
+    from llmkit.tokenizer import Tokenizer
+
+    (folder / "corpus.txt").write_text(text)
+    config = TokenizerConfig(
+        source=str(folder / "corpus.txt"), out=str(folder / "tok"), kind="char", vocab_size=48, held_out_fraction=0
+    )
+    train_tokenizer(config)
+    return Tokenizer.load(folder / "tok")
+
+
+def reference_activations(x: torch.Tensor) -> torch.Tensor:
+    """Each 4 neighbouring inputs of a row as int8 worked out directly (what llmkit's CPU kernels multiply by):
+    s = max|x| / 127, q = round(x / s), x' = q * s."""
+    rows = []
+    for row in x.float().tolist():
+        quantized = []
+        for start in range(0, len(row), 4):
+            block = row[start : start + 4]
+            step = max(abs(value) for value in block) / 127
+            quantized += [round(value / step) * step if step else 0.0 for value in block]
+        rows.append(quantized)
+    return torch.tensor(rows)
+
+
 HARNESS_TASK = """task: {name}
 dataset_path: json
 dataset_kwargs:

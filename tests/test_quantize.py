@@ -4,39 +4,21 @@ PyTorch's) and the dequantizing path agree with x @ (q * s)^T; a quantized model
 the float model's, and the engine decodes a quantized model like a naive full-forward loop."""
 
 import copy
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import naive_greedy, tiny_config
+from helpers import char_tokenizer, naive_greedy, reference_activations, tiny_config
 from torch import nn
 
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.infer import Engine, GenerationConfig, cpu_kernels
 from llmkit.infer.quantize import FUSED_KERNEL_MAX_ROWS, Int4Linear, Int8Linear, quantize_int4, quantize_int8
 from llmkit.model import Transformer
-from llmkit.tokenizer import Tokenizer
 
 
 def reference_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization worked out directly: s = max|w| / 127, q = round(w / s)."""
     scales = torch.tensor([max(abs(value) for value in row) / 127 for row in weight.tolist()])
     return torch.round(weight / scales[:, None]), scales
-
-
-def reference_activations(x: torch.Tensor) -> torch.Tensor:
-    """Each 4 neighbouring inputs of a row as int8 worked out directly (what llmkit's CPU kernels multiply by):
-    s = max|x| / 127, q = round(x / s), x' = q * s."""
-    rows = []
-    for row in x.float().tolist():
-        quantized = []
-        for start in range(0, len(row), 4):
-            block = row[start : start + 4]
-            step = max(abs(value) for value in block) / 127
-            quantized += [round(value / step) * step if step else 0.0 for value in block]
-        rows.append(quantized)
-    return torch.tensor(rows)
 
 
 @pytest.mark.parametrize("in_features", [64, 40])  # 64: the kernels' widths; 40: only the dequantizing path
@@ -84,19 +66,8 @@ def test_quantized_model_keeps_its_logits_and_unties_the_head():
     assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
 
 
-def test_engine_decodes_a_quantized_model_like_a_full_forward_loop():
-    with tempfile.TemporaryDirectory() as directory:
-        (Path(directory) / "corpus.txt").write_text("abcdefghijklmnopqrstuvwxyz .,\n" * 4)
-        train_tokenizer(
-            TokenizerConfig(
-                source=str(Path(directory) / "corpus.txt"),
-                out=str(Path(directory) / "tok"),
-                kind="char",
-                vocab_size=48,
-                held_out_fraction=0,
-            )
-        )
-        tokenizer = Tokenizer.load(Path(directory) / "tok")
+def test_engine_decodes_a_quantized_model_like_a_full_forward_loop(tmp_path):
+    tokenizer = char_tokenizer(tmp_path)
     torch.manual_seed(0)
     engine = Engine(
         Transformer(tiny_config(vocab_size=tokenizer.vocab_size, n_embd=32, context_length=32)),

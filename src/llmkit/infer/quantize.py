@@ -29,7 +29,6 @@ import typing
 from dataclasses import field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmkit.infer import cpu_kernels
@@ -85,7 +84,7 @@ class Int8Linear(nn.Module):
         ):
             out = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.scales)
         else:
-            out = F.linear(rows, self.codes().to(x.dtype)) * self.scales.to(x.dtype)
+            out = cpu_kernels.dense(rows, self.dequantized())
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
@@ -122,8 +121,8 @@ class Int4Linear(nn.Module):
         if group_size == cpu_kernels.GROUP and cpu_kernels.usable(self.in_features, rows, group_size, device):
             self.layout = "tiles"
             self.register_buffer("weight", cpu_kernels.tile_int4(codes))
-            scales_and_zeros = [cpu_kernels.tile_groups(scales), cpu_kernels.tile_groups(minimum)]
-            self.register_buffer("scales_and_zeros", torch.stack(scales_and_zeros))
+            self.register_buffer("scales", cpu_kernels.tile_groups(scales))
+            self.register_buffer("minimums", cpu_kernels.tile_groups(minimum))
         elif device.type == "cpu":
             self.layout = "int4pack"
             # (rows, in / 2) uint8, and (groups, rows, 2) [scale, zero] where the kernel computes
@@ -141,15 +140,14 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.layout == "tiles" and rows.shape[0] <= cpu_kernels.MAX_ROWS:
-            scales, minimums = self.scales_and_zeros
-            out = cpu_kernels.gemv("int4", rows, self.weight, scales, minimums, out_features=self.stored_rows)
+            out = cpu_kernels.gemv("int4", rows, self.weight, self.scales, self.minimums, out_features=self.stored_rows)
             out = out[:, : self.out_features]
         elif self.layout == "int4pack":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.contiguous(), self.weight, self.group_size, self.scales_and_zeros.to(x.dtype)
             )[:, : self.out_features]
         else:
-            out = F.linear(rows, self.dequantized().to(x.dtype))
+            out = cpu_kernels.dense(rows, self.dequantized())
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -164,7 +162,7 @@ class Int4Linear(nn.Module):
             return transposed.t()[: self.out_features].float()
         if self.layout == "tiles":
             codes = cpu_kernels.untile_int4(self.weight)
-            scales, minimum = (cpu_kernels.untile_groups(values) for values in self.scales_and_zeros)
+            scales, minimum = cpu_kernels.untile_groups(self.scales), cpu_kernels.untile_groups(self.minimums)
         else:
             codes = self.weight
             scales, minimum = self.scales_and_zeros.float().unbind(-1)

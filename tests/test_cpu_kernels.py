@@ -1,0 +1,129 @@
+"""llmkit's CPU decoding kernels (cpu_gemv.cpp) against products worked out with PyTorch on the untiled weights:
+the tile layouts round-trip; the bfloat16 kernel equals x @ W^T in float32; the int8 and int4 kernels equal the
+product of the hand-quantized activations (one int8 scale per 4 inputs) with the dequantized weights; the engine's
+decoding layout tiles bfloat16 layers and decodes as a full forward loop does; the compiled step runs the kernels
+and chooses the eager tokens. The kernels need an x86-64 CPU with AVX2 and a C++ compiler: elsewhere those tests
+skip, and the layout tests still run."""
+
+import pytest
+import torch
+from helpers import char_tokenizer, naive_greedy, reference_activations, tiny_config
+from torch import nn
+
+from llmkit.infer import Engine, GenerationConfig, cpu_kernels
+from llmkit.infer import runner as runner_module
+from llmkit.infer.cpu_kernels import TiledLinear
+from llmkit.infer.engine import use_decoding_layout
+from llmkit.model import Transformer
+
+needs_kernels = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="llmkit's CPU kernels need an x86-64 CPU with AVX2 and a C++ compiler"
+)
+
+
+def test_tile_layouts_round_trip_and_keep_8_rows_together():
+    weight = torch.arange(16 * 64).view(16, 64)
+    tiles = cpu_kernels.tile(weight, 32)
+    assert tiles.shape == (2, 2, 8, 32)
+    assert torch.equal(tiles[1, 0, 3], weight[8 + 3, :32])  # tile 1 holds rows 8..15; block 0 their first 32 inputs
+    assert torch.equal(cpu_kernels.untile(tiles), weight)
+    codes = torch.randint(0, 16, (16, 64), dtype=torch.uint8)
+    packed = cpu_kernels.tile_int4(codes)
+    assert packed.shape == (2, 2, 8, 16)
+    # byte j of a row's group: code j in the low nibble, code j + 16 in the high one
+    assert int(packed[0, 1, 2, 5]) == int(codes[2, 32 + 5]) | int(codes[2, 32 + 21]) << 4
+    assert torch.equal(cpu_kernels.untile_int4(packed), codes)
+    scales = torch.randn(16, 2)
+    assert torch.equal(cpu_kernels.untile_groups(cpu_kernels.tile_groups(scales)), scales)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_bfloat16_kernel_equals_the_float32_product(rows):
+    torch.manual_seed(0)
+    weight, x = torch.randn(24, 40).bfloat16(), torch.randn(rows, 40)
+    got = cpu_kernels.gemv("bf16", x, cpu_kernels.tile(weight, 8), out_features=24)
+    torch.testing.assert_close(got, x @ weight.float().T, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_int8_kernel_equals_quantized_activations_times_the_weights(rows):
+    torch.manual_seed(0)
+    codes = torch.randint(-127, 128, (16, 96), dtype=torch.int8)
+    scales = torch.rand(16) / 100
+    x = torch.randn(rows, 96)
+    x[:, 7] = 90.0  # an outlier channel: only its 3 neighbours share its scale
+    got = cpu_kernels.gemv("int8", x, cpu_kernels.tile(codes, 32), scales, out_features=16)
+    expected = reference_activations(x) @ (codes.float() * scales[:, None]).T
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got - x @ (codes.float() * scales[:, None]).T).abs().max() < 0.01 * expected.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 16])  # 1 row unpacks the codes in registers, more rows once per tile
+def test_int4_kernel_equals_codes_times_scales_plus_minimums(rows):
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (24, 64), dtype=torch.uint8)
+    scales, minimums = torch.rand(24, 2), -torch.rand(24, 2)
+    x = torch.randn(rows, 64)
+    got = cpu_kernels.gemv(
+        "int4",
+        x,
+        cpu_kernels.tile_int4(codes),
+        cpu_kernels.tile_groups(scales),
+        cpu_kernels.tile_groups(minimums),
+        out_features=24,
+    )
+    # per group: scale · (codes · quantized x) + minimum · (the plain sum of x)
+    quantized = reference_activations(x).view(rows, 2, 32)
+    by_codes = torch.einsum("rgi,ogi->rog", quantized, codes.float().view(24, 2, 32))
+    expected = (by_codes * scales).sum(-1) + x.view(rows, 2, 32).sum(-1) @ minimums.T
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS + 1])  # the last: PyTorch's path
+def test_tiled_linear_equals_the_linear_layer(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16).bfloat16()
+    assert TiledLinear.fits(linear) and not TiledLinear.fits(nn.Linear(32, 12).bfloat16())
+    assert not TiledLinear.fits(nn.Linear(32, 16))  # float32 weights keep PyTorch's kernels
+    x = torch.randn(2, rows, 32).bfloat16()
+    with torch.no_grad():
+        torch.testing.assert_close(TiledLinear(linear)(x).float(), linear(x).float(), rtol=0.02, atol=0.02)
+
+
+@needs_kernels
+def test_decoding_layout_tiles_bfloat16_layers_and_decodes_like_a_full_forward_loop(tmp_path):
+    tokenizer = char_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=tokenizer.vocab_size, n_embd=32, context_length=32, tie_embeddings=True)
+    model = Transformer(config).bfloat16().eval()
+    engine = Engine(model, tokenizer, decoding_layout=True)
+    assert isinstance(model.blocks[0].attention.out, TiledLinear)
+    assert model.token_embedding.weight.dtype == torch.bfloat16  # the tied head got its own tiled copy
+    prompt = tokenizer.encode("hello world")
+    config = GenerationConfig(max_new_tokens=10, temperature=0, stop_at_end_of_text=False)
+    assert engine.generate_ids([prompt], config)[0].token_ids == naive_greedy(model, prompt, 10)
+    float32 = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, n_embd=32)).eval()
+    use_decoding_layout(float32)
+    assert not any(isinstance(module, TiledLinear) for module in float32.modules())
+
+
+@needs_kernels
+def test_compiled_step_runs_the_kernels_and_gives_the_eager_tokens(tmp_path, monkeypatch):
+    """int4 layers and an int8 head in one compiled graph (Inductor traces the kernels through their registered
+    output shapes); autotuning is left out as in test_fast_decoding."""
+    monkeypatch.setattr(runner_module, "CPU_INDUCTOR", {"freezing": True})
+    tokenizer = char_tokenizer(tmp_path)
+    changes = dict(vocab_size=tokenizer.vocab_size, n_embd=32, n_head=4, n_kv_head=2, n_layer=1, context_length=32)
+    engines = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        engines.append(Engine(Transformer(tiny_config(**changes)).eval(), tokenizer, quantize="int4", compile=compile))
+    assert engines[1].model.blocks[0].attention.qkv.layout == "tiles"
+    prompts = [tokenizer.encode(text) for text in ("hello", "abc def", "xyz")]
+    config = GenerationConfig(max_new_tokens=8, temperature=0, stop_at_end_of_text=False)
+    eager, compiled = ([c.token_ids for c in engine.generate_ids(prompts, config)] for engine in engines)
+    assert compiled == eager
