@@ -324,7 +324,9 @@ def test_tool_choice_none_and_forced(client):
         max_tokens=20,
     )
     choice = greeting.choices[0]
-    assert choice.finish_reason == "length" and choice.message.tool_calls is None
+    # Whether its 20th token ends the turn depends on the CPU's float rounding during the tiny model's training (on
+    # an AVX2 machine it does); either way the unclosed call comes back as text, not as a tool call.
+    assert choice.finish_reason in ("length", "stop") and choice.message.tool_calls is None
     assert choice.message.content.startswith('<|tool_call|>{"name": "weather", "arguments": ')
 
 
