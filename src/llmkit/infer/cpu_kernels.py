@@ -1,7 +1,7 @@
 """llmkit's matrix-vector kernels for decoding on x86 CPUs (``cpu_gemv.cpp``), and the tiled weight layouts they read.
 
 Batch-1 decoding streams every weight from memory once a token. PyTorch's CPU kernels for one activation row (oneDNN,
-``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) read the weights of SmolLM2-135M at 6-13 GB/s on the 2-core
+``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) read the weights of SmolLM2-135M at 5-13 GB/s on the 2-core
 machine where llama.cpp reads 16 GB/s; the kernels here read tiles of 8 output rows as one sequential stream, and
 multiply 8- and 4-bit weights by int8 activations (``benchmarks/real_model_speed.py``; the figures
 are in docs/infer.md). The file is compiled at first use with PyTorch's C++ extension builder (a C++ compiler and
@@ -49,7 +49,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 TILE = 8  # output rows per tile
-GROUP = 32  # inputs per activation scale and per int4 weight scale
+GROUP = 32  # inputs per int8 block and per int4 group (one scale and one minimum)
 # Activation rows up to which the kernels run (each further row rereads the tile from L1): SmolLM2's products of
 # 16 rows took 103 ms with the bfloat16 kernel and 287 ms with oneDNN. Prompts and larger batches untile or
 # dequantize the weight and multiply with PyTorch, whose matrix-matrix kernels win there.
