@@ -1,5 +1,5 @@
-"""Run by test_distributed.py under torchrun (or alone): train the tiny model on synthetic batches, or
-(``grpo``) a tiny policy with GRPO on arithmetic prompts."""
+"""Run by test_distributed.py under torchrun (or called in its process for one process): train the tiny
+model on synthetic batches, or (``grpo``) a tiny policy with GRPO on arithmetic prompts."""
 
 import sys
 

@@ -1,6 +1,8 @@
-"""Run by test_parallel_layouts.py under torchrun (or alone): train the tiny model on synthetic batches with a
-tensor x pipeline x data parallel layout, optionally resuming the run directory's checkpoint."""
+"""Run by test_parallel_layouts.py under torchrun (or called in its process for one process): train the tiny
+model on synthetic batches with a tensor x pipeline x data parallel layout, optionally resuming the run
+directory's checkpoint."""
 
+import json
 import sys
 
 import torch
@@ -11,11 +13,20 @@ from llmkit.train.config import TrainConfig
 from llmkit.train.distributed import shutdown
 from llmkit.train.trainer import Trainer
 
-if __name__ == "__main__":
-    out, tp, pp, grad_accum, max_steps, resume, schedule, recompute, sequence, vocabulary, checkpoint_format = sys.argv[
-        1:12
-    ]
-    torch.set_num_threads(1)
+
+def train(
+    out: str,
+    tp: int = 1,
+    pp: int = 1,
+    grad_accum: int = 1,
+    max_steps: int = 4,
+    schedule: str = "1f1b",
+    recompute: str = "none",
+    sequence_parallel: bool = True,
+    vocab_parallel: bool = False,
+    checkpoint_format: str = "full",
+    resume: bool = False,
+) -> None:
     torch.manual_seed(0)
     # Grouped-query attention (4 query heads, 2 key/value heads) and a gated MLP: both fused projections
     # are split across the tensor-parallel ranks. 4 blocks: 2 pipeline ranks x 2 interleaved stages. 64 tokens
@@ -24,11 +35,11 @@ if __name__ == "__main__":
     config = TrainConfig(
         out=out,
         batch_size=4,
-        grad_accum=int(grad_accum),
+        grad_accum=grad_accum,
         lr=3e-3,
         warmup_steps=2,
         schedule="constant",  # the learning rate of a step does not depend on where a resumed segment stops
-        max_steps=int(max_steps),
+        max_steps=max_steps,
         eval_interval=2,
         eval_batches=2,
         log_interval=1,
@@ -36,14 +47,19 @@ if __name__ == "__main__":
         dtype="float32",
         progress=False,
         device="cpu",
-        tp=int(tp),
-        pp=int(pp),
+        tp=tp,
+        pp=pp,
         pipeline_schedule=schedule,
         activation_checkpointing=recompute,
-        sequence_parallel=sequence == "sequence-parallel",
-        vocab_parallel=vocabulary == "vocab-parallel",
-        resume=resume == "resume",
+        sequence_parallel=sequence_parallel,
+        vocab_parallel=vocab_parallel,
+        resume=resume,
         checkpoint_format=checkpoint_format,
     )
     Trainer(model, SyntheticBatches(), config, val_batches=SyntheticBatches()).run()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    train(**json.loads(sys.argv[1]))  # train's arguments, as JSON
     shutdown()

@@ -3,47 +3,27 @@ pretraining and for GRPO (DDP), whose rollouts are split across the processes.""
 
 import csv
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import distributed_worker
 import pytest
 import torch
+from helpers import launch_workers
 from rl_helpers import char_tokenizer, save_checkpoint, warm_policy
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 
 
-def launch(out: Path, mode: str, processes: int, grad_accum: int, *arguments: str) -> None:
-    environment = {
-        **os.environ,
-        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-    }
-    worker = [str(HERE / "distributed_worker.py"), str(out), mode, str(grad_accum), *arguments]
-    if processes == 1:
-        command = [sys.executable, *worker]
+def launch(out: Path, mode: str, processes: int, grad_accum: int, policy: str = "") -> None:
+    """Pretraining with ``mode`` (ddp or fsdp) or GRPO from ``policy`` on ``processes`` processes (in this
+    one for one)."""
+    if processes > 1:
+        launch_workers(HERE / "distributed_worker.py", processes, [str(out), mode, str(grad_accum), policy], out)
+    elif mode == "grpo":
+        distributed_worker.train_grpo(str(out), grad_accum, policy)
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={processes}",
-            *worker,
-        ]
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0 and "exitcode: -6" in result.stderr:
-        # gloo has been seen (about 1 run in 20 on a loaded 2-core machine) to abort a rank with
-        # "terminate called without an active exception" while the process exits; one fresh try. A
-        # deterministic abort fails again, and the results are compared all the same.
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+        distributed_worker.pretrain(str(out), mode, grad_accum)
 
 
 def curve(out: Path) -> list[tuple[float, str]]:

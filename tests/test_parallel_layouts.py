@@ -8,14 +8,14 @@ single matmul and in-place accumulation: float32 rounding in the last bits, whic
 (the same bound as the DDP/FSDP test, test_distributed.py)."""
 
 import csv
-import os
+import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import parallel_worker
 import pytest
 import torch
+from helpers import launch_workers
 from safetensors.torch import load_file
 
 from llmkit.errors import ConfigError
@@ -31,39 +31,14 @@ from llmkit.train.pipeline import balanced_split, even_split
 HERE = Path(__file__).parent
 
 
-def launch(
-    out: Path,
-    processes: int,
-    tp: int,
-    pp: int,
-    grad_accum: int,
-    max_steps: int,
-    schedule="1f1b",
-    recompute="none",
-    sequence_parallel=True,
-    vocab_parallel=False,
-    checkpoint_format="full",
-) -> None:
-    environment = {
-        **os.environ,
-        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-    }
-    resume = "resume" if (out / "latest").exists() else "fresh"
-    worker = [str(HERE / "parallel_worker.py"), str(out), str(tp), str(pp), str(grad_accum), str(max_steps), resume]
-    worker += [schedule, recompute, "sequence-parallel" if sequence_parallel else "whole"]
-    worker += ["vocab-parallel" if vocab_parallel else "replicated"]
-    worker.append(checkpoint_format)
-    command = [sys.executable, *worker]
-    if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-        command += worker
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0 and "exitcode: -6" in result.stderr and resume == "fresh":
-        # gloo's rare abort at exit on a loaded machine (test_distributed.py): one fresh try.
-        shutil.rmtree(out, ignore_errors=True)
-        result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+def launch(out: Path, processes: int, **layout) -> None:
+    """``parallel_worker.train`` on ``processes`` processes (in this one for one), resuming the checkpoint
+    ``out`` holds."""
+    arguments = dict(out=str(out), resume=(out / "latest").exists(), **layout)
+    if processes == 1:
+        parallel_worker.train(**arguments)
+    else:
+        launch_workers(HERE / "parallel_worker.py", processes, [json.dumps(arguments)], out)
 
 
 def losses(out: Path) -> list[tuple[str, float, str]]:
@@ -134,28 +109,15 @@ def assert_same_curve(one: Path, run: Path) -> None:
 
 
 def test_layouts_reproduce_one_process_and_resume_across_layouts(one, tmp_path):
-    """One process (the ``one`` fixture), against one run that changes layout at every resume, each with the
-    same global batch of 8 rows: pp 2 x dp 2 (GPipe, 1 micro-batch) for steps 1-2,
-    tp 2 x dp 2 (4 processes, 1 micro-batch each, norms replicated, embedding and head split along the
-    vocabulary with the loss on the split logits, whole blocks recomputed) for step 3, tp 2 x pp 2 (interleaved
-    1F1B, 2 stages a process, 2 micro-batches, sequence parallel, attention cores recomputed) for step 4. Its
-    losses, validation losses and final weights are one process's."""
+    """One process (the ``one`` fixture), against a run that changes layout at its resume, each layout with
+    the same global batch of 8 rows: pp 2 x dp 2 (GPipe, 1 micro-batch) for steps 1-2, then tp 2 x pp 2
+    (interleaved 1F1B, 2 stages a process, 2 micro-batches, sequence parallel, attention cores recomputed)
+    for steps 3-4. Its losses, validation losses and weights are one process's."""
     layouts = tmp_path / "layouts"
     launch(layouts, processes=4, tp=1, pp=2, grad_accum=1, max_steps=2, schedule="gpipe")
     # The pp 2 x dp 2 checkpoint is in one process's layout: one process could load it as it is.
     assert_same_weights(
         one / "checkpoints/step_00000002/model.safetensors", layouts / "checkpoints/step_00000002/model.safetensors"
-    )
-    launch(
-        layouts,
-        processes=4,
-        tp=2,
-        pp=1,
-        grad_accum=1,
-        max_steps=3,
-        recompute="full",
-        sequence_parallel=False,
-        vocab_parallel=True,
     )
     launch(
         layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4, schedule="interleaved-1f1b", recompute="selective"
@@ -175,10 +137,12 @@ def assert_same_model(full: Path, sharded: Path) -> None:
 
 
 def test_sharded_checkpoints_resume_on_other_layouts(one, tmp_path):
-    """Sharded checkpoints saved by tp 2 x dp 2 (FSDP row shards of each rank's interleaved q/k/v and
-    gate/up rows) after step 2 resume on tp 2 x pp 2 (interleaved 1F1B: pieces read into other ranks'
-    rows and stages, then saved by pipeline stages) and in one process (every piece into whole tensors,
-    with the optimizer state), both on one process's curve; every checkpoint loads as the full format's."""
+    """Sharded checkpoints saved by tp 2 x dp 2 after step 2 (FSDP row shards of each rank's interleaved
+    q/k/v and gate/up rows; norms replicated, embedding and head split along the vocabulary with the loss on
+    the split logits, whole blocks recomputed) resume on tp 2 x pp 2 (interleaved 1F1B: pieces read into
+    other ranks' rows and stages, then saved by pipeline stages) and in one process (every piece into whole
+    tensors, with the optimizer state), both on one process's curve; every checkpoint loads as the full
+    format's."""
     sharded, alone = tmp_path / "sharded", tmp_path / "alone"
     launch(
         sharded,
@@ -187,7 +151,9 @@ def test_sharded_checkpoints_resume_on_other_layouts(one, tmp_path):
         pp=1,
         grad_accum=1,
         max_steps=2,
+        recompute="full",
         sequence_parallel=False,
+        vocab_parallel=True,
         checkpoint_format="sharded",
     )
     step_2 = sharded / "checkpoints/step_00000002"

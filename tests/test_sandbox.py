@@ -324,7 +324,10 @@ def test_a_slow_call_fails_alone_and_later_calls_fail_fast():
     )
     result = run_checked(candidate, checker, "f", call_timeout_s=0.3, timeout_s=5)
     first, second = result.checker.stdout.splitlines()
-    assert first.startswith("failed 0.3") and second == "failed 0.0 the candidate died or ran out of time"
+    # The call's own 0.3 s, plus what a loaded machine takes to notice and kill it (0.4 s has been seen).
+    failed, seconds, reason = first.split(" ", 2)
+    assert failed == "failed" and 0.3 <= float(seconds) < 1.5 and reason == "the candidate died or ran out of time"
+    assert second == "failed 0.0 the candidate died or ran out of time"
     assert sandbox_processes() == []
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import types
 
 import torch
-import torch._inductor.config
 
 from llmkit.model.kv_cache import KVCache, PositionedRows
 from llmkit.model.transformer import Transformer
@@ -33,6 +32,10 @@ class ModelRunner:
         self.compile = compile
         self._compiled = None
         if compile:
+            # 2 s of imports (Dynamo, Inductor) that only compiled runners need
+            import torch._inductor.config
+            import torch.fx.experimental._config
+
             self._inductor = CPU_INDUCTOR if model.token_embedding.weight.device.type == "cpu" else {}
             # The weights are constants of the graph: guarding on every module attribute each step (about 1 ms
             # for 30 layers) would check nothing the graph still reads.
@@ -59,7 +62,13 @@ class ModelRunner:
         if self._compiled is None or self._hooked():
             return self.model(ids, cache=cache.rows(0, rows))[:, -1]
         view = PositionedRows.of(cache, rows, 1)
-        with torch._inductor.config.patch(self._inductor), torch._dynamo.config.patch(specialize_float=True):
+        # Without duck sizing: a batch that happens to equal another size (say, 4 rows and 4 heads) would get
+        # a graph of its own, one more compile when the batch changes.
+        with (
+            torch._inductor.config.patch(self._inductor),
+            torch._dynamo.config.patch(specialize_float=True),
+            torch.fx.experimental._config.patch(use_duck_shape=False),
+        ):
             logits = self._compiled(ids, view.keys, view.values, view.starts, view.end)
         cache.lengths[:rows] += 1
         return logits
