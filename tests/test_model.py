@@ -210,10 +210,11 @@ def test_post_ln_has_no_final_norm_and_preset_replace_recomputes_ffn():
 
 
 def test_chunked_token_losses_equal_the_full_cross_entropy_and_its_gradients():
+    """Only the positions with a target go through the head; the others are 0, with no gradient."""
     torch.manual_seed(0)
     model = Transformer(tiny_config(vocab_size=61, context_length=64, logit_softcap=30.0))
     ids, targets = torch.randint(0, 61, (3, 40)), torch.randint(0, 61, (3, 40))
-    targets[0, :5] = -100
+    targets[0, :5] = targets[2, 10:31] = -100  # a prompt at a row's start and one inside a packed row
     chunked = model.token_losses(model.hidden_states(ids), targets, chunk_tokens=7)  # chunks cross rows
     full = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none").view_as(
         targets
@@ -225,6 +226,10 @@ def test_chunked_token_losses_equal_the_full_cross_entropy_and_its_gradients():
         torch.autograd.grad(chunked.sum(), parameters), torch.autograd.grad(full.sum(), parameters)
     ):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    nothing = model.token_losses(model.hidden_states(ids), torch.full_like(targets, -100))
+    assert nothing.shape == targets.shape and nothing.eq(0).all()
+    gradients = torch.autograd.grad(nothing.sum(), parameters, materialize_grads=True)
+    assert all(gradient.eq(0).all() for gradient in gradients)
 
 
 def test_chunked_token_logprobs_equal_the_full_log_softmax_entropy_and_their_gradients():
