@@ -22,14 +22,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
 from llmkit.errors import ConfigError
 from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
 from llmkit.model.transformer import IGNORE_INDEX
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved-1f1b": "ScheduleInterleaved1F1B"}
 FIRST_STAGE = ("token_embedding.", "position_embedding.", "embedding_norm.")
 LAST_STAGE = ("final_norm.", "lm_head.")
 
@@ -154,6 +153,9 @@ class Pipeline:
 
     def __init__(self, model: nn.Module, mesh, schedule: str, micro_batches: int, device: torch.device, shard=None):
         """``shard``: FSDP2's wrapping of each stage's forward module (data parallelism), or None."""
+        # Imported here: torch.distributed.pipelining brings Dynamo, a second of every llmkit command's start.
+        from torch.distributed import pipelining
+
         self.model, self.device = model, device
         self.group = mesh["pp"].get_group()
         self.ranks, self.rank = mesh["pp"].size(), mesh["pp"].get_local_rank()
@@ -164,10 +166,10 @@ class Pipeline:
             module = StageModule(model, split[stage], stage == 0, stage == len(split) - 1)
             if shard is not None:
                 shard(module)
-            stages.append(PipelineStage(module, stage, len(split), device, group=self.group))
+            stages.append(pipelining.PipelineStage(module, stage, len(split), device, group=self.group))
         # The single-stage schedules take their one stage, the interleaved one the list (of one, or more).
         chosen = stages if schedule == "interleaved-1f1b" else stages[0]
-        self.schedule = SCHEDULES[schedule](chosen, micro_batches, loss_fn=_loss)
+        self.schedule = getattr(pipelining, SCHEDULES[schedule])(chosen, micro_batches, loss_fn=_loss)
         self.tied_group = self._tied_group(mesh) if model.config.tie_embeddings else None
 
     def _tied_group(self, mesh):
