@@ -28,10 +28,14 @@ def shared_data() -> Path:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """The tests of the real model run on one pytest-xdist worker (``--dist loadgroup``), which imports it once."""
+    """The tests of the real model run on one pytest-xdist worker (``--dist loadgroup``), which imports it once.
+    The slow tests run first: pytest-xdist hands the tests out in this order as its workers free up, so the
+    long ones start early and the short ones fill the end, instead of a worker waiting idle while the other
+    finishes a test of a minute."""
     for item in items:
         if "smollm2_checkpoint" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("smollm2"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="module")

@@ -112,6 +112,7 @@ def test_decoding_layout_tiles_bfloat16_layers_and_decodes_like_a_full_forward_l
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_compiled_step_runs_the_kernels_and_gives_the_eager_tokens(tmp_path, monkeypatch):
     """int4 layers and an int8 head in one compiled graph (Inductor traces the kernels through their registered
     output shapes); autotuning is left out as in test_fast_decoding."""

@@ -39,6 +39,7 @@ def model_of(tokenizer: Tokenizer, seed: int = 0, **changes) -> Transformer:
     return Transformer(tiny_config(vocab_size=tokenizer.vocab_size, context_length=64, **changes)).eval()
 
 
+@pytest.mark.slow
 def test_compiled_decoding_gives_the_eager_tokens(tokenizer, monkeypatch):
     """Rows of different prompt lengths, each at its own position, finishing one after the other down to a
     single row (the batch-1 graph): the compiled step (symbolic sizes, frozen weights, positions as tensors)

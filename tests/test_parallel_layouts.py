@@ -108,6 +108,7 @@ def assert_same_curve(one: Path, run: Path) -> None:
         )
 
 
+@pytest.mark.slow
 def test_layouts_reproduce_one_process_and_resume_across_layouts(one, tmp_path):
     """One process (the ``one`` fixture), against a run that changes layout at its resume, each layout with
     the same global batch of 8 rows: pp 2 x dp 2 (GPipe, 1 micro-batch) for steps 1-2, then tp 2 x pp 2
@@ -136,6 +137,7 @@ def assert_same_model(full: Path, sharded: Path) -> None:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoints_resume_on_other_layouts(one, tmp_path):
     """Sharded checkpoints saved by tp 2 x dp 2 after step 2 (FSDP row shards of each rank's interleaved
     q/k/v and gate/up rows; norms replicated, embedding and head split along the vocabulary with the loss on

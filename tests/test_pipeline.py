@@ -301,6 +301,7 @@ def test_a_different_pipeline_in_the_same_work_directory_is_refused(corpus, tmp_
     assert load_manifest(out)["pipeline"]["steps"] == ["clean", "pii"]
 
 
+@pytest.mark.slow
 def test_dask_executor_in_local_mode_gives_the_same_shards(corpus, tmp_path):
     pytest.importorskip("dask.distributed")
     local, dask = tmp_path / "local", tmp_path / "dask"
