@@ -3,11 +3,12 @@ bounds that refuse a ruinous expression in well under a tenth of a second."""
 
 import math
 import random
+import sys
 import time
 
 import pytest
 
-from llmkit.infer.calculator import MAX_DIGITS, CalculatorError, calculate, evaluate
+from llmkit.infer.calculator import MAX_DIGITS, MAX_NESTING, CalculatorError, calculate, evaluate
 
 # Trusted literals: Python's own evaluation of them is the independent reference.
 ARITHMETIC = [
@@ -203,6 +204,20 @@ def test_ruinous_expressions_are_refused_at_once_with_a_reason(expression, messa
         evaluate(expression)
     assert time.perf_counter() - started < 0.1
     assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_nesting_limit_does_not_depend_on_the_recursion_limit():
+    """torch.compile raises the interpreter's recursion limit in the process (the server's); the calculator
+    refuses the same expressions all the same."""
+    assert evaluate("-" * MAX_NESTING + "1") == 1 and evaluate("+".join(["2"] * (MAX_NESTING + 1))) == 1002
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        for expression in ("-" * (MAX_NESTING + 1) + "1", "+".join(["2"] * (MAX_NESTING + 2))):
+            with pytest.raises(CalculatorError, match="nested too deeply"):
+                evaluate(expression)
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def test_the_time_limit_is_checked_while_evaluating():

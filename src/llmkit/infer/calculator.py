@@ -38,6 +38,10 @@ MAX_DIGITS = 1000  # far beyond any word problem, and small enough that every op
 _TOO_LARGE = 10**MAX_DIGITS
 _TOO_LARGE_BITS = _TOO_LARGE.bit_length()  # 2**_TOO_LARGE_BITS is past MAX_DIGITS
 MAX_EXPRESSION_CHARS = 2000  # bounds the number of operations: each node of the tree takes at least one character
+# Operations inside operations: a sum of 500 terms, far more than any word problem, and few enough Python frames
+# for the walk to stay under the interpreter's default recursion limit. Without it the refusal of a deep
+# expression depended on that limit, which torch.compile raises.
+MAX_NESTING = 500
 TIME_LIMIT_S = 1.0  # a backstop for a long expression on a busy machine; typical calls take well under a millisecond
 _SIGNIFICANT_DIGITS = 12
 
@@ -155,7 +159,9 @@ class _Walk:
         self.expression, self.time_limit_s = expression, time_limit_s
         self.deadline = time.monotonic() + time_limit_s
 
-    def value(self, node: ast.AST) -> Number:
+    def value(self, node: ast.AST, depth: int = 0) -> Number:
+        if depth > MAX_NESTING:
+            raise CalculatorError(f"the expression is nested too deeply (over {MAX_NESTING} operations within others)")
         if time.monotonic() > self.deadline:
             raise CalculatorError(f"the expression took longer than the calculator's {self.time_limit_s} s")
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
@@ -163,20 +169,20 @@ class _Walk:
             # repr() is the float's shortest round-trip decimal, i.e. the literal as written.
             return _checked(Fraction(repr(value))) if isinstance(value, float) else value
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            operand = self.value(node.operand)
+            operand = self.value(node.operand, depth + 1)
             return -operand if isinstance(node.op, ast.USub) else operand
         if isinstance(node, ast.BinOp) and (type(node.op) in _BINARY or isinstance(node.op, ast.Pow)):
-            left, right = self.value(node.left), self.value(node.right)
+            left, right = self.value(node.left, depth + 1), self.value(node.right, depth + 1)
             if isinstance(node.op, ast.Pow):
                 return _checked(_power(left, right))
             return _checked(_BINARY[type(node.op)](left, right))
         if isinstance(node, ast.Call):
-            return self.call(node)
+            return self.call(node, depth)
         if isinstance(node, ast.Constant):
             raise CalculatorError(f"{node.value!r} is not a number")
         raise _refuse(node.op if isinstance(node, (ast.BinOp, ast.UnaryOp)) else node, self.expression)
 
-    def call(self, node: ast.Call) -> Number:
+    def call(self, node: ast.Call, depth: int) -> Number:
         if not isinstance(node.func, ast.Name):
             raise _refuse(node.func, self.expression)
         if node.func.id not in FUNCTIONS:
@@ -185,7 +191,7 @@ class _Walk:
             )
         if node.keywords:
             raise CalculatorError(f"{node.func.id}() takes positional arguments only")
-        arguments = [self.value(argument) for argument in node.args]
+        arguments = [self.value(argument, depth + 1) for argument in node.args]
         try:
             return _checked(FUNCTIONS[node.func.id](*arguments))
         except TypeError:
