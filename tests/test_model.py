@@ -232,6 +232,33 @@ def test_chunked_token_losses_equal_the_full_cross_entropy_and_its_gradients():
     assert all(gradient.eq(0).all() for gradient in gradients)
 
 
+def test_a_frozen_head_gives_the_full_cross_entropys_gradients_without_recomputing_logits():
+    """LoRA's case: the head has nothing to train, so each chunk's gradient with respect to the hidden states
+    is worked out in the forward pass and scaled in the backward pass, here by unequal weights per position
+    (as DPO's sums per sequence give)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=61, context_length=64, logit_softcap=30.0))
+    model.lm_head.weight.requires_grad_(False)
+    ids, targets, weights = torch.randint(0, 61, (3, 40)), torch.randint(0, 61, (3, 40)), torch.rand(3, 40)
+    targets[1, 3:20] = -100
+    ours = model.token_losses(model.hidden_states(ids), targets, chunk_tokens=7)
+    full = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    torch.testing.assert_close(ours, full.view_as(targets), rtol=0, atol=1e-5)
+    steps, seen = [ours.grad_fn], set()
+    while steps:  # the autograd graph holds the frozen head's function, not a recomputation
+        step = steps.pop()
+        if step is not None and step not in seen:
+            seen.add(step)
+            steps += [following for following, _ in step.next_functions]
+    assert "_FrozenHeadLossesBackward" in {type(step).__name__ for step in seen}
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for mine, theirs in zip(
+        torch.autograd.grad((ours * weights).sum(), parameters),
+        torch.autograd.grad((full.view_as(targets) * weights).sum(), parameters),
+    ):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+
+
 def test_chunked_token_logprobs_equal_the_full_log_softmax_entropy_and_their_gradients():
     """What PPO and GRPO train on: log p(token) and the entropy at a sampling temperature, against the log-softmax
     of the whole (batch, length, vocab) logits."""
