@@ -61,17 +61,21 @@ def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-def char_tokenizer(folder: Path, text: str = "abcdefghijklmnopqrstuvwxyz .,\n" * 4):
-    """A character tokenizer trained on ``text`` in ``folder``."""
+def char_tokenizer(folder: Path, text: str = "abcdefghijklmnopqrstuvwxyz .,\n" * 4, vocab_size: int = 48):
+    """A character tokenizer trained on ``text``, written in ``folder``/tokenizer."""
     from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
     from llmkit.tokenizer import Tokenizer
 
     (folder / "corpus.txt").write_text(text)
     config = TokenizerConfig(
-        source=str(folder / "corpus.txt"), out=str(folder / "tok"), kind="char", vocab_size=48, held_out_fraction=0
+        source=str(folder / "corpus.txt"),
+        out=str(folder / "tokenizer"),
+        kind="char",
+        vocab_size=vocab_size,
+        held_out_fraction=0,
     )
     train_tokenizer(config)
-    return Tokenizer.load(folder / "tok")
+    return Tokenizer.load(folder / "tokenizer")
 
 
 def reference_activations(x: torch.Tensor) -> torch.Tensor:

@@ -6,23 +6,17 @@ import random
 import string
 from pathlib import Path
 
+import helpers
 import torch
 from helpers import tiny_config
 
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
 from llmkit.tokenizer import Tokenizer
 
 
 def char_tokenizer(folder: Path) -> Tokenizer:
-    (folder / "text.txt").write_text((string.ascii_letters + string.digits + string.punctuation + " \n") * 20)
-    train_tokenizer(
-        TokenizerConfig(
-            source=str(folder), out=str(folder / "tokenizer"), kind="char", vocab_size=200, held_out_fraction=0
-        )
-    )
-    return Tokenizer.load(folder / "tokenizer")
+    return helpers.char_tokenizer(folder, (string.ascii_letters + string.digits + string.punctuation + " \n") * 20, 200)
 
 
 def write_base(folder: Path, tokenizer: Tokenizer, seed: int = 0, **changes) -> Path:

@@ -9,6 +9,7 @@ import copy
 import csv
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,6 @@ from llmkit.align.rewards import as_reward
 from llmkit.align.rl_source import RolloutSource
 from llmkit.align.rollout import chat_prompt
 from llmkit.chat import render_ids
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.model import Transformer
 from llmkit.model.checkpoint import write_model
 from llmkit.tasks import arithmetic
@@ -46,17 +46,7 @@ def char_tokenizer(folder) -> Tokenizer:
     texts = [
         message.get("content") or "" for problem in problems for message in arithmetic.to_conversation(problem).messages
     ]
-    (folder / "text.txt").write_text("\n".join(texts + [arithmetic.PLAIN_SYSTEM_PROMPT, "calculator()#"]))
-    train_tokenizer(
-        TokenizerConfig(
-            source=str(folder / "text.txt"),
-            out=str(folder / "tokenizer"),
-            kind="char",
-            vocab_size=400,
-            held_out_fraction=0,
-        )
-    )
-    return Tokenizer.load(folder / "tokenizer")
+    return helpers.char_tokenizer(folder, "\n".join(texts + [arithmetic.PLAIN_SYSTEM_PROMPT, "calculator()#"]), 400)
 
 
 def warm_policy(tokenizer: Tokenizer, context_length: int = 64, steps: int = 25) -> Transformer:

@@ -7,11 +7,11 @@ import json
 import math
 import random
 
+import helpers
 import pytest
 import torch
 from helpers import tiny_config
 
-from llmkit.data.tokenizer_training import TokenizerConfig, train_tokenizer
 from llmkit.errors import ConfigError, InputError
 from llmkit.eval.choice import evaluate_choice
 from llmkit.eval.choice_tasks import ChoiceExample, load_choice_task
@@ -30,17 +30,7 @@ def fact_text(seed: int, sentences: int) -> str:
 
 
 def char_tokenizer(folder) -> Tokenizer:
-    (folder / "corpus.txt").write_text(fact_text(0, 50) + " Question: Answer:\né0123456789\n")
-    train_tokenizer(
-        TokenizerConfig(
-            source=str(folder / "corpus.txt"),
-            out=str(folder / "tokenizer"),
-            kind="char",
-            vocab_size=200,
-            held_out_fraction=0,
-        )
-    )
-    return Tokenizer.load(folder / "tokenizer")
+    return helpers.char_tokenizer(folder, fact_text(0, 50) + " Question: Answer:\né0123456789\n", 200)
 
 
 @pytest.fixture(scope="module")

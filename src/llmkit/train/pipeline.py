@@ -28,7 +28,6 @@ from llmkit.errors import ConfigError
 from llmkit.model.config import GATED_ACTIVATIONS, ModelConfig
 from llmkit.model.transformer import IGNORE_INDEX
 
-SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved-1f1b": "ScheduleInterleaved1F1B"}
 FIRST_STAGE = ("token_embedding.", "position_embedding.", "embedding_norm.")
 LAST_STAGE = ("final_norm.", "lm_head.")
 
@@ -169,7 +168,12 @@ class Pipeline:
             stages.append(pipelining.PipelineStage(module, stage, len(split), device, group=self.group))
         # The single-stage schedules take their one stage, the interleaved one the list (of one, or more).
         chosen = stages if schedule == "interleaved-1f1b" else stages[0]
-        self.schedule = getattr(pipelining, SCHEDULES[schedule])(chosen, micro_batches, loss_fn=_loss)
+        schedules = {
+            "gpipe": pipelining.ScheduleGPipe,
+            "1f1b": pipelining.Schedule1F1B,
+            "interleaved-1f1b": pipelining.ScheduleInterleaved1F1B,
+        }
+        self.schedule = schedules[schedule](chosen, micro_batches, loss_fn=_loss)
         self.tied_group = self._tied_group(mesh) if model.config.tie_embeddings else None
 
     def _tied_group(self, mesh):
