@@ -149,6 +149,13 @@ def test_resume_keeps_finished_stages_and_reruns_a_missing_one(finished, tmp_pat
 
     for stage in ("sft", "reward", "rl"):
         monkeypatch.setitem(posttrain_module.STAGE_FUNCTIONS, stage, must_not_run)
+    # A stage stopped by SIGINT/SIGTERM ends the chain and is not recorded as finished: --resume continues it.
+    interrupted = {"interrupted": True, "steps": 1}
+    monkeypatch.setitem(posttrain_module.STAGE_FUNCTIONS, "dpo", lambda *arguments: interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        posttrain(tiny_run(config.base, out, resume=True))
+    assert "dpo" not in json.loads((out / "posttrain.json").read_text())["stages"]
+    monkeypatch.setitem(posttrain_module.STAGE_FUNCTIONS, "dpo", posttrain_module.run_dpo)
     resumed = posttrain(tiny_run(config.base, out, resume=True))
     assert read_config(resolve_checkpoint(out / "dpo"))["stage"] == "dpo"
     assert [row["stage"] for row in resumed["table"]] == ["base", "sft", "grpo", "grpo_best", "dpo"]

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from llmkit import speedrun as speedrun_module
 from llmkit.report import add_section, render
 from llmkit.speedrun import SpeedrunConfig, speedrun
@@ -64,6 +66,13 @@ def test_speedrun_writes_a_complete_report(tmp_path, monkeypatch):
     assert resumed["tokenizer"] == {"reused": str(tmp_path / "run/tokenizer")}
     assert (tmp_path / "run/tokenizer/tokenizer.json").stat().st_mtime_ns == tokenizer_json
     assert resumed["pretrain"]["steps"] == 6
+
+    # Pretraining stopped by SIGINT/SIGTERM (it saved a checkpoint) ends the speedrun: no post-training follows
+    monkeypatch.setattr(speedrun_module, "pretrain", lambda config: {"interrupted": True, "steps": 7})
+    config.posttrain = True
+    with pytest.raises(KeyboardInterrupt):
+        speedrun(config)
+    assert len(post_training) == 1
 
 
 def test_report_sections_replace_and_render(tmp_path):

@@ -370,10 +370,44 @@ def test_a_peak_timed_on_a_busy_cpu_is_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cache = tmp_path / "llmkit" / "peak_flops.json"
     monkeypatch.setattr(os, "getloadavg", lambda: (8.0, 8.0, 8.0))
-    busy = metrics.measured_peak_flops(torch.float32, torch.device("cpu"), size=64)
+    busy = metrics.measured_peak_flops(torch.float32, torch.device("cpu"), max_size=64)
     assert busy > 0 and not cache.exists()
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    idle = metrics.measured_peak_flops(torch.float32, torch.device("cpu"), size=64)
+    idle = metrics.measured_peak_flops(torch.float32, torch.device("cpu"), max_size=64)
     assert list(json.loads(cache.read_text()).values()) == [idle]
     monkeypatch.setattr(os, "getloadavg", lambda: (8.0, 8.0, 8.0))
-    assert metrics.measured_peak_flops(torch.float32, torch.device("cpu"), size=64) == idle
+    assert metrics.measured_peak_flops(torch.float32, torch.device("cpu"), max_size=64) == idle
+
+
+def test_the_peak_stops_growing_the_matrices_once_a_product_is_slow(tmp_path, monkeypatch):
+    """On a CPU without bfloat16 instructions one 2048 product takes a minute: the matrices grow from 256 only
+    while a product takes under PEAK_PRODUCT_SECONDS, and the peak is that size's FLOP over its best time."""
+    from llmkit.train import metrics
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    sizes = []
+
+    def product_seconds(a, device, repeats):
+        sizes.append(a.shape[0])
+        return (a.shape[0] / 512) ** 3 * 0.015  # 512: 15 ms, 1024: 120 ms
+
+    monkeypatch.setattr(metrics, "_best_product_seconds", product_seconds)
+    assert metrics.measured_peak_flops(torch.float32, torch.device("cpu")) == pytest.approx(2 * 1024**3 / 0.12)
+    assert sizes == [256, 512, 1024, 1024]
+    monkeypatch.setattr(metrics, "PEAK_PRODUCT_SECONDS", 1.0)  # a fast machine stops at max_size
+    sizes.clear()
+    metrics.measured_peak_flops(torch.bfloat16, torch.device("cpu"), max_size=512)
+    assert sizes == [256, 512, 512]
+
+
+def test_auto_dtype_trains_in_bfloat16_only_where_its_matmul_is_faster(monkeypatch):
+    from llmkit.train import trainer
+
+    cpu = torch.device("cpu")
+    assert trainer.resolve_dtype("float16", cpu) == torch.float16  # an explicit dtype is taken as it is
+    peaks = {torch.float32: 60e9, torch.bfloat16: 1.3e9}  # an AVX2 machine, measured
+    monkeypatch.setattr(trainer, "measured_peak_flops", lambda dtype, device: peaks[dtype])
+    assert trainer.resolve_dtype("auto", cpu) == torch.float32
+    assert trainer.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    peaks[torch.bfloat16] = 120e9  # AVX512-BF16 / AMX
+    assert trainer.resolve_dtype("auto", cpu) == torch.bfloat16

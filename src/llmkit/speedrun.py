@@ -56,7 +56,13 @@ class SpeedrunConfig:
     )
     muon_lr: float = field(default=0.02, metadata={"help": "Muon's peak learning rate"})
     warmup_steps: int = field(default=50, metadata={"help": "learning-rate warmup steps"})
-    dtype: str = field(default="bfloat16", metadata={"help": "float32 or bfloat16"})
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="auto",
+        metadata={
+            "help": "training autocast dtype: auto (bfloat16 where the device multiplies faster in it), float32 or "
+            "bfloat16"
+        },
+    )
     eval_interval: int = field(default=100, metadata={"help": "validate every this many steps"})
     samples: int = field(default=3, metadata={"help": "sample generations in the report"})
     posttrain: bool = field(
@@ -159,6 +165,8 @@ def speedrun(config: SpeedrunConfig) -> dict:
     pretrain_summary = pretrain(
         PretrainConfig(data=str(data_directory), preset=config.preset, model=ModelOverrides(), train=train)
     )
+    if pretrain_summary["interrupted"]:  # SIGINT/SIGTERM: pretraining saved a checkpoint, which --resume continues
+        raise KeyboardInterrupt
     pretrain_metrics = {key: value for key, value in pretrain_summary.items() if key != "model"}
     add_section(
         out,

@@ -53,10 +53,10 @@ from llmkit.align.preference import (
 from llmkit.config import check
 from llmkit.errors import MismatchError
 from llmkit.figures import plot_metrics
-from llmkit.model.checkpoint import DTYPES, load_checkpoint
+from llmkit.model.checkpoint import load_checkpoint
 from llmkit.tasks.registry import TASK_NAMES
 from llmkit.train.config import TrainConfig
-from llmkit.train.trainer import Trainer, resolve_device
+from llmkit.train.trainer import Trainer, resolve_device, resolve_dtype
 
 LOSSES = ("dpo", "ipo", "hinge")
 
@@ -269,7 +269,8 @@ def dpo(config: DPOConfig) -> dict:
         train.batch_size,
         train.seed,
     )
-    device, dtype = resolve_device(train.device), DTYPES[train.dtype]
+    device = resolve_device(train.device)
+    dtype = resolve_dtype(train.dtype, device)
     if config.precompute_reference:
         reference.to(device)
         for part in (batches, val_batches):

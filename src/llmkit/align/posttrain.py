@@ -193,10 +193,11 @@ class PosttrainConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed of the generated data, initialisation and sampling"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    dtype: Literal["float32", "bfloat16"] = field(
-        default="bfloat16",
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="auto",
         metadata={
-            "help": "autocast dtype of SFT, reward and DPO training (RL keeps its section's train.dtype, float32: "
+            "help": "autocast dtype of SFT, reward and DPO training: auto (bfloat16 where the device multiplies "
+            "faster in it), float32 or bfloat16 (RL keeps its section's train.dtype, float32: "
             "its probability ratios need the precision)"
         },
     )
@@ -213,7 +214,7 @@ class PosttrainConfig:
         for name in ("eval_problems", "max_new_tokens"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
         check(self.shots >= 0, "shots", self.shots, "must be >= 0")
-        check(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "must be float32 or bfloat16")
+        check(self.dtype in ("auto", "float32", "bfloat16"), "dtype", self.dtype, "must be auto, float32 or bfloat16")
         for section, paths in CHAIN_FIELDS.items():
             defaults = SECTION_DEFAULTS[section]()
             for path in paths:
@@ -419,6 +420,8 @@ def posttrain(config: PosttrainConfig) -> dict:
         if stage not in state["stages"]:
             stage_started = time.perf_counter()
             summary = STAGE_FUNCTIONS[stage](config, out)
+            if summary["interrupted"]:  # SIGINT/SIGTERM: the stage saved a checkpoint, which --resume continues
+                raise KeyboardInterrupt
             state["stages"][stage] = {
                 **_scalars(summary),
                 "stage_seconds": round(time.perf_counter() - stage_started, 1),

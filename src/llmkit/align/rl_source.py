@@ -69,10 +69,9 @@ from llmkit.config import check
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.infer.tools import ToolSelection, select_tools
-from llmkit.model.checkpoint import DTYPES
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.distributed import World
-from llmkit.train.trainer import TrainingHooks
+from llmkit.train.trainer import TrainingHooks, resolve_device, resolve_dtype
 
 Total = Callable[[torch.Tensor], torch.Tensor]  # a sum over the processes
 
@@ -294,7 +293,8 @@ class RolloutSource(TrainingHooks):
         self.generation = GenerationConfig(
             max_new_tokens=self.rollout.max_new_tokens, temperature=self.rollout.temperature
         )
-        self.tools, self.dtype = select_tools(self.rollout.tools), DTYPES[config.train.dtype]
+        self.tools = select_tools(self.rollout.tools)
+        self.dtype = resolve_dtype(config.train.dtype, resolve_device(config.train.device))
         self.missing_end_penalty = config.stage.missing_end_penalty
         self.engine: Engine | None = None  # made on first use, on the device the Trainer moved the policy to
         self.iteration: int | None = None  # the iteration whose shards are in memory

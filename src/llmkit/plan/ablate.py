@@ -59,7 +59,7 @@ from llmkit.model.moe import MixtureOfExperts
 from llmkit.model.transformer import Transformer
 from llmkit.pretrain import ModelOverrides, PretrainConfig, build_model_config, pretrain
 from llmkit.token_data import load_tokenizer
-from llmkit.train.config import TrainConfig
+from llmkit.train.config import DTYPE_HELP, TrainConfig
 
 EVAL_POINTS = 20
 # What every variant must share for the comparison to mean anything, or what ablate itself sets.
@@ -186,8 +186,9 @@ class AblateConfig:
     eval_batches: int = field(
         default=20, metadata={"help": "validation batches per evaluation (the same set for every variant)"}
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="bfloat16", metadata={"help": "autocast dtype (float16 on CUDA only)"}
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": DTYPE_HELP},
     )
     seed: int = field(default=1337, metadata={"help": "seed of every variant's initialisation and data order"})
     repeats: int = field(

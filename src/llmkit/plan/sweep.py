@@ -68,7 +68,7 @@ from llmkit.plan.scaling import (
 )
 from llmkit.pretrain import ModelOverrides, PretrainConfig, build_model_config, pretrain
 from llmkit.token_data import load_tokenizer
-from llmkit.train.config import TrainConfig
+from llmkit.train.config import DTYPE_HELP, TrainConfig
 
 # Every other value of each axis of the paper's grid: 243 L-BFGS starts instead of 4,500.
 GRIDS = {"chinchilla": CHINCHILLA_GRID, "coarse": {name: values[::2] for name, values in CHINCHILLA_GRID.items()}}
@@ -146,8 +146,9 @@ class ScalingConfig:
     eval_batches: int = field(
         default=50, metadata={"help": "validation batches of the final evaluation (the same windows for every run)"}
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="bfloat16", metadata={"help": "autocast dtype (float16 on CUDA only)"}
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": DTYPE_HELP},
     )
     seed: int = field(default=1337, metadata={"help": "seed of every run's initialisation and data order"})
     predict: bool = field(

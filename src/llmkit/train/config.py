@@ -9,6 +9,11 @@ from llmkit.config import check, parse_duration
 from llmkit.model.config import RECOMPUTE, RECOMPUTE_BOOLEANS, Recompute
 from llmkit.tracking import parse_report_to
 
+DTYPE_HELP = (
+    "autocast dtype: auto (bfloat16 where the device multiplies faster in it than in float32, else float32), "
+    "float32, bfloat16 or float16 (CUDA only, with loss scaling)"
+)
+
 
 @dataclass
 class TrainConfig:
@@ -44,8 +49,9 @@ class TrainConfig:
         default=1, metadata={"help": "rows per micro-batch at the start of the batch-size ramp"}
     )
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="bfloat16", metadata={"help": "autocast dtype (float16 on CUDA only, with loss scaling)"}
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": DTYPE_HELP},
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     activation_checkpointing: Recompute = field(

@@ -37,11 +37,14 @@ def _cache_path() -> Path:
     return Path(root) / "llmkit" / "peak_flops.json"
 
 
-def measured_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048) -> float:
+def measured_peak_flops(dtype: torch.dtype, device: torch.device, max_size: int = 2048) -> float:
     """Matmul FLOP/s this machine reaches for ``dtype``, measured once and cached per machine.
 
     MFU (Chowdhery et al. 2022) divides achieved model FLOP/s by a peak; a datasheet peak means little
-    on a CPU, so we use the best square matmul we can time ourselves.
+    on a CPU, so we use the best square matmul we can time ourselves. The matrices grow from 256 up to
+    ``max_size`` only while a product takes under :data:`PEAK_PRODUCT_SECONDS`: on a CPU without bfloat16
+    instructions one bfloat16 product of 2048 takes a minute, and five of them were a speedrun's first
+    five minutes.
     """
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     key = f"{device.type}|{name}|{torch.get_num_threads()}|{torch.__version__}|{dtype}"
@@ -54,18 +57,14 @@ def measured_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 20
             cache = {}
     if key in cache:
         return cache[key]
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    measured = 2 * size**3 / best
+    size = min(256, max_size)
+    while True:
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        best = _best_product_seconds(a, device, repeats=2)
+        if best >= PEAK_PRODUCT_SECONDS or size * 2 > max_size:
+            break
+        size *= 2
+    measured = 2 * size**3 / min(best, _best_product_seconds(a, device, repeats=3))
     if not _cpu_busy(device):
         # A peak timed while other work ran is too low, and every MFU divided by it too high (over 100 % was
         # seen): only an idle machine's figure is kept, and the best one measured.
@@ -75,6 +74,22 @@ def measured_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 20
         except OSError:
             pass  # a read-only home only costs a re-measurement next time
     return cache.get(key, measured)
+
+
+PEAK_PRODUCT_SECONDS = 0.02
+
+
+def _best_product_seconds(a: torch.Tensor, device: torch.device, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _cpu_busy(device: torch.device) -> bool:
