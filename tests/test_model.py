@@ -277,3 +277,21 @@ def test_chunked_token_logprobs_equal_the_full_log_softmax_entropy_and_their_gra
         torch.autograd.grad(objective, parameters), torch.autograd.grad(full_objective, parameters)
     ):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+    # A rollout's actions only (a prompt, then a completion, then padding): 0 elsewhere, the same gradients.
+    actions = torch.zeros_like(tokens, dtype=torch.bool)
+    actions[0, 5:30], actions[1, 12:13], actions[2, 39] = True, True, True
+    logprobs, entropy = model.token_logprobs(
+        model.hidden_states(ids), tokens, temperature=0.7, chunk_tokens=7, positions=actions
+    )
+    torch.testing.assert_close(logprobs, torch.where(actions, full_logprobs, 0.0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy, torch.where(actions, full_entropy, 0.0), rtol=0, atol=1e-5)
+    log_distribution = F.log_softmax(model(ids) / 0.7, dim=-1)  # the graph above was spent by its gradients
+    full_logprobs = log_distribution.gather(-1, tokens[..., None]).squeeze(-1)
+    full_entropy = -(log_distribution.exp() * log_distribution).sum(-1)
+    objective = (logprobs + 0.1 * entropy).sum()
+    full_objective = torch.where(actions, full_logprobs + 0.1 * full_entropy, 0.0).sum()
+    for ours, theirs in zip(
+        torch.autograd.grad(objective, parameters), torch.autograd.grad(full_objective, parameters)
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

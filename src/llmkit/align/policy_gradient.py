@@ -137,15 +137,25 @@ class PolicyOutputs:
 
 
 def policy_forward(
-    model: nn.Module, input_ids: torch.Tensor, temperature: float, value_head: nn.Module | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    temperature: float,
+    value_head: nn.Module | None = None,
+    action_mask: torch.Tensor | None = None,
 ) -> PolicyOutputs:
     """Log-probabilities of each row's next tokens (and entropies, and values) in one forward pass.
 
     The logits are divided by the sampling temperature, so the probabilities are those of the
     distribution the rollouts were drawn from (Huang et al. 2024). With a value head, the
-    head reads the same hidden states the output head does (a shared trunk: Schulman et al. 2017, eq. 9)."""
+    head reads the same hidden states the output head does (a shared trunk: Schulman et al. 2017, eq. 9).
+    With ``action_mask`` (rows, length - 1) the log-probabilities and entropies are computed at the actions
+    only and are 0 elsewhere: prompts, tool results and padding are most of a rollout row (a GRPO row on the
+    arithmetic task: 85 prompt tokens, 60 actions), and the output head and its softmax over the vocabulary
+    were a third of a scoring pass."""
     hidden = model.hidden_states(input_ids)
-    logprobs, entropy = model.token_logprobs(hidden[:, :-1], input_ids[:, 1:], max(temperature, 1e-6))
+    logprobs, entropy = model.token_logprobs(
+        hidden[:, :-1], input_ids[:, 1:], max(temperature, 1e-6), positions=action_mask
+    )
     values = value_head(hidden[:, :-1]).squeeze(-1).float() if value_head is not None else None
     return PolicyOutputs(logprobs, entropy, values)
 
@@ -166,8 +176,13 @@ class PolicyModel(nn.Module):
         """The policy's :class:`~llmkit.model.ModelConfig` (what is trained is that model and a head)."""
         return self.policy.config
 
-    def forward(self, input_ids: torch.Tensor, language_ids: torch.Tensor | None = None) -> PolicyOutputs:
-        outputs = policy_forward(self.policy, input_ids, self.temperature, self.value_head)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        language_ids: torch.Tensor | None = None,
+        action_mask: torch.Tensor | None = None,
+    ) -> PolicyOutputs:
+        outputs = policy_forward(self.policy, input_ids, self.temperature, self.value_head, action_mask)
         if language_ids is not None:
             outputs.language_logits = self.policy(language_ids)
         return outputs

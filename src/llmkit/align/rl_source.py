@@ -189,7 +189,7 @@ class Algorithm:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The Trainer's loss on a micro-batch: :meth:`terms` times ``weight`` (the micro-batch's share of its
         minibatch, module docstring), plus PPO-ptx's language-model loss on ``language`` rows."""
-        outputs = model(minibatch.input_ids, None if language is None else language["input_ids"])
+        outputs = model(minibatch.input_ids, None if language is None else language["input_ids"], minibatch.action_mask)
         loss, metrics = self.terms(outputs, minibatch)
         loss, metrics = loss * weight, {name: value * weight for name, value in metrics.items()}
         if language is not None:

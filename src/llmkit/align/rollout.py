@@ -246,10 +246,10 @@ def score_rollouts(
     device = batch.input_ids.device
     old, reference_logprobs, values = [], [], []
     for start in range(0, len(batch), batch_size):
-        rows = batch.input_ids[start : start + batch_size]
+        rows, actions = batch.input_ids[start : start + batch_size], batch.action_mask[start : start + batch_size]
         with autocast(device, dtype):
-            outputs = policy_forward(policy, rows, temperature, value_head)
-            reference_outputs = policy_forward(reference, rows, temperature)
+            outputs = policy_forward(policy, rows, temperature, value_head, actions)
+            reference_outputs = policy_forward(reference, rows, temperature, action_mask=actions)
         old.append(outputs.logprobs)
         reference_logprobs.append(reference_outputs.logprobs)
         if outputs.values is not None:

@@ -445,13 +445,12 @@ class Transformer(nn.Module):
         # Only the positions with a target go through the head: the others' loss and gradient are 0. In SFT
         # the prompt tokens (38 % of the Alpaca rows) then cost no head work: 7-10 % of SmolLM2's step, whose
         # head has a 49k vocabulary.
-        counted = (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
         trainable = any(parameter.requires_grad for parameter in self.lm_head.parameters())
         frozen_head = not trainable and hidden.requires_grad and torch.is_grad_enabled()  # LoRA's
-        (losses,) = self._by_chunks(
-            self._chunk_losses, hidden.flatten(0, -2)[counted], targets.flatten()[counted], chunk_tokens, frozen_head
+        (losses,) = self._at_positions(
+            self._chunk_losses, hidden, targets, targets != IGNORE_INDEX, chunk_tokens, frozen_head
         )
-        return hidden.new_zeros(targets.numel(), dtype=losses.dtype).index_put((counted,), losses).view_as(targets)
+        return losses
 
     def _chunk_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor]:
         # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
@@ -459,14 +458,20 @@ class Transformer(nn.Module):
         return (F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none"),)
 
     def token_logprobs(
-        self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 2048
+        self,
+        hidden: torch.Tensor,
+        tokens: torch.Tensor,
+        temperature: float = 1.0,
+        chunk_tokens: int = 2048,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(token), entropy of the whole distribution) per position (batch, length) of the head on
-        ``hidden`` at ``temperature``, by chunks as :meth:`token_losses`: what policy-gradient losses need."""
-        logprobs, entropy = self._by_chunks(
-            functools.partial(self._chunk_logprobs, temperature=temperature), hidden, tokens, chunk_tokens
-        )
-        return logprobs, entropy
+        ``hidden`` at ``temperature``, by chunks as :meth:`token_losses`: what policy-gradient losses need.
+        With ``positions`` (bool, shaped as ``tokens``) only those go through the head, the others are 0."""
+        per_chunk = functools.partial(self._chunk_logprobs, temperature=temperature)
+        if positions is None:
+            return tuple(self._by_chunks(per_chunk, hidden, tokens, chunk_tokens))
+        return tuple(self._at_positions(per_chunk, hidden, tokens, positions, chunk_tokens))
 
     def _chunk_logprobs(
         self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float
@@ -474,6 +479,26 @@ class Transformer(nn.Module):
         log_distribution = F.log_softmax(self.output_logits(hidden).float() / temperature, dim=-1)
         entropy = -(log_distribution.exp() * log_distribution).sum(dim=-1)
         return log_distribution.gather(-1, tokens[:, None]).squeeze(-1), entropy
+
+    def _at_positions(
+        self,
+        per_chunk,
+        hidden: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        chunk_tokens: int,
+        frozen_head: bool = False,
+    ) -> list:
+        """:meth:`_by_chunks` on the positions where ``positions`` is True only, 0 at the others: a prompt,
+        padding or a tool's result needs no head (a 49k-vocabulary product and softmax per position)."""
+        selected = positions.flatten().nonzero().squeeze(1)
+        parts = self._by_chunks(
+            per_chunk, hidden.flatten(0, -2)[selected], tokens.flatten()[selected], chunk_tokens, frozen_head
+        )
+        return [
+            hidden.new_zeros(tokens.numel(), dtype=part.dtype).index_put((selected,), part).view_as(tokens)
+            for part in parts
+        ]
 
     def _by_chunks(
         self, per_chunk, hidden: torch.Tensor, tokens: torch.Tensor, chunk_tokens: int, frozen_head: bool = False
