@@ -210,7 +210,8 @@ def test_the_sections_take_the_chains_defaults_and_refuse_what_the_chain_sets():
     field the chain sets itself (the stages' paths, seed, device) is refused by its dotted name."""
     config = build(PosttrainConfig, {"sft": {"train": {"lr": 0.01}}, "grpo": {"update": {"iterations": 3}}})
     assert config.sft.train.lr == 0.01 and config.sft.train.max_steps == 500 and config.sft.generated_examples == 500
-    assert config.grpo.update.iterations == 3 and config.grpo.train.lr == 5e-5 and config.dpo.train.max_steps == 40
+    assert config.grpo.update.iterations == 3 and config.grpo.train.lr == 1e-4 and config.dpo.train.max_steps == 40
+    assert config.grpo.dynamic_sampling and config.grpo.rollout.temperature == 0.8  # the chain's, not the stage's
     for section, dotted_path in (
         ({"sft": {"base": "x"}}, "sft.base"),
         ({"dpo": {"train": {"seed": 3}}}, "dpo.train.seed"),

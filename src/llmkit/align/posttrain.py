@@ -78,19 +78,25 @@ def posttrain_reward() -> RewardConfig:
 
 
 def posttrain_rl_stage() -> RLStageConfig:
-    return RLStageConfig(task="arithmetic", train_problems=4000, validation_problems=64)
+    """4,000 RL prompts; 256 validation problems pick the shipped checkpoint (64 left a standard error of
+    0.05 at these accuracies, and selected by noise)."""
+    return RLStageConfig(task="arithmetic", train_problems=4000, validation_problems=256)
 
 
 def posttrain_grpo() -> GRPOConfig:
-    """The GRPO section's defaults: 24 iterations of 8 prompts x 8 samples (4 steps each), the validation
-    accuracy every 4 iterations (the best is kept), a checkpoint every 5."""
+    """The GRPO section's defaults: 10 iterations of 8 informative groups of 8 samples at temperature 0.8
+    (dynamic sampling, up to 4 rounds of 8 prompts), learning rate 1e-4, the validation accuracy and a
+    checkpoint every 2 iterations (the best is kept). Chosen by measuring against the earlier 24 iterations
+    of 8 prompts at temperature 1 and 5e-5 (docs/rl.md): in about the same time, a mean held-out gain of
+    +0.023 over three seeds instead of 0."""
     return GRPOConfig(
         group_size=8,
         kl_coef=0.04,
+        dynamic_sampling=True,
         stage=posttrain_rl_stage(),
-        rollout=grpo_rollout(prompts_per_iteration=8),
-        update=grpo_update(iterations=24),
-        train=rl_training(lr=5e-5, checkpoint_interval=20, eval_interval=16, keep_last=1),
+        rollout=grpo_rollout(prompts_per_iteration=8, temperature=0.8),
+        update=grpo_update(iterations=10),
+        train=rl_training(lr=1e-4, checkpoint_interval=8, eval_interval=8, keep_last=1),
     )
 
 
