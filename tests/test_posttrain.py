@@ -70,7 +70,8 @@ def tiny_run(base, out, **changes) -> PosttrainConfig:
         "reward": {"generated_pairs": 8, "train": {"max_steps": 2, "batch_size": 2}},
         "grpo": {
             "group_size": 2,
-            "stage": {"train_problems": 16},
+            "stage": {"train_problems": 16, "validation_problems": 16},
+            "max_sampling_rounds": 2,
             "rollout": {"prompts_per_iteration": 2},
             "update": {"iterations": 1},
         },
