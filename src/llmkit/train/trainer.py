@@ -215,8 +215,9 @@ class Trainer:
         if self.hooks.total_steps is None:
             config.check_budget()
         self.config = config
-        self.dtype = resolve_dtype(config.dtype, resolve_device(config.device))
-        if self.dtype == torch.float16 and resolve_device(config.device).type != "cuda":
+        device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, device)
+        if self.dtype == torch.float16 and device.type != "cuda":
             raise ConfigError("dtype", config.dtype, "float16 training needs CUDA; use bfloat16 on the CPU")
         self.device, self.world = process_device(config.device)
         self.model = model.to(self.device)
