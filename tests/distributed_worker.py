@@ -1,6 +1,8 @@
 """Run by test_distributed.py under torchrun (or called in its process for one process): train the tiny
-model on synthetic batches, or (``grpo``) a tiny policy with GRPO on arithmetic prompts."""
+model on synthetic batches, or (``grpo``) a tiny policy with GRPO on arithmetic prompts. Under torchrun it
+runs a list of such runs in one process group: starting the processes costs more than the training."""
 
+import json
 import sys
 
 import torch
@@ -62,11 +64,16 @@ def train_grpo(out: str, grad_accum: int, policy: str) -> None:
     )
 
 
-if __name__ == "__main__":
-    out, mode, grad_accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    torch.set_num_threads(1)
+def run(out: str, mode: str, grad_accum: int, policy: str = "") -> None:
+    """Pretraining with ``mode`` (ddp or fsdp), or GRPO from ``policy``."""
     if mode == "grpo":
-        train_grpo(out, grad_accum, sys.argv[4])
+        train_grpo(out, grad_accum, policy)
     else:
         pretrain(out, mode, grad_accum)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for arguments in json.loads(sys.argv[1]):  # run's arguments, as JSON, a run each
+        run(**arguments)
     shutdown()

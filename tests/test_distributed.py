@@ -15,17 +15,6 @@ from safetensors.torch import load_file
 HERE = Path(__file__).parent
 
 
-def launch(out: Path, mode: str, processes: int, grad_accum: int, policy: str = "") -> None:
-    """Pretraining with ``mode`` (ddp or fsdp) or GRPO from ``policy`` on ``processes`` processes (in this
-    one for one)."""
-    if processes > 1:
-        launch_workers(HERE / "distributed_worker.py", processes, [str(out), mode, str(grad_accum), policy], out)
-    elif mode == "grpo":
-        distributed_worker.train_grpo(str(out), grad_accum, policy)
-    else:
-        distributed_worker.pretrain(str(out), mode, grad_accum)
-
-
 def curve(out: Path) -> list[tuple[float, str]]:
     with open(out / "metrics.csv") as file:
         return [(float(row["loss"]), row["val_loss"]) for row in csv.DictReader(file) if row["loss"]]
@@ -33,24 +22,36 @@ def curve(out: Path) -> list[tuple[float, str]]:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
+    """1 process accumulating 2 micro-batches."""
     out = tmp_path_factory.mktemp("single")
-    launch(out, "ddp", processes=1, grad_accum=2)
+    distributed_worker.run(str(out), "ddp", grad_accum=2)
     return out
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, start) -> Path:
+    """The tests' runs on 2 processes of 1 micro-batch each (``ddp``, ``fsdp``, ``grpo``), one after the other
+    in one torchrun launch."""
+    root = tmp_path_factory.mktemp("two_processes")
+    runs = [dict(out=str(root / mode), mode=mode, grad_accum=1, policy=str(start)) for mode in ("ddp", "fsdp", "grpo")]
+    launch_workers(HERE / "distributed_worker.py", 2, [json.dumps(runs)], root)
+    return root
+
+
 @pytest.mark.slow
+@pytest.mark.xdist_group("distributed")  # one worker runs the shared 2-process launch
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_two_processes_match_one(single, tmp_path, parallelism):
-    launch(tmp_path, parallelism, processes=2, grad_accum=1)
-    state = json.loads((tmp_path / "checkpoints/step_00000006/trainer_state.json").read_text())
+def test_two_processes_match_one(single, two_processes, parallelism):
+    run = two_processes / parallelism
+    state = json.loads((run / "checkpoints/step_00000006/trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["config"]["parallelism"] == parallelism
-    for (loss_one, val_one), (loss_two, val_two) in zip(curve(single), curve(tmp_path), strict=True):
+    for (loss_one, val_one), (loss_two, val_two) in zip(curve(single), curve(run), strict=True):
         assert loss_two == pytest.approx(loss_one, rel=1e-4)
         assert (val_one == "") == (val_two == "") and (
             not val_one or float(val_two) == pytest.approx(float(val_one), rel=1e-4)
         )
     one = load_file(single / "checkpoints/step_00000006/model.safetensors")
-    two = load_file(tmp_path / "checkpoints/step_00000006/model.safetensors")
+    two = load_file(run / "checkpoints/step_00000006/model.safetensors")
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
@@ -70,15 +71,15 @@ def rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_grpo_on_two_processes_matches_one(start, tmp_path):
+@pytest.mark.xdist_group("distributed")
+def test_grpo_on_two_processes_matches_one(two_processes, start, tmp_path):
     """Each process samples, scores and trains on its half of every iteration's prompts (whole groups), with
     each request's seed from its position in the iteration, so the completions, rewards and held-out
     answers are the same as one process's (compared exactly). Losses and weights are compared to 1e-4:
     the gradient of the two micro-batches is summed by gloo's all-reduce instead of in place, which
     rounds differently in the last bits of float32, and that difference grows over 8 optimizer steps."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    launch(one, "grpo", 1, 2, str(start))  # 1 process accumulating 2 micro-batches
-    launch(two, "grpo", 2, 1, str(start))  # 2 processes of 1 micro-batch each
+    one, two = tmp_path / "one", two_processes / "grpo"
+    distributed_worker.run(str(one), "grpo", grad_accum=2, policy=str(start))  # 1 process, 2 micro-batches
     first, second = rows(one), rows(two)
     assert (
         [row["step"] for row in first] == [row["step"] for row in second] == ["0"] + [str(step) for step in range(1, 9)]

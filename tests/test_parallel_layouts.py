@@ -9,7 +9,6 @@ single matmul and in-place accumulation: float32 rounding in the last bits, whic
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import parallel_worker
@@ -31,14 +30,9 @@ from llmkit.train.pipeline import balanced_split, even_split
 HERE = Path(__file__).parent
 
 
-def launch(out: Path, processes: int, **layout) -> None:
-    """``parallel_worker.train`` on ``processes`` processes (in this one for one), resuming the checkpoint
-    ``out`` holds."""
-    arguments = dict(out=str(out), resume=(out / "latest").exists(), **layout)
-    if processes == 1:
-        parallel_worker.train(**arguments)
-    else:
-        launch_workers(HERE / "parallel_worker.py", processes, [json.dumps(arguments)], out)
+def launch_one_process(out: Path, **layout) -> None:
+    """``parallel_worker.train`` in this process, resuming the checkpoint ``out`` holds."""
+    parallel_worker.train(out=str(out), resume=(out / "latest").exists(), **layout)
 
 
 def losses(out: Path) -> list[tuple[str, float, str]]:
@@ -94,8 +88,46 @@ def test_tensor_parallel_refuses_what_it_cannot_split():
 def one(tmp_path_factory) -> Path:
     """One process accumulating 2 micro-batches of 4 rows for 4 steps (full checkpoints at steps 2 and 4)."""
     out = tmp_path_factory.mktemp("layouts") / "one"
-    launch(out, processes=1, tp=1, pp=1, grad_accum=2, max_steps=4)
+    launch_one_process(out, tp=1, pp=1, grad_accum=2, max_steps=4)
     return out
+
+
+@pytest.fixture(scope="module")
+def four_processes(tmp_path_factory) -> Path:
+    """The two tests' runs on 4 processes, as segments of one torchrun launch (see parallel_worker.py); each
+    segment after the first of its run resumes from the checkpoint on disk, in a new Trainer and model.
+
+    - ``layouts``: pp 2 x dp 2 (GPipe, 1 micro-batch) for steps 1-2, then tp 2 x pp 2 (interleaved 1F1B, 2
+      stages a process, 2 micro-batches, sequence parallel, attention cores recomputed) for steps 3-4;
+    - ``sharded``: tp 2 x dp 2 sharded checkpoints after step 2 (FSDP row shards of each rank's interleaved
+      q/k/v and gate/up rows; norms replicated, embedding and head split along the vocabulary with the loss
+      on the split logits, whole blocks recomputed), copied to ``alone`` then, resumed on tp 2 x pp 2
+      (interleaved 1F1B: pieces read into other ranks' rows and stages, then saved by pipeline stages)."""
+    root = tmp_path_factory.mktemp("four_processes")
+    layouts, sharded = str(root / "layouts"), str(root / "sharded")
+    segments = [
+        dict(out=layouts, tp=1, pp=2, grad_accum=1, max_steps=2, schedule="gpipe"),
+        dict(out=layouts, tp=2, pp=2, grad_accum=2, max_steps=4, schedule="interleaved-1f1b", recompute="selective"),
+        dict(
+            out=sharded,
+            tp=2,
+            pp=1,
+            grad_accum=1,
+            max_steps=2,
+            recompute="full",
+            sequence_parallel=False,
+            vocab_parallel=True,
+            checkpoint_format="sharded",
+            copy_to=str(root / "alone"),
+        ),
+        dict(
+            out=sharded, tp=2, pp=2, grad_accum=2, max_steps=4, schedule="interleaved-1f1b", checkpoint_format="sharded"
+        ),
+    ]
+    for index, segment in enumerate(segments):
+        segment["resume"] = any(earlier["out"] == segment["out"] for earlier in segments[:index])
+    launch_workers(HERE / "parallel_worker.py", 4, [json.dumps(segments)], root)
+    return root
 
 
 def assert_same_curve(one: Path, run: Path) -> None:
@@ -109,24 +141,17 @@ def assert_same_curve(one: Path, run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_layouts_reproduce_one_process_and_resume_across_layouts(one, tmp_path):
-    """One process (the ``one`` fixture), against a run that changes layout at its resume, each layout with
-    the same global batch of 8 rows: pp 2 x dp 2 (GPipe, 1 micro-batch) for steps 1-2, then tp 2 x pp 2
-    (interleaved 1F1B, 2 stages a process, 2 micro-batches, sequence parallel, attention cores recomputed)
-    for steps 3-4. Its losses, validation losses and weights are one process's."""
-    layouts = tmp_path / "layouts"
-    launch(layouts, processes=4, tp=1, pp=2, grad_accum=1, max_steps=2, schedule="gpipe")
-    # The pp 2 x dp 2 checkpoint is in one process's layout: one process could load it as it is.
-    assert_same_weights(
-        one / "checkpoints/step_00000002/model.safetensors", layouts / "checkpoints/step_00000002/model.safetensors"
-    )
-    launch(
-        layouts, processes=4, tp=2, pp=2, grad_accum=2, max_steps=4, schedule="interleaved-1f1b", recompute="selective"
-    )
+@pytest.mark.xdist_group("parallel_layouts")  # one worker runs the shared 4-process launch
+def test_layouts_reproduce_one_process_and_resume_across_layouts(one, four_processes):
+    """One process (the ``one`` fixture), against the ``layouts`` run, which changes layout at its resume,
+    each layout with the same global batch of 8 rows. Its losses, validation losses and weights are one
+    process's, and the pp 2 x dp 2 checkpoint is in one process's layout: one process could load it as it is."""
+    layouts = four_processes / "layouts"
+    for step in ("step_00000002", "step_00000004"):
+        assert_same_weights(
+            one / f"checkpoints/{step}/model.safetensors", layouts / f"checkpoints/{step}/model.safetensors"
+        )
     assert_same_curve(one, layouts)
-    assert_same_weights(
-        one / "checkpoints/step_00000004/model.safetensors", layouts / "checkpoints/step_00000004/model.safetensors"
-    )
 
 
 def assert_same_model(full: Path, sharded: Path) -> None:
@@ -138,41 +163,16 @@ def assert_same_model(full: Path, sharded: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sharded_checkpoints_resume_on_other_layouts(one, tmp_path):
-    """Sharded checkpoints saved by tp 2 x dp 2 after step 2 (FSDP row shards of each rank's interleaved
-    q/k/v and gate/up rows; norms replicated, embedding and head split along the vocabulary with the loss on
-    the split logits, whole blocks recomputed) resume on tp 2 x pp 2 (interleaved 1F1B: pieces read into
-    other ranks' rows and stages, then saved by pipeline stages) and in one process (every piece into whole
-    tensors, with the optimizer state), both on one process's curve; every checkpoint loads as the full
-    format's."""
-    sharded, alone = tmp_path / "sharded", tmp_path / "alone"
-    launch(
-        sharded,
-        processes=4,
-        tp=2,
-        pp=1,
-        grad_accum=1,
-        max_steps=2,
-        recompute="full",
-        sequence_parallel=False,
-        vocab_parallel=True,
-        checkpoint_format="sharded",
-    )
+@pytest.mark.xdist_group("parallel_layouts")
+def test_sharded_checkpoints_resume_on_other_layouts(one, four_processes):
+    """The ``sharded`` run's checkpoints resume on tp 2 x pp 2 (the launch) and in one process (every piece
+    into whole tensors, with the optimizer state: here), both on one process's curve; every checkpoint loads
+    as the full format's."""
+    sharded, alone = four_processes / "sharded", four_processes / "alone"
     step_2 = sharded / "checkpoints/step_00000002"
     assert len(list((step_2 / SHARDS).iterdir())) == 4 and not (step_2 / "model.safetensors").exists()
     assert_same_model(one / "checkpoints/step_00000002", step_2)
-    shutil.copytree(sharded, alone)
-    launch(
-        sharded,
-        processes=4,
-        tp=2,
-        pp=2,
-        grad_accum=2,
-        max_steps=4,
-        schedule="interleaved-1f1b",
-        checkpoint_format="sharded",
-    )
-    launch(alone, processes=1, tp=1, pp=1, grad_accum=2, max_steps=4, checkpoint_format="sharded")
+    launch_one_process(alone, tp=1, pp=1, grad_accum=2, max_steps=4, checkpoint_format="sharded")
     for run in (sharded, alone):
         assert_same_curve(one, run)
         assert_same_model(one / "checkpoints/step_00000004", run / "checkpoints/step_00000004")
