@@ -110,27 +110,21 @@ class ChinchillaFit:
 
 
 def _huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray, delta: float):
-    """Summed Huber loss of ``LSE(a - α log N, b - β log D, e) - log L`` and its gradient in (a, b, e, α, β)."""
+    """Summed Huber loss of ``LSE(a - α log N, b - β log D, e) - log L`` and its gradient in (a, b, e, α, β).
+    L-BFGS calls it about 150 times a start, 4,500 starts a fit: written for few NumPy operations (half the
+    time of a fit is here, the other half in SciPy)."""
     a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-    top = terms.max(axis=0)
-    weights = np.exp(terms - top)
-    total = weights.sum(axis=0)
+    first, second = a - alpha * log_n, b - beta * log_d
+    top = np.maximum(np.maximum(first, second), e)
+    weight_n, weight_d, weight_e = np.exp(first - top), np.exp(second - top), np.exp(e - top)
+    total = weight_n + weight_d + weight_e
     residual = top + np.log(total) - log_loss
-    weights /= total  # d LSE / d term
-    small = np.abs(residual) <= delta
-    value = np.where(small, 0.5 * residual**2, delta * (np.abs(residual) - 0.5 * delta)).sum()
-    slope = np.where(small, residual, delta * np.sign(residual))
-    gradient = np.array(
-        [
-            (slope * weights[0]).sum(),
-            (slope * weights[1]).sum(),
-            (slope * weights[2]).sum(),
-            -(slope * weights[0] * log_n).sum(),
-            -(slope * weights[1] * log_d).sum(),
-        ]
-    )
-    return value, gradient
+    # Huber's derivative is the residual clipped to ±δ; its value |c|·(|r| - |c|/2) is r²/2 inside, δ(|r| - δ/2) out.
+    clipped = np.clip(residual, -delta, delta)
+    value = float(np.abs(clipped) @ (np.abs(residual) - 0.5 * np.abs(clipped)))
+    slope = clipped / total  # times each term's weight: the derivative through the LSE
+    slope_n, slope_d = slope * weight_n, slope * weight_d
+    return value, np.array([slope_n.sum(), slope_d.sum(), slope @ weight_e, -(slope_n @ log_n), -(slope_d @ log_d)])
 
 
 def fit_chinchilla(n, d, loss, delta: float = HUBER_DELTA, grid: dict | None = None) -> ChinchillaFit:
