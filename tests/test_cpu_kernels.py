@@ -34,7 +34,9 @@ def test_tile_layouts_round_trip_and_keep_8_rows_together():
     assert int(packed[0, 1, 2, 5]) == int(codes[2, 32 + 5]) | int(codes[2, 32 + 21]) << 4
     assert torch.equal(cpu_kernels.untile_int4(packed), codes)
     scales = torch.randn(16, 2)
-    assert torch.equal(cpu_kernels.untile_groups(cpu_kernels.tile_groups(scales)), scales)
+    tiled = cpu_kernels.tile_groups(scales)
+    assert tiled.dtype == torch.float16 and tiled.shape == (2, 2, 8)  # Q4_1's precision
+    assert torch.equal(cpu_kernels.untile_groups(tiled), scales.half())
 
 
 @needs_kernels
@@ -65,7 +67,8 @@ def test_int8_kernel_equals_quantized_activations_times_the_weights(rows):
 def test_int4_kernel_equals_codes_times_scales_plus_minimums(rows):
     torch.manual_seed(0)
     codes = torch.randint(0, 16, (24, 64), dtype=torch.uint8)
-    scales, minimums = torch.rand(24, 2), -torch.rand(24, 2)
+    # stored in float16: values it holds exactly, so the product below is the kernel's arithmetic
+    scales, minimums = torch.rand(24, 2).half().float(), -torch.rand(24, 2).half().float()
     x = torch.randn(rows, 64)
     got = cpu_kernels.gemv(
         "int4",

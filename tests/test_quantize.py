@@ -5,6 +5,7 @@ the float model's, and the engine decodes a quantized model like a naive full-fo
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from helpers import char_tokenizer, naive_greedy, reference_activations, tiny_config
@@ -87,14 +88,14 @@ def test_unknown_quantization_is_refused():
 
 def reference_int4(weight: torch.Tensor, group: int = 32) -> torch.Tensor:
     """Asymmetric 4-bit groups worked out directly, GGUF Q4_1's rule: per group of ``group`` weights of a
-    row, d = (max - min) / 15, q = round((w - min) / d), w' = q * d + min."""
+    row, d = (max - min) / 15 and m = min, both as float16, q = round((w - m) / d), w' = q * d + m."""
     rows = []
     for row in weight.tolist():
         dequantized = []
         for start in range(0, len(row), group):
             block = row[start : start + group]
-            low, high = min(block), max(block)
-            step = (high - low) / 15 if high > low else 1.0
+            lowest, high = min(block), max(block)
+            low, step = float(np.float16(lowest)), float(np.float16((high - lowest) / 15)) if high > lowest else 1.0
             dequantized += [min(max(round((value - low) / step), 0), 15) * step + low for value in block]
         rows.append(dequantized)
     return torch.tensor(rows)
@@ -115,7 +116,7 @@ def test_int4_linear_equals_the_dequantized_product(out_features, rows):
     if layer.layout == "tiles" and rows <= cpu_kernels.MAX_ROWS:
         # code · x' per group times its scale, plus the group's minimum times the plain sum of x
         quantized = reference_activations(x)
-        minimums = linear.weight.detach().view(out_features, -1, 32).amin(-1)
+        minimums = linear.weight.detach().view(out_features, -1, 32).amin(-1).half().float()
         group_sums = (x - quantized).view(rows, -1, 32).sum(-1)
         expected = quantized @ reference.T + group_sums @ minimums.T + linear.bias.detach()
     assert torch.allclose(layer(x), expected, atol=1e-4)

@@ -143,11 +143,12 @@ at::Tensor gemv_int4(
   const int64_t rows = x.size(0), width = x.size(1), groups = width / GROUP;
   TORCH_CHECK(packed.numel() * 2 == out_features * width && packed.scalar_type() == at::kByte, "packed int4");
   TORCH_CHECK(scales.numel() == out_features * groups && minimums.numel() == scales.numel(), "int4 scales");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && minimums.scalar_type() == at::kHalf, "int4 scales: float16");
   at::Tensor y = at::empty({rows, out_features}, x.options());
   const QuantizedRows q(x.data_ptr<float>(), rows, width);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* mp = minimums.data_ptr<float>();
+  const __m128i* sp = reinterpret_cast<const __m128i*>(scales.data_ptr<at::Half>());  // 8 a tile and group
+  const __m128i* mp = reinterpret_cast<const __m128i*>(minimums.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   const __m128i nibble = _mm_set1_epi8(0x0F);
   // byte j of a row's group holds code j (low nibble) and code j + 16 (high nibble)
@@ -170,7 +171,8 @@ at::Tensor gemv_int4(
           const uint8_t* block = tile + g * TILE * GROUP / 2;
           const __m256i xv = q.group(r * groups + g);
           const __m256 xs = q.group_scales(r * groups + g);
-          const float* group_scales = sp + (t * groups + g) * TILE;
+          alignas(32) float group_scales[TILE];
+          _mm256_store_ps(group_scales, _mm256_cvtph_ps(_mm_loadu_si128(sp + t * groups + g)));
           if (rows == 1) {
             _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH, _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + 64, _MM_HINT_T0);
@@ -183,7 +185,7 @@ at::Tensor gemv_int4(
           }
           // w = code * scale + minimum: the minimums meet the plain sum of the group's activations
           offsets = _mm256_fmadd_ps(
-              _mm256_loadu_ps(mp + (t * groups + g) * TILE), _mm256_set1_ps(q.sums[r * groups + g]), offsets);
+              _mm256_cvtph_ps(_mm_loadu_si128(mp + t * groups + g)), _mm256_set1_ps(q.sums[r * groups + g]), offsets);
         }
         _mm256_storeu_ps(yp + r * out_features + t * TILE, _mm256_add_ps(sum8(acc), offsets));
       }

@@ -13,7 +13,9 @@ Layouts (``out`` a multiple of :data:`TILE`, ``in`` of the block width):
 - 16-bit and int8: ``[out / 8][in / width][8][width]`` (width 8 for bfloat16, 32 for int8), a block of 8 rows at a
   time;
 - int4: codes 0..15 in the int8 layout, two a byte (byte j of a row's group: code j low, code j + 16 high), and the
-  group scales and minimums as ``[out / 8][in / 32][8]`` float32.
+  group scales and minimums as ``[out / 8][in / 32][8]`` float16, as GGUF's Q4_1 blocks store them: 20 bytes a group
+  of 32 weights (0.625 a weight), where float32 took 24. Decoding reads every byte once a token, so that is 1/6 less
+  to read.
 
 int8 and int4 kernels quantize the activations to int8 with one scale per 4 inputs (scale = max |x| / 127) and
 multiply bytes as llama.cpp does; llama.cpp's one scale per 32 rounds away small activations beside SmolLM2's outlier
@@ -74,7 +76,7 @@ def available() -> bool:
         load(
             name="llmkit_cpu_gemv",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             is_python_module=False,
         )
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
@@ -127,9 +129,9 @@ def untile_int4(tiles: torch.Tensor) -> torch.Tensor:
 
 
 def tile_groups(values: torch.Tensor) -> torch.Tensor:
-    """Per-group values (out, in / 32) -> ``[out / 8][in / 32][8]`` float32."""
+    """Per-group values (out, in / 32) -> ``[out / 8][in / 32][8]`` float16."""
     out, groups = values.shape
-    return values.float().reshape(out // TILE, TILE, groups).transpose(1, 2).contiguous()
+    return values.half().reshape(out // TILE, TILE, groups).transpose(1, 2).contiguous()
 
 
 def untile_groups(tiles: torch.Tensor) -> torch.Tensor:

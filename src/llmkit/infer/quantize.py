@@ -14,7 +14,8 @@ input width a multiple of 16, up to 8 rows). Prompt processing (and any other sh
 the weight to the activations' dtype and multiplies as usual.
 
 int4 (:class:`Int4Linear`) stores two weights a byte with a scale and an offset per group of 32 weights
-along the input (asymmetric min/max: w = q * scale + min, q in 0..15), GGUF's Q4_1 block: a model imported
+along the input (asymmetric min/max: w = q * scale + min, q in 0..15, scale and min in float16), GGUF's Q4_1
+block: a model imported
 from a Q4_1 file gets back its own 4-bit weights. On x86 CPUs it decodes with llmkit's kernels and dequantizes
 for prompts; on other CPUs it multiplies with PyTorch's packed int4 kernel
 (``torch.ops.aten._weight_int4pack_mm_for_cpu``) at every batch size; elsewhere (untested: no GPU here) it
@@ -114,6 +115,9 @@ class Int4Linear(nn.Module):
         groups = weight.view(rows, -1, group_size)
         minimum, maximum = groups.amin(dim=-1), groups.amax(dim=-1)
         scales = torch.where(maximum > minimum, (maximum - minimum) / 15, torch.ones_like(maximum))
+        # Scales and minimums are stored in float16 (Q4_1's own precision); the codes are rounded against the stored
+        # values. A range below float16's smallest step gets that step (its codes are then all 0).
+        scales, minimum = scales.half().float().clamp(min=2**-24), minimum.half().float()
         codes = (
             torch.round((groups - minimum[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).view(rows, -1)
         )
@@ -167,6 +171,7 @@ class Int4Linear(nn.Module):
             codes = self.weight
             scales, minimum = self.scales_and_zeros.float().unbind(-1)
         groups = codes.float().view(codes.shape[0], -1, self.group_size)
+        scales, minimum = scales.float(), minimum.float()
         return (groups * scales[..., None] + minimum[..., None]).view(codes.shape[0], -1)[: self.out_features]
 
     def extra_repr(self) -> str:
