@@ -26,8 +26,9 @@ the medians are reported.
   through ``generate``; llama-cpp-python's API decodes one sequence at a time, so n requests take n
   batch-1 runs: ``batched_speedup_vs_llamacpp_sequential`` divides by its batch-1 rate.
 
-All of it takes about 10 minutes on 2 cores (most of it compiling; Inductor's on-disk cache makes a
-second run faster). Timings taken while other jobs share the CPU are void: rerun on a quiet machine.
+All of it takes 10 to 25 minutes on 2 cores (compiling, and the concurrent requests of every width; Inductor's
+on-disk cache makes a second run faster). Timings taken while other jobs share the CPU are void: rerun on a quiet
+machine.
 
 Usage: python benchmarks/real_model_speed.py [--repeats 3] [--threads 2] [--no-compile] [--no-llamacpp]
     [--no-batched]
