@@ -66,9 +66,10 @@ if __name__ == "__main__":
     for segment in json.loads(sys.argv[1]):  # train's arguments, as JSON, a segment each
         copy_to = segment.pop("copy_to", None)  # a copy of the run directory after the segment
         train(**segment)
-        world = init_world(torch.device("cpu"))
-        barrier(world)
-        if copy_to and world.is_main:
-            shutil.copytree(segment["out"], copy_to)
-        barrier(world)
+        if copy_to:  # once every rank has finished the segment, and before any starts the next one
+            world = init_world(torch.device("cpu"))
+            barrier(world)
+            if world.is_main:
+                shutil.copytree(segment["out"], copy_to)
+            barrier(world)
     shutdown()

@@ -14,10 +14,9 @@ input width a multiple of 16, up to 8 rows). Prompt processing (and any other sh
 the weight to the activations' dtype and multiplies as usual.
 
 int4 (:class:`Int4Linear`) stores two weights a byte with a scale and an offset per group of 32 weights
-along the input (asymmetric min/max: w = q * scale + min, q in 0..15, scale and min in float16), GGUF's Q4_1
-block: a model imported
-from a Q4_1 file gets back its own 4-bit weights. On x86 CPUs it decodes with llmkit's kernels and dequantizes
-for prompts; on other CPUs it multiplies with PyTorch's packed int4 kernel
+along the input (asymmetric min/max: w = q * scale + min, q in 0..15, scale and min rounded to float16),
+GGUF's Q4_1 block: a model imported from a Q4_1 file gets back its own 4-bit weights. On x86 CPUs it decodes
+with llmkit's kernels and dequantizes for prompts; on other CPUs it multiplies with PyTorch's packed int4 kernel
 (``torch.ops.aten._weight_int4pack_mm_for_cpu``) at every batch size; elsewhere (untested: no GPU here) it
 unpacks the codes and multiplies in 16-bit. The output head gets int8 in that mode (as llama.cpp's Q4
 files keep ``token_embd``/``output`` at Q8_0): the head decides every token, and its 4-bit copy costs
@@ -115,8 +114,8 @@ class Int4Linear(nn.Module):
         groups = weight.view(rows, -1, group_size)
         minimum, maximum = groups.amin(dim=-1), groups.amax(dim=-1)
         scales = torch.where(maximum > minimum, (maximum - minimum) / 15, torch.ones_like(maximum))
-        # Scales and minimums are stored in float16 (Q4_1's own precision); the codes are rounded against the stored
-        # values. A range below float16's smallest step gets that step (its codes are then all 0).
+        # Scales and minimums are rounded to float16 (Q4_1's own precision, and what the kernels' tiles store) before
+        # the codes are rounded against them. A range below float16's smallest step gets that step (codes all 0).
         scales, minimum = scales.half().float().clamp(min=2**-24), minimum.half().float()
         codes = (
             torch.round((groups - minimum[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).view(rows, -1)
@@ -166,12 +165,12 @@ class Int4Linear(nn.Module):
             return transposed.t()[: self.out_features].float()
         if self.layout == "tiles":
             codes = cpu_kernels.untile_int4(self.weight)
-            scales, minimum = cpu_kernels.untile_groups(self.scales), cpu_kernels.untile_groups(self.minimums)
+            scales = cpu_kernels.untile_groups(self.scales).float()
+            minimum = cpu_kernels.untile_groups(self.minimums).float()
         else:
             codes = self.weight
             scales, minimum = self.scales_and_zeros.float().unbind(-1)
         groups = codes.float().view(codes.shape[0], -1, self.group_size)
-        scales, minimum = scales.float(), minimum.float()
         return (groups * scales[..., None] + minimum[..., None]).view(codes.shape[0], -1)[: self.out_features]
 
     def extra_repr(self) -> str:
