@@ -199,10 +199,12 @@ RUINOUS = [
 
 @pytest.mark.parametrize("expression, message", RUINOUS, ids=[expression[:40] for expression, _ in RUINOUS])
 def test_ruinous_expressions_are_refused_at_once_with_a_reason(expression, message):
-    started = time.perf_counter()
+    # The CPU time of this thread: the work the refusal cost, which a wall clock on a loaded machine overstates
+    # (a CI run saw 0.53 s of wall time for the nesting refusal while the other worker trained).
+    started = time.thread_time()
     with pytest.raises(CalculatorError) as refused:
         evaluate(expression)
-    assert time.perf_counter() - started < 0.1
+    assert time.thread_time() - started < 0.1
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
