@@ -229,6 +229,18 @@ def test_a_tool_result_longer_than_the_reserved_room_grows_the_cache(tokenizer):
     assert 1 + 6 < 1 + len(ran.token_ids) <= capacity < engine.model.config.context_length
 
 
+def test_admitting_requests_grows_the_cache_rows_not_its_positions(tokenizer):
+    """Twelve requests admitted together: the cache gains rows (doubling) while its positions stay the
+    room one request reserves; growing the rows once doubled the positions too, every time."""
+    engine = engine_of(tokenizer, context_length=256)
+    prompt = tokenizer.encode("over the")
+    completions = engine.generate_ids([prompt] * 12, greedy(6))
+    assert all(completion.finish_reason == "length" for completion in completions)
+    cache = engine.scheduler.cache
+    assert cache.capacity == len(prompt) + 6
+    assert 12 <= cache.batch_size <= 16
+
+
 def test_beam_requests_are_the_beam_search_best(tokenizer):
     engine = engine_of(tokenizer)
     prompt = tokenizer.encode("over the")

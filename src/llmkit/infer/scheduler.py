@@ -137,6 +137,11 @@ class Request:
 PREFILL_PADDING = 1.25  # neighbours share a prefill pass while its padded size stays within this of their tokens
 
 
+def doubled(size: int, needed: int, cap: int) -> int:
+    """``size`` when it is at least ``needed``, else the larger of ``needed`` and twice ``size`` (at most ``cap``)."""
+    return size if needed <= size else max(needed, min(2 * size, cap))
+
+
 class Scheduler:
     """Continuous batching over the KV-cache slots of one engine's model (see the module docstring)."""
 
@@ -323,18 +328,20 @@ class Scheduler:
                 self._reserve(len(self._slots), min(longest, self.context_length))
 
     def _reserve(self, rows: int, capacity: int) -> None:
-        """A cache with at least ``rows`` rows of ``capacity`` positions, grown by doubling (capped at the
-        batch size and the context) so that a stream of requests reallocates it only a few times."""
+        """A cache with at least ``rows`` rows of ``capacity`` positions. A dimension that must grow is at
+        least doubled (capped at the batch size and the context), so that a stream of requests reallocates
+        the cache only a few times; the other keeps its size (doubling the positions with every new row
+        held 64 rows of SmolLM2's whole 8,192-token context, 18 GB, for answers of 300 tokens)."""
         weight = self.model.token_embedding.weight
         if self.runner.compile:
             rows = max(rows, 2)  # a compiled step then sees no cache of size 1, a size it would compile apart
         if self.cache is None or self.cache.keys.dtype != weight.dtype or self.cache.keys.device != weight.device:
             self.cache = self.model.new_cache(rows, capacity)
-        elif rows > self.cache.batch_size or capacity > self.cache.capacity:
-            grown_rows = (
-                max(rows, min(2 * self.cache.batch_size, self.max_batch_size)) if rows > self.cache.batch_size else rows
+        else:
+            self.cache.grow(
+                doubled(self.cache.batch_size, rows, self.max_batch_size),
+                doubled(self.cache.capacity, capacity, self.context_length),
             )
-            self.cache.grow(grown_rows, max(capacity, min(2 * self.cache.capacity, self.context_length)))
 
     def _prefill(self) -> None:
         """Bring every slot up to its sequence but the last token. Adjacent slots at the same position
