@@ -2,8 +2,9 @@
 the tile layouts round-trip; the bfloat16 kernel equals x @ W^T in float32; the int8 and int4 kernels equal the
 product of the hand-quantized activations (one int8 scale per 4 inputs) with the dequantized weights; the engine's
 decoding layout tiles bfloat16 layers and decodes as a full forward loop does; the compiled step runs the kernels
-and chooses the eager tokens. The kernels need an x86-64 CPU with AVX2 and a C++ compiler: elsewhere those tests
-skip, and the layout tests still run."""
+and chooses the eager tokens. The product tests run each kernel's AVX2 version and, where the CPU has AVX-512 with
+VNNI, its AVX-512 version (4 rows at a time: row counts around 4 and 8 cover the last, shorter chunk). The kernels
+need an x86-64 CPU with AVX2 and a C++ compiler: elsewhere those tests skip, and the layout tests still run."""
 
 import pytest
 import torch
@@ -19,6 +20,17 @@ from llmkit.model import Transformer
 needs_kernels = pytest.mark.skipif(
     not cpu_kernels.available(), reason="llmkit's CPU kernels need an x86-64 CPU with AVX2 and a C++ compiler"
 )
+
+
+@pytest.fixture(params=[256, 512])
+def vector_bits(request):
+    """Each kernel version in turn; the width this CPU runs by default is restored afterwards."""
+    default = cpu_kernels.vector_bits()
+    if cpu_kernels.use_vector_bits(request.param) != request.param:
+        cpu_kernels.use_vector_bits(default)
+        pytest.skip("this CPU has no AVX-512 with VNNI")
+    yield request.param
+    cpu_kernels.use_vector_bits(default)
 
 
 def test_tile_layouts_round_trip_and_keep_8_rows_together():
@@ -40,8 +52,18 @@ def test_tile_layouts_round_trip_and_keep_8_rows_together():
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 3, 16])
-def test_bfloat16_kernel_equals_the_float32_product(rows):
+def test_the_vector_width_is_chosen_from_the_cpu_and_can_be_set_to_avx2():
+    default = cpu_kernels.vector_bits()
+    assert default == (512 if cpu_kernels.use_vector_bits(512) == 512 else 256)
+    assert cpu_kernels.use_vector_bits(256) == 256 and cpu_kernels.vector_bits() == 256
+    cpu_kernels.use_vector_bits(default)
+    with pytest.raises(RuntimeError, match="256 or 512"):
+        cpu_kernels.use_vector_bits(128)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 6, 16])
+def test_bfloat16_kernel_equals_the_float32_product(rows, vector_bits):
     torch.manual_seed(0)
     weight, x = torch.randn(24, 40).bfloat16(), torch.randn(rows, 40)
     got = cpu_kernels.gemv("bf16", x, cpu_kernels.tile(weight, 8), out_features=24)
@@ -49,8 +71,8 @@ def test_bfloat16_kernel_equals_the_float32_product(rows):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 5, 16])
-def test_int8_kernel_equals_quantized_activations_times_the_weights(rows):
+@pytest.mark.parametrize("rows", [1, 5, 7, 16])
+def test_int8_kernel_equals_quantized_activations_times_the_weights(rows, vector_bits):
     torch.manual_seed(0)
     codes = torch.randint(-127, 128, (16, 96), dtype=torch.int8)
     scales = torch.rand(16) / 100
@@ -63,8 +85,8 @@ def test_int8_kernel_equals_quantized_activations_times_the_weights(rows):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 16])  # 1 row unpacks the codes in registers, more rows once per tile
-def test_int4_kernel_equals_codes_times_scales_plus_minimums(rows):
+@pytest.mark.parametrize("rows", [1, 2, 9, 16])  # AVX2: 1 row unpacks the codes in registers, more once per tile
+def test_int4_kernel_equals_codes_times_scales_plus_minimums(rows, vector_bits):
     torch.manual_seed(0)
     codes = torch.randint(0, 16, (24, 64), dtype=torch.uint8)
     # stored in float16: values it holds exactly, so the product below is the kernel's arithmetic

@@ -10,10 +10,14 @@
 //    values near 1, and a shared scale of 32 rounded the small ones away (its int4 logits moved 12 % of the
 //    largest instead of 3 %). The finer scales cost one multiplication: after maddubs and madd each 32-bit
 //    lane holds the products of 4 neighbouring inputs, so a vector of 8 scales meets them lane by lane.
-// OpenMP (at::parallel_for) splits the tiles between torch's threads: compile with -fopenmp.
+// With several activation rows (batched decoding) the AVX-512 versions below take up to 4 rows for each weight they
+// read and widen. OpenMP (at::parallel_for) splits the tiles between torch's threads: compile with -fopenmp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include <algorithm>
+#include <array>
 #include <torch/library.h>
 
 namespace {
@@ -66,11 +70,227 @@ inline __m256 dot32(__m256i unsigned_bytes, __m256i signed_bytes, __m256 scales)
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1))), scales);
 }
 
+// AVX-512 with VNNI (Ice Lake, Zen 4 and later) takes the 8 rows of a tile two at a time: a 512-bit register holds a
+// pair's weights, and vpdpbusd multiplies 64 byte pairs and sums them by 4 in one instruction (maddubs, madd and their
+// 16-bit intermediate in AVX2). Chosen at run time: the file is compiled for AVX2, these functions for AVX-512.
+#define WIDE __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+bool cpu_has_wide() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+int64_t vector_bits = cpu_has_wide() ? 512 : 256;  // the path the kernels take (use_vector_bits changes it)
+
+// The 8 sums of a tile from 4 pair accumulators (row 2p in lanes 0-7 of pair p, row 2p + 1 in lanes 8-15).
+WIDE inline __m256 sum8_pairs(const __m512* pairs) {
+  __m256 a[TILE];
+  for (int64_t p = 0; p < TILE / 2; ++p) {
+    a[2 * p] = _mm512_castps512_ps256(pairs[p]);
+    a[2 * p + 1] = _mm512_extractf32x8_ps(pairs[p], 1);
+  }
+  return sum8(a);
+}
+
+// A float vector of 8 repeated in both halves of a 512-bit register (the activations meet both rows of a pair).
+WIDE inline __m512 twice(__m256 v) { return _mm512_insertf32x8(_mm512_castps256_ps512(v), v, 1); }
+
+// Lanes 0-7 the value of row 2p, lanes 8-15 that of row 2p + 1, from the 8 values of a tile (one per row).
+WIDE inline __m512 pair_of(__m256 per_row, int64_t p) {
+  const __m512i index = _mm512_set_epi32(
+      2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p, 2 * p, 2 * p,
+      2 * p, 2 * p, 2 * p, 2 * p, 2 * p);
+  return _mm512_permutexvar_ps(index, _mm512_castps256_ps512(per_row));
+}
+
 void check(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, int64_t multiple) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (rows, in)");
   TORCH_CHECK(packed.is_contiguous(), "packed weights must be contiguous");
   TORCH_CHECK(out_features % TILE == 0 && x.size(1) % multiple == 0, "shape not supported");
 }
+
+// One activation row times one tile: the tile's 8 sums. Each kernel has an AVX2 and an AVX-512 version.
+__m256 bf16_tile_row(const uint16_t* tile, const float* x, int64_t blocks) {
+  __m256 acc[TILE];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  for (int64_t c = 0; c < blocks; ++c) {
+    const uint16_t* block = tile + c * TILE * TILE;
+    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + 64, _MM_HINT_T0);
+    __m256 xv = _mm256_loadu_ps(x + c * TILE);
+    for (int64_t k = 0; k < TILE; ++k) acc[k] = _mm256_fmadd_ps(bf16x8(block + k * TILE), xv, acc[k]);
+  }
+  return sum8(acc);
+}
+
+// AVX-512 takes up to 4 activation rows at a time (ROWS): each pair's weights are read and widened once for all of
+// them (32 registers hold the rows' sums), where row by row they were widened again for every row.
+constexpr int64_t ROWS = 4;
+
+template <int R>
+WIDE void bf16_tile_wide(const uint16_t* tile, const float* x, int64_t width, float* y, int64_t y_stride) {
+  __m512 acc[R][TILE / 2];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t c = 0; c < width / TILE; ++c) {
+    const uint16_t* block = tile + c * TILE * TILE;
+    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + 64, _MM_HINT_T0);
+    __m512 w[TILE / 2];
+    for (int64_t p = 0; p < TILE / 2; ++p) {  // rows 2p and 2p + 1 of the tile
+      __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2 * p * TILE));
+      w[p] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pair), 16));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = twice(_mm256_loadu_ps(x + r * width + c * TILE));
+      for (int64_t p = 0; p < TILE / 2; ++p) acc[r][p] = _mm512_fmadd_ps(w[p], xv, acc[r][p]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * y_stride, sum8_pairs(acc[r]));
+}
+
+__m256 int8_tile_row(const int8_t* tile, const QuantizedRows& q, int64_t first_group, int64_t groups) {
+  __m256 acc[TILE];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* block = tile + g * TILE * GROUP;
+    for (int64_t line = 0; line < TILE * GROUP; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + line, _MM_HINT_T0);
+    const __m256i xv = q.group(first_group + g);
+    const __m256 xs = q.group_scales(first_group + g);
+    for (int64_t k = 0; k < TILE; ++k) {
+      __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + k * GROUP));
+      // maddubs multiplies unsigned by signed bytes: |w| times x carrying w's sign
+      acc[k] = _mm256_add_ps(dot32(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w), xs), acc[k]);
+    }
+  }
+  return sum8(acc);
+}
+
+template <int R>
+WIDE void int8_tile_wide(
+    const int8_t* tile, const QuantizedRows& q, int64_t first_row, int64_t groups, float* y, int64_t y_stride) {
+  __m512 acc[R][TILE / 2];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* block = tile + g * TILE * GROUP;
+    for (int64_t line = 0; line < TILE * GROUP; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + line, _MM_HINT_T0);
+    __m512i xv[R];
+    __m512 xs[R];
+    for (int r = 0; r < R; ++r) {
+      xv[r] = _mm512_broadcast_i64x4(q.group((first_row + r) * groups + g));
+      xs[r] = twice(q.group_scales((first_row + r) * groups + g));
+    }
+    for (int64_t p = 0; p < TILE / 2; ++p) {
+      __m512i w = _mm512_loadu_si512(block + 2 * p * GROUP);
+      // vpdpbusd multiplies unsigned by signed bytes too (no sign instruction in AVX-512: a masked negation)
+      const __mmask64 negative = _mm512_movepi8_mask(w);
+      const __m512i magnitude = _mm512_abs_epi8(w);
+      for (int r = 0; r < R; ++r) {
+        __m512i sums = _mm512_dpbusd_epi32(zero, magnitude, _mm512_mask_sub_epi8(xv[r], negative, zero, xv[r]));
+        acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), xs[r], acc[r][p]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * y_stride, sum8_pairs(acc[r]));
+}
+
+// int4 codes: byte j of a row's group holds code j (low nibble) and code j + 16 (high nibble). ``unpacked`` (several
+// activation rows) holds the tile's codes a byte each, unpacked once; with one row they are unpacked in registers.
+inline __m256i unpack(const uint8_t* bytes) {
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), _mm_and_si128(v, nibble));
+}
+
+// The codes of rows 2p and 2p + 1 of a group (32 bytes) as 64 bytes in the order of the activations, twice.
+WIDE inline __m512i unpack_pair(const uint8_t* bytes) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+  __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+  both = _mm512_and_si512(both, _mm512_set1_epi8(0x0F));  // [2p low, 2p+1 low, 2p high, 2p+1 high]
+  return _mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+__m256 int4_tile_row(
+    const uint8_t* tile, const uint8_t* unpacked, const __m128i* scales, const __m128i* minimums,
+    const QuantizedRows& q, int64_t first_group, int64_t groups) {
+  __m256 acc[TILE];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  __m256 offsets = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* block = tile + g * TILE * GROUP / 2;
+    const __m256i xv = q.group(first_group + g);
+    const __m256 xs = q.group_scales(first_group + g);
+    alignas(32) float group_scales[TILE];
+    _mm256_store_ps(group_scales, _mm256_cvtph_ps(_mm_loadu_si128(scales + g)));
+    if (unpacked == nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + 64, _MM_HINT_T0);
+    }
+    for (int64_t k = 0; k < TILE; ++k) {
+      __m256i codes = unpacked == nullptr ? unpack(block + k * GROUP / 2)
+                                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                                unpacked + (g * TILE + k) * GROUP));
+      acc[k] = _mm256_fmadd_ps(dot32(codes, xv, xs), _mm256_set1_ps(group_scales[k]), acc[k]);
+    }
+    // w = code * scale + minimum: the minimums meet the plain sum of the group's activations
+    offsets = _mm256_fmadd_ps(
+        _mm256_cvtph_ps(_mm_loadu_si128(minimums + g)), _mm256_set1_ps(q.sums[first_group + g]), offsets);
+  }
+  return _mm256_add_ps(sum8(acc), offsets);
+}
+
+template <int R>
+WIDE void int4_tile_wide(
+    const uint8_t* tile, const __m128i* scales, const __m128i* minimums, const QuantizedRows& q, int64_t first_row,
+    int64_t groups, float* y, int64_t y_stride) {
+  __m512 acc[R][TILE / 2];
+  __m256 offsets[R];
+  for (int r = 0; r < R; ++r) {
+    offsets[r] = _mm256_setzero_ps();
+    for (auto& a : acc[r]) a = _mm512_setzero_ps();
+  }
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* block = tile + g * TILE * GROUP / 2;
+    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + 64, _MM_HINT_T0);
+    __m512i xv[R];
+    __m512 xs[R];
+    for (int r = 0; r < R; ++r) {
+      xv[r] = _mm512_broadcast_i64x4(q.group((first_row + r) * groups + g));
+      xs[r] = twice(q.group_scales((first_row + r) * groups + g));
+    }
+    const __m256 group_scales = _mm256_cvtph_ps(_mm_loadu_si128(scales + g));
+    for (int64_t p = 0; p < TILE / 2; ++p) {
+      const __m512i codes = unpack_pair(block + p * GROUP);
+      const __m512 pair_scales = pair_of(group_scales, p);
+      for (int r = 0; r < R; ++r) {
+        __m512i sums = _mm512_dpbusd_epi32(zero, codes, xv[r]);
+        acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(xs[r], pair_scales), acc[r][p]);
+      }
+    }
+    // w = code * scale + minimum: the minimums meet the plain sum of the group's activations
+    const __m256 group_minimums = _mm256_cvtph_ps(_mm_loadu_si128(minimums + g));
+    for (int r = 0; r < R; ++r)
+      offsets[r] = _mm256_fmadd_ps(group_minimums, _mm256_set1_ps(q.sums[(first_row + r) * groups + g]), offsets[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * y_stride, _mm256_add_ps(sum8_pairs(acc[r]), offsets[r]));
+}
+
+// The AVX-512 kernels by the number of rows they take at once (1 to ROWS), for the last chunk of fewer rows.
+template <typename Kernel>
+using ByRows = std::array<Kernel, ROWS>;
+const ByRows<decltype(&bf16_tile_wide<1>)> bf16_wide = {
+    &bf16_tile_wide<1>, &bf16_tile_wide<2>, &bf16_tile_wide<3>, &bf16_tile_wide<4>};
+const ByRows<decltype(&int8_tile_wide<1>)> int8_wide = {
+    &int8_tile_wide<1>, &int8_tile_wide<2>, &int8_tile_wide<3>, &int8_tile_wide<4>};
+const ByRows<decltype(&int4_tile_wide<1>)> int4_wide = {
+    &int4_tile_wide<1>, &int4_tile_wide<2>, &int4_tile_wide<3>, &int4_tile_wide<4>};
 
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
   check(x, packed, out_features, TILE);
@@ -80,22 +300,14 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t out_
   const float* xp = x.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
+  const bool wide = vector_bits == 512;
   at::parallel_for(0, out_features / TILE, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const uint16_t* tile = wp + t * TILE * width;
-      for (int64_t r = 0; r < rows; ++r) {  // further rows find the tile in L1
-        __m256 acc[TILE];
-        for (auto& a : acc) a = _mm256_setzero_ps();
-        const float* xr = xp + r * width;
-        for (int64_t c = 0; c < blocks; ++c) {
-          const uint16_t* block = tile + c * TILE * TILE;
-          _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + 64, _MM_HINT_T0);
-          __m256 xv = _mm256_loadu_ps(xr + c * TILE);
-          for (int64_t k = 0; k < TILE; ++k) acc[k] = _mm256_fmadd_ps(bf16x8(block + k * TILE), xv, acc[k]);
-        }
-        _mm256_storeu_ps(yp + r * out_features + t * TILE, sum8(acc));
-      }
+      for (int64_t r = 0; wide && r < rows; r += ROWS)
+        bf16_wide[std::min(ROWS, rows - r) - 1](tile, xp + r * width, width, yp + r * out_features + t * TILE, out_features);
+      for (int64_t r = 0; !wide && r < rows; ++r)  // further rows find the tile in L1
+        _mm256_storeu_ps(yp + r * out_features + t * TILE, bf16_tile_row(tile, xp + r * width, blocks));
     }
   });
   return y;
@@ -111,26 +323,18 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  const bool wide = vector_bits == 512;
   at::parallel_for(0, out_features / TILE, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int8_t* tile = wp + t * TILE * width;
-      for (int64_t r = 0; r < rows; ++r) {
-        __m256 acc[TILE];
-        for (auto& a : acc) a = _mm256_setzero_ps();
-        for (int64_t g = 0; g < groups; ++g) {
-          const int8_t* block = tile + g * TILE * GROUP;
-          for (int64_t line = 0; line < TILE * GROUP; line += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + line, _MM_HINT_T0);
-          const __m256i xv = q.group(r * groups + g);
-          const __m256 xs = q.group_scales(r * groups + g);
-          for (int64_t k = 0; k < TILE; ++k) {
-            __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + k * GROUP));
-            // maddubs multiplies unsigned by signed bytes: |w| times x carrying w's sign
-            acc[k] = _mm256_add_ps(dot32(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w), xs), acc[k]);
-          }
-        }
-        _mm256_storeu_ps(yp + r * out_features + t * TILE, _mm256_mul_ps(sum8(acc), _mm256_loadu_ps(sp + t * TILE)));
-      }
+      float* yt = yp + t * TILE;
+      for (int64_t r = 0; wide && r < rows; r += ROWS)
+        int8_wide[std::min(ROWS, rows - r) - 1](tile, q, r, groups, yt + r * out_features, out_features);
+      for (int64_t r = 0; !wide && r < rows; ++r)
+        _mm256_storeu_ps(yt + r * out_features, int8_tile_row(tile, q, r * groups, groups));
+      const __m256 row_scales = _mm256_loadu_ps(sp + t * TILE);
+      for (int64_t r = 0; r < rows; ++r)
+        _mm256_storeu_ps(yt + r * out_features, _mm256_mul_ps(_mm256_loadu_ps(yt + r * out_features), row_scales));
     }
   });
   return y;
@@ -150,49 +354,37 @@ at::Tensor gemv_int4(
   const __m128i* sp = reinterpret_cast<const __m128i*>(scales.data_ptr<at::Half>());  // 8 a tile and group
   const __m128i* mp = reinterpret_cast<const __m128i*>(minimums.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  // byte j of a row's group holds code j (low nibble) and code j + 16 (high nibble)
-  auto unpack = [&](const uint8_t* bytes) {
-    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), _mm_and_si128(v, nibble));
-  };
+  const bool wide = vector_bits == 512;
   at::parallel_for(0, out_features / TILE, 4, [&](int64_t begin, int64_t end) {
-    // With several rows the codes of a tile are unpacked once, a byte each, and each row reads them from L1.
-    std::vector<uint8_t> unpacked(rows > 1 ? TILE * width : 0);
+    // AVX2 with several rows: the codes of a tile are unpacked once, a byte each, and each row reads them from L1.
+    std::vector<uint8_t> unpacked(rows > 1 && !wide ? TILE * width : 0);
     for (int64_t t = begin; t < end; ++t) {
       const uint8_t* tile = wp + t * TILE * width / 2;
+      float* yt = yp + t * TILE;
+      for (int64_t r = 0; wide && r < rows; r += ROWS)
+        int4_wide[std::min(ROWS, rows - r) - 1](
+            tile, sp + t * groups, mp + t * groups, q, r, groups, yt + r * out_features, out_features);
+      if (wide) continue;
       for (int64_t i = 0; rows > 1 && i < TILE * width / 2; i += GROUP / 2)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(unpacked.data() + 2 * i), unpack(tile + i));
-      for (int64_t r = 0; r < rows; ++r) {
-        __m256 acc[TILE];
-        for (auto& a : acc) a = _mm256_setzero_ps();
-        __m256 offsets = _mm256_setzero_ps();
-        for (int64_t g = 0; g < groups; ++g) {
-          const uint8_t* block = tile + g * TILE * GROUP / 2;
-          const __m256i xv = q.group(r * groups + g);
-          const __m256 xs = q.group_scales(r * groups + g);
-          alignas(32) float group_scales[TILE];
-          _mm256_store_ps(group_scales, _mm256_cvtph_ps(_mm_loadu_si128(sp + t * groups + g)));
-          if (rows == 1) {
-            _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + 64, _MM_HINT_T0);
-          }
-          for (int64_t k = 0; k < TILE; ++k) {
-            __m256i codes = rows == 1 ? unpack(block + k * GROUP / 2)
-                                      : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                                            unpacked.data() + (g * TILE + k) * GROUP));
-            acc[k] = _mm256_fmadd_ps(dot32(codes, xv, xs), _mm256_set1_ps(group_scales[k]), acc[k]);
-          }
-          // w = code * scale + minimum: the minimums meet the plain sum of the group's activations
-          offsets = _mm256_fmadd_ps(
-              _mm256_cvtph_ps(_mm_loadu_si128(mp + t * groups + g)), _mm256_set1_ps(q.sums[r * groups + g]), offsets);
-        }
-        _mm256_storeu_ps(yp + r * out_features + t * TILE, _mm256_add_ps(sum8(acc), offsets));
-      }
+      const uint8_t* codes = rows > 1 ? unpacked.data() : nullptr;
+      for (int64_t r = 0; r < rows; ++r)
+        _mm256_storeu_ps(
+            yt + r * out_features, int4_tile_row(tile, codes, sp + t * groups, mp + t * groups, q, r * groups, groups));
     }
   });
   return y;
 }
+
+// The vector width the kernels use: 512 where the CPU has AVX-512 with VNNI, else 256 (AVX2). Setting 256 on such a
+// CPU runs the AVX2 versions (tests compare both); 512 is refused where the CPU lacks it. Returns the width in use.
+int64_t use_vector_bits(int64_t bits) {
+  TORCH_CHECK(bits == 256 || bits == 512, "vector bits: 256 or 512, got ", bits);
+  vector_bits = bits == 512 && cpu_has_wide() ? 512 : 256;
+  return vector_bits;
+}
+
+int64_t current_vector_bits() { return vector_bits; }
 
 }  // namespace
 
@@ -200,6 +392,8 @@ TORCH_LIBRARY(llmkit_cpu, m) {
   m.def("gemv_bf16(Tensor x, Tensor packed, int out_features) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, Tensor scales, Tensor minimums, int out_features) -> Tensor");
+  m.def("use_vector_bits(int bits) -> int", &use_vector_bits);
+  m.def("vector_bits() -> int", &current_vector_bits);
 }
 
 TORCH_LIBRARY_IMPL(llmkit_cpu, CPU, m) {

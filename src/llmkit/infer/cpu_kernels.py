@@ -21,6 +21,11 @@ int8 and int4 kernels quantize the activations to int8 with one scale per 4 inpu
 multiply bytes as llama.cpp does; llama.cpp's one scale per 32 rounds away small activations beside SmolLM2's outlier
 channels. On SmolLM2 the logits stay within 3.4 % (int4) and 7.2 % (int8) of the largest float32 logit
 (tests/test_fast_decoding.py). The 16-bit kernel multiplies in float32, as oneDNN does.
+
+Each kernel has two versions, chosen at run time (:func:`vector_bits`): AVX2, one activation row at a time, and on
+CPUs with AVX-512 and VNNI, up to 4 rows at a time, each pair of a tile's rows in one 512-bit register (``vpdpbusd``
+for the byte products). Taking several rows at once widens each weight once for all of them: SmolLM2's products of
+8 rows took 1.4-1.7x less time than AVX2's row by row (``benchmarks/cpu_kernel_widths.py``); one row, as fast.
 """
 
 from __future__ import annotations
@@ -84,6 +89,17 @@ def available() -> bool:
         return False
     register_shapes()
     return True
+
+
+def vector_bits() -> int:
+    """The kernels' vector width: 512 (AVX-512 with VNNI) or 256 (AVX2). Needs :func:`available`."""
+    return torch.ops.llmkit_cpu.vector_bits()
+
+
+def use_vector_bits(bits: int) -> int:
+    """Run the kernels' AVX2 (256) or AVX-512 (512) versions from now on, in this process; 512 falls back to 256 on a
+    CPU without AVX-512 VNNI. Returns the width in use (to compare the two, as the tests and benchmarks do)."""
+    return torch.ops.llmkit_cpu.use_vector_bits(bits)
 
 
 def register_shapes() -> None:
