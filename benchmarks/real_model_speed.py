@@ -20,9 +20,9 @@ the medians are reported.
 * ``prefill``: a 512-token prompt to its first token (prompt tokens / s); the eager engines only, as
   compiled engines run prompts eagerly. ``prefill_speedup_vs_llamacpp`` per width as above.
 * ``batched_decode``: 8 and 16 concurrent requests (different prompts, 128 tokens each) submitted
-  together to the continuous-batching scheduler: aggregate generated tokens / s, for llmkit's eager engines
-  at every width (a compiled engine autotunes its step for each batch shape the scheduler passes through as
-  requests finish: minutes per shape on 2 cores). transformers runs the same batch left-padded
+  together to the continuous-batching scheduler: aggregate generated tokens / s, for llmkit's engines at
+  every width, eager and compiled (the compiled step of several rows is one graph for every batch size, so
+  it compiles once, in the untimed first run). transformers runs the same batch left-padded
   through ``generate``; llama-cpp-python's API decodes one sequence at a time, so n requests take n
   batch-1 runs: ``batched_speedup_vs_llamacpp_sequential`` divides by its batch-1 rate.
 
@@ -407,9 +407,9 @@ def main() -> None:
         if not arguments.no_batched:
             for batch in (8, 16):
                 prompts = [tokenizer.encode(text) for text in BATCH_PROMPTS[:batch]]
-                runs = {  # the eager engines: a compiled step is autotuned for every batch shape it meets
-                    ("llmkit", name): (lambda e=engines[name]: llmkit_generate(e, prompts, new_tokens)[0])
-                    for name in LLMKIT_WEIGHTS
+                runs = {
+                    ("llmkit", name): (lambda e=engine: llmkit_generate(e, prompts, new_tokens)[0])
+                    for name, engine in engines.items()
                 }
                 runs[("transformers", "float32")] = lambda: transformers_generate(
                     reference, prompts, new_tokens, pad_id

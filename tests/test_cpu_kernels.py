@@ -3,8 +3,9 @@ the tile layouts round-trip; the bfloat16 kernel equals x @ W^T in float32; the 
 product of the hand-quantized activations (one int8 scale per 4 inputs) with the dequantized weights; the engine's
 decoding layout tiles bfloat16 layers and decodes as a full forward loop does; the compiled step runs the kernels
 and chooses the eager tokens. The product tests run each kernel's AVX2 version and, where the CPU has AVX-512 with
-VNNI, its AVX-512 version (4 rows at a time: row counts around 4 and 8 cover the last, shorter chunk). The kernels
-need an x86-64 CPU with AVX2 and a C++ compiler: elsewhere those tests skip, and the layout tests still run."""
+VNNI, its AVX-512 version (4 rows at a time: the row counts leave last chunks of 1, 2 and 3 rows; one row of bfloat16
+or int8 runs the AVX2 version on every CPU). The kernels need an x86-64 CPU with AVX2 and a C++ compiler: elsewhere
+those tests skip, and the layout tests still run."""
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_the_vector_width_is_chosen_from_the_cpu_and_can_be_set_to_avx2():
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 3, 6, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
 def test_bfloat16_kernel_equals_the_float32_product(rows, vector_bits):
     torch.manual_seed(0)
     weight, x = torch.randn(24, 40).bfloat16(), torch.randn(rows, 40)
@@ -71,7 +72,7 @@ def test_bfloat16_kernel_equals_the_float32_product(rows, vector_bits):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 5, 7, 16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 7, 16])
 def test_int8_kernel_equals_quantized_activations_times_the_weights(rows, vector_bits):
     torch.manual_seed(0)
     codes = torch.randint(-127, 128, (16, 96), dtype=torch.int8)
@@ -85,7 +86,7 @@ def test_int8_kernel_equals_quantized_activations_times_the_weights(rows, vector
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 9, 16])  # AVX2: 1 row unpacks the codes in registers, more once per tile
+@pytest.mark.parametrize("rows", [1, 2, 7, 9, 16])  # AVX2: 1 row unpacks the codes in registers, more once per tile
 def test_int4_kernel_equals_codes_times_scales_plus_minimums(rows, vector_bits):
     torch.manual_seed(0)
     codes = torch.randint(0, 16, (24, 64), dtype=torch.uint8)

@@ -125,7 +125,9 @@ __m256 bf16_tile_row(const uint16_t* tile, const float* x, int64_t blocks) {
 }
 
 // AVX-512 takes up to 4 activation rows at a time (ROWS): each pair's weights are read and widened once for all of
-// them (32 registers hold the rows' sums), where row by row they were widened again for every row.
+// them (32 registers hold the rows' sums), where row by row they were widened again for every row. ONE_ROW: a single
+// row of bfloat16 or int8 products runs the AVX2 version, which streams the weights as fast (SmolLM2's decoding was
+// 3-6 % faster with it, benchmarks/cpu_kernel_widths.py); int4's one row gains from vpdpbusd (1.1x) and keeps it.
 constexpr int64_t ROWS = 4;
 
 template <int R>
@@ -300,7 +302,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t out_
   const float* xp = x.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  const bool wide = vector_bits == 512;
+  const bool wide = vector_bits == 512 && rows > 1;  // one row: AVX2 was as fast (ONE_ROW)
   at::parallel_for(0, out_features / TILE, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const uint16_t* tile = wp + t * TILE * width;
@@ -323,7 +325,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const bool wide = vector_bits == 512;
+  const bool wide = vector_bits == 512 && rows > 1;  // one row: AVX2 was as fast (ONE_ROW)
   at::parallel_for(0, out_features / TILE, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int8_t* tile = wp + t * TILE * width;

@@ -25,7 +25,8 @@ channels. On SmolLM2 the logits stay within 3.4 % (int4) and 7.2 % (int8) of the
 Each kernel has two versions, chosen at run time (:func:`vector_bits`): AVX2, one activation row at a time, and on
 CPUs with AVX-512 and VNNI, up to 4 rows at a time, each pair of a tile's rows in one 512-bit register (``vpdpbusd``
 for the byte products). Taking several rows at once widens each weight once for all of them: SmolLM2's products of
-8 rows took 1.4-1.7x less time than AVX2's row by row (``benchmarks/cpu_kernel_widths.py``); one row, as fast.
+8 rows took 1.4-1.6x less time than AVX2's row by row (``benchmarks/cpu_kernel_widths.py``). One row of bfloat16 or
+int8 products keeps the AVX2 version, as fast there; int4's gains 1.1x.
 """
 
 from __future__ import annotations
