@@ -1,11 +1,12 @@
 """llmkit's CPU decoding kernels (cpu_gemv.cpp) against products worked out with PyTorch on the untiled weights:
-the tile layouts round-trip; the bfloat16 kernel equals x @ W^T in float32; the int8 and int4 kernels equal the
-product of the hand-quantized activations (one int8 scale per 4 inputs) with the dequantized weights; the engine's
-decoding layout tiles bfloat16 layers and decodes as a full forward loop does; the compiled step runs the kernels
-and chooses the eager tokens. The product tests run each kernel's AVX2 version and, where the CPU has AVX-512 with
-VNNI, its AVX-512 version (4 rows at a time: the row counts leave last chunks of 1, 2 and 3 rows; one row of bfloat16
-or int8 runs the AVX2 version on every CPU). The kernels need an x86-64 CPU with AVX2 and a C++ compiler: elsewhere
-those tests skip, and the layout tests still run."""
+the tile layouts round-trip; the bfloat16 and float32 kernels equal x @ W^T in float32; the int8 and int4 kernels
+equal the product of the hand-quantized activations (one int8 scale per 4 inputs) with the dequantized weights; the
+engine's decoding layout tiles bfloat16 and float32 layers, decodes as a full forward loop does and keeps the
+model's parameter count for reports; the compiled step runs the kernels and chooses the eager tokens. The product
+tests run each kernel's AVX2 version and, where the CPU has AVX-512 with VNNI, its AVX-512 version (4 rows at a
+time: the row counts leave last chunks of 1, 2 and 3 rows; one row of bfloat16, float32 or int8 runs the AVX2
+version on every CPU). The kernels need an x86-64 CPU with AVX2 and a C++ compiler: elsewhere those tests skip, and
+the layout tests still run."""
 
 import pytest
 import torch
@@ -63,11 +64,13 @@ def test_the_vector_width_is_chosen_from_the_cpu_and_can_be_set_to_avx2():
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["bf16", "f32"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
-def test_bfloat16_kernel_equals_the_float32_product(rows, vector_bits):
+def test_bfloat16_and_float32_kernels_equal_the_float32_product(rows, kind, vector_bits):
     torch.manual_seed(0)
-    weight, x = torch.randn(24, 40).bfloat16(), torch.randn(rows, 40)
-    got = cpu_kernels.gemv("bf16", x, cpu_kernels.tile(weight, 8), out_features=24)
+    weight, x = torch.randn(24, 40), torch.randn(rows, 40)
+    weight = weight.bfloat16() if kind == "bf16" else weight
+    got = cpu_kernels.gemv(kind, x, cpu_kernels.tile(weight, 8), out_features=24)
     torch.testing.assert_close(got, x @ weight.float().T, rtol=1e-5, atol=1e-5)
 
 
@@ -109,32 +112,43 @@ def test_int4_kernel_equals_codes_times_scales_plus_minimums(rows, vector_bits):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, cpu_kernels.MAX_ROWS, cpu_kernels.MAX_ROWS + 1])  # the last: PyTorch's path
-def test_tiled_linear_equals_the_linear_layer(rows):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", ["one", "the kernel's most", "more: PyTorch's product"])
+def test_tiled_linear_equals_the_linear_layer(rows, dtype):
     torch.manual_seed(0)
-    linear = nn.Linear(32, 16).bfloat16()
-    assert TiledLinear.fits(linear) and not TiledLinear.fits(nn.Linear(32, 12).bfloat16())
-    assert not TiledLinear.fits(nn.Linear(32, 16))  # float32 weights keep PyTorch's kernels
-    x = torch.randn(2, rows, 32).bfloat16()
+    linear = nn.Linear(32, 16).to(dtype)
+    assert TiledLinear.fits(linear) and not TiledLinear.fits(nn.Linear(32, 12).to(dtype))
+    assert not TiledLinear.fits(nn.Linear(32, 16).double())  # other dtypes keep PyTorch's kernels
+    tiled = TiledLinear(linear)
+    expected_most = (
+        cpu_kernels.MAX_ROWS if dtype == torch.bfloat16 else cpu_kernels.F32_MAX_ROWS[cpu_kernels.vector_bits()]
+    )
+    assert tiled.kernel_rows == expected_most
+    count = {"one": 1, "the kernel's most": tiled.kernel_rows}.get(rows, tiled.kernel_rows + 1)
+    x = torch.randn(1, count, 32).to(dtype)
+    tolerance = 0.02 if dtype == torch.bfloat16 else 1e-5
     with torch.no_grad():
-        torch.testing.assert_close(TiledLinear(linear)(x).float(), linear(x).float(), rtol=0.02, atol=0.02)
+        torch.testing.assert_close(tiled(x), linear(x), rtol=tolerance, atol=tolerance)
 
 
 @needs_kernels
-def test_decoding_layout_tiles_bfloat16_layers_and_decodes_like_a_full_forward_loop(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decoding_layout_tiles_the_layers_and_decodes_like_a_full_forward_loop(tmp_path, dtype):
     tokenizer = char_tokenizer(tmp_path)
     torch.manual_seed(0)
     config = tiny_config(vocab_size=tokenizer.vocab_size, n_embd=32, context_length=32, tie_embeddings=True)
-    model = Transformer(config).bfloat16().eval()
+    model = Transformer(config).to(dtype).eval()
+    parameters = model.num_parameters()
     engine = Engine(model, tokenizer, decoding_layout=True)
     assert isinstance(model.blocks[0].attention.out, TiledLinear)
-    assert model.token_embedding.weight.dtype == torch.bfloat16  # the tied head got its own tiled copy
+    assert model.token_embedding.weight.dtype == dtype  # the tied head got its own tiled copy
+    assert model.num_parameters() < parameters == engine.parameter_count  # tiles are buffers; reports say the model's
     prompt = tokenizer.encode("hello world")
     config = GenerationConfig(max_new_tokens=10, temperature=0, stop_at_end_of_text=False)
     assert engine.generate_ids([prompt], config)[0].token_ids == naive_greedy(model, prompt, 10)
-    float32 = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, n_embd=32)).eval()
-    use_decoding_layout(float32)
-    assert not any(isinstance(module, TiledLinear) for module in float32.modules())
+    double = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, n_embd=32)).double().eval()
+    use_decoding_layout(double)
+    assert not any(isinstance(module, TiledLinear) for module in double.modules())
 
 
 @needs_kernels

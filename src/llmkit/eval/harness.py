@@ -113,7 +113,7 @@ class LlmkitLM(LM):
     def get_model_info(self) -> dict:
         return {
             "checkpoint": self.checkpoint,
-            "model_num_parameters": self.model.num_parameters(),
+            "model_num_parameters": self.engine.parameter_count,
             "tokenizer_sha256": self.tokenizer.sha256,
         }
 

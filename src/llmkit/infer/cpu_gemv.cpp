@@ -1,5 +1,5 @@
-// Matrix-vector products for one-token decoding on x86 CPUs with AVX2 (llmkit.infer.cpu_kernels builds this file
-// at first use). Decoding multiplies a few activation rows by every weight once per token, so its speed is how fast
+// Matrix-vector products for one-token decoding on x86 CPUs with AVX2, for bfloat16, float32, int8 and int4 weights
+// (llmkit.infer.cpu_kernels builds this file at first use). Decoding multiplies a few activation rows by every weight once per token, so its speed is how fast
 // the weights stream from memory and how little work each byte costs. PyTorch's CPU kernels for these shapes ran at
 // 5-13 GB/s on the 2-core machine llama.cpp read 16 GB/s on; two things close the gap:
 //  - the weights of 8 output rows lie together in tiles ([out / 8][in / width][8][width]), so each thread reads one
@@ -110,16 +110,31 @@ void check(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, 
   TORCH_CHECK(out_features % TILE == 0 && x.size(1) % multiple == 0, "shape not supported");
 }
 
+// 8 weights of a 16-bit (bfloat16) or float32 tile as float32; AVX-512: 16.
+inline __m256 widen8(const uint16_t* p) { return bf16x8(p); }
+inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+WIDE inline __m512 widen16(const uint16_t* p) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+WIDE inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+
+template <typename W>
+inline void prefetch_block(const W* block) {
+  for (size_t line = 0; line < TILE * TILE * sizeof(W); line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + line, _MM_HINT_T0);
+}
+
 // One activation row times one tile: the tile's 8 sums. Each kernel has an AVX2 and an AVX-512 version.
-__m256 bf16_tile_row(const uint16_t* tile, const float* x, int64_t blocks) {
+template <typename W>
+__m256 dense_tile_row(const W* tile, const float* x, int64_t blocks) {
   __m256 acc[TILE];
   for (auto& a : acc) a = _mm256_setzero_ps();
   for (int64_t c = 0; c < blocks; ++c) {
-    const uint16_t* block = tile + c * TILE * TILE;
-    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + 64, _MM_HINT_T0);
+    const W* block = tile + c * TILE * TILE;
+    prefetch_block(block);
     __m256 xv = _mm256_loadu_ps(x + c * TILE);
-    for (int64_t k = 0; k < TILE; ++k) acc[k] = _mm256_fmadd_ps(bf16x8(block + k * TILE), xv, acc[k]);
+    for (int64_t k = 0; k < TILE; ++k) acc[k] = _mm256_fmadd_ps(widen8(block + k * TILE), xv, acc[k]);
   }
   return sum8(acc);
 }
@@ -130,20 +145,16 @@ __m256 bf16_tile_row(const uint16_t* tile, const float* x, int64_t blocks) {
 // 3-6 % faster with it, benchmarks/cpu_kernel_widths.py); int4's one row gains from vpdpbusd (1.1x) and keeps it.
 constexpr int64_t ROWS = 4;
 
-template <int R>
-WIDE void bf16_tile_wide(const uint16_t* tile, const float* x, int64_t width, float* y, int64_t y_stride) {
+template <typename W, int R>
+WIDE void dense_tile_wide(const W* tile, const float* x, int64_t width, float* y, int64_t y_stride) {
   __m512 acc[R][TILE / 2];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
   for (int64_t c = 0; c < width / TILE; ++c) {
-    const uint16_t* block = tile + c * TILE * TILE;
-    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + 64, _MM_HINT_T0);
+    const W* block = tile + c * TILE * TILE;
+    prefetch_block(block);
     __m512 w[TILE / 2];
-    for (int64_t p = 0; p < TILE / 2; ++p) {  // rows 2p and 2p + 1 of the tile
-      __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2 * p * TILE));
-      w[p] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pair), 16));
-    }
+    for (int64_t p = 0; p < TILE / 2; ++p) w[p] = widen16(block + 2 * p * TILE);  // rows 2p and 2p + 1 of the tile
     for (int r = 0; r < R; ++r) {
       const __m512 xv = twice(_mm256_loadu_ps(x + r * width + c * TILE));
       for (int64_t p = 0; p < TILE / 2; ++p) acc[r][p] = _mm512_fmadd_ps(w[p], xv, acc[r][p]);
@@ -287,32 +298,45 @@ WIDE void int4_tile_wide(
 // The AVX-512 kernels by the number of rows they take at once (1 to ROWS), for the last chunk of fewer rows.
 template <typename Kernel>
 using ByRows = std::array<Kernel, ROWS>;
-const ByRows<decltype(&bf16_tile_wide<1>)> bf16_wide = {
-    &bf16_tile_wide<1>, &bf16_tile_wide<2>, &bf16_tile_wide<3>, &bf16_tile_wide<4>};
+template <typename W>
+const ByRows<decltype(&dense_tile_wide<W, 1>)> dense_wide = {
+    &dense_tile_wide<W, 1>, &dense_tile_wide<W, 2>, &dense_tile_wide<W, 3>, &dense_tile_wide<W, 4>};
 const ByRows<decltype(&int8_tile_wide<1>)> int8_wide = {
     &int8_tile_wide<1>, &int8_tile_wide<2>, &int8_tile_wide<3>, &int8_tile_wide<4>};
 const ByRows<decltype(&int4_tile_wide<1>)> int4_wide = {
     &int4_tile_wide<1>, &int4_tile_wide<2>, &int4_tile_wide<3>, &int4_tile_wide<4>};
 
-at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
-  check(x, packed, out_features, TILE);
+// 16-bit and float32 weights: the products in float32.
+template <typename W>
+at::Tensor gemv_dense(const at::Tensor& x, const W* wp, int64_t out_features) {
   const int64_t rows = x.size(0), width = x.size(1), blocks = width / TILE;
-  TORCH_CHECK(packed.numel() == out_features * width && packed.scalar_type() == at::kBFloat16, "packed bf16");
   at::Tensor y = at::empty({rows, out_features}, x.options());
   const float* xp = x.data_ptr<float>();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
   const bool wide = vector_bits == 512 && rows > 1;  // one row: AVX2 was as fast (ONE_ROW)
   at::parallel_for(0, out_features / TILE, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const uint16_t* tile = wp + t * TILE * width;
+      const W* tile = wp + t * TILE * width;
+      float* yt = yp + t * TILE;
       for (int64_t r = 0; wide && r < rows; r += ROWS)
-        bf16_wide[std::min(ROWS, rows - r) - 1](tile, xp + r * width, width, yp + r * out_features + t * TILE, out_features);
+        dense_wide<W>[std::min(ROWS, rows - r) - 1](tile, xp + r * width, width, yt + r * out_features, out_features);
       for (int64_t r = 0; !wide && r < rows; ++r)  // further rows find the tile in L1
-        _mm256_storeu_ps(yp + r * out_features + t * TILE, bf16_tile_row(tile, xp + r * width, blocks));
+        _mm256_storeu_ps(yt + r * out_features, dense_tile_row(tile, xp + r * width, blocks));
     }
   });
   return y;
+}
+
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  check(x, packed, out_features, TILE);
+  TORCH_CHECK(packed.numel() == out_features * x.size(1) && packed.scalar_type() == at::kBFloat16, "packed bf16");
+  return gemv_dense(x, reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), out_features);
+}
+
+at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  check(x, packed, out_features, TILE);
+  TORCH_CHECK(packed.numel() == out_features * x.size(1) && packed.scalar_type() == at::kFloat, "packed float32");
+  return gemv_dense(x, packed.data_ptr<float>(), out_features);
 }
 
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t out_features) {
@@ -392,6 +416,7 @@ int64_t current_vector_bits() { return vector_bits; }
 
 TORCH_LIBRARY(llmkit_cpu, m) {
   m.def("gemv_bf16(Tensor x, Tensor packed, int out_features) -> Tensor");
+  m.def("gemv_f32(Tensor x, Tensor packed, int out_features) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, Tensor scales, Tensor minimums, int out_features) -> Tensor");
   m.def("use_vector_bits(int bits) -> int", &use_vector_bits);
@@ -400,6 +425,7 @@ TORCH_LIBRARY(llmkit_cpu, m) {
 
 TORCH_LIBRARY_IMPL(llmkit_cpu, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
 }

@@ -10,8 +10,8 @@ AVX2, no compiler, or ``LLMKIT_CPU_KERNELS=0``), :func:`available` is false and 
 
 Layouts (``out`` a multiple of :data:`TILE`, ``in`` of the block width):
 
-- 16-bit and int8: ``[out / 8][in / width][8][width]`` (width 8 for bfloat16, 32 for int8), a block of 8 rows at a
-  time;
+- 16-bit, float32 and int8: ``[out / 8][in / width][8][width]`` (width 8 for bfloat16 and float32, 32 for int8), a
+  block of 8 rows at a time;
 - int4: codes 0..15 in the int8 layout, two a byte (byte j of a row's group: code j low, code j + 16 high), and the
   group scales and minimums as ``[out / 8][in / 32][8]`` float16, as GGUF's Q4_1 blocks store them: 20 bytes a group
   of 32 weights (0.625 a weight), where float32 took 24. Decoding reads every byte once a token, so that is 1/6 less
@@ -20,7 +20,8 @@ Layouts (``out`` a multiple of :data:`TILE`, ``in`` of the block width):
 int8 and int4 kernels quantize the activations to int8 with one scale per 4 inputs (scale = max |x| / 127) and
 multiply bytes as llama.cpp does; llama.cpp's one scale per 32 rounds away small activations beside SmolLM2's outlier
 channels. On SmolLM2 the logits stay within 3.4 % (int4) and 7.2 % (int8) of the largest float32 logit
-(tests/test_fast_decoding.py). The 16-bit kernel multiplies in float32, as oneDNN does.
+(tests/test_fast_decoding.py). The 16-bit kernel multiplies in float32, as oneDNN does; float32 weights have a kernel
+too (MKL's products of a few rows read SmolLM2's float32 weights at 10-15 GB/s).
 
 Each kernel has two versions, chosen at run time (:func:`vector_bits`): AVX2, one activation row at a time, and on
 CPUs with AVX-512 and VNNI, up to 4 rows at a time, each pair of a tile's rows in one 512-bit register (``vpdpbusd``
@@ -62,6 +63,10 @@ GROUP = 32  # inputs per int8 block and per int4 group (one scale and one minimu
 # 16 rows took 103 ms with the bfloat16 kernel and 287 ms with oneDNN. Prompts and larger batches untile or
 # dequantize the weight and multiply with PyTorch, whose matrix-matrix kernels win there.
 MAX_ROWS = 16
+# float32 weights: untiling them for PyTorch's product (MKL) costs more than the kernel's products of many rows.
+# SmolLM2's products of 30 blocks, 2 threads, kernel against untiled MKL: AVX-512 64 rows 78 / 146 ms, 256 rows
+# 307 / 555, 512 rows 553 / 735; AVX2 64 rows 131 / 184, 256 rows 471 / 412.
+F32_MAX_ROWS = {512: 512, 256: 64}  # by vector_bits()
 CPU_BFLOAT16_MATMUL = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bfloat16 instructions (AVX-512 BF16, AMX)
 
 
@@ -109,7 +114,7 @@ def register_shapes() -> None:
     def rows_by_out(x, *weights_and_out):
         return x.new_empty(x.shape[0], weights_and_out[-1])
 
-    for name in ("gemv_bf16", "gemv_int8", "gemv_int4"):
+    for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"llmkit_cpu::{name}", rows_by_out)
 
 
@@ -158,8 +163,8 @@ def untile_groups(tiles: torch.Tensor) -> torch.Tensor:
 
 
 def gemv(kind: str, rows: torch.Tensor, *weights: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``rows`` (n, in) times a tiled weight: ``kind`` "bf16" (tiles), "int8" (tiles, scales (out,) float32) or
-    "int4" (tiles, scales, minimums); (n, out) in the rows' dtype."""
+    """``rows`` (n, in) times a tiled weight: ``kind`` "bf16" or "f32" (tiles), "int8" (tiles, scales (out,) float32)
+    or "int4" (tiles, scales, minimums); (n, out) in the rows' dtype."""
     op = getattr(torch.ops.llmkit_cpu, f"gemv_{kind}")
     return op(rows.float().contiguous(), *weights, out_features).to(rows.dtype)
 
@@ -174,25 +179,33 @@ def dense(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 
 
 class TiledLinear(nn.Module):
-    """``nn.Linear`` with its bfloat16 weight tiled for the kernel, for decoding only (the engine's decoding layout):
-    up to :data:`MAX_ROWS` rows multiply with the kernel, more with PyTorch on the untiled weight."""
+    """``nn.Linear`` with its bfloat16 or float32 weight tiled for the kernel, for decoding only (the engine's decoding
+    layout; the weight is a buffer): up to :data:`MAX_ROWS` rows (float32: :data:`F32_MAX_ROWS`) multiply with the
+    kernel, more with PyTorch on the untiled weight. For float32 the kernel beat PyTorch's product (MKL, column-major
+    weight) at every row count up to 16: SmolLM2's products of one step, 2 threads, one row 23 against 35 ms, 4 rows
+    28 against 93, 16 rows 45 against 94 (an AVX-512 machine; the 6 x 384 model of continuous_batching.py: 3.7 / 4.6
+    ms, 3.5 / 11.1, 7.1 / 18.7)."""
+
+    KINDS = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", tile(linear.weight.detach(), TILE))
+        # the most activation rows the kernel takes; more multiply with PyTorch on the untiled weight
+        self.kernel_rows = F32_MAX_ROWS[vector_bits()] if self.weight.dtype == torch.float32 else MAX_ROWS
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     @staticmethod
     def fits(linear: nn.Linear) -> bool:
-        return linear.weight.dtype == torch.bfloat16 and usable(
+        return linear.weight.dtype in TiledLinear.KINDS and usable(
             linear.in_features, linear.out_features, TILE, linear.weight.device
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= MAX_ROWS:
-            out = gemv("bf16", rows, self.weight, out_features=self.out_features)
+        if rows.shape[0] <= self.kernel_rows:
+            out = gemv(self.KINDS[self.weight.dtype], rows, self.weight, out_features=self.out_features)
             out = out if self.bias is None else out + self.bias
         else:
             out = dense(rows, untile(self.weight), self.bias)

@@ -55,12 +55,12 @@ class EngineConfig:
 
 
 def use_decoding_layout(model: Transformer) -> None:
-    """Lay the linear weights out for one-token decoding, in place. bfloat16 layers on an x86 CPU with llmkit's
-    kernels become :class:`~llmkit.infer.cpu_kernels.TiledLinear` (a head tied to the embedding gets its own tiled
-    copy); other linear weights (out, in) are stored in column-major order (same values, same Parameter objects,
-    tied weights stay tied), so ``F.linear`` hands BLAS a contiguous (in, out) matrix and the matrix-vector products
-    run about 1.3x faster in float32 (benchmarks/decode_speed.py). Only for models that are not being trained at
-    the same time."""
+    """Lay the linear weights out for one-token decoding, in place. bfloat16 and float32 layers on an x86 CPU with
+    llmkit's kernels become :class:`~llmkit.infer.cpu_kernels.TiledLinear` (their weights buffers; a head tied to the
+    embedding gets its own tiled copy); other linear weights (out, in) are stored in column-major order (same values,
+    same Parameter objects, tied weights stay tied), so ``F.linear`` hands BLAS a contiguous (in, out) matrix and the
+    matrix-vector products run about 1.3x faster in float32 (benchmarks/decode_speed.py). Only for models that are
+    not being trained at the same time."""
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
@@ -92,6 +92,8 @@ class Engine:
             raise MismatchError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
             )
+        # Counted before quantizing and tiling make weights buffers: the model's own size, for reports (lm-eval's).
+        self.parameter_count = model.num_parameters()
         quantize_model(model, quantize)
         if decoding_layout:
             use_decoding_layout(model)
