@@ -1,6 +1,6 @@
 // Matrix-vector products for one-token decoding on x86 CPUs with AVX2, for bfloat16, float32, int8 and int4 weights
-// (llmkit.infer.cpu_kernels builds this file at first use). Decoding multiplies a few activation rows by every weight once per token, so its speed is how fast
-// the weights stream from memory and how little work each byte costs. PyTorch's CPU kernels for these shapes ran at
+// (llmkit.infer.cpu_kernels builds this file at first use). Decoding multiplies a few activation rows by every weight
+// once per token, so its speed is how fast the weights stream from memory and how little work each byte costs. PyTorch's CPU kernels for these shapes ran at
 // 5-13 GB/s on the 2-core machine llama.cpp read 16 GB/s on; two things close the gap:
 //  - the weights of 8 output rows lie together in tiles ([out / 8][in / width][8][width]), so each thread reads one
 //    sequential stream (row-major weights give it 8 short streams) and the 8 sums end in one vector store;
@@ -142,7 +142,8 @@ __m256 dense_tile_row(const W* tile, const float* x, int64_t blocks) {
 // AVX-512 takes up to 4 activation rows at a time (ROWS): each pair's weights are read and widened once for all of
 // them (32 registers hold the rows' sums), where row by row they were widened again for every row. ONE_ROW: a single
 // row of bfloat16 or int8 products runs the AVX2 version, which streams the weights as fast (SmolLM2's decoding was
-// 3-6 % faster with it, benchmarks/cpu_kernel_widths.py); int4's one row gains from vpdpbusd (1.1x) and keeps it.
+// 3-6 % faster with it, benchmarks/cpu_kernel_widths.py), and so does float32's (not measured apart); int4's one row
+// gains from vpdpbusd (1.1x) and keeps it.
 constexpr int64_t ROWS = 4;
 
 template <typename W, int R>
