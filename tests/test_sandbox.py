@@ -182,7 +182,7 @@ ATTACKS = {
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_escape_attempts_leave_no_trace_on_the_host(attack, tmp_path):
+def test_escape_attempts_leave_no_trace_on_the_host(attack, bubblewrap, tmp_path):
     marker = tmp_path / "marker"
     program = f"MARKER = {str(marker)!r}\nDIRECTORY = {str(tmp_path)!r}\n" + ATTACKS[attack]
     result = run_python(program, timeout_s=3)
@@ -238,7 +238,7 @@ def test_a_setsid_child_does_not_outlive_the_deadline():
     assert result.status == "timeout" and sandbox_processes() == []
 
 
-def test_many_large_files_are_stopped_by_the_working_directory_cap():
+def test_many_large_files_are_stopped_by_the_working_directory_cap(bubblewrap):
     program = (
         "written = 0\ntry:\n    for index in range(8):\n        with open(f'f{index}', 'wb') as file:\n"
         "            for _ in range(64):\n                written += file.write(b'x' * (1 << 20))\n"
