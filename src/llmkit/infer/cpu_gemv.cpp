@@ -184,7 +184,8 @@ __m256 int8_tile_row(const int8_t* tile, const QuantizedRows& q, int64_t first_g
 
 template <int R>
 WIDE void int8_tile_wide(
-    const int8_t* tile, const QuantizedRows& q, int64_t first_row, int64_t groups, float* y, int64_t y_stride) {
+    const int8_t* tile, const QuantizedRows& q, int64_t first_row, int64_t groups, __m256 row_scales, float* y,
+    int64_t y_stride) {
   __m512 acc[R][TILE / 2];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
@@ -210,7 +211,7 @@ WIDE void int8_tile_wide(
       }
     }
   }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * y_stride, sum8_pairs(acc[r]));
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * y_stride, _mm256_mul_ps(sum8_pairs(acc[r]), row_scales));
 }
 
 // int4 codes: byte j of a row's group holds code j (low nibble) and code j + 16 (high nibble). ``unpacked`` (several
@@ -355,13 +356,11 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& packed, const at::Te
     for (int64_t t = begin; t < end; ++t) {
       const int8_t* tile = wp + t * TILE * width;
       float* yt = yp + t * TILE;
+      const __m256 row_scales = _mm256_loadu_ps(sp + t * TILE);  // each output row's weight scale
       for (int64_t r = 0; wide && r < rows; r += ROWS)
-        int8_wide[std::min(ROWS, rows - r) - 1](tile, q, r, groups, yt + r * out_features, out_features);
+        int8_wide[std::min(ROWS, rows - r) - 1](tile, q, r, groups, row_scales, yt + r * out_features, out_features);
       for (int64_t r = 0; !wide && r < rows; ++r)
-        _mm256_storeu_ps(yt + r * out_features, int8_tile_row(tile, q, r * groups, groups));
-      const __m256 row_scales = _mm256_loadu_ps(sp + t * TILE);
-      for (int64_t r = 0; r < rows; ++r)
-        _mm256_storeu_ps(yt + r * out_features, _mm256_mul_ps(_mm256_loadu_ps(yt + r * out_features), row_scales));
+        _mm256_storeu_ps(yt + r * out_features, _mm256_mul_ps(int8_tile_row(tile, q, r * groups, groups), row_scales));
     }
   });
   return y;

@@ -192,7 +192,8 @@ class TiledLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", tile(linear.weight.detach(), TILE))
-        # the most activation rows the kernel takes; more multiply with PyTorch on the untiled weight
+        # the most activation rows the kernel takes; more multiply with PyTorch on the untiled weight (fixed here, for
+        # the width in use: a compiled step reads it as a constant)
         self.kernel_rows = F32_MAX_ROWS[vector_bits()] if self.weight.dtype == torch.float32 else MAX_ROWS
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
