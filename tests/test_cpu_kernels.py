@@ -1,4 +1,4 @@
-"""llmkit's CPU decoding kernels (cpu_gemv.cpp) against products worked out with PyTorch on the untiled weights:
+"""llmkit's CPU decoding kernels (cpu_kernels.cpp) against products worked out with PyTorch on the untiled weights:
 the tile layouts round-trip; the bfloat16 and float32 kernels equal x @ W^T in float32; the int8 and int4 kernels
 equal the product of the hand-quantized activations (one int8 scale per 4 inputs) with the dequantized weights; the
 engine's decoding layout tiles bfloat16 and float32 layers, decodes as a full forward loop does and keeps the
@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import char_tokenizer, naive_greedy, reference_activations, tiny_config
 from torch import nn
+from torch.nn import functional as F
 
 from llmkit.infer import Engine, GenerationConfig, cpu_kernels
 from llmkit.infer import runner as runner_module
@@ -115,6 +116,82 @@ def test_int4_kernel_equals_codes_times_scales_plus_minimums(rows, vector_bits):
     by_codes = torch.einsum("rgi,ogi->rog", quantized, codes.float().view(24, 2, 32))
     expected = (by_codes * scales).sum(-1) + x.view(rows, 2, 32).sum(-1) @ minimums.T
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def reference_attention(q, keys, values, mask):
+    """PyTorch's attention in float32 with every query head as a head of its own (keys and values repeated)."""
+    batch, heads, group, dim = q.shape
+    queries = q.float().reshape(batch, heads * group, 1, dim)
+    keys, values = (t.float().repeat_interleave(group, dim=1) for t in (keys, values))
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+    return out.reshape(batch, heads, group, dim)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group, dim, span", [(1, 8, 1), (3, 64, 13), (2, 72, 40), (4, 16, 64)])
+def test_decode_attention_equals_scaled_dot_product_attention(dtype, group, dim, span):
+    """Views on a larger cache (as the model passes them), spans that end inside a block of 8 positions, head sizes
+    of one, eight and nine vectors; per-row masks with holes, and no mask."""
+    torch.manual_seed(0)
+    batch, heads, capacity = 3, 2, span + 5
+    q = torch.randn(batch, heads, group, dim).to(dtype)
+    cache_keys, cache_values = (torch.randn(batch, heads, capacity, dim).to(dtype) for _ in range(2))
+    keys, values = cache_keys[:, :, :span], cache_values[:, :, :span]
+    allowed = torch.rand(batch, 1, 1, span) < 0.7
+    allowed[..., 0] = True  # every row attends somewhere
+    allowed[1, ..., max(1, span // 2) :] = False  # a row that ends early, as a shorter sequence in a batch
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for mask in (allowed, None):
+        got = cpu_kernels.decode_attention(q, keys, values, mask)
+        assert got.dtype == dtype and got.shape == q.shape
+        expected = reference_attention(q, keys, values, mask)
+        torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+@needs_kernels
+def test_decode_attention_gives_zeros_where_nothing_may_be_attended_and_checks_its_inputs():
+    q, keys = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 5, 8)
+    mask = torch.tensor([True, False]).view(2, 1, 1, 1).expand(2, 1, 1, 5)
+    got = cpu_kernels.decode_attention(q, keys, keys, mask)
+    assert torch.equal(got[1], torch.zeros(1, 2, 8))
+    torch.testing.assert_close(got[:1], reference_attention(q[:1], keys[:1], keys[:1], None))
+    with pytest.raises(RuntimeError, match="multiple of 8|dim % 8"):
+        cpu_kernels.decode_attention(torch.randn(1, 1, 1, 12), torch.randn(1, 1, 5, 12), torch.randn(1, 1, 5, 12), None)
+    with pytest.raises(RuntimeError, match="boolean"):
+        cpu_kernels.decode_attention(q, keys, keys, mask.float())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpu_kernels.decode_attention(q.double(), keys.double(), keys.double(), None)
+
+
+@needs_kernels
+def test_the_engine_attends_with_the_kernel_and_decodes_the_tokens_of_pytorchs_attention(tmp_path):
+    """Grouped-query attention, several requests of different lengths (per-row masks): the same greedy tokens with
+    the kernel as with scaled_dot_product_attention, and a model being trained skips it."""
+    tokenizer = char_tokenizer(tmp_path)
+    changes = dict(vocab_size=tokenizer.vocab_size, n_embd=48, n_head=6, n_kv_head=2, context_length=48)
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**changes)).eval()
+    engine = Engine(model, tokenizer)
+    attention = model.blocks[0].attention
+    assert attention.decode_attention is cpu_kernels.decode_attention
+    prompts = [tokenizer.encode(text) for text in ("hello", "abc def ghi", "xyz")]
+    config = GenerationConfig(max_new_tokens=12, temperature=0, stop_at_end_of_text=False)
+    with_kernel = [c.token_ids for c in engine.generate_ids(prompts, config)]
+    for block in model.blocks:
+        block.attention.decode_attention = None
+    assert with_kernel == [c.token_ids for c in engine.generate_ids(prompts, config)]
+    calls = []
+    attention.decode_attention = lambda *args: calls.append(args) or cpu_kernels.decode_attention(*args)
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model(torch.tensor([prompts[0]]), cache=cache)
+        model.train()
+        model(torch.tensor([[1]]), cache=cache)
+        assert not calls  # training (dropout) keeps PyTorch's attention
+        model.eval()
+        model(torch.tensor([[1]]), cache=cache)
+    assert len(calls) == 1
 
 
 @needs_kernels

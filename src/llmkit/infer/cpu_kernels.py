@@ -48,6 +48,7 @@ __all__ = [
     "TILE",
     "TiledLinear",
     "available",
+    "decode_attention",
     "dense",
     "gemv",
     "tile",
@@ -56,7 +57,7 @@ __all__ = [
     "untile_int4",
 ]
 
-SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 TILE = 8  # output rows per tile
 GROUP = 32  # inputs per int8 block and per int4 group (one scale and one minimum)
 # Activation rows up to which the kernels run (each further row rereads the tile from L1): SmolLM2's products of
@@ -85,7 +86,7 @@ def available() -> bool:
 
     try:
         load(
-            name="llmkit_cpu_gemv",
+            name="llmkit_cpu_kernels",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             is_python_module=False,
@@ -116,6 +117,7 @@ def register_shapes() -> None:
 
     for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"llmkit_cpu::{name}", rows_by_out)
+    torch.library.register_fake("llmkit_cpu::decode_attention", lambda q, keys, values, mask: q.new_empty(q.shape))
 
 
 def usable(linear_in: int, linear_out: int, width: int, device: torch.device) -> bool:
@@ -167,6 +169,16 @@ def gemv(kind: str, rows: torch.Tensor, *weights: torch.Tensor, out_features: in
     or "int4" (tiles, scales, minimums); (n, out) in the rows' dtype."""
     op = getattr(torch.ops.llmkit_cpu, f"gemv_{kind}")
     return op(rows.float().contiguous(), *weights, out_features).to(rows.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of one new token per row over cached keys and values (``cpu_attention.cpp``): q (batch, kv_heads,
+    group, dim), the query heads that share a key/value head as its rows; keys and values (batch, kv_heads, span, dim),
+    views on the cache; ``mask`` boolean, broadcastable to (batch, 1, 1, span), or None. Softmax in float32, the
+    result in q's dtype (float32 or bfloat16), shaped as q. The model's :attr:`Attention.decode_attention` hook."""
+    return torch.ops.llmkit_cpu.decode_attention(q, keys, values, mask)
 
 
 def dense(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

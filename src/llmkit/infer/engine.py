@@ -16,17 +16,17 @@ import torch
 from llmkit.config import check
 from llmkit.errors import MismatchError
 from llmkit.infer.completion import Completion, Tools
-from llmkit.infer.cpu_kernels import TiledLinear
+from llmkit.infer.cpu_kernels import TiledLinear, available, decode_attention
 from llmkit.infer.quantize import QUANTIZATIONS, Quantization, quantize_field
 from llmkit.infer.quantize import quantize as quantize_model
 from llmkit.infer.runner import ModelRunner
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.infer.scheduler import Request, Scheduler
 from llmkit.model.checkpoint import DTYPES, load_checkpoint
-from llmkit.model.transformer import Transformer
+from llmkit.model.transformer import Attention, Transformer
 from llmkit.tokenizer import Tokenizer
 
-__all__ = ["Completion", "Engine", "EngineConfig", "use_decoding_layout"]
+__all__ = ["Completion", "Engine", "EngineConfig", "use_decoding_attention", "use_decoding_layout"]
 
 
 @dataclass
@@ -71,6 +71,23 @@ def use_decoding_layout(model: Transformer) -> None:
                 module.weight.data = module.weight.data.t().contiguous().t()
 
 
+def use_decoding_attention(model: Transformer) -> None:
+    """Attend one new token per row with llmkit's CPU kernel (:func:`~llmkit.infer.cpu_kernels.decode_attention`)
+    where it runs: a float32 or bfloat16 model on an x86 CPU with the kernels, head size a multiple of 8. It reads the
+    cache and changes no weight, and serves only eval-mode forwards with a cache, so a model trained between
+    rollouts (PPO, GRPO) keeps it."""
+    weight = model.token_embedding.weight
+    if (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and model.config.head_dim % 8 == 0
+        and available()
+    ):
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.decode_attention = decode_attention
+
+
 class Engine:
     def __init__(
         self,
@@ -97,6 +114,7 @@ class Engine:
         quantize_model(model, quantize)
         if decoding_layout:
             use_decoding_layout(model)
+        use_decoding_attention(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.token_embedding.weight.device

@@ -132,6 +132,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
         self.recompute_core = False  # set by Transformer.activation_checkpointing = "selective"
+        # Set by an inference engine to a faster attention for one new token per row (its CPU kernel,
+        # llmkit.infer.cpu_kernels.decode_attention): called as decode_attention(q, k, v, mask) with q (batch,
+        # kv_heads, group, head_dim) and a boolean mask or None, in place of scaled_dot_product_attention.
+        self.decode_attention = None
 
     def forward(
         self, x, rope, cache: KVCache | None, mask: "torch.Tensor | DocumentSpans | None", is_causal: bool
@@ -149,12 +153,14 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-            if length == 1 and self.n_kv_head != self.n_head and (mask is None or mask.shape[-3] == 1):
-                # Decoding one token under grouped-query attention: the query heads that share a key/value head
-                # become that head's query rows, so the cached keys and values are read in place, not repeated.
-                y = self._attend(
-                    q.reshape(batch, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim), k, v, mask, False
-                )
+            if length == 1 and (mask is None or mask.shape[-3] == 1):
+                # Decoding one token: the query heads that share a key/value head (grouped-query attention) become
+                # that head's query rows, so the cached keys and values are read in place, not repeated.
+                q = q.reshape(batch, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
+                if self.decode_attention is not None and not self.training and (mask is None or mask.dtype == torch.bool):
+                    y = self.decode_attention(q, k, v, mask)
+                else:
+                    y = self._attend(q, k, v, mask, False)
                 return self.out(y.reshape(batch, length, -1))
         if self.recompute_core and self.training:
             # Selective recomputation (Korthikanti et al. 2022 §4.1): the core's s²-sized scores, softmax and

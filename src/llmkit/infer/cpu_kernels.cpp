@@ -18,6 +18,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <numeric>
+#include <optional>
+#include <vector>
 #include <torch/library.h>
 
 namespace {
@@ -402,6 +406,156 @@ at::Tensor gemv_int4(
   return y;
 }
 
+// Attention of one new token per row over the KV cache. PyTorch's CPU flash attention took 25-40 us a layer for
+// SmolLM2's one query row (3 key/value heads, a few hundred cached positions), a tenth of a decoding step over 30
+// layers, and under torch.compile each layer also copied its cached keys and values to float32 and built a float mask
+// for them. Here the cache is read in its own dtype, each key and value once for each query head that shares it
+// (grouped-query attention, Ainslie et al. 2023: from L1, after the first); scores, softmax and sums are float32.
+inline __m256 widen8(const at::BFloat16* p) { return bf16x8(reinterpret_cast<const uint16_t*>(p)); }
+
+// exp(x) for x <= 0 (scores minus their maximum): 2^n exp(r) with |r| <= ln 2 / 2, exp(r) by Cephes' expf polynomial
+// (relative error about 1e-7, as std::exp in float); exactly 0 below -88 (so for masked scores, -inf).
+inline __m256 exp8(__m256 x) {
+  const __m256 representable = _mm256_cmp_ps(x, _mm256_set1_ps(-88.f), _CMP_GT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), representable);
+}
+
+// The scores of one query row against 8 positions from `first` (the last `positions` < 8 of a span: the last key is
+// read again for the missing ones, their scores dropped): 8 independent multiply-add chains, reduced in one sum8.
+template <typename T>
+void score_positions(const float* q, int64_t dim, const T* k, int64_t stride, int64_t first, int64_t positions,
+                     float* scores) {
+  const T* key[8];
+  for (int64_t j = 0; j < 8; ++j) key[j] = k + (first + std::min(j, positions - 1)) * stride;
+  __m256 acc[8];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 8) {
+    const __m256 qd = _mm256_loadu_ps(q + d);
+    for (int64_t j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qd, widen8(key[j] + d), acc[j]);
+  }
+  alignas(32) float all[8];
+  _mm256_store_ps(all, sum8(acc));
+  std::copy(all, all + positions, scores + first);
+}
+
+// y[0..8N) += sum over positions of p[t] v[t][0..8N): N <= 8 vectors (64 values) of sums in registers.
+template <int N, typename T>
+void add_weighted(const float* p, int64_t positions, const T* v, int64_t stride, float* y) {
+  __m256 acc[N];
+  for (int c = 0; c < N; ++c) acc[c] = _mm256_loadu_ps(y + 8 * c);
+  for (int64_t t = 0; t < positions; ++t) {
+    const __m256 weight = _mm256_set1_ps(p[t]);
+    for (int c = 0; c < N; ++c) acc[c] = _mm256_fmadd_ps(weight, widen8(v + t * stride + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < N; ++c) _mm256_storeu_ps(y + 8 * c, acc[c]);
+}
+
+template <typename T>
+void add_weighted(int64_t n, const float* p, int64_t positions, const T* v, int64_t stride, float* y) {
+  switch (n) {
+    case 1: return add_weighted<1>(p, positions, v, stride, y);
+    case 2: return add_weighted<2>(p, positions, v, stride, y);
+    case 3: return add_weighted<3>(p, positions, v, stride, y);
+    case 4: return add_weighted<4>(p, positions, v, stride, y);
+    case 5: return add_weighted<5>(p, positions, v, stride, y);
+    case 6: return add_weighted<6>(p, positions, v, stride, y);
+    case 7: return add_weighted<7>(p, positions, v, stride, y);
+    default: return add_weighted<8>(p, positions, v, stride, y);
+  }
+}
+
+// One row's key/value head, for the `group` query rows (each `dim` float32, already scaled) that share it: keys and
+// values at `stride` per position, `span` positions, those with allowed[t * allowed_stride] (all when null). A query
+// row that may attend to nothing gets zeros (SDPA's are NaN).
+template <typename T>
+void attend_head(const float* q, int64_t group, int64_t dim, const T* k, const T* v, int64_t stride, int64_t span,
+                 const bool* allowed, int64_t allowed_stride, float* y, std::vector<float>& scores) {
+  while (allowed != nullptr && span > 0 && !allowed[(span - 1) * allowed_stride]) --span;  // nothing after the last
+  std::fill(y, y + group * dim, 0.f);
+  if (span == 0) return;
+  const int64_t padded = (span + 7) / 8 * 8;
+  scores.resize(padded);
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores.data();
+    for (int64_t t = 0; t < span; t += 8) score_positions(q + g * dim, dim, k, stride, t, std::min<int64_t>(8, span - t), s);
+    std::fill(s + span, s + padded, -INFINITY);
+    for (int64_t t = 0; allowed != nullptr && t < span; ++t)
+      if (!allowed[t * allowed_stride]) s[t] = -INFINITY;
+    const float largest = *std::max_element(s, s + padded);
+    if (std::isinf(largest)) continue;
+    __m256 totals = _mm256_setzero_ps();
+    for (int64_t t = 0; t < padded; t += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(largest)));
+      _mm256_storeu_ps(s + t, e);
+      totals = _mm256_add_ps(totals, e);
+    }
+    float* yg = y + g * dim;
+    for (int64_t d = 0; d < dim; d += 64) add_weighted(std::min<int64_t>(8, (dim - d) / 8), s, span, v + d, stride, yg + d);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, totals);
+    const float inverse = 1.f / std::accumulate(lanes, lanes + 8, 0.f);
+    for (int64_t d = 0; d < dim; ++d) yg[d] *= inverse;
+  }
+}
+
+// q (batch, kv_heads, group, dim): each row's one new token, the query heads of a key/value head as its group rows;
+// keys, values (batch, kv_heads, span, dim) with contiguous last dimension (views on the cache); mask: boolean,
+// broadcastable to (batch, 1, 1, span), True where a key may be attended to. softmax(q k^T / sqrt(dim)) v, shaped as
+// q, in q's dtype.
+template <typename T>
+at::Tensor decode_attention_of(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                               const std::optional<at::Tensor>& mask) {
+  const int64_t batch = q.size(0), heads = q.size(1), group = q.size(2), dim = q.size(3), span = keys.size(2);
+  const at::Tensor mask_rows = mask.has_value() ? mask->expand({batch, 1, 1, span}) : at::Tensor();
+  const bool* allowed = mask.has_value() ? mask_rows.data_ptr<bool>() : nullptr;
+  const int64_t mask_row = mask.has_value() ? mask_rows.stride(0) : 0, mask_position = mask.has_value() ? mask_rows.stride(3) : 0;
+  at::Tensor y = at::empty({batch, heads, group, dim}, q.options());
+  const T *qp = q.data_ptr<T>(), *kp = keys.data_ptr<T>(), *vp = values.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t q_batch = q.stride(0), q_head = q.stride(1), q_row = q.stride(2);
+  const int64_t kv_batch = keys.stride(0), kv_head = keys.stride(1), kv_position = keys.stride(2);
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  // A head costs about 2 * group * span * dim multiply-adds: threads take heads only when each gets enough.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, group * span * dim));
+  at::parallel_for(0, batch * heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scaled(group * dim), out(group * dim), scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / heads, h = i % heads;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < dim; ++d)
+          scaled[g * dim + d] = static_cast<float>(qp[b * q_batch + h * q_head + g * q_row + d]) * scale;
+      attend_head(scaled.data(), group, dim, kp + b * kv_batch + h * kv_head, vp + b * kv_batch + h * kv_head,
+                  kv_position, span, allowed == nullptr ? nullptr : allowed + b * mask_row, mask_position, out.data(),
+                  scores);
+      for (int64_t j = 0; j < group * dim; ++j) yp[i * group * dim + j] = static_cast<T>(out[j]);
+    }
+  });
+  return y;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.dim() == 4, "q, keys, values: (batch, heads, rows, dim)");
+  TORCH_CHECK(keys.sizes() == values.sizes() && keys.strides() == values.strides(), "keys and values differ in layout");
+  TORCH_CHECK(q.size(0) == keys.size(0) && q.size(1) == keys.size(1) && q.size(3) == keys.size(3) && q.size(3) % 8 == 0,
+              "q (batch, kv_heads, group, dim) does not match keys (batch, kv_heads, span, dim), or dim % 8 != 0");
+  TORCH_CHECK(q.stride(3) == 1 && keys.stride(3) == 1, "the last dimensions must be contiguous");
+  TORCH_CHECK(q.scalar_type() == keys.scalar_type() && q.scalar_type() == values.scalar_type(), "one dtype for all");
+  TORCH_CHECK(!mask.has_value() || mask->scalar_type() == at::kBool, "mask: boolean");
+  if (q.scalar_type() == at::kFloat) return decode_attention_of<float>(q, keys, values, mask);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "dtype: float32 or bfloat16");
+  return decode_attention_of<at::BFloat16>(q, keys, values, mask);
+}
+
 // The vector width the kernels use: 512 where the CPU has AVX-512 with VNNI, else 256 (AVX2). Setting 256 on such a
 // CPU runs the AVX2 versions (tests compare both); 512 is refused where the CPU lacks it. Returns the width in use.
 int64_t use_vector_bits(int64_t bits) {
@@ -419,6 +573,7 @@ TORCH_LIBRARY(llmkit_cpu, m) {
   m.def("gemv_f32(Tensor x, Tensor packed, int out_features) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, Tensor scales, Tensor minimums, int out_features) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor? mask) -> Tensor");
   m.def("use_vector_bits(int bits) -> int", &use_vector_bits);
   m.def("vector_bits() -> int", &current_vector_bits);
 }
@@ -428,4 +583,5 @@ TORCH_LIBRARY_IMPL(llmkit_cpu, CPU, m) {
   m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
+  m.impl("decode_attention", &decode_attention);
 }
