@@ -157,7 +157,8 @@ class Attention(nn.Module):
                 # Decoding one token: the query heads that share a key/value head (grouped-query attention) become
                 # that head's query rows, so the cached keys and values are read in place, not repeated.
                 q = q.reshape(batch, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
-                if self.decode_attention is not None and not self.training and (mask is None or mask.dtype == torch.bool):
+                boolean_mask = mask is None or mask.dtype == torch.bool
+                if self.decode_attention is not None and not self.training and boolean_mask:
                     y = self.decode_attention(q, k, v, mask)
                 else:
                     y = self._attend(q, k, v, mask, False)
