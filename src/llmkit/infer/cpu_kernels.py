@@ -66,8 +66,9 @@ GROUP = 32  # inputs per int8 block and per int4 group (one scale and one minimu
 MAX_ROWS = 16
 # float32 weights: untiling them for PyTorch's product (MKL) costs more than the kernel's products of many rows.
 # SmolLM2's products of 30 blocks, 2 threads, kernel against untiled MKL: AVX-512 64 rows 78 / 146 ms, 256 rows
-# 307 / 555, 512 rows 553 / 735; AVX2 64 rows 131 / 184, 256 rows 471 / 412.
-F32_MAX_ROWS = {512: 512, 256: 64}  # by vector_bits()
+# 307 / 555, 512 rows 553 / 735 (577 / 752 in a later run), 1024 rows 1194 / 1559, 2048 rows 2968 / 3068 (the rows
+# no longer fit the cache); AVX2 64 rows 131 / 184, 256 rows 471 / 412.
+F32_MAX_ROWS = {512: 1024, 256: 64}  # by vector_bits()
 CPU_BFLOAT16_MATMUL = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bfloat16 instructions (AVX-512 BF16, AMX)
 
 
