@@ -237,9 +237,9 @@ def test_decoding_layout_tiles_the_layers_and_decodes_like_a_full_forward_loop(t
 @needs_kernels
 @pytest.mark.slow
 def test_compiled_step_runs_the_kernels_and_gives_the_eager_tokens(tmp_path, monkeypatch):
-    """int4 layers and an int8 head in one compiled graph (Inductor traces the kernels through their registered
-    output shapes); autotuning is left out as in test_fast_decoding."""
-    monkeypatch.setattr(runner_module, "CPU_INDUCTOR", {"freezing": True})
+    """int4 layers, an int8 head and the attention kernel in one compiled graph (Inductor traces the kernels through
+    their registered output shapes), called from its C++ wrapper; autotuning is left out as in test_fast_decoding."""
+    monkeypatch.setattr(runner_module, "CPU_INDUCTOR", {"freezing": True, "cpp_wrapper": True})
     tokenizer = char_tokenizer(tmp_path)
     changes = dict(vocab_size=tokenizer.vocab_size, n_embd=32, n_head=4, n_kv_head=2, n_layer=1, context_length=32)
     engines = []
