@@ -12,6 +12,7 @@
 //    lane holds the products of 4 neighbouring inputs, so a vector of 8 scales meets them lane by lane.
 // With several activation rows (batched decoding) the AVX-512 versions below take up to 4 rows for each weight they
 // read and widen. OpenMP (at::parallel_for) splits the tiles between torch's threads: compile with -fopenmp.
+// The attention of one new token over the KV cache (decode_attention) is here too, after the products.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -1,4 +1,5 @@
-"""llmkit's matrix-vector kernels for decoding on x86 CPUs (``cpu_gemv.cpp``), and the tiled weight layouts they read.
+"""llmkit's kernels for decoding on x86 CPUs (``cpu_kernels.cpp``): matrix-vector products and the tiled weight layouts
+they read, and attention of one new token over the KV cache (:func:`decode_attention`).
 
 Batch-1 decoding streams every weight from memory once a token. PyTorch's CPU kernels for one activation row (oneDNN,
 ``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) read the weights of SmolLM2-135M at 5-13 GB/s on the 2-core
@@ -74,7 +75,7 @@ CPU_BFLOAT16_MATMUL = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's b
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernels run here: an x86-64 CPU with AVX2 whose compiler built ``cpu_gemv.cpp`` (once per
+    """Whether the kernels run here: an x86-64 CPU with AVX2 whose compiler built ``cpu_kernels.cpp`` (once per
     process; PyTorch caches the library on disk between processes)."""
     if os.environ.get("LLMKIT_CPU_KERNELS", "1") == "0":
         return False
@@ -175,7 +176,7 @@ def gemv(kind: str, rows: torch.Tensor, *weights: torch.Tensor, out_features: in
 def decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Attention of one new token per row over cached keys and values (``cpu_attention.cpp``): q (batch, kv_heads,
+    """Attention of one new token per row over cached keys and values (``cpu_kernels.cpp``): q (batch, kv_heads,
     group, dim), the query heads that share a key/value head as its rows; keys and values (batch, kv_heads, span, dim),
     views on the cache; ``mask`` boolean, broadcastable to (batch, 1, 1, span), or None. Softmax in float32, the
     result in q's dtype (float32 or bfloat16), shaped as q. The model's :attr:`Attention.decode_attention` hook."""
