@@ -41,6 +41,10 @@ def pytorch_attention(q, keys, values, mask):
     return F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask).to(q.dtype)
 
 
+def emit_speedup(rates: dict[str, float], **context) -> None:
+    emit("speedup", round(rates["llmkit"] / rates["pytorch"], 3), "x", **context)
+
+
 def layer(repeats: int, context: dict) -> None:
     for span in (64, 256, 1024):
         q = torch.randn(1, KV_HEADS, GROUP, HEAD_DIM).bfloat16()
@@ -60,14 +64,7 @@ def layer(repeats: int, context: dict) -> None:
         )
         for system, calls_per_s in rates.items():
             emit("attention_us", round(1e6 / calls_per_s, 1), "us", system=system, cached_positions=span, **context)
-        emit(
-            "speedup",
-            round(rates["llmkit"] / rates["pytorch"], 3),
-            "x",
-            cached_positions=span,
-            of="attention_us",
-            **context,
-        )
+        emit_speedup(rates, of="attention_us", cached_positions=span, **context)
 
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -114,15 +111,8 @@ def model(repeats: int, context: dict) -> None:
                     requests=requests,
                     **context,
                 )
-            emit(
-                "speedup",
-                round(rates["llmkit"] / rates["pytorch"], 3),
-                "x",
-                requests=requests,
-                of="decode_tokens_per_s",
-                same_tokens=round(sum(same) / len(same), 3),
-                **context,
-            )
+            same_tokens = round(sum(same) / len(same), 3)
+            emit_speedup(rates, of="decode_tokens_per_s", requests=requests, same_tokens=same_tokens, **context)
 
 
 def main() -> None:
