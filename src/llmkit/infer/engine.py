@@ -16,7 +16,7 @@ import torch
 from llmkit.config import check
 from llmkit.errors import MismatchError
 from llmkit.infer.completion import Completion, Tools
-from llmkit.infer.cpu_kernels import TiledLinear, available, decode_attention
+from llmkit.infer.cpu_kernels import TiledLinear, available, decode_attention, one_stream
 from llmkit.infer.quantize import QUANTIZATIONS, Quantization, quantize_field
 from llmkit.infer.quantize import quantize as quantize_model
 from llmkit.infer.runner import ModelRunner
@@ -56,8 +56,9 @@ class EngineConfig:
 
 def use_decoding_layout(model: Transformer) -> None:
     """Lay the linear weights out for one-token decoding, in place. bfloat16 and float32 layers on an x86 CPU with
-    llmkit's kernels become :class:`~llmkit.infer.cpu_kernels.TiledLinear` (their weights buffers; a head tied to the
-    embedding gets its own tiled copy); other linear weights (out, in) are stored in column-major order (same values,
+    llmkit's kernels become :class:`~llmkit.infer.cpu_kernels.TiledLinear` (their weights buffers, one after another
+    in one region in forward order: :func:`~llmkit.infer.cpu_kernels.one_stream`; a head tied to the embedding gets
+    its own tiled copy); other linear weights (out, in) are stored in column-major order (same values,
     same Parameter objects, tied weights stay tied), so ``F.linear`` hands BLAS a contiguous (in, out) matrix and the
     matrix-vector products run about 1.3x faster in float32 (benchmarks/decode_speed.py). Only for models that are
     not being trained at the same time."""
@@ -66,6 +67,7 @@ def use_decoding_layout(model: Transformer) -> None:
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear and TiledLinear.fits(child):
                     setattr(parent, name, TiledLinear(child))
+        one_stream([module for module in model.modules() if isinstance(module, TiledLinear)])
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
                 module.weight.data = module.weight.data.t().contiguous().t()
