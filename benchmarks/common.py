@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -55,3 +56,22 @@ def interleaved_rates(runs: dict, repeats: int) -> dict[str, float]:
         for name, run in runs.items():
             rates[name].append(run())
     return {name: statistics.median(values) for name, values in rates.items()}
+
+
+KERNELS_MISSING = "llmkit's CPU kernels need an x86-64 CPU with AVX2 and a C++ compiler"
+
+
+def on_smollm2(skip: bool, system: str, run) -> None:
+    """``run(checkpoint)`` on SmolLM2-135M-Instruct imported into a temporary directory, or a ``skipped`` line saying
+    why not (``skip``: the script's ``--no-model``; or the shared file is absent)."""
+    if skip:
+        emit("skipped", 0, "", system=system, reason="--no-model")
+    elif not SMOLLM2.exists():
+        emit("skipped", 0, "", system=system, reason=f"{SMOLLM2} not found")
+    else:
+        from llmkit.interop.gguf_import import import_gguf
+
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = Path(directory) / "smollm2"
+            import_gguf(SMOLLM2, checkpoint)
+            run(checkpoint)

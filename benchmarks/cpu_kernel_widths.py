@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SMOLLM2, emit, interleaved_rates  # noqa: E402
+from common import KERNELS_MISSING, emit, interleaved_rates, on_smollm2  # noqa: E402
 
 from llmkit.infer import Engine, EngineConfig, GenerationConfig, cpu_kernels  # noqa: E402
 from llmkit.infer.quantize import Int4Linear, Int8Linear  # noqa: E402
@@ -85,48 +84,43 @@ def kernels(repeats: int, context: dict) -> None:
             emit("speedup", round(rates[512] / rates[256], 3), "x", weights=kind, rows=rows, of="kernel_ms", **context)
 
 
-def model(repeats: int, context: dict) -> None:
-    from llmkit.interop.gguf_import import import_gguf
+def model(checkpoint: Path, repeats: int, context: dict) -> None:
+    for name, (dtype, quantize) in WEIGHTS.items():
+        engine = Engine.from_config(
+            EngineConfig(checkpoint=str(checkpoint), dtype=dtype, quantize=quantize, compile=True)
+        )
+        config = GenerationConfig(max_new_tokens=128, temperature=0, stop_at_end_of_text=False)
+        for requests in (1, 8):
+            prompts = [engine.tokenizer.encode(f"Story {i}: once upon a time") for i in range(requests)]
+            engine.generate_ids(prompts, config)  # compiles the step for this batch
 
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = Path(directory) / "smollm2"
-        import_gguf(SMOLLM2, checkpoint)
-        for name, (dtype, quantize) in WEIGHTS.items():
-            engine = Engine.from_config(
-                EngineConfig(checkpoint=str(checkpoint), dtype=dtype, quantize=quantize, compile=True)
-            )
-            config = GenerationConfig(max_new_tokens=128, temperature=0, stop_at_end_of_text=False)
-            for requests in (1, 8):
-                prompts = [engine.tokenizer.encode(f"Story {i}: once upon a time") for i in range(requests)]
-                engine.generate_ids(prompts, config)  # compiles the step for this batch
+            def generate(bits, prompts=prompts):
+                seconds = timed_at(bits, lambda: engine.generate_ids(prompts, config))
+                return 128 * len(prompts) / seconds
 
-                def generate(bits, prompts=prompts):
-                    seconds = timed_at(bits, lambda: engine.generate_ids(prompts, config))
-                    return 128 * len(prompts) / seconds
-
-                runs = {bits: (lambda b=bits: generate(b)) for bits in (256, 512)}
-                rates = interleaved_rates(runs, max(3, repeats // 2))
-                for bits, rate in rates.items():
-                    emit(
-                        "decode_tokens_per_s",
-                        round(rate, 1),
-                        "tokens/s",
-                        model="SmolLM2-135M-Instruct",
-                        weights=name,
-                        requests=requests,
-                        compile=True,
-                        vector_bits=bits,
-                        **context,
-                    )
+            runs = {bits: (lambda b=bits: generate(b)) for bits in (256, 512)}
+            rates = interleaved_rates(runs, max(3, repeats // 2))
+            for bits, rate in rates.items():
                 emit(
-                    "speedup",
-                    round(rates[512] / rates[256], 3),
-                    "x",
+                    "decode_tokens_per_s",
+                    round(rate, 1),
+                    "tokens/s",
+                    model="SmolLM2-135M-Instruct",
                     weights=name,
                     requests=requests,
-                    of="decode_tokens_per_s",
+                    compile=True,
+                    vector_bits=bits,
                     **context,
                 )
+            emit(
+                "speedup",
+                round(rates[512] / rates[256], 3),
+                "x",
+                weights=name,
+                requests=requests,
+                of="decode_tokens_per_s",
+                **context,
+            )
 
 
 def main() -> None:
@@ -137,19 +131,14 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     if not cpu_kernels.available():
-        emit("skipped", 0, "", reason="llmkit's CPU kernels need an x86-64 CPU with AVX2 and a C++ compiler")
+        emit("skipped", 0, "", reason=KERNELS_MISSING)
         return
     if cpu_kernels.use_vector_bits(512) != 512:
         emit("skipped", 0, "", reason="this CPU has no AVX-512 with VNNI: the kernels run their AVX2 versions only")
         return
     context = {"threads": arguments.threads, "torch": torch.__version__}
     kernels(arguments.repeats, context)
-    if arguments.no_model:
-        emit("skipped", 0, "", system="SmolLM2 engine", reason="--no-model")
-    elif not SMOLLM2.exists():
-        emit("skipped", 0, "", system="SmolLM2 engine", reason=f"{SMOLLM2} not found")
-    else:
-        model(arguments.repeats, context)
+    on_smollm2(arguments.no_model, "SmolLM2 engine", lambda checkpoint: model(checkpoint, arguments.repeats, context))
     cpu_kernels.use_vector_bits(512)
 
 

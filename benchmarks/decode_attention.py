@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SMOLLM2, emit, interleaved_rates  # noqa: E402
+from common import KERNELS_MISSING, emit, interleaved_rates, on_smollm2  # noqa: E402
 
 from llmkit.infer import Engine, EngineConfig, GenerationConfig, cpu_kernels  # noqa: E402
 from llmkit.model.transformer import Attention  # noqa: E402
@@ -72,47 +71,42 @@ def agreement(a: list[int], b: list[int]) -> float:
     return same / max(len(a), 1)
 
 
-def model(repeats: int, context: dict) -> None:
-    from llmkit.interop.gguf_import import import_gguf
+def model(checkpoint: Path, repeats: int, context: dict) -> None:
+    engines = {}
+    for system in ("pytorch", "llmkit"):
+        engine = Engine.from_config(EngineConfig(checkpoint=str(checkpoint), dtype="bfloat16", compile=True))
+        if system == "pytorch":
+            for module in engine.model.modules():
+                if isinstance(module, Attention):
+                    module.decode_attention = None
+        engines[system] = engine
+    config = GenerationConfig(max_new_tokens=128, temperature=0, stop_at_end_of_text=False)
+    for requests in (1, 8):
+        prompts = [engines["llmkit"].tokenizer.encode(f"Story {i}: once upon a time") for i in range(requests)]
+        tokens = {system: engine.generate_ids(prompts, config) for system, engine in engines.items()}  # compiles
 
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = Path(directory) / "smollm2"
-        import_gguf(SMOLLM2, checkpoint)
-        engines = {}
-        for system in ("pytorch", "llmkit"):
-            engine = Engine.from_config(EngineConfig(checkpoint=str(checkpoint), dtype="bfloat16", compile=True))
-            if system == "pytorch":
-                for module in engine.model.modules():
-                    if isinstance(module, Attention):
-                        module.decode_attention = None
-            engines[system] = engine
-        config = GenerationConfig(max_new_tokens=128, temperature=0, stop_at_end_of_text=False)
-        for requests in (1, 8):
-            prompts = [engines["llmkit"].tokenizer.encode(f"Story {i}: once upon a time") for i in range(requests)]
-            tokens = {system: engine.generate_ids(prompts, config) for system, engine in engines.items()}  # compiles
+        def generate(engine, prompts=prompts):
+            start = time.perf_counter()
+            engine.generate_ids(prompts, config)
+            return 128 * len(prompts) / (time.perf_counter() - start)
 
-            def generate(engine, prompts=prompts):
-                start = time.perf_counter()
-                engine.generate_ids(prompts, config)
-                return 128 * len(prompts) / (time.perf_counter() - start)
-
-            rates = interleaved_rates(
-                {system: (lambda e=engine: generate(e)) for system, engine in engines.items()}, repeats
+        rates = interleaved_rates(
+            {system: (lambda e=engine: generate(e)) for system, engine in engines.items()}, repeats
+        )
+        same = [agreement(a.token_ids, b.token_ids) for a, b in zip(tokens["pytorch"], tokens["llmkit"])]
+        for system, rate in rates.items():
+            emit(
+                "decode_tokens_per_s",
+                round(rate, 1),
+                "tokens/s",
+                system=system,
+                model="SmolLM2-135M-Instruct",
+                weights="bfloat16+compile",
+                requests=requests,
+                **context,
             )
-            same = [agreement(a.token_ids, b.token_ids) for a, b in zip(tokens["pytorch"], tokens["llmkit"])]
-            for system, rate in rates.items():
-                emit(
-                    "decode_tokens_per_s",
-                    round(rate, 1),
-                    "tokens/s",
-                    system=system,
-                    model="SmolLM2-135M-Instruct",
-                    weights="bfloat16+compile",
-                    requests=requests,
-                    **context,
-                )
-            same_tokens = round(sum(same) / len(same), 3)
-            emit_speedup(rates, of="decode_tokens_per_s", requests=requests, same_tokens=same_tokens, **context)
+        same_tokens = round(sum(same) / len(same), 3)
+        emit_speedup(rates, of="decode_tokens_per_s", requests=requests, same_tokens=same_tokens, **context)
 
 
 def main() -> None:
@@ -123,16 +117,11 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     if not cpu_kernels.available():
-        emit("skipped", 0, "", reason="llmkit's CPU kernels need an x86-64 CPU with AVX2 and a C++ compiler")
+        emit("skipped", 0, "", reason=KERNELS_MISSING)
         return
     context = {"threads": arguments.threads, "torch": torch.__version__}
     layer(arguments.repeats, context)
-    if arguments.no_model:
-        emit("skipped", 0, "", system="SmolLM2 engines", reason="--no-model")
-    elif not SMOLLM2.exists():
-        emit("skipped", 0, "", system="SmolLM2 engines", reason=f"{SMOLLM2} not found")
-    else:
-        model(arguments.repeats, context)
+    on_smollm2(arguments.no_model, "SmolLM2 engines", lambda checkpoint: model(checkpoint, arguments.repeats, context))
 
 
 if __name__ == "__main__":
