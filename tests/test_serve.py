@@ -398,7 +398,7 @@ def test_too_many_concurrent_requests_get_429(client, engine, server):
 
 
 @contextmanager
-def slow_and_endless(engine, seconds_per_step: float = 0.02):
+def slow_and_endless(engine, seconds_per_step: float = 0.05):
     """The model takes ``seconds_per_step`` per forward pass and never ends a text by itself."""
     ends = [engine.tokenizer.eot_id, engine.tokenizer.special_ids["<|end|>"]]
 
@@ -422,7 +422,8 @@ def test_a_client_that_hangs_up_frees_its_slot(engine, server, stream):
     scheduler, metrics = server.app.state.service.scheduler, server.app.state.service.metrics
     body = {"model": MODEL, "prompt": "the", "max_tokens": 120, "temperature": 0, "stream": stream}
     headers = {"Authorization": f"Bearer {KEY}"}
-    with slow_and_endless(engine):  # the whole answer would take about 2.5 s
+    # The whole answer would take about 6 s: a test thread held up on a loaded machine still finds it running.
+    with slow_and_endless(engine):
         with httpx.Client(timeout=0.5) as http:
             if stream:
                 with http.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers) as response:
