@@ -20,6 +20,7 @@ from llmkit.infer import Engine, GenerationConfig, cpu_kernels
 from llmkit.infer import runner as runner_module
 from llmkit.infer.cpu_kernels import TiledLinear
 from llmkit.infer.engine import use_decoding_layout
+from llmkit.infer.quantize import Int4Linear, Int8Linear
 from llmkit.model import Transformer
 
 needs_kernels = pytest.mark.skipif(
@@ -214,6 +215,15 @@ def test_tiled_linear_equals_the_linear_layer(rows, dtype):
         torch.testing.assert_close(tiled(x), linear(x), rtol=tolerance, atol=tolerance)
 
 
+def assert_one_region_in_order(buffers: list[torch.Tensor]) -> None:
+    """The buffers share one storage, the first at its start and each next at the end of the one before, rounded up to
+    a multiple of 64 bytes: the order a forward reads them."""
+    assert len({buffer.untyped_storage().data_ptr() for buffer in buffers}) == 1
+    starts = [buffer.storage_offset() * buffer.element_size() for buffer in buffers]
+    ends = [start + buffer.nbytes for start, buffer in zip(starts, buffers)]
+    assert starts == [0, *(-(-end // 64) * 64 for end in ends[:-1])]
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decoding_layout_tiles_the_layers_and_decodes_like_a_full_forward_loop(tmp_path, dtype):
@@ -224,12 +234,9 @@ def test_decoding_layout_tiles_the_layers_and_decodes_like_a_full_forward_loop(t
     parameters = model.num_parameters()
     engine = Engine(model, tokenizer, decoding_layout=True)
     assert isinstance(model.blocks[0].attention.out, TiledLinear)
-    # the tiles lie in one region, in the order a forward reads them
     tiles = [module.weight for module in model.modules() if isinstance(module, TiledLinear)]
-    assert len({tile.untyped_storage().data_ptr() for tile in tiles}) == 1
     assert len(tiles) > 2 and tiles[0] is model.blocks[0].attention.qkv.weight
-    ends = [tile.storage_offset() + tile.numel() for tile in tiles]
-    assert [tile.storage_offset() for tile in tiles] == [0, *ends[:-1]]
+    assert_one_region_in_order(tiles)
     assert model.token_embedding.weight.dtype == dtype  # the tied head got its own tiled copy
     assert model.num_parameters() < parameters == engine.parameter_count  # tiles are buffers; reports say the model's
     prompt = tokenizer.encode("hello world")
@@ -238,6 +245,26 @@ def test_decoding_layout_tiles_the_layers_and_decodes_like_a_full_forward_loop(t
     double = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, n_embd=32)).double().eval()
     use_decoding_layout(double)
     assert not any(isinstance(module, TiledLinear) for module in double.modules())
+
+
+@needs_kernels
+def test_decoding_layout_puts_quantized_weights_scales_and_minimums_in_one_region(tmp_path):
+    tokenizer = char_tokenizer(tmp_path)
+    config = GenerationConfig(max_new_tokens=12, temperature=0, stop_at_end_of_text=False)
+    prompt = tokenizer.encode("hello world")
+    tokens = []
+    for layout in (False, True):
+        torch.manual_seed(0)
+        vocab = -(-tokenizer.vocab_size // 8) * 8  # a head the kernels tile
+        model = Transformer(tiny_config(vocab_size=vocab, n_embd=64, n_head=4, context_length=32))
+        engine = Engine(model.eval(), tokenizer, decoding_layout=layout, quantize="int4")
+        tokens.append(engine.generate_ids([prompt], config)[0].token_ids)
+    qkv, head = model.blocks[0].attention.qkv, model.lm_head
+    assert isinstance(qkv, Int4Linear) and isinstance(head, Int8Linear) and qkv.layout == "tiles" and head.tiled
+    buffers = [getattr(module, name) for module in model.modules() for name in getattr(module, "streamed", ())]
+    assert buffers[:3] == [qkv.weight, qkv.scales, qkv.minimums] and buffers[-2:] == [head.weight, head.scales]
+    assert_one_region_in_order(buffers)
+    assert tokens[0] == tokens[1]  # the same values, only placed elsewhere
 
 
 @needs_kernels

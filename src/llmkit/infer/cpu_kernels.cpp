@@ -101,14 +101,6 @@ WIDE inline __m256 sum8_pairs(const __m512* pairs) {
 // A float vector of 8 repeated in both halves of a 512-bit register (the activations meet both rows of a pair).
 WIDE inline __m512 twice(__m256 v) { return _mm512_insertf32x8(_mm512_castps256_ps512(v), v, 1); }
 
-// Lanes 0-7 the value of row 2p, lanes 8-15 that of row 2p + 1, from the 8 values of a tile (one per row).
-WIDE inline __m512 pair_of(__m256 per_row, int64_t p) {
-  const __m512i index = _mm512_set_epi32(
-      2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p, 2 * p, 2 * p,
-      2 * p, 2 * p, 2 * p, 2 * p, 2 * p);
-  return _mm512_permutexvar_ps(index, _mm512_castps256_ps512(per_row));
-}
-
 void check(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, int64_t multiple) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (rows, in)");
   TORCH_CHECK(packed.is_contiguous(), "packed weights must be contiguous");
@@ -227,14 +219,6 @@ inline __m256i unpack(const uint8_t* bytes) {
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), _mm_and_si128(v, nibble));
 }
 
-// The codes of rows 2p and 2p + 1 of a group (32 bytes) as 64 bytes in the order of the activations, twice.
-WIDE inline __m512i unpack_pair(const uint8_t* bytes) {
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
-  __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
-  both = _mm512_and_si512(both, _mm512_set1_epi8(0x0F));  // [2p low, 2p+1 low, 2p high, 2p+1 high]
-  return _mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0));
-}
-
 __m256 int4_tile_row(
     const uint8_t* tile, const uint8_t* unpacked, const __m128i* scales, const __m128i* minimums,
     const QuantizedRows& q, int64_t first_group, int64_t groups) {
@@ -264,34 +248,58 @@ __m256 int4_tile_row(
   return _mm256_add_ps(sum8(acc), offsets);
 }
 
+// The 8 sums of a tile from two accumulators of 4 rows each (row 4h + i of accumulator h in lanes 4i to 4i + 3).
+WIDE inline __m256 sum8_quads(const __m512* quads) {
+  __m256 a = _mm256_hadd_ps(_mm512_castps512_ps256(quads[0]), _mm512_extractf32x8_ps(quads[0], 1));
+  __m256 b = _mm256_hadd_ps(_mm512_castps512_ps256(quads[1]), _mm512_extractf32x8_ps(quads[1], 1));
+  // hadd(a, b): rows 0, 2, 4, 6 in lanes 0-3 and rows 1, 3, 5, 7 in lanes 4-7
+  return _mm256_permutevar8x32_ps(_mm256_hadd_ps(a, b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// 64 bytes of a group's tile are 4 rows' codes, 16 bytes a row: the low nibbles are the row's inputs 0-15 and the high
+// nibbles its inputs 16-31, so one load and two masks give 128 codes in the order of the activations' halves repeated
+// 4 times, and vpdpbusd sums them by 4, the span of one activation scale: 4 rows in 12 instructions, where unpacking 2
+// rows to 64 bytes in the order of the whole group took 10 for 2. SmolLM2's 120 int4 products of a step, one process,
+// round-robin: 1.02-1.06x at one activation row (memory-bound), 1.09-1.13x at 4, 1.13-1.17x at 16; one layer with
+// its weights in cache 1.2-1.45x.
 template <int R>
 WIDE void int4_tile_wide(
     const uint8_t* tile, const __m128i* scales, const __m128i* minimums, const QuantizedRows& q, int64_t first_row,
     int64_t groups, float* y, int64_t y_stride) {
-  __m512 acc[R][TILE / 2];
+  __m512 acc[R][2];
   __m256 offsets[R];
   for (int r = 0; r < R; ++r) {
     offsets[r] = _mm256_setzero_ps();
-    for (auto& a : acc[r]) a = _mm512_setzero_ps();
+    acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   }
-  const __m512i zero = _mm512_setzero_si512();
+  const __m512i zero = _mm512_setzero_si512(), nibble = _mm512_set1_epi8(0x0F);
+  const __m512i quad_rows[2] = {  // each row's scale in its 4 lanes
+      _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+      _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7)};
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* block = tile + g * TILE * GROUP / 2;
     _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + 64, _MM_HINT_T0);
-    __m512i xv[R];
-    __m512 xs[R];
+    __m512i x_low[R], x_high[R];
+    __m512 s_low[R], s_high[R];
     for (int r = 0; r < R; ++r) {
-      xv[r] = _mm512_broadcast_i64x4(q.group((first_row + r) * groups + g));
-      xs[r] = twice(q.group_scales((first_row + r) * groups + g));
+      const int64_t at = (first_row + r) * groups + g;
+      const int8_t* xv = q.values.data() + at * GROUP;
+      const float* xs = q.scales.data() + at * GROUP / QuantizedRows::SPAN;
+      x_low[r] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xv)));
+      x_high[r] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xv + GROUP / 2)));
+      s_low[r] = _mm512_broadcast_f32x4(_mm_loadu_ps(xs));
+      s_high[r] = _mm512_broadcast_f32x4(_mm_loadu_ps(xs + 4));
     }
-    const __m256 group_scales = _mm256_cvtph_ps(_mm_loadu_si128(scales + g));
-    for (int64_t p = 0; p < TILE / 2; ++p) {
-      const __m512i codes = unpack_pair(block + p * GROUP);
-      const __m512 pair_scales = pair_of(group_scales, p);
+    const __m512 group_scales = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(scales + g)));
+    for (int h = 0; h < 2; ++h) {
+      const __m512i codes = _mm512_loadu_si512(block + h * 2 * GROUP);
+      const __m512i low = _mm512_and_si512(codes, nibble), high = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
+      const __m512 row_scales = _mm512_permutexvar_ps(quad_rows[h], group_scales);
       for (int r = 0; r < R; ++r) {
-        __m512i sums = _mm512_dpbusd_epi32(zero, codes, xv[r]);
-        acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(xs[r], pair_scales), acc[r][p]);
+        __m512 sums = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, high, x_high[r])), s_high[r]);
+        sums = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, low, x_low[r])), s_low[r], sums);
+        acc[r][h] = _mm512_fmadd_ps(sums, row_scales, acc[r][h]);
       }
     }
     // w = code * scale + minimum: the minimums meet the plain sum of the group's activations
@@ -299,7 +307,7 @@ WIDE void int4_tile_wide(
     for (int r = 0; r < R; ++r)
       offsets[r] = _mm256_fmadd_ps(group_minimums, _mm256_set1_ps(q.sums[(first_row + r) * groups + g]), offsets[r]);
   }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * y_stride, _mm256_add_ps(sum8_pairs(acc[r]), offsets[r]));
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * y_stride, _mm256_add_ps(sum8_quads(acc[r]), offsets[r]));
 }
 
 // The AVX-512 kernels by the number of rows they take at once (1 to ROWS), for the last chunk of fewer rows.

@@ -17,7 +17,7 @@ from llmkit.config import check
 from llmkit.errors import MismatchError
 from llmkit.infer.completion import Completion, Tools
 from llmkit.infer.cpu_kernels import TiledLinear, available, decode_attention, one_stream
-from llmkit.infer.quantize import QUANTIZATIONS, Quantization, quantize_field
+from llmkit.infer.quantize import QUANTIZATIONS, Int4Linear, Int8Linear, Quantization, quantize_field
 from llmkit.infer.quantize import quantize as quantize_model
 from llmkit.infer.runner import ModelRunner
 from llmkit.infer.sampling import GenerationConfig
@@ -67,7 +67,7 @@ def use_decoding_layout(model: Transformer) -> None:
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear and TiledLinear.fits(child):
                     setattr(parent, name, TiledLinear(child))
-        one_stream([module for module in model.modules() if isinstance(module, TiledLinear)])
+        one_stream([module for module in model.modules() if isinstance(module, (TiledLinear, Int8Linear, Int4Linear))])
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
                 module.weight.data = module.weight.data.t().contiguous().t()

@@ -89,6 +89,11 @@ class Int8Linear(nn.Module):
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
+    @property
+    def streamed(self) -> tuple[str, ...]:
+        """The buffers the decoding layout lays out in one region (:func:`~llmkit.infer.cpu_kernels.one_stream`)."""
+        return ("weight", "scales") if self.tiled else ()
+
     def dequantized(self) -> torch.Tensor:
         """The weight the layer multiplies by, in float32."""
         return self.codes().float() * self.scales.float()[:, None]
@@ -154,6 +159,11 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def streamed(self) -> tuple[str, ...]:
+        """The buffers the decoding layout lays out in one region (:func:`~llmkit.infer.cpu_kernels.one_stream`)."""
+        return ("weight", "scales", "minimums") if self.layout == "tiles" else ()
 
     def dequantized(self) -> torch.Tensor:
         """The weight the layer multiplies by, (out, in) in float32."""
