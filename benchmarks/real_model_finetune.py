@@ -17,10 +17,14 @@ no activation checkpointing, the same precision (float32, or bfloat16 autocast f
 * ``finetune_tokens_per_s``: ``batch × length`` over the median wall time of a step (from one step's end to
   the next, data loading and the optimizer included), the first step of each run left out (warm-up); systems
   alternate run by run (``--repeats`` runs of ``--steps`` steps each, fresh weights every run).
-* Two TRL systems: ``trl``, its defaults (its collator gives every batch an all-ones ``attention_mask``), and
+* Three TRL systems: ``trl``, its defaults (its collator gives every batch an all-ones ``attention_mask``);
   ``trl_no_mask``, the same with ``position_ids`` in place of that mask, so transformers' attention takes its
   causal fast path (rows here have no padding, so the loss is the same): TRL as a user tuning it for speed
-  would run it.
+  would run it; ``trl_kept_memory``, the defaults in a process with the allocator settings llmkit's trainer
+  makes (``llmkit.train.allocator``: freed memory kept for the next step, which any process can get from
+  glibc's environment variables), so the table shows what that setting alone is worth.
+* Every run is a process of its own (forked from a server that has imported torch and TRL but run nothing):
+  the allocator setting is process-wide, and a TRL run must not inherit it from an llmkit run before it.
 * ``finetune_speedup_vs_trl``: llmkit's rate over each TRL system's (goal >= 1.5 against ``trl``).
 * ``step0_loss``: each system's loss on the first batch, before any update (the same computation: they
   must agree to float32 rounding, or to bfloat16 autocast's).
@@ -36,10 +40,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -52,6 +58,7 @@ from llmkit.chat import render_ids  # noqa: E402
 from llmkit.model.checkpoint import load_checkpoint  # noqa: E402
 from llmkit.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from llmkit.tokenizer import Tokenizer  # noqa: E402
+from llmkit.train.allocator import keep_freed_memory  # noqa: E402
 from llmkit.train.objectives import IGNORE_INDEX  # noqa: E402
 from llmkit.train.trainer import Trainer, TrainingHooks  # noqa: E402
 
@@ -237,6 +244,19 @@ def trl_run(
     return {"step_s": median_step(clock.ends), "step0_loss": float(first["loss"]), "trainable": trainable}
 
 
+SYSTEMS = ["llmkit", "trl", "trl_no_mask", "trl_kept_memory"]
+
+
+def run_system(name: str, threads: int, directory: Path, *run) -> dict:
+    """One run of system ``name`` (in a process of its own: see the module docstring)."""
+    torch.set_num_threads(threads)
+    if name == "llmkit":
+        return llmkit_run(directory / "llmkit", *run)
+    if name == "trl_kept_memory":
+        keep_freed_memory()
+    return trl_run(directory / "hf", name != "trl_no_mask", *run)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", choices=["full", "lora"], default=["full", "lora"])
@@ -271,18 +291,17 @@ def main() -> None:
         rows = arguments.batch * arguments.steps
         ids, mask = rows_of(tokenizer, alpaca_conversations(ALPACA), rows, arguments.length)
         batches = FixedBatches(ids, mask, arguments.batch)
-        systems = {
-            "llmkit": lambda *run: llmkit_run(checkpoint, *run),
-            "trl": lambda *run: trl_run(directory / "hf", True, *run),
-            "trl_no_mask": lambda *run: trl_run(directory / "hf", False, *run),
-        }
+        processes = multiprocessing.get_context("forkserver")
+        processes.set_forkserver_preload(["torch", "transformers", "trl", "llmkit.train.trainer"])
         for mode in arguments.modes:
             for dtype in arguments.dtypes:
-                results: dict[str, list[dict]] = {name: [] for name in systems}
+                results: dict[str, list[dict]] = {name: [] for name in SYSTEMS}
                 for repeat in range(arguments.repeats):
-                    for name, run in systems.items():
+                    for name in SYSTEMS:
                         out = directory / f"{name}_{mode}_{dtype}_{repeat}"
-                        results[name].append(run(batches, mode, dtype, arguments.steps, out))
+                        run = (name, arguments.threads, directory, batches, mode, dtype, arguments.steps, out)
+                        with ProcessPoolExecutor(1, mp_context=processes) as pool:
+                            results[name].append(pool.submit(run_system, *run).result())
                 rates = {}
                 for name, runs in results.items():
                     step_s = statistics.median(run["step_s"] for run in runs)
@@ -299,7 +318,7 @@ def main() -> None:
                         **context,
                     )
                     emit("step0_loss", round(runs[0]["step0_loss"], 5), "nats", system=name, mode=mode, dtype=dtype)
-                for reference in ("trl", "trl_no_mask"):
+                for reference in SYSTEMS[1:]:
                     emit(
                         "finetune_speedup_vs_trl",
                         round(rates["llmkit"] / rates[reference], 3),

@@ -124,6 +124,14 @@ class TrainConfig:
             "help": "refuse before the first step when the estimated memory of a step exceeds what the device has free"
         },
     )
+    keep_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "on the CPU (Linux, glibc): large tensors come from the heap and freed memory stays in the process "
+            "for the next step instead of being returned and faulted in again (process-wide; memory stays near its "
+            "peak; llmkit.train.allocator)"
+        },
+    )
     best_metric: str | None = field(
         default=None,
         metadata={

@@ -26,6 +26,7 @@ from llmkit.errors import ConfigError, LlmkitError
 from llmkit.io import atomic_write_text
 from llmkit.model.checkpoint import BEST, DTYPES, LATEST
 from llmkit.train import distributed
+from llmkit.train.allocator import keep_freed_memory
 from llmkit.train.checkpoint import (
     decode_rng,
     encode_rng,
@@ -220,6 +221,8 @@ class Trainer:
         if self.dtype == torch.float16 and device.type != "cuda":
             raise ConfigError("dtype", config.dtype, "float16 training needs CUDA; use bfloat16 on the CPU")
         self.device, self.world = process_device(config.device)
+        if config.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         self.model = model.to(self.device)
         self.language_model = model.get_submodule(self.hooks.language_model)
         self.model_config = self.language_model.config
