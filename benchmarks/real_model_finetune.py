@@ -29,7 +29,7 @@ no activation checkpointing, the same precision (float32, or bfloat16 autocast f
 * ``step0_loss``: each system's loss on the first batch, before any update (the same computation: they
   must agree to float32 rounding, or to bfloat16 autocast's).
 
-It takes about 10 minutes on 2 cores with the defaults. Timings taken while other jobs share the CPU are void.
+It takes about 16 minutes on 2 cores with the defaults. Timings taken while other jobs share the CPU are void.
 
 Usage: python benchmarks/real_model_finetune.py [--modes full lora] [--dtypes float32 bfloat16] [--batch 4]
     [--length 256] [--steps 4] [--repeats 3] [--threads 2]

@@ -57,8 +57,9 @@ class EngineConfig:
 def use_decoding_layout(model: Transformer) -> None:
     """Lay the linear weights out for one-token decoding, in place. bfloat16 and float32 layers on an x86 CPU with
     llmkit's kernels become :class:`~llmkit.infer.cpu_kernels.TiledLinear` (their weights buffers, one after another
-    in one region in forward order: :func:`~llmkit.infer.cpu_kernels.one_stream`; a head tied to the embedding gets
-    its own tiled copy); other linear weights (out, in) are stored in column-major order (same values,
+    in one region in forward order with the tiles, scales and minimums of int8 and int4 layers:
+    :func:`~llmkit.infer.cpu_kernels.one_stream`; a head tied to the embedding gets its own tiled copy); other linear
+    weights (out, in) are stored in column-major order (same values,
     same Parameter objects, tied weights stay tied), so ``F.linear`` hands BLAS a contiguous (in, out) matrix and the
     matrix-vector products run about 1.3x faster in float32 (benchmarks/decode_speed.py). Only for models that are
     not being trained at the same time."""
