@@ -9,8 +9,10 @@ over 635 x 49,152 float32 logits took 43 ms into fresh memory and 13-15 ms into 
 SmolLM2's bfloat16 autocast fine-tuning step spent 15 % of its time in copies and fills of fresh tensors.
 
 :func:`keep_freed_memory` makes malloc serve every size from its heap (``M_MMAP_MAX`` 0) and keep up to 2 GiB of
-freed memory at the heap's top (``M_TRIM_THRESHOLD``), so the second step's tensors reuse the first step's
-pages. It is process-wide and stays on: the process's resident memory then stays near its peak until it ends
+freed memory at the heap's top (``M_TRIM_THRESHOLD``). The heap grows over the first few steps (a freed block
+between small live ones does not fit an aligned request of the same size at first: a few times the largest tensor
+in tests/test_allocator.py), then a step's tensors take pages the process already holds. It is process-wide and
+stays on: the process's resident memory then stays near its peak until it ends
 (the ``train.keep_freed_memory`` option turns it off). The same settings can be given to any process, llmkit or
 not, as environment variables: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
 """
