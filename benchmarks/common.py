@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -58,7 +59,24 @@ def interleaved_rates(runs: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-KERNELS_MISSING = "llmkit's CPU kernels need an x86-64 CPU with AVX2 and a C++ compiler"
+def kernel_benchmark(description: str, alone: str) -> tuple[argparse.Namespace, dict] | None:
+    """The command line of a benchmark of llmkit's CPU kernels (``--threads``, ``--repeats``, ``--no-model``: then only
+    ``alone`` runs, not the SmolLM2 part), with torch's threads set, and the context of its JSON lines; None, after a
+    ``skipped`` line, where the kernels do not run."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--no-model", action="store_true", help=f"{alone} alone, not the SmolLM2 part")
+    arguments = parser.parse_args()
+    import torch
+
+    from llmkit.infer import cpu_kernels
+
+    torch.set_num_threads(arguments.threads)
+    if not cpu_kernels.available():
+        emit("skipped", 0, "", reason="llmkit's CPU kernels need an x86-64 CPU with AVX2 and a C++ compiler")
+        return None
+    return arguments, {"threads": arguments.threads, "torch": torch.__version__}
 
 
 def on_smollm2(skip: bool, system: str, run) -> None:

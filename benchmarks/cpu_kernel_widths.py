@@ -20,7 +20,6 @@ Usage: python benchmarks/cpu_kernel_widths.py [--threads 2] [--repeats 9] [--no-
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import KERNELS_MISSING, emit, interleaved_rates, on_smollm2  # noqa: E402
+from common import emit, interleaved_rates, kernel_benchmark, on_smollm2  # noqa: E402
 
 from llmkit.infer import Engine, EngineConfig, GenerationConfig, cpu_kernels  # noqa: E402
 from llmkit.infer.quantize import Int4Linear, Int8Linear  # noqa: E402
@@ -124,19 +123,12 @@ def model(checkpoint: Path, repeats: int, context: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--no-model", action="store_true", help="the kernels alone, not the SmolLM2 engine")
-    arguments = parser.parse_args()
-    torch.set_num_threads(arguments.threads)
-    if not cpu_kernels.available():
-        emit("skipped", 0, "", reason=KERNELS_MISSING)
+    if (benchmark := kernel_benchmark(__doc__, "the kernels")) is None:
         return
+    arguments, context = benchmark
     if cpu_kernels.use_vector_bits(512) != 512:
         emit("skipped", 0, "", reason="this CPU has no AVX-512 with VNNI: the kernels run their AVX2 versions only")
         return
-    context = {"threads": arguments.threads, "torch": torch.__version__}
     kernels(arguments.repeats, context)
     on_smollm2(arguments.no_model, "SmolLM2 engine", lambda checkpoint: model(checkpoint, arguments.repeats, context))
     cpu_kernels.use_vector_bits(512)

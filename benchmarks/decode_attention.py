@@ -18,7 +18,6 @@ Usage: python benchmarks/decode_attention.py [--threads 2] [--repeats 9] [--no-m
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import KERNELS_MISSING, emit, interleaved_rates, on_smollm2  # noqa: E402
+from common import emit, interleaved_rates, kernel_benchmark, on_smollm2  # noqa: E402
 
 from llmkit.infer import Engine, EngineConfig, GenerationConfig, cpu_kernels  # noqa: E402
 from llmkit.model.transformer import Attention  # noqa: E402
@@ -110,16 +109,9 @@ def model(checkpoint: Path, repeats: int, context: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--no-model", action="store_true", help="the layer alone, not the SmolLM2 engines")
-    arguments = parser.parse_args()
-    torch.set_num_threads(arguments.threads)
-    if not cpu_kernels.available():
-        emit("skipped", 0, "", reason=KERNELS_MISSING)
+    if (benchmark := kernel_benchmark(__doc__, "the layer")) is None:
         return
-    context = {"threads": arguments.threads, "torch": torch.__version__}
+    arguments, context = benchmark
     layer(arguments.repeats, context)
     on_smollm2(arguments.no_model, "SmolLM2 engines", lambda checkpoint: model(checkpoint, arguments.repeats, context))
 
