@@ -232,6 +232,49 @@ def test_chunked_token_losses_equal_the_full_cross_entropy_and_its_gradients():
     assert all(gradient.eq(0).all() for gradient in gradients)
 
 
+def test_the_losses_softmax_gradient_equals_pytorchs_cross_entropy_even_where_the_probability_underflows():
+    """The head's cross-entropy takes its gradient from one softmax in the forward pass; a target whose
+    probability is below float32's smallest normal (here e^-150 and e^-105) gets its loss from the log-sum-exp."""
+    from llmkit.model.transformer import _CrossEntropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    targets = torch.tensor([0, 7, 49, 3, 3, 20])
+    logits[4, 3], logits[5, 20] = logits[4].max() - 150.0, logits[5].max() - 105.0
+    weights = torch.rand(6)
+    mine, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = _CrossEntropy.apply(mine, targets)
+    reference = F.cross_entropy(theirs, targets, reduction="none")
+    assert torch.isfinite(ours).all() and ours[4] > 149.0
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    (ours * weights).sum().backward()
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(mine.grad, theirs.grad, rtol=0, atol=1e-6)
+
+
+def test_one_chunk_of_positions_runs_the_head_once_and_more_chunks_recompute_it():
+    """Recomputing a chunk's logits in the backward pass saves memory only when there is more than one chunk:
+    one chunk's head runs once, with the same losses and gradients as the whole cross-entropy."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=61, context_length=64))
+    ids, targets = torch.randint(0, 61, (3, 40)), torch.randint(0, 61, (3, 40))
+    targets[0, :5] = -100
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    full = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    expected = torch.autograd.grad(full.sum(), parameters)
+    # 115 positions have a target; the backward pass recomputes the last chunk first
+    for chunk_tokens, head_calls in [(115, [115]), (100, [100, 15, 15, 100])]:
+        calls.clear()
+        losses = model.token_losses(model.hidden_states(ids), targets, chunk_tokens=chunk_tokens)
+        gradients = torch.autograd.grad(losses.sum(), parameters)
+        assert calls == head_calls
+        torch.testing.assert_close(losses, full.view_as(targets), rtol=0, atol=1e-5)
+        for ours, theirs in zip(gradients, expected):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
 def test_a_frozen_head_gives_the_full_cross_entropys_gradients_without_recomputing_logits():
     """LoRA's case: the head has nothing to train, so each chunk's gradient with respect to the hidden states
     is worked out in the forward pass and scaled in the backward pass, here by unequal weights per position

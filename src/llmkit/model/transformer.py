@@ -302,6 +302,34 @@ class Block(nn.Module):
         return self.feed_forward_norm(self.residual_scale * x + self.dropout(self.feed_forward(x)))
 
 
+class _CrossEntropy(torch.autograd.Function):
+    """Per-position cross-entropy of float32 logits (positions, vocab) against targets (all counted), with its
+    gradient, softmax minus one-hot, worked out in the forward pass from one fused softmax. PyTorch's
+    cross-entropy runs a log-softmax forward and a backward that each read and write the whole block again: on
+    SmolLM2's 49k vocabulary the pair took 3-5x the softmax's time (635 positions: 26-66 ms against 12-14 ms)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.softmax(logits, dim=-1)
+        rows = torch.arange(len(targets), device=targets.device)
+        chosen = probabilities[rows, targets]
+        losses = -chosen.log()
+        # A probability below float32's smallest normal number has lost digits (or is 0, an infinite loss):
+        # those rows' losses come from the log-sum-exp instead, exact at any size.
+        underflow = chosen < torch.finfo(probabilities.dtype).tiny
+        if underflow.any():
+            far = logits[underflow]
+            losses[underflow] = torch.logsumexp(far, dim=-1) - far.gather(-1, targets[underflow, None]).squeeze(-1)
+        probabilities[rows, targets] -= 1
+        ctx.save_for_backward(probabilities)
+        return losses
+
+    @staticmethod
+    def backward(ctx, incoming: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        return incoming.unsqueeze(-1) * gradient, None
+
+
 class _FrozenHeadLosses(torch.autograd.Function):
     """Per-position losses of an output head without trainable weights, with their gradient with respect to the
     hidden states worked out in the forward pass. Position i's loss depends on hidden row i alone, so row i of
@@ -461,8 +489,7 @@ class Transformer(nn.Module):
 
     def _chunk_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor]:
         # float32: bf16 logits lose too much precision for a softmax over the vocabulary.
-        logits = self.output_logits(hidden).float()
-        return (F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none"),)
+        return (_CrossEntropy.apply(self.output_logits(hidden).float(), targets),)
 
     def token_logprobs(
         self,
@@ -511,19 +538,26 @@ class Transformer(nn.Module):
         self, per_chunk, hidden: torch.Tensor, tokens: torch.Tensor, chunk_tokens: int, frozen_head: bool = False
     ) -> list:
         """``per_chunk(hidden, tokens)`` (a tuple of per-position tensors) over ``chunk_tokens`` positions at a
-        time, each shaped as ``tokens``. Each chunk's logits are recomputed in the backward pass
-        instead of kept (the idea of Liger Kernel's fused linear cross-entropy): memory holds chunk × vocab
-        logits, not batch × length × vocab, which for a 49k vocabulary outweighs every activation of a small
-        model (14 GiB of log-probabilities for SmolLM2's GRPO batch). With ``frozen_head`` (``per_chunk`` gives
-        one tensor, and the head has nothing to train: LoRA), each chunk's gradient with respect to its hidden
-        states is worked out in the forward pass instead (:class:`_FrozenHeadLosses`), one head product fewer."""
+        time, each shaped as ``tokens``. With more than one chunk, each chunk's logits are recomputed in the
+        backward pass instead of kept (the idea of Liger Kernel's fused linear cross-entropy): memory holds
+        chunk × vocab logits, not batch × length × vocab, which for a 49k vocabulary outweighs every activation of
+        a small model (14 GiB of log-probabilities for SmolLM2's GRPO batch). With ``frozen_head`` (``per_chunk``
+        gives one tensor, and the head has nothing to train: LoRA), each chunk's gradient with respect to its
+        hidden states is worked out in the forward pass instead (:class:`_FrozenHeadLosses`), one head product
+        fewer."""
+
+        flat_hidden, flat_tokens = hidden.flatten(0, -2), tokens.flatten()
+        one_chunk = flat_tokens.numel() <= chunk_tokens
 
         def run(hidden: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
             if frozen_head:
                 return (_FrozenHeadLosses.apply(hidden, tokens, per_chunk),)
+            if one_chunk:
+                # Nothing to save by recomputing: the head's backward runs while every activation of the body is
+                # still held, so recomputed logits would be held then too, at the same peak.
+                return per_chunk(hidden, tokens)
             return torch.utils.checkpoint.checkpoint(per_chunk, hidden, tokens, use_reentrant=False)
 
-        flat_hidden, flat_tokens = hidden.flatten(0, -2), tokens.flatten()
         pieces = [
             run(flat_hidden[start : start + chunk_tokens], flat_tokens[start : start + chunk_tokens])
             for start in range(0, max(flat_tokens.numel(), 1), chunk_tokens)  # no positions: one empty chunk
