@@ -63,6 +63,27 @@ def test_merged_weights_equal_base_plus_scaled_product_and_compute_the_same_logi
     assert all(parameter.requires_grad for parameter in model.parameters())
 
 
+def test_an_adapted_layer_and_its_gradients_equal_the_written_out_formula():
+    """y = x Wᵀ + b + (alpha/r) (x Aᵀ) Bᵀ, and the gradients of x, A and B, against autograd on that formula."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(12, 20), rank=3, alpha=5.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    weights = torch.randn(2, 7, 20)
+    ours = layer(x)
+    A, B = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    theirs = x @ layer.weight.detach().T + layer.bias.detach() + (5.0 / 3) * (x @ A.T) @ B.T
+    torch.testing.assert_close(ours, theirs)
+    gradients = torch.autograd.grad((ours * weights).sum(), [x, layer.lora_A, layer.lora_B])
+    for mine, reference in zip(gradients, torch.autograd.grad((theirs * weights).sum(), [x, A, B])):
+        torch.testing.assert_close(mine, reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = layer(x)
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), theirs, atol=0.05, rtol=0.02)
+
+
 def test_only_the_adapters_get_gradients_and_optimizer_slots():
     model = adapted(LoRAConfig(rank=2, targets=["qkv", "down"])).train()
     logits = model(tokens())

@@ -87,8 +87,13 @@ class LoRALinear(nn.Linear):
         return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return super().forward(x) + self.scaling * update
+        # The update's second product accumulates into the frozen layer's output (addmm: base + scaling · down Bᵀ),
+        # so the full-width update is never written, scaled and added in passes of its own, forward or backward
+        # (the scaling then applies to rank-wide tensors only).
+        base = super().forward(x)
+        down = F.linear(self.lora_dropout(x), self.lora_A)
+        rows = base.reshape(-1, self.out_features)
+        return torch.addmm(rows, down.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scaling).view(base.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) B A, the adapter's change to the weight, computed in float32."""
