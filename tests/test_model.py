@@ -168,6 +168,35 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
         torch.testing.assert_close(grouped(ids), full(ids), atol=1e-5, rtol=1e-5)
 
 
+def test_grouped_heads_in_packed_rows_compute_each_document_alone_and_whole_row_documents_attend_in_one_call():
+    """Grouped keys and values are read unrepeated (enable_gqa) span by span; a batch whose rows are one document
+    each is plain causal attention over the whole batch, with the same values and gradients."""
+    from llmkit.model.transformer import DocumentSpans
+
+    torch.manual_seed(0)
+    model = Transformer(tiny(n_kv_head=2)).train()
+    ids = torch.randint(0, 97, (2, 20))
+    documents = torch.tensor([[0] * 8 + [1] * 12, [0] * 20])
+    weights = torch.randn(2, 20, 32)
+    packed = model.hidden_states(ids, document_ids=documents)
+    pieces = [(0, 0, 8), (0, 8, 20), (1, 0, 20)]
+    alone = [model.hidden_states(ids[row : row + 1, start:end])[0] for row, start, end in pieces]
+    for (row, start, end), hidden in zip(pieces, alone):
+        torch.testing.assert_close(packed[row, start:end], hidden, atol=1e-5, rtol=1e-5)
+    parameters = list(model.parameters())
+    mine = torch.autograd.grad((packed * weights).sum(), parameters)
+    theirs = sum((hidden * weights[row, start:end]).sum() for (row, start, end), hidden in zip(pieces, alone))
+    for ours, reference in zip(mine, torch.autograd.grad(theirs, parameters)):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+    positions = torch.arange(20)
+    assert isinstance(model._attention_mask(positions, 0, 20, None, documents)[0], DocumentSpans)
+    assert model._attention_mask(positions, 0, 20, None, torch.zeros_like(documents)) == (None, True)
+    torch.testing.assert_close(
+        model.hidden_states(ids, document_ids=torch.zeros_like(documents)), model.hidden_states(ids)
+    )
+
+
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt3-125m", "gpt3-175b", "gpt1"])
 def test_gpt_presets_equal_the_closed_form_count(name):
     config = preset(name)
