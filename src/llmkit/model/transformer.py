@@ -176,12 +176,13 @@ class Attention(nn.Module):
     def _core(self, q, k, v, mask: "torch.Tensor | DocumentSpans | None", is_causal: bool) -> torch.Tensor:
         """The attention core, q, k, v (batch, heads, length, head_dim) -> (batch, length, heads · head_dim):
         QKᵀ, softmax, dropout and the product with V. Grouped keys and values are repeated in here, so
-        selective recomputation keeps them unrepeated; without a mask the fused kernels read them grouped
-        (``enable_gqa``), and no repeated copy is made at all."""
+        selective recomputation keeps them unrepeated; on the CPU without a mask the flash kernel reads them
+        grouped (``enable_gqa``), and no repeated copy is made at all."""
         batch, length = q.shape[0], q.shape[2]
         grouped = self.n_kv_head != self.n_head
-        if grouped and isinstance(mask, torch.Tensor):
-            # With a mask, CUDA's memory-efficient kernel (which takes masks) does not take grouped heads.
+        if grouped and (isinstance(mask, torch.Tensor) or q.device.type != "cpu"):
+            # Unrepeated heads are measured on the CPU's flash kernel without a mask only; CUDA's memory-efficient
+            # kernel (float32, masks) takes no grouped heads and would fall back to the unfused path.
             repeats = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
             grouped = False
