@@ -143,14 +143,18 @@ __m256 dense_tile_row(const W* tile, const float* x, int64_t blocks) {
 // gains from vpdpbusd (1.1x) and keeps it.
 constexpr int64_t ROWS = 4;
 
+// ``ahead`` (or null): the tile to bring into L2 meanwhile, a block's worth of it with each block read here.
 template <typename W, int R>
-WIDE void dense_tile_wide(const W* tile, const float* x, int64_t width, float* y, int64_t y_stride) {
+WIDE void dense_tile_wide(const W* tile, const float* x, int64_t width, float* y, int64_t y_stride, const W* ahead) {
   __m512 acc[R][TILE / 2];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
   for (int64_t c = 0; c < width / TILE; ++c) {
     const W* block = tile + c * TILE * TILE;
     prefetch_block(block);
+    if (ahead != nullptr)
+      for (size_t line = 0; line < TILE * TILE * sizeof(W); line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + c * TILE * TILE) + line, _MM_HINT_T1);
     __m512 w[TILE / 2];
     for (int64_t p = 0; p < TILE / 2; ++p) w[p] = widen16(block + 2 * p * TILE);  // rows 2p and 2p + 1 of the tile
     for (int r = 0; r < R; ++r) {
@@ -333,8 +337,12 @@ at::Tensor gemv_dense(const at::Tensor& x, const W* wp, int64_t out_features) {
     for (int64_t t = begin; t < end; ++t) {
       const W* tile = wp + t * TILE * width;
       float* yt = yp + t * TILE;
+      // More than ROWS rows read the tile again from cache, ROWS at a time: the second pass brings the next tile
+      // into L2, so that its first pass does not wait for memory while the arithmetic waits too.
+      const W* next = t + 1 < end ? tile + TILE * width : nullptr;
       for (int64_t r = 0; wide && r < rows; r += ROWS)
-        dense_wide<W>[std::min(ROWS, rows - r) - 1](tile, xp + r * width, width, yt + r * out_features, out_features);
+        dense_wide<W>[std::min(ROWS, rows - r) - 1](
+            tile, xp + r * width, width, yt + r * out_features, out_features, r == 0 ? next : nullptr);
       for (int64_t r = 0; !wide && r < rows; ++r)  // further rows find the tile in L1
         _mm256_storeu_ps(yt + r * out_features, dense_tile_row(tile, xp + r * width, blocks));
     }
