@@ -675,8 +675,8 @@ class Transformer(nn.Module):
             if not alibi and prefix_lengths is None:
                 spans = DocumentSpans.of(document_ids)
                 if len(spans.spans) == len(document_ids):
-                    # One document a row: plain causal attention, every row in one call (span by span, 4 rows of
-                    # SmolLM2's 256 tokens took 1.3x as long).
+                    # One document a row: plain causal attention, every row in one call (4 rows of SmolLM2's 256
+                    # tokens, forward and backward: 20.5 ms span by span, 17.5-19 ms in one call).
                     return None, True
                 return spans, False
             allowed = allowed & (document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2))
