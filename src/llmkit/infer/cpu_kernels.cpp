@@ -116,10 +116,12 @@ WIDE inline __m512 widen16(const uint16_t* p) {
 }
 WIDE inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
 
-template <typename W>
-inline void prefetch_block(const W* block) {
+// A block's worth of lines from ``distance`` bytes after ``block``: into L1 by default, the streaming read's lookahead;
+// with _MM_HINT_T1 into L2.
+template <int Hint = _MM_HINT_T0, typename W>
+inline void prefetch_block(const W* block, int64_t distance = PREFETCH) {
   for (size_t line = 0; line < TILE * TILE * sizeof(W); line += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH + line, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block) + distance + line, static_cast<decltype(_MM_HINT_T0)>(Hint));
 }
 
 // One activation row times one tile: the tile's 8 sums. Each kernel has an AVX2 and an AVX-512 version.
@@ -152,9 +154,7 @@ WIDE void dense_tile_wide(const W* tile, const float* x, int64_t width, float* y
   for (int64_t c = 0; c < width / TILE; ++c) {
     const W* block = tile + c * TILE * TILE;
     prefetch_block(block);
-    if (ahead != nullptr)
-      for (size_t line = 0; line < TILE * TILE * sizeof(W); line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + c * TILE * TILE) + line, _MM_HINT_T1);
+    if (ahead != nullptr) prefetch_block<_MM_HINT_T1>(ahead + c * TILE * TILE, 0);
     __m512 w[TILE / 2];
     for (int64_t p = 0; p < TILE / 2; ++p) w[p] = widen16(block + 2 * p * TILE);  // rows 2p and 2p + 1 of the tile
     for (int r = 0; r < R; ++r) {
