@@ -216,12 +216,40 @@ def test_tiled_linear_equals_the_linear_layer(rows, dtype):
 
 
 def assert_one_region_in_order(buffers: list[torch.Tensor]) -> None:
-    """The buffers share one storage, the first at its start and each next at the end of the one before, rounded up to
-    a multiple of 64 bytes: the order a forward reads them."""
+    """The buffers share one storage, the first at a huge-page boundary and each next at the end of the one before,
+    rounded up to a multiple of 64 bytes: the order a forward reads them."""
     assert len({buffer.untyped_storage().data_ptr() for buffer in buffers}) == 1
-    starts = [buffer.storage_offset() * buffer.element_size() for buffer in buffers]
+    starts = [buffer.data_ptr() - buffers[0].data_ptr() for buffer in buffers]
     ends = [start + buffer.nbytes for start, buffer in zip(starts, buffers)]
     assert starts == [0, *(-(-end // 64) * 64 for end in ends[:-1])]
+    assert buffers[0].data_ptr() % cpu_kernels.HUGE_PAGE == 0
+
+
+def anonymous_huge_pages_kib(address: int) -> int:
+    """The kibibytes of transparent huge pages that back the mapping holding ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            low, high = (int(end, 16) for end in fields[0].split("-"))
+            inside = low <= address < high
+        elif inside and fields[0] == "AnonHugePages:":
+            return int(fields[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+    reason="needs Linux with transparent huge pages enabled (always or madvise)",
+)
+def test_the_weights_region_starts_at_a_huge_page_and_is_backed_by_huge_pages():
+    region = cpu_kernels.huge_pages(3 * cpu_kernels.HUGE_PAGE + 100)
+    assert region.dtype == torch.uint8 and region.numel() == 3 * cpu_kernels.HUGE_PAGE + 100
+    assert region.data_ptr() % cpu_kernels.HUGE_PAGE == 0
+    region.fill_(7)  # the first touch faults the pages in
+    assert anonymous_huge_pages_kib(region.data_ptr()) >= 3 * cpu_kernels.HUGE_PAGE // 1024
+    assert int(region.sum()) == 7 * region.numel()
 
 
 @needs_kernels
