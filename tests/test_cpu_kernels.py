@@ -119,6 +119,38 @@ def test_int4_kernel_equals_codes_times_scales_plus_minimums(rows, vector_bits):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantized_tiles_equal_pytorchs_product_to_the_bit(dtype):
+    """What prompts multiply by: codes times scales (plus minimums for int4) worked out with PyTorch on the untiled
+    codes, then rounded to the dtype."""
+    torch.manual_seed(0)
+    codes = torch.randint(-127, 128, (24, 96), dtype=torch.int8)
+    scales = torch.rand(24) * torch.logspace(-6, 2, 24)
+    got = cpu_kernels.dequantize("int8", cpu_kernels.tile(codes, 32), scales, out_features=24, dtype=dtype)
+    assert got.dtype == dtype and torch.equal(got, (codes.float() * scales[:, None]).to(dtype))
+    codes = torch.randint(0, 16, (16, 64), dtype=torch.uint8)
+    group_scales = (torch.rand(16, 2) * torch.logspace(-4, 1, 16)[:, None]).half()
+    minimums = (-torch.rand(16, 2) * 3).half()
+    got = cpu_kernels.dequantize(
+        "int4",
+        cpu_kernels.tile_int4(codes),
+        cpu_kernels.tile_groups(group_scales),
+        cpu_kernels.tile_groups(minimums),
+        out_features=16,
+        dtype=dtype,
+    )
+    by_group = codes.float().view(16, 2, 32) * group_scales.float()[..., None] + minimums.float()[..., None]
+    assert got.dtype == dtype and torch.equal(got, by_group.view(16, 64).to(dtype))
+    # the shapes torch.compile traces them with (a batch of more than 16 rows in a compiled step) are the real ones
+    int4_args = (cpu_kernels.tile_int4(codes), cpu_kernels.tile_groups(group_scales), cpu_kernels.tile_groups(minimums))
+    for op, args in [
+        (torch.ops.llmkit_cpu.dequantize_int8, (cpu_kernels.tile(codes.to(torch.int8), 32), scales[:16], 16, dtype)),
+        (torch.ops.llmkit_cpu.dequantize_int4, (*int4_args, 16, dtype)),
+    ]:
+        assert all(result == "SUCCESS" for result in torch.library.opcheck(op.default, args).values())
+
+
 def reference_attention(q, keys, values, mask):
     """PyTorch's attention in float32 with every query head as a head of its own (keys and values repeated)."""
     batch, heads, group, dim = q.shape

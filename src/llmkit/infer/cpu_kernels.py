@@ -52,8 +52,10 @@ __all__ = [
     "available",
     "decode_attention",
     "dense",
+    "dequantize",
     "gemv",
     "one_stream",
+    "product_dtype",
     "tile",
     "tile_int4",
     "untile",
@@ -125,6 +127,15 @@ def register_shapes() -> None:
         torch.library.register_fake(f"llmkit_cpu::{name}", rows_by_out)
     torch.library.register_fake("llmkit_cpu::decode_attention", lambda q, keys, values, mask: q.new_empty(q.shape))
 
+    torch.library.register_fake(
+        "llmkit_cpu::dequantize_int8",
+        lambda packed, scales, out, dtype: packed.new_empty(out, packed.numel() // out, dtype=dtype),
+    )
+    torch.library.register_fake(
+        "llmkit_cpu::dequantize_int4",
+        lambda packed, scales, minimums, out, dtype: packed.new_empty(out, 2 * packed.numel() // out, dtype=dtype),
+    )
+
 
 def usable(linear_in: int, linear_out: int, width: int, device: torch.device) -> bool:
     """Whether a layer of this shape, on this device, can be stored tiled for the kernels."""
@@ -177,6 +188,12 @@ def gemv(kind: str, rows: torch.Tensor, *weights: torch.Tensor, out_features: in
     return op(rows.float().contiguous(), *weights, out_features).to(rows.dtype)
 
 
+def dequantize(kind: str, *weights: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight of tiled ``kind`` "int8" (tiles, scales (out,) float32) or "int4" (tiles, scales,
+    minimums) layers in ``dtype`` (float32 or bfloat16), in one pass: what :func:`dense` multiplies prompts by."""
+    return getattr(torch.ops.llmkit_cpu, f"dequantize_{kind}")(*weights, out_features, dtype)
+
+
 def decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -187,13 +204,20 @@ def decode_attention(
     return torch.ops.llmkit_cpu.decode_attention(q, keys, values, mask)
 
 
+def product_dtype(rows: torch.Tensor) -> torch.dtype:
+    """The dtype :func:`dense` multiplies ``rows`` in: theirs, but float32 for bfloat16 rows on a CPU without bfloat16
+    instructions (there oneDNN's bfloat16 product of 512 rows by a 1536 x 576 weight took 111 ms, 1232 ms with a
+    column-major weight, float32's 19 ms)."""
+    if rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and not CPU_BFLOAT16_MATMUL:
+        return torch.float32
+    return rows.dtype
+
+
 def dense(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``rows @ weight.T + bias`` with PyTorch, for the products the kernels leave (prompts, large batches), in the
-    rows' dtype. bfloat16 rows multiply in float32 on a CPU without bfloat16 instructions: there oneDNN's bfloat16
-    product of 512 rows by a 1536 x 576 weight took 111 ms (1232 ms with a column-major weight), float32's 19 ms."""
-    if rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and not CPU_BFLOAT16_MATMUL:
-        return F.linear(rows.float(), weight.float(), None if bias is None else bias.float()).to(rows.dtype)
-    return F.linear(rows, weight.to(rows.dtype), None if bias is None else bias.to(rows.dtype))
+    rows' dtype, multiplied in :func:`product_dtype`."""
+    dtype = product_dtype(rows)
+    return F.linear(rows.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).to(rows.dtype)
 
 
 def huge_pages(nbytes: int) -> torch.Tensor:

@@ -84,7 +84,7 @@ class Int8Linear(nn.Module):
         ):
             out = torch._weight_int8pack_mm(rows.contiguous(), self.weight, self.scales)
         else:
-            out = cpu_kernels.dense(rows, self.dequantized())
+            out = cpu_kernels.dense(rows, self.dequantized(cpu_kernels.product_dtype(rows)))
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
@@ -94,9 +94,12 @@ class Int8Linear(nn.Module):
         """The buffers the decoding layout lays out in one region (:func:`~llmkit.infer.cpu_kernels.one_stream`)."""
         return ("weight", "scales") if self.tiled else ()
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight the layer multiplies by, in float32."""
-        return self.codes().float() * self.scales.float()[:, None]
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the layer multiplies by, (out, in) in ``dtype`` (float32 or bfloat16: the product in float32,
+        rounded)."""
+        if self.tiled:
+            return cpu_kernels.dequantize("int8", self.weight, self.scales, out_features=self.out_features, dtype=dtype)
+        return (self.codes().float() * self.scales.float()[:, None]).to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -155,7 +158,7 @@ class Int4Linear(nn.Module):
                 rows.contiguous(), self.weight, self.group_size, self.scales_and_zeros.to(x.dtype)
             )[:, : self.out_features]
         else:
-            out = cpu_kernels.dense(rows, self.dequantized())
+            out = cpu_kernels.dense(rows, self.dequantized(cpu_kernels.product_dtype(rows)))
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -165,23 +168,25 @@ class Int4Linear(nn.Module):
         """The buffers the decoding layout lays out in one region (:func:`~llmkit.infer.cpu_kernels.one_stream`)."""
         return ("weight", "scales", "minimums") if self.layout == "tiles" else ()
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight the layer multiplies by, (out, in) in float32."""
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the layer multiplies by, (out, in) in ``dtype`` (float32 or bfloat16: computed in float32,
+        rounded)."""
         if self.layout == "int4pack":
             identity = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype, device=self.weight.device)
             transposed = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 identity, self.weight, self.group_size, self.scales_and_zeros
             )
-            return transposed.t()[: self.out_features].float()
+            return transposed.t()[: self.out_features].float().to(dtype)
         if self.layout == "tiles":
-            codes = cpu_kernels.untile_int4(self.weight)
-            scales = cpu_kernels.untile_groups(self.scales).float()
-            minimum = cpu_kernels.untile_groups(self.minimums).float()
-        else:
-            codes = self.weight
-            scales, minimum = self.scales_and_zeros.float().unbind(-1)
+            weight = cpu_kernels.dequantize(
+                "int4", self.weight, self.scales, self.minimums, out_features=self.stored_rows, dtype=dtype
+            )
+            return weight[: self.out_features]
+        codes = self.weight
+        scales, minimum = self.scales_and_zeros.float().unbind(-1)
         groups = codes.float().view(codes.shape[0], -1, self.group_size)
-        return (groups * scales[..., None] + minimum[..., None]).view(codes.shape[0], -1)[: self.out_features]
+        weight = (groups * scales[..., None] + minimum[..., None]).view(codes.shape[0], -1)
+        return weight[: self.out_features].to(dtype)
 
     def extra_repr(self) -> str:
         return (
