@@ -21,8 +21,10 @@ Layouts (``out`` a multiple of :data:`TILE`, ``in`` of the block width):
 int8 and int4 kernels quantize the activations to int8 with one scale per 4 inputs (scale = max |x| / 127) and
 multiply bytes as llama.cpp does; llama.cpp's one scale per 32 rounds away small activations beside SmolLM2's outlier
 channels. On SmolLM2 the logits stay within 3.4 % (int4) and 7.2 % (int8) of the largest float32 logit
-(tests/test_fast_decoding.py). The 16-bit kernel multiplies in float32, as oneDNN does; float32 weights have a kernel
-too (MKL's products of a few rows read SmolLM2's float32 weights at 10-15 GB/s).
+(tests/test_fast_decoding.py). The 16-bit kernel multiplies in float32, as oneDNN does, except that more than 4 rows
+of activations bfloat16 holds exactly (a bfloat16 model's) multiply in bfloat16 pairs on CPUs with AVX-512 BF16: the
+same exact products, half the instructions (SmolLM2's products of 16 rows 1.8x). float32 weights have a kernel too
+(MKL's products of a few rows read SmolLM2's float32 weights at 10-15 GB/s).
 
 Each kernel has two versions, chosen at run time (:func:`vector_bits`): AVX2, one activation row at a time, and on
 CPUs with AVX-512 and VNNI, up to 4 rows at a time, each pair of a tile's rows in one 512-bit register (``vpdpbusd``
