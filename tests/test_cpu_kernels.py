@@ -39,6 +39,20 @@ def vector_bits(request):
     cpu_kernels.use_vector_bits(default)
 
 
+def untile_int4(tiles: torch.Tensor) -> torch.Tensor:
+    """The inverse of cpu_kernels.tile_int4 in PyTorch: codes (out, in) as uint8."""
+    packed = cpu_kernels.untile(tiles)
+    out = packed.shape[0]
+    halves = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(out, -1, cpu_kernels.GROUP // 2, 2)
+    return halves.transpose(-1, -2).reshape(out, -1)
+
+
+def untile_groups(tiles: torch.Tensor) -> torch.Tensor:
+    """The inverse of cpu_kernels.tile_groups: (out, in / 32)."""
+    blocks, groups, rows = tiles.shape
+    return tiles.transpose(1, 2).reshape(blocks * rows, groups)
+
+
 def test_tile_layouts_round_trip_and_keep_8_rows_together():
     weight = torch.arange(16 * 64).view(16, 64)
     tiles = cpu_kernels.tile(weight, 32)
@@ -50,11 +64,11 @@ def test_tile_layouts_round_trip_and_keep_8_rows_together():
     assert packed.shape == (2, 2, 8, 16)
     # byte j of a row's group: code j in the low nibble, code j + 16 in the high one
     assert int(packed[0, 1, 2, 5]) == int(codes[2, 32 + 5]) | int(codes[2, 32 + 21]) << 4
-    assert torch.equal(cpu_kernels.untile_int4(packed), codes)
+    assert torch.equal(untile_int4(packed), codes)
     scales = torch.randn(16, 2)
     tiled = cpu_kernels.tile_groups(scales)
     assert tiled.dtype == torch.float16 and tiled.shape == (2, 2, 8)  # Q4_1's precision
-    assert torch.equal(cpu_kernels.untile_groups(tiled), scales.half())
+    assert torch.equal(untile_groups(tiled), scales.half())
 
 
 @needs_kernels

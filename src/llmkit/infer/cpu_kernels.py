@@ -61,7 +61,6 @@ __all__ = [
     "tile",
     "tile_int4",
     "untile",
-    "untile_int4",
 ]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -163,24 +162,10 @@ def tile_int4(codes: torch.Tensor) -> torch.Tensor:
     return tile((halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out, inputs // 2), GROUP // 2)
 
 
-def untile_int4(tiles: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`tile_int4`: codes (out, in) as uint8."""
-    packed = untile(tiles)
-    out = packed.shape[0]
-    halves = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(out, -1, GROUP // 2, 2)
-    return halves.transpose(-1, -2).reshape(out, -1)
-
-
 def tile_groups(values: torch.Tensor) -> torch.Tensor:
     """Per-group values (out, in / 32) -> ``[out / 8][in / 32][8]`` float16."""
     out, groups = values.shape
     return values.half().reshape(out // TILE, TILE, groups).transpose(1, 2).contiguous()
-
-
-def untile_groups(tiles: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`tile_groups`: (out, in / 32)."""
-    blocks, groups, rows = tiles.shape
-    return tiles.transpose(1, 2).reshape(blocks * rows, groups)
 
 
 def gemv(kind: str, rows: torch.Tensor, *weights: torch.Tensor, out_features: int) -> torch.Tensor:
