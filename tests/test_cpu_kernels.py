@@ -97,17 +97,17 @@ def test_bfloat16_and_float32_kernels_equal_the_float32_product(rows, kind, vect
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [5, 8, 11, 16])
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 11, 16])
 def test_bfloat16_kernel_with_bfloat16_activations_equals_the_exact_product(rows, vector_bits):
-    """Activations that bfloat16 holds exactly (a bfloat16 model's) take AVX-512 BF16's pair products where the CPU has
-    them (more than 4 rows, up to 8 a pass): the products are exact, only the float32 sums' order differs. Weights near
-    1e-3 and 1e2 and activations across the same range."""
+    """bfloat16 activations (a bfloat16 model's) take AVX-512 BF16's pair products where the CPU has them (more than 4
+    rows, up to 8 a pass), else they are widened: the products are exact, only the float32 sums' order differs, and
+    the result is float32. Weights near 1e-3 and 1e2 and activations across the same range."""
     torch.manual_seed(0)
     weight = (torch.randn(24, 96) * torch.logspace(-3, 2, 96)).bfloat16()
-    x = (torch.randn(rows, 96) * torch.logspace(2, -3, 96)).bfloat16().float()
-    got = cpu_kernels.gemv("bf16", x, cpu_kernels.tile(weight, 8), out_features=24)
+    x = (torch.randn(rows, 96) * torch.logspace(2, -3, 96)).bfloat16()
+    got = torch.ops.llmkit_cpu.gemv_bf16(x, cpu_kernels.tile(weight, 8), 24)
     expected = x.double() @ weight.double().T
-    assert ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-6
+    assert got.dtype == torch.float32 and ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-6
 
 
 @needs_kernels

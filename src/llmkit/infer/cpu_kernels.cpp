@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <numeric>
 #include <optional>
 #include <type_traits>
@@ -103,8 +102,11 @@ WIDE inline __m256 sum8_pairs(const __m512* pairs) {
 // A float vector of 8 repeated in both halves of a 512-bit register (the activations meet both rows of a pair).
 WIDE inline __m512 twice(__m256 v) { return _mm512_insertf32x8(_mm512_castps256_ps512(v), v, 1); }
 
-void check(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, int64_t multiple) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (rows, in)");
+// x: float32 (bfloat16 too where `bfloat16` says so).
+void check(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, int64_t multiple, bool bfloat16 = false) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || (bfloat16 && x.scalar_type() == at::kBFloat16)),
+              "x: contiguous (rows, in), float32", bfloat16 ? " or bfloat16" : "");
   TORCH_CHECK(packed.is_contiguous(), "packed weights must be contiguous");
   TORCH_CHECK(out_features % TILE == 0 && x.size(1) % multiple == 0, "shape not supported");
 }
@@ -327,7 +329,7 @@ const ByRows<decltype(&int8_tile_wide<1>)> int8_wide = {
 const ByRows<decltype(&int4_tile_wide<1>)> int4_wide = {
     &int4_tile_wide<1>, &int4_tile_wide<2>, &int4_tile_wide<3>, &int4_tile_wide<4>};
 
-// bfloat16 weights times activations that bfloat16 holds exactly (a bfloat16 model's): vdpbf16ps (AVX-512 BF16: Cooper
+// bfloat16 weights times bfloat16 activations (a bfloat16 model's): vdpbf16ps (AVX-512 BF16: Cooper
 // Lake, Sapphire Rapids, Zen 4) multiplies 32 pairs of bfloat16 and adds each pair into a float32 lane in one
 // instruction, where widening the weights to float32 took two more and the multiply-adds twice as many. The products are
 // exact either way (8 significant bits each); only the order of the float32 sums differs. A tile's block of 8 rows x 8
@@ -365,29 +367,19 @@ const std::array<decltype(&bf16_tile_dot<1>), DOT_ROWS> bf16_dot = {
     &bf16_tile_dot<1>, &bf16_tile_dot<2>, &bf16_tile_dot<3>, &bf16_tile_dot<4>,
     &bf16_tile_dot<5>, &bf16_tile_dot<6>, &bf16_tile_dot<7>, &bf16_tile_dot<8>};
 
-// The activations as bfloat16 if every one of them is a bfloat16 value (its low 16 bits zero), else nothing.
-std::vector<uint16_t> exact_bf16(const float* x, int64_t n) {
-  std::vector<uint16_t> bits(n);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t value;
-    std::memcpy(&value, x + i, sizeof(value));
-    if (value & 0xffff) return {};
-    bits[i] = static_cast<uint16_t>(value >> 16);
-  }
-  return bits;
-}
 
-// 16-bit and float32 weights: the products in float32.
+// 16-bit and float32 weights: the products in float32 (y float32). x: float32, or for bfloat16 weights bfloat16, which
+// bf16_dot takes as it is where it runs (and the float32 path widened where it does not).
 template <typename W>
 at::Tensor gemv_dense(const at::Tensor& x, const W* wp, int64_t out_features) {
   const int64_t rows = x.size(0), width = x.size(1), blocks = width / TILE;
-  at::Tensor y = at::empty({rows, out_features}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  at::Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
   const bool wide = vector_bits == 512 && rows > 1;  // one row: AVX2 was as fast (ONE_ROW)
-  std::vector<uint16_t> xb;  // bfloat16 activations for bf16_dot, where they are exact and the CPU has it
-  if constexpr (std::is_same_v<W, uint16_t>)
-    if (wide && rows > ROWS && has_bf16_dot) xb = exact_bf16(xp, rows * width);
+  const bool dot = x.scalar_type() == at::kBFloat16 && wide && rows > ROWS && has_bf16_dot;
+  const at::Tensor widened = dot || x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const float* xp = dot ? nullptr : widened.data_ptr<float>();
+  const uint16_t* xb = dot ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+  float* yp = y.data_ptr<float>();
   at::parallel_for(0, out_features / TILE, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const W* tile = wp + t * TILE * width;
@@ -398,10 +390,10 @@ at::Tensor gemv_dense(const at::Tensor& x, const W* wp, int64_t out_features) {
       // arithmetic at these rows, and the same prefetch changed nothing there (0.99-1.02x).
       const W* next = t + 1 < end ? tile + TILE * width : nullptr;
       if constexpr (std::is_same_v<W, uint16_t>)
-        for (int64_t r = 0; !xb.empty() && r < rows; r += DOT_ROWS)
+        for (int64_t r = 0; dot && r < rows; r += DOT_ROWS)
           bf16_dot[std::min(DOT_ROWS, rows - r) - 1](
-              tile, xb.data() + r * width, width, yt + r * out_features, out_features, r == 0 ? next : nullptr);
-      for (int64_t r = 0; wide && xb.empty() && r < rows; r += ROWS)
+              tile, xb + r * width, width, yt + r * out_features, out_features, r == 0 ? next : nullptr);
+      for (int64_t r = 0; wide && !dot && r < rows; r += ROWS)
         dense_wide<W>[std::min(ROWS, rows - r) - 1](
             tile, xp + r * width, width, yt + r * out_features, out_features, r == 0 ? next : nullptr);
       for (int64_t r = 0; !wide && r < rows; ++r)  // further rows find the tile in L1
@@ -412,7 +404,7 @@ at::Tensor gemv_dense(const at::Tensor& x, const W* wp, int64_t out_features) {
 }
 
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
-  check(x, packed, out_features, TILE);
+  check(x, packed, out_features, TILE, true);
   TORCH_CHECK(packed.numel() == out_features * x.size(1) && packed.scalar_type() == at::kBFloat16, "packed bf16");
   return gemv_dense(x, reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), out_features);
 }

@@ -22,8 +22,8 @@ int8 and int4 kernels quantize the activations to int8 with one scale per 4 inpu
 multiply bytes as llama.cpp does; llama.cpp's one scale per 32 rounds away small activations beside SmolLM2's outlier
 channels. On SmolLM2 the logits stay within 3.4 % (int4) and 7.2 % (int8) of the largest float32 logit
 (tests/test_fast_decoding.py). The 16-bit kernel multiplies in float32, as oneDNN does, except that more than 4 rows
-of activations bfloat16 holds exactly (a bfloat16 model's) multiply in bfloat16 pairs on CPUs with AVX-512 BF16: the
-same exact products, half the instructions (SmolLM2's products of 16 rows 1.8x). float32 weights have a kernel too
+of bfloat16 activations (a bfloat16 model's) multiply in bfloat16 pairs on CPUs with AVX-512 BF16: the same exact
+products, half the instructions (SmolLM2's products of 16 rows 1.8x). float32 weights have a kernel too
 (MKL's products of a few rows read SmolLM2's float32 weights at 10-15 GB/s).
 
 Each kernel has two versions, chosen at run time (:func:`vector_bits`): AVX2, one activation row at a time, and on
@@ -122,7 +122,7 @@ def register_shapes() -> None:
     """Output shapes for ``torch.compile``, which traces the kernels without running them."""
 
     def rows_by_out(x, *weights_and_out):
-        return x.new_empty(x.shape[0], weights_and_out[-1])
+        return x.new_empty(x.shape[0], weights_and_out[-1], dtype=torch.float32)
 
     for name in ("gemv_bf16", "gemv_f32", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"llmkit_cpu::{name}", rows_by_out)
@@ -170,9 +170,11 @@ def tile_groups(values: torch.Tensor) -> torch.Tensor:
 
 def gemv(kind: str, rows: torch.Tensor, *weights: torch.Tensor, out_features: int) -> torch.Tensor:
     """``rows`` (n, in) times a tiled weight: ``kind`` "bf16" or "f32" (tiles), "int8" (tiles, scales (out,) float32)
-    or "int4" (tiles, scales, minimums); (n, out) in the rows' dtype."""
+    or "int4" (tiles, scales, minimums); (n, out) in the rows' dtype. The kernels take float32 rows, and the bfloat16
+    kernel bfloat16 rows too (its pair products, ``cpu_kernels.cpp``)."""
     op = getattr(torch.ops.llmkit_cpu, f"gemv_{kind}")
-    return op(rows.float().contiguous(), *weights, out_features).to(rows.dtype)
+    activations = rows if kind == "bf16" and rows.dtype == torch.bfloat16 else rows.float()
+    return op(activations.contiguous(), *weights, out_features).to(rows.dtype)
 
 
 def dequantize(kind: str, *weights: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
