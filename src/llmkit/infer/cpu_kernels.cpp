@@ -103,7 +103,8 @@ WIDE inline __m256 sum8_pairs(const __m512* pairs) {
 WIDE inline __m512 twice(__m256 v) { return _mm512_insertf32x8(_mm512_castps256_ps512(v), v, 1); }
 
 // x: float32 (bfloat16 too where `bfloat16` says so).
-void check(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, int64_t multiple, bool bfloat16 = false) {
+void check(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, int64_t multiple,
+           bool bfloat16 = false) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
                   (x.scalar_type() == at::kFloat || (bfloat16 && x.scalar_type() == at::kBFloat16)),
               "x: contiguous (rows, in), float32", bfloat16 ? " or bfloat16" : "");
@@ -329,14 +330,14 @@ const ByRows<decltype(&int8_tile_wide<1>)> int8_wide = {
 const ByRows<decltype(&int4_tile_wide<1>)> int4_wide = {
     &int4_tile_wide<1>, &int4_tile_wide<2>, &int4_tile_wide<3>, &int4_tile_wide<4>};
 
-// bfloat16 weights times bfloat16 activations (a bfloat16 model's): vdpbf16ps (AVX-512 BF16: Cooper
-// Lake, Sapphire Rapids, Zen 4) multiplies 32 pairs of bfloat16 and adds each pair into a float32 lane in one
-// instruction, where widening the weights to float32 took two more and the multiply-adds twice as many. The products are
-// exact either way (8 significant bits each); only the order of the float32 sums differs. A tile's block of 8 rows x 8
-// inputs is two registers, rows 0-3 and 4-7, 4 lanes a row (the layout of sum8_quads); the 8 inputs, repeated 4 times,
-// meet them. Several rows of bfloat16 products are bound by arithmetic (SmolLM2's products of 16 rows took 23 ms, 184
-// GFLOP/s, as many as float32's), and this kernel takes up to 8 rows a pass (16 accumulators). SmolLM2's 121 products,
-// one process, round-robin against the float32 multiply-adds: 5 rows 1.09x, 7 1.24x, 9 1.41x, 12 1.77x, 16 1.81-1.83x.
+// bfloat16 weights times bfloat16 activations (a bfloat16 model's): vdpbf16ps (AVX-512 BF16: Cooper Lake, Sapphire
+// Rapids, Zen 4) multiplies 32 pairs of bfloat16 and adds each pair into a float32 lane in one instruction, where
+// widening the weights to float32 took two more and the multiply-adds twice as many. The products are exact either way
+// (8 significant bits each); only the order of the float32 sums differs. A tile's block of 8 rows x 8 inputs is two
+// registers, rows 0-3 and 4-7, 4 lanes a row (the layout of sum8_quads); the 8 inputs, repeated 4 times, meet them.
+// Several rows of bfloat16 products are bound by arithmetic (SmolLM2's products of 16 rows took 23 ms, 184 GFLOP/s, as
+// many as float32's), and this kernel takes up to 8 rows a pass (16 accumulators). SmolLM2's 121 products, one process,
+// round-robin against the float32 multiply-adds: 5 rows 1.09-1.18x, 7 1.24x, 8-9 1.33-1.41x, 12 1.77x, 16 1.81-1.94x.
 // Up to 4 rows, bound by memory, it was 0.94-0.97x, so they keep the multiply-adds (one row its AVX2 kernel).
 #define WIDE_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")))
 
@@ -375,10 +376,12 @@ at::Tensor gemv_dense(const at::Tensor& x, const W* wp, int64_t out_features) {
   const int64_t rows = x.size(0), width = x.size(1), blocks = width / TILE;
   at::Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
   const bool wide = vector_bits == 512 && rows > 1;  // one row: AVX2 was as fast (ONE_ROW)
-  const bool dot = x.scalar_type() == at::kBFloat16 && wide && rows > ROWS && has_bf16_dot;
-  const at::Tensor widened = dot || x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  const float* xp = dot ? nullptr : widened.data_ptr<float>();
-  const uint16_t* xb = dot ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+  const bool bf16 = x.scalar_type() == at::kBFloat16, dot = bf16 && wide && rows > ROWS && has_bf16_dot;
+  const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+  // bfloat16 rows for the multiply-adds are widened here: an ATen conversion cost 1.4 us a call, 0.17 ms a token
+  std::vector<float> widened(bf16 && !dot ? rows * width : 0);
+  for (size_t i = 0; i < widened.size(); i += TILE) _mm256_storeu_ps(widened.data() + i, bf16x8(xb + i));
+  const float* xp = bf16 ? widened.data() : x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, out_features / TILE, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -485,7 +488,8 @@ inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
 inline void store8(at::BFloat16* out, __m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i half_up = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));  // ties to even
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, half_up), 16);
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
 }
@@ -533,7 +537,8 @@ at::Tensor dequantize_int4_as(const uint8_t* wp, const at::Half* sp, const at::H
                                    _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15))};  // inputs 0-15, 16-31
         for (int64_t j = 0; j < GROUP; j += 8) {
           const __m128i codes = j % 16 == 0 ? halves[j / 16] : _mm_srli_si128(halves[j / 16], 8);
-          const __m256 product = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), _mm256_set1_ps(scale[k]));
+          const __m256 value = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+          const __m256 product = _mm256_mul_ps(value, _mm256_set1_ps(scale[k]));
           store8(rows + k * width + g * GROUP + j, _mm256_add_ps(product, _mm256_set1_ps(minimum[k])));
         }
       }
