@@ -298,6 +298,18 @@ def anonymous_huge_pages_kib(address: int) -> int:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
+def test_the_weights_region_is_plain_memory_where_the_os_refuses_huge_pages(monkeypatch):
+    """A kernel without transparent huge pages answers the advice with EINVAL: the region still works."""
+
+    def refuse(self, option):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(cpu_kernels.mmap, "mmap", type("Refusing", (cpu_kernels.mmap.mmap,), {"madvise": refuse}))
+    region = cpu_kernels.huge_pages(cpu_kernels.HUGE_PAGE + 10)
+    region.fill_(3)
+    assert region.numel() == cpu_kernels.HUGE_PAGE + 10 and int(region.sum()) == 3 * region.numel()
+
+
 @pytest.mark.skipif(
     not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
     or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),

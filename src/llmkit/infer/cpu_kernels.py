@@ -218,7 +218,10 @@ def huge_pages(nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
     # Private: a shared anonymous mapping is shared memory, whose huge pages follow another setting.
     memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched, so the first touch faults in huge pages
+    try:
+        memory.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched, so the first touch faults in huge pages
+    except OSError:
+        pass  # a kernel built without transparent huge pages refuses the advice: the mapping stays in small pages
     whole = torch.frombuffer(memory, dtype=torch.uint8)  # holds the mapping for as long as a view of it lives
     start = -whole.data_ptr() % HUGE_PAGE
     return whole[start : start + nbytes]
