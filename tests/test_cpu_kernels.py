@@ -124,6 +124,11 @@ def test_int8_kernel_equals_quantized_activations_times_the_weights(rows, vector
     assert (got - x @ (codes.float() * scales[:, None]).T).abs().max() < 0.01 * expected.abs().max()
 
 
+def int4_tiles(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An int4 layer's buffers for the kernels: codes (out, in) in 0..15, group scales and minimums (out, in / 32)."""
+    return cpu_kernels.tile_int4(codes), cpu_kernels.tile_groups(scales), cpu_kernels.tile_groups(minimums)
+
+
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 2, 7, 9, 16])  # AVX2: 1 row unpacks the codes in registers, more once per tile
 def test_int4_kernel_equals_codes_times_scales_plus_minimums(rows, vector_bits):
@@ -132,14 +137,7 @@ def test_int4_kernel_equals_codes_times_scales_plus_minimums(rows, vector_bits):
     # stored in float16: values it holds exactly, so the product below is the kernel's arithmetic
     scales, minimums = torch.rand(24, 2).half().float(), -torch.rand(24, 2).half().float()
     x = torch.randn(rows, 64)
-    got = cpu_kernels.gemv(
-        "int4",
-        x,
-        cpu_kernels.tile_int4(codes),
-        cpu_kernels.tile_groups(scales),
-        cpu_kernels.tile_groups(minimums),
-        out_features=24,
-    )
+    got = cpu_kernels.gemv("int4", x, *int4_tiles(codes, scales, minimums), out_features=24)
     # per group: scale · (codes · quantized x) + minimum · (the plain sum of x)
     quantized = reference_activations(x).view(rows, 2, 32)
     by_codes = torch.einsum("rgi,ogi->rog", quantized, codes.float().view(24, 2, 32))
@@ -160,18 +158,11 @@ def test_dequantized_tiles_equal_pytorchs_product_to_the_bit(dtype):
     codes = torch.randint(0, 16, (16, 64), dtype=torch.uint8)
     group_scales = (torch.rand(16, 2) * torch.logspace(-4, 1, 16)[:, None]).half()
     minimums = (-torch.rand(16, 2) * 3).half()
-    got = cpu_kernels.dequantize(
-        "int4",
-        cpu_kernels.tile_int4(codes),
-        cpu_kernels.tile_groups(group_scales),
-        cpu_kernels.tile_groups(minimums),
-        out_features=16,
-        dtype=dtype,
-    )
+    int4_args = int4_tiles(codes, group_scales, minimums)
+    got = cpu_kernels.dequantize("int4", *int4_args, out_features=16, dtype=dtype)
     by_group = codes.float().view(16, 2, 32) * group_scales.float()[..., None] + minimums.float()[..., None]
     assert got.dtype == dtype and torch.equal(got, by_group.view(16, 64).to(dtype))
     # the shapes torch.compile traces them with (a batch of more than 16 rows in a compiled step) are the real ones
-    int4_args = (cpu_kernels.tile_int4(codes), cpu_kernels.tile_groups(group_scales), cpu_kernels.tile_groups(minimums))
     for op, args in [
         (torch.ops.llmkit_cpu.dequantize_int8, (cpu_kernels.tile(codes.to(torch.int8), 32), scales[:16], 16, dtype)),
         (torch.ops.llmkit_cpu.dequantize_int4, (*int4_args, 16, dtype)),

@@ -129,6 +129,15 @@ inline void prefetch_block(const W* block, int64_t distance = PREFETCH) {
     _mm_prefetch(reinterpret_cast<const char*>(block) + distance + line, static_cast<decltype(_MM_HINT_T0)>(Hint));
 }
 
+// Block c of a tile, its lookahead prefetched, and with ``ahead`` (or null) a block's worth of that tile into L2.
+template <typename W>
+inline const W* streamed_block(const W* tile, int64_t c, const W* ahead) {
+  const W* block = tile + c * TILE * TILE;
+  prefetch_block(block);
+  if (ahead != nullptr) prefetch_block<_MM_HINT_T1>(ahead + c * TILE * TILE, 0);
+  return block;
+}
+
 // One activation row times one tile: the tile's 8 sums. Each kernel has an AVX2 and an AVX-512 version.
 template <typename W>
 __m256 dense_tile_row(const W* tile, const float* x, int64_t blocks) {
@@ -150,16 +159,14 @@ __m256 dense_tile_row(const W* tile, const float* x, int64_t blocks) {
 // gains from vpdpbusd (1.1x) and keeps it.
 constexpr int64_t ROWS = 4;
 
-// ``ahead`` (or null): the tile to bring into L2 meanwhile, a block's worth of it with each block read here.
+// ``ahead`` (or null): the tile to bring into L2 meanwhile (streamed_block).
 template <typename W, int R>
 WIDE void dense_tile_wide(const W* tile, const float* x, int64_t width, float* y, int64_t y_stride, const W* ahead) {
   __m512 acc[R][TILE / 2];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
   for (int64_t c = 0; c < width / TILE; ++c) {
-    const W* block = tile + c * TILE * TILE;
-    prefetch_block(block);
-    if (ahead != nullptr) prefetch_block<_MM_HINT_T1>(ahead + c * TILE * TILE, 0);
+    const W* block = streamed_block(tile, c, ahead);
     __m512 w[TILE / 2];
     for (int64_t p = 0; p < TILE / 2; ++p) w[p] = widen16(block + 2 * p * TILE);  // rows 2p and 2p + 1 of the tile
     for (int r = 0; r < R; ++r) {
@@ -350,9 +357,7 @@ WIDE_BF16 void bf16_tile_dot(const uint16_t* tile, const uint16_t* x, int64_t wi
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
   for (int64_t c = 0; c < width / TILE; ++c) {
-    const uint16_t* block = tile + c * TILE * TILE;
-    prefetch_block(block);
-    if (ahead != nullptr) prefetch_block<_MM_HINT_T1>(ahead + c * TILE * TILE, 0);
+    const uint16_t* block = streamed_block(tile, c, ahead);
     const __m512bh low = (__m512bh)_mm512_loadu_si512(block), high = (__m512bh)_mm512_loadu_si512(block + 4 * TILE);
     for (int r = 0; r < R; ++r) {
       const __m128i inputs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + r * width + c * TILE));
