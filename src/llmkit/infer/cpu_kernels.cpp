@@ -373,7 +373,6 @@ const std::array<decltype(&bf16_tile_dot<1>), DOT_ROWS> bf16_dot = {
     &bf16_tile_dot<1>, &bf16_tile_dot<2>, &bf16_tile_dot<3>, &bf16_tile_dot<4>,
     &bf16_tile_dot<5>, &bf16_tile_dot<6>, &bf16_tile_dot<7>, &bf16_tile_dot<8>};
 
-
 // 16-bit and float32 weights: the products in float32 (y float32). x: float32, or for bfloat16 weights bfloat16, which
 // bf16_dot takes as it is where it runs (and the float32 path widened where it does not).
 template <typename W>
