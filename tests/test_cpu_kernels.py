@@ -147,6 +147,16 @@ def test_int4_kernel_equals_codes_times_scales_plus_minimums(rows, vector_bits):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_untiled_16_bit_and_float32_tiles_are_the_weight_again(dtype):
+    weight = torch.randn(24, 96).to(dtype)
+    got = cpu_kernels.untiled(cpu_kernels.tile(weight, 8), out_features=24)
+    assert got.is_contiguous() and torch.equal(got, weight)
+    result = torch.library.opcheck(torch.ops.llmkit_cpu.untile_dense.default, (cpu_kernels.tile(weight, 8), 24))
+    assert all(outcome == "SUCCESS" for outcome in result.values())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantized_tiles_equal_pytorchs_product_to_the_bit(dtype):
     """What prompts multiply by: codes times scales (plus minimums for int4) worked out with PyTorch on the untiled
     codes, then rounded to the dtype."""

@@ -61,6 +61,7 @@ __all__ = [
     "tile",
     "tile_int4",
     "untile",
+    "untiled",
 ]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -129,6 +130,9 @@ def register_shapes() -> None:
     torch.library.register_fake("llmkit_cpu::decode_attention", lambda q, keys, values, mask: q.new_empty(q.shape))
 
     torch.library.register_fake(
+        "llmkit_cpu::untile_dense", lambda packed, out: packed.new_empty(out, packed.numel() // out)
+    )
+    torch.library.register_fake(
         "llmkit_cpu::dequantize_int8",
         lambda packed, scales, out, dtype: packed.new_empty(out, packed.numel() // out, dtype=dtype),
     )
@@ -175,6 +179,12 @@ def gemv(kind: str, rows: torch.Tensor, *weights: torch.Tensor, out_features: in
     op = getattr(torch.ops.llmkit_cpu, f"gemv_{kind}")
     activations = rows if kind == "bf16" and rows.dtype == torch.bfloat16 else rows.float()
     return op(activations.contiguous(), *weights, out_features).to(rows.dtype)
+
+
+def untiled(tiles: torch.Tensor, out_features: int) -> torch.Tensor:
+    """:func:`untile` of bfloat16 or float32 tiles into a new row-major (out, in) tensor, in one C++ pass (PyTorch's
+    copy of the permuted view ran at about 7 GB/s): what :func:`dense` multiplies prompts by."""
+    return torch.ops.llmkit_cpu.untile_dense(tiles, out_features)
 
 
 def dequantize(kind: str, *weights: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -276,7 +286,7 @@ class TiledLinear(nn.Module):
             out = gemv(self.KINDS[self.weight.dtype], rows, self.weight, out_features=self.out_features)
             out = out if self.bias is None else out + self.bias
         else:
-            out = dense(rows, untile(self.weight), self.bias)
+            out = dense(rows, untiled(self.weight, self.out_features), self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     @property
