@@ -46,23 +46,38 @@ inline __m256 sum8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
 }
 
-// Activations as int8 with one scale per 4 inputs, and each group of 32's plain sum (for int4's minimums).
+// Activations as int8 with one scale per 4 inputs, and each group of 32's plain sum (for int4's minimums). 8 inputs
+// (two spans of 4) at a time: two in-lane shuffles give each lane its span's largest magnitude. Done one input at a
+// time it cost about 2 ns an input, 0.2 ms of a SmolLM2 token (about 100,000 activations a row).
 struct QuantizedRows {
   static constexpr int64_t SPAN = 4;
   std::vector<int8_t> values;
   std::vector<float> scales, sums;
   QuantizedRows(const float* x, int64_t rows, int64_t width)
-      : values(rows * width), scales(rows * width / SPAN), sums(rows * width / GROUP, 0.f) {
-    for (int64_t s = 0; s < rows * width / SPAN; ++s) {
-      const float* xs = x + s * SPAN;
-      float amax = 0.f;
-      for (int64_t j = 0; j < SPAN; ++j) {
-        amax = std::max(amax, std::fabs(xs[j]));
-        sums[s * SPAN / GROUP] += xs[j];
+      : values(rows * width), scales(rows * width / SPAN), sums(rows * width / GROUP) {
+    const __m256 magnitude_bits = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), steps = _mm256_set1_ps(127.f);
+    const __m256i first_of_each_lane = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
+    for (int64_t g = 0; g < rows * width / GROUP; ++g) {
+      __m256 total = _mm256_setzero_ps();
+      for (int64_t i = g * GROUP; i < (g + 1) * GROUP; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        total = _mm256_add_ps(total, v);
+        __m256 amax = _mm256_and_ps(v, magnitude_bits);
+        amax = _mm256_max_ps(amax, _mm256_shuffle_ps(amax, amax, 0xB1));  // neighbours
+        amax = _mm256_max_ps(amax, _mm256_shuffle_ps(amax, amax, 0x4E));  // pairs
+        const __m256 positive = _mm256_cmp_ps(amax, _mm256_setzero_ps(), _CMP_GT_OQ);
+        const __m256 inverse = _mm256_and_ps(positive, _mm256_div_ps(steps, amax));  // 0 for a span of zeros
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(v, inverse));  // to nearest even, as nearbyint
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256());  // q0-3 | q4-7
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(values.data() + i),
+                         _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(bytes, first_of_each_lane)));
+        const __m256 scale = _mm256_div_ps(amax, steps);
+        scales[i / SPAN] = _mm256_cvtss_f32(scale);
+        scales[i / SPAN + 1] = _mm_cvtss_f32(_mm256_extractf128_ps(scale, 1));
       }
-      float inverse = amax > 0.f ? 127.f / amax : 0.f;
-      for (int64_t j = 0; j < SPAN; ++j) values[s * SPAN + j] = static_cast<int8_t>(std::nearbyint(xs[j] * inverse));
-      scales[s] = amax / 127.f;
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, total);
+      sums[g] = std::accumulate(lanes, lanes + 8, 0.f);
     }
   }
   __m256i group(int64_t at) const {
