@@ -66,7 +66,7 @@ def best_of_n(sft: Path, settings, proxy, n: int) -> dict:
     tokenizer = loaded.tokenizer
     prompts = [chat_prompt(tokenizer, arithmetic.prompt_messages(problem, True)) for problem in settings.problems]
     rollouts = generate_rollouts(
-        Engine(loaded.model, tokenizer, max_batch_size=64),
+        Engine(loaded.model, tokenizer, decoding_layout=True, max_batch_size=64),
         prompts,
         n,
         GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=1.0),

@@ -133,7 +133,7 @@ def sampling_headroom(path: Path, stage: str, settings, samples: int, temperatur
     model.to(settings.device)
     prompts = [chat_prompt(tokenizer, arithmetic.prompt_messages(problem, True)) for problem in settings.problems]
     rollouts = generate_rollouts(
-        Engine(model, tokenizer, max_batch_size=64),
+        Engine(model, tokenizer, decoding_layout=True, max_batch_size=64),
         prompts,
         samples,
         GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=temperature),

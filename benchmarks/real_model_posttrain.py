@@ -87,7 +87,7 @@ def heldout_accuracy(checkpoint: Path, problems: int, max_new_tokens: int) -> fl
     task = embedded_task("arithmetic")
     heldout = task.items(problems, SEED, "heldout")  # the test split: RL validates on its own split
     prompts = [chat_prompt(loaded.tokenizer, task.prompt(problem)) for problem in heldout]
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=64)
+    engine = Engine(loaded.model, loaded.tokenizer, decoding_layout=True, max_batch_size=64)
     checker = ArithmeticReward(heldout)
     return evaluate(engine, prompts, checker, checker, max_new_tokens, select_tools("calculator"))["accuracy"]
 

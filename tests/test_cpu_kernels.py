@@ -79,7 +79,9 @@ def test_the_vector_width_is_chosen_from_the_cpu_and_can_be_set_to_avx2():
         flags = set(cpuinfo.read_text().split())
         wide = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= flags
         assert default == (512 if wide else 256)
+        assert cpu_kernels.bf16_pair_products() == (wide and "avx512_bf16" in flags)
     assert cpu_kernels.use_vector_bits(256) == 256 and cpu_kernels.vector_bits() == 256
+    assert not cpu_kernels.bf16_pair_products()  # an AVX-512 instruction: not on the AVX2 path
     cpu_kernels.use_vector_bits(default)
     with pytest.raises(RuntimeError, match="256 or 512"):
         cpu_kernels.use_vector_bits(128)
@@ -97,11 +99,12 @@ def test_bfloat16_and_float32_kernels_equal_the_float32_product(rows, kind, vect
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 3, 5, 8, 11, 16])
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 11, 16, 61])
 def test_bfloat16_kernel_with_bfloat16_activations_equals_the_exact_product(rows, vector_bits):
     """bfloat16 activations (a bfloat16 model's) take AVX-512 BF16's pair products where the CPU has them (more than 4
-    rows, up to 8 a pass), else they are widened: the products are exact, only the float32 sums' order differs, and
-    the result is float32. Weights near 1e-3 and 1e2 and activations across the same range."""
+    rows, up to 8 a pass, up to BF16_DOT_MAX_ROWS rows), else they are widened: the products are exact, only the
+    float32 sums' order differs, and the result is float32. Weights near 1e-3 and 1e2 and activations across the same
+    range."""
     torch.manual_seed(0)
     weight = (torch.randn(24, 96) * torch.logspace(-3, 2, 96)).bfloat16()
     x = (torch.randn(rows, 96) * torch.logspace(2, -3, 96)).bfloat16()
@@ -260,15 +263,18 @@ def test_the_engine_attends_with_the_kernel_and_decodes_the_tokens_of_pytorchs_a
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", ["one", "the kernel's most", "more: PyTorch's product"])
-def test_tiled_linear_equals_the_linear_layer(rows, dtype):
+def test_tiled_linear_equals_the_linear_layer(rows, dtype, vector_bits):
     torch.manual_seed(0)
     linear = nn.Linear(32, 16).to(dtype)
     assert TiledLinear.fits(linear) and not TiledLinear.fits(nn.Linear(32, 12).to(dtype))
     assert not TiledLinear.fits(nn.Linear(32, 16).double())  # other dtypes keep PyTorch's kernels
     tiled = TiledLinear(linear)
-    expected_most = (
-        cpu_kernels.MAX_ROWS if dtype == torch.bfloat16 else cpu_kernels.F32_MAX_ROWS[cpu_kernels.vector_bits()]
-    )
+    if dtype == torch.float32:
+        expected_most = cpu_kernels.F32_MAX_ROWS[vector_bits]
+    else:  # many rows only with the pair products
+        pairs = cpu_kernels.bf16_pair_products()
+        expected_most = cpu_kernels.BF16_DOT_MAX_ROWS if pairs else cpu_kernels.MAX_ROWS
+        assert not pairs or vector_bits == 512
     assert tiled.kernel_rows == expected_most
     count = {"one": 1, "the kernel's most": tiled.kernel_rows}.get(rows, tiled.kernel_rows + 1)
     x = torch.randn(1, count, 32).to(dtype)

@@ -28,6 +28,7 @@ from rl_helpers import (
     warm_policy,
 )
 
+from llmkit.align import rl_source
 from llmkit.align.grpo import (
     GRPO,
     GRPOConfig,
@@ -50,11 +51,13 @@ from llmkit.align.rollout import (
     score_rollouts,
 )
 from llmkit.errors import ConfigError, InputError
-from llmkit.infer import Completion, GenerationConfig
+from llmkit.infer import Completion, GenerationConfig, cpu_kernels
+from llmkit.infer.cpu_kernels import TiledLinear
 from llmkit.infer.engine import Engine
 from llmkit.model.checkpoint import read_config, resolve_checkpoint
 from llmkit.tasks import arithmetic, functions
 from llmkit.tasks.functions import FunctionTask
+from llmkit.train.trainer import Trainer
 
 __all__ = ["policy", "tokenizer"]  # the shared fixtures of rl_helpers, which pytest finds by name
 
@@ -304,6 +307,34 @@ def toy_config(out, **changes) -> GRPOConfig:
 
 def test_grpo_makes_the_rewarded_first_token_clearly_more_likely(tokenizer, policy, tmp_path):
     assert_learns_toy_task(policy, tokenizer, GRPO(toy_config(tmp_path)))
+
+
+def test_rollouts_sample_from_a_decoding_copy_of_the_policy_made_again_after_every_update(
+    tokenizer, policy, tmp_path, monkeypatch
+):
+    """Every iteration's rollouts come from an engine over a copy of the weights the policy has then (its logits
+    equal the policy's), laid out for decoding where the kernels run, sharing no tensor with the policy, which keeps
+    its plain layers and trains on."""
+    algorithm = GRPO(toy_config(tmp_path))
+    model = trainable(policy, algorithm, algorithm.config)
+    prompt = chat_prompt(tokenizer, TOY_MESSAGES)
+    source = RolloutSource(model, frozen_copy(policy), tokenizer, algorithm, as_reward(starts_with_a), [prompt])
+    samplers, generate = [], rl_source.generate_rollouts
+
+    def recording(engine, *arguments):
+        samplers.append(engine.model)
+        ids = torch.tensor([prompt.ids])
+        with torch.no_grad():
+            torch.testing.assert_close(engine.model(ids), model.policy(ids), rtol=1e-5, atol=1e-5)
+        trained = {tensor.untyped_storage().data_ptr() for tensor in model.policy.state_dict().values()}
+        assert not trained & {tensor.untyped_storage().data_ptr() for tensor in engine.model.state_dict().values()}
+        return generate(engine, *arguments)
+
+    monkeypatch.setattr(rl_source, "generate_rollouts", recording)
+    Trainer(model, source, algorithm.config.train, loss_fn=source.loss, hooks=source).run()
+    assert len(samplers) == 4 and len({id(sampler) for sampler in samplers}) == 4  # a copy an iteration
+    assert any(isinstance(module, TiledLinear) for module in samplers[0].modules()) == cpu_kernels.available()
+    assert not any(isinstance(module, TiledLinear) for module in model.policy.modules())
 
 
 def test_the_spike_guard_skips_a_spiking_rl_step_and_checkpoints_stay_between_iterations(tokenizer, policy, tmp_path):

@@ -59,7 +59,7 @@ from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.infer.tools import select_tools
 from llmkit.io import atomic_write_jsonl
-from llmkit.model.checkpoint import load_checkpoint
+from llmkit.model.checkpoint import detached_copy, load_checkpoint
 from llmkit.tasks import arithmetic
 from llmkit.tokenizer import Tokenizer
 
@@ -155,7 +155,9 @@ def evaluate_model(
     loaded = load_checkpoint(path)
     model, tokenizer = loaded.model, loaded.tokenizer
     model.to(settings.device)
-    engine = Engine(model, tokenizer, max_batch_size=64)
+    # The engine decodes from a copy laid out for its kernels; the model itself scores the KL, in the reference's
+    # own layout, so that a model against itself gives exactly 0.
+    engine = Engine(detached_copy(model), tokenizer, decoding_layout=True, max_batch_size=64)
     end_id = tokenizer.stop_ids[0]
     context = model.config.context_length
     chat_prompts = {

@@ -19,8 +19,14 @@ The Trainer then takes one minibatch per optimizer step, with the algorithm's lo
 (:meth:`RolloutSource.loss`): its optimizer, schedule, gradient clipping, spike guard (on the gradient
 norm: a policy-gradient loss has no scale of its own), checkpoints, logs and DDP are every other
 stage's. After an iteration's last step the Trainer's hook (:meth:`RolloutSource.after_step`) lets the
-algorithm adapt (PPO's KL controller). The policy samples through the engine from the very module the
-optimizer updates, so every rollout is on-policy and nothing needs refreshing.
+algorithm adapt (PPO's KL controller).
+
+**The sampler.** Rollouts and evaluations run through an :class:`~llmkit.infer.engine.Engine` over a copy of the
+policy in the run's dtype, laid out for decoding (the kernels' tiles, which the module being trained cannot hold),
+made again after every update: the weights the optimizer just wrote, as TRL and OpenRLHF hand theirs to a vLLM
+engine. Step 3 scores the samples with the policy itself, so the old log-probabilities are the trained module's and
+the ratios of the first update start at exactly 1. SmolLM2's 64 greedy answers of up to 192 tokens with the calculator
+took 72 s through the float32 policy and 25 s through a bfloat16 copy.
 
 **Shards.** The Trainer splits each step into ``grad_accum x processes`` micro-batches; the source
 splits each iteration the same way. Shard ``k`` is the ``k``-th share of the iteration's prompts with
@@ -69,6 +75,7 @@ from llmkit.config import check
 from llmkit.infer.engine import Engine
 from llmkit.infer.sampling import GenerationConfig
 from llmkit.infer.tools import ToolSelection, select_tools
+from llmkit.model.checkpoint import detached_copy
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.distributed import World
 from llmkit.train.trainer import TrainingHooks, resolve_device, resolve_dtype
@@ -296,7 +303,7 @@ class RolloutSource(TrainingHooks):
         self.tools = select_tools(self.rollout.tools)
         self.dtype = resolve_dtype(config.train.dtype, resolve_device(config.train.device))
         self.missing_end_penalty = config.stage.missing_end_penalty
-        self.engine: Engine | None = None  # made on first use, on the device the Trainer moved the policy to
+        self.engine: Engine | None = None  # made on first use after an update, on the device the policy is on
         self.iteration: int | None = None  # the iteration whose shards are in memory
         self.shards: dict[int, Shard] = {}
         self.metrics: dict[str, float] = {}
@@ -337,6 +344,7 @@ class RolloutSource(TrainingHooks):
 
     # ----------------------------------------------------------------- hooks
     def after_step(self, trainer) -> None:
+        self.engine = None  # its copy of the policy is out of date
         if trainer.data_position % self.cycle == 0 and self.iteration is not None:
             self.algorithm.end_iteration(self.metrics)
             self.iteration, self.shards = None, {}  # the rollouts are spent
@@ -371,9 +379,14 @@ class RolloutSource(TrainingHooks):
         return value
 
     def _engine(self) -> Engine:
+        """The engine rollouts and evaluations sample from: a copy of the policy in the run's dtype, laid out for
+        decoding, made on first use after each update (the module docstring's sampler)."""
         if self.engine is None:
             self.engine = Engine(
-                self.model.policy, self.tokenizer, decoding_layout=False, max_batch_size=self.rollout.engine_batch_size
+                detached_copy(self.model.policy, self.dtype),
+                self.tokenizer,
+                decoding_layout=True,
+                max_batch_size=self.rollout.engine_batch_size,
             )
             self.reference.to(self.engine.device)
         return self.engine

@@ -775,6 +775,9 @@ int64_t use_vector_bits(int64_t bits) {
 
 int64_t current_vector_bits() { return vector_bits; }
 
+// Whether bfloat16 rows multiply with the pair products (bf16_tile_dot): the AVX-512 path on a CPU with AVX-512 BF16.
+bool bf16_pair_products() { return vector_bits == 512 && has_bf16_dot; }
+
 }  // namespace
 
 TORCH_LIBRARY(llmkit_cpu, m) {
@@ -788,6 +791,7 @@ TORCH_LIBRARY(llmkit_cpu, m) {
   m.def("dequantize_int4(Tensor packed, Tensor scales, Tensor minimums, int out_features, ScalarType dtype) -> Tensor");
   m.def("use_vector_bits(int bits) -> int", &use_vector_bits);
   m.def("vector_bits() -> int", &current_vector_bits);
+  m.def("bf16_pair_products() -> bool", &bf16_pair_products);
 }
 
 TORCH_LIBRARY_IMPL(llmkit_cpu, CPU, m) {

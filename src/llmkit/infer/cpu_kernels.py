@@ -52,10 +52,12 @@ __all__ = [
     "TILE",
     "TiledLinear",
     "available",
+    "bf16_pair_products",
     "decode_attention",
     "dense",
     "dequantize",
     "gemv",
+    "kernel_rows",
     "one_stream",
     "product_dtype",
     "tile",
@@ -69,15 +71,20 @@ TILE = 8  # output rows per tile
 GROUP = 32  # inputs per int8 block and per int4 group (one scale and one minimum)
 ALIGNMENT = 64  # bytes at which one_stream starts each buffer: a cache line, an AVX-512 vector
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge pages
-# Activation rows up to which the kernels run (each further row rereads the tile from L1): SmolLM2's products of
-# 16 rows took 103 ms with the bfloat16 kernel and 287 ms with oneDNN. Prompts and larger batches untile or
-# dequantize the weight and multiply with PyTorch, whose matrix-matrix kernels win there.
+# Activation rows up to which the int8 and int4 kernels run, and the bfloat16 one without the pair products (each
+# further row rereads the tile from L1): SmolLM2's products of 16 rows took 103 ms with the bfloat16 kernel and 287 ms
+# with oneDNN. Prompts and larger batches untile or dequantize the weight and multiply with PyTorch, whose
+# matrix-matrix kernels win there.
 MAX_ROWS = 16
 # float32 weights: untiling them for PyTorch's product (MKL) costs more than the kernel's products of many rows.
 # SmolLM2's products of 30 blocks, 2 threads, kernel against untiled MKL: AVX-512 64 rows 78 / 146 ms, 256 rows
 # 307 / 555, 512 rows 553 / 735 (577 / 752 in a later run), 1024 rows 1194 / 1559, 2048 rows 2968 / 3068 (the rows
 # no longer fit the cache); AVX2 64 rows 131 / 184, 256 rows 471 / 412.
 F32_MAX_ROWS = {512: 1024, 256: 64}  # by vector_bits()
+# bfloat16 weights where the pair products run (:func:`bf16_pair_products`): SmolLM2's 121 products of a bfloat16 step,
+# 2 threads, kernel against untiling + oneDNN's bfloat16 product: 17 rows 19 / 54 ms, 32 rows 30 / 67, 64 rows 60 /
+# 113, 128 rows 107 / 155, 256 rows 231 / 234, 512 rows 483 / 445.
+BF16_DOT_MAX_ROWS = 256
 CPU_BFLOAT16_MATMUL = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bfloat16 instructions (AVX-512 BF16, AMX)
 
 
@@ -111,6 +118,20 @@ def available() -> bool:
 def vector_bits() -> int:
     """The kernels' vector width: 512 (AVX-512 with VNNI) or 256 (AVX2). Needs :func:`available`."""
     return torch.ops.llmkit_cpu.vector_bits()
+
+
+def bf16_pair_products() -> bool:
+    """Whether bfloat16 rows multiply bfloat16 tiles with AVX-512 BF16's pair products (``cpu_kernels.cpp``): the
+    AVX-512 path on a CPU that has them. Needs :func:`available`."""
+    return torch.ops.llmkit_cpu.bf16_pair_products()
+
+
+def kernel_rows(dtype: torch.dtype) -> int:
+    """The most activation rows the kernel multiplies a tiled ``dtype`` (bfloat16 or float32) weight by; more multiply
+    with PyTorch on the untiled weight."""
+    if dtype == torch.float32:
+        return F32_MAX_ROWS[vector_bits()]
+    return BF16_DOT_MAX_ROWS if bf16_pair_products() else MAX_ROWS
 
 
 def use_vector_bits(bits: int) -> int:
@@ -257,11 +278,10 @@ def one_stream(modules: list[nn.Module]) -> None:
 
 class TiledLinear(nn.Module):
     """``nn.Linear`` with its bfloat16 or float32 weight tiled for the kernel, for decoding only (the engine's decoding
-    layout; the weight is a buffer): up to :data:`MAX_ROWS` rows (float32: :data:`F32_MAX_ROWS`) multiply with the
-    kernel, more with PyTorch on the untiled weight. For float32 the kernel beat PyTorch's product (MKL, column-major
-    weight) at every row count up to 16: SmolLM2's products of one step, 2 threads, one row 23 against 35 ms, 4 rows
-    28 against 93, 16 rows 45 against 94 (an AVX-512 machine; the 6 x 384 model of continuous_batching.py: 3.7 / 4.6
-    ms, 3.5 / 11.1, 7.1 / 18.7)."""
+    layout; the weight is a buffer): up to :func:`kernel_rows` rows multiply with the kernel, more with PyTorch on the
+    untiled weight. For float32 the kernel beat PyTorch's product (MKL, column-major weight) at every row count up to
+    16: SmolLM2's products of one step, 2 threads, one row 23 against 35 ms, 4 rows 28 against 93, 16 rows 45 against
+    94 (an AVX-512 machine; the 6 x 384 model of continuous_batching.py: 3.7 / 4.6 ms, 3.5 / 11.1, 7.1 / 18.7)."""
 
     KINDS = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -271,7 +291,7 @@ class TiledLinear(nn.Module):
         self.register_buffer("weight", tile(linear.weight.detach(), TILE))
         # the most activation rows the kernel takes; more multiply with PyTorch on the untiled weight (fixed here, for
         # the width in use: a compiled step reads it as a constant)
-        self.kernel_rows = F32_MAX_ROWS[vector_bits()] if self.weight.dtype == torch.float32 else MAX_ROWS
+        self.kernel_rows = kernel_rows(self.weight.dtype)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     @staticmethod

@@ -152,25 +152,46 @@ def load_model(
     checkpoint = resolve_checkpoint(path)
     config = read_config(checkpoint)
     model_config = model_config_of(checkpoint, config)
-    with torch.device("meta"):
-        model = model_class(model_config)
+    weights = checkpoint / ("model.safetensors" if (checkpoint / "model.safetensors").is_file() else SHARDS)
     state = read_model_weights(checkpoint, model_config)
-    if model_config.tie_embeddings:
+    return model_of_weights(model_config, state, device, dtype, model_class, str(weights)), config
+
+
+def model_of_weights(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    model_class: type[Transformer] = Transformer,
+    source: str = "the weights",
+) -> Transformer:
+    """A ``model_class`` of ``config`` holding ``state``'s tensors (not copies, unless moving them to ``device`` and
+    ``dtype`` makes some), in evaluation mode; refuses weights that do not match the config, naming ``source``."""
+    with torch.device("meta"):
+        model = model_class(config)
+    state = dict(state)
+    if config.tie_embeddings:
         state["lm_head.weight"] = state["token_embedding.weight"]
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        weights = "model.safetensors" if (checkpoint / "model.safetensors").is_file() else SHARDS
         raise MismatchError(
-            f"{checkpoint / weights}: weights do not match config.json "
+            f"{source}: weights do not match config.json "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     model.load_state_dict(state, assign=True)
-    if model_config.tie_embeddings:
+    if config.tie_embeddings:
         model.lm_head.weight = model.token_embedding.weight
     model.reset_position_tables(device)
     model.to(device=device, dtype=dtype)
-    return model.eval(), config
+    return model.eval()
+
+
+def detached_copy(model: Transformer, dtype: torch.dtype | None = None) -> Transformer:
+    """A copy of ``model`` (its class, config and weights, in ``dtype``) that shares no tensor with it, in evaluation
+    mode: what may be re-laid out or quantized while ``model`` trains on."""
+    weights = {name: tensor.detach().to(dtype=dtype, copy=True) for name, tensor in model.state_dict().items()}
+    return model_of_weights(model.config, weights, model.token_embedding.weight.device, dtype, type(model))
 
 
 @dataclasses.dataclass
