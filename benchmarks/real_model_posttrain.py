@@ -21,7 +21,8 @@ accuracies with the number of held-out problems. Without the shared file it prin
 The budgets (flags) finish in about 25 minutes on 2 idle cores: 60 LoRA steps take the model from 0.02 to
 0.84 (30 steps: 0.06; 150: every problem right), leaving RL something to do; each GRPO iteration of 8 prompts
 x 8 completions takes about 4 minutes there in float32 (7 before its rollouts came from a copy laid out for
-decoding; docs/rl.md), so the default 2 iterations show the chain and its cost, not a gain. Timings taken while other jobs share the machine are void.
+decoding; docs/rl.md), so the default 2 iterations show the chain and its cost, not a gain. Timings taken while
+other jobs share the machine are void.
 
 Usage: python benchmarks/real_model_posttrain.py [--work DIR] [--heldout N] [--sft-conversations N]
        [--sft-steps N] [--grpo-iterations N] [--grpo-grad-accum N] [--threads N]
