@@ -83,7 +83,8 @@ MAX_ROWS = 16
 F32_MAX_ROWS = {512: 1024, 256: 64}  # by vector_bits()
 # bfloat16 weights where the pair products run (:func:`bf16_pair_products`): SmolLM2's 121 products of a bfloat16 step,
 # 2 threads, kernel against untiling + oneDNN's bfloat16 product: 17 rows 19 / 54 ms, 32 rows 30 / 67, 64 rows 60 /
-# 113, 128 rows 107 / 155, 256 rows 231 / 234, 512 rows 483 / 445.
+# 113, 128 rows 107 / 155, 256 rows 231 / 234, 512 rows 483 / 445 (benchmarks/kernel_rows.py: 1.10x at 256 rows,
+# 0.94x at 512).
 BF16_DOT_MAX_ROWS = 256
 CPU_BFLOAT16_MATMUL = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bfloat16 instructions (AVX-512 BF16, AMX)
 
