@@ -59,14 +59,20 @@ def interleaved_rates(runs: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def kernel_benchmark(description: str, alone: str) -> tuple[argparse.Namespace, dict] | None:
-    """The command line of a benchmark of llmkit's CPU kernels (``--threads``, ``--repeats``, ``--no-model``: then only
-    ``alone`` runs, not the SmolLM2 part), with torch's threads set, and the context of its JSON lines; None, after a
-    ``skipped`` line, where the kernels do not run."""
+def kernel_benchmark(
+    description: str, alone: str | None = None, repeats: int = 9, more_arguments=None
+) -> tuple[argparse.Namespace, dict] | None:
+    """The command line of a benchmark of llmkit's CPU kernels (``--threads``, ``--repeats``; with ``alone``,
+    ``--no-model``: then only ``alone`` runs, not the SmolLM2 part; ``more_arguments(parser)`` adds the script's own),
+    with torch's threads set, and the context of its JSON lines; None, after a ``skipped`` line, where the kernels do
+    not run."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--no-model", action="store_true", help=f"{alone} alone, not the SmolLM2 part")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    if alone is not None:
+        parser.add_argument("--no-model", action="store_true", help=f"{alone} alone, not the SmolLM2 part")
+    if more_arguments is not None:
+        more_arguments(parser)
     arguments = parser.parse_args()
     import torch
 

@@ -13,7 +13,6 @@ Usage: python benchmarks/kernel_rows.py [--threads 2] [--repeats 5] [--rows 16,3
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, interleaved_rates  # noqa: E402
+from common import emit, interleaved_rates, kernel_benchmark  # noqa: E402
 from cpu_kernel_widths import BLOCK_SHAPES, BLOCKS, VOCABULARY, WIDTH  # noqa: E402
 
 from llmkit.infer import cpu_kernels  # noqa: E402
@@ -43,20 +42,15 @@ def seconds_of(run) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rows", default="16,32,64,128,256,512,1024")
-    arguments = parser.parse_args()
-    if not cpu_kernels.available():
-        emit("skipped", 0, "", reason="llmkit's CPU kernels need an x86-64 CPU with AVX2 and a C++ compiler")
+    benchmark = kernel_benchmark(
+        __doc__,
+        repeats=5,
+        more_arguments=lambda parser: parser.add_argument("--rows", default="16,32,64,128,256,512,1024"),
+    )
+    if benchmark is None:
         return
-    torch.set_num_threads(arguments.threads)
-    context = {
-        "threads": arguments.threads,
-        "vector_bits": cpu_kernels.vector_bits(),
-        "bf16_pair_products": cpu_kernels.bf16_pair_products(),
-    }
+    arguments, context = benchmark
+    context |= {"vector_bits": cpu_kernels.vector_bits(), "bf16_pair_products": cpu_kernels.bf16_pair_products()}
     with torch.inference_mode():
         for dtype in (torch.bfloat16, torch.float32):
             layers, kind = step_layers(dtype), TiledLinear.KINDS[dtype]

@@ -70,7 +70,7 @@ def decoded(runner: ModelRunner) -> torch.Tensor:
     """Next-token logits of two rows at different positions, after prefilling them."""
     with torch.inference_mode():  # as the engine decodes: a compiled graph guards on it
         cache = runner.model.new_cache(2, 32)
-        runner.prefill(cache, 0, [[1, 2, 3], [4, 5]])
+        runner.prefill(cache, [0, 1], [[1, 2, 3], [4, 5]])
         return runner.decode(torch.tensor([[6], [7]]), cache)
 
 
@@ -81,9 +81,9 @@ def test_one_padded_prefill_pass_equals_a_prefill_per_request(tokenizer, changes
     pieces = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
     together, alone = model.new_cache(3, 16), model.new_cache(3, 16)
     with torch.inference_mode():
-        runner.prefill(together, 0, pieces)
+        runner.prefill(together, [0, 1, 2], pieces)
         for row, piece in enumerate(pieces):
-            runner.prefill(alone, row, [piece])
+            runner.prefill(alone, [row], [piece])
         assert together.lengths.tolist() == alone.lengths.tolist() == [7, 2, 5]
         for row, piece in enumerate(pieces):
             filled = len(piece)
@@ -91,6 +91,30 @@ def test_one_padded_prefill_pass_equals_a_prefill_per_request(tokenizer, changes
             assert torch.allclose(together.values[:, row, :, :filled], alone.values[:, row, :, :filled], atol=1e-5)
         # And decoding from them gives the same next-token logits.
         last = torch.tensor([[20], [21], [22]])
+        assert torch.allclose(runner.decode(last, together), runner.decode(last, alone), atol=1e-5)
+
+
+def test_one_prefill_pass_over_rows_apart_at_different_positions_equals_a_pass_per_row(tokenizer):
+    """Tool results land in rows that are not neighbours and sit at different positions: one pass over
+    rows 3 and 0 (copied out of the cache and written back) fills them as a pass each does, and leaves the
+    rows between them as they were."""
+    model = model_of(tokenizer)
+    runner = ModelRunner(model)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15, 16, 17]]
+    together, alone = model.new_cache(4, 24), model.new_cache(4, 24)
+    with torch.inference_mode():
+        for cache in (together, alone):
+            runner.prefill(cache, [0, 1, 2, 3], prompts)
+        before = together.keys.clone()
+        runner.prefill(together, [3, 0], [[20, 21], [22, 23, 24]])
+        runner.prefill(alone, [3], [[20, 21]])
+        runner.prefill(alone, [0], [[22, 23, 24]])
+        assert together.lengths.tolist() == alone.lengths.tolist() == [6, 5, 1, 6]
+        for row, filled in enumerate(alone.lengths.tolist()):
+            assert torch.allclose(together.keys[:, row, :, :filled], alone.keys[:, row, :, :filled], atol=1e-5)
+            assert torch.allclose(together.values[:, row, :, :filled], alone.values[:, row, :, :filled], atol=1e-5)
+        assert torch.equal(together.keys[:, 1:3], before[:, 1:3])
+        last = torch.tensor([[30], [31], [32], [33]])
         assert torch.allclose(runner.decode(last, together), runner.decode(last, alone), atol=1e-5)
 
 

@@ -207,6 +207,25 @@ def test_a_closed_tool_call_runs_and_its_result_is_injected(tokenizer):
     assert deferred.token_ids == [call, *tokenizer.encode("ui")]
 
 
+def test_tool_results_of_several_rows_in_one_step_share_one_prefill_pass(tokenizer):
+    """Three requests at different positions (prompts of 1, 5 and 10 tokens) call a tool in the same step:
+    their results go into the cache in one pass of three rows, not a pass each, and every request ends as it
+    would alone."""
+    engine = engine_of(tokenizer)
+    special = tokenizer.special_ids
+    call, end, result = special["<|tool_call|>"], special["<|end|>"], special["<|tool_result|>"]
+    chain = [tokenizer.encode("q")[0], call, *tokenizer.encode("ui"), end, *tokenizer.encode("c")]
+    injected = [result, *tokenizer.encode("42< |end|>"), end]
+    passes = []
+    engine.model.token_embedding.register_forward_pre_hook(lambda module, args: passes.append(tuple(args[0].shape)))
+    config = GenerationConfig(max_new_tokens=10, temperature=0)
+    with following(engine.model, chain, tokenizer.eot_id):
+        ran = engine.generate(["q", "the q", "over the q"], config, tools=FakeToolBox())
+    expected = [call, *tokenizer.encode("ui"), end, *injected, *tokenizer.encode("c")]
+    assert [completion.token_ids for completion in ran] == [expected] * 3
+    assert [shape for shape in passes if shape[1] == len(injected)] == [(3, len(injected))]
+
+
 class LongResultToolBox(FakeToolBox):
     def run(self, payload: str) -> str:
         self.payloads.append(payload)

@@ -155,9 +155,10 @@ def evaluate_model(
     loaded = load_checkpoint(path)
     model, tokenizer = loaded.model, loaded.tokenizer
     model.to(settings.device)
-    # The engine decodes from a copy laid out for its kernels; the model itself scores the KL, in the reference's
-    # own layout, so that a model against itself gives exactly 0.
-    engine = Engine(detached_copy(model), tokenizer, decoding_layout=True, max_batch_size=64)
+    # The engine decodes in the layout of its kernels. When a KL is scored, the engine decodes from a copy and the
+    # model itself scores, in the reference's own layout, so that a model against itself gives exactly 0.
+    scores_kl = reference is not None and stage != "base"
+    engine = Engine(detached_copy(model) if scores_kl else model, tokenizer, decoding_layout=True, max_batch_size=64)
     end_id = tokenizer.stop_ids[0]
     context = model.config.context_length
     chat_prompts = {
@@ -203,7 +204,7 @@ def evaluate_model(
             metrics["reward"] = sum(record["reward"] for record in records) / len(records)
         metrics[f"accuracy_{mode}"] = sum(record["correct"] for record in records) / len(records)
         atomic_write_jsonl(settings.records / f"{stage}_{mode}.jsonl", records)
-    if reference is not None and stage != "base":
+    if scores_kl:
         metrics["kl"] = sampled_kl(engine, model, reference, chat_prompts["calculator"], settings)
     return metrics
 

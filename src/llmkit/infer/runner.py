@@ -83,9 +83,15 @@ class ModelRunner:
         check in one pass. The row then holds all of them; the caller shortens it to what it keeps."""
         return self.model(ids, cache=cache.rows(row, row + 1))[0]
 
-    def prefill(self, cache: KVCache, first: int, pieces: list[list[int]]) -> None:
-        """Append ``pieces[i]`` to cache row ``first + i``, all in one pass, without the output head."""
-        append_to_rows(self.model, cache.rows(first, first + len(pieces)), pieces)
+    def prefill(self, cache: KVCache, rows: list[int], pieces: list[list[int]]) -> None:
+        """Append ``pieces[i]`` to cache row ``rows[i]``, all in one pass, without the output head. Rows may
+        sit at different positions; rows that are not neighbours in order are copied out for the pass."""
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            append_to_rows(self.model, cache.rows(rows[0], rows[0] + len(rows)), pieces)
+            return
+        part = cache.take(rows)
+        append_to_rows(self.model, part, pieces)
+        cache.put(rows, part)
 
 
 def append_to_rows(model: Transformer, cache: KVCache, pieces: list[list[int]]) -> torch.Tensor:

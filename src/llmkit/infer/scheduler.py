@@ -7,8 +7,8 @@ is a :class:`Request` submitted here. A :meth:`Scheduler.step`:
    Yu et al. 2022: requests join and leave a running batch between steps, so a short request never
    waits for a long one, and a new one never waits for the batch to drain);
 2. prefills what each slot has not seen yet — a new prompt, or a tool result just injected — straight into
-   its cache rows, without the output head: requests admitted together are laid out shortest prompt first
-   and neighbours of similar length share one right-padded pass;
+   its cache rows, without the output head: requests admitted together are laid out shortest prompt first,
+   and pieces of similar length share one right-padded pass, rows at different positions included;
 3. decodes every running request together: one forward pass of one token per row, each row at its own
    position with its own attention mask (``llmkit.model.kv_cache``), through the engine's
    :class:`~llmkit.infer.runner.ModelRunner` (eager, or one compiled graph);
@@ -134,7 +134,7 @@ class Request:
                     raise RuntimeError("the scheduler has nothing to do but this request has not finished")
 
 
-PREFILL_PADDING = 1.25  # neighbours share a prefill pass while its padded size stays within this of their tokens
+PREFILL_PADDING = 1.25  # pieces share a prefill pass while its padded size stays within this of their tokens
 
 
 def doubled(size: int, needed: int, cap: int) -> int:
@@ -344,28 +344,33 @@ class Scheduler:
             )
 
     def _prefill(self) -> None:
-        """Bring every slot up to its sequence but the last token. Adjacent slots at the same position
-        share one right-padded pass while the padding stays small (``PREFILL_PADDING``); the others get
-        their own. Only the cache is wanted, so a pass stops before the output head."""
+        """Bring every slot up to its sequence but the last token. Pieces of similar length share one
+        right-padded pass while the padding stays small (``PREFILL_PADDING``), whatever their rows and
+        positions: the prompts of requests admitted together, and the tool results that several rows
+        received in the same step (64 SmolLM2 answers with the calculator had up to 26 at once). Only the
+        cache is wanted, so a pass stops before the output head."""
         if not self._slots:
             return
-        pending = [
-            (row, filled, state.sequence[filled:-1])
-            for row, (filled, (_, state)) in enumerate(zip(self.cache.lengths.tolist(), self._slots))
-            if filled < len(state.sequence) - 1
-        ]
+        pending = sorted(
+            (
+                (row, filled, state.sequence[filled:-1])
+                for row, (filled, (_, state)) in enumerate(zip(self.cache.lengths.tolist(), self._slots))
+                if filled < len(state.sequence) - 1
+            ),
+            key=lambda item: len(item[2]),
+        )
         while pending:
-            first, filled, tokens = pending[0]
-            size, longest, total = 1, len(tokens), len(tokens)
-            while size < len(pending) and pending[size][0] == first + size and pending[size][1] == filled:
-                grown = max(longest, len(pending[size][2]))
+            size, total, furthest = 1, len(pending[0][2]), pending[0][1]
+            while size < len(pending):
+                _, filled, tokens = pending[size]  # the longest piece so far: shortest first
                 if (
-                    grown * (size + 1) > PREFILL_PADDING * (total + len(pending[size][2]))
-                    or filled + grown > self.cache.capacity
+                    len(tokens) * (size + 1) > PREFILL_PADDING * (total + len(tokens))
+                    or max(furthest, filled) + len(tokens) > self.cache.capacity
                 ):
                     break
-                size, longest, total = size + 1, grown, total + len(pending[size][2])
-            self.runner.prefill(self.cache, first, [new for _, _, new in pending[:size]])
+                size, total, furthest = size + 1, total + len(tokens), max(furthest, filled)
+            group = pending[:size]
+            self.runner.prefill(self.cache, [row for row, _, _ in group], [tokens for _, _, tokens in group])
             pending = pending[size:]
 
     def _next_logits(self) -> torch.Tensor:

@@ -5,7 +5,8 @@ batching, Yu et al. 2022, Orca): a forward appends each row's new keys and value
 own positions, and the model masks each row's queries to them. Rows that move in lock-step (one
 sequence, the beams of a beam search, a batch of equal-length prompts) take the fast path of plain
 slices and no mask. ``rows(start, stop)`` is a view on some of the slots that shares their storage, so a
-prompt is prefilled straight into its slot.
+prompt is prefilled straight into its slot; rows that are not neighbours are copied out (``take``) for a
+forward and written back (``put``).
 
 The forward calls :meth:`KVCache.begin` once (where the new tokens go), :meth:`KVCache.update` in every
 layer (write them, return everything the layer's queries may attend to), then :meth:`KVCache.advance`.
@@ -89,6 +90,25 @@ class KVCache:
         view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
         view.lengths = self.lengths[start:stop]
         return view
+
+    def take(self, rows: list[int]) -> "KVCache":
+        """A cache of its own holding copies of ``rows`` (in that order): a forward over rows that are not
+        neighbours (so no :meth:`rows` view holds them), which :meth:`put` then writes back."""
+        index = torch.tensor(rows, device=self.keys.device)
+        part = KVCache.__new__(KVCache)
+        part.__dict__.update(self.__dict__)
+        part.keys, part.values = self.keys.index_select(1, index), self.values.index_select(1, index)
+        part.lengths = self.lengths[rows].clone()
+        return part
+
+    def put(self, rows: list[int], part: "KVCache") -> None:
+        """Write ``part`` (from :meth:`take` of the same ``rows``) back: its positions up to its longest row,
+        and its lengths."""
+        index = torch.tensor(rows, device=self.keys.device)
+        end = int(part.lengths.max())
+        self.keys[:, index, :, :end] = part.keys[:, :, :, :end]
+        self.values[:, index, :, :end] = part.values[:, :, :, :end]
+        self.lengths[rows] = part.lengths
 
     def reorder(self, origins: torch.Tensor) -> None:
         """Row i becomes the old row ``origins[i]`` (rows may repeat and their number change): beam search
