@@ -213,7 +213,7 @@ def most_likely(logits: torch.Tensor) -> torch.Tensor:
     """The greedy choice of each row, the first of equal maxima. On the CPU through NumPy: PyTorch's argmax over
     SmolLM2's 49,152 logits took 44 us a row (64 rows: 1.7 ms of a decoding step), NumPy's 5."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1))
     return logits.argmax(dim=-1)
 
 
