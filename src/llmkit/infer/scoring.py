@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.infer.runner import append_to_rows
+from llmkit.infer.sampling import most_likely
 from llmkit.model.transformer import Transformer
 
 
@@ -74,7 +75,7 @@ def score_sequences(
         logprobs = model.output_logits(hidden[rows, positions]).float().log_softmax(dim=-1)
         targets = ids[rows, positions + 1]
         chosen_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-        greedy = (logprobs.argmax(dim=-1) == targets).cpu()
+        greedy = (most_likely(logprobs) == targets).cpu()
         if top:
             top_logprobs, top_ids = (part.cpu() for part in logprobs.topk(min(top, logprobs.shape[-1]), dim=-1))
         offset = 0
@@ -143,7 +144,7 @@ def score_continuations(
         logprobs = model.output_logits(hidden[rows.to(device), positions.to(device)]).float().log_softmax(dim=-1)
         targets = torch.tensor([token for index in members for token in pairs[index][1]], device=device)
         chosen = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-        greedy = (logprobs.argmax(dim=-1) == targets).cpu()
+        greedy = (most_likely(logprobs) == targets).cpu()
         offset = 0
         for index in members:
             piece = slice(offset, offset + len(pairs[index][1]))
