@@ -22,9 +22,20 @@ def bubblewrap():
         pytest.skip(f"needs bubblewrap ({problem}; Debian package 'bubblewrap', which .ci/run installs)")
 
 
-def sandbox_processes() -> list[int]:
-    """Processes still running a sandbox's bootstrap (its text is on their command line), leaving out those
-    of the sandboxes a sibling of this process runs now (another pytest-xdist worker's tests)."""
+def sandbox_processes(settle_s: float = 2.0) -> list[int]:
+    """Processes still running a sandbox's bootstrap once the kernel has had ``settle_s`` to end them: killing a
+    PID namespace's first process ends the others asynchronously, and while they exit (or a sibling worker's
+    sandbox is torn down) they can be seen for a moment. A process that outlives its deadline (a 60 s sleep)
+    is still there after it."""
+    deadline = time.monotonic() + settle_s
+    while (found := sandbox_processes_now()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+def sandbox_processes_now() -> list[int]:
+    """Processes running a sandbox's bootstrap (its text is on their command line), leaving out those of the
+    sandboxes a sibling of this process runs now (another pytest-xdist worker's tests)."""
     parents = {}
     for entry in os.listdir("/proc"):
         try:
