@@ -190,7 +190,10 @@ def model_of_weights(
 def detached_copy(model: Transformer, dtype: torch.dtype | None = None) -> Transformer:
     """A copy of ``model`` (its class, config and weights, in ``dtype``) that shares no tensor with it, in evaluation
     mode: what may be re-laid out or quantized while ``model`` trains on."""
-    weights = {name: tensor.detach().to(dtype=dtype, copy=True) for name, tensor in model.state_dict().items()}
+    tied = "lm_head.weight" if model.config.tie_embeddings else None  # model_of_weights ties it again: no second copy
+    weights = {
+        name: tensor.detach().to(dtype=dtype, copy=True) for name, tensor in model.state_dict().items() if name != tied
+    }
     return model_of_weights(model.config, weights, model.token_embedding.weight.device, dtype, type(model))
 
 
